@@ -1,0 +1,46 @@
+"""Runtime helpers: device choice, seeding, peak memory."""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import sys
+
+import numpy as np
+import torch
+
+from anomaly.errors import BackendError
+
+__all__ = ["peak_rss_mb", "resolve_device", "seed_everything"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; an explicit ``cuda`` without a GPU raises."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.info("no CUDA device: running on CPU")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise BackendError(f"device: unknown device '{device}' (use auto, cpu or cuda)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device: '{device}' requested but no CUDA GPU is available")
+    return resolved
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch RNGs (scorers also use their own local generators)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -1,0 +1,225 @@
+"""Detector configuration: a typed dataclass schema loaded from YAML with strict keys.
+
+Named configs (``patchcore``, ``padim``, ``gaussian``, ``musc``) ship with the package;
+``--set dotted.key=value`` overrides go through the same validation as YAML keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anomaly.errors import ConfigError
+
+__all__ = [
+    "BackboneConfig",
+    "DetectorConfig",
+    "PostprocessConfig",
+    "ScorerConfig",
+    "ThresholdConfig",
+    "apply_overrides",
+    "config_names",
+    "load_config",
+]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Frozen feature extractor: any timm model, layers by feature-info name (``blocks.2``) or index."""
+
+    name: str = "tf_efficientnet_lite0"
+    layers: tuple[str, ...] = ("blocks.2", "blocks.4")
+    weights: str = "auto"  # auto | packaged | hub | path to a .pth/.safetensors file
+    pretrained: bool = True
+    image_size: tuple[int, int] | None = None  # (H, W); None = the model's pretrained config
+    mean: tuple[float, float, float] | None = None  # None = the model's pretrained config
+    std: tuple[float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """Scorer name from the registry and its constructor keywords."""
+
+    name: str = "memory_bank"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Map post-processing: Gaussian blur sigma in pixels of the model input (0 disables)."""
+
+    blur_sigma: float = 4.0
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """Decision threshold from normal images only.
+
+    ``holdout`` good training images are scored out-of-sample; the threshold flags ``target_fpr``
+    of them. Zero-shot pools use median + ``mad_k`` * MAD of the pool's scores instead.
+    """
+
+    target_fpr: float = 0.01
+    holdout: float = 0.2
+    mad_k: float = 5.0
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything a Detector needs; saved with the model as JSON."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 16
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe nested dict (tuples become lists)."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+def config_names() -> list[str]:
+    """Names of the configs shipped with the package."""
+    return sorted(p.name[:-5] for p in _config_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str | Path) -> DetectorConfig:
+    """Load a named config (``patchcore``) or a YAML file path, rejecting unknown keys."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        candidate = _config_dir() / f"{name_or_path}.yaml"
+        if not candidate.is_file():
+            hint = _did_you_mean(str(name_or_path), config_names())
+            raise ConfigError(
+                f"unknown config '{name_or_path}'{hint}; named configs: {', '.join(config_names())}"
+            )
+        path = Path(str(candidate))
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> DetectorConfig:
+    """Build a DetectorConfig from a nested dict; unknown keys raise ConfigError with the key path."""
+    return _build(DetectorConfig, raw, "")
+
+
+def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorConfig:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) with full validation."""
+    raw = config.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects dotted.key=value, got '{item}'")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            if part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"{'.'.join(parts[: depth + 1])}: unknown config key")
+            node = node[part]
+        free_form = parts[:-1] == ["scorer", "params"]
+        if parts[-1] not in node and not free_form:
+            hint = _did_you_mean(parts[-1], list(node))
+            raise ConfigError(f"{key}: unknown config key{hint}")
+        node[parts[-1]] = value
+    return from_dict(raw)
+
+
+def _config_dir() -> Path:
+    packaged = resources.files("anomaly") / "configs"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "configs"  # source checkout
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown config key{_did_you_mean(key, sorted(fields))}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass defaults cover every field
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value] if args[-1] is Ellipsis else value
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {value!r}")
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        return tuple(_coerce(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

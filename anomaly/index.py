@@ -1,0 +1,121 @@
+"""Nearest-neighbour search over a memory bank; the only module that knows FAISS.
+
+The CPU index is canonical (it is what gets saved); a GPU clone is used for search when a GPU and
+a CUDA build of FAISS are present. Distances are returned as true L2 (FAISS gives squared L2).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from anomaly.errors import BackendError, ConfigError
+
+__all__ = ["NNIndex", "auto_index_string"]
+
+log = logging.getLogger(__name__)
+
+_MIN_POINTS_PER_CENTROID = 39  # FAISS k-means warns below this (Clustering.h)
+
+
+def auto_index_string(n_rows: int) -> str:
+    """Exact search for small banks, HNSW for large ones (recall@1 >= 0.95 at efSearch 128)."""
+    return "Flat" if n_rows <= 200_000 else "HNSW32,Flat"
+
+
+class NNIndex:
+    """k-NN search with a FAISS index described by a factory string (``Flat``, ``HNSW32,Flat``, ``IVF1024,Flat``).
+
+    Args:
+        index: FAISS factory string, or ``auto`` (:func:`auto_index_string`).
+        use_gpu: ``auto`` clones to GPU when ``faiss.get_num_gpus() > 0``; True requires it.
+        nprobe: IVF lists visited per query; ef_search: HNSW search depth.
+    """
+
+    def __init__(self, index: str = "Flat", *, use_gpu: bool | str = "auto", nprobe: int = 16, ef_search: int = 128):
+        self.index_string = index
+        self.use_gpu = use_gpu
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self._cpu: Any = None
+        self._search: Any = None
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed rows."""
+        return 0 if self._cpu is None else int(self._cpu.ntotal)
+
+    def build(self, bank: NDArray[np.float32], seed: int = 0) -> NNIndex:
+        """Index the rows of ``bank`` (M, D), training IVF/PQ quantisers on the bank itself."""
+        import faiss
+
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        string = auto_index_string(len(bank)) if self.index_string == "auto" else self.index_string
+        try:
+            cpu = faiss.index_factory(bank.shape[1], string, faiss.METRIC_L2)
+        except RuntimeError:
+            raise ConfigError(f"scorer.params.index: invalid FAISS factory string '{string}'") from None
+        if not cpu.is_trained:
+            ivf = faiss.extract_index_ivf(cpu) if "IVF" in string else None
+            if ivf is not None and len(bank) < _MIN_POINTS_PER_CENTROID * ivf.nlist:
+                raise BackendError(
+                    f"index '{string}' needs >= {_MIN_POINTS_PER_CENTROID * ivf.nlist} bank rows to train, "
+                    f"got {len(bank)}: use fewer lists or 'Flat'"
+                )
+            if ivf is not None:
+                ivf.cp.seed = seed
+            cpu.train(bank)
+        cpu.add(bank)
+        self._attach(cpu)
+        return self
+
+    def search(self, queries: NDArray[np.float32], k: int = 1) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """True L2 distances (Q, k) and bank row ids (Q, k) of the k nearest rows."""
+        if self._search is None:
+            raise BackendError("NNIndex.search called before build/deserialize")
+        k = min(k, self.ntotal)
+        sq, ids = self._search.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return np.sqrt(np.maximum(sq, 0, out=sq), out=sq), ids
+
+    def serialize(self) -> NDArray[np.uint8]:
+        """The CPU index as bytes (faiss.serialize_index)."""
+        import faiss
+
+        return faiss.serialize_index(self._cpu)
+
+    def deserialize(self, data: NDArray[np.uint8]) -> NNIndex:
+        """Restore an index written by :meth:`serialize`."""
+        import faiss
+
+        self._attach(faiss.deserialize_index(np.asarray(data, dtype=np.uint8)))
+        return self
+
+    def _attach(self, cpu: Any) -> None:
+        import faiss
+
+        for sub in (cpu, _downcast_hnsw(cpu)):
+            if sub is not None and hasattr(sub, "hnsw"):
+                sub.hnsw.efSearch = self.ef_search
+        if "IVF" in self.index_string:
+            faiss.extract_index_ivf(cpu).nprobe = self.nprobe
+        self._cpu = cpu
+        self._search = cpu
+        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if self.use_gpu is True and gpus == 0:
+            raise BackendError("scorer.params.use_gpu: true but FAISS sees no GPU (install a CUDA FAISS build)")
+        if self.use_gpu in (True, "auto") and gpus > 0 and "HNSW" not in self.index_string:
+            self._resources = faiss.StandardGpuResources()  # must outlive the GPU index
+            self._search = faiss.index_cpu_to_gpu(self._resources, 0, cpu)
+            log.info("FAISS search on GPU")
+
+
+def _downcast_hnsw(index: Any) -> Any:
+    import faiss
+
+    try:
+        return faiss.downcast_index(index)
+    except Exception:  # noqa: BLE001 - not every index type downcasts
+        return None

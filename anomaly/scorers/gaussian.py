@@ -1,0 +1,141 @@
+"""Gaussian / Mahalanobis scorers: global per-layer (Rippel et al.) and per-position (PaDiM)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anomaly.errors import ConfigError
+from anomaly.scorers.base import Scorer, ScoreOutput, check_is_fitted
+
+__all__ = ["GlobalGaussianScorer", "PadimScorer"]
+
+
+class GlobalGaussianScorer(Scorer):
+    """One multivariate Gaussian per layer on globally average-pooled features; image score only.
+
+    Covariances use Ledoit-Wolf shrinkage (scikit-learn), so they are well conditioned even with
+    fewer images than channels. Image score = mean over layers of the Mahalanobis distance.
+    """
+
+    name = "gaussian"
+    has_maps = False
+
+    def __init__(self, *, assume_centered: bool = False) -> None:
+        self.assume_centered = assume_centered
+        self.means_: list[np.ndarray] | None = None
+        self.precisions_: list[np.ndarray] | None = None
+
+    def fit(self, layers: list[torch.Tensor]) -> GlobalGaussianScorer:
+        """Fit one Ledoit-Wolf Gaussian per layer."""
+        from sklearn.covariance import LedoitWolf
+
+        if layers[0].shape[0] < 2:
+            raise ConfigError("the gaussian scorer needs at least 2 training images")
+        self.means_, self.precisions_ = [], []
+        for layer in layers:
+            pooled = layer.mean((2, 3)).double().cpu().numpy()
+            lw = LedoitWolf(assume_centered=self.assume_centered).fit(pooled)
+            self.means_.append(lw.location_)
+            self.precisions_.append(lw.get_precision())
+        return self
+
+    def score(self, layers: list[torch.Tensor]) -> ScoreOutput:
+        """Mean over layers of sqrt((g - mu)^T P (g - mu))."""
+        check_is_fitted(self, "precisions_")
+        assert self.means_ is not None and self.precisions_ is not None
+        dists = []
+        for layer, mean, prec in zip(layers, self.means_, self.precisions_):
+            centred = layer.mean((2, 3)).double().cpu().numpy() - mean
+            dists.append(np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", centred, prec, centred), 0)))
+        return ScoreOutput(patch_maps=None, image_scores=np.mean(dists, axis=0))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Per-layer means and precisions."""
+        check_is_fitted(self, "precisions_")
+        assert self.means_ is not None and self.precisions_ is not None
+        state = {f"mean.{i}": m for i, m in enumerate(self.means_)}
+        state.update({f"precision.{i}": p for i, p in enumerate(self.precisions_)})
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` wrote."""
+        n = sum(1 for key in state if key.startswith("mean."))
+        self.means_ = [state[f"mean.{i}"] for i in range(n)]
+        self.precisions_ = [state[f"precision.{i}"] for i in range(n)]
+
+
+class PadimScorer(Scorer):
+    """Per-position Gaussian (PaDiM): Mahalanobis distance of each patch to its position's model.
+
+    Layers are nearest-upsampled to the finest grid and concatenated; a fixed random subset of
+    ``n_features`` channels is kept. Covariances get a ``ridge`` * I term and are stored as
+    Cholesky factors; fit and score run over chunks of positions so memory stays bounded.
+    """
+
+    name = "padim"
+
+    def __init__(self, *, n_features: int = 100, ridge: float = 0.01, chunk: int = 512, random_state: int = 0) -> None:
+        self.n_features = n_features
+        self.ridge = ridge
+        self.chunk = chunk
+        self.random_state = random_state
+        self.channels_: np.ndarray | None = None
+        self.mean_: torch.Tensor | None = None
+        self.chol_: torch.Tensor | None = None
+
+    def _embed(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        h, w = layers[0].shape[-2:]
+        maps = [layer if layer.shape[-2:] == (h, w) else F.interpolate(layer, size=(h, w), mode="nearest") for layer in layers]
+        emb = torch.cat(maps, dim=1)
+        if self.channels_ is not None:
+            emb = emb[:, torch.from_numpy(self.channels_).to(emb.device)]
+        return emb.flatten(2).permute(2, 0, 1).double().cpu()  # (P, N, d)
+
+    def fit(self, layers: list[torch.Tensor]) -> PadimScorer:
+        """Per-position mean and Cholesky factor of (unbiased covariance + ridge * I)."""
+        if self.n_features < 1 or self.ridge <= 0:
+            raise ConfigError("scorer.params: n_features must be >= 1 and ridge > 0")
+        total = sum(layer.shape[1] for layer in layers)
+        rng = np.random.default_rng(self.random_state)
+        self.channels_ = np.sort(rng.choice(total, size=min(self.n_features, total), replace=False))
+        x = self._embed(layers)
+        n = x.shape[1]
+        self.mean_ = x.mean(1)
+        eye = torch.eye(x.shape[2], dtype=torch.float64)
+        chol = []
+        for start in range(0, x.shape[0], self.chunk):
+            centred = x[start : start + self.chunk] - self.mean_[start : start + self.chunk, None]
+            cov = centred.transpose(1, 2) @ centred / max(n - 1, 1) + self.ridge * eye
+            chol.append(torch.linalg.cholesky(cov).float())
+        self.chol_ = torch.cat(chol)
+        self.mean_ = self.mean_.float()
+        return self
+
+    def score(self, layers: list[torch.Tensor]) -> ScoreOutput:
+        """Mahalanobis distance per position; image score = max over positions."""
+        check_is_fitted(self, "chol_")
+        assert self.mean_ is not None and self.chol_ is not None
+        n, _, h, w = layers[0].shape
+        x = self._embed(layers).float()
+        out = torch.empty(x.shape[0], n)
+        for start in range(0, x.shape[0], self.chunk):
+            sl = slice(start, start + self.chunk)
+            centred = (x[sl] - self.mean_[sl, None]).transpose(1, 2)  # (p, d, N)
+            y = torch.linalg.solve_triangular(self.chol_[sl], centred, upper=False)
+            out[sl] = y.square().sum(1).sqrt()
+        patch = out.T.reshape(n, h, w).numpy()
+        return ScoreOutput(patch_maps=patch, image_scores=patch.reshape(n, -1).max(1).astype(np.float64))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Channel subset, per-position means and Cholesky factors."""
+        check_is_fitted(self, "chol_")
+        assert self.mean_ is not None and self.chol_ is not None and self.channels_ is not None
+        return {"channels": self.channels_, "mean": self.mean_.numpy(), "chol": self.chol_.numpy()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` wrote."""
+        self.channels_ = state["channels"]
+        self.mean_ = torch.from_numpy(state["mean"])
+        self.chol_ = torch.from_numpy(state["chol"])
