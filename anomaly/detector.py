@@ -6,6 +6,7 @@ no pickle, written atomically).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ImageInput = str | os.PathLike[str] | NDArray[np.uint8]
-Progress = Callable[[int, int], None]
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
 _MAD_SCALE = 1.4826  # MAD of a normal distribution -> its standard deviation
 
 
@@ -78,6 +79,15 @@ class _Batch:
     images: NDArray[np.uint8]  # (B, H_in, W_in, 3) resized
     sizes: list[tuple[int, int]]  # original (H, W)
     sources: list[str | None]
+    originals: list[NDArray[np.uint8]] | None = None  # decoded full-size images, when kept
+
+
+@dataclass
+class _Decoded:
+    resized: NDArray[np.uint8]
+    size: tuple[int, int]
+    source: str | None
+    original: NDArray[np.uint8] | None
 
 
 class Detector:
@@ -128,7 +138,11 @@ class Detector:
             return self
         if len(items) < 2:
             raise DataError("fit: at least 2 normal images are needed (one is held out for the threshold)")
-        self.scorer.fit(layers)
+        fit_progress = None if progress is None else (lambda done, total: progress("coreset", done, total))
+        if "progress" in inspect.signature(self.scorer.fit).parameters:
+            self.scorer.fit(layers, progress=fit_progress)  # type: ignore[call-arg]
+        else:
+            self.scorer.fit(layers)
         self.holdout_scores_ = self._holdout_scores(layers)
         self.threshold_ = float(np.quantile(self.holdout_scores_, 1.0 - self.config.threshold.target_fpr))
         return self
@@ -151,32 +165,45 @@ class Detector:
         """Score one image (returns a DetectionResult) or a batch (returns a list)."""
         single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
         items = [images] if single else list(images)  # type: ignore[list-item]
-        results = [r for batch in self.predict_batches(items, maps=maps) for r in batch]
+        results = [result for result, _ in self.predict_stream(items, maps=maps)]
         return results[0] if single else results
 
-    def predict_batches(
-        self, images: Sequence[ImageInput], *, maps: bool = True, progress: Progress | None = None
-    ) -> Iterator[list[DetectionResult]]:
-        """Score images batch by batch (streaming for trained scorers; one pool for zero-shot)."""
+    def predict_stream(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        maps: bool = True,
+        keep_images: bool = False,
+        progress: Progress | None = None,
+    ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
+        """Yield (result, decoded RGB image or None) per input, batch by batch.
+
+        Trained scorers stream with bounded memory; a zero-shot scorer scores all inputs as one
+        pool. ``keep_images`` hands back each decoded image (e.g. for overlays) so that nothing is
+        decoded twice.
+        """
         items = list(images)
         if not items:
             raise DataError("predict: no images")
         if self.zero_shot:
-            yield self._predict_pool(items, maps, progress)
+            results, batch = self._predict_pool(items, maps, keep_images, progress)
+            yield from zip(results, batch.originals or [None] * len(results))
             return
         if self.threshold_ is None:
             raise NotFittedError("Detector is not fitted: call fit() or Detector.load() first")
         done = 0
-        for batch in self._batches(items):
+        for batch in self._batches(items, keep_images):
             feats = self.extractor(batch.images)
             out = self.scorer.score([layer.cpu() for layer in feats.layers])
-            yield self._results(out, batch, self.threshold_, maps)
-            done += len(batch.sources)
+            yield from zip(self._results(out, batch, self.threshold_, maps), batch.originals or [None] * len(batch.sizes))
+            done += len(batch.sizes)
             if progress is not None:
-                progress(done, len(items))
+                progress("score", done, len(items))
 
-    def _predict_pool(self, items: list[ImageInput], maps: bool, progress: Progress | None) -> list[DetectionResult]:
-        layers, embedding, batch = self._extract_all(items, progress)
+    def _predict_pool(
+        self, items: list[ImageInput], maps: bool, keep_images: bool, progress: Progress | None
+    ) -> tuple[list[DetectionResult], _Batch]:
+        layers, embedding, batch = self._extract_all(items, progress, keep_images)
         n_ref = 0
         if self.reference_ is not None:
             ref_layers, ref_emb = self.reference_
@@ -193,7 +220,7 @@ class Detector:
         pool_out = ScoreOutput(
             patch_maps=None if out.patch_maps is None else out.patch_maps[n_ref:], image_scores=scores[n_ref:]
         )
-        return self._results(pool_out, batch, threshold, maps)
+        return self._results(pool_out, batch, threshold, maps), batch
 
     def _results(self, out: ScoreOutput, batch: _Batch, threshold: float, maps: bool) -> list[DetectionResult]:
         full_maps: list[NDArray[np.float32] | None] = [None] * len(batch.sources)
@@ -208,36 +235,40 @@ class Detector:
 
     # ------------------------------------------------------------- features
     def _extract_all(
-        self, items: list[ImageInput], progress: Progress | None
+        self, items: list[ImageInput], progress: Progress | None, keep_images: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor, _Batch]:
         layers: list[list[torch.Tensor]] = []
-        embeddings, sizes, sources = [], [], []
-        for batch in self._batches(items):
+        embeddings, sizes, sources, originals = [], [], [], []
+        for batch in self._batches(items, keep_images):
             feats = self.extractor(batch.images)
             layers.append([layer.cpu() for layer in feats.layers])
             embeddings.append(feats.embedding.cpu())
             sizes += batch.sizes
             sources += batch.sources
+            originals += batch.originals or []
             if progress is not None:
-                progress(len(sources), len(items))
+                progress("features", len(sources), len(items))
         merged = [torch.cat(per_layer) for per_layer in zip(*layers)]
-        return merged, torch.cat(embeddings), _Batch(np.empty(0, np.uint8), sizes, sources)
+        return merged, torch.cat(embeddings), _Batch(np.empty(0, np.uint8), sizes, sources, originals or None)
 
-    def _batches(self, items: list[ImageInput]) -> Iterator[_Batch]:
+    def _batches(self, items: list[ImageInput], keep_images: bool = False) -> Iterator[_Batch]:
         """Decode + resize in a thread pool, up to two batches ahead of the backbone."""
         size = self.extractor.image_size
         bs = self.config.batch_size
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            pending = [pool.submit(_decode_resized, item, size) for item in items[: 2 * bs]]
+            pending = [pool.submit(_decode_resized, item, size, keep_images) for item in items[: 2 * bs]]
             next_item = len(pending)
             while pending:
                 chunk, pending = pending[:bs], pending[bs:]
                 for item in items[next_item : next_item + bs]:
-                    pending.append(pool.submit(_decode_resized, item, size))
+                    pending.append(pool.submit(_decode_resized, item, size, keep_images))
                 next_item += bs
                 decoded = [f.result() for f in chunk]
                 yield _Batch(
-                    np.stack([d[0] for d in decoded]), [d[1] for d in decoded], [d[2] for d in decoded]
+                    np.stack([d.resized for d in decoded]),
+                    [d.size for d in decoded],
+                    [d.source for d in decoded],
+                    [d.original for d in decoded] if keep_images else None,  # type: ignore[misc]
                 )
 
     # ---------------------------------------------------------- persistence
@@ -325,7 +356,7 @@ class Detector:
                 log.warning("backbone weights differ from those the model was fitted with (sha256 %s != %s)", current[:12], saved[:12])
 
 
-def _decode_resized(item: ImageInput, size: tuple[int, int]) -> tuple[NDArray[np.uint8], tuple[int, int], str | None]:
+def _decode_resized(item: ImageInput, size: tuple[int, int], keep: bool) -> _Decoded:
     if isinstance(item, np.ndarray):
         image, source = _as_rgb(item), None
     else:
@@ -333,7 +364,7 @@ def _decode_resized(item: ImageInput, size: tuple[int, int]) -> tuple[NDArray[np
     h, w = image.shape[:2]
     interp = cv2.INTER_AREA if h > size[0] and w > size[1] else cv2.INTER_LINEAR
     resized = image if (h, w) == size else cv2.resize(image, (size[1], size[0]), interpolation=interp)
-    return resized, (h, w), source
+    return _Decoded(resized, (h, w), source, image if keep else None)
 
 
 def _as_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:

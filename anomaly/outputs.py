@@ -1,0 +1,128 @@
+"""Writing score results: scores.csv, float32 .npy maps and heatmap overlays, into an atomic OUT_DIR."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from anomaly.detector import DetectionResult
+from anomaly.errors import DataError
+
+__all__ = ["ScoreWriter", "overlay", "read_scores", "relative_names"]
+
+CSV_COLUMNS = ["path", "score", "is_anomalous", "threshold", "map_path", "overlay_path"]
+
+
+def relative_names(paths: list[Path]) -> list[Path]:
+    """Output names that keep each image's sub-folders (``test/broken_large/000``), collision-free.
+
+    Names are relative to the parent of the deepest folder containing every input image.
+    """
+    parents = [os.path.abspath(p.parent) for p in paths]
+    base = Path(os.path.commonpath(parents)).parent
+    return [Path(os.path.abspath(p)).relative_to(base).with_suffix("") for p in paths]
+
+
+def overlay(image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float) -> NDArray[np.uint8]:
+    """JET heatmap blended on the image (BGR, for cv2.imwrite); the threshold sits mid-scale."""
+    lo, hi = 0.5 * threshold, 1.5 * threshold
+    scaled = np.clip((amap - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
+    heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
+    return cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)
+
+
+class ScoreWriter:
+    """Collects results and writes OUT_DIR atomically: a temp folder renamed into place on close.
+
+    Map and overlay files are written by a small thread pool while the detector keeps scoring.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], *, maps: bool, overlays: bool) -> None:
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not (self.out_dir / "scores.csv").exists():
+            raise DataError(f"--out {self.out_dir}: folder exists and is not an `anomaly score` output; choose another")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        self.maps = maps
+        self.overlays = overlays
+        self.rows: list[dict[str, str]] = []
+        self._pool = ThreadPoolExecutor(max_workers=2)
+        self._pending: list[Future[None]] = []
+
+    def add(self, result: DetectionResult, name: Path, image: NDArray[np.uint8] | None) -> None:
+        """Record one result; ``name`` is the output-relative name without suffix."""
+        map_rel = overlay_rel = ""
+        if result.anomaly_map is not None and self.maps:
+            map_rel = f"maps/{name.as_posix()}.npy"
+            self._submit(self._write_npy, self.tmp / map_rel, result.anomaly_map)
+        if result.anomaly_map is not None and self.overlays and image is not None:
+            overlay_rel = f"overlays/{name.as_posix()}.png"
+            self._submit(self._write_overlay, self.tmp / overlay_rel, image, result.anomaly_map, result.threshold)
+        self.rows.append(
+            {
+                "path": result.source or "",
+                "score": repr(result.image_score),
+                "is_anomalous": "true" if result.is_anomalous else "false",
+                "threshold": repr(result.threshold),
+                "map_path": map_rel,
+                "overlay_path": overlay_rel,
+            }
+        )
+
+    def close(self) -> Path:
+        """Finish pending writes, write scores.csv and move the folder into place."""
+        for future in self._pending:
+            future.result()
+        self._pool.shutdown()
+        with (self.tmp / "scores.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        if self.out_dir.exists():
+            old = self.out_dir.with_name(f".{self.out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            self.out_dir.rename(old)
+            self.tmp.rename(self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        self._pool.shutdown(cancel_futures=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _submit(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        self._pending.append(self._pool.submit(fn, *args))
+
+    @staticmethod
+    def _write_npy(path: Path, amap: NDArray[np.float32]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, amap.astype(np.float32, copy=False))
+
+    @staticmethod
+    def _write_overlay(path: Path, image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), overlay(image, amap, threshold), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+
+
+def read_scores(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Rows of OUT_DIR/scores.csv; a missing or malformed file raises DataError."""
+    path = Path(out_dir) / "scores.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run `anomaly score` first)")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"path", "score"} <= set(rows[0]):
+        raise DataError(f"{path}: expected columns path,score")
+    return rows
+
