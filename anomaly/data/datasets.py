@@ -1,0 +1,350 @@
+"""Dataset loaders: MVTec AD layout, VisA original layout, and plain folders.
+
+Loaders only list files; they return :class:`CategoryData` with sorted, validated :class:`Sample` lists and
+raise :class:`~anomaly.errors.DataError` for any layout problem, naming the offending path.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from anomaly.data.io import is_image_file, list_images
+from anomaly.errors import DataError
+
+__all__ = [
+    "CategoryData",
+    "Sample",
+    "find_categories",
+    "is_category_root",
+    "load_folder",
+    "load_mvtec",
+    "load_visa",
+]
+
+Split = Literal["train", "test"]
+_VISA_SPLIT_CSV = Path("split_csv", "1cls.csv")
+_VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+_VISA_LABELS = {"normal": 0, "anomaly": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One image of a dataset.
+
+    Attributes:
+        image_path: Image file.
+        mask_path: Ground-truth mask file; ``None`` for normal images (and unannotated folder datasets).
+        label: 0 normal, 1 anomalous.
+        defect_type: ``"good"`` for normal images, otherwise the defect folder name (``"bad"`` for VisA).
+        split: ``"train"`` or ``"test"``; training samples are always normal.
+    """
+
+    image_path: Path
+    mask_path: Path | None
+    label: int
+    defect_type: str
+    split: Split
+
+    def __post_init__(self) -> None:
+        if self.label not in (0, 1):
+            raise ValueError(f"label must be 0 or 1, got {self.label!r} for {self.image_path}")
+        if self.split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {self.split!r} for {self.image_path}")
+        if self.split == "train" and self.label != 0:
+            raise ValueError(f"training samples must be normal: {self.image_path}")
+
+
+@dataclass(frozen=True)
+class CategoryData:
+    """The samples of one dataset category.
+
+    Attributes:
+        name: Category name (``"bottle"``).
+        root: Category folder.
+        train: Normal training samples, sorted.
+        test: Test samples (normal and anomalous), sorted by defect type then path.
+    """
+
+    name: str
+    root: Path
+    train: list[Sample]
+    test: list[Sample]
+
+    @property
+    def test_normal(self) -> list[Sample]:
+        """Normal test samples."""
+        return [s for s in self.test if s.label == 0]
+
+    @property
+    def test_anomalous(self) -> list[Sample]:
+        """Anomalous test samples."""
+        return [s for s in self.test if s.label == 1]
+
+    @property
+    def defect_types(self) -> list[str]:
+        """Sorted defect types of the anomalous test samples (``"good"`` excluded)."""
+        return sorted({s.defect_type for s in self.test_anomalous})
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe counts: images per split and label, masks, and test images per defect type."""
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "n_train": len(self.train),
+            "n_test": len(self.test),
+            "n_test_normal": len(self.test_normal),
+            "n_test_anomalous": len(self.test_anomalous),
+            "n_masks": sum(s.mask_path is not None for s in self.test),
+            "defect_types": dict(sorted(Counter(s.defect_type for s in self.test_anomalous).items())),
+        }
+
+
+def is_category_root(path: str | os.PathLike[str]) -> bool:
+    """Tell whether ``path`` is an MVTec-layout category folder, i.e. it has ``train/good``."""
+    return Path(path, "train", "good").is_dir()
+
+
+def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
+    """Load a category in MVTec AD layout.
+
+    Layout: ``train/good/*``, ``test/<defect>/*`` (``good`` = normal) and ``ground_truth/<defect>/<stem>_mask.png``.
+    Masks named ``<stem>.png`` (VisA converted to MVTec layout) are accepted too.
+
+    Args:
+        category_root: Category folder, e.g. ``.../mvtec_ad/bottle``.
+
+    Returns:
+        The category; its name is the folder name.
+
+    Raises:
+        DataError: No ``train/good`` or ``test`` folder, no training or test image, or a defective test image
+            without a mask.
+    """
+    root = Path(category_root)
+    if not is_category_root(root):
+        raise DataError(f"not an MVTec-layout category folder (no train/good): {root}")
+    train = [Sample(p, None, 0, "good", "train") for p in _images_in(root / "train" / "good")]
+    if not train:
+        raise DataError(f"no training image in {root / 'train' / 'good'}")
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"no test folder in category: {root}")
+    test: list[Sample] = []
+    for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        defect = defect_dir.name
+        images = _images_in(defect_dir)
+        if defect == "good":
+            test.extend(Sample(p, None, 0, "good", "test") for p in images)
+            continue
+        mask_dir = root / "ground_truth" / defect
+        masks = _mask_index(mask_dir) if mask_dir.is_dir() else {}
+        for image in images:
+            mask = masks.get((f"{image.stem}_mask",)) or masks.get((image.stem,))
+            if mask is None:
+                raise DataError(f"no mask for defective image {image} (expected {mask_dir / image.stem}_mask.png)")
+            test.append(Sample(image, mask, 1, defect, "test"))
+    if not test:
+        raise DataError(f"no test image in {test_dir}")
+    return CategoryData(root.name, root, train, test)
+
+
+def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
+    """Load a VisA category.
+
+    Original layout: ``<root>/<category>/Data/Images/{Normal,Anomaly}/*.JPG``, ``.../Data/Masks/Anomaly/*.png``
+    and the split file ``<root>/split_csv/1cls.csv`` (columns ``object,split,label,image,mask``; labels
+    ``normal``/``anomaly``; paths relative to ``root``). Anomalous images get the defect type ``"bad"``. Without
+    a split file, a category converted to MVTec layout (``<root>/<category>/train/good``) is loaded with
+    :func:`load_mvtec`.
+
+    Args:
+        root: VisA root folder (holding ``split_csv`` and one folder per category).
+        category: Category name, e.g. ``"candle"``.
+
+    Returns:
+        The category.
+
+    Raises:
+        DataError: Missing split file or category, a malformed row, an anomalous training image, or a listed
+            image or mask that does not exist.
+    """
+    root = Path(root)
+    csv_path = root / _VISA_SPLIT_CSV
+    if not csv_path.is_file():
+        if is_category_root(root / category):
+            return load_mvtec(root / category)
+        raise DataError(f"VisA split file not found: {csv_path} (and {root / category} is not in MVTec layout either)")
+    rows, objects = _read_visa_csv(csv_path, category)
+    if not rows:
+        raise DataError(f"category {category!r} not in {csv_path}; available: {', '.join(sorted(objects))}")
+    train: list[Sample] = []
+    test: list[Sample] = []
+    for line, row in rows:
+        where = f"{csv_path}, line {line}"
+        split, label_name = row["split"].strip(), row["label"].strip().lower()
+        if split not in ("train", "test"):
+            raise DataError(f"{where}: split must be 'train' or 'test', got {split!r}")
+        if label_name not in _VISA_LABELS:
+            raise DataError(f"{where}: label must be 'normal' or 'anomaly', got {label_name!r}")
+        label = _VISA_LABELS[label_name]
+        if split == "train" and label:
+            raise DataError(f"{where}: anomalous image in the training split")
+        image = root / row["image"].strip()
+        if not image.is_file():
+            raise DataError(f"{where}: image not found: {image}")
+        mask = None
+        if label:
+            if not row["mask"].strip():
+                raise DataError(f"{where}: anomalous image without mask: {image}")
+            mask = root / row["mask"].strip()
+            if not mask.is_file():
+                raise DataError(f"{where}: mask not found: {mask}")
+        if split == "train":
+            train.append(Sample(image, None, 0, "good", "train"))
+        else:
+            test.append(Sample(image, mask, label, "bad" if label else "good", "test"))
+    if not train or not test:
+        raise DataError(f"category {category!r} in {csv_path} has no {'train' if not train else 'test'} image")
+    train.sort(key=lambda s: s.image_path.parts)
+    test.sort(key=lambda s: (s.defect_type, s.image_path.parts))
+    return CategoryData(category, root / category, train, test)
+
+
+def load_folder(
+    normal_dir: str | os.PathLike[str],
+    defect_dirs: list[str | os.PathLike[str]],
+    mask_dirs: list[str | os.PathLike[str]] | None = None,
+    *,
+    normal_test_dir: str | os.PathLike[str] | None = None,
+    normal_test_ratio: float = 0.2,
+    seed: int = 0,
+) -> CategoryData:
+    """Load a dataset made of plain folders.
+
+    Folders are searched recursively. A defect image's mask is found in the matching mask folder at the same
+    relative sub-folder, named ``<stem>_mask.<ext>`` or ``<stem>.<ext>``. Normal test images come from
+    ``normal_test_dir`` or, without it, from a seeded random split of ``normal_dir``.
+
+    Args:
+        normal_dir: Normal images.
+        defect_dirs: Anomalous images, one folder per defect type (the folder name is the type).
+        mask_dirs: Masks, one folder per entry of ``defect_dirs``; ``None`` for an unannotated dataset.
+        normal_test_dir: Normal test images; when given, all of ``normal_dir`` is used for training.
+        normal_test_ratio: Fraction of ``normal_dir`` held out for testing when ``normal_test_dir`` is None.
+        seed: Seed of that split.
+
+    Returns:
+        The dataset, named after the deepest folder that holds all the given folders.
+
+    Raises:
+        DataError: A folder is missing or holds no image, ``mask_dirs`` does not match ``defect_dirs``, a mask
+            is missing, or an image is both normal and defective.
+        ValueError: ``normal_test_ratio`` is not in ``[0, 1)``.
+    """
+    if not 0 <= normal_test_ratio < 1:
+        raise ValueError(f"normal_test_ratio must be in [0, 1), got {normal_test_ratio}")
+    if not defect_dirs:
+        raise DataError("a folder dataset needs at least one defect folder")
+    if mask_dirs is not None and len(mask_dirs) != len(defect_dirs):
+        raise DataError(f"got {len(mask_dirs)} mask folders for {len(defect_dirs)} defect folders")
+    normals = list_images([normal_dir])[0]
+    if normal_test_dir is not None:
+        train_paths, test_paths = normals, list_images([normal_test_dir])[0]
+    else:
+        n_test = round(len(normals) * normal_test_ratio)
+        held_out = set(np.random.default_rng(seed).permutation(len(normals))[:n_test].tolist())
+        train_paths = [p for i, p in enumerate(normals) if i not in held_out]
+        test_paths = [p for i, p in enumerate(normals) if i in held_out]
+    if not train_paths:
+        raise DataError(f"no normal image left for training in {normal_dir}")
+    normal_files = {p.resolve() for p in normals + test_paths}
+    test = [Sample(p, None, 0, "good", "test") for p in test_paths]
+    masks_for: list[str | os.PathLike[str] | None] = (
+        [*mask_dirs] if mask_dirs is not None else [None] * len(defect_dirs)
+    )
+    for defect_dir, mask_dir in zip(map(Path, defect_dirs), masks_for, strict=True):
+        masks = _mask_index(Path(mask_dir)) if mask_dir is not None else None
+        for image in list_images([defect_dir])[0]:
+            if image.resolve() in normal_files:
+                raise DataError(f"image is listed both as normal and as defective: {image}")
+            mask = None
+            if masks is not None:
+                rel = image.relative_to(defect_dir)
+                key = rel.parent.parts
+                mask = masks.get((*key, f"{rel.stem}_mask")) or masks.get((*key, rel.stem))
+                if mask is None:
+                    raise DataError(f"no mask for defective image {image} in {mask_dir}")
+            test.append(Sample(image, mask, 1, defect_dir.name, "test"))
+    dirs = [normal_dir, *defect_dirs, *([normal_test_dir] if normal_test_dir is not None else [])]
+    root = Path(os.path.commonpath([Path(d).resolve() for d in dirs]))
+    train = [Sample(p, None, 0, "good", "train") for p in train_paths]
+    test.sort(key=lambda s: (s.defect_type, s.image_path.parts))
+    return CategoryData(root.name, root, train, test)
+
+
+def find_categories(root: str | os.PathLike[str], dataset: Literal["mvtec", "visa"]) -> list[str]:
+    """List the categories of a dataset root.
+
+    Args:
+        root: Dataset root (``.../mvtec_ad`` or the VisA root).
+        dataset: ``"mvtec"``: sub-folders with ``train/good``. ``"visa"``: the objects of
+            ``split_csv/1cls.csv``, or without it the sub-folders in MVTec layout (converted VisA).
+
+    Returns:
+        Sorted category names.
+
+    Raises:
+        DataError: ``root`` is not a folder or holds no category.
+        ValueError: Unknown ``dataset``.
+    """
+    if dataset not in ("mvtec", "visa"):
+        raise ValueError(f"dataset must be 'mvtec' or 'visa', got {dataset!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset root not found: {root}")
+    csv_path = root / _VISA_SPLIT_CSV
+    if dataset == "visa" and csv_path.is_file():
+        categories = sorted(_read_visa_csv(csv_path, None)[1])
+    else:
+        categories = sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and is_category_root(d))
+    if not categories:
+        raise DataError(f"no {dataset} category found in {root}")
+    return categories
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Non-hidden image files directly in ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file() and is_image_file(p))
+
+
+def _mask_index(mask_dir: Path) -> dict[tuple[str, ...], Path]:
+    """Map ``(*relative sub-folders, stem)`` to each mask under ``mask_dir``."""
+    index: dict[tuple[str, ...], Path] = {}
+    for mask in list_images([mask_dir])[0]:
+        rel = mask.relative_to(mask_dir)
+        index.setdefault((*rel.parent.parts, rel.stem), mask)
+    return index
+
+
+def _read_visa_csv(csv_path: Path, category: str | None) -> tuple[list[tuple[int, dict[str, str]]], set[str]]:
+    """Read the split file: ``(line number, row)`` pairs of ``category`` (all if None) and all object names."""
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in _VISA_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(_VISA_COLUMNS)}")
+        rows: list[tuple[int, dict[str, str]]] = []
+        objects: set[str] = set()
+        for row in reader:
+            name = (row["object"] or "").strip()
+            objects.add(name)
+            if category is None or name == category:
+                rows.append((reader.line_num, {k: row[k] or "" for k in _VISA_COLUMNS}))
+    return rows, objects

@@ -1,0 +1,256 @@
+"""Image and mask decoding, and discovery of image files.
+
+This is the only module of ``anomaly`` that imports PIL. Decoding goes through OpenCV first (fast, releases the
+GIL) and falls back to PIL for what OpenCV cannot read.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageOps
+
+from anomaly.errors import DataError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "is_image_file",
+    "list_images",
+    "read_image",
+    "read_images",
+    "read_mask",
+]
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+"""Suffixes recognised as images, compared case-insensitively."""
+
+# ANYDEPTH keeps 16-bit data, ANYCOLOR keeps grayscale as one channel and drops alpha. Unlike IMREAD_UNCHANGED,
+# these flags make OpenCV apply the EXIF orientation of JPEG, PNG and TIFF files; OpenCV 4.8 ignores it in WebP
+# files, so for WebP it is switched off and applied here, identically for every OpenCV version.
+_CV2_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+_EXIF_ORIENTATION = 0x0112
+_GLOB_CHARS = frozenset("*?[")
+_PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Tell whether ``path`` has an image suffix (see :data:`IMAGE_SUFFIXES`); the file is not opened."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_image(path: str | os.PathLike[str]) -> NDArray[np.uint8]:
+    """Decode an image file to RGB.
+
+    EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped) and 16-bit images (scaled by ``>> 8``)
+    are all converted.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB array, C-contiguous.
+
+    Raises:
+        DataError: The file is missing or cannot be decoded.
+    """
+    pixels = _decode(Path(path))
+    if pixels.dtype != np.uint8:
+        if pixels.dtype.kind not in "iu":
+            raise DataError(f"cannot read image: {path} (unsupported pixel type {pixels.dtype})")
+        pixels = (np.clip(pixels, 0, 65535) >> 8).astype(np.uint8)
+    if pixels.ndim == 2:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    return cast("NDArray[np.uint8]", np.ascontiguousarray(pixels))
+
+
+def read_images(paths: Sequence[str | os.PathLike[str]], num_threads: int | None = None) -> list[NDArray[np.uint8]]:
+    """Decode many images in parallel with :func:`read_image`, preserving order.
+
+    Args:
+        paths: Image files.
+        num_threads: Worker threads; ``None`` uses ``min(8, os.cpu_count())``.
+
+    Returns:
+        One ``(H, W, 3)`` uint8 RGB array per path, in the order of ``paths``.
+
+    Raises:
+        DataError: For the first path (in order) that cannot be read.
+        ValueError: ``num_threads`` is smaller than 1.
+    """
+    if num_threads is None:
+        num_threads = min(8, os.cpu_count() or 1)
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if num_threads == 1 or len(paths) < 2:
+        return [read_image(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(num_threads, len(paths))) as pool:
+        futures = [pool.submit(read_image, p) for p in paths]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> NDArray[np.bool_]:
+    """Read a ground-truth mask as a boolean array.
+
+    A pixel is positive when any colour channel is ``> 0`` (so 0/1 and 0/255 masks both work).
+
+    Args:
+        path: Mask image file.
+        size: Optional ``(H, W)`` to resize to, with nearest-neighbour interpolation.
+
+    Returns:
+        ``(H, W)`` bool array.
+
+    Raises:
+        DataError: The file is missing or cannot be decoded.
+        ValueError: ``size`` is not two positive integers.
+    """
+    pixels = _decode(Path(path))
+    mask = cast("NDArray[np.bool_]", (pixels > 0).any(axis=2) if pixels.ndim == 3 else pixels > 0)
+    if size is None or tuple(size) == mask.shape:
+        return mask
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be (H, W) with positive values, got {size}")
+    height, width = int(size[0]), int(size[1])
+    resized = cv2.resize(mask.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    return resized > 0
+
+
+def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> tuple[list[Path], int]:
+    """Expand files, folders and glob patterns into a list of image files.
+
+    Folders are searched recursively and sorted by relative path; hidden files and folders (name starting with
+    ``.``) are skipped without being counted. The order of ``inputs`` is preserved and duplicates (same resolved
+    file) are dropped. A path is read as a glob pattern only when no file or folder of that name exists. An
+    explicitly named file that is not an image is ignored and counted.
+
+    Args:
+        inputs: Image files, folders or glob patterns (``**`` is recursive).
+
+    Returns:
+        ``(images, n_ignored)``: the image paths as found (absolute if the input was absolute) and the number
+        of files skipped because they are not images.
+
+    Raises:
+        DataError: An input does not exist, a glob matches nothing, a folder or glob holds no image, or no
+            image was found at all.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    images: list[Path] = []
+    seen: set[Path] = set()
+    n_ignored = 0
+    for item in inputs:
+        path = Path(item)
+        explicit_file = path.is_file()
+        files = [path] if explicit_file else _expand(item)
+        found = [f for f in files if is_image_file(f)]
+        if not found and not explicit_file:
+            raise DataError(f"no image found in: {item}")
+        n_ignored += len(files) - len(found)
+        for file in found:
+            key = file.resolve()
+            if key not in seen:
+                seen.add(key)
+                images.append(file)
+    if not images:
+        raise DataError(f"no image found in: {', '.join(str(i) for i in inputs) or '(no input given)'}")
+    return images, n_ignored
+
+
+def _expand(item: str | os.PathLike[str]) -> list[Path]:
+    """List the files a folder or glob pattern stands for."""
+    path = Path(item)
+    if path.is_dir():
+        return _walk(path)
+    if _GLOB_CHARS.isdisjoint(str(item)):
+        raise DataError(f"no such file or folder: {item}")
+    matches = sorted((Path(m) for m in glob.glob(str(item), recursive=True)), key=lambda p: p.parts)
+    if not matches:
+        raise DataError(f"no file matches: {item}")
+    files: list[Path] = []
+    for match in matches:
+        files.extend(_walk(match) if match.is_dir() else [match])
+    return files
+
+
+def _walk(root: Path) -> list[Path]:
+    """Non-hidden files under ``root``, recursively, sorted by relative path; symlinked folders followed once."""
+    files: list[Path] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames.clear()
+            continue
+        visited.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files.extend(Path(dirpath, name) for name in filenames if not name.startswith("."))
+    files.sort(key=lambda p: p.relative_to(root).parts)
+    return files
+
+
+def _decode(path: Path) -> NDArray[Any]:
+    """Decode to a gray ``(H, W)`` or RGB ``(H, W, 3)`` array of the file's own depth, EXIF-oriented, no alpha."""
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"cannot read image: {path} ({exc.strerror or exc})") from exc
+    webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
+    try:
+        pixels = cv2.imdecode(data, _CV2_FLAGS | cv2.IMREAD_IGNORE_ORIENTATION if webp else _CV2_FLAGS)
+    except cv2.error:
+        pixels = None
+    if pixels is None:
+        return _decode_pil(data, path)
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    return _orient(pixels, _pil_orientation(data)) if webp else pixels
+
+
+def _pil_orientation(data: NDArray[np.uint8]) -> int:
+    """EXIF orientation (1-8) read by PIL without decoding pixels (fine for JPEG, TIFF and WebP; not PNG)."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as opened:
+            return int(opened.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # metadata is best effort: malformed EXIF leaves the pixels as stored
+        return 1
+
+
+def _orient(pixels: NDArray[Any], orientation: int) -> NDArray[Any]:
+    """Apply an EXIF orientation (as PIL's ``ImageOps.exif_transpose``) to an ``(H, W[, C])`` array."""
+    if orientation in (5, 6, 7, 8):
+        pixels = pixels.swapaxes(0, 1)  # transpose; the flips below complete each rotation
+    if orientation in (2, 3, 6, 7):
+        pixels = pixels[:, ::-1]
+    if orientation in (3, 4, 7, 8):
+        pixels = pixels[::-1]
+    return pixels
+
+
+def _decode_pil(data: NDArray[np.uint8], path: Path) -> NDArray[Any]:
+    """PIL fallback of :func:`_decode` for files OpenCV cannot decode."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as opened:
+            image = ImageOps.exif_transpose(opened)
+        if image.mode in _PIL_NATIVE_MODES or image.mode.startswith("I;16"):
+            return np.asarray(image)
+        return np.asarray(image.convert("L" if image.mode in {"1", "LA", "La"} else "RGB"))
+    except Exception as exc:  # PIL raises many exception types on malformed data
+        raise DataError(f"cannot read image: {path}") from exc

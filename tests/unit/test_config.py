@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+
+from anomaly import ConfigError, load_config
+from anomaly.config import apply_overrides, config_names
+from anomaly.scorers import get_scorer
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim", "gaussian", "musc"])
+def test_every_shipped_config_loads_and_builds_its_scorer(name: str) -> None:
+    config = load_config(name)
+    assert config.backbone.name == "tf_efficientnet_lite0"  # the offline packaged default
+    get_scorer(config.scorer.name, config.scorer.params)
+
+
+def test_config_names_lists_the_shipped_configs() -> None:
+    assert {"patchcore", "padim", "gaussian", "musc"} <= set(config_names())
+
+
+def test_unknown_key_is_rejected_with_suggestion(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("scorer:\n  nmae: memory_bank\n")
+    with pytest.raises(ConfigError, match=r"scorer\.nmae: unknown config key; did you mean 'name'"):
+        load_config(path)
+
+
+def test_unknown_config_name() -> None:
+    with pytest.raises(ConfigError, match="unknown config 'patchcor'; did you mean 'patchcore'"):
+        load_config("patchcor")
+
+
+def test_overrides_are_validated_like_yaml() -> None:
+    config = apply_overrides(load_config("patchcore"), ["scorer.params.k=3", "backbone.image_size=[64,96]", "seed=7"])
+    assert config.scorer.params["k"] == 3
+    assert config.backbone.image_size == (64, 96)
+    assert config.seed == 7
+    with pytest.raises(ConfigError, match="backbone.nam: unknown config key"):
+        apply_overrides(config, ["backbone.nam=resnet18"])
+    with pytest.raises(ConfigError, match="batch_size: expected an integer"):
+        apply_overrides(config, ["batch_size=many"])
+    with pytest.raises(ConfigError, match="expects dotted.key=value"):
+        apply_overrides(config, ["seed"])
+
+
+def test_unknown_scorer_param_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="scorer.params.coreset_ration: unknown parameter.*coreset_ratio"):
+        get_scorer("memory_bank", {"coreset_ration": 0.1})
+    with pytest.raises(ConfigError, match="unknown scorer 'memorybank'"):
+        get_scorer("memorybank", {})

@@ -1,0 +1,440 @@
+"""Unit tests of anomaly.data: decoding, file discovery, dataset loaders and the synthetic generator."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from anomaly.data import (
+    CategoryData,
+    find_categories,
+    is_category_root,
+    list_images,
+    load_folder,
+    load_mvtec,
+    load_visa,
+    make_synthetic_category,
+    read_image,
+    read_images,
+    read_mask,
+)
+from anomaly.errors import DataError
+
+RNG = np.random.default_rng(0)
+PIXELS = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # H=20, W=30
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _quadrants(height: int = 40, width: int = 60) -> np.ndarray:
+    """Red top-left, green top-right, blue bottom-left, white bottom-right."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)
+    image[: height // 2, width // 2 :] = (0, 255, 0)
+    image[height // 2 :, : width // 2] = (0, 0, 255)
+    image[height // 2 :, width // 2 :] = (255, 255, 255)
+    return image
+
+
+def _touch_image(path: Path, value: int = 128, size: tuple[int, int] = (16, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def _touch_mask(path: Path, on: int = 255, size: tuple[int, int] = (16, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros(size, np.uint8)
+    mask[4:8, 4:8] = on
+    Image.fromarray(mask).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- read_image
+
+
+def test_read_rgb_png_exact(tmp_path: Path) -> None:
+    Image.fromarray(PIXELS).save(tmp_path / "rgb.png")
+    image = read_image(tmp_path / "rgb.png")
+    assert image.dtype == np.uint8 and image.shape == (20, 30, 3) and image.flags.c_contiguous
+    np.testing.assert_array_equal(image, PIXELS)
+
+
+def test_read_grayscale_and_bilevel_png(tmp_path: Path) -> None:
+    gray = PIXELS[..., 0]
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "gray.png"), np.stack([gray] * 3, axis=-1))
+    Image.fromarray(gray > 127).save(tmp_path / "bilevel.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "bilevel.png")[..., 1], np.where(gray > 127, 255, 0))
+
+
+def test_read_rgba_drops_alpha(tmp_path: Path) -> None:
+    alpha = np.zeros((20, 30), np.uint8)
+    alpha[:, 15:] = 255  # half fully transparent: colours must be kept, not composited
+    Image.fromarray(np.dstack([PIXELS, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), PIXELS)
+    Image.fromarray(np.dstack([PIXELS[..., 0], alpha]), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png"), np.stack([PIXELS[..., 0]] * 3, axis=-1))
+
+
+@pytest.mark.parametrize("transparency", [None, 0])
+def test_read_palette_png(tmp_path: Path, transparency: int | None) -> None:
+    palette = Image.fromarray(PIXELS).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    extra: dict[str, Any] = {} if transparency is None else {"transparency": transparency}
+    palette.save(tmp_path / "p.png", **extra)
+    expected = np.asarray(palette.convert("RGB"))
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png"), expected)
+
+
+def test_read_16bit_png(tmp_path: Path) -> None:
+    gray16 = RNG.integers(0, 65536, (20, 30), dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    np.testing.assert_array_equal(read_image(tmp_path / "gray16.png"), np.stack([gray16 >> 8] * 3, axis=-1))
+    rgb16 = RNG.integers(0, 65536, (20, 30, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16[..., ::-1].copy())  # OpenCV writes BGR
+    image = read_image(tmp_path / "rgb16.png")
+    assert image.dtype == np.uint8
+    np.testing.assert_array_equal(image, (rgb16 >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize(("orientation", "corner"), [(6, (0, 0, 255)), (8, (0, 255, 0)), (3, (255, 255, 255))])
+def test_exif_rotated_jpeg(tmp_path: Path, orientation: int, corner: tuple[int, int, int]) -> None:
+    Image.fromarray(_quadrants()).save(tmp_path / "photo.jpg", exif=_exif(orientation), quality=95)
+    image = read_image(tmp_path / "photo.jpg")
+    assert image.shape == ((40, 60, 3) if orientation == 3 else (60, 40, 3))
+    # displayed top-left corner: 6 = rotate 90 clockwise, 8 = 90 counter-clockwise, 3 = 180
+    np.testing.assert_allclose(image[3, 3], corner, atol=40)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".tif"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_lossless_matches_pil(tmp_path: Path, suffix: str, orientation: int) -> None:
+    path = tmp_path / f"o{orientation}{suffix}"
+    Image.fromarray(PIXELS).save(path, exif=_exif(orientation), lossless=True)  # lossless: WebP only
+    with Image.open(path) as opened:
+        assert opened.getexif().get(0x0112) == orientation
+    reference = Image.fromarray(PIXELS)
+    reference.info["exif"] = _exif(orientation).tobytes()
+    expected = np.asarray(ImageOps.exif_transpose(reference))
+    np.testing.assert_array_equal(read_image(path), expected)
+
+
+def test_unicode_path_and_uppercase_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "données 图像" / "IMG.PNG"
+    path.parent.mkdir()
+    Image.fromarray(PIXELS).save(path, format="PNG")
+    np.testing.assert_array_equal(read_image(path), PIXELS)
+
+
+def test_pil_fallback_for_format_opencv_cannot_read(tmp_path: Path) -> None:
+    path = tmp_path / "image.tga"  # OpenCV has no TGA decoder; PIL has
+    Image.fromarray(PIXELS).save(path)
+    assert cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR) is None
+    np.testing.assert_array_equal(read_image(path), PIXELS)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_corrupt_file_raises_naming_it(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="cannot read image") as info:
+        read_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_raises_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found") as info:
+        read_image(tmp_path / "nope.png")
+    assert str(tmp_path / "nope.png") in str(info.value)
+
+
+def test_read_images_keeps_order_and_names_first_failure(tmp_path: Path) -> None:
+    paths = [_touch_image(tmp_path / f"{i}.png", value=i * 20) for i in range(6)]
+    images = read_images(paths, num_threads=3)
+    assert [int(im[0, 0, 0]) for im in images] == [i * 20 for i in range(6)]
+    assert all(np.array_equal(a, b) for a, b in zip(images, read_images(paths, num_threads=1), strict=True))
+    (tmp_path / "bad1.png").write_bytes(b"junk")
+    (tmp_path / "bad2.png").write_bytes(b"junk")
+    with pytest.raises(DataError) as info:
+        read_images([paths[0], tmp_path / "bad1.png", paths[1], tmp_path / "bad2.png"], num_threads=2)
+    assert str(tmp_path / "bad1.png") in str(info.value)
+    with pytest.raises(ValueError, match="num_threads"):
+        read_images(paths, num_threads=0)
+
+
+# --------------------------------------------------------------------------------------------- read_mask
+
+
+@pytest.mark.parametrize("on", [1, 255])
+def test_read_mask_binarises(tmp_path: Path, on: int) -> None:
+    mask = read_mask(_touch_mask(tmp_path / "m.png", on=on))
+    assert mask.dtype == np.bool_ and mask.shape == (16, 16)
+    assert mask.sum() == 16 and mask[4:8, 4:8].all()
+
+
+def test_read_mask_any_channel_and_resize(tmp_path: Path) -> None:
+    rgb = np.zeros((10, 10, 3), np.uint8)
+    rgb[0, 0, 2] = 7  # only blue set
+    rgb[9, 9, 0] = 1  # only red set
+    Image.fromarray(rgb).save(tmp_path / "rgb_mask.png")
+    mask = read_mask(tmp_path / "rgb_mask.png")
+    assert mask.sum() == 2 and mask[0, 0] and mask[9, 9]
+    big = read_mask(tmp_path / "rgb_mask.png", size=(30, 20))
+    assert big.shape == (30, 20) and big.dtype == np.bool_
+    assert big[:3, :2].all() and big[-3:, -2:].all() and big.sum() == 12
+    with pytest.raises(ValueError, match="size"):
+        read_mask(tmp_path / "rgb_mask.png", size=(0, 5))
+
+
+# --------------------------------------------------------------------------------------------- list_images
+
+
+def test_list_images_folders_globs_files(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    for rel in ["2.png", "10.JPG", "sub/1.bmp", "sub/deeper/0.tiff", "z.webp"]:
+        _touch_image(a / rel) if not rel.endswith(".JPG") else Image.new("RGB", (4, 4)).save(a / rel)
+    (a / "notes.txt").write_text("x")
+    (a / "sub" / "data.csv").write_text("x")
+    (a / ".hidden.png").write_bytes(b"junk")  # hidden files and folders are skipped, not counted
+    (a / ".cache").mkdir()
+    _touch_image(a / ".cache" / "x.png")
+    images, ignored = list_images([a])
+    assert [p.relative_to(a).as_posix() for p in images] == [
+        "10.JPG",
+        "2.png",
+        "sub/1.bmp",
+        "sub/deeper/0.tiff",
+        "z.webp",
+    ]
+    assert ignored == 2
+    assert all(str(p).startswith(str(a)) for p in images)  # paths as found
+
+    explicit = _touch_image(tmp_path / "solo.jpeg")
+    images, ignored = list_images([explicit, str(a / "sub" / "**" / "*"), a / "2.png", a / "notes.txt"])
+    assert [p.name for p in images] == ["solo.jpeg", "1.bmp", "0.tiff", "2.png"]
+    assert ignored == 2  # data.csv from the glob, notes.txt named explicitly
+    images, _ = list_images([a / "2.png", a])  # duplicates dropped, first occurrence kept
+    assert [p.name for p in images] == ["2.png", "10.JPG", "1.bmp", "0.tiff", "z.webp"]
+    assert list_images(str(explicit)) == ([explicit], 0)
+
+
+def test_list_images_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="no image found in") as info:
+        list_images([empty])
+    assert str(empty) in str(info.value)
+    with pytest.raises(DataError, match="no such file or folder") as info:
+        list_images([tmp_path / "missing"])
+    assert str(tmp_path / "missing") in str(info.value)
+    with pytest.raises(DataError, match="no file matches"):
+        list_images([str(tmp_path / "*.png")])
+    with pytest.raises(DataError, match="no image found"):
+        list_images([str(empty / "*.txt")])
+    with pytest.raises(DataError, match="no image found"):
+        list_images([empty / "readme.txt"])
+
+
+# --------------------------------------------------------------------------------------------- MVTec
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_category(
+        tmp_path_factory.mktemp("mvtec"), "widget", n_train=5, n_test_good=3, n_test_defect=6, size=64
+    )
+
+
+def test_load_mvtec_synthetic(synthetic_root: Path) -> None:
+    assert is_category_root(synthetic_root) and not is_category_root(synthetic_root / "test")
+    data = load_mvtec(synthetic_root)
+    assert isinstance(data, CategoryData) and data.name == "widget" and data.root == synthetic_root
+    assert len(data.train) == 5 and all(s.split == "train" and s.label == 0 for s in data.train)
+    assert [s.image_path.name for s in data.train] == [f"{i:03d}.png" for i in range(5)]
+    assert len(data.test_normal) == 3 and all(s.mask_path is None for s in data.test_normal)
+    assert data.defect_types == ["blob", "missing", "scratch"]
+    for sample in data.test_anomalous:
+        assert sample.mask_path == synthetic_root / "ground_truth" / sample.defect_type / (
+            f"{sample.image_path.stem}_mask.png"
+        )
+    assert [s.defect_type for s in data.test] == ["blob"] * 2 + ["good"] * 3 + ["missing"] * 2 + ["scratch"] * 2
+    assert data.summary() == {
+        "name": "widget",
+        "root": str(synthetic_root),
+        "n_train": 5,
+        "n_test": 9,
+        "n_test_normal": 3,
+        "n_test_anomalous": 6,
+        "n_masks": 6,
+        "defect_types": {"blob": 2, "missing": 2, "scratch": 2},
+    }
+    assert find_categories(synthetic_root.parent, "mvtec") == ["widget"]
+
+
+def test_load_mvtec_missing_mask_and_bad_root(synthetic_root: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    (copy / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    with pytest.raises(DataError, match="no mask") as info:
+        load_mvtec(copy)
+    assert str(copy / "test" / "scratch" / "001.png") in str(info.value)
+    with pytest.raises(DataError, match="train/good"):
+        load_mvtec(copy / "test")
+    with pytest.raises(DataError, match="no mvtec category"):
+        find_categories(copy / "test", "mvtec")
+
+
+def test_load_mvtec_visa_converted_masks(tmp_path: Path) -> None:
+    root = tmp_path / "candle"
+    for i in range(3):
+        _touch_image(root / "train" / "good" / f"{i:03d}.JPG")
+    _touch_image(root / "test" / "good" / "000.JPG")
+    for stem in ["000", "001"]:
+        _touch_image(root / "test" / "bad" / f"{stem}.JPG")
+        _touch_mask(root / "ground_truth" / "bad" / f"{stem}.png", on=1)  # 0/1 mask, no _mask suffix
+    data = load_mvtec(root)
+    assert data.defect_types == ["bad"] and len(data.test_anomalous) == 2
+    assert [s.mask_path.name for s in data.test_anomalous if s.mask_path] == ["000.png", "001.png"]
+    assert read_mask(data.test_anomalous[0].mask_path).sum() == 16  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- VisA
+
+
+def _visa_tree(root: Path) -> None:
+    rows = []
+    for obj, n_normal, n_anomaly in [("candle", 5, 2), ("pcb1", 3, 1)]:
+        for i in range(n_normal):
+            rel = f"{obj}/Data/Images/Normal/{i:04d}.JPG"
+            _touch_image(root / rel)
+            rows.append([obj, "train" if i < n_normal - 2 else "test", "normal", rel, ""])
+        for i in range(n_anomaly):
+            rel, mask = f"{obj}/Data/Images/Anomaly/{i:03d}.JPG", f"{obj}/Data/Masks/Anomaly/{i:03d}.png"
+            _touch_image(root / rel)
+            _touch_mask(root / mask)
+            rows.append([obj, "test", "anomaly", rel, mask])
+    (root / "split_csv").mkdir()
+    with (root / "split_csv" / "1cls.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["object", "split", "label", "image", "mask"])
+        writer.writerows(rows[::-1])  # unsorted on purpose
+
+
+def test_load_visa_original_layout(tmp_path: Path) -> None:
+    _visa_tree(tmp_path)
+    assert find_categories(tmp_path, "visa") == ["candle", "pcb1"]
+    data = load_visa(tmp_path, "candle")
+    assert data.name == "candle" and data.root == tmp_path / "candle"
+    assert [s.image_path.name for s in data.train] == ["0000.JPG", "0001.JPG", "0002.JPG"]
+    assert [(s.defect_type, s.image_path.name) for s in data.test] == [
+        ("bad", "000.JPG"),
+        ("bad", "001.JPG"),
+        ("good", "0003.JPG"),
+        ("good", "0004.JPG"),
+    ]
+    assert all(
+        s.mask_path == tmp_path / "candle/Data/Masks/Anomaly" / f"{s.image_path.stem}.png" for s in data.test_anomalous
+    )
+    assert data.summary()["defect_types"] == {"bad": 2}
+    with pytest.raises(DataError, match="available: candle, pcb1"):
+        load_visa(tmp_path, "capsules")
+    (tmp_path / "pcb1/Data/Masks/Anomaly/000.png").unlink()
+    with pytest.raises(DataError, match="mask not found") as info:
+        load_visa(tmp_path, "pcb1")
+    assert "pcb1/Data/Masks/Anomaly/000.png" in str(info.value)
+
+
+def test_load_visa_rejects_anomalous_training_row(tmp_path: Path) -> None:
+    _touch_image(tmp_path / "c/Data/Images/Anomaly/000.JPG")
+    (tmp_path / "split_csv").mkdir()
+    (tmp_path / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\nc,train,anomaly,c/Data/Images/Anomaly/000.JPG,x.png\n"
+    )
+    with pytest.raises(DataError, match="line 2: anomalous image in the training split"):
+        load_visa(tmp_path, "c")
+
+
+def test_load_visa_converted_layout_without_csv(synthetic_root: Path) -> None:
+    assert find_categories(synthetic_root.parent, "visa") == ["widget"]
+    assert load_visa(synthetic_root.parent, "widget") == load_mvtec(synthetic_root)
+    with pytest.raises(DataError, match="split file not found"):
+        load_visa(synthetic_root.parent, "nothing")
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+
+def test_load_folder(tmp_path: Path) -> None:
+    for i in range(10):
+        _touch_image(tmp_path / "ok" / f"{i}.png")
+    _touch_image(tmp_path / "dents" / "a.png")
+    _touch_image(tmp_path / "dents" / "left" / "b.jpg")
+    _touch_image(tmp_path / "rust" / "c.png")
+    _touch_mask(tmp_path / "dents_gt" / "a_mask.png")
+    _touch_mask(tmp_path / "dents_gt" / "left" / "b.png")
+    _touch_mask(tmp_path / "rust_gt" / "c_mask.png")
+    data = load_folder(
+        tmp_path / "ok", [tmp_path / "dents", tmp_path / "rust"], [tmp_path / "dents_gt", tmp_path / "rust_gt"]
+    )
+    assert data.name == tmp_path.name and len(data.train) == 8 and len(data.test_normal) == 2
+    assert {s.image_path for s in data.train}.isdisjoint(s.image_path for s in data.test)
+    assert [
+        (s.defect_type, s.mask_path.relative_to(tmp_path).as_posix()) for s in data.test_anomalous if s.mask_path
+    ] == [("dents", "dents_gt/a_mask.png"), ("dents", "dents_gt/left/b.png"), ("rust", "rust_gt/c_mask.png")]
+    assert load_folder(tmp_path / "ok", [tmp_path / "dents", tmp_path / "rust"], seed=0).test_normal == (
+        data.test_normal
+    )
+    unlabelled = load_folder(tmp_path / "ok", [tmp_path / "rust"], normal_test_dir=tmp_path / "dents")
+    assert len(unlabelled.train) == 10 and len(unlabelled.test_normal) == 2
+    assert all(s.mask_path is None for s in unlabelled.test)
+    with pytest.raises(DataError, match="no mask") as info:
+        load_folder(tmp_path / "ok", [tmp_path / "rust"], [tmp_path / "dents_gt"])
+    assert str(tmp_path / "rust" / "c.png") in str(info.value)
+    with pytest.raises(DataError, match="both as normal and as defective"):
+        load_folder(tmp_path, [tmp_path / "rust"])
+    with pytest.raises(DataError, match="mask folders"):
+        load_folder(tmp_path / "ok", [tmp_path / "rust"], [])
+
+
+# --------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic(tmp_path: Path) -> None:
+    make = partial(make_synthetic_category, n_train=3, n_test_good=2, n_test_defect=3, size=(48, 64))
+    first, second, other = make(tmp_path / "a"), make(tmp_path / "b"), make(tmp_path / "c", seed=1)
+    files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
+    assert len(files) == 3 + 2 + 3 + 3
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+    assert (first / "train/good/000.png").read_bytes() != (other / "train/good/000.png").read_bytes()
+    assert read_image(first / "train/good/000.png").shape == (48, 64, 3)
+    with pytest.raises(DataError, match="already exists"):
+        make(tmp_path / "a")
+
+
+@pytest.mark.parametrize("kind", ["object", "texture"])
+def test_synthetic_masks_are_exactly_the_defects(tmp_path: Path, kind: Literal["object", "texture"]) -> None:
+    data = load_mvtec(make_synthetic_category(tmp_path, n_train=2, n_test_good=1, n_test_defect=6, size=96, kind=kind))
+    assert data.summary()["defect_types"] == {"blob": 2, "missing": 2, "scratch": 2}
+    colours = {"scratch": (235, 228, 205), "blob": (170, 60, 35) if kind == "object" else (40, 90, 170)}
+    for sample in data.test_anomalous:
+        assert sample.mask_path is not None
+        image, mask = read_image(sample.image_path).astype(int), read_mask(sample.mask_path)
+        assert 20 <= mask.sum() <= 0.08 * mask.size  # visible but not huge
+        if sample.defect_type == "missing":
+            assert image[mask].mean() < 60  # background / hole shows through
+            continue
+        near = (np.abs(image - colours[sample.defect_type]) <= 15).all(axis=2)
+        np.testing.assert_array_equal(near, mask)  # painted pixels exactly where the mask is
