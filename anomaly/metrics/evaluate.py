@@ -1,0 +1,105 @@
+"""One call for the standard image- and pixel-level metrics of an evaluation run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from anomaly.metrics.aupro import _aupro_from_sorted, _check_params, _region_weights
+from anomaly.metrics.classification import (
+    ScoresLike,
+    _as_image_pairs,
+    _metrics_from_sorted,
+    _pool,
+    _sort_in_place,
+    classification_metrics,
+)
+from anomaly.metrics.pimo import aupimo
+
+__all__ = ["evaluate"]
+
+
+def evaluate(
+    image_scores: ArrayLike,
+    labels: ArrayLike,
+    maps: ScoresLike | None = None,
+    masks: ScoresLike | None = None,
+    *,
+    fpr_limit: float = 0.3,
+    fpr_bounds: tuple[float, float] = (1e-5, 1e-4),
+) -> dict[str, float | str]:
+    """Compute image metrics and, given maps and masks, pixel metrics, AUPRO and AUPIMO.
+
+    Pixel metrics pool every pixel of every image and share one sort of the defect-free pixels (O(n log n),
+    memory about one copy of the pixels); AUPIMO sorts each normal image once. Images may have different sizes.
+
+    Args:
+        image_scores: (N,) image scores, higher = more anomalous.
+        labels: (N,) bool or integer 0/1 image labels (1 = anomalous).
+        maps: anomaly maps at mask resolution, an (N, H, W) floating array or a sequence of N (H_i, W_i) arrays.
+        masks: ground-truth masks (bool or integer 0/1) of the same structure and shapes as ``maps``.
+        fpr_limit: FPR integration limit of AUPRO.
+        fpr_bounds: shared-FPR bounds of AUPIMO.
+
+    Returns:
+        ``image_auroc``, ``image_ap``, ``image_f1max`` and, with maps, ``pixel_auroc``, ``pixel_ap``,
+        ``pixel_f1max``, ``aupro`` and ``aupimo`` (mean over anomalous images). When AUPIMO is undefined
+        (e.g. no normal image, too few normal pixels for ``fpr_bounds``) ``aupimo`` is NaN and
+        ``aupimo_error`` holds the reason.
+
+    Raises:
+        TypeError: invalid dtypes (see the individual metrics).
+        ValueError: only one of ``maps``/``masks`` given, length mismatches, single-class labels or masks,
+            and the other input errors of the individual metrics.
+
+    Example:
+        >>> evaluate([0.1, 0.9, 0.4], [0, 1, 1])
+        {'image_auroc': 1.0, 'image_ap': 1.0, 'image_f1max': 1.0}
+    """
+    image = classification_metrics(image_scores, labels)
+    result: dict[str, float | str] = {
+        "image_auroc": image.auroc,
+        "image_ap": image.average_precision,
+        "image_f1max": image.f1_max,
+    }
+    if maps is None and masks is None:
+        return result
+    if maps is None or masks is None:
+        raise ValueError("Expected both maps and masks, or neither.")
+    _check_params(fpr_limit, connectivity=8)
+    pairs = _as_image_pairs(maps, masks)
+    if len(pairs) != np.size(labels):
+        raise ValueError(f"Expected one map per image label, but got {len(pairs)} maps and {np.size(labels)} labels.")
+    result.update(_pixel_metrics(pairs, fpr_limit))
+    result.update(_aupimo_entry(pairs, fpr_bounds))
+    return result
+
+
+def _pixel_metrics(
+    pairs: list[tuple[NDArray[np.generic], NDArray[np.bool_]]], fpr_limit: float
+) -> dict[str, float | str]:
+    """Pixel AUROC/AP/F1-max and AUPRO from one sort of the defect-free pixels."""
+    neg, pos = _pool(pairs)
+    weights = _region_weights([m for _, m in pairs], connectivity=8)
+    order = np.argsort(pos, kind="stable")
+    neg, pos, weights = _sort_in_place(neg), _sort_in_place(pos[order]), weights[order]
+    pixel = _metrics_from_sorted(neg, pos)
+    return {
+        "pixel_auroc": pixel.auroc,
+        "pixel_ap": pixel.average_precision,
+        "pixel_f1max": pixel.f1_max,
+        "aupro": _aupro_from_sorted(neg, pos, weights, fpr_limit),
+    }
+
+
+def _aupimo_entry(
+    pairs: list[tuple[NDArray[np.generic], NDArray[np.bool_]]], fpr_bounds: tuple[float, float]
+) -> dict[str, float | str]:
+    """``{"aupimo": mean}``, or NaN plus ``aupimo_error`` when AUPIMO is undefined for these images."""
+    try:
+        mean = aupimo([s for s, _ in pairs], [m for _, m in pairs], fpr_bounds=fpr_bounds).mean
+    except (ValueError, RuntimeError) as err:
+        return {"aupimo": math.nan, "aupimo_error": str(err)}
+    return {"aupimo": mean}

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from skimage import data as skdata
+
+from anomaly import ConfigError, WeightsUnavailableError
+from anomaly.features import FeatureExtractor, list_offline_backbones, resolve_weights
+
+
+def _classify(model: torch.nn.Module, image: np.ndarray) -> str:
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+    x = (x - 0.5) / 0.5
+    with torch.inference_mode():
+        label = int(model(x).argmax())
+    return timm.data.ImageNetInfo().index_to_description(label)
+
+
+def test_packaged_weights_are_the_real_imagenet_weights() -> None:
+    """The full lite0 classifier with the packaged weights names two known photos; random weights do not."""
+    from anomaly.features import _create_model
+
+    source = resolve_weights("tf_efficientnet_lite0", "packaged")
+    assert source.kind == "packaged" and len(source.sha256 or "") == 64
+    model = _create_model("tf_efficientnet_lite0", source, None).eval()
+    assert _classify(model, skdata.chelsea()) == "Egyptian cat"
+    assert _classify(model, skdata.coffee()) == "espresso"
+    torch.manual_seed(0)
+    random_model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    assert (_classify(random_model, skdata.chelsea()), _classify(random_model, skdata.coffee())) != (
+        "Egyptian cat",
+        "espresso",
+    )
+
+
+def test_cnn_layers_by_name_and_index_give_finest_first_maps() -> None:
+    by_name = FeatureExtractor("tf_efficientnet_lite0", ["blocks.4", "blocks.2"], image_size=(64, 64), device="cpu")
+    by_index = FeatureExtractor("tf_efficientnet_lite0", ["2", "3"], image_size=(64, 64), device="cpu")
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    a, b = by_name(images), by_index(images)
+    assert [t.shape for t in a.layers] == [(2, 40, 8, 8), (2, 112, 4, 4)]
+    assert a.embedding.shape == (2, 112)
+    for x, y in zip(a.layers, b.layers):
+        torch.testing.assert_close(x, y)
+    again = by_name(images)
+    assert all(torch.equal(x, y) for x, y in zip(a.layers, again.layers))  # deterministic
+
+
+def test_vit_patch_tokens_come_back_as_maps_with_cls_embedding() -> None:
+    vit = FeatureExtractor(
+        "vit_tiny_patch16_224", ["blocks.2", "blocks.5"], pretrained=False, image_size=(64, 64), device="cpu"
+    )
+    out = vit(np.zeros((3, 64, 64, 3), dtype=np.uint8))
+    assert [t.shape for t in out.layers] == [(3, 192, 4, 4), (3, 192, 4, 4)]
+    assert out.embedding.shape == (3, 192)
+
+
+def test_unknown_layer_and_model_raise_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown layer 'layer9'; available: blocks.0"):
+        FeatureExtractor("tf_efficientnet_lite0", ["layer9"], device="cpu")
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        FeatureExtractor("no_such_net", ["1"], device="cpu")
+
+
+def test_local_safetensors_file_with_timm_keys_loads(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    reference = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], image_size=(64, 64), device="cpu")
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    from anomaly.features import _read_state_dict, _to_timm_keys
+
+    state = _to_timm_keys(_read_state_dict(Path(reference.source.location)), full, "packaged")
+    path = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    local = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], weights=str(path), image_size=(64, 64), device="cpu")
+    assert local.source.kind == "file"
+    images = np.full((1, 64, 64, 3), 127, dtype=np.uint8)
+    torch.testing.assert_close(local(images).layers[0], reference(images).layers[0])
+
+
+def test_missing_weights_error_lists_the_options(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
+    with pytest.raises(WeightsUnavailableError, match=r"local file.*hub.*packaged"):
+        resolve_weights("resnet18", "auto")
+    with pytest.raises(WeightsUnavailableError, match="file not found"):
+        resolve_weights("resnet18", "/nonexistent/weights.pth")
+    assert resolve_weights("resnet18", "auto", pretrained=False).kind == "random"
+
+
+def test_offline_backbones_include_the_packaged_lite0() -> None:
+    names = {name: source.kind for name, source in list_offline_backbones()}
+    assert names.get("tf_efficientnet_lite0") == "packaged"

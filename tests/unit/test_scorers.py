@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly import ConfigError, NotFittedError
+from anomaly.index import NNIndex
+from anomaly.scorers import get_scorer, list_scorers
+from anomaly.scorers._coreset import greedy_coreset
+
+TRAINED = [name for name in list_scorers() if name != "musc"]
+
+
+def _layers(n: int, seed: int, anomaly: bool = False) -> list[torch.Tensor]:
+    """Two-layer synthetic features: smooth normal structure, optionally a strong local outlier."""
+    g = torch.Generator().manual_seed(seed)
+    fine = torch.randn(n, 8, 8, 8, generator=g) * 0.1 + torch.linspace(0, 1, 8).view(1, 1, 1, 8)
+    coarse = torch.randn(n, 6, 4, 4, generator=g) * 0.1
+    if anomaly:
+        fine[:, :, 2:4, 2:4] += 3.0
+        coarse[:, :, 1, 1] += 3.0
+    return [fine, coarse]
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_scorer_contract(name: str) -> None:
+    train, normal, odd = _layers(12, 0), _layers(3, 1), _layers(3, 2, anomaly=True)
+    scorer = get_scorer(name, {})
+    with pytest.raises(NotFittedError):
+        scorer.score(normal)
+    assert scorer.fit(train) is scorer
+    out = scorer.score(normal + [])
+    assert out.image_scores.shape == (3,) and out.image_scores.dtype == np.float64
+    if scorer.has_maps:
+        assert out.patch_maps is not None and out.patch_maps.shape == (3, 8, 8) and out.patch_maps.dtype == np.float32
+    bad = scorer.score(odd)
+    assert bad.image_scores.min() > out.image_scores.max()  # an injected anomaly scores higher
+
+    twin = get_scorer(name, {}).fit(train)  # determinism under a fixed random_state
+    np.testing.assert_array_equal(twin.score(normal).image_scores, out.image_scores)
+
+    restored = get_scorer(name, scorer.get_params())
+    restored.load_state_dict(scorer.state_dict())
+    np.testing.assert_array_equal(restored.score(normal).image_scores, out.image_scores)
+
+
+def test_memory_bank_distances_are_true_l2_and_sql2_squares() -> None:
+    bank = [torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)]
+    query = [torch.tensor([3.0, 4.0]).view(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)]
+    l2 = get_scorer("memory_bank", {"coreset_ratio": 1.0, "patch_size": 1}).fit(bank)
+    sq = get_scorer("memory_bank", {"coreset_ratio": 1.0, "patch_size": 1, "distance": "sql2"}).fit(bank)
+    assert l2.score(query).image_scores[0] == pytest.approx(5.0)
+    assert sq.score(query).image_scores[0] == pytest.approx(25.0)
+
+
+def test_memory_bank_eq7_reweighting_stays_below_the_plain_max() -> None:
+    train, odd = _layers(12, 0), _layers(3, 2, anomaly=True)
+    plain = get_scorer("memory_bank", {}).fit(train).score(odd).image_scores
+    weighted = get_scorer("memory_bank", {"reweight": True}).fit(train).score(odd).image_scores
+    assert np.all(weighted <= plain) and np.all(weighted > 0)
+
+
+def test_memory_bank_holdout_scores_exclude_the_images_own_rows() -> None:
+    train = _layers(6, 0)
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 1.0}).fit(train)
+    held = [layer[:2] for layer in train]
+    assert np.all(scorer.score(held).image_scores == 0)  # in-sample: every patch is in the bank
+    assert np.all(scorer.holdout_score(held, np.array([0, 1])).image_scores > 0)
+
+
+def test_invalid_params_raise_config_errors() -> None:
+    with pytest.raises(ConfigError, match="coreset_ratio"):
+        get_scorer("memory_bank", {"coreset_ratio": 0})
+    with pytest.raises(ConfigError, match="distance"):
+        get_scorer("memory_bank", {"distance": "cosine"})
+
+
+def _exact_greedy(x: np.ndarray, n: int, starts: np.ndarray) -> list[int]:
+    d = np.linalg.norm(x[:, None] - x[starts][None], axis=2).mean(1)
+    picks = []
+    for _ in range(n):
+        j = int(np.argmax(d))
+        picks.append(j)
+        d = np.minimum(d, np.linalg.norm(x - x[j], axis=1))
+    return picks
+
+
+def test_coreset_matches_brute_force_farthest_point_selection() -> None:
+    x = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
+    picks = greedy_coreset(x, 20, projection_dim=0, n_starts=10, seed=3)
+    starts = torch.randperm(300, generator=torch.Generator().manual_seed(3))[:10].numpy()
+    assert picks.tolist() == _exact_greedy(x.numpy().astype(np.float64), 20, starts)
+    assert len(set(picks.tolist())) == 20
+
+
+def test_coreset_covers_isolated_clusters_first() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(500, 16, generator=g) * 0.01, torch.randn(3, 16, generator=g) * 0.01 + 10 * torch.eye(16)[:3]])
+    picks = set(greedy_coreset(x, 4, projection_dim=8).tolist())
+    assert {500, 501, 502} <= picks
+
+
+def test_flat_index_returns_true_l2_and_hnsw_keeps_recall() -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((5000, 32)).astype(np.float32)
+    queries = rng.standard_normal((500, 32)).astype(np.float32)
+    exact = NNIndex("Flat").build(bank)
+    dist, ids = exact.search(queries, 1)
+    np.testing.assert_allclose(dist[:, 0], np.linalg.norm(bank[ids[:, 0]] - queries, axis=1), rtol=1e-4)
+    _, approx_ids = NNIndex("HNSW32,Flat").build(bank).search(queries, 1)
+    assert (approx_ids[:, 0] == ids[:, 0]).mean() >= 0.95
+    restored = NNIndex("Flat").deserialize(exact.serialize())
+    np.testing.assert_array_equal(restored.search(queries, 1)[1], ids)
+
+
+def test_under_trained_ivf_is_refused() -> None:
+    from anomaly import BackendError
+
+    with pytest.raises(BackendError, match="needs >= "):
+        NNIndex("IVF256,Flat").build(np.zeros((100, 8), np.float32))
