@@ -18,7 +18,6 @@ import typer
 from anomaly.errors import AnomalyError, DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-log = logging.getLogger("anomaly")
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Config name (patchcore, padim, gaussian, musc) or YAML path.")]
@@ -48,6 +47,12 @@ def _main(
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     _Progress.enabled = not quiet
+
+
+def _note(message: str, *args: Any) -> None:
+    """A user-facing note on stderr (suppressed by --quiet)."""
+    if _Progress.enabled:
+        typer.echo(message % args if args else message, err=True)
 
 
 class _Progress:
@@ -87,7 +92,7 @@ def _images(inputs: list[str]) -> list[Path]:
 
     paths, ignored = list_images(inputs)
     if ignored:
-        log.info("ignored %d non-image file(s)", ignored)
+        _note("ignored %d non-image file(s)", ignored)
     return paths
 
 
@@ -107,13 +112,13 @@ def fit(
     inputs = []
     for item in train_dirs:
         if is_category_root(item):
-            log.info("%s is a dataset category: fitting on its train/good only", item)
+            _note("%s is a dataset category: fitting on its train/good only", item)
             item = str(Path(item) / "train" / "good")
         inputs.append(item)
     paths = _images(inputs)
     detector = Detector(_config(config, backbone, overrides))
     if detector.zero_shot:
-        log.info("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
+        _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
     progress = _Progress()
     try:
         detector.fit(paths, progress=progress)
@@ -156,7 +161,7 @@ def score(
         if reference:
             detector.fit(_images(reference))
     if maps and not detector.scorer.has_maps:
-        log.info("scorer %s gives image scores only: no maps are written", detector.scorer.name)
+        _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
     writer = ScoreWriter(out, maps=maps, overlays=overlays)
     progress = _Progress()
     try:

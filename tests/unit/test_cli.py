@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from anomaly.cli import app
+
+SMALL = ["--set", "backbone.image_size=[128,128]", "--set", "batch_size=4"]
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "scores.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def model_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "model"
+    result = _run("fit", "--config", "patchcore", "--out", out, *SMALL, synthetic_root)
+    assert result.exit_code == 0, result.output
+    assert "train/good only" in result.output  # a category root is narrowed to its train split
+    return out
+
+
+def test_fit_then_score_writes_csv_maps_and_overlays(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores"
+    result = _run("score", "--model", model_dir, "--out", out, "--maps", synthetic_root / "test")
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    assert len(rows) == 10
+    assert {"path", "score", "is_anomalous", "map_path"} <= set(rows[0])
+    for row in rows:
+        assert row["is_anomalous"] in ("true", "false") and np.isfinite(float(row["score"]))
+        assert row["map_path"].startswith("maps/test/")
+        amap = np.load(out / row["map_path"])
+        assert amap.dtype == np.float32 and amap.shape == (128, 128)
+        assert (out / row["overlay_path"]).is_file()
+    flagged = {Path(r["path"]).parent.name: r["is_anomalous"] for r in rows}
+    assert flagged["good"] == "false"
+
+
+def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores"
+    assert _run("score", "--model", model_dir, "--out", out, "--maps", synthetic_root / "test").exit_code == 0
+    result = _run("evaluate", "--scores", out, "--root", synthetic_root, "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9
+
+
+def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "zs"
+    result = _run("score", "--zero-shot", "--out", out, "--maps", "--no-overlays", *SMALL, synthetic_root / "test")
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    assert len(rows) == 10 and all(r["map_path"] and not r["overlay_path"] for r in rows)
+    assert not (out / "overlays").exists()
+
+
+def test_image_level_scorer_writes_no_maps(synthetic_root: Path, tmp_path: Path) -> None:
+    model = tmp_path / "gauss"
+    assert _run("fit", "--config", "gaussian", "--out", model, *SMALL, synthetic_root).exit_code == 0
+    out = tmp_path / "g"
+    result = _run("score", "--model", model, "--out", out, "--maps", synthetic_root / "test")
+    assert result.exit_code == 0, result.output
+    assert all(r["map_path"] == "" for r in _rows(out))
+    assert not (out / "maps").exists()
+
+
+def test_user_errors_exit_2_with_one_line_and_leave_nothing(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"not an image")
+    cases = [
+        (["score", "--model", model_dir, "--out", tmp_path / "o1", empty], "empty"),
+        (["score", "--model", model_dir, "--out", tmp_path / "o2", broken], "bad.png"),
+        (["score", "--model", tmp_path / "nope", "--out", tmp_path / "o3", synthetic_root / "test"], "nope"),
+        (["fit", "--config", "patchcore", "--out", tmp_path / "o4", "--set", "scorer.params.kk=1", synthetic_root], "kk"),
+        (["fit", "--config", "nosuch", "--out", tmp_path / "o5", synthetic_root], "nosuch"),
+        (["fit", "--config", "patchcore", "--out", tmp_path / "o6", "--set", "backbone.lyers=[x]", synthetic_root], "lyers"),
+    ]
+    for args, needle in cases:
+        result = _run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and needle in error_lines[0], result.output
+        assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty"]  # nothing half-written
+
+
+def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "bench"
+    args = ["benchmark", "--dataset", "mvtec", "--root", synthetic_root.parent, "--category", "widget",
+            "--config", "patchcore", "--out", out, *SMALL]
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["category"] for r in rows] == ["widget", "mean"]
+    for col in ["image_auroc", "pixel_auroc", "aupro", "aupimo", "fit_s", "ms_per_image", "peak_mem_mb"]:
+        assert col in rows[0]
+    assert 0.9 <= float(rows[0]["image_auroc"]) <= 1
+    assert (out / "results.md").is_file() and (out / "results.json").is_file()
+    assert len(list((out / "widget" / "overlays").glob("*.png"))) >= 2
+    with caplog.at_level(logging.INFO, logger="anomaly"):
+        again = _run(*args)
+    assert again.exit_code == 0 and "already done" in caplog.text
+
+
+def test_backbones_lists_the_packaged_lite0() -> None:
+    result = _run("backbones")
+    assert result.exit_code == 0
+    assert "tf_efficientnet_lite0" in result.output and "packaged" in result.output

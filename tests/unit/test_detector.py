@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly import DataError, DetectionResult, Detector, NotFittedError
+from anomaly.config import apply_overrides, load_config
+
+
+def _config(name: str = "patchcore", *extra: str):
+    return apply_overrides(load_config(name), ["backbone.image_size=[128,128]", "batch_size=4", *extra])
+
+
+def _split(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    train = sorted((root / "train" / "good").glob("*.png"))
+    good = sorted((root / "test" / "good").glob("*.png"))
+    bad = sorted(p for p in (root / "test").glob("*/*.png") if p.parent.name != "good")
+    return train, good, bad
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_root: Path) -> Detector:
+    train, _, _ = _split(synthetic_root)
+    return Detector(_config()).fit(train)
+
+
+def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthetic_root: Path) -> None:
+    _, good, bad = _split(synthetic_root)
+    result = fitted.predict(bad[0])
+    assert isinstance(result, DetectionResult)
+    assert result.anomaly_map is not None and result.anomaly_map.shape == (128, 128)
+    assert result.anomaly_map.dtype == np.float32
+    assert result.is_anomalous == (result.image_score >= result.threshold)
+    assert result.mask is not None and result.mask.dtype == bool
+    batch = fitted.predict(good + bad)
+    assert [r.source for r in batch] == [str(p) for p in good + bad]
+    normal = [r.image_score for r in batch[: len(good)]]
+    anomalous = [r.image_score for r in batch[len(good) :]]
+    assert min(anomalous) > max(normal)  # the painted defects are found
+    assert not any(r.is_anomalous for r in batch[: len(good)])  # threshold from normal images only
+
+
+def test_threshold_comes_from_held_out_normal_images(fitted: Detector) -> None:
+    assert fitted.holdout_scores_ is not None and len(fitted.holdout_scores_) == round(0.2 * 12)
+    assert fitted.threshold_ == pytest.approx(np.quantile(fitted.holdout_scores_, 0.99))
+
+
+def test_arrays_of_any_size_and_grayscale_are_accepted(fitted: Detector, synthetic_root: Path) -> None:
+    from anomaly.data.io import read_image
+
+    image = read_image(_split(synthetic_root)[1][0])
+    gray = image.mean(2).astype(np.uint8)[:100, :77]
+    result = fitted.predict(gray)
+    assert result.anomaly_map.shape == (100, 77) and result.source is None
+
+
+def test_save_load_roundtrip_gives_identical_scores(fitted: Detector, synthetic_root: Path, tmp_path: Path) -> None:
+    _, good, bad = _split(synthetic_root)
+    fitted.save(tmp_path / "model")
+    files = {p.name for p in (tmp_path / "model").iterdir()}
+    assert files == {"config.json", "meta.json", "state.safetensors", "index.faiss"}
+    assert not list(tmp_path.glob(".model*"))  # no temp dir left behind
+    loaded = Detector.load(tmp_path / "model")
+    before = [r.image_score for r in fitted.predict(good + bad)]
+    after = [r.image_score for r in loaded.predict(good + bad)]
+    assert before == after
+    assert loaded.threshold_ == fitted.threshold_
+
+
+def test_incompatible_or_tampered_model_dirs_fail_clearly(fitted: Detector, tmp_path: Path) -> None:
+    path = fitted.save(tmp_path / "model")
+    meta = json.loads((path / "meta.json").read_text())
+    meta["format_version"] = 999
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="incompatible"):
+        Detector.load(path)
+    path = fitted.save(tmp_path / "model2")
+    (path / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="unreadable model directory"):
+        Detector.load(path)
+    with pytest.raises(DataError, match="not a model directory"):
+        Detector.load(tmp_path / "missing")
+
+
+def test_unfitted_detector_refuses_to_predict(synthetic_root: Path) -> None:
+    with pytest.raises(NotFittedError):
+        Detector(_config()).predict(_split(synthetic_root)[1][0])
+
+
+@pytest.mark.parametrize("name", ["padim", "gaussian"])
+def test_other_trained_configs_separate_defects(name: str, synthetic_root: Path) -> None:
+    train, good, bad = _split(synthetic_root)
+    det = Detector(_config(name)).fit(train)
+    results = det.predict(good + bad)
+    normal = [r.image_score for r in results[: len(good)]]
+    anomalous = [r.image_score for r in results[len(good) :]]
+    assert np.mean(anomalous) > np.max(normal)
+    assert (results[0].anomaly_map is None) == (name == "gaussian")
+
+
+def test_zero_shot_pool_scores_defects_higher_and_finite_for_two_images(synthetic_root: Path) -> None:
+    train, good, bad = _split(synthetic_root)
+    good = good + train  # a realistic pool: mostly normal images
+    det = Detector(_config("musc", "scorer.params.rscin_k=[]"))  # mutual scoring alone
+    results = det.predict(good + bad)
+    assert len(results) == len(good + bad)
+    auroc_pairs = [(a.image_score > n.image_score) for a in results[len(good) :] for n in results[: len(good)]]
+    assert np.mean(auroc_pairs) >= 0.9
+    pair = det.predict(good[:2])
+    assert all(np.isfinite(r.image_score) for r in pair)
+
+
+def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
+    train, good, bad = _split(synthetic_root)
+    det = Detector(_config("musc")).fit(train[:4])
+    results = det.predict(good + bad)
+    assert det.reference_ is not None and det.reference_[0][0].shape[0] == 4
+    assert len(results) == len(good + bad)
+    assert sum(r.is_anomalous for r in results[len(good) :]) >= len(bad) // 2
