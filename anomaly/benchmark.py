@@ -125,7 +125,7 @@ def _pimo_plot(maps: list[np.ndarray], samples: list[Any], path: Path, title: st
     masks = ground_truth_masks(samples, [m.shape for m in maps])
     try:
         result = aupimo(maps, masks)
-        curves = pimo_curves(maps, masks)
+        curves = pimo_curves(maps, masks, num_thresholds=10_000)  # enough points for a plot
     except (ValueError, RuntimeError) as exc:
         log.warning("%s: no PIMO plot (%s)", title, exc)
         return None
@@ -136,7 +136,7 @@ def _pimo_plot(maps: list[np.ndarray], samples: list[Any], path: Path, title: st
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     for i in np.flatnonzero(curves.is_anomalous):
-        ax.plot(curves.shared_fpr, curves.tpr[i], lw=0.7, alpha=0.6)
+        ax.plot(curves.shared_fpr, curves.per_image_tpr[i], lw=0.7, alpha=0.6)
     lo, hi = result.fpr_bounds
     ax.axvspan(lo, hi, color="grey", alpha=0.15, label=f"AUPIMO range, mean {result.mean:.3f}")
     ax.set(xscale="log", xlim=(lo / 10, 1), ylim=(0, 1.02), xlabel="shared FPR (normal images)", ylabel="per-image TPR", title=f"PIMO: {title}")

@@ -1,0 +1,5 @@
+"""``python -m anomaly`` runs the CLI."""
+
+from anomaly.cli import main
+
+main()
