@@ -1,0 +1,355 @@
+"""MuSc core: LNAMD, mutual scoring (blocked kernel vs brute force), RsCIN golden values (§6.7)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anomaly.errors import ConfigError
+from anomaly.scorers import musc
+from anomaly.scorers.musc import MuScScorer, RollingPool, lnamd, msm_flops, mutual_scores, rscin
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors, thousands of ops: OpenMP barriers dominate on oversubscribed CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def chord(deg: float) -> float:
+    return 2 * math.sin(math.radians(deg) / 2)
+
+
+def toy(n: int) -> torch.Tensor:
+    """§6.7 toy set: z_ip = (cos θ, sin θ), θ = (10p + i)°, last image's patch 3 at 90°."""
+    theta = torch.tensor([[10.0 * p + i for p in range(4)] for i in range(n)], dtype=torch.float64)
+    theta[-1, 3] = 90.0
+    rad = torch.deg2rad(theta)
+    return torch.stack([rad.cos(), rad.sin()], dim=-1)
+
+
+def toy_tokens(n: int) -> torch.Tensor:
+    rad = torch.deg2rad(torch.arange(n, dtype=torch.float64) ** 2)
+    return torch.stack([rad.cos(), rad.sin()], dim=-1)
+
+
+def unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+def brute_force(z, reference=None, interval=(0.0, 0.3), window=None, grid=None):
+    """Direct distances (cdist) per image pair, sorted in full: the definition of §3.3."""
+    n, length, _ = z.shape
+    others_all = list(z) + ([] if reference is None else list(reference))
+    mask = None
+    if window is not None:
+        y, x = torch.arange(length) // grid[1], torch.arange(length) % grid[1]
+        mask = ((y[:, None] - y[None, :]).abs() > window) | ((x[:, None] - x[None, :]).abs() > window)
+    out = torch.empty(n, length, dtype=z.dtype)
+    for i in range(n):
+        mins = []
+        for j in range(len(others_all)):
+            if j != i:
+                d = torch.cdist(z[i], others_all[j])
+                if mask is not None:
+                    d = d.masked_fill(mask, math.inf)
+                mins.append(d.min(dim=1).values)
+        mins = torch.stack(mins, dim=1).sort(dim=1).values
+        lo, hi = musc._interval_bounds(interval, mins.shape[1])
+        out[i] = mins[:, lo:hi].mean(dim=1)
+    return out
+
+
+# ---------------------------------------------------------------- golden values (§6.7)
+
+N11 = {
+    0: [0.034903929, 0.011635381, 0.011635381, 0.011635381],
+    1: [0.023270318, 0.017453071, 0.017453071, 0.017453071],
+    9: [0.017453071, 0.017453071, 0.017453071, 0.034903929],
+    10: [0.011635381, 0.011635381, 0.011635381, 0.876720011],
+    **{i: [0.023270318] * 4 for i in range(2, 9)},
+}
+RSCIN = {
+    (1,): [0.013631279] + [0.0] * 8 + [0.013631279, 1.0],
+    (1, 2, 3): [0.008331707, 0.003786832, 0.001512817, 0, 0, 0, 0, 0, 0.001486953, 0.117044230, 0.629447760],
+    (1, 8, 9): [0.005750512, 0.001199221, 0.001177144, 0.001141742, 0.001094055, 0.001033747,
+                0.000451269, 0.001050949, 0.079714553, 0.113697019, 0.497422568],
+}  # fmt: skip
+
+
+def test_msm_golden_n6():
+    s = mutual_scores(toy(6))
+    expected = torch.full((6, 4), 0.017453071, dtype=torch.float64)
+    expected[5, 3] = 0.938943148
+    assert chord(56) == pytest.approx(0.938943148, abs=1e-7)
+    torch.testing.assert_close(s, expected, atol=1e-6, rtol=0)
+
+
+def test_msm_golden_n11():
+    s = mutual_scores(toy(11))
+    expected = torch.tensor([N11[i] for i in range(11)], dtype=torch.float64)
+    torch.testing.assert_close(s, expected, atol=1e-6, rtol=0)
+    image = s.max(dim=1).values.numpy()
+    np.testing.assert_allclose(image, [0.034903929] + [0.023270318] * 8 + [0.034903929, 0.876720011], atol=1e-6)
+
+
+@pytest.mark.parametrize("k_list", list(RSCIN))
+def test_rscin_golden_reference_semantics(k_list):
+    image = mutual_scores(toy(11)).max(dim=1).values
+    out = rscin(image, toy_tokens(11), k_list, clamp_negative=False)
+    assert out.dtype == np.float64 and out.shape == (11,)
+    np.testing.assert_allclose(out, RSCIN[k_list], atol=1e-6)
+
+
+def test_rscin_clamped_similarities():
+    """Default clamps cos < 0: only image 10 with k ∈ {8, 9} keeps tokens 91° and 96° away."""
+    image = mutual_scores(toy(11)).max(dim=1).values
+    for k_list, golden in RSCIN.items():
+        out = rscin(image, toy_tokens(11), k_list)
+        if k_list == (1, 8, 9):
+            np.testing.assert_allclose(out[:10], golden[:10], atol=1e-6)
+            assert out[10] == pytest.approx(0.494663412, abs=1e-6)  # float64 re-computation
+        else:
+            np.testing.assert_allclose(out, golden, atol=1e-6)
+
+
+def test_rscin_edge_cases():
+    tokens = toy_tokens(6)
+    out = rscin(np.arange(6.0), tokens, (1, 8, 9))  # the reference raises for N < max(k)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(rscin(np.ones(6), tokens), np.zeros(6))
+    np.testing.assert_allclose(rscin(np.arange(6.0), tokens, (1,)), np.arange(6.0) / 5)
+    with pytest.raises(ValueError):
+        rscin(np.arange(6.0), tokens, ())
+    with pytest.raises(ValueError):
+        rscin(np.arange(6.0), tokens[:5])
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_small_sets_are_finite(n):
+    """The reference returns NaN for N ≤ 4 (k = 0); we average the single nearest image."""
+    s = mutual_scores(toy(n))
+    assert torch.isfinite(s).all()
+    if n > 2:
+        torch.testing.assert_close(s[:-1], torch.full((n - 1, 4), chord(1), dtype=torch.float64))
+
+
+def test_one_image_without_references_raises():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        mutual_scores(toy(1))
+
+
+def test_interval_bounds():
+    assert musc._interval_bounds((0.0, 0.3), 10) == (0, 3)
+    assert musc._interval_bounds((0.0, 0.3), 3) == (0, 1)  # at least one term
+    assert musc._interval_bounds((0.3, 0.0), 10) == (0, 3)  # swapped
+    assert musc._interval_bounds((2, 5), 10) == (2, 5)  # absolute counts
+    assert musc._interval_bounds((0.0, 50), 10) == (0, 10)  # clamped to n_others
+    with pytest.raises(ValueError):
+        mutual_scores(toy(6), interval=(-0.1, 0.3))
+
+
+# ---------------------------------------------------------------- blocked kernel
+
+
+def plan_for(z, budget_mb, reference=None, window=None, grid=None):
+    n, length, c = z.shape
+    m = 0 if reference is None else reference.shape[0]
+    return musc._plan(n=n, length=length, length_other=length, c=c, n_others=n - 1 + m, top=musc._interval_bounds((0.0, 0.3), n - 1 + m)[1], elem=8, buf_elem=8,
+                      budget=int(budget_mb * 2**20), window=window, width=None if grid is None else grid[1],
+                      cpu=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("budget_mb", [512, 1e-2, 2e-3, 3e-4, 1e-6])
+@pytest.mark.parametrize("interval", [(0.0, 0.3), (0.1, 0.7), (0.0, 3)])
+def test_blocked_equals_brute_force(budget_mb, interval):
+    z = unit(9, 12, 5)
+    expected = brute_force(z, interval=interval)
+    got = mutual_scores(z, interval=interval, memory_budget_mb=budget_mb)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+def test_budgets_exercise_every_blocking_path():
+    z = unit(9, 12, 5)
+    assert plan_for(z, 512).chunk == 9 and plan_for(z, 512).rows == 12
+    mid = plan_for(z, 1e-2)  # several query chunks of whole images, several blocks per row
+    assert 1 < mid.chunk < 9 and mid.rows == 12 and 1 < mid.block < 8
+    assert plan_for(z, 2e-3).chunk == 1 and plan_for(z, 2e-3).rows == 12
+    small = plan_for(z, 3e-4)
+    assert small.chunk == 1 and small.rows < 12
+    tiny = plan_for(z, 1e-6)  # below the floor: one patch against one image
+    assert (tiny.rows, tiny.block, tiny.tile_rows) == (1, 1, 1)
+    big = musc._plan(n=200, length=1369, length_other=1369, c=1024, n_others=199, top=59, elem=2, buf_elem=4,
+                     budget=64 * 2**20, window=None, width=None, cpu=False)  # fmt: skip
+    assert big.peak_bytes <= 64 * 2**20 and big.chunk < 200
+
+
+def test_references_are_used_but_not_scored():
+    z, ref = unit(5, 12, 5, seed=1), unit(4, 12, 5, seed=2)
+    for budget_mb in (512, 2e-3, 1e-6):
+        got = mutual_scores(z, reference=ref, memory_budget_mb=budget_mb)
+        assert got.shape == (5, 12)
+        torch.testing.assert_close(got, brute_force(z, reference=ref), atol=1e-12, rtol=0)
+    # one image against references only; a reference containing its patch 0 makes that patch normal
+    ref2 = ref.clone()
+    ref2[:, 7] = z[0, 0]
+    s = mutual_scores(z[:1], reference=ref2)
+    assert s.shape == (1, 12) and s[0, 0] < 1e-6 < s[0, 1:].min()
+
+
+def test_references_with_other_patch_count():
+    z, ref = unit(4, 12, 5, seed=1), unit(3, 20, 5, seed=2)
+    torch.testing.assert_close(mutual_scores(z, reference=ref), brute_force(z, reference=ref), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("budget_mb", [512, 1e-6])
+def test_aligned_whole_grid_equals_full(budget_mb):
+    z, ref = unit(6, 12, 5, seed=3), unit(2, 12, 5, seed=4)
+    full = mutual_scores(z, reference=ref)
+    aligned = mutual_scores(z, reference=ref, aligned_window=3, grid=(3, 4), memory_budget_mb=budget_mb)
+    torch.testing.assert_close(aligned, full, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("window", [0, 1])
+@pytest.mark.parametrize("budget_mb", [512, 1e-6])
+def test_aligned_window_equals_brute_force(window, budget_mb):
+    z = unit(6, 20, 5, seed=5)
+    got = mutual_scores(z, aligned_window=window, grid=(4, 5), memory_budget_mb=budget_mb)
+    torch.testing.assert_close(got, brute_force(z, window=window, grid=(4, 5)), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="grid"):
+        mutual_scores(z, aligned_window=window, grid=(4, 4))
+
+
+def test_float32_and_half_precision_paths(monkeypatch):
+    z = unit(7, 16, 8, seed=6)
+    expected = brute_force(z)
+    torch.testing.assert_close(mutual_scores(z.float()).double(), expected, atol=1e-3, rtol=0)
+    monkeypatch.setattr(musc, "_compute_dtype", lambda _: torch.float16)  # the CUDA path's arithmetic
+    half = mutual_scores(z.float(), memory_budget_mb=1e-3)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), expected, atol=2e-2, rtol=0)
+
+
+def test_msm_flops():
+    assert msm_flops(3, 4, 2) == 3 * 2 * 4 * 4 * 2
+    assert msm_flops(3, 4, 2, n_reference=2, length_reference=5) == 3 * 2 * 4 * 4 * 2 + 3 * 2 * 2 * 4 * 5 * 2
+
+
+# ---------------------------------------------------------------- LNAMD
+
+
+def test_lnamd_layer_norm_over_whole_map_and_local_mean():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) * 3 + 1
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    var = x.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    t = (x - mean) / torch.sqrt(var + 1e-5)
+    z1 = lnamd(x, 1)
+    assert z1.shape == (2, 20, 3)
+    torch.testing.assert_close(z1, F.normalize(t.flatten(2).transpose(1, 2), dim=-1))
+    z3 = lnamd(x, 3)
+    padded = F.pad(t, (1, 1, 1, 1))
+    for y, xx in [(0, 0), (2, 3), (3, 4)]:  # corner (zero padding counts), interior, corner
+        v = padded[0, :, y : y + 3, xx : xx + 3].sum(dim=(1, 2)) / 9
+        torch.testing.assert_close(z3[0, y * 5 + xx], v / v.norm())
+    torch.testing.assert_close(z3.norm(dim=-1), torch.ones(2, 20, dtype=torch.float64))
+    for bad in (0, 2, -1):
+        with pytest.raises(ValueError):
+            lnamd(x, bad)
+
+
+# ---------------------------------------------------------------- scorer and streaming
+
+
+def normal_layers(n: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randn(1, c, h, w, generator=g)
+    return pattern + 0.05 * torch.randn(n, c, h, w, generator=g)
+
+
+def test_injected_anomaly_scores_highest():
+    layer = normal_layers(8, 16, 6, 6)
+    layer[3, :, 2, 4] = torch.randn(16, generator=torch.Generator().manual_seed(9)) * 3
+    coarse = F.avg_pool2d(layer, 2)
+    out = MuScScorer(rscin_k=None).score([layer, coarse])
+    assert out.patch_maps.shape == (8, 6, 6) and out.patch_maps.dtype == np.float32
+    assert out.image_scores.shape == (8,) and out.image_scores.dtype == np.float64
+    assert np.unravel_index(out.patch_maps.argmax(), out.patch_maps.shape) == (3, 2, 4)
+    assert out.image_scores.argmax() == 3
+
+
+def test_scorer_fusion_matches_manual_pipeline():
+    fine, coarse = normal_layers(5, 4, 4, 4, seed=1), normal_layers(5, 6, 2, 2, seed=2)
+    calls = []
+    scorer = MuScScorer(r_list=(1, 3), interval=(0.0, 0.5))
+    out = scorer.score([fine, coarse], progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    maps = []
+    for r in (1, 3):
+        for layer in (fine, coarse):
+            s = mutual_scores(lnamd(layer, r), interval=(0.0, 0.5)).view(5, 1, *layer.shape[2:])
+            maps.append(F.interpolate(s, size=(4, 4), mode="bilinear", align_corners=False)[:, 0])
+    expected = torch.stack(maps).mean(dim=0).numpy()
+    np.testing.assert_allclose(out.patch_maps, expected, atol=1e-6)
+    np.testing.assert_allclose(out.image_scores, expected.reshape(5, -1).max(axis=1), atol=1e-6)
+    emb = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
+    with_rscin = scorer.score([fine, coarse], embeddings=emb)
+    np.testing.assert_allclose(with_rscin.image_scores, rscin(out.image_scores, emb, (1, 2, 3)), atol=1e-12)
+    np.testing.assert_array_equal(with_rscin.patch_maps, out.patch_maps)
+
+
+def test_scorer_contract_and_validation():
+    scorer = MuScScorer()
+    assert MuScScorer.name == "musc" and MuScScorer.requires_fit is False
+    assert scorer.fit([torch.zeros(2, 1, 1, 1)]) is scorer
+    assert scorer.state_dict() == {}
+    scorer.load_state_dict({})
+    assert scorer.get_params() == {
+        "r_list": (1, 3, 5),
+        "interval": (0.0, 0.3),
+        "rscin_k": (1, 2, 3),
+        "memory_budget_mb": 512,
+        "aligned_window": None,
+    }
+    for bad in ({"r_list": (2,)}, {"interval": (0.1,)}, {"rscin_k": (0,)}, {"memory_budget_mb": 0},
+                {"aligned_window": -1}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            MuScScorer(**bad)
+    with pytest.raises(ValueError, match="reference layer"):
+        scorer.score([torch.zeros(3, 2, 4, 4)], reference=[torch.zeros(2, 2, 3, 3)])
+
+
+def test_scorer_with_references_and_aligned_window():
+    layer, ref = normal_layers(3, 8, 4, 4, seed=4), normal_layers(4, 8, 4, 4, seed=5)
+    full = MuScScorer(r_list=(1,)).score([layer], reference=[ref])
+    aligned = MuScScorer(r_list=(1,), aligned_window=3).score([layer], reference=[ref])
+    np.testing.assert_allclose(aligned.patch_maps, full.patch_maps, atol=1e-5)  # float32 sums vs GEMM
+    expected = mutual_scores(lnamd(layer, 1), reference=lnamd(ref, 1)).view(3, 4, 4).numpy()
+    np.testing.assert_allclose(full.patch_maps, expected, atol=1e-6)
+
+
+def test_rolling_pool_scores_against_recent_images():
+    images = normal_layers(6, 8, 3, 3, seed=6)
+    fixed = normal_layers(1, 8, 3, 3, seed=7)
+    scorer = MuScScorer(r_list=(1,), rscin_k=None)
+    pool = RollingPool(scorer, 2, reference=[fixed])
+    first = pool.score([images[:2]])
+    np.testing.assert_allclose(first.patch_maps, scorer.score([images[:2]], reference=[fixed]).patch_maps)
+    assert len(pool) == 2
+    for t in range(2, 6):
+        got = pool.score([images[t : t + 1]])
+        recent = torch.cat([images[t - 2 : t], fixed])
+        np.testing.assert_allclose(got.patch_maps, scorer.score([images[t : t + 1]], reference=[recent]).patch_maps)
+        assert len(pool) == 2
+    with pytest.raises(ValueError, match="at least 2 images"):
+        RollingPool(scorer, 3).score([images[:1]])
+    with pytest.raises(ValueError):
+        RollingPool(scorer, -1)
