@@ -3,7 +3,9 @@
 Hand-written because no maintained library implements farthest-point selection; the loop is the
 whole algorithm. Distances are computed on a small random projection (N x d, d = 32 by default,
 a few MB that stays in cache), one fused BLAS ``addmv`` per pick into preallocated buffers: no
-N x N matrix and no allocation inside the loop.
+N x N matrix and no allocation inside the loop. On CPU the loop runs on one thread: its
+per-pick operations are too short for OpenMP, whose spinning threads stall them by 10x as soon
+as the cores are shared with anything else.
 """
 
 from __future__ import annotations
@@ -47,12 +49,18 @@ def greedy_coreset(
     scratch = torch.empty_like(delta)
     selected = torch.empty(n_select, dtype=torch.long, device=z.device)
     step = max(1, n_select // 100)
-    for i in range(n_select):
-        j = torch.argmax(delta)
-        selected[i] = j
-        torch.addmv(sq, z, z[j], alpha=-2.0, out=scratch)  # |z|^2 - 2 z.z_j
-        scratch.add_(sq[j])
-        torch.minimum(delta, scratch, out=delta)
-        if progress is not None and (i + 1) % step == 0:
-            progress(i + 1, n_select)
+    threads = torch.get_num_threads()
+    if z.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for i in range(n_select):
+            j = torch.argmax(delta)
+            selected[i] = j
+            torch.addmv(sq, z, z[j], alpha=-2.0, out=scratch)  # |z|^2 - 2 z.z_j
+            scratch.add_(sq[j])
+            torch.minimum(delta, scratch, out=delta)
+            if progress is not None and (i + 1) % step == 0:
+                progress(i + 1, n_select)
+    finally:
+        torch.set_num_threads(threads)
     return selected.cpu().numpy()
