@@ -132,6 +132,8 @@ class Detector:
         items = list(images)
         if not items:
             raise DataError("fit: no training images")
+        if self.zero_shot and getattr(self.scorer, "augment_references", False):
+            items = [view for item in items for view in _support_views(item)]
         layers, embedding, _ = self._extract_all(items, progress)
         if self.zero_shot:
             self.reference_ = (layers, embedding)
@@ -367,6 +369,13 @@ def _decode_resized(item: ImageInput, size: tuple[int, int], keep: bool) -> _Dec
     interp = cv2.INTER_AREA if h > size[0] and w > size[1] else cv2.INTER_LINEAR
     resized = image if (h, w) == size else cv2.resize(image, (size[1], size[0]), interpolation=interp)
     return _Decoded(resized, (h, w), source, image if keep else None)
+
+
+def _support_views(item: ImageInput) -> list[NDArray[np.uint8]]:
+    """The 6 views of a few-shot support image: identity, 3 rotations, vertical and horizontal flip."""
+    image = _as_rgb(item) if isinstance(item, np.ndarray) else read_image(item)
+    rotations = [np.ascontiguousarray(np.rot90(image, k)) for k in range(4)]
+    return [*rotations, np.ascontiguousarray(image[::-1]), np.ascontiguousarray(image[:, ::-1])]
 
 
 def _as_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:

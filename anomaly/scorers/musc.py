@@ -398,7 +398,8 @@ class MuScScorer(Scorer):
     Per aggregation degree r and layer: :func:`lnamd`, :func:`mutual_scores`, bilinear upsampling
     of the score map to the finest grid; maps are averaged over layers, then over r. Image score =
     max of the map, re-scored by :func:`rscin` when class-token ``embeddings`` are given.
-    ``aligned_window`` is counted in cells of each layer's own grid.
+    ``aligned_window`` is counted in cells of each layer's own grid. ``augment_references`` asks
+    the detector to add rotated and flipped views of few-shot references (VisionAD-style).
     """
 
     name: ClassVar[str] = "musc"
@@ -412,6 +413,7 @@ class MuScScorer(Scorer):
         rscin_k: Sequence[int] | None = (1, 2, 3),
         memory_budget_mb: float = 512,
         aligned_window: int | None = None,
+        augment_references: bool = False,
     ) -> None:
         if not r_list or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
             raise ConfigError(f"musc: r_list must be positive odd integers, got {r_list!r}")
@@ -432,6 +434,7 @@ class MuScScorer(Scorer):
         self.rscin_k = tuple(rscin_k) if rscin_k else None
         self.memory_budget_mb = memory_budget_mb
         self.aligned_window = aligned_window
+        self.augment_references = augment_references
 
     def fit(self, layers: list[torch.Tensor]) -> MuScScorer:
         """Nothing to learn (zero-shot); returns self."""

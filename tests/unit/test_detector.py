@@ -120,3 +120,11 @@ def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
     assert det.reference_ is not None and det.reference_[0][0].shape[0] == 4
     assert len(results) == len(good + bad)
     assert sum(r.is_anomalous for r in results[len(good) :]) >= len(bad) // 2
+
+
+def test_few_shot_support_augmentation_adds_six_views(synthetic_root: Path) -> None:
+    train, good, bad = _split(synthetic_root)
+    det = Detector(_config("musc", "scorer.params.augment_references=true")).fit(train[:2])
+    assert det.reference_ is not None and det.reference_[0][0].shape[0] == 12
+    scores = [r.image_score for r in det.predict(good + bad)]
+    assert np.mean(scores[len(good) :]) > np.mean(scores[: len(good)])
