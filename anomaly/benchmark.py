@@ -29,8 +29,21 @@ __all__ = ["COLUMNS", "format_table", "run_benchmark"]
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "aupimo", "image_ap", "pixel_ap",
-           "image_f1max", "pixel_f1max", "fit_s", "ms_per_image", "peak_mem_mb", "peak_gpu_mb"]
+COLUMNS = [
+    "category",
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "aupimo",
+    "image_ap",
+    "pixel_ap",
+    "image_f1max",
+    "pixel_f1max",
+    "fit_s",
+    "ms_per_image",
+    "peak_mem_mb",
+    "peak_gpu_mb",
+]
 _N_OVERLAYS = 4
 
 
@@ -101,8 +114,13 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
     scores = [r.image_score for r in results]
     maps = [r.anomaly_map for r in results] if results[0].anomaly_map is not None else None
     metrics = metrics_for(scores, test, maps)  # type: ignore[arg-type]
-    row = {"category": data.name, **{k: v for k, v in metrics.items() if not isinstance(v, str)},
-           "fit_s": fit_s, "ms_per_image": ms_per_image, "peak_mem_mb": peak_rss_mb()}
+    row = {
+        "category": data.name,
+        **{k: v for k, v in metrics.items() if not isinstance(v, str)},
+        "fit_s": fit_s,
+        "ms_per_image": ms_per_image,
+        "peak_mem_mb": peak_rss_mb(),
+    }
     if cuda:
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     out.mkdir(parents=True, exist_ok=True)
@@ -110,10 +128,19 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
     if maps is not None:
         per_image = _pimo_plot(maps, test, out / "pimo.png", data.name)
         _overlays(results, test, out / "overlays")
-    record = {"row": row, "aupimo_error": metrics.get("aupimo_error"), "per_image": [
-        {"path": str(s.image_path), "label": s.label, "score": r.image_score,
-         "aupimo": None if per_image is None or math.isnan(per_image[i]) else float(per_image[i])}
-        for i, (s, r) in enumerate(zip(test, results))]}
+    record = {
+        "row": row,
+        "aupimo_error": metrics.get("aupimo_error"),
+        "per_image": [
+            {
+                "path": str(s.image_path),
+                "label": s.label,
+                "score": r.image_score,
+                "aupimo": None if per_image is None or math.isnan(per_image[i]) else float(per_image[i]),
+            }
+            for i, (s, r) in enumerate(zip(test, results))
+        ],
+    }
     _atomic_write(out / "result.json", json.dumps(_nan_to_none(record), indent=2))
     return row
 
@@ -139,7 +166,14 @@ def _pimo_plot(maps: list[np.ndarray], samples: list[Any], path: Path, title: st
         ax.plot(curves.shared_fpr, curves.per_image_tpr[i], lw=0.7, alpha=0.6)
     lo, hi = result.fpr_bounds
     ax.axvspan(lo, hi, color="grey", alpha=0.15, label=f"AUPIMO range, mean {result.mean:.3f}")
-    ax.set(xscale="log", xlim=(lo / 10, 1), ylim=(0, 1.02), xlabel="shared FPR (normal images)", ylabel="per-image TPR", title=f"PIMO: {title}")
+    ax.set(
+        xscale="log",
+        xlim=(lo / 10, 1),
+        ylim=(0, 1.02),
+        xlabel="shared FPR (normal images)",
+        ylabel="per-image TPR",
+        title=f"PIMO: {title}",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -157,7 +191,11 @@ def _overlays(results: list[Any], samples: list[Any], folder: Path) -> None:
     for i in anomalous[: _N_OVERLAYS - 1] + normal[:1]:
         image = read_image(samples[i].image_path)
         name = f"{samples[i].defect_type}_{samples[i].image_path.stem}.png"
-        cv2.imwrite(str(folder / name), overlay(image, results[i].anomaly_map, results[i].threshold), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        cv2.imwrite(
+            str(folder / name),
+            overlay(image, results[i].anomaly_map, results[i].threshold),
+            [cv2.IMWRITE_PNG_COMPRESSION, 1],
+        )
 
 
 def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:

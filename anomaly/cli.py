@@ -20,9 +20,13 @@ from anomaly.errors import AnomalyError, DataError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 F = TypeVar("F", bound=Callable[..., Any])
 
-ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Config name (patchcore, padim, gaussian, musc) or YAML path.")]
+ConfigOpt = Annotated[
+    str, typer.Option("--config", "-c", help="Config name (patchcore, padim, gaussian, musc) or YAML path.")
+]
 BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="timm backbone name overriding the config's.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: dotted.key=value (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: dotted.key=value (repeatable).")
+]
 
 
 def _user_errors(fn: F) -> F:
@@ -71,7 +75,9 @@ class _Progress:
 
         bar = self.bars.get(stage)
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="img" if stage != "coreset" else "pick", file=sys.stderr, leave=False)
+            bar = self.bars[stage] = tqdm(
+                total=total, desc=stage, unit="img" if stage != "coreset" else "pick", file=sys.stderr, leave=False
+            )
         bar.update(done - bar.n)
 
     def close(self) -> None:
@@ -100,7 +106,12 @@ def _images(inputs: list[str]) -> list[Path]:
 @app.command()
 @_user_errors
 def fit(
-    train_dirs: Annotated[list[str], typer.Argument(metavar="TRAIN_DIR...", help="Folders/files/globs of normal images, or a dataset category root.")],
+    train_dirs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="TRAIN_DIR...", help="Folders/files/globs of normal images, or a dataset category root."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
     config: ConfigOpt = "patchcore",
     backbone: BackboneOpt = None,
@@ -133,13 +144,23 @@ def fit(
 @app.command()
 @_user_errors
 def score(
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, folders (recursive) or quoted globs.")],
+    inputs: Annotated[
+        list[str], typer.Argument(metavar="INPUT...", help="Image files, folders (recursive) or quoted globs.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (scores.csv, maps/, overlays/).")],
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")] = None,
-    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Score the inputs against each other (MuSc), no model.")] = False,
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")
+    ] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="Score the inputs against each other (MuSc), no model.")
+    ] = False,
     config: ConfigOpt = "musc",
-    reference: Annotated[list[str] | None, typer.Option("--reference", help="Good reference images for few-shot zero-shot scoring.")] = None,
-    maps: Annotated[bool, typer.Option("--maps", help="Write float32 .npy anomaly maps at original resolution.")] = False,
+    reference: Annotated[
+        list[str] | None, typer.Option("--reference", help="Good reference images for few-shot zero-shot scoring.")
+    ] = None,
+    maps: Annotated[
+        bool, typer.Option("--maps", help="Write float32 .npy anomaly maps at original resolution.")
+    ] = False,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write heatmap overlay PNGs.")] = True,
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
@@ -200,7 +221,9 @@ def benchmark(
     dataset: Annotated[str, typer.Option("--dataset", help="mvtec, visa or folder.")],
     root: Annotated[Path, typer.Option("--root", help="Dataset root (folder: one category root).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for results.csv/json/md and plots.")],
-    category: Annotated[list[str] | None, typer.Option("--category", help="Category to run (repeatable; default all).")] = None,
+    category: Annotated[
+        list[str] | None, typer.Option("--category", help="Category to run (repeatable; default all).")
+    ] = None,
     config: ConfigOpt = "patchcore",
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
@@ -224,7 +247,9 @@ def benchmark(
 @app.command()
 @_user_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the generated data, model and scores.")] = Path("anomaly-demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the generated data, model and scores.")] = Path(
+        "anomaly-demo"
+    ),
     config: ConfigOpt = "patchcore",
 ) -> None:
     """Generate a synthetic category, fit on it, score its test split and evaluate: no download needed."""
@@ -236,8 +261,18 @@ def demo(
         make_synthetic_category(out / "data", "widget", n_train=40, n_test_good=10, n_test_defect=20, size=256)
     _note("synthetic MVTec-layout data in %s", data)
     fit(train_dirs=[str(data)], out=out / "model", config=config, backbone=None, overrides=None)
-    score(inputs=[str(data / "test")], out=out / "scores", model=out / "model", zero_shot=False, config="musc",
-          reference=None, maps=True, overlays=True, backbone=None, overrides=None)
+    score(
+        inputs=[str(data / "test")],
+        out=out / "scores",
+        model=out / "model",
+        zero_shot=False,
+        config="musc",
+        reference=None,
+        maps=True,
+        overlays=True,
+        backbone=None,
+        overrides=None,
+    )
     metrics = evaluate_scores(out / "scores", data)
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 

@@ -101,9 +101,7 @@ def load_config(name_or_path: str | Path) -> DetectorConfig:
         candidate = _config_dir() / f"{name_or_path}.yaml"
         if not candidate.is_file():
             hint = _did_you_mean(str(name_or_path), config_names())
-            raise ConfigError(
-                f"unknown config '{name_or_path}'{hint}; named configs: {', '.join(config_names())}"
-            )
+            raise ConfigError(f"unknown config '{name_or_path}'{hint}; named configs: {', '.join(config_names())}")
         path = Path(str(candidate))
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

@@ -29,7 +29,7 @@ from anomaly.data.io import read_image
 from anomaly.errors import DataError, NotFittedError
 from anomaly.features import FeatureExtractor
 from anomaly.maps import postprocess_maps
-from anomaly.scorers import Scorer, ScoreOutput, get_scorer
+from anomaly.scorers import ScoreOutput, Scorer, get_scorer
 
 __all__ = ["FORMAT_VERSION", "DetectionResult", "Detector", "ImageInput"]
 
@@ -112,8 +112,14 @@ class Detector:
         if self._extractor is None:
             bb = self.config.backbone
             self._extractor = FeatureExtractor(
-                bb.name, bb.layers, weights=bb.weights, pretrained=bb.pretrained, image_size=bb.image_size,
-                mean=bb.mean, std=bb.std, device=self.config.device,
+                bb.name,
+                bb.layers,
+                weights=bb.weights,
+                pretrained=bb.pretrained,
+                image_size=bb.image_size,
+                mean=bb.mean,
+                std=bb.std,
+                device=self.config.device,
             )
         return self._extractor
 
@@ -197,7 +203,9 @@ class Detector:
         for batch in self._batches(items, keep_images):
             feats = self.extractor(batch.images)
             out = self.scorer.score([layer.cpu() for layer in feats.layers])
-            yield from zip(self._results(out, batch, self.threshold_, maps), batch.originals or [None] * len(batch.sizes))
+            yield from zip(
+                self._results(out, batch, self.threshold_, maps), batch.originals or [None] * len(batch.sizes)
+            )
             done += len(batch.sizes)
             if progress is not None:
                 progress("score", done, len(items))
@@ -326,7 +334,10 @@ class Detector:
         det = cls(config)
         refs = sorted(k for k in state if k.startswith("reference.layer"))
         if refs:
-            det.reference_ = ([torch.from_numpy(state.pop(k)) for k in refs], torch.from_numpy(state.pop("reference.embedding")))
+            det.reference_ = (
+                [torch.from_numpy(state.pop(k)) for k in refs],
+                torch.from_numpy(state.pop("reference.embedding")),
+            )
         try:
             if not det.zero_shot:
                 det.scorer.load_state_dict(state)
@@ -357,7 +368,11 @@ class Detector:
         if saved and self.config.backbone.pretrained:
             current = self.extractor.source.sha256
             if current and current != saved:
-                log.warning("backbone weights differ from those the model was fitted with (sha256 %s != %s)", current[:12], saved[:12])
+                log.warning(
+                    "backbone weights differ from those the model was fitted with (sha256 %s != %s)",
+                    current[:12],
+                    saved[:12],
+                )
 
 
 def _decode_resized(item: ImageInput, size: tuple[int, int], keep: bool) -> _Decoded:
@@ -406,7 +421,11 @@ def _robust_threshold(scores: NDArray[np.float64], mad_k: float, from_references
         bandwidth = 0.9 * spread * n**-0.2
         grid = np.linspace(ordered[0], ordered[-1], 512)
         density = np.exp(-0.5 * ((grid[:, None] - ordered[None, :]) / bandwidth) ** 2).sum(1)
-        peaks = [i for i in range(len(grid)) if density[i] >= density[max(i - 1, 0)] and density[i] >= density[min(i + 1, len(grid) - 1)]]
+        peaks = [
+            i
+            for i in range(len(grid))
+            if density[i] >= density[max(i - 1, 0)] and density[i] >= density[min(i + 1, len(grid) - 1)]
+        ]
         for i in peaks:
             if np.sum(np.abs(ordered - grid[i]) <= bandwidth) >= max(2, 0.1 * n):
                 mode = float(grid[i])
@@ -427,4 +446,3 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(target)
-

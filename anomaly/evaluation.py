@@ -36,7 +36,9 @@ def metrics_for(
     if eval_size is not None:
         h, w = eval_size
         maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
-        masks = [cv2.resize(m.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool) for m in masks]
+        masks = [
+            cv2.resize(m.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool) for m in masks
+        ]
     return dict(evaluate(scores, labels, maps, masks))
 
 
@@ -68,7 +70,11 @@ def evaluate_scores(
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}, indent=2))
+        tmp.write_text(
+            json.dumps(
+                {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}, indent=2
+            )
+        )
         tmp.replace(out_dir / "metrics.json")
     return metrics
 

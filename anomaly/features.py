@@ -166,9 +166,11 @@ class FeatureExtractor:
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std  # NHWC storage = channels_last for CNN kernels
         if self.is_vit:
-            maps, prefixes = zip(*self.model.forward_intermediates(
-                x, indices=self.indices, intermediates_only=True, return_prefix_tokens=True
-            ))
+            maps, prefixes = zip(
+                *self.model.forward_intermediates(
+                    x, indices=self.indices, intermediates_only=True, return_prefix_tokens=True
+                )
+            )
             embedding = prefixes[-1][:, 0] if prefixes[-1] is not None else maps[-1].mean((2, 3))
         else:
             maps = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
@@ -240,8 +242,7 @@ def _to_timm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, origin
         return state
     if len(state) != len(target):
         raise WeightsUnavailableError(
-            f"{origin}: {len(state)} tensors cannot map onto {len(target)} of timm's "
-            f"'{type(model).__name__}'"
+            f"{origin}: {len(state)} tensors cannot map onto {len(target)} of timm's '{type(model).__name__}'"
         )
     renamed = {}
     for (src, tensor), (dst, ref) in zip(state.items(), target.items()):

@@ -125,4 +125,3 @@ def read_scores(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
     if not rows or not {"path", "score"} <= set(rows[0]):
         raise DataError(f"{path}: expected columns path,score")
     return rows
-

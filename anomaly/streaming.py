@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
+
 from anomaly.detector import DetectionResult, Detector, ImageInput, _robust_threshold
 from anomaly.errors import ConfigError, DataError
 from anomaly.scorers.base import ScoreOutput
@@ -46,4 +47,3 @@ class StreamingDetector:
         self._recent.extend(out.image_scores.tolist())
         threshold = _robust_threshold(np.asarray(self._recent), self.detector.config.threshold.mad_k, False)
         return self.detector._results(out, batch, threshold, maps=True)
-

@@ -7,7 +7,7 @@ import inspect
 from typing import Any
 
 from anomaly.errors import ConfigError
-from anomaly.scorers.base import Scorer, ScoreOutput
+from anomaly.scorers.base import ScoreOutput, Scorer
 from anomaly.scorers.gaussian import GlobalGaussianScorer, PadimScorer
 from anomaly.scorers.memory_bank import MemoryBankScorer
 from anomaly.scorers.musc import MuScScorer

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from anomaly.errors import ConfigError
-from anomaly.scorers.base import Scorer, ScoreOutput, check_is_fitted
+from anomaly.scorers.base import ScoreOutput, Scorer, check_is_fitted
 
 __all__ = ["GlobalGaussianScorer", "PadimScorer"]
 
@@ -87,7 +87,10 @@ class PadimScorer(Scorer):
 
     def _embed(self, layers: list[torch.Tensor]) -> torch.Tensor:
         h, w = layers[0].shape[-2:]
-        maps = [layer if layer.shape[-2:] == (h, w) else F.interpolate(layer, size=(h, w), mode="nearest") for layer in layers]
+        maps = [
+            layer if layer.shape[-2:] == (h, w) else F.interpolate(layer, size=(h, w), mode="nearest")
+            for layer in layers
+        ]
         emb = torch.cat(maps, dim=1)
         if self.channels_ is not None:
             emb = emb[:, torch.from_numpy(self.channels_).to(emb.device)]

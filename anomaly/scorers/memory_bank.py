@@ -12,7 +12,7 @@ from anomaly.errors import ConfigError
 from anomaly.index import NNIndex
 from anomaly.scorers._aggregate import patch_embeddings
 from anomaly.scorers._coreset import greedy_coreset
-from anomaly.scorers.base import Scorer, ScoreOutput, check_is_fitted
+from anomaly.scorers.base import ScoreOutput, Scorer, check_is_fitted
 
 __all__ = ["MemoryBankScorer"]
 

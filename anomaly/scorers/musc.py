@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from anomaly.errors import ConfigError
-from anomaly.scorers.base import Scorer, ScoreOutput
+from anomaly.scorers.base import ScoreOutput, Scorer
 
 __all__ = ["MuScScorer", "RollingPool", "lnamd", "msm_flops", "mutual_scores", "rscin"]
 
@@ -110,9 +110,7 @@ def mutual_scores(
             raise ValueError("mutual_scores: aligned mode needs references on the same grid as Z")
     n_others = n - 1 + m
     if n < 1 or n_others < 1:
-        raise ValueError(
-            f"mutual_scores: needs at least 2 images, or 1 image and reference images (got N={n}, M={m})"
-        )
+        raise ValueError(f"mutual_scores: needs at least 2 images, or 1 image and reference images (got N={n}, M={m})")
     lo, hi = _interval_bounds(interval, n_others)
     if not memory_budget_mb > 0:
         raise ValueError(f"mutual_scores: memory_budget_mb must be > 0, got {memory_budget_mb}")

@@ -50,7 +50,9 @@ def patchcore_model(bottle_root: Path, tmp_path_factory: pytest.TempPathFactory)
     return model
 
 
-def test_patchcore_fit_and_score_reach_the_accuracy_floor(patchcore_model: Path, bottle_root: Path, tmp_path: Path) -> None:
+def test_patchcore_fit_and_score_reach_the_accuracy_floor(
+    patchcore_model: Path, bottle_root: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "scores"
     _cli("score", "--model", patchcore_model, "--out", out, "--maps", bottle_root / "test")
     image_auroc, pixel_auroc, scores = _metrics(out, bottle_root)
@@ -73,8 +75,19 @@ def test_musc_zero_shot_on_the_test_images_alone(bottle_root: Path, tmp_path: Pa
 
 def test_benchmark_command_prints_its_table(bottle_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    table = _cli("benchmark", "--dataset", "mvtec", "--root", bottle_root.parent, "--category", "bottle",
-                 "--config", "patchcore", "--out", out)
+    table = _cli(
+        "benchmark",
+        "--dataset",
+        "mvtec",
+        "--root",
+        bottle_root.parent,
+        "--category",
+        "bottle",
+        "--config",
+        "patchcore",
+        "--out",
+        out,
+    )
     assert "| bottle |" in table and "| mean |" in table
     with (out / "results.csv").open() as fh:
         row = next(csv.DictReader(fh))

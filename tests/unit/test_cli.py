@@ -78,7 +78,9 @@ def test_image_level_scorer_writes_no_maps(synthetic_root: Path, tmp_path: Path)
     assert not (out / "maps").exists()
 
 
-def test_user_errors_exit_2_with_one_line_and_leave_nothing(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+def test_user_errors_exit_2_with_one_line_and_leave_nothing(
+    model_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     broken = tmp_path / "broken"
@@ -88,9 +90,15 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(model_dir: Path, syn
         (["score", "--model", model_dir, "--out", tmp_path / "o1", empty], "empty"),
         (["score", "--model", model_dir, "--out", tmp_path / "o2", broken], "bad.png"),
         (["score", "--model", tmp_path / "nope", "--out", tmp_path / "o3", synthetic_root / "test"], "nope"),
-        (["fit", "--config", "patchcore", "--out", tmp_path / "o4", "--set", "scorer.params.kk=1", synthetic_root], "kk"),
+        (
+            ["fit", "--config", "patchcore", "--out", tmp_path / "o4", "--set", "scorer.params.kk=1", synthetic_root],
+            "kk",
+        ),
         (["fit", "--config", "nosuch", "--out", tmp_path / "o5", synthetic_root], "nosuch"),
-        (["fit", "--config", "patchcore", "--out", tmp_path / "o6", "--set", "backbone.lyers=[x]", synthetic_root], "lyers"),
+        (
+            ["fit", "--config", "patchcore", "--out", tmp_path / "o6", "--set", "backbone.lyers=[x]", synthetic_root],
+            "lyers",
+        ),
     ]
     for args, needle in cases:
         result = _run(*args)
@@ -103,8 +111,20 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(model_dir: Path, syn
 
 def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "bench"
-    args = ["benchmark", "--dataset", "mvtec", "--root", synthetic_root.parent, "--category", "widget",
-            "--config", "patchcore", "--out", out, *SMALL]
+    args = [
+        "benchmark",
+        "--dataset",
+        "mvtec",
+        "--root",
+        synthetic_root.parent,
+        "--category",
+        "widget",
+        "--config",
+        "patchcore",
+        "--out",
+        out,
+        *SMALL,
+    ]
     result = _run(*args)
     assert result.exit_code == 0, result.output
     with (out / "results.csv").open() as fh:

@@ -77,7 +77,9 @@ def test_local_safetensors_file_with_timm_keys_loads(tmp_path) -> None:
     state = _to_timm_keys(_read_state_dict(Path(reference.source.location)), full, "packaged")
     path = tmp_path / "lite0.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    local = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], weights=str(path), image_size=(64, 64), device="cpu")
+    local = FeatureExtractor(
+        "tf_efficientnet_lite0", ["blocks.2"], weights=str(path), image_size=(64, 64), device="cpu"
+    )
     assert local.source.kind == "file"
     images = np.full((1, 64, 64, 3), 127, dtype=np.uint8)
     torch.testing.assert_close(local(images).layers[0], reference(images).layers[0])

@@ -163,9 +163,14 @@ def test_interval_bounds():
 def plan_for(z, budget_mb, reference=None, window=None, grid=None):
     n, length, c = z.shape
     m = 0 if reference is None else reference.shape[0]
-    return musc._plan(n=n, length=length, length_other=length, c=c, n_others=n - 1 + m, top=musc._interval_bounds((0.0, 0.3), n - 1 + m)[1], elem=8, buf_elem=8,
-                      budget=int(budget_mb * 2**20), window=window, width=None if grid is None else grid[1],
-                      cpu=True)  # fmt: skip
+    n_others = n - 1 + m
+    top = musc._interval_bounds((0.0, 0.3), n_others)[1]
+    width = None if grid is None else grid[1]
+    budget = int(budget_mb * 2**20)
+    return musc._plan(
+        n=n, length=length, length_other=length, c=c, n_others=n_others, top=top, elem=8, buf_elem=8,
+        budget=budget, window=window, width=width, cpu=True,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("budget_mb", [512, 1e-2, 2e-3, 3e-4, 1e-6])
@@ -318,6 +323,7 @@ def test_scorer_contract_and_validation():
         "rscin_k": (1, 2, 3),
         "memory_budget_mb": 512,
         "aligned_window": None,
+        "augment_references": False,
     }
     for bad in ({"r_list": (2,)}, {"interval": (0.1,)}, {"rscin_k": (0,)}, {"memory_budget_mb": 0},
                 {"aligned_window": -1}):  # fmt: skip

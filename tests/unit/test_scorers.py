@@ -96,7 +96,9 @@ def test_coreset_matches_brute_force_farthest_point_selection() -> None:
 
 def test_coreset_covers_isolated_clusters_first() -> None:
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(500, 16, generator=g) * 0.01, torch.randn(3, 16, generator=g) * 0.01 + 10 * torch.eye(16)[:3]])
+    x = torch.cat(
+        [torch.randn(500, 16, generator=g) * 0.01, torch.randn(3, 16, generator=g) * 0.01 + 10 * torch.eye(16)[:3]]
+    )
     picks = set(greedy_coreset(x, 4, projection_dim=8).tolist())
     assert {500, 501, 502} <= picks
 
