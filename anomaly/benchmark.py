@@ -23,7 +23,7 @@ from anomaly.detector import Detector
 from anomaly.errors import DataError
 from anomaly.evaluation import ground_truth_masks, metrics_for
 from anomaly.metrics import pimo_curves
-from anomaly.outputs import overlay
+from anomaly.outputs import PNG_FAST, overlay
 
 __all__ = ["COLUMNS", "format_table", "run_benchmark"]
 
@@ -194,7 +194,7 @@ def _overlays(results: list[Any], samples: list[Any], folder: Path) -> None:
         cv2.imwrite(
             str(folder / name),
             overlay(image, results[i].anomaly_map, results[i].threshold),
-            [cv2.IMWRITE_PNG_COMPRESSION, 1],
+            PNG_FAST,
         )
 
 
