@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
-from anomaly.config import DetectorConfig, load_config  # noqa: E402
-from anomaly.detector import DetectionResult, Detector  # noqa: E402
-from anomaly.errors import (  # noqa: E402
+from anomaly.config import DetectorConfig, load_config
+from anomaly.errors import (
     AnomalyError,
     BackendError,
     ConfigError,
@@ -14,6 +13,11 @@ from anomaly.errors import (  # noqa: E402
     NotFittedError,
     WeightsUnavailableError,
 )
+
+if TYPE_CHECKING:
+    from anomaly.detector import DetectionResult, Detector
+
+__version__ = "0.1.0"
 
 __all__ = [
     "AnomalyError",
@@ -28,3 +32,12 @@ __all__ = [
     "__version__",
     "load_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the torch-backed Detector on first use, so `anomaly --help` stays fast."""
+    if name in ("Detector", "DetectionResult"):
+        from anomaly import detector
+
+        return getattr(detector, name)
+    raise AttributeError(f"module 'anomaly' has no attribute {name!r}")
