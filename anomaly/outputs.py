@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import tempfile
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from anomaly._fs import new_temp_dir, replace_dir
 from anomaly.detector import DetectionResult
 from anomaly.errors import DataError
 
@@ -26,11 +27,14 @@ CSV_COLUMNS = ["path", "score", "is_anomalous", "threshold", "map_path", "overla
 def relative_names(paths: list[Path]) -> list[Path]:
     """Output names that keep each image's sub-folders (``test/broken_large/000``), collision-free.
 
-    Names are relative to the parent of the deepest folder containing every input image.
+    Names are relative to the parent of the deepest folder containing every input image; images
+    that share a stem in one folder (``a.png``, ``a.jpg``) keep their suffix (``a.png``).
     """
     parents = [os.path.abspath(p.parent) for p in paths]
     base = Path(os.path.commonpath(parents)).parent
-    return [Path(os.path.abspath(p)).relative_to(base).with_suffix("") for p in paths]
+    relative = [Path(os.path.abspath(p)).relative_to(base) for p in paths]
+    stems = Counter(r.with_suffix("") for r in relative)
+    return [r if stems[r.with_suffix("")] > 1 else r.with_suffix("") for r in relative]
 
 
 def overlay(image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float) -> NDArray[np.uint8]:
@@ -49,10 +53,7 @@ class ScoreWriter:
 
     def __init__(self, out_dir: str | os.PathLike[str], *, maps: bool, overlays: bool) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not (self.out_dir / "scores.csv").exists():
-            raise DataError(f"--out {self.out_dir}: folder exists and is not an `anomaly score` output; choose another")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        self.tmp = new_temp_dir(self.out_dir, "scores.csv")
         self.maps = maps
         self.overlays = overlays
         self.rows: list[dict[str, str]] = []
@@ -88,14 +89,7 @@ class ScoreWriter:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             writer.writerows(self.rows)
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            self.out_dir.rename(old)
-            self.tmp.rename(self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.out_dir)
+        replace_dir(self.tmp, self.out_dir)
         return self.out_dir
 
     def abort(self) -> None:
