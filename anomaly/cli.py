@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,7 @@ def _main(
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     logging.captureWarnings(True)  # metric warnings as one log line, not a source excerpt
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every build it probes
     _Progress.enabled = not quiet
 
 
@@ -103,6 +105,19 @@ def _images(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def _train_split(items: list[str]) -> list[str]:
+    """Dataset category roots are narrowed to train/good: normal images only, never test images or masks."""
+    from anomaly.data.datasets import is_category_root
+
+    narrowed = []
+    for item in items:
+        if is_category_root(item):
+            _note("%s is a dataset category: using its train/good only", item)
+            item = str(Path(item) / "train" / "good")
+        narrowed.append(item)
+    return narrowed
+
+
 @app.command()
 @_user_errors
 def fit(
@@ -118,16 +133,9 @@ def fit(
     overrides: SetOpt = None,
 ) -> None:
     """Fit a detector on normal images and save it to MODEL_DIR."""
-    from anomaly.data.datasets import is_category_root
     from anomaly.detector import Detector
 
-    inputs = []
-    for item in train_dirs:
-        if is_category_root(item):
-            _note("%s is a dataset category: fitting on its train/good only", item)
-            item = str(Path(item) / "train" / "good")
-        inputs.append(item)
-    paths = _images(inputs)
+    paths = _images(_train_split(train_dirs))
     detector = Detector(_config(config, backbone, overrides))
     if detector.zero_shot:
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
@@ -171,6 +179,8 @@ def score(
 
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
+    if model is not None and (reference or overrides or backbone):
+        raise DataError("--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config")
     paths = _images(inputs)
     if model is not None:
         if not model.is_dir():
@@ -181,21 +191,26 @@ def score(
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
         if reference:
-            detector.fit(_images(reference))
+            inputs_resolved = {p.resolve() for p in paths}
+            refs = [p for p in _images(_train_split(reference)) if p.resolve() not in inputs_resolved]
+            if not refs:
+                raise DataError("--reference: no reference image left that is not also an input")
+            detector.fit(refs)
     if maps and not detector.scorer.has_maps:
         _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
+    overlays = overlays and detector.scorer.has_maps
     writer = ScoreWriter(out, maps=maps, overlays=overlays)
     progress = _Progress()
     try:
         stream = detector.predict_stream(paths, maps=maps or overlays, keep_images=overlays, progress=progress)
         for (result, image), name in zip(stream, relative_names(paths)):
             writer.add(result, name, image)
+        writer.close()
     except BaseException:
         writer.abort()
         raise
     finally:
         progress.close()
-    writer.close()
     flagged = sum(row["is_anomalous"] == "true" for row in writer.rows)
     typer.echo(f"scored {len(paths)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
 
@@ -293,4 +308,7 @@ def backbones() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # Idle OpenMP threads sleep instead of spinning: on shared cores spinning stalled MuSc and the
+    # backbone 5x; the cost on an idle machine is negligible for these large kernels.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

@@ -64,7 +64,7 @@ class ThresholdConfig:
     """Decision threshold from normal images only.
 
     ``holdout`` good training images are scored out-of-sample; the threshold flags ``target_fpr``
-    of them. Zero-shot pools use median + ``mad_k`` * MAD of the pool's scores instead.
+    of them. Zero-shot pools use the leftmost density mode + ``mad_k`` * 1.4826 * MAD below it.
     """
 
     target_fpr: float = 0.01
@@ -97,7 +97,7 @@ def config_names() -> list[str]:
 def load_config(name_or_path: str | Path) -> DetectorConfig:
     """Load a named config (``patchcore``) or a YAML file path, rejecting unknown keys."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if path.suffix not in (".yaml", ".yml") and not path.is_file():
         candidate = _config_dir() / f"{name_or_path}.yaml"
         if not candidate.is_file():
             hint = _did_you_mean(str(name_or_path), config_names())
