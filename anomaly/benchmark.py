@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from anomaly._fs import atomic_write_text
 from anomaly._runtime import peak_rss_mb
 from anomaly.config import DetectorConfig
 from anomaly.data.datasets import CategoryData, find_categories, load_folder, load_mvtec, load_visa
@@ -67,9 +68,10 @@ def run_benchmark(
     rows = []
     for name in names:
         result_file = out_dir / name / "result.json"
-        if result_file.is_file() and not force:
+        done = json.loads(result_file.read_text()) if result_file.is_file() and not force else None
+        if done is not None and done.get("config") == config.to_dict():
             log.info("%s: already done, skipped (use --force to re-run)", name)
-            rows.append(json.loads(result_file.read_text())["row"])
+            rows.append(done["row"])
             continue
         log.info("%s: running", name)
         rows.append(_run_category(_load(dataset, root, name), config, out_dir / name, progress))
@@ -129,6 +131,7 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
         per_image = _pimo_plot(maps, test, out / "pimo.png", data.name)
         _overlays(results, test, out / "overlays")
     record = {
+        "config": config.to_dict(),
         "row": row,
         "aupimo_error": metrics.get("aupimo_error"),
         "per_image": [
@@ -141,7 +144,7 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
             for i, (s, r) in enumerate(zip(test, results))
         ],
     }
-    _atomic_write(out / "result.json", json.dumps(_nan_to_none(record), indent=2))
+    atomic_write_text(out / "result.json", json.dumps(_nan_to_none(record), indent=2))
     return row
 
 
@@ -203,7 +206,7 @@ def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for col in COLUMNS[1:]:
         values = [r[col] for r in rows if isinstance(r.get(col), (int, float))]
         if values:
-            mean[col] = float(np.mean(values)) if col != "peak_mem_mb" else float(np.max(values))
+            mean[col] = float(np.max(values)) if col.startswith("peak_") else float(np.mean(values))
     return mean
 
 
@@ -216,14 +219,8 @@ def _write_tables(rows: list[dict[str, Any]], out: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(out / "results.csv")
-    _atomic_write(out / "results.json", json.dumps(_nan_to_none(rows), indent=2))
-    _atomic_write(out / "results.md", format_table(rows) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(out / "results.json", json.dumps(_nan_to_none(rows), indent=2))
+    atomic_write_text(out / "results.md", format_table(rows) + "\n")
 
 
 def _nan_to_none(value: Any) -> Any:

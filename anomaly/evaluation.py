@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_mvtec
 from anomaly.data.io import read_mask
 from anomaly.errors import DataError
@@ -61,21 +62,23 @@ def evaluate_scores(
     samples = _match(rows, load_mvtec(category_root))
     scores = [float(r["score"]) for r in rows]
     map_paths = [r.get("map_path", "") for r in rows]
+    labels = {s.label for s in samples}
+    if labels != {0, 1}:
+        kind = "anomalous" if 1 not in labels else "normal"
+        raise DataError(f"{scores_dir}/scores.csv: no {kind} image among the scored images; metrics need both")
     maps = None
     if all(map_paths):
+        missing = [p for p in map_paths if not (Path(scores_dir) / p).is_file()]
+        if missing:
+            raise DataError(f"{Path(scores_dir) / missing[0]}: map file not found")
         maps = [np.load(Path(scores_dir) / p) for p in map_paths]
     metrics = metrics_for(scores, samples, maps, eval_size)
     metrics["n_images"] = len(rows)
     if out is not None:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / ".metrics.json.tmp"
-        tmp.write_text(
-            json.dumps(
-                {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}, indent=2
-            )
-        )
-        tmp.replace(out_dir / "metrics.json")
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2))
     return metrics
 
 

@@ -19,8 +19,8 @@ from anomaly.errors import DataError
 
 __all__ = ["ScoreWriter", "overlay", "read_scores", "relative_names"]
 
-# Fastest zlib level with run-length matching: heatmaps are smooth, so files stay small (~0.5 MB at 900 px).
-PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+# Fastest zlib level, one fixed row filter (libpng's filter search dominated: 34 -> 19 ms at 900 px).
+PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 CSV_COLUMNS = ["path", "score", "is_anomalous", "threshold", "map_path", "overlay_path"]
 
 

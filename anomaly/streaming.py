@@ -30,7 +30,8 @@ class StreamingDetector:
         if not isinstance(detector.scorer, MuScScorer):
             raise ConfigError("StreamingDetector needs a zero-shot (musc) detector")
         self.detector = detector
-        reference = detector.reference_[0] if detector.reference_ is not None else None
+        device = detector.extractor.device
+        reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_[0]]
         self.pool = RollingPool(detector.scorer, pool_size, reference=reference)
         self._recent: deque[float] = deque(maxlen=max(pool_size, 8))
 
