@@ -98,3 +98,15 @@ def test_missing_weights_error_lists_the_options(monkeypatch) -> None:
 def test_offline_backbones_include_the_packaged_lite0() -> None:
     names = {name: source.kind for name, source in list_offline_backbones()}
     assert names.get("tf_efficientnet_lite0") == "packaged"
+
+
+def test_batchnorm_folding_keeps_the_features(monkeypatch) -> None:
+    import anomaly.features as features
+
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    folded = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], image_size=(64, 64), device="cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    monkeypatch.setattr(features, "_fold_batchnorm", lambda *args: None)
+    plain = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], image_size=(64, 64), device="cpu")
+    for a, b in zip(folded(images).layers, plain(images).layers):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -41,5 +41,7 @@ def test_no_upward_imports(path: Path) -> None:
     module = _module(path)
     for prefix, banned in FORBIDDEN.items():
         if module == prefix or module.startswith(prefix + "."):
-            bad = [name for name in _imports(path) for b in banned if name.startswith(b) and not name.startswith(prefix)]
+            bad = [
+                name for name in _imports(path) for b in banned if name.startswith(b) and not name.startswith(prefix)
+            ]
             assert not bad, f"{module} imports {bad}"
