@@ -196,7 +196,7 @@ def _overlays(results: list[Any], samples: list[Any], folder: Path) -> None:
         name = f"{samples[i].defect_type}_{samples[i].image_path.stem}.png"
         cv2.imwrite(
             str(folder / name),
-            overlay(image, results[i].anomaly_map, results[i].threshold),
+            overlay(image, results[i].anomaly_map, results[i].pixel_threshold),
             PNG_FAST,
         )
 

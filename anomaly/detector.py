@@ -51,6 +51,8 @@ class DetectionResult:
         threshold: the decision threshold in force.
         anomaly_map: (H, W) float32 map at the image's original size, or None (image-level scorer).
         source: the image path, when the input was a path.
+        map_threshold: the threshold on the map's own scale (differs from ``threshold`` when image
+            scores are re-scored, as MuSc's RsCIN does); None means ``threshold``.
     """
 
     image_score: float
@@ -58,11 +60,17 @@ class DetectionResult:
     threshold: float
     anomaly_map: NDArray[np.float32] | None = field(default=None, repr=False)
     source: str | None = None
+    map_threshold: float | None = None
+
+    @property
+    def pixel_threshold(self) -> float:
+        """Threshold that applies to ``anomaly_map`` values."""
+        return self.threshold if self.map_threshold is None else self.map_threshold
 
     @property
     def mask(self) -> NDArray[np.bool_] | None:
-        """Pixels whose map value reaches the threshold (H, W), or None without a map."""
-        return None if self.anomaly_map is None else self.anomaly_map >= self.threshold
+        """Pixels whose map value reaches the pixel threshold (H, W), or None without a map."""
+        return None if self.anomaly_map is None else self.anomaly_map >= self.pixel_threshold
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (without the map)."""
@@ -194,8 +202,10 @@ class Detector:
         if not items:
             raise DataError("predict: no images")
         if self.zero_shot:
-            results, batch = self._predict_pool(items, maps, keep_images, progress)
-            yield from zip(results, batch.originals or [None] * len(results))
+            results, _ = self._predict_pool(items, maps, progress)
+            for result, item in zip(results, items):  # decoded again only when asked: pools can be large
+                original = _decode_resized(item, self.extractor.image_size, True).original if keep_images else None
+                yield result, original
             return
         if self.threshold_ is None:
             raise NotFittedError("Detector is not fitted: call fit() or Detector.load() first")
@@ -211,9 +221,9 @@ class Detector:
                 progress("score", done, len(items))
 
     def _predict_pool(
-        self, items: list[ImageInput], maps: bool, keep_images: bool, progress: Progress | None
+        self, items: list[ImageInput], maps: bool, progress: Progress | None
     ) -> tuple[list[DetectionResult], _Batch]:
-        layers, embedding, batch = self._extract_all(items, progress, keep_images)
+        layers, embedding, batch = self._extract_all(items, progress)
         n_ref = 0
         if self.reference_ is not None:
             ref_layers, ref_emb = self.reference_
@@ -229,19 +239,27 @@ class Detector:
         scores = out.image_scores
         threshold = _robust_threshold(scores[:n_ref] if n_ref else scores, self.config.threshold.mad_k, bool(n_ref))
         self.threshold_ = threshold
+        map_threshold = None
+        if out.patch_maps is not None:  # the same rule on raw map maxima, the scale of the maps
+            peaks = out.patch_maps.reshape(len(scores), -1).max(1).astype(np.float64)
+            map_threshold = _robust_threshold(
+                peaks[:n_ref] if n_ref else peaks, self.config.threshold.mad_k, bool(n_ref)
+            )
         pool_out = ScoreOutput(
             patch_maps=None if out.patch_maps is None else out.patch_maps[n_ref:], image_scores=scores[n_ref:]
         )
-        return self._results(pool_out, batch, threshold, maps), batch
+        return self._results(pool_out, batch, threshold, maps, map_threshold), batch
 
-    def _results(self, out: ScoreOutput, batch: _Batch, threshold: float, maps: bool) -> list[DetectionResult]:
+    def _results(
+        self, out: ScoreOutput, batch: _Batch, threshold: float, maps: bool, map_threshold: float | None = None
+    ) -> list[DetectionResult]:
         full_maps: list[NDArray[np.float32] | None] = [None] * len(batch.sources)
         if maps and out.patch_maps is not None:
             full_maps = postprocess_maps(  # type: ignore[assignment]
                 out.patch_maps, self.extractor.image_size, batch.sizes, self.config.postprocess.blur_sigma
             )
         return [
-            DetectionResult(float(s), bool(s >= threshold), threshold, m, src)
+            DetectionResult(float(s), bool(s >= threshold), threshold, m, src, map_threshold)
             for s, m, src in zip(out.image_scores, full_maps, batch.sources)
         ]
 

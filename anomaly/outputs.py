@@ -68,7 +68,7 @@ class ScoreWriter:
             self._submit(self._write_npy, self.tmp / map_rel, result.anomaly_map)
         if result.anomaly_map is not None and self.overlays and image is not None:
             overlay_rel = f"overlays/{name.as_posix()}.png"
-            self._submit(self._write_overlay, self.tmp / overlay_rel, image, result.anomaly_map, result.threshold)
+            self._submit(self._write_overlay, self.tmp / overlay_rel, image, result.anomaly_map, result.pixel_threshold)
         self.rows.append(
             {
                 "path": result.source or "",
