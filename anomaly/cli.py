@@ -170,6 +170,9 @@ def score(
         bool, typer.Option("--maps", help="Write float32 .npy anomaly maps at original resolution.")
     ] = False,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write heatmap overlay PNGs.")] = True,
+    overlay_size: Annotated[
+        int, typer.Option("--overlay-size", help="Longest side of overlay PNGs in pixels (0 = original size).")
+    ] = 512,
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -199,7 +202,7 @@ def score(
     if maps and not detector.scorer.has_maps:
         _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
     overlays = overlays and detector.scorer.has_maps
-    writer = ScoreWriter(out, maps=maps, overlays=overlays)
+    writer = ScoreWriter(out, maps=maps, overlays=overlays, overlay_size=overlay_size)
     progress = _Progress()
     try:
         stream = detector.predict_stream(paths, maps=maps or overlays, keep_images=overlays, progress=progress)
@@ -285,6 +288,7 @@ def demo(
         reference=None,
         maps=True,
         overlays=True,
+        overlay_size=512,
         backbone=None,
         overrides=None,
     )

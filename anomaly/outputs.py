@@ -51,11 +51,12 @@ class ScoreWriter:
     Map and overlay files are written by a small thread pool while the detector keeps scoring.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], *, maps: bool, overlays: bool) -> None:
+    def __init__(self, out_dir: str | os.PathLike[str], *, maps: bool, overlays: bool, overlay_size: int = 512) -> None:
         self.out_dir = Path(out_dir)
         self.tmp = new_temp_dir(self.out_dir, "scores.csv")
         self.maps = maps
         self.overlays = overlays
+        self.overlay_size = overlay_size
         self.rows: list[dict[str, str]] = []
         self._pool = ThreadPoolExecutor(max_workers=2)
         self._pending: list[Future[None]] = []
@@ -68,7 +69,14 @@ class ScoreWriter:
             self._submit(self._write_npy, self.tmp / map_rel, result.anomaly_map)
         if result.anomaly_map is not None and self.overlays and image is not None:
             overlay_rel = f"overlays/{name.as_posix()}.png"
-            self._submit(self._write_overlay, self.tmp / overlay_rel, image, result.anomaly_map, result.pixel_threshold)
+            self._submit(
+                self._write_overlay,
+                self.tmp / overlay_rel,
+                image,
+                result.anomaly_map,
+                result.pixel_threshold,
+                self.overlay_size,
+            )
         self.rows.append(
             {
                 "path": result.source or "",
@@ -106,8 +114,15 @@ class ScoreWriter:
         np.save(path, amap.astype(np.float32, copy=False))
 
     @staticmethod
-    def _write_overlay(path: Path, image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float) -> None:
+    def _write_overlay(
+        path: Path, image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float, size: int
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = amap.shape
+        if 0 < size < max(h, w):  # a preview: PNG encoding dominates and grows with the pixel count
+            new = (max(1, round(w * size / max(h, w))), max(1, round(h * size / max(h, w))))
+            image = cv2.resize(image, new, interpolation=cv2.INTER_AREA)
+            amap = cv2.resize(amap, new, interpolation=cv2.INTER_AREA)
         cv2.imwrite(str(path), overlay(image, amap, threshold), PNG_FAST)
 
 
