@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import resource
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from anomaly.errors import BackendError
 
-__all__ = ["peak_rss_mb", "resolve_device", "seed_everything"]
+__all__ = ["passive_openmp", "peak_rss_mb", "resolve_device", "seed_everything"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device: '{device}' requested but no CUDA GPU is available")
     return resolved
+
+
+def passive_openmp() -> bool:
+    """True when idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, set by the CLI).
+
+    Short parallel loops are then safe on all cores; with spinning threads they stall badly as
+    soon as another process holds a core, so callers fall back to fewer threads.
+    """
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 
 
 def seed_everything(seed: int) -> None:

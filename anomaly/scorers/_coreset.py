@@ -11,11 +11,12 @@ all threads safe again and 1.3x faster).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from anomaly._runtime import passive_openmp
 
 __all__ = ["greedy_coreset"]
 
@@ -52,7 +53,7 @@ def greedy_coreset(
     selected = torch.empty(n_select, dtype=torch.long, device=z.device)
     step = max(1, n_select // 100)
     threads = torch.get_num_threads()
-    if z.device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    if z.device.type == "cpu" and not passive_openmp():
         torch.set_num_threads(1)
     try:
         for i in range(n_select):
