@@ -1,19 +1,17 @@
-"""Runtime helpers: device choice, seeding, peak memory."""
+"""Runtime helpers: device choice, OpenMP waiting policy, peak memory."""
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import resource
 import sys
 
-import numpy as np
 import torch
 
 from anomaly.errors import BackendError
 
-__all__ = ["passive_openmp", "peak_rss_mb", "resolve_device", "seed_everything"]
+__all__ = ["passive_openmp", "peak_rss_mb", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +39,6 @@ def passive_openmp() -> bool:
     soon as another process holds a core, so callers fall back to fewer threads.
     """
     return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch RNGs (scorers also use their own local generators)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def peak_rss_mb() -> float:
