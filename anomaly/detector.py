@@ -148,12 +148,16 @@ class Detector:
             raise DataError("fit: no training images")
         if self.zero_shot and getattr(self.scorer, "augment_references", False):
             items = [view for item in items for view in _support_views(item)]
+        needed = 2 if hasattr(self.scorer, "holdout_score") else 3  # others refit without the held-out image
+        if not self.zero_shot and len(items) < needed:
+            raise DataError(
+                f"fit: the {self.scorer.name} scorer needs at least {needed} normal images "
+                f"(some are held out to choose the threshold), got {len(items)}"
+            )
         layers, embedding, _ = self._extract_all(items, progress)
         if self.zero_shot:
             self.reference_ = (layers, embedding)
             return self
-        if len(items) < 2:
-            raise DataError("fit: at least 2 normal images are needed (one is held out for the threshold)")
         fit_progress = None if progress is None else (lambda done, total: progress("coreset", done, total))
         if "progress" in inspect.signature(self.scorer.fit).parameters:
             self.scorer.fit(layers, progress=fit_progress)  # type: ignore[call-arg]

@@ -128,3 +128,11 @@ def test_few_shot_support_augmentation_adds_six_views(synthetic_root: Path) -> N
     assert det.reference_ is not None and det.reference_[0][0].shape[0] == 12
     scores = [r.image_score for r in det.predict(good + bad)]
     assert np.mean(scores[len(good) :]) > np.mean(scores[: len(good)])
+
+
+def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_root: Path) -> None:
+    train, _, _ = _split(synthetic_root)
+    with pytest.raises(DataError, match="gaussian scorer needs at least 3 normal images"):
+        Detector(_config("gaussian")).fit(train[:2])
+    with pytest.raises(DataError, match="memory_bank scorer needs at least 2"):
+        Detector(_config()).fit(train[:1])
