@@ -223,12 +223,23 @@ def score(
 def evaluate(
     scores: Annotated[Path, typer.Option("--scores", help="Output folder of `anomaly score` (scores.csv + maps).")],
     root: Annotated[Path, typer.Option("--root", help="MVTec-layout category root with ground truth.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Folder for metrics.json and PIMO data.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for metrics.json and per-image aupimo.json.")
+    ] = None,
+    eval_size: Annotated[
+        str | None, typer.Option("--eval-size", help="Pixel metrics at HxW (e.g. 256 or 256x256) instead of mask size.")
+    ] = None,
 ) -> None:
     """Compute image/pixel AUROC, AUPRO and AUPIMO from a scores.csv and its maps."""
     from anomaly.evaluation import evaluate_scores
 
-    metrics = evaluate_scores(scores, root, out)
+    size = None
+    if eval_size is not None:
+        parts = eval_size.lower().split("x")
+        if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise DataError(f"--eval-size: expected N or HxW, got '{eval_size}'")
+        size = (int(parts[0]), int(parts[-1]))
+    metrics = evaluate_scores(scores, root, out, size)
     for key, value in metrics.items():
         typer.echo(f"{key:>14}: {value:.6f}" if isinstance(value, float) else f"{key:>14}: {value}")
 

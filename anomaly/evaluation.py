@@ -16,7 +16,7 @@ from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_mvtec
 from anomaly.data.io import read_mask
 from anomaly.errors import DataError
-from anomaly.metrics import evaluate
+from anomaly.metrics import aupimo, evaluate
 from anomaly.outputs import read_scores
 
 __all__ = ["evaluate_scores", "ground_truth_masks", "metrics_for"]
@@ -35,12 +35,18 @@ def metrics_for(
     shapes = [m.shape for m in maps]
     masks = ground_truth_masks(samples, shapes)
     if eval_size is not None:
-        h, w = eval_size
-        maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
-        masks = [
-            cv2.resize(m.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool) for m in masks
-        ]
+        maps, masks = _resized(maps, masks, eval_size)
     return dict(evaluate(scores, labels, maps, masks))
+
+
+def _resized(
+    maps: list[NDArray[np.float32]], masks: list[NDArray[np.bool_]], size: tuple[int, int]
+) -> tuple[list[NDArray[np.float32]], list[NDArray[np.bool_]]]:
+    """Maps (bilinear) and masks (nearest) at a fixed evaluation size (H, W)."""
+    h, w = size
+    maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
+    masks = [cv2.resize(m.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool) for m in masks]
+    return maps, masks
 
 
 def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> list[NDArray[np.bool_]]:
@@ -79,6 +85,13 @@ def evaluate_scores(
         out_dir.mkdir(parents=True, exist_ok=True)
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2))
+        if maps is not None and not math.isnan(metrics.get("aupimo", math.nan)):
+            masks = ground_truth_masks(samples, [m.shape for m in maps])
+            if eval_size is not None:
+                maps, masks = _resized(maps, masks, eval_size)
+            result = aupimo(maps, masks).to_dict()  # per-image values: compare models image by image
+            result["paths"] = [r["path"] for r in rows]
+            atomic_write_text(out_dir / "aupimo.json", json.dumps(result, indent=2))
     return metrics
 
 

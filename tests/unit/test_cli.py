@@ -57,6 +57,9 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9
+    small = _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "64x48")
+    assert small.exit_code == 0 and "pixel_auroc" in small.output
+    assert _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "big").exit_code == 2
 
 
 def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> None:
