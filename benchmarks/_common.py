@@ -14,6 +14,7 @@ import in the parent) so that both figures agree.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -48,6 +49,18 @@ class ProcResult:
             tail = "\n".join(self.stderr.strip().splitlines()[-15:])
             raise RuntimeError(f"command failed (rc={self.returncode}): {' '.join(self.cmd)}\n{tail}")
         return self
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--env KEY=VALUE (environment of the measured processes) and --json OUT, shared by every script."""
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the measured processes, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
 def run_process(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> ProcResult:

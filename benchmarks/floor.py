@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BOTTLE,
+    add_common_args,
     anomaly_cli,
     images_under,
     machine_info,
@@ -91,14 +92,7 @@ def main() -> None:
     parser.add_argument("--config", default="patchcore", help="config for `anomaly fit` (default: patchcore)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating repeats; the median is reported")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment for the measured processes, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_common_args(parser)
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_worker:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BOTTLE,
     ProcResult,
+    add_common_args,
     anomaly_cli,
     machine_info,
     median,
@@ -171,14 +172,7 @@ def main() -> None:
         default=sys.executable,
         help="interpreter where anomalib==2.7.0 is importable (default: this one)",
     )
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment for the measured processes, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_common_args(parser)
     parser.add_argument("--eval-worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--score-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()

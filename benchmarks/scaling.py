@@ -39,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BOTTLE,
+    add_common_args,
     images_under,
     machine_info,
     own_peak_rss_mib,
@@ -231,14 +232,7 @@ def main() -> None:
     parser.add_argument("--recall-index", default="HNSW32,Flat", help="approximate index(es), ';'-separated")
     parser.add_argument("--bottle", type=Path, default=BOTTLE, help="category root for the AUROC check")
     parser.add_argument("--bottle-set", action="append", default=[], help="config override for the bottle check")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment for the measured processes, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_common_args(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
