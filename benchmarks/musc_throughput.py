@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BOTTLE,
+    add_common_args,
     anomaly_cli,
     current_rss_mib,
     machine_info,
@@ -192,14 +193,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="memory_budget_mb (default: the config's)")
     parser.add_argument("--test-dir", type=Path, default=BOTTLE / "test")
     parser.add_argument("--skip-cli", action="store_true", help="skip the zero-shot CLI run")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment for the measured processes (e.g. OMP_WAIT_POLICY=PASSIVE)",
-    )
+    add_common_args(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
