@@ -221,8 +221,13 @@ def score(
 @app.command()
 @_user_errors
 def evaluate(
-    scores: Annotated[Path, typer.Option("--scores", help="Output folder of `anomaly score` (scores.csv + maps).")],
     root: Annotated[Path, typer.Option("--root", help="MVTec-layout category root with ground truth.")],
+    scores: Annotated[
+        Path | None, typer.Option("--scores", help="Output folder of `anomaly score` (scores.csv + maps).")
+    ] = None,
+    discovery: Annotated[
+        Path | None, typer.Option("--discovery", help="Output folder of `anomaly discover`: NMI, ARI, F1.")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Folder for metrics.json and per-image aupimo.json.")
     ] = None,
@@ -230,8 +235,17 @@ def evaluate(
         str | None, typer.Option("--eval-size", help="Pixel metrics at HxW (e.g. 256 or 256x256) instead of mask size.")
     ] = None,
 ) -> None:
-    """Compute image/pixel AUROC, AUPRO and AUPIMO from a scores.csv and its maps."""
+    """Compute image/pixel AUROC, AUPRO and AUPIMO from a scores.csv and its maps (or discovery metrics)."""
     from anomaly.evaluation import evaluate_scores
+
+    if (scores is None) == (discovery is None):
+        raise DataError("give exactly one of --scores SCORES_DIR or --discovery CLUSTERS_DIR")
+    if discovery is not None:
+        from anomaly.discovery.evaluate import evaluate_discovery
+
+        found = evaluate_discovery(discovery, root, out)
+        typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in found.items()))
+        return
 
     size = None
     if eval_size is not None:
@@ -319,6 +333,33 @@ def backbones() -> None:
         return
     for name, source in found:
         typer.echo(f"{name:<32} {source.kind:<10} {source.location}")
+
+
+@app.command()
+@_user_errors
+def discover(
+    scores: Annotated[Path, typer.Option("--scores", help="Output folder of `anomaly score --maps`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for clusters.csv, sheets/ and summary.json.")],
+    k: Annotated[int | None, typer.Option("--k", help="Number of defect types (default: estimated).")] = None,
+    all_images: Annotated[bool, typer.Option("--all", help="Cluster every image, not only the flagged ones.")] = False,
+) -> None:
+    """Group anomalous images into defect types without labels (anomaly type discovery)."""
+    from anomaly.discovery.outputs import read_scored_images, write_discovery
+    from anomaly.discovery.pipeline import discover as run_discovery
+
+    if k is not None and k < 1:
+        raise DataError(f"--k must be at least 1, got {k}")
+    selected = read_scored_images(scores, all_images)
+    progress = _Progress()
+    try:
+        result = run_discovery(
+            selected.paths, k, maps=selected.maps(), pixel_thresholds=selected.pixel_thresholds, progress=progress
+        )
+    finally:
+        progress.close()
+    write_discovery(out, result, selected.paths)
+    how = "given" if result.clusters.k_method == "given" else f"silhouette {result.clusters.k_confidence:.3f}"
+    typer.echo(f"{len(selected.paths)} images, {len(result.regions)} regions -> {result.k} types ({how}); {out / 'clusters.csv'}")
 
 
 def main() -> None:

@@ -1,0 +1,140 @@
+"""Region descriptors from a frozen backbone: a context crop around each region, mask-weighted pooling.
+
+Each region is cropped as a square around its bounding box with some context (as AnomalyNCD crops
+its sub-images), resized to the backbone input, and the backbone's feature maps of several layers are
+averaged under the region's mask (resized to each layer's grid). Each layer's vector is
+L2-normalised so that every layer weighs the same, whatever its channel count. A defect's type does
+not depend on its orientation while CNN features do, so the pooled vectors are averaged over the
+90-degree rotations of the crop and its mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from anomaly.discovery.regions import Region
+from anomaly.features import FeatureExtractor
+
+__all__ = ["DEFAULT_BACKBONE", "DEFAULT_LAYERS", "RegionDescriber", "crop_box"]
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+DEFAULT_LAYERS = ("blocks.4", "blocks.6")  # strides 16 and 32: local structure and part-level semantics
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def crop_box(
+    box: tuple[float, float, float, float], size: tuple[int, int], padding: float = 0.25, min_side: float = 0.2
+) -> tuple[int, int, int, int]:
+    """Square crop (x0, y0, x1, y1) around ``box`` in an image of ``size`` (H, W), shifted to fit inside.
+
+    The side is the box's longest side plus ``padding`` of it on each side, at least ``min_side`` of the
+    image's longest side and at most its shortest side.
+
+    Example:
+        >>> crop_box((40, 40, 60, 50), (100, 200), padding=0.5, min_side=0.1)
+        (30, 25, 70, 65)
+    """
+    h, w = size
+    x0, y0, x1, y1 = box
+    side = max(max(x1 - x0, y1 - y0) * (1 + 2 * padding), min_side * max(h, w))
+    side = int(round(min(side, h, w)))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    return left, top, left + side, top + side
+
+
+class RegionDescriber:
+    """Describes regions with a frozen timm backbone (default: the offline EfficientNet-Lite0 weights).
+
+    Args:
+        backbone: timm model name.
+        layers: feature layers to pool (names from ``feature_info``).
+        input_size: side of the square crop fed to the backbone.
+        padding: context around a region's box, as a fraction of its longest side (per side).
+        min_side: smallest crop side as a fraction of the image's longest side.
+        rotations: how many 90-degree rotations of each crop to average over (1 to 4).
+        batch_size: crops per forward pass.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str] = DEFAULT_LAYERS,
+        *,
+        input_size: int = 224,
+        padding: float = 0.25,
+        min_side: float = 0.2,
+        rotations: int = 4,
+        batch_size: int = 32,
+        device: str = "auto",
+    ) -> None:
+        if not 1 <= rotations <= 4:
+            raise ValueError(f"rotations must be 1..4, got {rotations}")
+        self.extractor = FeatureExtractor(
+            backbone, list(layers), image_size=(input_size, input_size), mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+            device=device,
+        )  # fmt: skip
+        self.input_size = input_size
+        self.padding = padding
+        self.min_side = min_side
+        self.rotations = rotations
+        self.batch_size = batch_size
+
+    def crop(self, image: NDArray[np.uint8], region: Region) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
+        """The region's context crop (S, S, 3) and its mask over the crop (S, S) in [0, 1]; S = ``input_size``."""
+        h, w = image.shape[:2]
+        mh, mw = region.mask.shape
+        sx, sy = w / mw, h / mh
+        x0, y0, x1, y1 = region.box
+        left, top, right, bottom = crop_box((x0 * sx, y0 * sy, x1 * sx, y1 * sy), (h, w), self.padding, self.min_side)
+        side = self.input_size
+        crop = cv2.resize(image[top:bottom, left:right], (side, side), interpolation=cv2.INTER_AREA)
+        # The same window in mask pixels (the mask may be coarser than the image), resized bilinearly.
+        window = region.mask[
+            int(top / sy) : max(int(np.ceil(bottom / sy)), int(top / sy) + 1),
+            int(left / sx) : max(int(np.ceil(right / sx)), int(left / sx) + 1),
+        ]
+        mask = cv2.resize(window.view(np.uint8).astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(crop), mask
+
+    def describe(self, crops: NDArray[np.uint8], masks: NDArray[np.float32]) -> NDArray[np.float32]:
+        """(N, D) descriptors of crops (N, S, S, 3) under masks (N, S, S), as :meth:`crop` returns them."""
+        out = []
+        for start in range(0, len(crops), self.batch_size):
+            batch, weights = crops[start : start + self.batch_size], masks[start : start + self.batch_size]
+            total = 0.0
+            for turn in range(self.rotations):
+                views = np.ascontiguousarray(np.rot90(batch, turn, axes=(1, 2)))
+                view_masks = np.ascontiguousarray(np.rot90(weights, turn, axes=(1, 2)))
+                total = total + _pool(self.extractor(views).layers, view_masks)
+            out.append(np.asarray(total, dtype=np.float32) / self.rotations)
+        if not out:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(out)
+
+    def __call__(self, images: Sequence[NDArray[np.uint8]], regions: Sequence[Region]) -> NDArray[np.float32]:
+        """(R, D) descriptors of ``regions`` of ``images`` (indexed by ``Region.image``)."""
+        if not regions:
+            return np.zeros((0, 0), dtype=np.float32)
+        crops, masks = zip(*(self.crop(images[r.image], r) for r in regions))
+        return self.describe(np.stack(crops), np.stack(masks))
+
+
+def _pool(layers: list[torch.Tensor], masks: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Mask-weighted mean of each layer (N, C, g, g) under ``masks`` (N, S, S), L2-normalised per layer."""
+    weights = torch.from_numpy(masks).unsqueeze(1)
+    parts = []
+    for feats in layers:
+        grid = torch.nn.functional.adaptive_avg_pool2d(weights, feats.shape[-2:]).to(feats.device)
+        grid = grid + 1e-6  # a region smaller than one cell still gets its cell's mean
+        pooled = (feats * grid).sum((2, 3)) / grid.sum((2, 3))
+        parts.append(torch.nn.functional.normalize(pooled, dim=1))
+    return (torch.cat(parts, dim=1) / np.sqrt(len(layers))).cpu().numpy()

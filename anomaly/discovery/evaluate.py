@@ -1,0 +1,68 @@
+"""Score a discovery (clusters.csv) against the defect-type folders of an MVTec-layout category."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from anomaly._fs import atomic_write_text
+from anomaly.data.datasets import load_mvtec
+from anomaly.errors import DataError
+from anomaly.metrics.clustering import clustering_metrics
+
+__all__ = ["evaluate_discovery"]
+
+
+def evaluate_discovery(
+    clusters_dir: str | os.PathLike[str], category_root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """NMI, ARI and F1 (Hungarian-matched accuracy) of the clusters against the true defect types.
+
+    Images are matched to the category's test samples by (defect folder, file stem), as in
+    `anomaly evaluate --scores`. Normal (``good``) images that were clustered are left out of the
+    metrics, as AnomalyNCD scores defective images only; their count is reported.
+
+    Raises:
+        DataError: no clusters.csv, an image that is not a test image of the category, or no
+            defective image to score.
+    """
+    csv_path = Path(clusters_dir) / "clusters.csv"
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: not found (run `anomaly discover` first)")
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"path", "cluster"} <= set(rows[0]):
+        raise DataError(f"{csv_path}: expected columns path,cluster")
+    data = load_mvtec(category_root)
+    by_key = {(s.defect_type, s.image_path.stem): s for s in data.test}
+    truth, predicted, n_good = [], [], 0
+    for row in rows:
+        path = Path(row["path"])
+        sample = by_key.get((path.parent.name, path.stem))
+        if sample is None:
+            raise DataError(f"{csv_path}: {row['path']} is not a test image of {data.root}")
+        if sample.label == 0:
+            n_good += 1
+            continue
+        truth.append(sample.defect_type)
+        predicted.append(row["cluster"])
+    if not truth:
+        raise DataError(f"{csv_path}: no defective image among the clustered images")
+    result = clustering_metrics(truth, predicted)
+    metrics: dict[str, Any] = {
+        "nmi": result.nmi,
+        "ari": result.ari,
+        "f1": result.f1,
+        "n_images": result.n,
+        "n_good_excluded": n_good,
+        "n_types": len(set(truth)),
+        "n_clusters": len(set(predicted)),
+        "mapping": {str(k): str(v) for k, v in result.mapping.items()},
+    }
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out) / "discovery_metrics.json", json.dumps(metrics, indent=2))
+    return metrics

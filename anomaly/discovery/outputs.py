@@ -1,0 +1,135 @@
+"""Reading `anomaly score --maps` outputs and writing discovery results (clusters.csv, sheets, summary)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from anomaly._fs import new_temp_dir, replace_dir
+from anomaly.data.io import read_images
+from anomaly.discovery.pipeline import DiscoveryResult
+from anomaly.errors import DataError
+
+__all__ = ["CLUSTER_COLUMNS", "ScoredImages", "read_scored_images", "write_discovery"]
+
+CLUSTER_COLUMNS = ["path", "cluster", "confidence", "n_regions"]
+THUMB = 160  # contact-sheet thumbnail side in pixels
+SHEET_COLUMNS = 8
+SHEET_MAX = 64  # thumbnails per sheet, most confident first
+
+
+@dataclass(frozen=True)
+class ScoredImages:
+    """Images of a scores folder selected for discovery: paths as in scores.csv, maps, pixel thresholds."""
+
+    paths: list[str]
+    map_files: list[Path]
+    pixel_thresholds: list[float | None]
+
+    def maps(self) -> Iterator[NDArray[np.float32]]:
+        """The maps, loaded one at a time."""
+        for path in self.map_files:
+            yield np.load(path)
+
+
+def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = False) -> ScoredImages:
+    """The flagged images (or all, with ``all_images``) of an `anomaly score --maps` output folder.
+
+    Raises:
+        DataError: no scores.csv, no maps (scored without --maps, or an image-level scorer), a
+            missing map file, or no image flagged anomalous when ``all_images`` is false.
+    """
+    folder = Path(scores_dir)
+    csv_path = folder / "scores.csv"
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: not found (run `anomaly score --maps` first)")
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "path" not in rows[0]:
+        raise DataError(f"{csv_path}: expected a `path` column and at least one row")
+    if not any(r.get("map_path") for r in rows):
+        raise DataError(f"{folder}: no anomaly maps in scores.csv; run `anomaly score --maps` with a map-producing model")
+    selected = rows if all_images else [r for r in rows if r.get("is_anomalous") == "true"]
+    if not selected:
+        raise DataError(f"{csv_path}: no image is flagged anomalous; use --all to cluster every image")
+    missing = [r["path"] for r in selected if not r.get("map_path")]
+    if missing:
+        raise DataError(f"{csv_path}: {missing[0]} has no map ({len(missing)} images without one)")
+    files = [folder / r["map_path"] for r in selected]
+    absent = [f for f in files if not f.is_file()]
+    if absent:
+        raise DataError(f"{absent[0]}: map file not found")
+    return ScoredImages([r["path"] for r in selected], files, [_threshold(r) for r in selected])
+
+
+def _threshold(row: dict[str, str]) -> float | None:
+    for key in ("pixel_threshold", "threshold"):
+        text = row.get(key) or ""
+        try:
+            value = float(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return None
+
+
+def write_discovery(out_dir: str | os.PathLike[str], result: DiscoveryResult, paths: list[str]) -> Path:
+    """Write OUT_DIR atomically: clusters.csv, summary.json and sheets/cluster_<i>.png per cluster."""
+    out = Path(out_dir)
+    tmp = new_temp_dir(out, "clusters.csv")
+    try:
+        with (tmp / "clusters.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CLUSTER_COLUMNS)
+            for path, label, conf, n in zip(paths, result.labels, result.confidence, result.n_regions):
+                writer.writerow([path, int(label), f"{conf:.4f}", int(n)])
+        (tmp / "sheets").mkdir()
+        for cluster in range(result.k):
+            members = np.flatnonzero(result.labels == cluster)
+            members = members[np.argsort(-result.confidence[members], kind="stable")][:SHEET_MAX]
+            if len(members):
+                sheet = _contact_sheet(result, members, [paths[i] for i in members])
+                cv2.imwrite(str(tmp / "sheets" / f"cluster_{cluster}.png"), sheet)
+        (tmp / "summary.json").write_text(json.dumps(result.summary(), indent=2))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _contact_sheet(result: DiscoveryResult, members: NDArray[np.intp], paths: list[str]) -> NDArray[np.uint8]:
+    """BGR grid of thumbnails, each region of the image outlined in red, its confidence written below."""
+    images = read_images(paths)
+    rows = math.ceil(len(members) / SHEET_COLUMNS)
+    cols = min(len(members), SHEET_COLUMNS)
+    sheet = np.full((rows * (THUMB + 18), cols * THUMB, 3), 255, np.uint8)
+    for slot, (index, image) in enumerate(zip(members, images)):
+        thumb = cv2.cvtColor(_fit(image), cv2.COLOR_RGB2BGR)
+        for region in (r for r in result.regions if r.image == index):
+            mask = cv2.resize(region.mask.view(np.uint8), thumb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(thumb, contours, -1, (0, 0, 255), 2)
+        y, x = divmod(slot, SHEET_COLUMNS)
+        top, left = y * (THUMB + 18), x * THUMB
+        sheet[top : top + thumb.shape[0], left : left + thumb.shape[1]] = thumb
+        label = f"{Path(paths[slot]).parent.name}/{Path(paths[slot]).stem} {result.confidence[index]:.2f}"
+        cv2.putText(sheet, label[-24:], (left + 2, top + THUMB + 13), cv2.FONT_HERSHEY_PLAIN, 0.9, (0, 0, 0), 1)
+    return sheet
+
+
+def _fit(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    h, w = image.shape[:2]
+    scale = THUMB / max(h, w)
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)

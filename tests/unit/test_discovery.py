@@ -1,0 +1,198 @@
+"""Type discovery: MEBin regions, clustering, the clustering metrics (golden values) and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from anomaly.cli import app
+from anomaly.data.io import read_mask
+from anomaly.discovery import cluster_regions, find_regions, merge_to_images
+from anomaly.discovery.regions import mebin_threshold
+from anomaly.errors import DataError
+from anomaly.metrics.clustering import cluster_accuracy, clustering_metrics
+
+runner = CliRunner()
+
+
+def _blobs(centres: list[tuple[int, int]], size: int = 128, sigma: float = 5.0) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    amap = np.zeros((size, size), np.float32)
+    for cy, cx in centres:
+        amap += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)).astype(np.float32)
+    return amap
+
+
+# --- regions ---------------------------------------------------------------------------------------------------
+
+
+def test_mebin_counts_separate_blobs() -> None:
+    amap = _blobs([(30, 30), (90, 100)])
+    threshold, count = mebin_threshold(amap, 0.0, 1.0, erode=3)  # type: ignore[misc]
+    assert count == 2 and 0 < threshold < 1
+
+
+def test_find_regions_locates_each_blob_per_map() -> None:
+    maps = [_blobs([(30, 30), (90, 100)]), _blobs([(64, 64)], sigma=12), _blobs([(20, 100)]) * 0.7]
+    regions, choices = find_regions(maps, erode=3)
+    # the weakest map never rises far into the shared sweep range: it is swept over its own range
+    assert [c.method for c in choices] == ["stable", "stable", "stable_own"]
+    by_image = {i: [r for r in regions if r.image == i] for i in range(3)}
+    assert [len(by_image[i]) for i in range(3)] == [2, 1, 1]
+    centres = sorted(((r.box[0] + r.box[2]) / 2, (r.box[1] + r.box[3]) / 2) for r in by_image[0])
+    assert np.allclose(centres, [(30, 30), (100, 90)], atol=3)
+    assert by_image[1][0].mask[64, 64] and by_image[2][0].mask[20, 100]
+    assert not by_image[2][0].mask[90, 30]
+
+
+def test_flat_map_falls_back_to_pixel_threshold_then_half_max() -> None:
+    noisy = np.random.default_rng(0).random((64, 64)).astype(np.float32)  # no stable run of components
+    regions, choices = find_regions([noisy], pixel_thresholds=[0.5], min_run=64)
+    assert choices[0].method == "pixel_threshold" and regions
+    regions, choices = find_regions([noisy], pixel_thresholds=[2.0], min_run=64)
+    assert choices[0].method == "half_max" and regions  # the map never reaches its pixel threshold
+
+
+# --- clustering ------------------------------------------------------------------------------------------------
+
+
+def test_cluster_regions_estimates_k_and_labels_by_size() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (12, 8)), rng.normal(10, 1, (8, 8)), rng.normal(-10, 1, (5, 8))])
+    found = cluster_regions(x)
+    assert found.k == 3 and found.k_method == "silhouette" and found.k_confidence > 0.7
+    assert list(found.labels) == [0] * 12 + [1] * 8 + [2] * 5
+    assert np.allclose(found.memberships.sum(1), 1) and found.memberships.max(1).min() > 0.9
+    given = cluster_regions(x, k=2)
+    assert given.k == 2 and given.k_method == "given" and given.k_scores == {}
+
+
+@pytest.mark.parametrize("k", [0, 6])
+def test_cluster_regions_refuses_k_outside_region_count(k: int) -> None:
+    with pytest.raises(DataError, match="number of regions"):
+        cluster_regions(np.eye(5), k=k)
+
+
+def test_merge_weights_regions_by_area() -> None:
+    found = cluster_regions(np.array([[0.0], [0.1], [10.0], [10.1]]), k=2)
+    # image 0: a large region of cluster 0 and a small one of cluster 1; image 1: cluster 1 only
+    labels, confidence = merge_to_images(found, np.array([0, 1, 0, 1]), np.array([0.3, 0.1, 0.1, 0.2]), 2)
+    assert list(labels) == [found.labels[0], found.labels[2]]
+    assert confidence[0] == pytest.approx(0.75, abs=1e-3) and confidence[1] == pytest.approx(2 / 3, abs=1e-3)
+
+
+# --- metrics (hand-computed) ------------------------------------------------------------------------------------
+
+
+def test_metrics_golden_split_cluster() -> None:
+    # contingency (clusters x classes): [[2,0],[1,1],[0,2]]
+    r = clustering_metrics([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2])
+    assert r.f1 == pytest.approx(4 / 6)  # clusters 0->0 and 2->1; cluster 1 left unmatched
+    # ARI: index 2, expected 6*3/15 = 1.2, max (6+3)/2 = 4.5
+    assert r.ari == pytest.approx((2 - 1.2) / (4.5 - 1.2))
+    # NMI: MI = 2/3 ln2, H(true) = ln2, H(pred) = ln3, arithmetic mean normalisation
+    assert r.nmi == pytest.approx((2 / 3 * math.log(2)) / ((math.log(2) + math.log(3)) / 2))
+    assert r.mapping == {0: 0, 2: 1}
+
+
+def test_metrics_golden_fewer_clusters_than_classes() -> None:
+    r = clustering_metrics(["a", "a", "b", "b", "c", "c"], [7, 7, 7, 7, 9, 9])
+    assert r.f1 == pytest.approx(4 / 6) and r.mapping[9] == "c" and r.mapping[7] in ("a", "b")
+    # ARI: index C(2,2)*3 = 3, true pairs 3, predicted pairs C(4,2)+C(2,2) = 7, C(6,2) = 15
+    assert r.ari == pytest.approx((3 - 3 * 7 / 15) / ((3 + 7) / 2 - 3 * 7 / 15))
+
+
+def test_metrics_permutation_is_perfect() -> None:
+    r = clustering_metrics(["x", "y", "y", "z"], [2, 0, 0, 1])
+    assert (r.nmi, r.ari, r.f1) == (pytest.approx(1.0), pytest.approx(1.0), 1.0)
+    assert cluster_accuracy(["x", "y", "y", "z"], [2, 0, 0, 1])[1] == {2: "x", 0: "y", 1: "z"}
+    with pytest.raises(ValueError):
+        clustering_metrics([0, 1], [0])
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scores_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hand-made `anomaly score --maps` folder: the maps are the blurred ground-truth masks (a perfect detector)."""
+    out = tmp_path_factory.mktemp("discovery") / "scores"
+    rows = []
+    for image in sorted((synthetic_root / "test").glob("*/*.png")):
+        defect = image.parent.name
+        if defect == "good":
+            amap = np.zeros((128, 128), np.float32)
+        else:
+            mask = read_mask(synthetic_root / "ground_truth" / defect / f"{image.stem}_mask.png")
+            amap = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 2)
+        rel = f"maps/test/{defect}/{image.stem}.npy"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(out / rel, amap)
+        flagged = "true" if defect != "good" else "false"
+        rows.append({"path": str(image), "score": str(amap.max()), "is_anomalous": flagged, "threshold": "0.3", "map_path": rel})
+    with (out / "scores.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_discover_cli_clusters_flagged_images_and_evaluates(scores_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "types"
+    result = runner.invoke(app, ["discover", "--scores", str(scores_dir), "--out", str(out), "--k", "3"])
+    assert result.exit_code == 0, result.output
+    with (out / "clusters.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    flagged = [r["path"] for r in csv.DictReader((scores_dir / "scores.csv").open()) if r["is_anomalous"] == "true"]
+    assert [r["path"] for r in rows] == flagged  # paths exactly as in scores.csv, flagged ones only
+    assert {r["cluster"] for r in rows} == {"0", "1", "2"}
+    assert all(1 / 3 <= float(r["confidence"]) <= 1 and int(r["n_regions"]) >= 1 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["k"] == 3 and summary["k_method"] == "given" and sum(summary["images_per_cluster"].values()) == 6
+    for cluster in range(3):
+        sheet = cv2.imread(str(out / "sheets" / f"cluster_{cluster}.png"))
+        assert sheet is not None and sheet.shape[0] >= 160
+    evaluated = runner.invoke(
+        app, ["evaluate", "--discovery", str(out), "--root", str(synthetic_root), "--out", str(tmp_path / "eval")]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((tmp_path / "eval" / "discovery_metrics.json").read_text())
+    assert metrics["n_images"] == 6 and metrics["f1"] == 1.0 and metrics["nmi"] == pytest.approx(1.0)
+
+
+def test_discover_all_includes_unflagged_and_estimates_k(scores_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "t"), "--all"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "t" / "clusters.csv").open()))
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert len(rows) == 10 and summary["k_method"] == "silhouette" and 2 <= summary["k"] <= 9
+
+
+def _error(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
+    no_maps = tmp_path / "no_maps"
+    no_maps.mkdir()
+    text = (scores_dir / "scores.csv").read_text().splitlines()
+    header = text[0].split(",")
+    col = header.index("map_path")
+    body = [",".join(v if i != col else "" for i, v in enumerate(line.split(","))) for line in text[1:]]
+    (no_maps / "scores.csv").write_text("\n".join([text[0], *body]) + "\n")
+    assert "no anomaly maps" in _error(["discover", "--scores", str(no_maps), "--out", str(tmp_path / "o")])
+    assert "not found" in _error(["discover", "--scores", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "number of regions" in _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40"])
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    assert "exactly one of" in _error(["evaluate", "--root", str(tmp_path)])
