@@ -358,7 +358,7 @@ def discover(
     finally:
         progress.close()
     write_discovery(out, result, selected.paths)
-    how = "given" if result.clusters.k_method == "given" else f"silhouette {result.clusters.k_confidence:.3f}"
+    how = "given" if result.clusters.k_method == "given" else f"eigengap, confidence {result.clusters.k_confidence:.2f}"
     typer.echo(f"{len(selected.paths)} images, {len(result.regions)} regions -> {result.k} types ({how}); {out / 'clusters.csv'}")
 
 

@@ -58,7 +58,8 @@ def main() -> None:
         "per_class": {str(c): truth.count(c) for c in sorted(set(truth))},
         "k3": {"nmi": metrics.nmi, "ari": metrics.ari, "f1": metrics.f1},
         "k_estimated": estimated.k,
-        "k_silhouette": estimated.k_confidence,
+        "k_method": estimated.k_method,
+        "k_confidence": estimated.k_confidence,
         "describe_s": described,
     }
     print(json.dumps(result, indent=2))

@@ -66,12 +66,12 @@ class DiscoveryResult:
             "k": c.k,
             "k_method": c.k_method,
             "k_confidence": c.k_confidence,
-            "k_silhouette": {str(k): v for k, v in c.k_scores.items()},
+            "k_eigengaps": {str(k): v for k, v in c.k_scores.items()},
             "n_images": int(len(self.labels)),
             "n_regions": len(self.regions),
             "images_per_cluster": {str(i): int((self.labels == i).sum()) for i in range(c.k)},
             "regions_per_cluster": {str(i): int((c.labels == i).sum()) for i in range(c.k)},
-            "binarization": {m: sum(b.method == m for b in self.binarizations) for m in ("stable", "stable_own", "pixel_threshold", "half_max")},
+            "binarization": {m: sum(b.method == m for b in self.binarizations) for m in ("stable", "pixel_threshold", "stable_own", "half_max")},
         }
 
 

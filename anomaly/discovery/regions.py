@@ -44,8 +44,8 @@ class Region:
 class Binarization:
     """The threshold chosen for one map and how.
 
-    ``method`` is ``stable`` (MEBin over the shared range), ``stable_own`` (MEBin over the map's own
-    median..maximum), ``pixel_threshold`` or ``half_max`` (half way between median and maximum).
+    ``method`` is ``stable`` (MEBin over the shared range), ``pixel_threshold``, ``stable_own`` (MEBin
+    over the map's own median..maximum) or ``half_max`` (half way between median and maximum).
     """
 
     threshold: float
@@ -133,9 +133,9 @@ def find_regions(
 ) -> tuple[list[Region], list[Binarization]]:
     """Binarise each map (MEBin, with fallbacks) and return its regions.
 
-    Fallbacks, in order, for a map without a stable run over the shared range: a stable run over its
-    own median..maximum, its pixel threshold when the map reaches it, else half way between its median
-    and its maximum. The chosen mask is opened (erode + dilate with
+    Fallbacks, in order, for a map without a stable run over the shared range: its pixel threshold
+    when the map reaches it, a stable run over its own median..maximum, else half way between its
+    median and its maximum. The chosen mask is opened (erode + dilate with
     the same kernel) so specks go but region shapes stay; every map yields at least one region.
     Components smaller than ``min_area_ratio`` times the image's largest one are dropped as specks.
 
@@ -177,12 +177,12 @@ def _choose(
     stable = mebin_threshold(work, lo, hi, steps=steps, min_run=min_run, erode=erode)
     if stable is not None:
         return Binarization(stable[0], "stable", stable[1])
+    if pixel is not None and np.isfinite(pixel) and work.max() >= pixel:
+        return Binarization(float(pixel), "pixel_threshold", 0)
     # The shared range barely reaches into this map (its maximum is near the lowest one): sweep its own.
     own = mebin_threshold(work, float(np.median(work)), float(work.max()), steps=steps, min_run=min_run, erode=erode)
     if own is not None:
         return Binarization(own[0], "stable_own", own[1])
-    if pixel is not None and np.isfinite(pixel) and work.max() >= pixel:
-        return Binarization(float(pixel), "pixel_threshold", 0)
     return Binarization(float(0.5 * (np.median(work) + work.max())), "half_max", 0)
 
 

@@ -67,7 +67,7 @@ def test_cluster_regions_estimates_k_and_labels_by_size() -> None:
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (12, 8)), rng.normal(10, 1, (8, 8)), rng.normal(-10, 1, (5, 8))])
     found = cluster_regions(x)
-    assert found.k == 3 and found.k_method == "silhouette" and found.k_confidence > 0.7
+    assert found.k == 3 and found.k_method == "eigengap" and found.k_confidence > 0.5
     assert list(found.labels) == [0] * 12 + [1] * 8 + [2] * 5
     assert np.allclose(found.memberships.sum(1), 1) and found.memberships.max(1).min() > 0.9
     given = cluster_regions(x, k=2)
@@ -172,7 +172,7 @@ def test_discover_all_includes_unflagged_and_estimates_k(scores_dir: Path, tmp_p
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((tmp_path / "t" / "clusters.csv").open()))
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
-    assert len(rows) == 10 and summary["k_method"] == "silhouette" and 2 <= summary["k"] <= 9
+    assert len(rows) == 10 and summary["k_method"] == "eigengap" and 2 <= summary["k"] <= 9
 
 
 def _error(args: list[str]) -> str:
