@@ -359,7 +359,8 @@ def discover(
         progress.close()
     write_discovery(out, result, selected.paths)
     how = "given" if result.clusters.k_method == "given" else f"eigengap, confidence {result.clusters.k_confidence:.2f}"
-    typer.echo(f"{len(selected.paths)} images, {len(result.regions)} regions -> {result.k} types ({how}); {out / 'clusters.csv'}")
+    found = f"{len(selected.paths)} images, {len(result.regions)} regions -> {result.k} types ({how})"
+    typer.echo(f"{found}; {out / 'clusters.csv'}")
 
 
 def main() -> None:

@@ -80,9 +80,13 @@ class RegionDescriber:
         if not 1 <= rotations <= 4:
             raise ValueError(f"rotations must be 1..4, got {rotations}")
         self.extractor = FeatureExtractor(
-            backbone, list(layers), image_size=(input_size, input_size), mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+            backbone,
+            list(layers),
+            image_size=(input_size, input_size),
+            mean=_IMAGENET_MEAN,
+            std=_IMAGENET_STD,
             device=device,
-        )  # fmt: skip
+        )
         self.input_size = input_size
         self.padding = padding
         self.min_side = min_side

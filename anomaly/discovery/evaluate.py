@@ -17,7 +17,9 @@ __all__ = ["evaluate_discovery"]
 
 
 def evaluate_discovery(
-    clusters_dir: str | os.PathLike[str], category_root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
+    clusters_dir: str | os.PathLike[str],
+    category_root: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """NMI, ARI and F1 (Hungarian-matched accuracy) of the clusters against the true defect types.
 

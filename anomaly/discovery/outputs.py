@@ -58,7 +58,9 @@ def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = Fa
     if not rows or "path" not in rows[0]:
         raise DataError(f"{csv_path}: expected a `path` column and at least one row")
     if not any(r.get("map_path") for r in rows):
-        raise DataError(f"{folder}: no anomaly maps in scores.csv; run `anomaly score --maps` with a map-producing model")
+        raise DataError(
+            f"{folder}: no anomaly maps in scores.csv; run `anomaly score --maps` with a map-producing model"
+        )
     selected = rows if all_images else [r for r in rows if r.get("is_anomalous") == "true"]
     if not selected:
         raise DataError(f"{csv_path}: no image is flagged anomalous; use --all to cluster every image")

@@ -71,7 +71,10 @@ class DiscoveryResult:
             "n_regions": len(self.regions),
             "images_per_cluster": {str(i): int((self.labels == i).sum()) for i in range(c.k)},
             "regions_per_cluster": {str(i): int((c.labels == i).sum()) for i in range(c.k)},
-            "binarization": {m: sum(b.method == m for b in self.binarizations) for m in ("stable", "pixel_threshold", "stable_own", "half_max")},
+            "binarization": {
+                m: sum(b.method == m for b in self.binarizations)
+                for m in ("stable", "pixel_threshold", "stable_own", "half_max")
+            },
         }
 
 

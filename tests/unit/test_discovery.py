@@ -136,7 +136,9 @@ def scores_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         np.save(out / rel, amap)
         flagged = "true" if defect != "good" else "false"
-        rows.append({"path": str(image), "score": str(amap.max()), "is_anomalous": flagged, "threshold": "0.3", "map_path": rel})
+        rows.append(
+            {"path": str(image), "score": str(amap.max()), "is_anomalous": flagged, "threshold": "0.3", "map_path": rel}
+        )
     with (out / "scores.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -144,7 +146,9 @@ def scores_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def test_discover_cli_clusters_flagged_images_and_evaluates(scores_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+def test_discover_cli_clusters_flagged_images_and_evaluates(
+    scores_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "types"
     result = runner.invoke(app, ["discover", "--scores", str(scores_dir), "--out", str(out), "--k", "3"])
     assert result.exit_code == 0, result.output
@@ -193,6 +197,22 @@ def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
     (no_maps / "scores.csv").write_text("\n".join([text[0], *body]) + "\n")
     assert "no anomaly maps" in _error(["discover", "--scores", str(no_maps), "--out", str(tmp_path / "o")])
     assert "not found" in _error(["discover", "--scores", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert "number of regions" in _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40"])
+    assert "number of regions" in _error(
+        ["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40"]
+    )
     assert not (tmp_path / "o").exists()  # nothing half-written
     assert "exactly one of" in _error(["evaluate", "--root", str(tmp_path)])
+
+
+def test_discover_api_takes_detection_results(scores_dir: Path) -> None:
+    from anomaly import DetectionResult
+    from anomaly.discovery import discover
+
+    rows = [r for r in csv.DictReader((scores_dir / "scores.csv").open()) if r["is_anomalous"] == "true"]
+    results = [DetectionResult(1.0, True, 0.3, np.load(scores_dir / r["map_path"]), r["path"]) for r in rows]
+    found = discover(results, k=3)
+    truth = [Path(r["path"]).parent.name for r in rows]
+    assert clustering_metrics(truth, found.labels).f1 == 1.0
+    assert list(found.n_regions) == [1] * 6 and found.summary()["images_per_cluster"] == {"0": 2, "1": 2, "2": 2}
+    with pytest.raises(DataError, match="no anomaly map"):
+        discover([DetectionResult(1.0, True, 0.3, None, "x.png")])
