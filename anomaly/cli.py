@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import os
 import sys
 from collections.abc import Callable
@@ -96,28 +97,6 @@ def _config(name: str, backbone: str | None, overrides: list[str] | None) -> Any
     return apply_overrides(config, extra + list(overrides or []))
 
 
-def _images(inputs: list[str]) -> list[Path]:
-    from anomaly.data.io import list_images
-
-    paths, ignored = list_images(inputs)
-    if ignored:
-        _note("ignored %d non-image file(s)", ignored)
-    return paths
-
-
-def _train_split(items: list[str]) -> list[str]:
-    """Dataset category roots are narrowed to train/good: normal images only, never test images or masks."""
-    from anomaly.data.datasets import is_category_root
-
-    narrowed = []
-    for item in items:
-        if is_category_root(item):
-            _note("%s is a dataset category: using its train/good only", item)
-            item = str(Path(item) / "train" / "good")
-        narrowed.append(item)
-    return narrowed
-
-
 @app.command()
 @_user_errors
 def fit(
@@ -133,10 +112,13 @@ def fit(
     overrides: SetOpt = None,
 ) -> None:
     """Fit a detector on normal images and save it to MODEL_DIR."""
+    from anomaly._fs import new_temp_dir
+    from anomaly.data.inputs import training_paths
     from anomaly.detector import Detector
 
-    paths = _images(_train_split(train_dirs))
     detector = Detector(_config(config, backbone, overrides))
+    shutil.rmtree(new_temp_dir(out, "meta.json"))  # the output folder is checked before the long fit
+    paths = training_paths(train_dirs)
     if detector.zero_shot:
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
     progress = _Progress()
@@ -145,8 +127,11 @@ def fit(
     finally:
         progress.close()
     detector.save(out)
-    threshold = "per pool" if detector.threshold_ is None else f"{detector.threshold_:.6g}"
-    typer.echo(f"fitted {detector.scorer.name} on {len(paths)} images; threshold {threshold}; model written to {out}")
+    if detector.decision_ is None:
+        typer.echo(f"stored {len(paths)} references for {detector.scorer.name}; model written to {out}")
+    else:
+        typer.echo(f"fitted {detector.scorer.name} on {len(paths)} images; {detector.decision_.summary()}")
+        typer.echo(f"model written to {out}")
 
 
 @app.command()
@@ -177,6 +162,7 @@ def score(
     overrides: SetOpt = None,
 ) -> None:
     """Score images with a fitted model (--model) or zero-shot (--zero-shot)."""
+    from anomaly.data.inputs import image_paths, reference_paths
     from anomaly.detector import Detector
     from anomaly.outputs import ScoreWriter, relative_names
 
@@ -184,21 +170,15 @@ def score(
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
     if model is not None and (reference or overrides or backbone):
         raise DataError("--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config")
-    paths = _images(inputs)
     if model is not None:
-        if not model.is_dir():
-            raise DataError(f"--model {model}: model directory not found")
         detector = Detector.load(model)
     else:
         detector = Detector(_config(config, backbone, overrides))
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
-        if reference:
-            inputs_resolved = {p.resolve() for p in paths}
-            refs = [p for p in _images(_train_split(reference)) if p.resolve() not in inputs_resolved]
-            if not refs:
-                raise DataError("--reference: no reference image left that is not also an input")
-            detector.fit(refs)
+    paths = image_paths(inputs, exclude=[out])
+    if reference:
+        detector.fit(reference_paths(reference, paths))
     if maps and not detector.scorer.has_maps:
         _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
     overlays = overlays and detector.scorer.has_maps
@@ -206,7 +186,7 @@ def score(
     progress = _Progress()
     try:
         stream = detector.predict_stream(paths, maps=maps or overlays, keep_images=overlays, progress=progress)
-        for (result, image), name in zip(stream, relative_names(paths)):
+        for (result, image), name in zip(stream, relative_names(paths), strict=True):
             writer.add(result, name, image)
         writer.close()
     except BaseException:
@@ -215,7 +195,7 @@ def score(
     finally:
         progress.close()
     flagged = sum(row["is_anomalous"] == "true" for row in writer.rows)
-    typer.echo(f"scored {len(paths)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
+    typer.echo(f"scored {len(writer.rows)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
 
 
 @app.command()
@@ -282,27 +262,31 @@ def demo(
     config: ConfigOpt = "patchcore",
 ) -> None:
     """Generate a synthetic category, fit on it, score its test split and evaluate: no download needed."""
+    from anomaly.data.inputs import image_paths
     from anomaly.data.synthetic import make_synthetic_category
+    from anomaly.detector import Detector
     from anomaly.evaluation import evaluate_scores
+    from anomaly.outputs import ScoreWriter, relative_names
 
     data = out / "data" / "widget"
     if not data.is_dir():
         make_synthetic_category(out / "data", "widget", n_train=40, n_test_good=10, n_test_defect=20, size=256)
     _note("synthetic MVTec-layout data in %s", data)
-    fit(train_dirs=[str(data)], out=out / "model", config=config, backbone=None, overrides=None)
-    score(
-        inputs=[str(data / "test")],
-        out=out / "scores",
-        model=out / "model",
-        zero_shot=False,
-        config="musc",
-        reference=None,
-        maps=True,
-        overlays=True,
-        overlay_size=512,
-        backbone=None,
-        overrides=None,
-    )
+    detector = Detector(_config(config, None, None))
+    if not detector.zero_shot:
+        detector.fit(data).save(out / "model")  # a category root: fitted on its train/good only
+        _note("%s", detector.decision_.summary() if detector.decision_ else "")
+    tests = image_paths([data / "test"])
+    writer = ScoreWriter(out / "scores", maps=True, overlays=True)
+    try:
+        for (result, image), name in zip(
+            detector.predict_stream(tests, keep_images=True), relative_names(tests), strict=True
+        ):
+            writer.add(result, name, image)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     metrics = evaluate_scores(out / "scores", data)
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 

@@ -89,11 +89,35 @@ class NNIndex:
         return faiss.serialize_index(self._cpu)
 
     def deserialize(self, data: NDArray[np.uint8]) -> NNIndex:
-        """Restore an index written by :meth:`serialize`."""
+        """Restore an index written by :meth:`serialize`; unreadable bytes raise ValueError."""
         import faiss
 
-        self._attach(faiss.deserialize_index(np.asarray(data, dtype=np.uint8)))
+        try:
+            cpu = faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
+        except (RuntimeError, MemoryError, OverflowError) as exc:  # crafted sizes ask for absurd allocations
+            raise ValueError(f"not a readable FAISS index ({type(exc).__name__})") from None
+        self._attach(cpu)
         return self
+
+    def check_matches(self, bank: NDArray[np.float32], index: str) -> None:
+        """Raise ValueError unless this index is of the configured type and holds exactly ``bank``."""
+        import faiss
+
+        string = auto_index_string(len(bank)) if index == "auto" else index
+        expected = type(faiss.downcast_index(faiss.index_factory(bank.shape[1], string, faiss.METRIC_L2)))
+        actual = type(faiss.downcast_index(self._cpu))
+        if actual is not expected:
+            raise ValueError(f"index type {actual.__name__} does not match the configured '{string}'")
+        if self._cpu.d != bank.shape[1] or self._cpu.ntotal != len(bank) or self._cpu.metric_type != faiss.METRIC_L2:
+            raise ValueError(
+                f"index holds {self._cpu.ntotal} rows of dimension {self._cpu.d}, the bank {len(bank)} of {bank.shape[1]}"
+            )
+        try:
+            stored = self._cpu.reconstruct_n(0, self._cpu.ntotal)
+        except RuntimeError:  # index types without stored vectors: type, size and dimension checked above
+            return
+        if not np.array_equal(stored, bank):
+            raise ValueError("index rows differ from the saved bank")
 
     def _attach(self, cpu: Any) -> None:
         import faiss

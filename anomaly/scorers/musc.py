@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 
 from anomaly.errors import ConfigError
 from anomaly.scorers.base import ScoreOutput, Scorer
+from anomaly.scorers.registry import register_scorer
 
 __all__ = ["MuScScorer", "RollingPool", "lnamd", "msm_flops", "mutual_scores", "rscin"]
 
@@ -389,6 +390,7 @@ def rscin(
     return (total / len(ks)).numpy()
 
 
+@register_scorer
 class MuScScorer(Scorer):
     """MuSc zero-shot scorer: every image of the batch is scored against all the others.
 
@@ -402,6 +404,8 @@ class MuScScorer(Scorer):
 
     name: ClassVar[str] = "musc"
     requires_fit: ClassVar[bool] = False
+    uses_references: ClassVar[bool] = True
+    uses_embeddings: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -433,8 +437,9 @@ class MuScScorer(Scorer):
         self.memory_budget_mb = memory_budget_mb
         self.aligned_window = aligned_window
         self.augment_references = augment_references
+        self.image_score_from_map = not self.rscin_k  # RsCIN re-scores images
 
-    def fit(self, layers: list[torch.Tensor]) -> MuScScorer:
+    def fit(self, layers: list[torch.Tensor], *, progress: Callable[[int, int], None] | None = None) -> MuScScorer:
         """Nothing to learn (zero-shot); returns self."""
         return self
 
