@@ -51,10 +51,22 @@ def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only, no progress bars.")] = False,
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
     logging.captureWarnings(True)  # metric warnings as one log line, not a source excerpt
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every build it probes
     _Progress.enabled = not quiet
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as plain lines on the stderr of the moment (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
 
 
 def _note(message: str, *args: Any) -> None:

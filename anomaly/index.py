@@ -105,9 +105,9 @@ class NNIndex:
 
         string = auto_index_string(len(bank)) if index == "auto" else index
         expected = type(faiss.downcast_index(faiss.index_factory(bank.shape[1], string, faiss.METRIC_L2)))
-        actual = type(faiss.downcast_index(self._cpu))
-        if actual is not expected:
-            raise ValueError(f"index type {actual.__name__} does not match the configured '{string}'")
+        actual = faiss.downcast_index(self._cpu)
+        if not isinstance(actual, expected):
+            raise ValueError(f"index type {type(actual).__name__} does not match the configured '{string}'")
         if self._cpu.d != bank.shape[1] or self._cpu.ntotal != len(bank) or self._cpu.metric_type != faiss.METRIC_L2:
             raise ValueError(
                 f"index holds {self._cpu.ntotal} rows of dimension {self._cpu.d}, the bank {len(bank)} of {bank.shape[1]}"
