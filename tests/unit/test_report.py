@@ -54,7 +54,9 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         writer.writerow(["path", "cluster", "confidence"])
         for i, row in enumerate(rows):
             writer.writerow([row["path"], Path(row["path"]).parent.name, f"{0.5 + (i % 5) / 10:.2f}"])
-    return SimpleNamespace(root=root, scores=base / "scores", eval=base / "eval", discovery=base / "discovery", rows=rows)
+    return SimpleNamespace(
+        root=root, scores=base / "scores", eval=base / "eval", discovery=base / "discovery", rows=rows
+    )
 
 
 class _Tags(HTMLParser):
@@ -162,7 +164,7 @@ def _fabricate(folder: Path, n: int, *, labelled: bool = True, seed: int = 0) ->
     rows = []
     for i in range(n):
         anomalous = labelled and i % 3 == 0
-        sub = folder / "data" / ("test" if labelled else "line") / (("crack" if anomalous else "good") if labelled else "")
+        sub = folder / "data" / "test" / (("crack" if anomalous else "good") if labelled else "batch")
         sub.mkdir(parents=True, exist_ok=True)
         path = sub / f"{i:04d}.png"
         cv2.imwrite(str(path), rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))

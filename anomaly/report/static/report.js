@@ -279,7 +279,13 @@
   });
 
   // ---- threshold controls ----
-  range.addEventListener("input", () => setThreshold(Number(range.value), range));
+  // Chromium keeps 15 significant digits of a range value: a value within that rounding of an image score
+  // is taken as that score, so that setting the slider exactly at a score flags that image (score >= t).
+  function fromSlider(value) {
+    const i = flaggedCount(value);
+    return i < n && value - scores[i] <= Math.abs(value) * 1e-14 ? scores[i] : value;
+  }
+  range.addEventListener("input", () => setThreshold(fromSlider(Number(range.value)), range));
   number.addEventListener("input", () => setThreshold(Number(number.value), number));
   $("thr-reset").addEventListener("click", () => setThreshold(D.threshold, null));
   // one image more / fewer: the next score down, or halfway to the next score up
