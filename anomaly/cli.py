@@ -317,6 +317,29 @@ def backbones() -> None:
         typer.echo(f"{name:<32} {source.kind:<10} {source.location}")
 
 
+@app.command()
+@_user_errors
+def report(
+    scores: Annotated[Path, typer.Option("--scores", help="Output folder of `anomaly score`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write (index.html).")],
+    evaluation: Annotated[
+        Path | None, typer.Option("--evaluation", help="Output folder of `anomaly evaluate --out`.")
+    ] = None,
+    discovery: Annotated[
+        Path | None, typer.Option("--discovery", help="Output folder of `anomaly discover` (clusters.csv).")
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report (gallery, threshold slider, metrics) that opens from disk."""
+    from anomaly.report import build_report
+
+    progress = _Progress()
+    try:
+        folder = build_report(scores, out, evaluation, discovery, progress=progress)
+    finally:
+        progress.close()
+    typer.echo(f"report written to {folder / 'index.html'}")
+
+
 def main() -> None:
     """Console-script entry point."""
     # Idle OpenMP threads sleep instead of spinning: on shared cores spinning stalled MuSc and the

@@ -16,10 +16,13 @@ from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_mvtec
 from anomaly.data.io import read_mask
 from anomaly.errors import DataError
-from anomaly.metrics import aupimo, evaluate
+from anomaly.metrics import aupimo, evaluate, pimo_curves
 from anomaly.outputs import read_scores
 
-__all__ = ["evaluate_scores", "ground_truth_masks", "metrics_for"]
+__all__ = ["evaluate_scores", "ground_truth_masks", "metrics_for", "pimo_plot_data"]
+
+_PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
+_PLOT_POINTS = 121  # points kept per curve, log-spaced in shared FPR
 
 
 def metrics_for(
@@ -92,7 +95,26 @@ def evaluate_scores(
             result = aupimo(maps, masks).to_dict()  # per-image values: compare models image by image
             result["paths"] = [r["path"] for r in rows]
             atomic_write_text(out_dir / "aupimo.json", json.dumps(result, indent=2))
+            curves = pimo_plot_data(maps, masks)
+            curves["paths"] = [r["path"] for r, s in zip(rows, samples) if s.label]
+            atomic_write_text(out_dir / "pimo.json", json.dumps(curves))
     return metrics
+
+
+def pimo_plot_data(maps: list[NDArray[np.float32]], masks: list[NDArray[np.bool_]]) -> dict[str, Any]:
+    """PIMO curves thinned for plotting: the shared FPR on a log grid and each anomalous image's TPR there."""
+    curves = pimo_curves(maps, masks, num_thresholds=_PLOT_THRESHOLDS)
+    fpr = curves.shared_fpr  # non-increasing along the thresholds
+    lowest = float(fpr[fpr > 0].min())
+    grid = np.geomspace(lowest, float(fpr[0]), _PLOT_POINTS)
+    # for each grid level, the highest threshold whose shared FPR still reaches it
+    index = np.clip(np.searchsorted(-fpr, -grid, side="right") - 1, 0, fpr.size - 1)
+    index = np.unique(index)
+    tpr = curves.per_image_tpr[curves.is_anomalous][:, index]
+    return {
+        "shared_fpr": [float(v) for v in fpr[index]],
+        "per_image_tpr": [[round(float(v), 5) for v in row] for row in tpr],
+    }
 
 
 def _match(rows: list[dict[str, str]], data: CategoryData) -> list[Sample]:

@@ -18,6 +18,7 @@ FORBIDDEN = {
     "anomaly.index": ["anomaly.scorers", "anomaly.features", "anomaly.detector", "anomaly.cli"],
     "anomaly.scorers": ["anomaly.features", "anomaly.data", "anomaly.detector", "anomaly.metrics", "anomaly.cli"],
     "anomaly.detector": ["anomaly.metrics", "anomaly.benchmark", "anomaly.cli"],
+    "anomaly.report": ["anomaly.detector", "anomaly.scorers", "anomaly.features", "anomaly.benchmark", "anomaly.cli"],
 }
 
 
