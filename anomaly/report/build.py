@@ -19,7 +19,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from anomaly._fs import new_temp_dir, replace_dir
+from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.report.charts import aupimo_chart, pimo_chart, score_histogram
 from anomaly.report.content import ReportContent, load_content
 from anomaly.report.images import Rendered, render_item
@@ -66,7 +66,7 @@ def build_report(
         shutil.copytree(_HERE / "static", tmp / "assets")
         env = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True, undefined=StrictUndefined)
         (tmp / "index.html").write_text(env.get_template("index.html.j2").render(**page))
-        replace_dir(tmp, out)
+        finish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
