@@ -96,7 +96,7 @@ class ThresholdConfig:
     """
 
     target_fpr: float = 0.01
-    folds: int = 5
+    folds: int = 10
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.target_fpr) and 0 < self.target_fpr <= 0.5):

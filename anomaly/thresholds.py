@@ -198,18 +198,26 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float) -> float:
     scale = float(np.median(values + shift))
     x = (values + shift) / scale
     log_x = np.log(x).sum()
-    best: tuple[float, float, Any] | None = None
+    best: tuple[float, float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None = None
     for lam in _BOXCOX_LAMBDAS:
-        y = boxcox(x, lam)[:, None]
+        y = boxcox(x, lam)
+        jacobian = (lam - 1) * log_x  # makes likelihoods comparable across lambda
         for k in _COMPONENTS:
-            gmm = GaussianMixture(k, random_state=0, reg_covar=1e-6 * float(y.var()) + 1e-12).fit(y)
-            log_lik = gmm.score(y) * len(y) + (lam - 1) * log_x  # Jacobian: likelihoods comparable across lambda
-            bic = -2 * log_lik + (3 * k - 1) * math.log(len(y))
+            if k == 1:  # closed form
+                mean, var = float(y.mean()), float(y.var()) + 1e-12
+                log_lik = -0.5 * len(y) * (math.log(2 * math.pi * var) + 1)
+                params = (np.array([mean]), np.array([math.sqrt(var)]), np.array([1.0]))
+            else:
+                gmm = GaussianMixture(
+                    k, random_state=0, init_params="k-means++", reg_covar=1e-6 * float(y.var()) + 1e-12
+                ).fit(y[:, None])
+                log_lik = float(gmm.score(y[:, None])) * len(y)
+                params = (gmm.means_.ravel(), np.sqrt(gmm.covariances_.ravel()), gmm.weights_)
+            bic = -2 * (log_lik + jacobian) + (3 * k - 1) * math.log(len(y))
             if best is None or bic < best[0]:
-                best = (bic, lam, gmm)
+                best = (bic, lam, *params)
     assert best is not None
-    _, lam, gmm = best
-    means, sds, weights = gmm.means_.ravel(), np.sqrt(gmm.covariances_.ravel()), gmm.weights_
+    _, lam, means, sds, weights = best
     eligible = np.flatnonzero(weights >= _MIN_COMPONENT)
     j = eligible[np.argmin(means[eligible])]
     quantile = float(inv_boxcox(means[j] + norm.ppf(1 - alpha) * sds[j], lam))

@@ -11,7 +11,9 @@ from anomaly.config import apply_overrides, load_config
 
 
 def _config(name: str = "patchcore", *extra: str):
-    return apply_overrides(load_config(name), ["backbone.image_size=[128,128]", "batch_size=4", *extra])
+    small = ["backbone.image_size=[128,128]", "batch_size=4"]  # 12 training images: a larger coreset share
+    bank = ["scorer.params.coreset_ratio=0.1"] if name == "patchcore" else []
+    return apply_overrides(load_config(name), [*small, *bank, *extra])
 
 
 def _split_train(det: Detector) -> list[Path]:
@@ -47,6 +49,22 @@ def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthe
     anomalous = [r.image_score for r in batch[len(good) :]]
     assert min(anomalous) > max(normal)  # the painted defects are found
     assert not any(r.is_anomalous for r in batch[: len(good)])  # threshold from normal images only
+
+
+def _assert_masks_agree_with_verdicts(results: list[DetectionResult]) -> None:
+    flagged = [r for r in results if r.is_anomalous]
+    assert flagged, "nothing flagged: the check would be empty"
+    for r in results:
+        assert r.mask is not None and bool(r.mask.any()) == r.is_anomalous
+        if r.is_anomalous:
+            assert r.anomaly_map is not None and r.anomaly_map.max() >= r.pixel_threshold
+
+
+def test_flagged_images_always_have_a_mask_and_others_never(fitted: Detector, synthetic_root: Path) -> None:
+    _, good, bad = _split(synthetic_root)
+    results = fitted.predict(good + bad)
+    _assert_masks_agree_with_verdicts(results)
+    assert all(r.image_score == pytest.approx(float(r.anomaly_map.max()), rel=1e-6) for r in results)
 
 
 def test_threshold_comes_from_cross_fitted_normal_images(fitted: Detector) -> None:
@@ -110,6 +128,8 @@ def test_other_trained_configs_separate_defects(name: str, synthetic_root: Path)
     anomalous = [r.image_score for r in results[len(good) :]]
     assert np.mean(anomalous) > np.max(normal)
     assert (results[0].anomaly_map is None) == (name == "gaussian")
+    if name == "padim":
+        _assert_masks_agree_with_verdicts(results)
 
 
 def test_zero_shot_pool_scores_defects_higher_and_finite_for_two_images(synthetic_root: Path) -> None:
@@ -131,6 +151,7 @@ def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
     assert det.reference_ is not None and det.reference_.layers[0].shape[0] == 4
     assert len(results) == len(good + bad)
     assert sum(r.is_anomalous for r in results[len(good) :]) >= len(bad) // 2
+    _assert_masks_agree_with_verdicts(results)  # RsCIN re-scores images: the pixel threshold is capped per image
 
 
 def test_few_shot_support_augmentation_adds_six_views(synthetic_root: Path) -> None:
