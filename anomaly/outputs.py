@@ -14,8 +14,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly._fs import new_temp_dir, replace_dir
-from anomaly.detector import DetectionResult
 from anomaly.errors import DataError
+from anomaly.results import DetectionResult
 
 __all__ = ["ScoreWriter", "overlay", "read_scores", "relative_names"]
 

@@ -23,6 +23,7 @@ from anomaly.errors import DataError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "decode_image",
     "is_image_file",
     "list_images",
     "read_image",
@@ -62,10 +63,30 @@ def read_image(path: str | os.PathLike[str]) -> NDArray[np.uint8]:
     Raises:
         DataError: The file is missing or cannot be decoded.
     """
-    pixels = _decode(Path(path))
+    return _rgb8(_decode(Path(path)), path)
+
+
+def decode_image(data: bytes | NDArray[np.uint8], name: str = "image data") -> NDArray[np.uint8]:
+    """Decode an encoded image held in memory (the bytes of a PNG, JPEG, ... file) as :func:`read_image` does.
+
+    Args:
+        data: The encoded file contents.
+        name: What error messages call the image.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB array, C-contiguous.
+
+    Raises:
+        DataError: The data cannot be decoded.
+    """
+    return _rgb8(_decode_data(np.frombuffer(data, dtype=np.uint8), name), name)
+
+
+def _rgb8(pixels: NDArray[Any], name: str | os.PathLike[str]) -> NDArray[np.uint8]:
+    """Any decoded depth and channel count -> uint8 RGB (16-bit scaled by ``>> 8``)."""
     if pixels.dtype != np.uint8:
         if pixels.dtype.kind not in "iu":
-            raise DataError(f"cannot read image: {path} (unsupported pixel type {pixels.dtype})")
+            raise DataError(f"cannot read image: {name} (unsupported pixel type {pixels.dtype})")
         pixels = (np.clip(pixels, 0, 65535) >> 8).astype(np.uint8)
     if pixels.ndim == 2:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
@@ -212,6 +233,11 @@ def _decode(path: Path) -> NDArray[Any]:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read image: {path} ({exc.strerror or exc})") from exc
+    return _decode_data(data, path)
+
+
+def _decode_data(data: NDArray[np.uint8], path: str | os.PathLike[str]) -> NDArray[Any]:
+    """:func:`_decode` of file contents already in memory; ``path`` names them in errors."""
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
     try:
         pixels = cv2.imdecode(data, _CV2_FLAGS | cv2.IMREAD_IGNORE_ORIENTATION if webp else _CV2_FLAGS)
@@ -244,7 +270,7 @@ def _orient(pixels: NDArray[Any], orientation: int) -> NDArray[Any]:
     return pixels
 
 
-def _decode_pil(data: NDArray[np.uint8], path: Path) -> NDArray[Any]:
+def _decode_pil(data: NDArray[np.uint8], path: str | os.PathLike[str]) -> NDArray[Any]:
     """PIL fallback of :func:`_decode` for files OpenCV cannot decode."""
     try:
         with Image.open(io.BytesIO(data.tobytes())) as opened:

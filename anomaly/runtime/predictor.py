@@ -1,0 +1,147 @@
+"""ExportedDetector: scores images with an export directory, without torch or timm."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from anomaly.data.io import decode_image, read_image
+from anomaly.errors import DataError
+from anomaly.results import DetectionResult
+from anomaly.runtime.manifest import read_manifest
+from anomaly.runtime.network import load_network
+from anomaly.runtime.scoring import Decision, decide, load_scorer
+
+__all__ = ["ExportedDetector", "RuntimeInput", "ScorerInfo"]
+
+RuntimeInput = str | os.PathLike[str] | bytes | NDArray[np.uint8]
+Progress = Callable[[str, int, int], None]  # (stage, done, total), as Detector.predict_stream
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    """What callers of a Detector read from ``detector.scorer``: its name and whether it has maps."""
+
+    name: str
+    has_maps: bool
+
+
+class ExportedDetector:
+    """An export directory loaded for scoring: the Detector's predict API on ONNX Runtime / OpenVINO.
+
+    Example:
+        >>> det = ExportedDetector("bottle-export")  # doctest: +SKIP
+        >>> det.predict("test/000.png").is_anomalous  # doctest: +SKIP
+    """
+
+    zero_shot = False
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        try:
+            self.decision = Decision.from_manifest(self.manifest)
+            self.batch_size = int(self.manifest.get("batch_size", 16))
+            self._network = load_network(self.directory, self.manifest["network"])
+            self._scorer = load_scorer(self.directory, self.manifest["scorer"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{self.directory}: incomplete export ({type(exc).__name__}: {exc})") from None
+        self.scorer = ScorerInfo(self.manifest["scorer"]["name"], self._scorer.has_maps)
+        self.threshold_ = self.decision.threshold
+        self.pixel_threshold_ = self.decision.pixel_threshold
+        self.image_size = self.decision.input_size
+
+    def predict(self, images: RuntimeInput | Sequence[RuntimeInput], *, maps: bool = True) -> Any:
+        """Score one image (path, encoded bytes or RGB array; returns a DetectionResult) or a list of them."""
+        single = isinstance(images, (str, os.PathLike, bytes)) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3)
+        )
+        items = [images] if single else list(images)  # type: ignore[list-item]
+        results = [result for result, _ in self.predict_stream(items, maps=maps)]
+        return results[0] if single else results
+
+    def predict_stream(
+        self,
+        images: Sequence[RuntimeInput],
+        *,
+        maps: bool = True,
+        keep_images: bool = False,
+        progress: Progress | None = None,
+    ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
+        """Yield (result, decoded RGB image or None) per input, as ``Detector.predict_stream``."""
+        items = list(images)
+        if not items:
+            raise DataError("predict: no images")
+        done = 0
+        for batch in _chunks(_prefetch(self._decode, items, 2 * self.batch_size), self.batch_size):
+            resized = np.stack([b[0] for b in batch])
+            patch_maps, scores = self._scorer(self._network(resized))
+            results = decide(
+                patch_maps, scores, [b[1] for b in batch], [b[2] for b in batch], self.decision, maps
+            )
+            for result, b in zip(results, batch):
+                yield result, b[3] if keep_images else None
+            done += len(batch)
+            if progress is not None:
+                progress("score", done, len(items))
+
+    def _decode(self, item: RuntimeInput) -> tuple[NDArray[np.uint8], tuple[int, int], str | None, NDArray[np.uint8]]:
+        if isinstance(item, np.ndarray):
+            image, source = _as_rgb(item), None
+        elif isinstance(item, bytes):
+            image, source = decode_image(item), None
+        else:
+            image, source = read_image(item), str(item)
+        return _resize(image, self.image_size), image.shape[:2], source, image
+
+
+def _resize(image: NDArray[np.uint8], size: tuple[int, int]) -> NDArray[np.uint8]:
+    """The Detector's input resize (detector._decode_resized): area when shrinking, else bilinear."""
+    h, w = image.shape[:2]
+    if (h, w) == size:
+        return image
+    interp = cv2.INTER_AREA if h > size[0] and w > size[1] else cv2.INTER_LINEAR
+    return cv2.resize(image, (size[1], size[0]), interpolation=interp)
+
+
+def _as_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
+    """uint8 gray/RGB/RGBA arrays -> RGB, as the Detector accepts them (detector._as_rgb)."""
+    if array.dtype != np.uint8:
+        raise DataError(f"image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return np.ascontiguousarray(array[:, :, :3])
+    raise DataError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+
+
+def _prefetch(fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Iterator[Any]:
+    """``map(fn, items)`` in a thread pool (decoding releases the GIL), at most ``ahead`` items in flight."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        pending: deque[Future[Any]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _chunks(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in stream:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
