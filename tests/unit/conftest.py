@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -25,3 +27,22 @@ def patchcore_export(patchcore_model: Path) -> Path:
     from anomaly.export import export_model
 
     return export_model(patchcore_model, patchcore_model.parent / "export")
+
+
+@pytest.fixture(scope="session")
+def assert_parity() -> Callable[..., None]:
+    """Compare torch Detector results with runtime results at the acceptance tolerances."""
+    return _assert_parity
+
+
+def _assert_parity(torch_results: list, runtime_results: list) -> None:  # type: ignore[type-arg]
+    """The acceptance tolerances: image scores 1e-4 relative, maps 1e-3 absolute, identical verdicts."""
+    for a, b in zip(torch_results, runtime_results, strict=True):
+        assert b.image_score == pytest.approx(a.image_score, rel=1e-4)
+        assert a.is_anomalous == b.is_anomalous and a.threshold == b.threshold
+        assert a.pixel_threshold == b.pixel_threshold
+        if a.anomaly_map is None:
+            assert b.anomaly_map is None
+        else:
+            assert b.anomaly_map.shape == a.anomaly_map.shape and b.anomaly_map.dtype == np.float32
+            assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-3

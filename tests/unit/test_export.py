@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +28,9 @@ def _test_images(root: Path) -> list[Path]:
     return sorted((root / "test").glob("*/*.png"))
 
 
-def assert_parity(torch_results: list, runtime_results: list) -> None:  # type: ignore[type-arg]
-    """The acceptance tolerances: image scores 1e-4 relative, maps 1e-3 absolute, identical verdicts."""
-    for a, b in zip(torch_results, runtime_results, strict=True):
-        assert b.image_score == pytest.approx(a.image_score, rel=1e-4)
-        assert a.is_anomalous == b.is_anomalous and a.threshold == b.threshold
-        assert a.pixel_threshold == b.pixel_threshold
-        if a.anomaly_map is None:
-            assert b.anomaly_map is None
-        else:
-            assert b.anomaly_map.shape == a.anomaly_map.shape and b.anomaly_map.dtype == np.float32
-            assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-3
-
-
-def test_runtime_matches_the_torch_detector(patchcore_model: Path, patchcore_export: Path, synthetic_root: Path) -> None:
+def test_runtime_matches_the_torch_detector(
+    patchcore_model: Path, patchcore_export: Path, synthetic_root: Path, assert_parity: Callable[..., None]
+) -> None:
     paths = _test_images(synthetic_root)
     expected = Detector.load(patchcore_model).predict(paths)
     runtime = ExportedDetector(patchcore_export)
