@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from anomaly._runtime import passive_openmp
 from anomaly.errors import BackendError
 
 __all__ = ["Network", "load_network"]
@@ -39,6 +40,8 @@ class _OnnxNetwork:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
+        if passive_openmp():  # the CLI's policy: idle threads sleep, not spin, so shared cores do not stall
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input = self.session.get_inputs()[0].name

@@ -44,21 +44,30 @@ def test_runtime_matches_the_torch_detector(
     from anomaly.data.io import read_image
 
     gray = read_image(paths[0]).mean(2).astype(np.uint8)
-    assert runtime.predict(gray).image_score == pytest.approx(Detector.load(patchcore_model).predict(gray).image_score, rel=1e-4)
+    assert runtime.predict(gray).image_score == pytest.approx(
+        Detector.load(patchcore_model).predict(gray).image_score, rel=1e-4
+    )
 
 
-def test_runtime_process_never_imports_torch_or_timm(patchcore_export: Path, synthetic_root: Path) -> None:
+def test_runtime_and_score_cli_never_import_torch_or_timm(
+    patchcore_export: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
     image = _test_images(synthetic_root)[0]
     code = (
         "import sys, json\n"
         "from anomaly.runtime import ExportedDetector\n"
+        "from anomaly.cli import app\n"
         f"r = ExportedDetector({str(patchcore_export)!r}).predict({str(image)!r})\n"
-        "print(json.dumps([r.image_score, r.anomaly_map.shape[0], sorted(m for m in ('torch', 'timm') if m in sys.modules)]))\n"
+        f"app(['-q', 'score', '--model', {str(patchcore_export)!r}, '--out', {str(tmp_path / 'out')!r}, '--maps',"
+        f" {str(image)!r}], standalone_mode=False)\n"
+        "heavy = [m for m in ('torch', 'timm') if m in sys.modules]\n"
+        "print(json.dumps([r.image_score, r.anomaly_map.shape[0], heavy]))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
     score, height, imported = json.loads(out.stdout.strip().splitlines()[-1])
     assert np.isfinite(score) and height == 128
+    assert (tmp_path / "out" / "scores.csv").is_file()
     assert imported == []
 
 
@@ -69,13 +78,20 @@ def test_score_cli_accepts_an_export_and_writes_the_same_outputs(
     rows = {}
     for name, model in (("torch", patchcore_model), ("export", patchcore_export)):
         out = tmp_path / name
-        result = runner.invoke(app, ["score", "--model", str(model), "--out", str(out), "--maps", str(synthetic_root / "test")])
+        result = runner.invoke(
+            app, ["score", "--model", str(model), "--out", str(out), "--maps", str(synthetic_root / "test")]
+        )
         assert result.exit_code == 0, result.output
         with (out / "scores.csv").open() as fh:
             rows[name] = list(csv.DictReader(fh))
     assert len(rows["export"]) == 10
     for a, b in zip(rows["torch"], rows["export"], strict=True):
-        assert (a["path"], a["is_anomalous"], a["threshold"], a["map_path"]) == (b["path"], b["is_anomalous"], b["threshold"], b["map_path"])
+        assert (a["path"], a["is_anomalous"], a["threshold"], a["map_path"]) == (
+            b["path"],
+            b["is_anomalous"],
+            b["threshold"],
+            b["map_path"],
+        )
         assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-4)
         diff = np.abs(np.load(tmp_path / "torch" / a["map_path"]) - np.load(tmp_path / "export" / b["map_path"]))
         assert diff.max() <= 1e-3

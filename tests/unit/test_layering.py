@@ -18,6 +18,22 @@ FORBIDDEN = {
     "anomaly.index": ["anomaly.scorers", "anomaly.features", "anomaly.detector", "anomaly.cli"],
     "anomaly.scorers": ["anomaly.features", "anomaly.data", "anomaly.detector", "anomaly.metrics", "anomaly.cli"],
     "anomaly.detector": ["anomaly.metrics", "anomaly.benchmark", "anomaly.cli"],
+    # torch-free: nothing that imports torch or timm (a test also runs it in a fresh process)
+    "anomaly.runtime": [
+        "anomaly.detector",
+        "anomaly.features",
+        "anomaly.scorers",
+        "anomaly.export",
+        "anomaly.serve",
+        "anomaly.cli",
+        "anomaly.metrics",
+        "anomaly.benchmark",
+        "anomaly.streaming",
+        "torch",
+        "timm",
+    ],
+    "anomaly.results": ["anomaly.", "torch"],
+    "anomaly.serve": ["anomaly.cli", "anomaly.export", "anomaly.metrics", "anomaly.benchmark"],
 }
 
 

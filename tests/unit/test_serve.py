@@ -56,7 +56,9 @@ def test_predict_answers_the_runtime_score_for_multipart_and_raw_bodies(
             assert body["is_anomalous"] == expected.is_anomalous and body["threshold"] == expected.threshold
 
 
-def test_mask_and_map_come_back_at_the_image_size(client: TestClient, runtime: ExportedDetector, images: list[Path]) -> None:
+def test_mask_and_map_come_back_at_the_image_size(
+    client: TestClient, runtime: ExportedDetector, images: list[Path]
+) -> None:
     path = images[-1]
     body = client.post("/predict?mask=png&map=npy", files={"file": ("x.png", path.read_bytes())}).json()
     amap = np.load(io.BytesIO(base64.b64decode(body["map_npy"])))
@@ -87,7 +89,9 @@ def test_metrics_count_requests_latency_and_verdicts(client: TestClient, images:
     for path in images:
         client.post("/predict", content=path.read_bytes())
     text = client.get("/metrics").text
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"
+    }
     assert samples['anomaly_requests_total{path="/predict",status="200"}'] >= len(images)
     assert samples['anomaly_request_seconds_count{path="/predict"}'] >= len(images)
     flagged = samples.get('anomaly_verdicts_total{verdict="anomalous"}', 0)
