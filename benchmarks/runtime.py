@@ -399,7 +399,7 @@ def main() -> None:
                             f"{s['good_200']}/{s['good']}",
                             f"{s['corrupt_400']}/{s['corrupt']}",
                             s["5xx"],
-                            s["max_rel_vs_score"],
+                            f"{s['max_rel_vs_score']:.1e}",
                             s["p50_ms"],
                             s["p99_ms"],
                             s["throughput_rps"],
