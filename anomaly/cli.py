@@ -1,4 +1,4 @@
-"""`anomaly` command line: fit | score | evaluate | benchmark | backbones.
+"""`anomaly` command line: fit | score | evaluate | benchmark | backbones | export | serve.
 
 Thin wrappers over the public API. Every user error (``AnomalyError``) becomes one line on stderr
 and exit code 2; heavy imports happen inside the commands so ``anomaly --help`` stays fast.
@@ -154,7 +154,8 @@ def score(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (scores.csv, maps/, overlays/).")],
     model: Annotated[
-        Path | None, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")
+        Path | None,
+        typer.Option("--model", "-m", help="Model directory (`anomaly fit`) or export directory (`anomaly export`)."),
     ] = None,
     zero_shot: Annotated[
         bool, typer.Option("--zero-shot", help="Score the inputs against each other (MuSc), no model.")
@@ -173,18 +174,26 @@ def score(
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Score images with a fitted model (--model) or zero-shot (--zero-shot)."""
+    """Score images with a fitted model or an export (--model) or zero-shot (--zero-shot)."""
     from anomaly.data.inputs import image_paths, reference_paths
-    from anomaly.detector import Detector
     from anomaly.outputs import ScoreWriter, relative_names
+    from anomaly.runtime import ExportedDetector, is_export_dir
 
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
     if model is not None and (reference or overrides or backbone):
         raise DataError("--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config")
+    detector: Any
     if model is not None:
-        detector = Detector.load(model)
+        if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
+            detector = ExportedDetector(model)
+        else:
+            from anomaly.detector import Detector
+
+            detector = Detector.load(model)
     else:
+        from anomaly.detector import Detector
+
         detector = Detector(_config(config, backbone, overrides))
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
@@ -338,6 +347,40 @@ def report(
     finally:
         progress.close()
     typer.echo(f"report written to {folder / 'index.html'}")
+
+@app.command()
+@_user_errors
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Export directory to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")] = "onnx",
+) -> None:
+    """Export a fitted model for torch-free scoring (`anomaly score --model EXPORT_DIR`, `anomaly serve`)."""
+    from anomaly.export import export_model
+
+    if not model.is_dir():
+        raise DataError(f"--model {model}: model directory not found")
+    export_model(model, out, fmt)
+    typer.echo(f"exported {model} as {fmt} to {out}")
+
+
+@app.command()
+@_user_errors
+def serve(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory or export directory.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes, each with its own model.")] = 1,
+    max_mb: Annotated[float, typer.Option("--max-mb", help="Largest accepted request body in MiB (else 413).")] = 32,
+) -> None:
+    """Serve POST /predict, GET /health and GET /metrics over HTTP."""
+    try:
+        from anomaly.serve import run
+    except ImportError as exc:
+        raise DataError(f'serve needs FastAPI and uvicorn: pip install "anomaly[serve]" ({exc.name} missing)') from None
+    if workers < 1 or max_mb <= 0:
+        raise DataError("--workers must be >= 1 and --max-mb > 0")
+    run(model, host, port, workers, int(max_mb * 2**20))
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from anomaly.data.inputs import training_paths
 from anomaly.data.loader import DecodedImage, ImageInput, iter_batches, support_views
 from anomaly.errors import AnomalyError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
-from anomaly.maps import resize_map, smooth_maps
+from anomaly.decisions import make_results, map_peaks
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
@@ -121,30 +121,20 @@ class Detector:
         self, out: ScoreOutput, images: Sequence[DecodedImage], decision: Threshold, *, maps: bool = True
     ) -> list[DetectionResult]:
         """Post-process scorer outputs into results: image score, verdict, pixel threshold and map."""
-        smoothed = None
-        peaks = out.image_scores
-        if out.patch_maps is not None:
-            smoothed = smooth_maps(out.patch_maps, self.extractor.image_size, self.config.postprocess.blur_sigma)
-            peaks = smoothed.reshape(len(smoothed), -1).max(1).astype(np.float64)
-        results = []
-        for i, image in enumerate(images):
-            score = peaks[i] if self.scorer.image_score_from_map and smoothed is not None else out.image_scores[i]
-            if not np.isfinite(score):
-                raise DataError(
-                    f"{image.source or 'image'}: the score is not finite; check backbone.mean/std and the input"
-                )
-            amap = resize_map(smoothed[i], image.size) if maps and smoothed is not None else None
-            results.append(
-                DetectionResult(
-                    float(score),
-                    decision.is_anomalous(score),
-                    decision.image,
-                    amap,
-                    image.source,
-                    decision.pixel_for(score, float(peaks[i])) if smoothed is not None else decision.image,
-                )
+        try:
+            return make_results(
+                out.patch_maps,
+                out.image_scores,
+                [d.size for d in images],
+                [d.source for d in images],
+                decision,
+                input_size=self.extractor.image_size,
+                sigma=self.config.postprocess.blur_sigma,
+                score_from_map=self.scorer.image_score_from_map,
+                maps=maps,
             )
-        return results
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
 
     # --------------------------------------------------------------------- fit
     def fit(self, images: Sequence[ImageInput] | str | os.PathLike[str], progress: Progress | None = None) -> Detector:
@@ -286,8 +276,7 @@ class Detector:
         """Peak of every post-processed map (the image scores of a scorer without maps)."""
         if out.patch_maps is None:
             return out.image_scores
-        size, sigma = self.extractor.image_size, self.config.postprocess.blur_sigma
-        return np.array([smooth_maps(m[None], size, sigma).max() for m in out.patch_maps], dtype=np.float64)
+        return map_peaks(out.patch_maps, self.extractor.image_size, self.config.postprocess.blur_sigma)
 
     # ------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:

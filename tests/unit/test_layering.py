@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "anomaly"
 
 _APP = ["anomaly.cli", "anomaly.benchmark", "anomaly.report", "anomaly.evaluation", "anomaly.outputs"]
 _MODEL = ["anomaly.detector", "anomaly.streaming", "anomaly.features", "anomaly.scorers", "anomaly.index"]
-_TORCH_FREE = ["torch", "timm", *_MODEL]
+_TORCH_FREE = ["torch", "timm", *[m for m in _MODEL if m != "anomaly.index"]]  # the FAISS wrapper is torch-free
 
 # module prefix -> modules it must never import (its own sub-modules excepted)
 FORBIDDEN: dict[str, list[str]] = {
@@ -26,6 +26,10 @@ FORBIDDEN: dict[str, list[str]] = {
     "anomaly.maps": ["anomaly.", "torch"],
     "anomaly.thresholds": ["anomaly.", "!anomaly.errors", "torch"],
     "anomaly.metrics": ["anomaly.", "!anomaly.errors", "torch"],
+    "anomaly.decisions": ["anomaly.", "!anomaly.maps", "!anomaly.results", "!anomaly.thresholds", "!anomaly.errors", "torch"],
+    "anomaly.runtime": [*_APP, *_TORCH_FREE, "anomaly.export", "anomaly.serve"],  # no torch: deployable alone
+    "anomaly.export": ["anomaly.cli", "anomaly.benchmark", "anomaly.report", "anomaly.evaluation", "anomaly.serve"],
+    "anomaly.serve": ["anomaly.cli", "anomaly.benchmark", "anomaly.report", "anomaly.evaluation", "torch", "timm"],
     "anomaly.data": [*_APP, *_MODEL, "anomaly.metrics", "anomaly.maps", "anomaly.thresholds", "torch"],
     "anomaly.model_dir": [*_APP, *_MODEL, "anomaly.data", "torch"],
     "anomaly.features": [*_APP, "anomaly.detector", "anomaly.streaming", "anomaly.scorers", "anomaly.index", "anomaly.data"],
