@@ -27,6 +27,8 @@ from anomaly.scorers.registry import register_scorer
 
 __all__ = ["MemoryBankScorer"]
 
+_OVERSAMPLE = 2  # fold coresets hold twice their share of the bank; the final pick is made from their union
+
 
 @register_scorer
 class MemoryBankScorer(Scorer):
@@ -44,9 +46,8 @@ class MemoryBankScorer(Scorer):
         use_gpu: ``auto`` | true | false for the FAISS index.
         random_state: seed of the coreset.
 
-    ``cross_fit`` builds one coreset per fold of images (a hierarchical k-center: the bank is their
-    union, same size as one global coreset) and scores each fold against the other folds' rows:
-    out-of-sample scores for every training image at less than the cost of one global coreset.
+    ``cross_fit`` builds a hierarchical coreset (per fold, then from their union) and scores every
+    training image against a bank built the same way without its fold (see :meth:`cross_fit`).
     """
 
     name = "memory_bank"
@@ -108,14 +109,26 @@ class MemoryBankScorer(Scorer):
         emb = patch_embeddings(layers, self.patch_size)
         n_img, h, w, d = emb.shape
         flat = emb.reshape(-1, d)
-        picks = self._coreset(flat, self._bank_size(len(flat)), progress)
+        n_select = self._bank_size(len(flat))
+        if n_select >= len(flat):
+            picks = np.arange(len(flat))
+        else:
+            picks = greedy_coreset(
+                flat, n_select, projection_dim=self.projection_dim, seed=self.random_state, progress=progress
+            )
         self._set_bank(flat, picks, picks // (h * w))
         return self
 
     def cross_fit(
         self, layers: list[torch.Tensor], folds: NDArray[np.int64], *, progress: Progress | None = None
     ) -> ScoreOutput:
-        """Bank = union of per-fold coresets; each image scored against the other folds' rows only."""
+        """Hierarchical coreset; each image scored against a bank built without its fold.
+
+        Every fold gets its own coreset, ``_OVERSAMPLE`` times its share of the bank; the bank is a
+        greedy k-center pick from the union of all of them, and the out-of-sample bank of fold f the
+        same pick from the union of the other folds' coresets: one procedure for both, so the
+        held-out scores are those a new image gets, at about the cost of one global coreset.
+        """
         self._validate_params()
         emb = patch_embeddings(layers, self.patch_size)
         n_img, h, w, d = emb.shape
@@ -124,38 +137,49 @@ class MemoryBankScorer(Scorer):
         fold_ids = np.unique(folds)
         if len(fold_ids) < 2:
             raise DataError("cross-fitting needs at least 2 folds of training images")
-        picks, done = [], 0
+        steps = [0, len(fold_ids) * 2 + 1]
+
+        def tick() -> None:
+            steps[0] += 1
+            if progress is not None:
+                progress(steps[0], steps[1])
+
+        candidates = []
         for fold in fold_ids:
             images = np.flatnonzero(folds == fold)
             rows = (images[:, None] * (h * w) + np.arange(h * w)[None, :]).ravel()
-            n_select = max(1, round(total * len(images) / n_img))
-            step = None if progress is None else (lambda i, _n, base=done: progress(base + i, total))
-            local = self._coreset(flat[torch.from_numpy(rows).to(flat.device)], n_select, step)
-            picks.append(rows[local])
-            done += n_select
-        chosen = np.concatenate(picks)
+            share = math.ceil(_OVERSAMPLE * total * len(images) / n_img)
+            candidates.append(rows[self._coreset(flat, rows, share)])
+            tick()
+        union = np.concatenate(candidates)
+        union_fold = folds[union // (h * w)]
+        chosen = union[self._coreset(flat, union, total)]
+        tick()
         self._set_bank(flat, chosen, chosen // (h * w))
-        assert self.bank_ is not None and self.bank_image_ is not None
-        bank_fold = folds[self.bank_image_]
         queries = emb.cpu().numpy()
         maps = np.empty((n_img, h, w), dtype=np.float32)
         scores = np.empty(n_img, dtype=np.float64)
         for fold in fold_ids:
             images = np.flatnonzero(folds == fold)
-            bank = self.bank_[bank_fold != fold]
+            rest = union[union_fold != fold]
+            size = max(1, round(total * (n_img - len(images)) / n_img))
+            bank = flat[torch.from_numpy(rest[self._coreset(flat, rest, size)]).to(flat.device)].cpu().numpy()
             out = self._score_queries(NNIndex("Flat", use_gpu=self.use_gpu).build(bank), bank, queries[images])
             maps[images] = out.patch_maps
             scores[images] = out.image_scores
+            tick()
         return ScoreOutput(maps, scores)
 
     def _bank_size(self, n_rows: int) -> int:
         n_select = max(1, math.floor(self.coreset_ratio * n_rows))
         return n_select if self.max_bank is None else min(n_select, self.max_bank)
 
-    def _coreset(self, flat: torch.Tensor, n_select: int, progress: Progress | None) -> np.ndarray:
-        if n_select >= len(flat):
-            return np.arange(len(flat))
-        return greedy_coreset(flat, n_select, projection_dim=self.projection_dim, seed=self.random_state, progress=progress)
+    def _coreset(self, flat: torch.Tensor, rows: np.ndarray, n_select: int) -> np.ndarray:
+        """Positions (into ``rows``) of a greedy k-center pick of ``n_select`` of ``flat[rows]``."""
+        if n_select >= len(rows):
+            return np.arange(len(rows))
+        subset = flat[torch.from_numpy(rows).to(flat.device)]
+        return greedy_coreset(subset, n_select, projection_dim=self.projection_dim, seed=self.random_state)
 
     def _set_bank(self, flat: torch.Tensor, picks: np.ndarray, images: np.ndarray) -> None:
         self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].cpu().numpy()
