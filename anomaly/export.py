@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from anomaly import __version__
-from anomaly._fs import new_temp_dir, replace_dir
+from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.detector import Detector
 from anomaly.errors import BackendError, ConfigError, DataError
 from anomaly.features import FeatureExtractor
@@ -67,7 +67,7 @@ def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         spec = {"format": fmt, "file": net_file, "input": "images", "outputs": outputs, "opset": OPSET}
         _check_network(network, tmp, spec, det.extractor.image_size)
         write_manifest(tmp, _manifest(det, spec))
-        replace_dir(tmp, target)
+        finish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

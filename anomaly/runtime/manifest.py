@@ -24,7 +24,7 @@ def is_export_dir(path: str | os.PathLike[str]) -> bool:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Write ``folder/manifest.json``: ``manifest`` plus the SHA-256 of every file already in ``folder``."""
-    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST and not p.name.startswith(".")}
     body = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **manifest, "files": files}
     (folder / MANIFEST).write_text(json.dumps(body, indent=2))
 
@@ -33,7 +33,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and verify an export directory's manifest.
 
     Refused with DataError: a missing or unreadable manifest, another format or version, a listed
-    file that is missing, modified or outside the folder, and any file the manifest does not list.
+    file that is missing, modified or outside the folder. Unlisted files are never loaded.
     """
     root = Path(path)
     if not is_export_dir(root):
@@ -59,7 +59,4 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise DataError(f"{root / MANIFEST}: file {name!r} lies outside the export directory")
         if not file.is_file() or file_sha256(file) != digest:
             raise DataError(f"{file}: missing or modified since the export; export the model again")
-    unlisted = sorted(p.name for p in root.iterdir() if p.name != MANIFEST and p.name not in files)
-    if unlisted:
-        raise DataError(f"{root}: files not listed in {MANIFEST}: {', '.join(unlisted)}")
-    return manifest
+    return manifest  # files not listed (a user's notes) are never read: loaders take names from the list

@@ -54,7 +54,7 @@ class ExportedDetector:
             self.decision = Decision.from_manifest(self.manifest)
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)
             self._network = load_network(self.directory, self.manifest["network"])
-            self._scorer = load_scorer(self.directory, self.manifest["scorer"])
+            self._scorer = load_scorer(self.directory, self.manifest["scorer"], self.manifest["files"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{self.directory}: incomplete export ({type(exc).__name__}: {exc})") from None
         self.scorer = ScorerInfo(self.manifest["scorer"]["name"], self._scorer.has_maps)

@@ -32,13 +32,15 @@ class RuntimeScorer(Protocol):
     def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]: ...
 
 
-def load_scorer(root: Path, spec: dict[str, Any]) -> RuntimeScorer:
-    """The scorer described by the manifest's ``scorer`` entry, with its state files from ``root``."""
+def load_scorer(root: Path, spec: dict[str, Any], listed: dict[str, Any]) -> RuntimeScorer:
+    """The scorer described by the manifest's ``scorer`` entry, from the files the manifest lists."""
     from safetensors.numpy import load_file
 
     name, params = spec["name"], spec.get("params", {})
-    state = load_file(str(root / "state.safetensors")) if (root / "state.safetensors").is_file() else {}
+    state = load_file(str(root / "state.safetensors")) if "state.safetensors" in listed else {}
     if name == "memory_bank":
+        if "index.faiss" not in listed:
+            raise KeyError("index.faiss")
         return _MemoryBank(params, root / "index.faiss", state.get("bank"))
     if name == "padim":
         return _Padim(state["mean"], state["chol_inv"])
