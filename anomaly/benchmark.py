@@ -40,6 +40,7 @@ COLUMNS = [
     "pixel_ap",
     "image_f1max",
     "pixel_f1max",
+    "realised_fpr",
     "fit_s",
     "ms_per_image",
     "peak_mem_mb",
@@ -119,6 +120,7 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
     row = {
         "category": data.name,
         **{k: v for k, v in metrics.items() if not isinstance(v, str)},
+        "realised_fpr": _realised_fpr(results, test),
         "fit_s": fit_s,
         "ms_per_image": ms_per_image,
         "peak_mem_mb": peak_rss_mb(),
@@ -146,6 +148,12 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
     }
     atomic_write_text(out / "result.json", json.dumps(_nan_to_none(record), indent=2))
     return row
+
+
+def _realised_fpr(results: list[Any], samples: list[Any]) -> float:
+    """Share of the normal test images flagged anomalous at the detector's own threshold (NaN if none)."""
+    flags = [r.is_anomalous for r, s in zip(results, samples) if s.label == 0]
+    return float(np.mean(flags)) if flags else math.nan
 
 
 def _pimo_plot(maps: list[np.ndarray], samples: list[Any], path: Path, title: str) -> np.ndarray | None:
