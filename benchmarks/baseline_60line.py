@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dev_suite import BOTTLE, SUITE, mean_row, suite_paths, write_tables  # noqa: E402
+
 from anomaly.data.datasets import load_mvtec  # noqa: E402
 from anomaly.data.io import read_images  # noqa: E402
 from anomaly.evaluation import metrics_for  # noqa: E402
 from anomaly.features import FeatureExtractor  # noqa: E402
-from dev_suite import BOTTLE, SUITE, mean_row, suite_paths, write_tables  # noqa: E402
 
 SIZE, BANK_SHARE, SIGMA, BATCH = 256, 0.25, 4.0, 16
 

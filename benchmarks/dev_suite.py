@@ -26,7 +26,17 @@ from anomaly.config import apply_overrides, load_config  # noqa: E402
 
 BOTTLE = Path("/work/shared/datasets/mvtec_ad/bottle")
 SUITE = ("bottle", "bsdata", "synth_texture", "synth_object")
-COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "aupimo", "image_ap", "realised_fpr", "fit_s", "ms_per_image"]
+COLUMNS = [
+    "category",
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "aupimo",
+    "image_ap",
+    "realised_fpr",
+    "fit_s",
+    "ms_per_image",
+]
 
 
 def suite_paths(root: Path, bottle: Path, names: list[str]) -> dict[str, Path]:

@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--bsdata", type=Path, required=True, help="clone of github.com/2Obe/BSData")
     parser.add_argument("--neu", type=Path, help="clone of github.com/DHW-Master/NEU_Seg (optional)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/devsuite"))
-    parser.add_argument("--bsdata-normal", type=int, default=240, help="normal images used (75 %% train)")
-    parser.add_argument("--bsdata-pitting", type=int, default=120, help="pitting images used (test)")
+    parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
+    parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,9 @@ def _bsdata(args: argparse.Namespace) -> list[Path]:
     normal.sort()
     rng = np.random.default_rng(args.seed)
     normal = [normal[i] for i in sorted(rng.choice(len(normal), min(args.bsdata_normal, len(normal)), replace=False))]
-    pitting = [pitting[i] for i in sorted(rng.choice(len(pitting), min(args.bsdata_pitting, len(pitting)), replace=False))]
+    pitting = [
+        pitting[i] for i in sorted(rng.choice(len(pitting), min(args.bsdata_pitting, len(pitting)), replace=False))
+    ]
     stage = args.out / ".staging" / "bsdata"
     for sub in ("images", "labels"):
         (stage / sub).mkdir(parents=True, exist_ok=True)

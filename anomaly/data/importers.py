@@ -254,7 +254,9 @@ def _write_category(
         raise DataError(f"--link must be symlink, hardlink or copy, got {link!r}")
     if not normals and not defects:
         raise DataError("no image to import")
-    bad = sorted({d.defect_type for d in defects if not d.defect_type or d.defect_type == "good" or "/" in d.defect_type})
+    bad = sorted(
+        {d.defect_type for d in defects if not d.defect_type or d.defect_type == "good" or "/" in d.defect_type}
+    )
     if bad:
         raise DataError(f"defect type(s) {bad} cannot be folder names next to test/good")
     rng = np.random.default_rng(seed)
@@ -278,7 +280,9 @@ def _write_category(
             mask_file.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(d.mask.astype(np.uint8) * 255).save(mask_file)
         (tmp / "train" / "good").mkdir(parents=True, exist_ok=True)
-        summary = ImportSummary(target, len(train), len(test_good), dict(sorted(Counter(d.defect_type for d in defects).items())))
+        summary = ImportSummary(
+            target, len(train), len(test_good), dict(sorted(Counter(d.defect_type for d in defects).items()))
+        )
         manifest = {
             "source": source,
             "seed": seed,
@@ -323,7 +327,9 @@ def _walk_dir(folder: str | os.PathLike[str], option: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{option} {root}: folder not found")
-    return sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
 
 
 def _listed(folder: str | os.PathLike[str], option: str) -> list[Path]:

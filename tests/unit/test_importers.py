@@ -87,7 +87,10 @@ def test_mask_folders_with_classes_and_normals(tmp_path: Path) -> None:
     scratch[5, 2:9] = 3
     Image.fromarray(scratch).save(tmp_path / "msk" / "r.png")  # s.png has no mask: normal
     summary = import_mask_folders(
-        tmp_path / "img", tmp_path / "msk", tmp_path / "cat", classes={1: "hole", 2: "patch", 3: "scratch"},
+        tmp_path / "img",
+        tmp_path / "msk",
+        tmp_path / "cat",
+        classes={1: "hole", 2: "patch", 3: "scratch"},
         normal_test_ratio=0.5,
     )
     assert (summary.n_train, summary.n_test_good, summary.defects) == (1, 1, {"patch": 1, "scratch": 1})
@@ -161,3 +164,13 @@ def test_cli_import_user_errors(labelme_src: Path, tmp_path: Path, extra: list[s
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and message in result.output and result.output.count("\n") == 1
     assert not out.exists() and sorted(p.name for p in occupied.iterdir()) == ["keep.png"]
+
+
+def test_benchmark_rows_report_realised_fpr(synthetic_root: Path, tmp_path: Path) -> None:
+    from anomaly.benchmark import run_benchmark
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config("patchcore"), ["backbone.image_size=[128,128]"])
+    row = run_benchmark("mvtec", synthetic_root.parent, [synthetic_root.name], config, tmp_path)[0]
+    n_good = len(load_mvtec(synthetic_root).test_normal)
+    assert 0 <= row["realised_fpr"] <= 1 and (row["realised_fpr"] * n_good).is_integer()
