@@ -383,6 +383,45 @@ def serve(
     run(model, host, port, workers, int(max_mb * 2**20))
 
 
+@app.command("import")
+@_user_errors
+def import_(
+    fmt: Annotated[str, typer.Option("--format", help="labelme or mask-folders.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of all images, normal and defective.")],
+    annotations: Annotated[
+        Path, typer.Option("--annotations", help="labelme: folder of .json files; mask-folders: mask folder.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="MVTec-layout category folder to write.")],
+    classes: Annotated[
+        str | None, typer.Option("--classes", help="mask-folders: mask value -> defect type, e.g. 1=crack,2=dent.")
+    ] = None,
+    normal_test_ratio: Annotated[
+        float, typer.Option("--normal-test-ratio", help="Share of the normal images put in test/good.")
+    ] = 0.2,
+    max_normal: Annotated[
+        int | None, typer.Option("--max-normal", help="Use a seeded random subset of this many normal images.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the subset and the train/test split.")] = 0,
+    link: Annotated[str, typer.Option("--link", help="symlink, hardlink or copy the images.")] = "symlink",
+) -> None:
+    """Import labelme polygons or image + mask folders into an MVTec-layout category folder."""
+    from anomaly.data.importers import import_labelme, import_mask_folders, parse_classes
+
+    common: dict[str, Any] = dict(normal_test_ratio=normal_test_ratio, max_normal=max_normal, seed=seed, link=link)
+    if fmt == "labelme":
+        if classes is not None:
+            raise DataError("--classes applies to --format mask-folders only")
+        summary = import_labelme(images, annotations, out, **common)
+    elif fmt == "mask-folders":
+        mapping = parse_classes(classes) if classes is not None else None
+        summary = import_mask_folders(images, annotations, out, classes=mapping, **common)
+    else:
+        raise DataError(f"--format must be labelme or mask-folders, got '{fmt}'")
+    defects = ", ".join(f"{k} {v}" for k, v in summary.defects.items()) or "none"
+    typer.echo(f"wrote {out}: train/good {summary.n_train}, test/good {summary.n_test_good}, defects: {defects}")
+    if summary.test_only:
+        _note("no normal image for train/good: usable for pixel-level checks, not for fitting")
+
 def main() -> None:
     """Console-script entry point."""
     # Idle OpenMP threads sleep instead of spinning: on shared cores spinning stalled MuSc and the
