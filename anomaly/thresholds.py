@@ -129,6 +129,11 @@ def pool_threshold(
     return Threshold(image, pixel, rule, target_fpr, len(values), target_fpr)
 
 
+def _above(value: float) -> float:
+    """The smallest margin above ``value`` that survives flush-to-zero (torch sets it; denormals vanish)."""
+    return value + max(abs(value) * 1e-12, float(np.finfo(np.float64).tiny))
+
+
 def _finite(values: ArrayLike, what: str) -> NDArray[np.float64]:
     array = np.asarray(values, dtype=np.float64).ravel()
     if array.size == 0 or not np.all(np.isfinite(array)):
@@ -153,13 +158,13 @@ def _gpd_tail(ordered: NDArray[np.float64], alpha: float) -> float:
     n = len(ordered)
     n_tail = max(5, round(_TAIL_SHARE * n))
     if n < 10 or np.ptp(ordered) == 0:
-        return float(np.nextafter(ordered[-1], np.inf))  # nothing to extrapolate from: flag above all seen
+        return _above(float(ordered[-1]))  # nothing to extrapolate from: flag above all seen
     u = ordered[n - n_tail - 1]
     excess = ordered[n - n_tail :] - u
     shape, _, scale = genpareto.fit(excess, floc=0)
     shape = float(np.clip(shape, -0.5, 0.5))  # keep a wild fit on few points from exploding
     level = 1 - alpha * n / n_tail
-    return float(max(u + genpareto.ppf(level, shape, loc=0, scale=scale), np.nextafter(ordered[-1], np.inf)))
+    return float(max(u + genpareto.ppf(level, shape, loc=0, scale=scale), _above(float(ordered[-1]))))
 
 
 def _clopper_pearson(k: int, n: int) -> tuple[float, float]:
@@ -170,7 +175,7 @@ def _clopper_pearson(k: int, n: int) -> tuple[float, float]:
 
 
 def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int) -> tuple[float, str]:
-    top = float(np.nextafter(values.max(), np.inf))
+    top = _above(float(values.max()))
     spread = float(np.ptp(values))
     if spread <= 1e-9 * max(1.0, float(np.abs(values).max())):
         return top, "pool-degenerate"  # identical scores: nothing stands out, nothing is flagged
@@ -222,5 +227,5 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float) -> float:
     j = eligible[np.argmin(means[eligible])]
     quantile = float(inv_boxcox(means[j] + norm.ppf(1 - alpha) * sds[j], lam))
     if not math.isfinite(quantile):  # beyond the transform's range: above everything seen
-        return float(np.nextafter(values.max(), np.inf))
+        return _above(float(values.max()))
     return quantile * scale - shift

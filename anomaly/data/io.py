@@ -167,11 +167,14 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
     images: list[Path] = []
     seen: set[Path] = set()
     n_ignored = 0
+    unsupported: list[str] = []
     for item in inputs:
         path = Path(item)
         explicit_file = path.is_file()
         files = [path] if explicit_file else _expand(item)
         found = [f for f in files if is_image_file(f)]
+        if explicit_file and not found:
+            unsupported.append(_printable(path))
         if not found and not explicit_file:
             raise DataError(f"no image found in: {item}")
         n_ignored += len(files) - len(found)
@@ -180,6 +183,10 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
             if key not in seen:
                 seen.add(key)
                 images.append(file)
+    if not images and unsupported:
+        raise DataError(
+            f"unsupported image format: {', '.join(unsupported)} (supported: {' '.join(IMAGE_SUFFIXES)})"
+        )
     if not images:
         raise DataError(f"no image found in: {', '.join(str(i) for i in inputs) or '(no input given)'}")
     return images, n_ignored
