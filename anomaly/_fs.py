@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from anomaly.errors import DataError
@@ -74,6 +75,11 @@ def replace_dir(tmp: Path, target: Path) -> None:
     Entries of the old target that it did not write itself (not listed in its marker) move into
     the new folder first, so a user's notes or photos survive a re-run.
     """
+    with _lock(target):
+        _swap(tmp, target)
+
+
+def _swap(tmp: Path, target: Path) -> None:
     if not target.exists():
         tmp.rename(target)
         return
@@ -110,6 +116,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _lock(target: Path) -> Iterator[None]:
+    """Serialise swaps of one target between processes (two runs writing the same --out)."""
+    import fcntl
+
+    with open(target.parent / f".{target.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _owned(folder: Path) -> set[str] | None:
     try:
         data = json.loads((folder / OUTPUT_MARKER).read_text())
@@ -132,7 +151,7 @@ def _recover(target: Path) -> None:
     host = socket.gethostname()
     for tmp in parent.glob(f".{target.name}.*"):
         owner = tmp / _OWNER_FILE
-        if tmp == old or not owner.is_file():
+        if tmp == old or not tmp.is_dir() or not owner.is_file():
             continue
         try:
             owner_host, pid = owner.read_text().split()

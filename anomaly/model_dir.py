@@ -36,6 +36,9 @@ def write_model_dir(target: str | os.PathLike[str], write: Callable[[Path], dict
         meta = {"format_version": FORMAT_VERSION, **meta, "files": {n: file_sha256(tmp / n) for n in files}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         finish_dir(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{target}: could not write the model ({exc.strerror or exc})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

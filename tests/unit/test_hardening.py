@@ -281,7 +281,7 @@ def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_
     assert Detector.load(copy).threshold_ is not None
     rerun = _run("fit", "--out", copy, *SMALL, synthetic_root)
     assert rerun.exit_code == 0
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]  # the dead temp folder is gone
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.") and p.is_dir()]  # dead temp folder gone
 
 
 def test_9_decompression_bombs_are_refused_by_name(model: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -375,3 +375,45 @@ def test_every_input_gets_exactly_one_row(model: Path, synthetic_root: Path, tmp
 def test_config_errors_are_raised_by_the_api_too() -> None:
     with pytest.raises(ConfigError, match="backbone.std"):
         apply_overrides(load_config("patchcore"), ["backbone.std=[0,1,1]"])
+
+
+def test_6_a_full_disk_while_saving_is_a_clear_error_and_leaves_nothing(model: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+
+    from safetensors import numpy as st_numpy
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    det = Detector.load(model)
+    monkeypatch.setattr(st_numpy, "save_file", full)
+    with pytest.raises(DataError, match="No space left"):
+        det.save(tmp_path / "m")
+    assert not list(tmp_path.iterdir()) or all(p.name.endswith(".lock") for p in tmp_path.iterdir())
+
+
+def test_6_two_writers_of_one_output_leave_one_complete_folder(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    images = str(synthetic_root / "test" / "good")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "anomaly", "-q", "score", "--model", str(model), "--out", str(out), images],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert all(code in (0, 2) for code in codes) and 0 in codes
+    with (out / "scores.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.") and p.is_dir()]
+
+
+def test_12_mutual_scoring_never_computes_distances_in_half_precision() -> None:
+    import torch
+
+    from anomaly.scorers.musc import _compute_dtype
+
+    assert _compute_dtype(torch.zeros(2, dtype=torch.float16)) == torch.float32
+    assert _compute_dtype(torch.zeros(2, dtype=torch.float64)) == torch.float64
