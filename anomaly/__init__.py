@@ -13,9 +13,10 @@ from anomaly.errors import (
     NotFittedError,
     WeightsUnavailableError,
 )
+from anomaly.results import DetectionResult
 
 if TYPE_CHECKING:
-    from anomaly.detector import DetectionResult, Detector
+    from anomaly.detector import Detector
 
 __version__ = "0.1.0"
 
@@ -36,8 +37,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """Import the torch-backed Detector on first use, so `anomaly --help` stays fast."""
-    if name in ("Detector", "DetectionResult"):
-        from anomaly import detector
+    if name == "Detector":
+        from anomaly.detector import Detector
 
-        return getattr(detector, name)
+        return Detector
     raise AttributeError(f"module 'anomaly' has no attribute {name!r}")

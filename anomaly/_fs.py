@@ -1,16 +1,34 @@
-"""Atomic outputs: build in a temp folder beside the target, then rename it into place."""
+"""Atomic output folders: build in a temp folder beside the target, then rename it into place.
+
+Guarantees, whatever is killed when:
+
+* the target is either the previous complete folder or the new complete one; a kill between the
+  two renames of :func:`replace_dir` leaves ``.<name>.old``, which the next run renames back;
+* temp folders of dead runs (their owner process is gone) are removed by the next run;
+* files a user added to an earlier output folder are carried into the new one: every folder lists
+  what it wrote in ``.anomaly-output.json``, anything else is the user's.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import json
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from anomaly.errors import DataError
 
-__all__ = ["atomic_write_text", "file_sha256", "new_temp_dir", "replace_dir"]
+__all__ = ["OUTPUT_MARKER", "atomic_write_text", "file_sha256", "finish_dir", "new_temp_dir", "replace_dir"]
+
+OUTPUT_MARKER = ".anomaly-output.json"
+"""Marks a folder written by anomaly and lists what it wrote; such folders are never read as inputs."""
+_OWNER_FILE = ".anomaly-owner"
 
 
 def new_temp_dir(target: Path, marker: str) -> Path:
@@ -18,35 +36,75 @@ def new_temp_dir(target: Path, marker: str) -> Path:
 
     ``target`` may be missing, empty, or a folder holding ``marker`` (an earlier output of the
     same kind); anything else (a file, someone's folder) raises DataError so nothing is lost.
+    Unwritable locations raise DataError before any work is done.
     """
+    target = Path(target)
+    _recover(target)
     if target.exists():
         if not target.is_dir():
             raise DataError(f"{target}: exists and is not a folder; choose another output path")
         if any(target.iterdir()) and not (target / marker).exists():
             raise DataError(f"{target}: folder exists and is not an anomaly output (no {marker}); choose another")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    if target.resolve() == Path.cwd().resolve() or target.resolve() == Path(target.resolve().anchor):
+        raise DataError(f"{target}: cannot replace the current folder or a root; give a new output folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        (tmp / _OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
+    except OSError as exc:
+        raise DataError(f"{target}: cannot write here ({exc.strerror or exc})") from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared like any folder
     return tmp
 
 
+def finish_dir(tmp: Path, target: Path) -> None:
+    """Record what ``tmp`` holds as ours, then move it into place with :func:`replace_dir`."""
+    with contextlib.suppress(FileNotFoundError):
+        (tmp / _OWNER_FILE).unlink()
+    owned = sorted(p.name for p in tmp.iterdir())
+    try:
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"owned": owned}))
+        replace_dir(tmp, target)
+    except OSError as exc:
+        raise DataError(f"{target}: could not write the output ({exc.strerror or exc})") from None
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; an existing target is swapped out only once the new one is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
+    """Move ``tmp`` to ``target``; an existing target is swapped out only once the new one is complete.
+
+    Entries of the old target that it did not write itself (not listed in its marker) move into
+    the new folder first, so a user's notes or photos survive a re-run.
+    """
+    with _lock(target):
+        _swap(tmp, target)
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    if not target.exists():
         tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
+        return
+    owned = _owned(target)
+    if owned is not None:
+        for entry in target.iterdir():
+            if entry.name not in owned and entry.name != OUTPUT_MARKER and not (tmp / entry.name).exists():
+                entry.rename(tmp / entry.name)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DataError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -56,6 +114,59 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _lock(target: Path) -> Iterator[None]:
+    """Serialise swaps of one target between processes (two runs writing the same --out)."""
+    import fcntl
+
+    with open(target.parent / f".{target.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _owned(folder: Path) -> set[str] | None:
+    try:
+        data = json.loads((folder / OUTPUT_MARKER).read_text())
+        return {str(name) for name in data["owned"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # written before markers existed: everything in it is ours
+
+
+def _recover(target: Path) -> None:
+    """Undo what a killed run left beside ``target``: restore ``.old``, remove dead runs' temp folders."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    old = parent / f".{target.name}.old"
+    if old.is_dir():
+        if not target.exists():
+            old.rename(target)  # killed between the two renames: the previous output comes back
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    host = socket.gethostname()
+    for tmp in parent.glob(f".{target.name}.*"):
+        owner = tmp / _OWNER_FILE
+        if tmp == old or not tmp.is_dir() or not owner.is_file():
+            continue
+        try:
+            owner_host, pid = owner.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if owner_host == host and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
 
 
 def _umask() -> int:

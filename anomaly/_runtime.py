@@ -6,10 +6,12 @@ import logging
 import os
 import resource
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from anomaly.errors import BackendError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["passive_openmp", "peak_rss_mb", "resolve_device"]
 
@@ -18,6 +20,8 @@ log = logging.getLogger(__name__)
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; an explicit ``cuda`` without a GPU raises."""
+    import torch  # here, not at the top: the torch-free runtime imports this module (via anomaly.index)
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

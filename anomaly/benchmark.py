@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
@@ -22,9 +21,10 @@ from anomaly.config import DetectorConfig
 from anomaly.data.datasets import CategoryData, find_categories, load_folder, load_mvtec, load_visa
 from anomaly.detector import Detector
 from anomaly.errors import DataError
-from anomaly.evaluation import ground_truth_masks, metrics_for
+from anomaly.evaluation import Evaluation, evaluate_samples, write_evaluation
 from anomaly.metrics import pimo_curves
-from anomaly.outputs import PNG_FAST, overlay
+from anomaly.outputs import ScoreWriter, relative_names
+from anomaly.report import build_report
 
 __all__ = ["COLUMNS", "format_table", "run_benchmark"]
 
@@ -40,12 +40,13 @@ COLUMNS = [
     "pixel_ap",
     "image_f1max",
     "pixel_f1max",
+    "realised_fpr",
     "fit_s",
     "ms_per_image",
     "peak_mem_mb",
     "peak_gpu_mb",
 ]
-_N_OVERLAYS = 4
+_TABLES_MARKER = ".anomaly-benchmark"
 
 
 def run_benchmark(
@@ -65,18 +66,48 @@ def run_benchmark(
     names = categories or (find_categories(root, dataset) if dataset != "folder" else [root.name])  # type: ignore[arg-type]
     if not names:
         raise DataError(f"--root {root}: no {dataset} category found")
+    _check_out(out_dir)
     rows = []
     for name in names:
-        result_file = out_dir / name / "result.json"
-        done = json.loads(result_file.read_text()) if result_file.is_file() and not force else None
+        done = _read_result(out_dir / name / "result.json") if not force else None
         if done is not None and done.get("config") == config.to_dict():
             log.info("%s: already done, skipped (use --force to re-run)", name)
             rows.append(done["row"])
             continue
         log.info("%s: running", name)
         rows.append(_run_category(_load(dataset, root, name), config, out_dir / name, progress))
+    rows += _earlier_rows(out_dir, names, config)  # categories run before into the same folder stay in the table
     rows.append(_mean_row(rows))
     _write_tables(rows, out_dir)
+    return rows
+
+
+def _check_out(out_dir: Path) -> None:
+    """Refuse a folder whose results tables were not written by a benchmark (a user's own files)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir}: exists and is not a folder")
+    ours = (out_dir / _TABLES_MARKER).is_file()
+    for name in ("results.csv", "results.md", "results.json"):
+        if (out_dir / name).exists() and not ours:
+            raise DataError(f"--out {out_dir}: {name} exists and was not written by `anomaly benchmark`; choose another")
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("row"), dict) else None
+
+
+def _earlier_rows(out_dir: Path, names: list[str], config: DetectorConfig) -> list[dict[str, Any]]:
+    if not out_dir.is_dir():
+        return []
+    rows = []
+    for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and p.name not in names):
+        done = _read_result(folder / "result.json")
+        if done is not None and done.get("config") == config.to_dict():
+            rows.append(done["row"])
     return rows
 
 
@@ -110,35 +141,51 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
         detector.fit([s.image_path for s in data.train], progress=progress)
     fit_s = time.perf_counter() - start
     test = data.test
+    paths = [s.image_path for s in test]
+    writer = ScoreWriter(out / "scores", maps=False, overlays=detector.scorer.has_maps)
+    results = []
     start = time.perf_counter()
-    results = [r for r, _ in detector.predict_stream([s.image_path for s in test], maps=True, progress=progress)]
-    ms_per_image = (time.perf_counter() - start) / len(test) * 1000
+    try:
+        stream = detector.predict_stream(paths, maps=True, keep_images=writer.overlays, progress=progress)
+        for (result, image), name in zip(stream, relative_names(paths), strict=True):
+            writer.add(result, name, image)  # the same output code as `anomaly score`
+            results.append(result)
+        ms_per_image = (time.perf_counter() - start) / len(test) * 1000
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     scores = [r.image_score for r in results]
     maps = [r.anomaly_map for r in results] if results[0].anomaly_map is not None else None
-    metrics = metrics_for(scores, test, maps)  # type: ignore[arg-type]
+    evaluation = evaluate_samples(scores, test, maps, paths=[str(p) for p in paths])  # type: ignore[arg-type]
+    metrics = evaluation.metrics
+    normal = [r.is_anomalous for r, s in zip(results, test) if not s.label]
     row = {
         "category": data.name,
         **{k: v for k, v in metrics.items() if not isinstance(v, str)},
+        "realised_fpr": float(np.mean(normal)) if normal else math.nan,
         "fit_s": fit_s,
         "ms_per_image": ms_per_image,
         "peak_mem_mb": peak_rss_mb(),
     }
     if cuda:
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    out.mkdir(parents=True, exist_ok=True)
-    per_image = None
-    if maps is not None:
-        per_image = _pimo_plot(maps, test, out / "pimo.png", data.name)
-        _overlays(results, test, out / "overlays")
+    write_evaluation(evaluation, out / "evaluation")
+    per_image = None if evaluation.aupimo is None else evaluation.aupimo.per_image
+    if evaluation.aupimo is not None and evaluation.maps is not None and evaluation.masks is not None:
+        _pimo_plot(evaluation, out / "pimo.png", data.name)
+    build_report(out / "scores", out / "report", evaluation_dir=out / "evaluation")
     record = {
         "config": config.to_dict(),
         "row": row,
+        "threshold": None if detector.decision_ is None else detector.decision_.to_dict(),
         "aupimo_error": metrics.get("aupimo_error"),
         "per_image": [
             {
                 "path": str(s.image_path),
                 "label": s.label,
                 "score": r.image_score,
+                "is_anomalous": r.is_anomalous,
                 "aupimo": None if per_image is None or math.isnan(per_image[i]) else float(per_image[i]),
             }
             for i, (s, r) in enumerate(zip(test, results))
@@ -148,17 +195,14 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
     return row
 
 
-def _pimo_plot(maps: list[np.ndarray], samples: list[Any], path: Path, title: str) -> np.ndarray | None:
-    """Plot PIMO curves (per-image TPR vs shared FPR, log x) and return per-image AUPIMO."""
-    from anomaly.metrics import aupimo
-
-    masks = ground_truth_masks(samples, [m.shape for m in maps])
+def _pimo_plot(evaluation: Evaluation, path: Path, title: str) -> None:
+    """Plot PIMO curves (per-image TPR vs shared FPR, log x) with the AUPIMO range."""
+    assert evaluation.aupimo is not None and evaluation.maps is not None and evaluation.masks is not None
     try:
-        result = aupimo(maps, masks)
-        curves = pimo_curves(maps, masks, num_thresholds=10_000)  # enough points for a plot
+        curves = pimo_curves(evaluation.maps, evaluation.masks, num_thresholds=10_000)  # enough points for a plot
     except (ValueError, RuntimeError) as exc:
         log.warning("%s: no PIMO plot (%s)", title, exc)
-        return None
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,8 +211,8 @@ def _pimo_plot(maps: list[np.ndarray], samples: list[Any], path: Path, title: st
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     for i in np.flatnonzero(curves.is_anomalous):
         ax.plot(curves.shared_fpr, curves.per_image_tpr[i], lw=0.7, alpha=0.6)
-    lo, hi = result.fpr_bounds
-    ax.axvspan(lo, hi, color="grey", alpha=0.15, label=f"AUPIMO range, mean {result.mean:.3f}")
+    lo, hi = evaluation.aupimo.fpr_bounds
+    ax.axvspan(lo, hi, color="grey", alpha=0.15, label=f"AUPIMO range, mean {evaluation.aupimo.mean:.3f}")
     ax.set(
         xscale="log",
         xlim=(lo / 10, 1),
@@ -181,24 +225,6 @@ def _pimo_plot(maps: list[np.ndarray], samples: list[Any], path: Path, title: st
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return result.per_image
-
-
-def _overlays(results: list[Any], samples: list[Any], folder: Path) -> None:
-    """A few overlays: the highest-scoring anomalous images and the highest-scoring normal one."""
-    from anomaly.data.io import read_image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    anomalous = sorted((i for i, s in enumerate(samples) if s.label), key=lambda i: -results[i].image_score)
-    normal = sorted((i for i, s in enumerate(samples) if not s.label), key=lambda i: -results[i].image_score)
-    for i in anomalous[: _N_OVERLAYS - 1] + normal[:1]:
-        image = read_image(samples[i].image_path)
-        name = f"{samples[i].defect_type}_{samples[i].image_path.stem}.png"
-        cv2.imwrite(
-            str(folder / name),
-            overlay(image, results[i].anomaly_map, results[i].pixel_threshold),
-            PNG_FAST,
-        )
 
 
 def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,8 +238,9 @@ def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / _TABLES_MARKER).touch()
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
-    tmp = out / ".results.csv.tmp"
+    tmp = out / f".results.csv.{os.getpid()}.tmp"
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()

@@ -1,4 +1,4 @@
-"""`anomaly` command line: fit | score | evaluate | benchmark | backbones.
+"""`anomaly` command line: fit | score | evaluate | benchmark | backbones | export | serve.
 
 Thin wrappers over the public API. Every user error (``AnomalyError``) becomes one line on stderr
 and exit code 2; heavy imports happen inside the commands so ``anomaly --help`` stays fast.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import os
 import sys
 from collections.abc import Callable
@@ -50,10 +51,22 @@ def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only, no progress bars.")] = False,
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
     logging.captureWarnings(True)  # metric warnings as one log line, not a source excerpt
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every build it probes
     _Progress.enabled = not quiet
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as plain lines on the stderr of the moment (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
 
 
 def _note(message: str, *args: Any) -> None:
@@ -96,28 +109,6 @@ def _config(name: str, backbone: str | None, overrides: list[str] | None) -> Any
     return apply_overrides(config, extra + list(overrides or []))
 
 
-def _images(inputs: list[str]) -> list[Path]:
-    from anomaly.data.io import list_images
-
-    paths, ignored = list_images(inputs)
-    if ignored:
-        _note("ignored %d non-image file(s)", ignored)
-    return paths
-
-
-def _train_split(items: list[str]) -> list[str]:
-    """Dataset category roots are narrowed to train/good: normal images only, never test images or masks."""
-    from anomaly.data.datasets import is_category_root
-
-    narrowed = []
-    for item in items:
-        if is_category_root(item):
-            _note("%s is a dataset category: using its train/good only", item)
-            item = str(Path(item) / "train" / "good")
-        narrowed.append(item)
-    return narrowed
-
-
 @app.command()
 @_user_errors
 def fit(
@@ -133,10 +124,13 @@ def fit(
     overrides: SetOpt = None,
 ) -> None:
     """Fit a detector on normal images and save it to MODEL_DIR."""
+    from anomaly._fs import new_temp_dir
+    from anomaly.data.inputs import training_paths
     from anomaly.detector import Detector
 
-    paths = _images(_train_split(train_dirs))
     detector = Detector(_config(config, backbone, overrides))
+    shutil.rmtree(new_temp_dir(out, "meta.json"))  # the output folder is checked before the long fit
+    paths = training_paths(train_dirs)
     if detector.zero_shot:
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
     progress = _Progress()
@@ -145,8 +139,11 @@ def fit(
     finally:
         progress.close()
     detector.save(out)
-    threshold = "per pool" if detector.threshold_ is None else f"{detector.threshold_:.6g}"
-    typer.echo(f"fitted {detector.scorer.name} on {len(paths)} images; threshold {threshold}; model written to {out}")
+    if detector.decision_ is None:
+        typer.echo(f"stored {len(paths)} references for {detector.scorer.name}; model written to {out}")
+    else:
+        typer.echo(f"fitted {detector.scorer.name} on {len(paths)} images; {detector.decision_.summary()}")
+        typer.echo(f"model written to {out}")
 
 
 @app.command()
@@ -157,7 +154,8 @@ def score(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (scores.csv, maps/, overlays/).")],
     model: Annotated[
-        Path | None, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")
+        Path | None,
+        typer.Option("--model", "-m", help="Model directory (`anomaly fit`) or export directory (`anomaly export`)."),
     ] = None,
     zero_shot: Annotated[
         bool, typer.Option("--zero-shot", help="Score the inputs against each other (MuSc), no model.")
@@ -176,29 +174,32 @@ def score(
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Score images with a fitted model (--model) or zero-shot (--zero-shot)."""
-    from anomaly.detector import Detector
+    """Score images with a fitted model or an export (--model) or zero-shot (--zero-shot)."""
+    from anomaly.data.inputs import image_paths, reference_paths
     from anomaly.outputs import ScoreWriter, relative_names
+    from anomaly.runtime import ExportedDetector, is_export_dir
 
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
     if model is not None and (reference or overrides or backbone):
         raise DataError("--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config")
-    paths = _images(inputs)
+    detector: Any
     if model is not None:
-        if not model.is_dir():
-            raise DataError(f"--model {model}: model directory not found")
-        detector = Detector.load(model)
+        if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
+            detector = ExportedDetector(model)
+        else:
+            from anomaly.detector import Detector
+
+            detector = Detector.load(model)
     else:
+        from anomaly.detector import Detector
+
         detector = Detector(_config(config, backbone, overrides))
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
-        if reference:
-            inputs_resolved = {p.resolve() for p in paths}
-            refs = [p for p in _images(_train_split(reference)) if p.resolve() not in inputs_resolved]
-            if not refs:
-                raise DataError("--reference: no reference image left that is not also an input")
-            detector.fit(refs)
+    paths = image_paths(inputs, exclude=[out])
+    if reference:
+        detector.fit(reference_paths(reference, paths))
     if maps and not detector.scorer.has_maps:
         _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
     overlays = overlays and detector.scorer.has_maps
@@ -206,7 +207,7 @@ def score(
     progress = _Progress()
     try:
         stream = detector.predict_stream(paths, maps=maps or overlays, keep_images=overlays, progress=progress)
-        for (result, image), name in zip(stream, relative_names(paths)):
+        for (result, image), name in zip(stream, relative_names(paths), strict=True):
             writer.add(result, name, image)
         writer.close()
     except BaseException:
@@ -215,7 +216,7 @@ def score(
     finally:
         progress.close()
     flagged = sum(row["is_anomalous"] == "true" for row in writer.rows)
-    typer.echo(f"scored {len(paths)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
+    typer.echo(f"scored {len(writer.rows)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
 
 
 @app.command()
@@ -296,27 +297,31 @@ def demo(
     config: ConfigOpt = "patchcore",
 ) -> None:
     """Generate a synthetic category, fit on it, score its test split and evaluate: no download needed."""
+    from anomaly.data.inputs import image_paths
     from anomaly.data.synthetic import make_synthetic_category
+    from anomaly.detector import Detector
     from anomaly.evaluation import evaluate_scores
+    from anomaly.outputs import ScoreWriter, relative_names
 
     data = out / "data" / "widget"
     if not data.is_dir():
         make_synthetic_category(out / "data", "widget", n_train=40, n_test_good=10, n_test_defect=20, size=256)
     _note("synthetic MVTec-layout data in %s", data)
-    fit(train_dirs=[str(data)], out=out / "model", config=config, backbone=None, overrides=None)
-    score(
-        inputs=[str(data / "test")],
-        out=out / "scores",
-        model=out / "model",
-        zero_shot=False,
-        config="musc",
-        reference=None,
-        maps=True,
-        overlays=True,
-        overlay_size=512,
-        backbone=None,
-        overrides=None,
-    )
+    detector = Detector(_config(config, None, None))
+    if not detector.zero_shot:
+        detector.fit(data).save(out / "model")  # a category root: fitted on its train/good only
+        _note("%s", detector.decision_.summary() if detector.decision_ else "")
+    tests = image_paths([data / "test"])
+    writer = ScoreWriter(out / "scores", maps=True, overlays=True)
+    try:
+        for (result, image), name in zip(
+            detector.predict_stream(tests, keep_images=True), relative_names(tests), strict=True
+        ):
+            writer.add(result, name, image)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     metrics = evaluate_scores(out / "scores", data)
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
@@ -362,6 +367,102 @@ def discover(
     found = f"{len(selected.paths)} images, {len(result.regions)} regions -> {result.k} types ({how})"
     typer.echo(f"{found}; {out / 'clusters.csv'}")
 
+
+@app.command()
+@_user_errors
+def report(
+    scores: Annotated[Path, typer.Option("--scores", help="Output folder of `anomaly score`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder to write (index.html).")],
+    evaluation: Annotated[
+        Path | None, typer.Option("--evaluation", help="Output folder of `anomaly evaluate --out`.")
+    ] = None,
+    discovery: Annotated[
+        Path | None, typer.Option("--discovery", help="Output folder of `anomaly discover` (clusters.csv).")
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report (gallery, threshold slider, metrics) that opens from disk."""
+    from anomaly.report import build_report
+
+    progress = _Progress()
+    try:
+        folder = build_report(scores, out, evaluation, discovery, progress=progress)
+    finally:
+        progress.close()
+    typer.echo(f"report written to {folder / 'index.html'}")
+
+@app.command()
+@_user_errors
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Export directory to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")] = "onnx",
+) -> None:
+    """Export a fitted model for torch-free scoring (`anomaly score --model EXPORT_DIR`, `anomaly serve`)."""
+    from anomaly.export import export_model
+
+    if not model.is_dir():
+        raise DataError(f"--model {model}: model directory not found")
+    export_model(model, out, fmt)
+    typer.echo(f"exported {model} as {fmt} to {out}")
+
+
+@app.command()
+@_user_errors
+def serve(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory or export directory.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes, each with its own model.")] = 1,
+    max_mb: Annotated[float, typer.Option("--max-mb", help="Largest accepted request body in MiB (else 413).")] = 32,
+) -> None:
+    """Serve POST /predict, GET /health and GET /metrics over HTTP."""
+    try:
+        from anomaly.serve import run
+    except ImportError as exc:
+        raise DataError(f'serve needs FastAPI and uvicorn: pip install "anomaly[serve]" ({exc.name} missing)') from None
+    if workers < 1 or max_mb <= 0:
+        raise DataError("--workers must be >= 1 and --max-mb > 0")
+    run(model, host, port, workers, int(max_mb * 2**20))
+
+
+@app.command("import")
+@_user_errors
+def import_(
+    fmt: Annotated[str, typer.Option("--format", help="labelme or mask-folders.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of all images, normal and defective.")],
+    annotations: Annotated[
+        Path, typer.Option("--annotations", help="labelme: folder of .json files; mask-folders: mask folder.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="MVTec-layout category folder to write.")],
+    classes: Annotated[
+        str | None, typer.Option("--classes", help="mask-folders: mask value -> defect type, e.g. 1=crack,2=dent.")
+    ] = None,
+    normal_test_ratio: Annotated[
+        float, typer.Option("--normal-test-ratio", help="Share of the normal images put in test/good.")
+    ] = 0.2,
+    max_normal: Annotated[
+        int | None, typer.Option("--max-normal", help="Use a seeded random subset of this many normal images.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the subset and the train/test split.")] = 0,
+    link: Annotated[str, typer.Option("--link", help="symlink, hardlink or copy the images.")] = "symlink",
+) -> None:
+    """Import labelme polygons or image + mask folders into an MVTec-layout category folder."""
+    from anomaly.data.importers import import_labelme, import_mask_folders, parse_classes
+
+    common: dict[str, Any] = dict(normal_test_ratio=normal_test_ratio, max_normal=max_normal, seed=seed, link=link)
+    if fmt == "labelme":
+        if classes is not None:
+            raise DataError("--classes applies to --format mask-folders only")
+        summary = import_labelme(images, annotations, out, **common)
+    elif fmt == "mask-folders":
+        mapping = parse_classes(classes) if classes is not None else None
+        summary = import_mask_folders(images, annotations, out, classes=mapping, **common)
+    else:
+        raise DataError(f"--format must be labelme or mask-folders, got '{fmt}'")
+    defects = ", ".join(f"{k} {v}" for k, v in summary.defects.items()) or "none"
+    typer.echo(f"wrote {out}: train/good {summary.n_train}, test/good {summary.n_test_good}, defects: {defects}")
+    if summary.test_only:
+        _note("no normal image for train/good: usable for pixel-level checks, not for fitting")
 
 def main() -> None:
     """Console-script entry point."""

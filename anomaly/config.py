@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +33,11 @@ __all__ = [
 ]
 
 
+_MIN_SIDE, _MAX_SIDE = 32, 4096
+_WEIGHT_SOURCES = ("auto", "packaged", "hub")
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Frozen feature extractor: any timm model, layers by feature-info name (``blocks.2``) or index."""
@@ -42,6 +49,23 @@ class BackboneConfig:
     image_size: tuple[int, int] | None = None  # (H, W); None = the model's pretrained config
     mean: tuple[float, float, float] | None = None  # None = the model's pretrained config
     std: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError("backbone.layers: give at least one layer")
+        if self.image_size is not None and not all(_MIN_SIDE <= side <= _MAX_SIDE for side in self.image_size):
+            raise ConfigError(f"backbone.image_size: each side must be in [{_MIN_SIDE}, {_MAX_SIDE}], got {list(self.image_size)}")
+        if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
+            raise ConfigError(f"backbone.mean: values must be finite, got {list(self.mean)}")
+        if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ConfigError(f"backbone.std: values must be finite and > 0, got {list(self.std)}")
+        if self.weights not in _WEIGHT_SOURCES:
+            suffix = Path(self.weights).suffix.lower()
+            if suffix not in _WEIGHT_SUFFIXES:
+                raise ConfigError(
+                    f"backbone.weights: expected auto, packaged, hub or a {'/'.join(_WEIGHT_SUFFIXES)} file, "
+                    f"got '{self.weights}'"
+                )
 
 
 @dataclass(frozen=True)
@@ -58,18 +82,27 @@ class PostprocessConfig:
 
     blur_sigma: float = 4.0
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.blur_sigma) and 0 <= self.blur_sigma <= 64):
+            raise ConfigError(f"postprocess.blur_sigma: must be in [0, 64] input pixels, got {self.blur_sigma}")
+
 
 @dataclass(frozen=True)
 class ThresholdConfig:
-    """Decision threshold from normal images only.
+    """Decision threshold from normal images only (see :mod:`anomaly.thresholds`).
 
-    ``holdout`` good training images are scored out-of-sample; the threshold flags ``target_fpr``
-    of them. Zero-shot pools use the leftmost density mode + ``mad_k`` * 1.4826 * MAD below it.
+    ``target_fpr``: the share of normal images that may be flagged. Trained scorers are cross-fitted
+    over ``folds`` folds of the training images; zero-shot pools model their normal component.
     """
 
     target_fpr: float = 0.01
-    holdout: float = 0.2
-    mad_k: float = 5.0
+    folds: int = 10
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.target_fpr) and 0 < self.target_fpr <= 0.5):
+            raise ConfigError(f"threshold.target_fpr: must be in (0, 0.5], got {self.target_fpr}")
+        if not 2 <= self.folds <= 100:
+            raise ConfigError(f"threshold.folds: must be in [2, 100], got {self.folds}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +116,14 @@ class DetectorConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 16
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= 4096:
+            raise ConfigError(f"batch_size: must be in [1, 4096], got {self.batch_size}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: expected auto, cpu, mps, cuda or cuda:N, got '{self.device}'")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe nested dict (tuples become lists)."""
@@ -107,8 +148,12 @@ def load_config(name_or_path: str | Path) -> DetectorConfig:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return from_dict(raw)
@@ -200,8 +245,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if isinstance(value, (dict, list)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +17,63 @@ from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_mvtec
 from anomaly.data.io import read_mask
 from anomaly.errors import DataError
-from anomaly.metrics import aupimo, evaluate
+from anomaly.metrics import pimo_curves
+from anomaly.metrics.evaluate import evaluate_detailed
+from anomaly.metrics.pimo import AupimoResult
 from anomaly.outputs import read_scores
 
-__all__ = ["evaluate_scores", "ground_truth_masks", "metrics_for"]
+__all__ = ["Evaluation", "evaluate_samples", "evaluate_scores", "ground_truth_masks", "pimo_plot_data", "write_evaluation"]
+
+_PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
+_PLOT_POINTS = 121  # points kept per curve, log-spaced in shared FPR
 
 
-def metrics_for(
+@dataclass
+class Evaluation:
+    """Metrics of one scored test set, with what they were computed from (masks read once)."""
+
+    metrics: dict[str, Any]
+    aupimo: AupimoResult | None  # per-image AUPIMO, None without maps or when undefined
+    maps: list[NDArray[np.float32]] | None  # at the evaluation size
+    masks: list[NDArray[np.bool_]] | None
+    paths: list[str]
+    labels: list[int]
+
+
+def evaluate_samples(
     scores: list[float],
     samples: list[Sample],
     maps: list[NDArray[np.float32]] | None,
     eval_size: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """All metrics for scored test samples; maps at the images' original size (or None)."""
+    paths: list[str] | None = None,
+) -> Evaluation:
+    """All metrics for scored test samples in one pass; maps at the images' original size (or None)."""
     labels = [s.label for s in samples]
+    paths = paths if paths is not None else [str(s.image_path) for s in samples]
     if maps is None:
-        return dict(evaluate(scores, labels))
-    shapes = [m.shape for m in maps]
-    masks = ground_truth_masks(samples, shapes)
+        return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels)
+    masks = ground_truth_masks(samples, [m.shape for m in maps])
     if eval_size is not None:
         maps, masks = _resized(maps, masks, eval_size)
-    return dict(evaluate(scores, labels, maps, masks))
+    metrics, details = evaluate_detailed(scores, labels, maps, masks)
+    return Evaluation(dict(metrics), details, maps, masks, paths, labels)
+
+
+def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> None:
+    """metrics.json, and with maps aupimo.json (per-image values) and pimo.json (curves for plotting)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = evaluation.metrics
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2))
+    if evaluation.aupimo is None or evaluation.maps is None or evaluation.masks is None:
+        return
+    result = evaluation.aupimo.to_dict()  # per-image values: compare models image by image
+    result["paths"] = evaluation.paths
+    atomic_write_text(out_dir / "aupimo.json", json.dumps(result, indent=2))
+    curves = pimo_plot_data(evaluation.maps, evaluation.masks)
+    curves["paths"] = [p for p, label in zip(evaluation.paths, evaluation.labels) if label]
+    atomic_write_text(out_dir / "pimo.json", json.dumps(curves))
 
 
 def _resized(
@@ -78,21 +115,27 @@ def evaluate_scores(
         if missing:
             raise DataError(f"{Path(scores_dir) / missing[0]}: map file not found")
         maps = [np.load(Path(scores_dir) / p) for p in map_paths]
-    metrics = metrics_for(scores, samples, maps, eval_size)
-    metrics["n_images"] = len(rows)
+    evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
+    evaluation.metrics["n_images"] = len(rows)
     if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-        atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2))
-        if maps is not None and not math.isnan(metrics.get("aupimo", math.nan)):
-            masks = ground_truth_masks(samples, [m.shape for m in maps])
-            if eval_size is not None:
-                maps, masks = _resized(maps, masks, eval_size)
-            result = aupimo(maps, masks).to_dict()  # per-image values: compare models image by image
-            result["paths"] = [r["path"] for r in rows]
-            atomic_write_text(out_dir / "aupimo.json", json.dumps(result, indent=2))
-    return metrics
+        write_evaluation(evaluation, out)
+    return evaluation.metrics
+
+
+def pimo_plot_data(maps: list[NDArray[np.float32]], masks: list[NDArray[np.bool_]]) -> dict[str, Any]:
+    """PIMO curves thinned for plotting: the shared FPR on a log grid and each anomalous image's TPR there."""
+    curves = pimo_curves(maps, masks, num_thresholds=_PLOT_THRESHOLDS)
+    fpr = curves.shared_fpr  # non-increasing along the thresholds
+    lowest = float(fpr[fpr > 0].min())
+    grid = np.geomspace(lowest, float(fpr[0]), _PLOT_POINTS)
+    # for each grid level, the highest threshold whose shared FPR still reaches it
+    index = np.clip(np.searchsorted(-fpr, -grid, side="right") - 1, 0, fpr.size - 1)
+    index = np.unique(index)
+    tpr = curves.per_image_tpr[curves.is_anomalous][:, index]
+    return {
+        "shared_fpr": [float(v) for v in fpr[index]],
+        "per_image_tpr": [[round(float(v), 5) for v in row] for row in tpr],
+    }
 
 
 def _match(rows: list[dict[str, str]], data: CategoryData) -> list[Sample]:

@@ -44,6 +44,7 @@ class NNIndex:
         self.ef_search = ef_search
         self._cpu: Any = None
         self._search: Any = None
+        self._stores_rows = False
 
     @property
     def ntotal(self) -> int:
@@ -75,11 +76,21 @@ class NNIndex:
         return self
 
     def search(self, queries: NDArray[np.float32], k: int = 1) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-        """True L2 distances (Q, k) and bank row ids (Q, k) of the k nearest rows."""
+        """True L2 distances (Q, k) and bank row ids (Q, k) of the k nearest rows.
+
+        FAISS ranks with ``|q|^2 + |b|^2 - 2 q.b`` in float32, which loses ~1e-3 absolute at
+        distances of ~50 to cancellation; the distances to the rows found are recomputed directly
+        (``|q - b|``) when the index stores its rows, so they are exact to float32 rounding and
+        stable against tiny feature differences (the exported runtime's parity depends on it).
+        """
         if self._search is None:
             raise BackendError("NNIndex.search called before build/deserialize")
         k = min(k, self.ntotal)
-        sq, ids = self._search.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        sq, ids = self._search.search(queries, k)
+        if self._stores_rows and len(queries) and (ids >= 0).all():
+            rows = self._cpu.reconstruct_batch(ids.ravel()).reshape(*ids.shape, -1)
+            return np.linalg.norm(queries[:, None, :] - rows, axis=2), ids
         return np.sqrt(np.maximum(sq, 0, out=sq), out=sq), ids
 
     def serialize(self) -> NDArray[np.uint8]:
@@ -89,11 +100,35 @@ class NNIndex:
         return faiss.serialize_index(self._cpu)
 
     def deserialize(self, data: NDArray[np.uint8]) -> NNIndex:
-        """Restore an index written by :meth:`serialize`."""
+        """Restore an index written by :meth:`serialize`; unreadable bytes raise ValueError."""
         import faiss
 
-        self._attach(faiss.deserialize_index(np.asarray(data, dtype=np.uint8)))
+        try:
+            cpu = faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
+        except (RuntimeError, MemoryError, OverflowError) as exc:  # crafted sizes ask for absurd allocations
+            raise ValueError(f"not a readable FAISS index ({type(exc).__name__})") from None
+        self._attach(cpu)
         return self
+
+    def check_matches(self, bank: NDArray[np.float32], index: str) -> None:
+        """Raise ValueError unless this index is of the configured type and holds exactly ``bank``."""
+        import faiss
+
+        string = auto_index_string(len(bank)) if index == "auto" else index
+        expected = type(faiss.downcast_index(faiss.index_factory(bank.shape[1], string, faiss.METRIC_L2)))
+        actual = faiss.downcast_index(self._cpu)
+        if not isinstance(actual, expected):
+            raise ValueError(f"index type {type(actual).__name__} does not match the configured '{string}'")
+        if self._cpu.d != bank.shape[1] or self._cpu.ntotal != len(bank) or self._cpu.metric_type != faiss.METRIC_L2:
+            raise ValueError(
+                f"index holds {self._cpu.ntotal} rows of dimension {self._cpu.d}, the bank {len(bank)} of {bank.shape[1]}"
+            )
+        try:
+            stored = self._cpu.reconstruct_n(0, self._cpu.ntotal)
+        except RuntimeError:  # index types without stored vectors: type, size and dimension checked above
+            return
+        if not np.array_equal(stored, bank):
+            raise ValueError("index rows differ from the saved bank")
 
     def _attach(self, cpu: Any) -> None:
         import faiss
@@ -103,6 +138,7 @@ class NNIndex:
                 sub.hnsw.efSearch = self.ef_search
         if "IVF" in self.index_string:
             faiss.extract_index_ivf(cpu).nprobe = self.nprobe
+        self._stores_rows = _stores_rows(cpu)
         # With spinning OpenMP threads, FAISS on all cores ran 2.8x slower than on one whenever the
         # cores were shared; with passive waiting (the CLI's setting) all cores are 1.7x faster.
         cores = os.cpu_count() or 2
@@ -125,3 +161,16 @@ def _downcast_hnsw(index: Any) -> Any:
         return faiss.downcast_index(index)
     except Exception:  # noqa: BLE001 - not every index type downcasts
         return None
+
+
+def _stores_rows(index: Any) -> bool:
+    """True when ``index`` keeps its rows uncompressed (Flat, HNSW..,Flat, IVF..,Flat): they can be read back."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    storage = getattr(index, "storage", None)  # HNSW: the flat or compressed index it navigates
+    rows = faiss.downcast_index(storage) if storage is not None else index
+    if isinstance(rows, faiss.IndexIVFFlat):
+        rows.make_direct_map()  # IVF lists have no id -> row lookup until asked
+        return True
+    return isinstance(rows, faiss.IndexFlat) and index.ntotal > 0

@@ -13,15 +13,39 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._fs import new_temp_dir, replace_dir
-from anomaly.detector import DetectionResult
+from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.errors import DataError
+from anomaly.results import DetectionResult
 
-__all__ = ["ScoreWriter", "overlay", "read_scores", "relative_names"]
+__all__ = ["ScoreWriter", "escape_cell", "overlay", "read_scores", "relative_names", "unescape_cell", "write_png"]
 
 # Fastest zlib level, one fixed row filter (libpng's filter search dominated: 34 -> 19 ms at 900 px).
 PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
-CSV_COLUMNS = ["path", "score", "is_anomalous", "threshold", "map_path", "overlay_path"]
+CSV_COLUMNS = ["path", "score", "is_anomalous", "threshold", "pixel_threshold", "map_path", "overlay_path"]
+# scores.csv is UTF-8; file names that are not valid UTF-8 keep their raw bytes (surrogateescape), so
+# every path reads back exactly as the file system has it.
+CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+# Cells starting with these are formulas to spreadsheet tools: written with a leading apostrophe
+# (OWASP's CSV-injection advice); read_scores removes it again.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def write_png(path: Path, image_bgr: NDArray[np.uint8]) -> None:
+    """Encode with OpenCV and write with Python (cv2.imwrite cannot take every file name)."""
+    ok, data = cv2.imencode(".png", image_bgr, PNG_FAST)
+    if not ok:
+        raise DataError(f"{path}: PNG encoding failed")
+    path.write_bytes(data.tobytes())
+
+
+def escape_cell(text: str) -> str:
+    """Make a text cell safe to open in a spreadsheet (see :data:`_FORMULA_START`)."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def unescape_cell(text: str) -> str:
+    """Undo :func:`escape_cell`."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
 
 
 def relative_names(paths: list[Path]) -> list[Path]:
@@ -83,6 +107,7 @@ class ScoreWriter:
                 "score": repr(result.image_score),
                 "is_anomalous": "true" if result.is_anomalous else "false",
                 "threshold": repr(result.threshold),
+                "pixel_threshold": repr(result.pixel_threshold),
                 "map_path": map_rel,
                 "overlay_path": overlay_rel,
             }
@@ -90,14 +115,17 @@ class ScoreWriter:
 
     def close(self) -> Path:
         """Finish pending writes, write scores.csv and move the folder into place."""
-        for future in self._pending:
-            future.result()
-        self._pool.shutdown()
-        with (self.tmp / "scores.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        replace_dir(self.tmp, self.out_dir)
+        try:
+            for future in self._pending:
+                future.result()
+            self._pool.shutdown()
+            with (self.tmp / "scores.csv").open("w", newline="", **CSV_ENCODING) as fh:
+                writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+                writer.writeheader()
+                writer.writerows({**row, "path": escape_cell(row["path"])} for row in self.rows)
+        except OSError as exc:
+            raise DataError(f"{self.out_dir}: could not write the output ({exc.strerror or exc})") from None
+        finish_dir(self.tmp, self.out_dir)
         return self.out_dir
 
     def abort(self) -> None:
@@ -123,7 +151,7 @@ class ScoreWriter:
             new = (max(1, round(w * size / max(h, w))), max(1, round(h * size / max(h, w))))
             image = cv2.resize(image, new, interpolation=cv2.INTER_AREA)
             amap = cv2.resize(amap, new, interpolation=cv2.INTER_AREA)
-        cv2.imwrite(str(path), overlay(image, amap, threshold), PNG_FAST)
+        write_png(path, overlay(image, amap, threshold))
 
 
 def read_scores(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
@@ -131,8 +159,13 @@ def read_scores(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
     path = Path(out_dir) / "scores.csv"
     if not path.is_file():
         raise DataError(f"{path}: not found (run `anomaly score` first)")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with path.open(newline="", **CSV_ENCODING) as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
     if not rows or not {"path", "score"} <= set(rows[0]):
         raise DataError(f"{path}: expected columns path,score")
+    for row in rows:
+        row["path"] = unescape_cell(row["path"] or "")
     return rows

@@ -7,10 +7,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from anomaly.detector import DetectionResult, Detector, ImageInput, _robust_threshold
+from anomaly.data.loader import ImageInput
+from anomaly.detector import Detector
 from anomaly.errors import ConfigError, DataError
+from anomaly.results import DetectionResult
 from anomaly.scorers.base import ScoreOutput
-from anomaly.scorers.musc import MuScScorer, RollingPool
+from anomaly.scorers.musc import RollingPool
+from anomaly.thresholds import pool_threshold
 
 __all__ = ["StreamingDetector"]
 
@@ -18,8 +21,9 @@ __all__ = ["StreamingDetector"]
 class StreamingDetector:
     """Score a stream of unlabeled images with MuSc against the most recent ``pool_size`` images.
 
-    Few-shot references (``Detector.fit`` on a zero-shot detector) stay in the pool for good.
-    The threshold follows the zero-shot pool rule over the scores of the recent images.
+    Few-shot references (``Detector.fit`` on a zero-shot detector) stay in the pool for good. The
+    threshold follows the zero-shot pool rule (:func:`anomaly.thresholds.pool_threshold`) over the
+    scores of the most recent images, references included.
 
     Example:
         >>> line = StreamingDetector(Detector("musc").fit(good_images), pool_size=32)  # doctest: +SKIP
@@ -27,12 +31,12 @@ class StreamingDetector:
     """
 
     def __init__(self, detector: Detector, pool_size: int = 64) -> None:
-        if not isinstance(detector.scorer, MuScScorer):
-            raise ConfigError("StreamingDetector needs a zero-shot (musc) detector")
+        if not detector.zero_shot or not detector.scorer.uses_references:
+            raise ConfigError("StreamingDetector needs a zero-shot detector that scores against references (musc)")
         self.detector = detector
         device = detector.extractor.device
-        reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_[0]]
-        self.pool = RollingPool(detector.scorer, pool_size, reference=reference)
+        reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_.layers]
+        self.pool = RollingPool(detector.scorer, pool_size, reference=reference)  # type: ignore[arg-type]
         self._recent: deque[float] = deque(maxlen=max(pool_size, 8))
 
     def predict(self, images: Sequence[ImageInput]) -> list[DetectionResult]:
@@ -40,11 +44,12 @@ class StreamingDetector:
         items = list(images)
         if not items:
             raise DataError("predict: no images")
-        layers, _, batch = self.detector._extract_all(items, None)
+        features = self.detector.extract(items)
         if len(self.pool) + len(items) + (0 if self.pool.reference is None else 1) < 2:
             raise DataError("the first call needs 2 images, or few-shot references")
-        device = self.detector.extractor.device
-        out: ScoreOutput = self.pool.score([layer.to(device) for layer in layers])
-        self._recent.extend(out.image_scores.tolist())
-        threshold = _robust_threshold(np.asarray(self._recent), self.detector.config.threshold.mad_k, False)
-        return self.detector._results(out, batch, threshold, maps=True)
+        out = self.pool.score(features.layers)
+        peaks = self.detector.map_peaks(out)
+        out = ScoreOutput(out.patch_maps, peaks)  # no RsCIN on a stream: the image score is the map peak
+        self._recent.extend(peaks.tolist())
+        decision = pool_threshold(np.asarray(self._recent), self.detector.config.threshold.target_fpr)
+        return self.detector.finish(out, features.images, decision, maps=True)

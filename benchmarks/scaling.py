@@ -183,7 +183,7 @@ def worker_bottle(spec: dict[str, Any]) -> dict[str, Any]:
     from anomaly import Detector, load_config
     from anomaly.config import apply_overrides
     from anomaly.data.datasets import load_mvtec
-    from anomaly.evaluation import metrics_for
+    from anomaly.evaluation import evaluate_samples
     from anomaly.index import NNIndex
 
     data = load_mvtec(spec["root"])
@@ -200,7 +200,7 @@ def worker_bottle(spec: dict[str, Any]) -> dict[str, Any]:
         t1 = time.perf_counter()
         results = det.predict([s.image_path for s in test])
         t2 = time.perf_counter()
-        metrics = metrics_for([r.image_score for r in results], test, [r.anomaly_map for r in results])
+        metrics = evaluate_samples([r.image_score for r in results], test, [r.anomaly_map for r in results]).metrics
         out[name] = {
             "build_s": t1 - t0,
             "predict_s": t2 - t1,

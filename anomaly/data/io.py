@@ -19,10 +19,13 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageOps
 
+from anomaly._fs import OUTPUT_MARKER
 from anomaly.errors import DataError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "decode_bytes",
     "is_image_file",
     "list_images",
     "read_image",
@@ -39,6 +42,10 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 _CV2_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 _EXIF_ORIENTATION = 0x0112
 _GLOB_CHARS = frozenset("*?[")
+
+MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
+"""Largest image (width x height) decoded; bigger ones (decompression bombs) are refused. Env: ANOMALY_MAX_PIXELS."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
 
 
@@ -60,12 +67,18 @@ def read_image(path: str | os.PathLike[str]) -> NDArray[np.uint8]:
         ``(H, W, 3)`` uint8 RGB array, C-contiguous.
 
     Raises:
-        DataError: The file is missing or cannot be decoded.
+        DataError: The file is missing, cannot be decoded or has more than :data:`MAX_PIXELS` pixels.
     """
-    pixels = _decode(Path(path))
+    return decode_bytes(_read_bytes(Path(path)), _printable(Path(path)))
+
+
+def decode_bytes(data: bytes | NDArray[np.uint8], name: str = "image bytes") -> NDArray[np.uint8]:
+    """Decode an encoded image (PNG, JPEG, ...) held in memory to RGB, as :func:`read_image` does."""
+    buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
+    pixels = _decode(buffer, name)
     if pixels.dtype != np.uint8:
         if pixels.dtype.kind not in "iu":
-            raise DataError(f"cannot read image: {path} (unsupported pixel type {pixels.dtype})")
+            raise DataError(f"cannot read image: {name} (unsupported pixel type {pixels.dtype})")
         pixels = (np.clip(pixels, 0, 65535) >> 8).astype(np.uint8)
     if pixels.ndim == 2:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
@@ -118,7 +131,7 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None)
         DataError: The file is missing or cannot be decoded.
         ValueError: ``size`` is not two positive integers.
     """
-    pixels = _decode(Path(path))
+    pixels = _decode(_read_bytes(Path(path)), _printable(Path(path)))
     mask = cast("NDArray[np.bool_]", (pixels > 0).any(axis=2) if pixels.ndim == 3 else pixels > 0)
     if size is None or tuple(size) == mask.shape:
         return mask
@@ -154,11 +167,14 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
     images: list[Path] = []
     seen: set[Path] = set()
     n_ignored = 0
+    unsupported: list[str] = []
     for item in inputs:
         path = Path(item)
         explicit_file = path.is_file()
         files = [path] if explicit_file else _expand(item)
         found = [f for f in files if is_image_file(f)]
+        if explicit_file and not found:
+            unsupported.append(_printable(path))
         if not found and not explicit_file:
             raise DataError(f"no image found in: {item}")
         n_ignored += len(files) - len(found)
@@ -167,6 +183,10 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
             if key not in seen:
                 seen.add(key)
                 images.append(file)
+    if not images and unsupported:
+        raise DataError(
+            f"unsupported image format: {', '.join(unsupported)} (supported: {' '.join(IMAGE_SUFFIXES)})"
+        )
     if not images:
         raise DataError(f"no image found in: {', '.join(str(i) for i in inputs) or '(no input given)'}")
     return images, n_ignored
@@ -198,30 +218,83 @@ def _walk(root: Path) -> list[Path]:
             dirnames.clear()
             continue
         visited.add(real)
+        if OUTPUT_MARKER in filenames and Path(dirpath) != root:
+            dirnames.clear()  # an earlier output of anomaly (overlays are PNGs): never an input
+            continue
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         files.extend(Path(dirpath, name) for name in filenames if not name.startswith("."))
     files.sort(key=lambda p: p.relative_to(root).parts)
     return files
 
 
-def _decode(path: Path) -> NDArray[Any]:
+def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
     """Decode to a gray ``(H, W)`` or RGB ``(H, W, 3)`` array of the file's own depth, EXIF-oriented, no alpha."""
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise DataError(f"cannot read image: {path} ({exc.strerror or exc})") from exc
+    _check_header(data, name)
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
     try:
         pixels = cv2.imdecode(data, _CV2_FLAGS | cv2.IMREAD_IGNORE_ORIENTATION if webp else _CV2_FLAGS)
     except cv2.error:
         pixels = None
     if pixels is None:
-        return _decode_pil(data, path)
+        return _decode_pil(data, name)
     if pixels.ndim == 3:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     return _orient(pixels, _pil_orientation(data)) if webp else pixels
+
+
+def _check_header(data: NDArray[np.uint8], name: str) -> None:
+    """Refuse oversized images from their header alone, and corrupt PNGs before libpng prints to stderr."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as opened:
+            width, height = opened.size
+    except Image.DecompressionBombError:
+        raise DataError(f"cannot read image: {name} (more pixels than the safety limit)") from None
+    except Exception:
+        return  # not readable by PIL: OpenCV gets its chance, then the PIL fallback names the file
+    if width * height > MAX_PIXELS:
+        raise DataError(
+            f"cannot read image: {name} ({width}x{height} = {width * height / 1e6:.0f} MP exceeds the "
+            f"{MAX_PIXELS / 1e6:.0f} MP limit; set ANOMALY_MAX_PIXELS to allow it)"
+        )
+    if data[:8].tobytes() == _PNG_SIGNATURE:
+        problem = _png_problem(data.tobytes())
+        if problem:
+            raise DataError(f"cannot read image: {name} (corrupt PNG: {problem})")
+
+
+def _png_problem(raw: bytes) -> str | None:
+    """Walk the PNG chunks checking lengths and CRCs (zlib.crc32: fast); None when the file is sound."""
+    import struct
+    import zlib
+
+    pos = 8
+    while pos + 12 <= len(raw):
+        (length,) = struct.unpack(">I", raw[pos : pos + 4])
+        end = pos + 12 + length
+        if end > len(raw):
+            return "truncated"
+        kind = raw[pos + 4 : pos + 8]
+        (crc,) = struct.unpack(">I", raw[end - 4 : end])
+        if zlib.crc32(raw[pos + 4 : end - 4]) != crc:
+            return f"CRC error in {kind.decode('latin-1')} chunk"
+        if kind == b"IEND":
+            return None
+        pos = end
+    return "truncated"
+
+
+def _read_bytes(path: Path) -> NDArray[np.uint8]:
+    if not path.is_file():
+        raise DataError(f"image not found: {_printable(path)}")
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"cannot read image: {_printable(path)} ({exc.strerror or exc})") from exc
+
+
+def _printable(path: Path) -> str:
+    """The path as text that any terminal and UTF-8 file can hold (undecodable bytes escaped)."""
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _pil_orientation(data: NDArray[np.uint8]) -> int:
@@ -244,7 +317,7 @@ def _orient(pixels: NDArray[Any], orientation: int) -> NDArray[Any]:
     return pixels
 
 
-def _decode_pil(data: NDArray[np.uint8], path: Path) -> NDArray[Any]:
+def _decode_pil(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
     """PIL fallback of :func:`_decode` for files OpenCV cannot decode."""
     try:
         with Image.open(io.BytesIO(data.tobytes())) as opened:
@@ -253,4 +326,4 @@ def _decode_pil(data: NDArray[np.uint8], path: Path) -> NDArray[Any]:
             return np.asarray(image)
         return np.asarray(image.convert("L" if image.mode in {"1", "LA", "La"} else "RGB"))
     except Exception as exc:  # PIL raises many exception types on malformed data
-        raise DataError(f"cannot read image: {path}") from exc
+        raise DataError(f"cannot read image: {name}") from exc

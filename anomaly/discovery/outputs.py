@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._fs import new_temp_dir, replace_dir
+from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.data.io import read_images
 from anomaly.discovery.pipeline import DiscoveryResult
 from anomaly.errors import DataError
@@ -104,7 +104,7 @@ def write_discovery(out_dir: str | os.PathLike[str], result: DiscoveryResult, pa
                 sheet = _contact_sheet(result, members, [paths[i] for i in members])
                 cv2.imwrite(str(tmp / "sheets" / f"cluster_{cluster}.png"), sheet)
         (tmp / "summary.json").write_text(json.dumps(result.summary(), indent=2))
-        replace_dir(tmp, out)
+        finish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,9 +16,9 @@ from anomaly.metrics.classification import (
     _sort_in_place,
     classification_metrics,
 )
-from anomaly.metrics.pimo import aupimo
+from anomaly.metrics.pimo import AupimoResult, aupimo
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "evaluate_detailed"]
 
 
 def evaluate(
@@ -58,6 +58,19 @@ def evaluate(
         >>> evaluate([0.1, 0.9, 0.4], [0, 1, 1])
         {'image_auroc': 1.0, 'image_ap': 1.0, 'image_f1max': 1.0}
     """
+    return evaluate_detailed(image_scores, labels, maps, masks, fpr_limit=fpr_limit, fpr_bounds=fpr_bounds)[0]
+
+
+def evaluate_detailed(
+    image_scores: ArrayLike,
+    labels: ArrayLike,
+    maps: ScoresLike | None = None,
+    masks: ScoresLike | None = None,
+    *,
+    fpr_limit: float = 0.3,
+    fpr_bounds: tuple[float, float] = (1e-5, 1e-4),
+) -> tuple[dict[str, float | str], AupimoResult | None]:
+    """:func:`evaluate` plus the per-image AUPIMO result it computed (None without maps or when undefined)."""
     image = classification_metrics(image_scores, labels)
     result: dict[str, float | str] = {
         "image_auroc": image.auroc,
@@ -65,7 +78,7 @@ def evaluate(
         "image_f1max": image.f1_max,
     }
     if maps is None and masks is None:
-        return result
+        return result, None
     if maps is None or masks is None:
         raise ValueError("Expected both maps and masks, or neither.")
     _check_params(fpr_limit, connectivity=8)
@@ -73,8 +86,9 @@ def evaluate(
     if len(pairs) != np.size(labels):
         raise ValueError(f"Expected one map per image label, but got {len(pairs)} maps and {np.size(labels)} labels.")
     result.update(_pixel_metrics(pairs, fpr_limit))
-    result.update(_aupimo_entry(pairs, fpr_bounds))
-    return result
+    entry, details = _aupimo_entry(pairs, fpr_bounds)
+    result.update(entry)
+    return result, details
 
 
 def _pixel_metrics(
@@ -96,10 +110,10 @@ def _pixel_metrics(
 
 def _aupimo_entry(
     pairs: list[tuple[NDArray[np.generic], NDArray[np.bool_]]], fpr_bounds: tuple[float, float]
-) -> dict[str, float | str]:
-    """``{"aupimo": mean}``, or NaN plus ``aupimo_error`` when AUPIMO is undefined for these images."""
+) -> tuple[dict[str, float | str], AupimoResult | None]:
+    """``{"aupimo": mean}`` and the result, or NaN plus ``aupimo_error`` when AUPIMO is undefined."""
     try:
-        mean = aupimo([s for s, _ in pairs], [m for _, m in pairs], fpr_bounds=fpr_bounds).mean
+        details = aupimo([s for s, _ in pairs], [m for _, m in pairs], fpr_bounds=fpr_bounds)
     except (ValueError, RuntimeError) as err:
-        return {"aupimo": math.nan, "aupimo_error": str(err)}
-    return {"aupimo": mean}
+        return {"aupimo": math.nan, "aupimo_error": str(err)}, None
+    return {"aupimo": details.mean}, details

@@ -4,21 +4,37 @@ Scorers see tensors, never images or paths. Input is a list of per-layer feature
 ``[(N, C_l, h_l, w_l), ...]`` (float32 torch tensors on any device), finest layer first.
 Output is a :class:`ScoreOutput`: patch-score maps on the finest layer's grid and image scores,
 higher = more anomalous everywhere.
+
+What a scorer can do is declared by class attributes, never discovered by reflection:
+
+* ``requires_fit``: False for zero-shot scorers, which score a whole pool in one ``score`` call;
+* ``has_maps``: it returns patch maps;
+* ``image_score_from_map``: its image score is the peak of the post-processed map (the detector
+  computes it from the map, so verdict and mask share one scale); False when the scorer re-scores
+  images itself (MuSc's RsCIN, PatchCore's Eq. 7);
+* ``uses_references`` / ``uses_embeddings``: ``score`` uses the ``reference=`` / ``embeddings=`` keywords;
+* ``augment_references``: few-shot references should be given as rotated and flipped views too.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from anomaly.errors import NotFittedError
+from anomaly.errors import ConfigError, NotFittedError
 
-__all__ = ["Scorer", "ScoreOutput", "check_is_fitted"]
+__all__ = ["Progress", "ScoreOutput", "Scorer", "check_int", "check_is_fitted", "check_number"]
+
+Progress = Callable[[int, int], None]  # (done, total)
+STATE_FILE = "scorer.safetensors"
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,10 @@ class ScoreOutput:
     patch_maps: NDArray[np.float32] | None = field(repr=False)
     image_scores: NDArray[np.float64]
 
+    def take(self, index: NDArray[np.int64] | slice) -> ScoreOutput:
+        """The outputs of a subset of the images."""
+        return ScoreOutput(None if self.patch_maps is None else self.patch_maps[index], self.image_scores[index])
+
 
 class Scorer(ABC):
     """Base class: hyper-parameters in ``__init__``, learned state in trailing-underscore attributes."""
@@ -40,6 +60,10 @@ class Scorer(ABC):
     name: ClassVar[str]
     requires_fit: ClassVar[bool] = True
     has_maps: ClassVar[bool] = True
+    image_score_from_map: bool = True  # an instance may override it from its parameters
+    uses_references: ClassVar[bool] = False
+    uses_embeddings: ClassVar[bool] = False
+    augment_references: bool = False
 
     def get_params(self) -> dict[str, Any]:
         """The constructor keywords, as stored in configs and saved models."""
@@ -48,21 +72,86 @@ class Scorer(ABC):
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {n: getattr(self, n) for n in names}
 
+    def clone(self) -> Scorer:
+        """A new, unfitted scorer with the same parameters."""
+        return type(self)(**self.get_params())
+
     @abstractmethod
-    def fit(self, layers: list[torch.Tensor]) -> Scorer:
+    def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> Scorer:
         """Learn the normal state from features of normal images; returns self."""
 
     @abstractmethod
-    def score(self, layers: list[torch.Tensor]) -> ScoreOutput:
-        """Score a batch of images."""
+    def score(
+        self,
+        layers: list[torch.Tensor],
+        *,
+        reference: list[torch.Tensor] | None = None,
+        embeddings: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> ScoreOutput:
+        """Score a batch of images (``reference``/``embeddings`` only where declared)."""
+
+    def cross_fit(
+        self, layers: list[torch.Tensor], folds: NDArray[np.int64], *, progress: Progress | None = None
+    ) -> ScoreOutput:
+        """Fit on all images and return out-of-sample scores of every one of them.
+
+        Image ``i`` is scored by a model fitted without fold ``folds[i]``, so its score is what a
+        new normal image would get. The default refits a clone per fold; scorers with a cheaper
+        exact scheme override it.
+        """
+        n = layers[0].shape[0]
+        maps: NDArray[np.float32] | None = None
+        scores = np.empty(n, dtype=np.float64)
+        for fold in np.unique(folds):
+            held = torch.from_numpy(np.flatnonzero(folds == fold))
+            rest = torch.from_numpy(np.flatnonzero(folds != fold))
+            twin = self.clone().fit([x[rest.to(x.device)] for x in layers])
+            out = twin.score([x[held.to(x.device)] for x in layers])
+            scores[held.numpy()] = out.image_scores
+            if out.patch_maps is not None:
+                if maps is None:
+                    maps = np.empty((n, *out.patch_maps.shape[1:]), dtype=np.float32)
+                maps[held.numpy()] = out.patch_maps
+        self.fit(layers, progress=progress)
+        return ScoreOutput(maps, scores)
 
     @abstractmethod
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Learned state as plain arrays (saved with safetensors)."""
+        """Learned state as plain arrays."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore the learned state written by :meth:`state_dict`."""
+        """Restore the learned state written by :meth:`state_dict`; raise KeyError/ValueError if it does not fit."""
+
+    def save(self, directory: Path) -> list[str]:
+        """Write the learned state into ``directory``; returns the file names written."""
+        from safetensors.numpy import save_file
+
+        state = {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()}
+        save_file(state, str(directory / STATE_FILE))
+        return [STATE_FILE]
+
+    def load(self, files: Mapping[str, Path]) -> None:
+        """Restore what :meth:`save` wrote from the verified ``files`` (name -> path) of a model directory."""
+        from safetensors.numpy import load_file
+
+        self.load_state_dict(load_file(str(files[STATE_FILE])))
+
+
+def check_int(key: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    """Raise ConfigError unless ``value`` is an integer in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"scorer.params.{key}: expected an integer {bound}, got {value!r}")
+
+
+def check_number(key: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is a finite number in [low, high] (or (low, high])."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ConfigError(f"scorer.params.{key}: expected a number in {interval}, got {value!r}")
 
 
 def check_is_fitted(scorer: Scorer, attribute: str) -> None:

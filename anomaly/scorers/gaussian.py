@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from anomaly.errors import ConfigError
-from anomaly.scorers.base import ScoreOutput, Scorer, check_is_fitted
+from anomaly.scorers.base import Progress, ScoreOutput, Scorer, check_int, check_is_fitted, check_number
+from anomaly.scorers.registry import register_scorer
 
 __all__ = ["GlobalGaussianScorer", "PadimScorer"]
 
 
+@register_scorer
 class GlobalGaussianScorer(Scorer):
     """One multivariate Gaussian per layer on globally average-pooled features; image score only.
 
@@ -21,13 +23,14 @@ class GlobalGaussianScorer(Scorer):
 
     name = "gaussian"
     has_maps = False
+    image_score_from_map = False
 
     def __init__(self, *, assume_centered: bool = False) -> None:
         self.assume_centered = assume_centered
         self.means_: list[np.ndarray] | None = None
         self.precisions_: list[np.ndarray] | None = None
 
-    def fit(self, layers: list[torch.Tensor]) -> GlobalGaussianScorer:
+    def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> GlobalGaussianScorer:
         """Fit one Ledoit-Wolf Gaussian per layer."""
         from sklearn.covariance import LedoitWolf
 
@@ -41,7 +44,14 @@ class GlobalGaussianScorer(Scorer):
             self.precisions_.append(lw.get_precision())
         return self
 
-    def score(self, layers: list[torch.Tensor]) -> ScoreOutput:
+    def score(
+        self,
+        layers: list[torch.Tensor],
+        *,
+        reference: list[torch.Tensor] | None = None,
+        embeddings: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> ScoreOutput:
         """Mean over layers of sqrt((g - mu)^T P (g - mu))."""
         check_is_fitted(self, "precisions_")
         assert self.means_ is not None and self.precisions_ is not None
@@ -66,6 +76,7 @@ class GlobalGaussianScorer(Scorer):
         self.precisions_ = [state[f"precision.{i}"] for i in range(n)]
 
 
+@register_scorer
 class PadimScorer(Scorer):
     """Per-position Gaussian (PaDiM): Mahalanobis distance of each patch to its position's model.
 
@@ -77,6 +88,10 @@ class PadimScorer(Scorer):
     name = "padim"
 
     def __init__(self, *, n_features: int = 100, ridge: float = 0.01, chunk: int = 512, random_state: int = 0) -> None:
+        check_int("n_features", n_features, 1)
+        check_number("ridge", ridge, 0, 1e6, low_open=True)
+        check_int("chunk", chunk, 1)
+        check_int("random_state", random_state, 0)
         self.n_features = n_features
         self.ridge = ridge
         self.chunk = chunk
@@ -96,7 +111,7 @@ class PadimScorer(Scorer):
             emb = emb[:, torch.from_numpy(self.channels_).to(emb.device)]
         return emb.flatten(2).permute(2, 0, 1).double().cpu()  # (P, N, d)
 
-    def fit(self, layers: list[torch.Tensor]) -> PadimScorer:
+    def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> PadimScorer:
         """Per-position mean and Cholesky factor of (unbiased covariance + ridge * I)."""
         if self.n_features < 1 or self.ridge <= 0:
             raise ConfigError("scorer.params: n_features must be >= 1 and ridge > 0")
@@ -116,8 +131,15 @@ class PadimScorer(Scorer):
         self.mean_ = self.mean_.float()
         return self
 
-    def score(self, layers: list[torch.Tensor]) -> ScoreOutput:
-        """Mahalanobis distance per position; image score = max over positions."""
+    def score(
+        self,
+        layers: list[torch.Tensor],
+        *,
+        reference: list[torch.Tensor] | None = None,
+        embeddings: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> ScoreOutput:
+        """Mahalanobis distance per position (the detector takes the image score from the blurred map)."""
         check_is_fitted(self, "chol_")
         assert self.mean_ is not None and self.chol_ is not None
         n, _, h, w = layers[0].shape

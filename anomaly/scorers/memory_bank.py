@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
-from anomaly.errors import ConfigError
+from anomaly.errors import ConfigError, DataError
 from anomaly.index import NNIndex
 from anomaly.scorers._aggregate import patch_embeddings
 from anomaly.scorers._coreset import greedy_coreset
-from anomaly.scorers.base import ScoreOutput, Scorer, check_is_fitted
+from anomaly.scorers.base import (
+    STATE_FILE,
+    Progress,
+    ScoreOutput,
+    Scorer,
+    check_int,
+    check_is_fitted,
+    check_number,
+)
+from anomaly.scorers.registry import register_scorer
 
 __all__ = ["MemoryBankScorer"]
 
+_OVERSAMPLE = 2  # fold coresets hold twice their share of the bank; the final pick is made from their union
 
+
+@register_scorer
 class MemoryBankScorer(Scorer):
     """Nearest-neighbour distance of each test patch to a coreset of normal patches.
 
@@ -31,9 +45,13 @@ class MemoryBankScorer(Scorer):
         patch_size: local aggregation neighbourhood.
         use_gpu: ``auto`` | true | false for the FAISS index.
         random_state: seed of the coreset.
+
+    ``cross_fit`` builds a hierarchical coreset (per fold, then from their union) and scores every
+    training image against a bank built the same way without its fold (see :meth:`cross_fit`).
     """
 
     name = "memory_bank"
+    INDEX_FILE = "index.faiss"
 
     def __init__(
         self,
@@ -62,73 +80,136 @@ class MemoryBankScorer(Scorer):
         self.use_gpu = use_gpu
         self.random_state = random_state
         self._validate_params()
+        self.image_score_from_map = not reweight  # Eq. 7 re-scores images itself
         self.bank_: np.ndarray | None = None
         self.bank_image_: np.ndarray | None = None
         self.index_: NNIndex | None = None
 
     def _validate_params(self) -> None:
-        if not 0 < self.coreset_ratio <= 1:
-            raise ConfigError(f"scorer.params.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.max_bank is not None and self.max_bank < 1:
-            raise ConfigError(f"scorer.params.max_bank must be >= 1, got {self.max_bank}")
-        if self.k < 1 or self.num_neighbors < 1:
-            raise ConfigError("scorer.params.k and num_neighbors must be >= 1")
+        check_number("coreset_ratio", self.coreset_ratio, 0, 1, low_open=True)
+        if self.max_bank is not None:
+            check_int("max_bank", self.max_bank, 1)
+        check_int("projection_dim", self.projection_dim, 0)
+        check_int("k", self.k, 1, 1024)
+        check_int("num_neighbors", self.num_neighbors, 1, 1024)
+        check_int("patch_size", self.patch_size, 1, 15)
+        check_int("random_state", self.random_state, 0)
+        if self.patch_size % 2 == 0:
+            raise ConfigError(f"scorer.params.patch_size must be odd, got {self.patch_size}")
         if self.distance not in ("l2", "sql2"):
             raise ConfigError(f"scorer.params.distance must be 'l2' or 'sql2', got '{self.distance}'")
-        if self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise ConfigError(f"scorer.params.patch_size must be odd and >= 1, got {self.patch_size}")
+        if not isinstance(self.index, str) or not isinstance(self.reweight, bool):
+            raise ConfigError("scorer.params.index must be a FAISS factory string and reweight true/false")
+        if self.use_gpu not in (True, False, "auto"):
+            raise ConfigError(f"scorer.params.use_gpu must be auto, true or false, got {self.use_gpu!r}")
 
-    def fit(self, layers: list[torch.Tensor], progress: Callable[[int, int], None] | None = None) -> MemoryBankScorer:
-        """Build the bank from features of normal images."""
+    def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> MemoryBankScorer:
+        """Build the bank (one global coreset) from features of normal images."""
         self._validate_params()
         emb = patch_embeddings(layers, self.patch_size)
         n_img, h, w, d = emb.shape
         flat = emb.reshape(-1, d)
-        n_select = max(1, math.floor(self.coreset_ratio * len(flat)))
-        if self.max_bank is not None:
-            n_select = min(n_select, self.max_bank)
-        if n_select < len(flat):
+        n_select = self._bank_size(len(flat))
+        if n_select >= len(flat):
+            picks = np.arange(len(flat))
+        else:
             picks = greedy_coreset(
                 flat, n_select, projection_dim=self.projection_dim, seed=self.random_state, progress=progress
             )
-        else:
-            picks = np.arange(len(flat))
-        self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].cpu().numpy()
-        self.bank_image_ = (picks // (h * w)).astype(np.int32)
-        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu).build(self.bank_, seed=self.random_state)
+        self._set_bank(flat, picks, picks // (h * w))
         return self
 
-    def score(self, layers: list[torch.Tensor]) -> ScoreOutput:
+    def cross_fit(
+        self, layers: list[torch.Tensor], folds: NDArray[np.int64], *, progress: Progress | None = None
+    ) -> ScoreOutput:
+        """Hierarchical coreset; each image scored against a bank built without its fold.
+
+        Every fold gets its own coreset, ``_OVERSAMPLE`` times its share of the bank; the bank is a
+        greedy k-center pick from the union of all of them, and the out-of-sample bank of fold f the
+        same pick from the union of the other folds' coresets: one procedure for both, so the
+        held-out scores are those a new image gets, at about the cost of one global coreset.
+        """
+        self._validate_params()
+        emb = patch_embeddings(layers, self.patch_size)
+        n_img, h, w, d = emb.shape
+        flat = emb.reshape(-1, d)
+        total = self._bank_size(len(flat))
+        fold_ids = np.unique(folds)
+        if len(fold_ids) < 2:
+            raise DataError("cross-fitting needs at least 2 folds of training images")
+        steps = [0, len(fold_ids) * 2 + 1]
+
+        def tick() -> None:
+            steps[0] += 1
+            if progress is not None:
+                progress(steps[0], steps[1])
+
+        candidates = []
+        for fold in fold_ids:
+            images = np.flatnonzero(folds == fold)
+            rows = (images[:, None] * (h * w) + np.arange(h * w)[None, :]).ravel()
+            share = math.ceil(_OVERSAMPLE * total * len(images) / n_img)
+            candidates.append(rows[self._coreset(flat, rows, share)])
+            tick()
+        union = np.concatenate(candidates)
+        union_fold = folds[union // (h * w)]
+        chosen = union[self._coreset(flat, union, total)]
+        tick()
+        self._set_bank(flat, chosen, chosen // (h * w))
+        queries = emb.cpu().numpy()
+        maps = np.empty((n_img, h, w), dtype=np.float32)
+        scores = np.empty(n_img, dtype=np.float64)
+        for fold in fold_ids:
+            images = np.flatnonzero(folds == fold)
+            rest = union[union_fold != fold]
+            size = max(1, round(total * (n_img - len(images)) / n_img))
+            bank = flat[torch.from_numpy(rest[self._coreset(flat, rest, size)]).to(flat.device)].cpu().numpy()
+            out = self._score_queries(NNIndex("Flat", use_gpu=self.use_gpu).build(bank), bank, queries[images])
+            maps[images] = out.patch_maps
+            scores[images] = out.image_scores
+            tick()
+        return ScoreOutput(maps, scores)
+
+    def _bank_size(self, n_rows: int) -> int:
+        n_select = max(1, math.floor(self.coreset_ratio * n_rows))
+        return n_select if self.max_bank is None else min(n_select, self.max_bank)
+
+    def _coreset(self, flat: torch.Tensor, rows: np.ndarray, n_select: int) -> np.ndarray:
+        """Positions (into ``rows``) of a greedy k-center pick of ``n_select`` of ``flat[rows]``."""
+        if n_select >= len(rows):
+            return np.arange(len(rows))
+        subset = flat[torch.from_numpy(rows).to(flat.device)]
+        return greedy_coreset(subset, n_select, projection_dim=self.projection_dim, seed=self.random_state)
+
+    def _set_bank(self, flat: torch.Tensor, picks: np.ndarray, images: np.ndarray) -> None:
+        self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].cpu().numpy()
+        self.bank_image_ = images.astype(np.int32)
+        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu).build(self.bank_, seed=self.random_state)
+
+    def score(
+        self,
+        layers: list[torch.Tensor],
+        *,
+        reference: list[torch.Tensor] | None = None,
+        embeddings: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> ScoreOutput:
         """Patch maps = mean distance to the k nearest bank rows; image score = max (or Eq. 7)."""
         check_is_fitted(self, "index_")
         assert self.index_ is not None and self.bank_ is not None
-        return self._score_with(self.index_, self.bank_, layers)
+        queries = patch_embeddings(layers, self.patch_size).cpu().numpy()
+        return self._score_queries(self.index_, self.bank_, queries)
 
-    def holdout_score(self, layers: list[torch.Tensor], image_ids: np.ndarray) -> ScoreOutput:
-        """Score training images ``image_ids`` against the bank without their own rows (leave-out).
-
-        Gives out-of-sample scores of normal images without a second coreset run; the detector
-        chooses its threshold from them.
-        """
-        check_is_fitted(self, "index_")
-        assert self.bank_ is not None and self.bank_image_ is not None
-        keep = ~np.isin(self.bank_image_, image_ids)
-        if not keep.any():
-            raise ConfigError("threshold.holdout: every bank row comes from held-out images")
-        bank = self.bank_[keep]
-        return self._score_with(NNIndex("Flat", use_gpu=self.use_gpu).build(bank), bank, layers)
-
-    def _score_with(self, index: NNIndex, bank: np.ndarray, layers: list[torch.Tensor]) -> ScoreOutput:
-        emb = patch_embeddings(layers, self.patch_size)
-        n_img, h, w, d = emb.shape
-        queries = emb.reshape(-1, d).cpu().numpy()
-        dist, ids = index.search(queries, self.k)
+    def _score_queries(self, index: NNIndex, bank: np.ndarray, queries: np.ndarray) -> ScoreOutput:
+        n_img, h, w, d = queries.shape
+        flat = queries.reshape(-1, d)
+        dist, ids = index.search(flat, self.k)
         if self.distance == "sql2":
             dist = dist**2
         patch = dist.mean(1).reshape(n_img, h * w)
         image_scores = patch.max(1).astype(np.float64)
         if self.reweight:
-            image_scores = self._reweight(index, bank, queries.reshape(n_img, h * w, d), patch, dist, ids)
+            image_scores = self._reweight(index, bank, flat.reshape(n_img, h * w, d), patch, dist, ids)
         return ScoreOutput(patch_maps=patch.reshape(n_img, h, w).astype(np.float32), image_scores=image_scores)
 
     def _reweight(self, index, bank, queries, patch, dist, ids) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -147,13 +228,39 @@ class MemoryBankScorer(Scorer):
         return (1.0 - np.exp(log_w)) * s_star
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Bank, source image of every bank row and the serialised FAISS index."""
+        """Bank and the source image of every bank row (the FAISS index is saved beside them)."""
         check_is_fitted(self, "index_")
-        assert self.index_ is not None and self.bank_ is not None and self.bank_image_ is not None
-        return {"bank": self.bank_, "bank_image": self.bank_image_, "index": self.index_.serialize()}
+        assert self.bank_ is not None and self.bank_image_ is not None
+        return {"bank": self.bank_, "bank_image": self.bank_image_}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore bank and index written by :meth:`state_dict`."""
-        self.bank_ = state["bank"]
-        self.bank_image_ = state["bank_image"]
-        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu).deserialize(state["index"])
+        """Restore bank rows; the index is rebuilt from them."""
+        self._check_bank(state["bank"], state["bank_image"])
+        self.bank_, self.bank_image_ = state["bank"], state["bank_image"]
+        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu).build(self.bank_, seed=self.random_state)
+
+    def save(self, directory: Path) -> list[str]:
+        """Arrays as safetensors plus the FAISS index (built once, so loading skips the training)."""
+        names = super().save(directory)
+        assert self.index_ is not None
+        (directory / self.INDEX_FILE).write_bytes(self.index_.serialize().tobytes())
+        return [*names, self.INDEX_FILE]
+
+    def load(self, files: Mapping[str, Path]) -> None:
+        """Restore bank and index, refusing an index that does not match the bank and the config."""
+        from safetensors.numpy import load_file
+
+        state = load_file(str(files[STATE_FILE]))
+        bank, bank_image = state["bank"], state["bank_image"]
+        self._check_bank(bank, bank_image)
+        data = np.frombuffer(files[self.INDEX_FILE].read_bytes(), dtype=np.uint8)
+        index = NNIndex(self.index, use_gpu=self.use_gpu).deserialize(data)
+        index.check_matches(bank, self.index)
+        self.bank_, self.bank_image_, self.index_ = bank, bank_image, index
+
+    @staticmethod
+    def _check_bank(bank: np.ndarray, bank_image: np.ndarray) -> None:
+        if bank.ndim != 2 or bank.dtype != np.float32 or not len(bank) or not np.isfinite(bank).all():
+            raise ValueError(f"bank must be a finite (N, D) float32 array, got {bank.dtype} {bank.shape}")
+        if bank_image.shape != (len(bank),):
+            raise ValueError(f"bank_image must have {len(bank)} entries, got {bank_image.shape}")

@@ -7,8 +7,9 @@ Deliberate deviations from the reference implementation (ALGORITHMS.md §3.8):
 
 * MSM averages at least one term (``k = max(1, ⌊0.3·(N−1)⌋)``) instead of returning NaN for N ≤ 4,
   and raises ``ValueError`` when an image has nothing to be compared with.
-* Distances are computed in float32 on CPU (float16 on CUDA, like the reference; float64 inputs
-  stay float64), from ``d² = 2 − 2·z·zᵀ``.
+* Distances are computed in float32 on every device (the reference uses float16 on CUDA, where
+  ``d² = 2 − 2·z·zᵀ`` cancels catastrophically for near-duplicate patches: about 1 % of distances were
+  off by 100 %); float64 inputs stay float64.
 * RsCIN clamps its window sizes to N, clamps negative similarities to 0 and maps constant scores to 0.
 * Coarser layers are scored on their own grid and the *score maps* are upsampled bilinearly
   (align_corners=False) to the finest grid: mutual scoring costs O(L²) per image pair, so upsampling
@@ -30,6 +31,7 @@ from numpy.typing import NDArray
 
 from anomaly.errors import ConfigError
 from anomaly.scorers.base import ScoreOutput, Scorer
+from anomaly.scorers.registry import register_scorer
 
 __all__ = ["MuScScorer", "RollingPool", "lnamd", "msm_flops", "mutual_scores", "rscin"]
 
@@ -345,10 +347,8 @@ def _check_tokens(x: torch.Tensor, what: str) -> tuple[int, int, int]:
 
 
 def _compute_dtype(z: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; otherwise float16 on CUDA (as the reference) and float32 elsewhere."""
-    if z.dtype == torch.float64:
-        return torch.float64
-    return torch.float16 if z.device.type == "cuda" else torch.float32
+    """float64 stays float64, everything else float32 (float16 loses near-duplicate distances)."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
 def rscin(
@@ -389,6 +389,7 @@ def rscin(
     return (total / len(ks)).numpy()
 
 
+@register_scorer
 class MuScScorer(Scorer):
     """MuSc zero-shot scorer: every image of the batch is scored against all the others.
 
@@ -402,6 +403,8 @@ class MuScScorer(Scorer):
 
     name: ClassVar[str] = "musc"
     requires_fit: ClassVar[bool] = False
+    uses_references: ClassVar[bool] = True
+    uses_embeddings: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -433,8 +436,9 @@ class MuScScorer(Scorer):
         self.memory_budget_mb = memory_budget_mb
         self.aligned_window = aligned_window
         self.augment_references = augment_references
+        self.image_score_from_map = not self.rscin_k  # RsCIN re-scores images
 
-    def fit(self, layers: list[torch.Tensor]) -> MuScScorer:
+    def fit(self, layers: list[torch.Tensor], *, progress: Callable[[int, int], None] | None = None) -> MuScScorer:
         """Nothing to learn (zero-shot); returns self."""
         return self
 

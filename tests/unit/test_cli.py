@@ -137,7 +137,10 @@ def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Pat
         assert col in rows[0]
     assert 0.9 <= float(rows[0]["image_auroc"]) <= 1
     assert (out / "results.md").is_file() and (out / "results.json").is_file()
-    assert len(list((out / "widget" / "overlays").glob("*.png"))) >= 2
+    assert len(list((out / "widget" / "scores" / "overlays").rglob("*.png"))) == len(_rows(out / "widget" / "scores"))
+    assert (out / "widget" / "report" / "index.html").is_file()
+    assert json.loads((out / "widget" / "evaluation" / "metrics.json").read_text())["image_auroc"] >= 0.9
+    assert 0 <= float(rows[0]["realised_fpr"]) <= 1
     with caplog.at_level(logging.INFO, logger="anomaly"):
         again = _run(*args)
     assert again.exit_code == 0 and "already done" in caplog.text

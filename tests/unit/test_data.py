@@ -245,7 +245,7 @@ def test_list_images_errors(tmp_path: Path) -> None:
         list_images([str(tmp_path / "*.png")])
     with pytest.raises(DataError, match="no image found"):
         list_images([str(empty / "*.txt")])
-    with pytest.raises(DataError, match="no image found"):
+    with pytest.raises(DataError, match="unsupported image format: .*readme.txt"):
         list_images([empty / "readme.txt"])
 
 

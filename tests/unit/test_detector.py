@@ -11,7 +11,13 @@ from anomaly.config import apply_overrides, load_config
 
 
 def _config(name: str = "patchcore", *extra: str):
-    return apply_overrides(load_config(name), ["backbone.image_size=[128,128]", "batch_size=4", *extra])
+    small = ["backbone.image_size=[128,128]", "batch_size=4"]  # 12 training images: a larger coreset share
+    bank = ["scorer.params.coreset_ratio=0.1"] if name == "patchcore" else []
+    return apply_overrides(load_config(name), [*small, *bank, *extra])
+
+
+def _split_train(det: Detector) -> list[Path]:
+    return det._train  # type: ignore[attr-defined]
 
 
 def _split(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
@@ -24,7 +30,9 @@ def _split(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
 @pytest.fixture(scope="module")
 def fitted(synthetic_root: Path) -> Detector:
     train, _, _ = _split(synthetic_root)
-    return Detector(_config()).fit(train)
+    det = Detector(_config()).fit(train)
+    det._train = train  # type: ignore[attr-defined]
+    return det
 
 
 def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthetic_root: Path) -> None:
@@ -43,9 +51,30 @@ def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthe
     assert not any(r.is_anomalous for r in batch[: len(good)])  # threshold from normal images only
 
 
-def test_threshold_comes_from_held_out_normal_images(fitted: Detector) -> None:
-    assert fitted.holdout_scores_ is not None and len(fitted.holdout_scores_) == round(0.2 * 12)
-    assert fitted.threshold_ == pytest.approx(np.quantile(fitted.holdout_scores_, 0.99))
+def _assert_masks_agree_with_verdicts(results: list[DetectionResult]) -> None:
+    flagged = [r for r in results if r.is_anomalous]
+    assert flagged, "nothing flagged: the check would be empty"
+    for r in results:
+        assert r.mask is not None and bool(r.mask.any()) == r.is_anomalous
+        if r.is_anomalous:
+            assert r.anomaly_map is not None and r.anomaly_map.max() >= r.pixel_threshold
+
+
+def test_flagged_images_always_have_a_mask_and_others_never(fitted: Detector, synthetic_root: Path) -> None:
+    _, good, bad = _split(synthetic_root)
+    results = fitted.predict(good + bad)
+    _assert_masks_agree_with_verdicts(results)
+    assert all(r.image_score == pytest.approx(float(r.anomaly_map.max()), rel=1e-6) for r in results)
+
+
+def test_threshold_comes_from_cross_fitted_normal_images(fitted: Detector) -> None:
+    decision = fitted.decision_
+    assert decision is not None and decision.n_normal == 12  # every training image scored out-of-sample
+    assert decision.rule == "tail-gpd"  # 1 % is finer than the 1/13 that 12 scores resolve
+    assert decision.pixel == decision.image  # the image score is the map peak: one scale
+    coarse = Detector(_config("patchcore", "threshold.target_fpr=0.1")).fit(_split_train(fitted))
+    assert coarse.decision_ is not None and coarse.decision_.rule == "conformal"
+    assert coarse.decision_.estimated_fpr == pytest.approx(1 / 13)  # rank ceil(13 * 0.9) = 12 of 12
 
 
 def test_arrays_of_any_size_and_grayscale_are_accepted(fitted: Detector, synthetic_root: Path) -> None:
@@ -61,13 +90,13 @@ def test_save_load_roundtrip_gives_identical_scores(fitted: Detector, synthetic_
     _, good, bad = _split(synthetic_root)
     fitted.save(tmp_path / "model")
     files = {p.name for p in (tmp_path / "model").iterdir()}
-    assert files == {"config.json", "meta.json", "state.safetensors", "index.faiss"}
+    assert files == {"config.json", "meta.json", "scorer.safetensors", "index.faiss", ".anomaly-output.json"}
     assert not list(tmp_path.glob(".model*"))  # no temp dir left behind
     loaded = Detector.load(tmp_path / "model")
     before = [r.image_score for r in fitted.predict(good + bad)]
     after = [r.image_score for r in loaded.predict(good + bad)]
     assert before == after
-    assert loaded.threshold_ == fitted.threshold_
+    assert loaded.decision_ == fitted.decision_
 
 
 def test_incompatible_or_tampered_model_dirs_fail_clearly(fitted: Detector, tmp_path: Path) -> None:
@@ -78,10 +107,10 @@ def test_incompatible_or_tampered_model_dirs_fail_clearly(fitted: Detector, tmp_
     with pytest.raises(DataError, match="incompatible"):
         Detector.load(path)
     path = fitted.save(tmp_path / "model2")
-    (path / "state.safetensors").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="unreadable model directory"):
+    (path / "scorer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="modified since the model was saved"):
         Detector.load(path)
-    with pytest.raises(DataError, match="not a model directory"):
+    with pytest.raises(DataError, match="model directory not found"):
         Detector.load(tmp_path / "missing")
 
 
@@ -99,6 +128,8 @@ def test_other_trained_configs_separate_defects(name: str, synthetic_root: Path)
     anomalous = [r.image_score for r in results[len(good) :]]
     assert np.mean(anomalous) > np.max(normal)
     assert (results[0].anomaly_map is None) == (name == "gaussian")
+    if name == "padim":
+        _assert_masks_agree_with_verdicts(results)
 
 
 def test_zero_shot_pool_scores_defects_higher_and_finite_for_two_images(synthetic_root: Path) -> None:
@@ -117,15 +148,16 @@ def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
     train, good, bad = _split(synthetic_root)
     det = Detector(_config("musc")).fit(train[:4])
     results = det.predict(good + bad)
-    assert det.reference_ is not None and det.reference_[0][0].shape[0] == 4
+    assert det.reference_ is not None and det.reference_.layers[0].shape[0] == 4
     assert len(results) == len(good + bad)
     assert sum(r.is_anomalous for r in results[len(good) :]) >= len(bad) // 2
+    _assert_masks_agree_with_verdicts(results)  # RsCIN re-scores images: the pixel threshold is capped per image
 
 
 def test_few_shot_support_augmentation_adds_six_views(synthetic_root: Path) -> None:
     train, good, bad = _split(synthetic_root)
     det = Detector(_config("musc", "scorer.params.augment_references=true")).fit(train[:2])
-    assert det.reference_ is not None and det.reference_[0][0].shape[0] == 12
+    assert det.reference_ is not None and det.reference_.layers[0].shape[0] == 12
     scores = [r.image_score for r in det.predict(good + bad)]
     assert np.mean(scores[len(good) :]) > np.mean(scores[: len(good)])
 
@@ -134,5 +166,5 @@ def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_
     train, _, _ = _split(synthetic_root)
     with pytest.raises(DataError, match="gaussian scorer needs at least 3 normal images"):
         Detector(_config("gaussian")).fit(train[:2])
-    with pytest.raises(DataError, match="memory_bank scorer needs at least 2"):
+    with pytest.raises(DataError, match="memory_bank scorer needs at least 3"):
         Detector(_config()).fit(train[:1])

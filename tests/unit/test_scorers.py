@@ -61,12 +61,67 @@ def test_memory_bank_eq7_reweighting_stays_below_the_plain_max() -> None:
     assert np.all(weighted <= plain) and np.all(weighted > 0)
 
 
-def test_memory_bank_holdout_scores_exclude_the_images_own_rows() -> None:
+def test_memory_bank_cross_fit_scores_each_fold_against_the_other_folds_only() -> None:
     train = _layers(6, 0)
-    scorer = get_scorer("memory_bank", {"coreset_ratio": 1.0}).fit(train)
-    held = [layer[:2] for layer in train]
-    assert np.all(scorer.score(held).image_scores == 0)  # in-sample: every patch is in the bank
-    assert np.all(scorer.holdout_score(held, np.array([0, 1])).image_scores > 0)
+    folds = np.array([0, 1, 2, 0, 1, 2])
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 1.0})
+    out = scorer.cross_fit(train, folds)
+    assert scorer.bank_ is not None and len(scorer.bank_) == 6 * 8 * 8  # the union of the fold banks: every row
+    assert np.all(scorer.score(train).image_scores == 0)  # in-sample: every patch is in the bank
+    assert np.all(out.image_scores > 0)  # out-of-sample: the image's own fold was left out
+    rest = torch.from_numpy(np.flatnonzero(folds != 0))
+    twin = get_scorer("memory_bank", {"coreset_ratio": 1.0}).fit([x[rest] for x in train])
+    expected = twin.score([x[torch.from_numpy(np.flatnonzero(folds == 0))] for x in train]).image_scores
+    np.testing.assert_allclose(out.image_scores[folds == 0], expected, rtol=1e-6)
+
+
+def test_default_cross_fit_refits_a_clone_per_fold() -> None:
+    train = _layers(6, 0)
+    folds = np.array([0, 0, 1, 1, 2, 2])
+    out = get_scorer("padim", {"n_features": 8}).cross_fit(train, folds)
+    rest = torch.from_numpy(np.flatnonzero(folds != 1))
+    twin = get_scorer("padim", {"n_features": 8}).fit([x[rest] for x in train])
+    np.testing.assert_allclose(out.patch_maps[2:4], twin.score([x[2:4] for x in train]).patch_maps, rtol=1e-5)
+
+
+def test_a_scorer_registered_from_outside_the_package_runs_in_a_detector(tmp_path) -> None:
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.detector import Detector
+    from anomaly.scorers import ScoreOutput, Scorer, register_scorer
+
+    @register_scorer
+    class MeanDistance(Scorer):  # a new kNN-like variant: one class, nothing edited in the package
+        name = "test_mean_distance"
+
+        def __init__(self, *, scale: float = 1.0) -> None:
+            self.scale = scale
+            self.mean_ = None
+
+        def fit(self, layers, *, progress=None):
+            self.mean_ = layers[0].mean(0, keepdim=True)
+            return self
+
+        def score(self, layers, *, reference=None, embeddings=None, progress=None):
+            maps = ((layers[0] - self.mean_) ** 2).sum(1).sqrt() * self.scale
+            return ScoreOutput(maps.cpu().numpy(), maps.flatten(1).amax(1).double().cpu().numpy())
+
+        def state_dict(self):
+            return {"mean": self.mean_.numpy()}
+
+        def load_state_dict(self, state):
+            self.mean_ = torch.from_numpy(state["mean"])
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_scorer(type("Other", (MeanDistance,), {"name": "test_mean_distance"}))
+    config = apply_overrides(
+        load_config("patchcore"),
+        ["scorer.name=test_mean_distance", "scorer.params={}", "backbone.image_size=[64,64]", "threshold.folds=3"],
+    )
+    images = [np.full((64, 64, 3), 100 + i, np.uint8) for i in range(6)]
+    det = Detector(config).fit(images)
+    det.save(tmp_path / "m")
+    loaded = Detector.load(tmp_path / "m")
+    assert loaded.predict(images[0]).image_score == pytest.approx(det.predict(images[0]).image_score)
 
 
 def test_invalid_params_raise_config_errors() -> None:

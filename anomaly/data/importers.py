@@ -1,0 +1,380 @@
+"""Importers: annotated image collections -> an MVTec-layout category folder.
+
+Two sources are read: labelme JSON polygons (:func:`import_labelme`) and an image folder beside a mask folder
+(:func:`import_mask_folders`). Both write ``<out>/train/good``, ``test/good``, ``test/<defect>/`` and
+``ground_truth/<defect>/<stem>_mask.png`` (0/255 PNG), readable by :func:`anomaly.data.load_mvtec`. Images are
+linked, not copied (symlink by default); only masks are new files. Normal images are split between
+``train/good`` and ``test/good`` by a seeded random draw. The folder is built beside ``out`` and renamed into
+place, with a manifest ``.anomaly-import.json`` recording the source and the split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw
+
+from anomaly._fs import atomic_write_text, new_temp_dir, replace_dir
+from anomaly.data.io import list_images
+from anomaly.errors import DataError
+
+__all__ = ["ImportSummary", "import_labelme", "import_mask_folders", "parse_classes"]
+
+Link = Literal["symlink", "hardlink", "copy"]
+MANIFEST = ".anomaly-import.json"
+_AREA_SHAPES = ("polygon", "rectangle", "circle")
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """What an import wrote: the category folder and its image counts."""
+
+    root: Path
+    n_train: int
+    n_test_good: int
+    defects: dict[str, int]
+
+    @property
+    def test_only(self) -> bool:
+        """True when there was no normal image: the category cannot be used for training."""
+        return self.n_train == 0
+
+
+@dataclass(frozen=True)
+class _Defect:
+    image: Path
+    mask: NDArray[np.bool_]
+    defect_type: str
+
+
+def import_labelme(
+    images: str | os.PathLike[str],
+    annotations: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    normal_test_ratio: float = 0.2,
+    max_normal: int | None = None,
+    seed: int = 0,
+    link: Link = "symlink",
+) -> ImportSummary:
+    """Import images annotated with labelme.
+
+    Every image under ``images`` (recursive) is normal unless a JSON file under ``annotations`` names it (by the
+    file name of its ``imagePath``) with at least one shape. The mask is the union of the image's shapes, filled
+    as labelme does (PIL polygon with outline). The defect type is the shape label, lower-cased with spaces as
+    ``_``; an image whose shapes carry several labels gets the type ``combined``.
+
+    Args:
+        images: Folder of all images, normal and defective.
+        annotations: Folder of labelme ``.json`` files (recursive).
+        out: Category folder to write (e.g. ``/data/bsdata``); replaced if it is an earlier import.
+        normal_test_ratio: Share of the normal images put in ``test/good``; the rest go to ``train/good``.
+        max_normal: Use at most this many normal images (a seeded random subset) before splitting.
+        seed: Seed of the subset and of the split.
+        link: ``symlink`` (default), ``hardlink`` or ``copy`` for the images.
+
+    Returns:
+        The summary of what was written.
+
+    Raises:
+        DataError: Missing folders, unreadable or invalid JSON, an annotated image that is not found or whose
+            size differs from the JSON's, a shape without area, duplicate file names, or no image at all.
+    """
+    image_paths = _listed(images, "--images")
+    json_files = sorted(p for p in _walk_dir(annotations, "--annotations") if p.suffix.lower() == ".json")
+    if not json_files:
+        raise DataError(f"--annotations {annotations}: no .json file found")
+    by_name = _by_file_name(image_paths, images)
+    defects: list[_Defect] = []
+    for json_file in json_files:
+        doc = _read_json(json_file)
+        name = Path(str(doc.get("imagePath", "")).replace("\\", "/")).name
+        image = by_name.get(name)
+        if image is None:
+            raise DataError(f"{json_file}: imagePath {name!r} not found under {images}")
+        shapes = doc.get("shapes") or []
+        if not shapes:
+            continue  # labelme saves an empty shape list for a reviewed, defect-free image
+        size = _image_size(image)
+        declared = (doc.get("imageWidth"), doc.get("imageHeight"))
+        if None not in declared and declared != size:
+            raise DataError(f"{json_file}: imageWidth x imageHeight {declared} differ from the image's size {size}")
+        mask = labelme_mask(shapes, size, json_file)
+        labels = {str(s.get("label", "")).strip().lower().replace(" ", "_") for s in shapes}
+        defects.append(_Defect(image, mask, labels.pop() if len(labels) == 1 else "combined"))
+    normals = [p for p in image_paths if p not in {d.image for d in defects}]
+    return _write_category(
+        out,
+        normals,
+        defects,
+        normal_test_ratio=normal_test_ratio,
+        max_normal=max_normal,
+        seed=seed,
+        link=link,
+        source={"format": "labelme", "images": str(images), "annotations": str(annotations)},
+    )
+
+
+def import_mask_folders(
+    images: str | os.PathLike[str],
+    masks: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    classes: dict[int, str] | None = None,
+    normal_test_ratio: float = 0.2,
+    max_normal: int | None = None,
+    seed: int = 0,
+    link: Link = "symlink",
+) -> ImportSummary:
+    """Import an image folder with a parallel mask folder.
+
+    The mask of ``images/<sub>/<stem>.<ext>`` is ``masks/<sub>/<stem>.<ext>`` or ``<stem>_mask.<ext>`` (any
+    image suffix). Non-zero mask pixels are defective; an image without a mask or with an all-zero mask is
+    normal. The defect type is, with ``classes``, the class of the most frequent non-zero mask value; without
+    it, the image's first sub-folder under ``images`` (``defect`` for images directly in it).
+
+    Args:
+        images: Image folder (recursive).
+        masks: Mask folder with the same sub-folders.
+        out: Category folder to write; replaced if it is an earlier import.
+        classes: Mask value -> defect type (e.g. ``{1: "inclusion", 2: "patches"}``).
+        normal_test_ratio, max_normal, seed, link: As in :func:`import_labelme`.
+
+    Returns:
+        The summary of what was written.
+
+    Raises:
+        DataError: Missing folders, a mask whose size differs from its image's, a mask value missing from
+            ``classes``, duplicate file names, or no image at all.
+    """
+    image_paths = _listed(images, "--images")
+    mask_index: dict[tuple[str, ...], Path] = {}
+    for mask in _listed(masks, "--annotations"):
+        rel = mask.relative_to(masks)
+        mask_index.setdefault((*rel.parent.parts, rel.stem), mask)
+    normals: list[Path] = []
+    defects: list[_Defect] = []
+    for image in image_paths:
+        rel = image.relative_to(images)
+        key = rel.parent.parts
+        mask_path = mask_index.get((*key, f"{rel.stem}_mask")) or mask_index.get((*key, rel.stem))
+        values = _read_label_mask(mask_path) if mask_path is not None else None
+        if values is None or not values.any():
+            normals.append(image)
+            continue
+        size = _image_size(image)
+        if (values.shape[1], values.shape[0]) != size:
+            raise DataError(f"{mask_path}: mask size {values.shape[1]}x{values.shape[0]} differs from {image} {size}")
+        if classes is None:
+            defect_type = key[0] if key else "defect"
+        else:
+            counts = Counter(values[values > 0].tolist())
+            unknown = sorted(set(counts) - set(classes))
+            if unknown:
+                raise DataError(f"{mask_path}: mask value(s) {unknown} not in --classes")
+            defect_type = classes[counts.most_common(1)[0][0]]
+        defects.append(_Defect(image, values > 0, defect_type))
+    return _write_category(
+        out,
+        normals,
+        defects,
+        normal_test_ratio=normal_test_ratio,
+        max_normal=max_normal,
+        seed=seed,
+        link=link,
+        source={"format": "mask-folders", "images": str(images), "masks": str(masks), "classes": classes},
+    )
+
+
+def parse_classes(text: str) -> dict[int, str]:
+    """Parse ``"1=inclusion,2=patches"`` into ``{1: "inclusion", 2: "patches"}``."""
+    classes: dict[int, str] = {}
+    for item in text.split(","):
+        value, sep, name = item.partition("=")
+        if not sep or not value.strip().isdigit() or not name.strip():
+            raise DataError(f"--classes: expected VALUE=NAME[,VALUE=NAME...], got {text!r}")
+        classes[int(value)] = name.strip()
+    return classes
+
+
+def labelme_mask(shapes: list[dict[str, Any]], size: tuple[int, int], where: Path) -> NDArray[np.bool_]:
+    """Union of labelme shapes as a boolean ``(H, W)`` mask; ``size`` is ``(W, H)``.
+
+    Filled like labelme's own ``shape_to_mask`` (PIL, outline included), so masks match the tool's export.
+    """
+    canvas = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(canvas)
+    for shape in shapes:
+        kind = shape.get("shape_type") or "polygon"
+        points = [tuple(map(float, p)) for p in shape.get("points") or []]
+        if kind not in _AREA_SHAPES:
+            raise DataError(f"{where}: shape type {kind!r} has no area; supported: {', '.join(_AREA_SHAPES)}")
+        if len(points) < {"polygon": 3, "rectangle": 2, "circle": 2}[kind]:
+            raise DataError(f"{where}: {kind} with {len(points)} point(s)")
+        if kind == "polygon":
+            draw.polygon(points, fill=1, outline=1)
+        elif kind == "rectangle":
+            (x0, y0), (x1, y1) = points[:2]
+            draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=1, outline=1)
+        else:
+            (cx, cy), (px, py) = points[:2]
+            r = float(np.hypot(px - cx, py - cy))
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1, outline=1)
+    mask = np.asarray(canvas, dtype=bool)
+    if not mask.any():
+        raise DataError(f"{where}: the shapes cover no pixel of the {size[0]}x{size[1]} image")
+    return mask
+
+
+def _write_category(
+    out: str | os.PathLike[str],
+    normals: list[Path],
+    defects: list[_Defect],
+    *,
+    normal_test_ratio: float,
+    max_normal: int | None,
+    seed: int,
+    link: Link,
+    source: dict[str, Any],
+) -> ImportSummary:
+    """Split the normal images, link every image into place, write masks and the manifest."""
+    if not 0 <= normal_test_ratio <= 1:
+        raise DataError(f"--normal-test-ratio must be in [0, 1], got {normal_test_ratio}")
+    if max_normal is not None and max_normal < 1:
+        raise DataError(f"--max-normal must be at least 1, got {max_normal}")
+    if link not in ("symlink", "hardlink", "copy"):
+        raise DataError(f"--link must be symlink, hardlink or copy, got {link!r}")
+    if not normals and not defects:
+        raise DataError("no image to import")
+    bad = sorted(
+        {d.defect_type for d in defects if not d.defect_type or d.defect_type == "good" or "/" in d.defect_type}
+    )
+    if bad:
+        raise DataError(f"defect type(s) {bad} cannot be folder names next to test/good")
+    rng = np.random.default_rng(seed)
+    if max_normal is not None and len(normals) > max_normal:
+        normals = [normals[i] for i in sorted(rng.choice(len(normals), max_normal, replace=False))]
+    n_test = round(len(normals) * normal_test_ratio)
+    held_out = set(rng.permutation(len(normals))[:n_test].tolist())
+    train = [p for i, p in enumerate(normals) if i not in held_out]
+    test_good = [p for i, p in enumerate(normals) if i in held_out]
+    placed: list[tuple[Path, Path]] = [(p, Path("train", "good", p.name)) for p in train]
+    placed += [(p, Path("test", "good", p.name)) for p in test_good]
+    placed += [(d.image, Path("test", d.defect_type, d.image.name)) for d in defects]
+    _check_unique([rel for _, rel in placed])
+    target = Path(out)
+    tmp = new_temp_dir(target, MANIFEST)
+    try:
+        for src, rel in placed:
+            _place(src, tmp / rel, link)
+        for d in defects:
+            mask_file = tmp / "ground_truth" / d.defect_type / f"{d.image.stem}_mask.png"
+            mask_file.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(d.mask.astype(np.uint8) * 255).save(mask_file)
+        (tmp / "train" / "good").mkdir(parents=True, exist_ok=True)
+        summary = ImportSummary(
+            target, len(train), len(test_good), dict(sorted(Counter(d.defect_type for d in defects).items()))
+        )
+        manifest = {
+            "source": source,
+            "seed": seed,
+            "normal_test_ratio": normal_test_ratio,
+            "max_normal": max_normal,
+            "link": link,
+            "counts": {"train_good": summary.n_train, "test_good": summary.n_test_good, **summary.defects},
+        }
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _place(src: Path, dst: Path, link: Link) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if link == "symlink":
+            dst.symlink_to(src.resolve())
+        elif link == "hardlink":
+            dst.hardlink_to(src)
+        else:
+            shutil.copy2(src, dst)
+    except OSError as exc:
+        raise DataError(f"cannot {link} {src} -> {dst}: {exc.strerror or exc}") from None
+
+
+def _check_unique(rels: list[Path]) -> None:
+    """File names must be unique per output folder (MVTec layout is flat)."""
+    dupes = [str(rel) for rel, n in Counter(rels).items() if n > 1]
+    if dupes:
+        raise DataError(f"{len(dupes)} output file name(s) occur twice, e.g. {dupes[0]}; rename the sources")
+    stems = Counter((rel.parent, rel.stem) for rel in rels if rel.parts[1] != "good")
+    clash = [f"{folder}/{stem}" for (folder, stem), n in stems.items() if n > 1]
+    if clash:
+        raise DataError(f"defective images share a file stem (their masks would clash): {clash[0]}")
+
+
+def _walk_dir(folder: str | os.PathLike[str], option: str) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{option} {root}: folder not found")
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
+
+
+def _listed(folder: str | os.PathLike[str], option: str) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{option} {root}: folder not found")
+    paths = list_images([root])[0]
+    if not paths:
+        raise DataError(f"{option} {root}: no image found")
+    return paths
+
+
+def _by_file_name(paths: list[Path], folder: str | os.PathLike[str]) -> dict[str, Path]:
+    names = Counter(p.name for p in paths)
+    dupes = [n for n, c in names.items() if c > 1]
+    if dupes:
+        raise DataError(f"--images {folder}: file name {dupes[0]!r} occurs in several sub-folders")
+    return {p.name: p for p in paths}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("shapes", []), list):
+        raise DataError(f"{path}: not a labelme file (no 'shapes' list)")
+    return doc
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """``(W, H)`` read from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+
+
+def _read_label_mask(path: Path) -> NDArray[np.integer[Any]]:
+    """Mask values ``(H, W)``; colour masks are reduced to their per-pixel maximum."""
+    try:
+        with Image.open(path) as image:
+            values = np.asarray(image)
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable mask ({exc})") from None
+    return values.max(axis=2) if values.ndim == 3 else values

@@ -1,0 +1,58 @@
+"""Input policy shared by the API and the CLI: which images a fit, a score or a reference set uses.
+
+* a dataset category root (it has ``train/good``) given for fitting or as references is narrowed to
+  ``train/good``: a fit never reads test images or masks by accident;
+* references that are also inputs are dropped from the references (an image never scores itself);
+* folders written by ``anomaly`` (scores, models, reports) are never read as inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from anomaly.data.datasets import is_category_root
+from anomaly.data.io import list_images
+from anomaly.errors import DataError
+
+__all__ = ["image_paths", "reference_paths", "training_paths"]
+
+log = logging.getLogger(__name__)
+
+
+def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[Path] = ()) -> list[Path]:
+    """Image files of ``inputs`` (files, folders, globs), leaving out anything under ``exclude``."""
+    paths, ignored = list_images(list(inputs))
+    if ignored:
+        log.info("ignored %d non-image file(s)", ignored)
+    if exclude:
+        roots = [Path(os.path.abspath(e)) for e in exclude]
+        kept = [p for p in paths if not any(Path(os.path.abspath(p)).is_relative_to(r) for r in roots)]
+        if len(kept) < len(paths):
+            log.info("left out %d image(s) inside the output folder", len(paths) - len(kept))
+        if not kept:
+            raise DataError("no input image left outside the output folder")
+        paths = kept
+    return paths
+
+
+def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Normal images for a fit: category roots narrowed to ``train/good``."""
+    narrowed = []
+    for item in inputs:
+        if is_category_root(item):
+            log.info("%s is a dataset category: using its train/good only", item)
+            item = Path(item) / "train" / "good"
+        narrowed.append(item)
+    return image_paths(narrowed)
+
+
+def reference_paths(references: Iterable[str | os.PathLike[str]], inputs: Sequence[Path]) -> list[Path]:
+    """Few-shot references (narrowed like training images) that are not also among ``inputs``."""
+    scored = {p.resolve() for p in inputs}
+    refs = [p for p in training_paths(references) if p.resolve() not in scored]
+    if not refs:
+        raise DataError("--reference: no reference image left that is not also an input")
+    return refs

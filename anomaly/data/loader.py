@@ -1,0 +1,141 @@
+"""Image inputs -> decoded RGB -> resized batches for the backbone (the first stage of the data flow).
+
+An input is a path, encoded bytes, a PIL image or an RGB array (``(H, W)``, ``(H, W, 3)`` or
+``(H, W, 4)``; uint8, or float in [0, 1]); torch tensors in (C, H, W) or (H, W, C) layout are
+accepted too. Arrays are taken as **RGB**, not OpenCV's BGR.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Union
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from anomaly.data.io import decode_bytes, read_image
+from anomaly.errors import DataError
+
+__all__ = ["DecodedImage", "ImageBatch", "ImageInput", "decode_input", "iter_batches", "support_views"]
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], Any]
+
+
+@dataclass
+class DecodedImage:
+    """One input resized for the backbone, with what the later stages need to know about it."""
+
+    resized: NDArray[np.uint8] | None  # (H_in, W_in, 3); None when decoding failed
+    size: tuple[int, int]  # original (H, W)
+    source: str | None
+    original: NDArray[np.uint8] | None = None  # the full decoded image, when kept
+    error: str | None = None
+
+
+@dataclass
+class ImageBatch:
+    """Consecutive inputs decoded together; ``failed`` holds the positions whose decoding failed."""
+
+    images: NDArray[np.uint8]  # (B_ok, H_in, W_in, 3) of the decodable inputs
+    items: list[DecodedImage]  # every input of the batch, in order
+
+    @property
+    def ok(self) -> list[DecodedImage]:
+        """The decodable inputs, in the order of ``images``."""
+        return [d for d in self.items if d.error is None]
+
+
+def to_rgb(item: ImageInput) -> tuple[NDArray[np.uint8], str | None]:
+    """Decode any supported input to an RGB uint8 array and its source path (None for in-memory data)."""
+    if isinstance(item, (str, os.PathLike)):
+        return read_image(item), os.fspath(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_bytes(bytes(item), "image bytes"), None
+    if hasattr(item, "detach") and hasattr(item, "cpu"):  # torch tensor, without importing torch here
+        array = item.detach().cpu().numpy()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)
+        return _array_rgb(array), None
+    if hasattr(item, "mode") and hasattr(item, "convert"):  # PIL image
+        return _array_rgb(np.asarray(item.convert("RGB"))), None
+    if isinstance(item, np.ndarray):
+        return _array_rgb(item), None
+    raise DataError(
+        f"unsupported image input of type {type(item).__name__}: give a path, bytes, a PIL image or an RGB array"
+    )
+
+
+def decode_input(item: ImageInput, size: tuple[int, int], keep: bool = False) -> DecodedImage:
+    """Decode one input and resize it to ``size`` (H, W) (INTER_AREA when shrinking, else bilinear)."""
+    image, source = to_rgb(item)
+    h, w = image.shape[:2]
+    interp = cv2.INTER_AREA if h > size[0] and w > size[1] else cv2.INTER_LINEAR
+    resized = image if (h, w) == size else cv2.resize(image, (size[1], size[0]), interpolation=interp)
+    return DecodedImage(resized, (h, w), source, image if keep else None)
+
+
+def iter_batches(
+    items: Sequence[ImageInput],
+    size: tuple[int, int],
+    batch_size: int,
+    *,
+    keep_images: bool = False,
+    skip_errors: bool = False,
+) -> Iterator[ImageBatch]:
+    """Decode + resize in a thread pool, up to two batches ahead of the consumer.
+
+    With ``skip_errors`` an input that cannot be decoded is reported in its ``DecodedImage.error``
+    instead of raising, so one bad file does not lose the rest of the batch.
+    """
+
+    def work(item: ImageInput) -> DecodedImage:
+        try:
+            return decode_input(item, size, keep_images)
+        except DataError as exc:
+            if not skip_errors:
+                raise
+            source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+            return DecodedImage(None, (0, 0), source, None, str(exc))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        pending = [pool.submit(work, item) for item in items[: 2 * batch_size]]
+        next_item = len(pending)
+        while pending:
+            chunk, pending = pending[:batch_size], pending[batch_size:]
+            pending += [pool.submit(work, item) for item in items[next_item : next_item + batch_size]]
+            next_item += batch_size
+            decoded = [f.result() for f in chunk]
+            ok = [d.resized for d in decoded if d.resized is not None]
+            images = np.stack(ok) if ok else np.empty((0, *size, 3), dtype=np.uint8)
+            yield ImageBatch(images, decoded)
+
+
+def support_views(item: ImageInput) -> list[NDArray[np.uint8]]:
+    """The 6 views of a few-shot support image: identity, 3 rotations, vertical and horizontal flip."""
+    image, _ = to_rgb(item)
+    rotations = [np.ascontiguousarray(np.rot90(image, k)) for k in range(4)]
+    return [*rotations, np.ascontiguousarray(image[::-1]), np.ascontiguousarray(image[:, ::-1])]
+
+
+def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
+    if array.size == 0 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise DataError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4) RGB, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if array.dtype.kind == "f":
+            if not np.isfinite(array).all():
+                raise DataError("image array holds NaN or infinite values")
+            array = np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)  # floats are taken as [0, 1]
+        elif array.dtype.kind in "iub":
+            array = np.clip(array, 0, 255).astype(np.uint8)
+        else:
+            raise DataError(f"image arrays must be uint8 or float in [0, 1], got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
+    return np.ascontiguousarray(array[:, :, :3])
+

@@ -1,0 +1,97 @@
+"""Model directories: written atomically with a manifest, trusted only when the manifest checks out.
+
+A directory is trusted when ``meta.json`` parses as the expected structure, its ``files`` manifest
+is complete (it lists ``config.json`` and at least one file), every listed name is a plain file
+inside the directory whose SHA-256 matches, and the loader reads nothing that is not listed
+(:func:`verified_files` hands out only listed paths).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from anomaly._fs import OUTPUT_MARKER, file_sha256, finish_dir, new_temp_dir
+from anomaly.errors import DataError
+
+__all__ = ["FORMAT_VERSION", "META_FILE", "read_meta", "verified_files", "write_model_dir"]
+
+FORMAT_VERSION = 2
+META_FILE = "meta.json"
+
+
+def write_model_dir(target: str | os.PathLike[str], write: Callable[[Path], dict[str, Any]]) -> Path:
+    """Create ``target`` atomically: ``write(tmp)`` writes the files and returns the metadata."""
+    target = Path(target)
+    tmp = new_temp_dir(target, META_FILE)
+    try:
+        meta = write(tmp)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
+        for name in files:
+            (tmp / name).chmod(0o666 & ~_umask())
+        meta = {"format_version": FORMAT_VERSION, **meta, "files": {n: file_sha256(tmp / n) for n in files}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        finish_dir(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{target}: could not write the model ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse and structurally check ``meta.json`` of a model directory."""
+    path = Path(directory)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"{path}: not a model directory ({META_FILE} missing)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{meta_path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: expected a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: model format {version!r} is incompatible with this version "
+            f"(expects {FORMAT_VERSION}); refit with `anomaly fit`"
+        )
+    files = meta.get("files")
+    if not isinstance(files, dict) or "config.json" not in files:
+        raise DataError(f"{meta_path}: 'files' manifest missing or incomplete; refit the model")
+    return meta
+
+
+def verified_files(directory: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Path]:
+    """The listed files, each checked to be a regular file inside ``directory`` with its recorded digest."""
+    root = Path(directory).resolve()
+    verified: dict[str, Path] = {}
+    for name, digest in meta["files"].items():
+        if (
+            not isinstance(name, str)
+            or not isinstance(digest, str)
+            or name in ("", ".", "..", META_FILE, OUTPUT_MARKER)
+            or "/" in name
+            or "\\" in name
+        ):
+            raise DataError(f"{root / META_FILE}: invalid manifest entry {name!r}")
+        path = root / name
+        if path.is_symlink() or not path.is_file() or path.resolve().parent != root:
+            raise DataError(f"{path}: missing or not a regular file in the model directory; refit the model")
+        if file_sha256(path) != digest:
+            raise DataError(f"{path}: modified since the model was saved; refit the model")
+        verified[name] = path
+    return verified
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

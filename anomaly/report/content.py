@@ -1,0 +1,209 @@
+"""What a report shows: the scored images with their labels, AUPIMO and clusters, read from the output folders.
+
+Inputs are the folders other commands write: ``anomaly score`` (scores.csv), ``anomaly evaluate --out``
+(metrics.json, aupimo.json, pimo.json) and ``anomaly discover`` (clusters.csv). Ground truth comes from the
+MVTec layout of the scored paths: an image is normal iff its parent folder is named ``good``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomaly.errors import DataError
+from anomaly.outputs import read_scores
+
+__all__ = ["Evaluation", "Item", "ReportContent", "load_content", "true_label"]
+
+NORMAL_FOLDER = "good"
+
+
+@dataclass
+class Item:
+    """One scored image. ``label`` is 0 normal / 1 anomalous, or None without ground truth."""
+
+    path: str
+    score: float
+    pixel_threshold: float  # a map pixel at or above it is in the predicted mask
+    label: int | None
+    image: Path | None  # the original image file, when it can be found
+    map: Path | None  # float32 .npy map
+    overlay: Path | None  # heatmap overlay PNG written by `anomaly score`
+    ground_truth: Path | None  # ground-truth mask file (MVTec layout)
+    aupimo: float | None = None
+    cluster: str | None = None
+    confidence: float | None = None
+
+    @property
+    def folder(self) -> str:
+        """Parent folder name: the defect type in MVTec layout."""
+        return Path(self.path).parent.name
+
+    @property
+    def name(self) -> str:
+        """Short display name: ``folder/file``."""
+        p = Path(self.path)
+        return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+@dataclass
+class Evaluation:
+    """What ``anomaly evaluate --out`` wrote; absent files give empty fields."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    aupimo: dict[str, Any] | None = None  # aupimo.json: mean, ci95, fpr_bounds, ...
+    pimo: dict[str, Any] | None = None  # pimo.json: shared_fpr, per_image_tpr, paths
+
+
+@dataclass
+class ReportContent:
+    """Items sorted by score (highest first) and what is known about them."""
+
+    title: str
+    items: list[Item]
+    threshold: float  # the model's image threshold: flagged iff score >= threshold
+    has_labels: bool
+    evaluation: Evaluation | None
+    has_clusters: bool
+
+
+def true_label(path: str) -> int:
+    """0 if the image's parent folder is ``good`` (MVTec layout), else 1."""
+    return 0 if Path(path).parent.name == NORMAL_FOLDER else 1
+
+
+def load_content(
+    scores_dir: Path, evaluation_dir: Path | None = None, discovery_dir: Path | None = None
+) -> ReportContent:
+    """Read the output folders into items sorted by descending score (ties by path)."""
+    rows = read_scores(scores_dir)
+    labels = [true_label(r["path"]) for r in rows]
+    # Ground truth is known when an evaluation was run, or when the paths hold both `good` and defect folders.
+    has_labels = evaluation_dir is not None or len(set(labels)) == 2
+    threshold = _model_threshold(rows, scores_dir)
+    items = [
+        Item(
+            path=r["path"],
+            score=_float(r, "score", scores_dir),
+            pixel_threshold=_float(r, "pixel_threshold", scores_dir) if r.get("pixel_threshold") else threshold,
+            label=y if has_labels else None,
+            image=_existing(Path(r["path"]), scores_dir),
+            map=_output_file(scores_dir, r.get("map_path", "")),
+            overlay=_output_file(scores_dir, r.get("overlay_path", "")),
+            ground_truth=_mvtec_mask(Path(r["path"])) if y else None,
+        )
+        for r, y in zip(rows, labels)
+    ]
+    evaluation = _read_evaluation(evaluation_dir, items) if evaluation_dir is not None else None
+    if discovery_dir is not None:
+        _read_clusters(discovery_dir, items)
+    items.sort(key=lambda it: (-it.score, it.path))
+    return ReportContent(
+        title=_title(rows),
+        items=items,
+        threshold=threshold,
+        has_labels=has_labels,
+        evaluation=evaluation,
+        has_clusters=discovery_dir is not None,
+    )
+
+
+def _float(row: dict[str, str], key: str, where: Path) -> float:
+    try:
+        value = float(row[key])
+    except (TypeError, ValueError):
+        raise DataError(f"{where / 'scores.csv'}: {row['path']}: {key} {row.get(key)!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where / 'scores.csv'}: {row['path']}: {key} is {value}")
+    return value
+
+
+def _model_threshold(rows: list[dict[str, str]], where: Path) -> float:
+    """The image threshold of scores.csv; without one, the lowest flagged score (or above every score)."""
+    values = {r.get("threshold") or "" for r in rows} - {""}
+    if len(values) > 1:
+        raise DataError(f"{where / 'scores.csv'}: several thresholds ({len(values)}); report one pool at a time")
+    if values:
+        return _float({"path": rows[0]["path"], "threshold": values.pop()}, "threshold", where)
+    flagged = [float(r["score"]) for r in rows if r.get("is_anomalous") == "true"]
+    return min(flagged) if flagged else math.nextafter(max(float(r["score"]) for r in rows), math.inf)
+
+
+def _existing(path: Path, scores_dir: Path) -> Path | None:
+    """The image file as written in scores.csv (absolute, or relative to the cwd or to SCORES_DIR)."""
+    for candidate in (path, scores_dir / path):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _output_file(scores_dir: Path, rel: str) -> Path | None:
+    path = scores_dir / rel
+    return path if rel and path.is_file() else None
+
+
+def _mvtec_mask(path: Path) -> Path | None:
+    """``<cat>/ground_truth/<defect>/<stem>_mask.png`` (or ``<stem>.png``) of ``<cat>/test/<defect>/<file>``."""
+    folder = path.parent.parent.parent / "ground_truth" / path.parent.name
+    for name in (f"{path.stem}_mask.png", f"{path.stem}.png"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _title(rows: list[dict[str, str]]) -> str:
+    """The category name: the folder above ``test`` (MVTec layout), else the common parent folder."""
+    parents = [Path(r["path"]).parent for r in rows]
+    common = Path(os.path.commonpath([str(p) for p in parents])) if parents else Path()
+    if common.name == "test" or (common.parent.name == "test" and len(set(parents)) == 1):
+        common = common.parent if common.name == "test" else common.parent.parent
+    return common.name or "scores"
+
+
+def _read_evaluation(folder: Path, items: list[Item]) -> Evaluation:
+    if not folder.is_dir():
+        raise DataError(f"--evaluation {folder}: folder not found")
+    metrics = _json(folder / "metrics.json")
+    if metrics is None:
+        raise DataError(f"{folder / 'metrics.json'}: not found (run `anomaly evaluate --out {folder}`)")
+    result = Evaluation(metrics=metrics, aupimo=_json(folder / "aupimo.json"), pimo=_json(folder / "pimo.json"))
+    if result.aupimo is not None:
+        by_path = {it.path: it for it in items}
+        per_image = result.aupimo.get("per_image", [])
+        for path, value in zip(result.aupimo.get("paths", []), per_image):
+            if path not in by_path:
+                raise DataError(f"{folder / 'aupimo.json'}: {path} is not in the scores.csv")
+            by_path[path].aupimo = value
+    return result
+
+
+def _json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _read_clusters(folder: Path, items: list[Item]) -> None:
+    path = folder / "clusters.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run `anomaly discover --out {folder}`)")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and not {"path", "cluster"} <= set(rows[0]):
+        raise DataError(f"{path}: expected columns path,cluster,confidence")
+    by_path = {it.path: it for it in items}
+    for row in rows:
+        item = by_path.get(row["path"])
+        if item is None:
+            raise DataError(f"{path}: {row['path']} is not in the scores.csv")
+        item.cluster = row["cluster"]
+        conf = row.get("confidence") or ""
+        item.confidence = float(conf) if conf else None

@@ -1,0 +1,62 @@
+"""The export directory's manifest: what the runtime needs besides the network, every file checksummed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from anomaly._fs import file_sha256
+from anomaly.errors import DataError
+
+__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "MANIFEST", "is_export_dir", "read_manifest", "write_manifest"]
+
+EXPORT_FORMAT = "anomaly-export"
+EXPORT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def is_export_dir(path: str | os.PathLike[str]) -> bool:
+    """True for a folder written by ``anomaly export`` (it holds a manifest.json)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``folder/manifest.json``: ``manifest`` plus the SHA-256 of every file already in ``folder``."""
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST and not p.name.startswith(".")}
+    body = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **manifest, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(body, indent=2))
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and verify an export directory's manifest.
+
+    Refused with DataError: a missing or unreadable manifest, another format or version, a listed
+    file that is missing, modified or outside the folder. Unlisted files are never loaded.
+    """
+    root = Path(path)
+    if not is_export_dir(root):
+        raise DataError(f"{root}: not an export directory ({MANIFEST} missing)")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{root / MANIFEST}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise DataError(f"{root / MANIFEST}: not an anomaly export manifest")
+    if manifest.get("format_version") != EXPORT_VERSION:
+        raise DataError(
+            f"{root}: export format {manifest.get('format_version')!r} is incompatible with this version "
+            f"(expects {EXPORT_VERSION}); export the model again with `anomaly export`"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise DataError(f"{root / MANIFEST}: no file list")
+    real_root = root.resolve()
+    for name, digest in files.items():
+        file = root / name
+        if Path(name).name != name or file.resolve().parent != real_root:
+            raise DataError(f"{root / MANIFEST}: file {name!r} lies outside the export directory")
+        if not file.is_file() or file_sha256(file) != digest:
+            raise DataError(f"{file}: missing or modified since the export; export the model again")
+    return manifest  # files not listed (a user's notes) are never read: loaders take names from the list

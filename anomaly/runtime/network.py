@@ -1,0 +1,68 @@
+"""The exported network (backbone + feature aggregation) run by ONNX Runtime or OpenVINO."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from anomaly._runtime import passive_openmp
+from anomaly.errors import BackendError
+
+__all__ = ["Network", "load_network"]
+
+
+class Network(Protocol):
+    """Resized uint8 RGB images (N, H, W, 3) in, the graph's float32 outputs out, in manifest order."""
+
+    def __call__(self, images: NDArray[np.uint8]) -> list[NDArray[np.float32]]: ...
+
+
+def load_network(root: Path, spec: dict[str, Any]) -> Network:
+    """The network described by the manifest's ``network`` entry: ``onnx`` or ``openvino``."""
+    kind = spec.get("format")
+    if kind == "onnx":
+        return _OnnxNetwork(root / spec["file"], spec["outputs"])
+    if kind == "openvino":
+        return _OpenVinoNetwork(root / spec["file"], spec["outputs"])
+    raise BackendError(f"{root}: unknown network format {kind!r} (expected onnx or openvino)")
+
+
+class _OnnxNetwork:
+    def __init__(self, path: Path, outputs: list[str]) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError('ONNX exports need onnxruntime: pip install "anomaly[export]"') from None
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
+        if passive_openmp():  # the CLI's policy: idle threads sleep, not spin, so shared cores do not stall
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input = self.session.get_inputs()[0].name
+        self.outputs = outputs
+
+    def __call__(self, images: NDArray[np.uint8]) -> list[NDArray[np.float32]]:
+        return self.session.run(self.outputs, {self.input: images})
+
+
+class _OpenVinoNetwork:
+    def __init__(self, path: Path, outputs: list[str]) -> None:
+        try:
+            import openvino
+        except ImportError:
+            raise BackendError('OpenVINO exports need openvino: pip install "anomaly[openvino]"') from None
+        core = openvino.Core()
+        # f32 inference: CPUs with bf16/AMX units would otherwise run in bf16 and lose score parity.
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": os.cpu_count() or 1}
+        self.model = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.outputs = [self.model.output(name) for name in outputs]
+
+    def __call__(self, images: NDArray[np.uint8]) -> list[NDArray[np.float32]]:
+        result = self.model(images)
+        return [np.asarray(result[output]) for output in self.outputs]

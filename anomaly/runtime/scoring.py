@@ -1,0 +1,174 @@
+"""Torch-free scorers on the exported network's outputs, and the one decision step after them.
+
+Each scorer mirrors the torch scorer of the same name from the network output onwards (the part
+the network does not contain); the parity tests compare both end to end through ``Detector.predict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from anomaly.errors import DataError
+from anomaly.index import NNIndex
+from anomaly.decisions import make_results
+from anomaly.results import DetectionResult
+from anomaly.thresholds import Threshold
+
+__all__ = ["Decision", "RuntimeScorer", "decide", "load_scorer"]
+
+Maps = NDArray[np.float32] | None
+
+
+class RuntimeScorer(Protocol):
+    """Network outputs of a batch -> (patch maps (N, h, w) or None, image scores (N,))."""
+
+    has_maps: bool
+
+    def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]: ...
+
+
+def load_scorer(root: Path, spec: dict[str, Any], listed: dict[str, Any]) -> RuntimeScorer:
+    """The scorer described by the manifest's ``scorer`` entry, from the files the manifest lists."""
+    from safetensors.numpy import load_file
+
+    name, params = spec["name"], spec.get("params", {})
+    state = load_file(str(root / "state.safetensors")) if "state.safetensors" in listed else {}
+    if name == "memory_bank":
+        if "index.faiss" not in listed:
+            raise KeyError("index.faiss")
+        return _MemoryBank(params, root / "index.faiss", state.get("bank"))
+    if name == "padim":
+        return _Padim(state["mean"], state["chol_inv"])
+    if name == "gaussian":
+        n = sum(1 for key in state if key.startswith("mean."))
+        return _Gaussian([state[f"mean.{i}"] for i in range(n)], [state[f"precision.{i}"] for i in range(n)])
+    raise DataError(f"{root}: scorer {name!r} has no runtime implementation")
+
+
+class _MemoryBank:
+    """k-NN distance to the memory bank (``MemoryBankScorer._score_with`` / ``_reweight``)."""
+
+    has_maps = True
+
+    def __init__(self, params: dict[str, Any], index_file: Path, bank: NDArray[np.float32] | None) -> None:
+        self.k = params["k"]
+        self.distance = params["distance"]
+        self.reweight = params["reweight"]
+        self.num_neighbors = params["num_neighbors"]
+        self.index = NNIndex(params["index"], use_gpu=params["use_gpu"]).deserialize(
+            np.fromfile(index_file, dtype=np.uint8)
+        )
+        self.bank = bank
+
+    def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]:
+        emb = outputs[0]  # (N, h, w, D) patch embeddings
+        n_img, h, w, d = emb.shape
+        queries = emb.reshape(-1, d)
+        dist, ids = self.index.search(queries, self.k)
+        if self.distance == "sql2":
+            dist = dist**2
+        patch = dist.mean(1).reshape(n_img, h * w)
+        image_scores = patch.max(1).astype(np.float64)
+        if self.reweight:
+            image_scores = self._reweight(queries.reshape(n_img, h * w, d), patch, dist, ids)
+        return patch.reshape(n_img, h, w).astype(np.float32), image_scores
+
+    def _reweight(self, queries, patch, dist, ids) -> NDArray[np.float64]:  # type: ignore[no-untyped-def]
+        """PatchCore Eq. 7, as ``MemoryBankScorer._reweight`` (which lives in a torch module)."""
+        assert self.bank is not None
+        n_img, n_patch, _ = queries.shape
+        best = patch.argmax(1)
+        flat_best = np.arange(n_img) * n_patch + best
+        test_star = queries[np.arange(n_img), best]
+        nn_star = ids[flat_best, 0]
+        s_star = dist[flat_best, 0].astype(np.float64)
+        _, neigh = self.index.search(self.bank[nn_star], self.num_neighbors)
+        d = np.linalg.norm(test_star[:, None, :] - self.bank[neigh], axis=2).astype(np.float64)
+        if self.distance == "sql2":
+            d = d**2
+        log_w = s_star - np.logaddexp.reduce(d, axis=1)
+        return (1.0 - np.exp(log_w)) * s_star
+
+
+class _Padim:
+    """Per-position Mahalanobis distance with precomputed inverse Cholesky factors (``PadimScorer.score``)."""
+
+    has_maps = True
+
+    def __init__(self, mean: NDArray[np.float32], chol_inv: NDArray[np.float32]) -> None:
+        self.mean = mean  # (P, d)
+        self.chol_inv = chol_inv  # (P, d, d): L^-1, so that y = L^-1 (x - mu) and distance = |y|
+
+    def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]:
+        emb = outputs[0]  # (N, d, h, w) selected channels
+        n, d, h, w = emb.shape
+        centred = emb.reshape(n, d, h * w).transpose(2, 1, 0) - self.mean[:, :, None]  # (P, d, N)
+        patch = np.sqrt(np.square(np.matmul(self.chol_inv, centred)).sum(1)).T.reshape(n, h, w)
+        return patch.astype(np.float32), patch.reshape(n, -1).max(1).astype(np.float64)
+
+
+class _Gaussian:
+    """Mean over layers of the Mahalanobis distance of pooled features (``GlobalGaussianScorer.score``)."""
+
+    has_maps = False
+
+    def __init__(self, means: list[NDArray[np.float64]], precisions: list[NDArray[np.float64]]) -> None:
+        self.means = means
+        self.precisions = precisions
+
+    def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]:
+        dists = []
+        for pooled, mean, prec in zip(outputs, self.means, self.precisions):
+            centred = pooled.astype(np.float64) - mean
+            dists.append(np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", centred, prec, centred), 0)))
+        return None, np.mean(dists, axis=0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Post-processing and thresholds from the manifest: everything between scores and verdicts."""
+
+    input_size: tuple[int, int]
+    blur_sigma: float
+    score_from_map: bool
+    threshold: Threshold
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Decision:
+        post = manifest["postprocess"]
+        return cls(
+            tuple(manifest["input"]["size"]),  # type: ignore[arg-type]
+            float(post["blur_sigma"]),
+            bool(post["image_score_from_map"]),
+            Threshold.from_dict(manifest["threshold"], "manifest.json threshold"),
+        )
+
+
+def decide(
+    patch_maps: Maps,
+    image_scores: NDArray[np.float64],
+    sizes: list[tuple[int, int]],
+    sources: list[str | None],
+    decision: Decision,
+    maps: bool,
+) -> list[DetectionResult]:
+    """Maps at original size, image scores and verdicts, by the same code as the Detector."""
+    try:
+        return make_results(
+            patch_maps,
+            image_scores,
+            sizes,
+            sources,
+            decision.threshold,
+            input_size=decision.input_size,
+            sigma=decision.blur_sigma,
+            score_from_map=decision.score_from_map,
+            maps=maps,
+        )
+    except ValueError as exc:
+        raise DataError(str(exc)) from None

@@ -1,0 +1,194 @@
+"""`anomaly serve`: an HTTP scoring service (FastAPI + uvicorn) over a model or an export directory.
+
+Endpoints: ``POST /predict`` (one image: multipart field ``file`` or the raw request body;
+``?mask=png`` / ``?map=npy`` add the mask / anomaly map base64-encoded to the JSON), ``GET /health``,
+``GET /metrics`` (Prometheus text). Bad input answers 4xx with ``{"error": ...}``; an unexpected
+failure answers 500 for that request only: the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from anomaly.data.io import decode_bytes
+from anomaly.errors import AnomalyError, DataError
+
+__all__ = ["DEFAULT_MAX_BYTES", "app_from_env", "create_app", "load_predictor"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 32 * 2**20
+_ROUTES = ("/predict", "/health", "/metrics")
+_ENV_MODEL, _ENV_MAX_BYTES = "ANOMALY_SERVE_MODEL", "ANOMALY_SERVE_MAX_BYTES"  # for uvicorn's worker processes
+
+
+def load_predictor(model: str | os.PathLike[str]) -> Any:
+    """An ExportedDetector for an export directory (no torch), else a torch Detector for a model directory."""
+    from anomaly.runtime import ExportedDetector, is_export_dir
+
+    path = Path(model)
+    if not path.is_dir():
+        raise DataError(f"--model {path}: model or export directory not found")
+    if is_export_dir(path):
+        return ExportedDetector(path)
+    from anomaly.detector import Detector
+
+    detector = Detector.load(path)
+    if detector.zero_shot:
+        raise DataError(f"{path}: {detector.scorer.name} is zero-shot (it scores pools of images), not servable")
+    return detector
+
+
+def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str = "") -> FastAPI:
+    """The service around ``predictor`` (a Detector or ExportedDetector), with its own metrics registry."""
+    app = FastAPI(title="anomaly", docs_url=None, redoc_url=None)
+    registry = CollectorRegistry()
+    requests = Counter("anomaly_requests", "HTTP requests", ["path", "status"], registry=registry)
+    latency = Histogram(
+        "anomaly_request_seconds",
+        "Request latency in seconds",
+        ["path"],
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        registry=registry,
+    )
+    verdicts = Counter("anomaly_verdicts", "Verdicts given", ["verdict"], registry=registry)
+    lock = threading.Lock()  # one prediction at a time: the backends use every core per call
+    backend = predictor.manifest["network"]["format"] if hasattr(predictor, "manifest") else "torch"
+
+    def score(data: bytes, maps: bool) -> Any:
+        image = decode_bytes(data, "uploaded image")
+        with lock:
+            return predictor.predict(image, maps=maps)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": name, "scorer": predictor.scorer.name, "backend": backend}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/predict")
+    async def predict(request: Request, mask: str | None = None, map: str | None = None) -> JSONResponse:  # noqa: A002
+        if mask not in (None, "png") or map not in (None, "npy"):
+            return _error(400, "supported options: ?mask=png and ?map=npy")
+        if (mask or map) and not predictor.scorer.has_maps:
+            return _error(400, f"the {predictor.scorer.name} scorer gives image scores only: no mask or map")
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_files=1)
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                return _error(400, "multipart request without a file field named 'file'")
+            data = await upload.read()
+        else:
+            data = await request.body()
+        if not data:
+            return _error(400, "empty request: send one image as multipart field 'file' or as the request body")
+        try:
+            result = await run_in_threadpool(score, data, bool(mask or map))
+        except AnomalyError as exc:
+            return _error(400, str(exc))
+        verdicts.labels("anomalous" if result.is_anomalous else "normal").inc()
+        body: dict[str, Any] = {
+            "score": result.image_score,
+            "is_anomalous": result.is_anomalous,
+            "threshold": result.threshold,
+            "pixel_threshold": result.pixel_threshold,
+        }
+        if mask:
+            ok, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)
+            body["mask_png"] = base64.b64encode(png.tobytes()).decode()
+        if map:
+            buffer = io.BytesIO()
+            np.save(buffer, result.anomaly_map.astype(np.float32, copy=False))
+            body["map_npy"] = base64.b64encode(buffer.getvalue()).decode()
+        return JSONResponse(body)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request to %s failed", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    app.add_middleware(_LimitAndMeasure, max_bytes=max_bytes, requests=requests, latency=latency)  # type: ignore[arg-type]
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for ``--workers`` > 1: each worker process loads the model named in the environment."""
+    model = os.environ[_ENV_MODEL]
+    return create_app(load_predictor(model), max_bytes=int(os.environ[_ENV_MAX_BYTES]), name=Path(model).name)
+
+
+def run(model: str | os.PathLike[str], host: str, port: int, workers: int, max_bytes: int) -> None:
+    """Serve until interrupted (uvicorn)."""
+    import uvicorn
+
+    if workers > 1:
+        load_predictor(model)  # fail fast, with one clear error, before the workers start
+        os.environ[_ENV_MODEL], os.environ[_ENV_MAX_BYTES] = str(model), str(max_bytes)
+        uvicorn.run("anomaly.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
+    else:
+        app = create_app(load_predictor(model), max_bytes=max_bytes, name=Path(model).name)
+        uvicorn.run(app, host=host, port=port)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _LimitAndMeasure:
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed), request counts and latency."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, requests: Counter, latency: Histogram) -> None:
+        self.app, self.max_bytes, self.requests, self.latency = app, max_bytes, requests, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"] if scope["path"] in _ROUTES else "other"
+        start, status, received = time.perf_counter(), [500], [0]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        async def limited() -> Message:
+            message = await receive()
+            received[0] += len(message.get("body", b""))
+            if received[0] > self.max_bytes:
+                raise _BodyTooLarge
+            return message
+
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        try:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise _BodyTooLarge
+            await self.app(scope, limited, send_status)
+        except _BodyTooLarge:
+            message = f"request body larger than the limit of {self.max_bytes} bytes"
+            await _error(413, message)(scope, receive, send_status)
+        finally:
+            self.requests.labels(path, str(status[0])).inc()
+            self.latency.labels(path).observe(time.perf_counter() - start)

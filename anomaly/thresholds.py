@@ -1,0 +1,231 @@
+"""Decision thresholds chosen from scores of normal images only, each with its stated guarantee.
+
+* :func:`calibrate` (trained scorers): out-of-sample scores of normal images that never shaped the
+  model (K-fold cross-fitting, see ``Scorer.cross_fit``). The threshold is the split-conformal
+  quantile, whose false-positive rate on new normal images is at most ``target_fpr`` (finite-sample
+  correction included). A target finer than ``1/(n+1)`` cannot be resolved by ``n`` scores: the
+  upper tail is then extrapolated with a generalised Pareto fit (peaks over threshold).
+* :func:`pool_threshold` (zero-shot pools, no labels): the normal images are the lowest component
+  of a Gaussian mixture fitted to Box-Cox transformed scores (transform and number of components
+  chosen by BIC, so right-skewed normal scores such as log-normal or exponential ones are modelled
+  as well as symmetric ones); the threshold is that component's ``1 - target_fpr`` quantile.
+
+The pixel threshold lives on the map's own scale. When a scorer's image score is the peak of its
+post-processed map, both thresholds coincide and a flagged image always has a non-empty mask;
+otherwise (re-scored image scores) the pixel threshold is calibrated on the map peaks and capped
+per image at the peak of a flagged image's map (see :meth:`Threshold.pixel_for`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from anomaly.errors import DataError
+
+__all__ = ["Threshold", "calibrate", "pool_threshold"]
+
+_TAIL_SHARE = 0.2  # peaks over threshold: the top 20 % of the scores model the tail
+_MIN_POOL = 8  # below this many scores a mixture cannot be fitted
+_MIN_COMPONENT = 0.1  # the normal component holds at least 10 % of a pool
+_BOXCOX_LAMBDAS = tuple(np.linspace(-1.0, 2.0, 13))  # 0: log-normal, 1/4-1/2: gamma-like, 1: Gaussian
+_COMPONENTS = (1, 2)  # normal images, plus defects when there are any; more components split the normal cluster
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """An image threshold and a pixel threshold with how they were chosen.
+
+    Attributes:
+        image: an image is flagged when its score is >= this.
+        pixel: a map pixel of a flagged image is in the mask when it is >= this (capped per image).
+        rule: ``conformal``, ``tail-gpd``, ``pool-mixture``, ``pool-small`` or ``pool-degenerate``.
+        target_fpr: the false-positive rate asked for.
+        n_normal: normal scores the threshold was chosen from.
+        estimated_fpr: the false-positive rate the rule expects on new normal images.
+        fpr_interval: 95 % Clopper-Pearson interval of the false-positive rate seen on those scores.
+    """
+
+    image: float
+    pixel: float
+    rule: str
+    target_fpr: float
+    n_normal: int
+    estimated_fpr: float
+    fpr_interval: tuple[float, float] | None = None
+
+    def is_anomalous(self, score: float) -> bool:
+        """The verdict for an image score."""
+        return bool(score >= self.image)
+
+    def pixel_for(self, score: float, peak: float) -> float:
+        """The pixel threshold for one image: a flagged image's map always reaches it."""
+        return min(self.pixel, peak) if self.is_anomalous(score) else self.pixel
+
+    def summary(self) -> str:
+        """One line for logs and the fit summary."""
+        text = f"threshold {self.image:.6g} ({self.rule}, target FPR {self.target_fpr:g}, {self.n_normal} normal scores"
+        if self.fpr_interval is not None:
+            lo, hi = self.fpr_interval
+            text += f"; estimated FPR {self.estimated_fpr:.3g}, seen {lo:.3g}-{hi:.3g} at 95 %"
+        if self.rule == "tail-gpd":
+            text += f"; finer than the 1/{self.n_normal + 1} the scores resolve: tail extrapolated"
+        return text + ")"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form stored in meta.json."""
+        data = asdict(self)
+        data["fpr_interval"] = None if self.fpr_interval is None else list(self.fpr_interval)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "threshold") -> Threshold:
+        """Rebuild from :meth:`to_dict`, refusing anything malformed or non-finite."""
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: expected a mapping, got {type(data).__name__}")
+        try:
+            interval = data.get("fpr_interval")
+            out = cls(
+                image=float(data["image"]),
+                pixel=float(data["pixel"]),
+                rule=str(data["rule"]),
+                target_fpr=float(data["target_fpr"]),
+                n_normal=int(data["n_normal"]),
+                estimated_fpr=float(data["estimated_fpr"]),
+                fpr_interval=None if interval is None else (float(interval[0]), float(interval[1])),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise DataError(f"{where}: malformed threshold ({exc!r})") from None
+        if not all(math.isfinite(v) for v in (out.image, out.pixel, out.target_fpr, out.estimated_fpr)):
+            raise DataError(f"{where}: non-finite threshold values")
+        return out
+
+
+def calibrate(scores: ArrayLike, target_fpr: float, peaks: ArrayLike | None = None) -> Threshold:
+    """Threshold from out-of-sample scores of normal images (and their map peaks, when they differ)."""
+    values = _finite(scores, "normal scores")
+    image, rule, estimated = _conformal(values, target_fpr)
+    pixel = image if peaks is None else _conformal(_finite(peaks, "normal map peaks"), target_fpr)[0]
+    flagged = int(np.sum(values >= image))
+    return Threshold(image, pixel, rule, target_fpr, len(values), estimated, _clopper_pearson(flagged, len(values)))
+
+
+def pool_threshold(
+    scores: ArrayLike, target_fpr: float, *, peaks: ArrayLike | None = None, n_reference: int = 0
+) -> Threshold:
+    """Threshold for one unlabeled pool; the first ``n_reference`` scores are known-good references.
+
+    With references the threshold never falls below the highest reference score.
+    """
+    values = _finite(scores, "pool scores")
+    image, rule = _pool_rule(values, target_fpr, n_reference)
+    pixel = image
+    if peaks is not None:
+        pixel = _pool_rule(_finite(peaks, "pool map peaks"), target_fpr, n_reference)[0]
+    return Threshold(image, pixel, rule, target_fpr, len(values), target_fpr)
+
+
+def _above(value: float) -> float:
+    """The smallest margin above ``value`` that survives flush-to-zero (torch sets it; denormals vanish)."""
+    return value + max(abs(value) * 1e-12, float(np.finfo(np.float64).tiny))
+
+
+def _finite(values: ArrayLike, what: str) -> NDArray[np.float64]:
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if array.size == 0 or not np.all(np.isfinite(array)):
+        raise DataError(f"cannot choose a threshold: {what} are empty or not finite")
+    return array
+
+
+def _conformal(values: NDArray[np.float64], alpha: float) -> tuple[float, str, float]:
+    """Split-conformal quantile: P(new normal score >= t) <= alpha for exchangeable scores."""
+    n = len(values)
+    rank = math.ceil((n + 1) * (1 - alpha))
+    ordered = np.sort(values)
+    if rank <= n:
+        return float(ordered[rank - 1]), "conformal", (n + 1 - rank) / (n + 1)
+    return _gpd_tail(ordered, alpha), "tail-gpd", alpha
+
+
+def _gpd_tail(ordered: NDArray[np.float64], alpha: float) -> float:
+    """The 1 - alpha quantile extrapolated from a generalised Pareto fit to the top scores."""
+    from scipy.stats import genpareto
+
+    n = len(ordered)
+    n_tail = max(5, round(_TAIL_SHARE * n))
+    if n < 10 or np.ptp(ordered) == 0:
+        return _above(float(ordered[-1]))  # nothing to extrapolate from: flag above all seen
+    u = ordered[n - n_tail - 1]
+    excess = ordered[n - n_tail :] - u
+    shape, _, scale = genpareto.fit(excess, floc=0)
+    shape = float(np.clip(shape, -0.5, 0.5))  # keep a wild fit on few points from exploding
+    level = 1 - alpha * n / n_tail
+    return float(max(u + genpareto.ppf(level, shape, loc=0, scale=scale), _above(float(ordered[-1]))))
+
+
+def _clopper_pearson(k: int, n: int) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(0.95)
+    return float(ci.low), float(ci.high)
+
+
+def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int) -> tuple[float, str]:
+    top = _above(float(values.max()))
+    spread = float(np.ptp(values))
+    if spread <= 1e-9 * max(1.0, float(np.abs(values).max())):
+        return top, "pool-degenerate"  # identical scores: nothing stands out, nothing is flagged
+    if len(values) < _MIN_POOL:
+        median = float(np.median(values))
+        mad = 1.4826 * float(np.median(np.abs(values - median)))
+        threshold, rule = (median + 3 * mad, "pool-small") if mad > 0 else (top, "pool-degenerate")
+    else:
+        threshold, rule = _mixture_quantile(values, alpha), "pool-mixture"
+    if n_reference:
+        threshold = max(threshold, float(values[:n_reference].max()))
+    return float(threshold), rule
+
+
+def _mixture_quantile(values: NDArray[np.float64], alpha: float) -> float:
+    """1 - alpha quantile of the lowest Gaussian component of Box-Cox transformed scores (BIC choice)."""
+    from scipy.special import boxcox, inv_boxcox
+    from scipy.stats import norm
+    from sklearn.mixture import GaussianMixture
+
+    shift = 0.0
+    if values.min() <= 0:  # Box-Cox needs positive values: shift by a small fraction of the spread
+        low = float(values.min())
+        shift = -low + 0.01 * ((float(np.median(values)) - low) or float(np.ptp(values)))
+    scale = float(np.median(values + shift))
+    x = (values + shift) / scale
+    log_x = np.log(x).sum()
+    best: tuple[float, float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None = None
+    for lam in _BOXCOX_LAMBDAS:
+        y = boxcox(x, lam)
+        jacobian = (lam - 1) * log_x  # makes likelihoods comparable across lambda
+        for k in _COMPONENTS:
+            if k == 1:  # closed form
+                mean, var = float(y.mean()), float(y.var()) + 1e-12
+                log_lik = -0.5 * len(y) * (math.log(2 * math.pi * var) + 1)
+                params = (np.array([mean]), np.array([math.sqrt(var)]), np.array([1.0]))
+            else:
+                gmm = GaussianMixture(
+                    k, random_state=0, init_params="k-means++", reg_covar=1e-6 * float(y.var()) + 1e-12
+                ).fit(y[:, None])
+                log_lik = float(gmm.score(y[:, None])) * len(y)
+                params = (gmm.means_.ravel(), np.sqrt(gmm.covariances_.ravel()), gmm.weights_)
+            bic = -2 * (log_lik + jacobian) + (3 * k - 1) * math.log(len(y))
+            if best is None or bic < best[0]:
+                best = (bic, lam, *params)
+    assert best is not None
+    _, lam, means, sds, weights = best
+    eligible = np.flatnonzero(weights >= _MIN_COMPONENT)
+    j = eligible[np.argmin(means[eligible])]
+    quantile = float(inv_boxcox(means[j] + norm.ppf(1 - alpha) * sds[j], lam))
+    if not math.isfinite(quantile):  # beyond the transform's range: above everything seen
+        return _above(float(values.max()))
+    return quantile * scale - shift

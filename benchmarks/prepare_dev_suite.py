@@ -1,0 +1,127 @@
+"""Build the dev-suite categories (issue 12) from clones of the public data sets; deterministic for a seed.
+
+    git clone https://github.com/2Obe/BSData /tmp/src/bsdata
+    git clone https://github.com/DHW-Master/NEU_Seg /tmp/src/neuseg
+    python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --out /tmp/devsuite
+
+Writes under --out (images are symlinks into the clones; nothing is copied):
+  bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
+                   --bsdata-normal of the trustworthy normal images, split 75/25 into train/good and test/good,
+                   plus a seeded --bsdata-pitting of the pitting images in test/pitting.
+                   "Trustworthy": a normal image taken after pitting was already labelled at the same position
+                   (pitting does not heal) is treated as unlabelled pitting and left out.
+  neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
+  synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
+  contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from anomaly.data.importers import import_labelme, import_mask_folders  # noqa: E402
+from anomaly.data.synthetic import make_synthetic_category  # noqa: E402
+
+NEU_CLASSES = {1: "inclusion", 2: "patches", 3: "scratches"}  # NEU-Seg convention (Dong et al., PGA-Net)
+SYNTHETIC = {"synth_texture": ("texture", (200, 600)), "synth_object": ("object", (384, 512))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bsdata", type=Path, required=True, help="clone of github.com/2Obe/BSData")
+    parser.add_argument("--neu", type=Path, help="clone of github.com/DHW-Master/NEU_Seg (optional)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/devsuite"))
+    parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
+    parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    normals = _bsdata(args)
+    _contact_sheets(normals, args.out)
+    if args.neu is not None:
+        root = args.neu
+        summary = import_mask_folders(
+            root / "images" / "test", root / "annotations" / "test", args.out / "neu", classes=NEU_CLASSES
+        )
+        print(f"neu: test-only, defects {summary.defects}")
+    for name, (kind, size) in SYNTHETIC.items():
+        if not (args.out / name).is_dir():
+            make_synthetic_category(
+                args.out, name, n_train=60, n_test_good=20, n_test_defect=30, size=size, kind=kind, seed=args.seed
+            )
+        print(f"{name}: {kind} {size[0]}x{size[1]}")
+
+
+def _bsdata(args: argparse.Namespace) -> list[Path]:
+    """Stage the chosen BSData images and labels as symlinks, import them, return the normal images used."""
+    src = args.bsdata
+    records = json.loads((src / "image_data.json").read_text())["images"]
+    first_pitting: dict[str, str] = {}
+    for r in records:
+        _, time, *position = r["filename"].split("_")
+        if r["annotations"]:
+            key = "_".join(position)
+            first_pitting[key] = min(first_pitting.get(key, time), time)
+    type2 = [r for r in records if r["type"] == 2]
+    pitting = sorted(r["filename"] for r in type2 if r["annotations"])
+    normal, dropped = [], 0
+    for r in type2:
+        if r["annotations"]:
+            continue
+        _, time, *position = r["filename"].split("_")
+        if time > first_pitting.get("_".join(position), "z"):
+            dropped += 1
+        else:
+            normal.append(r["filename"])
+    normal.sort()
+    rng = np.random.default_rng(args.seed)
+    normal = [normal[i] for i in sorted(rng.choice(len(normal), min(args.bsdata_normal, len(normal)), replace=False))]
+    pitting = [
+        pitting[i] for i in sorted(rng.choice(len(pitting), min(args.bsdata_pitting, len(pitting)), replace=False))
+    ]
+    stage = args.out / ".staging" / "bsdata"
+    for sub in ("images", "labels"):
+        (stage / sub).mkdir(parents=True, exist_ok=True)
+        for old in (stage / sub).iterdir():
+            old.unlink()
+    for name in normal + pitting:
+        (stage / "images" / name).symlink_to((src / "data" / name).resolve())
+    for name in pitting:
+        label = Path(name).with_suffix(".json").name
+        (stage / "labels" / label).symlink_to((src / "label" / label).resolve())
+    summary = import_labelme(
+        stage / "images", stage / "labels", args.out / "bsdata", normal_test_ratio=0.25, seed=args.seed
+    )
+    print(
+        f"bsdata: {len(type2)} type-2 images; dropped {dropped} normal images taken after pitting was labelled at "
+        f"their position; used {len(normal)} normal + {len(pitting)} pitting -> train/good {summary.n_train}, "
+        f"test/good {summary.n_test_good}, test/pitting {summary.defects.get('pitting', 0)}"
+    )
+    return [src / "data" / n for n in normal]
+
+
+def _contact_sheets(paths: list[Path], out: Path, cols: int = 3, rows: int = 8, width: int = 560) -> None:
+    """Sheets of ``cols x rows`` thumbnails (``width`` px wide each), numbered contact_00.png, ..."""
+    per = cols * rows
+    for sheet in range(math.ceil(len(paths) / per)):
+        thumbs = []
+        for p in paths[sheet * per : (sheet + 1) * per]:
+            with Image.open(p) as im:
+                thumbs.append(im.convert("RGB").resize((width, round(im.height * width / im.width))))
+        height = max(t.height for t in thumbs)
+        canvas = Image.new("RGB", (cols * width, rows * height), "black")
+        for i, t in enumerate(thumbs):
+            canvas.paste(t, ((i % cols) * width, (i // cols) * height))
+        canvas.save(out / f"contact_{sheet:02d}.png")
+
+
+if __name__ == "__main__":
+    main()

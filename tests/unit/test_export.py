@@ -1,0 +1,150 @@
+"""Export + torch-free runtime: score parity with the torch Detector, no torch import, tamper checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from anomaly import DataError, Detector
+from anomaly.cli import app
+
+pytest.importorskip("onnxruntime")
+from anomaly.runtime import ExportedDetector  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _test_images(root: Path) -> list[Path]:
+    return sorted((root / "test").glob("*/*.png"))
+
+
+def test_runtime_matches_the_torch_detector(
+    patchcore_model: Path, patchcore_export: Path, synthetic_root: Path, assert_parity: Callable[..., None]
+) -> None:
+    paths = _test_images(synthetic_root)
+    expected = Detector.load(patchcore_model).predict(paths)
+    runtime = ExportedDetector(patchcore_export)
+    got = runtime.predict(paths)
+    assert_parity(expected, got)
+    assert [r.source for r in got] == [str(p) for p in paths]
+    assert {r.is_anomalous for r in got} == {True, False}  # a real test of the verdicts, not all one way
+    # encoded bytes and decoded arrays (grayscale too) give the same results as paths
+    from_bytes = runtime.predict([p.read_bytes() for p in paths[:3]])
+    assert [r.image_score for r in from_bytes] == pytest.approx([r.image_score for r in got[:3]], rel=1e-5)
+    from anomaly.data.io import read_image
+
+    gray = read_image(paths[0]).mean(2).astype(np.uint8)
+    assert runtime.predict(gray).image_score == pytest.approx(
+        Detector.load(patchcore_model).predict(gray).image_score, rel=1e-4
+    )
+
+
+def test_runtime_and_score_cli_never_import_torch_or_timm(
+    patchcore_export: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    image = _test_images(synthetic_root)[0]
+    code = (
+        "import sys, json\n"
+        "from anomaly.runtime import ExportedDetector\n"
+        "from anomaly.cli import app\n"
+        f"r = ExportedDetector({str(patchcore_export)!r}).predict({str(image)!r})\n"
+        f"app(['-q', 'score', '--model', {str(patchcore_export)!r}, '--out', {str(tmp_path / 'out')!r}, '--maps',"
+        f" {str(image)!r}], standalone_mode=False)\n"
+        "heavy = [m for m in ('torch', 'timm') if m in sys.modules]\n"
+        "print(json.dumps([r.image_score, r.anomaly_map.shape[0], heavy]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    score, height, imported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert np.isfinite(score) and height == 128
+    assert (tmp_path / "out" / "scores.csv").is_file()
+    assert imported == []
+
+
+def test_score_cli_accepts_an_export_and_writes_the_same_outputs(
+    patchcore_model: Path, patchcore_export: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    rows = {}
+    for name, model in (("torch", patchcore_model), ("export", patchcore_export)):
+        out = tmp_path / name
+        result = runner.invoke(
+            app, ["score", "--model", str(model), "--out", str(out), "--maps", str(synthetic_root / "test")]
+        )
+        assert result.exit_code == 0, result.output
+        with (out / "scores.csv").open() as fh:
+            rows[name] = list(csv.DictReader(fh))
+    assert len(rows["export"]) == 10
+    for a, b in zip(rows["torch"], rows["export"], strict=True):
+        assert (a["path"], a["is_anomalous"], a["threshold"], a["map_path"]) == (
+            b["path"],
+            b["is_anomalous"],
+            b["threshold"],
+            b["map_path"],
+        )
+        assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-4)
+        diff = np.abs(np.load(tmp_path / "torch" / a["map_path"]) - np.load(tmp_path / "export" / b["map_path"]))
+        assert diff.max() <= 1e-3
+        assert (tmp_path / "export" / b["overlay_path"]).is_file()
+
+
+def _copy(export: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(export, target)
+    return target
+
+
+def test_tampered_unlisted_or_escaping_exports_are_refused(patchcore_export: Path, tmp_path: Path) -> None:
+    copy = _copy(patchcore_export, tmp_path)
+    with (copy / "index.faiss").open("r+b") as fh:  # one flipped byte
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(DataError, match="index.faiss: missing or modified"):
+        ExportedDetector(copy)
+
+    shutil.rmtree(copy)
+    copy = _copy(patchcore_export, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["index.faiss"]  # an index present but not listed is never loaded
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="incomplete export"):
+        ExportedDetector(copy)
+
+    shutil.rmtree(copy)
+    copy = _copy(patchcore_export, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    outside = tmp_path / "outside.faiss"
+    shutil.copy(copy / "index.faiss", outside)
+    manifest["files"]["../outside.faiss"] = manifest["files"]["index.faiss"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="outside the export directory"):
+        ExportedDetector(copy)
+
+    manifest["files"].pop("../outside.faiss")
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="export format 99 is incompatible"):
+        ExportedDetector(copy)
+
+
+def test_zero_shot_models_cannot_be_exported(synthetic_root: Path, tmp_path: Path) -> None:
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config("musc"), ["backbone.image_size=[64,64]"])
+    model = Detector(config).fit(sorted((synthetic_root / "train" / "good").glob("*.png"))[:2]).save(tmp_path / "musc")
+    result = CliRunner().invoke(app, ["export", "--model", str(model), "--out", str(tmp_path / "export")])
+    assert result.exit_code == 2
+    assert "zero-shot" in result.output and "cannot be exported" in result.output
+    assert not (tmp_path / "export").exists()

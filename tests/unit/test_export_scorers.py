@@ -1,0 +1,42 @@
+"""Export parity for every exportable scorer variant, and for OpenVINO when it is installed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from anomaly import Detector
+from anomaly.config import apply_overrides, load_config
+
+pytest.importorskip("onnxruntime")
+from anomaly.export import export_model  # noqa: E402
+from anomaly.runtime import ExportedDetector  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("padim", []), ("gaussian", []), ("patchcore", ["scorer.params.reweight=true", "scorer.params.k=3"])],
+    ids=["padim", "gaussian", "patchcore-reweight-k3"],
+)
+def test_exported_scorers_match_the_torch_detector(
+    config: str, extra: list[str], synthetic_root: Path, tmp_path: Path, assert_parity: Callable[..., None]
+) -> None:
+    cfg = apply_overrides(load_config(config), ["backbone.image_size=[64,64]", "batch_size=4", *extra])
+    det = Detector(cfg).fit(sorted((synthetic_root / "train" / "good").glob("*.png")))
+    model = det.save(tmp_path / "model")
+    paths = sorted((synthetic_root / "test").glob("*/*.png"))
+    expected = det.predict(paths)
+    assert_parity(expected, ExportedDetector(export_model(model, tmp_path / "export")).predict(paths))
+
+
+def test_openvino_export_matches_the_torch_detector(
+    patchcore_model: Path, synthetic_root: Path, tmp_path: Path, assert_parity: Callable[..., None]
+) -> None:
+    pytest.importorskip("openvino")
+    export = export_model(patchcore_model, tmp_path / "export", "openvino")
+    files = sorted(p.name for p in export.iterdir() if not p.name.startswith("."))
+    assert files == ["index.faiss", "manifest.json", "model.bin", "model.xml"]
+    paths = sorted((synthetic_root / "test").glob("*/*.png"))
+    assert_parity(Detector.load(patchcore_model).predict(paths), ExportedDetector(export).predict(paths))

@@ -1,0 +1,419 @@
+"""Issue 13: no crash, no data loss, no silent wrong result under bad names, values, models and faults.
+
+Each test is named after the numbered item it reproduces. Every CLI failure must be exit code 2 with
+one ``error: ...`` line that names the file or key.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from anomaly import DataError, Detector
+from anomaly.cli import app
+from anomaly.config import ConfigError, apply_overrides, load_config
+
+runner = CliRunner()
+SMALL = ["--set", "backbone.image_size=[64,64]", "--set", "batch_size=4"]
+
+
+def _run(*args: object):
+    return runner.invoke(app, [os.fsdecode(a) if isinstance(a, (bytes, Path)) else str(a) for a in args])
+
+
+def _one_error_line(result, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and "%|" not in line]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def _png(path: Path, value: int = 120, size: tuple[int, int] = (64, 64)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hard") / "model"
+    result = _run("fit", "--out", out, *SMALL, "--set", "scorer.params.coreset_ratio=0.1", synthetic_root)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_1_non_utf8_file_names_are_scored_and_written(model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.fsencode(folder) + b"/cam1_\xe9.png"
+    with open(raw, "wb") as fh:
+        Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(fh, format="PNG")
+    out = tmp_path / "out"
+    result = _run("score", "--model", model, "--out", out, "--maps", folder)
+    assert result.exit_code == 0, result.output
+    with (out / "scores.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and os.fsencode(rows[0]["path"]) == raw  # the exact bytes, round-tripped
+    assert (out / rows[0]["overlay_path"]).is_file() and (out / rows[0]["map_path"]).is_file()
+
+
+def test_2_user_files_in_earlier_outputs_survive_a_rerun(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores"
+    images = synthetic_root / "test" / "good"
+    assert _run("score", "--model", model, "--out", out, images).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "photos").mkdir()
+    (out / "photos" / "a.jpg").write_bytes(b"x")
+    assert _run("score", "--model", model, "--out", out, images).exit_code == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "photos" / "a.jpg").is_file()
+    assert (out / "scores.csv").is_file()
+    model_copy = tmp_path / "model"
+    shutil.copytree(model, model_copy)
+    (model_copy / "README.txt").write_text("line 3")
+    refit = _run("fit", "--out", model_copy, *SMALL, synthetic_root)
+    assert refit.exit_code == 0, refit.output
+    assert (model_copy / "README.txt").read_text() == "line 3"
+    assert Detector.load(model_copy).threshold_ is not None  # the user's file is not loaded, nor refused
+
+
+def test_2_benchmark_keeps_other_categories_and_refuses_foreign_tables(synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.md").write_text("my own table")
+    args = ["benchmark", "--dataset", "mvtec", "--root", synthetic_root.parent, "--out", out, *SMALL]
+    _one_error_line(_run(*args, "--category", "widget"), "results.md")
+    assert (out / "results.md").read_text() == "my own table"
+
+
+def test_3_outputs_inside_the_input_folder_never_become_inputs(model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "line"
+    for i in range(2):
+        _png(folder / f"{i}.png", 100 + i)
+    counts = []
+    for _ in range(3):
+        result = _run("score", "--model", model, "--out", folder / "out", folder)
+        assert result.exit_code == 0, result.output
+        with (folder / "out" / "scores.csv").open() as fh:
+            counts.append(len(list(csv.DictReader(fh))))
+    assert counts == [2, 2, 2]
+
+
+def test_4_a_pool_of_identical_images_flags_nothing(tmp_path: Path) -> None:
+    image = _png(tmp_path / "a.png")
+    shutil.copy(image, tmp_path / "b.png")
+    out = tmp_path / "zs"
+    result = _run("score", "--zero-shot", "--out", out, *SMALL, tmp_path / "a.png", tmp_path / "b.png")
+    assert result.exit_code == 0, result.output
+    with (out / "scores.csv").open() as fh:
+        assert [r["is_anomalous"] for r in csv.DictReader(fh)] == ["false", "false"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("backbone.std=[0,0,0]", "backbone.std"),
+        ("backbone.mean=[.nan,0,0]", "backbone.mean"),
+        ("batch_size=0", "batch_size"),
+        ("batch_size=-1", "batch_size"),
+        ("threshold.target_fpr=2", "threshold.target_fpr"),
+        ("threshold.target_fpr=.nan", "threshold.target_fpr"),
+        ("scorer.params.k=1.5", "scorer.params.k"),
+        ("scorer.params.k=abc", "scorer.params.k"),
+        ("backbone.image_size=[0,0]", "backbone.image_size"),
+        ("backbone.image_size=[30000,30000]", "backbone.image_size"),
+        ("postprocess.blur_sigma=1e12", "postprocess.blur_sigma"),
+        ("threshold.folds=1", "threshold.folds"),
+        ("backbone.weights=/etc/passwd", "backbone.weights"),
+        ("device=tpu", "device"),
+    ],
+)
+def test_5_every_config_value_is_range_checked(override: str, key: str, synthetic_root: Path, tmp_path: Path) -> None:
+    result = _run("fit", "--out", tmp_path / "m", "--set", override, synthetic_root)
+    _one_error_line(result, key)
+    assert not (tmp_path / "m").exists()
+
+
+def test_5_a_tampered_model_config_is_refused_not_truncated(model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["batch_size"] = 0
+    (copy / "config.json").write_text(json.dumps(config))
+    meta = json.loads((copy / "meta.json").read_text())
+    from anomaly._fs import file_sha256
+
+    meta["files"]["config.json"] = file_sha256(copy / "config.json")  # a consistent, but invalid, model
+    (copy / "meta.json").write_text(json.dumps(meta))
+    _one_error_line(_run("score", "--model", copy, "--out", tmp_path / "s", _png(tmp_path / "x.png")), "batch_size")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_6_read_only_output_is_a_clear_error(synthetic_root: Path, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    _one_error_line(_run("fit", "--out", ro / "m", *SMALL, synthetic_root), "cannot write")
+
+
+@pytest.mark.parametrize("where", ["file/sub", "/proc/anomaly-x", "."])
+def test_6_impossible_output_paths_fail_before_the_fit(where: str, synthetic_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    out = where if where.startswith("/") else str(tmp_path / where) if where != "." else "."
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = _run("fit", "--out", out, *SMALL, synthetic_root)
+    finally:
+        os.chdir(cwd)
+    _one_error_line(result)
+    assert "features" not in result.output  # refused before any image was read
+
+
+def test_6_non_utf8_yaml_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"backbone:\n  name: \xff\xfe\n")
+    _one_error_line(_run("fit", "--config", bad, "--out", tmp_path / "m", tmp_path), "not UTF-8")
+
+
+def test_7_untrusted_model_directories_are_refused(model: Path, tmp_path: Path) -> None:
+    def variant(name: str, change) -> Path:  # type: ignore[no-untyped-def]
+        copy = tmp_path / name
+        shutil.copytree(model, copy)
+        meta = json.loads((copy / "meta.json").read_text())
+        change(copy, meta)
+        (copy / "meta.json").write_text(json.dumps(meta))
+        return copy
+
+    cases = {
+        "no_files": (lambda d, m: m.pop("files"), "manifest"),
+        "outside": (lambda d, m: m["files"].update({"../../etc/passwd": "0" * 64}), "invalid manifest entry"),
+        "proc": (lambda d, m: m["files"].update({"/proc/self/mem": "0" * 64}), "invalid manifest entry"),
+        "lists": (lambda d, m: m.update({"files": ["config.json"]}), "manifest"),
+        "threshold": (lambda d, m: m.update({"threshold": [1, 2]}), "threshold"),
+    }
+    for name, (change, needle) in cases.items():
+        with pytest.raises(DataError, match=needle):
+            Detector.load(variant(name, change))
+
+
+def test_7_unlisted_or_mismatched_indexes_are_never_used(model: Path, tmp_path: Path) -> None:
+    import faiss
+
+    from anomaly._fs import file_sha256
+
+    copy = tmp_path / "swapped"
+    shutil.copytree(model, copy)
+    (copy / "other.faiss").write_bytes(b"junk")  # unlisted: ignored
+    assert Detector.load(copy).threshold_ is not None
+    det = Detector.load(copy)
+    bank = det.scorer.bank_  # type: ignore[attr-defined]
+    hnsw = faiss.IndexHNSWFlat(bank.shape[1], 32)
+    hnsw.add(bank)
+    (copy / "index.faiss").write_bytes(faiss.serialize_index(hnsw).tobytes())
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["files"]["index.faiss"] = file_sha256(copy / "index.faiss")  # re-signed, but the wrong type
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="does not match"):
+        Detector.load(copy)
+    wrong = faiss.IndexFlatL2(bank.shape[1] + 1)
+    (copy / "index.faiss").write_bytes(faiss.serialize_index(wrong).tobytes())
+    meta["files"]["index.faiss"] = file_sha256(copy / "index.faiss")
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="rows of dimension"):
+        Detector.load(copy)
+    crafted = bytearray(faiss.serialize_index(faiss.IndexFlatL2(bank.shape[1])).tobytes())
+    crafted[-8:] = (2**40).to_bytes(8, "little")  # a size field asking for a TiB
+    (copy / "index.faiss").write_bytes(bytes(crafted))
+    meta["files"]["index.faiss"] = file_sha256(copy / "index.faiss")
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError):
+        Detector.load(copy)
+
+
+def test_8_a_kill_between_the_two_renames_is_recovered_and_dead_temp_folders_removed(tmp_path: Path) -> None:
+    from anomaly._fs import new_temp_dir
+
+    target = tmp_path / "m"
+    old = tmp_path / ".m.old"
+    old.mkdir()
+    (old / "meta.json").write_text("{}")
+    dead = tmp_path / ".m.abc123"
+    dead.mkdir()
+    (dead / ".anomaly-owner").write_text(f"{os.uname().nodename} 999999")  # no such process
+    alive = tmp_path / ".m.live"
+    alive.mkdir()
+    (alive / ".anomaly-owner").write_text(f"{os.uname().nodename} {os.getpid()}")
+    tmp = new_temp_dir(target, "meta.json")
+    assert (target / "meta.json").is_file() and not old.exists()  # the previous model is back
+    assert not dead.exists() and alive.exists() and tmp.exists()
+
+
+def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    code = (
+        "import os, sys, anomaly.model_dir as md\n"
+        "real = md.finish_dir\n"
+        "def killed(tmp, target):\n"
+        "    os._exit(9)\n"
+        "md.finish_dir = killed\n"
+        "from anomaly.cli import main\n"
+        f"sys.argv = ['anomaly', 'fit', '--out', {str(copy)!r}, '--set', 'backbone.image_size=[64,64]', "
+        f"{str(synthetic_root)!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert proc.returncode == 9
+    assert Detector.load(copy).threshold_ is not None
+    rerun = _run("fit", "--out", copy, *SMALL, synthetic_root)
+    assert rerun.exit_code == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.") and p.is_dir()]  # dead temp folder gone
+
+
+def test_9_decompression_bombs_are_refused_by_name(model: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import anomaly.data.io as io_module
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (5000, 4000)).save(bomb)  # 20 MP of zeros: a few KB on disk
+    monkeypatch.setattr(io_module, "MAX_PIXELS", 10_000_000)
+    result = _run("score", "--model", model, "--out", tmp_path / "o", bomb)
+    _one_error_line(result, "bomb.png", "MP limit")
+
+
+def test_10_formula_cells_are_escaped_and_read_back_exactly(model: Path, tmp_path: Path) -> None:
+    from anomaly.outputs import read_scores
+
+    folder = tmp_path / "in"
+    names = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@x.png"]
+    for name in names:
+        _png(folder / name)
+    out = tmp_path / "out"
+    cwd = os.getcwd()
+    os.chdir(folder)  # relative inputs: the path cells start with the formula characters
+    try:
+        result = _run("score", "--model", model, "--out", out, "--", *names)
+        assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(cwd)
+    raw = (out / "scores.csv").read_text().splitlines()[1:]
+    assert all(line.startswith("'") or line.startswith("\"'") for line in raw), raw
+    assert [r["path"] for r in read_scores(out)] == names
+
+
+def test_11_python_api_inputs_and_per_item_errors(model: Path, tmp_path: Path) -> None:
+    import torch
+
+    det = Detector.load(model)
+    rgb = np.full((40, 50, 3), 100, np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    inputs = [Image.fromarray(rgb), torch.from_numpy(rgb).permute(2, 0, 1), png.getvalue(), rgb / 255.0]
+    scores = [r.image_score for r in det.predict(inputs)]
+    assert np.allclose(scores, scores[0], rtol=1e-5)
+    with pytest.raises(DataError, match="shape"):
+        det.predict(np.empty((0, 0, 3), np.uint8))
+    with pytest.raises(DataError, match="unsupported image input"):
+        det.predict([object()])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    results = det.predict([rgb, broken, rgb], on_error="skip")
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "broken.png" in (results[1].error or "") and np.isnan(results[1].image_score)
+    with pytest.raises(DataError, match="broken.png"):
+        det.predict([rgb, broken])
+
+
+def test_13_corrupt_png_is_one_line_and_gif_is_named_unsupported(model: Path, tmp_path: Path) -> None:
+    good = _png(tmp_path / "ok.png")
+    data = bytearray(good.read_bytes())
+    data[60] ^= 0xFF  # inside IDAT: a CRC error libpng would print about
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(bytes(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "anomaly", "score", "--model", str(model), "--out", str(tmp_path / "o"), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "bad.png" in errors[0], proc.stderr
+    assert "libpng" not in proc.stderr and "Traceback" not in proc.stderr
+    gif = tmp_path / "a.gif"
+    Image.new("RGB", (8, 8)).save(gif)
+    _one_error_line(_run("score", "--model", model, "--out", tmp_path / "g", gif), "a.gif", "unsupported")
+
+
+def test_13_model_files_share_one_permission(model: Path) -> None:
+    modes = {p.name: p.stat().st_mode & 0o777 for p in model.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_every_input_gets_exactly_one_row(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    images = sorted((synthetic_root / "test").rglob("*.png"))
+    out = tmp_path / "o"
+    assert _run("score", "--model", model, "--out", out, *images).exit_code == 0
+    with (out / "scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images)
+    assert all(np.isfinite(float(r["score"])) for r in rows)
+
+
+def test_config_errors_are_raised_by_the_api_too() -> None:
+    with pytest.raises(ConfigError, match="backbone.std"):
+        apply_overrides(load_config("patchcore"), ["backbone.std=[0,1,1]"])
+
+
+def test_6_a_full_disk_while_saving_is_a_clear_error_and_leaves_nothing(model: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import errno
+
+    from safetensors import numpy as st_numpy
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    det = Detector.load(model)
+    monkeypatch.setattr(st_numpy, "save_file", full)
+    with pytest.raises(DataError, match="No space left"):
+        det.save(tmp_path / "m")
+    assert not list(tmp_path.iterdir()) or all(p.name.endswith(".lock") for p in tmp_path.iterdir())
+
+
+def test_6_two_writers_of_one_output_leave_one_complete_folder(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    images = str(synthetic_root / "test" / "good")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "anomaly", "-q", "score", "--model", str(model), "--out", str(out), images],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert all(code in (0, 2) for code in codes) and 0 in codes
+    with (out / "scores.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.") and p.is_dir()]
+
+
+def test_12_mutual_scoring_never_computes_distances_in_half_precision() -> None:
+    import torch
+
+    from anomaly.scorers.musc import _compute_dtype
+
+    assert _compute_dtype(torch.zeros(2, dtype=torch.float16)) == torch.float32
+    assert _compute_dtype(torch.zeros(2, dtype=torch.float64)) == torch.float64

@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from anomaly.cli import app
+from anomaly.data import load_mvtec, read_mask
+from anomaly.data.importers import import_labelme, import_mask_folders
+from anomaly.errors import DataError
+
+W, H = 20, 16
+
+
+def _image(path: Path, size: tuple[int, int] = (W, H)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 90, 90)).save(path)
+    return path
+
+
+def _labelme(path: Path, image: str, shapes: list[dict], size: tuple[int, int] = (W, H)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"shapes": shapes, "imagePath": f"..\\data\\{image}", "imageWidth": size[0], "imageHeight": size[1]}
+    path.write_text(json.dumps(doc))
+
+
+def _poly(points: list[list[float]], label: str = "Pitting", kind: str = "polygon") -> dict:
+    return {"label": label, "points": points, "shape_type": kind}
+
+
+@pytest.fixture
+def labelme_src(tmp_path: Path) -> Path:
+    for i in range(10):
+        _image(tmp_path / "data" / f"n{i}.jpg")
+    for name in ("a.png", "b.png", "c.png"):
+        _image(tmp_path / "data" / name)
+    rect = [[2, 3], [11, 3], [11, 8], [2, 8]]  # outline included: 10 x 6 = 60 pixels
+    _labelme(tmp_path / "label" / "a.json", "a.png", [_poly(rect)])
+    triangle = [[0, 0], [10, 0], [0, 10]]  # x + y <= 10: 66 pixels
+    box = _poly([[15, 10], [18, 12]], "Dent Mark", "rectangle")  # 4 x 3 = 12 pixels
+    _labelme(tmp_path / "label" / "b.json", "b.png", [_poly(triangle, "dent mark"), box])
+    _labelme(tmp_path / "label" / "c.json", "c.png", [_poly(rect), _poly(triangle, "scratch")])
+    _labelme(tmp_path / "label" / "n0.json", "n0.jpg", [])  # reviewed, no defect: normal
+    return tmp_path
+
+
+def test_labelme_polygons_become_masks_in_a_loadable_category(labelme_src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "cat"
+    summary = import_labelme(labelme_src / "data", labelme_src / "label", out, normal_test_ratio=0.3, seed=1)
+    assert (summary.n_train, summary.n_test_good) == (7, 3)
+    assert summary.defects == {"combined": 1, "dent_mark": 1, "pitting": 1}
+    data = load_mvtec(out)
+    assert len(data.train) == 7 and len(data.test_normal) == 3
+    counts = {s.image_path.stem: int(read_mask(s.mask_path).sum()) for s in data.test_anomalous}
+    assert counts == {"a": 60, "b": 66 + 12, "c": 60 + 66 - 21}  # c: overlap 6+5+4+3+2+1 (rows y=3..8)
+    linked = out / "test" / "pitting" / "a.png"
+    assert linked.is_symlink() and linked.resolve() == (labelme_src / "data" / "a.png").resolve()
+    manifest = json.loads((out / ".anomaly-import.json").read_text())
+    assert manifest["counts"] == {"train_good": 7, "test_good": 3, "combined": 1, "dent_mark": 1, "pitting": 1}
+
+
+def test_split_is_seeded_and_max_normal_subsamples(labelme_src: Path, tmp_path: Path) -> None:
+    def split(seed: int, out: str, **kw: int) -> list[str]:
+        import_labelme(labelme_src / "data", labelme_src / "label", tmp_path / out, seed=seed, **kw)
+        return sorted(p.name for p in (tmp_path / out / "test" / "good").iterdir())
+
+    assert split(3, "x") == split(3, "y") != split(4, "z")
+    sub = import_labelme(labelme_src / "data", labelme_src / "label", tmp_path / "s", max_normal=5, link="hardlink")
+    assert (sub.n_train, sub.n_test_good) == (4, 1)
+    assert not next((tmp_path / "s" / "train" / "good").iterdir()).is_symlink()
+
+
+def test_mask_folders_with_classes_and_normals(tmp_path: Path) -> None:
+    for name in ("p.png", "q.png", "r.png", "s.png"):
+        _image(tmp_path / "img" / name)
+    values = np.zeros((H, W), np.uint8)
+    values[0:4, 0:5] = 2
+    values[10:11, 0:3] = 1  # fewer class-1 pixels: type is the dominant class 2
+    (tmp_path / "msk").mkdir()
+    Image.fromarray(values).save(tmp_path / "msk" / "p.png")
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "msk" / "q_mask.png")  # empty: normal
+    scratch = np.zeros((H, W), np.uint8)
+    scratch[5, 2:9] = 3
+    Image.fromarray(scratch).save(tmp_path / "msk" / "r.png")  # s.png has no mask: normal
+    summary = import_mask_folders(
+        tmp_path / "img",
+        tmp_path / "msk",
+        tmp_path / "cat",
+        classes={1: "hole", 2: "patch", 3: "scratch"},
+        normal_test_ratio=0.5,
+    )
+    assert (summary.n_train, summary.n_test_good, summary.defects) == (1, 1, {"patch": 1, "scratch": 1})
+    data = load_mvtec(tmp_path / "cat")
+    assert {s.defect_type: int(read_mask(s.mask_path).sum()) for s in data.test_anomalous} == {
+        "patch": 23,
+        "scratch": 7,
+    }
+
+
+def test_mask_folders_without_normals_is_test_only_and_types_from_subfolders(tmp_path: Path) -> None:
+    for defect in ("crack", "dent"):
+        _image(tmp_path / "img" / defect / f"{defect}1.png")
+        mask = np.zeros((H, W), np.uint8)
+        mask[1:3, 1:3] = 255
+        (tmp_path / "msk" / defect).mkdir(parents=True)
+        Image.fromarray(mask).save(tmp_path / "msk" / defect / f"{defect}1.png")
+    summary = import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat")
+    assert summary.test_only and summary.defects == {"crack": 1, "dent": 1}
+    assert int(read_mask(tmp_path / "cat" / "ground_truth" / "dent" / "dent1_mask.png").sum()) == 4
+
+
+@pytest.mark.parametrize(
+    ("shapes", "size", "message"),
+    [
+        ([_poly([[1, 1], [5, 5]])], (W, H), "polygon with 2 point(s)"),
+        ([_poly([[1, 1], [5, 5]], kind="line")], (W, H), "shape type 'line' has no area"),
+        ([_poly([[1, 1], [5, 1], [5, 5]])], (W + 1, H), "differ from the image's size"),
+        ([_poly([[100, 100], [105, 100], [105, 105]])], (W, H), "cover no pixel"),
+    ],
+)
+def test_labelme_invalid_shapes_raise(tmp_path: Path, shapes: list[dict], size: tuple[int, int], message: str) -> None:
+    _image(tmp_path / "data" / "a.png")
+    _labelme(tmp_path / "label" / "a.json", "a.png", shapes, size)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_import_writes_category(labelme_src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cat"
+    args = ["import", "--format", "labelme", "--images", str(labelme_src / "data")]
+    result = CliRunner().invoke(app, [*args, "--annotations", str(labelme_src / "label"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "train/good 8, test/good 2" in result.output and len(load_mvtec(out).test_anomalous) == 3
+    again = CliRunner().invoke(app, [*args, "--annotations", str(labelme_src / "label"), "--out", str(out)])
+    assert again.exit_code == 0  # an earlier import is replaced
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--format", "coco"], "--format must be labelme or mask-folders"),
+        (["--format", "labelme", "--classes", "1=a"], "--classes applies to --format mask-folders only"),
+        (["--format", "mask-folders", "--classes", "x=a"], "--classes: expected VALUE=NAME"),
+        (["--format", "labelme", "--normal-test-ratio", "1.5"], "--normal-test-ratio must be in [0, 1]"),
+        (["--format", "labelme", "--link", "move"], "--link must be symlink, hardlink or copy"),
+        (["--format", "labelme", "--annotations", "/nonexistent"], "--annotations /nonexistent: folder not found"),
+        (["--format", "labelme", "--out", "{occupied}"], "is not an anomaly output"),
+    ],
+)
+def test_cli_import_user_errors(labelme_src: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    occupied = tmp_path / "occupied"
+    _image(occupied / "keep.png")
+    out = tmp_path / "new"
+    base = {"--images": str(labelme_src / "data"), "--annotations": str(labelme_src / "label"), "--out": str(out)}
+    extra = [e.format(occupied=occupied) for e in extra]
+    for key in set(base) & set(extra):
+        del base[key]
+    result = CliRunner().invoke(app, ["import", *[x for kv in base.items() for x in kv], *extra])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and message in result.output and result.output.count("\n") == 1
+    assert not out.exists() and sorted(p.name for p in occupied.iterdir()) == ["keep.png"]
+
+
+def test_benchmark_rows_report_realised_fpr(synthetic_root: Path, tmp_path: Path) -> None:
+    from anomaly.benchmark import run_benchmark
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config("patchcore"), ["backbone.image_size=[128,128]"])
+    row = run_benchmark("mvtec", synthetic_root.parent, [synthetic_root.name], config, tmp_path)[0]
+    n_good = len(load_mvtec(synthetic_root).test_normal)
+    assert 0 <= row["realised_fpr"] <= 1 and (row["realised_fpr"] * n_good).is_integer()

@@ -1,0 +1,132 @@
+"""HTTP service: health, predict (multipart and raw), masks/maps, 400/413 errors, metrics, a real uvicorn."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("onnxruntime")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from anomaly import Detector  # noqa: E402
+from anomaly.runtime import ExportedDetector  # noqa: E402
+from anomaly.serve import create_app  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def runtime(patchcore_export: Path) -> ExportedDetector:
+    return ExportedDetector(patchcore_export)
+
+
+@pytest.fixture(scope="module")
+def client(runtime: ExportedDetector) -> TestClient:
+    return TestClient(create_app(runtime, max_bytes=200_000), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_root: Path) -> list[Path]:
+    return sorted((synthetic_root / "test").glob("*/*.png"))
+
+
+def test_predict_answers_the_runtime_score_for_multipart_and_raw_bodies(
+    client: TestClient, runtime: ExportedDetector, images: list[Path]
+) -> None:
+    assert client.get("/health").status_code == 200
+    for path in images[:3]:
+        expected = runtime.predict(path)
+        multipart = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")})
+        raw = client.post("/predict", content=path.read_bytes(), headers={"content-type": "image/png"})
+        for response in (multipart, raw):
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["score"] == pytest.approx(expected.image_score, rel=1e-6)
+            assert body["is_anomalous"] == expected.is_anomalous and body["threshold"] == expected.threshold
+
+
+def test_mask_and_map_come_back_at_the_image_size(
+    client: TestClient, runtime: ExportedDetector, images: list[Path]
+) -> None:
+    path = images[-1]
+    body = client.post("/predict?mask=png&map=npy", files={"file": ("x.png", path.read_bytes())}).json()
+    amap = np.load(io.BytesIO(base64.b64decode(body["map_npy"])))
+    mask = cv2.imdecode(np.frombuffer(base64.b64decode(body["mask_png"]), np.uint8), cv2.IMREAD_UNCHANGED)
+    expected = runtime.predict(path)
+    assert amap.dtype == np.float32 and amap.shape == expected.anomaly_map.shape == mask.shape
+    assert np.abs(amap - expected.anomaly_map).max() < 1e-5
+    assert ((mask > 0) == expected.mask).all() and mask.any() == expected.is_anomalous
+    assert client.post("/predict?mask=jpeg", content=path.read_bytes()).status_code == 400
+
+
+def test_bad_and_oversized_requests_are_refused_and_the_service_stays_healthy(
+    client: TestClient, images: list[Path]
+) -> None:
+    corrupt = client.post("/predict", files={"file": ("bad.png", b"\x89PNG not really an image")})
+    assert corrupt.status_code == 400 and "cannot read image" in corrupt.json()["error"]
+    assert client.post("/predict", content=b"").status_code == 400
+    assert client.post("/predict", files={"other": ("x.png", images[0].read_bytes())}).status_code == 400
+    big = b"\0" * 300_000
+    assert client.post("/predict", content=big).status_code == 413  # declared length
+    chunked = client.post("/predict", content=iter([big[:150_000], big[150_000:]]))  # streamed, no length
+    assert chunked.status_code == 413 and "limit" in chunked.json()["error"]
+    assert client.get("/health").status_code == 200
+    assert client.post("/predict", content=images[0].read_bytes()).status_code == 200
+
+
+def test_metrics_count_requests_latency_and_verdicts(client: TestClient, images: list[Path]) -> None:
+    for path in images:
+        client.post("/predict", content=path.read_bytes())
+    text = client.get("/metrics").text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"
+    }
+    assert samples['anomaly_requests_total{path="/predict",status="200"}'] >= len(images)
+    assert samples['anomaly_request_seconds_count{path="/predict"}'] >= len(images)
+    flagged = samples.get('anomaly_verdicts_total{verdict="anomalous"}', 0)
+    normal = samples.get('anomaly_verdicts_total{verdict="normal"}', 0)
+    assert flagged >= 1 and normal >= 1
+    assert samples['anomaly_requests_total{path="/predict",status="400"}'] >= 1
+
+
+def test_a_torch_model_directory_is_served_with_its_detector_scores(patchcore_model: Path, images: list[Path]) -> None:
+    detector = Detector.load(patchcore_model)
+    client = TestClient(create_app(detector))
+    body = client.post("/predict", files={"file": ("x.png", images[0].read_bytes())}).json()
+    assert body["score"] == pytest.approx(detector.predict(images[0]).image_score, rel=1e-6)
+    assert client.get("/health").json()["backend"] == "torch"
+
+
+def test_serve_command_runs_uvicorn_on_a_port(patchcore_export: Path, images: list[Path]) -> None:
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "anomaly", "serve", "--model", str(patchcore_export), "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        response = httpx.post(f"{url}/predict", files={"file": ("x.png", images[0].read_bytes())})
+        assert response.status_code == 200 and {"score", "is_anomalous", "threshold"} <= set(response.json())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

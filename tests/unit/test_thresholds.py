@@ -1,0 +1,117 @@
+"""Thresholds hold their stated false-positive rate on normal images that took no part in the choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binomtest
+
+from anomaly.errors import DataError
+from anomaly.scorers import get_scorer
+from anomaly.thresholds import Threshold, calibrate, pool_threshold
+
+
+def _normal_images(n: int, seed: int) -> list[torch.Tensor]:
+    """Feature maps of 'normal' images: every patch drawn from one Gaussian (8 x 8 grid, 16 channels)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 16, 8, 8, generator=gen)]
+
+
+def _within_binomial_interval(flagged: int, n: int, target: float) -> bool:
+    """``flagged`` lies in the central 95 % range of Binomial(n, target)."""
+    from scipy.stats import binom
+
+    lo, hi = binom.ppf(0.025, n, target), binom.ppf(0.975, n, target)
+    return lo <= flagged <= hi
+
+
+@pytest.mark.parametrize("target", [0.01, 0.05])
+def test_cross_fitted_memory_bank_threshold_holds_its_rate_on_1500_new_normal_images(target: float) -> None:
+    train = _normal_images(1000, seed=1)
+    folds = np.arange(1000) % 10  # the default threshold.folds
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 0.05})
+    decision = calibrate(scorer.cross_fit(train, folds).image_scores, target)
+    assert decision.rule == "conformal" and decision.n_normal == 1000
+    new = scorer.score(_normal_images(1500, seed=2)).image_scores
+    flagged = int(np.sum(new >= decision.image))
+    assert _within_binomial_interval(flagged, 1500, target), (flagged, target)
+
+
+def test_in_sample_scores_would_have_missed_the_target() -> None:
+    """The reason for cross-fitting: scores of the fitted images themselves are far too optimistic."""
+    train = _normal_images(300, seed=1)
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 0.05}).fit(train)
+    naive = calibrate(scorer.score(train).image_scores, 0.05)
+    new = scorer.score(_normal_images(600, seed=2)).image_scores
+    assert np.mean(new >= naive.image) > 0.15
+
+
+def test_conformal_rank_and_interval_are_exact() -> None:
+    scores = np.arange(1.0, 20.0)  # n = 19: the target 0.1 resolves as rank ceil(20 * 0.9) = 18
+    decision = calibrate(scores, 0.1)
+    assert decision.image == 18.0 and decision.rule == "conformal"
+    assert decision.estimated_fpr == pytest.approx(2 / 20)
+    ci = binomtest(2, 19).proportion_ci(0.95)
+    assert decision.fpr_interval == pytest.approx((ci.low, ci.high))
+
+
+def test_targets_finer_than_the_data_resolves_are_extrapolated_above_every_score() -> None:
+    scores = np.random.default_rng(0).normal(size=40)
+    decision = calibrate(scores, 0.001)
+    assert decision.rule == "tail-gpd" and decision.image > scores.max()
+    assert "tail extrapolated" in decision.summary()
+
+
+def test_separate_map_peaks_give_their_own_pixel_threshold_and_flagged_masks_are_never_empty() -> None:
+    decision = calibrate(np.linspace(0, 1, 99), 0.05, peaks=np.linspace(10, 20, 99))
+    assert decision.pixel > 10
+    assert decision.pixel_for(score=0.99, peak=12.0) == 12.0  # flagged: its own peak is in the mask
+    assert decision.pixel_for(score=0.10, peak=12.0) == decision.pixel
+
+
+def _pool(family: str, n_normal: int, n_anomalous: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    draw = {
+        "gaussian": lambda n: rng.normal(10, 1, n),
+        "exponential": lambda n: rng.exponential(1, n) + 0.01,
+        "lognormal": lambda n: rng.lognormal(0, 0.5, n),
+    }[family]
+    reference = draw(200_000)
+    q50, q999 = np.quantile(reference, [0.5, 0.999])
+    anomalous = q999 + rng.exponential(q999 - q50, n_anomalous)  # separable defects
+    return np.concatenate([draw(n_normal), anomalous]), reference
+
+
+@pytest.mark.parametrize("family", ["gaussian", "exponential", "lognormal"])
+def test_zero_shot_pool_rule_holds_its_false_positive_share_on_skewed_and_symmetric_pools(family: str) -> None:
+    rng = np.random.default_rng(3)
+    target, shares, caught = 0.05, [], []
+    for anomalous in (10, 50, 100):  # 5 %, 25 % and 50 % of a pool of 200
+        for _ in range(2):
+            pool, normal = _pool(family, 200 - anomalous, anomalous, rng)
+            decision = pool_threshold(pool, target)
+            shares.append(np.mean(normal >= decision.image))  # realised share on the normal distribution
+            caught.append(np.mean(pool[200 - anomalous :] >= decision.image))
+    assert np.mean(shares) <= 2 * target, shares
+    assert np.mean(caught) >= 0.6, caught  # and it still flags what the scores separate
+
+
+def test_zero_spread_pools_flag_nothing() -> None:
+    for pool in (np.full(2, 0.3), np.full(200, 0.3)):
+        decision = pool_threshold(pool, 0.01)
+        assert not any(decision.is_anomalous(s) for s in pool)
+
+
+def test_references_raise_the_pool_threshold_to_their_highest_score() -> None:
+    pool = np.r_[5.0, np.random.default_rng(0).normal(1, 0.1, 50)]
+    assert pool_threshold(pool, 0.01, n_reference=1).image >= 5.0
+
+
+def test_non_finite_scores_and_malformed_stored_thresholds_are_refused() -> None:
+    with pytest.raises(DataError, match="not finite"):
+        calibrate([1.0, float("nan")], 0.01)
+    good = calibrate(np.arange(100.0), 0.05).to_dict()
+    assert Threshold.from_dict(good) == calibrate(np.arange(100.0), 0.05)
+    for bad in ([1, 2], {**good, "image": float("nan")}, {**good, "image": "x"}, {"image": 1.0}):
+        with pytest.raises(DataError):
+            Threshold.from_dict(bad)
