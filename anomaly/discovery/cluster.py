@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from anomaly.errors import DataError
 
-__all__ = ["RegionClusters", "cluster_regions", "eigengaps", "merge_to_images"]
+__all__ = ["RegionClusters", "check_k", "cluster_regions", "eigengaps", "merge_to_images"]
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,7 @@ def cluster_regions(descriptors: NDArray[np.floating], k: int | None = None, k_m
     x = np.asarray(descriptors, dtype=np.float64)
     n = len(x)
     scores: dict[int, float] = {}
-    if k is not None and not 1 <= k <= n:
-        raise DataError(f"--k {k}: must be between 1 and the number of regions found ({n})")
-    if k is None and n < 3:
-        raise DataError(f"estimating K needs at least 3 regions, found {n}; give --k")
+    check_k(k, n)
     tree = linkage(x, method="ward") if n > 1 else None  # one tree, cut at every candidate K
 
     def cut(kk: int) -> NDArray[np.intp]:
@@ -82,6 +79,14 @@ def cluster_regions(descriptors: NDArray[np.floating], k: int | None = None, k_m
         labels, method = cut(k), "eigengap"
     labels = _by_size(labels)
     return RegionClusters(labels, _memberships(x, labels, k), k, method, scores)
+
+
+def check_k(k: int | None, n_regions: int) -> None:
+    """Raise DataError unless ``k`` clusters (or an estimate, for None) fit ``n_regions`` regions."""
+    if k is not None and not 1 <= k <= n_regions:
+        raise DataError(f"--k {k}: must be between 1 and the number of regions found ({n_regions})")
+    if k is None and n_regions < 3:
+        raise DataError(f"estimating K needs at least 3 regions, found {n_regions}; give --k")
 
 
 def eigengaps(x: NDArray[np.float64], k_max: int, neighbours: int = 7) -> dict[int, float]:

@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly.data.io import read_images
-from anomaly.discovery.cluster import RegionClusters, cluster_regions, merge_to_images
+from anomaly.discovery.cluster import RegionClusters, check_k, cluster_regions, merge_to_images
 from anomaly.discovery.describe import RegionDescriber
 from anomaly.discovery.regions import Binarization, Region, find_regions
 from anomaly.errors import DataError
@@ -113,6 +113,7 @@ def discover(
     regions, binarizations = find_regions(map_iter, thresholds)
     if len(binarizations) != len(images):
         raise DataError(f"discover: {len(images)} images but {len(binarizations)} maps")
+    check_k(k, len(regions))  # before the costly description
     describer = describer or RegionDescriber()
     descriptors = _describe(describer, images, regions, progress)
     clusters = cluster_regions(descriptors, k, k_max=k_max)
