@@ -17,6 +17,7 @@ from anomaly.results import DetectionResult
 
 if TYPE_CHECKING:
     from anomaly.detector import Detector
+    from anomaly.streaming import StreamingDetector
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "Detector",
     "DetectorConfig",
     "NotFittedError",
+    "StreamingDetector",
     "WeightsUnavailableError",
     "__version__",
     "load_config",
@@ -36,9 +38,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import the torch-backed Detector on first use, so `anomaly --help` stays fast."""
+    """Import the torch-backed detectors on first use, so `anomaly --help` stays fast."""
     if name == "Detector":
         from anomaly.detector import Detector
 
         return Detector
+    if name == "StreamingDetector":
+        from anomaly.streaming import StreamingDetector
+
+        return StreamingDetector
     raise AttributeError(f"module 'anomaly' has no attribute {name!r}")

@@ -342,7 +342,7 @@ class Detector:
             "anomaly_version": __version__,
             "torch_version": torch.__version__,
             "timm_version": timm.__version__,
-            "faiss_version": getattr(faiss, "__version__", "unknown"),
+            "faiss_version": faiss.__version__,
             "weights": {"kind": source.kind, "location": source.location, "sha256": source.sha256},
             "threshold": None if self.decision_ is None else self.decision_.to_dict(),
         }
