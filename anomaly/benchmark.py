@@ -89,7 +89,9 @@ def _check_out(out_dir: Path) -> None:
     ours = (out_dir / _TABLES_MARKER).is_file()
     for name in ("results.csv", "results.md", "results.json"):
         if (out_dir / name).exists() and not ours:
-            raise DataError(f"--out {out_dir}: {name} exists and was not written by `anomaly benchmark`; choose another")
+            raise DataError(
+                f"--out {out_dir}: {name} exists and was not written by `anomaly benchmark`; choose another"
+            )
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -390,6 +390,7 @@ def report(
         progress.close()
     typer.echo(f"report written to {folder / 'index.html'}")
 
+
 @app.command()
 @_user_errors
 def export(
@@ -463,6 +464,7 @@ def import_(
     typer.echo(f"wrote {out}: train/good {summary.n_train}, test/good {summary.n_test_good}, defects: {defects}")
     if summary.test_only:
         _note("no normal image for train/good: usable for pixel-level checks, not for fitting")
+
 
 def main() -> None:
     """Console-script entry point."""

@@ -54,7 +54,9 @@ class BackboneConfig:
         if not self.layers:
             raise ConfigError("backbone.layers: give at least one layer")
         if self.image_size is not None and not all(_MIN_SIDE <= side <= _MAX_SIDE for side in self.image_size):
-            raise ConfigError(f"backbone.image_size: each side must be in [{_MIN_SIDE}, {_MAX_SIDE}], got {list(self.image_size)}")
+            raise ConfigError(
+                f"backbone.image_size: each side must be in [{_MIN_SIDE}, {_MAX_SIDE}], got {list(self.image_size)}"
+            )
         if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
             raise ConfigError(f"backbone.mean: values must be finite, got {list(self.mean)}")
         if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):

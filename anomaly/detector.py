@@ -22,9 +22,9 @@ from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.inputs import training_paths
 from anomaly.data.loader import DecodedImage, ImageInput, iter_batches, support_views
+from anomaly.decisions import make_results, map_peaks
 from anomaly.errors import AnomalyError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
-from anomaly.decisions import make_results, map_peaks
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer

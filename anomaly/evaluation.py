@@ -22,7 +22,14 @@ from anomaly.metrics.evaluate import evaluate_detailed
 from anomaly.metrics.pimo import AupimoResult
 from anomaly.outputs import read_scores
 
-__all__ = ["Evaluation", "evaluate_samples", "evaluate_scores", "ground_truth_masks", "pimo_plot_data", "write_evaluation"]
+__all__ = [
+    "Evaluation",
+    "evaluate_samples",
+    "evaluate_scores",
+    "ground_truth_masks",
+    "pimo_plot_data",
+    "write_evaluation",
+]
 
 _PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
 _PLOT_POINTS = 121  # points kept per curve, log-spaced in shared FPR

@@ -120,9 +120,8 @@ class NNIndex:
         if not isinstance(actual, expected):
             raise ValueError(f"index type {type(actual).__name__} does not match the configured '{string}'")
         if self._cpu.d != bank.shape[1] or self._cpu.ntotal != len(bank) or self._cpu.metric_type != faiss.METRIC_L2:
-            raise ValueError(
-                f"index holds {self._cpu.ntotal} rows of dimension {self._cpu.d}, the bank {len(bank)} of {bank.shape[1]}"
-            )
+            held = f"{self._cpu.ntotal} rows of dimension {self._cpu.d}"
+            raise ValueError(f"index holds {held}, the bank {len(bank)} of {bank.shape[1]}")
         try:
             stored = self._cpu.reconstruct_n(0, self._cpu.ntotal)
         except RuntimeError:  # index types without stored vectors: type, size and dimension checked above

@@ -14,7 +14,9 @@ from numpy.typing import NDArray
 __all__ = ["postprocess_maps", "resize_map", "smooth_maps"]
 
 
-def smooth_maps(patch_maps: NDArray[np.floating], input_size: tuple[int, int], sigma: float = 4.0) -> NDArray[np.float32]:
+def smooth_maps(
+    patch_maps: NDArray[np.floating], input_size: tuple[int, int], sigma: float = 4.0
+) -> NDArray[np.float32]:
     """(N, h, w) patch maps -> (N, H_in, W_in) float32 maps at the model input size.
 
     Per map: bilinear upsample (half-pixel centres, as align_corners=False), then a Gaussian blur

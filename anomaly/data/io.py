@@ -184,9 +184,7 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
                 seen.add(key)
                 images.append(file)
     if not images and unsupported:
-        raise DataError(
-            f"unsupported image format: {', '.join(unsupported)} (supported: {' '.join(IMAGE_SUFFIXES)})"
-        )
+        raise DataError(f"unsupported image format: {', '.join(unsupported)} (supported: {' '.join(IMAGE_SUFFIXES)})")
     if not images:
         raise DataError(f"no image found in: {', '.join(str(i) for i in inputs) or '(no input given)'}")
     return images, n_ignored

@@ -138,4 +138,3 @@ def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
     if array.ndim == 2:
         return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
     return np.ascontiguousarray(array[:, :, :3])
-

@@ -24,7 +24,9 @@ def is_export_dir(path: str | os.PathLike[str]) -> bool:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     """Write ``folder/manifest.json``: ``manifest`` plus the SHA-256 of every file already in ``folder``."""
-    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST and not p.name.startswith(".")}
+    files = {
+        p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST and not p.name.startswith(".")
+    }
     body = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **manifest, "files": files}
     (folder / MANIFEST).write_text(json.dumps(body, indent=2))
 

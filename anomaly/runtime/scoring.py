@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from anomaly.decisions import make_results
 from anomaly.errors import DataError
 from anomaly.index import NNIndex
-from anomaly.decisions import make_results
 from anomaly.results import DetectionResult
 from anomaly.thresholds import Threshold
 

@@ -141,7 +141,12 @@ class Scorer(ABC):
 
 def check_int(key: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     """Raise ConfigError unless ``value`` is an integer in [minimum, maximum]."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
         raise ConfigError(f"scorer.params.{key}: expected an integer {bound}, got {value!r}")
 

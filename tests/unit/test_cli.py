@@ -144,6 +144,13 @@ def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Pat
     with caplog.at_level(logging.INFO, logger="anomaly"):
         again = _run(*args)
     assert again.exit_code == 0 and "already done" in caplog.text
+    earlier = json.loads((out / "widget" / "result.json").read_text())  # a category run before, same config
+    earlier["row"]["category"] = "gadget"
+    (out / "gadget").mkdir()
+    (out / "gadget" / "result.json").write_text(json.dumps(earlier))
+    assert _run(*args).exit_code == 0
+    with (out / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "gadget", "mean"]
 
 
 def test_backbones_lists_the_packaged_lite0() -> None:

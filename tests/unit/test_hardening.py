@@ -377,7 +377,9 @@ def test_config_errors_are_raised_by_the_api_too() -> None:
         apply_overrides(load_config("patchcore"), ["backbone.std=[0,1,1]"])
 
 
-def test_6_a_full_disk_while_saving_is_a_clear_error_and_leaves_nothing(model: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_6_a_full_disk_while_saving_is_a_clear_error_and_leaves_nothing(
+    model: Path, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     import errno
 
     from safetensors import numpy as st_numpy
@@ -392,7 +394,9 @@ def test_6_a_full_disk_while_saving_is_a_clear_error_and_leaves_nothing(model: P
     assert not list(tmp_path.iterdir()) or all(p.name.endswith(".lock") for p in tmp_path.iterdir())
 
 
-def test_6_two_writers_of_one_output_leave_one_complete_folder(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
+def test_6_two_writers_of_one_output_leave_one_complete_folder(
+    model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "o"
     images = str(synthetic_root / "test" / "good")
     procs = [
