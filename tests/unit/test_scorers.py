@@ -176,3 +176,41 @@ def test_under_trained_ivf_is_refused() -> None:
 
     with pytest.raises(BackendError, match="needs >= "):
         NNIndex("IVF256,Flat").build(np.zeros((100, 8), np.float32))
+
+
+def test_scorers_from_another_package_load_through_the_entry_point_group(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from anomaly.scorers import Scorer, registry
+
+    class PluginScorer(Scorer):
+        name = "test_plugin_scorer"
+
+        def fit(self, layers, *, progress=None):  # type: ignore[no-untyped-def]
+            return self
+
+        def score(self, layers, *, reference=None, embeddings=None, progress=None):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+        def state_dict(self):  # type: ignore[no-untyped-def]
+            return {}
+
+        def load_state_dict(self, state):  # type: ignore[no-untyped-def]
+            pass
+
+    class EntryPoint:
+        name, value = "test_plugin_scorer", "plugin_pkg.scorers:PluginScorer"
+
+        def load(self):  # type: ignore[no-untyped-def]
+            return PluginScorer
+
+    class Broken(EntryPoint):
+        name, value = "broken", "broken_pkg:Missing"
+
+        def load(self):  # type: ignore[no-untyped-def]
+            raise ImportError("no module named broken_pkg")
+
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(
+        registry, "entry_points", lambda group: [EntryPoint(), Broken()] if group == registry.ENTRY_POINT_GROUP else []
+    )
+    assert "test_plugin_scorer" in registry.list_scorers()  # the broken plug-in is logged, not fatal
+    assert isinstance(registry.get_scorer("test_plugin_scorer"), PluginScorer)
