@@ -118,15 +118,15 @@ def file_sha256(path: Path) -> str:
 
 @contextlib.contextmanager
 def _lock(target: Path) -> Iterator[None]:
-    """Serialise swaps of one target between processes (two runs writing the same --out)."""
+    """Serialise swaps between processes (two runs writing the same --out): a lock on the parent folder."""
     import fcntl
 
-    with open(target.parent / f".{target.name}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _owned(folder: Path) -> set[str] | None:

@@ -281,7 +281,7 @@ def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_
     assert Detector.load(copy).threshold_ is not None
     rerun = _run("fit", "--out", copy, *SMALL, synthetic_root)
     assert rerun.exit_code == 0
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.") and p.is_dir()]  # dead temp folder gone
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]  # the dead temp folder is gone
 
 
 def test_9_decompression_bombs_are_refused_by_name(model: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -391,7 +391,7 @@ def test_6_a_full_disk_while_saving_is_a_clear_error_and_leaves_nothing(
     monkeypatch.setattr(st_numpy, "save_file", full)
     with pytest.raises(DataError, match="No space left"):
         det.save(tmp_path / "m")
-    assert not list(tmp_path.iterdir()) or all(p.name.endswith(".lock") for p in tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())
 
 
 def test_6_two_writers_of_one_output_leave_one_complete_folder(
