@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path

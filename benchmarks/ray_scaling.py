@@ -23,7 +23,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -54,7 +53,9 @@ def make_images(folder: Path, n: int, size: int = 256, seed: int = 0) -> None:
     for i in range(n):
         sub = folder / f"{i // 1000:02d}"
         sub.mkdir(parents=True, exist_ok=True)
-        base = cv2.resize(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
+        base = cv2.resize(
+            rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), (size, size), interpolation=cv2.INTER_CUBIC
+        )
         noise = rng.normal(0, 6, (size, size, 3))
         image = np.clip(base.astype(np.float64) * 0.5 + 80 + noise, 0, 255).astype(np.uint8)
         for _ in range(int(rng.integers(0, 3))):
@@ -130,7 +131,9 @@ def stage_times(model: Path, images: list[str], out: Path) -> dict[str, float]:
 MODES = ("local", "ray")
 
 
-def measure(cli: list[str], env: dict[str, str], model: Path, images: Path, n: int, mode: str, out: Path) -> dict[str, Any]:
+def measure(
+    cli: list[str], env: dict[str, str], model: Path, images: Path, n: int, mode: str, out: Path
+) -> dict[str, Any]:
     """One whole `anomaly score` process over ``images``; for Ray also each actor's peak RSS."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*cli, "--quiet", "score", "--model", str(model), "--out", str(out), "--maps", str(images)]
@@ -158,8 +161,14 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[10000], help="generated images to score (several: "
-                        "the fixed cost and the per-image rate come from the smallest and the largest)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        nargs="+",
+        default=[10000],
+        help="generated images to score (several: "
+        "the fixed cost and the per-image rate come from the smallest and the largest)",
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/anomaly-ray-scaling"))
     parser.add_argument("--stage-sample", type=int, default=256, help="images timed stage by stage")
@@ -191,7 +200,7 @@ def main() -> None:
         t = time.perf_counter()
         make_images(images, n)
         print(f"{n} images in {images} ({time.perf_counter() - t:.0f} s to generate)")
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             for mode in ("local", "ray"):
                 runs.append(measure(cli, env, model, images, n, mode, work / f"out-{mode}"))
                 print(json.dumps(runs[-1]))
@@ -199,8 +208,23 @@ def main() -> None:
     same_rows = [r["path"] for r in local] == [r["path"] for r in ray]
     max_diff = max(abs(float(a["score"]) - float(b["score"])) for a, b in zip(local, ray))
     stages = json.loads(
-        run_process([sys.executable, __file__, "--stages-only", "--n", str(args.n[-1]), "--work", str(work),
-                     "--stage-sample", str(args.stage_sample)], env=env).check().stdout.strip().splitlines()[-1]
+        run_process(
+            [
+                sys.executable,
+                __file__,
+                "--stages-only",
+                "--n",
+                str(args.n[-1]),
+                "--work",
+                str(work),
+                "--stage-sample",
+                str(args.stage_sample),
+            ],
+            env=env,
+        )
+        .check()
+        .stdout.strip()
+        .splitlines()[-1]
     )
 
     best = {(m, n): min(r["seconds"] for r in runs if r["mode"] == m and r["n"] == n) for m in MODES for n in args.n}
@@ -217,10 +241,13 @@ def main() -> None:
         rate = (hi - lo) / (best[m, hi] - best[m, lo]) if hi > lo else hi / best[m, hi]
         fixed = best[m, hi] - hi / rate
         summary[m] = {"images_per_s": rate, "fixed_s": fixed, "seconds_at_10000": fixed + 10000 / rate}
-        print(f"{m}: {rate:.2f} images/s beyond the fixed cost of {fixed:.1f} s; 10,000 images: "
-              f"{summary[m]['seconds_at_10000']:.0f} s")
+        print(
+            f"{m}: {rate:.2f} images/s beyond the fixed cost of {fixed:.1f} s; 10,000 images: "
+            f"{summary[m]['seconds_at_10000']:.0f} s"
+        )
     ratio = summary["local"]["seconds_at_10000"] / summary["ray"]["seconds_at_10000"]
-    print(f"\nRay / single-process throughput at 10,000 images: {ratio:.3f} (target >= 0.85: {'PASS' if ratio >= 0.85 else 'FAIL'})")
+    verdict = "PASS" if ratio >= 0.85 else "FAIL"
+    print(f"\nRay / single-process throughput at 10,000 images: {ratio:.3f} (target >= 0.85: {verdict})")
     print(f"same rows in the same order: {same_rows}; largest score difference: {max_diff:.3g}")
     total = sum(stages.values())
     print("\n| stage | ms / image | share |")
@@ -231,8 +258,20 @@ def main() -> None:
     print(f"load average at end: {os.getloadavg()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "runs": runs, "stages_ms": stages, "same_rows": same_rows,
-                                         "max_score_diff": max_diff, "summary": summary, "ratio": ratio}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "runs": runs,
+                    "stages_ms": stages,
+                    "same_rows": same_rows,
+                    "max_score_diff": max_diff,
+                    "summary": summary,
+                    "ratio": ratio,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

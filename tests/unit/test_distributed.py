@@ -35,7 +35,9 @@ def fault_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def local_scores(patchcore_model: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("local") / "scores"
-    result = runner.invoke(app, ["score", "--model", str(patchcore_model), "--out", str(out), "--maps", str(synthetic_root / "test")])
+    result = runner.invoke(
+        app, ["score", "--model", str(patchcore_model), "--out", str(out), "--maps", str(synthetic_root / "test")]
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -51,7 +53,9 @@ def _assert_same(out: Path, reference: Path) -> None:
     for row, ref in zip(rows, expected):
         assert float(row["score"]) == pytest.approx(float(ref["score"]), abs=1e-6)
         assert (row["is_anomalous"], row["map_path"], row["overlay_path"]) == (
-            ref["is_anomalous"], ref["map_path"], ref["overlay_path"],
+            ref["is_anomalous"],
+            ref["map_path"],
+            ref["overlay_path"],
         )
         np.testing.assert_allclose(np.load(out / row["map_path"]), np.load(reference / ref["map_path"]), atol=1e-6)
         assert (out / row["overlay_path"]).is_file()
@@ -62,17 +66,28 @@ def _assert_same(out: Path, reference: Path) -> None:
     assert not list(out.parent.glob(f".{out.name}.ray-*"))  # the staging folder became OUT_DIR
 
 
-def test_cli_score_on_ray_matches_local(fault_file: Path, patchcore_model: Path, synthetic_root: Path,
-                                        local_scores: Path, tmp_path: Path) -> None:
+def test_cli_score_on_ray_matches_local(
+    fault_file: Path, patchcore_model: Path, synthetic_root: Path, local_scores: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "ray"
-    args = ["score", "--ray", "--model", str(patchcore_model), "--out", str(out), "--maps", str(synthetic_root / "test")]
+    args = [
+        "score",
+        "--ray",
+        "--model",
+        str(patchcore_model),
+        "--out",
+        str(out),
+        "--maps",
+        str(synthetic_root / "test"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     _assert_same(out, local_scores)
 
 
-def test_a_worker_dies_mid_batch(fault_file: Path, patchcore_model: Path, synthetic_root: Path,
-                                 local_scores: Path, tmp_path: Path) -> None:
+def test_a_worker_dies_mid_batch(
+    fault_file: Path, patchcore_model: Path, synthetic_root: Path, local_scores: Path, tmp_path: Path
+) -> None:
     fault_file.touch()
     out = tmp_path / "ray"
     score(patchcore_model, [synthetic_root / "test"], out, maps=True, batch_size=3)
@@ -80,8 +95,9 @@ def test_a_worker_dies_mid_batch(fault_file: Path, patchcore_model: Path, synthe
     _assert_same(out, local_scores)
 
 
-def test_resume_scores_only_what_is_missing(fault_file: Path, patchcore_model: Path, synthetic_root: Path,
-                                            local_scores: Path, tmp_path: Path) -> None:
+def test_resume_scores_only_what_is_missing(
+    fault_file: Path, patchcore_model: Path, synthetic_root: Path, local_scores: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "ray"
     seen: list[int] = []
 
@@ -102,8 +118,14 @@ def test_resume_scores_only_what_is_missing(fault_file: Path, patchcore_model: P
     del kept[lost]
 
     progress: list[int] = []
-    score(patchcore_model, [synthetic_root / "test"], out, maps=True, batch_size=2,
-          progress=lambda stage, done, total: progress.append(done))
+    score(
+        patchcore_model,
+        [synthetic_root / "test"],
+        out,
+        maps=True,
+        batch_size=2,
+        progress=lambda stage, done, total: progress.append(done),
+    )
     _assert_same(out, local_scores)
     assert progress[0] > len(kept)  # counting starts at what was already done
     moved = {p: (out / p.relative_to(staging)).stat().st_ino for p in kept}
@@ -111,7 +133,9 @@ def test_resume_scores_only_what_is_missing(fault_file: Path, patchcore_model: P
 
 
 def test_zero_shot_is_refused_in_one_line(synthetic_root: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["score", "--zero-shot", "--ray", "--out", str(tmp_path / "o"), str(synthetic_root / "test")])
+    result = runner.invoke(
+        app, ["score", "--zero-shot", "--ray", "--out", str(tmp_path / "o"), str(synthetic_root / "test")]
+    )
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].startswith("error: --ray scores with a --model")
 
