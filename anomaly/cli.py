@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
