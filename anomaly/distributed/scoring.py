@@ -51,6 +51,25 @@ def load_model(model: Path) -> Any:
     return Detector.load(model)
 
 
+def _model_info(model: Path) -> tuple[bool, bool]:
+    """(has maps, zero-shot) of a model or export directory, checked against its manifest; the driver
+    loads no model (an export, which is small and torch-free, excepted)."""
+    from anomaly.model_dir import read_meta, verified_files
+    from anomaly.runtime import ExportedDetector, is_export_dir
+    from anomaly.scorers import scorer_class
+
+    if is_export_dir(model):
+        return ExportedDetector(model).scorer.has_maps, False
+    if not model.is_dir():
+        raise DataError(f"{model}: model directory not found")
+    config = verified_files(model, read_meta(model))["config.json"]
+    try:
+        scorer = scorer_class(json.loads(config.read_text(encoding="utf-8"))["scorer"]["name"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{config}: unreadable ({exc})") from None
+    return scorer.has_maps, not scorer.requires_fit
+
+
 def model_checksum(model: Path) -> str:
     """SHA-256 over the model's file manifest (which lists each file's SHA-256)."""
     from anomaly.model_dir import read_meta
@@ -80,14 +99,14 @@ def score(
     """
     require_ray()
     model, out = Path(model), Path(out)
-    detector = load_model(model)
-    if getattr(detector, "zero_shot", False):
+    has_maps, zero_shot = _model_info(model)
+    if zero_shot:
         raise DataError("--ray needs a fitted model: zero-shot scoring compares all inputs as one pool in one process")
     paths = image_paths(inputs, exclude=[out])
     names = relative_names(paths)
-    has_maps = detector.scorer.has_maps
+    if maps and not has_maps:
+        log.info("this model's scorer gives image scores only: no maps are written")
     overlays = overlays and has_maps
-    del detector  # the actors load their own
     shutil.rmtree(new_temp_dir(out, "scores.csv"))  # refuses an OUT_DIR that is not ours before any work
     options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
     key = hashlib.sha256(f"{model_checksum(model)} {sorted(options.items())}".encode()).hexdigest()[:16]
@@ -115,7 +134,11 @@ class ScoreWorker:
     """Ray Data actor: one loaded model; scores a batch of paths and writes their maps and overlays."""
 
     def __init__(self, model: str, staging: str, maps: bool, overlays: bool, overlay_size: int) -> None:
-        self.detector = load_model(Path(model))
+        self.error = ""
+        try:
+            self.detector = load_model(Path(model))
+        except AnomalyError as exc:  # reported with the first batch: an actor that fails to start is retried
+            self.error = str(exc)
         self.staging = Path(staging)
         self.options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
 
@@ -126,6 +149,8 @@ class ScoreWorker:
         wanted = self.options["maps"] or self.options["overlays"]
         rows = []
         try:
+            if self.error:
+                raise DataError(self.error)
             stream = self.detector.predict_stream(paths, maps=wanted, keep_images=self.options["overlays"])
             for (result, image), name in zip(stream, names, strict=True):
                 rows.append({**write_result(self.staging, result, name, image, **self.options), "error": ""})
