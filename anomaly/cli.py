@@ -26,6 +26,12 @@ ConfigOpt = Annotated[
     str, typer.Option("--config", "-c", help="Config name (patchcore, padim, gaussian, musc) or YAML path.")
 ]
 BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="timm backbone name overriding the config's.")]
+RayOpt = Annotated[
+    bool, typer.Option("--ray", help="Run on Ray (pip install 'anomaly[ray]'): a local instance unless --ray-address.")
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option("--ray-address", help="Ray cluster address (e.g. auto, ray://head:10001); implies --ray.")
+]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: dotted.key=value (repeatable).")
 ]
@@ -122,6 +128,8 @@ def fit(
     config: ConfigOpt = "patchcore",
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Fit a detector on normal images and save it to MODEL_DIR."""
     from anomaly._fs import new_temp_dir
@@ -135,7 +143,12 @@ def fit(
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
     progress = _Progress()
     try:
-        detector.fit(paths, progress=progress)
+        if ray or ray_address:
+            from anomaly.distributed import fit as fit_on_ray
+
+            detector = fit_on_ray(detector.config, paths, address=ray_address, progress=progress)
+        else:
+            detector.fit(paths, progress=progress)
     finally:
         progress.close()
     detector.save(out)
@@ -173,6 +186,8 @@ def score(
     ] = 512,
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Score images with a fitted model or an export (--model) or zero-shot (--zero-shot)."""
     from anomaly.data.inputs import image_paths, reference_paths
@@ -183,6 +198,9 @@ def score(
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
     if model is not None and (reference or overrides or backbone):
         raise DataError("--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config")
+    if ray or ray_address:
+        _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
+        return
     detector: Any
     if model is not None:
         if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
@@ -217,6 +235,20 @@ def score(
         progress.close()
     flagged = sum(row["is_anomalous"] == "true" for row in writer.rows)
     typer.echo(f"scored {len(writer.rows)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
+
+
+def _score_on_ray(model: Path | None, inputs: list[str], out: Path, address: str | None, **options: Any) -> None:
+    from anomaly.distributed import score as score_on_ray
+
+    if model is None:
+        raise DataError("--ray scores with a --model: zero-shot scoring compares all inputs as one pool in one process")
+    progress = _Progress()
+    try:
+        rows = score_on_ray(model, inputs, out, address=address, progress=progress, **options)
+    finally:
+        progress.close()
+    flagged = sum(row["is_anomalous"] == "true" for row in rows)
+    typer.echo(f"scored {len(rows)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
 
 
 @app.command()

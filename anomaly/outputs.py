@@ -6,8 +6,10 @@ import csv
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -17,7 +19,20 @@ from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.errors import DataError
 from anomaly.results import DetectionResult
 
-__all__ = ["ScoreWriter", "escape_cell", "overlay", "read_scores", "relative_names", "unescape_cell", "write_png"]
+__all__ = [
+    "CSV_COLUMNS",
+    "ScoreWriter",
+    "escape_cell",
+    "overlay",
+    "read_scores",
+    "relative_names",
+    "unescape_cell",
+    "write_map",
+    "write_overlay",
+    "write_png",
+    "write_result",
+    "write_rows",
+]
 
 # Fastest zlib level, one fixed row filter (libpng's filter search dominated: 34 -> 19 ms at 900 px).
 PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
@@ -31,11 +46,13 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def write_png(path: Path, image_bgr: NDArray[np.uint8]) -> None:
-    """Encode with OpenCV and write with Python (cv2.imwrite cannot take every file name)."""
+    """Encode with OpenCV and write with Python (cv2.imwrite cannot take every file name), atomically."""
     ok, data = cv2.imencode(".png", image_bgr, PNG_FAST)
     if not ok:
         raise DataError(f"{path}: PNG encoding failed")
-    path.write_bytes(data.tobytes())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data.tobytes())
+    tmp.replace(path)
 
 
 def escape_cell(text: str) -> str:
@@ -69,6 +86,61 @@ def overlay(image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: floa
     return cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)
 
 
+def write_result(
+    root: Path,
+    result: DetectionResult,
+    name: Path,
+    image: NDArray[np.uint8] | None,
+    *,
+    maps: bool,
+    overlays: bool,
+    overlay_size: int = 512,
+    submit: Callable[..., None] | None = None,
+) -> dict[str, str]:
+    """Write one result's map and overlay under ``root`` and return its scores.csv row.
+
+    ``name`` is the output-relative name without suffix; ``submit(fn, *args)`` may run the file
+    writes elsewhere (a thread pool), by default they run here. Each file appears atomically.
+    """
+    run = submit or (lambda fn, *args: fn(*args))
+    map_rel = overlay_rel = ""
+    if result.anomaly_map is not None and maps:
+        map_rel = f"maps/{name.as_posix()}.npy"
+        run(write_map, root / map_rel, result.anomaly_map)
+    if result.anomaly_map is not None and overlays and image is not None:
+        overlay_rel = f"overlays/{name.as_posix()}.png"
+        run(write_overlay, root / overlay_rel, image, result.anomaly_map, result.pixel_threshold, overlay_size)
+    return {
+        "path": result.source or "",
+        "score": repr(result.image_score),
+        "is_anomalous": "true" if result.is_anomalous else "false",
+        "threshold": repr(result.threshold),
+        "pixel_threshold": repr(result.pixel_threshold),
+        "map_path": map_rel,
+        "overlay_path": overlay_rel,
+    }
+
+
+def write_map(path: Path, amap: NDArray[np.float32]) -> None:
+    """Save a float32 .npy map (written beside, then renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        np.save(fh, amap.astype(np.float32, copy=False))
+    tmp.replace(path)
+
+
+def write_overlay(path: Path, image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float, size: int) -> None:
+    """Save a heatmap overlay PNG, its longest side at most ``size`` (0 = original size)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = amap.shape
+    if 0 < size < max(h, w):  # a preview: PNG encoding dominates and grows with the pixel count
+        new = (max(1, round(w * size / max(h, w))), max(1, round(h * size / max(h, w))))
+        image = cv2.resize(image, new, interpolation=cv2.INTER_AREA)
+        amap = cv2.resize(amap, new, interpolation=cv2.INTER_AREA)
+    write_png(path, overlay(image, amap, threshold))
+
+
 class ScoreWriter:
     """Collects results and writes OUT_DIR atomically: a temp folder renamed into place on close.
 
@@ -87,31 +159,8 @@ class ScoreWriter:
 
     def add(self, result: DetectionResult, name: Path, image: NDArray[np.uint8] | None) -> None:
         """Record one result; ``name`` is the output-relative name without suffix."""
-        map_rel = overlay_rel = ""
-        if result.anomaly_map is not None and self.maps:
-            map_rel = f"maps/{name.as_posix()}.npy"
-            self._submit(self._write_npy, self.tmp / map_rel, result.anomaly_map)
-        if result.anomaly_map is not None and self.overlays and image is not None:
-            overlay_rel = f"overlays/{name.as_posix()}.png"
-            self._submit(
-                self._write_overlay,
-                self.tmp / overlay_rel,
-                image,
-                result.anomaly_map,
-                result.pixel_threshold,
-                self.overlay_size,
-            )
-        self.rows.append(
-            {
-                "path": result.source or "",
-                "score": repr(result.image_score),
-                "is_anomalous": "true" if result.is_anomalous else "false",
-                "threshold": repr(result.threshold),
-                "pixel_threshold": repr(result.pixel_threshold),
-                "map_path": map_rel,
-                "overlay_path": overlay_rel,
-            }
-        )
+        options = {"maps": self.maps, "overlays": self.overlays, "overlay_size": self.overlay_size}
+        self.rows.append(write_result(self.tmp, result, name, image, submit=self._submit, **options))
 
     def close(self) -> Path:
         """Finish pending writes, write scores.csv and move the folder into place."""
@@ -119,10 +168,7 @@ class ScoreWriter:
             for future in self._pending:
                 future.result()
             self._pool.shutdown()
-            with (self.tmp / "scores.csv").open("w", newline="", **CSV_ENCODING) as fh:
-                writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-                writer.writeheader()
-                writer.writerows({**row, "path": escape_cell(row["path"])} for row in self.rows)
+            write_rows(self.tmp / "scores.csv", self.rows)
         except OSError as exc:
             raise DataError(f"{self.out_dir}: could not write the output ({exc.strerror or exc})") from None
         finish_dir(self.tmp, self.out_dir)
@@ -133,25 +179,16 @@ class ScoreWriter:
         self._pool.shutdown(cancel_futures=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _submit(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         self._pending.append(self._pool.submit(fn, *args))
 
-    @staticmethod
-    def _write_npy(path: Path, amap: NDArray[np.float32]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, amap.astype(np.float32, copy=False))
 
-    @staticmethod
-    def _write_overlay(
-        path: Path, image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float, size: int
-    ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h, w = amap.shape
-        if 0 < size < max(h, w):  # a preview: PNG encoding dominates and grows with the pixel count
-            new = (max(1, round(w * size / max(h, w))), max(1, round(h * size / max(h, w))))
-            image = cv2.resize(image, new, interpolation=cv2.INTER_AREA)
-            amap = cv2.resize(amap, new, interpolation=cv2.INTER_AREA)
-        write_png(path, overlay(image, amap, threshold))
+def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    """Write scores.csv rows (the columns of :data:`CSV_COLUMNS`, paths made spreadsheet-safe)."""
+    with path.open("w", newline="", **CSV_ENCODING) as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows({**row, "path": escape_cell(row["path"])} for row in rows)
 
 
 def read_scores(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,26 @@ from anomaly.scorers.base import (
 )
 from anomaly.scorers.registry import register_scorer
 
-__all__ = ["MemoryBankScorer"]
+__all__ = ["Candidates", "FoldPlan", "MemoryBankScorer"]
 
 _OVERSAMPLE = 2  # fold coresets hold twice their share of the bank; the final pick is made from their union
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Sizes of a cross-fit: the bank, each fold's coreset, each fold's held-out bank."""
+
+    total: int
+    shares: list[int]
+    held_out: list[int]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A fold's coreset: patch embeddings (m, D) and the training image each came from."""
+
+    vectors: torch.Tensor
+    images: NDArray[np.int64]
 
 
 @register_scorer
@@ -128,15 +146,14 @@ class MemoryBankScorer(Scorer):
         greedy k-center pick from the union of all of them, and the out-of-sample bank of fold f the
         same pick from the union of the other folds' coresets: one procedure for both, so the
         held-out scores are those a new image gets, at about the cost of one global coreset.
+        The steps (:meth:`fold_plan`, :meth:`fold_candidates`, :meth:`merge_candidates`,
+        :meth:`score_held_out`) are public so that ``anomaly.distributed`` runs them on other workers.
         """
-        self._validate_params()
-        emb = patch_embeddings(layers, self.patch_size)
-        n_img, h, w, d = emb.shape
-        flat = emb.reshape(-1, d)
-        total = self._bank_size(len(flat))
+        emb = self.embed(layers)
+        n_img, h, w, _ = emb.shape
         fold_ids = np.unique(folds)
-        if len(fold_ids) < 2:
-            raise DataError("cross-fitting needs at least 2 folds of training images")
+        members = [np.flatnonzero(folds == fold) for fold in fold_ids]
+        plan = self.fold_plan(n_img, h * w, [len(m) for m in members])
         steps = [0, len(fold_ids) * 2 + 1]
 
         def tick() -> None:
@@ -145,41 +162,66 @@ class MemoryBankScorer(Scorer):
                 progress(steps[0], steps[1])
 
         candidates = []
-        for fold in fold_ids:
-            images = np.flatnonzero(folds == fold)
-            rows = (images[:, None] * (h * w) + np.arange(h * w)[None, :]).ravel()
-            share = math.ceil(_OVERSAMPLE * total * len(images) / n_img)
-            candidates.append(rows[self._coreset(flat, rows, share)])
+        for images, share in zip(members, plan.shares):
+            candidates.append(self.fold_candidates(emb[torch.from_numpy(images).to(emb.device)], images, share))
             tick()
-        union = np.concatenate(candidates)
-        union_fold = folds[union // (h * w)]
-        chosen = union[self._coreset(flat, union, total)]
+        self.merge_candidates(candidates, plan.total)
         tick()
-        self._set_bank(flat, chosen, chosen // (h * w))
         queries = emb.cpu().numpy()
         maps = np.empty((n_img, h, w), dtype=np.float32)
         scores = np.empty(n_img, dtype=np.float64)
-        for fold in fold_ids:
-            images = np.flatnonzero(folds == fold)
-            rest = union[union_fold != fold]
-            size = max(1, round(total * (n_img - len(images)) / n_img))
-            bank = flat[torch.from_numpy(rest[self._coreset(flat, rest, size)]).to(flat.device)].cpu().numpy()
-            out = self._score_queries(NNIndex("Flat", use_gpu=self.use_gpu).build(bank), bank, queries[images])
+        for i, images in enumerate(members):
+            others = [c for j, c in enumerate(candidates) if j != i]
+            out = self.score_held_out(others, plan.held_out[i], queries[images])
             maps[images] = out.patch_maps
             scores[images] = out.image_scores
             tick()
         return ScoreOutput(maps, scores)
 
+    def embed(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """Patch embeddings (N, h, w, D) of per-layer features, as the bank stores them."""
+        self._validate_params()
+        return patch_embeddings(layers, self.patch_size)
+
+    def fold_plan(self, n_images: int, patches_per_image: int, fold_sizes: list[int]) -> FoldPlan:
+        """Bank size, each fold's coreset size and each fold's held-out bank size."""
+        if len(fold_sizes) < 2:
+            raise DataError("cross-fitting needs at least 2 folds of training images")
+        total = self._bank_size(n_images * patches_per_image)
+        shares = [math.ceil(_OVERSAMPLE * total * size / n_images) for size in fold_sizes]
+        held_out = [max(1, round(total * (n_images - size) / n_images)) for size in fold_sizes]
+        return FoldPlan(total, shares, held_out)
+
+    def fold_candidates(self, emb: torch.Tensor, images: NDArray[np.int64], share: int) -> Candidates:
+        """A fold's coreset of ``share`` patches; ``emb`` (n, h, w, D) are the patches of ``images``."""
+        n, h, w, d = emb.shape
+        flat = emb.reshape(-1, d)
+        picks = self._coreset(flat, share)
+        return Candidates(flat[torch.from_numpy(picks).to(flat.device)], np.asarray(images)[picks // (h * w)])
+
+    def merge_candidates(self, candidates: list[Candidates], total: int) -> None:
+        """The bank: a greedy k-center pick of ``total`` patches from the union of the folds' coresets."""
+        union = torch.cat([c.vectors for c in candidates])
+        images = np.concatenate([c.images for c in candidates])
+        picks = self._coreset(union, total)
+        self._set_bank(union, picks, images[picks])
+
+    def score_held_out(self, others: list[Candidates], size: int, queries: np.ndarray) -> ScoreOutput:
+        """Scores of a fold's patch embeddings ``queries`` against the pick of ``size`` from the other folds'
+        coresets (the bank :meth:`merge_candidates` would build without this fold)."""
+        rest = torch.cat([c.vectors for c in others])
+        bank = rest[torch.from_numpy(self._coreset(rest, size)).to(rest.device)].cpu().numpy()
+        return self._score_queries(NNIndex("Flat", use_gpu=self.use_gpu).build(bank), bank, queries)
+
     def _bank_size(self, n_rows: int) -> int:
         n_select = max(1, math.floor(self.coreset_ratio * n_rows))
         return n_select if self.max_bank is None else min(n_select, self.max_bank)
 
-    def _coreset(self, flat: torch.Tensor, rows: np.ndarray, n_select: int) -> np.ndarray:
-        """Positions (into ``rows``) of a greedy k-center pick of ``n_select`` of ``flat[rows]``."""
+    def _coreset(self, rows: torch.Tensor, n_select: int) -> np.ndarray:
+        """Positions of a greedy k-center pick of ``n_select`` of ``rows`` (all of them if fewer)."""
         if n_select >= len(rows):
             return np.arange(len(rows))
-        subset = flat[torch.from_numpy(rows).to(flat.device)]
-        return greedy_coreset(subset, n_select, projection_dim=self.projection_dim, seed=self.random_state)
+        return greedy_coreset(rows, n_select, projection_dim=self.projection_dim, seed=self.random_state)
 
     def _set_bank(self, flat: torch.Tensor, picks: np.ndarray, images: np.ndarray) -> None:
         self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].cpu().numpy()

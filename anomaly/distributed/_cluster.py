@@ -1,0 +1,89 @@
+"""Connecting to Ray: an existing cluster (``address``) or a local instance sized to this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anomaly
+from anomaly.errors import DataError
+
+__all__ = ["Workers", "cluster", "require_ray", "workers"]
+
+
+def require_ray() -> ModuleType:
+    """The ``ray`` module, or a DataError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data is part of the extra)
+    except ImportError as exc:
+        raise DataError(f'--ray needs Ray with Ray Data: pip install "anomaly[ray]" ({exc.name} missing)') from None
+    return ray
+
+
+@contextlib.contextmanager
+def cluster(address: str | None) -> Iterator[ModuleType]:
+    """Connect to ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local instance.
+
+    A Ray session already initialised by the caller is used as it is and left running; one started
+    here is shut down on exit. Workers import this copy of ``anomaly`` when it is not an installed
+    package (a source checkout), so a local instance always runs the driver's code.
+    """
+    ray = require_ray()
+    quiet = logging.ERROR if logging.getLogger().getEffectiveLevel() > logging.DEBUG else logging.INFO
+    # Ray Data logs progress lines and the tracebacks of errors we re-raise as one line: quiet unless debugging
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL if quiet > logging.INFO else logging.INFO)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        yield ray
+        return
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": quiet,
+        "runtime_env": {"env_vars": _worker_env()},
+    }
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"--ray-address {address}" if address else "local Ray instance"
+        raise DataError(f"{where}: cannot start or connect ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _worker_env() -> dict[str, str]:
+    # Idle OpenMP threads sleep: spinning ones stall the other actors on shared cores (see anomaly.cli.main).
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    root = Path(anomaly.__file__).resolve().parent.parent
+    if root.name not in ("site-packages", "dist-packages"):  # a source checkout: workers import it too
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How many model-holding actors to start and what each one reserves."""
+
+    count: int
+    num_cpus: int
+    num_gpus: int
+
+
+def workers(ray: ModuleType, cpus_per_actor: int = 1) -> Workers:
+    """One actor per GPU when the cluster has GPUs (with its share of the CPUs), else one per ``cpus_per_actor``."""
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if gpus:
+        return Workers(gpus, max(1, cpus // gpus), 1)
+    return Workers(max(1, cpus // cpus_per_actor), cpus_per_actor, 0)

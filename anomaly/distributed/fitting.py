@@ -1,0 +1,175 @@
+"""``anomaly fit --ray``: feature extraction and the memory bank's coresets spread over Ray actors.
+
+Memory bank (``patchcore``): every fold of the cross-fit goes to an actor, which extracts its images'
+features and builds the fold's coreset (:meth:`MemoryBankScorer.fold_candidates`); the driver merges
+the folds' coresets into the bank (:meth:`~MemoryBankScorer.merge_candidates`, greedy k-center of
+their union) while Ray tasks build each fold's held-out bank and score the fold against it
+(:meth:`~MemoryBankScorer.score_held_out`). Same folds, same steps as the local cross-fit, so the same
+bank and threshold (the backbone gives the same features whatever the batch).
+
+Other trained scorers (``padim``, ``gaussian``): the actors extract features of contiguous shards
+and the driver gathers them and fits as the local path does. Their statistics are cheap next to
+the backbone, and gathering keeps Ledoit-Wolf shrinkage and PaDiM's fold refits exactly as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from anomaly.config import DetectorConfig
+from anomaly.data.inputs import training_paths
+from anomaly.detector import Detector
+from anomaly.distributed._cluster import cluster, require_ray, workers
+from anomaly.errors import AnomalyError, DataError
+from anomaly.scorers import ScoreOutput
+from anomaly.scorers.memory_bank import Candidates, MemoryBankScorer
+from anomaly.thresholds import calibrate
+
+__all__ = ["FitWorker", "fit"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+def fit(
+    config: DetectorConfig | str | os.PathLike[str],
+    train: Sequence[str | os.PathLike[str]],
+    *,
+    address: str | None = None,
+    progress: Progress | None = None,
+) -> Detector:
+    """Fit a trained detector on the normal images ``train`` with Ray; returns it ready to ``save``.
+
+    ``address`` is a Ray cluster address; None starts a local instance (or uses the caller's session).
+    """
+    require_ray()
+    detector = Detector(config)
+    if detector.zero_shot:
+        raise DataError(f"--ray fits trained scorers; {detector.scorer.name} is zero-shot and stores references only")
+    paths = training_paths(train)
+    if len(paths) < 3:
+        raise DataError(f"fit: the {detector.scorer.name} scorer needs at least 3 normal images, got {len(paths)}")
+    folds = detector._folds(len(paths))  # the local fit's folds, so both fits agree
+    with cluster(address) as ray:
+        plan = workers(ray)
+        actor = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=3, max_task_retries=3)(
+            FitWorker
+        )
+        count = min(plan.count, len(np.unique(folds)))
+        pool = [actor.remote(detector.config) for _ in range(count)]
+        log.info("fitting on %d Ray actors", count)
+        if isinstance(detector.scorer, MemoryBankScorer):
+            out = _memory_bank(ray, pool, detector, paths, folds, progress)
+        else:
+            layers = _gather_features(ray, pool, paths, detector.config.batch_size, progress)
+            out = detector.scorer.cross_fit(layers, folds)
+    _calibrate(detector, out)
+    return detector
+
+
+class FitWorker:
+    """Ray actor: one backbone; extracts features of image shards and runs the memory bank's fold steps."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.detector = Detector(config)
+
+    def features(self, paths: list[str]) -> list[torch.Tensor]:
+        """Per-layer features of ``paths`` (on the CPU, for the object store)."""
+        return [x.cpu() for x in self.detector.extract(paths).layers]
+
+    def fold(self, paths: list[str], images: NDArray[np.int64], share: int) -> tuple[Candidates, np.ndarray]:
+        """A fold's coreset candidates and its patch embeddings (the queries of its held-out scores)."""
+        scorer = self.detector.scorer
+        assert isinstance(scorer, MemoryBankScorer)
+        emb = scorer.embed(self.detector.extract(paths).layers)
+        found = scorer.fold_candidates(emb, images, share)
+        return Candidates(found.vectors.cpu(), found.images), emb.cpu().numpy()
+
+    def held_out(self, candidates: list[Candidates], fold: int, size: int, queries: np.ndarray) -> ScoreOutput:
+        """Scores of fold ``fold`` against the bank built from the other folds' candidates."""
+        scorer = self.detector.scorer
+        assert isinstance(scorer, MemoryBankScorer)
+        return scorer.score_held_out([c for j, c in enumerate(candidates) if j != fold], size, queries)
+
+
+def _memory_bank(
+    ray: Any,
+    pool: list[Any],
+    detector: Detector,
+    paths: list[Path],
+    folds: NDArray[np.int64],
+    progress: Progress | None,
+) -> ScoreOutput:
+    scorer = detector.scorer
+    assert isinstance(scorer, MemoryBankScorer)
+    fold_ids = np.unique(folds)
+    members = [np.flatnonzero(folds == fold) for fold in fold_ids]
+    blank = np.zeros((*detector.extractor.image_size, 3), dtype=np.uint8)  # the patch grid of one image
+    _, h, w, _ = scorer.embed(detector.extract([blank]).layers).shape
+    plan = scorer.fold_plan(len(paths), h * w, [len(m) for m in members])
+    calls = [
+        pool[i % len(pool)].fold.options(num_returns=2).remote([str(paths[j]) for j in images], images, share)
+        for i, (images, share) in enumerate(zip(members, plan.shares))
+    ]
+    candidates = _get_all(ray, [c for c, _ in calls], "features", len(paths), progress, members)
+    shared = ray.put(candidates)
+    scored = [
+        pool[i % len(pool)].held_out.remote(shared, i, plan.held_out[i], queries)
+        for i, (_, queries) in enumerate(calls)
+    ]
+    scorer.merge_candidates(candidates, plan.total)  # on the driver, while the held-out banks are built
+    outs = _get_all(ray, scored, "fit", len(fold_ids), progress)
+    n, (h, w) = len(paths), outs[0].patch_maps.shape[1:]
+    maps = np.empty((n, h, w), dtype=np.float32)
+    scores = np.empty(n, dtype=np.float64)
+    for images, out in zip(members, outs):
+        maps[images], scores[images] = out.patch_maps, out.image_scores
+    return ScoreOutput(maps, scores)
+
+
+def _gather_features(
+    ray: Any, pool: list[Any], paths: list[Path], batch_size: int, progress: Progress | None
+) -> list[torch.Tensor]:
+    """Features of all images in input order, extracted in shards (multiples of the batch size) by the actors."""
+    per_shard = batch_size * max(1, math.ceil(len(paths) / (batch_size * len(pool) * 4)))
+    shards = [[str(p) for p in paths[i : i + per_shard]] for i in range(0, len(paths), per_shard)]
+    refs = [pool[i % len(pool)].features.remote(shard) for i, shard in enumerate(shards)]
+    parts = _get_all(ray, refs, "features", len(paths), progress, shards)
+    return [torch.cat(per_layer) for per_layer in zip(*parts)]
+
+
+def _get_all(
+    ray: Any, refs: list[Any], stage: str, total: int, progress: Progress | None, sizes: Sequence[Any] | None = None
+) -> list[Any]:
+    """``ray.get`` of every ref in order, reporting progress as they finish; user errors re-raised as such."""
+    weight = {ref: (len(sizes[i]) if sizes is not None else 1) for i, ref in enumerate(refs)}
+    pending, done = list(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done += weight[ready[0]]
+        if progress is not None:
+            progress(stage, done, total)
+    try:
+        return ray.get(refs)
+    except AnomalyError as exc:  # Ray raises a subclass of the worker's error; its text is the remote traceback
+        raise type(getattr(exc, "cause", exc))(str(getattr(exc, "cause", exc))) from None
+
+
+def _calibrate(detector: Detector, out: ScoreOutput) -> None:
+    """The decision from cross-fitted scores, exactly as :meth:`Detector.fit` makes it."""
+    peaks = detector.map_peaks(out)
+    has_maps = out.patch_maps is not None
+    scores = peaks if detector.scorer.image_score_from_map and has_maps else out.image_scores
+    separate_pixels = has_maps and not detector.scorer.image_score_from_map
+    detector.decision_ = calibrate(scores, detector.config.threshold.target_fpr, peaks if separate_pixels else None)
+    log.info("%s", detector.decision_.summary())

@@ -1,0 +1,252 @@
+"""``anomaly score --ray``: Ray Data over the input paths, one loaded model per actor, resumable.
+
+Layout while a run is under way: ``.<OUT>.ray-<key>/`` beside OUT_DIR, ``key`` a digest of the model's
+file checksums and the output options. Actors write each image's map and overlay there (every file
+renamed into place, so a killed worker leaves no half file); the driver appends each finished batch's
+rows to ``.journal.csv`` in it. A re-run with the same model and options finds that folder and scores
+only the inputs without a journal row (or whose files are missing); rows are deduplicated by path,
+so a batch that Ray retried after a worker died is counted once. At the end the driver writes
+``scores.csv`` in input order and renames the folder into place (:func:`anomaly._fs.finish_dir`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomaly._fs import finish_dir, new_temp_dir
+from anomaly.data.inputs import image_paths
+from anomaly.distributed._cluster import cluster, require_ray, workers
+from anomaly.errors import AnomalyError, DataError
+from anomaly.outputs import CSV_COLUMNS, CSV_ENCODING, read_scores, relative_names, write_result, write_rows
+
+__all__ = ["FAULT_ENV", "load_model", "model_checksum", "score"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+JOURNAL = ".journal.csv"
+FAULT_ENV = "ANOMALY_RAY_FAULT_FILE"
+"""Fault injection for tests: the first worker that removes the file this names dies mid-batch."""
+
+
+def load_model(model: Path) -> Any:
+    """A :class:`~anomaly.Detector` for a model directory, an ExportedDetector for an export directory."""
+    from anomaly.runtime import ExportedDetector, is_export_dir
+
+    if is_export_dir(model):
+        return ExportedDetector(model)
+    from anomaly.detector import Detector
+
+    return Detector.load(model)
+
+
+def _model_info(model: Path) -> tuple[bool, bool]:
+    """(has maps, zero-shot) of a model or export directory, checked against its manifest; the driver
+    loads no model (an export, which is small and torch-free, excepted)."""
+    from anomaly.model_dir import read_meta, verified_files
+    from anomaly.runtime import ExportedDetector, is_export_dir
+    from anomaly.scorers import scorer_class
+
+    if is_export_dir(model):
+        return ExportedDetector(model).scorer.has_maps, False
+    if not model.is_dir():
+        raise DataError(f"{model}: model directory not found")
+    config = verified_files(model, read_meta(model))["config.json"]
+    try:
+        scorer = scorer_class(json.loads(config.read_text(encoding="utf-8"))["scorer"]["name"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{config}: unreadable ({exc})") from None
+    return scorer.has_maps, not scorer.requires_fit
+
+
+def model_checksum(model: Path) -> str:
+    """SHA-256 over the model's file manifest (which lists each file's SHA-256)."""
+    from anomaly.model_dir import read_meta
+    from anomaly.runtime import is_export_dir, read_manifest
+
+    files = read_manifest(model)["files"] if is_export_dir(model) else read_meta(model)["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def score(
+    model: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    address: str | None = None,
+    maps: bool = False,
+    overlays: bool = True,
+    overlay_size: int = 512,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> list[dict[str, str]]:
+    """Score ``inputs`` with the model or export at ``model`` on Ray; write OUT_DIR as ``anomaly score`` does.
+
+    Returns the scores.csv rows in input order. ``address`` is a Ray cluster address; None starts a
+    local instance (or uses the session the caller initialised). Zero-shot models are refused: MuSc
+    scores all inputs as one pool, which does not split over workers.
+    """
+    require_ray()
+    model, out = Path(model), Path(out)
+    has_maps, zero_shot = _model_info(model)
+    if zero_shot:
+        raise DataError("--ray needs a fitted model: zero-shot scoring compares all inputs as one pool in one process")
+    paths = image_paths(inputs, exclude=[out])
+    names = relative_names(paths)
+    if maps and not has_maps:
+        log.info("this model's scorer gives image scores only: no maps are written")
+    overlays = overlays and has_maps
+    shutil.rmtree(new_temp_dir(out, "scores.csv"))  # refuses an OUT_DIR that is not ours before any work
+    options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
+    key = hashlib.sha256(f"{model_checksum(model)} {sorted(options.items())}".encode()).hexdigest()[:16]
+    staging = out.parent / f".{out.name}.ray-{key}"
+    staging.mkdir(parents=True, exist_ok=True)
+    expected = {str(p): _file_names(n, maps and has_maps, overlays) for p, n in zip(paths, names)}
+    done = _resume(staging, expected)
+    todo = [i for i, p in enumerate(paths) if str(p) not in done]
+    if done:
+        log.info("resuming: %d of %d images already scored with this model", len(paths) - len(todo), len(paths))
+    if todo:
+        items = [{"path": os.fsencode(paths[i]), "name": os.fsencode(names[i].as_posix())} for i in todo]
+        worker = {"model": str(model), "staging": str(staging), **options}
+        for row in _run(items, worker, address, batch_size):
+            if row["path"] in expected:
+                done[row["path"]] = row
+            if progress is not None:
+                progress("score", len(done), len(paths))
+    rows = [done[str(p)] for p in paths]
+    _finish(staging, out, rows)
+    return rows
+
+
+class ScoreWorker:
+    """Ray Data actor: one loaded model; scores a batch of paths and writes their maps and overlays."""
+
+    def __init__(self, model: str, staging: str, maps: bool, overlays: bool, overlay_size: int) -> None:
+        self.error = ""
+        try:
+            self.detector = load_model(Path(model))
+        except AnomalyError as exc:  # reported with the first batch: an actor that fails to start is retried
+            self.error = str(exc)
+        self.staging = Path(staging)
+        self.options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of the batch's images (bytes columns); a user error comes back as one row with ``error`` set."""
+        paths = [os.fsdecode(p) for p in batch["path"]]
+        names = [Path(os.fsdecode(n)) for n in batch["name"]]
+        wanted = self.options["maps"] or self.options["overlays"]
+        rows = []
+        try:
+            if self.error:
+                raise DataError(self.error)
+            stream = self.detector.predict_stream(paths, maps=wanted, keep_images=self.options["overlays"])
+            for (result, image), name in zip(stream, names, strict=True):
+                rows.append({**write_result(self.staging, result, name, image, **self.options), "error": ""})
+                _inject_fault()
+        except AnomalyError as exc:  # data, not an exception: Ray passes the message on but not the type
+            rows = [{**dict.fromkeys(CSV_COLUMNS, ""), "error": str(exc)}]
+        return {col: np.array([os.fsencode(row[col]) for row in rows], dtype=object) for col in [*CSV_COLUMNS, "error"]}
+
+
+def _inject_fault() -> None:
+    path = os.environ.get(FAULT_ENV)
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        os._exit(1)
+
+
+def _run(items: list[dict[str, bytes]], worker: dict[str, Any], address: str | None, batch_size: int):  # type: ignore[no-untyped-def]
+    """Yield rows as the actors finish batches, appending each batch to the journal first."""
+    with cluster(address) as ray:
+        plan = workers(ray)
+        size = max(1, min(plan.count, math.ceil(len(items) / batch_size)))
+        dataset = ray.data.from_items(items).map_batches(
+            ScoreWorker,
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus or None,
+            fn_constructor_kwargs=worker,
+        )  # Ray Data restarts an actor that dies and retries its batch (max_restarts/max_task_retries = -1)
+        log.info("scoring %d images on %d Ray actors", len(items), size)
+        journal = Path(worker["staging"]) / JOURNAL
+        try:
+            with journal.open("a", newline="", **CSV_ENCODING) as fh:
+                writer = csv.writer(fh)
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    errors = [os.fsdecode(e) for e in batch["error"] if e]
+                    if errors:
+                        raise DataError(errors[0])
+                    rows = [
+                        dict(zip(CSV_COLUMNS, (os.fsdecode(v) for v in values)))
+                        for values in zip(*(batch[col] for col in CSV_COLUMNS))
+                    ]
+                    writer.writerows([row[col] for col in CSV_COLUMNS] for row in rows)
+                    fh.flush()
+                    yield from rows
+        except (OSError, csv.Error) as exc:
+            raise DataError(f"{journal}: cannot write ({exc})") from None
+
+
+def _file_names(name: Path, maps: bool, overlays: bool) -> tuple[str, str]:
+    """The map_path and overlay_path a row for output name ``name`` must have."""
+    return (f"maps/{name.as_posix()}.npy" if maps else "", f"overlays/{name.as_posix()}.png" if overlays else "")
+
+
+def _resume(staging: Path, expected: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """Rows an earlier run finished for these inputs: same output names, files present (last row wins)."""
+    rows: list[dict[str, str]] = []
+    journal = staging / JOURNAL
+    if journal.is_file():
+        with journal.open(newline="", **CSV_ENCODING) as fh:
+            rows += [dict(zip(CSV_COLUMNS, values)) for values in csv.reader(fh) if len(values) == len(CSV_COLUMNS)]
+    if (staging / "scores.csv").is_file():  # killed while finishing
+        rows += read_scores(staging)
+    done = {}
+    for row in rows:
+        files = expected.get(row["path"])
+        if files is None or (row["map_path"], row["overlay_path"]) != files:
+            continue
+        if all((staging / f).is_file() for f in files if f) and _is_number(row["score"]):
+            done[row["path"]] = row
+    return done
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _finish(staging: Path, out: Path, rows: list[dict[str, str]]) -> None:
+    """Drop files no row refers to (earlier inputs, temp files of killed workers), write scores.csv, rename."""
+    keep = {f for row in rows for f in (row["map_path"], row["overlay_path"]) if f}
+    for folder in ("maps", "overlays"):
+        for path in sorted((staging / folder).rglob("*"), reverse=True):
+            if path.is_file() and path.relative_to(staging).as_posix() not in keep:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    try:
+        write_rows(staging / "scores.csv", rows)
+        (staging / JOURNAL).unlink(missing_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out}: could not write the output ({exc.strerror or exc})") from None
+    finish_dir(staging, out)

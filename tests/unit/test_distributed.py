@@ -1,0 +1,145 @@
+"""`anomaly score --ray` / `fit --ray` on one local Ray instance (2 CPUs) shared by the module."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+from anomaly.cli import app  # noqa: E402
+from anomaly.distributed import fit, score  # noqa: E402
+from anomaly.distributed.scoring import FAULT_ENV  # noqa: E402
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def fault_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The fault-injection file: a worker that finds it deletes it and dies mid-batch."""
+    path = tmp_path_factory.mktemp("fault") / "die-once"
+    env = {FAULT_ENV: str(path), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env})
+    yield path
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_scores(patchcore_model: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "scores"
+    result = runner.invoke(
+        app, ["score", "--model", str(patchcore_model), "--out", str(out), "--maps", str(synthetic_root / "test")]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "scores.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _assert_same(out: Path, reference: Path) -> None:
+    rows, expected = _rows(out), _rows(reference)
+    assert [r["path"] for r in rows] == [r["path"] for r in expected]  # complete, each path once, input order
+    for row, ref in zip(rows, expected):
+        assert float(row["score"]) == pytest.approx(float(ref["score"]), abs=1e-6)
+        assert (row["is_anomalous"], row["map_path"], row["overlay_path"]) == (
+            ref["is_anomalous"],
+            ref["map_path"],
+            ref["overlay_path"],
+        )
+        np.testing.assert_allclose(np.load(out / row["map_path"]), np.load(reference / ref["map_path"]), atol=1e-6)
+        assert (out / row["overlay_path"]).is_file()
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == sorted(
+        [".anomaly-output.json", "scores.csv"] + [r[c] for r in rows for c in ("map_path", "overlay_path")]
+    )  # no temp files, no journal, nothing twice
+    assert not list(out.parent.glob(f".{out.name}.ray-*"))  # the staging folder became OUT_DIR
+
+
+def test_cli_score_on_ray_matches_local_though_a_worker_dies(
+    fault_file: Path, patchcore_model: Path, synthetic_root: Path, local_scores: Path, tmp_path: Path
+) -> None:
+    fault_file.touch()  # the first worker to take it dies after writing one image's files
+    out = tmp_path / "ray"
+    args = [
+        "score",
+        "--ray",
+        "--model",
+        str(patchcore_model),
+        "--out",
+        str(out),
+        "--maps",
+        str(synthetic_root / "test"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert not fault_file.exists()  # a worker died mid-batch; Ray restarted it and retried the batch
+    _assert_same(out, local_scores)
+
+
+def test_resume_scores_only_what_is_missing(
+    fault_file: Path, patchcore_model: Path, synthetic_root: Path, local_scores: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ray"
+    seen: list[int] = []
+
+    def interrupt(stage: str, done: int, total: int) -> None:
+        seen.append(done)
+        if done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score(patchcore_model, [synthetic_root / "test"], out, maps=True, batch_size=2, progress=interrupt)
+    (staging,) = out.parent.glob(f".{out.name}.ray-*")
+    assert not out.exists()
+    with (staging / ".journal.csv").open(newline="") as fh:
+        kept = {staging / row[5]: (staging / row[5]).stat().st_ino for row in csv.reader(fh)}
+    assert 4 <= len(kept) < 10
+    lost = sorted(kept)[0]
+    lost.unlink()  # one finished image lost its map: it is scored again
+    del kept[lost]
+
+    progress: list[int] = []
+    score(
+        patchcore_model,
+        [synthetic_root / "test"],
+        out,
+        maps=True,
+        batch_size=2,
+        progress=lambda stage, done, total: progress.append(done),
+    )
+    _assert_same(out, local_scores)
+    assert progress[0] > len(kept)  # counting starts at what was already done
+    moved = {p: (out / p.relative_to(staging)).stat().st_ino for p in kept}
+    assert moved == kept  # finished images were not scored again: the same files, renamed with their folder
+
+
+def test_zero_shot_is_refused_in_one_line(synthetic_root: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["score", "--zero-shot", "--ray", "--out", str(tmp_path / "o"), str(synthetic_root / "test")]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: --ray scores with a --model")
+
+
+def test_fit_on_ray_gives_the_local_bank_and_threshold(fault_file: Path, synthetic_root: Path) -> None:
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config("patchcore"), ["backbone.image_size=[64,64]", "threshold.folds=3"])
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    local = Detector(config).fit(train)
+    remote = fit(config, train)
+    np.testing.assert_array_equal(remote.scorer.bank_, local.scorer.bank_)
+    np.testing.assert_array_equal(remote.scorer.bank_image_, local.scorer.bank_image_)
+    assert remote.decision_.to_dict() == local.decision_.to_dict()
