@@ -156,18 +156,22 @@ class Detector:
         if self.zero_shot:
             self.reference_ = features
             return self
-        folds = self._folds(len(features))
-        coreset = None if progress is None else (lambda done, total: progress("fit", done, total))
-        out = self.scorer.cross_fit(features.layers, folds, progress=coreset)
-        peaks = self.map_peaks(out)
-        has_maps = out.patch_maps is not None
-        scores = peaks if self.scorer.image_score_from_map and has_maps else out.image_scores
-        separate_pixels = has_maps and not self.scorer.image_score_from_map
+        steps = None if progress is None else (lambda done, total: progress("fit", done, total))
+        return self.calibrate(self.scorer.cross_fit(features.layers, self.folds(len(features)), progress=steps))
+
+    def calibrate(self, out_of_sample: ScoreOutput) -> Detector:
+        """Set the decision from cross-fitted scores of the normal training images; returns self."""
+        peaks = self.map_peaks(out_of_sample)
+        has_maps = out_of_sample.patch_maps is not None
+        from_map = self.scorer.image_score_from_map and has_maps
+        scores = peaks if from_map else out_of_sample.image_scores
+        separate_pixels = has_maps and not from_map
         self.decision_ = calibrate(scores, self.config.threshold.target_fpr, peaks if separate_pixels else None)
         log.info("%s", self.decision_.summary())
         return self
 
-    def _folds(self, n: int) -> NDArray[np.int64]:
+    def folds(self, n: int) -> NDArray[np.int64]:
+        """The seeded fold of each of ``n`` training images (``threshold.folds`` folds)."""
         k = min(self.config.threshold.folds, n)
         order = np.random.default_rng(self.config.seed).permutation(n)
         folds = np.empty(n, dtype=np.int64)

@@ -32,7 +32,6 @@ from anomaly.distributed._cluster import cluster, require_ray, workers
 from anomaly.errors import AnomalyError, DataError
 from anomaly.scorers import ScoreOutput
 from anomaly.scorers.memory_bank import Candidates, MemoryBankScorer
-from anomaly.thresholds import calibrate
 
 __all__ = ["FitWorker", "fit"]
 
@@ -59,7 +58,7 @@ def fit(
     paths = training_paths(train)
     if len(paths) < 3:
         raise DataError(f"fit: the {detector.scorer.name} scorer needs at least 3 normal images, got {len(paths)}")
-    folds = detector._folds(len(paths))  # the local fit's folds, so both fits agree
+    folds = detector.folds(len(paths))  # the local fit's folds, so both fits agree
     with cluster(address) as ray:
         plan = workers(ray)
         actor = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=3, max_task_retries=3)(
@@ -73,8 +72,7 @@ def fit(
         else:
             layers = _gather_features(ray, pool, paths, detector.config.batch_size, progress)
             out = detector.scorer.cross_fit(layers, folds)
-    _calibrate(detector, out)
-    return detector
+    return detector.calibrate(out)
 
 
 class FitWorker:
@@ -163,13 +161,3 @@ def _get_all(
         return ray.get(refs)
     except AnomalyError as exc:  # Ray raises a subclass of the worker's error; its text is the remote traceback
         raise type(getattr(exc, "cause", exc))(str(getattr(exc, "cause", exc))) from None
-
-
-def _calibrate(detector: Detector, out: ScoreOutput) -> None:
-    """The decision from cross-fitted scores, exactly as :meth:`Detector.fit` makes it."""
-    peaks = detector.map_peaks(out)
-    has_maps = out.patch_maps is not None
-    scores = peaks if detector.scorer.image_score_from_map and has_maps else out.image_scores
-    separate_pixels = has_maps and not detector.scorer.image_score_from_map
-    detector.decision_ = calibrate(scores, detector.config.threshold.target_fpr, peaks if separate_pixels else None)
-    log.info("%s", detector.decision_.summary())

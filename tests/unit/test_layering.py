@@ -62,7 +62,7 @@ FORBIDDEN: dict[str, list[str]] = {
     "anomaly.outputs": ["anomaly.cli", "anomaly.benchmark", "anomaly.report", "anomaly.evaluation", *_TORCH_FREE],
     "anomaly.evaluation": ["anomaly.cli", "anomaly.benchmark", "anomaly.report", *_TORCH_FREE],
     "anomaly.report": ["anomaly.cli", "anomaly.benchmark", *_TORCH_FREE],
-    "anomaly.distributed": ["anomaly.cli", "anomaly.benchmark", "anomaly.report", "anomaly.evaluation", "anomaly.serve"],
+    "anomaly.distributed": ["anomaly.cli", "anomaly.benchmark", "anomaly.report", "anomaly.evaluation"],
     "anomaly.benchmark": ["anomaly.cli"],
     "anomaly.cli": [],  # the top: may use everything
     "anomaly.__main__": [],
