@@ -113,3 +113,20 @@ def test_tiled_map_has_no_seams(tiled_detector) -> None:  # type: ignore[no-unty
     inner = np.setdiff1d(np.arange(grad.shape[1]), sorted(borders))
     at_borders = np.percentile(grad[:, sorted(borders)], 99)
     assert at_borders <= 1.5 * np.percentile(grad[:, inner], 99)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("preprocess.resize=squash", "preprocess.resize"),
+        ("preprocess.tile={size: 512, overlap: 0.9}", "preprocess.tile.overlap"),
+        ("preprocess.tile={size: 8}", "preprocess.tile.size"),
+        ("preprocess.tile={sise: 512}", "did you mean 'size'"),
+    ],
+)
+def test_preprocess_config_is_validated(override: str, message: str) -> None:
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(load_config("patchcore"), [override])
