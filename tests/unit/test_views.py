@@ -130,3 +130,16 @@ def test_preprocess_config_is_validated(override: str, message: str) -> None:
 
     with pytest.raises(ConfigError, match=message):
         apply_overrides(load_config("patchcore"), [override])
+
+
+def test_tiled_model_round_trips_and_refuses_export(tiled_detector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from anomaly import Detector
+    from anomaly.errors import ConfigError
+    from anomaly.export import export_model
+
+    image = _texture(np.random.default_rng(3), 700, 900)
+    loaded = Detector.load(tiled_detector.save(tmp_path / "model"))
+    assert loaded.config.preprocess.tile.size == 256
+    assert loaded.predict(image).image_score == pytest.approx(tiled_detector.predict(image).image_score, rel=1e-5)
+    with pytest.raises(ConfigError, match="default preprocess"):
+        export_model(tmp_path / "model", tmp_path / "export")
