@@ -25,6 +25,7 @@ __all__ = [
     "BackboneConfig",
     "DetectorConfig",
     "PostprocessConfig",
+    "PreprocessConfig",
     "ScorerConfig",
     "ThresholdConfig",
     "apply_overrides",
@@ -79,6 +80,33 @@ class ScorerConfig:
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """Overlapping tiles, each seen by the backbone at the input size (large images, small defects)."""
+
+    size: int | None = None  # tile height in original pixels; None = the image's shorter side
+    overlap: float = 0.25  # least share of a tile shared with its neighbour
+
+    def __post_init__(self) -> None:
+        if self.size is not None and not _MIN_SIDE <= self.size <= 65536:
+            raise ConfigError(f"preprocess.tile.size: must be null or in [{_MIN_SIDE}, 65536] pixels, got {self.size}")
+        if not (math.isfinite(self.overlap) and 0 <= self.overlap <= 0.75):
+            raise ConfigError(f"preprocess.tile.overlap: must be in [0, 0.75], got {self.overlap}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes model input: ``stretch`` to the input size, or ``keep_aspect`` (longer side
+    fitted, mirrored border); ``tile`` (when set) cuts it into overlapping tiles instead."""
+
+    resize: str = "stretch"
+    tile: TileConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("stretch", "keep_aspect"):
+            raise ConfigError(f"preprocess.resize: expected stretch or keep_aspect, got '{self.resize}'")
+
+
+@dataclass(frozen=True)
 class PostprocessConfig:
     """Map post-processing: Gaussian blur sigma in pixels of the model input (0 disables)."""
 
@@ -112,6 +140,7 @@ class DetectorConfig:
     """Everything a Detector needs; saved with the model as JSON."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)

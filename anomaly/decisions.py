@@ -6,21 +6,50 @@ The one place where a score becomes a decision: the Detector (torch) and the exp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly.maps import resize_map, smooth_maps
+from anomaly.maps import ViewLayout, resize_map, smooth_maps, stitch
 from anomaly.results import DetectionResult
 from anomaly.thresholds import Threshold
 
-__all__ = ["map_peaks", "make_results"]
+__all__ = ["frame_maps", "make_results", "map_peaks", "view_max"]
 
 
-def map_peaks(patch_maps: NDArray[np.float32], input_size: tuple[int, int], sigma: float) -> NDArray[np.float64]:
-    """Peak of every post-processed map, one map at a time (memory stays at one map)."""
-    return np.array([smooth_maps(m[None], input_size, sigma).max() for m in patch_maps], dtype=np.float64)
+def frame_maps(
+    patch_maps: NDArray[np.float32], layouts: Sequence[ViewLayout | None], input_size: tuple[int, int], sigma: float
+) -> Iterator[NDArray[np.float32]]:
+    """Per image: its views' patch maps smoothed at the input size and stitched on its frame.
+
+    ``patch_maps`` holds the views of all images in order; a ``None`` layout is one stretched view.
+    """
+    start = 0
+    for layout in layouts:
+        n = 1 if layout is None else layout.n_views
+        smoothed = smooth_maps(patch_maps[start : start + n], input_size, sigma)
+        yield smoothed[0] if layout is None else stitch(smoothed, layout)
+        start += n
+
+
+def map_peaks(
+    patch_maps: NDArray[np.float32],
+    input_size: tuple[int, int],
+    sigma: float,
+    layouts: Sequence[ViewLayout | None] | None = None,
+) -> NDArray[np.float64]:
+    """Peak of every image's post-processed map, one image at a time (memory stays at one map)."""
+    layouts = [None] * len(patch_maps) if layouts is None else layouts
+    return np.array([m.max() for m in frame_maps(patch_maps, layouts, input_size, sigma)], dtype=np.float64)
+
+
+def view_max(scores: NDArray[np.float64], layouts: Sequence[ViewLayout | None] | None) -> NDArray[np.float64]:
+    """Per-view scores -> per-image scores (the maximum over each image's views)."""
+    if layouts is None or all(lay is None or lay.n_views == 1 for lay in layouts):
+        return np.asarray(scores, dtype=np.float64)
+    bounds = np.cumsum([0] + [1 if lay is None else lay.n_views for lay in layouts])
+    return np.maximum.reduceat(np.asarray(scores, dtype=np.float64), bounds[:-1])
 
 
 def make_results(
@@ -34,19 +63,24 @@ def make_results(
     sigma: float,
     score_from_map: bool,
     maps: bool = True,
+    layouts: Sequence[ViewLayout | None] | None = None,
 ) -> list[DetectionResult]:
-    """Results for a batch: with ``score_from_map`` the image score is the peak of the blurred map.
+    """Results for a batch: with ``score_from_map`` the image score is the peak of the stitched, blurred map.
 
+    ``patch_maps`` and ``image_scores`` hold one row per view (``layouts``; None = one view per image).
     Raises ValueError on a non-finite score, naming the image.
     """
-    smoothed = None if patch_maps is None else smooth_maps(patch_maps, input_size, sigma)
-    peaks = image_scores if smoothed is None else smoothed.reshape(len(smoothed), -1).max(1).astype(np.float64)
+    layouts = [None] * len(sizes) if layouts is None else layouts
+    scores = view_max(image_scores, layouts)
+    frames = None if patch_maps is None else frame_maps(patch_maps, layouts, input_size, sigma)
     results = []
     for i, (size, source) in enumerate(zip(sizes, sources)):
-        score = float(peaks[i] if score_from_map and smoothed is not None else image_scores[i])
+        frame = None if frames is None else next(frames)
+        peak = scores[i] if frame is None else float(frame.max())
+        score = float(peak if score_from_map and frame is not None else scores[i])
         if not np.isfinite(score):
             raise ValueError(f"{source or 'image'}: the score is not finite; check backbone.mean/std and the input")
-        amap = resize_map(smoothed[i], size) if maps and smoothed is not None else None
-        pixel = decision.pixel_for(score, float(peaks[i])) if smoothed is not None else decision.image
+        amap = resize_map(frame, size) if maps and frame is not None else None
+        pixel = decision.pixel_for(score, float(peak)) if frame is not None else decision.image
         results.append(DetectionResult(score, decision.is_anomalous(score), decision.image, amap, source, pixel))
     return results

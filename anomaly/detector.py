@@ -22,7 +22,8 @@ from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.inputs import training_paths
 from anomaly.data.loader import DecodedImage, ImageInput, iter_batches, support_views
-from anomaly.decisions import make_results, map_peaks
+from anomaly.data.views import ViewSpec
+from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
@@ -43,9 +44,9 @@ _REFERENCES_FILE = "references.safetensors"
 class FeatureSet:
     """Backbone features of a set of images, with what later stages need to know about each image."""
 
-    layers: list[torch.Tensor]  # per layer (N, C_l, h_l, w_l), finest first, on the extractor's device
-    embedding: torch.Tensor  # (N, D) global descriptors
-    images: list[DecodedImage]  # per image: original size, source, decoded image when kept
+    layers: list[torch.Tensor]  # per layer (V, C_l, h_l, w_l) over all views, finest first, on the extractor's device
+    embedding: torch.Tensor  # (V, D) global descriptors
+    images: list[DecodedImage]  # per image: original size, source, view layout, decoded image when kept
 
     def __len__(self) -> int:
         return len(self.images)
@@ -82,6 +83,14 @@ class Detector:
                 device=self.config.device,
             )
         return self._extractor
+
+    @property
+    def view_spec(self) -> ViewSpec:
+        """How images become model-input views (``preprocess`` in the config)."""
+        pre = self.config.preprocess
+        if pre.tile is None:
+            return ViewSpec(pre.resize)
+        return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap)
 
     @property
     def zero_shot(self) -> bool:
@@ -132,6 +141,7 @@ class Detector:
                 sigma=self.config.postprocess.blur_sigma,
                 score_from_map=self.scorer.image_score_from_map,
                 maps=maps,
+                layouts=[d.layout for d in images],
             )
         except ValueError as exc:
             raise DataError(str(exc)) from None
@@ -153,18 +163,25 @@ class Detector:
                 f"(they are cross-fitted to choose the threshold), got {len(items)}"
             )
         features = self.extract(items, progress=progress)
-        if self.zero_shot:
-            self.reference_ = features
+        if self.zero_shot:  # every view is a reference of its own in the pool
+            views = [DecodedImage(None, (0, 0), None)] * len(features.embedding)
+            self.reference_ = FeatureSet(features.layers, features.embedding, views)
             return self
+        # folds by image, so that overlapping tiles of one image never score each other
+        folds = np.repeat(self.folds(len(features)), [_n_views(d) for d in features.images])
         steps = None if progress is None else (lambda done, total: progress("fit", done, total))
-        return self.calibrate(self.scorer.cross_fit(features.layers, self.folds(len(features)), progress=steps))
+        return self.calibrate(self.scorer.cross_fit(features.layers, folds, progress=steps), features.images)
 
-    def calibrate(self, out_of_sample: ScoreOutput) -> Detector:
-        """Set the decision from cross-fitted scores of the normal training images; returns self."""
-        peaks = self.map_peaks(out_of_sample)
+    def calibrate(self, out_of_sample: ScoreOutput, images: Sequence[DecodedImage] | None = None) -> Detector:
+        """Set the decision from cross-fitted scores of the normal training images; returns self.
+
+        ``images`` gives the view layouts of the rows of ``out_of_sample`` (None: one view per image).
+        """
+        peaks = self.map_peaks(out_of_sample, images)
         has_maps = out_of_sample.patch_maps is not None
         from_map = self.scorer.image_score_from_map and has_maps
-        scores = peaks if from_map else out_of_sample.image_scores
+        layouts = None if images is None else [d.layout for d in images]
+        scores = peaks if from_map else view_max(out_of_sample.image_scores, layouts)
         separate_pixels = has_maps and not from_map
         self.decision_ = calibrate(scores, self.config.threshold.target_fpr, peaks if separate_pixels else None)
         log.info("%s", self.decision_.summary())
@@ -243,9 +260,10 @@ class Detector:
             embedding = torch.nn.functional.normalize(torch.cat([p.embedding.to(device) for p in parts]), dim=1)
         scoring = None if progress is None else (lambda done, total: progress("score", done, total))
         out = self.scorer.score(layers, embeddings=embedding, progress=scoring)
-        peaks = self.map_peaks(out)
+        members = (self.reference_.images if self.reference_ is not None else []) + ok
+        peaks = self.map_peaks(out, members)
         from_map = self.scorer.image_score_from_map and out.patch_maps is not None
-        scores = peaks if from_map else out.image_scores
+        scores = peaks if from_map else view_max(out.image_scores, [d.layout for d in members])
         decision = pool_threshold(
             scores,
             self.config.threshold.target_fpr,
@@ -253,10 +271,12 @@ class Detector:
             n_reference=n_ref,
         )
         pool = out.take(slice(n_ref, None))
+        rows = np.cumsum([0] + [_n_views(d) for d in ok])
         results = []
         for start in range(0, len(ok), self.config.batch_size):  # maps are made a batch at a time
             chunk = slice(start, start + self.config.batch_size)
-            results += self.finish(pool.take(chunk), ok[chunk], decision, maps=maps)
+            views = slice(int(rows[start]), int(rows[min(start + self.config.batch_size, len(ok))]))
+            results += self.finish(pool.take(views), ok[chunk], decision, maps=maps)
         yield from _merge(decoded, results, decision)
 
     # --------------------------------------------------------------- internals
@@ -265,7 +285,12 @@ class Detector:
     ) -> Iterator[Any]:
         done = 0
         for batch in iter_batches(
-            list(items), self.extractor.image_size, self.config.batch_size, keep_images=keep, skip_errors=skip
+            list(items),
+            self.extractor.image_size,
+            self.config.batch_size,
+            keep_images=keep,
+            skip_errors=skip,
+            spec=self.view_spec,
         ):
             yield batch
             done += len(batch.items)
@@ -273,14 +298,22 @@ class Detector:
                 progress(stage, done, len(items))
 
     def _extract_batch(self, images: NDArray[np.uint8], decoded: list[DecodedImage]) -> FeatureSet:
-        feats = self.extractor(images)
-        return FeatureSet(feats.layers, feats.embedding, decoded)
+        size = self.config.batch_size  # tiles multiply the views of a batch: run them batch_size at a time
+        parts = [self.extractor(images[i : i + size]) for i in range(0, len(images), size)]
+        if len(parts) == 1:
+            return FeatureSet(parts[0].layers, parts[0].embedding, decoded)
+        layers = [torch.cat(per_layer) for per_layer in zip(*(p.layers for p in parts))]
+        return FeatureSet(layers, torch.cat([p.embedding for p in parts]), decoded)
 
-    def map_peaks(self, out: ScoreOutput) -> NDArray[np.float64]:
-        """Peak of every post-processed map (the image scores of a scorer without maps)."""
+    def map_peaks(self, out: ScoreOutput, images: Sequence[DecodedImage] | None = None) -> NDArray[np.float64]:
+        """Peak of every image's post-processed map (the image scores of a scorer without maps).
+
+        ``images`` gives the view layouts of the rows of ``out`` (None: one stretched view per row).
+        """
+        layouts = None if images is None else [d.layout for d in images]
         if out.patch_maps is None:
-            return out.image_scores
-        return map_peaks(out.patch_maps, self.extractor.image_size, self.config.postprocess.blur_sigma)
+            return view_max(out.image_scores, layouts)
+        return map_peaks(out.patch_maps, self.extractor.image_size, self.config.postprocess.blur_sigma, layouts)
 
     # ------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -375,6 +408,10 @@ def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> l
         else:
             out.append(item)
     return out
+
+
+def _n_views(image: DecodedImage) -> int:
+    return 1 if image.layout is None else image.layout.n_views
 
 
 def _merge(

@@ -52,6 +52,8 @@ def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             f"{model_dir}: {det.scorer.name} is zero-shot (it scores a pool of images against each other) "
             "and cannot be exported; score it with torch: `anomaly score --model` or `--zero-shot`"
         )
+    if det.config.preprocess != type(det.config.preprocess)():
+        raise ConfigError(f"{model_dir}: export supports the default preprocess (stretch, no tiles) only")
     head, outputs, state, files = _scorer_parts(det)
     network = _Network(det.extractor, head).eval().cpu()
     target = Path(out_dir)

@@ -1,17 +1,29 @@
 """Anomaly-map post-processing: patch grid -> blurred map at the model input -> original image size.
 
-The image score of a map scorer is the peak of the blurred map at the model input
-(:func:`smooth_maps`, then ``max``), and :func:`resize_map` keeps that peak exactly when it brings
-the map to the image's size, so a flagged image's map always reaches the threshold.
+The image score of a map scorer is the peak of the blurred map on the image's frame (:func:`smooth_maps`
+per view, :func:`stitch` the views, then ``max``), and :func:`resize_map` keeps that peak exactly when
+it brings the map to the image's size, so a flagged image's map always reaches the threshold.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["postprocess_maps", "resize_map", "smooth_maps"]
+__all__ = ["ViewLayout", "postprocess_maps", "resize_map", "smooth_maps", "stitch"]
+
+
+class ViewLayout(Protocol):
+    """Where an image's model-input views sit on its frame (``anomaly.data.views.Layout``)."""
+
+    frame: tuple[int, int]
+    origins: tuple[tuple[int, int], ...]
+
+    @property
+    def n_views(self) -> int: ...
 
 
 def smooth_maps(
@@ -53,6 +65,36 @@ def resize_map(amap: NDArray[np.float32], size: tuple[int, int]) -> NDArray[np.f
         cc = min(w - 1, int((c + 0.5) * w / amap.shape[1]))
         out[rr, cc] = peak
     return out
+
+
+def stitch(view_maps: NDArray[np.float32], layout: ViewLayout) -> NDArray[np.float32]:
+    """(V, H_in, W_in) smoothed maps of one image's views -> one map on its frame (see :mod:`anomaly.data.views`).
+
+    Mirrored padding is cropped away. Overlapping tiles are blended with separable linear ramps as
+    wide as their overlap (a cross-fade), so the stitched map is continuous across tile borders.
+    """
+    h_in, w_in = view_maps.shape[1:]
+    fh, fw = layout.frame
+    if layout.n_views == 1:
+        y, x = layout.origins[0]
+        return np.ascontiguousarray(view_maps[0, max(0, -y) : fh - y, max(0, -x) : fw - x])
+    weight = np.outer(_ramp(h_in, [y for y, _ in layout.origins]), _ramp(w_in, [x for _, x in layout.origins]))
+    total = np.zeros((fh, fw), dtype=np.float32)
+    norm = np.zeros((fh, fw), dtype=np.float32)
+    for amap, (y, x) in zip(view_maps, layout.origins):
+        y0, y1, x0, x1 = max(0, y), min(fh, y + h_in), max(0, x), min(fw, x + w_in)
+        w = weight[y0 - y : y1 - y, x0 - x : x1 - x]
+        total[y0:y1, x0:x1] += w * amap[y0 - y : y1 - y, x0 - x : x1 - x]
+        norm[y0:y1, x0:x1] += w
+    return total / norm
+
+
+def _ramp(window: int, starts: list[int]) -> NDArray[np.float32]:
+    """1-D blend weight across a window: rises linearly over the overlap with the neighbour, floor 1e-3."""
+    steps = np.diff(sorted(set(starts)))
+    overlap = max(1, window - int(steps.min())) if len(steps) else 1
+    t = np.arange(window, dtype=np.float32) + 0.5
+    return np.clip(np.minimum(t, window - t) / overlap, 1e-3, 1.0)
 
 
 def postprocess_maps(

@@ -33,6 +33,8 @@ class StreamingDetector:
     def __init__(self, detector: Detector, pool_size: int = 64) -> None:
         if not detector.zero_shot or not detector.scorer.uses_references:
             raise ConfigError("StreamingDetector needs a zero-shot detector that scores against references (musc)")
+        if detector.config.preprocess.tile is not None:
+            raise ConfigError("StreamingDetector scores whole images: set preprocess.tile to null")
         self.detector = detector
         device = detector.extractor.device
         reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_.layers]
@@ -48,7 +50,7 @@ class StreamingDetector:
         if len(self.pool) + len(items) + (0 if self.pool.reference is None else 1) < 2:
             raise DataError("the first call needs 2 images, or few-shot references")
         out = self.pool.score(features.layers)
-        peaks = self.detector.map_peaks(out)
+        peaks = self.detector.map_peaks(out, features.images)
         out = ScoreOutput(out.patch_maps, peaks)  # no RsCIN on a stream: the image score is the map peak
         self._recent.extend(peaks.tolist())
         decision = pool_threshold(np.asarray(self._recent), self.detector.config.threshold.target_fpr)

@@ -1,4 +1,4 @@
-"""Image inputs -> decoded RGB -> resized batches for the backbone (the first stage of the data flow).
+"""Image inputs -> decoded RGB -> batches of model-input views (the first stage of the data flow).
 
 An input is a path, encoded bytes, a PIL image or an RGB array (``(H, W)``, ``(H, W, 3)`` or
 ``(H, W, 4)``; uint8, or float in [0, 1]); torch tensors in (C, H, W) or (H, W, C) layout are
@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly.data.io import decode_bytes, read_image
+from anomaly.data.views import Layout, ViewSpec, cut_views
 from anomaly.errors import DataError
 
 __all__ = ["DecodedImage", "ImageBatch", "ImageInput", "decode_input", "iter_batches", "support_views"]
@@ -27,20 +28,21 @@ ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], Any]
 
 @dataclass
 class DecodedImage:
-    """One input resized for the backbone, with what the later stages need to know about it."""
+    """One input cut into model-input views, with what the later stages need to know about it."""
 
-    resized: NDArray[np.uint8] | None  # (H_in, W_in, 3); None when decoding failed
+    views: NDArray[np.uint8] | None  # (V, H_in, W_in, 3); None when decoding failed
     size: tuple[int, int]  # original (H, W)
     source: str | None
     original: NDArray[np.uint8] | None = None  # the full decoded image, when kept
     error: str | None = None
+    layout: Layout | None = None  # where the views sit (None: one stretched view)
 
 
 @dataclass
 class ImageBatch:
     """Consecutive inputs decoded together; ``failed`` holds the positions whose decoding failed."""
 
-    images: NDArray[np.uint8]  # (B_ok, H_in, W_in, 3) of the decodable inputs
+    images: NDArray[np.uint8]  # (V_ok, H_in, W_in, 3): the views of the decodable inputs, in order
     items: list[DecodedImage]  # every input of the batch, in order
 
     @property
@@ -69,13 +71,17 @@ def to_rgb(item: ImageInput) -> tuple[NDArray[np.uint8], str | None]:
     )
 
 
-def decode_input(item: ImageInput, size: tuple[int, int], keep: bool = False) -> DecodedImage:
-    """Decode one input and resize it to ``size`` (H, W) (INTER_AREA when shrinking, else bilinear)."""
+def decode_input(
+    item: ImageInput, size: tuple[int, int], keep: bool = False, spec: ViewSpec | None = None
+) -> DecodedImage:
+    """Decode one input and cut it into views of ``size`` (H, W) as ``spec`` says (default: stretched).
+
+    Resizing uses INTER_AREA when shrinking, else bilinear; see :mod:`anomaly.data.views`.
+    """
     image, source = to_rgb(item)
     h, w = image.shape[:2]
-    interp = cv2.INTER_AREA if h > size[0] and w > size[1] else cv2.INTER_LINEAR
-    resized = image if (h, w) == size else cv2.resize(image, (size[1], size[0]), interpolation=interp)
-    return DecodedImage(resized, (h, w), source, image if keep else None)
+    layout = (spec or ViewSpec()).layout((h, w), size)
+    return DecodedImage(cut_views(image, layout, size), (h, w), source, image if keep else None, layout=layout)
 
 
 def iter_batches(
@@ -85,6 +91,7 @@ def iter_batches(
     *,
     keep_images: bool = False,
     skip_errors: bool = False,
+    spec: ViewSpec | None = None,
 ) -> Iterator[ImageBatch]:
     """Decode + resize in a thread pool, up to two batches ahead of the consumer.
 
@@ -94,7 +101,7 @@ def iter_batches(
 
     def work(item: ImageInput) -> DecodedImage:
         try:
-            return decode_input(item, size, keep_images)
+            return decode_input(item, size, keep_images, spec)
         except DataError as exc:
             if not skip_errors:
                 raise
@@ -109,8 +116,8 @@ def iter_batches(
             pending += [pool.submit(work, item) for item in items[next_item : next_item + batch_size]]
             next_item += batch_size
             decoded = [f.result() for f in chunk]
-            ok = [d.resized for d in decoded if d.resized is not None]
-            images = np.stack(ok) if ok else np.empty((0, *size, 3), dtype=np.uint8)
+            ok = [d.views for d in decoded if d.views is not None]
+            images = np.concatenate(ok) if ok else np.empty((0, *size, 3), dtype=np.uint8)
             yield ImageBatch(images, decoded)
 
 

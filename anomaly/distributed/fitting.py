@@ -29,7 +29,7 @@ from anomaly.config import DetectorConfig
 from anomaly.data.inputs import training_paths
 from anomaly.detector import Detector
 from anomaly.distributed._cluster import cluster, require_ray, workers
-from anomaly.errors import AnomalyError, DataError
+from anomaly.errors import AnomalyError, ConfigError, DataError
 from anomaly.scorers import ScoreOutput
 from anomaly.scorers.memory_bank import Candidates, MemoryBankScorer
 
@@ -55,6 +55,8 @@ def fit(
     detector = Detector(config)
     if detector.zero_shot:
         raise DataError(f"--ray fits trained scorers; {detector.scorer.name} is zero-shot and stores references only")
+    if detector.config.preprocess.tile is not None:
+        raise ConfigError("--ray fit does not split tiled models (preprocess.tile) yet; fit them without --ray")
     paths = training_paths(train)
     if len(paths) < 3:
         raise DataError(f"fit: the {detector.scorer.name} scorer needs at least 3 normal images, got {len(paths)}")

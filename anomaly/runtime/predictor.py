@@ -97,8 +97,8 @@ class ExportedDetector:
 
     def _decode(self, item: RuntimeInput) -> tuple[NDArray[np.uint8], tuple[int, int], str | None, NDArray[np.uint8]]:
         decoded = decode_input(item, self.image_size, keep=True)
-        assert decoded.resized is not None and decoded.original is not None
-        return decoded.resized, decoded.size, decoded.source, decoded.original
+        assert decoded.views is not None and decoded.original is not None
+        return decoded.views[0], decoded.size, decoded.source, decoded.original
 
 
 def _prefetch(fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Iterator[Any]:

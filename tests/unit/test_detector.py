@@ -146,7 +146,7 @@ def test_zero_shot_pool_scores_defects_higher_and_finite_for_two_images(syntheti
 
 def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
     train, good, bad = _split(synthetic_root)
-    det = Detector(_config("musc")).fit(train[:4])
+    det = Detector(_config("musc", "scorer.params.augment_references=false")).fit(train[:4])
     results = det.predict(good + bad)
     assert det.reference_ is not None and det.reference_.layers[0].shape[0] == 4
     assert len(results) == len(good + bad)

@@ -1,0 +1,52 @@
+"""Hub backbones (DINOv2, WideResNet-50, CLIP) and their shipped configs, with random weights (no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomaly import Detector
+from anomaly.config import apply_overrides, load_config
+from anomaly.features import FeatureExtractor
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "grid", "dim"),
+    [
+        ("vit_small_patch14_reg4_dinov2.lvd142m", (70, 98), (5, 7), 384),  # 4 registers + CLS dropped from the map
+        ("vit_small_patch14_reg4_dinov2.lvd142m", (100, 100), (7, 7), 384),  # not a multiple of 14: floor
+        ("vit_base_patch16_clip_224.openai", (64, 96), (4, 6), 768),
+    ],
+)
+def test_vit_token_maps(name: str, size: tuple[int, int], grid: tuple[int, int], dim: int) -> None:
+    fx = FeatureExtractor(name, ["blocks.3", "blocks.5"], pretrained=False, image_size=size, device="cpu")
+    out = fx(np.random.default_rng(0).integers(0, 255, (2, *size, 3), dtype=np.uint8))
+    assert [tuple(t.shape) for t in out.layers] == [(2, dim, *grid)] * 2
+    assert tuple(out.embedding.shape) == (2, dim) and bool(out.embedding.isfinite().all())
+
+
+def _images(n: int, shape: tuple[int, int]) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(60, 200, (*shape, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_patchcore_wrn50_config_fits_and_scores() -> None:
+    config = apply_overrides(
+        load_config("patchcore_wrn50"),
+        ["backbone.pretrained=false", "backbone.image_size=[64,64]", "threshold.folds=3"],
+    )
+    det = Detector(config).fit(_images(4, (80, 120)))
+    result = det.predict(_images(1, (90, 70))[0])
+    assert result.anomaly_map.shape == (90, 70) and np.isfinite(result.image_score)
+    assert det.extractor.layer_names == ["layer2", "layer3"]
+
+
+def test_musc_dinov2_config_scores_a_pool() -> None:
+    config = apply_overrides(
+        load_config("musc_dinov2"), ["backbone.pretrained=false", "backbone.image_size=[70,98]", "batch_size=4"]
+    )
+    det = Detector(config)
+    assert det.extractor.name == "vit_large_patch14_dinov2.lvd142m"
+    results = det.predict(_images(3, (50, 75)))
+    assert [r.anomaly_map.shape for r in results] == [(50, 75)] * 3
+    assert all(np.isfinite(r.image_score) for r in results)

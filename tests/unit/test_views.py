@@ -1,0 +1,154 @@
+"""Aspect-preserving resize and overlapping tiles: layouts, exact stitching, and a tiled 4000x3000 frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomaly.data.loader import decode_input
+from anomaly.data.views import ViewSpec, cut_views, plan_layout
+from anomaly.maps import stitch
+
+IN = (64, 64)
+
+
+def _field(h: int, w: int) -> np.ndarray:
+    """A smooth, non-symmetric test map on a frame."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.sin(yy / 17.0) + np.cos(xx / 23.0) + 0.001 * yy * xx
+
+
+@pytest.mark.parametrize(
+    ("size", "spec", "frame", "n_views"),
+    [
+        ((460, 1130), ViewSpec("stretch"), (64, 64), 1),
+        ((460, 1130), ViewSpec("keep_aspect"), (26, 64), 1),
+        ((460, 1130), ViewSpec(tile=None), (64, 157), 3),  # the short side spans the input
+        ((3000, 4000), ViewSpec(tile=500, overlap=0.25), (384, 512), 8 * 11),
+        ((7, 5), ViewSpec("keep_aspect"), (64, 46), 1),  # tiny image: upsampled, mirrored border
+        ((7, 5), ViewSpec(tile=100), (4, 3), 1),  # smaller than one tile: one mirrored view
+    ],
+)
+def test_layouts(size: tuple[int, int], spec: ViewSpec, frame: tuple[int, int], n_views: int) -> None:
+    layout = spec.layout(size, IN)
+    assert layout.frame == frame and layout.n_views == n_views
+    views = cut_views(np.zeros((*size, 3), np.uint8), layout, IN)
+    assert views.shape == (n_views, *IN, 3)
+
+
+def test_tiles_overlap_at_least_as_asked() -> None:
+    layout = plan_layout((3000, 4000), IN, tile=500, overlap=0.25)
+    xs = sorted({x for _, x in layout.origins})
+    assert xs[0] == 0 and xs[-1] == layout.frame[1] - IN[1]  # the frame is covered edge to edge
+    assert max(np.diff(xs)) <= IN[1] * 0.75
+
+
+@pytest.mark.parametrize(
+    ("size", "spec"),
+    [
+        ((460, 1130), ViewSpec(tile=None)),
+        ((600, 500), ViewSpec(tile=150, overlap=0.5)),
+        ((50, 200), ViewSpec("keep_aspect")),
+    ],
+)
+def test_stitch_puts_views_back_exactly(size: tuple[int, int], spec: ViewSpec) -> None:
+    """Views cut from a known frame map stitch back to that map (padding cropped, blends exact)."""
+    layout = spec.layout(size, IN)
+    field = _field(*layout.frame)
+    views = cut_views(np.repeat(field[..., None], 3, axis=2), layout, IN)[..., 0]  # cut_views on a float "image"
+    np.testing.assert_allclose(stitch(views.astype(np.float32), layout), field, atol=1e-5)
+
+
+def test_keep_aspect_content_is_not_squashed() -> None:
+    """A 1:4 image keeps its aspect: a circle stays round inside the letterboxed view."""
+    image = np.zeros((100, 400, 3), np.uint8)
+    yy, xx = np.mgrid[0:100, 0:400]
+    image[(yy - 50) ** 2 + (xx - 200) ** 2 < 30**2] = 255
+    decoded = decode_input(image, IN, spec=ViewSpec("keep_aspect"))
+    assert decoded.views is not None and decoded.layout is not None
+    top = -decoded.layout.origins[0][0]  # the frame's rows inside the view; the rest is mirrored
+    ys, xs = np.nonzero(decoded.views[0, top : top + decoded.layout.frame[0], :, 0] > 127)
+    assert abs((ys.max() - ys.min()) - (xs.max() - xs.min())) <= 1
+
+
+@pytest.fixture(scope="module")
+def tiled_detector():  # type: ignore[no-untyped-def]
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(
+        load_config("patchcore"),
+        [
+            "backbone.image_size=[128,128]",
+            "preprocess.tile={size: 256, overlap: 0.25}",
+            "batch_size=32",
+            "threshold.folds=3",
+        ],
+    )
+    train = [_texture(np.random.default_rng(i), 512, 512) for i in range(4)]  # same scale as the big frame's tiles
+    return Detector(config).fit(train)
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (xx + yy) / 40 + rng.uniform(0, 2 * np.pi))
+    image = 80 + 90 * stripes[..., None] + rng.normal(0, 3, (h, w, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_tiled_4000x3000_finds_a_small_defect(tiled_detector) -> None:  # type: ignore[no-untyped-def]
+    image = _texture(np.random.default_rng(9), 3000, 4000)
+    image[1500:1524, 2600:2624] = (20, 160, 200)  # a 24 px defect (0.005 % of the frame)
+    result = tiled_detector.predict(image)
+    amap = result.anomaly_map
+    assert amap.shape == (3000, 4000)
+    assert amap[1500:1524, 2600:2624].max() >= np.quantile(amap, 0.99)
+    assert result.image_score == pytest.approx(float(amap.max()), rel=1e-6)
+
+
+def test_tiled_map_has_no_seams(tiled_detector) -> None:  # type: ignore[no-untyped-def]
+    """On a defect-free frame the map changes no faster across tile borders than elsewhere."""
+    image = _texture(np.random.default_rng(5), 1000, 1300)
+    amap = tiled_detector.predict(image).anomaly_map
+    layout = tiled_detector.view_spec.layout(image.shape[:2], tiled_detector.extractor.image_size)
+    scale = image.shape[1] / layout.frame[1]
+    grad = np.abs(np.diff(amap, axis=1))  # horizontal steps between columns c and c + 1
+    borders = set()
+    for _, x in layout.origins:  # tile edges, in original columns
+        for edge in (x, x + tiled_detector.extractor.image_size[1]):
+            if 0 < edge < layout.frame[1]:
+                col = int(edge * scale)
+                borders.update(range(max(0, col - 2), min(grad.shape[1], col + 2)))
+    inner = np.setdiff1d(np.arange(grad.shape[1]), sorted(borders))
+    at_borders = np.percentile(grad[:, sorted(borders)], 99)
+    assert at_borders <= 1.5 * np.percentile(grad[:, inner], 99)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("preprocess.resize=squash", "preprocess.resize"),
+        ("preprocess.tile={size: 512, overlap: 0.9}", "preprocess.tile.overlap"),
+        ("preprocess.tile={size: 8}", "preprocess.tile.size"),
+        ("preprocess.tile={sise: 512}", "did you mean 'size'"),
+    ],
+)
+def test_preprocess_config_is_validated(override: str, message: str) -> None:
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(load_config("patchcore"), [override])
+
+
+def test_tiled_model_round_trips_and_refuses_export(tiled_detector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from anomaly import Detector
+    from anomaly.errors import ConfigError
+    from anomaly.export import export_model
+
+    image = _texture(np.random.default_rng(3), 700, 900)
+    loaded = Detector.load(tiled_detector.save(tmp_path / "model"))
+    assert loaded.config.preprocess.tile.size == 256
+    assert loaded.predict(image).image_score == pytest.approx(tiled_detector.predict(image).image_score, rel=1e-5)
+    with pytest.raises(ConfigError, match="default preprocess"):
+        export_model(tmp_path / "model", tmp_path / "export")
