@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -58,8 +59,13 @@ def run_benchmark(
     *,
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    run_all: Callable[[list[Callable[[], dict[str, Any]]]], list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every category, skipping those with results unless ``force``; returns rows incl. ``mean``."""
+    """Run every category, skipping those with results unless ``force``; returns rows incl. ``mean``.
+
+    ``run_all`` runs the pending categories (zero-argument jobs, each returning its row) elsewhere,
+    e.g. as Ray tasks (``anomaly.distributed.run_jobs``); by default they run here, one after another.
+    """
     root, out_dir = Path(root), Path(out)
     if not root.is_dir():
         raise DataError(f"--root {root}: folder not found")
@@ -67,19 +73,27 @@ def run_benchmark(
     if not names:
         raise DataError(f"--root {root}: no {dataset} category found")
     _check_out(out_dir)
-    rows = []
+    rows: dict[str, dict[str, Any]] = {}
+    jobs: dict[str, Callable[[], dict[str, Any]]] = {}
     for name in names:
         done = _read_result(out_dir / name / "result.json") if not force else None
         if done is not None and done.get("config") == config.to_dict():
             log.info("%s: already done, skipped (use --force to re-run)", name)
-            rows.append(done["row"])
-            continue
-        log.info("%s: running", name)
-        rows.append(_run_category(_load(dataset, root, name), config, out_dir / name, progress))
+            rows[name] = done["row"]
+        else:
+            jobs[name] = functools.partial(_run_job, dataset, root, name, config, out_dir / name, progress)
+    if jobs:
+        log.info("running %s", ", ".join(jobs))
+        rows.update(zip(jobs, run_all(list(jobs.values())) if run_all else [job() for job in jobs.values()]))
+    rows = [rows[name] for name in names]
     rows += _earlier_rows(out_dir, names, config)  # categories run before into the same folder stay in the table
     rows.append(_mean_row(rows))
     _write_tables(rows, out_dir)
     return rows
+
+
+def _run_job(dataset: str, root: Path, name: str, config: DetectorConfig, out: Path, progress: Any) -> dict[str, Any]:
+    return _run_category(_load(dataset, root, name), config, out, progress)
 
 
 def _check_out(out_dir: Path) -> None:

@@ -304,19 +304,34 @@ def benchmark(
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run categories that already have results.")] = False,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
 ) -> None:
-    """Fit + score + evaluate per category and write a results table."""
+    """Fit + score + evaluate per category and write a results table (categories as Ray tasks with --ray)."""
     from anomaly.benchmark import format_table, run_benchmark
 
     if dataset not in ("mvtec", "visa", "folder"):
         raise DataError(f"--dataset must be mvtec, visa or folder, got '{dataset}'")
-    progress = _Progress()
+    run_all = None
+    if ray or ray_address:  # categories as Ray tasks, each with its own progress-free run
+        from anomaly.distributed import run_jobs
+
+        run_all = functools.partial(run_jobs, address=ray_address)
+    progress = None if run_all else _Progress()
     try:
         rows = run_benchmark(
-            dataset, root, category or [], _config(config, backbone, overrides), out, force=force, progress=progress
+            dataset,
+            root,
+            category or [],
+            _config(config, backbone, overrides),
+            out,
+            force=force,
+            progress=progress,
+            run_all=run_all,
         )
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
     typer.echo(format_table(rows))
 
 

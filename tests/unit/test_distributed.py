@@ -143,3 +143,15 @@ def test_fit_on_ray_gives_the_local_bank_and_threshold(fault_file: Path, synthet
     np.testing.assert_array_equal(remote.scorer.bank_, local.scorer.bank_)
     np.testing.assert_array_equal(remote.scorer.bank_image_, local.scorer.bank_image_)
     assert remote.decision_.to_dict() == local.decision_.to_dict()
+
+
+def test_benchmark_runs_categories_as_ray_tasks(fault_file: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    common = ["--dataset", "mvtec", "--root", synthetic_root.parent, "--category", "widget", "--out", out]
+    small = ["--set", "backbone.image_size=[64,64]", "--set", "scorer.params.coreset_ratio=0.1"]
+    result = runner.invoke(app, [str(a) for a in ["benchmark", *common, *small, "--ray"]])
+    assert result.exit_code == 0, result.output
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["category"] for r in rows] == ["widget", "mean"] and float(rows[0]["image_auroc"]) >= 0.9
+    assert (out / "widget" / "report" / "index.html").is_file()  # written by the task, on shared storage
