@@ -5,10 +5,11 @@
   quantile, whose false-positive rate on new normal images is at most ``target_fpr`` (finite-sample
   correction included). A target finer than ``1/(n+1)`` cannot be resolved by ``n`` scores: the
   upper tail is then extrapolated with a generalised Pareto fit (peaks over threshold).
-* :func:`pool_threshold` (zero-shot pools, no labels): the normal images are the lowest component
-  of a Gaussian mixture fitted to Box-Cox transformed scores (transform and number of components
-  chosen by BIC, so right-skewed normal scores such as log-normal or exponential ones are modelled
-  as well as symmetric ones); the threshold is that component's ``1 - target_fpr`` quantile.
+* :func:`pool_threshold` (zero-shot pools, no labels): the normal images are the lowest cluster of
+  a Gaussian mixture fitted to Box-Cox transformed scores (transform and number of components chosen
+  by BIC, so right-skewed normal scores such as log-normal or exponential ones are modelled as well
+  as symmetric ones; components not separated from the lowest one join it); the threshold is that
+  cluster's ``1 - target_fpr`` quantile.
 
 The pixel threshold lives on the map's own scale. When a scorer's image score is the peak of its
 post-processed map, both thresholds coincide and a flagged image always has a non-empty mask;
@@ -33,7 +34,8 @@ _TAIL_SHARE = 0.2  # peaks over threshold: the top 20 % of the scores model the 
 _MIN_POOL = 8  # below this many scores a mixture cannot be fitted
 _MIN_COMPONENT = 0.1  # the normal component holds at least 10 % of a pool
 _BOXCOX_LAMBDAS = tuple(np.linspace(-1.0, 2.0, 13))  # 0: log-normal, 1/4-1/2: gamma-like, 1: Gaussian
-_COMPONENTS = (1, 2)  # normal images, plus defects when there are any; more components split the normal cluster
+_COMPONENTS = (1, 2, 3)  # normal images, and defects in one or two clusters when there are any
+_VALLEY = 0.5  # two clusters: the density between them dips below half the lower peak
 
 
 @dataclass(frozen=True)
@@ -191,9 +193,12 @@ def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int) -> t
 
 
 def _mixture_quantile(values: NDArray[np.float64], alpha: float) -> float:
-    """1 - alpha quantile of the lowest Gaussian component of Box-Cox transformed scores (BIC choice)."""
+    """1 - alpha quantile of the normal cluster of a Gaussian mixture on Box-Cox transformed scores.
+
+    Transform and number of components are chosen by BIC; the normal cluster is the lowest component,
+    merged with the next ones while no density valley separates them.
+    """
     from scipy.special import boxcox, inv_boxcox
-    from scipy.stats import norm
     from sklearn.mixture import GaussianMixture
 
     shift = 0.0
@@ -223,9 +228,43 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float) -> float:
                 best = (bic, lam, *params)
     assert best is not None
     _, lam, means, sds, weights = best
-    eligible = np.flatnonzero(weights >= _MIN_COMPONENT)
-    j = eligible[np.argmin(means[eligible])]
-    quantile = float(inv_boxcox(means[j] + norm.ppf(1 - alpha) * sds[j], lam))
+    order = np.argsort(means)
+    normal = [order[0]]
+    for j in order[1:]:  # grow the normal cluster while it is tiny or no density valley separates the next one
+        if weights[normal].sum() >= _MIN_COMPONENT and _valley_between(normal, j, means, sds, weights):
+            break
+        normal.append(j)
+    quantile = float(inv_boxcox(_mixture_ppf(1 - alpha, means[normal], sds[normal], weights[normal]), lam))
     if not math.isfinite(quantile):  # beyond the transform's range: above everything seen
         return _above(float(values.max()))
     return quantile * scale - shift
+
+
+def _valley_between(
+    cluster: list[int], j: int, means: NDArray[np.float64], sds: NDArray[np.float64], weights: NDArray[np.float64]
+) -> bool:
+    """Whether the mixture density dips between the cluster's highest peak and component ``j``'s mean.
+
+    A skewed normal mode fitted by two Gaussians has no dip between them; normal images and defects do.
+    """
+    from scipy.stats import norm
+
+    members = [*cluster, j]
+
+    def density(t: NDArray[np.float64]) -> NDArray[np.float64]:
+        return np.sum(weights[members, None] * norm.pdf(t[None, :], means[members, None], sds[members, None]), axis=0)
+
+    start = means[cluster][np.argmax(weights[cluster] / sds[cluster])]
+    grid = np.linspace(start, means[j], 65)
+    values = density(grid)
+    return bool(values.min() < _VALLEY * min(values[0], values[-1]))
+
+
+def _mixture_ppf(q: float, means: NDArray[np.float64], sds: NDArray[np.float64], weights: NDArray[np.float64]) -> float:
+    """Quantile of a 1-D Gaussian mixture (bisection on its CDF)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    w = weights / weights.sum()
+    lo, hi = float(np.min(means - 10 * sds)), float(np.max(means + 10 * sds))
+    return float(brentq(lambda t: float(np.sum(w * norm.cdf(t, means, sds))) - q, lo, hi))

@@ -115,3 +115,13 @@ def test_non_finite_scores_and_malformed_stored_thresholds_are_refused() -> None
     for bad in ([1, 2], {**good, "image": float("nan")}, {**good, "image": "x"}, {"image": 1.0}):
         with pytest.raises(DataError):
             Threshold.from_dict(bad)
+
+
+def test_a_mostly_defective_pool_with_spread_out_defects_is_still_split_correctly() -> None:
+    """Like MVTec's test sets: 76 % defective, defects spread far above a tight normal cluster."""
+    rng = np.random.default_rng(5)
+    normal = rng.lognormal(np.log(0.07), 0.4, 20)
+    defects = rng.uniform(0.22, 0.95, 63)
+    decision = pool_threshold(np.r_[normal, defects], 0.01)
+    assert np.mean(defects >= decision.image) >= 0.9
+    assert np.sum(normal >= decision.image) <= 3
