@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BOTTLE = Path("/work/shared/datasets/mvtec_ad/bottle")
+# the tests' convention: ANOMALY_MVTEC_ROOT, else ../shared/datasets/mvtec_ad beside the checkout
+BOTTLE = Path(os.environ.get("ANOMALY_MVTEC_ROOT", ROOT.parent / "shared" / "datasets" / "mvtec_ad")) / "bottle"
 
 
 @dataclass

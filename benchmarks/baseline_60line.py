@@ -27,7 +27,7 @@ from dev_suite import BOTTLE, SUITE, mean_row, suite_paths, write_tables  # noqa
 
 from anomaly.data.datasets import load_mvtec  # noqa: E402
 from anomaly.data.io import read_images  # noqa: E402
-from anomaly.evaluation import metrics_for  # noqa: E402
+from anomaly.evaluation import evaluate_samples  # noqa: E402
 from anomaly.features import FeatureExtractor  # noqa: E402
 
 SIZE, BANK_SHARE, SIGMA, BATCH = 256, 0.25, 4.0, 16
@@ -65,7 +65,7 @@ def run_category(extractor: FeatureExtractor, root: Path, seed: int) -> dict[str
         scores.append(float(blurred.max()))
         maps.append(cv2.resize(blurred, (W, H), interpolation=cv2.INTER_LINEAR))
     ms = (time.perf_counter() - start) / n * 1000
-    metrics = metrics_for(scores, data.test, maps)
+    metrics = evaluate_samples(scores, data.test, maps).metrics
     return {**{k: v for k, v in metrics.items() if not isinstance(v, str)}, "fit_s": fit_s, "ms_per_image": ms}
 
 

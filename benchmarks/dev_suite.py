@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BOTTLE  # noqa: E402
+
 from anomaly.benchmark import run_benchmark  # noqa: E402
 from anomaly.config import apply_overrides, load_config  # noqa: E402
 
-BOTTLE = Path("/work/shared/datasets/mvtec_ad/bottle")
 SUITE = ("bottle", "bsdata", "synth_texture", "synth_object")
 COLUMNS = [
     "category",
