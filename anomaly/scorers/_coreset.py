@@ -20,6 +20,11 @@ from anomaly._runtime import passive_openmp
 
 __all__ = ["greedy_coreset"]
 
+# Below this many rows a pick is a few microseconds of arithmetic and torch's per-call overhead (about
+# 100 us for the five ops of a pick) dominates: plain numpy runs the same loop 10x faster (0.31 s -> 0.03 s
+# for 1,926 picks of 3,850 rows, the held-out banks of a cross-fit).
+_NUMPY_ROWS = 50_000
+
 
 def greedy_coreset(
     features: torch.Tensor,
@@ -49,6 +54,8 @@ def greedy_coreset(
     starts = torch.randperm(n, generator=gen)[: min(n_starts, n)].to(z.device)
     start_d2 = (sq[:, None] + sq[starts][None, :] - 2 * z @ z[starts].T).clamp_min_(0)
     delta = start_d2.sqrt_().mean(1).square_()  # squared distances from here on (same argmax)
+    if z.device.type == "cpu" and n <= _NUMPY_ROWS:
+        return _greedy_numpy(z.numpy(), sq.numpy(), delta.numpy(), n_select, progress)
     scratch = torch.empty_like(delta)
     selected = torch.empty(n_select, dtype=torch.long, device=z.device)
     step = max(1, n_select // 100)
@@ -67,3 +74,24 @@ def greedy_coreset(
     finally:
         torch.set_num_threads(threads)
     return selected.cpu().numpy()
+
+
+def _greedy_numpy(
+    z: np.ndarray, sq: np.ndarray, delta: np.ndarray, n_select: int, progress: Callable[[int, int], None] | None
+) -> np.ndarray:
+    """The loop of :func:`greedy_coreset` in numpy, for small inputs (same arithmetic, same order)."""
+    delta = delta.copy()
+    scratch = np.empty_like(delta)
+    selected = np.empty(n_select, dtype=np.int64)
+    step = max(1, n_select // 100)
+    for i in range(n_select):
+        j = int(delta.argmax())
+        selected[i] = j
+        np.dot(z, z[j], out=scratch)
+        scratch *= -2.0
+        scratch += sq
+        scratch += sq[j]
+        np.minimum(delta, scratch, out=delta)
+        if progress is not None and (i + 1) % step == 0:
+            progress(i + 1, n_select)
+    return selected
