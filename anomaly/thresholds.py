@@ -170,10 +170,12 @@ def _gpd_tail(ordered: NDArray[np.float64], alpha: float) -> float:
 
 
 def _clopper_pearson(k: int, n: int) -> tuple[float, float]:
-    from scipy.stats import binomtest
+    """Exact 95 % binomial interval (the beta quantiles; scipy.special imports in a tenth of scipy.stats' time)."""
+    from scipy.special import betaincinv
 
-    ci = binomtest(k, n).proportion_ci(0.95)
-    return float(ci.low), float(ci.high)
+    low = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, 0.025))
+    high = 1.0 if k == n else float(betaincinv(k + 1, n - k, 0.975))
+    return low, high
 
 
 def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int) -> tuple[float, str]:
