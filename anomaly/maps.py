@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["ViewLayout", "postprocess_maps", "resize_map", "smooth_maps", "stitch"]
+__all__ = ["ViewLayout", "resize_map", "smooth_maps", "stitch"]
 
 
 class ViewLayout(Protocol):
@@ -95,13 +95,3 @@ def _ramp(window: int, starts: list[int]) -> NDArray[np.float32]:
     overlap = max(1, window - int(steps.min())) if len(steps) else 1
     t = np.arange(window, dtype=np.float32) + 0.5
     return np.clip(np.minimum(t, window - t) / overlap, 1e-3, 1.0)
-
-
-def postprocess_maps(
-    patch_maps: NDArray[np.floating],
-    input_size: tuple[int, int],
-    out_sizes: list[tuple[int, int]],
-    sigma: float = 4.0,
-) -> list[NDArray[np.float32]]:
-    """Patch maps (N, h, w) -> float32 maps at each image's original (H, W)."""
-    return [resize_map(m, size) for m, size in zip(smooth_maps(patch_maps, input_size, sigma), out_sizes)]
