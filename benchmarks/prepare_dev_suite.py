@@ -2,7 +2,9 @@
 
     git clone https://github.com/2Obe/BSData /tmp/src/bsdata
     git clone https://github.com/DHW-Master/NEU_Seg /tmp/src/neuseg
-    python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --out /tmp/devsuite
+    git clone https://github.com/abin24/Magnetic-tile-defect-datasets. /tmp/src/mtd
+    python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --mtd /tmp/src/mtd \
+        --out /tmp/devsuite
 
 Writes under --out (images are symlinks into the clones; nothing is copied):
   bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
@@ -10,6 +12,11 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
                    plus a seeded --bsdata-pitting of the pitting images in test/pitting.
                    "Trustworthy": a normal image taken after pitting was already labelled at the same position
                    (pitting does not heal) is treated as unlabelled pitting and left out.
+  mtd/, mtd_dev/   Magnetic-tile defects (grayscale, 875 sizes from about 100 to 600 px), two disjoint halves:
+                   mtd_dev for tuning, mtd held out for reporting. Each: a seeded --mtd-normal of MT_Free split
+                   75/25 into train/good and test/good, every other image of each defect type in
+                   test/{blowhole,break,crack,fray,uneven}; masks binarised at 128 (the published PNGs have
+                   soft edges; a defect image left empty by that is dropped) and written under .staging.
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -24,6 +31,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,6 +47,8 @@ def main() -> None:
     parser.add_argument("--bsdata", type=Path, required=True, help="clone of github.com/2Obe/BSData")
     parser.add_argument("--neu", type=Path, help="clone of github.com/DHW-Master/NEU_Seg (optional)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/devsuite"))
+    parser.add_argument("--mtd", type=Path, help="clone of github.com/abin24/Magnetic-tile-defect-datasets. (optional)")
+    parser.add_argument("--mtd-normal", type=int, default=320, help="MT_Free images used (75 %% train)")
     parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
     parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -46,6 +56,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     normals = _bsdata(args)
     _contact_sheets(normals, args.out)
+    if args.mtd is not None:
+        _mtd(args)
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(
@@ -106,6 +118,50 @@ def _bsdata(args: argparse.Namespace) -> list[Path]:
         f"test/good {summary.n_test_good}, test/pitting {summary.defects.get('pitting', 0)}"
     )
     return [src / "data" / n for n in normal]
+
+
+def _mtd(args: argparse.Namespace) -> None:
+    """Split the magnetic-tile images into two disjoint categories, ``mtd_dev`` (tuning) and ``mtd`` (held out).
+
+    Each gets a seeded --mtd-normal of MT_Free (75/25 train/good, test/good) and every other defect image
+    of each type; images stay symlinks, masks are binarised at 128 and written under .staging.
+    """
+    rng = np.random.default_rng(args.seed)
+    halves: dict[str, dict[str, list[tuple[Path, NDArray[np.uint8]]]]] = {"mtd": {}, "mtd_dev": {}}
+    skipped = 0
+    for folder in sorted(args.mtd.glob("MT_*")):
+        kind = folder.name.removeprefix("MT_").lower()
+        kind = "good" if kind == "free" else kind
+        images = sorted((folder / "Imgs").glob("*.jpg"))
+        order = rng.permutation(len(images))
+        if kind == "good":
+            n = min(args.mtd_normal, len(images) // 2)
+            picks = {"mtd": order[:n], "mtd_dev": order[n : 2 * n]}
+        else:
+            picks = {"mtd": order[0::2], "mtd_dev": order[1::2]}
+        for name, indices in picks.items():
+            for i in sorted(indices):
+                with Image.open(images[i].with_suffix(".png")) as mask:
+                    binary = (np.asarray(mask.convert("L")) >= 128).astype(np.uint8) * 255
+                if kind != "good" and not binary.any():
+                    skipped += 1  # only faint (< 128) labels: neither a usable defect nor a trustworthy normal
+                    continue
+                halves[name].setdefault(kind, []).append((images[i], binary))
+    for name, kinds in halves.items():
+        stage = args.out / ".staging" / name
+        for old in sorted(stage.rglob("*"), reverse=True):
+            old.rmdir() if old.is_dir() else old.unlink()
+        for kind, items in kinds.items():
+            (stage / "images" / kind).mkdir(parents=True)
+            (stage / "masks" / kind).mkdir(parents=True)
+            for image, binary in items:
+                (stage / "images" / kind / image.name).symlink_to(image.resolve())
+                Image.fromarray(binary).save(stage / "masks" / kind / image.with_suffix(".png").name)
+        summary = import_mask_folders(
+            stage / "images", stage / "masks", args.out / name, normal_test_ratio=0.25, seed=args.seed
+        )
+        print(f"{name}: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
+    print(f"mtd: {skipped} defect images left out (mask empty at 128)")
 
 
 def _contact_sheets(paths: list[Path], out: Path, cols: int = 3, rows: int = 8, width: int = 560) -> None:
