@@ -394,18 +394,34 @@ def discover(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for clusters.csv, sheets/ and summary.json.")],
     k: Annotated[int | None, typer.Option("--k", help="Number of defect types (default: estimated).")] = None,
     all_images: Annotated[bool, typer.Option("--all", help="Cluster every image, not only the flagged ones.")] = False,
+    scale: Annotated[
+        str,
+        typer.Option(
+            "--scale",
+            help="How maps are binarised: shared (MEBin over the range shared by all maps) or per_image "
+            "(each map half way between its median and its maximum; an option for zero-shot pool maps).",
+        ),
+    ] = "shared",
 ) -> None:
     """Group anomalous images into defect types without labels (anomaly type discovery)."""
     from anomaly.discovery.outputs import read_scored_images, write_discovery
     from anomaly.discovery.pipeline import discover as run_discovery
+    from anomaly.discovery.regions import SCALES
 
     if k is not None and k < 1:
         raise DataError(f"--k must be at least 1, got {k}")
+    if scale not in SCALES:
+        raise DataError(f"--scale must be {' or '.join(SCALES)}, got '{scale}'")
     selected = read_scored_images(scores, all_images)
     progress = _Progress()
     try:
         result = run_discovery(
-            selected.paths, k, maps=selected.maps(), pixel_thresholds=selected.pixel_thresholds, progress=progress
+            selected.paths,
+            k,
+            maps=selected.maps(),
+            pixel_thresholds=selected.pixel_thresholds,
+            scale=scale,
+            progress=progress,
         )
     finally:
         progress.close()

@@ -86,6 +86,7 @@ def discover(
     pixel_thresholds: Sequence[float | None] | None = None,
     describer: RegionDescriber | None = None,
     k_max: int = 10,
+    scale: str = "shared",
     progress: Progress | None = None,
 ) -> DiscoveryResult:
     """Group anomalous images into defect types, without labels.
@@ -99,6 +100,8 @@ def discover(
         pixel_thresholds: per image, the map value a pixel must reach to be anomalous, used when
             the map has no stable binarisation (defaults to each result's ``pixel_threshold``).
         describer: region describer (default: EfficientNet-Lite0, see :class:`RegionDescriber`).
+        scale: ``shared`` for maps on one scale (trained detectors), ``per_image`` for maps scored
+            relative to their pool (zero-shot); see :func:`anomaly.discovery.regions.find_regions`.
         progress: called with (stage, done, total).
 
     Returns:
@@ -110,7 +113,7 @@ def discover(
     images, map_iter, thresholds = _unpack(items, maps, pixel_thresholds)
     if not images:
         raise DataError("discover: no image given")
-    regions, binarizations = find_regions(map_iter, thresholds)
+    regions, binarizations = find_regions(map_iter, thresholds, scale=scale)
     if len(binarizations) != len(images):
         raise DataError(f"discover: {len(images)} images but {len(binarizations)} maps")
     check_k(k, len(regions))  # before the costly description

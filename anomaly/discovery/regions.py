@@ -3,8 +3,12 @@
 MEBin (AnomalyNCD, CVPR 2025) sweeps a threshold from the highest map value down and counts the
 connected components left after an erosion; the count that stays constant over the longest run of
 thresholds is taken as the number of defects, and the lowest threshold of that run binarises the
-map. Maps are processed at a working size (longest side ``WORK_SIDE``) for speed, and regions keep
-their masks at that size: a region's mask always covers its whole image, at any resolution.
+map. That suits maps on one calibrated scale (a trained detector's distances to normal features).
+``scale="per_image"`` binarises each map half way between its own median and maximum instead, an
+option for zero-shot pool maps, whose levels are relative to the pool; it is not the default because
+it did not win consistently (benchmarks/README.md section 8). Maps are processed at a working size
+(longest side ``WORK_SIDE``) for speed, and regions keep their masks at that size: a region's mask
+always covers its whole image, at any resolution.
 """
 
 from __future__ import annotations
@@ -16,9 +20,18 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Binarization", "Region", "find_regions", "mebin_threshold", "regions_from_mask", "sweep_range"]
+__all__ = [
+    "SCALES",
+    "Binarization",
+    "Region",
+    "find_regions",
+    "mebin_threshold",
+    "regions_from_mask",
+    "sweep_range",
+]
 
 WORK_SIDE = 256  # maps are binarised at this longest side; regions are scaled back afterwards
+SCALES = ("shared", "per_image")  # how map values compare across images (see the module docstring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +58,8 @@ class Binarization:
     """The threshold chosen for one map and how.
 
     ``method`` is ``stable`` (MEBin over the shared range), ``pixel_threshold``, ``stable_own`` (MEBin
-    over the map's own median..maximum) or ``half_max`` (half way between median and maximum).
+    over the map's own median..maximum) or ``half_max`` (half way between median and maximum: the
+    fallback of the shared scale, and the rule of the per-image scale).
     """
 
     threshold: float
@@ -130,8 +144,9 @@ def find_regions(
     min_run: int = 4,
     erode: int = 5,
     min_area_ratio: float = 0.1,
+    scale: str = "shared",
 ) -> tuple[list[Region], list[Binarization]]:
-    """Binarise each map (MEBin, with fallbacks) and return its regions.
+    """Binarise each map (MEBin, with fallbacks, or per image) and return its regions.
 
     Fallbacks, in order, for a map without a stable run over the shared range: its pixel threshold
     when the map reaches it, a stable run over its own median..maximum, else half way between its
@@ -144,10 +159,14 @@ def find_regions(
             generator: only a copy at the working size is kept.
         pixel_thresholds: per map, the threshold a pixel must reach to be anomalous (or None).
         steps, min_run, erode: MEBin sweep parameters (``erode`` at the working size).
+        scale: ``shared`` (MEBin over the range shared by all maps, with the fallbacks above) or
+            ``per_image`` (every map at ``half_max``: maps whose levels are relative to their pool).
 
     Returns:
         All regions (``Region.image`` indexes ``maps``) and one :class:`Binarization` per map.
     """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     small = [_working(np.asarray(m, dtype=np.float32)) for m in maps]
     if not small:
         return [], []
@@ -157,7 +176,10 @@ def find_regions(
     choices: list[Binarization] = []
     for i, work in enumerate(small):
         pixel = None if pixel_thresholds is None else pixel_thresholds[i]
-        choice = _choose(work, lo, hi, pixel, steps=steps, min_run=min_run, erode=erode)
+        if scale == "per_image":
+            choice = _half_max(work)
+        else:
+            choice = _choose(work, lo, hi, pixel, steps=steps, min_run=min_run, erode=erode)
         raw = (work >= choice.threshold).view(np.uint8)
         opened = cv2.morphologyEx(raw, cv2.MORPH_OPEN, kernel)
         if not opened.any():  # a region thinner than the kernel: keep the raw mask
@@ -183,6 +205,10 @@ def _choose(
     own = mebin_threshold(work, float(np.median(work)), float(work.max()), steps=steps, min_run=min_run, erode=erode)
     if own is not None:
         return Binarization(own[0], "stable_own", own[1])
+    return _half_max(work)
+
+
+def _half_max(work: NDArray[np.float32]) -> Binarization:
     return Binarization(float(0.5 * (np.median(work) + work.max())), "half_max", 0)
 
 

@@ -60,6 +60,22 @@ def test_flat_map_falls_back_to_pixel_threshold_then_half_max() -> None:
     assert choices[0].method == "half_max" and regions  # the map never reaches its pixel threshold
 
 
+def test_per_image_scale_binarises_each_map_against_its_own_level() -> None:
+    # A pool-relative map: the same blob on a raised floor and at a smaller height. Per image, each map
+    # is cut half way between its own median (the floor) and its peak, so both blobs get the same region.
+    strong = _blobs([(40, 40)], sigma=8)
+    weak = 0.5 + 0.3 * _blobs([(80, 80)], sigma=8)
+    regions, choices = find_regions([strong, weak], erode=3, scale="per_image")
+    assert [c.method for c in choices] == ["half_max", "half_max"]
+    assert choices[1].threshold == pytest.approx(0.5 * (np.median(weak) + weak.max()))
+    by_image = {r.image: r for r in regions}
+    # a Gaussian cut at half its height: radius sigma * sqrt(2 ln 2), area about pi * 2 ln 2 * sigma^2 = 279 px
+    assert by_image[0].area == pytest.approx(279, rel=0.15) and by_image[1].area == pytest.approx(279, rel=0.15)
+    assert by_image[0].mask[40, 40] and by_image[1].mask[80, 80] and len(regions) == 2
+    with pytest.raises(ValueError, match="scale"):
+        find_regions([strong], scale="global")
+
+
 # --- clustering ------------------------------------------------------------------------------------------------
 
 
@@ -185,6 +201,16 @@ def _error(args: list[str]) -> str:
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     return lines[0]
+
+
+def test_discover_scale_option(scores_dir: Path, tmp_path: Path) -> None:
+    for n, extra in enumerate(([], ["--scale", "per_image"])):
+        out = tmp_path / f"t{n}"
+        result = runner.invoke(app, ["discover", "--scores", str(scores_dir), "--out", str(out), "--k", "3", *extra])
+        assert result.exit_code == 0, result.output
+        counts = json.loads((out / "summary.json").read_text())["binarization"]
+        assert sum(counts.values()) == 6 and counts["half_max"] == (6 if extra else 0), counts
+    assert "--scale" in _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--scale", "x"])
 
 
 def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
