@@ -100,8 +100,9 @@ def discover(
         pixel_thresholds: per image, the map value a pixel must reach to be anomalous, used when
             the map has no stable binarisation (defaults to each result's ``pixel_threshold``).
         describer: region describer (default: EfficientNet-Lite0, see :class:`RegionDescriber`).
-        scale: ``shared`` for maps on one scale (trained detectors), ``per_image`` for maps scored
-            relative to their pool (zero-shot); see :func:`anomaly.discovery.regions.find_regions`.
+        scale: ``shared`` (MEBin over the range all maps share; the default) or ``per_image`` (each
+            map cut half way between its median and maximum, an option for zero-shot pool maps); see
+            :func:`anomaly.discovery.regions.find_regions`.
         progress: called with (stage, done, total).
 
     Returns:
