@@ -33,9 +33,13 @@ _OMITTED = ("pixel_ap", "image_f1max", "pixel_f1max", "peak_mem_mb", "peak_gpu_m
 COLUMNS = [c for c in BENCHMARK_COLUMNS if c not in _OMITTED]  # the benchmark's own columns, in its order
 
 
-def suite_paths(root: Path, bottle: Path, names: list[str]) -> dict[str, Path]:
-    """Category folder of each suite name: bottle from the shared MVTec AD copy, the rest under ``root``."""
-    return {n: bottle if n == "bottle" else root / n for n in names}
+def suite_paths(root: Path, bottle: Path, names: list[str] | None) -> dict[str, Path]:
+    """Category folder of each suite name: bottle from the shared MVTec AD copy, the rest under ``root``.
+
+    ``names=None`` means every category that prepare_dev_suite.py has written (its MTD halves are optional).
+    """
+    paths = {n: bottle if n == "bottle" else root / n for n in (names or SUITE)}
+    return paths if names else {n: p for n, p in paths.items() if p.is_dir()}
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -81,7 +85,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = apply_overrides(load_config(args.config), args.overrides)
     rows, seconds = [], {}
-    for name, path in suite_paths(args.root, args.bottle, args.category or list(SUITE)).items():
+    for name, path in suite_paths(args.root, args.bottle, args.category).items():
         start = time.perf_counter()
         row = run_benchmark("mvtec", path.parent, [path.name], config, args.out / "runs", force=args.force)[0]
         seconds[name] = time.perf_counter() - start

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dev_suite import BOTTLE, SUITE, format_rows, mean_row  # noqa: E402
+from dev_suite import BOTTLE, SUITE, format_rows, mean_row, suite_paths  # noqa: E402
 
 from anomaly import Detector  # noqa: E402
 from anomaly.config import apply_overrides, load_config  # noqa: E402
@@ -53,8 +53,8 @@ def main() -> None:
     tables, all_rows = [], {}
     for shots in args.shots:
         rows = []
-        for name in args.category or list(SUITE):
-            data = load_mvtec(BOTTLE if name == "bottle" else args.root / name)
+        for name, path in suite_paths(args.root, BOTTLE, args.category).items():
+            data = load_mvtec(path)
             pool = pool_subset(data.test, args.per_class, seed=0)
             det = Detector(config)
             start = time.perf_counter()
