@@ -19,7 +19,7 @@ import torch
 from anomaly._fs import atomic_write_text
 from anomaly._runtime import peak_rss_mb
 from anomaly.config import DetectorConfig
-from anomaly.data.datasets import CategoryData, find_categories, load_folder, load_mvtec, load_visa
+from anomaly.data.datasets import CategoryData, find_categories, is_category_root, load_folder, load_mvtec, load_visa
 from anomaly.detector import Detector
 from anomaly.errors import DataError
 from anomaly.evaluation import Evaluation, evaluate_samples, write_evaluation
@@ -141,6 +141,8 @@ def _load(dataset: str, root: Path, name: str) -> CategoryData:
         return load_mvtec(root / name)
     if dataset == "visa":
         return load_visa(root, name)
+    if is_category_root(root):  # a folder that is laid out like an MVTec category: read it as one
+        return load_mvtec(root)
     defects = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name not in ("good", "masks", "ground_truth")]
     mask_root = next((root / m for m in ("masks", "ground_truth") if (root / m).is_dir()), None)
     mask_dirs = [mask_root / d.name for d in defects] if mask_root is not None else None

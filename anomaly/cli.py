@@ -295,7 +295,12 @@ def evaluate(
 @_user_errors
 def benchmark(
     dataset: Annotated[str, typer.Option("--dataset", help="mvtec, visa or folder.")],
-    root: Annotated[Path, typer.Option("--root", help="Dataset root (folder: one category root).")],
+    root: Annotated[
+        Path,
+        typer.Option(
+            "--root", help="Dataset root (folder: one category, good/ + <defect>/ [+ masks/] or MVTec layout)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for results.csv/json/md and plots.")],
     category: Annotated[
         list[str] | None, typer.Option("--category", help="Category to run (repeatable; default all).")

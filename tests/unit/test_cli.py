@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from anomaly.cli import app
+from anomaly.data.datasets import load_mvtec
 
 SMALL = ["--set", "backbone.image_size=[128,128]", "--set", "batch_size=4"]
 runner = CliRunner()
@@ -151,6 +153,24 @@ def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Pat
     assert _run(*args).exit_code == 0
     with (out / "results.csv").open() as fh:
         assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "gadget", "mean"]
+
+
+def test_benchmark_folder_dataset_reads_plain_and_mvtec_layouts(synthetic_root: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(synthetic_root / "train" / "good", plain / "good")
+    for defect in sorted(p.name for p in (synthetic_root / "test").iterdir() if p.name != "good"):
+        shutil.copytree(synthetic_root / "test" / defect, plain / defect)
+        shutil.copytree(synthetic_root / "ground_truth" / defect, plain / "masks" / defect)
+    n_test = {"plain": None, synthetic_root.name: len(load_mvtec(synthetic_root).test)}
+    for root in (plain, synthetic_root):  # an MVTec-layout category root is one folder dataset too
+        out = tmp_path / f"bench_{root.name}"
+        result = _run("benchmark", "--dataset", "folder", "--root", root, "--out", out, *SMALL)
+        assert result.exit_code == 0, result.output
+        with (out / "results.csv").open() as fh:
+            row = next(csv.DictReader(fh))
+        assert row["category"] == root.name and float(row["image_auroc"]) >= 0.9 and float(row["pixel_auroc"]) >= 0.9
+        if n_test[root.name] is not None:
+            assert len(_rows(out / root.name / "scores")) == n_test[root.name]
 
 
 def test_backbones_lists_the_packaged_lite0() -> None:
