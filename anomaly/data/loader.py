@@ -1,8 +1,8 @@
 """Image inputs -> decoded RGB -> batches of model-input views (the first stage of the data flow).
 
 An input is a path, encoded bytes, a PIL image or an RGB array (``(H, W)``, ``(H, W, 3)`` or
-``(H, W, 4)``; uint8, or float in [0, 1]); torch tensors in (C, H, W) or (H, W, C) layout are
-accepted too. Arrays are taken as **RGB**, not OpenCV's BGR.
+``(H, W, 4)``; uint8, uint16 (scaled by ``>> 8`` as 16-bit files are) or float in [0, 1]); torch
+tensors in (C, H, W) or (H, W, C) layout are accepted too. Arrays are taken as **RGB**, not OpenCV's BGR.
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
             if not np.isfinite(array).all():
                 raise DataError("image array holds NaN or infinite values")
             array = np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)  # floats are taken as [0, 1]
+        elif array.dtype == np.uint16:  # 16-bit camera frames: scaled as 16-bit files are (>> 8)
+            array = (array >> 8).astype(np.uint8)
         elif array.dtype.kind in "iub":
             array = np.clip(array, 0, 255).astype(np.uint8)
         else:

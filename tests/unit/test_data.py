@@ -108,6 +108,11 @@ def test_read_16bit_png(tmp_path: Path) -> None:
     image = read_image(tmp_path / "rgb16.png")
     assert image.dtype == np.uint8
     np.testing.assert_array_equal(image, (rgb16 >> 8).astype(np.uint8))
+    from anomaly.data.loader import to_rgb
+
+    for array in (gray16, rgb16):  # a 16-bit camera frame handed over as an array reads like the file
+        cv2.imwrite(str(tmp_path / "frame.png"), array if array.ndim == 2 else array[..., ::-1].copy())
+        np.testing.assert_array_equal(to_rgb(array)[0], read_image(tmp_path / "frame.png"))
 
 
 @pytest.mark.parametrize(("orientation", "corner"), [(6, (0, 0, 255)), (8, (0, 255, 0)), (3, (255, 255, 255))])
