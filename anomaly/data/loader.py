@@ -135,6 +135,11 @@ def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
         if array.dtype.kind == "f":
             if not np.isfinite(array).all():
                 raise DataError("image array holds NaN or infinite values")
+            if array.min() < -1e-3 or array.max() > 1 + 1e-3:  # 0-255 floats would all saturate to white
+                raise DataError(
+                    f"float image arrays must hold values in [0, 1], got {array.min():g}..{array.max():g}; "
+                    "pass uint8 for 0-255 data"
+                )
             array = np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)  # floats are taken as [0, 1]
         elif array.dtype == np.uint16:  # 16-bit camera frames: scaled as 16-bit files are (>> 8)
             array = (array >> 8).astype(np.uint8)

@@ -328,6 +328,8 @@ def test_11_python_api_inputs_and_per_item_errors(model: Path, tmp_path: Path) -
         det.predict(np.empty((0, 0, 3), np.uint8))
     with pytest.raises(DataError, match="unsupported image input"):
         det.predict([object()])
+    with pytest.raises(DataError, match=r"in \[0, 1\], got 0..255"):  # floats of 0-255 data, not saturated
+        det.predict([np.tile(np.linspace(0, 255, 50, dtype=np.float32), (40, 1))])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     results = det.predict([rgb, broken, rgb], on_error="skip")
