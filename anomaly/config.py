@@ -96,14 +96,19 @@ class TileConfig:
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How an image becomes model input: ``stretch`` to the input size, or ``keep_aspect`` (longer side
-    fitted, mirrored border); ``tile`` (when set) cuts it into overlapping tiles instead."""
+    fitted, mirrored border); ``tile`` (when set) cuts it into overlapping tiles instead. ``standardize``
+    maps every image's gray-level mean and spread to fixed values first (brightness and contrast drift
+    between acquisitions removed; see :func:`anomaly.data.views.standardize_intensity`)."""
 
     resize: str = "stretch"
     tile: TileConfig | None = None
+    standardize: bool = False
 
     def __post_init__(self) -> None:
         if self.resize not in ("stretch", "keep_aspect"):
             raise ConfigError(f"preprocess.resize: expected stretch or keep_aspect, got '{self.resize}'")
+        if not isinstance(self.standardize, bool):
+            raise ConfigError(f"preprocess.standardize: expected true or false, got {self.standardize!r}")
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,8 @@ class Detector:
         """How images become model-input views (``preprocess`` in the config)."""
         pre = self.config.preprocess
         if pre.tile is None:
-            return ViewSpec(pre.resize)
-        return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap)
+            return ViewSpec(pre.resize, standardize=pre.standardize)
+        return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap, pre.standardize)
 
     @property
     def zero_shot(self) -> bool:

@@ -53,7 +53,9 @@ def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             "and cannot be exported; score it with torch: `anomaly score --model` or `--zero-shot`"
         )
     if det.config.preprocess != type(det.config.preprocess)():
-        raise ConfigError(f"{model_dir}: export supports the default preprocess (stretch, no tiles) only")
+        raise ConfigError(
+            f"{model_dir}: export supports the default preprocess (stretch, no tiles, no standardize) only"
+        )
     head, outputs, state, files = _scorer_parts(det)
     network = _Network(det.extractor, head).eval().cpu()
     target = Path(out_dir)

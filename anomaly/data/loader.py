@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly.data.io import decode_bytes, read_image
-from anomaly.data.views import Layout, ViewSpec, cut_views
+from anomaly.data.views import Layout, ViewSpec, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
 __all__ = ["DecodedImage", "ImageBatch", "ImageInput", "decode_input", "iter_batches", "support_views"]
@@ -80,8 +80,12 @@ def decode_input(
     """
     image, source = to_rgb(item)
     h, w = image.shape[:2]
-    layout = (spec or ViewSpec()).layout((h, w), size)
-    return DecodedImage(cut_views(image, layout, size), (h, w), source, image if keep else None, layout=layout)
+    spec = spec or ViewSpec()
+    layout = spec.layout((h, w), size)
+    views = cut_views(image, layout, size)
+    if spec.standardize:  # after resizing (an affine map commutes with it), so only the views are transformed
+        views = standardize_intensity(views, image)
+    return DecodedImage(views, (h, w), source, image if keep else None, layout=layout)
 
 
 def iter_batches(

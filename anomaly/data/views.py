@@ -15,9 +15,12 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["RESIZE_MODES", "Layout", "ViewSpec", "cut_views", "plan_layout"]
+__all__ = ["RESIZE_MODES", "Layout", "ViewSpec", "cut_views", "plan_layout", "standardize_intensity"]
 
 RESIZE_MODES = ("stretch", "keep_aspect")
+TARGET_MEAN, TARGET_STD = 128.0, 48.0  # gray levels; std 48 chosen on mtd_dev (benchmarks/README.md section 6)
+_MIN_STD = 6.0  # a flat image is amplified at most 8x (48 / 6): its noise must not become texture
+_STATS_PIXELS = 250_000  # enough pixels for the two statistics; larger images are sampled on a grid
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class ViewSpec:
     resize: str = "stretch"
     tile: int | None | bool = False  # False: no tiling; None: tiles of the shorter side; N: N-pixel tiles
     overlap: float = 0.25
+    standardize: bool = False  # views photometrically standardised with their image's statistics
 
     def layout(self, size: tuple[int, int], input_size: tuple[int, int]) -> Layout:
         return plan_layout(size, input_size, self.resize, self.tile, self.overlap)
@@ -86,6 +90,20 @@ def cut_views(image: NDArray[np.uint8], layout: Layout, input_size: tuple[int, i
     return np.stack(
         [frame[y + top : y + top + input_size[0], x + left : x + left + input_size[1]] for y, x in layout.origins]
     )
+
+
+def standardize_intensity(views: NDArray[np.uint8], image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """``views`` with one gain and offset that map ``image``'s gray-level mean and std to 128 and 48.
+
+    Statistics come from the whole image, so all tiles of an image get the same transform; one gain
+    for all channels keeps hues. Removes brightness and contrast drift between acquisitions (lighting
+    runs, exposure) at the price of defects that are themselves a global brightness change.
+    """
+    step = max(1, math.isqrt(image.shape[0] * image.shape[1] // _STATS_PIXELS))
+    gray = image[::step, ::step].mean(axis=2, dtype=np.float32)
+    gain = TARGET_STD / max(float(gray.std()), _MIN_STD)
+    offset = TARGET_MEAN - gain * float(gray.mean())
+    return np.clip(np.rint(views * np.float32(gain) + np.float32(offset)), 0, 255).astype(np.uint8)
 
 
 def _starts(length: int, window: int, overlap: float) -> list[int]:

@@ -152,3 +152,56 @@ def test_tiled_model_round_trips_and_refuses_export(tiled_detector, tmp_path) ->
     assert loaded.predict(image).image_score == pytest.approx(tiled_detector.predict(image).image_score, rel=1e-5)
     with pytest.raises(ConfigError, match="default preprocess"):
         export_model(tmp_path / "model", tmp_path / "export")
+
+
+def test_standardize_maps_gray_statistics_and_removes_lighting_drift() -> None:
+    from anomaly.data.views import TARGET_MEAN, TARGET_STD, standardize_intensity
+
+    image = _texture(np.random.default_rng(1), 300, 500)
+    out = standardize_intensity(image[None], image)[0].astype(np.float64)
+    assert out.mean(2).mean() == pytest.approx(TARGET_MEAN, abs=0.5)
+    assert out.mean(2).std() == pytest.approx(TARGET_STD, abs=0.5)
+    darker = np.clip(image * 0.6 + 10, 0, 255).astype(np.uint8)  # another lighting run: less gain, an offset
+    assert np.abs(standardize_intensity(darker[None], darker)[0] - out).max() <= 3  # uint8 rounding only
+    flat = np.full((50, 50, 3), 100, np.uint8)
+    flat[::7, ::7] = 103  # near-flat: its noise is amplified at most 8x, not to full contrast
+    assert np.ptp(standardize_intensity(flat[None], flat)) <= 8 * 3 + 1
+
+
+def test_standardize_uses_whole_image_statistics_for_every_tile() -> None:
+    from anomaly.data.views import standardize_intensity
+
+    image = _texture(np.random.default_rng(2), 300, 900)
+    image[:, 600:] //= 3  # a dark third: tiles there must not be stretched to full contrast on their own
+    tiled = decode_input(image, IN, spec=ViewSpec(tile=None, standardize=True))
+    plain = decode_input(image, IN, spec=ViewSpec(tile=None))
+    assert tiled.views is not None and plain.views is not None and len(tiled.views) >= 3
+    np.testing.assert_array_equal(tiled.views, standardize_intensity(plain.views, image))
+    assert tiled.views[-1].mean() < tiled.views[0].mean() - 20
+
+
+def test_standardized_detector_ignores_brightness_and_contrast_changes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.errors import ConfigError
+    from anomaly.export import export_model
+
+    small = ["backbone.image_size=[64,64]", "threshold.folds=3"]
+    train = [_texture(np.random.default_rng(i), 96, 128) for i in range(6)]
+    test = _texture(np.random.default_rng(99), 96, 128)
+    runs = [
+        np.clip(test * gain + offset, 0, 255).astype(np.uint8) for gain, offset in ((0.5, 5), (0.4, 120), (1.3, -40))
+    ]
+    for flag in (False, True):
+        det = Detector(apply_overrides(load_config("patchcore"), [*small, f"preprocess.standardize={flag}"])).fit(train)
+        scores = np.array([r.image_score for r in det.predict([test, *runs])])
+        if not flag:  # raw: the same part under other lighting is flagged, the part itself is not
+            assert scores[0] < det.threshold_ < scores[1:].min()
+    assert np.ptp(scores) <= 0.02 * scores[0]  # standardised: the same part scores the same under any lighting
+    loaded = Detector.load(det.save(tmp_path / "model"))
+    assert loaded.config.preprocess.standardize is True
+    assert loaded.predict(runs[0]).image_score == pytest.approx(scores[1], rel=1e-5)
+    with pytest.raises(ConfigError, match="default preprocess"):
+        export_model(tmp_path / "model", tmp_path / "export")
+    with pytest.raises(ConfigError, match="preprocess.standardize"):
+        apply_overrides(load_config("patchcore"), ["preprocess.standardize=sometimes"])
