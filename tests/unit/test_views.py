@@ -189,9 +189,8 @@ def test_standardized_detector_ignores_brightness_and_contrast_changes(tmp_path)
     small = ["backbone.image_size=[64,64]", "threshold.folds=3"]
     train = [_texture(np.random.default_rng(i), 96, 128) for i in range(6)]
     test = _texture(np.random.default_rng(99), 96, 128)
-    runs = [
-        np.clip(test * gain + offset, 0, 255).astype(np.uint8) for gain, offset in ((0.5, 5), (0.4, 120), (1.3, -40))
-    ]
+    lighting = ((0.5, 5), (0.6, 100), (1.5, -80))  # (gain, offset) of other acquisition runs
+    runs = [np.clip(test * gain + offset, 0, 255).astype(np.uint8) for gain, offset in lighting]
     for flag in (False, True):
         det = Detector(apply_overrides(load_config("patchcore"), [*small, f"preprocess.standardize={flag}"])).fit(train)
         scores = np.array([r.image_score for r in det.predict([test, *runs])])
