@@ -98,17 +98,18 @@ class PreprocessConfig:
     """How an image becomes model input: ``stretch`` to the input size, or ``keep_aspect`` (longer side
     fitted, mirrored border); ``tile`` (when set) cuts it into overlapping tiles instead. ``standardize``
     maps every image's gray-level mean and spread to fixed values first (brightness and contrast drift
-    between acquisitions removed; see :func:`anomaly.data.views.standardize_intensity`)."""
+    between acquisitions removed; see :func:`anomaly.data.views.standardize_intensity`); ``auto`` turns it
+    on at fit when the training images' brightness or contrast drifts (:func:`anomaly.data.views.lighting_drift`)."""
 
     resize: str = "stretch"
     tile: TileConfig | None = None
-    standardize: bool = False
+    standardize: bool | str = False
 
     def __post_init__(self) -> None:
         if self.resize not in ("stretch", "keep_aspect"):
             raise ConfigError(f"preprocess.resize: expected stretch or keep_aspect, got '{self.resize}'")
-        if not isinstance(self.standardize, bool):
-            raise ConfigError(f"preprocess.standardize: expected true or false, got {self.standardize!r}")
+        if not (isinstance(self.standardize, bool) or self.standardize == "auto"):
+            raise ConfigError(f"preprocess.standardize: expected true, false or auto, got {self.standardize!r}")
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,12 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path)
+        for candidate in inner[:-1]:  # e.g. ``bool | str``: true/false, else a word such as auto
+            try:
+                return _coerce(candidate, value, path)
+            except ConfigError:
+                continue
+        return _coerce(inner[-1], value, path)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             value = [value] if args[-1] is Ellipsis else value

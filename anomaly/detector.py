@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,10 +21,10 @@ from numpy.typing import NDArray
 from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.inputs import training_paths
-from anomaly.data.loader import DecodedImage, ImageInput, iter_batches, support_views
-from anomaly.data.views import ViewSpec
+from anomaly.data.loader import DecodedImage, ImageInput, iter_batches, support_views, to_rgb
+from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, gray_stats, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
-from anomaly.errors import AnomalyError, DataError, NotFittedError
+from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 OnError = Literal["raise", "skip"]
 _REFERENCES_FILE = "references.safetensors"
+_DRIFT_SAMPLE = 64  # training images decoded to decide ``preprocess.standardize: auto``
 
 
 @dataclass
@@ -88,9 +89,29 @@ class Detector:
     def view_spec(self) -> ViewSpec:
         """How images become model-input views (``preprocess`` in the config)."""
         pre = self.config.preprocess
+        if pre.standardize == "auto":
+            raise ConfigError(
+                "preprocess.standardize: auto is decided by fit from the training images; "
+                "set true or false to score without a fit (zero-shot)"
+            )
         if pre.tile is None:
-            return ViewSpec(pre.resize, standardize=pre.standardize)
-        return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap, pre.standardize)
+            return ViewSpec(pre.resize, standardize=bool(pre.standardize))
+        return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap, bool(pre.standardize))
+
+    def resolve_standardize(self, images: Sequence[ImageInput]) -> None:
+        """Decide ``preprocess.standardize: auto`` (in place) from up to 64 evenly spaced training images.
+
+        On when their lighting drifts (:func:`anomaly.data.views.lighting_drift` above ``DRIFT_THRESHOLD``);
+        the saved config holds the decision.
+        """
+        pre = self.config.preprocess
+        if pre.standardize != "auto" or not images:
+            return
+        picks = np.unique(np.linspace(0, len(images) - 1, min(len(images), _DRIFT_SAMPLE)).round().astype(int))
+        drift = lighting_drift([gray_stats(to_rgb(images[i])[0]) for i in picks])
+        on = drift > DRIFT_THRESHOLD
+        log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, threshold %.2f)", on, drift, DRIFT_THRESHOLD)
+        self.config = replace(self.config, preprocess=replace(pre, standardize=on))
 
     @property
     def zero_shot(self) -> bool:
@@ -155,6 +176,8 @@ class Detector:
         out-of-sample scores of normal images (see :mod:`anomaly.thresholds`).
         """
         items = _expand_training(images)
+        if not self.zero_shot:
+            self.resolve_standardize(items)
         if self.zero_shot and self.scorer.augment_references:
             items = [view for item in items for view in support_views(item)]
         if not self.zero_shot and len(items) < 3:

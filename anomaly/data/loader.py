@@ -21,7 +21,7 @@ from anomaly.data.io import decode_bytes, read_image
 from anomaly.data.views import Layout, ViewSpec, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
-__all__ = ["DecodedImage", "ImageBatch", "ImageInput", "decode_input", "iter_batches", "support_views"]
+__all__ = ["DecodedImage", "ImageBatch", "ImageInput", "decode_input", "iter_batches", "support_views", "to_rgb"]
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], Any]
 

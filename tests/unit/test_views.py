@@ -204,3 +204,34 @@ def test_standardized_detector_ignores_brightness_and_contrast_changes(tmp_path)
         export_model(tmp_path / "model", tmp_path / "export")
     with pytest.raises(ConfigError, match="preprocess.standardize"):
         apply_overrides(load_config("patchcore"), ["preprocess.standardize=sometimes"])
+
+
+def test_lighting_drift_separates_constant_from_drifting_lighting() -> None:
+    from anomaly.data.views import DRIFT_THRESHOLD, gray_stats, lighting_drift
+
+    base = [_texture(np.random.default_rng(i), 80, 120) for i in range(8)]
+    constant = [gray_stats(image) for image in base]
+    runs = [
+        np.clip(image * gain + 60 * (1 - gain), 0, 255).astype(np.uint8) for image, gain in zip(base, [0.5, 1.4] * 4)
+    ]
+    assert lighting_drift(constant) < 0.02 < DRIFT_THRESHOLD < lighting_drift([gray_stats(i) for i in runs])
+    # two runs, gain 0.5 and 1.4: log std differs by log(2.8), so its std over the set is log(2.8) / 2
+    assert lighting_drift([gray_stats(i) for i in runs]) == pytest.approx(np.log(2.8) / 2, rel=0.1)
+
+
+def test_standardize_auto_is_decided_at_fit_and_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.errors import ConfigError
+
+    config = apply_overrides(load_config("patchcore"), ["backbone.image_size=[64,64]", "threshold.folds=3"])
+    assert config.preprocess.standardize == "auto"
+    base = [_texture(np.random.default_rng(i), 96, 128) for i in range(6)]
+    drifting = [np.clip(image * gain, 0, 255).astype(np.uint8) for image, gain in zip(base, [0.5, 1.0, 1.4] * 2)]
+    zero_shot = apply_overrides(load_config("musc"), ["backbone.image_size=[64,64]", "preprocess.standardize=auto"])
+    with pytest.raises(ConfigError, match="auto is decided by fit"):  # a pool has no training images
+        Detector(zero_shot).predict(base)
+    assert Detector(config).fit(base).config.preprocess.standardize is False
+    det = Detector(config).fit(drifting)
+    assert det.config.preprocess.standardize is True
+    assert Detector.load(det.save(tmp_path / "model")).config.preprocess.standardize is True
