@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 OnError = Literal["raise", "skip"]
 _REFERENCES_FILE = "references.safetensors"
-_DRIFT_SAMPLE = 64  # training images decoded to decide ``preprocess.standardize: auto``
+_DRIFT_SAMPLE = 32  # training images decoded to decide ``preprocess.standardize: auto`` (~5 % of a bottle fit)
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Detector:
         return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap, bool(pre.standardize))
 
     def resolve_standardize(self, images: Sequence[ImageInput]) -> None:
-        """Decide ``preprocess.standardize: auto`` (in place) from up to 64 evenly spaced training images.
+        """Decide ``preprocess.standardize: auto`` (in place) from up to 32 evenly spaced training images.
 
         On when their lighting drifts (:func:`anomaly.data.views.lighting_drift` above ``DRIFT_THRESHOLD``);
         the saved config holds the decision.
@@ -108,7 +109,9 @@ class Detector:
         if pre.standardize != "auto" or not images:
             return
         picks = np.unique(np.linspace(0, len(images) - 1, min(len(images), _DRIFT_SAMPLE)).round().astype(int))
-        drift = lighting_drift([gray_stats(to_rgb(images[i])[0]) for i in picks])
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
+            stats = list(pool.map(lambda i: gray_stats(to_rgb(images[i])[0]), picks))
+        drift = lighting_drift(stats)
         on = drift > DRIFT_THRESHOLD
         log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, threshold %.2f)", on, drift, DRIFT_THRESHOLD)
         self.config = replace(self.config, preprocess=replace(pre, standardize=on))

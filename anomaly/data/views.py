@@ -32,8 +32,8 @@ TARGET_MEAN, TARGET_STD = 128.0, 48.0  # gray levels; std 48 chosen on mtd_dev (
 _MIN_STD = 6.0  # a flat image is amplified at most 8x (48 / 6): its noise must not become texture
 _STATS_PIXELS = 250_000  # enough pixels for the two statistics; larger images are sampled on a grid
 # Lighting drift above which ``standardize: auto`` turns standardisation on: the spread (std of the log) of the
-# training images' gray mean or std. Dev suite: bottle, bsdata and the synthetic categories 0.006-0.06, the
-# magnetic tiles (six lighting runs) 0.30-0.35; 0.15 is about their geometric middle (benchmarks/README.md).
+# training images' gray mean or std. Dev suite: bottle, bsdata and the synthetic categories 0.01-0.065, the
+# magnetic tiles (six lighting runs) 0.32-0.36; 0.15 is about their geometric middle (benchmarks/README.md).
 DRIFT_THRESHOLD = 0.15
 
 
