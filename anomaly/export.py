@@ -52,10 +52,9 @@ def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             f"{model_dir}: {det.scorer.name} is zero-shot (it scores a pool of images against each other) "
             "and cannot be exported; score it with torch: `anomaly score --model` or `--zero-shot`"
         )
-    if det.config.preprocess != type(det.config.preprocess)():
-        raise ConfigError(
-            f"{model_dir}: export supports the default preprocess (stretch, no tiles, no standardize) only"
-        )
+    pre = det.config.preprocess
+    if (pre.resize, pre.tile) != ("stretch", None):
+        raise ConfigError(f"{model_dir}: export supports whole stretched images only (preprocess: stretch, no tiles)")
     head, outputs, state, files = _scorer_parts(det)
     network = _Network(det.extractor, head).eval().cpu()
     target = Path(out_dir)
@@ -242,6 +241,7 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
             "mean": [round(v / 255, 6) for v in det.extractor.mean.flatten().tolist()],
             "std": [round(v / 255, 6) for v in det.extractor.std.flatten().tolist()],
             "layout": "uint8 RGB (N, H, W, 3), resized as the Detector does; normalised inside the network",
+            "standardize": bool(det.config.preprocess.standardize),  # per-image gray mean/std, before the network
         },
         "scorer": {"name": det.scorer.name, "params": det.scorer.get_params()},
         "postprocess": {

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly.data.loader import decode_input
+from anomaly.data.views import ViewSpec
 from anomaly.errors import DataError
 from anomaly.results import DetectionResult
 from anomaly.runtime.manifest import read_manifest
@@ -55,6 +56,7 @@ class ExportedDetector:
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)
             self._network = load_network(self.directory, self.manifest["network"])
             self._scorer = load_scorer(self.directory, self.manifest["scorer"], self.manifest["files"])
+            self.view_spec = ViewSpec(standardize=bool(self.manifest["input"].get("standardize", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{self.directory}: incomplete export ({type(exc).__name__}: {exc})") from None
         self.scorer = ScorerInfo(self.manifest["scorer"]["name"], self._scorer.has_maps)
@@ -96,7 +98,7 @@ class ExportedDetector:
                 progress("score", done, len(items))
 
     def _decode(self, item: RuntimeInput) -> tuple[NDArray[np.uint8], tuple[int, int], str | None, NDArray[np.uint8]]:
-        decoded = decode_input(item, self.image_size, keep=True)
+        decoded = decode_input(item, self.image_size, keep=True, spec=self.view_spec)
         assert decoded.views is not None and decoded.original is not None
         return decoded.views[0], decoded.size, decoded.source, decoded.original
 
