@@ -64,6 +64,7 @@ class Detector:
 
     def __init__(self, config: DetectorConfig | str | os.PathLike[str] = "patchcore") -> None:
         self.config = config if isinstance(config, DetectorConfig) else load_config(config)
+        self._standardize_setting = self.config.preprocess.standardize  # "auto" is re-decided by every fit
         self.scorer: Scorer = get_scorer(self.config.scorer.name, self.config.scorer.params)
         self._extractor: FeatureExtractor | None = None
         self.decision_: Threshold | None = None
@@ -106,7 +107,7 @@ class Detector:
         the saved config holds the decision.
         """
         pre = self.config.preprocess
-        if pre.standardize != "auto" or not images:
+        if self._standardize_setting != "auto" or not images:
             return
         picks = np.unique(np.linspace(0, len(images) - 1, min(len(images), _DRIFT_SAMPLE)).round().astype(int))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL

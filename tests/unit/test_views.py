@@ -238,4 +238,6 @@ def test_standardize_auto_is_decided_at_fit_and_saved(tmp_path) -> None:  # type
     assert Detector(config).fit(base).config.preprocess.standardize is False
     det = Detector(config).fit(drifting)
     assert det.config.preprocess.standardize is True
+    assert det.fit(base).config.preprocess.standardize is False  # a refit decides again
+    assert det.fit(drifting).config.preprocess.standardize is True
     assert Detector.load(det.save(tmp_path / "model")).config.preprocess.standardize is True
