@@ -1,10 +1,10 @@
 """The zero-shot pool rule on synthetic pools: realised false-positive share and share of defects flagged.
 
-Normal scores from a Gaussian, an exponential or a log-normal; 5, 25 or 50 % of a pool of 200 are separable
-defects (beyond the normal 99.9 % quantile, spread exponentially). The realised share is measured on 4,000 fresh
-normal scores per pool.
+Normal scores from a Gaussian, an exponential or a log-normal; none, 5, 25 or 50 % of a pool of ``--size``
+(default 200) are separable defects (beyond the normal 99.9 % quantile, spread exponentially). The realised share
+is measured on 4,000 fresh normal scores per pool.
 
-    python benchmarks/pool_rule.py --pools 8
+    python benchmarks/pool_rule.py --pools 8 [--size 83]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from anomaly.thresholds import pool_threshold
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pools", type=int, default=8, help="pools per setting")
+    parser.add_argument("--size", type=int, default=200, help="images per pool")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -31,17 +32,20 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for target in (0.01, 0.05):
         for name, draw in families.items():
-            for share in (0.05, 0.25, 0.5):
+            for share in (0.0, 0.05, 0.25, 0.5):
                 fps, caught = [], []
                 for _ in range(args.pools):
-                    n_anomalous = int(200 * share)
+                    n_anomalous = int(args.size * share)
                     q50, q999 = np.quantile(draw(100_000), [0.5, 0.999])
                     anomalous = q999 + rng.exponential(q999 - q50, n_anomalous)
-                    threshold = pool_threshold(np.concatenate([draw(200 - n_anomalous), anomalous]), target).image
+                    pool = np.concatenate([draw(args.size - n_anomalous), anomalous])
+                    threshold = pool_threshold(pool, target).image
                     fps.append(np.mean(draw(4000) >= threshold))
-                    caught.append(np.mean(anomalous >= threshold))
+                    if n_anomalous:
+                        caught.append(np.mean(anomalous >= threshold))
                 fp = f"{np.mean(fps):.4f} / {np.max(fps):.3f}"
-                print(f"| {target} | {name} | {share:.0%} | {fp} | {np.mean(caught):.3f} |")
+                flagged = f"{np.mean(caught):.3f}" if caught else "-"
+                print(f"| {target} | {name} | {share:.0%} | {fp} | {flagged} |")
 
 
 if __name__ == "__main__":
