@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -63,9 +64,13 @@ def _main(
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
-    logging.captureWarnings(True)  # metric warnings as one log line, not a source excerpt
+    warnings.showwarning = _warning_line  # metric warnings as one log line, not a source excerpt
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every build it probes
     _Progress.enabled = not quiet
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    logging.getLogger("anomaly").warning("warning: %s", message)
 
 
 class _StderrHandler(logging.Handler):

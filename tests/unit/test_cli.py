@@ -185,3 +185,21 @@ def test_backbones_lists_the_packaged_lite0() -> None:
     result = _run("backbones")
     assert result.exit_code == 0
     assert "tf_efficientnet_lite0" in result.output and "packaged" in result.output
+
+
+def test_library_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import anomaly.features
+
+    def warn_and_list() -> list:
+        warnings.warn("the lower FPR bound is not exactly achieved", UserWarning, stacklevel=1)
+        return []
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the CLI replaces it
+    monkeypatch.setattr(anomaly.features, "list_offline_backbones", warn_and_list)
+    result = _run("backbones")
+    assert result.exit_code == 0
+    lines = [line for line in result.output.splitlines() if "FPR bound" in line]
+    assert lines == ["warning: the lower FPR bound is not exactly achieved"]
+    assert "warn_and_list" not in result.output and ".py" not in result.output
