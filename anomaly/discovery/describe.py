@@ -30,12 +30,16 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def crop_box(
-    box: tuple[float, float, float, float], size: tuple[int, int], padding: float = 0.25, min_side: float = 0.2
+    box: tuple[float, float, float, float],
+    size: tuple[int, int],
+    padding: float = 0.25,
+    min_side: float = 0.2,
+    min_pixels: int = 0,
 ) -> tuple[int, int, int, int]:
     """Square crop (x0, y0, x1, y1) around ``box`` in an image of ``size`` (H, W), shifted to fit inside.
 
     The side is the box's longest side plus ``padding`` of it on each side, at least ``min_side`` of the
-    image's longest side and at most its shortest side.
+    image's longest side and ``min_pixels`` pixels, and at most its shortest side.
 
     Example:
         >>> crop_box((40, 40, 60, 50), (100, 200), padding=0.5, min_side=0.1)
@@ -43,7 +47,7 @@ def crop_box(
     """
     h, w = size
     x0, y0, x1, y1 = box
-    side = max(max(x1 - x0, y1 - y0) * (1 + 2 * padding), min_side * max(h, w))
+    side = max(max(x1 - x0, y1 - y0) * (1 + 2 * padding), min_side * max(h, w), min_pixels)
     side = int(round(min(side, h, w)))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     left = int(round(min(max(cx - side / 2, 0), w - side)))
@@ -60,6 +64,8 @@ class RegionDescriber:
         input_size: side of the square crop fed to the backbone.
         padding: context around a region's box, as a fraction of its longest side (per side).
         min_side: smallest crop side as a fraction of the image's longest side.
+        min_pixels: smallest crop side in image pixels (small images: a crop of a few dozen pixels,
+            enlarged to ``input_size``, is too blurred to tell defect types apart).
         rotations: how many 90-degree rotations of each crop to average over (1 to 4).
         batch_size: crops per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -73,6 +79,7 @@ class RegionDescriber:
         input_size: int = 256,
         padding: float = 0.25,
         min_side: float = 0.2,
+        min_pixels: int = 64,
         rotations: int = 2,
         batch_size: int = 32,
         device: str = "auto",
@@ -90,6 +97,7 @@ class RegionDescriber:
         self.input_size = input_size
         self.padding = padding
         self.min_side = min_side
+        self.min_pixels = min_pixels
         self.rotations = rotations
         self.batch_size = batch_size
 
@@ -99,7 +107,9 @@ class RegionDescriber:
         mh, mw = region.mask.shape
         sx, sy = w / mw, h / mh
         x0, y0, x1, y1 = region.box
-        left, top, right, bottom = crop_box((x0 * sx, y0 * sy, x1 * sx, y1 * sy), (h, w), self.padding, self.min_side)
+        left, top, right, bottom = crop_box(
+            (x0 * sx, y0 * sy, x1 * sx, y1 * sy), (h, w), self.padding, self.min_side, self.min_pixels
+        )
         side = self.input_size
         crop = cv2.resize(image[top:bottom, left:right], (side, side), interpolation=cv2.INTER_AREA)
         # The same window in mask pixels (the mask may be coarser than the image), resized bilinearly.

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from anomaly.cli import app
 from anomaly.data.io import read_mask
 from anomaly.discovery import cluster_regions, find_regions, merge_to_images
+from anomaly.discovery.describe import crop_box
 from anomaly.discovery.regions import mebin_threshold
 from anomaly.errors import DataError
 from anomaly.metrics.clustering import cluster_accuracy, clustering_metrics
@@ -77,6 +78,15 @@ def test_per_image_scale_binarises_each_map_against_its_own_level() -> None:
 
 
 # --- clustering ------------------------------------------------------------------------------------------------
+
+
+def test_crop_box_keeps_a_pixel_floor_on_small_images_and_stays_inside() -> None:
+    box = (60.0, 60.0, 66.0, 66.0)  # a 6 px region of a 128 px image
+    assert crop_box(box, (128, 128)) == (50, 50, 76, 76)  # 0.2 x 128 = 26 px: the relative floor alone
+    left, top, right, bottom = crop_box(box, (128, 128), min_pixels=64)
+    assert (right - left, bottom - top) == (64, 64) and left <= 60 and right >= 66
+    assert crop_box(box, (900, 900), min_pixels=64) == crop_box(box, (900, 900))  # 180 px already
+    assert crop_box((0.0, 0.0, 4.0, 4.0), (40, 300), min_pixels=64) == (0, 0, 40, 40)  # capped by the short side
 
 
 def test_cluster_regions_estimates_k_and_labels_by_size() -> None:
