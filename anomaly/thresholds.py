@@ -9,7 +9,8 @@
   a Gaussian mixture fitted to Box-Cox transformed scores (transform and number of components chosen
   by BIC, so right-skewed normal scores such as log-normal or exponential ones are modelled as well
   as symmetric ones; components not separated from the lowest one join it); the threshold is that
-  cluster's ``1 - target_fpr`` quantile.
+  cluster's ``1 - target_fpr`` quantile. When the BIC-best model sees no defect cluster, a model within
+  ``_BIC_TIE`` of it that separates one is used instead (low-scoring defects can hide the valley).
 
 The pixel threshold lives on the map's own scale. When a scorer's image score is the peak of its
 post-processed map, both thresholds coincide and a flagged image always has a non-empty mask;
