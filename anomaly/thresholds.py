@@ -119,17 +119,25 @@ def calibrate(scores: ArrayLike, target_fpr: float, peaks: ArrayLike | None = No
 
 
 def pool_threshold(
-    scores: ArrayLike, target_fpr: float, *, peaks: ArrayLike | None = None, n_reference: int = 0
+    scores: ArrayLike,
+    target_fpr: float,
+    *,
+    peaks: ArrayLike | None = None,
+    n_reference: int = 0,
+    expect_defects: bool = True,
 ) -> Threshold:
     """Threshold for one unlabeled pool; the first ``n_reference`` scores are known-good references.
 
-    With references the threshold never falls below the highest reference score.
+    With references the threshold never falls below the highest reference score. ``expect_defects``:
+    the pool may hold many defects (a batch sent for inspection), so when the BIC-best mixture sees no
+    defect cluster, an equally likely one that does is used; false for pools known to be mostly normal
+    (a production line's recent images), where that would mostly split normal scores.
     """
     values = _finite(scores, "pool scores")
-    image, rule = _pool_rule(values, target_fpr, n_reference)
+    image, rule = _pool_rule(values, target_fpr, n_reference, expect_defects)
     pixel = image
     if peaks is not None:
-        pixel = _pool_rule(_finite(peaks, "pool map peaks"), target_fpr, n_reference)[0]
+        pixel = _pool_rule(_finite(peaks, "pool map peaks"), target_fpr, n_reference, expect_defects)[0]
     return Threshold(image, pixel, rule, target_fpr, len(values), target_fpr)
 
 
@@ -180,7 +188,9 @@ def _clopper_pearson(k: int, n: int) -> tuple[float, float]:
     return low, high
 
 
-def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int) -> tuple[float, str]:
+def _pool_rule(
+    values: NDArray[np.float64], alpha: float, n_reference: int, expect_defects: bool = True
+) -> tuple[float, str]:
     top = _above(float(values.max()))
     spread = float(np.ptp(values))
     if spread <= 1e-9 * max(1.0, float(np.abs(values).max())):
@@ -190,13 +200,13 @@ def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int) -> t
         mad = 1.4826 * float(np.median(np.abs(values - median)))
         threshold, rule = (median + 3 * mad, "pool-small") if mad > 0 else (top, "pool-degenerate")
     else:
-        threshold, rule = _mixture_quantile(values, alpha), "pool-mixture"
+        threshold, rule = _mixture_quantile(values, alpha, expect_defects), "pool-mixture"
     if n_reference:
         threshold = max(threshold, float(values[:n_reference].max()))
     return float(threshold), rule
 
 
-def _mixture_quantile(values: NDArray[np.float64], alpha: float) -> float:
+def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects: bool = True) -> float:
     """1 - alpha quantile of the normal cluster of a Gaussian mixture on Box-Cox transformed scores.
 
     Transform and number of components are chosen by BIC; the normal cluster is the lowest component,
@@ -231,7 +241,7 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float) -> float:
     fits.sort(key=lambda fit: fit[0])
     _, lam, means, sds, weights = fits[0]
     normal = _normal_cluster(means, sds, weights)
-    if len(normal) == len(means):
+    if expect_defects and len(normal) == len(means):
         # The best model sees no defect cluster. A model the data cannot tell from it (BIC within
         # _BIC_TIE) that does see one is taken instead: low-scoring defects can widen a normal component
         # until no valley is left (20 normal + 63 defective bottles at 517x333 px: nothing flagged).

@@ -30,3 +30,19 @@ def test_stream_scores_defects_higher_with_a_bounded_pool(synthetic_root: Path) 
 def test_stream_needs_a_zero_shot_detector() -> None:
     with pytest.raises(ConfigError, match="zero-shot"):
         StreamingDetector(Detector("patchcore"))
+
+
+def test_stream_threshold_treats_its_window_as_mostly_normal(synthetic_root: Path, monkeypatch) -> None:
+    import anomaly.streaming
+
+    seen: list[bool] = []
+    real = anomaly.streaming.pool_threshold
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("expect_defects", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(anomaly.streaming, "pool_threshold", spy)
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    StreamingDetector(_musc().fit(train[:2]), pool_size=4).predict(train[2:4])
+    assert seen == [False]

@@ -140,3 +140,14 @@ def test_a_pool_whose_low_defects_widen_the_normal_fit_still_flags_its_defects()
     decision = pool_threshold(np.r_[normal, defects], 0.01)
     assert np.mean(np.array(defects) >= decision.image) >= 0.9
     assert np.sum(np.array(normal) >= decision.image) <= 1
+
+
+def test_a_mostly_normal_pool_can_refuse_the_equal_evidence_split() -> None:
+    """A stream's recent images are mostly good: a near-tie model that splits 64 log-normal normal scores
+    (seeded) must not set the threshold there."""
+    from scipy import stats
+
+    pool = np.random.default_rng(131).lognormal(0, 0.5, 64)
+    kept = pool_threshold(pool, 0.01, expect_defects=False).image
+    assert stats.lognorm.sf(kept, 0.5) <= 0.02  # realised share on the true normal distribution
+    assert pool_threshold(pool, 0.01).image < kept  # a batch pool takes the split: the reason for the flag
