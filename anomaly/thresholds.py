@@ -188,9 +188,7 @@ def _clopper_pearson(k: int, n: int) -> tuple[float, float]:
     return low, high
 
 
-def _pool_rule(
-    values: NDArray[np.float64], alpha: float, n_reference: int, expect_defects: bool = True
-) -> tuple[float, str]:
+def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int, expect_defects: bool) -> tuple[float, str]:
     top = _above(float(values.max()))
     spread = float(np.ptp(values))
     if spread <= 1e-9 * max(1.0, float(np.abs(values).max())):
@@ -206,7 +204,7 @@ def _pool_rule(
     return float(threshold), rule
 
 
-def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects: bool = True) -> float:
+def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects: bool) -> float:
     """1 - alpha quantile of the normal cluster of a Gaussian mixture on Box-Cox transformed scores.
 
     Transform and number of components are chosen by BIC; the normal cluster is the lowest component,
