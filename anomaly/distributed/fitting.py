@@ -3,7 +3,7 @@
 Memory bank (``patchcore``): every fold of the cross-fit goes to an actor, which extracts its images'
 features and builds the fold's coreset (:meth:`MemoryBankScorer.fold_candidates`); the driver merges
 the folds' coresets into the bank (:meth:`~MemoryBankScorer.merge_candidates`, greedy k-center of
-their union) while Ray tasks build each fold's held-out bank and score the fold against it
+their union), then Ray tasks build each fold's held-out bank from it and score the fold against it
 (:meth:`~MemoryBankScorer.score_held_out`). Same folds, same steps as the local cross-fit, so the same
 bank and threshold (the backbone gives the same features whatever the batch).
 
@@ -96,11 +96,13 @@ class FitWorker:
         found = scorer.fold_candidates(emb, images, share)
         return Candidates(found.vectors.cpu(), found.images), emb.cpu().numpy()
 
-    def held_out(self, candidates: list[Candidates], fold: int, size: int, queries: np.ndarray) -> ScoreOutput:
+    def held_out(
+        self, candidates: list[Candidates], fold: int, bank_picks: np.ndarray, size: int, queries: np.ndarray
+    ) -> ScoreOutput:
         """Scores of fold ``fold`` against the bank built from the other folds' candidates."""
         scorer = self.detector.scorer
         assert isinstance(scorer, MemoryBankScorer)
-        return scorer.score_held_out([c for j, c in enumerate(candidates) if j != fold], size, queries)
+        return scorer.score_held_out(candidates, fold, bank_picks, size, queries)
 
 
 def _memory_bank(
@@ -123,12 +125,12 @@ def _memory_bank(
         for i, (images, share) in enumerate(zip(members, plan.shares))
     ]
     candidates = _get_all(ray, [c for c, _ in calls], "features", len(paths), progress, members)
-    shared = ray.put(candidates)
+    bank_picks = scorer.merge_candidates(candidates, plan.total)  # on the driver; the held-out banks start from it
+    shared, picks = ray.put(candidates), ray.put(bank_picks)
     scored = [
-        pool[i % len(pool)].held_out.remote(shared, i, plan.held_out[i], queries)
+        pool[i % len(pool)].held_out.remote(shared, i, picks, plan.held_out[i], queries)
         for i, (_, queries) in enumerate(calls)
     ]
-    scorer.merge_candidates(candidates, plan.total)  # on the driver, while the held-out banks are built
     outs = _get_all(ray, scored, "fit", len(fold_ids), progress)
     n, (h, w) = len(paths), outs[0].patch_maps.shape[1:]
     maps = np.empty((n, h, w), dtype=np.float32)

@@ -33,17 +33,23 @@ def greedy_coreset(
     projection_dim: int = 32,
     n_starts: int = 10,
     seed: int = 0,
+    initial: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Indices of ``n_select`` rows of ``features`` (N, D) picked by approximate greedy k-center.
 
     As in the official PatchCore: distances start as the mean distance to ``n_starts`` random
     rows (which are not selected themselves), then each pick is the row farthest from everything
-    selected so far. Returns int64 indices in selection order.
+    selected so far. With ``initial`` (row indices already chosen, fewer than ``n_select``), the
+    selection continues from those rows instead: they come first in the result and distances start
+    as each row's distance to the nearest of them. Returns int64 indices in selection order.
     """
     n = features.shape[0]
     if not 0 < n_select <= n:
         raise ValueError(f"n_select must be in [1, {n}], got {n_select}")
+    initial = np.zeros(0, dtype=np.int64) if initial is None else np.asarray(initial, dtype=np.int64)
+    if len(initial) >= n_select:
+        raise ValueError(f"initial holds {len(initial)} rows; n_select must be larger, got {n_select}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     z = features.float()
     if projection_dim and projection_dim < features.shape[1]:
@@ -51,29 +57,44 @@ def greedy_coreset(
         z = z @ proj.to(z.device)
     z = z.contiguous()
     sq = (z * z).sum(1)
-    starts = torch.randperm(n, generator=gen)[: min(n_starts, n)].to(z.device)
-    start_d2 = (sq[:, None] + sq[starts][None, :] - 2 * z @ z[starts].T).clamp_min_(0)
-    delta = start_d2.sqrt_().mean(1).square_()  # squared distances from here on (same argmax)
+    if len(initial):
+        delta = _nearest_d2(z, torch.from_numpy(initial))
+    else:
+        starts = torch.randperm(n, generator=gen)[: min(n_starts, n)].to(z.device)
+        start_d2 = (sq[:, None] + sq[starts][None, :] - 2 * z @ z[starts].T).clamp_min_(0)
+        delta = start_d2.sqrt_().mean(1).square_()  # squared distances from here on (same argmax)
+    n_new = n_select - len(initial)
     if z.device.type == "cpu" and n <= _NUMPY_ROWS:
-        return _greedy_numpy(z.numpy(), sq.numpy(), delta.numpy(), n_select, progress)
+        return np.concatenate([initial, _greedy_numpy(z.numpy(), sq.numpy(), delta.numpy(), n_new, progress)])
     scratch = torch.empty_like(delta)
-    selected = torch.empty(n_select, dtype=torch.long, device=z.device)
-    step = max(1, n_select // 100)
+    selected = torch.empty(n_new, dtype=torch.long, device=z.device)
+    step = max(1, n_new // 100)
     threads = torch.get_num_threads()
     if z.device.type == "cpu" and not passive_openmp():
         torch.set_num_threads(1)
     try:
-        for i in range(n_select):
+        for i in range(n_new):
             j = torch.argmax(delta)
             selected[i] = j
             torch.addmv(sq, z, z[j], alpha=-2.0, out=scratch)  # |z|^2 - 2 z.z_j
             scratch.add_(sq[j])
             torch.minimum(delta, scratch, out=delta)
             if progress is not None and (i + 1) % step == 0:
-                progress(i + 1, n_select)
+                progress(i + 1, n_new)
     finally:
         torch.set_num_threads(threads)
-    return selected.cpu().numpy()
+    return np.concatenate([initial, selected.cpu().numpy()])
+
+
+def _nearest_d2(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Squared distance of every row of ``z`` to the nearest of ``z[rows]`` (an exact FAISS search)."""
+    import faiss
+
+    points = z.cpu().numpy()
+    index = faiss.IndexFlatL2(points.shape[1])
+    index.add(points[rows.cpu().numpy()])
+    d2, _ = index.search(points, 1)
+    return torch.from_numpy(d2[:, 0]).to(z.device)
 
 
 def _greedy_numpy(

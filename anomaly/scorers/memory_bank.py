@@ -29,6 +29,7 @@ from anomaly.scorers.registry import register_scorer
 __all__ = ["Candidates", "FoldPlan", "MemoryBankScorer"]
 
 _OVERSAMPLE = 2  # fold coresets hold twice their share of the bank; the final pick is made from their union
+_REFILL = 0.25  # share of a held-out bank picked anew after the full bank's rows (see score_held_out)
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,9 @@ class MemoryBankScorer(Scorer):
 
         Every fold gets its own coreset, ``_OVERSAMPLE`` times its share of the bank; the bank is a
         greedy k-center pick from the union of all of them, and the out-of-sample bank of fold f the
-        same pick from the union of the other folds' coresets: one procedure for both, so the
-        held-out scores are those a new image gets, at about the cost of one global coreset.
+        same pick from the union of the other folds' coresets, continued from the first bank rows that
+        fold f did not contribute (:meth:`score_held_out`): one procedure for both, so the held-out
+        scores are those a new image gets, at about the cost of one global coreset.
         The steps (:meth:`fold_plan`, :meth:`fold_candidates`, :meth:`merge_candidates`,
         :meth:`score_held_out`) are public so that ``anomaly.distributed`` runs them on other workers.
         """
@@ -165,14 +167,13 @@ class MemoryBankScorer(Scorer):
         for images, share in zip(members, plan.shares):
             candidates.append(self.fold_candidates(emb[torch.from_numpy(images).to(emb.device)], images, share))
             tick()
-        self.merge_candidates(candidates, plan.total)
+        bank_picks = self.merge_candidates(candidates, plan.total)
         tick()
         queries = emb.cpu().numpy()
         maps = np.empty((n_img, h, w), dtype=np.float32)
         scores = np.empty(n_img, dtype=np.float64)
         for i, images in enumerate(members):
-            others = [c for j, c in enumerate(candidates) if j != i]
-            out = self.score_held_out(others, plan.held_out[i], queries[images])
+            out = self.score_held_out(candidates, i, bank_picks, plan.held_out[i], queries[images])
             maps[images] = out.patch_maps
             scores[images] = out.image_scores
             tick()
@@ -199,29 +200,48 @@ class MemoryBankScorer(Scorer):
         picks = self._coreset(flat, share)
         return Candidates(flat[torch.from_numpy(picks).to(flat.device)], np.asarray(images)[picks // (h * w)])
 
-    def merge_candidates(self, candidates: list[Candidates], total: int) -> None:
-        """The bank: a greedy k-center pick of ``total`` patches from the union of the folds' coresets."""
+    def merge_candidates(self, candidates: list[Candidates], total: int) -> NDArray[np.int64]:
+        """The bank: a greedy k-center pick of ``total`` patches from the union of the folds' coresets.
+
+        Returns the picks' positions in that union, in selection order (for :meth:`score_held_out`).
+        """
         union = torch.cat([c.vectors for c in candidates])
         images = np.concatenate([c.images for c in candidates])
         picks = self._coreset(union, total)
         self._set_bank(union, picks, images[picks])
+        return picks
 
-    def score_held_out(self, others: list[Candidates], size: int, queries: np.ndarray) -> ScoreOutput:
-        """Scores of a fold's patch embeddings ``queries`` against the pick of ``size`` from the other folds'
-        coresets (the bank :meth:`merge_candidates` would build without this fold)."""
-        rest = torch.cat([c.vectors for c in others])
-        bank = rest[torch.from_numpy(self._coreset(rest, size)).to(rest.device)].cpu().numpy()
+    def score_held_out(
+        self, candidates: list[Candidates], fold: int, bank_picks: NDArray[np.int64], size: int, queries: np.ndarray
+    ) -> ScoreOutput:
+        """Scores of fold ``fold``'s patch embeddings ``queries`` against a bank of ``size`` built without it.
+
+        That bank is the greedy k-center pick from the other folds' coresets, started from the first
+        ``1 - _REFILL`` of it taken from the bank's own picks (``bank_picks``, from :meth:`merge_candidates`)
+        that are not the fold's: the farthest-point order of the full bank minus the fold's rows is what
+        a pick without the fold starts with, and the rest is picked anew to fill the gaps the fold left.
+        Continuing costs ``_REFILL`` of a pick from scratch.
+        """
+        bounds = np.cumsum([0] + [len(c.vectors) for c in candidates])
+        lo, hi = bounds[fold], bounds[fold + 1]
+        rest = torch.cat([c.vectors for j, c in enumerate(candidates) if j != fold])
+        kept = bank_picks[(bank_picks < lo) | (bank_picks >= hi)]
+        kept = np.where(kept >= hi, kept - (hi - lo), kept)[: int(size * (1 - _REFILL))]
+        picks = self._coreset(rest, size, initial=kept)
+        bank = rest[torch.from_numpy(picks).to(rest.device)].cpu().numpy()
         return self._score_queries(NNIndex("Flat", use_gpu=self.use_gpu).build(bank), bank, queries)
 
     def _bank_size(self, n_rows: int) -> int:
         n_select = max(1, math.floor(self.coreset_ratio * n_rows))
         return n_select if self.max_bank is None else min(n_select, self.max_bank)
 
-    def _coreset(self, rows: torch.Tensor, n_select: int) -> np.ndarray:
+    def _coreset(self, rows: torch.Tensor, n_select: int, initial: np.ndarray | None = None) -> np.ndarray:
         """Positions of a greedy k-center pick of ``n_select`` of ``rows`` (all of them if fewer)."""
         if n_select >= len(rows):
             return np.arange(len(rows))
-        return greedy_coreset(rows, n_select, projection_dim=self.projection_dim, seed=self.random_state)
+        return greedy_coreset(
+            rows, n_select, projection_dim=self.projection_dim, seed=self.random_state, initial=initial
+        )
 
     def _set_bank(self, flat: torch.Tensor, picks: np.ndarray, images: np.ndarray) -> None:
         self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].cpu().numpy()

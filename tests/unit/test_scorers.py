@@ -153,6 +153,24 @@ def test_coreset_matches_brute_force_farthest_point_selection() -> None:
     assert len(set(picks.tolist())) == 20
 
 
+@pytest.mark.parametrize("numpy_rows", [0, 50_000])  # the torch loop and the numpy loop
+def test_coreset_continues_from_initial_rows_as_farthest_point_selection(numpy_rows: int, monkeypatch) -> None:
+    monkeypatch.setattr("anomaly.scorers._coreset._NUMPY_ROWS", numpy_rows)
+    x = torch.randn(300, 5, generator=torch.Generator().manual_seed(1))
+    initial = np.array([7, 150, 42])
+    picks = greedy_coreset(x, 12, projection_dim=0, initial=initial)
+    xs = x.numpy().astype(np.float64)
+    d = np.linalg.norm(xs[:, None] - xs[initial][None], axis=2).min(1)
+    expected = initial.tolist()
+    for _ in range(9):
+        j = int(np.argmax(d))
+        expected.append(j)
+        d = np.minimum(d, np.linalg.norm(xs - xs[j], axis=1))
+    assert picks.tolist() == expected
+    with pytest.raises(ValueError, match="initial"):
+        greedy_coreset(x, 3, initial=initial)
+
+
 def test_coreset_covers_isolated_clusters_first() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.cat(
