@@ -20,6 +20,7 @@ per image at the peak of a flagged image's map (see :meth:`Threshold.pixel_for`)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,6 +39,8 @@ _BOXCOX_LAMBDAS = tuple(np.linspace(-1.0, 2.0, 13))  # 0: log-normal, 1/4-1/2: g
 _COMPONENTS = (1, 2, 3)  # normal images, and defects in one or two clusters when there are any
 _VALLEY = 0.5  # two clusters: the density between them dips below half the lower peak
 _BIC_TIE = 2.0  # BIC differences below this are not evidence for either model (Kass & Raftery 1995)
+_BIMODAL_LEVEL = 0.99  # two score groups count when they separate better than 99 % of one-Gaussian pools
+_NULL_DRAWS = 400  # simulated one-Gaussian pools behind that level
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,8 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
     """1 - alpha quantile of the normal cluster of a Gaussian mixture on Box-Cox transformed scores.
 
     Transform and number of components are chosen by BIC; the normal cluster is the lowest component,
-    merged with the next ones while no density valley separates them.
+    merged with the next ones while no density valley separates them. With ``expect_defects``, a pool in
+    which that leaves no defect cluster tries an equally likely model, then a significant Otsu split.
     """
     from scipy.special import boxcox, inv_boxcox
     from sklearn.mixture import GaussianMixture
@@ -250,6 +254,16 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
             if other_weights[cluster].sum() <= 1 - _MIN_COMPONENT:  # a defect cluster of some size
                 lam, means, sds, weights, normal = other_lam, other_means, other_sds, other_weights, cluster
                 break
+    if expect_defects and len(normal) == len(means):
+        # Still no defect cluster. A tight normal mode next to many spread defects can be fitted as one
+        # skewed mode (20 normal + 63 defective bottles cropped to 700x900 px: nothing flagged). If the
+        # scores split into two groups more cleanly than one Gaussian sample of the pool's size does
+        # (Otsu's separability beyond its 99th percentile), the lower group is the normal cluster.
+        y = boxcox(x, lam)
+        separability, n_low = _otsu(y)
+        if separability > _null_separability(len(y)):
+            low = np.sort(y)[:n_low]
+            means, sds, weights, normal = np.array([low.mean()]), np.array([low.std() + 1e-12]), np.array([1.0]), [0]
     quantile = float(inv_boxcox(_mixture_ppf(1 - alpha, means[normal], sds[normal], weights[normal]), lam))
     if not math.isfinite(quantile):  # beyond the transform's range: above everything seen
         return _above(float(values.max()))
@@ -295,3 +309,25 @@ def _mixture_ppf(q: float, means: NDArray[np.float64], sds: NDArray[np.float64],
     w = weights / weights.sum()
     lo, hi = float(np.min(means - 10 * sds)), float(np.max(means + 10 * sds))
     return float(brentq(lambda t: float(np.sum(w * norm.cdf(t, means, sds))) - q, lo, hi))
+
+
+def _otsu(y: NDArray[np.float64]) -> tuple[float, int]:
+    """Otsu's split of 1-D values into a lower group (at least ``_MIN_COMPONENT`` of them) and an upper one.
+
+    Returns the between-group share of the variance (separability, 0..1) and the size of the lower group.
+    """
+    z = np.sort(y)
+    n = len(z)
+    sizes = np.arange(max(2, math.ceil(_MIN_COMPONENT * n)), n - 1)
+    low_sums = np.cumsum(z)[sizes - 1]
+    gap = low_sums / sizes - (z.sum() - low_sums) / (n - sizes)
+    between = sizes * (n - sizes) / n * gap**2
+    best = int(np.argmax(between))
+    return float(between[best] / max(float(z.var()) * n, 1e-300)), int(sizes[best])
+
+
+@functools.lru_cache(maxsize=64)
+def _null_separability(n: int) -> float:
+    """The ``_BIMODAL_LEVEL`` quantile of Otsu's separability over seeded samples of ``n`` Gaussian values."""
+    rng = np.random.default_rng(0)
+    return float(np.quantile([_otsu(rng.standard_normal(n))[0] for _ in range(_NULL_DRAWS)], _BIMODAL_LEVEL))

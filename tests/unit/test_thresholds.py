@@ -142,6 +142,36 @@ def test_a_pool_whose_low_defects_widen_the_normal_fit_still_flags_its_defects()
     assert np.sum(np.array(normal) >= decision.image) <= 1
 
 
+def test_a_tight_normal_mode_beside_many_spread_defects_is_found_by_its_separability() -> None:
+    """MuSc scores of bottle/test cropped to rows 100-800 (rounded): every mixture within the BIC tie took all
+    scores as one skewed mode, so nothing was flagged; Otsu's split is beyond what one Gaussian pool gives."""
+    normal = [0.154, 0.18, 0.068, 0.082, 0.062, 0.05, 0.3, 0.076, 0.079, 0.085,
+              0.187, 0.07, 0.061, 0.14, 0.018, 0.095, 0.14, 0.024, 0.045, 0.144]  # fmt: skip
+    defects = [0.84, 0.818, 0.819, 0.917, 0.743, 0.692, 0.854, 0.83, 0.886, 0.662, 0.825, 0.672, 0.65, 0.773,
+               0.662, 0.688, 0.78, 0.808, 0.819, 0.781, 0.275, 0.664, 0.606, 0.666, 0.697, 0.462, 0.662, 0.416,
+               0.68, 0.407, 0.697, 0.595, 0.698, 0.586, 0.396, 0.71, 0.536, 0.718, 0.716, 0.689, 0.65, 0.582,
+               0.789, 0.428, 0.467, 0.254, 0.296, 0.806, 0.688, 0.882, 0.786, 0.695, 0.802, 0.528, 0.445, 0.849,
+               0.311, 0.659, 0.4, 0.886, 0.72, 0.309, 0.387]  # fmt: skip
+    decision = pool_threshold(np.r_[normal, defects], 0.01)
+    assert np.mean(np.array(defects) >= decision.image) >= 0.9
+    assert np.sum(np.array(normal) >= decision.image) <= 1
+
+
+def test_the_separability_fallback_leaves_one_mode_pools_alone(monkeypatch) -> None:
+    """On pools of normal scores alone (three families, seeded) it must almost never fire: it would flag a group."""
+    rng = np.random.default_rng(7)
+    families = (
+        lambda n: rng.normal(10, 1, n),
+        lambda n: rng.exponential(1, n) + 0.01,
+        lambda n: rng.lognormal(0, 0.5, n),
+    )
+    pools = [draw(n) for n in (40, 83) for _ in range(8) for draw in families]
+    with_fallback = [pool_threshold(pool, 0.01).image for pool in pools]
+    monkeypatch.setattr("anomaly.thresholds._null_separability", lambda n: np.inf)
+    without = [pool_threshold(pool, 0.01).image for pool in pools]
+    assert sum(a != b for a, b in zip(with_fallback, without)) <= 1
+
+
 def test_a_mostly_normal_pool_can_refuse_the_equal_evidence_split() -> None:
     """A stream's recent images are mostly good: a near-tie model that splits 64 log-normal normal scores
     (seeded) must not set the threshold there."""
