@@ -270,23 +270,28 @@ class Detector:
     def _predict_pool(
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: Progress | None, skip: bool
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
-        decoded, batches = [], []
+        mirror = self.scorer.augment_queries
+        decoded, batches, mirrored = [], [], []
         for batch in self._progress_batches(items, keep_images, skip, "features", progress):
             decoded += batch.items
             if batch.ok:
                 batches.append(self._extract_batch(batch.images, batch.ok))
+                if mirror:
+                    mirrored.append(self._extract_batch(np.ascontiguousarray(batch.images[:, :, ::-1]), batch.ok))
         ok = [d for d in decoded if d.error is None]
         n_ref = 0 if self.reference_ is None else len(self.reference_)
         if len(ok) + n_ref < 2:
             raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + references)")
-        parts = ([self.reference_] if self.reference_ is not None else []) + batches
-        device = self.extractor.device
-        layers = [torch.cat([x.to(device) for x in per_layer]) for per_layer in zip(*(p.layers for p in parts))]
-        embedding = None
-        if self.scorer.uses_embeddings:  # unit-length descriptors: RsCIN's similarity is then a cosine
-            embedding = torch.nn.functional.normalize(torch.cat([p.embedding.to(device) for p in parts]), dim=1)
+        references = [self.reference_] if self.reference_ is not None else []
         scoring = None if progress is None else (lambda done, total: progress("score", done, total))
-        out = self.scorer.score(layers, embeddings=embedding, progress=scoring)
+        out = self._score_pool(references + batches, scoring)
+        if mirror:  # the mirrored pool (references mirrored on their feature grid), maps mirrored back
+            flipped = [FeatureSet([x.flip(-1) for x in r.layers], r.embedding, r.images) for r in references]
+            again = self._score_pool(flipped + mirrored, scoring)
+            averaged = None
+            if out.patch_maps is not None and again.patch_maps is not None:
+                averaged = np.ascontiguousarray((out.patch_maps + again.patch_maps[..., ::-1]) / 2)
+            out = ScoreOutput(averaged, (out.image_scores + again.image_scores) / 2)
         members = (self.reference_.images if self.reference_ is not None else []) + ok
         peaks = self.map_peaks(out, members)
         from_map = self.scorer.image_score_from_map and out.patch_maps is not None
@@ -307,6 +312,15 @@ class Detector:
         yield from _merge(decoded, results, decision)
 
     # --------------------------------------------------------------- internals
+    def _score_pool(self, parts: list[FeatureSet], progress: Callable[[int, int], None] | None) -> ScoreOutput:
+        """One zero-shot ``score`` call over the concatenated features of ``parts`` (references first)."""
+        device = self.extractor.device
+        layers = [torch.cat([x.to(device) for x in per_layer]) for per_layer in zip(*(p.layers for p in parts))]
+        embedding = None
+        if self.scorer.uses_embeddings:  # unit-length descriptors: RsCIN's similarity is then a cosine
+            embedding = torch.nn.functional.normalize(torch.cat([p.embedding.to(device) for p in parts]), dim=1)
+        return self.scorer.score(layers, embeddings=embedding, progress=progress)
+
     def _progress_batches(
         self, items: Sequence[ImageInput], keep: bool, skip: bool, stage: str, progress: Progress | None
     ) -> Iterator[Any]:

@@ -35,6 +35,8 @@ class StreamingDetector:
             raise ConfigError("StreamingDetector needs a zero-shot detector that scores against references (musc)")
         if detector.config.preprocess.tile is not None:
             raise ConfigError("StreamingDetector scores whole images: set preprocess.tile to null")
+        if detector.scorer.augment_queries:
+            raise ConfigError("StreamingDetector scores each image once: set scorer.params.augment_queries to false")
         self.detector = detector
         device = detector.extractor.device
         reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_.layers]

@@ -13,7 +13,8 @@ What a scorer can do is declared by class attributes, never discovered by reflec
   computes it from the map, so verdict and mask share one scale); False when the scorer re-scores
   images itself (MuSc's RsCIN, PatchCore's Eq. 7);
 * ``uses_references`` / ``uses_embeddings``: ``score`` uses the ``reference=`` / ``embeddings=`` keywords;
-* ``augment_references``: few-shot references should be given as rotated and flipped views too.
+* ``augment_references``: few-shot references should be given as rotated and flipped views too;
+* ``augment_queries``: a zero-shot pool should also be scored mirrored left-right, the two maps averaged.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Scorer(ABC):
     uses_references: ClassVar[bool] = False
     uses_embeddings: ClassVar[bool] = False
     augment_references: bool = False
+    augment_queries: bool = False
 
     def get_params(self) -> dict[str, Any]:
         """The constructor keywords, as stored in configs and saved models."""

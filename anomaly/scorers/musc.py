@@ -398,7 +398,9 @@ class MuScScorer(Scorer):
     of the score map to the finest grid; maps are averaged over layers, then over r. Image score =
     max of the map, re-scored by :func:`rscin` when class-token ``embeddings`` are given.
     ``aligned_window`` is counted in cells of each layer's own grid. ``augment_references`` asks
-    the detector to add rotated and flipped views of few-shot references (VisionAD-style).
+    the detector to add rotated and flipped views of few-shot references (VisionAD-style);
+    ``augment_queries`` to score the pool a second time mirrored left-right and average the maps and
+    image scores (query augmentation; twice the time).
     """
 
     name: ClassVar[str] = "musc"
@@ -415,6 +417,7 @@ class MuScScorer(Scorer):
         memory_budget_mb: float = 512,
         aligned_window: int | None = None,
         augment_references: bool = False,
+        augment_queries: bool = False,
     ) -> None:
         if not r_list or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
             raise ConfigError(f"musc: r_list must be positive odd integers, got {r_list!r}")
@@ -430,12 +433,16 @@ class MuScScorer(Scorer):
             isinstance(aligned_window, bool) or not isinstance(aligned_window, int) or aligned_window < 0
         ):
             raise ConfigError(f"musc: aligned_window must be None or an integer >= 0, got {aligned_window!r}")
+        for key, value in (("augment_references", augment_references), ("augment_queries", augment_queries)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"musc: {key} must be true or false, got {value!r}")
         self.r_list = tuple(r_list)
         self.interval = tuple(interval)
         self.rscin_k = tuple(rscin_k) if rscin_k else None
         self.memory_budget_mb = memory_budget_mb
         self.aligned_window = aligned_window
         self.augment_references = augment_references
+        self.augment_queries = augment_queries
         self.image_score_from_map = not self.rscin_k  # RsCIN re-scores images
 
     def fit(self, layers: list[torch.Tensor], *, progress: Callable[[int, int], None] | None = None) -> MuScScorer:

@@ -8,6 +8,8 @@ import pytest
 
 from anomaly import DataError, DetectionResult, Detector, NotFittedError
 from anomaly.config import apply_overrides, load_config
+from anomaly.errors import ConfigError
+from anomaly.streaming import StreamingDetector
 
 
 def _config(name: str = "patchcore", *extra: str):
@@ -160,6 +162,24 @@ def test_few_shot_support_augmentation_adds_six_views(synthetic_root: Path) -> N
     assert det.reference_ is not None and det.reference_.layers[0].shape[0] == 12
     scores = [r.image_score for r in det.predict(good + bad)]
     assert np.mean(scores[len(good) :]) > np.mean(scores[: len(good)])
+
+
+def test_query_augmentation_averages_the_pool_with_its_mirror_image(synthetic_root: Path) -> None:
+    from anomaly.data.io import read_image
+
+    _, good, bad = _split(synthetic_root)
+    images = [read_image(p) for p in good[:3] + bad[:3]]
+    plain = Detector(_config("musc", "scorer.params.rscin_k=null"))
+    straight, mirrored = plain.predict(images), plain.predict([np.ascontiguousarray(im[:, ::-1]) for im in images])
+    both = Detector(_config("musc", "scorer.params.rscin_k=null", "scorer.params.augment_queries=true")).predict(images)
+    for a, s, m in zip(both, straight, mirrored):
+        expected = (s.anomaly_map + m.anomaly_map[:, ::-1]) / 2  # map post-processing commutes with the mirror
+        assert np.mean(np.isclose(a.anomaly_map, expected, rtol=1e-4, atol=1e-6)) > 0.999
+        assert not np.allclose(a.anomaly_map, s.anomaly_map, rtol=1e-3)  # the mirrored pool did count
+    with pytest.raises(ConfigError, match="augment_queries"):
+        Detector(_config("musc", "scorer.params.augment_queries=2"))
+    with pytest.raises(ConfigError, match="augment_queries"):
+        StreamingDetector(Detector(_config("musc", "scorer.params.augment_queries=true")))
 
 
 def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_root: Path) -> None:

@@ -324,6 +324,7 @@ def test_scorer_contract_and_validation():
         "memory_budget_mb": 512,
         "aligned_window": None,
         "augment_references": False,
+        "augment_queries": False,
     }
     for bad in ({"r_list": (2,)}, {"interval": (0.1,)}, {"rscin_k": (0,)}, {"memory_budget_mb": 0},
                 {"aligned_window": -1}):  # fmt: skip
