@@ -1,10 +1,10 @@
 """The zero-shot pool rule on synthetic pools: realised false-positive share and share of defects flagged.
 
-Normal scores from a Gaussian, an exponential or a log-normal; none, 5, 25 or 50 % of a pool of ``--size``
+Normal scores from a Gaussian, an exponential or a log-normal; by default none, 5, 25 or 50 % (``--shares``) of a pool of ``--size``
 (default 200) are separable defects (beyond the normal 99.9 % quantile, spread exponentially). The realised share
 is measured on 4,000 fresh normal scores per pool.
 
-    python benchmarks/pool_rule.py --pools 8 [--size 83]
+    python benchmarks/pool_rule.py --pools 8 [--size 83] [--shares 0.75]
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ def main() -> None:
     parser.add_argument("--pools", type=int, default=8, help="pools per setting")
     parser.add_argument("--size", type=int, default=200, help="images per pool")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shares", type=float, nargs="+", default=[0.0, 0.05, 0.25, 0.5], help="anomalous shares of a pool"
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     families = {
@@ -32,7 +35,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for target in (0.01, 0.05):
         for name, draw in families.items():
-            for share in (0.0, 0.05, 0.25, 0.5):
+            for share in args.shares:
                 fps, caught = [], []
                 for _ in range(args.pools):
                     n_anomalous = int(args.size * share)
