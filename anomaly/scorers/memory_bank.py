@@ -216,11 +216,11 @@ class MemoryBankScorer(Scorer):
     ) -> ScoreOutput:
         """Scores of fold ``fold``'s patch embeddings ``queries`` against a bank of ``size`` built without it.
 
-        That bank is the greedy k-center pick from the other folds' coresets, started from the first
-        ``1 - _REFILL`` of it taken from the bank's own picks (``bank_picks``, from :meth:`merge_candidates`)
-        that are not the fold's: the farthest-point order of the full bank minus the fold's rows is what
-        a pick without the fold starts with, and the rest is picked anew to fill the gaps the fold left.
-        Continuing costs ``_REFILL`` of a pick from scratch.
+        That bank is a greedy k-center pick from the other folds' coresets that starts from the full
+        bank's own picks outside the fold (``bank_picks``, from :meth:`merge_candidates`, in selection
+        order), the first ``1 - _REFILL`` of ``size`` of them: their farthest-point order approximates how a
+        pick without the fold begins, and the rest is picked anew to fill the gaps the fold leaves. This
+        costs ``_REFILL`` of a pick from scratch, with the same thresholds (benchmarks/README.md section 6).
         """
         bounds = np.cumsum([0] + [len(c.vectors) for c in candidates])
         lo, hi = bounds[fold], bounds[fold + 1]
