@@ -254,8 +254,15 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
             if other_weights[cluster].sum() <= 1 - _MIN_COMPONENT:  # a defect cluster of some size
                 lam, means, sds, weights, normal = other_lam, other_means, other_sds, other_weights, cluster
                 break
+    if expect_defects and len(normal) < len(means):
+        quantile = float(inv_boxcox(_mixture_ppf(1 - alpha, means[normal], sds[normal], weights[normal]), lam))
+        if not quantile * scale - shift <= values.max():
+            # A defect cluster that nothing is flagged in: a strongly concave transform can stretch the
+            # normal scores into one wide component whose quantile lies beyond every defect (20 normal +
+            # 20 defective bottles). The model contradicts itself; the test below decides instead.
+            normal = list(range(len(means)))
     if expect_defects and len(normal) == len(means):
-        # Still no defect cluster. A tight normal mode next to many spread defects can be fitted as one
+        # No defect cluster. A tight normal mode next to many spread defects can be fitted as one
         # skewed mode (20 normal + 63 defective bottles cropped to 700x900 px: nothing flagged). If the
         # scores split into two groups more cleanly than one Gaussian sample of the pool's size does
         # (Otsu's separability beyond its 99th percentile), the lower group is the normal cluster.

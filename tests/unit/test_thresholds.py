@@ -157,6 +157,18 @@ def test_a_tight_normal_mode_beside_many_spread_defects_is_found_by_its_separabi
     assert np.sum(np.array(normal) >= decision.image) <= 1
 
 
+def test_a_defect_cluster_that_flags_nothing_hands_over_to_the_separability_test() -> None:
+    """MuSc scores of 20 good + 20 defective bottle/test images (rounded): the BIC-best mixture saw the defects as a
+    cluster, but its log-like transform stretched the normal scores into a component whose quantile lay beyond them."""
+    normal = [0.042, 0.166, 0.063, 0.035, 0.086, 0.1, 0.338, 0.046, 0.074, 0.048,
+              0.088, 0.058, 0.071, 0.075, 0.044, 0.129, 0.123, 0.089, 0.04, 0.105]  # fmt: skip
+    defects = [0.824, 0.709, 0.813, 0.804, 0.774, 0.732, 0.817, 0.702, 0.805, 0.823,
+               0.339, 0.658, 0.457, 0.683, 0.571, 0.645, 0.552, 0.576, 0.672, 0.315]  # fmt: skip
+    decision = pool_threshold(np.r_[normal, defects], 0.01)
+    assert np.mean(np.array(defects) >= decision.image) >= 0.9
+    assert np.sum(np.array(normal) >= decision.image) <= 1
+
+
 def test_the_separability_fallback_leaves_one_mode_pools_alone(monkeypatch) -> None:
     """On pools of normal scores alone (three families, seeded) it must almost never fire: it would flag a group."""
     rng = np.random.default_rng(7)
