@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from anomaly._runtime import passive_openmp
+from anomaly.index import NNIndex
 
 __all__ = ["greedy_coreset"]
 
@@ -88,13 +89,9 @@ def greedy_coreset(
 
 def _nearest_d2(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Squared distance of every row of ``z`` to the nearest of ``z[rows]`` (an exact FAISS search)."""
-    import faiss
-
     points = z.cpu().numpy()
-    index = faiss.IndexFlatL2(points.shape[1])
-    index.add(points[rows.cpu().numpy()])
-    d2, _ = index.search(points, 1)
-    return torch.from_numpy(d2[:, 0]).to(z.device)
+    dist, _ = NNIndex("Flat", use_gpu=False).build(points[rows.cpu().numpy()]).search(points, 1)
+    return torch.from_numpy(np.square(dist[:, 0])).to(z.device)
 
 
 def _greedy_numpy(
