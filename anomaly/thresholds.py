@@ -254,13 +254,16 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
             if other_weights[cluster].sum() <= 1 - _MIN_COMPONENT:  # a defect cluster of some size
                 lam, means, sds, weights, normal = other_lam, other_means, other_sds, other_weights, cluster
                 break
-    if expect_defects and len(normal) < len(means):
+
+    def normal_quantile() -> float:  # the normal cluster's 1 - alpha quantile on the scores' scale (inf: beyond)
         quantile = float(inv_boxcox(_mixture_ppf(1 - alpha, means[normal], sds[normal], weights[normal]), lam))
-        if not quantile * scale - shift <= values.max():
-            # A defect cluster that nothing is flagged in: a strongly concave transform can stretch the
-            # normal scores into one wide component whose quantile lies beyond every defect (20 normal +
-            # 20 defective bottles). The model contradicts itself; the test below decides instead.
-            normal = list(range(len(means)))
+        return quantile * scale - shift if math.isfinite(quantile) else math.inf
+
+    if expect_defects and len(normal) < len(means) and normal_quantile() > values.max():
+        # A defect cluster that nothing is flagged in: a strongly concave transform can stretch the
+        # normal scores into one wide component whose quantile lies beyond every defect (20 normal +
+        # 20 defective bottles). The model contradicts itself; the test below decides instead.
+        normal = list(range(len(means)))
     if expect_defects and len(normal) == len(means):
         # No defect cluster. A tight normal mode next to many spread defects can be fitted as one
         # skewed mode (20 normal + 63 defective bottles cropped to 700x900 px: nothing flagged). If the
@@ -271,10 +274,8 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
         if separability > _null_separability(len(y)):
             low = np.sort(y)[:n_low]
             means, sds, weights, normal = np.array([low.mean()]), np.array([low.std() + 1e-12]), np.array([1.0]), [0]
-    quantile = float(inv_boxcox(_mixture_ppf(1 - alpha, means[normal], sds[normal], weights[normal]), lam))
-    if not math.isfinite(quantile):  # beyond the transform's range: above everything seen
-        return _above(float(values.max()))
-    return quantile * scale - shift
+    threshold = normal_quantile()
+    return threshold if math.isfinite(threshold) else _above(float(values.max()))  # beyond the transform's range
 
 
 def _normal_cluster(means: NDArray[np.float64], sds: NDArray[np.float64], weights: NDArray[np.float64]) -> list[int]:
