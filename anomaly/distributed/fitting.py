@@ -30,6 +30,7 @@ from anomaly.data.inputs import training_paths
 from anomaly.detector import Detector
 from anomaly.distributed._cluster import cluster, require_ray, workers
 from anomaly.errors import AnomalyError, ConfigError, DataError
+from anomaly.index import NNIndex
 from anomaly.scorers import ScoreOutput
 from anomaly.scorers.memory_bank import Candidates, MemoryBankScorer
 
@@ -97,12 +98,22 @@ class FitWorker:
         return Candidates(found.vectors.cpu(), found.images), emb.cpu().numpy()
 
     def held_out(
-        self, candidates: list[Candidates], fold: int, bank_picks: np.ndarray, size: int, queries: np.ndarray
+        self,
+        candidates: list[Candidates],
+        fold: int,
+        bank_picks: np.ndarray,
+        size: int,
+        queries: np.ndarray,
+        bank_index: np.ndarray,
     ) -> ScoreOutput:
-        """Scores of fold ``fold`` against the bank built from the other folds' candidates."""
+        """Scores of fold ``fold`` against the bank built from the other folds' candidates.
+
+        ``bank_index``: the full bank's serialised index, whose IVF lists the held-out bank reuses.
+        """
         scorer = self.detector.scorer
         assert isinstance(scorer, MemoryBankScorer)
-        return scorer.score_held_out(candidates, fold, bank_picks, size, queries)
+        lists = NNIndex(scorer.index, use_gpu=scorer.use_gpu).deserialize(bank_index)
+        return scorer.score_held_out(candidates, fold, bank_picks, size, queries, lists)
 
 
 def _memory_bank(
@@ -126,9 +137,10 @@ def _memory_bank(
     ]
     candidates = _get_all(ray, [c for c, _ in calls], "features", len(paths), progress, members)
     bank_picks = scorer.merge_candidates(candidates, plan.total)  # on the driver; the held-out banks start from it
-    shared, picks = ray.put(candidates), ray.put(bank_picks)
+    assert scorer.index_ is not None
+    shared, picks, index = ray.put(candidates), ray.put(bank_picks), ray.put(scorer.index_.serialize())
     scored = [
-        pool[i % len(pool)].held_out.remote(shared, i, picks, plan.held_out[i], queries)
+        pool[i % len(pool)].held_out.remote(shared, i, picks, plan.held_out[i], queries, index)
         for i, (_, queries) in enumerate(calls)
     ]
     outs = _get_all(ray, scored, "fit", len(fold_ids), progress)

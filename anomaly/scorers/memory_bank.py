@@ -30,6 +30,7 @@ __all__ = ["Candidates", "FoldPlan", "MemoryBankScorer"]
 
 _OVERSAMPLE = 2  # fold coresets hold twice their share of the bank; the final pick is made from their union
 _REFILL = 0.25  # share of a held-out bank picked anew after the full bank's rows (see score_held_out)
+_EXACT_SHARE = 1 / 16  # with an approximate index, each image's highest patches are searched exhaustively
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class MemoryBankScorer(Scorer):
         maps = np.empty((n_img, h, w), dtype=np.float32)
         scores = np.empty(n_img, dtype=np.float64)
         for i, images in enumerate(members):
-            out = self.score_held_out(candidates, i, bank_picks, plan.held_out[i], queries[images])
+            out = self.score_held_out(candidates, i, bank_picks, plan.held_out[i], queries[images], self.index_)
             maps[images] = out.patch_maps
             scores[images] = out.image_scores
             tick()
@@ -212,7 +213,13 @@ class MemoryBankScorer(Scorer):
         return picks
 
     def score_held_out(
-        self, candidates: list[Candidates], fold: int, bank_picks: NDArray[np.int64], size: int, queries: np.ndarray
+        self,
+        candidates: list[Candidates],
+        fold: int,
+        bank_picks: NDArray[np.int64],
+        size: int,
+        queries: np.ndarray,
+        lists: NNIndex | None = None,
     ) -> ScoreOutput:
         """Scores of fold ``fold``'s patch embeddings ``queries`` against a bank of ``size`` built without it.
 
@@ -221,6 +228,7 @@ class MemoryBankScorer(Scorer):
         order), the first ``1 - _REFILL`` of ``size`` of them: their farthest-point order approximates how a
         pick without the fold begins, and the rest is picked anew to fill the gaps the fold leaves. This
         costs ``_REFILL`` of a pick from scratch, with the same thresholds (benchmarks/README.md section 6).
+        With an IVF index, the held-out bank reuses the lists of ``lists`` (the full bank's index) untrained.
         """
         bounds = np.cumsum([0] + [len(c.vectors) for c in candidates])
         lo, hi = bounds[fold], bounds[fold + 1]
@@ -229,7 +237,8 @@ class MemoryBankScorer(Scorer):
         kept = np.where(kept >= hi, kept - (hi - lo), kept)[: int(size * (1 - _REFILL))]
         picks = self._coreset(rest, size, initial=kept)
         bank = rest[torch.from_numpy(picks).to(rest.device)].cpu().numpy()
-        return self._score_queries(NNIndex("Flat", use_gpu=self.use_gpu).build(bank), bank, queries)
+        index = NNIndex(self.index, use_gpu=self.use_gpu).build(bank, seed=self.random_state, lists_of=lists)
+        return self._score_queries(index, bank, queries)
 
     def _bank_size(self, n_rows: int) -> int:
         n_select = max(1, math.floor(self.coreset_ratio * n_rows))
@@ -266,6 +275,10 @@ class MemoryBankScorer(Scorer):
         n_img, h, w, d = queries.shape
         flat = queries.reshape(-1, d)
         dist, ids = index.search(flat, self.k)
+        if index.approximate:  # the image score and the map's peaks come from exact distances
+            patch = dist.mean(1).reshape(n_img, h * w)
+            top = (patch >= np.quantile(patch, 1 - _EXACT_SHARE, axis=1, keepdims=True)).ravel()
+            dist[top], ids[top] = index.search_exact(flat[top], self.k)
         if self.distance == "sql2":
             dist = dist**2
         patch = dist.mean(1).reshape(n_img, h * w)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
 from anomaly import ConfigError, NotFittedError
-from anomaly.index import NNIndex
+from anomaly.index import NNIndex, auto_index_string
 from anomaly.scorers import get_scorer, list_scorers
 from anomaly.scorers._coreset import greedy_coreset
 
@@ -191,6 +192,38 @@ def test_flat_index_returns_true_l2_and_hnsw_keeps_recall() -> None:
     assert (approx_ids[:, 0] == ids[:, 0]).mean() >= 0.95
     restored = NNIndex("Flat").deserialize(exact.serialize())
     np.testing.assert_array_equal(restored.search(queries, 1)[1], ids)
+
+
+def test_auto_index_is_exact_for_small_banks_and_an_inverted_file_above() -> None:
+    assert auto_index_string(4095) == "Flat"
+    assert auto_index_string(10_700) == "IVF128,Flat"  # about 64 rows per list
+    assert auto_index_string(200_001) == "HNSW32,Flat"
+    index = NNIndex("auto").build(np.random.default_rng(0).standard_normal((5000, 8)).astype(np.float32))
+    assert index.approximate and faiss.extract_index_ivf(index._cpu).nprobe == 64 // 16
+
+
+def test_approximate_index_keeps_every_image_score_exact() -> None:
+    """IVF misses some nearest rows, but each image's highest patches are searched exhaustively."""
+    train, test = _layers(70, 0), _layers(20, 1)  # 4,480 bank rows: "auto" builds an IVF index
+    flat = get_scorer("memory_bank", {"coreset_ratio": 1.0}).fit(train).score(test)
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 1.0, "index": "auto"}).fit(train)
+    approx = scorer.score(test)
+    assert scorer.index_ is not None and scorer.index_.approximate
+    assert not np.array_equal(approx.patch_maps, flat.patch_maps)  # the data is hard enough for IVF to miss
+    np.testing.assert_array_equal(approx.image_scores, flat.image_scores)
+    assert np.all(approx.patch_maps >= flat.patch_maps - 1e-6)  # a missed row only overestimates
+
+
+def test_an_index_can_reuse_the_lists_of_another() -> None:
+    rng = np.random.default_rng(0)
+    bank, other = (rng.standard_normal((n, 8)).astype(np.float32) for n in (5000, 3000))
+    full = NNIndex("auto").build(bank)
+    reused = NNIndex("auto").build(other, lists_of=full)  # 3,000 rows alone would have been Flat
+    centroids = [faiss.extract_index_ivf(i._cpu).quantizer.reconstruct_n(0, 64) for i in (full, reused)]
+    np.testing.assert_array_equal(*centroids)
+    assert reused.ntotal == 3000
+    queries = rng.standard_normal((200, 8)).astype(np.float32)
+    np.testing.assert_array_equal(reused.search_exact(queries)[1], NNIndex("Flat").build(other).search(queries)[1])
 
 
 def test_under_trained_ivf_is_refused() -> None:
