@@ -1,8 +1,8 @@
 """The zero-shot pool rule on synthetic pools: realised false-positive share and share of defects flagged.
 
-Normal scores from a Gaussian, an exponential or a log-normal; by default none, 5, 25 or 50 % (``--shares``) of a pool of ``--size``
-(default 200) are separable defects (beyond the normal 99.9 % quantile, spread exponentially). The realised share
-is measured on 4,000 fresh normal scores per pool.
+Normal scores from a Gaussian, an exponential or a log-normal; by default none, 5, 25 or 50 % (``--shares``) of a
+pool of ``--size`` (default 200) are separable defects (beyond the normal 99.9 % quantile, spread exponentially).
+The realised share is measured on 4,000 fresh normal scores per pool.
 
     python benchmarks/pool_rule.py --pools 8 [--size 83] [--shares 0.75]
 """

@@ -134,7 +134,9 @@ def test_zero_shot_is_refused_in_one_line(synthetic_root: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("index", [[], ["scorer.params.coreset_ratio=0.5", "scorer.params.index=IVF4,Flat"]])
-def test_fit_on_ray_gives_the_local_bank_and_threshold(index: list[str], fault_file: Path, synthetic_root: Path) -> None:
+def test_fit_on_ray_gives_the_local_bank_and_threshold(
+    index: list[str], fault_file: Path, synthetic_root: Path
+) -> None:
     """Also with an IVF index, whose lists the held-out banks on the workers take from the driver's bank."""
     from anomaly import Detector
     from anomaly.config import apply_overrides, load_config
