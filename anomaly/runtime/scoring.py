@@ -69,7 +69,7 @@ class _MemoryBank:
         emb = outputs[0]  # (N, h, w, D) patch embeddings
         n_img, h, w, d = emb.shape
         queries = emb.reshape(-1, d)
-        dist, ids = self.index.search(queries, self.k)
+        dist, ids = self.index.search_images(emb.reshape(n_img, h * w, d), self.k)
         if self.distance == "sql2":
             dist = dist**2
         patch = dist.mean(1).reshape(n_img, h * w)

@@ -30,7 +30,6 @@ __all__ = ["Candidates", "FoldPlan", "MemoryBankScorer"]
 
 _OVERSAMPLE = 2  # fold coresets hold twice their share of the bank; the final pick is made from their union
 _REFILL = 0.25  # share of a held-out bank picked anew after the full bank's rows (see score_held_out)
-_EXACT_SHARE = 1 / 16  # with an approximate index, each image's highest patches are searched exhaustively
 
 
 @dataclass(frozen=True)
@@ -274,11 +273,7 @@ class MemoryBankScorer(Scorer):
     def _score_queries(self, index: NNIndex, bank: np.ndarray, queries: np.ndarray) -> ScoreOutput:
         n_img, h, w, d = queries.shape
         flat = queries.reshape(-1, d)
-        dist, ids = index.search(flat, self.k)
-        if index.approximate:  # the image score and the map's peaks come from exact distances
-            patch = dist.mean(1).reshape(n_img, h * w)
-            top = (patch >= np.quantile(patch, 1 - _EXACT_SHARE, axis=1, keepdims=True)).ravel()
-            dist[top], ids[top] = index.search_exact(flat[top], self.k)
+        dist, ids = index.search_images(queries.reshape(n_img, h * w, d), self.k)  # image peaks exact
         if self.distance == "sql2":
             dist = dist**2
         patch = dist.mean(1).reshape(n_img, h * w)

@@ -17,8 +17,13 @@ from anomaly.runtime import ExportedDetector  # noqa: E402
 
 @pytest.mark.parametrize(
     ("config", "extra"),
-    [("padim", []), ("gaussian", []), ("patchcore", ["scorer.params.reweight=true", "scorer.params.k=3"])],
-    ids=["padim", "gaussian", "patchcore-reweight-k3"],
+    [
+        ("padim", []),
+        ("gaussian", []),
+        ("patchcore", ["scorer.params.reweight=true", "scorer.params.k=3"]),
+        ("patchcore", ["scorer.params.coreset_ratio=0.5", "scorer.params.index=IVF4,Flat"]),  # image peaks exact
+    ],
+    ids=["padim", "gaussian", "patchcore-reweight-k3", "patchcore-ivf"],
 )
 def test_exported_scorers_match_the_torch_detector(
     config: str, extra: list[str], synthetic_root: Path, tmp_path: Path, assert_parity: Callable[..., None]
