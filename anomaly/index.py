@@ -130,9 +130,9 @@ class NNIndex:
     def search_images(self, queries: NDArray[np.float32], k: int = 1) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         """:meth:`search` for the patches of images, (N, P, D) -> (N * P, k) distances and ids.
 
-        With an approximate index, each image's highest ``1/_EXACT_SHARE_INV`` of patches are searched again
-        exhaustively, so an image's peak (its score) and the map's peaks are exact distances; elsewhere a
-        missed nearest row can only overestimate a distance.
+        With an approximate index, each image's highest 1/16 of patches are searched again exhaustively, so
+        an image's peak (its score) and the map's peaks are exact distances; elsewhere a missed nearest row
+        can only overestimate a distance.
         """
         n_img, n_patch, d = queries.shape
         flat = queries.reshape(-1, d)
