@@ -130,14 +130,15 @@ class NNIndex:
     def search_images(self, queries: NDArray[np.float32], k: int = 1) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         """:meth:`search` for the patches of images, (N, P, D) -> (N * P, k) distances and ids.
 
-        With an approximate index, each image's highest 1/16 of patches are searched again exhaustively, so
+        With an approximate index that keeps its rows uncompressed (``IVF..,Flat``, ``HNSW..,Flat``), each
+        image's highest 1/16 of patches are searched again exhaustively, so
         an image's peak (its score) and the map's peaks are exact distances; elsewhere a missed nearest row
         can only overestimate a distance.
         """
         n_img, n_patch, d = queries.shape
         flat = queries.reshape(-1, d)
         dist, ids = self.search(flat, k)
-        if self.approximate and len(flat):
+        if self.approximate and self._stores_rows and len(flat):  # compressed rows (PQ) cannot be re-searched
             patch = dist.mean(1).reshape(n_img, n_patch)
             top = (patch >= np.quantile(patch, 1 - 1 / _EXACT_SHARE_INV, axis=1, keepdims=True)).ravel()
             dist[top], ids[top] = self.search_exact(flat[top], k)

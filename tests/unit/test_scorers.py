@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly import ConfigError, NotFittedError
+from anomaly import BackendError, ConfigError, NotFittedError
 from anomaly.index import NNIndex, auto_index_string
 from anomaly.scorers import get_scorer, list_scorers
 from anomaly.scorers._coreset import greedy_coreset
@@ -214,6 +214,16 @@ def test_approximate_index_keeps_every_image_score_exact() -> None:
     assert np.all(approx.patch_maps >= flat.patch_maps - 1e-6)  # a missed row only overestimates
 
 
+def test_an_index_with_compressed_rows_scores_images_without_a_second_pass() -> None:
+    rng = np.random.default_rng(0)
+    index = NNIndex("IVF16,PQ4x4").build(rng.standard_normal((2000, 8)).astype(np.float32))
+    queries = rng.standard_normal((3, 50, 8)).astype(np.float32)
+    dist, ids = index.search_images(queries, 2)
+    assert dist.shape == ids.shape == (150, 2) and np.isfinite(dist).all()
+    with pytest.raises(BackendError, match="keeps no rows"):
+        index.search_exact(queries[0])
+
+
 def test_an_index_can_reuse_the_lists_of_another() -> None:
     rng = np.random.default_rng(0)
     bank, other = (rng.standard_normal((n, 8)).astype(np.float32) for n in (5000, 3000))
@@ -227,8 +237,6 @@ def test_an_index_can_reuse_the_lists_of_another() -> None:
 
 
 def test_under_trained_ivf_is_refused() -> None:
-    from anomaly import BackendError
-
     with pytest.raises(BackendError, match="needs >= "):
         NNIndex("IVF256,Flat").build(np.zeros((100, 8), np.float32))
 
