@@ -4,7 +4,7 @@
    5000 images fit the time budget on 2 cores: 64 patches per image, 320k patches at N=5000), for
    two bank policies, each point in a fresh process (peak RSS is that point's own):
 
-   * ``ratio``: coreset_ratio p fixed (default 0.01 as configs/patchcore.yaml): p*N*HW picks, each
+   * ``ratio``: coreset_ratio p fixed (default 0.04 as configs/patchcore.yaml): p*N*HW picks, each
      costing O(N*HW) -> p*N^2 work;
    * ``cap``:   the same ratio with ``max_bank`` M: at most M picks -> fit linear in N.
 
@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="50,200,1000,5000", help="training-set sizes (comma separated)")
     parser.add_argument("--parts", default="fit,recall,bottle", help="which parts to run: fit,recall,bottle")
     parser.add_argument("--image-size", type=int, default=64, help="generated image side in px (default 64)")
-    parser.add_argument("--ratio", type=float, default=0.01, help="coreset ratio of both policies (default 0.01)")
+    parser.add_argument("--ratio", type=float, default=0.04, help="coreset ratio of both policies (default 0.04)")
     parser.add_argument("--max-bank", type=int, default=1000, help="bank cap of the 'cap' policy (default 1000)")
     parser.add_argument("--recall-banks", default="20000,100000,214016", help="bank sizes for the recall test")
     parser.add_argument("--recall-index", default="HNSW32,Flat", help="approximate index(es), ';'-separated")
