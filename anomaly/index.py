@@ -131,9 +131,8 @@ class NNIndex:
         """:meth:`search` for the patches of images, (N, P, D) -> (N * P, k) distances and ids.
 
         With an approximate index that keeps its rows uncompressed (``IVF..,Flat``, ``HNSW..,Flat``), each
-        image's highest 1/16 of patches are searched again exhaustively, so
-        an image's peak (its score) and the map's peaks are exact distances; elsewhere a missed nearest row
-        can only overestimate a distance.
+        image's highest 1/16 of patches are searched again exhaustively, so an image's peak (its score) and
+        the map's peaks are exact distances; elsewhere a missed nearest row can only overestimate a distance.
         """
         n_img, n_patch, d = queries.shape
         flat = queries.reshape(-1, d)
