@@ -180,15 +180,18 @@ class Detector:
         out-of-sample scores of normal images (see :mod:`anomaly.thresholds`).
         """
         items = _expand_training(images)
-        if not self.zero_shot:
-            self.resolve_standardize(items)
         if self.zero_shot and self.scorer.augment_references:
             items = [view for item in items for view in support_views(item)]
-        if not self.zero_shot and len(items) < 3:
-            raise DataError(
-                f"fit: the {self.scorer.name} scorer needs at least 3 normal images "
-                f"(they are cross-fitted to choose the threshold), got {len(items)}"
-            )
+        if not self.zero_shot:
+            if len(items) < 3:
+                raise DataError(
+                    f"fit: the {self.scorer.name} scorer needs at least 3 normal images "
+                    f"(they are cross-fitted to choose the threshold), got {len(items)}"
+                )
+            with ThreadPoolExecutor(max_workers=1) as pool:  # decoding (GIL released) beside building the backbone
+                decided = pool.submit(self.resolve_standardize, items)
+                _ = self.extractor
+                decided.result()
         features = self.extract(items, progress=progress)
         if self.zero_shot:  # every view is a reference of its own in the pool
             views = [DecodedImage(None, (0, 0), None)] * len(features.embedding)
