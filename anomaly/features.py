@@ -367,6 +367,9 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
 def _hub_endpoint() -> tuple[str, int]:
     """(host, port) of the Hugging Face endpoint (``HF_ENDPOINT`` or huggingface.co)."""
     url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -375,7 +378,7 @@ def _hub_endpoint() -> tuple[str, int]:
 
 def _reachable(endpoint: tuple[str, int], timeout_s: float = 3.0) -> bool:
     """Whether one TCP connection to ``endpoint`` succeeds; behind a proxy the proxy decides, so True."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+    if any(os.environ.get(k) for k in _PROXY_VARIABLES):
         return True
     try:
         socket.create_connection(endpoint, timeout=timeout_s).close()

@@ -115,7 +115,7 @@ def test_batchnorm_folding_keeps_the_features(monkeypatch) -> None:
 def test_unreachable_hub_fails_at_once_with_the_options(monkeypatch) -> None:
     import anomaly.features as features
 
-    for key in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+    for key in ("HF_HUB_OFFLINE", *features._PROXY_VARIABLES):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
