@@ -1,4 +1,4 @@
-"""`anomaly` command line: fit | score | evaluate | benchmark | backbones | export | serve.
+"""`anomaly` command line: fit | score | evaluate | benchmark | discover | report | export | serve | backbones | demo.
 
 Thin wrappers over the public API. Every user error (``AnomalyError``) becomes one line on stderr
 and exit code 2; heavy imports happen inside the commands so ``anomaly --help`` stays fast.
@@ -27,8 +27,8 @@ ConfigOpt = Annotated[
     str, typer.Option("--config", "-c", help="Config name (patchcore, padim, gaussian, musc) or YAML path.")
 ]
 BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="timm backbone name overriding the config's.")]
-RayOpt = Annotated[
-    bool, typer.Option("--ray", help="Run on Ray (pip install 'anomaly[ray]'): a local instance unless --ray-address.")
+RayOpt = Annotated[  # '\\[' keeps Rich from reading "[ray]" as a style tag
+    bool, typer.Option("--ray", help="Run on Ray (pip install 'anomaly\\[ray]'): a local Ray unless --ray-address.")
 ]
 RayAddressOpt = Annotated[
     str | None, typer.Option("--ray-address", help="Ray cluster address (e.g. auto, ray://head:10001); implies --ray.")

@@ -203,3 +203,11 @@ def test_library_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> 
     lines = [line for line in result.output.splitlines() if "FPR bound" in line]
     assert lines == ["warning: the lower FPR bound is not exactly achieved"]
     assert "warn_and_list" not in result.output and ".py" not in result.output
+
+
+@pytest.mark.parametrize("command", ["fit", "score"])
+def test_help_keeps_the_extra_in_brackets(command: str) -> None:
+    """Rich reads '[ray]' as a style tag unless it is escaped; the install hint must survive."""
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "pip install 'anomaly[ray]'" in result.output
