@@ -15,6 +15,8 @@ Not a Detector option (benchmarks/README.md section 6, round 7): the figures dec
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -45,9 +47,16 @@ def normalised_outputs(root: Path, overrides: list[str], cache: Path) -> tuple[n
         t = results[0].threshold
         cache.parent.mkdir(parents=True, exist_ok=True)
         maps = {f"map{i}": r.anomaly_map / t for i, r in enumerate(results)}
-        np.savez(cache, scores=np.array([r.image_score / t for r in results]), **maps)  # type: ignore[arg-type]
+        partial = cache.with_suffix(".partial.npz")  # an interrupted run leaves no cache entry behind
+        np.savez(partial, scores=np.array([r.image_score / t for r in results]), **maps)  # type: ignore[arg-type]
+        os.replace(partial, cache)
     stored = np.load(cache)
     return stored["scores"], [stored[f"map{i}"] for i in range(len(stored["scores"]))]
+
+
+def _cache_name(category: str, name: str, overrides: list[str]) -> str:
+    """One cache file per category, variant name and overrides (a reused name with new overrides runs anew)."""
+    return f"{category}_{name}_{hashlib.sha1(';'.join(overrides).encode()).hexdigest()[:10]}.npz"
 
 
 def main() -> None:
@@ -67,7 +76,8 @@ def main() -> None:
     for category, root in suite_paths(args.root, args.bottle, args.category).items():
         test = load_mvtec(root).test
         outputs = {
-            name: normalised_outputs(root, sets, args.out / f"{category}_{name}.npz") for name, sets in variants.items()
+            name: normalised_outputs(root, sets, args.out / _cache_name(category, name, sets))
+            for name, sets in variants.items()
         }
         rows = dict(outputs)
         if len(outputs) > 1:
