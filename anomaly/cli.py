@@ -412,8 +412,19 @@ def discover(
             "(each map half way between its median and its maximum; an option for zero-shot pool maps).",
         ),
     ] = "shared",
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Config name or YAML whose backbone (model, weights, input statistics) describes the regions "
+            "(default: EfficientNet-Lite0 with ImageNet statistics).",
+        ),
+    ] = None,
 ) -> None:
     """Group anomalous images into defect types without labels (anomaly type discovery)."""
+    from anomaly.config import load_config
+    from anomaly.discovery.describe import RegionDescriber
     from anomaly.discovery.outputs import read_scored_images, write_discovery
     from anomaly.discovery.pipeline import discover as run_discovery
     from anomaly.discovery.regions import SCALES
@@ -422,6 +433,7 @@ def discover(
         raise DataError(f"--k must be at least 1, got {k}")
     if scale not in SCALES:
         raise DataError(f"--scale must be {' or '.join(SCALES)}, got '{scale}'")
+    backbone = None if config is None else load_config(config).backbone
     selected = read_scored_images(scores, all_images)
     progress = _Progress()
     try:
@@ -430,6 +442,7 @@ def discover(
             k,
             maps=selected.maps(),
             pixel_thresholds=selected.pixel_thresholds,
+            describer=None if backbone is None else RegionDescriber.from_backbone(backbone),
             scale=scale,
             progress=progress,
         )

@@ -12,13 +12,16 @@ rotations scored the same as two, at twice the cost (benchmarks/README.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from anomaly.config import BackboneConfig
 from anomaly.discovery.regions import Region
+from anomaly.errors import ConfigError
 from anomaly.features import FeatureExtractor
 
 __all__ = ["DEFAULT_BACKBONE", "DEFAULT_LAYERS", "RegionDescriber", "crop_box"]
@@ -61,6 +64,9 @@ class RegionDescriber:
     Args:
         backbone: timm model name.
         layers: feature layers to pool (names from ``feature_info``).
+        weights, pretrained: where the backbone's weights come from (as ``backbone.weights`` /
+            ``backbone.pretrained`` of a detector config).
+        mean, std: input statistics (None: the model's own).
         input_size: side of the square crop fed to the backbone.
         padding: context around a region's box, as a fraction of its longest side (per side).
         min_side: smallest crop side as a fraction of the image's longest side.
@@ -76,6 +82,10 @@ class RegionDescriber:
         backbone: str = DEFAULT_BACKBONE,
         layers: Sequence[str] = DEFAULT_LAYERS,
         *,
+        weights: str = "auto",
+        pretrained: bool = True,
+        mean: tuple[float, float, float] | None = _IMAGENET_MEAN,
+        std: tuple[float, float, float] | None = _IMAGENET_STD,
         input_size: int = 256,
         padding: float = 0.25,
         min_side: float = 0.2,
@@ -89,9 +99,11 @@ class RegionDescriber:
         self.extractor = FeatureExtractor(
             backbone,
             list(layers),
+            weights=weights,
+            pretrained=pretrained,
             image_size=(input_size, input_size),
-            mean=_IMAGENET_MEAN,
-            std=_IMAGENET_STD,
+            mean=mean,
+            std=std,
             device=device,
         )
         self.input_size = input_size
@@ -100,6 +112,21 @@ class RegionDescriber:
         self.min_pixels = min_pixels
         self.rotations = rotations
         self.batch_size = batch_size
+
+    @classmethod
+    def from_backbone(cls, config: BackboneConfig, **kwargs: Any) -> RegionDescriber:
+        """A describer on a detector config's backbone: its model, weights and input statistics.
+
+        Regions are pooled from the describer's own layers (``DEFAULT_LAYERS``) when the model has them
+        (every EfficientNet), otherwise from the config's layers.
+        """
+        options = dict(weights=config.weights, pretrained=config.pretrained, mean=config.mean, std=config.std)
+        try:
+            return cls(config.name, DEFAULT_LAYERS, **options, **kwargs)
+        except ConfigError as exc:
+            if "unknown layer" not in str(exc):
+                raise
+            return cls(config.name, config.layers, **options, **kwargs)
 
     def crop(self, image: NDArray[np.uint8], region: Region) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
         """The region's context crop (S, S, 3) and its mask over the crop (S, S) in [0, 1]; S = ``input_size``."""

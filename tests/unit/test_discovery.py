@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -203,6 +204,38 @@ def test_discover_all_includes_unflagged_and_estimates_k(scores_dir: Path, tmp_p
     rows = list(csv.DictReader((tmp_path / "t" / "clusters.csv").open()))
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert len(rows) == 10 and summary["k_method"] == "eigengap" and 2 <= summary["k"] <= 9
+
+
+def test_discover_config_describes_with_its_backbone(scores_dir: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--config patchcore` is the default describer (lite0, ImageNet statistics): the same clusters, file for file."""
+    from anomaly.discovery.describe import RegionDescriber
+
+    used = []
+    build = RegionDescriber.from_backbone.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        RegionDescriber, "from_backbone", classmethod(lambda cls, config: used.append(config) or build(cls, config))
+    )
+    base = ["discover", "--scores", str(scores_dir), "--k", "3"]
+    for name, extra in (("default", []), ("patchcore", ["--config", "patchcore"])):
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    assert [(c.name, c.mean) for c in used] == [("tf_efficientnet_lite0", (0.485, 0.456, 0.406))]
+    assert (tmp_path / "patchcore" / "clusters.csv").read_text() == (tmp_path / "default" / "clusters.csv").read_text()
+    assert "unknown config 'nosuch'" in _error([*base, "--out", str(tmp_path / "o"), "--config", "nosuch"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_describer_from_a_backbone_config() -> None:
+    from anomaly.config import load_config
+    from anomaly.discovery.describe import DEFAULT_LAYERS, RegionDescriber
+
+    texture = RegionDescriber.from_backbone(load_config("patchcore_texture").backbone, input_size=64)
+    assert texture.extractor.layer_names == list(DEFAULT_LAYERS)  # the describer's layers, the config's statistics
+    assert texture.extractor.mean.flatten().tolist() == pytest.approx([127.5] * 3)
+    other = load_config("patchcore_wrn50").backbone  # no blocks.4 / blocks.6: the config's own layers
+    other = dataclasses.replace(other, name="resnet18", pretrained=False)
+    described = RegionDescriber.from_backbone(other, input_size=64)
+    assert described.extractor.layer_names == list(other.layers)
 
 
 def _error(args: list[str]) -> str:
