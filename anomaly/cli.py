@@ -1,4 +1,4 @@
-"""`anomaly` command line: fit | score | evaluate | benchmark | discover | report | export | serve | backbones | demo.
+"""`anomaly`: fit | score | evaluate | benchmark | discover | report | export | serve | import | backbones | demo.
 
 Thin wrappers over the public API. Every user error (``AnomalyError``) becomes one line on stderr
 and exit code 2; heavy imports happen inside the commands so ``anomaly --help`` stays fast.
