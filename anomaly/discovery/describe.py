@@ -124,7 +124,7 @@ class RegionDescriber:
         try:
             return cls(config.name, DEFAULT_LAYERS, **options, **kwargs)
         except ConfigError as exc:
-            if "unknown layer" not in str(exc):
+            if not str(exc).startswith("backbone.layers: unknown layer"):  # the model lacks blocks.4 / blocks.6
                 raise
             return cls(config.name, config.layers, **options, **kwargs)
 
