@@ -449,6 +449,11 @@ def discover(
             scale=scale,
             progress=progress,
         )
+    except DataError as exc:  # too few regions because few images were flagged: say how to include the rest
+        if not selected.n_left_out or "regions" not in str(exc):
+            raise
+        flagged = f"{len(selected.paths)} of {len(selected.paths) + selected.n_left_out} images are flagged"
+        raise DataError(f"{exc}; only {flagged}: --all clusters every image") from None
     finally:
         progress.close()
     write_discovery(out, result, selected.paths)

@@ -30,11 +30,15 @@ SHEET_MAX = 64  # thumbnails per sheet, most confident first
 
 @dataclass(frozen=True)
 class ScoredImages:
-    """Images of a scores folder selected for discovery: paths as in scores.csv, maps, pixel thresholds."""
+    """Images of a scores folder selected for discovery: paths as in scores.csv, maps, pixel thresholds.
+
+    ``n_left_out`` counts the folder's images that were not selected (not flagged, without ``--all``).
+    """
 
     paths: list[str]
     map_files: list[Path]
     pixel_thresholds: list[float | None]
+    n_left_out: int = 0
 
     def maps(self) -> Iterator[NDArray[np.float32]]:
         """The maps, loaded one at a time."""
@@ -71,7 +75,9 @@ def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = Fa
     absent = [f for f in files if not f.is_file()]
     if absent:
         raise DataError(f"{absent[0]}: map file not found")
-    return ScoredImages([r["path"] for r in selected], files, [_threshold(r) for r in selected])
+    return ScoredImages(
+        [r["path"] for r in selected], files, [_threshold(r) for r in selected], len(rows) - len(selected)
+    )
 
 
 def _threshold(row: dict[str, str]) -> float | None:

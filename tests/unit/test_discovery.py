@@ -266,9 +266,10 @@ def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
     (no_maps / "scores.csv").write_text("\n".join([text[0], *body]) + "\n")
     assert "no anomaly maps" in _error(["discover", "--scores", str(no_maps), "--out", str(tmp_path / "o")])
     assert "not found" in _error(["discover", "--scores", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert "number of regions" in _error(
-        ["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40"]
-    )
+    too_many = _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40"])
+    assert "number of regions" in too_many and "only 6 of 10 images are flagged: --all" in too_many
+    with_all = _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40", "--all"])
+    assert "number of regions" in with_all and "--all" not in with_all
     assert not (tmp_path / "o").exists()  # nothing half-written
     assert "exactly one of" in _error(["evaluate", "--root", str(tmp_path)])
 
