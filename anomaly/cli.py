@@ -262,7 +262,10 @@ def _score_on_ray(model: Path | None, inputs: list[str], out: Path, address: str
 @app.command()
 @_user_errors
 def evaluate(
-    root: Annotated[Path, typer.Option("--root", help="MVTec-layout category root with ground truth.")],
+    root: Annotated[
+        Path,
+        typer.Option("--root", help="MVTec-layout category root: test/<type>/ [+ ground_truth/]; train/ not needed."),
+    ],
     scores: Annotated[
         Path | None, typer.Option("--scores", help="Output folder of `anomaly score` (scores.csv + maps).")
     ] = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly._fs import atomic_write_text
-from anomaly.data.datasets import CategoryData, Sample, load_mvtec
+from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
 from anomaly.data.io import read_mask
 from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
@@ -30,6 +31,8 @@ __all__ = [
     "pimo_plot_data",
     "write_evaluation",
 ]
+
+log = logging.getLogger(__name__)
 
 _PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
 _PLOT_POINTS = 121  # points kept per curve, log-spaced in shared FPR
@@ -107,9 +110,13 @@ def evaluate_scores(
     out: str | os.PathLike[str] | None = None,
     eval_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a scores.csv (+ maps) against the test split of an MVTec-layout category."""
+    """Metrics of a scores.csv (+ maps) against the test split of an MVTec-layout category.
+
+    ``train/good`` is not needed. Without any ground-truth mask in the category, only image metrics are
+    computed (the maps are not read).
+    """
     rows = read_scores(scores_dir)
-    samples = _match(rows, load_mvtec(category_root))
+    samples = _match(rows, load_ground_truth(category_root))
     scores = [float(r["score"]) for r in rows]
     map_paths = [r.get("map_path", "") for r in rows]
     labels = {s.label for s in samples}
@@ -117,7 +124,10 @@ def evaluate_scores(
         kind = "anomalous" if 1 not in labels else "normal"
         raise DataError(f"{scores_dir}/scores.csv: no {kind} image among the scored images; metrics need both")
     maps = None
-    if all(map_paths):
+    unannotated = any(s.label == 1 and s.mask_path is None for s in samples)
+    if unannotated and any(map_paths):
+        log.warning("%s has no ground_truth masks: image metrics only", category_root)
+    if all(map_paths) and not unannotated:
         missing = [p for p in map_paths if not (Path(scores_dir) / p).is_file()]
         if missing:
             raise DataError(f"{Path(scores_dir) / missing[0]}: map file not found")

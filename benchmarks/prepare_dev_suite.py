@@ -3,8 +3,9 @@
     git clone https://github.com/2Obe/BSData /tmp/src/bsdata
     git clone https://github.com/DHW-Master/NEU_Seg /tmp/src/neuseg
     git clone https://github.com/abin24/Magnetic-tile-defect-datasets. /tmp/src/mtd
+    git clone https://github.com/174ww/GLASS-Anomaly-datasets /tmp/src/glass
     python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --mtd /tmp/src/mtd \
-        --out /tmp/devsuite
+        --glass /tmp/src/glass --out /tmp/devsuite
 
 Writes under --out (images are symlinks into the clones; nothing is copied):
   bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
@@ -17,6 +18,9 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
                    75/25 into train/good and test/good, every other image of each defect type in
                    test/{blowhole,break,crack,fray,uneven}; masks binarised at 128 (the published PNGs have
                    soft edges; a defect image left empty by that is dropped) and written under .staging.
+  glass/           Glass panes (held out, never tuned on; 256x256 gray): the repository's test/good (its top-level
+                   good/ holds the same 18 files) split 50/50 into train/good and test/good, plus test/{angle,edge}
+                   with their ground_truth masks (chipped corners and edges).
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -48,6 +52,7 @@ def main() -> None:
     parser.add_argument("--neu", type=Path, help="clone of github.com/DHW-Master/NEU_Seg (optional)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/devsuite"))
     parser.add_argument("--mtd", type=Path, help="clone of github.com/abin24/Magnetic-tile-defect-datasets. (optional)")
+    parser.add_argument("--glass", type=Path, help="clone of github.com/174ww/GLASS-Anomaly-datasets (optional)")
     parser.add_argument("--mtd-normal", type=int, default=320, help="MT_Free images used (75 %% train)")
     parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
     parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
@@ -58,6 +63,11 @@ def main() -> None:
     _contact_sheets(normals, args.out)
     if args.mtd is not None:
         _mtd(args)
+    if args.glass is not None:
+        summary = import_mask_folders(
+            args.glass / "test", args.glass / "ground_truth", args.out / "glass", normal_test_ratio=0.5, seed=args.seed
+        )
+        print(f"glass: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(

@@ -8,6 +8,7 @@ from anomaly.data.datasets import (
     find_categories,
     is_category_root,
     load_folder,
+    load_ground_truth,
     load_mvtec,
     load_visa,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "is_image_file",
     "list_images",
     "load_folder",
+    "load_ground_truth",
     "load_mvtec",
     "load_visa",
     "make_synthetic_category",

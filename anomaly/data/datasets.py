@@ -24,6 +24,7 @@ __all__ = [
     "find_categories",
     "is_category_root",
     "load_folder",
+    "load_ground_truth",
     "load_mvtec",
     "load_visa",
 ]
@@ -133,10 +134,29 @@ def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
     train = [Sample(p, None, 0, "good", "train") for p in _images_in(root / "train" / "good")]
     if not train:
         raise DataError(f"no training image in {root / 'train' / 'good'}")
+    return CategoryData(root.name, root, train, _test_samples(root, masks_required=True))
+
+
+def load_ground_truth(category_root: str | os.PathLike[str]) -> CategoryData:
+    """Load only the test split of an MVTec-layout category: what evaluation needs.
+
+    Unlike :func:`load_mvtec`, ``train/good`` may be missing (a test-only set scored zero-shot), and a set
+    without any ``ground_truth`` mask loads with image labels alone (``mask_path`` None: image metrics only).
+
+    Raises:
+        DataError: No ``test`` folder or test image, or masks for some defective images but not for others.
+    """
+    root = Path(category_root)
+    return CategoryData(root.name, root, [], _test_samples(root, masks_required=False))
+
+
+def _test_samples(root: Path, masks_required: bool) -> list[Sample]:
+    """``test/<defect>/*`` samples with their ground-truth masks (every defective image's, or none at all)."""
     test_dir = root / "test"
     if not test_dir.is_dir():
         raise DataError(f"no test folder in category: {root}")
     test: list[Sample] = []
+    missing: Path | None = None
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
         defect = defect_dir.name
         images = _images_in(defect_dir)
@@ -148,11 +168,16 @@ def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
         for image in images:
             mask = masks.get((f"{image.stem}_mask",)) or masks.get((image.stem,))
             if mask is None:
-                raise DataError(f"no mask for defective image {image} (expected {mask_dir / image.stem}_mask.png)")
+                missing = missing or image
+                if masks_required:
+                    break
             test.append(Sample(image, mask, 1, defect, "test"))
     if not test:
         raise DataError(f"no test image in {test_dir}")
-    return CategoryData(root.name, root, train, test)
+    if missing is not None and (masks_required or any(s.mask_path is not None for s in test)):
+        expected = root / "ground_truth" / missing.parent.name / f"{missing.stem}_mask.png"
+        raise DataError(f"no mask for defective image {missing} (expected {expected})")
+    return test
 
 
 def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:

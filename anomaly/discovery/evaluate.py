@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly._fs import atomic_write_text
-from anomaly.data.datasets import load_mvtec
+from anomaly.data.datasets import load_ground_truth
 from anomaly.errors import DataError
 from anomaly.metrics.clustering import clustering_metrics
 
@@ -38,7 +38,7 @@ def evaluate_discovery(
         rows = list(csv.DictReader(fh))
     if not rows or not {"path", "cluster"} <= set(rows[0]):
         raise DataError(f"{csv_path}: expected columns path,cluster")
-    data = load_mvtec(category_root)
+    data = load_ground_truth(category_root)
     by_key = {(s.defect_type, s.image_path.stem): s for s in data.test}
     truth, predicted, n_good = [], [], 0
     for row in rows:

@@ -64,6 +64,25 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     assert _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "big").exit_code == 2
 
 
+def test_evaluate_test_only_and_unannotated_roots(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    """A test-only category (scored zero-shot) needs no train/good; one without masks gets image metrics."""
+    out = tmp_path / "scores"
+    assert _run("score", "--model", model_dir, "--out", out, "--maps", synthetic_root / "test").exit_code == 0
+    full = _run("evaluate", "--scores", out, "--root", synthetic_root, "--out", tmp_path / "full")
+    copy = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    shutil.rmtree(copy / "train")
+    test_only = _run("evaluate", "--scores", out, "--root", copy, "--out", tmp_path / "test_only")
+    assert full.exit_code == 0 and test_only.exit_code == 0, test_only.output
+    assert (tmp_path / "test_only" / "metrics.json").read_text() == (tmp_path / "full" / "metrics.json").read_text()
+    shutil.rmtree(copy / "ground_truth")
+    images_only = _run("evaluate", "--scores", out, "--root", copy, "--out", tmp_path / "images_only")
+    assert images_only.exit_code == 0, images_only.output
+    assert "no ground_truth masks: image metrics only" in images_only.output
+    metrics = json.loads((tmp_path / "images_only" / "metrics.json").read_text())
+    assert metrics["image_auroc"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["image_auroc"]
+    assert "pixel_auroc" not in metrics
+
+
 def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "zs"
     result = _run("score", "--zero-shot", "--out", out, "--maps", "--no-overlays", *SMALL, synthetic_root / "test")

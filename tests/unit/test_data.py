@@ -19,6 +19,7 @@ from anomaly.data import (
     is_category_root,
     list_images,
     load_folder,
+    load_ground_truth,
     load_mvtec,
     load_visa,
     make_synthetic_category,
@@ -300,6 +301,24 @@ def test_load_mvtec_missing_mask_and_bad_root(synthetic_root: Path, tmp_path: Pa
         load_mvtec(copy / "test")
     with pytest.raises(DataError, match="no mvtec category"):
         find_categories(copy / "test", "mvtec")
+
+
+def test_load_ground_truth_needs_only_the_test_split(synthetic_root: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    shutil.rmtree(copy / "train")
+    data = load_ground_truth(copy)
+    full = load_mvtec(synthetic_root)
+    assert not data.train
+    assert [(s.image_path.name, s.label, s.mask_path is not None) for s in data.test] == [
+        (s.image_path.name, s.label, s.mask_path is not None) for s in full.test
+    ]
+    (copy / "ground_truth" / "scratch" / "001_mask.png").unlink()  # some masks but not all: an error
+    with pytest.raises(DataError, match="no mask for defective image .*001.png"):
+        load_ground_truth(copy)
+    shutil.rmtree(copy / "ground_truth")  # no mask at all: image labels alone
+    unannotated = load_ground_truth(copy)
+    assert sum(s.label for s in unannotated.test) == sum(s.label for s in full.test) > 0
+    assert all(s.mask_path is None for s in unannotated.test)
 
 
 def test_load_mvtec_visa_converted_masks(tmp_path: Path) -> None:
