@@ -25,9 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[
     str,
-    typer.Option(
-        "--config", "-c", help="Config name (patchcore, patchcore_texture, padim, gaussian, musc, ...) or YAML path."
-    ),
+    typer.Option("--config", "-c", help="Config name (patchcore, padim, gaussian, musc, ...) or YAML path."),
 ]
 BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="timm backbone name overriding the config's.")]
 RayOpt = Annotated[  # '\\[' keeps Rich from reading "[ray]" as a style tag

@@ -1,6 +1,6 @@
 """Detector configuration: a typed dataclass schema loaded from YAML with strict keys.
 
-Named configs (``patchcore``, ``patchcore_texture``, ``padim``, ``gaussian``, ``musc``, ...) ship with the package;
+Named configs (``patchcore``, ``padim``, ``gaussian``, ``musc``, ...) ship with the package;
 ``--set dotted.key=value`` overrides go through the same validation as YAML keys.
 """
 

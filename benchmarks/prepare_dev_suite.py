@@ -4,8 +4,11 @@
     git clone https://github.com/DHW-Master/NEU_Seg /tmp/src/neuseg
     git clone https://github.com/abin24/Magnetic-tile-defect-datasets. /tmp/src/mtd
     git clone https://github.com/174ww/GLASS-Anomaly-datasets /tmp/src/glass
+    git clone https://github.com/songpeixuan22/Unet-Defect-Detection-in-kolektorSSD /tmp/src/kolektor  # KolektorSDD
+    git clone https://github.com/LinirZamir/AnomalyDetection /tmp/src/transistor       # MVTec AD transistor
     python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --mtd /tmp/src/mtd \
-        --glass /tmp/src/glass --out /tmp/devsuite
+        --glass /tmp/src/glass --kolektor /tmp/src/kolektor --transistor /tmp/src/transistor/data/transistor \
+        --out /tmp/devsuite
 
 Writes under --out (images are symlinks into the clones; nothing is copied):
   bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
@@ -21,6 +24,10 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
   glass/           Glass panes (held out, never tuned on; 256x256 gray): the repository's test/good (its top-level
                    good/ holds the same 18 files) split 50/50 into train/good and test/good, plus test/{angle,edge}
                    with their ground_truth masks (chipped corners and edges).
+  kolektor/        KolektorSDD (held out; 500 x about 1260 px gray commutator surfaces, aspect 2.5): its 348
+                   defect-free images split 75/25 into train/good and test/good, the 52 with a crack in test/crack
+                   (masks: the *_label.bmp files). Names are kosNN_PartK (every kos folder has Part0..Part7).
+  transistor/      MVTec AD transistor as published (held out; an object category: link to the category folder).
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -53,6 +60,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/devsuite"))
     parser.add_argument("--mtd", type=Path, help="clone of github.com/abin24/Magnetic-tile-defect-datasets. (optional)")
     parser.add_argument("--glass", type=Path, help="clone of github.com/174ww/GLASS-Anomaly-datasets (optional)")
+    parser.add_argument("--kolektor", type=Path, help="clone holding KolektorSDD's data/kosNN folders (optional)")
+    parser.add_argument("--transistor", type=Path, help="MVTec AD transistor category folder (optional)")
     parser.add_argument("--mtd-normal", type=int, default=320, help="MT_Free images used (75 %% train)")
     parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
     parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
@@ -68,6 +77,14 @@ def main() -> None:
             args.glass / "test", args.glass / "ground_truth", args.out / "glass", normal_test_ratio=0.5, seed=args.seed
         )
         print(f"glass: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
+    if args.kolektor is not None:
+        _kolektor(args.kolektor, args.out, args.seed)
+    if args.transistor is not None:
+        link = args.out / "transistor"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(args.transistor.resolve())
+        print(f"transistor: linked to {args.transistor}")
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(
@@ -172,6 +189,24 @@ def _mtd(args: argparse.Namespace) -> None:
         )
         print(f"{name}: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
     print(f"mtd: {skipped} defect images left out (mask empty at 128)")
+
+
+def _kolektor(src: Path, out: Path, seed: int) -> None:
+    """Stage KolektorSDD as uniquely named symlinks (images under crack/, masks beside) and import it."""
+    stage = out / ".staging" / "kolektor"
+    for sub in ("images/crack", "masks/crack"):
+        (stage / sub).mkdir(parents=True, exist_ok=True)
+        for old in (stage / sub).iterdir():
+            old.unlink()
+    for image in sorted(src.glob("data/kos*/Part*.jpg")):
+        name = f"{image.parent.name}_{image.stem}"
+        (stage / "images" / "crack" / f"{name}.jpg").symlink_to(image.resolve())
+        label = image.with_name(f"{image.stem}_label.bmp")
+        (stage / "masks" / "crack" / f"{name}.bmp").symlink_to(label.resolve())
+    summary = import_mask_folders(
+        stage / "images", stage / "masks", out / "kolektor", normal_test_ratio=0.25, seed=seed
+    )
+    print(f"kolektor: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
 
 
 def _contact_sheets(paths: list[Path], out: Path, cols: int = 3, rows: int = 8, width: int = 560) -> None:

@@ -115,18 +115,20 @@ class RegionDescriber:
 
     @classmethod
     def from_backbone(cls, config: BackboneConfig, **kwargs: Any) -> RegionDescriber:
-        """A describer on a detector config's backbone: its model, weights and input statistics.
+        """A describer on a detector config's backbone: its model and weights.
 
-        Regions are pooled from the describer's own layers (``DEFAULT_LAYERS``) when the model has them
-        (every EfficientNet), otherwise from the config's layers.
+        When the model has the describer's own layers (``DEFAULT_LAYERS``: every EfficientNet), regions are
+        described with the describer's measured settings, those layers and ImageNet statistics (chosen for
+        discovery, which is not detection: benchmarks/README.md section 8). Other models use the config's
+        layers and input statistics.
         """
-        options = dict(weights=config.weights, pretrained=config.pretrained, mean=config.mean, std=config.std)
+        options = dict(weights=config.weights, pretrained=config.pretrained)
         try:
             return cls(config.name, DEFAULT_LAYERS, **options, **kwargs)
         except ConfigError as exc:
             if not str(exc).startswith("backbone.layers: unknown layer"):  # the model lacks blocks.4 / blocks.6
                 raise
-            return cls(config.name, config.layers, **options, **kwargs)
+            return cls(config.name, config.layers, **options, mean=config.mean, std=config.std, **kwargs)
 
     def crop(self, image: NDArray[np.uint8], region: Region) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
         """The region's context crop (S, S, 3) and its mask over the crop (S, S) in [0, 1]; S = ``input_size``."""

@@ -48,12 +48,3 @@ def test_unknown_scorer_param_is_rejected() -> None:
         get_scorer("memory_bank", {"coreset_ration": 0.1})
     with pytest.raises(ConfigError, match="unknown scorer 'memorybank'"):
         get_scorer("memorybank", {})
-
-
-def test_texture_config_is_patchcore_with_the_lite_statistics() -> None:
-    """`patchcore_texture` must not drift from `patchcore`: only the input statistics differ."""
-    from anomaly.config import load_config
-
-    lite_stats = ["backbone.mean=[0.5,0.5,0.5]", "backbone.std=[0.5,0.5,0.5]"]
-    assert load_config("patchcore_texture") == apply_overrides(load_config("patchcore"), lite_stats)
-    assert load_config("patchcore_texture") != load_config("patchcore")

@@ -207,7 +207,7 @@ def test_discover_all_includes_unflagged_and_estimates_k(scores_dir: Path, tmp_p
 
 
 def test_discover_config_describes_with_its_backbone(scores_dir: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """`--config patchcore` is the default describer (lite0, ImageNet statistics): the same clusters, file for file."""
+    """`--config patchcore` is the default describer (lite0, its measured layers and statistics): same clusters."""
     from anomaly.discovery.describe import RegionDescriber
 
     used = []
@@ -219,7 +219,7 @@ def test_discover_config_describes_with_its_backbone(scores_dir: Path, tmp_path:
     for name, extra in (("default", []), ("patchcore", ["--config", "patchcore"])):
         result = runner.invoke(app, [*base, "--out", str(tmp_path / name), *extra])
         assert result.exit_code == 0, result.output
-    assert [(c.name, c.mean) for c in used] == [("tf_efficientnet_lite0", (0.485, 0.456, 0.406))]
+    assert [c.name for c in used] == ["tf_efficientnet_lite0"]
     assert (tmp_path / "patchcore" / "clusters.csv").read_text() == (tmp_path / "default" / "clusters.csv").read_text()
     assert "unknown config 'nosuch'" in _error([*base, "--out", str(tmp_path / "o"), "--config", "nosuch"])
     assert not (tmp_path / "o").exists()
@@ -229,13 +229,16 @@ def test_describer_from_a_backbone_config() -> None:
     from anomaly.config import load_config
     from anomaly.discovery.describe import DEFAULT_LAYERS, RegionDescriber
 
-    texture = RegionDescriber.from_backbone(load_config("patchcore_texture").backbone, input_size=64)
-    assert texture.extractor.layer_names == list(DEFAULT_LAYERS)  # the describer's layers, the config's statistics
-    assert texture.extractor.mean.flatten().tolist() == pytest.approx([127.5] * 3)
+    lite = load_config("patchcore").backbone  # lite0 with its own 0.5/0.5 statistics for detection
+    assert lite.mean == (0.5, 0.5, 0.5)
+    described = RegionDescriber.from_backbone(lite, input_size=64)
+    assert described.extractor.layer_names == list(DEFAULT_LAYERS)  # the describer's layers and statistics
+    assert described.extractor.mean.flatten().tolist() == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
     other = load_config("patchcore_wrn50").backbone  # no blocks.4 / blocks.6: the config's own layers
-    other = dataclasses.replace(other, name="resnet18", pretrained=False)
+    other = dataclasses.replace(other, name="resnet18", pretrained=False, mean=(0.5, 0.5, 0.5), std=(0.25,) * 3)
     described = RegionDescriber.from_backbone(other, input_size=64)
-    assert described.extractor.layer_names == list(other.layers)
+    assert described.extractor.layer_names == list(other.layers)  # and the config's statistics
+    assert described.extractor.mean.flatten().tolist() == pytest.approx([127.5] * 3)
 
 
 def _error(args: list[str]) -> str:

@@ -189,14 +189,15 @@ def test_standardized_detector_ignores_brightness_and_contrast_changes(tmp_path)
     small = ["backbone.image_size=[64,64]", "threshold.folds=3"]
     train = [_texture(np.random.default_rng(i), 96, 128) for i in range(6)]
     test = _texture(np.random.default_rng(99), 96, 128)
-    lighting = ((0.5, 5), (0.6, 100), (1.5, -80))  # (gain, offset) of other acquisition runs
+    lighting = ((0.5, 5), (0.6, 100), (1.8, -110))  # (gain, offset) of other acquisition runs
     runs = [np.clip(test * gain + offset, 0, 255).astype(np.uint8) for gain, offset in lighting]
     for flag in (False, True):
         det = Detector(apply_overrides(load_config("patchcore"), [*small, f"preprocess.standardize={flag}"])).fit(train)
         scores = np.array([r.image_score for r in det.predict([test, *runs])])
         if not flag:  # raw: the same part under other lighting is flagged, the part itself is not
             assert scores[0] < det.threshold_ < scores[1:].min()
-    assert np.ptp(scores) <= 0.02 * scores[0]  # standardised: the same part scores the same under any lighting
+    # standardised: the same part scores the same under any lighting, up to the uint8 rounding of a gain of 0.5
+    assert np.ptp(scores) <= 0.03 * scores[0]
     loaded = Detector.load(det.save(tmp_path / "model"))
     assert loaded.config.preprocess.standardize is True
     assert loaded.predict(runs[0]).image_score == pytest.approx(scores[1], rel=1e-5)
