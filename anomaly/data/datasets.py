@@ -156,7 +156,7 @@ def _test_samples(root: Path, masks_required: bool) -> list[Sample]:
     if not test_dir.is_dir():
         raise DataError(f"no test folder in category: {root}")
     test: list[Sample] = []
-    missing: Path | None = None
+    unmasked: list[Path] = []
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
         defect = defect_dir.name
         images = _images_in(defect_dir)
@@ -168,16 +168,20 @@ def _test_samples(root: Path, masks_required: bool) -> list[Sample]:
         for image in images:
             mask = masks.get((f"{image.stem}_mask",)) or masks.get((image.stem,))
             if mask is None:
-                missing = missing or image
                 if masks_required:
-                    break
+                    raise _no_mask(root, image)
+                unmasked.append(image)
             test.append(Sample(image, mask, 1, defect, "test"))
     if not test:
         raise DataError(f"no test image in {test_dir}")
-    if missing is not None and (masks_required or any(s.mask_path is not None for s in test)):
-        expected = root / "ground_truth" / missing.parent.name / f"{missing.stem}_mask.png"
-        raise DataError(f"no mask for defective image {missing} (expected {expected})")
+    if unmasked and any(s.mask_path is not None for s in test):  # masks for some defects but not all
+        raise _no_mask(root, unmasked[0])
     return test
+
+
+def _no_mask(root: Path, image: Path) -> DataError:
+    expected = root / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+    return DataError(f"no mask for defective image {image} (expected {expected})")
 
 
 def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
