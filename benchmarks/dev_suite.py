@@ -28,7 +28,18 @@ from anomaly.benchmark import COLUMNS as BENCHMARK_COLUMNS  # noqa: E402
 from anomaly.benchmark import run_benchmark  # noqa: E402
 from anomaly.config import apply_overrides, load_config  # noqa: E402
 
-SUITE = ("bottle", "bsdata", "mtd_dev", "mtd", "glass", "transistor", "kolektor", "synth_texture", "synth_object")
+SUITE = (
+    "bottle",
+    "bsdata",
+    "mtd_dev",
+    "mtd",
+    "glass",
+    "transistor",
+    "kolektor",
+    "mpdd",
+    "synth_texture",
+    "synth_object",
+)
 _OMITTED = ("pixel_ap", "image_f1max", "pixel_f1max", "peak_mem_mb", "peak_gpu_mb")
 COLUMNS = [c for c in BENCHMARK_COLUMNS if c not in _OMITTED]  # the benchmark's own columns, in its order
 

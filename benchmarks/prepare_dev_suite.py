@@ -6,9 +6,10 @@
     git clone https://github.com/174ww/GLASS-Anomaly-datasets /tmp/src/glass
     git clone https://github.com/songpeixuan22/Unet-Defect-Detection-in-kolektorSSD /tmp/src/kolektor  # KolektorSDD
     git clone https://github.com/LinirZamir/AnomalyDetection /tmp/src/transistor       # MVTec AD transistor
+    git clone https://github.com/BupeshKumarR/defect-segmentation-for-mpdd /tmp/src/mpdd  # MPDD metal_plate
     python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --mtd /tmp/src/mtd \
         --glass /tmp/src/glass --kolektor /tmp/src/kolektor --transistor /tmp/src/transistor/data/transistor \
-        --out /tmp/devsuite
+        --mpdd /tmp/src/mpdd --out /tmp/devsuite
 
 Writes under --out (images are symlinks into the clones; nothing is copied):
   bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
@@ -28,6 +29,10 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
                    defect-free images split 75/25 into train/good and test/good, the 52 with a crack in test/crack
                    (masks: the *_label.bmp files). Names are kosNN_PartK (every kos folder has Part0..Part7).
   transistor/      MVTec AD transistor as published (held out; an object category: link to the category folder).
+  mpdd/            MPDD metal_plate as re-split and resized to 512 px by that repository (its data_supervised/
+                   train, val and test pooled): images with an empty mask are normal, split 75/25 into train/good
+                   and test/good; the others go to test/defect (the types were merged there). Reserved in round 8
+                   as unseen data: not run by any round yet.
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--glass", type=Path, help="clone of github.com/174ww/GLASS-Anomaly-datasets (optional)")
     parser.add_argument("--kolektor", type=Path, help="clone holding KolektorSDD's data/kosNN folders (optional)")
     parser.add_argument("--transistor", type=Path, help="MVTec AD transistor category folder (optional)")
+    parser.add_argument("--mpdd", type=Path, help="clone holding data_supervised/metal_plate (optional)")
     parser.add_argument("--mtd-normal", type=int, default=320, help="MT_Free images used (75 %% train)")
     parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
     parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
@@ -85,6 +91,8 @@ def main() -> None:
             link.unlink()
         link.symlink_to(args.transistor.resolve())
         print(f"transistor: linked to {args.transistor}")
+    if args.mpdd is not None:
+        _mpdd(args.mpdd, args.out, args.seed)
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(
@@ -207,6 +215,21 @@ def _kolektor(src: Path, out: Path, seed: int) -> None:
         stage / "images", stage / "masks", out / "kolektor", normal_test_ratio=0.25, seed=seed
     )
     print(f"kolektor: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
+
+
+def _mpdd(src: Path, out: Path, seed: int) -> None:
+    """Stage MPDD metal_plate's pooled splits as one image folder with a parallel mask folder and import it."""
+    stage = out / ".staging" / "mpdd"
+    for sub in ("images/defect", "masks/defect"):
+        (stage / sub).mkdir(parents=True, exist_ok=True)
+        for old in (stage / sub).iterdir():
+            old.unlink()
+    for image in sorted(src.glob("data_supervised/metal_plate/*/images/*.png")):
+        mask = image.parent.parent / "masks" / image.name
+        (stage / "images" / "defect" / image.name).symlink_to(image.resolve())
+        (stage / "masks" / "defect" / image.name).symlink_to(mask.resolve())
+    summary = import_mask_folders(stage / "images", stage / "masks", out / "mpdd", normal_test_ratio=0.25, seed=seed)
+    print(f"mpdd: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
 
 
 def _contact_sheets(paths: list[Path], out: Path, cols: int = 3, rows: int = 8, width: int = 560) -> None:
