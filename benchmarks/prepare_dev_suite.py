@@ -200,36 +200,36 @@ def _mtd(args: argparse.Namespace) -> None:
 
 
 def _kolektor(src: Path, out: Path, seed: int) -> None:
-    """Stage KolektorSDD as uniquely named symlinks (images under crack/, masks beside) and import it."""
-    stage = out / ".staging" / "kolektor"
-    for sub in ("images/crack", "masks/crack"):
-        (stage / sub).mkdir(parents=True, exist_ok=True)
-        for old in (stage / sub).iterdir():
-            old.unlink()
+    """KolektorSDD: each kosNN/PartK.jpg with its PartK_label.bmp, renamed kosNN_PartK (names repeat)."""
+    pairs = []
     for image in sorted(src.glob("data/kos*/Part*.jpg")):
         name = f"{image.parent.name}_{image.stem}"
-        (stage / "images" / "crack" / f"{name}.jpg").symlink_to(image.resolve())
-        label = image.with_name(f"{image.stem}_label.bmp")
-        (stage / "masks" / "crack" / f"{name}.bmp").symlink_to(label.resolve())
-    summary = import_mask_folders(
-        stage / "images", stage / "masks", out / "kolektor", normal_test_ratio=0.25, seed=seed
-    )
-    print(f"kolektor: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
+        pairs.append((image, f"{name}.jpg", image.with_name(f"{image.stem}_label.bmp"), f"{name}.bmp"))
+    _import_pairs(pairs, out, "kolektor", "crack", seed)
 
 
 def _mpdd(src: Path, out: Path, seed: int) -> None:
-    """Stage MPDD metal_plate's pooled splits as one image folder with a parallel mask folder and import it."""
-    stage = out / ".staging" / "mpdd"
-    for sub in ("images/defect", "masks/defect"):
-        (stage / sub).mkdir(parents=True, exist_ok=True)
-        for old in (stage / sub).iterdir():
+    """MPDD metal_plate: the repository's train, val and test splits pooled (masks share the images' names)."""
+    images = sorted(src.glob("data_supervised/metal_plate/*/images/*.png"))
+    pairs = [(p, p.name, p.parent.parent / "masks" / p.name, p.name) for p in images]
+    _import_pairs(pairs, out, "mpdd", "defect", seed)
+
+
+def _import_pairs(pairs: list[tuple[Path, str, Path, str]], out: Path, name: str, kind: str, seed: int) -> None:
+    """Stage (image, image name, mask, mask name) as symlinks under one defect folder and import them.
+
+    An empty mask makes its image normal; normal images are split 75/25 into train/good and test/good.
+    """
+    stage = out / ".staging" / name
+    for sub in ("images", "masks"):
+        (stage / sub / kind).mkdir(parents=True, exist_ok=True)
+        for old in (stage / sub / kind).iterdir():
             old.unlink()
-    for image in sorted(src.glob("data_supervised/metal_plate/*/images/*.png")):
-        mask = image.parent.parent / "masks" / image.name
-        (stage / "images" / "defect" / image.name).symlink_to(image.resolve())
-        (stage / "masks" / "defect" / image.name).symlink_to(mask.resolve())
-    summary = import_mask_folders(stage / "images", stage / "masks", out / "mpdd", normal_test_ratio=0.25, seed=seed)
-    print(f"mpdd: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
+    for image, image_name, mask, mask_name in pairs:
+        (stage / "images" / kind / image_name).symlink_to(image.resolve())
+        (stage / "masks" / kind / mask_name).symlink_to(mask.resolve())
+    summary = import_mask_folders(stage / "images", stage / "masks", out / name, normal_test_ratio=0.25, seed=seed)
+    print(f"{name}: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
 
 
 def _contact_sheets(paths: list[Path], out: Path, cols: int = 3, rows: int = 8, width: int = 560) -> None:
