@@ -95,8 +95,10 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How an image becomes model input: ``stretch`` to the input size, or ``keep_aspect`` (longer side
-    fitted, mirrored border); ``tile`` (when set) cuts it into overlapping tiles instead. ``standardize``
+    """How an image becomes model input: ``stretch`` to the input size, ``keep_aspect`` (longer side
+    fitted, mirrored border), or ``auto``: fit gives the input the training images' aspect at the
+    configured pixel count (:func:`anomaly.data.views.fitted_input_size`) and stretches to it, and the
+    saved config holds the decision; ``tile`` (when set) cuts it into overlapping tiles instead. ``standardize``
     maps every image's gray-level mean and spread to fixed values first (brightness and contrast drift
     between acquisitions removed; see :func:`anomaly.data.views.standardize_intensity`); ``auto`` turns it
     on at fit when the training images' brightness or contrast drifts (:func:`anomaly.data.views.lighting_drift`)."""
@@ -106,8 +108,8 @@ class PreprocessConfig:
     standardize: bool | str = False
 
     def __post_init__(self) -> None:
-        if self.resize not in ("stretch", "keep_aspect"):
-            raise ConfigError(f"preprocess.resize: expected stretch or keep_aspect, got '{self.resize}'")
+        if self.resize not in ("stretch", "keep_aspect", "auto"):
+            raise ConfigError(f"preprocess.resize: expected stretch, keep_aspect or auto, got '{self.resize}'")
         if not (isinstance(self.standardize, bool) or self.standardize == "auto"):
             raise ConfigError(f"preprocess.standardize: expected true, false or auto, got {self.standardize!r}")
 

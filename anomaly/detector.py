@@ -23,7 +23,7 @@ from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.inputs import training_paths
 from anomaly.data.loader import DecodedImage, ImageInput, iter_batches, support_views, to_rgb
-from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, gray_stats, lighting_drift
+from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, fitted_input_size, gray_stats, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 OnError = Literal["raise", "skip"]
 _REFERENCES_FILE = "references.safetensors"
-_DRIFT_SAMPLE = 32  # training images decoded to decide ``preprocess.standardize: auto`` (~5 % of a bottle fit)
+_SAMPLE = 32  # training images that decide the ``auto`` settings of ``preprocess`` (decoding them: ~5 % of a fit)
 
 
 @dataclass
@@ -64,7 +64,9 @@ class Detector:
 
     def __init__(self, config: DetectorConfig | str | os.PathLike[str] = "patchcore") -> None:
         self.config = config if isinstance(config, DetectorConfig) else load_config(config)
-        self._standardize_setting = self.config.preprocess.standardize  # "auto" is re-decided by every fit
+        # "auto" settings are re-decided by every fit
+        self._standardize_setting = self.config.preprocess.standardize
+        self._input_setting = (self.config.preprocess.resize, self.config.backbone.image_size)
         self.scorer: Scorer = get_scorer(self.config.scorer.name, self.config.scorer.params)
         self._extractor: FeatureExtractor | None = None
         self.decision_: Threshold | None = None
@@ -91,6 +93,11 @@ class Detector:
     def view_spec(self) -> ViewSpec:
         """How images become model-input views (``preprocess`` in the config)."""
         pre = self.config.preprocess
+        if pre.resize == "auto":
+            raise ConfigError(
+                "preprocess.resize: auto is decided by fit from the training images; "
+                "set stretch or keep_aspect to score without a fit (zero-shot)"
+            )
         if pre.standardize == "auto":
             raise ConfigError(
                 "preprocess.standardize: auto is decided by fit from the training images; "
@@ -100,22 +107,40 @@ class Detector:
             return ViewSpec(pre.resize, standardize=bool(pre.standardize))
         return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap, bool(pre.standardize))
 
-    def resolve_standardize(self, images: Sequence[ImageInput]) -> None:
-        """Decide ``preprocess.standardize: auto`` (in place) from up to 32 evenly spaced training images.
+    def resolve_auto(self, images: Sequence[ImageInput]) -> None:
+        """Decide the ``auto`` settings of ``preprocess`` (in place) from up to 32 evenly spaced training images.
 
-        On when their lighting drifts (:func:`anomaly.data.views.lighting_drift` above ``DRIFT_THRESHOLD``);
-        the saved config holds the decision.
+        ``resize: auto``: the model input takes their median aspect at the configured pixel count
+        (:func:`anomaly.data.views.fitted_input_size`) and every image is stretched to it.
+        ``standardize: auto``: on when their lighting drifts (:func:`anomaly.data.views.lighting_drift` above
+        ``DRIFT_THRESHOLD``). The saved config holds the decisions; every fit decides again.
         """
-        pre = self.config.preprocess
-        if self._standardize_setting != "auto" or not images:
+        resize, budget = self._input_setting
+        if "auto" not in (resize, self._standardize_setting) or not images:
             return
-        picks = np.unique(np.linspace(0, len(images) - 1, min(len(images), _DRIFT_SAMPLE)).round().astype(int))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
-            stats = list(pool.map(lambda i: gray_stats(to_rgb(images[i])[0]), picks))
-        drift = lighting_drift(stats)
-        on = drift > DRIFT_THRESHOLD
-        log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, threshold %.2f)", on, drift, DRIFT_THRESHOLD)
-        self.config = replace(self.config, preprocess=replace(pre, standardize=on))
+            sample = list(pool.map(lambda i: to_rgb(images[i])[0], _sample_positions(len(images))))
+        if resize == "auto":
+            self._decide_input_size([image.shape[:2] for image in sample], budget)
+        if self._standardize_setting == "auto":
+            drift = lighting_drift([gray_stats(image) for image in sample])
+            on = drift > DRIFT_THRESHOLD
+            log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, limit %.2f)", on, drift, DRIFT_THRESHOLD)
+            self.config = replace(self.config, preprocess=replace(self.config.preprocess, standardize=on))
+
+    def _decide_input_size(self, sizes: list[tuple[int, int]], budget: tuple[int, int] | None) -> None:
+        self.config = replace(self.config, backbone=replace(self.config.backbone, image_size=budget))
+        size = budget or self.extractor.image_size  # None: the model's pretrained input
+        if self.config.preprocess.tile is None:  # tiles keep the configured input shape
+            size = fitted_input_size(sizes, size)
+        if self._extractor is not None and self._extractor.image_size != size:
+            self._extractor = None  # rebuilt at the new input size
+        log.info("preprocess.resize: auto -> stretch to %s (H, W)", list(size))
+        self.config = replace(
+            self.config,
+            backbone=replace(self.config.backbone, image_size=size),
+            preprocess=replace(self.config.preprocess, resize="stretch"),
+        )
 
     @property
     def zero_shot(self) -> bool:
@@ -180,18 +205,14 @@ class Detector:
         out-of-sample scores of normal images (see :mod:`anomaly.thresholds`).
         """
         items = _expand_training(images)
+        if not self.zero_shot and len(items) < 3:
+            raise DataError(
+                f"fit: the {self.scorer.name} scorer needs at least 3 normal images "
+                f"(they are cross-fitted to choose the threshold), got {len(items)}"
+            )
+        self.resolve_auto(items)
         if self.zero_shot and self.scorer.augment_references:
             items = [view for item in items for view in support_views(item)]
-        if not self.zero_shot:
-            if len(items) < 3:
-                raise DataError(
-                    f"fit: the {self.scorer.name} scorer needs at least 3 normal images "
-                    f"(they are cross-fitted to choose the threshold), got {len(items)}"
-                )
-            with ThreadPoolExecutor(max_workers=1) as pool:  # decoding (GIL released) beside building the backbone
-                decided = pool.submit(self.resolve_standardize, items)
-                _ = self.extractor
-                decided.result()
         features = self.extract(items, progress=progress)
         if self.zero_shot:  # every view is a reference of its own in the pool
             views = [DecodedImage(None, (0, 0), None)] * len(features.embedding)
@@ -452,6 +473,11 @@ def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> l
         else:
             out.append(item)
     return out
+
+
+def _sample_positions(n: int) -> NDArray[np.int64]:
+    """Up to ``_SAMPLE`` evenly spaced positions among ``n`` items."""
+    return np.unique(np.linspace(0, n - 1, min(n, _SAMPLE)).round().astype(np.int64))
 
 
 def _n_views(image: DecodedImage) -> int:

@@ -21,6 +21,7 @@ __all__ = [
     "Layout",
     "ViewSpec",
     "cut_views",
+    "fitted_input_size",
     "gray_stats",
     "lighting_drift",
     "plan_layout",
@@ -28,6 +29,11 @@ __all__ = [
 ]
 
 RESIZE_MODES = ("stretch", "keep_aspect")
+# ``resize: auto`` keeps the configured input when the images' aspect is within this factor of it (bottle, MVTec's
+# squares, the magnetic tiles' 0.86-0.89 keep 256x256); beyond it the input takes their aspect (benchmarks/README.md
+# section 6, round 9: KolektorSDD's 1:2.5 parts 0.885 / 0.860 stretched square -> 0.912 / 0.954 image / pixel AUROC).
+ASPECT_TOLERANCE = 1.25
+_MAX_ASPECT = 8.0  # a line-scan strip of 20:1 gets an 8:1 input (still 90 px on its short side at 256x256)
 TARGET_MEAN, TARGET_STD = 128.0, 48.0  # gray levels; std 48 chosen on mtd_dev (benchmarks/README.md section 6)
 _MIN_STD = 6.0  # a flat image is amplified at most 8x (48 / 6): its noise must not become texture
 _STATS_PIXELS = 250_000  # enough pixels for the two statistics; larger images are sampled on a grid
@@ -88,6 +94,26 @@ def plan_layout(
     frame = (max(1, round(h * scale)), max(1, round(w * scale)))
     ys, xs = _starts(frame[0], h_in, overlap), _starts(frame[1], w_in, overlap)
     return Layout(frame, tuple((y, x) for y in ys for x in xs))
+
+
+def fitted_input_size(sizes: list[tuple[int, int]], input_size: tuple[int, int], step: int = 32) -> tuple[int, int]:
+    """Model input (H, W) for images of ``sizes`` (H, W): about the pixel count of ``input_size``, their aspect.
+
+    The median aspect (width / height) of ``sizes`` is compared with the input's: within
+    :data:`ASPECT_TOLERANCE` the input is kept as it is; otherwise each side becomes a multiple of ``step``
+    (the backbone's largest stride, so that every feature grid divides evenly) with the images' aspect,
+    clipped to 1:8 - 8:1, and the same number of pixels, so the backbone's cost stays as configured.
+    """
+    h_in, w_in = input_size
+    if not sizes:
+        return input_size
+    aspect = float(np.exp(np.median([math.log(w / h) for h, w in sizes])))
+    if max(aspect * h_in / w_in, w_in / (aspect * h_in)) < ASPECT_TOLERANCE:
+        return input_size
+    aspect = min(max(aspect, 1 / _MAX_ASPECT), _MAX_ASPECT)
+    area = h_in * w_in
+    height, width = math.sqrt(area / aspect), math.sqrt(area * aspect)
+    return max(step, round(height / step) * step), max(step, round(width / step) * step)
 
 
 def cut_views(image: NDArray[np.uint8], layout: Layout, input_size: tuple[int, int]) -> NDArray[np.uint8]:

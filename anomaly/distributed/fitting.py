@@ -61,7 +61,7 @@ def fit(
     paths = training_paths(train)
     if len(paths) < 3:
         raise DataError(f"fit: the {detector.scorer.name} scorer needs at least 3 normal images, got {len(paths)}")
-    detector.resolve_standardize(paths)  # the actors get the decided config
+    detector.resolve_auto(paths)  # the actors get the decided config
     folds = detector.folds(len(paths))  # the local fit's folds, so both fits agree
     with cluster(address) as ray:
         plan = workers(ray)

@@ -242,3 +242,50 @@ def test_standardize_auto_is_decided_at_fit_and_saved(tmp_path) -> None:  # type
     assert det.fit(base).config.preprocess.standardize is False  # a refit decides again
     assert det.fit(drifting).config.preprocess.standardize is True
     assert Detector.load(det.save(tmp_path / "model")).config.preprocess.standardize is True
+
+
+@pytest.mark.parametrize(
+    ("sizes", "budget", "expected"),
+    [
+        ([(900, 900)] * 3, (256, 256), (256, 256)),  # squares keep the configured input
+        ([(331, 291), (335, 296), (100, 252)], (256, 256), (256, 256)),  # median aspect 0.88: within 1.25
+        ([(1259, 500), (1260, 500), (1258, 500)], (256, 256), (416, 160)),  # KolektorSDD's 1:2.5 parts
+        ([(460, 1130)] * 2, (256, 256), (160, 416)),  # BSData's 2.5:1 frames
+        ([(200, 4000)], (256, 256), (96, 736)),  # 20:1 is clipped to 8:1
+        ([(460, 1130)], (256, 512), (256, 512)),  # an input already of the images' aspect is kept
+        ([(1000, 1000)], (160, 416), (256, 256)),  # and a wide input meets square images
+    ],
+)
+def test_fitted_input_size_takes_the_aspect_at_the_same_pixel_count(sizes, budget, expected) -> None:  # type: ignore[no-untyped-def]
+    from anomaly.data.views import fitted_input_size
+
+    size = fitted_input_size(sizes, budget)
+    assert size == expected
+    assert size[0] % 32 == 0 and size[1] % 32 == 0
+    assert abs(size[0] * size[1] / (budget[0] * budget[1]) - 1) < 0.1  # the backbone's cost stays as configured
+
+
+def test_resize_auto_is_decided_at_fit_saved_and_redecided(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.errors import ConfigError
+
+    config = apply_overrides(load_config("patchcore"), ["backbone.image_size=[64,64]", "threshold.folds=3"])
+    assert config.preprocess.resize == "auto"
+    tall = [_texture(np.random.default_rng(i), 192, 64) for i in range(4)]  # 1:3 parts
+    square = [_texture(np.random.default_rng(i), 80, 80) for i in range(4)]
+    det = Detector(config).fit(tall)
+    assert det.config.backbone.image_size == (96, 32) and det.config.preprocess.resize == "stretch"
+    assert det.extractor.image_size == (96, 32)
+    result = det.predict(tall[0])
+    assert result.anomaly_map.shape == (192, 64)
+    loaded = Detector.load(det.save(tmp_path / "model"))
+    assert loaded.config.backbone.image_size == (96, 32) and loaded.config.preprocess.resize == "stretch"
+    assert loaded.predict(tall[0]).image_score == pytest.approx(result.image_score, rel=1e-5)
+    assert det.fit(square).config.backbone.image_size == (64, 64)  # a refit decides again, from the budget
+    assert det.extractor.image_size == (64, 64)
+    zero_shot = apply_overrides(load_config("musc"), ["backbone.image_size=[64,64]", "preprocess.resize=auto"])
+    with pytest.raises(ConfigError, match="resize: auto is decided by fit"):  # a pool has no training images
+        Detector(zero_shot).predict(square)
+    with pytest.raises(ConfigError, match="preprocess.resize: expected stretch, keep_aspect or auto"):
+        apply_overrides(load_config("patchcore"), ["preprocess.resize=squash"])
