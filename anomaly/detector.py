@@ -107,30 +107,37 @@ class Detector:
             return ViewSpec(pre.resize, standardize=bool(pre.standardize))
         return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap, bool(pre.standardize))
 
-    def resolve_auto(self, images: Sequence[ImageInput]) -> None:
+    def resolve_auto(self, images: Sequence[ImageInput], *, build_backbone: bool = False) -> None:
         """Decide the ``auto`` settings of ``preprocess`` (in place) from up to 32 evenly spaced training images.
 
         ``resize: auto``: the model input takes their median aspect at the configured pixel count
         (:func:`anomaly.data.views.fitted_input_size`) and every image is stretched to it.
         ``standardize: auto``: on when their lighting drifts (:func:`anomaly.data.views.lighting_drift` above
         ``DRIFT_THRESHOLD``). The saved config holds the decisions; every fit decides again.
+        ``build_backbone``: build the backbone while the sample decodes (again if the input size changes).
         """
         resize, budget = self._input_setting
         if "auto" not in (resize, self._standardize_setting) or not images:
+            if build_backbone:
+                _ = self.extractor
             return
+        if resize == "auto":  # decided again from the configured input
+            self.config = replace(self.config, backbone=replace(self.config.backbone, image_size=budget))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
-            sample = list(pool.map(lambda i: to_rgb(images[i])[0], _sample_positions(len(images))))
+            decoding = pool.map(lambda i: to_rgb(images[i])[0], _sample_positions(len(images)))
+            if build_backbone:
+                _ = self.extractor
+            sample = list(decoding)
         if resize == "auto":
-            self._decide_input_size([image.shape[:2] for image in sample], budget)
+            self._decide_input_size([image.shape[:2] for image in sample])
         if self._standardize_setting == "auto":
             drift = lighting_drift([gray_stats(image) for image in sample])
             on = drift > DRIFT_THRESHOLD
             log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, limit %.2f)", on, drift, DRIFT_THRESHOLD)
             self.config = replace(self.config, preprocess=replace(self.config.preprocess, standardize=on))
 
-    def _decide_input_size(self, sizes: list[tuple[int, int]], budget: tuple[int, int] | None) -> None:
-        self.config = replace(self.config, backbone=replace(self.config.backbone, image_size=budget))
-        size = budget or self.extractor.image_size  # None: the model's pretrained input
+    def _decide_input_size(self, sizes: list[tuple[int, int]]) -> None:
+        size = self.config.backbone.image_size or self.extractor.image_size  # None: the model's pretrained input
         if self.config.preprocess.tile is None:  # tiles keep the configured input shape
             size = fitted_input_size(sizes, size)
         if self._extractor is not None and self._extractor.image_size != size:
@@ -210,7 +217,7 @@ class Detector:
                 f"fit: the {self.scorer.name} scorer needs at least 3 normal images "
                 f"(they are cross-fitted to choose the threshold), got {len(items)}"
             )
-        self.resolve_auto(items)
+        self.resolve_auto(items, build_backbone=True)
         if self.zero_shot and self.scorer.augment_references:
             items = [view for item in items for view in support_views(item)]
         features = self.extract(items, progress=progress)
