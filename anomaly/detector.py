@@ -95,26 +95,29 @@ class Detector:
         pre = self.config.preprocess
         if pre.resize == "auto":
             raise ConfigError(
-                "preprocess.resize: auto is decided by fit from the training images; "
-                "set stretch or keep_aspect to score without a fit (zero-shot)"
+                "preprocess.resize: auto is decided from the training images (fit) or a zero-shot pool; "
+                "set stretch or keep_aspect to extract features before either"
             )
         if pre.standardize == "auto":
             raise ConfigError(
-                "preprocess.standardize: auto is decided by fit from the training images; "
-                "set true or false to score without a fit (zero-shot)"
+                "preprocess.standardize: auto is decided from the training images (fit) or a zero-shot pool; "
+                "set true or false to extract features before either"
             )
         if pre.tile is None:
             return ViewSpec(pre.resize, standardize=bool(pre.standardize))
         return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap, bool(pre.standardize))
 
     def resolve_auto(self, images: Sequence[ImageInput], *, build_backbone: bool = False) -> None:
-        """Decide the ``auto`` settings of ``preprocess`` (in place) from up to 32 evenly spaced training images.
+        """Decide the ``auto`` settings of ``preprocess`` (in place) from up to 32 evenly spaced images.
 
-        ``resize: auto``: the model input takes their median aspect at the configured pixel count
-        (:func:`anomaly.data.views.fitted_input_size`) and every image is stretched to it.
-        ``standardize: auto``: on when their lighting drifts (:func:`anomaly.data.views.lighting_drift` above
-        ``DRIFT_THRESHOLD``). The saved config holds the decisions; every fit decides again.
-        ``build_backbone``: build the backbone while the sample decodes (again if the input size changes).
+        The images are those the model learns normality from: the training images, or a zero-shot pool without
+        references (unlabelled, so deciding from it is fair). ``resize: auto``: the model input takes their
+        median aspect at the configured pixel count (:func:`anomaly.data.views.fitted_input_size`) and every
+        image is stretched to it. ``standardize: auto``: on when their lighting drifts
+        (:func:`anomaly.data.views.lighting_drift` above ``DRIFT_THRESHOLD``). The config holds the decisions
+        (a saved model keeps them); every fit, and every reference-free pool, decides again. Unreadable images
+        are left out of the sample (the stage that reads them reports them). ``build_backbone``: build the
+        backbone while the sample decodes (again if the input size changes).
         """
         resize, budget = self._input_setting
         if "auto" not in (resize, self._standardize_setting) or not images:
@@ -124,10 +127,10 @@ class Detector:
         if resize == "auto":  # decided again from the configured input
             self.config = replace(self.config, backbone=replace(self.config.backbone, image_size=budget))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
-            decoding = pool.map(lambda i: to_rgb(images[i])[0], _sample_positions(len(images)))
+            decoding = pool.map(lambda i: _decoded_or_none(images[i]), _sample_positions(len(images)))
             if build_backbone:
                 _ = self.extractor
-            sample = list(decoding)
+            sample = [image for image in decoding if image is not None]
         if resize == "auto":
             self._decide_input_size([image.shape[:2] for image in sample])
         if self._standardize_setting == "auto":
@@ -301,6 +304,8 @@ class Detector:
     def _predict_pool(
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: Progress | None, skip: bool
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
+        if self.reference_ is None:  # no fit: the pool decides the ``auto`` settings (references keep the fit's)
+            self.resolve_auto(items)
         mirror = self.scorer.augment_queries
         decoded, batches, mirrored = [], [], []
         for batch in self._progress_batches(items, keep_images, skip, "features", progress):
@@ -480,6 +485,13 @@ def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> l
         else:
             out.append(item)
     return out
+
+
+def _decoded_or_none(item: ImageInput) -> NDArray[np.uint8] | None:
+    try:
+        return to_rgb(item)[0]
+    except DataError:
+        return None
 
 
 def _sample_positions(n: int) -> NDArray[np.int64]:

@@ -21,7 +21,8 @@ __all__ = ["StreamingDetector"]
 class StreamingDetector:
     """Score a stream of unlabeled images with MuSc against the most recent ``pool_size`` images.
 
-    Few-shot references (``Detector.fit`` on a zero-shot detector) stay in the pool for good. The
+    Few-shot references (``Detector.fit`` on a zero-shot detector) stay in the pool for good; without them,
+    the first batch decides the config's ``auto`` preprocessing for the whole stream. The
     threshold follows the zero-shot pool rule (:func:`anomaly.thresholds.pool_threshold`) over the
     scores of the most recent images, references included.
 
@@ -48,6 +49,8 @@ class StreamingDetector:
         items = list(images)
         if not items:
             raise DataError("predict: no images")
+        if len(self.pool) == 0 and self.pool.reference is None:  # the first batch decides the ``auto`` settings
+            self.detector.resolve_auto(items)
         features = self.detector.extract(items)
         if len(self.pool) + len(items) + (0 if self.pool.reference is None else 1) < 2:
             raise DataError("the first call needs 2 images, or few-shot references")

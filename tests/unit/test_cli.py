@@ -127,10 +127,6 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             ["fit", "--out", tmp_path / "o7", "--set", "preprocess.standardize=sometimes", synthetic_root],
             "preprocess.standardize",
         ),
-        (  # a zero-shot pool has no training images to decide auto from
-            ["score", "--zero-shot", "--set", "preprocess.standardize=auto", "--out", tmp_path / "o8", synthetic_root],
-            "preprocess.standardize: auto",
-        ),
     ]
     for args, needle in cases:
         result = _run(*args)

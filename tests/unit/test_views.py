@@ -233,9 +233,15 @@ def test_standardize_auto_is_decided_at_fit_and_saved(tmp_path) -> None:  # type
     assert config.preprocess.standardize == "auto"
     base = [_texture(np.random.default_rng(i), 96, 128) for i in range(6)]
     drifting = [np.clip(image * gain, 0, 255).astype(np.uint8) for image, gain in zip(base, [0.5, 1.0, 1.4] * 2)]
-    zero_shot = apply_overrides(load_config("musc"), ["backbone.image_size=[64,64]", "preprocess.standardize=auto"])
-    with pytest.raises(ConfigError, match="auto is decided by fit"):  # a pool has no training images
-        Detector(zero_shot).predict(base)
+    zero_shot = Detector(
+        apply_overrides(load_config("musc"), ["backbone.image_size=[64,64]", "preprocess.standardize=auto"])
+    )
+    with pytest.raises(ConfigError, match="auto is decided from the training images"):
+        zero_shot.extract(base)  # features need the decision first
+    zero_shot.predict(drifting)  # a pool without references decides from its own (unlabelled) images
+    assert zero_shot.config.preprocess.standardize is True
+    zero_shot.predict(base)  # and every pool decides again
+    assert zero_shot.config.preprocess.standardize is False
     assert Detector(config).fit(base).config.preprocess.standardize is False
     det = Detector(config).fit(drifting)
     assert det.config.preprocess.standardize is True
@@ -284,8 +290,27 @@ def test_resize_auto_is_decided_at_fit_saved_and_redecided(tmp_path) -> None:  #
     assert loaded.predict(tall[0]).image_score == pytest.approx(result.image_score, rel=1e-5)
     assert det.fit(square).config.backbone.image_size == (64, 64)  # a refit decides again, from the budget
     assert det.extractor.image_size == (64, 64)
-    zero_shot = apply_overrides(load_config("musc"), ["backbone.image_size=[64,64]", "preprocess.resize=auto"])
-    with pytest.raises(ConfigError, match="resize: auto is decided by fit"):  # a pool has no training images
-        Detector(zero_shot).predict(square)
     with pytest.raises(ConfigError, match="preprocess.resize: expected stretch, keep_aspect or auto"):
         apply_overrides(load_config("patchcore"), ["preprocess.resize=squash"])
+
+
+def test_resize_auto_in_zero_shot_pools_and_streams() -> None:
+    from anomaly import Detector, StreamingDetector
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config("musc"), ["backbone.image_size=[64,64]"])
+    assert config.preprocess.resize == "auto"
+    tall = [_texture(np.random.default_rng(i), 192, 64) for i in range(4)]
+    square = [_texture(np.random.default_rng(i), 80, 80) for i in range(4)]
+    pool = Detector(config)
+    results = pool.predict(tall)  # no references: the pool decides from its own images
+    assert pool.config.backbone.image_size == (96, 32) and results[0].anomaly_map.shape == (192, 64)
+    pool.predict(square)
+    assert pool.config.backbone.image_size == (64, 64)
+    few_shot = Detector(config).fit(tall[:1])  # references decide at fit and fix the input for every pool
+    few_shot.predict(square[:2])
+    assert few_shot.config.backbone.image_size == (96, 32)
+    line = StreamingDetector(Detector(config), pool_size=8)
+    line.predict(tall[:2])  # the first batch decides for the whole stream
+    assert line.predict(square[:2])[0].anomaly_map.shape == (80, 80)
+    assert line.detector.config.backbone.image_size == (96, 32)
