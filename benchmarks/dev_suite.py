@@ -37,6 +37,7 @@ SUITE = (
     "transistor",
     "kolektor",
     "mpdd",
+    "mpdd_strips",
     "synth_texture",
     "synth_object",
 )

@@ -33,6 +33,9 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
                    train, val and test pooled): images with an empty mask are normal, split 75/25 into train/good
                    and test/good; the others go to test/defect (the types were merged there). Reserved in round 8
                    as unseen data: not run by any round yet.
+  mpdd_strips/     mpdd/ cut into three 512 x 170 horizontal strips per image (3:1, round 9's unseen check of
+                   `resize: auto` on elongated real parts): every strip of a normal image is normal, strips of a
+                   defective image with defect pixels go to test/defect with their mask strip, the others are dropped.
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -93,6 +96,7 @@ def main() -> None:
         print(f"transistor: linked to {args.transistor}")
     if args.mpdd is not None:
         _mpdd(args.mpdd, args.out, args.seed)
+        _strips(args.out / "mpdd", args.out / "mpdd_strips")
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(
@@ -213,6 +217,31 @@ def _mpdd(src: Path, out: Path, seed: int) -> None:
     images = sorted(src.glob("data_supervised/metal_plate/*/images/*.png"))
     pairs = [(p, p.name, p.parent.parent / "masks" / p.name, p.name) for p in images]
     _import_pairs(pairs, out, "mpdd", "defect", seed)
+
+
+def _strips(src: Path, out: Path, n: int = 3) -> None:
+    """An MVTec-layout category cut into ``n`` horizontal strips per image (see the module docstring)."""
+    counts: dict[str, int] = {}
+    for image in sorted(src.glob("t*/*/*.png")):
+        split, kind = image.parent.parent.name, image.parent.name
+        pixels = np.asarray(Image.open(image))
+        mask = None
+        if kind != "good":
+            mask = np.asarray(Image.open(src / "ground_truth" / kind / f"{image.stem}_mask.png")) > 0
+        step = pixels.shape[0] // n
+        for i in range(n):
+            rows = slice(i * step, (i + 1) * step)
+            if mask is not None and not mask[rows].any():
+                continue  # a defective part's strip without defect pixels: neither normal nor labelled
+            name = f"{image.stem}_{i}"
+            (out / split / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[rows]).save(out / split / kind / f"{name}.png")
+            if mask is not None:
+                truth = out / "ground_truth" / kind
+                truth.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask[rows].astype(np.uint8) * 255).save(truth / f"{name}_mask.png")
+            counts[f"{split}/{kind}"] = counts.get(f"{split}/{kind}", 0) + 1
+    print(f"{out.name}: {counts}")
 
 
 def _import_pairs(pairs: list[tuple[Path, str, Path, str]], out: Path, name: str, kind: str, seed: int) -> None:
