@@ -33,6 +33,7 @@ RESIZE_MODES = ("stretch", "keep_aspect")
 # squares, the magnetic tiles' 0.86-0.89 keep 256x256); beyond it the input takes their aspect (benchmarks/README.md
 # section 6, round 9: KolektorSDD's 1:2.5 parts 0.885 / 0.860 stretched square -> 0.912 / 0.954 image / pixel AUROC).
 ASPECT_TOLERANCE = 1.25
+_AGREEING_SHARE = 0.75  # images whose aspect must be within ASPECT_TOLERANCE of the median for it to be taken
 _MAX_ASPECT = 8.0  # a line-scan strip of 20:1 gets an 8:1 input (still 90 px on its short side at 256x256)
 TARGET_MEAN, TARGET_STD = 128.0, 48.0  # gray levels; std 48 chosen on mtd_dev (benchmarks/README.md section 6)
 _MIN_STD = 6.0  # a flat image is amplified at most 8x (48 / 6): its noise must not become texture
@@ -100,16 +101,22 @@ def fitted_input_size(sizes: list[tuple[int, int]], input_size: tuple[int, int],
     """Model input (H, W) for images of ``sizes`` (H, W): about the pixel count of ``input_size``, their aspect.
 
     The median aspect (width / height) of ``sizes`` is compared with the input's: within
-    :data:`ASPECT_TOLERANCE` the input is kept as it is; otherwise each side becomes a multiple of ``step``
-    (the backbone's largest stride, so that every feature grid divides evenly) with the images' aspect,
-    clipped to 1:8 - 8:1, and the same number of pixels, so the backbone's cost stays as configured.
+    :data:`ASPECT_TOLERANCE` the input is kept as it is, and so it is when fewer than 3 in 4 images lie within
+    that tolerance of the median (mixed portrait and landscape shots: one shape would squash the others more
+    than the configured input does). Otherwise each side becomes a multiple of ``step`` (the backbone's largest
+    stride, so that every feature grid divides evenly) with the images' aspect, clipped to 1:8 - 8:1, and the
+    same number of pixels, so the backbone's cost stays as configured.
     """
     h_in, w_in = input_size
     if not sizes:
         return input_size
-    aspect = float(np.exp(np.median([math.log(w / h) for h, w in sizes])))
-    if max(aspect * h_in / w_in, w_in / (aspect * h_in)) < ASPECT_TOLERANCE:
+    log_aspects = np.array([math.log(w / h) for h, w in sizes])
+    median = float(np.median(log_aspects))
+    if abs(median - math.log(w_in / h_in)) < math.log(ASPECT_TOLERANCE):
         return input_size
+    if np.mean(np.abs(log_aspects - median) < math.log(ASPECT_TOLERANCE)) < _AGREEING_SHARE:
+        return input_size
+    aspect = min(max(math.exp(median), 1 / _MAX_ASPECT), _MAX_ASPECT)
     aspect = min(max(aspect, 1 / _MAX_ASPECT), _MAX_ASPECT)
     area = h_in * w_in
     height, width = math.sqrt(area / aspect), math.sqrt(area * aspect)

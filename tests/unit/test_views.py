@@ -260,6 +260,8 @@ def test_standardize_auto_is_decided_at_fit_and_saved(tmp_path) -> None:  # type
         ([(200, 4000)], (256, 256), (96, 736)),  # 20:1 is clipped to 8:1
         ([(460, 1130)], (256, 512), (256, 512)),  # an input already of the images' aspect is kept
         ([(1000, 1000)], (160, 416), (256, 256)),  # and a wide input meets square images
+        ([(300, 400)] * 3 + [(400, 300)] * 2, (256, 256), (256, 256)),  # mixed orientations: no shape for all
+        ([(100, 300)] * 4 + [(300, 100)], (256, 256), (160, 448)),  # 4 in 5 agree: theirs
     ],
 )
 def test_fitted_input_size_takes_the_aspect_at_the_same_pixel_count(sizes, budget, expected) -> None:  # type: ignore[no-untyped-def]
