@@ -161,7 +161,10 @@ def fit(
     if detector.decision_ is None:
         typer.echo(f"stored {len(paths)} references for {detector.scorer.name}; model written to {out}")
     else:
-        typer.echo(f"fitted {detector.scorer.name} on {len(paths)} images; {detector.decision_.summary()}")
+        h, w = detector.config.backbone.image_size or detector.extractor.image_size
+        typer.echo(
+            f"fitted {detector.scorer.name} on {len(paths)} images at {h}x{w} (H x W); {detector.decision_.summary()}"
+        )
         typer.echo(f"model written to {out}")
 
 

@@ -35,6 +35,23 @@ def model_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
+def test_fit_gives_long_parts_an_input_of_their_aspect(tmp_path: Path) -> None:
+    from anomaly.data import make_synthetic_category
+
+    root = make_synthetic_category(
+        tmp_path, "strip", n_train=6, n_test_good=2, n_test_defect=2, size=(64, 192), kind="texture", seed=0
+    )
+    small = ["--set", "backbone.image_size=[128,128]", "--set", "threshold.folds=3"]
+    result = _run("fit", "--out", tmp_path / "m", *small, root)
+    assert result.exit_code == 0, result.output
+    assert "at 64x224 (H x W)" in result.output  # 3:1 parts, the pixel count of 128x128
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["backbone"]["image_size"] == [64, 224] and config["preprocess"]["resize"] == "stretch"
+    result = _run("score", "--model", tmp_path / "m", "--out", tmp_path / "s", "--maps", root / "test")
+    assert result.exit_code == 0, result.output
+    assert all(np.load(tmp_path / "s" / row["map_path"]).shape == (64, 192) for row in _rows(tmp_path / "s"))
+
+
 def test_fit_then_score_writes_csv_maps_and_overlays(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "scores"
     result = _run("score", "--model", model_dir, "--out", out, "--maps", synthetic_root / "test")
