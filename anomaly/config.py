@@ -96,12 +96,13 @@ class TileConfig:
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How an image becomes model input: ``stretch`` to the input size, ``keep_aspect`` (longer side
-    fitted, mirrored border), or ``auto``: fit gives the input the training images' aspect at the
-    configured pixel count (:func:`anomaly.data.views.fitted_input_size`) and stretches to it, and the
-    saved config holds the decision; ``tile`` (when set) cuts it into overlapping tiles instead. ``standardize``
-    maps every image's gray-level mean and spread to fixed values first (brightness and contrast drift
-    between acquisitions removed; see :func:`anomaly.data.views.standardize_intensity`); ``auto`` turns it
-    on at fit when the training images' brightness or contrast drifts (:func:`anomaly.data.views.lighting_drift`)."""
+    fitted, mirrored border), or ``auto``: fit (or a zero-shot pool without references) gives the input the
+    images' aspect at the configured pixel count (:func:`anomaly.data.views.fitted_input_size`) and stretches
+    to it, and the saved config holds the decision; ``tile`` (when set) cuts it into overlapping tiles
+    instead. ``standardize`` maps every image's gray-level mean and spread to fixed values first (brightness
+    and contrast drift between acquisitions removed; see :func:`anomaly.data.views.standardize_intensity`);
+    ``auto`` turns it on at fit (or for a reference-free pool) when the images' brightness or contrast drifts
+    (:func:`anomaly.data.views.lighting_drift`)."""
 
     resize: str = "stretch"
     tile: TileConfig | None = None

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 OnError = Literal["raise", "skip"]
 _REFERENCES_FILE = "references.safetensors"
-_SAMPLE = 32  # training images that decide the ``auto`` settings of ``preprocess`` (decoding them: ~5 % of a fit)
+_SAMPLE = 32  # images that decide the ``auto`` settings of ``preprocess`` (decoding them: ~5 % of a fit)
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Detector:
 
     def __init__(self, config: DetectorConfig | str | os.PathLike[str] = "patchcore") -> None:
         self.config = config if isinstance(config, DetectorConfig) else load_config(config)
-        # "auto" settings are re-decided by every fit
+        # what the config asked for: its "auto" settings are decided again by every fit and reference-free pool
         self._standardize_setting = self.config.preprocess.standardize
         self._input_setting = (self.config.preprocess.resize, self.config.backbone.image_size)
         self.scorer: Scorer = get_scorer(self.config.scorer.name, self.config.scorer.params)
@@ -488,6 +488,7 @@ def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> l
 
 
 def _decoded_or_none(item: ImageInput) -> NDArray[np.uint8] | None:
+    """The decoded image, or None when it cannot be read (the sample that decides ``auto`` skips it)."""
     try:
         return to_rgb(item)[0]
     except DataError:

@@ -117,7 +117,6 @@ def fitted_input_size(sizes: list[tuple[int, int]], input_size: tuple[int, int],
     if np.mean(np.abs(log_aspects - median) < math.log(ASPECT_TOLERANCE)) < _AGREEING_SHARE:
         return input_size
     aspect = min(max(math.exp(median), 1 / _MAX_ASPECT), _MAX_ASPECT)
-    aspect = min(max(aspect, 1 / _MAX_ASPECT), _MAX_ASPECT)
     area = h_in * w_in
     height, width = math.sqrt(area / aspect), math.sqrt(area * aspect)
     return max(step, round(height / step) * step), max(step, round(width / step) * step)
