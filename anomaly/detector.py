@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.inputs import training_paths
-from anomaly.data.loader import DecodedImage, ImageInput, iter_batches, support_views, to_rgb
+from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, support_views, to_rgb
 from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, fitted_input_size, gray_stats, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
@@ -126,15 +126,16 @@ class Detector:
             return
         if resize == "auto":  # decided again from the configured input
             self.config = replace(self.config, backbone=replace(self.config.backbone, image_size=budget))
+        lighting = self._standardize_setting == "auto"
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
-            decoding = pool.map(lambda i: _decoded_or_none(images[i]), _sample_positions(len(images)))
+            measuring = pool.map(lambda i: _measure(images[i], lighting), _sample_positions(len(images)))
             if build_backbone:
                 _ = self.extractor
-            sample = [image for image in decoding if image is not None]
+            sample = [m for m in measuring if m is not None]
         if resize == "auto":
-            self._decide_input_size([image.shape[:2] for image in sample])
-        if self._standardize_setting == "auto":
-            drift = lighting_drift([gray_stats(image) for image in sample])
+            self._decide_input_size([size for size, _ in sample])
+        if lighting:
+            drift = lighting_drift([stats for _, stats in sample if stats is not None])
             on = drift > DRIFT_THRESHOLD
             log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, limit %.2f)", on, drift, DRIFT_THRESHOLD)
             self.config = replace(self.config, preprocess=replace(self.config.preprocess, standardize=on))
@@ -487,10 +488,16 @@ def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> l
     return out
 
 
-def _decoded_or_none(item: ImageInput) -> NDArray[np.uint8] | None:
-    """The decoded image, or None when it cannot be read (the sample that decides ``auto`` skips it)."""
+def _measure(item: ImageInput, lighting: bool) -> tuple[tuple[int, int], tuple[float, float] | None] | None:
+    """(H, W) of an input (from a file's header) and, with ``lighting``, its gray-level statistics (decoded).
+
+    None when the input cannot be read: the sample that decides ``auto`` skips it.
+    """
     try:
-        return to_rgb(item)[0]
+        if not lighting:
+            return image_size(item), None
+        image = to_rgb(item)[0]
+        return (image.shape[0], image.shape[1]), gray_stats(image)
     except DataError:
         return None
 

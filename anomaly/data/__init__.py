@@ -12,7 +12,15 @@ from anomaly.data.datasets import (
     load_mvtec,
     load_visa,
 )
-from anomaly.data.io import IMAGE_SUFFIXES, is_image_file, list_images, read_image, read_images, read_mask
+from anomaly.data.io import (
+    IMAGE_SUFFIXES,
+    is_image_file,
+    list_images,
+    read_image,
+    read_image_size,
+    read_images,
+    read_mask,
+)
 from anomaly.data.synthetic import DEFECT_TYPES, make_synthetic_category
 
 __all__ = [
@@ -30,6 +38,7 @@ __all__ = [
     "load_visa",
     "make_synthetic_category",
     "read_image",
+    "read_image_size",
     "read_images",
     "read_mask",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "is_image_file",
     "list_images",
     "read_image",
+    "read_image_size",
     "read_images",
     "read_mask",
 ]
@@ -70,6 +71,23 @@ def read_image(path: str | os.PathLike[str]) -> NDArray[np.uint8]:
         DataError: The file is missing, cannot be decoded or has more than :data:`MAX_PIXELS` pixels.
     """
     return decode_bytes(_read_bytes(Path(path)), _printable(Path(path)))
+
+
+def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(H, W)`` of the image :func:`read_image` returns, read from the file header.
+
+    The pixels are decoded only for files PIL cannot open and for EXIF orientations that rotate by 90 degrees
+    (how PIL reports their size differs between its format plugins).
+    """
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            rotated = int(opened.getexif().get(_EXIF_ORIENTATION, 1)) in (5, 6, 7, 8)
+    except Exception:  # PIL raises many exception types; decoding gives the size or the proper error
+        rotated = True
+    if rotated:
+        height, width = read_image(path).shape[:2]
+    return height, width
 
 
 def decode_bytes(data: bytes | NDArray[np.uint8], name: str = "image bytes") -> NDArray[np.uint8]:

@@ -17,11 +17,20 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly.data.io import decode_bytes, read_image
+from anomaly.data.io import decode_bytes, read_image, read_image_size
 from anomaly.data.views import Layout, ViewSpec, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
-__all__ = ["DecodedImage", "ImageBatch", "ImageInput", "decode_input", "iter_batches", "support_views", "to_rgb"]
+__all__ = [
+    "DecodedImage",
+    "ImageBatch",
+    "ImageInput",
+    "decode_input",
+    "image_size",
+    "iter_batches",
+    "support_views",
+    "to_rgb",
+]
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], Any]
 
@@ -69,6 +78,14 @@ def to_rgb(item: ImageInput) -> tuple[NDArray[np.uint8], str | None]:
     raise DataError(
         f"unsupported image input of type {type(item).__name__}: give a path, bytes, a PIL image or an RGB array"
     )
+
+
+def image_size(item: ImageInput) -> tuple[int, int]:
+    """``(H, W)`` of an input as :func:`to_rgb` decodes it; files are measured from their header."""
+    if isinstance(item, (str, os.PathLike)):
+        return read_image_size(item)
+    height, width = to_rgb(item)[0].shape[:2]
+    return height, width
 
 
 def decode_input(

@@ -24,6 +24,7 @@ from anomaly.data import (
     load_visa,
     make_synthetic_category,
     read_image,
+    read_image_size,
     read_images,
     read_mask,
 )
@@ -121,6 +122,7 @@ def test_exif_rotated_jpeg(tmp_path: Path, orientation: int, corner: tuple[int, 
     Image.fromarray(_quadrants()).save(tmp_path / "photo.jpg", exif=_exif(orientation), quality=95)
     image = read_image(tmp_path / "photo.jpg")
     assert image.shape == ((40, 60, 3) if orientation == 3 else (60, 40, 3))
+    assert read_image_size(tmp_path / "photo.jpg") == image.shape[:2]
     # displayed top-left corner: 6 = rotate 90 clockwise, 8 = 90 counter-clockwise, 3 = 180
     np.testing.assert_allclose(image[3, 3], corner, atol=40)
 
@@ -136,6 +138,7 @@ def test_exif_orientation_lossless_matches_pil(tmp_path: Path, suffix: str, orie
     reference.info["exif"] = _exif(orientation).tobytes()
     expected = np.asarray(ImageOps.exif_transpose(reference))
     np.testing.assert_array_equal(read_image(path), expected)
+    assert read_image_size(path) == expected.shape[:2]  # every format and orientation, as decoded
 
 
 def test_unicode_path_and_uppercase_suffix(tmp_path: Path) -> None:
@@ -462,3 +465,12 @@ def test_synthetic_masks_are_exactly_the_defects(tmp_path: Path, kind: Literal["
             continue
         near = (np.abs(image - colours[sample.defect_type]) <= 15).all(axis=2)
         np.testing.assert_array_equal(near, mask)  # painted pixels exactly where the mask is
+
+
+def test_read_image_size_fails_like_read_image(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for path in (tmp_path / "missing.png", tmp_path / "bad.png"):
+        with pytest.raises(DataError, match=path.name):
+            read_image_size(path)
+    cv2.imwrite(str(tmp_path / "gray16.png"), np.zeros((7, 11), np.uint16))
+    assert read_image_size(tmp_path / "gray16.png") == (7, 11)
