@@ -134,8 +134,9 @@ class Detector:
             sample = [m for m in measuring if m is not None]
         if resize == "auto":
             self._decide_input_size([size for size, _ in sample])
-        if lighting:
-            drift = lighting_drift([stats for _, stats in sample if stats is not None])
+        if lighting:  # no readable image in the sample: off (the extraction then names the unreadable files)
+            stats = [stats for _, stats in sample if stats is not None]
+            drift = lighting_drift(stats) if stats else 0.0
             on = drift > DRIFT_THRESHOLD
             log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, limit %.2f)", on, drift, DRIFT_THRESHOLD)
             self.config = replace(self.config, preprocess=replace(self.config.preprocess, standardize=on))

@@ -127,7 +127,13 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bad.png").write_bytes(b"not an image")
+    unreadable = tmp_path / "unreadable"  # every training image, so every image of the auto settings' sample
+    unreadable.mkdir()
+    for i in range(3):
+        (unreadable / f"bad{i}.png").write_bytes(b"not an image")
     cases = [
+        (["fit", "--out", tmp_path / "o0", *SMALL, unreadable], "bad0.png"),
+        (["score", "--zero-shot", "--out", tmp_path / "o00", *SMALL, unreadable], "bad0.png"),
         (["score", "--model", model_dir, "--out", tmp_path / "o1", empty], "empty"),
         (["score", "--model", model_dir, "--out", tmp_path / "o2", broken], "bad.png"),
         (["score", "--model", tmp_path / "nope", "--out", tmp_path / "o3", synthetic_root / "test"], "nope"),
@@ -151,7 +157,7 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
         error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(error_lines) == 1 and needle in error_lines[0], result.output
         assert "Traceback" not in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "unreadable"]  # nothing half-written
 
 
 def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Path, caplog) -> None:
