@@ -415,10 +415,10 @@ def discover(
         str,
         typer.Option(
             "--scale",
-            help="How maps are binarised: shared (MEBin over the range shared by all maps) or per_image "
-            "(each map half way between its median and its maximum; an option for zero-shot pool maps).",
+            help="How maps are binarised: per_image (each map half way between its median and its maximum) "
+            "or shared (MEBin over the range shared by all maps).",
         ),
-    ] = "shared",
+    ] = "per_image",
     config: Annotated[
         str | None,
         typer.Option(
@@ -431,6 +431,7 @@ def discover(
 ) -> None:
     """Group anomalous images into defect types without labels (anomaly type discovery)."""
     from anomaly.config import load_config
+    from anomaly.discovery.cluster import check_k
     from anomaly.discovery.describe import RegionDescriber
     from anomaly.discovery.outputs import read_scored_images, write_discovery
     from anomaly.discovery.pipeline import discover as run_discovery
@@ -442,6 +443,13 @@ def discover(
         raise DataError(f"--scale must be {' or '.join(SCALES)}, got '{scale}'")
     backbone = None if config is None else load_config(config).backbone
     selected = read_scored_images(scores, all_images)
+    try:
+        check_k(k, len(selected.paths))
+    except DataError as exc:  # few images because few were flagged: say how to include the rest
+        if not selected.n_left_out:
+            raise
+        flagged = f"{len(selected.paths)} of {len(selected.paths) + selected.n_left_out} images are flagged"
+        raise DataError(f"{exc}; only {flagged}: --all clusters every image") from None
     progress = _Progress()
     try:
         result = run_discovery(
@@ -453,11 +461,6 @@ def discover(
             scale=scale,
             progress=progress,
         )
-    except DataError as exc:  # too few regions because few images were flagged: say how to include the rest
-        if not selected.n_left_out or "regions" not in str(exc):
-            raise
-        flagged = f"{len(selected.paths)} of {len(selected.paths) + selected.n_left_out} images are flagged"
-        raise DataError(f"{exc}; only {flagged}: --all clusters every image") from None
     finally:
         progress.close()
     write_discovery(out, result, selected.paths)

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from anomaly.data.io import read_image
-from anomaly.discovery import Region, RegionDescriber, cluster_regions
+from anomaly.discovery import Region, RegionDescriber, cluster_descriptors
 from anomaly.metrics.clustering import clustering_metrics
 
 
@@ -49,8 +49,8 @@ def main() -> None:
     start = time.perf_counter()
     descriptors = RegionDescriber()(images, regions)
     described = time.perf_counter() - start
-    given = cluster_regions(descriptors, k=3)
-    estimated = cluster_regions(descriptors)
+    given = cluster_descriptors(descriptors, k=3, unit="regions")
+    estimated = cluster_descriptors(descriptors, unit="regions")
     metrics = clustering_metrics(truth, given.labels)
     result = {
         "images": len(images),

@@ -1,4 +1,4 @@
-"""discover(): anomaly maps -> regions -> descriptors -> clusters -> one defect type per image."""
+"""discover(): anomaly maps -> regions -> region descriptors -> one descriptor per image -> clusters of images."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly.data.io import read_images
-from anomaly.discovery.cluster import RegionClusters, check_k, cluster_regions, merge_to_images
+from anomaly.discovery.cluster import Clusters, check_k, cluster_descriptors, pool_by_image
 from anomaly.discovery.describe import RegionDescriber
 from anomaly.discovery.regions import Binarization, Region, find_regions
 from anomaly.errors import DataError
@@ -40,10 +40,10 @@ class DiscoveryResult:
 
     Attributes:
         labels: (N,) defect type (cluster) of each image, 0..k-1 by decreasing region count.
-        confidence: (N,) share of the image's area-weighted region memberships that its label holds.
+        confidence: (N,) the image's soft membership of its cluster (1/k .. 1).
         n_regions: (N,) regions found in each image.
         regions: every region; ``Region.image`` indexes the inputs.
-        clusters: the regions' clusters (labels, memberships, K and how it was chosen).
+        clusters: the images' clusters (labels, memberships, K and how it was chosen).
         binarizations: per image, the map threshold used and how it was chosen.
     """
 
@@ -51,7 +51,7 @@ class DiscoveryResult:
     confidence: NDArray[np.float64]
     n_regions: NDArray[np.intp]
     regions: list[Region] = field(repr=False)
-    clusters: RegionClusters = field(repr=False)
+    clusters: Clusters = field(repr=False)
     binarizations: list[Binarization] = field(repr=False)
 
     @property
@@ -70,7 +70,7 @@ class DiscoveryResult:
             "n_images": int(len(self.labels)),
             "n_regions": len(self.regions),
             "images_per_cluster": {str(i): int((self.labels == i).sum()) for i in range(c.k)},
-            "regions_per_cluster": {str(i): int((c.labels == i).sum()) for i in range(c.k)},
+            "regions_per_cluster": {str(i): int(self.n_regions[self.labels == i].sum()) for i in range(c.k)},
             "binarization": {
                 m: sum(b.method == m for b in self.binarizations)
                 for m in ("stable", "pixel_threshold", "stable_own", "half_max")
@@ -86,7 +86,7 @@ def discover(
     pixel_thresholds: Sequence[float | None] | None = None,
     describer: RegionDescriber | None = None,
     k_max: int = 10,
-    scale: str = "shared",
+    scale: str = "per_image",
     progress: Progress | None = None,
 ) -> DiscoveryResult:
     """Group anomalous images into defect types, without labels.
@@ -96,36 +96,35 @@ def discover(
             (image or image path, anomaly map) pairs. With ``maps`` given, items may be image paths
             or arrays alone and ``maps`` yields their maps in order (lazily: only a small copy of
             each map is kept).
-        k: number of defect types; None estimates it (silhouette over 2..``k_max``).
+        k: number of defect types; None estimates it (eigengap over 2..``k_max``).
         pixel_thresholds: per image, the map value a pixel must reach to be anomalous, used when
             the map has no stable binarisation (defaults to each result's ``pixel_threshold``).
         describer: region describer (default: EfficientNet-Lite0, see :class:`RegionDescriber`).
-        scale: ``shared`` (MEBin over the range all maps share; the default) or ``per_image`` (each
-            map cut half way between its median and maximum, an option for zero-shot pool maps); see
-            :func:`anomaly.discovery.regions.find_regions`.
+        scale: ``per_image`` (each map cut half way between its median and maximum; the default) or
+            ``shared`` (MEBin over the range all maps share); see :func:`anomaly.discovery.regions.find_regions`.
         progress: called with (stage, done, total).
 
     Returns:
         A :class:`DiscoveryResult` with one label and confidence per item.
 
     Raises:
-        DataError: an item has no map, or ``k`` does not fit the number of regions.
+        DataError: an item has no map, or ``k`` does not fit the number of images.
     """
     images, map_iter, thresholds = _unpack(items, maps, pixel_thresholds)
     if not images:
         raise DataError("discover: no image given")
+    check_k(k, len(images))  # before the costly binarisation and description
     regions, binarizations = find_regions(map_iter, thresholds, scale=scale)
     if len(binarizations) != len(images):
         raise DataError(f"discover: {len(images)} images but {len(binarizations)} maps")
-    check_k(k, len(regions))  # before the costly description
     describer = describer or RegionDescriber()
     descriptors = _describe(describer, images, regions, progress)
-    clusters = cluster_regions(descriptors, k, k_max=k_max)
     owner = np.array([r.image for r in regions])
     fraction = np.array([r.area / r.mask.size for r in regions])
-    labels, confidence = merge_to_images(clusters, owner, fraction, len(images))
+    clusters = cluster_descriptors(pool_by_image(descriptors, owner, fraction, len(images)), k, k_max=k_max)
+    confidence = clusters.memberships.max(1)
     n_regions = np.bincount(owner, minlength=len(images))
-    return DiscoveryResult(labels, confidence, n_regions, regions, clusters, binarizations)
+    return DiscoveryResult(clusters.labels, confidence, n_regions, regions, clusters, binarizations)
 
 
 def _unpack(

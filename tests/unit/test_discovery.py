@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from anomaly.cli import app
 from anomaly.data.io import read_mask
-from anomaly.discovery import cluster_regions, find_regions, merge_to_images
+from anomaly.discovery import cluster_descriptors, find_regions, pool_by_image
 from anomaly.discovery.describe import crop_box
 from anomaly.discovery.regions import mebin_threshold
 from anomaly.errors import DataError
@@ -43,7 +43,7 @@ def test_mebin_counts_separate_blobs() -> None:
 
 def test_find_regions_locates_each_blob_per_map() -> None:
     maps = [_blobs([(30, 30), (90, 100)]), _blobs([(64, 64)], sigma=12), _blobs([(20, 100)]) * 0.7]
-    regions, choices = find_regions(maps, erode=3)
+    regions, choices = find_regions(maps, erode=3, scale="shared")
     # the weakest map never rises far into the shared sweep range: it is swept over its own range
     assert [c.method for c in choices] == ["stable", "stable", "stable_own"]
     by_image = {i: [r for r in regions if r.image == i] for i in range(3)}
@@ -56,9 +56,9 @@ def test_find_regions_locates_each_blob_per_map() -> None:
 
 def test_flat_map_falls_back_to_pixel_threshold_then_half_max() -> None:
     noisy = np.random.default_rng(0).random((64, 64)).astype(np.float32)  # no stable run of components
-    regions, choices = find_regions([noisy], pixel_thresholds=[0.5], min_run=64)
+    regions, choices = find_regions([noisy], pixel_thresholds=[0.5], min_run=64, scale="shared")
     assert choices[0].method == "pixel_threshold" and regions
-    regions, choices = find_regions([noisy], pixel_thresholds=[2.0], min_run=64)
+    regions, choices = find_regions([noisy], pixel_thresholds=[2.0], min_run=64, scale="shared")
     assert choices[0].method == "half_max" and regions  # the map never reaches its pixel threshold
 
 
@@ -67,7 +67,7 @@ def test_per_image_scale_binarises_each_map_against_its_own_level() -> None:
     # is cut half way between its own median (the floor) and its peak, so both blobs get the same region.
     strong = _blobs([(40, 40)], sigma=8)
     weak = 0.5 + 0.3 * _blobs([(80, 80)], sigma=8)
-    regions, choices = find_regions([strong, weak], erode=3, scale="per_image")
+    regions, choices = find_regions([strong, weak], erode=3)  # per_image is the default
     assert [c.method for c in choices] == ["half_max", "half_max"]
     assert choices[1].threshold == pytest.approx(0.5 * (np.median(weak) + weak.max()))
     by_image = {r.image: r for r in regions}
@@ -90,29 +90,30 @@ def test_crop_box_keeps_a_pixel_floor_on_small_images_and_stays_inside() -> None
     assert crop_box((0.0, 0.0, 4.0, 4.0), (40, 300), min_pixels=64) == (0, 0, 40, 40)  # capped by the short side
 
 
-def test_cluster_regions_estimates_k_and_labels_by_size() -> None:
+def test_cluster_descriptors_estimates_k_and_labels_by_size() -> None:
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (12, 8)), rng.normal(10, 1, (8, 8)), rng.normal(-10, 1, (5, 8))])
-    found = cluster_regions(x)
+    found = cluster_descriptors(x)
     assert found.k == 3 and found.k_method == "eigengap" and found.k_confidence > 0.5
     assert list(found.labels) == [0] * 12 + [1] * 8 + [2] * 5
     assert np.allclose(found.memberships.sum(1), 1) and found.memberships.max(1).min() > 0.9
-    given = cluster_regions(x, k=2)
+    given = cluster_descriptors(x, k=2)
     assert given.k == 2 and given.k_method == "given" and given.k_scores == {}
 
 
 @pytest.mark.parametrize("k", [0, 6])
-def test_cluster_regions_refuses_k_outside_region_count(k: int) -> None:
+def test_cluster_descriptors_refuses_k_outside_row_count(k: int) -> None:
     with pytest.raises(DataError, match="number of regions"):
-        cluster_regions(np.eye(5), k=k)
+        cluster_descriptors(np.eye(5), k=k, unit="regions")
 
 
-def test_merge_weights_regions_by_area() -> None:
-    found = cluster_regions(np.array([[0.0], [0.1], [10.0], [10.1]]), k=2)
-    # image 0: a large region of cluster 0 and a small one of cluster 1; image 1: cluster 1 only
-    labels, confidence = merge_to_images(found, np.array([0, 1, 0, 1]), np.array([0.3, 0.1, 0.1, 0.2]), 2)
-    assert list(labels) == [found.labels[0], found.labels[2]]
-    assert confidence[0] == pytest.approx(0.75, abs=1e-3) and confidence[1] == pytest.approx(2 / 3, abs=1e-3)
+def test_pool_by_image_weights_regions_by_area() -> None:
+    descriptors = np.array([[0.0, 4.0], [1.0, 1.0], [8.0, 0.0], [3.0, 3.0]])
+    # image 0 owns regions 0 and 2 (areas 0.3 and 0.1), image 1 regions 1 and 3 (0.1 and 0.2)
+    pooled = pool_by_image(descriptors, np.array([0, 1, 0, 1]), np.array([0.3, 0.1, 0.1, 0.2]), 2)
+    assert pooled == pytest.approx(np.array([[2.0, 3.0], [7 / 3, 7 / 3]]))
+    with pytest.raises(ValueError, match="at least one region"):
+        pool_by_image(descriptors, np.array([0, 0, 0, 0]), np.ones(4), 2)
 
 
 # --- metrics (hand-computed) ------------------------------------------------------------------------------------
@@ -250,12 +251,12 @@ def _error(args: list[str]) -> str:
 
 
 def test_discover_scale_option(scores_dir: Path, tmp_path: Path) -> None:
-    for n, extra in enumerate(([], ["--scale", "per_image"])):
+    for n, extra in enumerate(([], ["--scale", "shared"])):
         out = tmp_path / f"t{n}"
         result = runner.invoke(app, ["discover", "--scores", str(scores_dir), "--out", str(out), "--k", "3", *extra])
         assert result.exit_code == 0, result.output
         counts = json.loads((out / "summary.json").read_text())["binarization"]
-        assert sum(counts.values()) == 6 and counts["half_max"] == (6 if extra else 0), counts
+        assert sum(counts.values()) == 6 and counts["half_max"] == (0 if extra else 6), counts
     assert "--scale" in _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--scale", "x"])
 
 
@@ -270,9 +271,9 @@ def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
     assert "no anomaly maps" in _error(["discover", "--scores", str(no_maps), "--out", str(tmp_path / "o")])
     assert "not found" in _error(["discover", "--scores", str(tmp_path), "--out", str(tmp_path / "o")])
     too_many = _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40"])
-    assert "number of regions" in too_many and "only 6 of 10 images are flagged: --all" in too_many
+    assert "number of images" in too_many and "only 6 of 10 images are flagged: --all" in too_many
     with_all = _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40", "--all"])
-    assert "number of regions" in with_all and "--all" not in with_all
+    assert "number of images" in with_all and "--all" not in with_all
     assert not (tmp_path / "o").exists()  # nothing half-written
     assert "exactly one of" in _error(["evaluate", "--root", str(tmp_path)])
 
