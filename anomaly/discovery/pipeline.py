@@ -97,8 +97,9 @@ def discover(
             or arrays alone and ``maps`` yields their maps in order (lazily: only a small copy of
             each map is kept).
         k: number of defect types; None estimates it (eigengap over 2..``k_max``).
-        pixel_thresholds: per image, the map value a pixel must reach to be anomalous, used when
-            the map has no stable binarisation (defaults to each result's ``pixel_threshold``).
+        pixel_thresholds: per image, the map value a pixel must reach to be anomalous, used by the
+            ``shared`` scale when a map has no stable binarisation (defaults to each result's
+            ``pixel_threshold``).
         describer: region describer (default: EfficientNet-Lite0, see :class:`RegionDescriber`).
         scale: ``per_image`` (each map cut half way between its median and maximum; the default) or
             ``shared`` (MEBin over the range all maps share); see :func:`anomaly.discovery.regions.find_regions`.
