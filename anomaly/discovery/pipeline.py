@@ -39,7 +39,7 @@ class DiscoveryResult:
     """Defect types found among images.
 
     Attributes:
-        labels: (N,) defect type (cluster) of each image, 0..k-1 by decreasing region count.
+        labels: (N,) defect type (cluster) of each image, 0..k-1 by decreasing cluster size.
         confidence: (N,) the image's soft membership of its cluster (1/k .. 1).
         n_regions: (N,) regions found in each image.
         regions: every region; ``Region.image`` indexes the inputs.

@@ -1,4 +1,4 @@
-"""Anomaly maps -> anomaly regions: MEBin-style adaptive binarisation and connected components.
+"""Anomaly maps -> anomaly regions: binarisation (per image, or MEBin over a shared range) and components.
 
 ``scale="per_image"`` (the default) binarises each map half way between its own median and maximum,
 so each image's defect is cut at the same relative height whatever its strength, and zero-shot pool
