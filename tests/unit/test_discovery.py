@@ -116,6 +116,20 @@ def test_pool_by_image_weights_regions_by_area() -> None:
         pool_by_image(descriptors, np.array([0, 0, 0, 0]), np.ones(4), 2)
 
 
+def test_an_outlier_speck_moves_its_image_but_founds_no_cluster() -> None:
+    # two types of four images, one region each; image 0 also has a small region far from everything
+    rng = np.random.default_rng(1)
+    regions = np.concatenate([rng.normal(0, 0.1, (4, 3)), rng.normal(10, 0.1, (4, 3)), [[-40.0, -40.0, -40.0]]])
+    owner = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0])
+    area = np.array([0.2] * 8 + [0.01])
+    by_region = cluster_descriptors(regions, k=2, unit="regions")
+    assert by_region.labels[-1] != by_region.labels[0] and len(set(by_region.labels[:8])) == 1  # the speck split off
+    pooled = pool_by_image(regions, owner, area, 8)
+    assert pooled[0] == pytest.approx((0.2 * regions[0] + 0.01 * regions[8]) / 0.21)  # about -1.9: still type 0's side
+    by_image = cluster_descriptors(pooled, k=2)
+    assert list(by_image.labels) == [0] * 4 + [1] * 4 or list(by_image.labels) == [1] * 4 + [0] * 4
+
+
 # --- metrics (hand-computed) ------------------------------------------------------------------------------------
 
 
