@@ -6,7 +6,8 @@ Per category, the pool is a seeded subset of the test split (``--per-class`` nor
 images, so that every pool is the same mix); ``k`` shots fit the detector on the first ``k`` train/good
 images (references stay in the pool, with VisionAD's 6 support views when ``augment_references`` is on).
 Metrics as ``dev_suite.py``; ``realised_fpr`` is the share of the pool's normal images flagged by the pool
-threshold. One table per shot count and their means in ``suite.md``.
+threshold, ``defects_flagged`` (in ``suite.json`` and the progress lines) the share of its defective images flagged.
+One table per shot count and their means in ``suite.md``.
 """
 
 from __future__ import annotations
@@ -64,16 +65,18 @@ def main() -> None:
             seconds = time.perf_counter() - start
             evaluation = evaluate_samples([r.image_score for r in results], pool, [r.anomaly_map for r in results])
             flagged = [r.is_anomalous for r, s in zip(results, pool) if not s.label]
+            caught = [r.is_anomalous for r, s in zip(results, pool) if s.label]
             rows.append(
                 {
                     "category": name,
                     **{k: v for k, v in evaluation.metrics.items() if not isinstance(v, str)},
                     "realised_fpr": float(np.mean(flagged)),
+                    "defects_flagged": float(np.mean(caught)),
                     "fit_s": 0.0,
                     "ms_per_image": seconds / len(pool) * 1000,
                 }
             )
-            print(f"shots={shots} {name}: {seconds:.0f} s", flush=True)
+            print(f"shots={shots} {name}: {seconds:.0f} s, defects flagged {np.mean(caught):.2f}", flush=True)
         rows.append(mean_row(rows))
         all_rows[shots] = rows
         tables.append(f"**{shots}-shot** ({config.scorer.params})\n\n{format_rows(rows)}")
