@@ -202,6 +202,7 @@ def score(
     from anomaly.data.inputs import image_paths, reference_paths
     from anomaly.outputs import ScoreWriter, relative_names
     from anomaly.runtime import ExportedDetector, is_export_dir
+    from anomaly.thresholds import RELIABLE_POOL_SIZE
 
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
@@ -225,8 +226,15 @@ def score(
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
     paths = image_paths(inputs, exclude=[out])
-    if reference:
-        detector.fit(reference_paths(reference, paths))
+    references = reference_paths(reference, paths) if reference else []
+    if references:
+        detector.fit(references)
+    if zero_shot and len(paths) + len(references) < RELIABLE_POOL_SIZE:
+        _note(
+            "note: a zero-shot pool of %d images: below %d its threshold (is_anomalous) is unreliable; rank by score",
+            len(paths) + len(references),
+            RELIABLE_POOL_SIZE,
+        )
     if maps and not detector.scorer.has_maps:
         _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
     overlays = overlays and detector.scorer.has_maps

@@ -30,7 +30,12 @@ from numpy.typing import ArrayLike, NDArray
 
 from anomaly.errors import DataError
 
-__all__ = ["Threshold", "calibrate", "pool_threshold"]
+__all__ = ["RELIABLE_POOL_SIZE", "Threshold", "calibrate", "pool_threshold"]
+
+# Below this many images a pool threshold strays far from its target: synthetic pools of 83 reach 3.2x it, and real
+# pools of 20-40 flag most normal images (20 magnetic tiles: 85 %) or no defect (20 + 20: 7 of 9 categories);
+# benchmarks/README.md sections 6 (round 10) and 10.
+RELIABLE_POOL_SIZE = 80
 
 _TAIL_SHARE = 0.2  # peaks over threshold: the top 20 % of the scores model the tail
 _MIN_POOL = 8  # below this many scores a mixture cannot be fitted

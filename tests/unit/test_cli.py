@@ -107,6 +107,16 @@ def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> 
     rows = _rows(out)
     assert len(rows) == 10 and all(r["map_path"] and not r["overlay_path"] for r in rows)
     assert not (out / "overlays").exists()
+    assert "a zero-shot pool of 10 images: below 80 its threshold (is_anomalous) is unreliable" in result.output
+
+
+def test_no_small_pool_note_at_the_reliable_size(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("anomaly.thresholds.RELIABLE_POOL_SIZE", 10)
+    result = _run("score", "--zero-shot", "--out", tmp_path / "zs", "--no-overlays", *SMALL, synthetic_root / "test")
+    assert result.exit_code == 0, result.output
+    assert "zero-shot pool" not in result.output
 
 
 def test_image_level_scorer_writes_no_maps(synthetic_root: Path, tmp_path: Path) -> None:
