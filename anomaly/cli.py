@@ -231,7 +231,7 @@ def score(
         detector.fit(references)
     if zero_shot and len(paths) + len(references) < RELIABLE_POOL_SIZE:
         _note(
-            "note: a zero-shot pool of %d images: below %d its threshold (is_anomalous) is unreliable; rank by score",
+            "a zero-shot pool of %d images: below %d its threshold (is_anomalous) is unreliable; rank by score",
             len(paths) + len(references),
             RELIABLE_POOL_SIZE,
         )
