@@ -3,8 +3,10 @@
     python benchmarks/musc_suite.py --out /tmp/devsuite/results/musc [--set scorer.params.augment_references=true]
 
 Per category, the pool is a seeded subset of the test split (``--per-class`` normal and as many defective
-images, so that every pool is the same mix); ``k`` shots fit the detector on the first ``k`` train/good
-images (references stay in the pool, with VisionAD's 6 support views when ``augment_references`` is on).
+images, so that every pool is the same mix; or, with ``--natural N``, N test images drawn at the split's own
+mix, all of them when it has fewer, like a user scoring a whole test folder); ``k`` shots fit the detector on the
+first ``k`` train/good images (references stay in the pool, with VisionAD's 6 support views when
+``augment_references`` is on).
 Metrics as ``dev_suite.py``; ``realised_fpr`` is the share of the pool's normal images flagged by the pool
 threshold, ``defects_flagged`` (in ``suite.json`` and the progress lines) the share of its defective images flagged.
 One table per shot count and their means in ``suite.md``.
@@ -39,6 +41,13 @@ def pool_subset(test: list, per_class: int, seed: int) -> list:  # type: ignore[
     return picked
 
 
+def natural_subset(test: list, size: int, seed: int) -> list:  # type: ignore[type-arg]
+    """``size`` test samples drawn without regard to label (all of them when there are fewer), seeded."""
+    if len(test) <= size:
+        return list(test)
+    return [test[i] for i in sorted(np.random.default_rng(seed).permutation(len(test))[:size])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", default="musc")
@@ -47,6 +56,7 @@ def main() -> None:
     parser.add_argument("--category", action="append", choices=SUITE)
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--per-class", type=int, default=30)
+    parser.add_argument("--natural", type=int, metavar="N", help="pools of N test images at the split's own mix")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     config = apply_overrides(load_config(args.config), args.overrides)
@@ -56,7 +66,11 @@ def main() -> None:
         rows = []
         for name, path in suite_paths(args.root, BOTTLE, args.category).items():
             data = load_mvtec(path)
-            pool = pool_subset(data.test, args.per_class, seed=0)
+            pool = (
+                natural_subset(data.test, args.natural, seed=1)
+                if args.natural
+                else pool_subset(data.test, args.per_class, seed=0)
+            )
             det = Detector(config)
             start = time.perf_counter()
             if shots:
@@ -82,7 +96,8 @@ def main() -> None:
         tables.append(f"**{shots}-shot** ({config.scorer.params})\n\n{format_rows(rows)}")
     text = "\n\n".join(tables)
     (args.out / "suite.md").write_text(text + "\n")
-    meta = {"overrides": args.overrides, "per_class": args.per_class, "config_dict": config.to_dict()}
+    meta = {"overrides": args.overrides, "per_class": args.per_class, "natural": args.natural}
+    meta["config_dict"] = config.to_dict()
     (args.out / "suite.json").write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=2, default=str))
     print(text)
 

@@ -396,7 +396,10 @@ class MuScScorer(Scorer):
     ``score(layers)`` takes per-layer maps (N, C_l, h_l, w_l) of the whole unlabeled set (no fit).
     Per aggregation degree r and layer: :func:`lnamd`, :func:`mutual_scores`, bilinear upsampling
     of the score map to the finest grid; maps are averaged over layers, then over r. Image score =
-    max of the map, re-scored by :func:`rscin` when class-token ``embeddings`` are given.
+    max of the map, re-scored by :func:`rscin` when class-token ``embeddings`` are given (on the
+    peaks' own scale: RsCIN's 0..1 output is mapped back onto their range). ``map_layers``: the
+    indices of the layers whose average is the returned anomaly map (None: all); the image score
+    always comes from all layers, so a coarse layer can judge images without blurring the maps.
     ``aligned_window`` is counted in cells of each layer's own grid. ``augment_references`` asks
     the detector to add rotated and flipped views of few-shot references (VisionAD-style);
     ``augment_queries`` to score the pool a second time mirrored left-right and average the maps and
@@ -418,6 +421,7 @@ class MuScScorer(Scorer):
         aligned_window: int | None = None,
         augment_references: bool = False,
         augment_queries: bool = False,
+        map_layers: Sequence[int] | None = None,
     ) -> None:
         if not r_list or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
             raise ConfigError(f"musc: r_list must be positive odd integers, got {r_list!r}")
@@ -433,6 +437,12 @@ class MuScScorer(Scorer):
             isinstance(aligned_window, bool) or not isinstance(aligned_window, int) or aligned_window < 0
         ):
             raise ConfigError(f"musc: aligned_window must be None or an integer >= 0, got {aligned_window!r}")
+        if map_layers is not None and (
+            not map_layers
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in map_layers)
+            or len(set(map_layers)) != len(map_layers)
+        ):
+            raise ConfigError(f"musc: map_layers must be None or distinct layer indices >= 0, got {map_layers!r}")
         for key, value in (("augment_references", augment_references), ("augment_queries", augment_queries)):
             if not isinstance(value, bool):
                 raise ConfigError(f"musc: {key} must be true or false, got {value!r}")
@@ -443,7 +453,8 @@ class MuScScorer(Scorer):
         self.aligned_window = aligned_window
         self.augment_references = augment_references
         self.augment_queries = augment_queries
-        self.image_score_from_map = not self.rscin_k  # RsCIN re-scores images
+        self.map_layers = None if map_layers is None else tuple(map_layers)
+        self.image_score_from_map = not self.rscin_k and map_layers is None  # RsCIN re-scores images
 
     def fit(self, layers: list[torch.Tensor], *, progress: Callable[[int, int], None] | None = None) -> MuScScorer:
         """Nothing to learn (zero-shot); returns self."""
@@ -464,11 +475,15 @@ class MuScScorer(Scorer):
         (r, layer) step.
         """
         _check_layers(layers, reference)
+        if self.map_layers is not None and max(self.map_layers) >= len(layers):
+            raise ConfigError(f"musc: map_layers {list(self.map_layers)} name layers beyond the {len(layers)} given")
+        in_map = range(len(layers)) if self.map_layers is None else self.map_layers
         n = layers[0].shape[0]
         finest = max(range(len(layers)), key=lambda i: layers[i].shape[2] * layers[i].shape[3])
         size = tuple(layers[finest].shape[2:])
         total = len(self.r_list) * len(layers)
         fused = torch.zeros(n, 1, *size, dtype=torch.float32, device=layers[0].device)
+        fused_map = torch.zeros_like(fused) if self.map_layers is not None else fused
         done = 0
         for r in self.r_list:
             for li, layer in enumerate(layers):
@@ -486,13 +501,19 @@ class MuScScorer(Scorer):
                 if grid != size:
                     s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
                 fused += s
+                if fused_map is not fused and li in in_map:
+                    fused_map += s
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        maps = (fused / total).squeeze(1).cpu().numpy()
-        image_scores = maps.reshape(n, -1).max(axis=1).astype(np.float64)
+        maps = (fused_map / (len(self.r_list) * len(in_map))).squeeze(1).cpu().numpy()
+        image_scores = (fused / total).reshape(n, -1).amax(dim=1).cpu().numpy().astype(np.float64)
         if embeddings is not None and self.rscin_k:
-            image_scores = rscin(image_scores, embeddings, self.rscin_k)
+            # RsCIN works on min-max normalised scores; mapping them back onto the peaks' range (affine, the
+            # ranking is unchanged) keeps the pool's absolute scale, which the pool threshold needs (a pool of
+            # normal images alone would otherwise span 0..1 like any other): benchmarks/README.md section 10.
+            low, span = float(image_scores.min()), float(np.ptp(image_scores))
+            image_scores = low + span * rscin(image_scores, embeddings, self.rscin_k)
         return ScoreOutput(patch_maps=maps, image_scores=image_scores)
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -307,8 +307,29 @@ def test_scorer_fusion_matches_manual_pipeline():
     np.testing.assert_allclose(out.image_scores, expected.reshape(5, -1).max(axis=1), atol=1e-6)
     emb = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
     with_rscin = scorer.score([fine, coarse], embeddings=emb)
-    np.testing.assert_allclose(with_rscin.image_scores, rscin(out.image_scores, emb, (1, 2, 3)), atol=1e-12)
+    peaks = out.image_scores  # RsCIN's 0..1 output, mapped back onto the peaks' range
+    expected_scores = peaks.min() + np.ptp(peaks) * rscin(peaks, emb, (1, 2, 3))
+    np.testing.assert_allclose(with_rscin.image_scores, expected_scores, atol=1e-12)
+    assert with_rscin.image_scores.min() >= peaks.min() - 1e-12 and with_rscin.image_scores.max() <= peaks.max() + 1e-12
     np.testing.assert_array_equal(with_rscin.patch_maps, out.patch_maps)
+
+
+def test_map_layers_split_the_map_from_the_image_score():
+    fine, mid = normal_layers(6, 4, 4, 4, seed=1), normal_layers(6, 5, 4, 4, seed=2)
+    coarse = normal_layers(6, 6, 2, 2, seed=3)
+    coarse[2] = 3 * torch.randn(6, 2, 2, generator=torch.Generator().manual_seed(4))  # odd to the coarse layer only
+    kwargs = {"r_list": (1, 3), "rscin_k": None}
+    two = MuScScorer(**kwargs).score([fine, mid])
+    three = MuScScorer(**kwargs).score([fine, mid, coarse])
+    split = MuScScorer(map_layers=[0, 1], **kwargs).score([fine, mid, coarse])
+    np.testing.assert_allclose(split.patch_maps, two.patch_maps, atol=1e-6)  # the map of the named layers alone
+    np.testing.assert_allclose(split.image_scores, three.image_scores, atol=1e-6)  # the score of all three
+    assert split.image_scores.argmax() == 2 and not MuScScorer(map_layers=[0], **kwargs).image_score_from_map
+    with pytest.raises(ConfigError, match="map_layers"):
+        MuScScorer(map_layers=[0, 3]).score([fine, mid, coarse])
+    for bad in ([], [0, 0], [-1], [True]):
+        with pytest.raises(ConfigError, match="map_layers"):
+            MuScScorer(map_layers=bad)
 
 
 def test_scorer_contract_and_validation():
@@ -325,6 +346,7 @@ def test_scorer_contract_and_validation():
         "aligned_window": None,
         "augment_references": False,
         "augment_queries": False,
+        "map_layers": None,
     }
     for bad in ({"r_list": (2,)}, {"interval": (0.1,)}, {"rscin_k": (0,)}, {"memory_budget_mb": 0},
                 {"aligned_window": -1}):  # fmt: skip
