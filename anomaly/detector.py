@@ -68,6 +68,7 @@ class Detector:
         self._standardize_setting = self.config.preprocess.standardize
         self._input_setting = (self.config.preprocess.resize, self.config.backbone.image_size)
         self.scorer: Scorer = get_scorer(self.config.scorer.name, self.config.scorer.params)
+        self.scorer.check_layer_count(len(self.config.backbone.layers))
         self._extractor: FeatureExtractor | None = None
         self.decision_: Threshold | None = None
         self.reference_: FeatureSet | None = None

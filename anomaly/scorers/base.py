@@ -78,6 +78,10 @@ class Scorer(ABC):
         """A new, unfitted scorer with the same parameters."""
         return type(self)(**self.get_params())
 
+    def check_layer_count(self, n_layers: int) -> None:
+        """Refuse parameters that name feature layers beyond the ``n_layers`` the backbone gives (none here)."""
+        return None
+
     @abstractmethod
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> Scorer:
         """Learn the normal state from features of normal images; returns self."""

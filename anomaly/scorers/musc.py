@@ -456,6 +456,11 @@ class MuScScorer(Scorer):
         self.map_layers = None if map_layers is None else tuple(map_layers)
         self.image_score_from_map = not self.rscin_k and map_layers is None  # RsCIN re-scores images
 
+    def check_layer_count(self, n_layers: int) -> None:
+        """``map_layers`` must name layers among the ``n_layers`` given."""
+        if self.map_layers is not None and max(self.map_layers) >= n_layers:
+            raise ConfigError(f"musc: map_layers {list(self.map_layers)} name layers beyond the backbone's {n_layers}")
+
     def fit(self, layers: list[torch.Tensor], *, progress: Callable[[int, int], None] | None = None) -> MuScScorer:
         """Nothing to learn (zero-shot); returns self."""
         return self
@@ -475,8 +480,7 @@ class MuScScorer(Scorer):
         (r, layer) step.
         """
         _check_layers(layers, reference)
-        if self.map_layers is not None and max(self.map_layers) >= len(layers):
-            raise ConfigError(f"musc: map_layers {list(self.map_layers)} name layers beyond the {len(layers)} given")
+        self.check_layer_count(len(layers))
         in_map = range(len(layers)) if self.map_layers is None else self.map_layers
         n = layers[0].shape[0]
         finest = max(range(len(layers)), key=lambda i: layers[i].shape[2] * layers[i].shape[3])

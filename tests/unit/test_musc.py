@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from anomaly import Detector
+from anomaly.config import apply_overrides, load_config
 from anomaly.errors import ConfigError
 from anomaly.scorers import musc
 from anomaly.scorers.musc import MuScScorer, RollingPool, lnamd, msm_flops, mutual_scores, rscin
@@ -327,6 +329,8 @@ def test_map_layers_split_the_map_from_the_image_score():
     assert split.image_scores.argmax() == 2 and not MuScScorer(map_layers=[0], **kwargs).image_score_from_map
     with pytest.raises(ConfigError, match="map_layers"):
         MuScScorer(map_layers=[0, 3]).score([fine, mid, coarse])
+    with pytest.raises(ConfigError, match=r"map_layers \[0, 3\] name layers beyond the backbone's 3"):
+        Detector(apply_overrides(load_config("musc"), ["scorer.params.map_layers=[0,3]"]))  # before any image is read
     for bad in ([], [0, 0], [-1], [True]):
         with pytest.raises(ConfigError, match="map_layers"):
             MuScScorer(map_layers=bad)
