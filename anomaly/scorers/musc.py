@@ -515,7 +515,7 @@ class MuScScorer(Scorer):
         if embeddings is not None and self.rscin_k:
             # RsCIN works on min-max normalised scores; mapping them back onto the peaks' range (affine, the
             # ranking is unchanged) keeps the pool's absolute scale, which the pool threshold needs (a pool of
-            # normal images alone would otherwise span 0..1 like any other): benchmarks/README.md section 10.
+            # normal images alone would otherwise span 0..1 like any other): benchmarks/README.md section 6, round 11.
             low, span = float(image_scores.min()), float(np.ptp(image_scores))
             image_scores = low + span * rscin(image_scores, embeddings, self.rscin_k)
         return ScoreOutput(patch_maps=maps, image_scores=image_scores)
