@@ -160,6 +160,10 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             ["fit", "--out", tmp_path / "o7", "--set", "preprocess.standardize=sometimes", synthetic_root],
             "preprocess.standardize",
         ),
+        (
+            ["score", "--zero-shot", "--out", tmp_path / "o8", "--set", "scorer.params.map_layers=[0,5]", empty],
+            "map_layers",
+        ),
     ]
     for args, needle in cases:
         result = _run(*args)
