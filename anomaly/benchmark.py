@@ -47,6 +47,7 @@ COLUMNS = [
     "peak_mem_mb",
     "peak_gpu_mb",
 ]
+_ALWAYS = {"category", "image_auroc", "pixel_auroc", "aupro", "aupimo", "fit_s", "ms_per_image", "peak_mem_mb"}
 _TABLES_MARKER = ".anomaly-benchmark"
 
 
@@ -175,6 +176,9 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
         raise
     scores = [r.image_score for r in results]
     maps = [r.anomaly_map for r in results] if results[0].anomaly_map is not None else None
+    if maps is not None and any(s.label and s.mask_path is None for s in test):
+        log.warning("%s has no ground_truth masks: image metrics only", data.name)
+        maps = None
     evaluation = evaluate_samples(scores, test, maps, paths=[str(p) for p in paths])  # type: ignore[arg-type]
     metrics = evaluation.metrics
     normal = [r.is_anomalous for r, s in zip(results, test) if not s.label]
@@ -257,7 +261,7 @@ def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / _TABLES_MARKER).touch()
-    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    cols = [c for c in COLUMNS if c in _ALWAYS or any(c in r for r in rows)]  # pixel columns empty without maps
     tmp = out / f".results.csv.{os.getpid()}.tmp"
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")

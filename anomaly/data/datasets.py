@@ -116,7 +116,8 @@ def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
     """Load a category in MVTec AD layout.
 
     Layout: ``train/good/*``, ``test/<defect>/*`` (``good`` = normal) and ``ground_truth/<defect>/<stem>_mask.png``.
-    Masks named ``<stem>.png`` (VisA converted to MVTec layout) are accepted too.
+    Masks named ``<stem>.png`` (VisA converted to MVTec layout) are accepted too. A category without any
+    mask loads with image labels alone (``mask_path`` None: image metrics only).
 
     Args:
         category_root: Category folder, e.g. ``.../mvtec_ad/bottle``.
@@ -125,8 +126,8 @@ def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
         The category; its name is the folder name.
 
     Raises:
-        DataError: No ``train/good`` or ``test`` folder, no training or test image, or a defective test image
-            without a mask.
+        DataError: No ``train/good`` or ``test`` folder, no training or test image, or masks for some
+            defective images but not for others.
     """
     root = Path(category_root)
     if not is_category_root(root):
@@ -134,7 +135,7 @@ def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
     train = [Sample(p, None, 0, "good", "train") for p in _images_in(root / "train" / "good")]
     if not train:
         raise DataError(f"no training image in {root / 'train' / 'good'}")
-    return CategoryData(root.name, root, train, _test_samples(root, masks_required=True))
+    return CategoryData(root.name, root, train, _test_samples(root))
 
 
 def load_ground_truth(category_root: str | os.PathLike[str]) -> CategoryData:
@@ -147,10 +148,10 @@ def load_ground_truth(category_root: str | os.PathLike[str]) -> CategoryData:
         DataError: No ``test`` folder or test image, or masks for some defective images but not for others.
     """
     root = Path(category_root)
-    return CategoryData(root.name, root, [], _test_samples(root, masks_required=False))
+    return CategoryData(root.name, root, [], _test_samples(root))
 
 
-def _test_samples(root: Path, masks_required: bool) -> list[Sample]:
+def _test_samples(root: Path) -> list[Sample]:
     """``test/<defect>/*`` samples with their ground-truth masks (every defective image's, or none at all)."""
     test_dir = root / "test"
     if not test_dir.is_dir():
@@ -168,8 +169,6 @@ def _test_samples(root: Path, masks_required: bool) -> list[Sample]:
         for image in images:
             mask = masks.get((f"{image.stem}_mask",)) or masks.get((image.stem,))
             if mask is None:
-                if masks_required:
-                    raise _no_mask(root, image)
                 unmasked.append(image)
             test.append(Sample(image, mask, 1, defect, "test"))
     if not test:

@@ -215,6 +215,20 @@ def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Pat
         assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "gadget", "mean"]
 
 
+def test_benchmark_without_masks_reports_image_metrics(synthetic_root: Path, tmp_path: Path, caplog) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root / "widget", ignore=shutil.ignore_patterns("ground_truth"))
+    out = tmp_path / "bench"
+    with caplog.at_level(logging.WARNING, logger="anomaly"):
+        result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "no ground_truth masks: image metrics only" in caplog.text
+    with (out / "results.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["image_auroc"]) >= 0.9
+    assert row["pixel_auroc"] == row["aupro"] == row["aupimo"] == ""  # the contract's columns, empty
+
+
 def test_benchmark_folder_dataset_reads_plain_and_mvtec_layouts(synthetic_root: Path, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     shutil.copytree(synthetic_root / "train" / "good", plain / "good")

@@ -302,6 +302,8 @@ def test_load_mvtec_missing_mask_and_bad_root(synthetic_root: Path, tmp_path: Pa
     assert str(copy / "test" / "scratch" / "001.png") in str(info.value)
     with pytest.raises(DataError, match="train/good"):
         load_mvtec(copy / "test")
+    shutil.rmtree(copy / "ground_truth")  # no mask at all: image labels alone
+    assert all(s.mask_path is None for s in load_mvtec(copy).test)
     with pytest.raises(DataError, match="no mvtec category"):
         find_categories(copy / "test", "mvtec")
 
