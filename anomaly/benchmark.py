@@ -176,9 +176,6 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
         raise
     scores = [r.image_score for r in results]
     maps = [r.anomaly_map for r in results] if results[0].anomaly_map is not None else None
-    if maps is not None and any(s.label and s.mask_path is None for s in test):
-        log.warning("%s has no ground_truth masks: image metrics only", data.name)
-        maps = None
     evaluation = evaluate_samples(scores, test, maps, paths=[str(p) for p in paths])  # type: ignore[arg-type]
     metrics = evaluation.metrics
     normal = [r.is_anomalous for r, s in zip(results, test) if not s.label]

@@ -57,9 +57,16 @@ def evaluate_samples(
     eval_size: tuple[int, int] | None = None,
     paths: list[str] | None = None,
 ) -> Evaluation:
-    """All metrics for scored test samples in one pass; maps at the images' original size (or None)."""
+    """All metrics for scored test samples in one pass; maps at the images' original size (or None).
+
+    Samples without ground-truth masks (a category that has none) get image metrics alone.
+    """
     labels = [s.label for s in samples]
     paths = paths if paths is not None else [str(s.image_path) for s in samples]
+    unannotated = [s.image_path for s in samples if s.label and s.mask_path is None]
+    if maps is not None and unannotated:
+        log.warning("%s: no ground_truth masks, image metrics only", unannotated[0].parent)
+        maps = None
     if maps is None:
         return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels)
     masks = ground_truth_masks(samples, [m.shape for m in maps])

@@ -65,8 +65,7 @@ def run_category(extractor: FeatureExtractor, root: Path, seed: int) -> dict[str
         scores.append(float(blurred.max()))
         maps.append(cv2.resize(blurred, (W, H), interpolation=cv2.INTER_LINEAR))
     ms = (time.perf_counter() - start) / n * 1000
-    annotated = all(s.mask_path is not None for s in data.test if s.label)  # else image metrics only
-    metrics = evaluate_samples(scores, data.test, maps if annotated else None).metrics
+    metrics = evaluate_samples(scores, data.test, maps).metrics
     return {**{k: v for k, v in metrics.items() if not isinstance(v, str)}, "fit_s": fit_s, "ms_per_image": ms}
 
 

@@ -38,6 +38,7 @@ SUITE = (
     "kolektor",
     "mpdd",
     "mpdd_strips",
+    "screw",
     "synth_texture",
     "synth_object",
 )

@@ -7,9 +7,10 @@
     git clone https://github.com/songpeixuan22/Unet-Defect-Detection-in-kolektorSSD /tmp/src/kolektor  # KolektorSDD
     git clone https://github.com/LinirZamir/AnomalyDetection /tmp/src/transistor       # MVTec AD transistor
     git clone https://github.com/BupeshKumarR/defect-segmentation-for-mpdd /tmp/src/mpdd  # MPDD metal_plate
+    git clone https://github.com/dungdao1995/SkipGanomaly-MVTECAD /tmp/src/screw         # MVTec AD screw
     python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --mtd /tmp/src/mtd \
         --glass /tmp/src/glass --kolektor /tmp/src/kolektor --transistor /tmp/src/transistor/data/transistor \
-        --mpdd /tmp/src/mpdd --out /tmp/devsuite
+        --mpdd /tmp/src/mpdd --screw /tmp/src/screw/data/screw --out /tmp/devsuite
 
 Writes under --out (images are symlinks into the clones; nothing is copied):
   bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
@@ -36,6 +37,10 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
   mpdd_strips/     mpdd/ cut into three 512 x 170 horizontal strips per image (3:1, round 9's unseen check of
                    `resize: auto` on elongated real parts): every strip of a normal image is normal, strips of a
                    defective image with defect pixels go to test/defect with their mask strip, the others are dropped.
+  screw/           MVTec AD screw (grayscale, 1024 px; round 12's unseen image-level check): that repository keeps
+                   the complete category (320 / 41 / 119) but merged the five defect types into test/1 and
+                   renamed clashing names, so its masks cannot be paired with images: train/good, test/good
+                   (its test/0) and test/defect (its test/1), without ground_truth (image metrics only).
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -71,6 +76,7 @@ def main() -> None:
     parser.add_argument("--kolektor", type=Path, help="clone holding KolektorSDD's data/kosNN folders (optional)")
     parser.add_argument("--transistor", type=Path, help="MVTec AD transistor category folder (optional)")
     parser.add_argument("--mpdd", type=Path, help="clone holding data_supervised/metal_plate (optional)")
+    parser.add_argument("--screw", type=Path, help="that clone's data/screw folder (optional)")
     parser.add_argument("--mtd-normal", type=int, default=320, help="MT_Free images used (75 %% train)")
     parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
     parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
@@ -97,6 +103,15 @@ def main() -> None:
     if args.mpdd is not None:
         _mpdd(args.mpdd, args.out, args.seed)
         _strips(args.out / "mpdd", args.out / "mpdd_strips")
+    if args.screw is not None:
+        _link_folders(
+            args.out / "screw",
+            {
+                "train/good": args.screw / "train" / "good",
+                "test/good": args.screw / "test" / "0",
+                "test/defect": args.screw / "test" / "1",
+            },
+        )
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(
@@ -109,6 +124,18 @@ def main() -> None:
                 args.out, name, n_train=60, n_test_good=20, n_test_defect=30, size=size, kind=kind, seed=args.seed
             )
         print(f"{name}: {kind} {size[0]}x{size[1]}")
+
+
+def _link_folders(category: Path, links: dict[str, Path]) -> None:
+    """An MVTec-layout category whose split folders are symlinks to existing image folders."""
+    for name, target in links.items():
+        link = category / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    counts = {name: sum(1 for _ in (category / name).iterdir()) for name in links}
+    print(f"{category.name}: {counts}")
 
 
 def _bsdata(args: argparse.Namespace) -> list[Path]:
