@@ -29,6 +29,7 @@ from anomaly.errors import BackendError, ConfigError, DataError
 from anomaly.features import FeatureExtractor
 from anomaly.runtime.manifest import MANIFEST, write_manifest
 from anomaly.runtime.network import load_network
+from anomaly.scorers._aggregate import fuse_layers
 
 __all__ = ["EXPORT_FORMATS", "OPSET", "export_model"]
 
@@ -96,23 +97,16 @@ class _Network(torch.nn.Module):
 
 
 class _PatchEmbeddings(torch.nn.Module):
-    """scorers._aggregate.patch_embeddings as one graph: that function fills a preallocated buffer
-    in chunks of 32 images, which a trace would freeze to the example's batch size."""
+    """scorers._aggregate.fuse_layers as a module: patch_embeddings fills a preallocated buffer in
+    chunks of 32 images, which a trace would freeze to the example's batch size."""
 
-    def __init__(self, patch_size: int) -> None:
+    def __init__(self, patch_size: int, grid_layer: int) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.grid_layer = grid_layer
 
     def forward(self, layers: list[torch.Tensor]) -> torch.Tensor:
-        h, w = layers[0].shape[-2:]
-        parts = []
-        for layer in layers:
-            if self.patch_size > 1:
-                layer = F.avg_pool2d(layer, self.patch_size, 1, self.patch_size // 2, count_include_pad=True)
-            if layer.shape[-2:] != (h, w):
-                layer = F.interpolate(layer, size=(h, w), mode="bilinear", align_corners=False)
-            parts.append(layer)
-        return torch.cat(parts, 1).permute(0, 2, 3, 1)  # (N, h, w, D)
+        return fuse_layers(layers, self.patch_size, self.grid_layer)  # (N, h, w, D)
 
 
 class _PadimEmbedding(torch.nn.Module):
@@ -143,7 +137,7 @@ def _scorer_parts(
     if scorer.name == "memory_bank":
         state = {"bank": scorer.bank_} if scorer.reweight else {}  # Eq. 7 looks up bank rows
         files = {"index.faiss": scorer.index_.serialize().tobytes()}
-        return _PatchEmbeddings(scorer.patch_size), ["embeddings"], state, files
+        return _PatchEmbeddings(scorer.patch_size, scorer.grid_layer), ["embeddings"], state, files
     if scorer.name == "padim":
         state = {"mean": scorer.mean_.numpy(), "chol_inv": _inverse_factors(scorer.chol_)}
         return _PadimEmbedding(scorer.channels_), ["embedding"], state, {}

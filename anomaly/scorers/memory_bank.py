@@ -62,6 +62,8 @@ class MemoryBankScorer(Scorer):
         reweight: PatchCore Eq. 7 image-score re-weighting with ``num_neighbors`` bank neighbours.
         index: FAISS factory string (``Flat`` exact, ``HNSW32,Flat``, ``IVF256,Flat``) or ``auto``.
         patch_size: local aggregation neighbourhood.
+        grid_layer: the layer (finest first) whose grid the patches take; finer layers are averaged
+            onto it, so a stride-4 layer adds detail without quadrupling the patches.
         use_gpu: ``auto`` | true | false for the FAISS index.
         random_state: seed of the coreset.
 
@@ -84,6 +86,7 @@ class MemoryBankScorer(Scorer):
         num_neighbors: int = 9,
         index: str = "Flat",
         patch_size: int = 3,
+        grid_layer: int = 0,
         use_gpu: bool | str = "auto",
         random_state: int = 0,
     ) -> None:
@@ -96,6 +99,7 @@ class MemoryBankScorer(Scorer):
         self.num_neighbors = num_neighbors
         self.index = index
         self.patch_size = patch_size
+        self.grid_layer = grid_layer
         self.use_gpu = use_gpu
         self.random_state = random_state
         self._validate_params()
@@ -112,6 +116,7 @@ class MemoryBankScorer(Scorer):
         check_int("k", self.k, 1, 1024)
         check_int("num_neighbors", self.num_neighbors, 1, 1024)
         check_int("patch_size", self.patch_size, 1, 15)
+        check_int("grid_layer", self.grid_layer, 0, 15)
         check_int("random_state", self.random_state, 0)
         if self.patch_size % 2 == 0:
             raise ConfigError(f"scorer.params.patch_size must be odd, got {self.patch_size}")
@@ -122,10 +127,15 @@ class MemoryBankScorer(Scorer):
         if self.use_gpu not in (True, False, "auto"):
             raise ConfigError(f"scorer.params.use_gpu must be auto, true or false, got {self.use_gpu!r}")
 
+    def check_layer_count(self, n_layers: int) -> None:
+        """``grid_layer`` must be one of the ``n_layers`` given."""
+        if self.grid_layer >= n_layers:
+            raise ConfigError(f"scorer.params.grid_layer {self.grid_layer} is beyond the backbone's {n_layers} layers")
+
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> MemoryBankScorer:
         """Build the bank (one global coreset) from features of normal images."""
         self._validate_params()
-        emb = patch_embeddings(layers, self.patch_size)
+        emb = self.embed(layers)
         n_img, h, w, d = emb.shape
         flat = emb.reshape(-1, d)
         n_select = self._bank_size(len(flat))
@@ -182,7 +192,8 @@ class MemoryBankScorer(Scorer):
     def embed(self, layers: list[torch.Tensor]) -> torch.Tensor:
         """Patch embeddings (N, h, w, D) of per-layer features, as the bank stores them."""
         self._validate_params()
-        return patch_embeddings(layers, self.patch_size)
+        self.check_layer_count(len(layers))
+        return patch_embeddings(layers, self.patch_size, self.grid_layer)
 
     def fold_plan(self, n_images: int, patches_per_image: int, fold_sizes: list[int]) -> FoldPlan:
         """Bank size, each fold's coreset size and each fold's held-out bank size."""
@@ -267,7 +278,7 @@ class MemoryBankScorer(Scorer):
         """Patch maps = mean distance to the k nearest bank rows; image score = max (or Eq. 7)."""
         check_is_fitted(self, "index_")
         assert self.index_ is not None and self.bank_ is not None
-        queries = patch_embeddings(layers, self.patch_size).cpu().numpy()
+        queries = self.embed(layers).cpu().numpy()
         return self._score_queries(self.index_, self.bank_, queries)
 
     def _score_queries(self, index: NNIndex, bank: np.ndarray, queries: np.ndarray) -> ScoreOutput:

@@ -164,6 +164,10 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             ["score", "--zero-shot", "--out", tmp_path / "o8", "--set", "scorer.params.map_layers=[0,5]", empty],
             "map_layers",
         ),
+        (
+            ["fit", "--out", tmp_path / "o9", "--set", "scorer.params.grid_layer=2", synthetic_root],
+            "grid_layer",
+        ),
     ]
     for args, needle in cases:
         result = _run(*args)

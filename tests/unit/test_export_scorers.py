@@ -20,10 +20,18 @@ from anomaly.runtime import ExportedDetector  # noqa: E402
     [
         ("padim", []),
         ("gaussian", []),
-        ("patchcore", ["scorer.params.reweight=true", "scorer.params.k=3"]),
+        (
+            "patchcore",
+            [
+                "scorer.params.reweight=true",
+                "scorer.params.k=3",
+                "backbone.layers=[blocks.1,blocks.2,blocks.4]",  # a stride-4 layer averaged onto the stride-8 grid
+                "scorer.params.grid_layer=1",
+            ],
+        ),
         ("patchcore", ["scorer.params.coreset_ratio=0.5", "scorer.params.index=IVF4,Flat"]),  # image peaks exact
     ],
-    ids=["padim", "gaussian", "patchcore-reweight-k3", "patchcore-ivf"],
+    ids=["padim", "gaussian", "patchcore-reweight-k3-grid1", "patchcore-ivf"],
 )
 def test_exported_scorers_match_the_torch_detector(
     config: str, extra: list[str], synthetic_root: Path, tmp_path: Path, assert_parity: Callable[..., None]

@@ -8,6 +8,7 @@ import torch
 from anomaly import BackendError, ConfigError, NotFittedError
 from anomaly.index import NNIndex, auto_index_string
 from anomaly.scorers import get_scorer, list_scorers
+from anomaly.scorers._aggregate import fuse_layers, patch_embeddings
 from anomaly.scorers._coreset import greedy_coreset
 
 TRAINED = [name for name in list_scorers() if name != "musc"]
@@ -22,6 +23,27 @@ def _layers(n: int, seed: int, anomaly: bool = False) -> list[torch.Tensor]:
         fine[:, :, 2:4, 2:4] += 3.0
         coarse[:, :, 1, 1] += 3.0
     return [fine, coarse]
+
+
+def test_patch_embeddings_on_a_chosen_grid() -> None:
+    g = torch.Generator().manual_seed(0)
+    fine, mid, coarse = (torch.randn(40, c, s, s, generator=g) for c, s in ((2, 8), (3, 4), (4, 2)))
+    local = [torch.nn.functional.avg_pool2d(x, 3, 1, 1) for x in (fine, mid, coarse)]  # zero-padded 3x3 means
+    on_mid = patch_embeddings([fine, mid, coarse], 3, grid_layer=1)  # 40 images: two chunks
+    assert on_mid.shape == (40, 4, 4, 9)
+    torch.testing.assert_close(
+        on_mid[..., :2], local[0].unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)).permute(0, 2, 3, 1)
+    )
+    torch.testing.assert_close(on_mid[..., 2:5], local[1].permute(0, 2, 3, 1))
+    torch.testing.assert_close(on_mid, fuse_layers([fine, mid, coarse], 3, grid_layer=1))
+    on_fine = patch_embeddings([fine, mid, coarse], 3)  # the default: the finest grid, coarser layers upsampled
+    assert on_fine.shape == (40, 8, 8, 9)
+    torch.testing.assert_close(on_fine[..., :2], local[0].permute(0, 2, 3, 1))
+    scorer = get_scorer("memory_bank", {"grid_layer": 1, "coreset_ratio": 0.5})
+    train, odd = _layers(12, 0), _layers(3, 2, anomaly=True)
+    assert scorer.fit(train).score(odd).patch_maps.shape == (3, 4, 4)
+    with pytest.raises(ConfigError, match="grid_layer 2"):
+        get_scorer("memory_bank", {"grid_layer": 2}).fit(train)
 
 
 @pytest.mark.parametrize("name", TRAINED)
