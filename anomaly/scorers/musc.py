@@ -45,6 +45,7 @@ _MIB = 2**20
 _CPU_TILE_BYTES_PER_THREAD = 8 * _MIB
 _CPU_TILE_ROWS = 512
 _INDEX_BYTES = 8  # torch.topk returns int64 indices next to the values
+_MIN_RESCORE = 3  # images that re-score the pool (``rescore``), at least
 
 
 def lnamd(layer: torch.Tensor, r: int) -> torch.Tensor:
@@ -403,7 +404,10 @@ class MuScScorer(Scorer):
     ``aligned_window`` is counted in cells of each layer's own grid. ``augment_references`` asks
     the detector to add rotated and flipped views of few-shot references (VisionAD-style);
     ``augment_queries`` to score the pool a second time mirrored left-right and average the maps and
-    image scores (query augmentation; twice the time).
+    image scores (query augmentation; twice the time). ``rescore`` (zero-shot pools, without
+    references): the share of the pool with the lowest image scores that scores every image a second
+    time, alone, so that defects recurring in the pool cannot vouch for each other; the image score
+    averages both passes (min-max normalised, on the first pass's range), the maps stay the first pass's.
     """
 
     name: ClassVar[str] = "musc"
@@ -422,6 +426,7 @@ class MuScScorer(Scorer):
         augment_references: bool = False,
         augment_queries: bool = False,
         map_layers: Sequence[int] | None = None,
+        rescore: float | None = None,
     ) -> None:
         if not r_list or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
             raise ConfigError(f"musc: r_list must be positive odd integers, got {r_list!r}")
@@ -443,6 +448,10 @@ class MuScScorer(Scorer):
             or len(set(map_layers)) != len(map_layers)
         ):
             raise ConfigError(f"musc: map_layers must be None or distinct layer indices >= 0, got {map_layers!r}")
+        if rescore is not None and (
+            isinstance(rescore, bool) or not isinstance(rescore, (int, float)) or not 0 < rescore < 1
+        ):
+            raise ConfigError(f"musc: rescore must be None or a share of the pool in (0, 1), got {rescore!r}")
         for key, value in (("augment_references", augment_references), ("augment_queries", augment_queries)):
             if not isinstance(value, bool):
                 raise ConfigError(f"musc: {key} must be true or false, got {value!r}")
@@ -454,6 +463,7 @@ class MuScScorer(Scorer):
         self.augment_references = augment_references
         self.augment_queries = augment_queries
         self.map_layers = None if map_layers is None else tuple(map_layers)
+        self.rescore = rescore
         self.image_score_from_map = not self.rscin_k and map_layers is None  # RsCIN re-scores images
 
     def check_layer_count(self, n_layers: int) -> None:
@@ -481,44 +491,94 @@ class MuScScorer(Scorer):
         """
         _check_layers(layers, reference)
         self.check_layer_count(len(layers))
+        n = layers[0].shape[0]
+        chosen_count = 0 if self.rescore is None or reference is not None else max(_MIN_RESCORE, int(self.rescore * n))
+        passes = 2 if 0 < chosen_count < n else 1
+        steps = [0, passes * len(self.r_list) * len(layers)]
+
+        def tick() -> None:
+            steps[0] += 1
+            if progress is not None:
+                progress(*steps)
+
+        fused, fused_map = self._fused(layers, reference, None, tick)
+        maps = fused_map.squeeze(1).cpu().numpy()
+        image_scores = self._image_scores(fused, embeddings)
+        if passes == 2:
+            chosen = np.sort(np.argsort(image_scores, kind="stable")[:chosen_count])
+            second = self._image_scores(self._fused(layers, reference, chosen, tick)[0], embeddings)
+            low, span = float(image_scores.min()), float(np.ptp(image_scores))
+            image_scores = low + span * (_unit_range(image_scores) + _unit_range(second)) / 2
+        return ScoreOutput(patch_maps=maps, image_scores=image_scores)
+
+    def _fused(
+        self,
+        layers: list[torch.Tensor],
+        reference: list[torch.Tensor] | None,
+        chosen: NDArray[np.int64] | None,
+        tick: Callable[[], None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score maps (N, 1, h, w) on the finest grid averaged over all layers and over ``map_layers``.
+
+        ``chosen``: score every image against those images only (and the references), not the whole pool.
+        """
         in_map = range(len(layers)) if self.map_layers is None else self.map_layers
         n = layers[0].shape[0]
         finest = max(range(len(layers)), key=lambda i: layers[i].shape[2] * layers[i].shape[3])
         size = tuple(layers[finest].shape[2:])
-        total = len(self.r_list) * len(layers)
         fused = torch.zeros(n, 1, *size, dtype=torch.float32, device=layers[0].device)
         fused_map = torch.zeros_like(fused) if self.map_layers is not None else fused
-        done = 0
         for r in self.r_list:
             for li, layer in enumerate(layers):
                 grid = (layer.shape[2], layer.shape[3])
                 ref = None if reference is None else lnamd(reference[li], r)
-                s = mutual_scores(
-                    lnamd(layer, r),
-                    reference=ref,
-                    interval=self.interval,
-                    memory_budget_mb=self.memory_budget_mb,
-                    aligned_window=self.aligned_window,
-                    grid=grid,
-                )
+                tokens = lnamd(layer, r)
+                if chosen is None:
+                    s = self._mutual(tokens, ref, grid)
+                else:
+                    s = self._against_chosen(tokens, ref, grid, chosen)
                 s = s.float().view(n, 1, *grid)
                 if grid != size:
                     s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
                 fused += s
                 if fused_map is not fused and li in in_map:
                     fused_map += s
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-        maps = (fused_map / (len(self.r_list) * len(in_map))).squeeze(1).cpu().numpy()
-        image_scores = (fused / total).reshape(n, -1).amax(dim=1).cpu().numpy().astype(np.float64)
+                tick()
+        total = len(self.r_list) * len(layers)
+        return fused / total, fused_map / (len(self.r_list) * len(in_map))
+
+    def _mutual(self, tokens: torch.Tensor, ref: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+        return mutual_scores(
+            tokens,
+            reference=ref,
+            interval=self.interval,
+            memory_budget_mb=self.memory_budget_mb,
+            aligned_window=self.aligned_window,
+            grid=grid,
+        )
+
+    def _against_chosen(
+        self, tokens: torch.Tensor, ref: torch.Tensor | None, grid: tuple[int, int], chosen: NDArray[np.int64]
+    ) -> torch.Tensor:
+        """Scores (N, L) of every image against the ``chosen`` images (and ``ref``) alone."""
+        picked = torch.from_numpy(chosen).to(tokens.device)
+        out = torch.empty(tokens.shape[:2], dtype=torch.float32, device=tokens.device)
+        out[picked] = self._mutual(tokens[picked], ref, grid).float()
+        bank = tokens[picked] if ref is None else torch.cat([tokens[picked], ref])
+        for i in np.setdiff1d(np.arange(len(tokens)), chosen).tolist():
+            out[i] = self._mutual(tokens[i : i + 1], bank, grid).float()[0]
+        return out
+
+    def _image_scores(self, fused: torch.Tensor, embeddings: torch.Tensor | None) -> NDArray[np.float64]:
+        """Peak of each fused map, re-scored by RsCIN when ``embeddings`` are given."""
+        image_scores = fused.reshape(fused.shape[0], -1).amax(dim=1).cpu().numpy().astype(np.float64)
         if embeddings is not None and self.rscin_k:
             # RsCIN works on min-max normalised scores; mapping them back onto the peaks' range (affine, the
             # ranking is unchanged) keeps the pool's absolute scale, which the pool threshold needs (a pool of
             # normal images alone would otherwise span 0..1 like any other): benchmarks/README.md section 6, round 11.
             low, span = float(image_scores.min()), float(np.ptp(image_scores))
             image_scores = low + span * rscin(image_scores, embeddings, self.rscin_k)
-        return ScoreOutput(patch_maps=maps, image_scores=image_scores)
+        return image_scores
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """No learned state."""
@@ -526,6 +586,11 @@ class MuScScorer(Scorer):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """No learned state: nothing to restore."""
+
+
+def _unit_range(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    span = float(np.ptp(x))
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
 
 
 def _check_layers(layers: list[torch.Tensor], reference: list[torch.Tensor] | None) -> None:
@@ -549,13 +614,14 @@ class RollingPool:
 
     The pool holds raw per-layer features of the last ``size`` scored images; fixed ``reference``
     images are always part of it. A batch is scored mutually and against the pool, then added.
-    RsCIN is not applied (it needs the whole set). The first call needs two images or references.
+    RsCIN and ``rescore`` are not applied (they need the whole set). The first call needs two images
+    or references.
     """
 
     def __init__(self, scorer: MuScScorer, size: int, *, reference: list[torch.Tensor] | None = None) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"RollingPool: size must be an integer >= 0, got {size!r}")
-        self.scorer = scorer
+        self.scorer = scorer if scorer.rescore is None else MuScScorer(**{**scorer.get_params(), "rescore": None})
         self.size = size
         self.reference = reference
         self._pool: list[torch.Tensor] | None = None

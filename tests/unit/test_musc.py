@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 from anomaly import Detector
 from anomaly.config import apply_overrides, load_config
@@ -336,6 +337,36 @@ def test_map_layers_split_the_map_from_the_image_score():
             MuScScorer(map_layers=bad)
 
 
+def test_rescore_against_the_lowest_scoring_images():
+    layer = normal_layers(12, 8, 4, 4, seed=11)
+    g = torch.Generator().manual_seed(12)
+    recurring = torch.randn(8, generator=g)
+    for i in range(6, 12):  # half the pool is defective, and four of them share one defect: it vouches for itself
+        layer[i, :, 1, 2] += recurring + 0.05 * torch.randn(8, generator=g) if i < 10 else torch.randn(8, generator=g)
+    plain = MuScScorer(r_list=(1,), rscin_k=None).score([layer])
+    again = MuScScorer(r_list=(1,), rscin_k=None, rescore=0.25).score([layer])
+    np.testing.assert_array_equal(again.patch_maps, plain.patch_maps)  # the maps are the first pass's
+    chosen = np.sort(np.argsort(plain.image_scores, kind="stable")[:3])  # 25 % of 12
+    tokens = lnamd(layer, 1)
+    second = torch.empty(12, 16)
+    second[chosen] = mutual_scores(tokens[chosen])
+    for i in sorted(set(range(12)) - set(chosen.tolist())):
+        second[i] = mutual_scores(tokens[i : i + 1], reference=tokens[chosen])[0]
+    second_scores = second.amax(1).double().numpy()
+    unit = [(x - x.min()) / np.ptp(x) for x in (plain.image_scores, second_scores)]
+    expected = plain.image_scores.min() + np.ptp(plain.image_scores) * (unit[0] + unit[1]) / 2
+    np.testing.assert_allclose(again.image_scores, expected, rtol=1e-6)
+    labels = np.arange(12) >= 6
+    assert roc_auc_score(labels, again.image_scores) > roc_auc_score(labels, plain.image_scores)
+    ref = normal_layers(2, 8, 4, 4, seed=11)  # references anchor the normal state themselves: no second pass
+    np.testing.assert_array_equal(
+        MuScScorer(r_list=(1,), rscin_k=None, rescore=0.25).score([layer], reference=[ref]).image_scores,
+        MuScScorer(r_list=(1,), rscin_k=None).score([layer], reference=[ref]).image_scores,
+    )
+    pool = RollingPool(MuScScorer(r_list=(1,), rescore=0.25), size=4)  # a rolling pool never re-scores
+    assert pool.scorer.rescore is None
+
+
 def test_scorer_contract_and_validation():
     scorer = MuScScorer()
     assert MuScScorer.name == "musc" and MuScScorer.requires_fit is False
@@ -351,9 +382,10 @@ def test_scorer_contract_and_validation():
         "augment_references": False,
         "augment_queries": False,
         "map_layers": None,
+        "rescore": None,
     }
     for bad in ({"r_list": (2,)}, {"interval": (0.1,)}, {"rscin_k": (0,)}, {"memory_budget_mb": 0},
-                {"aligned_window": -1}):  # fmt: skip
+                {"aligned_window": -1}, {"rescore": 1.0}, {"rescore": 0}, {"rescore": True}):  # fmt: skip
         with pytest.raises(ConfigError):
             MuScScorer(**bad)
     with pytest.raises(ValueError, match="reference layer"):
