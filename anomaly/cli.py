@@ -103,7 +103,11 @@ class _Progress:
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = tqdm(
-                total=total, desc=stage, unit="img" if stage != "fit" else "step", file=sys.stderr, leave=False
+                total=total,
+                desc=stage,
+                unit="step" if stage in ("fit", "mutual scoring") else "img",
+                file=sys.stderr,
+                leave=False,
             )
         bar.update(done - bar.n)
 

@@ -322,7 +322,7 @@ class Detector:
         if len(ok) + n_ref < 2:
             raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + references)")
         references = [self.reference_] if self.reference_ is not None else []
-        scoring = None if progress is None else (lambda done, total: progress("score", done, total))
+        scoring = None if progress is None else (lambda done, total: progress("mutual scoring", done, total))
         out = self._score_pool(references + batches, scoring)
         if mirror:  # the mirrored pool (references mirrored on their feature grid), maps mirrored back
             flipped = [FeatureSet([x.flip(-1) for x in r.layers], r.embedding, r.images) for r in references]

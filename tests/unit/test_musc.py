@@ -344,7 +344,9 @@ def test_rescore_against_the_lowest_scoring_images():
     for i in range(6, 12):  # half the pool is defective, and four of them share one defect: it vouches for itself
         layer[i, :, 1, 2] += recurring + 0.05 * torch.randn(8, generator=g) if i < 10 else torch.randn(8, generator=g)
     plain = MuScScorer(r_list=(1,), rscin_k=None).score([layer])
-    again = MuScScorer(r_list=(1,), rscin_k=None, rescore=0.25).score([layer])
+    calls = []
+    again = MuScScorer(r_list=(1,), rscin_k=None, rescore=0.25).score([layer], progress=lambda *c: calls.append(c))
+    assert calls == [(1, 2), (2, 2)]  # one step per pass
     np.testing.assert_array_equal(again.patch_maps, plain.patch_maps)  # the maps are the first pass's
     chosen = np.sort(np.argsort(plain.image_scores, kind="stable")[:3])  # 25 % of 12
     tokens = lnamd(layer, 1)
