@@ -45,7 +45,7 @@ _MIB = 2**20
 _CPU_TILE_BYTES_PER_THREAD = 8 * _MIB
 _CPU_TILE_ROWS = 512
 _INDEX_BYTES = 8  # torch.topk returns int64 indices next to the values
-_MIN_RESCORE = 3  # images that re-score the pool (``rescore``), at least
+_MIN_RESCORE = 10  # images that re-score the pool (``rescore``), at least
 
 
 def lnamd(layer: torch.Tensor, r: int) -> torch.Tensor:
@@ -405,8 +405,8 @@ class MuScScorer(Scorer):
     the detector to add rotated and flipped views of few-shot references (VisionAD-style);
     ``augment_queries`` to score the pool a second time mirrored left-right and average the maps and
     image scores (query augmentation; twice the time). ``rescore`` (zero-shot pools, without
-    references): the share of the pool with the lowest image scores that scores every image a second
-    time, alone, so that defects recurring in the pool cannot vouch for each other; the image score
+    references): the share of the pool (10 images at least) with the lowest image scores that scores every
+    image a second time, alone, so that defects recurring in the pool cannot vouch for each other; the image score
     averages both passes (min-max normalised, on the first pass's range), the maps stay the first pass's.
     """
 

@@ -338,28 +338,34 @@ def test_map_layers_split_the_map_from_the_image_score():
 
 
 def test_rescore_against_the_lowest_scoring_images():
-    layer = normal_layers(12, 8, 4, 4, seed=11)
+    n = 40
+    layer = normal_layers(n, 8, 4, 4, seed=11)
     g = torch.Generator().manual_seed(12)
     recurring = torch.randn(8, generator=g)
-    for i in range(6, 12):  # half the pool is defective, and four of them share one defect: it vouches for itself
-        layer[i, :, 1, 2] += recurring + 0.05 * torch.randn(8, generator=g) if i < 10 else torch.randn(8, generator=g)
+    for i in range(20, n):  # half the pool is defective, and 16 of them share one defect: it vouches for itself
+        layer[i, :, 1, 2] += recurring + 0.05 * torch.randn(8, generator=g) if i < 36 else torch.randn(8, generator=g)
     plain = MuScScorer(r_list=(1,), rscin_k=None).score([layer])
     calls = []
     again = MuScScorer(r_list=(1,), rscin_k=None, rescore=0.25).score([layer], progress=lambda *c: calls.append(c))
     assert calls == [(1, 2), (2, 2)]  # one step per pass
     np.testing.assert_array_equal(again.patch_maps, plain.patch_maps)  # the maps are the first pass's
-    chosen = np.sort(np.argsort(plain.image_scores, kind="stable")[:3])  # 25 % of 12
+    chosen = np.sort(np.argsort(plain.image_scores, kind="stable")[:10])  # 25 % of 40
     tokens = lnamd(layer, 1)
-    second = torch.empty(12, 16)
+    second = torch.empty(n, 16)
     second[chosen] = mutual_scores(tokens[chosen])
-    for i in sorted(set(range(12)) - set(chosen.tolist())):
+    for i in sorted(set(range(n)) - set(chosen.tolist())):
         second[i] = mutual_scores(tokens[i : i + 1], reference=tokens[chosen])[0]
     second_scores = second.amax(1).double().numpy()
     unit = [(x - x.min()) / np.ptp(x) for x in (plain.image_scores, second_scores)]
     expected = plain.image_scores.min() + np.ptp(plain.image_scores) * (unit[0] + unit[1]) / 2
     np.testing.assert_allclose(again.image_scores, expected, rtol=1e-6)
-    labels = np.arange(12) >= 6
+    labels = np.arange(n) >= 20
     assert roc_auc_score(labels, again.image_scores) > roc_auc_score(labels, plain.image_scores)
+    ten = [layer[:10]]  # at least 10 images re-score the pool: a pool of 10 gets one pass
+    np.testing.assert_array_equal(
+        MuScScorer(r_list=(1,), rscin_k=None, rescore=0.25).score(ten).image_scores,
+        MuScScorer(r_list=(1,), rscin_k=None).score(ten).image_scores,
+    )
     ref = normal_layers(2, 8, 4, 4, seed=11)  # references anchor the normal state themselves: no second pass
     np.testing.assert_array_equal(
         MuScScorer(r_list=(1,), rscin_k=None, rescore=0.25).score([layer], reference=[ref]).image_scores,
