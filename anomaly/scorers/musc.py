@@ -520,7 +520,7 @@ class MuScScorer(Scorer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score maps (N, 1, h, w) on the finest grid averaged over all layers and over ``map_layers``.
 
-        ``chosen``: score every image against those images only (and the references), not the whole pool.
+        ``chosen`` (zero-shot pools only): score every image against those images alone, not the whole pool.
         """
         in_map = range(len(layers)) if self.map_layers is None else self.map_layers
         n = layers[0].shape[0]
@@ -533,10 +533,7 @@ class MuScScorer(Scorer):
                 grid = (layer.shape[2], layer.shape[3])
                 ref = None if reference is None else lnamd(reference[li], r)
                 tokens = lnamd(layer, r)
-                if chosen is None:
-                    s = self._mutual(tokens, ref, grid)
-                else:
-                    s = self._against_chosen(tokens, ref, grid, chosen)
+                s = self._mutual(tokens, ref, grid) if chosen is None else self._against_chosen(tokens, grid, chosen)
                 s = s.float().view(n, 1, *grid)
                 if grid != size:
                     s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
@@ -557,14 +554,12 @@ class MuScScorer(Scorer):
             grid=grid,
         )
 
-    def _against_chosen(
-        self, tokens: torch.Tensor, ref: torch.Tensor | None, grid: tuple[int, int], chosen: NDArray[np.int64]
-    ) -> torch.Tensor:
-        """Scores (N, L) of every image against the ``chosen`` images (and ``ref``) alone."""
+    def _against_chosen(self, tokens: torch.Tensor, grid: tuple[int, int], chosen: NDArray[np.int64]) -> torch.Tensor:
+        """Scores (N, L) of every image against the ``chosen`` images alone (they score each other)."""
         picked = torch.from_numpy(chosen).to(tokens.device)
         out = torch.empty(tokens.shape[:2], dtype=torch.float32, device=tokens.device)
-        out[picked] = self._mutual(tokens[picked], ref, grid).float()
-        bank = tokens[picked] if ref is None else torch.cat([tokens[picked], ref])
+        out[picked] = self._mutual(tokens[picked], None, grid).float()
+        bank = tokens[picked]
         for i in np.setdiff1d(np.arange(len(tokens)), chosen).tolist():
             out[i] = self._mutual(tokens[i : i + 1], bank, grid).float()[0]
         return out
