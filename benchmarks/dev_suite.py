@@ -39,6 +39,8 @@ SUITE = (
     "mpdd",
     "mpdd_strips",
     "screw",
+    "elpv_mono",
+    "elpv_poly",
     "synth_texture",
     "synth_object",
 )

@@ -8,9 +8,10 @@
     git clone https://github.com/LinirZamir/AnomalyDetection /tmp/src/transistor       # MVTec AD transistor
     git clone https://github.com/BupeshKumarR/defect-segmentation-for-mpdd /tmp/src/mpdd  # MPDD metal_plate
     git clone https://github.com/dungdao1995/SkipGanomaly-MVTECAD /tmp/src/screw         # MVTec AD screw
+    git clone https://github.com/zae-bayern/elpv-dataset /tmp/src/elpv                  # ELPV solar cells
     python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --mtd /tmp/src/mtd \
         --glass /tmp/src/glass --kolektor /tmp/src/kolektor --transistor /tmp/src/transistor/data/transistor \
-        --mpdd /tmp/src/mpdd --screw /tmp/src/screw/data/screw --out /tmp/devsuite
+        --mpdd /tmp/src/mpdd --screw /tmp/src/screw/data/screw --elpv /tmp/src/elpv --out /tmp/devsuite
 
 Writes under --out (images are symlinks into the clones; nothing is copied):
   bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
@@ -41,6 +42,11 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
                    the complete category (320 / 41 / 119) but merged the five defect types into test/1 and
                    renamed clashing names, so its masks cannot be paired with images: train/good, test/good
                    (its test/0) and test/defect (its test/1), without ground_truth (image metrics only).
+  elpv_mono/, elpv_poly/
+                   ELPV electroluminescence images of solar cells (300x300 gray, CC BY-NC-SA 4.0; round 13's
+                   unseen image-level check), one category per cell type: the cells its experts rated defect-free
+                   (probability 0) split 75/25 into train/good and test/good, those rated surely defective
+                   (probability 1) in test/defect; the 0.33 and 0.67 ratings are left out. No masks.
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -77,6 +83,7 @@ def main() -> None:
     parser.add_argument("--transistor", type=Path, help="MVTec AD transistor category folder (optional)")
     parser.add_argument("--mpdd", type=Path, help="clone holding data_supervised/metal_plate (optional)")
     parser.add_argument("--screw", type=Path, help="that clone's data/screw folder (optional)")
+    parser.add_argument("--elpv", type=Path, help="clone of github.com/zae-bayern/elpv-dataset (optional)")
     parser.add_argument("--mtd-normal", type=int, default=320, help="MT_Free images used (75 %% train)")
     parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
     parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
@@ -112,6 +119,8 @@ def main() -> None:
                 "test/defect": args.screw / "test" / "1",
             },
         )
+    if args.elpv is not None:
+        _elpv(args.elpv / "src" / "elpv_dataset" / "data", args.out, args.seed)
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(
@@ -237,6 +246,33 @@ def _kolektor(src: Path, out: Path, seed: int) -> None:
         name = f"{image.parent.name}_{image.stem}"
         pairs.append((image, f"{name}.jpg", image.with_name(f"{image.stem}_label.bmp"), f"{name}.bmp"))
     _import_pairs(pairs, out, "kolektor", "crack", seed)
+
+
+def _elpv(src: Path, out: Path, seed: int) -> None:
+    """ELPV: per cell type, probability-0 cells split 75/25 into train/good and test/good, probability-1 cells as
+    test/defect (symlinks; ``labels.csv`` rows are ``images/cellNNNN.png probability type``)."""
+    rows = [line.split() for line in (src / "labels.csv").read_text().splitlines() if line.strip()]
+    rng = np.random.default_rng(seed)
+    for cell_type in sorted({row[2] for row in rows}):
+        normal = [src / row[0] for row in rows if row[2] == cell_type and float(row[1]) == 0.0]
+        defect = [src / row[0] for row in rows if row[2] == cell_type and float(row[1]) == 1.0]
+        order = rng.permutation(len(normal))
+        n_test = round(0.25 * len(normal))
+        folders = {
+            "test/good": [normal[i] for i in sorted(order[:n_test])],
+            "train/good": [normal[i] for i in sorted(order[n_test:])],
+            "test/defect": defect,
+        }
+        category = out / f"elpv_{cell_type}"
+        for folder, images in folders.items():
+            target = category / folder
+            target.mkdir(parents=True, exist_ok=True)
+            for old in target.iterdir():
+                old.unlink()
+            for image in images:
+                (target / image.name).symlink_to(image.resolve())
+        counts = {folder: len(images) for folder, images in folders.items()}
+        print(f"{category.name}: {counts}")
 
 
 def _mpdd(src: Path, out: Path, seed: int) -> None:
