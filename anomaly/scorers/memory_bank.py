@@ -30,6 +30,10 @@ __all__ = ["Candidates", "FoldPlan", "MemoryBankScorer"]
 
 _OVERSAMPLE = 2  # fold coresets hold twice their share of the bank; the final pick is made from their union
 _REFILL = 0.25  # share of a held-out bank picked anew after the full bank's rows (see score_held_out)
+# A fold's coreset is picked chunk by chunk of at most this many patches (about 32 images at 256 px), each
+# chunk giving its share: with a capped bank the first stage then costs the same however many images there
+# are, and a chunk's projected rows (4 MB) stay in cache. Folds of up to 320 images are one chunk.
+_CHUNK_ROWS = 32_768
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,7 @@ class MemoryBankScorer(Scorer):
         """A fold's coreset of ``share`` patches; ``emb`` (n, h, w, D) are the patches of ``images``."""
         n, h, w, d = emb.shape
         flat = emb.reshape(-1, d)
-        picks = self._coreset(flat, share)
+        picks = self._chunked_coreset(flat, share)
         return Candidates(flat[torch.from_numpy(picks).to(flat.device)], np.asarray(images)[picks // (h * w)])
 
     def merge_candidates(self, candidates: list[Candidates], total: int) -> NDArray[np.int64]:
@@ -253,6 +257,23 @@ class MemoryBankScorer(Scorer):
     def _bank_size(self, n_rows: int) -> int:
         n_select = max(1, math.floor(self.coreset_ratio * n_rows))
         return n_select if self.max_bank is None else min(n_select, self.max_bank)
+
+    def _chunked_coreset(self, rows: torch.Tensor, n_select: int) -> np.ndarray:
+        """A greedy pick of about ``n_select`` rows made in equal chunks of at most ``_CHUNK_ROWS`` rows.
+
+        Each chunk picks its share (rounded up) on its own, a composable coreset: the union covers the
+        rows about as well as one pick over all of them, and the final pick from the folds' union
+        (:meth:`merge_candidates`) is global again.
+        """
+        n_chunks = math.ceil(len(rows) / _CHUNK_ROWS)
+        if n_chunks <= 1:
+            return self._coreset(rows, n_select)
+        bounds = np.linspace(0, len(rows), n_chunks + 1).astype(np.int64)
+        picks = [
+            lo + self._coreset(rows[lo:hi], math.ceil(n_select * (hi - lo) / len(rows)))
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+        return np.concatenate(picks)
 
     def _coreset(self, rows: torch.Tensor, n_select: int, initial: np.ndarray | None = None) -> np.ndarray:
         """Positions of a greedy k-center pick of ``n_select`` of ``rows`` (all of them if fewer)."""

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import faiss
 import numpy as np
 import pytest
@@ -201,6 +203,36 @@ def test_coreset_covers_isolated_clusters_first() -> None:
     )
     picks = set(greedy_coreset(x, 4, projection_dim=8).tolist())
     assert {500, 501, 502} <= picks
+
+
+def test_a_large_fold_picks_its_coreset_chunk_by_chunk(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Each chunk gives its share of the fold's picks, and an outlier in any chunk is among them."""
+    import anomaly.scorers.memory_bank as memory_bank
+
+    monkeypatch.setattr(memory_bank, "_CHUNK_ROWS", 64)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(4, 8, 8, 6, generator=g) * 0.01  # 4 images x 64 patches: 256 rows -> 4 chunks of 64
+    outliers = [(0, 3, 3), (2, 5, 1), (3, 0, 7)]  # rows 27, 169, 199 in chunks 0, 2 and 3
+    for i, (img, y, x) in enumerate(outliers):
+        emb[img, y, x, i] += 5.0
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 0.1, "projection_dim": 0})
+    found = scorer.fold_candidates(emb, np.array([10, 11, 12, 13]), 10)
+    assert len(found.vectors) == 4 * 3  # ceil(10 * 64 / 256) picks in each of the 4 chunks
+    rows = emb.reshape(-1, 6)
+    picked = {int(torch.cdist(v[None], rows).argmin()) for v in found.vectors}
+    assert len(picked) == 12 and {27, 169, 199} <= picked
+    assert sorted(set(found.images.tolist())) == [10, 11, 12, 13]  # rows keep the training image they came from
+    monkeypatch.setattr(memory_bank, "_CHUNK_ROWS", 256)  # one chunk: the plain greedy pick
+    assert len(scorer.fold_candidates(emb, np.array([10, 11, 12, 13]), 10).vectors) == 10
+
+
+def test_patchcore_caps_its_bank_so_the_fit_grows_linearly() -> None:
+    from anomaly.config import load_config
+
+    params = load_config("patchcore").scorer.params
+    scorer = get_scorer("memory_bank", params)
+    assert scorer._bank_size(200 * 1024) == math.floor(0.04 * 200 * 1024)  # small sets: 4 % of the patches
+    assert scorer._bank_size(2000 * 1024) == 16384  # large sets: the cap
 
 
 def test_flat_index_returns_true_l2_and_hnsw_keeps_recall() -> None:
