@@ -32,7 +32,7 @@ _OVERSAMPLE = 2  # fold coresets hold twice their share of the bank; the final p
 _REFILL = 0.25  # share of a held-out bank picked anew after the full bank's rows (see score_held_out)
 # A fold's coreset is picked chunk by chunk of at most this many patches (about 32 images at 256 px), each
 # chunk giving its share: with a capped bank the first stage then costs the same however many images there
-# are, and a chunk's projected rows (4 MB) stay in cache. Folds of up to 320 images are one chunk.
+# are, and a chunk's projected rows (4 MB) stay in cache. Sets of up to 320 images have one-chunk folds.
 _CHUNK_ROWS = 32_768
 
 

@@ -52,13 +52,16 @@ def _assert_same(out: Path, reference: Path) -> None:
     rows, expected = _rows(out), _rows(reference)
     assert [r["path"] for r in rows] == [r["path"] for r in expected]  # complete, each path once, input order
     for row, ref in zip(rows, expected):
-        assert float(row["score"]) == pytest.approx(float(ref["score"]), abs=1e-6)
+        # float32 sums in another process (thread count, BLAS blocking) may differ in the last bits: 2e-6 relative
+        assert float(row["score"]) == pytest.approx(float(ref["score"]), rel=2e-6, abs=1e-6)
         assert (row["is_anomalous"], row["map_path"], row["overlay_path"]) == (
             ref["is_anomalous"],
             ref["map_path"],
             ref["overlay_path"],
         )
-        np.testing.assert_allclose(np.load(out / row["map_path"]), np.load(reference / ref["map_path"]), atol=1e-6)
+        np.testing.assert_allclose(
+            np.load(out / row["map_path"]), np.load(reference / ref["map_path"]), rtol=2e-6, atol=1e-6
+        )
         assert (out / row["overlay_path"]).is_file()
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert written == sorted(
