@@ -337,6 +337,32 @@ def test_map_layers_split_the_map_from_the_image_score():
             MuScScorer(map_layers=bad)
 
 
+def test_a_large_pool_is_scored_in_seeded_groups_of_at_most_max_pool():
+    fine, coarse = normal_layers(7, 4, 4, 4, seed=5), normal_layers(7, 6, 2, 2, seed=6)
+    ref = [normal_layers(2, 4, 4, 4, seed=7), normal_layers(2, 6, 2, 2, seed=8)]
+    emb = torch.randn(7, 3, generator=torch.Generator().manual_seed(9))
+    kwargs = {"r_list": (1, 3)}
+    calls = []
+    grouped = MuScScorer(max_pool=3, **kwargs).score(
+        [fine, coarse], reference=ref, embeddings=emb, progress=lambda *c: calls.append(c)
+    )
+    groups = np.array_split(np.random.default_rng(0).permutation(7), 3)  # the documented seeded split: 3 + 2 + 2
+    assert sorted(len(g) for g in groups) == [2, 2, 3]
+    for group in groups:
+        idx = torch.from_numpy(np.sort(group))
+        alone = MuScScorer(**kwargs).score([fine[idx], coarse[idx]], reference=ref, embeddings=emb[idx])
+        np.testing.assert_allclose(grouped.patch_maps[idx.numpy()], alone.patch_maps, atol=1e-6)  # input order kept
+        np.testing.assert_allclose(grouped.image_scores[idx.numpy()], alone.image_scores, atol=1e-9)
+    whole = MuScScorer(**kwargs).score([fine, coarse], reference=ref, embeddings=emb)
+    assert not np.allclose(grouped.patch_maps, whole.patch_maps)  # a group is its own pool
+    assert calls[-1] == (12, 12) and [c[0] for c in calls] == list(range(1, 13))  # 3 groups x 2 r x 2 layers
+    same = MuScScorer(max_pool=7, **kwargs).score([fine, coarse], reference=ref, embeddings=emb)
+    np.testing.assert_array_equal(same.patch_maps, whole.patch_maps)  # pools up to max_pool are scored whole
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(ConfigError, match="max_pool"):
+            MuScScorer(max_pool=bad)
+
+
 def test_rescore_against_the_lowest_scoring_images():
     n = 40
     layer = normal_layers(n, 8, 4, 4, seed=11)
