@@ -417,6 +417,7 @@ def test_scorer_contract_and_validation():
         "augment_queries": False,
         "map_layers": None,
         "rescore": None,
+        "max_pool": None,
     }
     for bad in ({"r_list": (2,)}, {"interval": (0.1,)}, {"rscin_k": (0,)}, {"memory_budget_mb": 0},
                 {"aligned_window": -1}, {"rescore": 1.0}, {"rescore": 0}, {"rescore": True}):  # fmt: skip
