@@ -256,5 +256,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def images_under(folder: Path) -> list[Path]:
-    """PNG/JPEG files under ``folder``, sorted (what the CLI lists for a folder of MVTec images)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    """PNG/JPEG files under ``folder``, sorted (what the CLI lists for a folder of MVTec images).
+
+    Linked sub-folders are followed, as the CLI follows them (the dev suite's imports link their splits).
+    """
+    found = (Path(root) / name for root, _, names in os.walk(folder, followlinks=True) for name in names)
+    return sorted(p for p in found if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
