@@ -231,8 +231,8 @@ def test_patchcore_caps_its_bank_so_the_fit_grows_linearly() -> None:
 
     params = load_config("patchcore").scorer.params
     scorer = get_scorer("memory_bank", params)
-    assert scorer._bank_size(200 * 1024) == math.floor(0.04 * 200 * 1024)  # small sets: 4 % of the patches
-    assert scorer._bank_size(2000 * 1024) == 16384  # large sets: the cap
+    assert scorer._bank_size(150 * 1024) == math.floor(0.04 * 150 * 1024)  # small sets: 4 % of the patches
+    assert scorer._bank_size(2000 * 1024) == 8192  # large sets: the cap
 
 
 def test_flat_index_returns_true_l2_and_hnsw_keeps_recall() -> None:
