@@ -39,6 +39,7 @@ SUITE = (
     "mpdd",
     "mpdd_strips",
     "screw",
+    "deeppcb",
     "elpv_mono",
     "elpv_poly",
     "synth_texture",

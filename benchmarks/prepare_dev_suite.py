@@ -9,9 +9,11 @@
     git clone https://github.com/BupeshKumarR/defect-segmentation-for-mpdd /tmp/src/mpdd  # MPDD metal_plate
     git clone https://github.com/dungdao1995/SkipGanomaly-MVTECAD /tmp/src/screw         # MVTec AD screw
     git clone https://github.com/zae-bayern/elpv-dataset /tmp/src/elpv                  # ELPV solar cells
+    git clone https://github.com/tangsanli5201/DeepPCB /tmp/src/deeppcb                 # DeepPCB (MIT)
     python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --mtd /tmp/src/mtd \
         --glass /tmp/src/glass --kolektor /tmp/src/kolektor --transistor /tmp/src/transistor/data/transistor \
-        --mpdd /tmp/src/mpdd --screw /tmp/src/screw/data/screw --elpv /tmp/src/elpv --out /tmp/devsuite
+        --mpdd /tmp/src/mpdd --screw /tmp/src/screw/data/screw --elpv /tmp/src/elpv --deeppcb /tmp/src/deeppcb \
+        --out /tmp/devsuite
 
 Writes under --out (images are symlinks into the clones; nothing is copied):
   bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
@@ -47,6 +49,13 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
                    unseen image-level check), one category per cell type: the cells its experts rated defect-free
                    (probability 0) split 75/25 into train/good and test/good, those rated surely defective
                    (probability 1) in test/defect; the 0.33 and 0.67 ratings are left out. No masks.
+  deeppcb/         DeepPCB (MIT; round 15's unseen check): 640x640 binarised line-scan crops of printed circuit
+                   boards, each a defect-free template with its aligned tested image holding 3-12 small defects
+                   (open, short, mousebite, spur, spurious copper, pin hole; many drawn in by the authors). A
+                   seeded --deeppcb-test pairs give test/good (their templates) and test/defect (their tested
+                   images; masks: the union of the annotated boxes, written under ground_truth), the templates
+                   of --deeppcb-train other pairs give train/good. A normal and a defective test image of one pair
+                   differ only by the defects.
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -84,6 +93,9 @@ def main() -> None:
     parser.add_argument("--mpdd", type=Path, help="clone holding data_supervised/metal_plate (optional)")
     parser.add_argument("--screw", type=Path, help="that clone's data/screw folder (optional)")
     parser.add_argument("--elpv", type=Path, help="clone of github.com/zae-bayern/elpv-dataset (optional)")
+    parser.add_argument("--deeppcb", type=Path, help="clone of github.com/tangsanli5201/DeepPCB (optional)")
+    parser.add_argument("--deeppcb-train", type=int, default=300, help="DeepPCB templates in train/good")
+    parser.add_argument("--deeppcb-test", type=int, default=100, help="DeepPCB pairs in test/good + test/defect")
     parser.add_argument("--mtd-normal", type=int, default=320, help="MT_Free images used (75 %% train)")
     parser.add_argument("--bsdata-normal", type=int, default=320, help="normal images used (75 %% train)")
     parser.add_argument("--bsdata-pitting", type=int, default=325, help="pitting images used (test; 325 = all)")
@@ -121,6 +133,8 @@ def main() -> None:
         )
     if args.elpv is not None:
         _elpv(args.elpv / "src" / "elpv_dataset" / "data", args.out, args.seed)
+    if args.deeppcb is not None:
+        _deeppcb(args.deeppcb, args.out / "deeppcb", args.deeppcb_train, args.deeppcb_test, args.seed)
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(
@@ -273,6 +287,37 @@ def _elpv(src: Path, out: Path, seed: int) -> None:
                 (target / image.name).symlink_to(image.resolve())
         counts = {folder: len(images) for folder, images in folders.items()}
         print(f"{category.name}: {counts}")
+
+
+def _deeppcb(src: Path, out: Path, n_train: int, n_test: int, seed: int) -> None:
+    """DeepPCB: template / tested pairs found by their annotation files (``x1 y1 x2 y2 type`` per defect, the
+    separator a space or a comma), split by pair (see the module docstring)."""
+    pairs = []
+    for notes in sorted(src.glob("PCBData/group*/*_not/*.txt")):
+        folder = notes.parent.with_name(notes.parent.name.removesuffix("_not"))
+        template, tested = folder / f"{notes.stem}_temp.jpg", folder / f"{notes.stem}_test.jpg"
+        if template.is_file() and tested.is_file():
+            pairs.append((template, tested, notes))
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    test, train = order[:n_test], order[n_test : n_test + n_train]
+    for folder in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        for old in (out / folder).iterdir():
+            old.unlink()
+    for i in train:
+        (out / "train/good" / pairs[i][0].name).symlink_to(pairs[i][0].resolve())
+    for i in test:
+        template, tested, notes = pairs[i]
+        (out / "test/good" / template.name).symlink_to(template.resolve())
+        (out / "test/defect" / tested.name).symlink_to(tested.resolve())
+        width, height = Image.open(tested).size
+        mask = np.zeros((height, width), dtype=np.uint8)
+        for line in notes.read_text().splitlines():
+            if line.strip():
+                x1, y1, x2, y2 = (int(v) for v in line.replace(",", " ").split()[:4])
+                mask[max(y1, 0) : y2 + 1, max(x1, 0) : x2 + 1] = 255
+        Image.fromarray(mask).save(out / "ground_truth/defect" / f"{tested.stem}_mask.png")
+    print(f"deeppcb: train/good {len(train)}, test/good {len(test)}, test/defect {len(test)} (of {len(pairs)} pairs)")
 
 
 def _mpdd(src: Path, out: Path, seed: int) -> None:
