@@ -166,8 +166,11 @@ def fit(
         typer.echo(f"stored {len(paths)} references for {detector.scorer.name}; model written to {out}")
     else:
         h, w = detector.config.backbone.image_size or detector.extractor.image_size
+        footprint = detector.patch_footprint_
+        covers = "" if footprint is None else f"; a patch covers {footprint[0]}x{footprint[1]} image px"
         typer.echo(
-            f"fitted {detector.scorer.name} on {len(paths)} images at {h}x{w} (H x W); {detector.decision_.summary()}"
+            f"fitted {detector.scorer.name} on {len(paths)} images at {h}x{w} (H x W{covers}); "
+            f"{detector.decision_.summary()}"
         )
         typer.echo(f"model written to {out}")
 

@@ -72,6 +72,7 @@ class Detector:
         self._extractor: FeatureExtractor | None = None
         self.decision_: Threshold | None = None
         self.reference_: FeatureSet | None = None
+        self.patch_footprint_: tuple[int, int] | None = None  # set by fit: see _patch_footprint
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -234,7 +235,11 @@ class Detector:
         # folds by image, so that overlapping tiles of one image never score each other
         folds = np.repeat(self.folds(len(features)), [_n_views(d) for d in features.images])
         steps = None if progress is None else (lambda done, total: progress("fit", done, total))
-        return self.calibrate(self.scorer.cross_fit(features.layers, folds, progress=steps), features.images)
+        out_of_sample = self.scorer.cross_fit(features.layers, folds, progress=steps)
+        if out_of_sample.patch_maps is not None:
+            grid = out_of_sample.patch_maps.shape[1:]
+            self.patch_footprint_ = _patch_footprint(features.images, self.extractor.image_size, grid)
+        return self.calibrate(out_of_sample, features.images)
 
     def calibrate(self, out_of_sample: ScoreOutput, images: Sequence[DecodedImage] | None = None) -> Detector:
         """Set the decision from cross-fitted scores of the normal training images; returns self.
@@ -502,6 +507,22 @@ def _measure(item: ImageInput, lighting: bool) -> tuple[tuple[int, int], tuple[f
         return (image.shape[0], image.shape[1]), gray_stats(image)
     except DataError:
         return None
+
+
+def _patch_footprint(
+    images: Sequence[DecodedImage], input_size: tuple[int, int], grid: tuple[int, int]
+) -> tuple[int, int] | None:
+    """Median (H, W) in original pixels that one patch of the ``grid`` covers: defects much smaller than it
+    fade into their patch (a larger input or tiles resolve more)."""
+    spans = [
+        [input_size[i] / grid[i] * d.size[i] / (d.layout.frame[i] if d.layout else input_size[i]) for i in (0, 1)]
+        for d in images
+        if d.error is None
+    ]
+    if not spans:
+        return None
+    h, w = np.median(np.asarray(spans), axis=0)
+    return round(h), round(w)
 
 
 def _sample_positions(n: int) -> NDArray[np.int64]:

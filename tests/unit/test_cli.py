@@ -44,7 +44,8 @@ def test_fit_gives_long_parts_an_input_of_their_aspect(tmp_path: Path) -> None:
     small = ["--set", "backbone.image_size=[128,128]", "--set", "threshold.folds=3"]
     result = _run("fit", "--out", tmp_path / "m", *small, root)
     assert result.exit_code == 0, result.output
-    assert "at 64x224 (H x W)" in result.output  # 3:1 parts, the pixel count of 128x128
+    assert "at 64x224 (H x W; a patch covers 8x7 image px)" in result.output  # 3:1 parts, 128x128's pixel count
+    # stride-8 patches: 8 of 64 rows; 224 input columns hold the 192 image columns, 8 input px = 6.9 image px
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["backbone"]["image_size"] == [64, 224] and config["preprocess"]["resize"] == "stretch"
     result = _run("score", "--model", tmp_path / "m", "--out", tmp_path / "s", "--maps", root / "test")

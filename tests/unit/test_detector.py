@@ -8,6 +8,7 @@ import pytest
 
 from anomaly import DataError, DetectionResult, Detector, NotFittedError
 from anomaly.config import apply_overrides, load_config
+from anomaly.data.io import read_image
 from anomaly.errors import ConfigError
 from anomaly.streaming import StreamingDetector
 
@@ -35,6 +36,16 @@ def fitted(synthetic_root: Path) -> Detector:
     det = Detector(_config()).fit(train)
     det._train = train  # type: ignore[attr-defined]
     return det
+
+
+def test_fit_reports_how_many_image_pixels_one_patch_covers(fitted: Detector, synthetic_root: Path) -> None:
+    assert fitted.patch_footprint_ == (8, 8)  # 128 px images at a 128 px input, stride-8 patches
+    train, _, _ = _split(synthetic_root)
+    images = [np.kron(read_image(p), np.ones((3, 3, 1), dtype=np.uint8)) for p in train[:6]]  # 384 px
+    whole = Detector(_config("patchcore", "threshold.folds=3")).fit(images)
+    assert whole.patch_footprint_ == (24, 24)  # 384 px seen at 128: a patch spans 3x its input pixels
+    tiled = Detector(_config("patchcore", "threshold.folds=3", "preprocess.tile={size: 64}")).fit(images)
+    assert tiled.patch_footprint_ == (4, 4)  # 64 px tiles seen at 128 px: finer than the image's pixels
 
 
 def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthetic_root: Path) -> None:
