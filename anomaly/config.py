@@ -101,8 +101,8 @@ class PreprocessConfig:
     to it, and the saved config holds the decision; ``tile`` (when set) cuts it into overlapping tiles
     instead. ``standardize`` maps every image's gray-level mean and spread to fixed values first (brightness
     and contrast drift between acquisitions removed; see :func:`anomaly.data.views.standardize_intensity`);
-    ``auto`` turns it on at fit (or for a reference-free pool) when the images' brightness or contrast drifts
-    (:func:`anomaly.data.views.lighting_drift`)."""
+    ``auto`` turns it on at fit (or for a reference-free pool) when the images' exposure drifts (the spread
+    of their bright level, :func:`anomaly.data.views.lighting_drift`)."""
 
     resize: str = "stretch"
     tile: TileConfig | None = None

@@ -23,7 +23,7 @@ from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.inputs import training_paths
 from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, support_views, to_rgb
-from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, fitted_input_size, gray_stats, lighting_drift
+from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
@@ -137,8 +137,8 @@ class Detector:
         if resize == "auto":
             self._decide_input_size([size for size, _ in sample])
         if lighting:  # no readable image in the sample: off (the extraction then names the unreadable files)
-            stats = [stats for _, stats in sample if stats is not None]
-            drift = lighting_drift(stats) if stats else 0.0
+            levels = [level for _, level in sample if level is not None]
+            drift = lighting_drift(levels) if levels else 0.0
             on = drift > DRIFT_THRESHOLD
             log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, limit %.2f)", on, drift, DRIFT_THRESHOLD)
             self.config = replace(self.config, preprocess=replace(self.config.preprocess, standardize=on))
@@ -495,8 +495,8 @@ def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> l
     return out
 
 
-def _measure(item: ImageInput, lighting: bool) -> tuple[tuple[int, int], tuple[float, float] | None] | None:
-    """(H, W) of an input (from a file's header) and, with ``lighting``, its gray-level statistics (decoded).
+def _measure(item: ImageInput, lighting: bool) -> tuple[tuple[int, int], float | None] | None:
+    """(H, W) of an input (from a file's header) and, with ``lighting``, its bright level (decoded).
 
     None when the input cannot be read: the sample that decides ``auto`` skips it.
     """
@@ -504,7 +504,7 @@ def _measure(item: ImageInput, lighting: bool) -> tuple[tuple[int, int], tuple[f
         if not lighting:
             return image_size(item), None
         image = to_rgb(item)[0]
-        return (image.shape[0], image.shape[1]), gray_stats(image)
+        return (image.shape[0], image.shape[1]), bright_level(image)
     except DataError:
         return None
 

@@ -212,16 +212,27 @@ def test_standardized_detector_ignores_brightness_and_contrast_changes(tmp_path)
 
 
 def test_lighting_drift_separates_constant_from_drifting_lighting() -> None:
-    from anomaly.data.views import DRIFT_THRESHOLD, gray_stats, lighting_drift
+    from anomaly.data.views import DRIFT_THRESHOLD, bright_level, lighting_drift
 
     base = [_texture(np.random.default_rng(i), 80, 120) for i in range(8)]
-    constant = [gray_stats(image) for image in base]
-    runs = [
-        np.clip(image * gain + 60 * (1 - gain), 0, 255).astype(np.uint8) for image, gain in zip(base, [0.5, 1.4] * 4)
-    ]
-    assert lighting_drift(constant) < 0.02 < DRIFT_THRESHOLD < lighting_drift([gray_stats(i) for i in runs])
-    # two runs, gain 0.5 and 1.4: log std differs by log(2.8), so its std over the set is log(2.8) / 2
-    assert lighting_drift([gray_stats(i) for i in runs]) == pytest.approx(np.log(2.8) / 2, rel=0.1)
+    runs = [np.clip(image * gain, 0, 255).astype(np.uint8) for image, gain in zip(base, [0.5, 1.4] * 4)]
+    constant = lighting_drift([bright_level(image) for image in base])
+    drifting = lighting_drift([bright_level(image) for image in runs])
+    assert constant < 0.02 < DRIFT_THRESHOLD < drifting
+    # two runs, gain 0.5 and 1.4: bright levels differ by a factor 2.8, so the std of their log is log(2.8) / 2
+    assert drifting == pytest.approx(np.log(2.8) / 2, rel=0.05)
+
+
+def test_lighting_drift_ignores_content_that_changes_the_gray_mean() -> None:
+    from anomaly.data.views import DRIFT_THRESHOLD, bright_level, gray_stats, lighting_drift
+
+    rng = np.random.default_rng(3)
+    boards = []  # binarised crops (DeepPCB): 10 % to 70 % copper, at the same exposure
+    for share in np.linspace(0.1, 0.7, 8):
+        board = np.where(rng.random((96, 128)) < share, 255, 0).astype(np.uint8)
+        boards.append(np.repeat(board[..., None], 3, axis=2))
+    assert np.log([gray_stats(b)[0] for b in boards]).std() > 3 * DRIFT_THRESHOLD  # the mean swings with the copper
+    assert lighting_drift([bright_level(b) for b in boards]) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_standardize_auto_is_decided_at_fit_and_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
