@@ -100,13 +100,14 @@ class _PatchEmbeddings(torch.nn.Module):
     """scorers._aggregate.fuse_layers as a module: patch_embeddings fills a preallocated buffer in
     chunks of 32 images, which a trace would freeze to the example's batch size."""
 
-    def __init__(self, patch_size: int, grid_layer: int) -> None:
+    def __init__(self, patch_size: int, grid_layer: int, kernel: str) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.grid_layer = grid_layer
+        self.kernel = kernel
 
     def forward(self, layers: list[torch.Tensor]) -> torch.Tensor:
-        return fuse_layers(layers, self.patch_size, self.grid_layer)  # (N, h, w, D)
+        return fuse_layers(layers, self.patch_size, self.grid_layer, self.kernel)  # (N, h, w, D)
 
 
 class _PadimEmbedding(torch.nn.Module):
@@ -137,7 +138,7 @@ def _scorer_parts(
     if scorer.name == "memory_bank":
         state = {"bank": scorer.bank_} if scorer.reweight else {}  # Eq. 7 looks up bank rows
         files = {"index.faiss": scorer.index_.serialize().tobytes()}
-        return _PatchEmbeddings(scorer.patch_size, scorer.grid_layer), ["embeddings"], state, files
+        return _PatchEmbeddings(scorer.patch_size, scorer.grid_layer, scorer.patch_kernel), ["embeddings"], state, files
     if scorer.name == "padim":
         state = {"mean": scorer.mean_.numpy(), "chol_inv": _inverse_factors(scorer.chol_)}
         return _PadimEmbedding(scorer.channels_), ["embedding"], state, {}

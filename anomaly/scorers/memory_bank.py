@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from anomaly.errors import ConfigError, DataError
 from anomaly.index import NNIndex
-from anomaly.scorers._aggregate import patch_embeddings
+from anomaly.scorers._aggregate import PATCH_KERNELS, patch_embeddings
 from anomaly.scorers._coreset import greedy_coreset
 from anomaly.scorers.base import (
     STATE_FILE,
@@ -66,6 +66,8 @@ class MemoryBankScorer(Scorer):
         reweight: PatchCore Eq. 7 image-score re-weighting with ``num_neighbors`` bank neighbours.
         index: FAISS factory string (``Flat`` exact, ``HNSW32,Flat``, ``IVF256,Flat``) or ``auto``.
         patch_size: local aggregation neighbourhood.
+        patch_kernel: ``mean`` (PatchCore's even mean) or ``binomial`` (the patch itself weighs most, so
+            defects of a few pixels are diluted less) for the grid layer; other layers keep the mean.
         grid_layer: the layer (finest first) whose grid the patches take; finer layers are averaged
             onto it, so a stride-4 layer adds detail without quadrupling the patches.
         use_gpu: ``auto`` | true | false for the FAISS index.
@@ -90,6 +92,7 @@ class MemoryBankScorer(Scorer):
         num_neighbors: int = 9,
         index: str = "Flat",
         patch_size: int = 3,
+        patch_kernel: str = "mean",
         grid_layer: int = 0,
         use_gpu: bool | str = "auto",
         random_state: int = 0,
@@ -103,6 +106,7 @@ class MemoryBankScorer(Scorer):
         self.num_neighbors = num_neighbors
         self.index = index
         self.patch_size = patch_size
+        self.patch_kernel = patch_kernel
         self.grid_layer = grid_layer
         self.use_gpu = use_gpu
         self.random_state = random_state
@@ -124,6 +128,8 @@ class MemoryBankScorer(Scorer):
         check_int("random_state", self.random_state, 0)
         if self.patch_size % 2 == 0:
             raise ConfigError(f"scorer.params.patch_size must be odd, got {self.patch_size}")
+        if self.patch_kernel not in PATCH_KERNELS:
+            raise ConfigError(f"scorer.params.patch_kernel must be 'mean' or 'binomial', got {self.patch_kernel!r}")
         if self.distance not in ("l2", "sql2"):
             raise ConfigError(f"scorer.params.distance must be 'l2' or 'sql2', got '{self.distance}'")
         if not isinstance(self.index, str) or not isinstance(self.reweight, bool):
@@ -197,7 +203,7 @@ class MemoryBankScorer(Scorer):
         """Patch embeddings (N, h, w, D) of per-layer features, as the bank stores them."""
         self._validate_params()
         self.check_layer_count(len(layers))
-        return patch_embeddings(layers, self.patch_size, self.grid_layer)
+        return patch_embeddings(layers, self.patch_size, self.grid_layer, self.patch_kernel)
 
     def fold_plan(self, n_images: int, patches_per_image: int, fold_sizes: list[int]) -> FoldPlan:
         """Bank size, each fold's coreset size and each fold's held-out bank size."""

@@ -48,6 +48,28 @@ def test_patch_embeddings_on_a_chosen_grid() -> None:
         get_scorer("memory_bank", {"grid_layer": 2}).fit(train)
 
 
+def test_binomial_patch_kernel_weighs_the_patch_itself_most() -> None:
+    from anomaly.scorers._aggregate import neighbourhood_mean
+
+    impulse = torch.zeros(2, 3, 7, 7)
+    impulse[:, :, 3, 3] = 1.0  # a defect that fills one cell
+    binomial = neighbourhood_mean(impulse, 3, "binomial")[0, 0, 2:5, 2:5]
+    torch.testing.assert_close(binomial, torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16)
+    assert float(neighbourhood_mean(impulse, 3, "mean")[0, 0, 3, 3]) == pytest.approx(1 / 9)  # PatchCore's: 2.25x less
+    five = neighbourhood_mean(impulse, 5, "binomial")[0, 0, 3, 1:6]  # a row of Pascal's triangle again
+    torch.testing.assert_close(five, torch.tensor([1.0, 4, 6, 4, 1]) * 6 / 256)
+    flat = neighbourhood_mean(torch.ones(1, 1, 4, 4), 3, "binomial")[0, 0]
+    assert float(flat[1, 1]) == pytest.approx(1.0) and float(flat[0, 0]) == pytest.approx(9 / 16)  # zero-padded border
+    train, odd = _layers(12, 0), _layers(3, 2, anomaly=True)
+    scorer = get_scorer("memory_bank", {"patch_kernel": "binomial", "coreset_ratio": 0.5})
+    fine, coarse = (neighbourhood_mean(x, 3, k) for x, k in zip(odd, ("binomial", "mean")))  # the grid layer's only
+    torch.testing.assert_close(scorer.embed(odd)[..., :8], fine.permute(0, 2, 3, 1))
+    torch.testing.assert_close(scorer.embed(odd)[..., 8:], fuse_layers([fine, coarse], 1)[..., 8:])
+    assert scorer.fit(train).score(odd).image_scores.min() > scorer.score(_layers(3, 1)).image_scores.max()
+    with pytest.raises(ConfigError, match="patch_kernel"):
+        get_scorer("memory_bank", {"patch_kernel": "gauss"})
+
+
 @pytest.mark.parametrize("name", TRAINED)
 def test_scorer_contract(name: str) -> None:
     train, normal, odd = _layers(12, 0), _layers(3, 1), _layers(3, 2, anomaly=True)
