@@ -66,6 +66,8 @@ def get_scorer(name: str, params: dict[str, Any] | None = None) -> Scorer:
             raise ConfigError(f"scorer.params.{key}: unknown parameter of '{name}'{hint}")
     try:
         return cls(**(params or {}))
+    except ConfigError:  # already names its key
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"scorer.params: {exc}") from None
 

@@ -169,6 +169,10 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             ["fit", "--out", tmp_path / "o9", "--set", "scorer.params.grid_layer=2", synthetic_root],
             "grid_layer",
         ),
+        (
+            ["fit", "--out", tmp_path / "o10", "--set", "scorer.params.patch_kernel=gauss", synthetic_root],
+            "error: scorer.params.patch_kernel must be 'mean' or 'binomial', got 'gauss'",  # the key named once
+        ),
     ]
     for args, needle in cases:
         result = _run(*args)
