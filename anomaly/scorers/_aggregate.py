@@ -37,9 +37,9 @@ def fuse_layers(
     """Patch embeddings (N, h, w, D) of per-layer maps (finest first) on layer ``grid_layer``'s grid.
 
     Each layer gets a ``patch_size`` x ``patch_size`` local mean (PatchCore's neighbourhood aggregation),
-    the grid layer's with ``kernel`` (:func:`neighbourhood_mean`): only there does a defect that fills one
-    patch share its mean with its neighbours; a coarser cell already spans several patches. Coarser layers are
-    bilinearly upsampled (align_corners=False) to the grid; a finer layer (a stride-4 layer on a
+    the grid layer's weighted by ``kernel`` (:func:`neighbourhood_mean`): that is where a defect filling one
+    patch is averaged with its neighbours, while a coarser cell already spans several patches. Coarser layers
+    are bilinearly upsampled (align_corners=False) to the grid; a finer layer (a stride-4 layer on a
     stride-8 grid) is averaged over the cells each grid patch covers. Channels are concatenated.
     Plain tensor operations only, so that an export traces it as one graph.
     """
