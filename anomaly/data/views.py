@@ -156,8 +156,7 @@ def standardize_intensity(views: NDArray[np.uint8], image: NDArray[np.uint8]) ->
 
 def gray_stats(image: NDArray[np.uint8]) -> tuple[float, float]:
     """Mean and std of an RGB image's gray levels (channel mean), from a grid sample of large images."""
-    step = max(1, math.isqrt(image.shape[0] * image.shape[1] // _STATS_PIXELS))
-    gray = image[::step, ::step].mean(axis=2, dtype=np.float32)
+    gray = _gray_sample(image)
     return float(gray.mean()), float(gray.std())
 
 
@@ -167,8 +166,13 @@ def bright_level(image: NDArray[np.uint8]) -> float:
     Exposure and lamp changes move it; what the frame shows hardly does, unless nearly all of it changes
     (a binarised board with more or less copper keeps 255, where its mean and std swing with the copper).
     """
+    return float(np.percentile(_gray_sample(image), 98))
+
+
+def _gray_sample(image: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """Gray levels (channel mean) of an RGB image, on a grid of about ``_STATS_PIXELS`` pixels for large images."""
     step = max(1, math.isqrt(image.shape[0] * image.shape[1] // _STATS_PIXELS))
-    return float(np.percentile(image[::step, ::step].mean(axis=2, dtype=np.float32), 98))
+    return image[::step, ::step].mean(axis=2, dtype=np.float32)
 
 
 def lighting_drift(levels: list[float]) -> float:
