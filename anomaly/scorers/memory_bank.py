@@ -129,7 +129,8 @@ class MemoryBankScorer(Scorer):
         if self.patch_size % 2 == 0:
             raise ConfigError(f"scorer.params.patch_size must be odd, got {self.patch_size}")
         if self.patch_kernel not in PATCH_KERNELS:
-            raise ConfigError(f"scorer.params.patch_kernel must be 'mean' or 'binomial', got {self.patch_kernel!r}")
+            names = " or ".join(repr(k) for k in PATCH_KERNELS)
+            raise ConfigError(f"scorer.params.patch_kernel must be {names}, got {self.patch_kernel!r}")
         if self.distance not in ("l2", "sql2"):
             raise ConfigError(f"scorer.params.distance must be 'l2' or 'sql2', got '{self.distance}'")
         if not isinstance(self.index, str) or not isinstance(self.reweight, bool):
