@@ -48,11 +48,13 @@ _INDEX_BYTES = 8  # torch.topk returns int64 indices next to the values
 _MIN_RESCORE = 10  # images that re-score the pool (``rescore``), at least
 
 
-def lnamd(layer: torch.Tensor, r: int) -> torch.Tensor:
-    """Local neighbourhood aggregation (§3.2): (N, C, h, w) -> unit patch vectors (N, h·w, C).
+def lnamd(layer: torch.Tensor, r: int, norm_exponent: float = 0.0) -> torch.Tensor:
+    """Local neighbourhood aggregation (§3.2): (N, C, h, w) -> patch vectors (N, h·w, C).
 
     Non-affine LayerNorm over the whole (C, h, w) map of each image (eps 1e-5), r×r zero-padded
-    mean (count_include_pad, stride 1; r = 1 is the identity), then L2 normalisation per patch.
+    mean (count_include_pad, stride 1; r = 1 is the identity), then each patch vector x rescaled to
+    length ‖x‖^norm_exponent: 0 is the reference's L2 normalisation (unit vectors, cosine geometry),
+    1 keeps the aggregated features as they are (Euclidean), values between compress the lengths.
     """
     if layer.ndim != 4:
         raise ValueError(f"lnamd: expected a (N, C, h, w) tensor, got shape {tuple(layer.shape)}")
@@ -62,7 +64,13 @@ def lnamd(layer: torch.Tensor, r: int) -> torch.Tensor:
     x = F.layer_norm(x, x.shape[1:], eps=1e-5)
     if r > 1:
         x = F.avg_pool2d(x, r, stride=1, padding=(r - 1) // 2, count_include_pad=True)
-    return F.normalize(x.flatten(2).transpose(1, 2).contiguous(), dim=-1)
+    x = x.flatten(2).transpose(1, 2).contiguous()
+    if norm_exponent == 0:
+        return F.normalize(x, dim=-1)
+    if norm_exponent == 1:
+        return x
+    length = x.norm(dim=-1, keepdim=True).clamp_(min=1e-12)  # F.normalize's eps
+    return x * length.pow_(norm_exponent - 1)
 
 
 def msm_flops(n: int, length: int, c: int, *, n_reference: int = 0, length_reference: int | None = None) -> int:
@@ -85,10 +93,11 @@ def mutual_scores(
     aligned_window: int | None = None,
     grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Mutual scoring (§3.3) of N images of unit patch vectors ``Z`` (N, L, C) -> (N, L).
+    """Mutual scoring (§3.3) of N images of patch vectors ``Z`` (N, L, C) -> (N, L).
 
     For patch p of image i and every other image j (the other scored images and all ``reference``
-    images (M, L', C), which are compared with but never scored), ``d(i,p;j) = min_q ‖z_ip − z_jq‖``;
+    images (M, L', C), which are compared with but never scored), ``d(i,p;j) = min_q ‖z_ip − z_jq‖``
+    (Euclidean: the vectors need not be unit length, see :func:`lnamd`);
     the score is the mean of the values ranked ``interval`` among the sorted ``n_others = N−1+M``
     minima (bounds < 1 are fractions of n_others, truncated; bounds ≥ 1 are counts; at least one term).
 
@@ -124,14 +133,16 @@ def mutual_scores(
             raise ValueError(f"mutual_scores: aligned mode needs grid=(h, w) with h*w == L={length}, got {grid}")
 
     dtype = _compute_dtype(Z)
-    z = Z.to(dtype).contiguous()
-    ref = None if reference is None else reference.to(dtype).contiguous()
+    # queries and the images they are compared with carry the squared lengths in two extra columns, so
+    # that one product gives −d²/2 = z·z' − ‖z‖²/2 − ‖z'‖²/2 in both directions (see _lifted)
+    z, zo = _lifted(Z, dtype, query=True), _lifted(Z, dtype, query=False)
+    ref = None if reference is None else _lifted(reference, dtype, query=False)
     buf_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     plan = _plan(
         n=n,
         length=length,
         length_other=length if ref is None else max(length, ref.shape[1]),
-        c=c,
+        c=c + 2,
         n_others=n_others,
         top=hi,
         elem=z.element_size(),
@@ -150,7 +161,7 @@ def mutual_scores(
             # directions (row maxima for i vs j, column maxima for j vs i). Images outside the
             # chunk are compared one way: their own minima rows are not alive to receive the other.
             symmetric = p1 - p0 == length
-            # buf[i - a0, p, slot(j)] = max_q z_ip · z_jq; every slot is written exactly once.
+            # buf[i - a0, p, slot(j)] = max_q −‖z_ip − z_jq‖²/2; every slot is written exactly once.
             buf = torch.empty(a1 - a0, p1 - p0, n_others, dtype=buf_dtype, device=z.device)
             work = z.new_empty(plan.tile_rows * plan.block * plan.length_other) if aligned_window is None else None
             for i in range(a0, a1):
@@ -160,7 +171,7 @@ def mutual_scores(
                 for j0, j1, both in ranges:
                     for b0 in range(j0, j1, plan.block):
                         b1 = min(j1, b0 + plan.block)
-                        fwd, rev = _block(q, p0, z[b0:b1], both, plan, work, aligned_window, grid)
+                        fwd, rev = _block(q, p0, zo[b0:b1], both, plan, work, aligned_window, grid)
                         s0 = b0 if b0 < i else b0 - 1  # slot of image j in row i: j, or j−1 after i
                         buf[i - a0, :, s0 : s0 + b1 - b0] = fwd
                         if rev is not None:  # i < j, so i's slot in row j is i
@@ -319,13 +330,26 @@ def _aligned_block(
     return fwd.view(p, -1).T, None if rev is None else rev.view(p, -1)
 
 
+def _lifted(x: torch.Tensor, dtype: torch.dtype, *, query: bool) -> torch.Tensor:
+    """(N, L, C) -> (N, L, C + 2): ``[x, −‖x‖²/2, 1]`` for queries, ``[x, 1, −‖x‖²/2]`` for the others.
+
+    A query's product with another patch is then −‖x − x'‖²/2, the negative half squared distance, so
+    the kernel's maxima are the nearest patches for vectors of any length; for unit vectors it is the
+    cosine similarity minus 1. The half keeps the extra columns on the scale of the products.
+    """
+    x = x.to(dtype)
+    half = x.pow(2).sum(dim=-1, keepdim=True).mul_(-0.5)
+    one = torch.ones_like(half)
+    return torch.cat([x, half, one] if query else [x, one, half], dim=-1).contiguous()
+
+
 def _interval_mean(buf: torch.Tensor, lo: int, hi: int, reduce_rows: int) -> torch.Tensor:
-    """Mean distance of ranks lo+1..hi (nearest first) from max similarities (Q, Lq, n_others)."""
+    """Mean distance of ranks lo+1..hi (nearest first) from maxima of −d²/2 (Q, Lq, n_others)."""
     sims = buf.view(-1, buf.shape[-1])
     out = torch.empty(sims.shape[0], dtype=buf.dtype, device=buf.device)
     for r0 in range(0, sims.shape[0], reduce_rows):
         top = torch.topk(sims[r0 : r0 + reduce_rows], hi, dim=-1, largest=True, sorted=True).values[:, lo:hi]
-        out[r0 : r0 + reduce_rows] = top.mul(-2.0).add_(2.0).clamp_(min=0.0).sqrt_().mean(dim=-1)
+        out[r0 : r0 + reduce_rows] = top.mul(-2.0).clamp_(min=0.0).sqrt_().mean(dim=-1)
     return out.view(buf.shape[:2])
 
 
@@ -410,7 +434,9 @@ class MuScScorer(Scorer):
     averages both passes (min-max normalised, on the first pass's range), the maps stay the first pass's.
     ``max_pool``: a pool of more images is split into seeded random groups of at most this many, each
     scored as a pool of its own (with the same references), so the time grows linearly with the pool
-    instead of with its square; None scores any pool whole.
+    instead of with its square; None scores any pool whole. ``norm_exponent``: patch vectors keep
+    ‖x‖^norm_exponent of their length (:func:`lnamd`): 0 compares directions only (the paper's unit
+    vectors), 1 the aggregated CNN features as they are, whose length also tells a patch's contrast.
     """
 
     name: ClassVar[str] = "musc"
@@ -431,6 +457,7 @@ class MuScScorer(Scorer):
         map_layers: Sequence[int] | None = None,
         rescore: float | None = None,
         max_pool: int | None = None,
+        norm_exponent: float = 0.0,
     ) -> None:
         if not r_list or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
             raise ConfigError(f"musc: r_list must be positive odd integers, got {r_list!r}")
@@ -458,6 +485,8 @@ class MuScScorer(Scorer):
             raise ConfigError(f"musc: rescore must be None or a share of the pool in (0, 1), got {rescore!r}")
         if max_pool is not None and (isinstance(max_pool, bool) or not isinstance(max_pool, int) or max_pool < 2):
             raise ConfigError(f"musc: max_pool must be None or an integer >= 2, got {max_pool!r}")
+        if isinstance(norm_exponent, bool) or not isinstance(norm_exponent, (int, float)) or not 0 <= norm_exponent <= 1:
+            raise ConfigError(f"musc: norm_exponent must be a number in [0, 1], got {norm_exponent!r}")
         for key, value in (("augment_references", augment_references), ("augment_queries", augment_queries)):
             if not isinstance(value, bool):
                 raise ConfigError(f"musc: {key} must be true or false, got {value!r}")
@@ -471,6 +500,7 @@ class MuScScorer(Scorer):
         self.map_layers = None if map_layers is None else tuple(map_layers)
         self.rescore = rescore
         self.max_pool = max_pool
+        self.norm_exponent = norm_exponent
         self.image_score_from_map = not self.rscin_k and map_layers is None  # RsCIN re-scores images
 
     def check_layer_count(self, n_layers: int) -> None:
@@ -579,8 +609,8 @@ class MuScScorer(Scorer):
         for r in self.r_list:
             for li, layer in enumerate(layers):
                 grid = (layer.shape[2], layer.shape[3])
-                ref = None if reference is None else lnamd(reference[li], r)
-                tokens = lnamd(layer, r)
+                ref = None if reference is None else lnamd(reference[li], r, self.norm_exponent)
+                tokens = lnamd(layer, r, self.norm_exponent)
                 s = self._mutual(tokens, ref, grid) if chosen is None else self._against_chosen(tokens, grid, chosen)
                 s = s.float().view(n, 1, *grid)
                 if grid != size:

@@ -185,6 +185,17 @@ def test_blocked_equals_brute_force(budget_mb, interval):
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("budget_mb", [512, 2e-3, 1e-6])
+def test_vectors_of_any_length_get_euclidean_distances(budget_mb):
+    g = torch.Generator().manual_seed(11)
+    z = unit(7, 12, 5, seed=8) * torch.rand(7, 12, 1, generator=g, dtype=torch.float64).mul(4).add(0.1)
+    ref = unit(3, 12, 5, seed=9) * 2.5
+    got = mutual_scores(z, reference=ref, memory_budget_mb=budget_mb)
+    torch.testing.assert_close(got, brute_force(z, reference=ref), atol=1e-12, rtol=0)
+    aligned = mutual_scores(z, aligned_window=1, grid=(3, 4), memory_budget_mb=budget_mb)
+    torch.testing.assert_close(aligned, brute_force(z, window=1, grid=(3, 4)), atol=1e-12, rtol=0)
+
+
 def test_budgets_exercise_every_blocking_path():
     z = unit(9, 12, 5)
     assert plan_for(z, 512).chunk == 9 and plan_for(z, 512).rows == 12
@@ -274,6 +285,17 @@ def test_lnamd_layer_norm_over_whole_map_and_local_mean():
             lnamd(x, bad)
 
 
+def test_lnamd_norm_exponent_keeps_directions_and_compresses_lengths():
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    raw = lnamd(x, 3, norm_exponent=1.0)
+    unit_vectors = lnamd(x, 3)
+    torch.testing.assert_close(F.normalize(raw, dim=-1), unit_vectors)
+    half = lnamd(x, 3, norm_exponent=0.5)
+    torch.testing.assert_close(F.normalize(half, dim=-1), unit_vectors)
+    torch.testing.assert_close(half.norm(dim=-1), raw.norm(dim=-1).sqrt())
+    assert raw.norm(dim=-1).std() > 0.1  # the lengths did vary
+
+
 # ---------------------------------------------------------------- scorer and streaming
 
 
@@ -292,6 +314,16 @@ def test_injected_anomaly_scores_highest():
     assert out.image_scores.shape == (8,) and out.image_scores.dtype == np.float64
     assert np.unravel_index(out.patch_maps.argmax(), out.patch_maps.shape) == (3, 2, 4)
     assert out.image_scores.argmax() == 3
+
+
+def test_norm_exponent_sees_a_patch_that_differs_in_contrast_alone():
+    layer = normal_layers(8, 16, 6, 6, seed=3)
+    layer[3, :, 2, 4] *= 4  # same direction, four times the length: a brighter copy of the normal patch
+    cosine = MuScScorer(r_list=(1,), rscin_k=None).score([layer])
+    lengths = MuScScorer(r_list=(1,), rscin_k=None, norm_exponent=0.5).score([layer])
+    peak = np.unravel_index(lengths.patch_maps.argmax(), lengths.patch_maps.shape)
+    assert peak == (3, 2, 4) and lengths.image_scores.argmax() == 3
+    assert cosine.patch_maps[3, 2, 4] < 3 * np.median(cosine.patch_maps)  # unit vectors cannot tell it
 
 
 def test_scorer_fusion_matches_manual_pipeline():
@@ -418,9 +450,11 @@ def test_scorer_contract_and_validation():
         "map_layers": None,
         "rescore": None,
         "max_pool": None,
+        "norm_exponent": 0.0,
     }
     for bad in ({"r_list": (2,)}, {"interval": (0.1,)}, {"rscin_k": (0,)}, {"memory_budget_mb": 0},
-                {"aligned_window": -1}, {"rescore": 1.0}, {"rescore": 0}, {"rescore": True}):  # fmt: skip
+                {"aligned_window": -1}, {"rescore": 1.0}, {"rescore": 0}, {"rescore": True},
+                {"norm_exponent": -0.5}, {"norm_exponent": 1.5}, {"norm_exponent": True}):  # fmt: skip
         with pytest.raises(ConfigError):
             MuScScorer(**bad)
     with pytest.raises(ValueError, match="reference layer"):
