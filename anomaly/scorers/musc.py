@@ -11,6 +11,9 @@ Deliberate deviations from the reference implementation (ALGORITHMS.md §3.8):
   ``d² = 2 − 2·z·zᵀ`` cancels catastrophically for near-duplicate patches: about 1 % of distances were
   off by 100 %); float64 inputs stay float64.
 * RsCIN clamps its window sizes to N, clamps negative similarities to 0 and maps constant scores to 0.
+* ``norm_exponent`` > 0 (the ``musc`` config's 0.25, for CNN features) lets patch vectors keep part of their
+  length, so mutual scoring measures Euclidean distances of vectors of any length (one GEMM on lifted vectors);
+  0, the scorer's default, is the reference's unit vectors.
 * Coarser layers are scored on their own grid and the *score maps* are upsampled bilinearly
   (align_corners=False) to the finest grid: mutual scoring costs O(L²) per image pair, so upsampling
   features first would multiply the cost by (area ratio)² for no gain in the reference setting,
