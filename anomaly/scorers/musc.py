@@ -109,7 +109,7 @@ def mutual_scores(
 
     Memory: the minima of a chunk of query images (Q, L, n_others) take at most half of
     ``memory_budget_mb``, similarity tiles or top-k outputs the other half (estimate excludes the
-    compute-dtype copy of the inputs and BLAS workspace); the floor is one query patch (aligned
+    lifted compute-dtype copy of the inputs, C + 2 columns, and BLAS workspace); the floor is one query patch (aligned
     mode: one grid row) against one image. When all N images fit in one chunk, each unordered pair
     costs one product; pairs across chunks cost one per direction. Results do not depend on the budget.
     """
@@ -136,10 +136,10 @@ def mutual_scores(
             raise ValueError(f"mutual_scores: aligned mode needs grid=(h, w) with h*w == L={length}, got {grid}")
 
     dtype = _compute_dtype(Z)
-    # queries and the images they are compared with carry the squared lengths in two extra columns, so
-    # that one product gives −d²/2 = z·z' − ‖z‖²/2 − ‖z'‖²/2 in both directions (see _lifted)
-    z, zo = _lifted(Z, dtype, query=True), _lifted(Z, dtype, query=False)
-    ref = None if reference is None else _lifted(reference, dtype, query=False)
+    # the patches carry their squared lengths in two extra columns (swapped for the query), so that one
+    # product gives −d²/2 = z·z' − ‖z‖²/2 − ‖z'‖²/2 in both directions (see _lifted)
+    z = _lifted(Z, dtype)
+    ref = None if reference is None else _lifted(reference, dtype)
     buf_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     plan = _plan(
         n=n,
@@ -168,13 +168,13 @@ def mutual_scores(
             buf = torch.empty(a1 - a0, p1 - p0, n_others, dtype=buf_dtype, device=z.device)
             work = z.new_empty(plan.tile_rows * plan.block * plan.length_other) if aligned_window is None else None
             for i in range(a0, a1):
-                q = z[i, p0:p1]
+                q = _as_query(z[i, p0:p1])
                 ranges = [(i + 1, a1, True)] if symmetric else [(a0, i, False), (i + 1, a1, False)]
                 ranges += [(0, a0, False), (a1, n, False)]
                 for j0, j1, both in ranges:
                     for b0 in range(j0, j1, plan.block):
                         b1 = min(j1, b0 + plan.block)
-                        fwd, rev = _block(q, p0, zo[b0:b1], both, plan, work, aligned_window, grid)
+                        fwd, rev = _block(q, p0, z[b0:b1], both, plan, work, aligned_window, grid)
                         s0 = b0 if b0 < i else b0 - 1  # slot of image j in row i: j, or j−1 after i
                         buf[i - a0, :, s0 : s0 + b1 - b0] = fwd
                         if rev is not None:  # i < j, so i's slot in row j is i
@@ -333,17 +333,21 @@ def _aligned_block(
     return fwd.view(p, -1).T, None if rev is None else rev.view(p, -1)
 
 
-def _lifted(x: torch.Tensor, dtype: torch.dtype, *, query: bool) -> torch.Tensor:
-    """(N, L, C) -> (N, L, C + 2): ``[x, −‖x‖²/2, 1]`` for queries, ``[x, 1, −‖x‖²/2]`` for the others.
+def _lifted(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, L, C) -> (N, L, C + 2): ``[x, 1, −‖x‖²/2]``, the patches as the kernel meets them.
 
-    A query's product with another patch is then −‖x − x'‖²/2, the negative half squared distance, so
-    the kernel's maxima are the nearest patches for vectors of any length; for unit vectors it is the
-    cosine similarity minus 1. The half keeps the extra columns on the scale of the products.
+    A query lifted the other way round, ``[x, −‖x‖²/2, 1]`` (:func:`_as_query`), has the product
+    −‖x − x'‖²/2 with each of them, the negative half squared distance: the kernel's maxima are the
+    nearest patches for vectors of any length, and for unit vectors the cosine similarity minus 1.
     """
     x = x.to(dtype)
     half = x.pow(2).sum(dim=-1, keepdim=True).mul_(-0.5)
-    one = torch.ones_like(half)
-    return torch.cat([x, half, one] if query else [x, one, half], dim=-1).contiguous()
+    return torch.cat([x, torch.ones_like(half), half], dim=-1).contiguous()
+
+
+def _as_query(lifted: torch.Tensor) -> torch.Tensor:
+    """Query patches (Lq, C + 2) of :func:`_lifted`: a copy with the two extra columns swapped."""
+    return torch.cat([lifted[:, :-2], lifted[:, -1:], lifted[:, -2:-1]], dim=1)
 
 
 def _interval_mean(buf: torch.Tensor, lo: int, hi: int, reduce_rows: int) -> torch.Tensor:
