@@ -173,6 +173,10 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             ["fit", "--out", tmp_path / "o10", "--set", "scorer.params.patch_kernel=gauss", synthetic_root],
             "error: scorer.params.patch_kernel must be 'mean' or 'binomial', got 'gauss'",  # the key named once
         ),
+        (
+            ["score", "--zero-shot", "--out", tmp_path / "o11", "--set", "scorer.params.norm_exponent=2", empty],
+            "norm_exponent must be a number in [0, 1], got 2",
+        ),
     ]
     for args, needle in cases:
         result = _run(*args)
