@@ -32,7 +32,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     except RuntimeError:
         raise BackendError(f"device: unknown device '{device}' (use auto, cpu or cuda)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device: '{device}' requested but no CUDA GPU is available")
+        raise BackendError(f"device: '{device}' requested but no CUDA GPU is available (use auto or cpu)")
     return resolved
 
 

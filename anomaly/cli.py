@@ -202,6 +202,10 @@ def score(
     ] = 512,
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="auto, cpu, cuda or cuda:N instead of the model's (or config's) device."),
+    ] = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
 ) -> None:
@@ -215,21 +219,26 @@ def score(
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
     if model is not None and (reference or overrides or backbone):
         raise DataError("--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config")
+    if device is not None and (ray or ray_address):
+        raise DataError("--device applies to scoring in this process; Ray workers use the model's device")
     if ray or ray_address:
         _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
         return
     detector: Any
     if model is not None:
         if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
+            if device is not None:
+                raise DataError(f"{model}: an export runs on ONNX Runtime / OpenVINO; --device applies to torch models")
             detector = ExportedDetector(model)
         else:
             from anomaly.detector import Detector
 
-            detector = Detector.load(model)
+            detector = Detector.load(model, device=device)
     else:
         from anomaly.detector import Detector
 
-        detector = Detector(_config(config, backbone, overrides))
+        extra = [] if device is None else [f"device={device}"]
+        detector = Detector(_config(config, backbone, [*(overrides or []), *extra]))
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
     paths = image_paths(inputs, exclude=[out])

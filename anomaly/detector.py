@@ -421,8 +421,12 @@ class Detector:
         return write_model_dir(directory, write)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> Detector:
-        """Load a model written by :meth:`save`; a missing, tampered or incompatible directory raises DataError."""
+    def load(cls, directory: str | os.PathLike[str], device: str | None = None) -> Detector:
+        """Load a model written by :meth:`save`; a missing, tampered or incompatible directory raises DataError.
+
+        ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) overrides the device saved with the model, so a
+        model fitted on a GPU scores on a machine without one.
+        """
         path = Path(directory)
         if not path.is_dir():
             raise DataError(f"{path}: model directory not found")
@@ -432,6 +436,8 @@ class Detector:
             config = from_dict(json.loads(files["config.json"].read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:
             raise DataError(f"{files['config.json']}: unreadable ({exc})") from None
+        if device is not None:
+            config = replace(config, device=device)
         det = cls(config)
         try:
             if _REFERENCES_FILE in files:

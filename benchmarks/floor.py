@@ -45,7 +45,7 @@ FIT_TARGET = 1.5
 SCORE_TARGET = 1.3
 
 
-def bare_worker(folder: str, batch_size: int) -> None:
+def bare_worker(folder: str, batch_size: int, device: str) -> None:
     """The floor itself: decode + resize + forward, nothing else (runs in its own process)."""
     t0 = time.perf_counter()
     from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +62,7 @@ def bare_worker(folder: str, batch_size: int) -> None:
         image_size=(256, 256),
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
-        device="cpu",
+        device=device,
     )
     t_ready = time.perf_counter()
     paths = images_under(Path(folder))
@@ -92,11 +92,12 @@ def main() -> None:
     parser.add_argument("--config", default="patchcore", help="config for `anomaly fit` (default: patchcore)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating repeats; the median is reported")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="device of the bare pass (auto, as `anomaly fit` picks)")
     add_common_args(parser)
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_worker:
-        bare_worker(args.bare_worker, args.batch_size)
+        bare_worker(args.bare_worker, args.batch_size, args.device)
         return
 
     os.environ.update(dict(item.split("=", 1) for item in args.env))
@@ -105,7 +106,7 @@ def main() -> None:
     print_machine(info)
     train, test = args.category / "train" / "good", args.category / "test"
     n_train, n_test = len(images_under(train)), len(images_under(test))
-    bare = [sys.executable, __file__, "--batch-size", str(args.batch_size), "--bare-worker"]
+    bare = [sys.executable, __file__, "--batch-size", str(args.batch_size), "--device", args.device, "--bare-worker"]
     cli = anomaly_cli()
     tmp = Path(tempfile.mkdtemp(prefix="anomaly-floor-"))
     runs: dict[str, list] = {"bare_train": [], "fit": [], "bare_test": [], "score": []}

@@ -177,6 +177,7 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             ["score", "--zero-shot", "--out", tmp_path / "o11", "--set", "scorer.params.norm_exponent=2", empty],
             "norm_exponent must be a number in [0, 1], got 2",
         ),
+        (["score", "--model", model_dir, "--device", "tpu", "--out", tmp_path / "o12", synthetic_root], "device"),
     ]
     for args, needle in cases:
         result = _run(*args)
@@ -185,6 +186,29 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
         assert len(error_lines) == 1 and needle in error_lines[0], result.output
         assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "unreadable"]  # nothing half-written
+
+
+def test_score_device_overrides_the_models(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    import torch
+
+    saved = _run("score", "--model", model_dir, "--out", tmp_path / "saved", "--no-overlays", synthetic_root / "test")
+    on_cpu = _run(
+        "score",
+        "--model",
+        model_dir,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "cpu",
+        "--no-overlays",
+        synthetic_root / "test",
+    )
+    assert saved.exit_code == 0 and on_cpu.exit_code == 0, saved.output + on_cpu.output
+    if not torch.cuda.is_available():  # the model's "auto" ran on the CPU too: the same numbers
+        assert [r["score"] for r in _rows(tmp_path / "saved")] == [r["score"] for r in _rows(tmp_path / "cpu")]
+        result = _run("score", "--model", model_dir, "--device", "cuda", "--out", tmp_path / "gpu", synthetic_root)
+        assert result.exit_code == 2 and "error: device: 'cuda' requested but no CUDA GPU" in result.output
+        assert not (tmp_path / "gpu").exists()
 
 
 def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Path, caplog) -> None:
