@@ -137,7 +137,7 @@ def _descendants(pid: int) -> list[int]:
 def anomaly_cli() -> list[str]:
     """The ``anomaly`` console script of this interpreter's environment (as a user runs it)."""
     script = Path(sys.executable).with_name("anomaly")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "anomaly.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "anomaly"]
 
 
 def median(values: list[float]) -> float:

@@ -1,7 +1,9 @@
 """CUDA against CPU: the same features, distances, scores and verdicts on either device (skipped without a GPU).
 
-Run on a GPU machine with ``python -m pytest -m gpu``. Tolerances allow for TF32 convolutions (cuDNN's default
-on Ampere and later), which round inputs to 10 mantissa bits.
+Run on a GPU machine with ``python -m pytest -m gpu``. The backbone runs its convolutions in full float32 on
+the GPU (not cuDNN's default TF32), so one fitted model gives the same scores, maps and verdicts on both devices.
+Fitting on each device may give different coresets: greedy k-center picks diverge at near-ties once features
+differ in their last bits, so fitted models are compared by scoring one of them on both devices.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def test_features_match_the_cpu_pass() -> None:
     assert all(x.device.type == "cuda" for x in gpu.layers)
     for a, b in zip(gpu.layers, cpu.layers, strict=True):
         assert a.shape == b.shape
-        assert _relative_error(a, b) < 1e-2
+        assert _relative_error(a, b) < 1e-4  # full float32, not TF32
 
 
 @pytest.mark.parametrize("norm_exponent", [0.0, 0.25])
@@ -69,27 +71,37 @@ def test_coreset_on_the_gpu_covers_like_the_cpu_one() -> None:
     assert radius(gpu) == pytest.approx(radius(cpu), rel=0.02)
 
 
-@pytest.mark.parametrize("config_name", ["patchcore", "musc"])
-def test_detector_scores_match_across_devices(config_name: str, synthetic_root: Path) -> None:
+def _assert_same_results(gpu: list, cpu: list) -> None:
+    np.testing.assert_allclose([r.image_score for r in gpu], [r.image_score for r in cpu], rtol=1e-4)
+    assert [r.is_anomalous for r in gpu] == [r.is_anomalous for r in cpu]
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.anomaly_map.shape == b.anomaly_map.shape
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-3 * np.abs(b.anomaly_map).max()
+
+
+def test_zero_shot_pool_scores_match_across_devices(synthetic_root: Path) -> None:
     from anomaly import Detector
     from anomaly.config import apply_overrides, load_config
 
-    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
     test = sorted((synthetic_root / "test").rglob("*.png"))
     results = {}
     for device in ("cpu", "cuda"):
-        config = apply_overrides(load_config(config_name), ["backbone.image_size=[128,128]", f"device={device}"])
-        detector = Detector(config)
-        if config_name == "patchcore":
-            detector.fit(train)
-        results[device] = detector.predict(test)
-    cpu = np.array([r.image_score for r in results["cpu"]])
-    gpu = np.array([r.image_score for r in results["cuda"]])
-    np.testing.assert_allclose(gpu, cpu, rtol=2e-2, atol=1e-3 * np.abs(cpu).max())
-    top_cpu = max(np.abs(r.anomaly_map).max() for r in results["cpu"])
-    for a, b in zip(results["cuda"], results["cpu"], strict=True):
-        assert a.anomaly_map.shape == b.anomaly_map.shape
-        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 2e-2 * top_cpu
+        config = apply_overrides(load_config("musc"), ["backbone.image_size=[128,128]", f"device={device}"])
+        results[device] = Detector(config).predict(test)
+    _assert_same_results(results["cuda"], results["cpu"])
+
+
+def test_a_model_fitted_on_the_cpu_scores_the_same_on_the_gpu(synthetic_root: Path, tmp_path: Path) -> None:
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config("patchcore"), ["backbone.image_size=[128,128]", "device=cpu"])
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    test = sorted((synthetic_root / "test").rglob("*.png"))
+    fitted = Detector(config).fit(train)
+    on_gpu = Detector.load(fitted.save(tmp_path / "model"), device="cuda")
+    assert on_gpu.extractor.device.type == "cuda"
+    _assert_same_results(on_gpu.predict(test), fitted.predict(test))
 
 
 def test_a_model_fitted_on_the_gpu_scores_on_the_cpu(synthetic_root: Path, tmp_path: Path) -> None:
@@ -104,7 +116,8 @@ def test_a_model_fitted_on_the_gpu_scores_on_the_cpu(synthetic_root: Path, tmp_p
     loaded = Detector.load(fitted.save(tmp_path / "model"), device="cpu")
     assert loaded.extractor.device.type == "cpu"
     on_cpu = loaded.predict(test)
-    np.testing.assert_allclose(
-        [r.image_score for r in on_cpu], [r.image_score for r in on_gpu], rtol=2e-2, atol=1e-6
-    )
+    _assert_same_results(on_gpu, on_cpu)
+    good = [r.image_score for r, path in zip(on_gpu, test) if path.parent.name == "good"]
+    defective = [r.image_score for r, path in zip(on_gpu, test) if path.parent.name != "good"]
+    assert max(good) < min(defective)  # the GPU-fitted bank separates the synthetic defects
     assert [r.threshold for r in on_cpu] == [r.threshold for r in on_gpu]  # the saved decision, unchanged
