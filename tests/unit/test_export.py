@@ -63,7 +63,7 @@ def test_runtime_and_score_cli_never_import_torch_or_timm(
         "heavy = [m for m in ('torch', 'timm') if m in sys.modules]\n"
         "print(json.dumps([r.image_score, r.anomaly_map.shape[0], heavy]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
     score, height, imported = json.loads(out.stdout.strip().splitlines()[-1])
     assert np.isfinite(score) and height == 128
