@@ -3,7 +3,8 @@
 All four are whole processes (imports, weight loading and output writing included):
 
 * bare(train): decode the category's train/good images (cv2, in threads), resize to 256x256,
-  run the tf_efficientnet_lite0 forward pass (packaged weights, layers blocks.2/blocks.4, batch 16);
+  run the tf_efficientnet_lite0 forward pass (packaged weights, layers blocks.2/blocks.4, batch 16;
+  on ``--device``, by default ``auto`` as ``anomaly fit`` picks);
 * ours(fit):   ``anomaly fit --config patchcore --out TMP CATEGORY``;
 * bare(test):  the same as bare(train) on CATEGORY/test;
 * ours(score): ``anomaly score --model TMP --out TMP2 CATEGORY/test`` (default outputs: scores.csv
