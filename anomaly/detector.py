@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -224,10 +225,12 @@ class Detector:
                 f"fit: the {self.scorer.name} scorer needs at least 3 normal images "
                 f"(they are cross-fitted to choose the threshold), got {len(items)}"
             )
+        start = time.perf_counter()
         self.resolve_auto(items, build_backbone=True)
         if self.zero_shot and self.scorer.augment_references:
             items = [view for item in items for view in support_views(item)]
         features = self.extract(items, progress=progress)
+        extracted = time.perf_counter()
         if self.zero_shot:  # every view is a reference of its own in the pool
             views = [DecodedImage(None, (0, 0), None)] * len(features.embedding)
             self.reference_ = FeatureSet(features.layers, features.embedding, views)
@@ -236,10 +239,21 @@ class Detector:
         folds = np.repeat(self.folds(len(features)), [_n_views(d) for d in features.images])
         steps = None if progress is None else (lambda done, total: progress("fit", done, total))
         out_of_sample = self.scorer.cross_fit(features.layers, folds, progress=steps)
+        fitted = time.perf_counter()
         if out_of_sample.patch_maps is not None:
             grid = out_of_sample.patch_maps.shape[1:]
             self.patch_footprint_ = _patch_footprint(features.images, self.extractor.image_size, grid)
-        return self.calibrate(out_of_sample, features.images)
+        self.calibrate(out_of_sample, features.images)
+        log.info(
+            "fit took %.1f s on %s: decode + backbone %.1f s, %s + cross-fit %.1f s, maps + threshold %.1f s",
+            time.perf_counter() - start,
+            self.extractor.device,
+            extracted - start,
+            self.scorer.name,
+            fitted - extracted,
+            time.perf_counter() - fitted,
+        )
+        return self
 
     def calibrate(self, out_of_sample: ScoreOutput, images: Sequence[DecodedImage] | None = None) -> Detector:
         """Set the decision from cross-fitted scores of the normal training images; returns self.

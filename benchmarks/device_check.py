@@ -6,10 +6,11 @@ For each device, as a user runs it (whole processes):
   and ``anomaly evaluate``;
 * ``anomaly score --zero-shot --config musc --device D --maps`` on the test split, then ``anomaly evaluate``.
 
-Prints image / pixel AUROC and AUPRO per device and run, the largest score difference between the devices (relative
-to the largest score) and how many verdicts differ. Needs a CUDA GPU (run it on the device machine).
+Prints image / pixel AUROC and AUPRO per device and run, where each fit spent its time (the fit's own log line),
+the largest score difference between the devices (relative to the largest score) and how many verdicts differ.
+Needs a CUDA GPU for the default ``--devices cpu cuda``.
 
-    python benchmarks/device_check.py [--category ROOT] [--json OUT]
+    python benchmarks/device_check.py [--category ROOT] [--devices cpu cuda] [--json OUT]
 """
 
 from __future__ import annotations
@@ -45,12 +46,11 @@ def main() -> None:
     print_machine(info)
     cli, test = anomaly_cli(), args.category / "test"
     tmp = Path(tempfile.mkdtemp(prefix="anomaly-device-"))
-    rows, results = [], {}
+    rows, results, stages = [], {}, []
     for i, device in enumerate(args.devices):
         model, scored = tmp / f"model_{i}", tmp / f"patchcore_{i}"
-        fit = run_process(
-            [*cli, "-q", "fit", "--set", f"device={device}", "--out", str(model), str(args.category)]
-        ).check()
+        fit = run_process([*cli, "fit", "--set", f"device={device}", "--out", str(model), str(args.category)]).check()
+        stages.append(next((line for line in fit.stderr.splitlines() if "fit took" in line), "?").strip())
         score = run_process([*cli, "-q", "score", "--model", str(model), "--maps", "--out", str(scored), str(test)])
         zero = tmp / f"musc_{i}"
         musc = run_process(
@@ -64,6 +64,7 @@ def main() -> None:
             results[(name, i)] = _scores(folder)
             rows.append([name, device, metrics["image_auroc"], metrics["pixel_auroc"], metrics.get("aupro"), seconds])
     print(table(["run", "device", "image AUROC", "pixel AUROC", "AUPRO", "wall s (fit + score)"], rows))
+    print("\n".join(f"patchcore {device}: {line}" for device, line in zip(args.devices, stages)))
     diffs = []
     for name in ("patchcore", "musc"):
         first = results[(name, 0)]
@@ -74,7 +75,10 @@ def main() -> None:
             flipped = sum(first[p][1] != other[p][1] for p in first)
             diffs.append([name, f"{args.devices[0]} vs {device}", len(first), largest, flipped])
     print(table(["run", "devices", "images", "largest score difference / max score", "verdicts that differ"], diffs))
-    save_json(args.json, {"machine": info, "category": str(args.category), "runs": rows, "differences": diffs})
+    save_json(
+        args.json,
+        {"machine": info, "category": str(args.category), "runs": rows, "fit_stages": stages, "differences": diffs},
+    )
 
 
 if __name__ == "__main__":
