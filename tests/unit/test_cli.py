@@ -178,6 +178,10 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             "norm_exponent must be a number in [0, 1], got 2",
         ),
         (["score", "--model", model_dir, "--device", "tpu", "--out", tmp_path / "o12", synthetic_root], "device"),
+        (
+            ["score", "--model", model_dir, "--ray", "--device", "cpu", "--out", tmp_path / "o13", synthetic_root],
+            "--device applies to scoring in this process",
+        ),
     ]
     for args, needle in cases:
         result = _run(*args)

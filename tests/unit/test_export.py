@@ -96,6 +96,12 @@ def test_score_cli_accepts_an_export_and_writes_the_same_outputs(
         diff = np.abs(np.load(tmp_path / "torch" / a["map_path"]) - np.load(tmp_path / "export" / b["map_path"]))
         assert diff.max() <= 1e-3
         assert (tmp_path / "export" / b["overlay_path"]).is_file()
+    args = ["score", "--model", str(patchcore_export), "--device", "cpu", "--out", str(tmp_path / "dev"), "x.png"]
+    refused = runner.invoke(app, args)  # ONNX Runtime picks its own device
+    assert refused.exit_code == 2 and not (tmp_path / "dev").exists()
+    assert [line for line in refused.output.splitlines() if line.startswith("error:")] == [
+        f"error: {patchcore_export}: an export runs on ONNX Runtime / OpenVINO; --device applies to torch models"
+    ]
 
 
 def _copy(export: Path, tmp_path: Path) -> Path:
