@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,22 +48,29 @@ def main() -> None:
     cli, test = anomaly_cli(), args.category / "test"
     tmp = Path(tempfile.mkdtemp(prefix="anomaly-device-"))
     rows, results, stages = [], {}, []
-    for i, device in enumerate(args.devices):
-        model, scored = tmp / f"model_{i}", tmp / f"patchcore_{i}"
-        fit = run_process([*cli, "fit", "--set", f"device={device}", "--out", str(model), str(args.category)]).check()
-        stages.append(next((line for line in fit.stderr.splitlines() if "fit took" in line), "?").strip())
-        score = run_process([*cli, "-q", "score", "--model", str(model), "--maps", "--out", str(scored), str(test)])
-        zero = tmp / f"musc_{i}"
-        musc = run_process(
-            [*cli, "-q", "score", "--zero-shot", "--device", device, "--maps", "--out", str(zero), str(test)]
-        )
-        for name, folder, seconds in (
-            ("patchcore", scored, fit.seconds + score.check().seconds),
-            ("musc", zero, musc.check().seconds),
-        ):
-            metrics = _evaluate(cli, args.category, folder, tmp / f"eval_{name}_{i}")
-            results[(name, i)] = _scores(folder)
-            rows.append([name, device, metrics["image_auroc"], metrics["pixel_auroc"], metrics.get("aupro"), seconds])
+    try:
+        for i, device in enumerate(args.devices):
+            model, scored = tmp / f"model_{i}", tmp / f"patchcore_{i}"
+            fit = run_process(
+                [*cli, "fit", "--set", f"device={device}", "--out", str(model), str(args.category)]
+            ).check()
+            stages.append(next((line for line in fit.stderr.splitlines() if "fit took" in line), "?").strip())
+            score = run_process([*cli, "-q", "score", "--model", str(model), "--maps", "--out", str(scored), str(test)])
+            zero = tmp / f"musc_{i}"
+            musc = run_process(
+                [*cli, "-q", "score", "--zero-shot", "--device", device, "--maps", "--out", str(zero), str(test)]
+            )
+            for name, folder, seconds in (
+                ("patchcore", scored, fit.seconds + score.check().seconds),
+                ("musc", zero, musc.check().seconds),
+            ):
+                metrics = _evaluate(cli, args.category, folder, tmp / f"eval_{name}_{i}")
+                results[(name, i)] = _scores(folder)
+                rows.append(
+                    [name, device, metrics["image_auroc"], metrics["pixel_auroc"], metrics.get("aupro"), seconds]
+                )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(table(["run", "device", "image AUROC", "pixel AUROC", "AUPRO", "wall s (fit + score)"], rows))
     print("\n".join(f"patchcore {device}: {line}" for device, line in zip(args.devices, stages)))
     diffs = []
@@ -73,7 +81,7 @@ def main() -> None:
             other = results[(name, i)]
             largest = max(abs(first[p][0] - other[p][0]) for p in first) / top
             flipped = sum(first[p][1] != other[p][1] for p in first)
-            diffs.append([name, f"{args.devices[0]} vs {device}", len(first), largest, flipped])
+            diffs.append([name, f"{args.devices[0]} vs {device}", len(first), f"{largest:.1e}", flipped])
     print(table(["run", "devices", "images", "largest score difference / max score", "verdicts that differ"], diffs))
     save_json(
         args.json,
