@@ -178,6 +178,8 @@ class FeatureExtractor:
             raise ValueError(f"expected (N, {self.image_size[0]}, {self.image_size[1]}, 3) uint8 images")
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std  # NHWC storage = channels_last for CNN kernels
+        if self.device.type != "cuda":
+            return self._forward(x)
         with _full_float32_convolutions():
             return self._forward(x)
 
@@ -200,7 +202,10 @@ class FeatureExtractor:
 @contextmanager
 def _full_float32_convolutions() -> Iterator[None]:
     """cuDNN runs float32 convolutions in TF32 by default (10 mantissa bits). That moved maps 6e-4 relative from the
-    CPU's and past the export's parity tolerance on an H200; full float32 costs little next to decoding images."""
+    CPU's and past the export's parity tolerance on an H200; full float32 costs little next to decoding images.
+
+    The flag is process-wide: forward passes running in other threads at the same time would share it (the
+    project runs one at a time; ``anomaly serve`` holds a lock around each prediction)."""
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
