@@ -240,9 +240,6 @@ class Detector:
         steps = None if progress is None else (lambda done, total: progress("fit", done, total))
         out_of_sample = self.scorer.cross_fit(features.layers, folds, progress=steps)
         fitted = time.perf_counter()
-        if out_of_sample.patch_maps is not None:
-            grid = out_of_sample.patch_maps.shape[1:]
-            self.patch_footprint_ = _patch_footprint(features.images, self.extractor.image_size, grid)
         self.calibrate(out_of_sample, features.images)
         log.info(
             "fit took %.1f s on %s: decode + backbone %.1f s, %s + cross-fit %.1f s, maps + threshold %.1f s",
@@ -258,10 +255,14 @@ class Detector:
     def calibrate(self, out_of_sample: ScoreOutput, images: Sequence[DecodedImage] | None = None) -> Detector:
         """Set the decision from cross-fitted scores of the normal training images; returns self.
 
-        ``images`` gives the view layouts of the rows of ``out_of_sample`` (None: one view per image).
+        ``images`` gives the view layouts of the rows of ``out_of_sample`` (None: one view per image) and the
+        original sizes from which ``patch_footprint_`` is measured.
         """
         peaks = self.map_peaks(out_of_sample, images)
         has_maps = out_of_sample.patch_maps is not None
+        if has_maps and images is not None:
+            grid = out_of_sample.patch_maps.shape[1:]
+            self.patch_footprint_ = _patch_footprint(images, self.extractor.image_size, grid)
         from_map = self.scorer.image_score_from_map and has_maps
         layouts = None if images is None else [d.layout for d in images]
         scores = peaks if from_map else view_max(out_of_sample.image_scores, layouts)

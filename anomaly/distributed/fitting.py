@@ -18,6 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from numpy.typing import NDArray
 
 from anomaly.config import DetectorConfig
 from anomaly.data.inputs import training_paths
+from anomaly.data.loader import DecodedImage
 from anomaly.detector import Detector
 from anomaly.distributed._cluster import cluster, require_ray, workers
 from anomaly.errors import AnomalyError, ConfigError, DataError
@@ -72,11 +74,11 @@ def fit(
         pool = [actor.remote(detector.config) for _ in range(count)]
         log.info("fitting on %d Ray actors", count)
         if isinstance(detector.scorer, MemoryBankScorer):
-            out = _memory_bank(ray, pool, detector, paths, folds, progress)
+            out, images = _memory_bank(ray, pool, detector, paths, folds, progress)
         else:
-            layers = _gather_features(ray, pool, paths, detector.config.batch_size, progress)
+            layers, images = _gather_features(ray, pool, paths, detector.config.batch_size, progress)
             out = detector.scorer.cross_fit(layers, folds)
-    return detector.calibrate(out)
+    return detector.calibrate(out, images)
 
 
 class FitWorker:
@@ -85,17 +87,22 @@ class FitWorker:
     def __init__(self, config: DetectorConfig) -> None:
         self.detector = Detector(config)
 
-    def features(self, paths: list[str]) -> list[torch.Tensor]:
-        """Per-layer features of ``paths`` (on the CPU, for the object store)."""
-        return [x.cpu() for x in self.detector.extract(paths).layers]
+    def features(self, paths: list[str]) -> tuple[list[torch.Tensor], list[DecodedImage]]:
+        """Per-layer features of ``paths`` (on the CPU, for the object store) and what was decoded of each."""
+        found = self.detector.extract(paths)
+        return [x.cpu() for x in found.layers], _described(found.images)
 
-    def fold(self, paths: list[str], images: NDArray[np.int64], share: int) -> tuple[Candidates, np.ndarray]:
-        """A fold's coreset candidates and its patch embeddings (the queries of its held-out scores)."""
+    def fold(
+        self, paths: list[str], images: NDArray[np.int64], share: int
+    ) -> tuple[Candidates, np.ndarray, list[DecodedImage]]:
+        """A fold's coreset candidates, its patch embeddings (the queries of its held-out scores) and what was
+        decoded of each image."""
         scorer = self.detector.scorer
         assert isinstance(scorer, MemoryBankScorer)
-        emb = scorer.embed(self.detector.extract(paths).layers)
-        found = scorer.fold_candidates(emb, images, share)
-        return Candidates(found.vectors.cpu(), found.images), emb.cpu().numpy()
+        found = self.detector.extract(paths)
+        emb = scorer.embed(found.layers)
+        picked = scorer.fold_candidates(emb, images, share)
+        return Candidates(picked.vectors.cpu(), picked.images), emb.cpu().numpy(), _described(found.images)
 
     def held_out(
         self,
@@ -132,35 +139,45 @@ def _memory_bank(
     _, h, w, _ = scorer.embed(detector.extract([blank]).layers).shape
     plan = scorer.fold_plan(len(paths), h * w, [len(m) for m in members])
     calls = [
-        pool[i % len(pool)].fold.options(num_returns=2).remote([str(paths[j]) for j in images], images, share)
+        pool[i % len(pool)].fold.options(num_returns=3).remote([str(paths[j]) for j in images], images, share)
         for i, (images, share) in enumerate(zip(members, plan.shares))
     ]
-    candidates = _get_all(ray, [c for c, _ in calls], "features", len(paths), progress, members)
+    candidates = _get_all(ray, [c for c, _, _ in calls], "features", len(paths), progress, members)
     bank_picks = scorer.merge_candidates(candidates, plan.total)  # on the driver; the held-out banks start from it
     assert scorer.index_ is not None
     shared, picks, index = ray.put(candidates), ray.put(bank_picks), ray.put(scorer.index_.serialize())
     scored = [
         pool[i % len(pool)].held_out.remote(shared, i, picks, plan.held_out[i], queries, index)
-        for i, (_, queries) in enumerate(calls)
+        for i, (_, queries, _) in enumerate(calls)
     ]
     outs = _get_all(ray, scored, "fit", len(fold_ids), progress)
     n, (h, w) = len(paths), outs[0].patch_maps.shape[1:]
     maps = np.empty((n, h, w), dtype=np.float32)
     scores = np.empty(n, dtype=np.float64)
-    for images, out in zip(members, outs):
+    decoded: list[DecodedImage] = [None] * n  # type: ignore[list-item]  # filled in path order below
+    for images, out, described in zip(members, outs, ray.get([d for _, _, d in calls])):
         maps[images], scores[images] = out.patch_maps, out.image_scores
-    return ScoreOutput(maps, scores)
+        for j, image in zip(images, described, strict=True):
+            decoded[j] = image
+    return ScoreOutput(maps, scores), decoded
 
 
 def _gather_features(
     ray: Any, pool: list[Any], paths: list[Path], batch_size: int, progress: Progress | None
-) -> list[torch.Tensor]:
-    """Features of all images in input order, extracted in shards (multiples of the batch size) by the actors."""
+) -> tuple[list[torch.Tensor], list[DecodedImage]]:
+    """Features of all images in input order, extracted in shards (multiples of the batch size) by the actors,
+    and what was decoded of each image."""
     per_shard = batch_size * max(1, math.ceil(len(paths) / (batch_size * len(pool) * 4)))
     shards = [[str(p) for p in paths[i : i + per_shard]] for i in range(0, len(paths), per_shard)]
     refs = [pool[i % len(pool)].features.remote(shard) for i, shard in enumerate(shards)]
     parts = _get_all(ray, refs, "features", len(paths), progress, shards)
-    return [torch.cat(per_layer) for per_layer in zip(*parts)]
+    layers = [torch.cat(per_layer) for per_layer in zip(*(features for features, _ in parts))]
+    return layers, [image for _, described in parts for image in described]
+
+
+def _described(images: list[DecodedImage]) -> list[DecodedImage]:
+    """``images`` without their pixels: the sizes and view layouts the driver's threshold and footprint need."""
+    return [replace(image, views=None, original=None) for image in images]
 
 
 def _get_all(

@@ -156,6 +156,19 @@ def test_fit_on_ray_gives_the_local_bank_and_threshold(
     np.testing.assert_array_equal(remote.scorer.bank_, local.scorer.bank_)
     np.testing.assert_array_equal(remote.scorer.bank_image_, local.scorer.bank_image_)
     assert remote.decision_.to_dict() == local.decision_.to_dict()
+    assert remote.patch_footprint_ == local.patch_footprint_ == (16, 16)  # 128 px images on a 8 x 8 grid
+
+
+def test_fit_on_ray_gathers_features_for_other_scorers(fault_file: Path, synthetic_root: Path) -> None:
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config("padim"), ["backbone.image_size=[64,64]", "threshold.folds=3"])
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    local, remote = Detector(config).fit(train), fit(config, train)
+    assert remote.decision_.image == pytest.approx(local.decision_.image, rel=1e-5)
+    assert remote.decision_.pixel == pytest.approx(local.decision_.pixel, rel=1e-5)
+    assert remote.patch_footprint_ == local.patch_footprint_ is not None
 
 
 def test_benchmark_runs_categories_as_ray_tasks(fault_file: Path, synthetic_root: Path, tmp_path: Path) -> None:
