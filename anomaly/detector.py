@@ -241,14 +241,15 @@ class Detector:
         out_of_sample = self.scorer.cross_fit(features.layers, folds, progress=steps)
         fitted = time.perf_counter()
         self.calibrate(out_of_sample, features.images)
+        done = time.perf_counter()
         log.info(
             "fit took %.1f s on %s: decode + backbone %.1f s, %s + cross-fit %.1f s, maps + threshold %.1f s",
-            time.perf_counter() - start,
+            done - start,
             self.extractor.device,
             extracted - start,
             self.scorer.name,
             fitted - extracted,
-            time.perf_counter() - fitted,
+            done - fitted,
         )
         return self
 
