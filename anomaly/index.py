@@ -1,7 +1,8 @@
 """Nearest-neighbour search over a memory bank; the only module that knows FAISS.
 
-The CPU index is canonical (it is what gets saved); a GPU clone is used for search when a GPU and
-a CUDA build of FAISS are present. Distances are returned as true L2 (FAISS gives squared L2).
+The CPU index is canonical (it is what gets saved); a GPU clone is used for search on the GPU the
+queries come from, when a CUDA build of FAISS is present. Distances are returned as true L2 (FAISS gives
+squared L2).
 """
 
 from __future__ import annotations
@@ -49,21 +50,32 @@ class NNIndex:
 
     Args:
         index: FAISS factory string, or ``auto`` (:func:`auto_index_string`).
-        use_gpu: ``auto`` clones to GPU when ``faiss.get_num_gpus() > 0``; True requires it.
+        use_gpu: ``auto`` searches on GPU ``gpu`` when one is given and FAISS sees it (a CUDA build);
+            True requires a FAISS GPU (``gpu`` or GPU 0); False keeps the search on the CPU.
+        gpu: the CUDA device number the queries' features come from (None: the CPU); see :meth:`place`.
         nprobe: IVF lists visited per query (None: 1/16 of the lists); ef_search: HNSW search depth.
     """
 
     def __init__(
-        self, index: str = "Flat", *, use_gpu: bool | str = "auto", nprobe: int | None = None, ef_search: int = 128
+        self,
+        index: str = "Flat",
+        *,
+        use_gpu: bool | str = "auto",
+        gpu: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int = 128,
     ) -> None:
         self.index_string = index
         self.use_gpu = use_gpu
+        self.gpu = gpu
         self.nprobe = nprobe
         self.ef_search = ef_search
         self._cpu: Any = None
         self._search: Any = None
         self._stores_rows = False
         self._exact: NNIndex | None = None  # exhaustive copy of an approximate index, built on first use
+        self._resources: Any = None
+        self._search_gpu: int | None = None  # the GPU the search runs on now (None: the CPU)
 
     @property
     def ntotal(self) -> int:
@@ -157,7 +169,8 @@ class NNIndex:
         if self._exact is None:
             if not self._stores_rows:
                 raise BackendError(f"index '{self.index_string}' keeps no rows to search exhaustively")
-            self._exact = NNIndex("Flat", use_gpu=self.use_gpu).build(self._cpu.reconstruct_n(0, self._cpu.ntotal))
+            rows = self._cpu.reconstruct_n(0, self._cpu.ntotal)
+            self._exact = NNIndex("Flat", use_gpu=self.use_gpu, gpu=self.gpu).build(rows)
         return self._exact.search(queries, k)
 
     def serialize(self) -> NDArray[np.uint8]:
@@ -211,15 +224,39 @@ class NNIndex:
         cores = os.cpu_count() or 2
         faiss.omp_set_num_threads(cores if passive_openmp() else max(1, cores // 2))
         self._cpu = cpu
-        self._exact = None
-        self._search = cpu
+        self._search, self._search_gpu = cpu, None
+        self.place(self.gpu, force=True)
+
+    def place(self, gpu: int | None, *, force: bool = False) -> NNIndex:
+        """Search on CUDA device ``gpu`` (None: the CPU) as ``use_gpu`` allows; nothing to do when already there.
+
+        ``auto`` follows the queries: a model run on the CPU keeps FAISS off the GPU, and one run on
+        ``cuda:1`` searches on GPU 1. HNSW has no GPU version and always searches on the CPU.
+        """
+        import faiss
+
+        self.gpu = gpu
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if self.use_gpu is True and gpus == 0:
             raise BackendError("scorer.params.use_gpu: true but FAISS sees no GPU (install a CUDA FAISS build)")
-        if self.use_gpu in (True, "auto") and gpus > 0 and "HNSW" not in self.index_string:
+        target = None
+        if self.use_gpu is True:
+            target = gpu if gpu is not None and gpu < gpus else 0
+        elif self.use_gpu == "auto" and gpu is not None and gpu < gpus:
+            target = gpu
+        if "HNSW" in faiss.downcast_index(self._cpu).__class__.__name__:
+            target = None
+        if target == self._search_gpu and not force:
+            return self
+        self._exact = None
+        if target is None:
+            self._search, self._resources = self._cpu, None
+        else:
             self._resources = faiss.StandardGpuResources()  # must outlive the GPU index
-            self._search = faiss.index_cpu_to_gpu(self._resources, 0, cpu)
-            log.info("FAISS search on GPU")
+            self._search = faiss.index_cpu_to_gpu(self._resources, target, self._cpu)
+            log.info("FAISS search on GPU %d", target)
+        self._search_gpu = target
+        return self
 
 
 def _downcast_hnsw(index: Any) -> Any:

@@ -60,7 +60,8 @@ class _MemoryBank:
         self.distance = params["distance"]
         self.reweight = params["reweight"]
         self.num_neighbors = params["num_neighbors"]
-        self.index = NNIndex(params["index"], use_gpu=params["use_gpu"]).deserialize(
+        # no torch device here: ``auto`` searches on GPU 0 when FAISS has one, as ONNX Runtime's CUDA provider runs
+        self.index = NNIndex(params["index"], use_gpu=params["use_gpu"], gpu=0).deserialize(
             np.fromfile(index_file, dtype=np.uint8)
         )
         self.bank = bank

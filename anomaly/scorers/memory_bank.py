@@ -70,7 +70,7 @@ class MemoryBankScorer(Scorer):
             defects of a few pixels are diluted less) for the grid layer; other layers keep the mean.
         grid_layer: the layer (finest first) whose grid the patches take; finer layers are averaged
             onto it, so a stride-4 layer adds detail without quadrupling the patches.
-        use_gpu: ``auto`` | true | false for the FAISS index.
+        use_gpu: ``auto`` (FAISS searches on the GPU the features come from, when FAISS has CUDA) | true | false.
         random_state: seed of the coreset.
 
     ``cross_fit`` builds a hierarchical coreset (per fold, then from their union) and scores every
@@ -115,6 +115,7 @@ class MemoryBankScorer(Scorer):
         self.bank_: np.ndarray | None = None
         self.bank_image_: np.ndarray | None = None
         self.index_: NNIndex | None = None
+        self._query_gpu: int | None = None  # the GPU FAISS may search on for the last features embedded
 
     def _validate_params(self) -> None:
         check_number("coreset_ratio", self.coreset_ratio, 0, 1, low_open=True)
@@ -204,6 +205,7 @@ class MemoryBankScorer(Scorer):
         """Patch embeddings (N, h, w, D) of per-layer features, as the bank stores them."""
         self._validate_params()
         self.check_layer_count(len(layers))
+        self._query_gpu = _faiss_gpu_for(layers[0].device)
         return patch_embeddings(layers, self.patch_size, self.grid_layer, self.patch_kernel)
 
     def fold_plan(self, n_images: int, patches_per_image: int, fold_sizes: list[int]) -> FoldPlan:
@@ -258,7 +260,9 @@ class MemoryBankScorer(Scorer):
         kept = np.where(kept >= hi, kept - (hi - lo), kept)[: int(size * (1 - _REFILL))]
         picks = self._coreset(rest, size, initial=kept)
         bank = rest[torch.from_numpy(picks).to(rest.device)].cpu().numpy()
-        index = NNIndex(self.index, use_gpu=self.use_gpu).build(bank, seed=self.random_state, lists_of=lists)
+        index = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).build(
+            bank, seed=self.random_state, lists_of=lists
+        )
         return self._score_queries(index, bank, queries)
 
     def _bank_size(self, n_rows: int) -> int:
@@ -293,7 +297,9 @@ class MemoryBankScorer(Scorer):
     def _set_bank(self, flat: torch.Tensor, picks: np.ndarray, images: np.ndarray) -> None:
         self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].cpu().numpy()
         self.bank_image_ = images.astype(np.int32)
-        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu).build(self.bank_, seed=self.random_state)
+        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).build(
+            self.bank_, seed=self.random_state
+        )
 
     def score(
         self,
@@ -307,7 +313,7 @@ class MemoryBankScorer(Scorer):
         check_is_fitted(self, "index_")
         assert self.index_ is not None and self.bank_ is not None
         queries = self.embed(layers).cpu().numpy()
-        return self._score_queries(self.index_, self.bank_, queries)
+        return self._score_queries(self.index_.place(self._query_gpu), self.bank_, queries)
 
     def _score_queries(self, index: NNIndex, bank: np.ndarray, queries: np.ndarray) -> ScoreOutput:
         n_img, h, w, d = queries.shape
@@ -346,7 +352,9 @@ class MemoryBankScorer(Scorer):
         """Restore bank rows; the index is rebuilt from them."""
         self._check_bank(state["bank"], state["bank_image"])
         self.bank_, self.bank_image_ = state["bank"], state["bank_image"]
-        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu).build(self.bank_, seed=self.random_state)
+        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).build(
+            self.bank_, seed=self.random_state
+        )
 
     def save(self, directory: Path) -> list[str]:
         """Arrays as safetensors plus the FAISS index (built once, so loading skips the training)."""
@@ -363,7 +371,7 @@ class MemoryBankScorer(Scorer):
         bank, bank_image = state["bank"], state["bank_image"]
         self._check_bank(bank, bank_image)
         data = np.frombuffer(files[self.INDEX_FILE].read_bytes(), dtype=np.uint8)
-        index = NNIndex(self.index, use_gpu=self.use_gpu).deserialize(data)
+        index = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).deserialize(data)
         index.check_matches(bank, self.index)
         self.bank_, self.bank_image_, self.index_ = bank, bank_image, index
 
@@ -373,3 +381,15 @@ class MemoryBankScorer(Scorer):
             raise ValueError(f"bank must be a finite (N, D) float32 array, got {bank.dtype} {bank.shape}")
         if bank_image.shape != (len(bank),):
             raise ValueError(f"bank_image must have {len(bank)} entries, got {bank_image.shape}")
+
+
+def _faiss_gpu_for(device: torch.device) -> int | None:
+    """The GPU number FAISS may search on for features on ``device`` (None: keep the search on the CPU).
+
+    Features on a CUDA device search on that device. Features on the CPU search there too when torch
+    could have used a GPU (the model was asked to run on the CPU); with a CPU-only torch, a CUDA build
+    of FAISS still searches on GPU 0.
+    """
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return None if torch.cuda.is_available() else 0

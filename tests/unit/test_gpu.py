@@ -121,3 +121,23 @@ def test_a_model_fitted_on_the_gpu_scores_on_the_cpu(synthetic_root: Path, tmp_p
     defective = [r.image_score for r, path in zip(on_gpu, test) if path.parent.name != "good"]
     assert max(good) < min(defective)  # the GPU-fitted bank separates the synthetic defects
     assert [r.threshold for r in on_cpu] == [r.threshold for r in on_gpu]  # the saved decision, unchanged
+
+
+def test_a_memory_bank_fitted_on_cuda_searches_on_that_gpu() -> None:
+    """With a CUDA FAISS build the search runs on the features' GPU; with faiss-cpu it stays on the CPU."""
+    import faiss
+
+    from anomaly.scorers import get_scorer
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randn(6, 8, 6, 6, generator=gen).cuda(), torch.randn(6, 8, 3, 3, generator=gen).cuda()]
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 1.0}).fit(layers)
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    assert scorer.index_ is not None
+    assert scorer.index_._search_gpu == (torch.cuda.current_device() if gpus else None)
+    cpu_scores = (
+        get_scorer("memory_bank", {"coreset_ratio": 1.0})
+        .fit([x.cpu() for x in layers])
+        .score([x.cpu() for x in layers])
+    )
+    np.testing.assert_allclose(scorer.score(layers).image_scores, cpu_scores.image_scores, rtol=1e-4)

@@ -312,6 +312,55 @@ def test_an_index_can_reuse_the_lists_of_another() -> None:
     np.testing.assert_array_equal(reused.search_exact(queries)[1], NNIndex("Flat").build(other).search(queries)[1])
 
 
+class _FakeGpuFaiss:
+    """Stands in for a CUDA FAISS build with two GPUs: records each clone, searches on the CPU index."""
+
+    def __init__(self, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        self.clones: list[int] = []
+        monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
+        monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu", self._clone, raising=False)
+
+    def _clone(self, resources, device, index):  # type: ignore[no-untyped-def]
+        self.clones.append(device)
+        return faiss.clone_index(index)
+
+
+def test_faiss_searches_on_the_gpu_the_queries_come_from(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    fake = _FakeGpuFaiss(monkeypatch)
+    bank = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
+    assert NNIndex("Flat").build(bank)._search_gpu is None  # features on the CPU: FAISS stays there too
+    assert fake.clones == []
+    index = NNIndex("Flat", gpu=1).build(bank)  # features on cuda:1 search on GPU 1, not GPU 0
+    assert fake.clones == [1] and index._search_gpu == 1
+    index.place(1)
+    assert fake.clones == [1]  # already there: no second copy
+    index.place(None)
+    assert index._search_gpu is None and index._search is index._cpu
+    np.testing.assert_array_equal(index.search(bank[:5])[1][:, 0], np.arange(5))
+    assert NNIndex("Flat", use_gpu=False, gpu=1).build(bank)._search_gpu is None
+    assert NNIndex("Flat", use_gpu=True).build(bank)._search_gpu == 0  # forced: GPU 0 when none is named
+    hnsw = NNIndex("HNSW32,Flat", use_gpu=True, gpu=1).build(bank)  # no GPU HNSW in FAISS
+    assert hnsw._search_gpu is None and fake.clones == [1, 0]
+
+
+def test_a_memory_bank_run_on_the_cpu_keeps_faiss_off_the_gpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    fake = _FakeGpuFaiss(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch has a GPU; the model was put on the CPU
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 0.5}).fit(_layers(6, 0))
+    scorer.score(_layers(2, 1))
+    assert fake.clones == [] and scorer.index_ is not None and scorer.index_._search_gpu is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch: FAISS's own GPU serves
+    scorer.score(_layers(2, 1))
+    assert fake.clones == [0] and scorer.index_._search_gpu == 0
+
+
+def test_use_gpu_true_without_a_faiss_gpu_is_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
+    with pytest.raises(BackendError, match="FAISS sees no GPU"):
+        NNIndex("Flat", use_gpu=True).build(np.zeros((10, 4), np.float32))
+
+
 def test_under_trained_ivf_is_refused() -> None:
     with pytest.raises(BackendError, match="needs >= "):
         NNIndex("IVF256,Flat").build(np.zeros((100, 8), np.float32))
