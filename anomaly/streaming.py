@@ -17,6 +17,8 @@ from anomaly.thresholds import pool_threshold
 
 __all__ = ["StreamingDetector"]
 
+_ADMIT = ("normal", "all")
+
 
 class StreamingDetector:
     """Score a stream of unlabeled images with MuSc against the most recent ``pool_size`` images.
@@ -24,14 +26,22 @@ class StreamingDetector:
     Few-shot references (``Detector.fit`` on a zero-shot detector) stay in the pool for good; without them,
     the first batch decides the config's ``auto`` preprocessing for the whole stream. The
     threshold follows the zero-shot pool rule (:func:`anomaly.thresholds.pool_threshold`) over the
-    scores of the most recent images, references included.
+    scores of the most recent images, flagged ones included.
+
+    ``admit``: which scored images join the pool. ``"normal"`` (default) keeps flagged images out, so a
+    defect that recurs on the line (a roller mark on every part) keeps being flagged instead of being
+    vouched for by its own earlier copies; a lasting change of the normal look then stays flagged until
+    someone looks (restart the stream, or fit new references). Without references the first batch joins
+    whole: it seeds the pool. ``"all"`` lets every image in, so the pool follows any drift, defects included.
 
     Example:
         >>> line = StreamingDetector(Detector("musc").fit(good_images), pool_size=32)  # doctest: +SKIP
         >>> [r.is_anomalous for r in line.predict(new_frames)]  # doctest: +SKIP
     """
 
-    def __init__(self, detector: Detector, pool_size: int = 64) -> None:
+    def __init__(self, detector: Detector, pool_size: int = 64, admit: str = "normal") -> None:
+        if admit not in _ADMIT:
+            raise ConfigError(f"StreamingDetector: admit must be one of {', '.join(_ADMIT)}, got {admit!r}")
         if not detector.zero_shot or not detector.scorer.uses_references:
             raise ConfigError("StreamingDetector needs a zero-shot detector that scores against references (musc)")
         if detector.config.preprocess.tile is not None:
@@ -39,6 +49,7 @@ class StreamingDetector:
         if detector.scorer.augment_queries:
             raise ConfigError("StreamingDetector scores each image once: set scorer.params.augment_queries to false")
         self.detector = detector
+        self.admit = admit
         device = detector.extractor.device
         reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_.layers]
         self.pool = RollingPool(detector.scorer, pool_size, reference=reference)  # type: ignore[arg-type]
@@ -60,4 +71,8 @@ class StreamingDetector:
         self._recent.extend(peaks.tolist())
         target = self.detector.config.threshold.target_fpr
         decision = pool_threshold(np.asarray(self._recent), target, expect_defects=False)  # a line: mostly good
-        return self.detector.finish(out, features.images, decision, maps=True)
+        results = self.detector.finish(out, features.images, decision, maps=True)
+        seeding = len(self.pool) == 0 and self.pool.reference is None  # nothing to compare with yet: all join
+        keep = [i for i, r in enumerate(results) if self.admit == "all" or seeding or not r.is_anomalous]
+        self.pool.add([x[keep] for x in features.layers])
+        return results

@@ -691,12 +691,13 @@ def _check_layers(layers: list[torch.Tensor], reference: list[torch.Tensor] | No
 
 
 class RollingPool:
-    """Streaming MuSc: score each new image (or batch) against the most recent ``size`` images.
+    """Streaming MuSc: score each new image (or batch) against the most recent ``size`` images added.
 
-    The pool holds raw per-layer features of the last ``size`` scored images; fixed ``reference``
-    images are always part of it. A batch is scored mutually and against the pool, then added.
-    RsCIN and ``rescore`` are not applied (they need the whole set). The first call needs two images
-    or references.
+    The pool holds raw per-layer features of the last ``size`` images passed to :meth:`add`; fixed
+    ``reference`` images are always part of it. :meth:`score` scores a batch mutually and against the
+    pool without changing it, so the caller decides which images join (``StreamingDetector`` keeps
+    flagged ones out). RsCIN and ``rescore`` are not applied (they need the whole set). Scoring needs
+    two images in all: batch, pool and references together.
     """
 
     def __init__(self, scorer: MuScScorer, size: int, *, reference: list[torch.Tensor] | None = None) -> None:
@@ -711,13 +712,16 @@ class RollingPool:
         return 0 if self._pool is None else self._pool[0].shape[0]
 
     def score(self, layers: list[torch.Tensor], *, progress: Callable[[int, int], None] | None = None) -> ScoreOutput:
-        """Score ``layers`` (per-layer (B, C_l, h_l, w_l)) against the pool, then add them to it."""
+        """Score ``layers`` (per-layer (B, C_l, h_l, w_l)) against each other, the pool and the references."""
         parts = [p for p in (self._pool, self.reference) if p is not None]
         reference = [torch.cat(per_layer) for per_layer in zip(*parts)] if parts else None
-        out = self.scorer.score(layers, reference=reference, progress=progress)
-        if self.size > 0:
-            new = [x.detach() for x in layers]
-            if self._pool is not None:
-                new = [torch.cat([p, x]) for p, x in zip(self._pool, new)]
-            self._pool = [x[-self.size :].clone() for x in new]
-        return out
+        return self.scorer.score(layers, reference=reference, progress=progress)
+
+    def add(self, layers: list[torch.Tensor]) -> None:
+        """Append images (per-layer (B, C_l, h_l, w_l)) to the pool, dropping the oldest beyond ``size``."""
+        if self.size == 0 or layers[0].shape[0] == 0:
+            return
+        new = [x.detach() for x in layers]
+        if self._pool is not None:
+            new = [torch.cat([p, x]) for p, x in zip(self._pool, new)]
+        self._pool = [x[-self.size :].clone() for x in new]

@@ -477,12 +477,17 @@ def test_rolling_pool_scores_against_recent_images():
     pool = RollingPool(scorer, 2, reference=[fixed])
     first = pool.score([images[:2]])
     np.testing.assert_allclose(first.patch_maps, scorer.score([images[:2]], reference=[fixed]).patch_maps)
+    assert len(pool) == 0  # scoring leaves the pool as it was: the caller adds what should join
+    pool.add([images[:2]])
     assert len(pool) == 2
     for t in range(2, 6):
         got = pool.score([images[t : t + 1]])
         recent = torch.cat([images[t - 2 : t], fixed])
         np.testing.assert_allclose(got.patch_maps, scorer.score([images[t : t + 1]], reference=[recent]).patch_maps)
+        pool.add([images[t : t + 1]])
         assert len(pool) == 2
+    pool.add([images[:0]])  # an empty batch changes nothing
+    np.testing.assert_array_equal(pool._pool[0].numpy(), images[4:6].numpy())
     with pytest.raises(ValueError, match="at least 2 images"):
         RollingPool(scorer, 3).score([images[:1]])
     with pytest.raises(ValueError):

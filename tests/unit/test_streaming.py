@@ -46,3 +46,26 @@ def test_stream_threshold_treats_its_window_as_mostly_normal(synthetic_root: Pat
     train = sorted((synthetic_root / "train" / "good").glob("*.png"))
     StreamingDetector(_musc().fit(train[:2]), pool_size=4).predict(train[2:4])
     assert seen == [False]
+
+
+def test_a_recurring_defect_stays_flagged_unless_every_image_joins_the_pool(synthetic_root: Path) -> None:
+    """A line fault repeats the same defect: kept out of the pool it is flagged every time (admit="normal");
+    with admit="all" its earlier copies vouch for it and it stops being flagged."""
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    bad = sorted(p for p in (synthetic_root / "test").glob("*/*.png") if p.parent.name != "good")[0]
+    flagged = {}
+    for admit in ("normal", "all"):
+        line = StreamingDetector(_musc().fit(train[:2]), pool_size=8, admit=admit)
+        for image in train[2:10]:
+            line.predict([image])
+        before = len(line.pool)
+        flagged[admit] = [line.predict([bad])[0].is_anomalous for _ in range(6)]
+        if admit == "normal":
+            assert len(line.pool) == before  # no copy of the defect joined
+    assert flagged["normal"] == [True] * 6
+    assert flagged["all"][0] and not any(flagged["all"][-3:])
+
+
+def test_stream_admit_is_checked() -> None:
+    with pytest.raises(ConfigError, match="admit must be one of normal, all"):
+        StreamingDetector(_musc(), admit="flagged")
