@@ -355,6 +355,16 @@ def test_a_memory_bank_run_on_the_cpu_keeps_faiss_off_the_gpu(monkeypatch) -> No
     assert fake.clones == [0] and scorer.index_._search_gpu == 0
 
 
+def test_features_on_cuda_n_search_on_faiss_gpu_n(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from anomaly.scorers.memory_bank import _faiss_gpu_for
+
+    assert _faiss_gpu_for(torch.device("cuda", 1)) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _faiss_gpu_for(torch.device("cpu")) is None  # the model was put on the CPU: FAISS stays there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _faiss_gpu_for(torch.device("cpu")) == 0  # CPU-only torch: a CUDA FAISS build still serves
+
+
 def test_use_gpu_true_without_a_faiss_gpu_is_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
     with pytest.raises(BackendError, match="FAISS sees no GPU"):
