@@ -75,10 +75,12 @@ def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__
 
 
 class _StderrHandler(logging.Handler):
-    """Log records as plain lines on the stderr of the moment (tests swap it)."""
+    """Log records as plain lines on the stderr of the moment (tests swap it), above any progress bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(self.format(record), err=True)
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)  # clears the bars, writes the line, redraws them
 
 
 def _note(message: str, *args: Any) -> None:

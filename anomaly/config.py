@@ -132,16 +132,23 @@ class ThresholdConfig:
 
     ``target_fpr``: the share of normal images that may be flagged. Trained scorers are cross-fitted
     over ``folds`` folds of the training images; zero-shot pools model their normal component.
+    ``outlier_z``: training images whose cross-fitted score lies more than this many robust standard
+    deviations above the median (log scale) are left out of the threshold as probable defects (None:
+    keep every image; see :func:`anomaly.thresholds.outlying_scores`).
     """
 
     target_fpr: float = 0.01
     folds: int = 10
+    outlier_z: float | None = 10.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.target_fpr) and 0 < self.target_fpr <= 0.5):
             raise ConfigError(f"threshold.target_fpr: must be in (0, 0.5], got {self.target_fpr}")
         if not 2 <= self.folds <= 100:
             raise ConfigError(f"threshold.folds: must be in [2, 100], got {self.folds}")
+        z = self.outlier_z
+        if z is not None and (isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 < z < math.inf):
+            raise ConfigError(f"threshold.outlier_z: must be a positive number or null, got {z!r}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from anomaly.features import FeatureExtractor
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
-from anomaly.thresholds import Threshold, calibrate, pool_threshold
+from anomaly.thresholds import Threshold, calibrate, outlying_scores, pool_threshold
 
 __all__ = ["DetectionResult", "Detector", "FeatureSet", "ImageInput"]
 
@@ -74,6 +74,7 @@ class Detector:
         self.decision_: Threshold | None = None
         self.reference_: FeatureSet | None = None
         self.patch_footprint_: tuple[int, int] | None = None  # set by fit: see _patch_footprint
+        self.excluded_training_: list[str] = []  # set by fit: training images left out of the threshold
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -268,7 +269,20 @@ class Detector:
         layouts = None if images is None else [d.layout for d in images]
         scores = peaks if from_map else view_max(out_of_sample.image_scores, layouts)
         separate_pixels = has_maps and not from_map
-        self.decision_ = calibrate(scores, self.config.threshold.target_fpr, peaks if separate_pixels else None)
+        z = self.config.threshold.outlier_z
+        left_out = np.zeros(len(scores), dtype=bool) if z is None else outlying_scores(scores, z)
+        kept = ~left_out
+        decision = calibrate(scores[kept], self.config.threshold.target_fpr, peaks[kept] if separate_pixels else None)
+        self.decision_ = replace(decision, n_excluded=int(left_out.sum()))
+        self.excluded_training_ = [_name(images, i) for i in np.flatnonzero(left_out)]
+        if self.excluded_training_:
+            names = ", ".join(self.excluded_training_[:5]) + (" ..." if len(self.excluded_training_) > 5 else "")
+            log.warning(
+                "fit: %d training image(s) score far above the others (defects or mislabelled images?) and are left "
+                "out of the threshold; check them: %s",
+                len(self.excluded_training_),
+                names,
+            )
         log.info("%s", self.decision_.summary())
         return self
 
@@ -461,6 +475,7 @@ class Detector:
             if not det.zero_shot:
                 det.scorer.load(files)
                 det.decision_ = Threshold.from_dict(meta.get("threshold"), f"{path}/meta.json threshold")
+                det.excluded_training_ = [str(name) for name in meta.get("excluded_training_images", [])]
         except AnomalyError:
             raise
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
@@ -489,6 +504,7 @@ class Detector:
             "faiss_version": faiss.__version__,
             "weights": {"kind": source.kind, "location": source.location, "sha256": source.sha256},
             "threshold": None if self.decision_ is None else self.decision_.to_dict(),
+            "excluded_training_images": self.excluded_training_,
         }
 
     def _check_weights(self, meta: dict[str, Any]) -> None:
@@ -577,3 +593,9 @@ def _load_references(path: Path) -> FeatureSet:
     if not layers or "embedding" not in state:
         raise ValueError("references file lacks layers or embedding")
     return FeatureSet(layers, state["embedding"], [DecodedImage(None, (0, 0), None)] * len(state["embedding"]))
+
+
+def _name(images: Sequence[DecodedImage] | None, index: int) -> str:
+    """How a training image is named in logs: its path, else its position."""
+    source = None if images is None else images[index].source
+    return str(source) if source is not None else f"image {index}"

@@ -5,6 +5,9 @@
   quantile, whose false-positive rate on new normal images is at most ``target_fpr`` (finite-sample
   correction included). A target finer than ``1/(n+1)`` cannot be resolved by ``n`` scores: the
   upper tail is then extrapolated with a generalised Pareto fit (peaks over threshold).
+  Training images whose score lies far above all the others (:func:`outlying_scores`: probable
+  defects in a folder of "good" images) are left out of that quantile, so that two mislabelled
+  images cannot lift the threshold over most defects.
 * :func:`pool_threshold` (zero-shot pools, no labels): the normal images are the lowest cluster of
   a Gaussian mixture fitted to Box-Cox transformed scores (transform and number of components chosen
   by BIC, so right-skewed normal scores such as log-normal or exponential ones are modelled as well
@@ -30,13 +33,17 @@ from numpy.typing import ArrayLike, NDArray
 
 from anomaly.errors import DataError
 
-__all__ = ["RELIABLE_POOL_SIZE", "Threshold", "calibrate", "pool_threshold"]
+__all__ = ["RELIABLE_POOL_SIZE", "Threshold", "calibrate", "outlying_scores", "pool_threshold"]
 
 # Below this many images a pool threshold strays far from its target: synthetic pools of 83 reach 3.2x it, and real
 # pools of 20-40 flag most normal images (20 magnetic tiles: 85 %) or no defect (20 + 20: 7 of 9 categories);
 # benchmarks/README.md sections 6 (round 10) and 10.
 RELIABLE_POOL_SIZE = 80
 
+# Outlying training scores: looked for among at least this many images, and only when at most this share of them
+# qualifies (more is a second group of normal images, not a few mislabelled ones).
+_OUTLIER_MIN_IMAGES = 20
+_OUTLIER_MAX_SHARE = 0.1
 _TAIL_SHARE = 0.2  # peaks over threshold: the top 20 % of the scores model the tail
 _MIN_POOL = 8  # below this many scores a mixture cannot be fitted
 _MIN_COMPONENT = 0.1  # the normal component holds at least 10 % of a pool
@@ -60,6 +67,7 @@ class Threshold:
         n_normal: normal scores the threshold was chosen from.
         estimated_fpr: the false-positive rate the rule expects on new normal images.
         fpr_interval: 95 % Clopper-Pearson interval of the false-positive rate seen on those scores.
+        n_excluded: training images left out of the normal scores as outlying (:func:`outlying_scores`).
     """
 
     image: float
@@ -69,6 +77,7 @@ class Threshold:
     n_normal: int
     estimated_fpr: float
     fpr_interval: tuple[float, float] | None = None
+    n_excluded: int = 0
 
     def is_anomalous(self, score: float) -> bool:
         """The verdict for an image score."""
@@ -86,6 +95,8 @@ class Threshold:
             text += f"; estimated FPR {self.estimated_fpr:.3g}, seen {lo:.3g}-{hi:.3g} at 95 %"
         if self.rule == "tail-gpd":
             text += f"; finer than the 1/{self.n_normal + 1} the scores resolve: tail extrapolated"
+        if self.n_excluded:
+            text += f"; {self.n_excluded} outlying training image(s) left out"
         return text + ")"
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +120,7 @@ class Threshold:
                 n_normal=int(data["n_normal"]),
                 estimated_fpr=float(data["estimated_fpr"]),
                 fpr_interval=None if interval is None else (float(interval[0]), float(interval[1])),
+                n_excluded=int(data.get("n_excluded", 0)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise DataError(f"{where}: malformed threshold ({exc!r})") from None
@@ -124,6 +136,28 @@ def calibrate(scores: ArrayLike, target_fpr: float, peaks: ArrayLike | None = No
     pixel = image if peaks is None else _conformal(_finite(peaks, "normal map peaks"), target_fpr)[0]
     flagged = int(np.sum(values >= image))
     return Threshold(image, pixel, rule, target_fpr, len(values), estimated, _clopper_pearson(flagged, len(values)))
+
+
+def outlying_scores(scores: ArrayLike, z: float) -> NDArray[np.bool_]:
+    """Which scores lie more than ``z`` robust standard deviations above the median, on a log scale.
+
+    The spread is 1.4826 x the median absolute deviation of the log scores. Out-of-fold scores of a
+    few defective images among normal ones sit there (bottle with two of its test defects added:
+    13-16 against at most 8.3 for the normal images of 13 real categories), while the conformal
+    quantile would follow them. Nothing is outlying among fewer than 20 scores, when any score is not
+    positive, or when more than 10 % of them would be.
+    """
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    none = np.zeros(values.shape, dtype=bool)
+    if len(values) < _OUTLIER_MIN_IMAGES or not np.all(np.isfinite(values)) or values.min() <= 0:
+        return none
+    logs = np.log(values)
+    median = float(np.median(logs))
+    spread = 1.4826 * float(np.median(np.abs(logs - median)))
+    if spread <= 0:
+        return none
+    out = (logs - median) / spread > z
+    return out if out.sum() <= _OUTLIER_MAX_SHARE * len(values) else none
 
 
 def pool_threshold(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +195,42 @@ def test_a_mostly_normal_pool_can_refuse_the_equal_evidence_split() -> None:
     kept = pool_threshold(pool, 0.01, expect_defects=False).image
     assert stats.lognorm.sf(kept, 0.5) <= 0.02  # realised share on the true normal distribution
     assert pool_threshold(pool, 0.01).image < kept  # a batch pool takes the split: the reason for the flag
+
+
+def test_outlying_training_scores_are_the_far_ones_only() -> None:
+    from anomaly.thresholds import outlying_scores
+
+    rng = np.random.default_rng(0)
+    normal = rng.lognormal(3.0, 0.15, 200)
+    assert not outlying_scores(normal, 10.0).any()  # a clean set loses nothing
+    planted = np.concatenate([normal, [normal.max() * 5, normal.max() * 8]])  # about 13 and 16 robust SDs out
+    assert np.flatnonzero(outlying_scores(planted, 10.0)).tolist() == [200, 201]
+    assert not outlying_scores(planted[-19:], 10.0).any()  # too few scores to call any of them outlying
+    many = np.concatenate([normal, np.full(30, normal.max() * 4)])  # 13 %: a second group, not a few mistakes
+    assert not outlying_scores(many, 10.0).any()
+    assert not outlying_scores(np.concatenate([planted, [0.0]]), 10.0).any()  # no log scale for a zero score
+
+
+def test_outlying_training_images_are_left_out_of_the_threshold_and_named(tmp_path: Path) -> None:
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.data.synthetic import make_synthetic_category
+
+    root = make_synthetic_category(tmp_path, "widget", n_train=24, n_test_good=0, n_test_defect=2, size=128, seed=0)
+    good = sorted((root / "train" / "good").glob("*.png"))
+    bad = sorted(p for p in (root / "test").glob("*/*.png") if p.parent.name != "good")
+    decisions = {}
+    for z in ("5", "null"):  # the synthetic defects lie about 9.5 robust SDs out; bottle's real ones 13-16
+        config = apply_overrides(
+            load_config("patchcore"), ["backbone.image_size=[128,128]", f"threshold.outlier_z={z}"]
+        )
+        det = Detector(config).fit(good + bad)
+        decisions[z] = det.decision_
+        if z == "5":
+            assert sorted(det.excluded_training_) == sorted(map(str, bad))
+            det.save(tmp_path / "model")
+            assert Detector.load(tmp_path / "model").excluded_training_ == det.excluded_training_
+    assert decisions["5"].n_excluded == 2 and decisions["5"].n_normal == 24
+    assert "2 outlying training image(s) left out" in decisions["5"].summary()
+    assert decisions["null"].n_excluded == 0 and decisions["null"].n_normal == 26
+    assert decisions["5"].image < decisions["null"].image  # the defects no longer set the threshold
