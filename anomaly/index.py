@@ -244,8 +244,8 @@ class NNIndex:
             target = gpu if gpu is not None and gpu < gpus else 0
         elif self.use_gpu == "auto" and gpu is not None and gpu < gpus:
             target = gpu
-        if "HNSW" in faiss.downcast_index(self._cpu).__class__.__name__:
-            target = None
+        if "HNSW" in self.index_string or "HNSW" in type(faiss.downcast_index(self._cpu)).__name__:
+            target = None  # ``auto`` builds HNSW above 200,000 rows too
         if target == self._search_gpu and not force:
             return self
         self._exact = None
