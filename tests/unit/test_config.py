@@ -43,6 +43,16 @@ def test_overrides_are_validated_like_yaml() -> None:
         apply_overrides(config, ["seed"])
 
 
+def test_outlier_z_is_a_positive_number_or_null() -> None:
+    config = load_config("patchcore")
+    assert config.threshold.outlier_z == 10.0
+    assert apply_overrides(config, ["threshold.outlier_z=null"]).threshold.outlier_z is None
+    assert apply_overrides(config, ["threshold.outlier_z=8"]).threshold.outlier_z == 8.0
+    for bad in ("0", "-1", "abc", "true"):
+        with pytest.raises(ConfigError, match="threshold.outlier_z: "):
+            apply_overrides(config, [f"threshold.outlier_z={bad}"])
+
+
 def test_unknown_scorer_param_is_rejected() -> None:
     with pytest.raises(ConfigError, match="scorer.params.coreset_ration: unknown parameter.*coreset_ratio"):
         get_scorer("memory_bank", {"coreset_ration": 0.1})
