@@ -13,7 +13,7 @@ from anomaly.errors import ConfigError, DataError
 from anomaly.results import DetectionResult
 from anomaly.scorers.base import ScoreOutput
 from anomaly.scorers.musc import RollingPool
-from anomaly.thresholds import pool_threshold
+from anomaly.thresholds import RELIABLE_POOL_SIZE, pool_threshold
 
 __all__ = ["StreamingDetector"]
 
@@ -53,7 +53,9 @@ class StreamingDetector:
         device = detector.extractor.device
         reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_.layers]
         self.pool = RollingPool(detector.scorer, pool_size, reference=reference)  # type: ignore[arg-type]
-        self._recent: deque[float] = deque(maxlen=max(pool_size, 8))
+        # the threshold's window of recent scores: at least RELIABLE_POOL_SIZE, so that a small pool still gets a
+        # mixture fit once the stream is under way (below 20 scores: median + 3 MAD, see anomaly.thresholds)
+        self._recent: deque[float] = deque(maxlen=max(pool_size, RELIABLE_POOL_SIZE))
 
     def predict(self, images: Sequence[ImageInput]) -> list[DetectionResult]:
         """Score a batch of new images against the pool (and each other), then add them to it."""
