@@ -234,3 +234,17 @@ def test_outlying_training_images_are_left_out_of_the_threshold_and_named(tmp_pa
     assert "2 outlying training image(s) left out" in decisions["5"].summary()
     assert decisions["null"].n_excluded == 0 and decisions["null"].n_normal == 26
     assert decisions["5"].image < decisions["null"].image  # the defects no longer set the threshold
+
+
+def test_a_short_window_of_normal_scores_does_not_split_them() -> None:
+    """A stream's first scores (expect_defects=False, fewer than 20): median + 3 MAD, not a mixture. Mixtures
+    fitted to 12 log-normal scores flagged 27 % of fresh normal scores on average; the rule about 3 %."""
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(100):
+        window = rng.lognormal(0.0, 0.1, 12)
+        decision = pool_threshold(window, 0.01, expect_defects=False)
+        assert decision.rule == "pool-small"
+        rates.append(np.mean(rng.lognormal(0.0, 0.1, 2000) >= decision.image))
+    assert np.mean(rates) < 0.05
+    assert pool_threshold(rng.lognormal(0.0, 0.1, 12), 0.01).rule == "pool-mixture"  # batch pools keep 8
