@@ -21,7 +21,7 @@ _ADMIT = ("normal", "all")
 
 
 class StreamingDetector:
-    """Score a stream of unlabeled images with MuSc against the most recent ``pool_size`` images.
+    """Score a stream of unlabeled images with MuSc against the most recent ``pool_size`` images admitted.
 
     Few-shot references (``Detector.fit`` on a zero-shot detector) stay in the pool for good; without them,
     the first batch decides the config's ``auto`` preprocessing for the whole stream. The
@@ -58,7 +58,7 @@ class StreamingDetector:
         self._recent: deque[float] = deque(maxlen=max(pool_size, RELIABLE_POOL_SIZE))
 
     def predict(self, images: Sequence[ImageInput]) -> list[DetectionResult]:
-        """Score a batch of new images against the pool (and each other), then add them to it."""
+        """Score a batch of new images against the pool (and each other), then add those ``admit`` lets in."""
         items = list(images)
         if not items:
             raise DataError("predict: no images")
