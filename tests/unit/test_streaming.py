@@ -69,3 +69,14 @@ def test_a_recurring_defect_stays_flagged_unless_every_image_joins_the_pool(synt
 def test_stream_admit_is_checked() -> None:
     with pytest.raises(ConfigError, match="admit must be one of normal, all"):
         StreamingDetector(_musc(), admit="flagged")
+
+
+def test_without_references_the_first_batch_seeds_the_pool_whole(synthetic_root: Path) -> None:
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    bad = sorted(p for p in (synthetic_root / "test").glob("*/*.png") if p.parent.name != "good")[0]
+    line = StreamingDetector(_musc(), pool_size=8)
+    first = line.predict([*train[:3], bad])
+    assert len(line.pool) == 4  # nothing to compare with yet: every image of the first batch joins
+    later = line.predict([bad])[0]
+    assert later.is_anomalous == (len(line.pool) == 4)  # afterwards a flagged image stays out
+    assert np.isfinite([r.image_score for r in first]).all()
