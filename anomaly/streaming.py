@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Sequence
 
@@ -13,11 +14,21 @@ from anomaly.errors import ConfigError, DataError
 from anomaly.results import DetectionResult
 from anomaly.scorers.base import ScoreOutput
 from anomaly.scorers.musc import RollingPool
-from anomaly.thresholds import RELIABLE_POOL_SIZE, pool_threshold
+from anomaly.thresholds import pool_threshold
 
 __all__ = ["StreamingDetector"]
 
+log = logging.getLogger(__name__)
+
 _ADMIT = ("normal", "all")
+# Scores of this many recent frames set the threshold. With 80, one bsdata stream (seed 0, 150 good frames) ran away:
+# its mixture split the upper tail of normal wear off as a "defect" cluster, flagged frames stayed out of the pool,
+# and 25 / 150 good frames were flagged (5 / 150 with admit="all"); with 256, 9 / 230, none after frame 80, while a
+# recurring smudge on bottle stays flagged 50 / 50 (benchmarks/README.md section 12).
+STREAM_WINDOW = 256
+# A burst of flags (this share of the last this many frames) is reported once: a recurring defect or a new normal look.
+_BURST_FRAMES = 40
+_BURST_SHARE = 0.1
 
 
 class StreamingDetector:
@@ -26,7 +37,8 @@ class StreamingDetector:
     Few-shot references (``Detector.fit`` on a zero-shot detector) stay in the pool for good; without them,
     the first batch decides the config's ``auto`` preprocessing for the whole stream. The
     threshold follows the zero-shot pool rule (:func:`anomaly.thresholds.pool_threshold`) over the
-    scores of the most recent images, flagged ones included.
+    scores of the most recent ``window`` images (at least ``pool_size``), flagged ones included: a longer
+    window is steadier, a shorter one follows a change of the score level sooner.
 
     ``admit``: which scored images join the pool. ``"normal"`` (default) keeps flagged images out, so a
     defect that recurs on the line (a roller mark on every part) keeps being flagged instead of being
@@ -39,7 +51,11 @@ class StreamingDetector:
         >>> [r.is_anomalous for r in line.predict(new_frames)]  # doctest: +SKIP
     """
 
-    def __init__(self, detector: Detector, pool_size: int = 64, admit: str = "normal") -> None:
+    def __init__(
+        self, detector: Detector, pool_size: int = 64, admit: str = "normal", window: int = STREAM_WINDOW
+    ) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ConfigError(f"StreamingDetector: window must be an integer >= 2, got {window!r}")
         if admit not in _ADMIT:
             raise ConfigError(f"StreamingDetector: admit must be one of {', '.join(_ADMIT)}, got {admit!r}")
         if not detector.zero_shot or not detector.scorer.uses_references:
@@ -53,9 +69,10 @@ class StreamingDetector:
         device = detector.extractor.device
         reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_.layers]
         self.pool = RollingPool(detector.scorer, pool_size, reference=reference)  # type: ignore[arg-type]
-        # the threshold's window of recent scores: at least RELIABLE_POOL_SIZE, so that a small pool still gets a
-        # mixture fit once the stream is under way (below 20 scores: median + 3 MAD, see anomaly.thresholds)
-        self._recent: deque[float] = deque(maxlen=max(pool_size, RELIABLE_POOL_SIZE))
+        # the threshold's window of recent scores (below 20 scores: median + 3 MAD, see anomaly.thresholds)
+        self._recent: deque[float] = deque(maxlen=max(pool_size, window))
+        self._flags: deque[bool] = deque(maxlen=_BURST_FRAMES)
+        self._burst_reported = False
 
     def predict(self, images: Sequence[ImageInput]) -> list[DetectionResult]:
         """Score a batch of new images against the pool (and each other), then add those ``admit`` lets in."""
@@ -77,4 +94,29 @@ class StreamingDetector:
         seeding = len(self.pool) == 0 and self.pool.reference is None  # nothing to compare with yet: all join
         keep = [i for i, r in enumerate(results) if self.admit == "all" or seeding or not r.is_anomalous]
         self.pool.add([x[keep] for x in features.layers])
+        self._flags.extend(r.is_anomalous for r in results)
+        self._report_burst()
         return results
+
+    def _report_burst(self) -> None:
+        """Warn once when many recent frames were flagged; again only after the share has fallen back."""
+        if len(self._flags) < _BURST_FRAMES:
+            return
+        share = sum(self._flags) / len(self._flags)
+        if share < _BURST_SHARE / 2:
+            self._burst_reported = False
+        elif share >= _BURST_SHARE and not self._burst_reported:
+            self._burst_reported = True
+            what = (
+                "they stay out of the pool (admit='normal'): if they are good, restart with some as references"
+                if self.admit == "normal"
+                else "they join the pool (admit='all'), so a recurring defect soon passes"
+            )
+            log.warning(
+                "stream: %d of the last %d frames flagged (target %g): a recurring defect, or the normal look "
+                "changed; %s",
+                sum(self._flags),
+                len(self._flags),
+                self.detector.config.threshold.target_fpr,
+                what,
+            )
