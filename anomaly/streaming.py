@@ -28,7 +28,7 @@ _ADMIT = ("normal", "all")
 STREAM_WINDOW = 256
 # A burst of flags (this share of the last this many frames) is reported once: a recurring defect or a new normal look.
 _BURST_FRAMES = 40
-_BURST_SHARE = 0.1
+_BURST_SHARE = 0.2  # 4 of 40 happen at start-up (bsdata seed 0); a recurring defect soon passes 8
 
 
 class StreamingDetector:
