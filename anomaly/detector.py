@@ -257,8 +257,10 @@ class Detector:
     def calibrate(self, out_of_sample: ScoreOutput, images: Sequence[DecodedImage] | None = None) -> Detector:
         """Set the decision from cross-fitted scores of the normal training images; returns self.
 
-        ``images`` gives the view layouts of the rows of ``out_of_sample`` (None: one view per image) and the
-        original sizes from which ``patch_footprint_`` is measured.
+        Outlying training images (``threshold.outlier_z``) are left out of the threshold, and the fitted scorer
+        forgets what it kept of them (:meth:`Scorer.forget`: the memory bank's rows). ``images`` gives the view
+        layouts of the rows of ``out_of_sample`` (None: one view per image) and the original sizes from which
+        ``patch_footprint_`` is measured.
         """
         peaks = self.map_peaks(out_of_sample, images)
         has_maps = out_of_sample.patch_maps is not None
@@ -276,11 +278,14 @@ class Detector:
         self.decision_ = replace(decision, n_excluded=int(left_out.sum()))
         self.excluded_training_ = [_name(images, i) for i in np.flatnonzero(left_out)]
         if self.excluded_training_:
+            views = np.ones(len(scores), dtype=np.int64) if images is None else [_n_views(d) for d in images]
+            dropped = self.scorer.forget(np.flatnonzero(np.repeat(left_out, views)))
             names = ", ".join(self.excluded_training_[:5]) + (" ..." if len(self.excluded_training_) > 5 else "")
             log.warning(
                 "fit: %d training image(s) score far above the others (defects or mislabelled images?) and are left "
-                "out of the threshold; check them: %s",
+                "out of the threshold%s; check them: %s",
                 len(self.excluded_training_),
+                f" and of the model ({dropped} {self.scorer.name} rows dropped)" if dropped else "",
                 names,
             )
         log.info("%s", self.decision_.summary())

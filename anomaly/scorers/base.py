@@ -122,6 +122,15 @@ class Scorer(ABC):
         self.fit(layers, progress=progress)
         return ScoreOutput(maps, scores)
 
+    def forget(self, rows: NDArray[np.int64]) -> int:
+        """Drop the parts of the fitted state that came from the training rows ``rows`` (fit order).
+
+        Called for training images found outlying after the fit (probable defects); returns the number of
+        parts dropped. A scorer whose state summarises all rows (a Gaussian's mean and covariance, where
+        one image of hundreds moves little) keeps it and returns 0.
+        """
+        return 0
+
     @abstractmethod
     def state_dict(self) -> dict[str, np.ndarray]:
         """Learned state as plain arrays."""

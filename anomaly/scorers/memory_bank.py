@@ -297,9 +297,28 @@ class MemoryBankScorer(Scorer):
     def _set_bank(self, flat: torch.Tensor, picks: np.ndarray, images: np.ndarray) -> None:
         self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].cpu().numpy()
         self.bank_image_ = images.astype(np.int32)
+        self._build_index()
+
+    def _build_index(self) -> None:
         self.index_ = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).build(
             self.bank_, seed=self.random_state
         )
+
+    def forget(self, rows: NDArray[np.int64]) -> int:
+        """Drop the bank rows taken from training rows ``rows`` and rebuild the index; returns how many.
+
+        The k-center pick takes a defect's patches first (they lie far from everything else), so a defective
+        image in the training folder would otherwise vouch for the same kind of defect at test time. The rest
+        of the bank stays as the threshold was calibrated on it. A bank made of those rows only is kept.
+        """
+        check_is_fitted(self, "index_")
+        assert self.bank_ is not None and self.bank_image_ is not None
+        drop = np.isin(self.bank_image_, rows)
+        if not drop.any() or drop.all():
+            return 0
+        self.bank_, self.bank_image_ = self.bank_[~drop], self.bank_image_[~drop]
+        self._build_index()
+        return int(drop.sum())
 
     def score(
         self,
@@ -352,9 +371,7 @@ class MemoryBankScorer(Scorer):
         """Restore bank rows; the index is rebuilt from them."""
         self._check_bank(state["bank"], state["bank_image"])
         self.bank_, self.bank_image_ = state["bank"], state["bank_image"]
-        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).build(
-            self.bank_, seed=self.random_state
-        )
+        self._build_index()
 
     def save(self, directory: Path) -> list[str]:
         """Arrays as safetensors plus the FAISS index (built once, so loading skips the training)."""

@@ -122,6 +122,21 @@ def test_memory_bank_cross_fit_scores_each_fold_against_the_other_folds_only() -
     np.testing.assert_allclose(out.image_scores[folds == 0], expected, rtol=1e-6)
 
 
+def test_memory_bank_forgets_the_rows_of_named_training_images() -> None:
+    normal, odd = _layers(10, 0), _layers(2, 3, anomaly=True)
+    train = [torch.cat([a, b]) for a, b in zip(normal, odd)]  # images 10 and 11 carry a defect
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 0.1})
+    scorer.fit(train)
+    taken = np.isin(scorer.bank_image_, [10, 11])
+    assert taken.any() and np.all(scorer.score(odd).image_scores < 0.5)  # their defect vouches for itself
+    assert scorer.forget(np.array([10, 11])) == taken.sum()
+    assert len(scorer.bank_) == len(taken) - taken.sum() and not np.isin(scorer.bank_image_, [10, 11]).any()
+    assert np.all(scorer.score(odd).image_scores > 1.0)  # the index was rebuilt without them
+    assert scorer.forget(np.array([10, 11])) == 0
+    gaussian = get_scorer("gaussian", {}).fit(train)
+    assert gaussian.forget(np.array([10])) == 0  # mean and covariance summarise every image
+
+
 @pytest.mark.parametrize("name, params", [("padim", {"n_features": 8}), ("gaussian", {})])
 def test_cross_fit_equals_refitting_without_each_fold(name: str, params: dict) -> None:
     """padim: from sufficient statistics; gaussian: the base class's refit of a clone per fold."""
