@@ -31,7 +31,7 @@ from anomaly.features import FeatureExtractor
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
-from anomaly.thresholds import Threshold, calibrate, outlying_scores, pool_threshold
+from anomaly.thresholds import Threshold, calibrate, outlying_scores, pool_threshold, suspect_references
 
 __all__ = ["DetectionResult", "Detector", "FeatureSet", "ImageInput"]
 
@@ -73,6 +73,7 @@ class Detector:
         self._extractor: FeatureExtractor | None = None
         self.decision_: Threshold | None = None
         self.reference_: FeatureSet | None = None
+        self._warned_references: set[str] = set()
         self.patch_footprint_: tuple[int, int] | None = None  # set by fit: see _patch_footprint
         self.excluded_training_: list[str] = []  # set by fit: training images left out of the threshold
 
@@ -228,12 +229,16 @@ class Detector:
             )
         start = time.perf_counter()
         self.resolve_auto(items, build_backbone=True)
+        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"reference {i}" for i, x in enumerate(items)]
         if self.zero_shot and self.scorer.augment_references:
-            items = [view for item in items for view in support_views(item)]
+            support = [support_views(item) for item in items]
+            names = [name for name, views in zip(names, support) for _ in views]
+            items = [view for views in support for view in views]
         features = self.extract(items, progress=progress)
         extracted = time.perf_counter()
-        if self.zero_shot:  # every view is a reference of its own in the pool
-            views = [DecodedImage(None, (0, 0), None)] * len(features.embedding)
+        if self.zero_shot:  # every view is a reference of its own in the pool; its source names the reference
+            owners = np.repeat(names, [_n_views(d) for d in features.images])
+            views = [DecodedImage(None, (0, 0), str(name)) for name in owners]
             self.reference_ = FeatureSet(features.layers, features.embedding, views)
             return self
         # folds by image, so that overlapping tiles of one image never score each other
@@ -375,11 +380,13 @@ class Detector:
         peaks = self.map_peaks(out, members)
         from_map = self.scorer.image_score_from_map and out.patch_maps is not None
         scores = peaks if from_map else view_max(out.image_scores, [d.layout for d in members])
+        floor = self._floor_references(scores[:n_ref])
+        order = np.r_[np.flatnonzero(floor), np.flatnonzero(~floor), np.arange(n_ref, len(scores))]
         decision = pool_threshold(
-            scores,
+            scores[order],
             self.config.threshold.target_fpr,
-            peaks=peaks if out.patch_maps is not None and not from_map else None,
-            n_reference=n_ref,
+            peaks=peaks[order] if out.patch_maps is not None and not from_map else None,
+            n_reference=int(floor.sum()),
         )
         pool = out.take(slice(n_ref, None))
         rows = np.cumsum([0] + [_n_views(d) for d in ok])
@@ -391,6 +398,23 @@ class Detector:
         yield from _merge(decoded, results, decision)
 
     # --------------------------------------------------------------- internals
+    def _floor_references(self, scores: NDArray[np.float64]) -> NDArray[np.bool_]:
+        """Which reference rows set the pool threshold's floor: all but those of a suspect reference
+        (:func:`~anomaly.thresholds.suspect_references`), which then count as pool images; warned once each."""
+        if self.reference_ is None or not len(scores):
+            return np.ones(len(scores), dtype=bool)
+        owners = [str(d.source) for d in self.reference_.images]
+        suspect = suspect_references(scores, owners)
+        named = sorted({owners[i] for i in np.flatnonzero(suspect)} - self._warned_references)
+        if named:
+            self._warned_references.update(named)
+            log.warning(
+                "few-shot: reference(s) %s score like a defect among the other references (over 1.5x their median)"
+                " and do not set the threshold's floor; check them",
+                ", ".join(named),
+            )
+        return ~suspect
+
     def _score_pool(self, parts: list[FeatureSet], progress: Callable[[int, int], None] | None) -> ScoreOutput:
         """One zero-shot ``score`` call over the concatenated features of ``parts`` (references first)."""
         device = self.extractor.device
@@ -476,7 +500,7 @@ class Detector:
         det = cls(config)
         try:
             if _REFERENCES_FILE in files:
-                det.reference_ = _load_references(files[_REFERENCES_FILE])
+                det.reference_ = _load_references(files[_REFERENCES_FILE], meta.get("references"))
             if not det.zero_shot:
                 det.scorer.load(files)
                 det.decision_ = Threshold.from_dict(meta.get("threshold"), f"{path}/meta.json threshold")
@@ -510,6 +534,7 @@ class Detector:
             "weights": {"kind": source.kind, "location": source.location, "sha256": source.sha256},
             "threshold": None if self.decision_ is None else self.decision_.to_dict(),
             "excluded_training_images": self.excluded_training_,
+            "references": [] if self.reference_ is None else [str(d.source) for d in self.reference_.images],
         }
 
     def _check_weights(self, meta: dict[str, Any]) -> None:
@@ -590,14 +615,18 @@ def _merge(
             yield next(scored), item.original
 
 
-def _load_references(path: Path) -> FeatureSet:
+def _load_references(path: Path, names: Any) -> FeatureSet:
+    """The saved references; ``names`` (meta.json) names the reference of each row, else each row is its own."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
     layers = [state[f"layer{i}"] for i in range(sum(1 for k in state if k.startswith("layer")))]
     if not layers or "embedding" not in state:
         raise ValueError("references file lacks layers or embedding")
-    return FeatureSet(layers, state["embedding"], [DecodedImage(None, (0, 0), None)] * len(state["embedding"]))
+    n = len(state["embedding"])
+    if not isinstance(names, list) or len(names) != n:
+        names = [f"reference {i}" for i in range(n)]
+    return FeatureSet(layers, state["embedding"], [DecodedImage(None, (0, 0), str(name)) for name in names])
 
 
 def _name(images: Sequence[DecodedImage] | None, index: int) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from anomaly.errors import DataError
 
-__all__ = ["RELIABLE_POOL_SIZE", "Threshold", "calibrate", "outlying_scores", "pool_threshold"]
+__all__ = ["RELIABLE_POOL_SIZE", "Threshold", "calibrate", "outlying_scores", "pool_threshold", "suspect_references"]
 
 # Below this many images a pool threshold strays far from its target: synthetic pools of 83 reach 3.2x it, and real
 # pools of 20-40 flag most normal images (20 magnetic tiles: 85 %) or no defect (20 + 20: 7 of 9 categories);
@@ -44,6 +45,7 @@ RELIABLE_POOL_SIZE = 80
 # qualifies (more is a second group of normal images, not a few mislabelled ones).
 _OUTLIER_MIN_IMAGES = 20
 _OUTLIER_MAX_SHARE = 0.1
+_REFERENCE_RATIO = 1.5  # a few-shot reference scoring this many times the others' median is suspect
 _TAIL_SHARE = 0.2  # peaks over threshold: the top 20 % of the scores model the tail
 _MIN_POOL = 8  # below this many scores a mixture cannot be fitted
 # A mostly normal window (a stream's recent scores) gets the median + 3 MAD rule below this many scores: mixtures
@@ -162,6 +164,28 @@ def outlying_scores(scores: ArrayLike, z: float) -> NDArray[np.bool_]:
         return none
     out = (logs - median) / spread > z
     return out if out.sum() <= _OUTLIER_MAX_SHARE * len(values) else none
+
+
+def suspect_references(scores: ArrayLike, owners: Sequence[str]) -> NDArray[np.bool_]:
+    """Which reference rows (views, tiles) in a zero-shot pool belong to a reference that scores like a defect.
+
+    ``owners`` names the reference of each row; a reference's score is the highest of its rows. With at least
+    3 references, one scoring more than 1.5x the median of the others' is suspect: four good references of
+    10 real categories stay within 1.2x of each other, one defective bottle among three good ones scores
+    1.7-2.4x (benchmarks/README.md section 13). The floor a reference sets under the pool threshold would
+    otherwise sit at a defect's level. Nothing is suspect when any score is not positive or when half of
+    the references or more would be.
+    """
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    names, owner = np.unique(np.asarray(owners, dtype=str), return_inverse=True)
+    none = np.zeros(values.shape, dtype=bool)
+    if len(names) < 3 or not np.all(np.isfinite(values)) or values.min() <= 0:
+        return none
+    per_reference = np.full(len(names), -np.inf)
+    np.maximum.at(per_reference, owner, values)
+    others = [np.median(np.delete(per_reference, i)) for i in range(len(names))]
+    suspect = per_reference > _REFERENCE_RATIO * np.asarray(others)
+    return suspect[owner] if 2 * suspect.sum() < len(names) else none
 
 
 def pool_threshold(

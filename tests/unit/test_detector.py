@@ -167,6 +167,27 @@ def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
     _assert_masks_agree_with_verdicts(results)  # RsCIN re-scores images: the pixel threshold is capped per image
 
 
+def test_a_defective_few_shot_reference_does_not_set_the_floor(
+    synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anomaly.detector as detector_module
+
+    train, good, bad = _split(synthetic_root)
+    det = Detector(_config("musc", "scorer.params.augment_references=false")).fit(train[:3] + bad[:1])
+    pool = good + bad[1:]
+    with caplog.at_level("WARNING", logger="anomaly"):
+        guarded = det.predict(pool)
+    assert sum(str(bad[0]) in r.message and "floor" in r.message for r in caplog.records) == 1
+    det.save(tmp_path / "model")
+    loaded = Detector.load(tmp_path / "model")
+    assert [d.source for d in loaded.reference_.images] == [str(p) for p in train[:3] + bad[:1]]
+    assert loaded.predict(pool)[0].threshold == pytest.approx(guarded[0].threshold)
+    monkeypatch.setattr(detector_module, "suspect_references", lambda scores, owners: np.zeros(len(scores), bool))
+    floored = det.predict(pool)  # as before: the defective reference's score is the threshold's floor
+    assert guarded[0].threshold < floored[0].threshold
+    assert sum(r.is_anomalous for r in guarded) >= sum(r.is_anomalous for r in floored)
+
+
 def test_few_shot_support_augmentation_adds_six_views(synthetic_root: Path) -> None:
     train, good, bad = _split(synthetic_root)
     det = Detector(_config("musc", "scorer.params.augment_references=true")).fit(train[:2])

@@ -254,3 +254,16 @@ def test_a_short_window_of_normal_scores_does_not_split_them() -> None:
         rates.append(np.mean(rng.lognormal(0.0, 0.1, 2000) >= decision.image))
     assert np.mean(rates) < 0.05
     assert pool_threshold(rng.lognormal(0.0, 0.1, 12), 0.01).rule == "pool-mixture"  # batch pools keep 8
+
+
+def test_a_few_shot_reference_scoring_like_a_defect_is_suspect() -> None:
+    from anomaly.thresholds import suspect_references
+
+    owners = ["a", "a", "b", "b", "c", "c", "d", "d"]  # two views per reference; a reference's score is its highest
+    scores = np.array([1.0, 1.1, 1.2, 1.0, 0.9, 1.05, 1.0, 2.0])  # d: 2.0 against the others' median 1.1
+    assert suspect_references(scores, owners).tolist() == [False] * 6 + [True, True]
+    assert not suspect_references(np.where(scores == 2.0, 1.6, scores), owners).any()  # 1.45x: within the bar
+    assert not suspect_references(scores[4:], owners[4:]).any()  # two references: which one is off is unknown
+    two_high = np.where(np.isin(owners, ["c", "d"]), 2.0, scores)
+    assert not suspect_references(two_high, owners).any()  # half of them: no majority to trust
+    assert not suspect_references(scores - 1.0, owners).any()  # ratios need positive scores
