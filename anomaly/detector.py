@@ -229,18 +229,10 @@ class Detector:
             )
         start = time.perf_counter()
         self.resolve_auto(items, build_backbone=True)
-        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"reference {i}" for i, x in enumerate(items)]
-        if self.zero_shot and self.scorer.augment_references:
-            support = [support_views(item) for item in items]
-            names = [name for name, views in zip(names, support) for _ in views]
-            items = [view for views in support for view in views]
+        if self.zero_shot:
+            return self._store_references(items, progress)
         features = self.extract(items, progress=progress)
         extracted = time.perf_counter()
-        if self.zero_shot:  # every view is a reference of its own in the pool; its source names the reference
-            owners = np.repeat(names, [_n_views(d) for d in features.images])
-            views = [DecodedImage(None, (0, 0), str(name)) for name in owners]
-            self.reference_ = FeatureSet(features.layers, features.embedding, views)
-            return self
         # folds by image, so that overlapping tiles of one image never score each other
         folds = np.repeat(self.folds(len(features)), [_n_views(d) for d in features.images])
         steps = None if progress is None else (lambda done, total: progress("fit", done, total))
@@ -398,6 +390,21 @@ class Detector:
         yield from _merge(decoded, results, decision)
 
     # --------------------------------------------------------------- internals
+    def _store_references(self, items: list[ImageInput], progress: Progress | None) -> Detector:
+        """Zero-shot fit: every view (support view, tile) of every reference joins later pools as an image of its
+        own; its ``source`` names the reference it came from."""
+        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"reference {i}" for i, x in enumerate(items)]
+        if self.scorer.augment_references:
+            support = [support_views(item) for item in items]
+            names = [name for name, views in zip(names, support) for _ in views]
+            items = [view for views in support for view in views]
+        features = self.extract(items, progress=progress)
+        owners = np.repeat(names, [_n_views(d) for d in features.images])
+        views = [DecodedImage(None, (0, 0), str(name)) for name in owners]
+        self.reference_ = FeatureSet(features.layers, features.embedding, views)
+        self._warned_references = set()
+        return self
+
     def _floor_references(self, scores: NDArray[np.float64]) -> NDArray[np.bool_]:
         """Which reference rows set the pool threshold's floor: all but those of a suspect reference
         (:func:`~anomaly.thresholds.suspect_references`), which then count as pool images; warned once each."""
