@@ -31,7 +31,14 @@ from anomaly.features import FeatureExtractor
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
-from anomaly.thresholds import Threshold, calibrate, outlying_scores, pool_threshold, suspect_references
+from anomaly.thresholds import (
+    REFERENCE_RATIO,
+    Threshold,
+    calibrate,
+    outlying_scores,
+    pool_threshold,
+    suspect_references,
+)
 
 __all__ = ["DetectionResult", "Detector", "FeatureSet", "ImageInput"]
 
@@ -416,9 +423,10 @@ class Detector:
         if named:
             self._warned_references.update(named)
             log.warning(
-                "few-shot: reference(s) %s score like a defect among the other references (over 1.5x their median)"
+                "few-shot: reference(s) %s score like a defect among the other references (over %gx their median)"
                 " and do not set the threshold's floor; check them",
                 ", ".join(named),
+                REFERENCE_RATIO,
             )
         return ~suspect
 

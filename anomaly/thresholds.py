@@ -34,7 +34,15 @@ from numpy.typing import ArrayLike, NDArray
 
 from anomaly.errors import DataError
 
-__all__ = ["RELIABLE_POOL_SIZE", "Threshold", "calibrate", "outlying_scores", "pool_threshold", "suspect_references"]
+__all__ = [
+    "REFERENCE_RATIO",
+    "RELIABLE_POOL_SIZE",
+    "Threshold",
+    "calibrate",
+    "outlying_scores",
+    "pool_threshold",
+    "suspect_references",
+]
 
 # Below this many images a pool threshold strays far from its target: synthetic pools of 83 reach 3.2x it, and real
 # pools of 20-40 flag most normal images (20 magnetic tiles: 85 %) or no defect (20 + 20: 7 of 9 categories);
@@ -45,7 +53,7 @@ RELIABLE_POOL_SIZE = 80
 # qualifies (more is a second group of normal images, not a few mislabelled ones).
 _OUTLIER_MIN_IMAGES = 20
 _OUTLIER_MAX_SHARE = 0.1
-_REFERENCE_RATIO = 1.5  # a few-shot reference scoring this many times the others' median is suspect
+REFERENCE_RATIO = 1.5  # a few-shot reference scoring this many times the others' median is suspect
 _TAIL_SHARE = 0.2  # peaks over threshold: the top 20 % of the scores model the tail
 _MIN_POOL = 8  # below this many scores a mixture cannot be fitted
 # A mostly normal window (a stream's recent scores) gets the median + 3 MAD rule below this many scores: mixtures
@@ -184,7 +192,7 @@ def suspect_references(scores: ArrayLike, owners: Sequence[str]) -> NDArray[np.b
     per_reference = np.full(len(names), -np.inf)
     np.maximum.at(per_reference, owner, values)
     others = [np.median(np.delete(per_reference, i)) for i in range(len(names))]
-    suspect = per_reference > _REFERENCE_RATIO * np.asarray(others)
+    suspect = per_reference > REFERENCE_RATIO * np.asarray(others)
     return suspect[owner] if 2 * suspect.sum() < len(names) else none
 
 
