@@ -26,7 +26,7 @@ from anomaly import __version__
 from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.detector import Detector
 from anomaly.errors import BackendError, ConfigError, DataError
-from anomaly.features import FeatureExtractor
+from anomaly.features import FeatureExtractor, cnn_layers
 from anomaly.runtime.manifest import MANIFEST, write_manifest
 from anomaly.runtime.network import load_network
 from anomaly.scorers._aggregate import fuse_layers
@@ -85,14 +85,14 @@ class _Network(torch.nn.Module):
     def __init__(self, extractor: FeatureExtractor, head: torch.nn.Module) -> None:
         super().__init__()
         self.model = extractor.model
-        self.indices = extractor.indices
+        self.indices, self.extra_blocks = extractor.indices, extractor.extra_blocks
         self.head = head
         self.register_buffer("mean", extractor.mean.cpu())
         self.register_buffer("std", extractor.std.cpu())
 
     def forward(self, images: torch.Tensor) -> Any:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        maps = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+        maps = cnn_layers(self.model, x, self.indices, self.extra_blocks)
         return self.head(sorted(maps, key=lambda m: -m.shape[-1]))
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "FeatureExtractor",
     "Features",
     "WeightsSource",
+    "cnn_layers",
     "list_offline_backbones",
     "resolve_weights",
 ]
@@ -122,7 +123,8 @@ class FeatureExtractor:
 
     CNNs and ViTs alike go through timm's ``forward_intermediates``; ViT patch tokens come back as
     (N, C, h, w) maps with the CLS token as the global embedding. Layers are feature-info module
-    names (``blocks.2``, ``layer3``) or integer indices into ``model.feature_info``.
+    names (``blocks.2``, ``layer3``) or integer indices into ``model.feature_info``; on EfficientNet and
+    MobileNet families any block (``blocks.3``, a stage that ends inside a stride) can be taken as well.
 
     Args:
         name: timm model name.
@@ -159,9 +161,10 @@ class FeatureExtractor:
         self.mean = torch.tensor(mean or cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std or cfg["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.is_vit = hasattr(self.model, "patch_embed")
-        self.indices = _layer_indices(self.model, list(layers))
-        self.layer_names = [self.model.feature_info[i]["module"] for i in self.indices]
-        self.model.prune_intermediate_layers(max(self.indices), prune_head=not self.is_vit)
+        self.indices, self.layer_names, self.extra_blocks = _layer_indices(self.model, list(layers))
+        # a list, not an int: timm reads an int n as "the last n layers" and would keep every block
+        extra = {"extra_blocks": True} if self.extra_blocks else {}
+        self.model.prune_intermediate_layers([max(self.indices)], prune_head=not self.is_vit, **extra)
         self.model.eval().requires_grad_(False)
         if not self.is_vit:
             _fold_batchnorm(self.model, self.image_size)
@@ -192,11 +195,18 @@ class FeatureExtractor:
             )
             embedding = prefixes[-1][:, 0] if prefixes[-1] is not None else maps[-1].mean((2, 3))
         else:
-            maps = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+            maps = cnn_layers(self.model, x, self.indices, self.extra_blocks)
             embedding = maps[-1].mean((2, 3))
         order = sorted(range(len(maps)), key=lambda i: -maps[i].shape[-1])  # finest grid first
         layers = [maps[i].float().contiguous() for i in order]
         return Features(layers=layers, embedding=embedding.float())
+
+
+def cnn_layers(model: torch.nn.Module, x: torch.Tensor, indices: list[int], extra_blocks: bool) -> list[torch.Tensor]:
+    """The maps of a CNN's layers ``indices`` (see :func:`_layer_indices`) for a normalised batch ``x``."""
+    if extra_blocks:
+        return model.forward_intermediates(x, indices=indices, intermediates_only=True, extra_blocks=True)
+    return model.forward_intermediates(x, indices=indices, intermediates_only=True)
 
 
 @contextmanager
@@ -330,20 +340,45 @@ def _to_timm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, origin
     return renamed
 
 
-def _layer_indices(model: torch.nn.Module, layers: list[str]) -> list[int]:
+def _layer_indices(model: torch.nn.Module, layers: list[str]) -> tuple[list[int], list[str], bool]:
+    """Indices of ``layers`` for ``forward_intermediates``, their names, and whether they index every block.
+
+    Feature-info layers index ``model.feature_info``. timm lists only the last block of each stride there;
+    EfficientNet and MobileNet also return any block (``extra_blocks=True``, where index 0 is the stem and
+    ``blocks.N`` is N + 1), so a layer such as lite0's ``blocks.3`` (80 channels, stride 16) switches every
+    layer to that numbering.
+    """
     names = [info["module"] for info in model.feature_info]
-    indices = []
-    for layer in layers:
-        text = str(layer)
-        if text in names:
-            indices.append(names.index(text))
-        elif text.lstrip("-").isdigit() and -len(names) <= int(text) < len(names):
-            indices.append(int(text) % len(names))
-        else:
-            raise ConfigError(f"backbone.layers: unknown layer '{text}'; available: {', '.join(names)}")
-    if not indices:
+    wanted = [_feature_name(names, str(layer)) for layer in layers]
+    if not wanted:
         raise ConfigError("backbone.layers: at least one layer is required")
-    return indices
+    if all(text in names for text in wanted):
+        return [names.index(text) for text in wanted], wanted, False
+    blocks = _every_block(model)
+    unknown = [text for text in wanted if text not in blocks]
+    if unknown:
+        more = f", or any block {blocks[0]} ... {blocks[-1]}" if blocks else ""
+        raise ConfigError(f"backbone.layers: unknown layer '{unknown[0]}'; available: {', '.join(names)}{more}")
+    return [blocks.index(text) + 1 for text in wanted], wanted, True
+
+
+def _feature_name(names: list[str], text: str) -> str:
+    """An integer index into ``feature_info`` as its module name; any other text unchanged."""
+    if text.lstrip("-").isdigit() and -len(names) <= int(text) < len(names):
+        return names[int(text)]
+    return text
+
+
+def _every_block(model: torch.nn.Module) -> list[str]:
+    """Names of the blocks ``forward_intermediates`` can return (timm's EfficientNet and MobileNet), else []."""
+    import inspect
+
+    if (
+        not hasattr(model, "stage_ends")
+        or "extra_blocks" not in inspect.signature(model.forward_intermediates).parameters
+    ):
+        return []
+    return [f"blocks.{i}" for i in range(len(model.blocks))]  # type: ignore[arg-type]
 
 
 def _packaged_file(name: str) -> Path | None:

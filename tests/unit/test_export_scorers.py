@@ -31,8 +31,9 @@ from anomaly.runtime import ExportedDetector  # noqa: E402
         ),
         ("patchcore", ["scorer.params.coreset_ratio=0.5", "scorer.params.index=IVF4,Flat"]),  # image peaks exact
         ("patchcore", ["scorer.params.patch_kernel=binomial"]),
+        ("patchcore", ["backbone.layers=[blocks.2,blocks.3]"]),  # a block inside a stride (extra_blocks)
     ],
-    ids=["padim", "gaussian", "patchcore-reweight-k3-grid1", "patchcore-ivf", "patchcore-binomial"],
+    ids=["padim", "gaussian", "patchcore-reweight-k3-grid1", "patchcore-ivf", "patchcore-binomial", "patchcore-b3"],
 )
 def test_exported_scorers_match_the_torch_detector(
     config: str, extra: list[str], synthetic_root: Path, tmp_path: Path, assert_parity: Callable[..., None]

@@ -51,6 +51,28 @@ def test_cnn_layers_by_name_and_index_give_finest_first_maps() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.layers, again.layers))  # deterministic
 
 
+def test_any_block_of_an_efficientnet_is_a_layer_and_later_blocks_are_pruned() -> None:
+    """lite0's blocks.3 (80 channels, stride 16) is not in timm's feature_info; it comes from the full model's
+    own block outputs, and the blocks after the last requested layer are dropped."""
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    inner = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.3"], image_size=(64, 64), device="cpu")
+    assert inner.layer_names == ["blocks.2", "blocks.3"] and len(inner.model.blocks) == 4
+    got = inner(images)
+    assert [t.shape for t in got.layers] == [(2, 40, 8, 8), (2, 80, 4, 4)]
+    stage_end = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], image_size=(64, 64), device="cpu")
+    assert len(stage_end.model.blocks) == 5  # an int n would mean "the last n layers" to timm: nothing pruned
+    assert torch.equal(stage_end(images).layers[0], got.layers[0])  # the shared layer is the same either way
+    model = stage_end.model
+    with torch.inference_mode():  # blocks.3 by hand: the stem and the first four blocks of the same weights
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - stage_end.mean) / stage_end.std
+        x = model.bn1(model.conv_stem(x))
+        for block in model.blocks[:4]:
+            x = block(x)
+    torch.testing.assert_close(got.layers[1], x)
+    with pytest.raises(ConfigError, match=r"unknown layer 'blocks.9'; .*or any block blocks.0 ... blocks.6"):
+        FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.9"], device="cpu")
+
+
 def test_vit_patch_tokens_come_back_as_maps_with_cls_embedding() -> None:
     vit = FeatureExtractor(
         "vit_tiny_patch16_224", ["blocks.2", "blocks.5"], pretrained=False, image_size=(64, 64), device="cpu"
