@@ -8,7 +8,7 @@ mix, all of them when it has fewer, like a user scoring a whole test folder); ``
 first ``k`` train/good images (references stay in the pool, with VisionAD's 6 support views when
 ``augment_references`` is on).
 Metrics as ``dev_suite.py``; ``realised_fpr`` is the share of the pool's normal images flagged by the pool
-threshold, ``defects_flagged`` (in ``suite.json`` and the progress lines) the share of its defective images flagged.
+threshold, ``defects_flagged`` (in ``suite.json`` and the progress lines) the share of its defective images flagged; ``pools`` in ``suite.json`` keeps each pool's image scores and labels.
 One table per shot count and their means in ``suite.md``.
 """
 
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     config = apply_overrides(load_config(args.config), args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
-    tables, all_rows = [], {}
+    tables, all_rows, pools = [], {}, {}
     for shots in args.shots:
         rows = []
         for name, path in suite_paths(args.root, BOTTLE, args.category).items():
@@ -90,6 +90,12 @@ def main() -> None:
                     "ms_per_image": seconds / len(pool) * 1000,
                 }
             )
+            pools.setdefault(shots, {})[name] = {  # for replaying threshold rules on real pools
+                "scores": [r.image_score for r in results],
+                "labels": [s.label for s in pool],
+                "threshold": results[0].threshold,
+                "n_reference": shots,
+            }
             print(f"shots={shots} {name}: {seconds:.0f} s, defects flagged {np.mean(caught):.2f}", flush=True)
         rows.append(mean_row(rows))
         all_rows[shots] = rows
@@ -98,7 +104,9 @@ def main() -> None:
     (args.out / "suite.md").write_text(text + "\n")
     meta = {"overrides": args.overrides, "per_class": args.per_class, "natural": args.natural}
     meta["config_dict"] = config.to_dict()
-    (args.out / "suite.json").write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=2, default=str))
+    (args.out / "suite.json").write_text(
+        json.dumps({"meta": meta, "rows": all_rows, "pools": pools}, indent=2, default=str)
+    )
     print(text)
 
 
