@@ -78,6 +78,7 @@ def test_vit_patch_tokens_come_back_as_maps_with_cls_embedding() -> None:
         "vit_tiny_patch16_224", ["blocks.2", "blocks.5"], pretrained=False, image_size=(64, 64), device="cpu"
     )
     out = vit(np.zeros((3, 64, 64, 3), dtype=np.uint8))
+    assert len(vit.model.blocks) == 6  # blocks.6-11 never run
     assert [t.shape for t in out.layers] == [(3, 192, 4, 4), (3, 192, 4, 4)]
     assert out.embedding.shape == (3, 192)
 
