@@ -418,9 +418,13 @@ def demo(
 
 @app.command()
 @_user_errors
-def backbones() -> None:
+def backbones(
+    layers: Annotated[
+        bool, typer.Option("--layers", help="Also list each backbone's layers (for backbone.layers): channels, stride.")
+    ] = False,
+) -> None:
     """List backbones usable offline right now and where their weights come from."""
-    from anomaly.features import list_offline_backbones
+    from anomaly.features import layer_table, list_offline_backbones
 
     found = list_offline_backbones()
     if not found:
@@ -428,6 +432,9 @@ def backbones() -> None:
         return
     for name, source in found:
         typer.echo(f"{name:<32} {source.kind:<10} {source.location}")
+        if layers:
+            for layer, channels, stride in layer_table(name):
+                typer.echo(f"    {layer:<28} {channels:>5} channels, stride {stride}")
 
 
 @app.command()

@@ -30,6 +30,7 @@ __all__ = [
     "Features",
     "WeightsSource",
     "cnn_layers",
+    "layer_table",
     "list_offline_backbones",
     "resolve_weights",
 ]
@@ -117,6 +118,24 @@ def list_offline_backbones() -> list[tuple[str, WeightsSource]]:
         if timm.is_model(name.split(".")[0]):
             found.append((name, WeightsSource("hub-cache", repo)))
     return found
+
+
+def layer_table(name: str) -> list[tuple[str, int, int]]:
+    """(layer, channels, stride) of every layer ``backbone.layers`` accepts for timm model ``name``.
+
+    Shapes come from one forward pass of a 224 x 224 input through the randomly initialised model (no weights
+    needed); EfficientNet and MobileNet list every block, other models their feature-info layers.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"backbone.name: unknown timm model '{name}'")
+    model = _create_model(name, WeightsSource("random", ""), (224, 224)).eval()
+    layers = _every_block(model) or [info["module"] for info in model.feature_info]
+    indices, _, extra = _layer_indices(model, layers)
+    with torch.inference_mode():
+        maps = cnn_layers(model, torch.zeros(1, 3, 224, 224), indices, extra)  # ViTs: token maps alike
+    return [(layer, int(m.shape[1]), 224 // int(m.shape[-1])) for layer, m in zip(layers, maps)]
 
 
 class FeatureExtractor:

@@ -296,6 +296,16 @@ def test_backbones_lists_the_packaged_lite0() -> None:
     result = _run("backbones")
     assert result.exit_code == 0
     assert "tf_efficientnet_lite0" in result.output and "packaged" in result.output
+    assert "blocks.3" not in result.output
+
+
+def test_backbones_lists_each_layer_with_channels_and_stride() -> None:
+    result = _run("backbones", "--layers")
+    assert result.exit_code == 0
+    lines = [line.split() for line in result.output.splitlines() if line.startswith("    ")]
+    table = {parts[0]: (int(parts[1]), int(parts[-1])) for parts in lines}
+    assert table["blocks.2"] == (40, 8) and table["blocks.4"] == (112, 16) and table["blocks.6"] == (320, 32)
+    assert table["blocks.3"] == (80, 16)  # inside the stride-16 stage, a layer timm's feature_info leaves out
 
 
 def test_library_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

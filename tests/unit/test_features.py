@@ -9,7 +9,7 @@ import torch
 from skimage import data as skdata
 
 from anomaly import ConfigError, WeightsUnavailableError
-from anomaly.features import FeatureExtractor, list_offline_backbones, resolve_weights
+from anomaly.features import FeatureExtractor, layer_table, list_offline_backbones, resolve_weights
 
 
 def _classify(model: torch.nn.Module, image: np.ndarray) -> str:
@@ -71,6 +71,13 @@ def test_any_block_of_an_efficientnet_is_a_layer_and_later_blocks_are_pruned() -
     torch.testing.assert_close(got.layers[1], x)
     with pytest.raises(ConfigError, match=r"unknown layer 'blocks.9'; .*or any block blocks.0 ... blocks.6"):
         FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.9"], device="cpu")
+
+
+def test_layer_table_of_feature_info_models_and_vits() -> None:
+    assert layer_table("resnet18")[2:] == [("layer2", 128, 8), ("layer3", 256, 16), ("layer4", 512, 32)]
+    assert layer_table("vit_small_patch14_reg4_dinov2.lvd142m")[0] == ("blocks.0", 384, 14)
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        layer_table("no_such_net")
 
 
 def test_vit_patch_tokens_come_back_as_maps_with_cls_embedding() -> None:
