@@ -188,6 +188,7 @@ class FeatureExtractor:
         self.model.eval().requires_grad_(False)
         if not self.is_vit:
             _fold_batchnorm(self.model, self.image_size)
+            _static_same_padding(self.model, self.image_size)
         self.model.to(self.device)
         if not self.is_vit:
             self.model.to(memory_format=torch.channels_last)
@@ -283,6 +284,57 @@ def _fold_batchnorm(model: torch.nn.Module, image_size: tuple[int, int]) -> None
         replacement = torch.nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else torch.nn.Identity()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+@torch.no_grad()
+def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) -> None:
+    """Replace timm's ``Conv2dSame`` (TensorFlow "SAME" padding) by plain convolutions for the fixed input size.
+
+    ``Conv2dSame`` works out its padding from each input's shape and applies it with ``F.pad``, a copy of the whole
+    activation on every call: a third of lite0's forward time on CPU. The input size is fixed here, so the padding
+    is too. A symmetric one goes into the convolution; an asymmetric one (one more at the end, as for a stride-2
+    3x3 on an even size) becomes the larger symmetric padding and a zero first tap of a kernel one longer, which
+    reads exactly the same pixels with the same weights (identical outputs). Hand-written because neither timm nor
+    torch offers "SAME" padding for strided convolutions; dilated ones are left as they are.
+    """
+    from timm.layers import Conv2dSame
+
+    targets = [m for m in model.modules() if isinstance(m, Conv2dSame) and m.dilation == (1, 1)]
+    sizes: dict[torch.nn.Module, tuple[int, ...]] = {}
+
+    def on_input(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        sizes[module] = tuple(inputs[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(on_input) for m in targets]
+    try:
+        model.forward_intermediates(torch.zeros(1, 3, *image_size), intermediates_only=True)  # type: ignore[operator]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    names = {module: name for name, module in model.named_modules()}
+    for conv, size in sizes.items():
+        kernel, padding = [], []
+        for length, k, stride in zip(size, conv.kernel_size, conv.stride):
+            total = max((-(length // -stride) - 1) * stride + k - length, 0)  # TF: ceil(length / stride) outputs
+            before, after = total // 2, total - total // 2
+            kernel.append(k + after - before)
+            padding.append(after)
+        plain = torch.nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            tuple(kernel),
+            conv.stride,
+            tuple(padding),
+            groups=conv.groups,
+            bias=conv.bias is not None,
+        )
+        weight = torch.zeros_like(plain.weight)
+        weight[:, :, kernel[0] - conv.kernel_size[0] :, kernel[1] - conv.kernel_size[1] :] = conv.weight
+        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if conv.bias is not None:
+            plain.bias = torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        parent_name, _, child = names[conv].rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
 
 
 def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> torch.nn.Module:

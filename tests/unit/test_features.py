@@ -151,6 +151,24 @@ def test_batchnorm_folding_keeps_the_features(monkeypatch) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [(64, 64), (61, 97), (50, 83)])
+def test_static_same_padding_keeps_the_features(monkeypatch, size) -> None:
+    """timm's Conv2dSame pads on every call; the plain convolutions that replace it give the same maps."""
+    from timm.layers import Conv2dSame
+
+    import anomaly.features as features
+
+    images = np.random.default_rng(0).integers(0, 255, (2, *size, 3), dtype=np.uint8)
+    static = FeatureExtractor("tf_efficientnet_lite0", ["blocks.1", "blocks.6"], image_size=size, device="cpu")
+    assert not any(isinstance(m, Conv2dSame) for m in static.model.modules())
+    monkeypatch.setattr(features, "_static_same_padding", lambda *args: None)
+    dynamic = FeatureExtractor("tf_efficientnet_lite0", ["blocks.1", "blocks.6"], image_size=size, device="cpu")
+    assert sum(isinstance(m, Conv2dSame) for m in dynamic.model.modules()) == 5  # stem + four stride-2 blocks
+    for a, b in zip(static(images).layers, dynamic(images).layers):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_unreachable_hub_fails_at_once_with_the_options(monkeypatch) -> None:
     import anomaly.features as features
 
