@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import urllib.parse
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -255,16 +256,18 @@ def _fold_batchnorm(model: torch.nn.Module, image_size: tuple[int, int]) -> None
     """
     from timm.layers import BatchNormAct2d
 
-    produced_by: dict[int, torch.nn.Conv2d] = {}
+    # id() of a freed tensor is reused by later ones (MixNet's split convolutions are concatenated and freed), so
+    # each entry keeps a weak reference that must still be the BN's very input
+    produced_by: dict[int, tuple[torch.nn.Conv2d, weakref.ref[torch.Tensor]]] = {}
     pairs: list[tuple[str, torch.nn.Conv2d, torch.nn.BatchNorm2d]] = []
     names = {module: name for name, module in model.named_modules()}
 
     def on_conv(module: torch.nn.Module, _: object, output: torch.Tensor) -> None:
-        produced_by[id(output)] = module  # type: ignore[assignment]
+        produced_by[id(output)] = (module, weakref.ref(output))  # type: ignore[assignment]
 
     def on_bn(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        conv = produced_by.get(id(inputs[0]))
-        if conv is not None and conv.groups <= conv.out_channels:
+        conv, produced = produced_by.get(id(inputs[0]), (None, None))
+        if conv is not None and produced is not None and produced() is inputs[0] and conv.groups <= conv.out_channels:
             pairs.append((names[module], conv, module))  # type: ignore[arg-type]
 
     hooks = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -291,7 +294,7 @@ def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) ->
     """Replace timm's ``Conv2dSame`` (TensorFlow "SAME" padding) by plain convolutions for the fixed input size.
 
     ``Conv2dSame`` works out its padding from each input's shape and applies it with ``F.pad``, a copy of the whole
-    activation on every call: a third of lite0's forward time on CPU. The input size is fixed here, so the padding
+    activation on every call: a sixth of lite0's forward time on CPU. The input size is fixed here, so the padding
     is too. A symmetric one goes into the convolution; an asymmetric one (one more at the end, as for a stride-2
     3x3 on an even size) becomes the larger symmetric padding and a zero first tap of a kernel one longer, which
     reads exactly the same pixels with the same weights (identical outputs). Hand-written because neither timm nor

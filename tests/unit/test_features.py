@@ -169,6 +169,22 @@ def test_static_same_padding_keeps_the_features(monkeypatch, size) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_split_convolutions_are_not_folded_into_a_stranger(monkeypatch) -> None:
+    """MixNet concatenates split convolutions and frees them; a reused id() must not pair a BN with one of them."""
+    import anomaly.features as features
+
+    images = np.random.default_rng(0).integers(0, 255, (2, 96, 130, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    folded = FeatureExtractor("tf_mixnet_s", [1, 3], pretrained=False, image_size=(96, 130), device="cpu")
+    monkeypatch.setattr(features, "_fold_batchnorm", lambda *args: None)
+    monkeypatch.setattr(features, "_static_same_padding", lambda *args: None)
+    torch.manual_seed(0)
+    plain = FeatureExtractor("tf_mixnet_s", [1, 3], pretrained=False, image_size=(96, 130), device="cpu")
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules()) < 39  # the plain convs' BNs fold
+    for a, b in zip(folded(images).layers, plain(images).layers):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_unreachable_hub_fails_at_once_with_the_options(monkeypatch) -> None:
     import anomaly.features as features
 
