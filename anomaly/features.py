@@ -181,7 +181,9 @@ class FeatureExtractor:
         self.image_size: tuple[int, int] = tuple(image_size or cfg["input_size"][1:])  # type: ignore[assignment]
         self.mean = torch.tensor(mean or cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std or cfg["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self.is_vit = hasattr(self.model, "patch_embed")
+        # plain ViTs (DINOv2, DeiT, EVA, BEiT) return prefix tokens (CLS, registers) beside their patch tokens;
+        # hierarchical transformers (Swin, PVT) return maps as a CNN does
+        self.is_vit = "return_prefix_tokens" in inspect.signature(self.model.forward_intermediates).parameters
         self.indices, self.layer_names, self.extra_blocks = _layer_indices(self.model, list(layers))
         # a list, not an int: timm reads an int n as "the last n layers" and would keep every block
         extra = {"extra_blocks": True} if self.extra_blocks else {}
@@ -341,33 +343,41 @@ def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) ->
 
 
 def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> torch.nn.Module:
-    import timm
-
     kwargs: dict[str, object] = {}
-    if image_size is not None and _accepts_img_size(name):
-        kwargs["img_size"] = tuple(image_size)
     if source.kind == "hub":
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any network/hub failure means "unavailable"
-            raise WeightsUnavailableError(
-                f"backbone '{name}': hub download failed ({type(exc).__name__}); use a local file "
-                f"(--set backbone.weights=PATH) or packaged weights"
-            ) from None
-    if source.kind in ("hub-cache", "file") and _is_timm_checkpoint(name, Path(source.location)):
-        overlay = {"file": source.location}
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if source.kind != "random":
+        kwargs["pretrained"] = True
+    elif source.kind in ("hub-cache", "file") and _is_timm_checkpoint(name, Path(source.location)):
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": source.location})
+    try:
+        model = _timm_model(name, image_size, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any network/hub failure means "unavailable"
+        if source.kind != "hub":
+            raise
+        raise WeightsUnavailableError(
+            f"backbone '{name}': hub download failed ({type(exc).__name__}); use a local file "
+            f"(--set backbone.weights=PATH) or packaged weights"
+        ) from None
+    if not kwargs and source.kind != "random":
         state = _read_state_dict(Path(source.location))
         model.load_state_dict(_to_timm_keys(state, model, source.location))
     return model
 
 
-def _accepts_img_size(name: str) -> bool:
+def _timm_model(name: str, image_size: tuple[int, int] | None, **kwargs: object) -> torch.nn.Module:
+    """``timm.create_model``, at ``image_size`` where the model takes one (ViTs resize their position embeddings).
+
+    Which models take ``img_size`` cannot be told from the name (EfficientViT and FastViT are CNNs, DeiT and BEiT
+    are ViTs), so it is offered first and left out if the model's constructor refuses it.
+    """
     import timm
 
-    return timm.get_pretrained_cfg(name.split(".")[0]) is not None and "vit" in name
+    if image_size is not None:
+        try:
+            return timm.create_model(name, img_size=tuple(image_size), **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, **kwargs)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -25,6 +25,23 @@ def test_vit_token_maps(name: str, size: tuple[int, int], grid: tuple[int, int],
     assert tuple(out.embedding.shape) == (2, dim) and bool(out.embedding.isfinite().all())
 
 
+@pytest.mark.parametrize(
+    ("name", "layers", "size", "shapes"),
+    [
+        ("deit_tiny_patch16_224", ["blocks.1", "blocks.2"], (96, 128), [(192, 6, 8)] * 2),  # a ViT without "vit"
+        ("efficientvit_b0", ["stages.1", "stages.2"], (96, 128), [(32, 12, 16), (64, 6, 8)]),  # a CNN with "vit"
+        ("swin_tiny_patch4_window7_224", ["layers.1", "layers.2"], (256, 320), [(192, 32, 40), (384, 16, 20)]),
+        ("pvt_v2_b0", ["stages.1", "stages.2"], (96, 128), [(64, 12, 16), (160, 6, 8)]),  # no prefix tokens
+    ],
+)
+def test_other_transformer_families_at_any_size(name: str, layers: list[str], size: tuple[int, int], shapes) -> None:
+    """The model's constructor, not its name, says whether it takes an input size; hierarchical ones give maps."""
+    fx = FeatureExtractor(name, layers, pretrained=False, image_size=size, device="cpu")
+    out = fx(np.random.default_rng(0).integers(0, 255, (2, *size, 3), dtype=np.uint8))
+    assert [tuple(t.shape[1:]) for t in out.layers] == shapes
+    assert out.embedding.shape == (2, shapes[-1][0]) and bool(out.embedding.isfinite().all())
+
+
 def _images(n: int, shape: tuple[int, int]) -> list[np.ndarray]:
     rng = np.random.default_rng(1)
     return [rng.integers(60, 200, (*shape, 3), dtype=np.uint8) for _ in range(n)]
