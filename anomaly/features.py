@@ -349,7 +349,12 @@ def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] 
     elif source.kind in ("hub-cache", "file") and _is_timm_checkpoint(name, Path(source.location)):
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": source.location})
     try:
-        model = _timm_model(name, image_size, **kwargs)
+        if source.kind == "random":  # seeded, so that a saved model loads with the weights it was fitted with
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = _timm_model(name, image_size)
+        else:
+            model = _timm_model(name, image_size, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any network/hub failure means "unavailable"
         if source.kind != "hub":
             raise

@@ -112,6 +112,14 @@ def test_save_load_roundtrip_gives_identical_scores(fitted: Detector, synthetic_
     assert loaded.decision_ == fitted.decision_
 
 
+def test_random_weights_load_as_they_were_fitted(synthetic_root: Path, tmp_path: Path) -> None:
+    """A model on randomly initialised weights (nothing saved for them) scores the same after a load."""
+    train, good, bad = _split(synthetic_root)
+    det = Detector(_config("patchcore", "backbone.pretrained=false", "threshold.folds=3")).fit(train[:6])
+    loaded = Detector.load(det.save(tmp_path / "model"))
+    assert [r.image_score for r in loaded.predict(good + bad)] == [r.image_score for r in det.predict(good + bad)]
+
+
 def test_incompatible_or_tampered_model_dirs_fail_clearly(fitted: Detector, tmp_path: Path) -> None:
     path = fitted.save(tmp_path / "model")
     meta = json.loads((path / "meta.json").read_text())
