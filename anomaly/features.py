@@ -276,11 +276,7 @@ def _fold_batchnorm(model: torch.nn.Module, image_size: tuple[int, int]) -> None
     hooks += [
         m.register_forward_pre_hook(on_bn) for m in model.modules() if type(m) in (torch.nn.BatchNorm2d, BatchNormAct2d)
     ]
-    try:
-        model.forward_intermediates(torch.zeros(1, 3, *image_size), intermediates_only=True)  # type: ignore[operator]
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _trace(model, image_size, hooks)
     for name, conv, bn in pairs:
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
@@ -311,11 +307,7 @@ def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) ->
         sizes[module] = tuple(inputs[0].shape[-2:])
 
     hooks = [m.register_forward_pre_hook(on_input) for m in targets]
-    try:
-        model.forward_intermediates(torch.zeros(1, 3, *image_size), intermediates_only=True)  # type: ignore[operator]
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _trace(model, image_size, hooks)
     names = {module: name for name, module in model.named_modules()}
     for conv, size in sizes.items():
         kernel, padding = [], []
@@ -340,6 +332,15 @@ def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) ->
             plain.bias = torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         parent_name, _, child = names[conv].rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+
+
+def _trace(model: torch.nn.Module, image_size: tuple[int, int], hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """One forward pass of a zero image through ``model`` for its ``hooks`` to record, which are removed after."""
+    try:
+        model.forward_intermediates(torch.zeros(1, 3, *image_size), intermediates_only=True)  # type: ignore[operator]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> torch.nn.Module:
