@@ -102,17 +102,26 @@ class PreprocessConfig:
     instead. ``standardize`` maps every image's gray-level mean and spread to fixed values first (brightness
     and contrast drift between acquisitions removed; see :func:`anomaly.data.views.standardize_intensity`);
     ``auto`` turns it on at fit (or for a reference-free pool) when the images' exposure drifts (the spread
-    of their bright level, :func:`anomaly.data.views.lighting_drift`)."""
+    of their bright level, :func:`anomaly.data.views.lighting_drift`). ``bit_depth``: how many bits the values
+    of 16-bit images use (a 12-bit camera's 0..4095 in a 16-bit PNG: 12); they are scaled to 8 bits accordingly,
+    and ``auto`` takes it at fit (or for a reference-free pool) from the largest value of the images, rounded up to
+    an even count (16, the full range, when none is a 16-bit image). 8-bit images are read as they are."""
 
     resize: str = "stretch"
     tile: TileConfig | None = None
     standardize: bool | str = False
+    bit_depth: int | str = 16
 
     def __post_init__(self) -> None:
         if self.resize not in ("stretch", "keep_aspect", "auto"):
             raise ConfigError(f"preprocess.resize: expected stretch, keep_aspect or auto, got '{self.resize}'")
         if not (isinstance(self.standardize, bool) or self.standardize == "auto"):
             raise ConfigError(f"preprocess.standardize: expected true, false or auto, got {self.standardize!r}")
+        depth_ok = self.bit_depth == "auto" or (
+            isinstance(self.bit_depth, int) and not isinstance(self.bit_depth, bool) and 8 <= self.bit_depth <= 16
+        )
+        if not depth_ok:
+            raise ConfigError(f"preprocess.bit_depth: expected an integer in [8, 16] or auto, got {self.bit_depth!r}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from numpy.typing import NDArray
 from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.inputs import training_paths
-from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, support_views, to_rgb
+from anomaly.data.io import significant_bits
+from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
 from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
@@ -74,6 +75,7 @@ class Detector:
         self.config = config if isinstance(config, DetectorConfig) else load_config(config)
         # what the config asked for: its "auto" settings are decided again by every fit and reference-free pool
         self._standardize_setting = self.config.preprocess.standardize
+        self._bit_depth_setting = self.config.preprocess.bit_depth
         self._input_setting = (self.config.preprocess.resize, self.config.backbone.image_size)
         self.scorer: Scorer = get_scorer(self.config.scorer.name, self.config.scorer.params)
         self.scorer.check_layer_count(len(self.config.backbone.layers))
@@ -110,14 +112,17 @@ class Detector:
                 "preprocess.resize: auto is decided from the training images (fit) or a zero-shot pool; "
                 "set stretch or keep_aspect to extract features before either"
             )
-        if pre.standardize == "auto":
-            raise ConfigError(
-                "preprocess.standardize: auto is decided from the training images (fit) or a zero-shot pool; "
-                "set true or false to extract features before either"
-            )
-        if pre.tile is None:
-            return ViewSpec(pre.resize, standardize=bool(pre.standardize))
-        return ViewSpec(pre.resize, pre.tile.size, pre.tile.overlap, bool(pre.standardize))
+        for key, value, choice in (
+            ("standardize", pre.standardize, "true or false"),
+            ("bit_depth", pre.bit_depth, "a number of bits"),
+        ):
+            if value == "auto":
+                raise ConfigError(
+                    f"preprocess.{key}: auto is decided from the training images (fit) or a zero-shot pool; "
+                    f"set {choice} to extract features before either"
+                )
+        tile = (False, 0.25) if pre.tile is None else (pre.tile.size, pre.tile.overlap)
+        return ViewSpec(pre.resize, *tile, standardize=bool(pre.standardize), bit_depth=int(pre.bit_depth))
 
     def resolve_auto(self, images: Sequence[ImageInput], *, build_backbone: bool = False) -> None:
         """Decide the ``auto`` settings of ``preprocess`` (in place) from up to 32 evenly spaced images.
@@ -126,28 +131,34 @@ class Detector:
         references (unlabelled, so deciding from it is fair). ``resize: auto``: the model input takes their
         median aspect at the configured pixel count (:func:`anomaly.data.views.fitted_input_size`) and every
         image is stretched to it. ``standardize: auto``: on when their lighting drifts
-        (:func:`anomaly.data.views.lighting_drift` above ``DRIFT_THRESHOLD``). The config holds the decisions
-        (a saved model keeps them); every fit, and every reference-free pool, decides again. Unreadable images
-        are left out of the sample (the stage that reads them reports them). ``build_backbone``: build the
-        backbone while the sample decodes (again if the input size changes).
+        (:func:`anomaly.data.views.lighting_drift` above ``DRIFT_THRESHOLD``). ``bit_depth: auto``: the bits the
+        largest value of their 16-bit images needs (:func:`anomaly.data.io.significant_bits`; 16 without any).
+        The config holds the decisions (a saved model keeps them); every fit, and every reference-free pool,
+        decides again. Unreadable images are left out of the sample (the stage that reads them reports them).
+        ``build_backbone``: build the backbone while the sample decodes (again if the input size changes).
         """
         resize, budget = self._input_setting
-        if "auto" not in (resize, self._standardize_setting) or not images:
+        if "auto" not in (resize, self._standardize_setting, self._bit_depth_setting) or not images:
             if build_backbone:
                 _ = self.extractor
             return
         if resize == "auto":  # decided again from the configured input
             self.config = replace(self.config, backbone=replace(self.config.backbone, image_size=budget))
-        lighting = self._standardize_setting == "auto"
+        lighting, depth = self._standardize_setting == "auto", self._bit_depth_setting == "auto"
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
-            measuring = pool.map(lambda i: _measure(images[i], lighting), _sample_positions(len(images)))
+            measuring = pool.map(lambda i: _measure(images[i], lighting, depth), _sample_positions(len(images)))
             if build_backbone:
                 _ = self.extractor
             sample = [m for m in measuring if m is not None]
         if resize == "auto":
-            self._decide_input_size([size for size, _ in sample])
+            self._decide_input_size([m.size for m in sample])
+        bits = self.config.preprocess.bit_depth
+        if depth:
+            bits = max((m.bits for m in sample if m.bits is not None), default=16)
+            log.info("preprocess.bit_depth: auto -> %d", bits)
+            self.config = replace(self.config, preprocess=replace(self.config.preprocess, bit_depth=bits))
         if lighting:  # no readable image in the sample: off (the extraction then names the unreadable files)
-            levels = [level for _, level in sample if level is not None]
+            levels = [m.level_at(int(bits)) for m in sample if m.level is not None]
             drift = lighting_drift(levels) if levels else 0.0
             on = drift > DRIFT_THRESHOLD
             log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, limit %.2f)", on, drift, DRIFT_THRESHOLD)
@@ -402,7 +413,7 @@ class Detector:
         own; its ``source`` names the reference it came from."""
         names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"reference {i}" for i, x in enumerate(items)]
         if self.scorer.augment_references:
-            support = [support_views(item) for item in items]
+            support = [support_views(item, self.view_spec.bit_depth) for item in items]
             names = [name for name, views in zip(names, support) for _ in views]
             items = [view for views in support for view in views]
         features = self.extract(items, progress=progress)
@@ -578,16 +589,34 @@ def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> l
     return out
 
 
-def _measure(item: ImageInput, lighting: bool) -> tuple[tuple[int, int], float | None] | None:
-    """(H, W) of an input (from a file's header) and, with ``lighting``, its bright level (decoded).
+@dataclass(frozen=True)
+class _Measure:
+    """What ``auto`` settings read from one image: its (H, W), the bits of its 16-bit values (None: 8-bit
+    image), and its bright level at its own depth (None: not measured)."""
+
+    size: tuple[int, int]
+    bits: int | None = None
+    level: float | None = None
+
+    def level_at(self, bit_depth: int) -> float:
+        """The bright level of the image once scaled to 8 bits as ``bit_depth`` says (a percentile commutes with
+        the monotonic scaling)."""
+        assert self.level is not None
+        return self.level if self.bits is None else min(255.0, self.level / 2 ** (bit_depth - 8))
+
+
+def _measure(item: ImageInput, lighting: bool, depth: bool) -> _Measure | None:
+    """Measure an input for ``resize``, ``standardize`` (``lighting``) and ``bit_depth`` (``depth``): files are
+    decoded only when the lighting is measured or their header says 16 bits.
 
     None when the input cannot be read: the sample that decides ``auto`` skips it.
     """
     try:
-        if not lighting:
-            return image_size(item), None
-        image = to_rgb(item)[0]
-        return (image.shape[0], image.shape[1]), bright_level(image)
+        pixels = raw_pixels(item, header_first=not lighting) if lighting or depth else None
+        if pixels is None:
+            return _Measure(image_size(item))
+        level = bright_level(pixels) if lighting else None
+        return _Measure((pixels.shape[0], pixels.shape[1]), significant_bits(pixels), level)
     except DataError:
         return None
 

@@ -237,6 +237,7 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
             "std": [round(v / 255, 6) for v in det.extractor.std.flatten().tolist()],
             "layout": "uint8 RGB (N, H, W, 3), resized as the Detector does; normalised inside the network",
             "standardize": bool(det.config.preprocess.standardize),  # per-image gray mean/std, before the network
+            "bit_depth": int(det.config.preprocess.bit_depth),  # significant bits of 16-bit images
         },
         "scorer": {"name": det.scorer.name, "params": det.scorer.get_params()},
         "postprocess": {

@@ -72,7 +72,7 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
     backend = predictor.manifest["network"]["format"] if hasattr(predictor, "manifest") else "torch"
 
     def score(data: bytes, maps: bool) -> Any:
-        image = decode_bytes(data, "uploaded image")
+        image = decode_bytes(data, "uploaded image", predictor.view_spec.bit_depth)
         with lock:
             return predictor.predict(image, maps=maps)
 

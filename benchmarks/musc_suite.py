@@ -8,7 +8,8 @@ mix, all of them when it has fewer, like a user scoring a whole test folder); ``
 first ``k`` train/good images (references stay in the pool, with VisionAD's 6 support views when
 ``augment_references`` is on).
 Metrics as ``dev_suite.py``; ``realised_fpr`` is the share of the pool's normal images flagged by the pool
-threshold, ``defects_flagged`` (in ``suite.json`` and the progress lines) the share of its defective images flagged; ``pools`` in ``suite.json`` keeps each pool's image scores and labels.
+threshold, ``defects_flagged`` (in ``suite.json`` and the progress lines) the share of its defective images
+flagged; ``pools`` in ``suite.json`` keeps each pool's image scores and labels.
 One table per shot count and their means in ``suite.md``.
 """
 

@@ -29,9 +29,13 @@ __all__ = [
     "is_image_file",
     "list_images",
     "read_image",
+    "read_pixels",
     "read_image_size",
     "read_images",
     "read_mask",
+    "significant_bits",
+    "stored_bit_depth",
+    "to_8bit",
 ]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -55,14 +59,17 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_image(path: str | os.PathLike[str]) -> NDArray[np.uint8]:
+def read_image(path: str | os.PathLike[str], bit_depth: int | None = 16) -> NDArray[np.uint8]:
     """Decode an image file to RGB.
 
-    EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped) and 16-bit images (scaled by ``>> 8``)
-    are all converted.
+    EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped) and 16-bit images are all converted.
+    A 16-bit image's values are taken to use ``bit_depth`` bits (12 for a 12-bit camera's 0..4095) and scaled to
+    8 bits by :func:`to_8bit`; the default, 16, is the full range (``>> 8``).
 
     Args:
         path: Image file.
+        bit_depth: Significant bits of 16-bit data, 8 to 16; None: the image's own (:func:`significant_bits`),
+            for display, where images need not be comparable.
 
     Returns:
         ``(H, W, 3)`` uint8 RGB array, C-contiguous.
@@ -70,7 +77,56 @@ def read_image(path: str | os.PathLike[str]) -> NDArray[np.uint8]:
     Raises:
         DataError: The file is missing, cannot be decoded or has more than :data:`MAX_PIXELS` pixels.
     """
-    return decode_bytes(_read_bytes(Path(path)), _printable(Path(path)))
+    return decode_bytes(_read_bytes(Path(path)), _printable(Path(path)), bit_depth)
+
+
+def read_pixels(source: str | os.PathLike[str] | bytes) -> NDArray[Any]:
+    """Decode an image file (or encoded bytes) at its own depth (uint8, or uint16 for 16-bit files): gray ``(H, W)``
+    or RGB ``(H, W, 3)``, EXIF-oriented, no alpha. :func:`to_8bit` converts it as :func:`read_image` would."""
+    if isinstance(source, (bytes, bytearray)):
+        return _integer_pixels(_decode(np.frombuffer(source, dtype=np.uint8), "image bytes"), "image bytes")
+    name = _printable(Path(source))
+    return _integer_pixels(_decode(_read_bytes(Path(source)), name), name)
+
+
+def stored_bit_depth(path: str | os.PathLike[str]) -> int:
+    """Bits per sample the file stores (8 or 16), read from its header: PNG's IHDR, TIFF's BitsPerSample.
+
+    Other formats (JPEG, BMP, WebP) decode to 8 bits. A file whose header cannot be read counts as 8 bits: the
+    decoder reports it when the image is read.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(26)
+        if head.startswith(_PNG_SIGNATURE) and len(head) == 26:
+            return 16 if head[24] == 16 else 8
+        if head[:4] in (b"II*\x00", b"MM\x00*"):
+            with Image.open(path) as opened:
+                bits = opened.tag_v2.get(258, 8)  # type: ignore[attr-defined]
+            return 16 if max(np.atleast_1d(bits)) > 8 else 8
+    except Exception:  # unreadable or malformed headers: reported by the decoder, not here
+        return 8
+    return 8
+
+
+def significant_bits(pixels: NDArray[Any]) -> int | None:
+    """Bits that 16-bit pixel values need, rounded up to an even count as camera depths are (values up to 4095:
+    12; up to 1000: 10; never below 8). None for 8-bit data."""
+    if pixels.dtype == np.uint8:
+        return None
+    top = int(np.clip(pixels.max(initial=0), 0, 65535))
+    bits = max(8, top.bit_length())
+    return min(16, bits + bits % 2)
+
+
+def to_8bit(pixels: NDArray[Any], bit_depth: int = 16) -> NDArray[np.uint8]:
+    """Integer pixels -> uint8: 16-bit values using ``bit_depth`` bits are shifted right by ``bit_depth - 8``
+    (values above that range saturate at 255); uint8 is returned as it is."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if not 8 <= bit_depth <= 16:
+        raise ValueError(f"bit_depth must be in [8, 16], got {bit_depth}")
+    return np.minimum(np.clip(pixels, 0, 65535).astype(np.uint32) >> (bit_depth - 8), 255).astype(np.uint8)
 
 
 def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -90,25 +146,27 @@ def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     return height, width
 
 
-def decode_bytes(data: bytes | NDArray[np.uint8], name: str = "image bytes") -> NDArray[np.uint8]:
+def decode_bytes(
+    data: bytes | NDArray[np.uint8], name: str = "image bytes", bit_depth: int | None = 16
+) -> NDArray[np.uint8]:
     """Decode an encoded image (PNG, JPEG, ...) held in memory to RGB, as :func:`read_image` does."""
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
-    pixels = _decode(buffer, name)
-    if pixels.dtype != np.uint8:
-        if pixels.dtype.kind not in "iu":
-            raise DataError(f"cannot read image: {name} (unsupported pixel type {pixels.dtype})")
-        pixels = (np.clip(pixels, 0, 65535) >> 8).astype(np.uint8)
+    pixels = _integer_pixels(_decode(buffer, name), name)
+    pixels = to_8bit(pixels, (significant_bits(pixels) or 16) if bit_depth is None else bit_depth)
     if pixels.ndim == 2:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
     return cast("NDArray[np.uint8]", np.ascontiguousarray(pixels))
 
 
-def read_images(paths: Sequence[str | os.PathLike[str]], num_threads: int | None = None) -> list[NDArray[np.uint8]]:
+def read_images(
+    paths: Sequence[str | os.PathLike[str]], num_threads: int | None = None, bit_depth: int | None = 16
+) -> list[NDArray[np.uint8]]:
     """Decode many images in parallel with :func:`read_image`, preserving order.
 
     Args:
         paths: Image files.
         num_threads: Worker threads; ``None`` uses ``min(8, os.cpu_count())``.
+        bit_depth: As for :func:`read_image`.
 
     Returns:
         One ``(H, W, 3)`` uint8 RGB array per path, in the order of ``paths``.
@@ -122,9 +180,9 @@ def read_images(paths: Sequence[str | os.PathLike[str]], num_threads: int | None
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if num_threads == 1 or len(paths) < 2:
-        return [read_image(p) for p in paths]
+        return [read_image(p, bit_depth) for p in paths]
     with ThreadPoolExecutor(max_workers=min(num_threads, len(paths))) as pool:
-        futures = [pool.submit(read_image, p) for p in paths]
+        futures = [pool.submit(read_image, p, bit_depth) for p in paths]
         try:
             return [f.result() for f in futures]
         except BaseException:
@@ -241,6 +299,13 @@ def _walk(root: Path) -> list[Path]:
         files.extend(Path(dirpath, name) for name in filenames if not name.startswith("."))
     files.sort(key=lambda p: p.relative_to(root).parts)
     return files
+
+
+def _integer_pixels(pixels: NDArray[Any], name: str) -> NDArray[Any]:
+    """``pixels`` unchanged, or a one-line error naming the image for float (HDR, scientific TIFF) data."""
+    if pixels.dtype.kind not in "iu":
+        raise DataError(f"cannot read image: {name} (unsupported pixel type {pixels.dtype})")
+    return pixels
 
 
 def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:

@@ -1,7 +1,7 @@
 """Image inputs -> decoded RGB -> batches of model-input views (the first stage of the data flow).
 
 An input is a path, encoded bytes, a PIL image or an RGB array (``(H, W)``, ``(H, W, 3)`` or
-``(H, W, 4)``; uint8, uint16 (scaled by ``>> 8`` as 16-bit files are) or float in [0, 1]); torch
+``(H, W, 4)``; uint8, uint16 (scaled to 8 bits as 16-bit files are) or float in [0, 1]); torch
 tensors in (C, H, W) or (H, W, C) layout are accepted too. Arrays are taken as **RGB**, not OpenCV's BGR.
 """
 
@@ -11,13 +11,13 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly.data.io import decode_bytes, read_image, read_image_size
+from anomaly.data.io import decode_bytes, read_image, read_image_size, read_pixels, stored_bit_depth, to_8bit
 from anomaly.data.views import Layout, ViewSpec, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
@@ -28,6 +28,7 @@ __all__ = [
     "decode_input",
     "image_size",
     "iter_batches",
+    "raw_pixels",
     "support_views",
     "to_rgb",
 ]
@@ -60,21 +61,45 @@ class ImageBatch:
         return [d for d in self.items if d.error is None]
 
 
-def to_rgb(item: ImageInput) -> tuple[NDArray[np.uint8], str | None]:
-    """Decode any supported input to an RGB uint8 array and its source path (None for in-memory data)."""
+def to_rgb(item: ImageInput, bit_depth: int = 16) -> tuple[NDArray[np.uint8], str | None]:
+    """Decode any supported input to an RGB uint8 array and its source path (None for in-memory data).
+
+    16-bit data (files, uint16 arrays, 16-bit PIL images) is taken to use ``bit_depth`` bits (see
+    :func:`anomaly.data.io.to_8bit`).
+    """
     if isinstance(item, (str, os.PathLike)):
-        return read_image(item), os.fspath(item)
+        return read_image(item, bit_depth), os.fspath(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return decode_bytes(bytes(item), "image bytes"), None
+        return decode_bytes(bytes(item), "image bytes", bit_depth), None
+    return _array_rgb(_in_memory_array(item), bit_depth), None
+
+
+def raw_pixels(item: ImageInput, header_first: bool = False) -> NDArray[Any] | None:
+    """An input's pixels at its own depth (uint8 or 16-bit integers; gray or RGB), as :func:`to_rgb` reads them.
+
+    With ``header_first``, a file whose header says 8 bits per sample is not decoded and None is returned.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        return None if header_first and stored_bit_depth(item) == 8 else read_pixels(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return read_pixels(bytes(item))
+    array = _in_memory_array(item)
+    if array.dtype == np.uint16 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
+        return array if array.ndim == 2 else array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3]
+    return _array_rgb(array)
+
+
+def _in_memory_array(item: ImageInput) -> NDArray[Any]:
+    """A tensor, PIL image or array as an (H, W[, C]) array (PIL's 16-bit gray kept at its depth)."""
     if hasattr(item, "detach") and hasattr(item, "cpu"):  # torch tensor, without importing torch here
         array = item.detach().cpu().numpy()
         if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
             array = np.moveaxis(array, 0, -1)
-        return _array_rgb(array), None
+        return cast("NDArray[Any]", array)
     if hasattr(item, "mode") and hasattr(item, "convert"):  # PIL image
-        return _array_rgb(np.asarray(item.convert("RGB"))), None
+        return np.asarray(item if item.mode.startswith("I;16") else item.convert("RGB"))
     if isinstance(item, np.ndarray):
-        return _array_rgb(item), None
+        return item
     raise DataError(
         f"unsupported image input of type {type(item).__name__}: give a path, bytes, a PIL image or an RGB array"
     )
@@ -95,9 +120,9 @@ def decode_input(
 
     Resizing uses INTER_AREA when shrinking, else bilinear; see :mod:`anomaly.data.views`.
     """
-    image, source = to_rgb(item)
-    h, w = image.shape[:2]
     spec = spec or ViewSpec()
+    image, source = to_rgb(item, spec.bit_depth)
+    h, w = image.shape[:2]
     layout = spec.layout((h, w), size)
     views = cut_views(image, layout, size)
     if spec.standardize:  # after resizing (an affine map commutes with it), so only the views are transformed
@@ -142,14 +167,14 @@ def iter_batches(
             yield ImageBatch(images, decoded)
 
 
-def support_views(item: ImageInput) -> list[NDArray[np.uint8]]:
+def support_views(item: ImageInput, bit_depth: int = 16) -> list[NDArray[np.uint8]]:
     """The 6 views of a few-shot support image: identity, 3 rotations, vertical and horizontal flip."""
-    image, _ = to_rgb(item)
+    image, _ = to_rgb(item, bit_depth)
     rotations = [np.ascontiguousarray(np.rot90(image, k)) for k in range(4)]
     return [*rotations, np.ascontiguousarray(image[::-1]), np.ascontiguousarray(image[:, ::-1])]
 
 
-def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
+def _array_rgb(array: NDArray[Any], bit_depth: int = 16) -> NDArray[np.uint8]:
     if array.size == 0 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise DataError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4) RGB, got shape {array.shape}")
     if array.dtype != np.uint8:
@@ -162,8 +187,8 @@ def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
                     "pass uint8 for 0-255 data"
                 )
             array = np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)  # floats are taken as [0, 1]
-        elif array.dtype == np.uint16:  # 16-bit camera frames: scaled as 16-bit files are (>> 8)
-            array = (array >> 8).astype(np.uint8)
+        elif array.dtype == np.uint16:  # 16-bit camera frames: scaled as 16-bit files are
+            array = to_8bit(array, bit_depth)
         elif array.dtype.kind in "iub":
             array = np.clip(array, 0, 255).astype(np.uint8)
         else:

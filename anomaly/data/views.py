@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -67,6 +68,7 @@ class ViewSpec:
     tile: int | None | bool = False  # False: no tiling; None: tiles of the shorter side; N: N-pixel tiles
     overlap: float = 0.25
     standardize: bool = False  # views photometrically standardised with their image's statistics
+    bit_depth: int = 16  # significant bits of 16-bit images (anomaly.data.io.to_8bit)
 
     def layout(self, size: tuple[int, int], input_size: tuple[int, int]) -> Layout:
         return plan_layout(size, input_size, self.resize, self.tile, self.overlap)
@@ -160,8 +162,8 @@ def gray_stats(image: NDArray[np.uint8]) -> tuple[float, float]:
     return float(gray.mean()), float(gray.std())
 
 
-def bright_level(image: NDArray[np.uint8]) -> float:
-    """The gray level that 2 % of an RGB image's pixels exceed (from a grid sample of large images).
+def bright_level(image: NDArray[Any]) -> float:
+    """The gray level that 2 % of an RGB (or gray) image's pixels exceed (from a grid sample of large images).
 
     Exposure and lamp changes move it; what the frame shows hardly does, unless nearly all of it changes
     (a binarised board with more or less copper keeps 255, where its mean and std swing with the copper).
@@ -169,10 +171,12 @@ def bright_level(image: NDArray[np.uint8]) -> float:
     return float(np.percentile(_gray_sample(image), 98))
 
 
-def _gray_sample(image: NDArray[np.uint8]) -> NDArray[np.float32]:
-    """Gray levels (channel mean) of an RGB image, on a grid of about ``_STATS_PIXELS`` pixels for large images."""
+def _gray_sample(image: NDArray[Any]) -> NDArray[np.float32]:
+    """Gray levels (channel mean) of an RGB or gray image, on a grid of about ``_STATS_PIXELS`` pixels for large
+    images."""
     step = max(1, math.isqrt(image.shape[0] * image.shape[1] // _STATS_PIXELS))
-    return image[::step, ::step].mean(axis=2, dtype=np.float32)
+    sample = image[::step, ::step]
+    return sample.mean(axis=2, dtype=np.float32) if sample.ndim == 3 else sample.astype(np.float32)
 
 
 def lighting_drift(levels: list[float]) -> float:

@@ -69,7 +69,7 @@ def _read(path: Path | None) -> NDArray[np.uint8] | None:
     if path is None:
         return None
     try:
-        return read_image(path)
+        return read_image(path, bit_depth=None)  # 16-bit images at their own depth: a 12-bit frame is not black
     except DataError:
         return None
 

@@ -56,7 +56,10 @@ class ExportedDetector:
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)
             self._network = load_network(self.directory, self.manifest["network"])
             self._scorer = load_scorer(self.directory, self.manifest["scorer"], self.manifest["files"])
-            self.view_spec = ViewSpec(standardize=bool(self.manifest["input"].get("standardize", False)))
+            model_input = self.manifest["input"]
+            self.view_spec = ViewSpec(
+                standardize=bool(model_input.get("standardize", False)), bit_depth=int(model_input.get("bit_depth", 16))
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{self.directory}: incomplete export ({type(exc).__name__}: {exc})") from None
         self.scorer = ScorerInfo(self.manifest["scorer"]["name"], self._scorer.has_maps)

@@ -117,6 +117,33 @@ def test_read_16bit_png(tmp_path: Path) -> None:
         np.testing.assert_array_equal(to_rgb(array)[0], read_image(tmp_path / "frame.png"))
 
 
+def test_16bit_images_are_scaled_by_the_bits_they_use(tmp_path: Path) -> None:
+    from anomaly.data.io import significant_bits, stored_bit_depth, to_8bit
+    from anomaly.data.loader import raw_pixels, to_rgb
+
+    twelve = RNG.integers(0, 4096, (20, 30), dtype=np.uint16)  # a 12-bit camera's frame in a 16-bit PNG
+    cv2.imwrite(str(tmp_path / "g12.png"), twelve)
+    expected = np.stack([(twelve >> 4).astype(np.uint8)] * 3, axis=-1)
+    np.testing.assert_array_equal(read_image(tmp_path / "g12.png", bit_depth=12), expected)
+    assert read_image(tmp_path / "g12.png").max() <= 15  # read as full 16-bit data it is nearly black
+    np.testing.assert_array_equal(read_image(tmp_path / "g12.png", bit_depth=None), expected)  # its own depth
+    np.testing.assert_array_equal(to_rgb(twelve, 12)[0], expected)  # arrays and PIL images read like the file
+    np.testing.assert_array_equal(to_rgb(Image.fromarray(twelve), 12)[0], expected)
+    np.testing.assert_array_equal(raw_pixels(tmp_path / "g12.png"), twelve)
+    assert to_8bit(np.array([16, 4080, 4096, 65535], np.uint16), 12).tolist() == [1, 255, 255, 255]  # saturates
+    for top, bits in ((0, 8), (255, 8), (256, 10), (1000, 10), (4095, 12), (4096, 14), (65535, 16)):
+        assert significant_bits(np.array([3, top], np.uint16)) == bits
+    assert significant_bits(np.full(3, 255, np.uint8)) is None
+    # the header says how many bits a file stores, without decoding it
+    cv2.imwrite(str(tmp_path / "g8.png"), (twelve >> 4).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "g16.tif"), twelve)
+    cv2.imwrite(str(tmp_path / "g8.tif"), (twelve >> 4).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "g.jpg"), (twelve >> 4).astype(np.uint8))
+    depths = {name: stored_bit_depth(tmp_path / name) for name in ("g12.png", "g8.png", "g16.tif", "g8.tif", "g.jpg")}
+    assert depths == {"g12.png": 16, "g8.png": 8, "g16.tif": 16, "g8.tif": 8, "g.jpg": 8}
+    assert raw_pixels(tmp_path / "g8.png", header_first=True) is None
+
+
 @pytest.mark.parametrize(("orientation", "corner"), [(6, (0, 0, 255)), (8, (0, 255, 0)), (3, (255, 255, 255))])
 def test_exif_rotated_jpeg(tmp_path: Path, orientation: int, corner: tuple[int, int, int]) -> None:
     Image.fromarray(_quadrants()).save(tmp_path / "photo.jpg", exif=_exif(orientation), quality=95)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -62,6 +63,32 @@ def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthe
     anomalous = [r.image_score for r in batch[len(good) :]]
     assert min(anomalous) > max(normal)  # the painted defects are found
     assert not any(r.is_anomalous for r in batch[: len(good)])  # threshold from normal images only
+
+
+def _as_12_bit(paths: list[Path], folder: Path) -> list[Path]:
+    """The same pixels as a 12-bit camera writes them into 16-bit PNGs (value x 16, at most 4080)."""
+    folder.mkdir()
+    copies = [folder / f"{i:03d}.png" for i in range(len(paths))]
+    for path, copy in zip(paths, copies):
+        cv2.imwrite(str(copy), read_image(path)[..., ::-1].astype(np.uint16) * 16)
+    return copies
+
+
+def test_bit_depth_auto_reads_12_bit_images_like_their_8_bit_originals(
+    fitted: Detector, synthetic_root: Path, tmp_path: Path
+) -> None:
+    train, good, bad = _split(synthetic_root)
+    det = Detector(_config()).fit(_as_12_bit(train, tmp_path / "train"))
+    assert det.config.preprocess.bit_depth == 12 and fitted.config.preprocess.bit_depth == 16
+    # the same pixels, so the same model (up to float rounding: a process's first fit differs by about 1e-5)
+    assert det.threshold_ == pytest.approx(fitted.threshold_, rel=1e-3)
+    test12 = _as_12_bit(good + bad, tmp_path / "test")
+    expected = [r.image_score for r in fitted.predict(good + bad)]
+    assert [r.image_score for r in det.predict(test12)] == pytest.approx(expected, rel=1e-3)
+    det.save(tmp_path / "model")
+    loaded = Detector.load(tmp_path / "model")
+    assert loaded.config.preprocess.bit_depth == 12
+    assert [r.image_score for r in loaded.predict(test12)] == pytest.approx(expected, rel=1e-3)
 
 
 def _assert_masks_agree_with_verdicts(results: list[DetectionResult]) -> None:

@@ -154,3 +154,34 @@ def test_zero_shot_models_cannot_be_exported(synthetic_root: Path, tmp_path: Pat
     assert result.exit_code == 2
     assert "zero-shot" in result.output and "cannot be exported" in result.output
     assert not (tmp_path / "export").exists()
+
+
+def test_exports_and_the_service_keep_the_bit_depth_of_12_bit_training_images(
+    synthetic_root: Path, tmp_path: Path, assert_parity: Callable[..., None]
+) -> None:
+    import cv2
+    from fastapi.testclient import TestClient
+
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.data.io import read_image
+    from anomaly.serve import create_app
+
+    def as_12_bit(paths: list[Path], folder: Path) -> list[Path]:  # value x 16: 0..4080 in 16-bit PNGs
+        folder.mkdir()
+        copies = [folder / f"{i:03d}.png" for i in range(len(paths))]
+        for path, copy in zip(paths, copies):
+            cv2.imwrite(str(copy), read_image(path)[..., ::-1].astype(np.uint16) * 16)
+        return copies
+
+    config = apply_overrides(load_config("patchcore"), ["backbone.image_size=[64,64]", "threshold.folds=3"])
+    train = as_12_bit(sorted((synthetic_root / "train" / "good").glob("*.png"))[:6], tmp_path / "train")
+    model = Detector(config).fit(train).save(tmp_path / "model")
+    from anomaly.export import export_model
+
+    runtime = ExportedDetector(export_model(model, tmp_path / "export"))
+    assert json.loads((tmp_path / "export" / "manifest.json").read_text())["input"]["bit_depth"] == 12
+    paths = as_12_bit(_test_images(synthetic_root), tmp_path / "test")
+    expected = Detector.load(model).predict(paths)
+    assert_parity(expected, runtime.predict(paths))
+    served = TestClient(create_app(runtime)).post("/predict", files={"file": ("a.png", paths[-1].read_bytes())})
+    assert served.json()["score"] == pytest.approx(expected[-1].image_score, rel=1e-4)
