@@ -97,7 +97,9 @@ def _in_memory_array(item: ImageInput) -> NDArray[Any]:
             array = np.moveaxis(array, 0, -1)
         return cast("NDArray[Any]", array)
     if hasattr(item, "mode") and hasattr(item, "convert"):  # PIL image
-        return np.asarray(item if item.mode.startswith("I;16") else item.convert("RGB"))
+        if item.mode.startswith("I;16"):  # I;16, I;16B, I;16L: native-endian uint16
+            return np.asarray(item).astype(np.uint16)
+        return np.asarray(item.convert("RGB"))
     if isinstance(item, np.ndarray):
         return item
     raise DataError(
