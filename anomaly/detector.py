@@ -154,8 +154,10 @@ class Detector:
             self._decide_input_size([m.size for m in sample])
         bits = self.config.preprocess.bit_depth
         if depth:
-            bits = max((m.bits for m in sample if m.bits is not None), default=16)
-            log.info("preprocess.bit_depth: auto -> %d", bits)
+            found = [m.bits for m in sample if m.bits is not None]
+            bits = max(found, default=16)
+            if found:  # 8-bit images are read as they are whatever the setting: no line for them
+                log.info("preprocess.bit_depth: auto -> %d (the largest value of the 16-bit images)", bits)
             self.config = replace(self.config, preprocess=replace(self.config.preprocess, bit_depth=bits))
         if lighting:  # no readable image in the sample: off (the extraction then names the unreadable files)
             levels = [m.level_at(int(bits)) for m in sample if m.level is not None]

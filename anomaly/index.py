@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -96,7 +98,8 @@ class NNIndex:
             cpu.reset()
         else:
             cpu = self._trained(bank, seed)
-        cpu.add(bank)
+        with _faiss_threads():
+            cpu.add(bank)
         self._attach(cpu)
         return self
 
@@ -118,7 +121,8 @@ class NNIndex:
             if ivf is not None:
                 ivf.cp.seed = seed
                 ivf.cp.niter = _KMEANS_ITERATIONS
-            cpu.train(bank)
+            with _faiss_threads():
+                cpu.train(bank)
         return cpu
 
     def search(self, queries: NDArray[np.float32], k: int = 1) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
@@ -133,7 +137,8 @@ class NNIndex:
             raise BackendError("NNIndex.search called before build/deserialize")
         k = min(k, self.ntotal)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        sq, ids = self._search.search(queries, k)
+        with _faiss_threads():
+            sq, ids = self._search.search(queries, k)
         if self._stores_rows and len(queries) and (ids >= 0).all():
             rows = self._cpu.reconstruct_batch(ids.ravel()).reshape(*ids.shape, -1)
             return np.linalg.norm(queries[:, None, :] - rows, axis=2), ids
@@ -219,10 +224,6 @@ class NNIndex:
         if ivf is not None:
             ivf.nprobe = self.nprobe or max(1, ivf.nlist // _PROBE_SHARE)
         self._stores_rows = _stores_rows(cpu)
-        # With spinning OpenMP threads, FAISS on all cores ran 2.8x slower than on one whenever the
-        # cores were shared; with passive waiting (the CLI's setting) all cores are 1.7x faster.
-        cores = os.cpu_count() or 2
-        faiss.omp_set_num_threads(cores if passive_openmp() else max(1, cores // 2))
         self._cpu = cpu
         self._search, self._search_gpu = cpu, None
         self.place(self.gpu, force=True)
@@ -257,6 +258,28 @@ class NNIndex:
             log.info("FAISS search on GPU %d", target)
         self._search_gpu = target
         return self
+
+
+@contextmanager
+def _faiss_threads() -> Iterator[None]:
+    """FAISS's OpenMP threads for one call, restored afterwards.
+
+    With spinning OpenMP threads, FAISS on all cores ran 2.8x slower than on one whenever the cores were
+    shared; with passive waiting (the CLI's setting) all cores are 1.7x faster. FAISS and torch share one
+    OpenMP runtime (torch loaded first), so a lasting setting would set the backbone's threads too: it left
+    torch on one thread of two after the first fit of a Python process, where predicting bottle's 83 test
+    images then took 2.90 s instead of 2.75 s, and the features of that first fit differed from a second
+    fit's by 1e-5 (another threshold in the fifth digit).
+    """
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    cores = os.cpu_count() or 2
+    faiss.omp_set_num_threads(cores if passive_openmp() else max(1, cores // 2))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _downcast_hnsw(index: Any) -> Any:

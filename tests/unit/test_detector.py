@@ -80,15 +80,14 @@ def test_bit_depth_auto_reads_12_bit_images_like_their_8_bit_originals(
     train, good, bad = _split(synthetic_root)
     det = Detector(_config()).fit(_as_12_bit(train, tmp_path / "train"))
     assert det.config.preprocess.bit_depth == 12 and fitted.config.preprocess.bit_depth == 16
-    # the same pixels, so the same model (up to float rounding: a process's first fit differs by about 1e-5)
-    assert det.threshold_ == pytest.approx(fitted.threshold_, rel=1e-3)
+    assert det.threshold_ == pytest.approx(fitted.threshold_, rel=1e-6)  # the same pixels, so the same model
     test12 = _as_12_bit(good + bad, tmp_path / "test")
     expected = [r.image_score for r in fitted.predict(good + bad)]
-    assert [r.image_score for r in det.predict(test12)] == pytest.approx(expected, rel=1e-3)
+    assert [r.image_score for r in det.predict(test12)] == pytest.approx(expected, rel=1e-6)
     det.save(tmp_path / "model")
     loaded = Detector.load(tmp_path / "model")
     assert loaded.config.preprocess.bit_depth == 12
-    assert [r.image_score for r in loaded.predict(test12)] == pytest.approx(expected, rel=1e-3)
+    assert [r.image_score for r in loaded.predict(test12)] == pytest.approx(expected, rel=1e-6)
 
 
 def _assert_masks_agree_with_verdicts(results: list[DetectionResult]) -> None:

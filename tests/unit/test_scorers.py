@@ -285,6 +285,27 @@ def test_flat_index_returns_true_l2_and_hnsw_keeps_recall() -> None:
     np.testing.assert_array_equal(restored.search(queries, 1)[1], ids)
 
 
+def test_faiss_leaves_the_backbone_threads_as_they_were() -> None:
+    """FAISS and torch share one OpenMP runtime when torch is loaded first, as the Detector loads them: FAISS's
+    thread count must not outlast its own calls (it left torch on one thread of two after a first fit)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, numpy as np\n"
+        "from anomaly.index import NNIndex\n"
+        "bank = np.random.default_rng(0).standard_normal((5000, 8)).astype(np.float32)\n"
+        "NNIndex('auto').build(bank).search_images(bank[:256].reshape(2, 128, 8))\n"  # IVF: train, add, searches
+        "print(torch.get_num_threads())\n"
+    )
+    # torch starts on at least 2 threads; FAISS with spinning threads takes half the cores, so fewer
+    threads = str(max(2, os.cpu_count() or 2))
+    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": threads}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert out.stdout.split()[-1] == threads
+
+
 def test_auto_index_is_exact_for_small_banks_and_an_inverted_file_above() -> None:
     assert auto_index_string(4095) == "Flat"
     assert auto_index_string(10_700) == "IVF128,Flat"  # about 64 rows per list
