@@ -269,7 +269,7 @@ def _faiss_threads() -> Iterator[None]:
     OpenMP runtime (torch loaded first), so a lasting setting would set the backbone's threads too: it left
     torch on one thread of two after the first fit of a Python process, where predicting bottle's 83 test
     images then took 2.90 s instead of 2.75 s, and the features of that first fit differed from a second
-    fit's by 1e-5 (another threshold in the fifth digit).
+    fit's by 1e-5 (thresholds 0.07 % apart).
     """
     import faiss
 

@@ -162,6 +162,10 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             "preprocess.standardize",
         ),
         (
+            ["fit", "--out", tmp_path / "o7b", "--set", "preprocess.bit_depth=20", synthetic_root],
+            "preprocess.bit_depth: expected an integer in [8, 16] or auto, got 20",
+        ),
+        (
             ["score", "--zero-shot", "--out", tmp_path / "o8", "--set", "scorer.params.map_layers=[0,5]", empty],
             "map_layers",
         ),
