@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -152,10 +152,7 @@ def decode_bytes(
     """Decode an encoded image (PNG, JPEG, ...) held in memory to RGB, as :func:`read_image` does."""
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
     pixels = _integer_pixels(_decode(buffer, name), name)
-    pixels = to_8bit(pixels, (significant_bits(pixels) or 16) if bit_depth is None else bit_depth)
-    if pixels.ndim == 2:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
-    return cast("NDArray[np.uint8]", np.ascontiguousarray(pixels))
+    return _rgb8(pixels, (significant_bits(pixels) or 16) if bit_depth is None else bit_depth)
 
 
 def read_images(
@@ -166,7 +163,8 @@ def read_images(
     Args:
         paths: Image files.
         num_threads: Worker threads; ``None`` uses ``min(8, os.cpu_count())``.
-        bit_depth: As for :func:`read_image`.
+        bit_depth: As for :func:`read_image`; None: one depth for all of them, the bits that the largest value of
+            their 16-bit images needs, so that their brightness stays comparable.
 
     Returns:
         One ``(H, W, 3)`` uint8 RGB array per path, in the order of ``paths``.
@@ -179,16 +177,34 @@ def read_images(
         num_threads = min(8, os.cpu_count() or 1)
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if bit_depth is not None:
+        return _in_threads(lambda path: read_image(path, bit_depth), paths, num_threads)
+    pixels = _in_threads(read_pixels, paths, num_threads)
+    shared = max((bits for bits in map(significant_bits, pixels) if bits is not None), default=16)
+    return [_rgb8(p, shared) for p in pixels]
+
+
+def _in_threads(read: Callable[[Any], Any], paths: Sequence[Any], num_threads: int) -> list[Any]:
+    """``[read(p) for p in paths]`` on up to ``num_threads`` threads (decoders release the GIL); the first
+    error in order is raised."""
     if num_threads == 1 or len(paths) < 2:
-        return [read_image(p, bit_depth) for p in paths]
+        return [read(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(num_threads, len(paths))) as pool:
-        futures = [pool.submit(read_image, p, bit_depth) for p in paths]
+        futures = [pool.submit(read, p) for p in paths]
         try:
             return [f.result() for f in futures]
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
+
+
+def _rgb8(pixels: NDArray[Any], bit_depth: int) -> NDArray[np.uint8]:
+    """Decoded integer pixels (gray or RGB, any depth) -> C-contiguous (H, W, 3) uint8 RGB."""
+    pixels = to_8bit(pixels, bit_depth)
+    if pixels.ndim == 2:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    return cast("NDArray[np.uint8]", np.ascontiguousarray(pixels))
 
 
 def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> NDArray[np.bool_]:

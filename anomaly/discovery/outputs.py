@@ -119,7 +119,7 @@ def write_discovery(out_dir: str | os.PathLike[str], result: DiscoveryResult, pa
 
 def _contact_sheet(result: DiscoveryResult, members: NDArray[np.intp], paths: list[str]) -> NDArray[np.uint8]:
     """BGR grid of thumbnails, each region of the image outlined in red, its confidence written below."""
-    images = read_images(paths, bit_depth=None)  # 16-bit images at their own depth: a 12-bit frame is not black
+    images = read_images(paths, bit_depth=None)  # 16-bit images at their depth: a 12-bit frame is not black
     rows = math.ceil(len(members) / SHEET_COLUMNS)
     cols = min(len(members), SHEET_COLUMNS)
     sheet = np.full((rows * (THUMB + 18), cols * THUMB, 3), 255, np.uint8)

@@ -179,5 +179,5 @@ def _describe(
 
 def _load(images: list[ImageLike]) -> list[NDArray[np.uint8]]:
     paths = [i for i in images if not isinstance(i, np.ndarray)]
-    decoded = iter(read_images(paths, bit_depth=None) if paths else [])  # 16-bit images at their own depth
+    decoded = iter(read_images(paths, bit_depth=None) if paths else [])  # 16-bit images at their depth
     return [i if isinstance(i, np.ndarray) else next(decoded) for i in images]

@@ -127,6 +127,12 @@ def test_16bit_images_are_scaled_by_the_bits_they_use(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_image(tmp_path / "g12.png", bit_depth=12), expected)
     assert read_image(tmp_path / "g12.png").max() <= 15  # read as full 16-bit data it is nearly black
     np.testing.assert_array_equal(read_image(tmp_path / "g12.png", bit_depth=None), expected)  # its own depth
+    cv2.imwrite(str(tmp_path / "dark12.png"), twelve // 4)  # a darker frame of the same camera: 0..1023
+    from anomaly.data.io import read_images
+
+    together = read_images([tmp_path / "g12.png", tmp_path / "dark12.png"], bit_depth=None)  # one depth for both
+    np.testing.assert_array_equal(together[1][..., 0], ((twelve // 4) >> 4).astype(np.uint8))
+    assert read_image(tmp_path / "dark12.png", bit_depth=None).max() > 200  # alone: its own 10 bits
     np.testing.assert_array_equal(to_rgb(twelve, 12)[0], expected)  # arrays and PIL images read like the file
     np.testing.assert_array_equal(to_rgb(Image.fromarray(twelve), 12)[0], expected)
     np.testing.assert_array_equal(raw_pixels(tmp_path / "g12.png"), twelve)
