@@ -160,6 +160,8 @@ def test_exports_and_the_service_keep_the_bit_depth_of_12_bit_training_images(
     synthetic_root: Path, tmp_path: Path, assert_parity: Callable[..., None]
 ) -> None:
     import cv2
+
+    pytest.importorskip("fastapi")  # the serve extra
     from fastapi.testclient import TestClient
 
     from anomaly.config import apply_overrides, load_config
