@@ -7,6 +7,8 @@ from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from numpy.typing import NDArray
 
 from anomaly.data.loader import ImageInput
 from anomaly.detector import Detector
@@ -14,7 +16,7 @@ from anomaly.errors import ConfigError, DataError
 from anomaly.results import DetectionResult
 from anomaly.scorers.base import ScoreOutput
 from anomaly.scorers.musc import RollingPool
-from anomaly.thresholds import pool_threshold
+from anomaly.thresholds import MIN_WINDOW, pool_threshold, suspect_references
 
 __all__ = ["StreamingDetector"]
 
@@ -38,7 +40,9 @@ class StreamingDetector:
     the first batch decides the config's ``auto`` preprocessing for the whole stream. The
     threshold follows the zero-shot pool rule (:func:`anomaly.thresholds.pool_threshold`) over the
     scores of the most recent ``window`` images (at least ``pool_size``), flagged ones included: a longer
-    window is steadier, a shorter one follows a change of the score level sooner.
+    window is steadier, a shorter one follows a change of the score level sooner. Until the stream has
+    scored 20 images of its own, the references' scores (each against the other references) stand in for
+    the normal images it has not seen yet, so a defect among the first frames is flagged.
 
     ``admit``: which scored images join the pool. ``"normal"`` (default) keeps flagged images out, so a
     defect that recurs on the line (a roller mark on every part) keeps being flagged instead of being
@@ -73,6 +77,7 @@ class StreamingDetector:
         self._recent: deque[float] = deque(maxlen=max(pool_size, window))
         self._flags: deque[bool] = deque(maxlen=_BURST_FRAMES)
         self._burst_reported = False
+        self._reference_scores = self._score_references()
 
     def predict(self, images: Sequence[ImageInput]) -> list[DetectionResult]:
         """Score a batch of new images against the pool (and each other), then add those ``admit`` lets in."""
@@ -89,7 +94,9 @@ class StreamingDetector:
         out = ScoreOutput(out.patch_maps, peaks)  # no RsCIN on a stream: the image score is the map peak
         self._recent.extend(peaks.tolist())
         target = self.detector.config.threshold.target_fpr
-        decision = pool_threshold(np.asarray(self._recent), target, expect_defects=False)  # a line: mostly good
+        start_up = self._reference_scores if len(self._recent) < MIN_WINDOW else np.empty(0)
+        scores = np.r_[start_up, np.asarray(self._recent)]
+        decision = pool_threshold(scores, target, n_reference=len(start_up), expect_defects=False)  # mostly good
         results = self.detector.finish(out, features.images, decision, maps=True)
         seeding = len(self.pool) == 0 and self.pool.reference is None  # nothing to compare with yet: all join
         keep = [i for i, r in enumerate(results) if self.admit == "all" or seeding or not r.is_anomalous]
@@ -97,6 +104,27 @@ class StreamingDetector:
         self._flags.extend(r.is_anomalous for r in results)
         self._report_burst()
         return results
+
+    def _score_references(self) -> NDArray[np.float64]:
+        """Each reference's score against the other references, as a new frame meets them: its first view (the
+        image as given) against every view of the others. A suspect reference
+        (:func:`~anomaly.thresholds.suspect_references`) is left out. Empty with fewer than 2 references."""
+        reference, images = self.pool.reference, self.detector.reference_
+        if reference is None or images is None:
+            return np.empty(0)
+        owners = np.array([str(d.source) for d in images.images])
+        firsts = [int(np.flatnonzero(owners == owner)[0]) for owner in dict.fromkeys(owners)]
+        if len(firsts) < 2:
+            return np.empty(0)
+        peaks = []
+        for row in firsts:
+            others = torch.from_numpy(np.flatnonzero(owners != owners[row])).to(reference[0].device)
+            out = self.detector.scorer.score(
+                [x[row : row + 1] for x in reference], reference=[x[others] for x in reference]
+            )
+            peaks.append(float(self.detector.map_peaks(out, [images.images[row]])[0]))
+        scores = np.asarray(peaks)
+        return scores[~suspect_references(scores, list(owners[firsts]))]
 
     def _report_burst(self) -> None:
         """Warn once when many recent frames were flagged; again only after the share has fallen back."""

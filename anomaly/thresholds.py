@@ -35,6 +35,7 @@ from numpy.typing import ArrayLike, NDArray
 from anomaly.errors import DataError
 
 __all__ = [
+    "MIN_WINDOW",
     "REFERENCE_RATIO",
     "RELIABLE_POOL_SIZE",
     "Threshold",
@@ -59,7 +60,7 @@ _MIN_POOL = 8  # below this many scores a mixture cannot be fitted
 # A mostly normal window (a stream's recent scores) gets the median + 3 MAD rule below this many scores: mixtures
 # fitted to 8-12 normal scores split them, and the threshold fell to their median (bottle streams: 14 of the
 # first 80 good frames flagged; benchmarks/README.md section 12).
-_MIN_WINDOW = 20
+MIN_WINDOW = 20
 _MIN_COMPONENT = 0.1  # the normal component holds at least 10 % of a pool
 _BOXCOX_LAMBDAS = tuple(np.linspace(-1.0, 2.0, 13))  # 0: log-normal, 1/4-1/2: gamma-like, 1: Gaussian
 _COMPONENTS = (1, 2, 3)  # normal images, and defects in one or two clusters when there are any
@@ -271,7 +272,7 @@ def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int, expe
     spread = float(np.ptp(values))
     if spread <= 1e-9 * max(1.0, float(np.abs(values).max())):
         return top, "pool-degenerate"  # identical scores: nothing stands out, nothing is flagged
-    if len(values) < (_MIN_POOL if expect_defects else _MIN_WINDOW):
+    if len(values) < (_MIN_POOL if expect_defects else MIN_WINDOW):
         median = float(np.median(values))
         mad = 1.4826 * float(np.median(np.abs(values - median)))
         threshold, rule = (median + 3 * mad, "pool-small") if mad > 0 else (top, "pool-degenerate")

@@ -106,3 +106,15 @@ def test_without_references_the_first_batch_seeds_the_pool_whole(synthetic_root:
     later = line.predict([bad])[0]
     assert later.is_anomalous == (len(line.pool) == 4)  # afterwards a flagged image stays out
     assert np.isfinite([r.image_score for r in first]).all()
+
+
+def test_references_judge_the_first_frames(synthetic_root: Path) -> None:
+    """Until the stream has scores of its own, the references' scores against each other stand in for normal
+    frames: a defect as the very first frame is flagged (before, one score was its own threshold)."""
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    bad = sorted(p for p in (synthetic_root / "test").glob("*/*.png") if p.parent.name != "good")
+    line = StreamingDetector(_musc().fit(train[:4]), pool_size=8)
+    assert line.predict([bad[0]])[0].is_anomalous
+    assert not any(line.predict([image])[0].is_anomalous for image in train[4:7])
+    single = StreamingDetector(_musc().fit(train[:1]))  # one reference: no other to score it against, as before
+    assert not single.predict([train[1]])[0].is_anomalous
