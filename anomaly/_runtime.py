@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -18,6 +19,12 @@ __all__ = ["passive_openmp", "peak_rss_mb", "resolve_device"]
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _note_cpu() -> None:
+    """Said once per process, not at every model built."""
+    log.info("no CUDA device: running on CPU")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; an explicit ``cuda`` without a GPU raises."""
     import torch  # here, not at the top: the torch-free runtime imports this module (via anomaly.index)
@@ -25,7 +32,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        log.info("no CUDA device: running on CPU")
+        _note_cpu()
         return torch.device("cpu")
     try:
         resolved = torch.device(device)

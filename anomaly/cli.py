@@ -90,7 +90,8 @@ def _note(message: str, *args: Any) -> None:
 
 
 class _Progress:
-    """tqdm bars on stderr, one per stage name."""
+    """tqdm bars on stderr, one per stage name; none when stderr is not a terminal (a log file would get every
+    redraw as a line)."""
 
     enabled = True
 
@@ -110,6 +111,7 @@ class _Progress:
                 unit="step" if stage in ("fit", "mutual scoring") else "img",
                 file=sys.stderr,
                 leave=False,
+                disable=None,  # tqdm: off on a non-TTY
             )
         bar.update(done - bar.n)
 
@@ -226,6 +228,8 @@ def score(
     if ray or ray_address:
         _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
         return
+    paths = image_paths(inputs, exclude=[out])  # bad inputs fail before a model or backbone is loaded
+    references = reference_paths(reference, paths) if reference else []
     detector: Any
     if model is not None:
         if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
@@ -243,15 +247,14 @@ def score(
         detector = Detector(_config(config, backbone, [*(overrides or []), *extra]))
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
-    paths = image_paths(inputs, exclude=[out])
-    references = reference_paths(reference, paths) if reference else []
     if references:
         detector.fit(references)
     if zero_shot and len(paths) + len(references) < RELIABLE_POOL_SIZE:
         _note(
-            "a zero-shot pool of %d images: below %d its threshold (is_anomalous) is unreliable; rank by score",
+            "a zero-shot pool of %d images: below %d its threshold (is_anomalous) is unreliable; rank by score%s",
             len(paths) + len(references),
             RELIABLE_POOL_SIZE,
+            "" if references else ", or give a few good images with --reference (their scores then set it)",
         )
     if maps and not detector.scorer.has_maps:
         _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
@@ -300,7 +303,8 @@ def evaluate(
         Path | None, typer.Option("--discovery", help="Output folder of `anomaly discover`: NMI, ARI, F1.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder for metrics.json and per-image aupimo.json.")
+        Path | None,
+        typer.Option("--out", help="Folder for metrics.json, per-image aupimo.json and pimo.json (curves)."),
     ] = None,
     eval_size: Annotated[
         str | None, typer.Option("--eval-size", help="Pixel metrics at HxW (e.g. 256 or 256x256) instead of mask size.")
@@ -399,8 +403,7 @@ def demo(
     _note("synthetic MVTec-layout data in %s", data)
     detector = Detector(_config(config, None, None))
     if not detector.zero_shot:
-        detector.fit(data).save(out / "model")  # a category root: fitted on its train/good only
-        _note("%s", detector.decision_.summary() if detector.decision_ else "")
+        detector.fit(data).save(out / "model")  # a category root: fitted on its train/good only (it logs the threshold)
     tests = image_paths([data / "test"])
     writer = ScoreWriter(out / "scores", maps=True, overlays=True)
     try:

@@ -427,7 +427,7 @@ def _to_timm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, origin
                 f"{origin}: key '{src}' {tuple(tensor.shape)} does not match timm '{dst}' {tuple(ref.shape)}"
             )
         renamed[dst] = tensor
-    log.info("renamed %d keys of %s onto timm names", len(renamed), origin)
+    log.debug("renamed %d keys of %s onto timm names", len(renamed), origin)
     return renamed
 
 

@@ -336,3 +336,27 @@ def test_help_keeps_the_extra_in_brackets(command: str) -> None:
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "pip install 'anomaly[ray]'" in result.output
+
+
+def test_demo_runs_end_to_end_and_reports_its_metrics(tmp_path: Path) -> None:
+    """The first command a new user runs: data, model, scores and one metrics line, the threshold said once."""
+    result = _run("demo", "--out", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("image_auroc="))
+    metrics = dict(item.split("=") for item in line.split())
+    assert float(metrics["image_auroc"]) >= 0.95 and float(metrics["pixel_auroc"]) >= 0.9
+    assert (tmp_path / "demo" / "model" / "meta.json").is_file()
+    assert len(_rows(tmp_path / "demo" / "scores")) == 30  # 10 good + 20 defective test images
+    assert sum(line.startswith("threshold ") for line in result.output.splitlines()) == 1
+
+
+def test_score_checks_its_inputs_before_loading_the_model(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from anomaly.detector import Detector
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(Detector, "load", never)
+    result = _run("score", "--model", model_dir, "--out", tmp_path / "s", tmp_path / "missing")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: no such file or folder: {tmp_path / 'missing'}"]
