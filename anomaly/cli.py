@@ -228,9 +228,16 @@ def score(
     if ray or ray_address:
         _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
         return
-    paths = image_paths(inputs, exclude=[out])  # bad inputs fail before a model or backbone is loaded
+    detector: Any = None
+    if model is None:  # a config error is found before the inputs are searched
+        from anomaly.detector import Detector
+
+        extra = [] if device is None else [f"device={device}"]
+        detector = Detector(_config(config, backbone, [*(overrides or []), *extra]))
+        if not detector.zero_shot:
+            raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
+    paths = image_paths(inputs, exclude=[out])  # and bad inputs before a model is loaded
     references = reference_paths(reference, paths) if reference else []
-    detector: Any
     if model is not None:
         if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
             if device is not None:
@@ -240,13 +247,6 @@ def score(
             from anomaly.detector import Detector
 
             detector = Detector.load(model, device=device)
-    else:
-        from anomaly.detector import Detector
-
-        extra = [] if device is None else [f"device={device}"]
-        detector = Detector(_config(config, backbone, [*(overrides or []), *extra]))
-        if not detector.zero_shot:
-            raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
     if references:
         detector.fit(references)
     if zero_shot and len(paths) + len(references) < RELIABLE_POOL_SIZE:
