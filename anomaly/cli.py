@@ -193,7 +193,9 @@ def score(
     zero_shot: Annotated[
         bool, typer.Option("--zero-shot", help="Score the inputs against each other (MuSc), no model.")
     ] = False,
-    config: ConfigOpt = "musc",
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="Zero-shot config name (musc) or YAML path; with --zero-shot only.")
+    ] = "musc",
     reference: Annotated[
         list[str] | None, typer.Option("--reference", help="Good reference images for few-shot zero-shot scoring.")
     ] = None,
@@ -225,6 +227,8 @@ def score(
         raise DataError("--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config")
     if device is not None and (ray or ray_address):
         raise DataError("--device applies to scoring in this process; Ray workers use the model's device")
+    if device is not None and model is not None and is_export_dir(model):
+        raise DataError(f"{model}: an export runs on ONNX Runtime / OpenVINO; --device applies to torch models")
     if ray or ray_address:
         _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
         return
@@ -240,8 +244,6 @@ def score(
     references = reference_paths(reference, paths) if reference else []
     if model is not None:
         if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
-            if device is not None:
-                raise DataError(f"{model}: an export runs on ONNX Runtime / OpenVINO; --device applies to torch models")
             detector = ExportedDetector(model)
         else:
             from anomaly.detector import Detector
