@@ -47,8 +47,9 @@ class StreamingDetector:
     ``admit``: which scored images join the pool. ``"normal"`` (default) keeps flagged images out, so a
     defect that recurs on the line (a roller mark on every part) keeps being flagged instead of being
     vouched for by its own earlier copies; a lasting change of the normal look then stays flagged until
-    someone looks (restart the stream, or fit new references). Without references the first batch joins
-    whole: it seeds the pool. ``"all"`` lets every image in, so the pool follows any drift, defects included.
+    someone looks and passes some of those frames to :meth:`confirm_normal`. Without references the first
+    batch joins whole: it seeds the pool. ``"all"`` lets every image in, so the pool follows any drift,
+    defects included.
 
     Example:
         >>> line = StreamingDetector(Detector("musc").fit(good_images), pool_size=32)  # doctest: +SKIP
@@ -105,6 +106,23 @@ class StreamingDetector:
         self._report_burst()
         return results
 
+    def confirm_normal(self, images: Sequence[ImageInput]) -> None:
+        """Someone looked at flagged frames and found them good: they join the pool as admitted frames would.
+
+        A look the pool has not seen (a second product variant, new lighting) is flagged, stays out of the pool
+        with ``admit="normal"``, and so keeps being flagged: one KolektorSDD stream flagged 44 of 120 good frames,
+        15 (none after the 60th) when the flagged frames were confirmed at the burst report (benchmarks/README.md
+        section 12). The burst report starts afresh.
+        """
+        items = list(images)
+        if not items:
+            raise DataError("confirm_normal: no images")
+        if len(self.pool) == 0 and self.pool.reference is None:  # as a first batch: it decides the ``auto`` settings
+            self.detector.resolve_auto(items)
+        self.pool.add(self.detector.extract(items).layers)
+        self._flags.clear()
+        self._burst_reported = False
+
     def _score_references(self) -> NDArray[np.float64]:
         """Each reference's score against the other references, as a new frame meets them: its first view (the
         image as given) against every view of the others. A suspect reference
@@ -136,7 +154,7 @@ class StreamingDetector:
         elif share >= _BURST_SHARE and not self._burst_reported:
             self._burst_reported = True
             what = (
-                "they stay out of the pool (admit='normal'): if they are good, restart with some as references"
+                "they stay out of the pool (admit='normal'): if they are good, pass some to confirm_normal()"
                 if self.admit == "normal"
                 else "they join the pool (admit='all'), so a recurring defect soon passes"
             )

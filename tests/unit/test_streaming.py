@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomaly import ConfigError, Detector
+from anomaly import ConfigError, DataError, Detector
 from anomaly.config import apply_overrides, load_config
 from anomaly.streaming import StreamingDetector
 
@@ -118,3 +118,26 @@ def test_references_judge_the_first_frames(synthetic_root: Path) -> None:
     assert not any(line.predict([image])[0].is_anomalous for image in train[4:7])
     single = StreamingDetector(_musc().fit(train[:1]))  # one reference: no other to score it against, as before
     assert not single.predict([train[1]])[0].is_anomalous
+
+
+def test_confirmed_frames_join_the_pool_and_vouch_for_their_look(synthetic_root: Path) -> None:
+    """A new normal look (here: inverted images) is flagged and, kept out of the pool (admit="normal"), keeps
+    scoring like a defect; once someone confirms a few such frames they join the pool and vouch for the next."""
+    from anomaly.data.io import read_image
+
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    new_look = [255 - read_image(path) for path in train[4:12]]
+    later = {}
+    for confirm in (False, True):
+        line = StreamingDetector(_musc().fit(train[:2]), pool_size=16)
+        for image in train[2:8]:
+            line.predict([image])
+        assert all(line.predict([image])[0].is_anomalous for image in new_look[:4])
+        assert len(line.pool) == 6  # the flagged frames stayed out
+        if confirm:
+            line.confirm_normal(new_look[:4])
+            assert len(line.pool) == 10
+        later[confirm] = [line.predict([image])[0].image_score for image in new_look[4:]]
+    assert max(later[True]) < 0.8 * min(later[False])  # about 0.6 against 0.9
+    with pytest.raises(DataError, match="confirm_normal: no images"):
+        line.confirm_normal([])
