@@ -154,7 +154,8 @@ class StreamingDetector:
         elif share >= _BURST_SHARE and not self._burst_reported:
             self._burst_reported = True
             what = (
-                "they stay out of the pool (admit='normal'): if they are good, pass some to confirm_normal()"
+                "they stay out of the pool (admit='normal'): if they are good, pass some to "
+                "StreamingDetector.confirm_normal()"
                 if self.admit == "normal"
                 else "they join the pool (admit='all'), so a recurring defect soon passes"
             )
