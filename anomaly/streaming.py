@@ -114,6 +114,8 @@ class StreamingDetector:
         15 (none after the 60th) when the flagged frames were confirmed at the burst report (benchmarks/README.md
         section 12). The burst report starts afresh.
         """
+        if self.admit == "all":
+            raise ConfigError("confirm_normal: with admit='all' every frame has joined the pool already")
         items = list(images)
         if not items:
             raise DataError("confirm_normal: no images")

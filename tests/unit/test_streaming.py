@@ -141,3 +141,5 @@ def test_confirmed_frames_join_the_pool_and_vouch_for_their_look(synthetic_root:
     assert max(later[True]) < 0.8 * min(later[False])  # about 0.6 against 0.9
     with pytest.raises(DataError, match="confirm_normal: no images"):
         line.confirm_normal([])
+    with pytest.raises(ConfigError, match="admit='all' every frame has joined"):
+        StreamingDetector(line.detector, admit="all").confirm_normal(new_look[:1])
