@@ -112,7 +112,8 @@ class StreamingDetector:
         A look the pool has not seen (a second product variant, new lighting) is flagged, stays out of the pool
         with ``admit="normal"``, and so keeps being flagged: one KolektorSDD stream flagged 44 of 120 good frames,
         15 (none after the 60th) when the flagged frames were confirmed at the burst report (benchmarks/README.md
-        section 12). The burst report starts afresh.
+        section 12). The burst report starts afresh. The pool is not saved: to keep such a look across a restart,
+        fit the detector with a few of those frames among its references.
         """
         if self.admit == "all":
             raise ConfigError("confirm_normal: with admit='all' every frame has joined the pool already")
