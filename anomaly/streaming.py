@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,6 @@ from numpy.typing import NDArray
 from anomaly.data.loader import ImageInput
 from anomaly.detector import Detector
 from anomaly.errors import ConfigError, DataError
-from anomaly.results import DetectionResult
 from anomaly.scorers.base import ScoreOutput
 from anomaly.scorers.musc import RollingPool
 from anomaly.thresholds import MIN_WINDOW, pool_threshold, suspect_references
@@ -37,12 +37,13 @@ class StreamingDetector:
     """Score a stream of unlabeled images with MuSc against the most recent ``pool_size`` images admitted.
 
     Few-shot references (``Detector.fit`` on a zero-shot detector) stay in the pool for good; without them,
-    the first batch decides the config's ``auto`` preprocessing for the whole stream. The
-    threshold follows the zero-shot pool rule (:func:`anomaly.thresholds.pool_threshold`) over the
+    the first batch decides the config's ``auto`` preprocessing for the whole stream (one Detector per line).
+    The threshold follows the zero-shot pool rule (:func:`anomaly.thresholds.pool_threshold`) over the
     scores of the most recent ``window`` images (at least ``pool_size``), flagged ones included: a longer
     window is steadier, a shorter one follows a change of the score level sooner. Until the stream has
-    scored 20 images of its own, the references' scores (each against the other references) stand in for
-    the normal images it has not seen yet, so a defect among the first frames is flagged.
+    scored 20 images of its own, the threshold comes from the frames not flagged so far and the references'
+    scores (each against the other references), which stand in for the normal images it has not seen yet:
+    a defect among the first frames is flagged, and so is a run of them.
 
     ``admit``: which scored images join the pool. ``"normal"`` (default) keeps flagged images out, so a
     defect that recurs on the line (a roller mark on every part) keeps being flagged instead of being
@@ -61,6 +62,10 @@ class StreamingDetector:
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ConfigError(f"StreamingDetector: window must be an integer >= 2, got {window!r}")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 0:
+            raise ConfigError(f"StreamingDetector: pool_size must be an integer >= 0, got {pool_size!r}")
+        if pool_size == 0 and detector.reference_ is None:
+            raise ConfigError("StreamingDetector: pool_size 0 keeps no frame, so it needs few-shot references (fit)")
         if admit not in _ADMIT:
             raise ConfigError(f"StreamingDetector: admit must be one of {', '.join(_ADMIT)}, got {admit!r}")
         if not detector.zero_shot or not detector.scorer.uses_references:
@@ -76,17 +81,20 @@ class StreamingDetector:
         self.pool = RollingPool(detector.scorer, pool_size, reference=reference)  # type: ignore[arg-type]
         # the threshold's window of recent scores (below 20 scores: median + 3 MAD, see anomaly.thresholds)
         self._recent: deque[float] = deque(maxlen=max(pool_size, window))
+        self._unflagged: list[float] = []  # start-up: scores of the frames not flagged (see predict)
         self._flags: deque[bool] = deque(maxlen=_BURST_FRAMES)
         self._burst_reported = False
         self._reference_scores = self._score_references()
+        # the input settings this line scores with (decided by the fit, or by its first batch)
+        self._config = None if reference is None else detector.config
 
-    def predict(self, images: Sequence[ImageInput]) -> list[DetectionResult]:
-        """Score a batch of new images against the pool (and each other), then add those ``admit`` lets in."""
-        items = list(images)
-        if not items:
-            raise DataError("predict: no images")
-        if len(self.pool) == 0 and self.pool.reference is None:  # the first batch decides the ``auto`` settings
-            self.detector.resolve_auto(items)
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Any:
+        """Score new images against the pool (and each other), then add those ``admit`` lets in.
+
+        One image returns one DetectionResult, a list of them a list (as :meth:`Detector.predict`).
+        """
+        single = not isinstance(images, (list, tuple))
+        items = self._start([images] if single else list(images), "predict")  # type: ignore[list-item]
         features = self.detector.extract(items)
         if len(self.pool) + len(items) + (0 if self.pool.reference is None else 1) < 2:
             raise DataError("the first call needs 2 images, or few-shot references")
@@ -94,17 +102,26 @@ class StreamingDetector:
         peaks = self.detector.map_peaks(out, features.images)
         out = ScoreOutput(out.patch_maps, peaks)  # no RsCIN on a stream: the image score is the map peak
         self._recent.extend(peaks.tolist())
+        start_up = len(self._recent) < MIN_WINDOW
+        if start_up:
+            # Until the window holds 20 scores: the references' scores, the frames not flagged so far, this batch.
+            # Flagged frames stay out, as they stay out of the pool: a run of defects at the start would otherwise
+            # lift the median + 3 MAD over itself (4 references, then 10 broken bottles: 3 flagged, then none).
+            anchor = np.r_[self._reference_scores, self._unflagged]
+            scores, n_reference = np.r_[anchor, peaks], len(self._reference_scores)
+        else:
+            scores, n_reference = np.asarray(self._recent), 0
         target = self.detector.config.threshold.target_fpr
-        start_up = self._reference_scores if len(self._recent) < MIN_WINDOW else np.empty(0)
-        scores = np.r_[start_up, np.asarray(self._recent)]
-        decision = pool_threshold(scores, target, n_reference=len(start_up), expect_defects=False)  # mostly good
+        decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
         results = self.detector.finish(out, features.images, decision, maps=True)
+        if start_up:
+            self._unflagged += [r.image_score for r in results if not r.is_anomalous]
         seeding = len(self.pool) == 0 and self.pool.reference is None  # nothing to compare with yet: all join
         keep = [i for i, r in enumerate(results) if self.admit == "all" or seeding or not r.is_anomalous]
         self.pool.add([x[keep] for x in features.layers])
         self._flags.extend(r.is_anomalous for r in results)
         self._report_burst()
-        return results
+        return results[0] if single else results
 
     def confirm_normal(self, images: Sequence[ImageInput]) -> None:
         """Someone looked at flagged frames and found them good: they join the pool as admitted frames would.
@@ -117,14 +134,32 @@ class StreamingDetector:
         """
         if self.admit == "all":
             raise ConfigError("confirm_normal: with admit='all' every frame has joined the pool already")
-        items = list(images)
-        if not items:
-            raise DataError("confirm_normal: no images")
-        if len(self.pool) == 0 and self.pool.reference is None:  # as a first batch: it decides the ``auto`` settings
-            self.detector.resolve_auto(items)
+        if self.pool.size == 0:
+            raise ConfigError("confirm_normal: pool_size 0 keeps no frame")
+        if self._config is None:
+            raise ConfigError(
+                "confirm_normal: nothing scored yet; to start a line from known-good frames, fit the detector on them"
+            )
+        single = not isinstance(images, (list, tuple))
+        items = self._start([images] if single else list(images), "confirm_normal")  # type: ignore[list-item]
         self.pool.add(self.detector.extract(items).layers)
         self._flags.clear()
         self._burst_reported = False
+
+    def _start(self, items: list[ImageInput], what: str) -> list[ImageInput]:
+        """Check a call's images and the detector's input settings; the first batch of a line without
+        references decides the config's ``auto`` settings."""
+        if not items:
+            raise DataError(f"{what}: no images")
+        if self._config is None:
+            self.detector.resolve_auto(items)
+            self._config = self.detector.config
+        elif self.detector.config != self._config:
+            raise ConfigError(
+                f"{what}: the detector's settings changed since this line started (shared with another "
+                "StreamingDetector, or refitted?): give each line its own Detector"
+            )
+        return items
 
     def _score_references(self) -> NDArray[np.float64]:
         """Each reference's score against the other references, as a new frame meets them: its first view (the
@@ -163,7 +198,7 @@ class StreamingDetector:
                 else "they join the pool (admit='all'), so a recurring defect soon passes"
             )
             log.warning(
-                "stream: %d of the last %d frames flagged (target %g): a recurring defect, or the normal look "
+                "stream: %d of the last %d frames flagged (target FPR %g): a recurring defect, or the normal look "
                 "changed; %s",
                 sum(self._flags),
                 len(self._flags),
