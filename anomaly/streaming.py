@@ -123,7 +123,7 @@ class StreamingDetector:
         self._report_burst()
         return results[0] if single else results
 
-    def confirm_normal(self, images: Sequence[ImageInput]) -> None:
+    def confirm_normal(self, images: ImageInput | Sequence[ImageInput]) -> None:
         """Someone looked at flagged frames and found them good: they join the pool as admitted frames would.
 
         A look the pool has not seen (a second product variant, new lighting) is flagged, stays out of the pool
