@@ -93,8 +93,7 @@ class StreamingDetector:
 
         One image returns one DetectionResult, a list of them a list (as :meth:`Detector.predict`).
         """
-        single = not isinstance(images, (list, tuple))
-        items = self._start([images] if single else list(images), "predict")  # type: ignore[list-item]
+        items, single = self._start(images, "predict")
         features = self.detector.extract(items)
         if len(self.pool) + len(items) + (0 if self.pool.reference is None else 1) < 2:
             raise DataError("the first call needs 2 images, or few-shot references")
@@ -140,15 +139,16 @@ class StreamingDetector:
             raise ConfigError(
                 "confirm_normal: nothing scored yet; to start a line from known-good frames, fit the detector on them"
             )
-        single = not isinstance(images, (list, tuple))
-        items = self._start([images] if single else list(images), "confirm_normal")  # type: ignore[list-item]
+        items, _ = self._start(images, "confirm_normal")
         self.pool.add(self.detector.extract(items).layers)
         self._flags.clear()
         self._burst_reported = False
 
-    def _start(self, items: list[ImageInput], what: str) -> list[ImageInput]:
-        """Check a call's images and the detector's input settings; the first batch of a line without
-        references decides the config's ``auto`` settings."""
+    def _start(self, images: ImageInput | Sequence[ImageInput], what: str) -> tuple[list[ImageInput], bool]:
+        """A call's images as a list (and whether one image was passed without one), checked against the
+        detector's input settings; the first batch of a line without references decides its ``auto`` settings."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)  # type: ignore[list-item]
         if not items:
             raise DataError(f"{what}: no images")
         if self._config is None:
@@ -159,7 +159,7 @@ class StreamingDetector:
                 f"{what}: the detector's settings changed since this line started (shared with another "
                 "StreamingDetector, or refitted?): give each line its own Detector"
             )
-        return items
+        return items, single
 
     def _score_references(self) -> NDArray[np.float64]:
         """Each reference's score against the other references, as a new frame meets them: its first view (the
