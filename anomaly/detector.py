@@ -203,15 +203,32 @@ class Detector:
         progress: Progress | None = None,
     ) -> FeatureSet:
         """Decode, resize and run the backbone over ``images`` (features stay on the backbone's device)."""
-        batches = [
-            self._extract_batch(batch.images, batch.items)
-            for batch in self._progress_batches(images, keep_images, False, "features", progress)
-        ]
-        return FeatureSet(
+        features, _ = self._extract_all(images, keep_images, False, progress)
+        assert features is not None  # without skipping, an unreadable input has raised
+        return features
+
+    def extract_readable(self, images: Sequence[ImageInput]) -> tuple[FeatureSet | None, list[DecodedImage]]:
+        """:meth:`extract` for the inputs that decode (None when none does), and every input's decode in input
+        order, ``error`` set where it failed: ``on_error="skip"`` for callers that score the features themselves."""
+        return self._extract_all(images, False, True, None)
+
+    def _extract_all(
+        self, images: Sequence[ImageInput], keep_images: bool, skip: bool, progress: Progress | None
+    ) -> tuple[FeatureSet | None, list[DecodedImage]]:
+        decoded: list[DecodedImage] = []
+        batches = []
+        for batch in self._progress_batches(images, keep_images, skip, "features", progress):
+            decoded += batch.items
+            if batch.ok:
+                batches.append(self._extract_batch(batch.images, batch.ok))
+        if not batches:
+            return None, decoded
+        features = FeatureSet(
             [torch.cat(per_layer) for per_layer in zip(*(b.layers for b in batches))],
             torch.cat([b.embedding for b in batches]),
             [d for b in batches for d in b.images],
         )
+        return features, decoded
 
     def finish(
         self, out: ScoreOutput, images: Sequence[DecodedImage], decision: Threshold, *, maps: bool = True
@@ -359,7 +376,7 @@ class Detector:
             if ok:
                 feats = self._extract_batch(batch.images, ok)
                 scored = self.finish(self.scorer.score(feats.layers), ok, self.decision_, maps=maps)
-            yield from _merge(batch.items, scored, self.decision_)
+            yield from in_input_order(batch.items, scored, self.decision_)
 
     def _predict_pool(
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: Progress | None, skip: bool
@@ -407,7 +424,7 @@ class Detector:
             chunk = slice(start, start + self.config.batch_size)
             views = slice(int(rows[start]), int(rows[min(start + self.config.batch_size, len(ok))]))
             results += self.finish(pool.take(views), ok[chunk], decision, maps=maps)
-        yield from _merge(decoded, results, decision)
+        yield from in_input_order(decoded, results, decision)
 
     # --------------------------------------------------------------- internals
     def _store_references(self, items: list[ImageInput], progress: Progress | None) -> Detector:
@@ -648,7 +665,7 @@ def _n_views(image: DecodedImage) -> int:
     return 1 if image.layout is None else image.layout.n_views
 
 
-def _merge(
+def in_input_order(
     decoded: list[DecodedImage], results: list[DetectionResult], decision: Threshold
 ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
     """Results in input order; inputs that failed to decode get an error result (NaN score)."""

@@ -12,11 +12,12 @@ import torch
 from numpy.typing import NDArray
 
 from anomaly.data.loader import ImageInput
-from anomaly.detector import Detector
+from anomaly.detector import Detector, FeatureSet, OnError, in_input_order
 from anomaly.errors import ConfigError, DataError
+from anomaly.results import DetectionResult
 from anomaly.scorers.base import ScoreOutput
 from anomaly.scorers.musc import RollingPool
-from anomaly.thresholds import MIN_WINDOW, pool_threshold, suspect_references
+from anomaly.thresholds import MIN_WINDOW, Threshold, pool_threshold, suspect_references
 
 __all__ = ["StreamingDetector"]
 
@@ -84,18 +85,42 @@ class StreamingDetector:
         self._unflagged: list[float] = []  # start-up: scores of the frames not flagged (see predict)
         self._flags: deque[bool] = deque(maxlen=_BURST_FRAMES)
         self._burst_reported = False
+        # the decision in force: what a result of an unreadable frame reports (NaN before the first decision)
+        nan = float("nan")
+        self._last_decision = Threshold(nan, nan, "none", detector.config.threshold.target_fpr, 0, nan)
         self._reference_scores = self._score_references()
         # the input settings this line scores with (decided by the fit, or by its first batch)
         self._config = None if reference is None else detector.config
 
-    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Any:
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, on_error: OnError = "raise") -> Any:
         """Score new images against the pool (and each other), then add those ``admit`` lets in.
 
         One image returns one DetectionResult, a list of them a list (as :meth:`Detector.predict`).
+        ``on_error="skip"``: an unreadable image gets a result with ``error`` set (NaN score, not flagged) and
+        leaves the pool, the threshold's window and the burst report as they were; the others are scored.
         """
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        before = (self._config, self.detector.config)
         items, single = self._start(images, "predict")
-        features = self.detector.extract(items)
-        if len(self.pool) + len(items) + (0 if self.pool.reference is None else 1) < 2:
+        try:
+            if on_error == "skip":
+                features, decoded = self.detector.extract_readable(items)
+            else:
+                features = self.detector.extract(items)
+                decoded = features.images
+            scored = [] if features is None else self._score(features)
+        except DataError:
+            self._config, self.detector.config = before  # a line without references starts with a batch it scores
+            raise
+        if features is None:  # nothing readable: nothing scored, nothing decided
+            self._config, self.detector.config = before
+        results = [r for r, _ in in_input_order(decoded, scored, self._last_decision)]
+        return results[0] if single else results
+
+    def _score(self, features: FeatureSet) -> list[DetectionResult]:
+        """Score readable frames, decide with the window's threshold, admit, and report a burst of flags."""
+        if len(self.pool) + len(features.images) + (0 if self.pool.reference is None else 1) < 2:
             raise DataError("the first call needs 2 images, or few-shot references")
         out = self.pool.score(features.layers)
         peaks = self.detector.map_peaks(out, features.images)
@@ -112,6 +137,7 @@ class StreamingDetector:
             scores, n_reference = np.asarray(self._recent), 0
         target = self.detector.config.threshold.target_fpr
         decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
+        self._last_decision = decision
         results = self.detector.finish(out, features.images, decision, maps=True)
         if start_up:
             self._unflagged += [r.image_score for r in results if not r.is_anomalous]
@@ -120,7 +146,7 @@ class StreamingDetector:
         self.pool.add([x[keep] for x in features.layers])
         self._flags.extend(r.is_anomalous for r in results)
         self._report_burst()
-        return results[0] if single else results
+        return results
 
     def confirm_normal(self, images: ImageInput | Sequence[ImageInput]) -> None:
         """Someone looked at flagged frames and found them good: they join the pool as admitted frames would.

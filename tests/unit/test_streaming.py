@@ -184,3 +184,46 @@ def test_a_detector_shared_by_two_lines_is_refused_once_its_settings_change() ->
     second.predict(tall[:2])
     with pytest.raises(ConfigError, match="give each line its own Detector"):
         first.predict(wide[2])
+
+
+def test_unreadable_frames_are_skipped_on_request_and_change_nothing(synthetic_root: Path, tmp_path: Path) -> None:
+    """``on_error="skip"`` as in Detector.predict: an unreadable frame gets an error result (NaN score, not
+    flagged) and stays out of the pool and the threshold's window; without it the batch fails naming the file."""
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    line = StreamingDetector(_musc().fit(train[:2]), pool_size=8)
+    with pytest.raises(DataError, match="broken.png"):
+        line.predict([train[2], broken])
+    assert len(line.pool) == 0 and len(line._recent) == 0
+    results = line.predict([train[2], broken, train[3]], on_error="skip")
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "broken.png" in results[1].error and results[1].source == str(broken)
+    assert np.isnan(results[1].image_score) and not results[1].is_anomalous
+    assert results[1].threshold == results[0].threshold  # the decision in force
+    assert len(line.pool) == 2 and len(line._recent) == 2
+    alone = line.predict(broken, on_error="skip")  # one unreadable frame alone: nothing scored, nothing changes
+    assert alone.error and len(line.pool) == 2 and len(line._recent) == 2
+    with pytest.raises(DataError, match="on_error must be"):
+        line.predict(train[4], on_error="ignore")
+
+
+def test_a_line_whose_first_frames_are_all_unreadable_starts_with_the_next(tmp_path: Path) -> None:
+    """Without references the first batch decides the ``auto`` input; a batch of unreadable frames decides
+    nothing, so the line starts (aspect and all) with the first batch it can read."""
+    rng = np.random.default_rng(0)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    line = StreamingDetector(_musc(), pool_size=8)
+    first = line.predict([broken, broken], on_error="skip")
+    assert all(r.error for r in first) and np.isnan(first[0].threshold) and len(line.pool) == 0
+    tall = rng.integers(0, 255, (192, 64, 3), dtype=np.uint8)
+    with pytest.raises(DataError, match="needs 2 images"):  # a batch refused decides nothing either
+        line.predict([tall, broken], on_error="skip")
+    with pytest.raises(DataError, match="broken.png"):
+        line.predict([tall, tall, broken])
+    wide = [rng.integers(0, 255, (64, 192, 3), dtype=np.uint8) for _ in range(3)]
+    results = line.predict(wide, on_error="skip")
+    assert all(r.error is None and np.isfinite(r.image_score) for r in results)
+    height, width = line.detector.extractor.image_size
+    assert width > 2 * height  # the input took the readable frames' aspect
