@@ -47,6 +47,7 @@ COLUMNS = [
     "peak_mem_mb",
     "peak_gpu_mb",
 ]
+_COSTS = {"fit_s", "ms_per_image", "peak_mem_mb", "peak_gpu_mb"}  # one decimal; metrics take four
 _ALWAYS = {"category", "image_auroc", "pixel_auroc", "aupro", "aupimo", "fit_s", "ms_per_image", "peak_mem_mb"}
 _TABLES_MARKER = ".anomaly-benchmark"
 
@@ -133,7 +134,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(c), c in _COSTS) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -277,7 +278,7 @@ def _nan_to_none(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, cost: bool) -> str:
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}" if abs(value) <= 1 else f"{value:.1f}"
+        return "nan" if math.isnan(value) else f"{value:.1f}" if cost else f"{value:.4f}"
     return "" if value is None else str(value)

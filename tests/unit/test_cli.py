@@ -360,3 +360,16 @@ def test_score_checks_its_inputs_before_loading_the_model(model_dir: Path, tmp_p
     result = _run("score", "--model", model_dir, "--out", tmp_path / "s", tmp_path / "missing")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: no such file or folder: {tmp_path / 'missing'}"]
+
+
+def test_benchmark_table_gives_metrics_four_decimals_and_costs_one() -> None:
+    """A sub-second fit printed as 0.9456 beside 1.7 read like a metric: costs take one decimal whatever their size."""
+    from anomaly.benchmark import format_table
+
+    rows = [
+        {"category": "a", "image_auroc": 1.0, "pixel_auroc": 0.98314, "fit_s": 0.9456, "ms_per_image": 28.3},
+        {"category": "b", "image_auroc": 0.5, "pixel_auroc": float("nan"), "fit_s": 12.04, "ms_per_image": 0.04},
+    ]
+    lines = format_table(rows).splitlines()
+    assert lines[2] == "| a | 1.0000 | 0.9831 | 0.9 | 28.3 |"
+    assert lines[3] == "| b | 0.5000 | nan | 12.0 | 0.0 |"
