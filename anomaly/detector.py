@@ -25,7 +25,14 @@ from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.inputs import training_paths
 from anomaly.data.io import significant_bits
 from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
-from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
+from anomaly.data.views import (
+    ASPECT_TOLERANCE,
+    DRIFT_THRESHOLD,
+    ViewSpec,
+    bright_level,
+    fitted_input_size,
+    lighting_drift,
+)
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
@@ -85,6 +92,7 @@ class Detector:
         self._warned_references: set[str] = set()
         self.patch_footprint_: tuple[int, int] | None = None  # set by fit: see _patch_footprint
         self.excluded_training_: list[str] = []  # set by fit: training images left out of the threshold
+        self.training_aspects_: tuple[float, float] | None = None  # set by fit: see odd_aspects
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -294,9 +302,10 @@ class Detector:
         Outlying training images (``threshold.outlier_z``) are left out of the threshold, and the fitted scorer
         forgets what it kept of them (:meth:`Scorer.forget`: the memory bank's rows). ``images`` gives the view
         layouts of the rows of ``out_of_sample`` (None: one view per image) and the original sizes from which
-        ``patch_footprint_`` is measured.
+        ``patch_footprint_`` and ``training_aspects_`` are measured.
         """
         peaks = self.map_peaks(out_of_sample, images)
+        self.training_aspects_ = None if images is None else _aspect_range(images)
         has_maps = out_of_sample.patch_maps is not None
         if has_maps and images is not None:
             grid = out_of_sample.patch_maps.shape[1:]
@@ -370,13 +379,16 @@ class Detector:
             return
         if self.decision_ is None:
             raise NotFittedError("Detector is not fitted: call fit() or Detector.load() first")
+        odd: list[str] = []
         for batch in self._progress_batches(items, keep_images, on_error == "skip", "score", progress):
             ok = batch.ok
             scored: list[DetectionResult] = []
             if ok:
                 feats = self._extract_batch(batch.images, ok)
                 scored = self.finish(self.scorer.score(feats.layers), ok, self.decision_, maps=maps)
+                odd += self.odd_aspects(ok)
             yield from in_input_order(batch.items, scored, self.decision_)
+        self.warn_odd_aspects(odd, len(items))
 
     def _predict_pool(
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: Progress | None, skip: bool
@@ -392,6 +404,7 @@ class Detector:
                 if mirror:
                     mirrored.append(self._extract_batch(np.ascontiguousarray(batch.images[:, :, ::-1]), batch.ok))
         ok = [d for d in decoded if d.error is None]
+        self.warn_odd_aspects(self.odd_aspects(ok), len(items))
         n_ref = 0 if self.reference_ is None else len(self.reference_)
         if len(ok) + n_ref < 2:
             raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + references)")
@@ -436,6 +449,7 @@ class Detector:
             names = [name for name, views in zip(names, support) for _ in views]
             items = [view for views in support for view in views]
         features = self.extract(items, progress=progress)
+        self.training_aspects_ = _aspect_range(features.images)
         owners = np.repeat(names, [_n_views(d) for d in features.images])
         views = [DecodedImage(None, (0, 0), str(name)) for name in owners]
         self.reference_ = FeatureSet(features.layers, features.embedding, views)
@@ -504,6 +518,36 @@ class Detector:
             return view_max(out.image_scores, layouts)
         return map_peaks(out.patch_maps, self.extractor.image_size, self.config.postprocess.blur_sigma, layouts)
 
+    def odd_aspects(self, images: Sequence[DecodedImage]) -> list[str]:
+        """Names of the ``images`` that are stretched to the model input from an aspect (width / height) beyond
+        ``ASPECT_TOLERANCE`` of the training images' range: a part fed rotated, or another product. Its map and
+        score come from a squashed image: a good KolektorSDD part fed sideways was flagged by ``patchcore`` and
+        scored below the good frames on a ``musc`` line. Training images' range: the fit's, or the references'."""
+        pre = self.config.preprocess
+        if self.training_aspects_ is None or pre.resize != "stretch" or pre.tile is not None:
+            return []
+        low, high = self.training_aspects_
+        return [
+            str(d.source) if d.source is not None else f"an image of {d.size[1]}x{d.size[0]} px"
+            for d in images
+            if not low / ASPECT_TOLERANCE <= d.size[1] / d.size[0] <= high * ASPECT_TOLERANCE
+        ]
+
+    def warn_odd_aspects(self, names: list[str], total: int) -> None:
+        """One warning for the :meth:`odd_aspects` of a call."""
+        if not names or self.training_aspects_ is None:
+            return
+        low, high = self.training_aspects_
+        seen = f"{low:.2f}" if round(low, 2) == round(high, 2) else f"{low:.2f}-{high:.2f}"
+        log.warning(
+            "%d of %d image(s) have an aspect (width / height) far from the training images' (%s) and are stretched "
+            "to the model input: a rotated part or another product? Their scores are not comparable. First: %s",
+            len(names),
+            total,
+            seen,
+            ", ".join(names[:3]),
+        )
+
     # ------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the model to ``directory`` atomically: config.json, meta.json and the scorer's files."""
@@ -554,6 +598,9 @@ class Detector:
             raise
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
             raise DataError(f"{path}: model state is incomplete or corrupt ({exc})") from None
+        aspects = meta.get("training_aspects")  # absent from models saved before it was recorded
+        if isinstance(aspects, list) and len(aspects) == 2 and all(isinstance(a, (int, float)) for a in aspects):
+            det.training_aspects_ = (float(aspects[0]), float(aspects[1]))
         det._check_weights(meta)
         return det
 
@@ -580,6 +627,7 @@ class Detector:
             "threshold": None if self.decision_ is None else self.decision_.to_dict(),
             "excluded_training_images": self.excluded_training_,
             "references": [] if self.reference_ is None else [str(d.source) for d in self.reference_.images],
+            "training_aspects": self.training_aspects_,
         }
 
     def _check_weights(self, meta: dict[str, Any]) -> None:
@@ -663,6 +711,12 @@ def _sample_positions(n: int) -> NDArray[np.int64]:
 
 def _n_views(image: DecodedImage) -> int:
     return 1 if image.layout is None else image.layout.n_views
+
+
+def _aspect_range(images: Sequence[DecodedImage]) -> tuple[float, float] | None:
+    """Smallest and largest width / height of ``images`` (None without any)."""
+    aspects = [d.size[1] / d.size[0] for d in images if d.size[0] > 0]
+    return (min(aspects), max(aspects)) if aspects else None
 
 
 def in_input_order(

@@ -254,3 +254,29 @@ def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_
         Detector(_config("gaussian")).fit(train[:2])
     with pytest.raises(DataError, match="memory_bank scorer needs at least 3"):
         Detector(_config()).fit(train[:1])
+
+
+def test_an_image_far_from_the_training_aspect_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every image is stretched to the model input: a part fed sideways (a 2.5:1 surface shown 1:2.5) is scored
+    squashed (a good KolektorSDD part was flagged). Such images are named in one warning per call; images within
+    the training images' range are not, and a saved model keeps the range."""
+    rng = np.random.default_rng(0)
+    wide = [rng.integers(0, 255, (64, 96 + 8 * i, 3), dtype=np.uint8) for i in range(6)]  # aspect 1.5-2.1
+    det = Detector(_config()).fit(wide)
+    assert det.training_aspects_ == pytest.approx((1.5, 136 / 64))
+    tall = rng.integers(0, 255, (160, 64, 3), dtype=np.uint8)
+    near = rng.integers(0, 255, (64, 160, 3), dtype=np.uint8)  # 2.5: within 1.25x of the widest
+    with caplog.at_level("WARNING", logger="anomaly"):
+        det.predict([near, wide[0]])
+        assert not caplog.records
+        det.predict([tall, near, tall])
+    (record,) = caplog.records
+    assert "2 of 3 image(s)" in record.message and "(1.50-2.12)" in record.message
+    assert "an image of 64x160 px" in record.message
+    loaded = Detector.load(det.save(tmp_path / "model"))
+    assert loaded.training_aspects_ == pytest.approx(det.training_aspects_)
+    assert loaded.odd_aspects(loaded.extract([tall]).images) == ["an image of 64x160 px"]
+    keep = Detector(_config("patchcore", "preprocess.resize=keep_aspect")).fit(wide)
+    assert keep.odd_aspects(keep.extract([tall]).images) == []  # not stretched: padded to the input
