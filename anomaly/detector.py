@@ -26,12 +26,14 @@ from anomaly.data.inputs import training_paths
 from anomaly.data.io import significant_bits
 from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
 from anomaly.data.views import (
-    ASPECT_TOLERANCE,
     DRIFT_THRESHOLD,
     ViewSpec,
+    aspect_range,
     bright_level,
     fitted_input_size,
     lighting_drift,
+    odd_aspects,
+    odd_aspects_warning,
 )
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
@@ -305,7 +307,7 @@ class Detector:
         ``patch_footprint_`` and ``training_aspects_`` are measured.
         """
         peaks = self.map_peaks(out_of_sample, images)
-        self.training_aspects_ = None if images is None else _aspect_range(images)
+        self.training_aspects_ = None if images is None else aspect_range([d.size for d in images])
         has_maps = out_of_sample.patch_maps is not None
         if has_maps and images is not None:
             grid = out_of_sample.patch_maps.shape[1:]
@@ -449,7 +451,7 @@ class Detector:
             names = [name for name, views in zip(names, support) for _ in views]
             items = [view for views in support for view in views]
         features = self.extract(items, progress=progress)
-        self.training_aspects_ = _aspect_range(features.images)
+        self.training_aspects_ = aspect_range([d.size for d in features.images])
         owners = np.repeat(names, [_n_views(d) for d in features.images])
         views = [DecodedImage(None, (0, 0), str(name)) for name in owners]
         self.reference_ = FeatureSet(features.layers, features.embedding, views)
@@ -519,34 +521,18 @@ class Detector:
         return map_peaks(out.patch_maps, self.extractor.image_size, self.config.postprocess.blur_sigma, layouts)
 
     def odd_aspects(self, images: Sequence[DecodedImage]) -> list[str]:
-        """Names of the ``images`` that are stretched to the model input from an aspect (width / height) beyond
-        ``ASPECT_TOLERANCE`` of the training images' range: a part fed rotated, or another product. Its map and
-        score come from a squashed image: a good KolektorSDD part fed sideways was flagged by ``patchcore`` and
-        scored below the good frames on a ``musc`` line. Training images' range: the fit's, or the references'."""
+        """Names of the ``images`` stretched to the model input from an aspect far from the training images' (or
+        the references'): :func:`anomaly.data.views.odd_aspects`. None are named when the images keep their aspect
+        (``keep_aspect``, tiles) or without a fit."""
         pre = self.config.preprocess
         if self.training_aspects_ is None or pre.resize != "stretch" or pre.tile is not None:
             return []
-        low, high = self.training_aspects_
-        return [
-            str(d.source) if d.source is not None else f"an image of {d.size[1]}x{d.size[0]} px"
-            for d in images
-            if not low / ASPECT_TOLERANCE <= d.size[1] / d.size[0] <= high * ASPECT_TOLERANCE
-        ]
+        return odd_aspects([d.size for d in images], [d.source for d in images], self.training_aspects_)
 
     def warn_odd_aspects(self, names: list[str], total: int) -> None:
-        """One warning for the :meth:`odd_aspects` of a call."""
-        if not names or self.training_aspects_ is None:
-            return
-        low, high = self.training_aspects_
-        seen = f"{low:.2f}" if round(low, 2) == round(high, 2) else f"{low:.2f}-{high:.2f}"
-        log.warning(
-            "%d of %d image(s) have an aspect (width / height) far from the training images' (%s) and are stretched "
-            "to the model input: a rotated part or another product? Their scores are not comparable. First: %s",
-            len(names),
-            total,
-            seen,
-            ", ".join(names[:3]),
-        )
+        """One warning for the :meth:`odd_aspects` of a call of ``total`` images."""
+        if names and self.training_aspects_ is not None:
+            log.warning("%s", odd_aspects_warning(names, total, self.training_aspects_))
 
     # ------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -711,12 +697,6 @@ def _sample_positions(n: int) -> NDArray[np.int64]:
 
 def _n_views(image: DecodedImage) -> int:
     return 1 if image.layout is None else image.layout.n_views
-
-
-def _aspect_range(images: Sequence[DecodedImage]) -> tuple[float, float] | None:
-    """Smallest and largest width / height of ``images`` (None without any)."""
-    aspects = [d.size[1] / d.size[0] for d in images if d.size[0] > 0]
-    return (min(aspects), max(aspects)) if aspects else None
 
 
 def in_input_order(

@@ -238,6 +238,7 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
             "layout": "uint8 RGB (N, H, W, 3), resized as the Detector does; normalised inside the network",
             "standardize": bool(det.config.preprocess.standardize),  # per-image gray mean/std, before the network
             "bit_depth": int(det.config.preprocess.bit_depth),  # significant bits of 16-bit images
+            "training_aspects": det.training_aspects_,  # width / height range fitted on: odd inputs are warned of
         },
         "scorer": {"name": det.scorer.name, "params": det.scorer.get_params()},
         "postprocess": {

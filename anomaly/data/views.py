@@ -21,11 +21,14 @@ __all__ = [
     "RESIZE_MODES",
     "Layout",
     "ViewSpec",
+    "aspect_range",
     "bright_level",
     "cut_views",
     "fitted_input_size",
     "gray_stats",
     "lighting_drift",
+    "odd_aspects",
+    "odd_aspects_warning",
     "plan_layout",
     "standardize_intensity",
 ]
@@ -125,6 +128,36 @@ def fitted_input_size(sizes: list[tuple[int, int]], input_size: tuple[int, int],
     area = h_in * w_in
     height, width = math.sqrt(area / aspect), math.sqrt(area * aspect)
     return max(step, round(height / step) * step), max(step, round(width / step) * step)
+
+
+def aspect_range(sizes: list[tuple[int, int]]) -> tuple[float, float] | None:
+    """Smallest and largest aspect (width / height) of images of ``sizes`` (H, W); None without any."""
+    aspects = [w / h for h, w in sizes if h > 0]
+    return (min(aspects), max(aspects)) if aspects else None
+
+
+def odd_aspects(sizes: list[tuple[int, int]], sources: list[str | None], fitted: tuple[float, float]) -> list[str]:
+    """Names of the images of ``sizes`` (H, W) whose aspect lies beyond :data:`ASPECT_TOLERANCE` of the ``fitted``
+    range (:func:`aspect_range` of the training images): stretched to the model input, a part fed rotated or
+    another product is scored squashed (a good KolektorSDD part fed sideways was flagged by ``patchcore`` and
+    scored below the good frames on a ``musc`` line)."""
+    low, high = fitted
+    return [
+        source if source is not None else f"an image of {w}x{h} px"
+        for (h, w), source in zip(sizes, sources)
+        if not low / ASPECT_TOLERANCE <= w / h <= high * ASPECT_TOLERANCE
+    ]
+
+
+def odd_aspects_warning(names: list[str], total: int, fitted: tuple[float, float]) -> str:
+    """The one warning line for the :func:`odd_aspects` of a call of ``total`` images."""
+    low, high = fitted
+    seen = f"{low:.2f}" if round(low, 2) == round(high, 2) else f"{low:.2f}-{high:.2f}"
+    return (
+        f"{len(names)} of {total} image(s) have an aspect (width / height) far from the training images' ({seen}) "
+        "and are stretched to the model input: a rotated part or another product? Their scores are not comparable. "
+        f"First: {', '.join(names[:3])}"
+    )
 
 
 def cut_views(image: NDArray[np.uint8], layout: Layout, input_size: tuple[int, int]) -> NDArray[np.uint8]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly.data.loader import decode_input
-from anomaly.data.views import ViewSpec
+from anomaly.data.views import ViewSpec, odd_aspects, odd_aspects_warning
 from anomaly.errors import DataError
 from anomaly.results import DetectionResult
 from anomaly.runtime.manifest import read_manifest
@@ -25,6 +26,7 @@ __all__ = ["ExportedDetector", "RuntimeInput", "ScorerInfo"]
 
 RuntimeInput = str | os.PathLike[str] | bytes | NDArray[np.uint8]
 Progress = Callable[[str, int, int], None]  # (stage, done, total), as Detector.predict_stream
+log = logging.getLogger(__name__)
 # Images per network call. On CPU larger batches are no faster, but ONNX Runtime's memory arena
 # grows with them: bottle at 256 px peaked at 755 MiB with batch 16, 339 MiB with batch 4.
 MAX_BATCH = 4
@@ -60,6 +62,8 @@ class ExportedDetector:
             self.view_spec = ViewSpec(
                 standardize=bool(model_input.get("standardize", False)), bit_depth=int(model_input.get("bit_depth", 16))
             )
+            aspects = model_input.get("training_aspects")  # absent from earlier exports
+            self.training_aspects = None if aspects is None else (float(aspects[0]), float(aspects[1]))
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{self.directory}: incomplete export ({type(exc).__name__}: {exc})") from None
         self.scorer = ScorerInfo(self.manifest["scorer"]["name"], self._scorer.has_maps)
@@ -89,16 +93,21 @@ class ExportedDetector:
         items = list(images)
         if not items:
             raise DataError("predict: no images")
-        done = 0
+        done, odd = 0, []
         for batch in _chunks(_prefetch(self._decode, items, 2 * self.batch_size), self.batch_size):
             resized = np.stack([b[0] for b in batch])
             patch_maps, scores = self._scorer(self._network(resized))
-            results = decide(patch_maps, scores, [b[1] for b in batch], [b[2] for b in batch], self.decision, maps)
+            sizes, sources = [b[1] for b in batch], [b[2] for b in batch]
+            results = decide(patch_maps, scores, sizes, sources, self.decision, maps)
             for result, b in zip(results, batch):
                 yield result, b[3] if keep_images else None
             done += len(batch)
             if progress is not None:
                 progress("score", done, len(items))
+            if self.training_aspects is not None:
+                odd += odd_aspects(sizes, sources, self.training_aspects)
+        if odd and self.training_aspects is not None:
+            log.warning("%s", odd_aspects_warning(odd, len(items), self.training_aspects))
 
     def _decode(self, item: RuntimeInput) -> tuple[NDArray[np.uint8], tuple[int, int], str | None, NDArray[np.uint8]]:
         decoded = decode_input(item, self.image_size, keep=True, spec=self.view_spec)

@@ -49,6 +49,25 @@ def test_runtime_matches_the_torch_detector(
     )
 
 
+def test_runtime_names_images_far_from_the_training_aspect(
+    patchcore_model: Path, patchcore_export: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The export keeps the training images' aspect range; the runtime warns of stretched odd inputs as the
+    Detector does (one line per call, naming them)."""
+    fitted = Detector.load(patchcore_model).training_aspects_
+    assert fitted == (1.0, 1.0)  # the synthetic training images are square
+    runtime = ExportedDetector(patchcore_export)
+    assert runtime.training_aspects == fitted
+    rng = np.random.default_rng(0)
+    square, wide = (rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(96, 96, 3), (60, 150, 3)])
+    caplog.set_level("WARNING", logger="anomaly")
+    runtime.predict([square, square])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    runtime.predict([square, wide])
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "1 of 2 image(s)" in record.message and "(1.00)" in record.message and "150x60" in record.message
+
+
 def test_runtime_and_score_cli_never_import_torch_or_timm(
     patchcore_export: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
