@@ -65,7 +65,9 @@ def build_report(
         (tmp / DATA_FILE).write_text(f"window.ANOMALY_REPORT = {data};\n")
         shutil.copytree(_HERE / "static", tmp / "assets")
         env = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True, undefined=StrictUndefined)
-        (tmp / "index.html").write_text(env.get_template("index.html.j2").render(**page))
+        html = env.get_template("index.html.j2").render(**page)
+        # a file name that is not UTF-8 (kept as surrogate escapes, as scores.csv keeps its bytes) shows as U+FFFD
+        (tmp / "index.html").write_text(html.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         finish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -69,6 +69,9 @@ def test_1_non_utf8_file_names_are_scored_and_written(model: Path, tmp_path: Pat
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and os.fsencode(rows[0]["path"]) == raw  # the exact bytes, round-tripped
     assert (out / rows[0]["overlay_path"]).is_file() and (out / rows[0]["map_path"]).is_file()
+    report = _run("report", "--scores", out, "--out", tmp_path / "report")  # crashed writing the page
+    assert report.exit_code == 0, report.output
+    assert "cam1_\ufffd.png" in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
 
 
 def test_2_user_files_in_earlier_outputs_survive_a_rerun(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
