@@ -123,7 +123,9 @@ def evaluate_scores(
     computed (the maps are not read).
     """
     rows = read_scores(scores_dir)
-    samples = _match(rows, load_ground_truth(category_root))
+    data = load_ground_truth(category_root)
+    samples = _match(rows, data)
+    _warn_partial(rows, samples, data)
     scores = [float(r["score"]) for r in rows]
     map_paths = [r.get("map_path", "") for r in rows]
     labels = {s.label for s in samples}
@@ -160,6 +162,36 @@ def pimo_plot_data(maps: list[NDArray[np.float32]], masks: list[NDArray[np.bool_
         "shared_fpr": [float(v) for v in fpr[index]],
         "per_image_tpr": [[round(float(v), 5) for v in row] for row in tpr],
     }
+
+
+def _warn_partial(rows: list[dict[str, str]], samples: list[Sample], data: CategoryData) -> None:
+    """Metrics of part of a test split, or of files that only share folder and name with it, read like the
+    category's own: say so."""
+    covered = len({s.image_path for s in samples})
+    if covered < len(data.test):
+        log.warning(
+            "the scores cover %d of the %d test images of %s: the metrics are those of the %d",
+            covered,
+            len(data.test),
+            data.root,
+            covered,
+        )
+    elsewhere = [r["path"] for r, s in zip(rows, samples) if not _same_file(Path(r["path"]), s.image_path)]
+    if elsewhere:
+        log.warning(
+            "%d scored image(s) are not files of %s but share their folder and file name with them (matched on "
+            "those), first: %s",
+            len(elsewhere),
+            data.root,
+            elsewhere[0],
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:  # scored elsewhere (another machine's paths): not this file
+        return False
 
 
 def _match(rows: list[dict[str, str]], data: CategoryData) -> list[Sample]:

@@ -77,6 +77,7 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9
+    assert "the scores cover" not in result.output and "are not files of" not in result.output
     small = _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "64x48")
     assert small.exit_code == 0 and "pixel_auroc" in small.output
     assert _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "big").exit_code == 2
@@ -92,6 +93,7 @@ def test_evaluate_test_only_and_unannotated_roots(model_dir: Path, synthetic_roo
     test_only = _run("evaluate", "--scores", out, "--root", copy, "--out", tmp_path / "test_only")
     assert full.exit_code == 0 and test_only.exit_code == 0, test_only.output
     assert (tmp_path / "test_only" / "metrics.json").read_text() == (tmp_path / "full" / "metrics.json").read_text()
+    assert "10 scored image(s) are not files of" in test_only.output  # matched on folder and name, and said so
     shutil.rmtree(copy / "ground_truth")
     images_only = _run("evaluate", "--scores", out, "--root", copy, "--out", tmp_path / "images_only")
     assert images_only.exit_code == 0, images_only.output
@@ -99,6 +101,19 @@ def test_evaluate_test_only_and_unannotated_roots(model_dir: Path, synthetic_roo
     metrics = json.loads((tmp_path / "images_only" / "metrics.json").read_text())
     assert metrics["image_auroc"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["image_auroc"]
     assert "pixel_auroc" not in metrics
+
+
+def test_evaluate_says_when_the_scores_cover_part_of_the_test_split(
+    model_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """Metrics of 4 of 10 test images read like the category's: the run says whose they are."""
+    out = tmp_path / "scores"
+    defect = next(p for p in sorted((synthetic_root / "test").iterdir()) if p.name != "good")
+    some = sorted((synthetic_root / "test" / "good").glob("*.png"))[:2] + sorted(defect.glob("*.png"))[:2]
+    assert _run("score", "--model", model_dir, "--out", out, *some).exit_code == 0
+    result = _run("evaluate", "--scores", out, "--root", synthetic_root)
+    assert result.exit_code == 0, result.output
+    assert "the scores cover 4 of the 10 test images" in result.output
 
 
 def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> None:
