@@ -1,13 +1,15 @@
 """Model directories: written atomically with a manifest, trusted only when the manifest checks out.
 
-A directory is trusted when ``meta.json`` parses as the expected structure, its ``files`` manifest
-is complete (it lists ``config.json`` and at least one file), every listed name is a plain file
-inside the directory whose SHA-256 matches, and the loader reads nothing that is not listed
-(:func:`verified_files` hands out only listed paths).
+A directory is trusted when ``meta.json`` parses as the expected structure and matches its own digest
+(``meta_sha256``: an edited threshold is refused as an edited file is), its ``files`` manifest is complete
+(it lists ``config.json`` and at least one file), every listed name is a plain file inside the directory whose
+SHA-256 matches, and the loader reads nothing that is not listed (:func:`verified_files` hands out only listed
+paths).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,10 +20,11 @@ from typing import Any
 from anomaly._fs import OUTPUT_MARKER, file_sha256, finish_dir, new_temp_dir
 from anomaly.errors import DataError
 
-__all__ = ["FORMAT_VERSION", "META_FILE", "read_meta", "verified_files", "write_model_dir"]
+__all__ = ["FORMAT_VERSION", "META_FILE", "read_meta", "signed", "verified_files", "write_model_dir"]
 
 FORMAT_VERSION = 2
 META_FILE = "meta.json"
+_DIGEST = "meta_sha256"
 
 
 def write_model_dir(target: str | os.PathLike[str], write: Callable[[Path], dict[str, Any]]) -> Path:
@@ -34,7 +37,7 @@ def write_model_dir(target: str | os.PathLike[str], write: Callable[[Path], dict
         for name in files:
             (tmp / name).chmod(0o666 & ~_umask())
         meta = {"format_version": FORMAT_VERSION, **meta, "files": {n: file_sha256(tmp / n) for n in files}}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / META_FILE).write_text(json.dumps(signed(meta), indent=2))
         finish_dir(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -57,6 +60,8 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{meta_path}: unreadable ({exc})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{meta_path}: expected a JSON object")
+    if _DIGEST in meta and meta[_DIGEST] != signed(meta)[_DIGEST]:  # models saved before it have none
+        raise DataError(f"{meta_path}: modified since the model was saved; refit the model")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(
@@ -67,6 +72,13 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(files, dict) or "config.json" not in files:
         raise DataError(f"{meta_path}: 'files' manifest missing or incomplete; refit the model")
     return meta
+
+
+def signed(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with its digest: the SHA-256 of its canonical JSON without the digest."""
+    body = {k: v for k, v in meta.items() if k != _DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return {**body, _DIGEST: hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()}
 
 
 def verified_files(directory: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Path]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from anomaly._fs import file_sha256
 from anomaly.errors import DataError
+from anomaly.model_dir import signed
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "MANIFEST", "is_export_dir", "read_manifest", "write_manifest"]
 
@@ -28,13 +29,13 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST and not p.name.startswith(".")
     }
     body = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **manifest, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(body, indent=2))
+    (folder / MANIFEST).write_text(json.dumps(signed(body), indent=2))
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and verify an export directory's manifest.
 
-    Refused with DataError: a missing or unreadable manifest, another format or version, a listed
+    Refused with DataError: a missing, unreadable or edited manifest, another format or version, a listed
     file that is missing, modified or outside the folder. Unlisted files are never loaded.
     """
     root = Path(path)
@@ -46,6 +47,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{root / MANIFEST}: unreadable ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise DataError(f"{root / MANIFEST}: not an anomaly export manifest")
+    if "meta_sha256" in manifest and manifest != signed(manifest):  # exports written before it have none
+        raise DataError(f"{root / MANIFEST}: modified since the export; export the model again")
     if manifest.get("format_version") != EXPORT_VERSION:
         raise DataError(
             f"{root}: export format {manifest.get('format_version')!r} is incompatible with this version "

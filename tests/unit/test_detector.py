@@ -11,6 +11,7 @@ from anomaly import DataError, DetectionResult, Detector, NotFittedError
 from anomaly.config import apply_overrides, load_config
 from anomaly.data.io import read_image
 from anomaly.errors import ConfigError
+from anomaly.model_dir import signed
 from anomaly.streaming import StreamingDetector
 
 
@@ -150,7 +151,7 @@ def test_incompatible_or_tampered_model_dirs_fail_clearly(fitted: Detector, tmp_
     path = fitted.save(tmp_path / "model")
     meta = json.loads((path / "meta.json").read_text())
     meta["format_version"] = 999
-    (path / "meta.json").write_text(json.dumps(meta))
+    (path / "meta.json").write_text(json.dumps(signed(meta)))
     with pytest.raises(DataError, match="incompatible"):
         Detector.load(path)
     path = fitted.save(tmp_path / "model2")

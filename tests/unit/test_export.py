@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from anomaly import DataError, Detector
 from anomaly.cli import app
+from anomaly.model_dir import signed
 
 pytest.importorskip("onnxruntime")
 from anomaly.runtime import ExportedDetector  # noqa: E402
@@ -143,7 +144,7 @@ def test_tampered_unlisted_or_escaping_exports_are_refused(patchcore_export: Pat
     copy = _copy(patchcore_export, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["files"]["index.faiss"]  # an index present but not listed is never loaded
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
     with pytest.raises(DataError, match="incomplete export"):
         ExportedDetector(copy)
 
@@ -153,14 +154,22 @@ def test_tampered_unlisted_or_escaping_exports_are_refused(patchcore_export: Pat
     outside = tmp_path / "outside.faiss"
     shutil.copy(copy / "index.faiss", outside)
     manifest["files"]["../outside.faiss"] = manifest["files"]["index.faiss"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
     with pytest.raises(DataError, match="outside the export directory"):
         ExportedDetector(copy)
 
     manifest["files"].pop("../outside.faiss")
     manifest["format_version"] = 99
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
     with pytest.raises(DataError, match="export format 99 is incompatible"):
+        ExportedDetector(copy)
+
+    shutil.rmtree(copy)
+    copy = _copy(patchcore_export, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["threshold"]["image"] = 1.0  # edited by hand: every image would be flagged
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(DataError, match="manifest.json: modified since the export"):
         ExportedDetector(copy)
 
 

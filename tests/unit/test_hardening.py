@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from anomaly import DataError, Detector
 from anomaly.cli import app
 from anomaly.config import ConfigError, apply_overrides, load_config
+from anomaly.model_dir import signed
 
 runner = CliRunner()
 SMALL = ["--set", "backbone.image_size=[64,64]", "--set", "batch_size=4"]
@@ -150,6 +151,19 @@ def test_5_every_config_value_is_range_checked(override: str, key: str, syntheti
     assert not (tmp_path / "m").exists()
 
 
+def test_5_an_edited_threshold_is_refused_as_an_edited_file_is(model: Path, tmp_path: Path) -> None:
+    """meta.json holds the threshold: edited by hand (to 1.0, flagging every image) it was used without a word."""
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    assert Detector.load(copy).threshold_ is not None  # the copy itself loads
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["threshold"]["image"] = meta["threshold"]["pixel"] = 1.0
+    (copy / "meta.json").write_text(json.dumps(meta, indent=2))
+    _one_error_line(_run("score", "--model", copy, "--out", tmp_path / "s", _png(tmp_path / "x.png")), "meta.json")
+    _one_error_line(_run("export", "--model", copy, "--out", tmp_path / "e"), "modified since")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists()
+
+
 def test_5_a_tampered_model_config_is_refused_not_truncated(model: Path, tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(model, copy)
@@ -160,7 +174,7 @@ def test_5_a_tampered_model_config_is_refused_not_truncated(model: Path, tmp_pat
     from anomaly._fs import file_sha256
 
     meta["files"]["config.json"] = file_sha256(copy / "config.json")  # a consistent, but invalid, model
-    (copy / "meta.json").write_text(json.dumps(meta))
+    (copy / "meta.json").write_text(json.dumps(signed(meta)))
     _one_error_line(_run("score", "--model", copy, "--out", tmp_path / "s", _png(tmp_path / "x.png")), "batch_size")
 
 
@@ -198,7 +212,7 @@ def test_7_untrusted_model_directories_are_refused(model: Path, tmp_path: Path) 
         shutil.copytree(model, copy)
         meta = json.loads((copy / "meta.json").read_text())
         change(copy, meta)
-        (copy / "meta.json").write_text(json.dumps(meta))
+        (copy / "meta.json").write_text(json.dumps(signed(meta)))
         return copy
 
     cases = {
@@ -229,20 +243,20 @@ def test_7_unlisted_or_mismatched_indexes_are_never_used(model: Path, tmp_path: 
     (copy / "index.faiss").write_bytes(faiss.serialize_index(hnsw).tobytes())
     meta = json.loads((copy / "meta.json").read_text())
     meta["files"]["index.faiss"] = file_sha256(copy / "index.faiss")  # re-signed, but the wrong type
-    (copy / "meta.json").write_text(json.dumps(meta))
+    (copy / "meta.json").write_text(json.dumps(signed(meta)))
     with pytest.raises(DataError, match="does not match"):
         Detector.load(copy)
     wrong = faiss.IndexFlatL2(bank.shape[1] + 1)
     (copy / "index.faiss").write_bytes(faiss.serialize_index(wrong).tobytes())
     meta["files"]["index.faiss"] = file_sha256(copy / "index.faiss")
-    (copy / "meta.json").write_text(json.dumps(meta))
+    (copy / "meta.json").write_text(json.dumps(signed(meta)))
     with pytest.raises(DataError, match="rows of dimension"):
         Detector.load(copy)
     crafted = bytearray(faiss.serialize_index(faiss.IndexFlatL2(bank.shape[1])).tobytes())
     crafted[-8:] = (2**40).to_bytes(8, "little")  # a size field asking for a TiB
     (copy / "index.faiss").write_bytes(bytes(crafted))
     meta["files"]["index.faiss"] = file_sha256(copy / "index.faiss")
-    (copy / "meta.json").write_text(json.dumps(meta))
+    (copy / "meta.json").write_text(json.dumps(signed(meta)))
     with pytest.raises(DataError):
         Detector.load(copy)
 
