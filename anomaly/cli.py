@@ -40,7 +40,7 @@ SetOpt = Annotated[
 
 
 def _user_errors(fn: F) -> F:
-    """Map AnomalyError to 'error: <msg>' on stderr and exit code 2 (no traceback)."""
+    """Map AnomalyError to 'error: <msg>' on stderr and exit code 2 (no traceback); Ctrl-C to one line, exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -49,6 +49,9 @@ def _user_errors(fn: F) -> F:
         except AnomalyError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:  # outputs are written to temp folders and renamed: none was left half-written
+            typer.echo("interrupted: no half-written output was left; earlier outputs are as they were", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 

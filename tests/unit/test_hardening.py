@@ -301,6 +301,25 @@ def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]  # the dead temp folder is gone
 
 
+def test_8_ctrl_c_is_one_line_and_leaves_the_earlier_output(
+    model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "scores"
+    images = synthetic_root / "test" / "good"
+    assert _run("score", "--model", model, "--out", out, images).exit_code == 0
+    before = (out / "scores.csv").read_bytes()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "finish", interrupted)
+    result = _run("score", "--model", model, "--out", out, synthetic_root / "test")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("interrupted: ")]
+    assert (out / "scores.csv").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scores.")]
+
+
 def test_9_decompression_bombs_are_refused_by_name(model: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import anomaly.data.io as io_module
 
