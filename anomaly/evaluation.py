@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
-from anomaly.data.io import read_mask
+from anomaly.data.io import read_mask, resize_mask
 from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed
@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_MASK_ASPECT = 1.02  # a mask's aspect may differ from its image's by rounding, not more
 
 _PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
 _PLOT_POINTS = 121  # points kept per curve, log-spaced in shared FPR
@@ -104,11 +105,24 @@ def _resized(
 
 
 def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> list[NDArray[np.bool_]]:
-    """Masks at the given shapes (nearest neighbour); all-zero for normal images."""
-    return [
-        read_mask(s.mask_path, shape[:2]) if s.mask_path is not None else np.zeros(shape[:2], dtype=bool)  # type: ignore[arg-type]
-        for s, shape in zip(samples, shapes)
-    ]
+    """Masks at the given shapes (nearest neighbour); all-zero for normal images. Masks of another aspect than
+    their map (a mask drawn on a crop, or for another image) are stretched to it and named in one warning."""
+    masks, skewed = [], []
+    for sample, shape in zip(samples, shapes):
+        if sample.mask_path is None:
+            masks.append(np.zeros(shape[:2], dtype=bool))
+            continue
+        mask = read_mask(sample.mask_path)
+        if abs(math.log((mask.shape[1] / mask.shape[0]) / (shape[1] / shape[0]))) > math.log(_MASK_ASPECT):
+            skewed.append(f"{sample.mask_path} ({mask.shape[1]}x{mask.shape[0]} for {shape[1]}x{shape[0]})")
+        masks.append(resize_mask(mask, shape[:2]))
+    if skewed:
+        log.warning(
+            "%d ground-truth mask(s) have another aspect than their image and are stretched to it, first: %s",
+            len(skewed),
+            skewed[0],
+        )
+    return masks
 
 
 def evaluate_scores(

@@ -32,6 +32,7 @@ __all__ = [
     "read_image_size",
     "read_images",
     "read_mask",
+    "resize_mask",
     "read_pixels",
     "significant_bits",
     "stored_bit_depth",
@@ -225,7 +226,12 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None)
     """
     pixels = _decode(_read_bytes(Path(path)), _printable(Path(path)))
     mask = cast("NDArray[np.bool_]", (pixels > 0).any(axis=2) if pixels.ndim == 3 else pixels > 0)
-    if size is None or tuple(size) == mask.shape:
+    return mask if size is None else resize_mask(mask, size)
+
+
+def resize_mask(mask: NDArray[np.bool_], size: tuple[int, int]) -> NDArray[np.bool_]:
+    """A boolean mask at ``size`` (H, W), nearest neighbour; ValueError unless two positive integers."""
+    if tuple(size) == mask.shape:
         return mask
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"size must be (H, W) with positive values, got {size}")

@@ -154,9 +154,9 @@ def odd_aspects_warning(names: list[str], total: int, fitted: tuple[float, float
     low, high = fitted
     seen = f"{low:.2f}" if round(low, 2) == round(high, 2) else f"{low:.2f}-{high:.2f}"
     return (
-        f"{len(names)} of {total} image(s) have an aspect (width / height) far from the training images' ({seen}) "
-        "and are stretched to the model input: a rotated part or another product? Their scores are not comparable. "
-        f"First: {', '.join(names[:3])}"
+        f"{len(names)} of {total} image(s) have an aspect (width / height) outside the training images' ({seen}) "
+        "and are stretched to the model input more than any of those: a rotated part or another product? Check "
+        f"their scores. First: {', '.join(names[:3])}"
     )
 
 

@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -114,6 +115,21 @@ def test_evaluate_says_when_the_scores_cover_part_of_the_test_split(
     result = _run("evaluate", "--scores", out, "--root", synthetic_root)
     assert result.exit_code == 0, result.output
     assert "the scores cover 4 of the 10 test images" in result.output
+
+
+def test_evaluate_names_masks_of_another_aspect(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores"
+    assert _run("score", "--model", model_dir, "--out", out, "--maps", synthetic_root / "test").exit_code == 0
+    root = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    result = _run("evaluate", "--scores", out, "--root", root)
+    assert result.exit_code == 0 and "another aspect" not in result.output
+    mask = sorted((root / "ground_truth").glob("*/*.png"))[0]
+    image = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(mask), cv2.resize(image, (image.shape[1] // 2, image.shape[0]), interpolation=cv2.INTER_NEAREST))
+    result = _run("evaluate", "--scores", out, "--root", root)
+    assert result.exit_code == 0, result.output
+    assert "1 ground-truth mask(s) have another aspect than their image" in result.output
+    assert f"{mask} (64x128 for 128x128)" in result.output
 
 
 def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> None:
