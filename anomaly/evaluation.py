@@ -190,7 +190,7 @@ def _warn_partial(rows: list[dict[str, str]], samples: list[Sample], data: Categ
             data.root,
             covered,
         )
-    elsewhere = [r["path"] for r, s in zip(rows, samples) if not _same_file(Path(r["path"]), s.image_path)]
+    elsewhere = [r["path"] for r, s in zip(rows, samples) if _other_file(Path(r["path"]), s.image_path)]
     if elsewhere:
         log.warning(
             "%d scored image(s) are not files of %s but share their folder and file name with them (matched on "
@@ -201,10 +201,12 @@ def _warn_partial(rows: list[dict[str, str]], samples: list[Sample], data: Categ
         )
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _other_file(scored: Path, sample: Path) -> bool:
+    """True when ``scored`` is a file here and not ``sample`` (a path of another machine or working folder that
+    does not exist here tells nothing)."""
     try:
-        return a.samefile(b)
-    except OSError:  # scored elsewhere (another machine's paths): not this file
+        return scored.is_file() and not scored.samefile(sample)
+    except OSError:
         return False
 
 
