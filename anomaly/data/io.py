@@ -51,6 +51,9 @@ _GLOB_CHARS = frozenset("*?[")
 
 MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
 """Largest image (width x height) decoded; bigger ones (decompression bombs) are refused. Env: ANOMALY_MAX_PIXELS."""
+# PIL's own bomb check warns above 89 MP and refuses above 179 MP whatever ANOMALY_MAX_PIXELS says; the check here
+# (_check_header) is the one in force, so PIL's is moved to it (process-wide: PIL has no per-call setting).
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
 

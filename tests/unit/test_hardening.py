@@ -330,6 +330,24 @@ def test_9_decompression_bombs_are_refused_by_name(model: Path, tmp_path: Path, 
     _one_error_line(result, "bomb.png", "MP limit")
 
 
+def test_9_the_pixel_limit_is_the_only_one_in_force(tmp_path: Path) -> None:
+    """PIL's own bomb check warned from 89 MP and refused from 179 MP whatever ANOMALY_MAX_PIXELS said."""
+    image = tmp_path / "wide.png"
+    Image.new("L", (3000, 1000)).save(image)  # 3 MP: over PIL's check when it is set from a 1 MP limit
+    code = (
+        "from PIL import Image\n"
+        "import anomaly.data.io as io\n"
+        "assert Image.MAX_IMAGE_PIXELS == io.MAX_PIXELS\n"
+        f"print(io.read_image({str(image)!r}).shape)\n"
+    )
+    env = {**os.environ, "ANOMALY_MAX_PIXELS": "4000000"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "(1000, 3000, 3)" in proc.stdout and "Warning" not in proc.stderr, proc.stderr
+    env["ANOMALY_MAX_PIXELS"] = "2000000"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "wide.png (3000x1000 = 3 MP exceeds the 2 MP limit" in proc.stderr
+
+
 def test_10_formula_cells_are_escaped_and_read_back_exactly(model: Path, tmp_path: Path) -> None:
     from anomaly.outputs import read_scores
 
