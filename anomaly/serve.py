@@ -12,6 +12,7 @@ import base64
 import io
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anomaly.data.io import decode_bytes
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 32 * 2**20
 _ROUTES = ("/predict", "/health", "/metrics")
+_CLIENT_CLOSED = 499  # the client went away before the answer (nginx's code): not a failure of the service
 _ENV_MODEL, _ENV_MAX_BYTES = "ANOMALY_SERVE_MODEL", "ANOMALY_SERVE_MAX_BYTES"  # for uvicorn's worker processes
 
 
@@ -72,16 +76,17 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
     backend = predictor.manifest["network"]["format"] if hasattr(predictor, "manifest") else "torch"
 
     def score(data: bytes, maps: bool) -> Any:
-        image = decode_bytes(data, "uploaded image", predictor.view_spec.bit_depth)
-        with lock:
+        with lock:  # decoding too: queued requests hold their bytes, not decoded images (a 150 MP PNG is 450 MB)
+            image = decode_bytes(data, "uploaded image", predictor.view_spec.bit_depth)
             return predictor.predict(image, maps=maps)
 
+    # async: answered on the event loop, not behind predictions queued in the thread pool
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         return {"status": "ok", "model": name, "scorer": predictor.scorer.name, "backend": backend}
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict")
@@ -90,14 +95,18 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
             return _error(400, "supported options: ?mask=png and ?map=npy")
         if (mask or map) and not predictor.scorer.has_maps:
             return _error(400, f"the {predictor.scorer.name} scorer gives image scores only: no mask or map")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form(max_files=1)
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                return _error(400, "multipart request without a file field named 'file'")
-            data = await upload.read()
-        else:
-            data = await request.body()
+        try:
+            if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+                form = await request.form(max_files=1)
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    return _error(400, "multipart request without a file field named 'file'")
+                data = await upload.read()
+            else:
+                data = await request.body()
+        except ClientDisconnect:  # nobody to answer; counted apart from failures (nginx's 499)
+            log.info("client disconnected during its upload to /predict")
+            return _error(_CLIENT_CLOSED, "client disconnected")
         if not data:
             return _error(400, "empty request: send one image as multipart field 'file' or as the request body")
         try:
@@ -120,6 +129,10 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
             body["map_npy"] = base64.b64encode(buffer.getvalue()).decode()
         return JSONResponse(body)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))  # the framework's 4xx (multipart, 405) as {"error"}
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request to %s failed", request.url.path)
@@ -139,6 +152,7 @@ def run(model: str | os.PathLike[str], host: str, port: int, workers: int, max_b
     """Serve until interrupted (uvicorn)."""
     import uvicorn
 
+    _check_port(host, port)
     if workers > 1:
         load_predictor(model)  # fail fast, with one clear error, before the workers start
         os.environ[_ENV_MODEL], os.environ[_ENV_MAX_BYTES] = str(model), str(max_bytes)
@@ -146,6 +160,18 @@ def run(model: str | os.PathLike[str], host: str, port: int, workers: int, max_b
     else:
         app = create_app(load_predictor(model), max_bytes=max_bytes, name=Path(model).name)
         uvicorn.run(app, host=host, port=port)
+
+
+def _check_port(host: str, port: int) -> None:
+    """One clear error for a port that cannot be listened on (uvicorn logs a traceback or exits with 3)."""
+    if not 0 <= port <= 65535:
+        raise DataError(f"--port {port}: expected 0-65535")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        raise DataError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
 def _error(status: int, message: str) -> JSONResponse:

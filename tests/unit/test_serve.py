@@ -85,6 +85,77 @@ def test_bad_and_oversized_requests_are_refused_and_the_service_stays_healthy(
     assert client.post("/predict", content=images[0].read_bytes()).status_code == 200
 
 
+def test_every_refusal_is_an_error_object_and_media_types_ignore_case(client: TestClient, images: list[Path]) -> None:
+    png = images[0].read_bytes()
+    two = client.post("/predict", files=[("file", ("a.png", png)), ("file", ("b.png", png))])
+    no_boundary = client.post("/predict", content=png, headers={"content-type": "multipart/form-data"})
+    wrong_method = client.get("/predict")
+    for response, status in ((two, 400), (no_boundary, 400), (wrong_method, 405)):
+        assert response.status_code == status and set(response.json()) == {"error"}, response.text
+    body, boundary = _multipart(png)
+    mixed_case = client.post(
+        "/predict", content=body, headers={"content-type": f"Multipart/Form-Data; boundary={boundary}"}
+    )
+    assert mixed_case.status_code == 200, mixed_case.text
+
+
+def _multipart(data: bytes) -> tuple[bytes, str]:
+    boundary = "anomaly-test-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'.encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), boundary
+
+
+def test_a_client_that_leaves_mid_upload_is_not_a_server_error(runtime: ExportedDetector) -> None:
+    """A disconnect during the body was a 500 with two tracebacks in the log: alert noise, not a failure."""
+    import asyncio
+
+    app = create_app(runtime)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", b"1000")],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("test", 80),
+        "client": ("test", 1),
+        "root_path": "",
+    }
+    messages = iter([{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict] = []  # type: ignore[type-arg]
+
+    async def receive() -> dict:  # type: ignore[type-arg]
+        return next(messages)
+
+    async def send(message: dict) -> None:  # type: ignore[type-arg]
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 499
+    metrics = TestClient(app).get("/metrics").text
+    assert 'anomaly_requests_total{path="/predict",status="499"} 1.0' in metrics
+    assert 'status="500"' not in metrics
+
+
+def test_an_unusable_port_is_one_error_line(patchcore_export: Path) -> None:
+    from typer.testing import CliRunner
+
+    from anomaly.cli import app
+
+    def serve(port: int) -> object:
+        return CliRunner().invoke(app, ["serve", "--model", str(patchcore_export), "--port", str(port)])
+
+    out_of_range = serve(99999)
+    assert out_of_range.exit_code == 2 and "error: --port 99999: expected 0-65535" in out_of_range.output
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        in_use = serve(port)
+    assert in_use.exit_code == 2 and f"error: --port {port}: cannot listen on 127.0.0.1:{port}" in in_use.output
+    assert "Traceback" not in out_of_range.output + in_use.output
+
+
 def test_metrics_count_requests_latency_and_verdicts(client: TestClient, images: list[Path]) -> None:
     for path in images:
         client.post("/predict", content=path.read_bytes())
