@@ -39,6 +39,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     file that is missing, modified or outside the folder. Unlisted files are never loaded.
     """
     root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: export directory not found")
     if not is_export_dir(root):
         raise DataError(f"{root}: not an export directory ({MANIFEST} missing)")
     try:

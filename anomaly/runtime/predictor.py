@@ -72,13 +72,15 @@ class ExportedDetector:
         self.pixel_threshold_ = self.decision_.pixel
         self.image_size = self.decision.input_size
 
-    def predict(self, images: RuntimeInput | Sequence[RuntimeInput], *, maps: bool = True) -> Any:
-        """Score one image (path, encoded bytes or RGB array; returns a DetectionResult) or a list of them."""
-        single = isinstance(images, (str, os.PathLike, bytes)) or (
-            isinstance(images, np.ndarray) and images.ndim in (2, 3)
-        )
+    def predict(
+        self, images: RuntimeInput | Sequence[RuntimeInput], *, maps: bool = True, on_error: str = "raise"
+    ) -> Any:
+        """Score one image (path, encoded bytes, RGB array or PIL image; returns a DetectionResult) or a list of
+        them. ``on_error="skip"``: an unreadable input gets a result with ``error`` set (NaN score), as
+        ``Detector.predict``."""
+        single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)  # type: ignore[list-item]
-        results = [result for result, _ in self.predict_stream(items, maps=maps)]
+        results = [result for result, _ in self.predict_stream(items, maps=maps, on_error=on_error)]
         return results[0] if single else results
 
     def predict_stream(
@@ -88,24 +90,35 @@ class ExportedDetector:
         maps: bool = True,
         keep_images: bool = False,
         progress: Progress | None = None,
+        on_error: str = "raise",
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
         """Yield (result, decoded RGB image or None) per input, as ``Detector.predict_stream``."""
         items = list(images)
         if not items:
             raise DataError("predict: no images")
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        decode = self._decode if on_error == "raise" else self._decode_or_note
         done, odd = 0, []
-        for batch in _chunks(_prefetch(self._decode, items, 2 * self.batch_size), self.batch_size):
-            resized = np.stack([b[0] for b in batch])
-            patch_maps, scores = self._scorer(self._network(resized))
-            sizes, sources = [b[1] for b in batch], [b[2] for b in batch]
-            results = decide(patch_maps, scores, sizes, sources, self.decision, maps)
-            for result, b in zip(results, batch):
-                yield result, b[3] if keep_images else None
+        for batch in _chunks(_prefetch(decode, items, 2 * self.batch_size), self.batch_size):
+            ok = [b for b in batch if b[0] is not None]
+            results = iter([])
+            if ok:
+                patch_maps, scores = self._scorer(self._network(np.stack([b[0] for b in ok])))
+                sizes, sources = [b[1] for b in ok], [b[2] for b in ok]
+                results = iter(decide(patch_maps, scores, sizes, sources, self.decision, maps))
+                if self.training_aspects is not None:
+                    odd += odd_aspects(sizes, sources, self.training_aspects)
+            for b in batch:
+                if b[0] is None:  # unreadable, skipped: NaN score and the reason
+                    threshold = self.decision.threshold
+                    nan = float("nan")
+                    yield DetectionResult(nan, False, threshold.image, None, b[2], threshold.pixel, b[3]), None
+                else:
+                    yield next(results), b[3] if keep_images else None
             done += len(batch)
             if progress is not None:
                 progress("score", done, len(items))
-            if self.training_aspects is not None:
-                odd += odd_aspects(sizes, sources, self.training_aspects)
         if odd and self.training_aspects is not None:
             log.warning("%s", odd_aspects_warning(odd, len(items), self.training_aspects))
 
@@ -113,6 +126,13 @@ class ExportedDetector:
         decoded = decode_input(item, self.image_size, keep=True, spec=self.view_spec)
         assert decoded.views is not None and decoded.original is not None
         return decoded.views[0], decoded.size, decoded.source, decoded.original
+
+    def _decode_or_note(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any]:
+        """:meth:`_decode`, or (None, (0, 0), source, why) for an input that cannot be read."""
+        try:
+            return self._decode(item)
+        except DataError as exc:
+            return None, (0, 0), os.fspath(item) if isinstance(item, (str, os.PathLike)) else None, str(exc)
 
 
 def _prefetch(fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Iterator[Any]:

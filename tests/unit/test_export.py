@@ -50,6 +50,30 @@ def test_runtime_matches_the_torch_detector(
     )
 
 
+def test_runtime_takes_what_the_detector_takes(patchcore_model: Path, patchcore_export: Path, tmp_path: Path) -> None:
+    """A line swapping the Detector for its export keeps PIL images, ``on_error="skip"`` and clear errors."""
+    from PIL import Image
+
+    runtime, detector = ExportedDetector(patchcore_export), Detector.load(patchcore_model)
+    rng = np.random.default_rng(1)
+    pil = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    assert runtime.predict(pil).image_score == pytest.approx(detector.predict(pil).image_score, rel=1e-4)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    got = runtime.predict([pil, broken, pil], on_error="skip")
+    expected = detector.predict([pil, broken, pil], on_error="skip")
+    assert [r.error is None for r in got] == [True, False, True]
+    assert got[1].source == expected[1].source == str(broken) and np.isnan(got[1].image_score)
+    assert got[1].threshold == expected[1].threshold and not got[1].is_anomalous
+    assert got[2].image_score == pytest.approx(expected[2].image_score, rel=1e-4)
+    with pytest.raises(DataError, match="broken.png"):
+        runtime.predict([pil, broken])
+    with pytest.raises(DataError):
+        runtime.predict(None)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="export directory not found"):
+        ExportedDetector(tmp_path / "nowhere")
+
+
 def test_runtime_names_images_far_from_the_training_aspect(
     patchcore_model: Path, patchcore_export: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
