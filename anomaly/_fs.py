@@ -44,7 +44,9 @@ def new_temp_dir(target: Path, marker: str) -> Path:
         if not target.is_dir():
             raise DataError(f"{target}: exists and is not a folder; choose another output path")
         if any(target.iterdir()) and not (target / marker).exists():
-            raise DataError(f"{target}: folder exists and is not an anomaly output (no {marker}); choose another")
+            other = (target / OUTPUT_MARKER).exists()  # another kind of anomaly output: a model, scores, a report
+            what = "another kind of anomaly output" if other else "not an anomaly output"
+            raise DataError(f"{target}: folder exists and is {what} (no {marker}); choose another")
     if target.resolve() == Path.cwd().resolve() or target.resolve() == Path(target.resolve().anchor):
         raise DataError(f"{target}: cannot replace the current folder or a root; give a new output folder")
     try:

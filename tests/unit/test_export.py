@@ -72,6 +72,9 @@ def test_runtime_takes_what_the_detector_takes(patchcore_model: Path, patchcore_
         runtime.predict(None)  # type: ignore[arg-type]
     with pytest.raises(DataError, match="export directory not found"):
         ExportedDetector(tmp_path / "nowhere")
+    model = Path(shutil.copytree(patchcore_model, tmp_path / "model"))
+    into_model = CliRunner().invoke(app, ["export", "--model", str(model), "--out", str(model)])
+    assert into_model.exit_code == 2 and "is another kind of anomaly output" in into_model.output
 
 
 def test_runtime_names_images_far_from_the_training_aspect(
