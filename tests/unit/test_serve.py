@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -132,7 +133,9 @@ def test_a_client_that_leaves_mid_upload_is_not_a_server_error(runtime: Exported
     async def send(message: dict) -> None:  # type: ignore[type-arg]
         sent.append(message)
 
-    asyncio.run(app(scope, receive, send))
+    worker = threading.Thread(target=lambda: asyncio.run(app(scope, receive, send)))  # a loop of its own
+    worker.start()
+    worker.join(timeout=60)
     assert sent[0]["status"] == 499
     metrics = TestClient(app).get("/metrics").text
     assert 'anomaly_requests_total{path="/predict",status="499"} 1.0' in metrics
