@@ -19,13 +19,22 @@ import torch
 from anomaly._fs import atomic_write_text
 from anomaly._runtime import peak_rss_mb
 from anomaly.config import DetectorConfig
-from anomaly.data.datasets import CategoryData, find_categories, is_category_root, load_folder, load_mvtec, load_visa
+from anomaly.data.datasets import (
+    CategoryData,
+    find_categories,
+    is_category_root,
+    load_folder,
+    load_ground_truth,
+    load_mvtec,
+    load_visa,
+)
 from anomaly.detector import Detector
 from anomaly.errors import DataError
 from anomaly.evaluation import Evaluation, evaluate_samples, write_evaluation
 from anomaly.metrics import pimo_curves
 from anomaly.outputs import ScoreWriter, relative_names
 from anomaly.report import build_report
+from anomaly.scorers import get_scorer
 
 __all__ = ["COLUMNS", "format_table", "run_benchmark"]
 
@@ -71,9 +80,14 @@ def run_benchmark(
     root, out_dir = Path(root), Path(out)
     if not root.is_dir():
         raise DataError(f"--root {root}: folder not found")
-    names = categories or (find_categories(root, dataset) if dataset != "folder" else [root.name])  # type: ignore[arg-type]
+    if dataset == "folder" and categories:
+        raise DataError("--category: --dataset folder reads one category, the --root folder itself; leave it out")
+    test_only = not get_scorer(config.scorer.name, config.scorer.params).requires_fit  # zero-shot: no train/good
+    names = categories or (_find(root, dataset, test_only) if dataset != "folder" else [root.name])
     if not names:
         raise DataError(f"--root {root}: no {dataset} category found")
+    for name in names:  # every name checked before the first (long) category runs
+        _load(dataset, root, name, test_only)
     _check_out(out_dir)
     rows: dict[str, dict[str, Any]] = {}
     jobs: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -83,7 +97,9 @@ def run_benchmark(
             log.info("%s: already done, skipped (use --force to re-run)", name)
             rows[name] = done["row"]
         else:
-            jobs[name] = functools.partial(_run_job, dataset, root, name, config, out_dir / name, progress)
+            if done is not None:
+                log.warning("%s: results of another config in %s are replaced", name, out_dir / name)
+            jobs[name] = functools.partial(_run_job, dataset, root, name, config, out_dir / name, progress, test_only)
     if jobs:
         log.info("running %s", ", ".join(jobs))
         rows.update(zip(jobs, run_all(list(jobs.values())) if run_all else [job() for job in jobs.values()]))
@@ -94,8 +110,17 @@ def run_benchmark(
     return rows
 
 
-def _run_job(dataset: str, root: Path, name: str, config: DetectorConfig, out: Path, progress: Any) -> dict[str, Any]:
-    return _run_category(_load(dataset, root, name), config, out, progress)
+def _run_job(
+    dataset: str, root: Path, name: str, config: DetectorConfig, out: Path, progress: Any, test_only: bool
+) -> dict[str, Any]:
+    return _run_category(_load(dataset, root, name, test_only), config, out, progress)
+
+
+def _find(root: Path, dataset: str, test_only: bool) -> list[str]:
+    """The categories under ``root``; for a zero-shot config also MVTec-layout folders without ``train/good``."""
+    if dataset == "mvtec" and test_only:
+        return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and (d / "test").is_dir())
+    return find_categories(root, dataset)  # type: ignore[arg-type]
 
 
 def _check_out(out_dir: Path) -> None:
@@ -111,11 +136,16 @@ def _check_out(out_dir: Path) -> None:
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
+    """A finished category's record; its row's undefined metrics (JSON null) read back as NaN, as they were
+    computed, so a re-run's table and mean match the first run's."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("row"), dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("row"), dict):
+        return None
+    data["row"] = {k: math.nan if v is None and k in COLUMNS[1:] else v for k, v in data["row"].items()}
+    return data
 
 
 def _earlier_rows(out_dir: Path, names: list[str], config: DetectorConfig) -> list[dict[str, Any]]:
@@ -138,9 +168,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _load(dataset: str, root: Path, name: str) -> CategoryData:
+def _load(dataset: str, root: Path, name: str, test_only: bool = False) -> CategoryData:
     if dataset == "mvtec":
-        return load_mvtec(root / name)
+        folder = root / name
+        if not folder.is_dir():
+            try:
+                found = ", ".join(_find(root, dataset, test_only)) or "none"
+            except DataError:
+                found = "none"
+            raise DataError(f"--category {name}: not found under {root} (categories there: {found})")
+        return load_ground_truth(folder) if test_only and not is_category_root(folder) else load_mvtec(folder)
     if dataset == "visa":
         return load_visa(root, name)
     if is_category_root(root):  # a folder that is laid out like an MVTec category: read it as one

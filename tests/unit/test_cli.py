@@ -404,3 +404,55 @@ def test_benchmark_table_gives_metrics_four_decimals_and_costs_one() -> None:
     lines = format_table(rows).splitlines()
     assert lines[2] == "| a | 1.0000 | 0.9831 | 0.9 | 28.3 |"
     assert lines[3] == "| b | 0.5000 | nan | 12.0 | 0.0 |"
+
+
+def test_benchmark_checks_every_category_first_and_a_rerun_keeps_its_table(tmp_path: Path) -> None:
+    """An undefined AUPIMO (6 good images of 128 px: under AUPIMO's 100,000 normal pixels) read back from a
+    finished category as an empty cell, so a re-run's mean left it out; a mistyped second category failed only
+    after the first had run; ``--category`` with ``--dataset folder`` ran the root once per name."""
+    from anomaly.data import make_synthetic_category
+
+    make_synthetic_category(tmp_path / "data", "tiny", n_train=8, n_test_good=6, n_test_defect=4, size=128, seed=1)
+    small = [*SMALL, "--set", "threshold.folds=3"]
+    args = ["benchmark", "--dataset", "mvtec", "--root", tmp_path / "data", "--out", tmp_path / "out", *small]
+    typo = _run(*args, "--category", "tiny", "--category", "tinny")
+    assert (
+        typo.exit_code == 2
+        and "--category tinny: not found under" in typo.output
+        and "(categories there: tiny)" in typo.output
+    )
+    assert not (tmp_path / "out").exists()  # refused before tiny ran
+    first = _run(*args, "--category", "tiny")
+    assert first.exit_code == 0, first.output
+    table = (tmp_path / "out" / "results.csv").read_text()
+    assert "nan" in table.splitlines()[1]  # the undefined AUPIMO
+    again = _run(*args, "--category", "tiny")
+    assert again.exit_code == 0 and "already done" in again.output
+    assert (tmp_path / "out" / "results.csv").read_text() == table
+    folder = _run(
+        "benchmark",
+        "--dataset",
+        "folder",
+        "--root",
+        tmp_path / "data" / "tiny",
+        "--category",
+        "x",
+        "--out",
+        tmp_path / "f",
+    )
+    assert folder.exit_code == 2 and "--dataset folder reads one category" in folder.output
+
+
+def test_zero_shot_benchmark_takes_test_only_categories(tmp_path: Path) -> None:
+    from anomaly.data import make_synthetic_category
+
+    root = make_synthetic_category(tmp_path / "data", "loose", n_train=1, n_test_good=6, n_test_defect=6, size=96)
+    shutil.rmtree(root / "train")  # a test-only set, as `anomaly import` writes
+    args = ["benchmark", "--dataset", "mvtec", "--root", tmp_path / "data", "--config", "musc", "--out", tmp_path / "o"]
+    result = _run(*args, "--set", "backbone.image_size=[96,96]")
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "o" / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["category"] for r in rows] == ["loose", "mean"] and float(rows[0]["image_auroc"]) > 0.5
+    trained = _run("benchmark", "--dataset", "mvtec", "--root", tmp_path / "data", "--out", tmp_path / "p", *SMALL)
+    assert trained.exit_code == 2 and "no mvtec category found" in trained.output
