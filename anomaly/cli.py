@@ -56,6 +56,15 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _check_writable(folder: Path) -> None:
+    """A folder that files can be written into, or one line naming why not."""
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--out {folder}: exists and is not a folder")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"--out {folder}: cannot write here ({existing} is not a writable folder)")
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -316,6 +325,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Compute image/pixel AUROC, AUPRO and AUPIMO from a scores.csv and its maps (or discovery metrics)."""
+    from anomaly.data.io import MAX_PIXELS
     from anomaly.evaluation import evaluate_scores
 
     if (scores is None) == (discovery is None):
@@ -333,6 +343,10 @@ def evaluate(
         if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise DataError(f"--eval-size: expected N or HxW, got '{eval_size}'")
         size = (int(parts[0]), int(parts[-1]))
+        if size[0] * size[1] > MAX_PIXELS:
+            raise DataError(f"--eval-size {eval_size}: more than the {MAX_PIXELS / 1e6:.0f} MP of the largest image")
+    if out is not None:  # before the metrics are computed, not after
+        _check_writable(out)
     metrics = evaluate_scores(scores, root, out, size)
     for key, value in metrics.items():
         typer.echo(f"{key:>14}: {value:.6f}" if isinstance(value, float) else f"{key:>14}: {value}")

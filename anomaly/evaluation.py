@@ -137,6 +137,11 @@ def evaluate_scores(
     computed (the maps are not read).
     """
     rows = read_scores(scores_dir)
+    seen: set[str] = set()
+    for row in rows:
+        if row["path"] in seen:
+            raise DataError(f"{Path(scores_dir) / 'scores.csv'}: {row['path']} is listed twice")
+        seen.add(row["path"])
     data = load_ground_truth(category_root)
     samples = _match(rows, data)
     _warn_partial(rows, samples, data)
@@ -150,6 +155,10 @@ def evaluate_scores(
     unannotated = any(s.label == 1 and s.mask_path is None for s in samples)
     if unannotated and any(map_paths):
         log.warning("%s has no ground_truth masks: image metrics only", category_root)
+    if any(map_paths) and not all(map_paths) and not unannotated:
+        log.warning(
+            "%d of the %d rows of scores.csv have no map: image metrics only", map_paths.count(""), len(map_paths)
+        )
     if all(map_paths) and not unannotated:
         missing = [p for p in map_paths if not (Path(scores_dir) / p).is_file()]
         if missing:
@@ -157,8 +166,13 @@ def evaluate_scores(
         maps = [np.load(Path(scores_dir) / p) for p in map_paths]
     evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
     evaluation.metrics["n_images"] = len(rows)
+    if maps is not None:  # the resolution the pixel metrics were computed at
+        evaluation.metrics["eval_size"] = "original" if eval_size is None else f"{eval_size[0]}x{eval_size[1]}"
     if out is not None:
-        write_evaluation(evaluation, out)
+        try:
+            write_evaluation(evaluation, out)
+        except OSError as exc:
+            raise DataError(f"--out {out}: cannot write the evaluation ({exc.strerror or exc})") from None
     return evaluation.metrics
 
 

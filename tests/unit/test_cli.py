@@ -456,3 +456,32 @@ def test_zero_shot_benchmark_takes_test_only_categories(tmp_path: Path) -> None:
     assert [r["category"] for r in rows] == ["loose", "mean"] and float(rows[0]["image_auroc"]) > 0.5
     trained = _run("benchmark", "--dataset", "mvtec", "--root", tmp_path / "data", "--out", tmp_path / "p", *SMALL)
     assert trained.exit_code == 2 and "no mvtec category found" in trained.output
+
+
+def test_evaluate_refuses_or_names_what_would_change_its_figures(
+    model_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "scores"
+    assert _run("score", "--model", model_dir, "--out", out, "--maps", synthetic_root / "test").exit_code == 0
+    base = ["evaluate", "--scores", out, "--root", synthetic_root]
+    done = _run(*base, "--out", tmp_path / "ev", "--eval-size", "64")
+    assert done.exit_code == 0 and json.loads((tmp_path / "ev" / "metrics.json").read_text())["eval_size"] == "64x64"
+    (tmp_path / "afile").write_text("x")
+    for args, needle in (
+        (["--out", tmp_path / "afile"], "exists and is not a folder"),  # was a traceback after the metrics
+        (["--eval-size", "100000"], "MP of the largest image"),  # was an OpenCV out-of-memory traceback
+    ):
+        result = _run(*base, *args)
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
+    with (out / "scores.csv").open() as fh:
+        lines = fh.read().splitlines()
+    (out / "scores.csv").write_text("\n".join([*lines, lines[1]]) + "\n")  # one row twice: counted twice before
+    twice = _run(*base)
+    assert twice.exit_code == 2 and "is listed twice" in twice.output
+    header = lines[0].split(",")
+    cells = lines[1].split(",")
+    cells[header.index("map_path")] = ""
+    (out / "scores.csv").write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    partial = _run(*base)
+    assert partial.exit_code == 0 and "1 of the 10 rows of scores.csv have no map" in partial.output
+    assert "pixel_auroc" not in partial.output
