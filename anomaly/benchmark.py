@@ -216,6 +216,8 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
     maps = [r.anomaly_map for r in results] if results[0].anomaly_map is not None else None
     evaluation = evaluate_samples(scores, test, maps, paths=[str(p) for p in paths])  # type: ignore[arg-type]
     metrics = evaluation.metrics
+    if metrics.get("aupimo_error"):
+        log.warning("%s: AUPIMO is nan: %s", data.name, metrics["aupimo_error"])
     normal = [r.is_anomalous for r, s in zip(results, test) if not s.label]
     row = {
         "category": data.name,

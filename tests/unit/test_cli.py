@@ -425,7 +425,8 @@ def test_benchmark_checks_every_category_first_and_a_rerun_keeps_its_table(tmp_p
     first = _run(*args, "--category", "tiny")
     assert first.exit_code == 0, first.output
     table = (tmp_path / "out" / "results.csv").read_text()
-    assert "nan" in table.splitlines()[1]  # the undefined AUPIMO
+    assert "nan" in table.splitlines()[1]  # the undefined AUPIMO, and why
+    assert "tiny: AUPIMO is nan:" in first.output
     again = _run(*args, "--category", "tiny")
     assert again.exit_code == 0 and "already done" in again.output
     assert (tmp_path / "out" / "results.csv").read_text() == table
