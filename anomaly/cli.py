@@ -83,16 +83,20 @@ def _main(
 
 
 def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    logging.getLogger("anomaly").warning("warning: %s", message)
+    logging.getLogger("anomaly").warning("%s", message)
 
 
 class _StderrHandler(logging.Handler):
-    """Log records as plain lines on the stderr of the moment (tests swap it), above any progress bar."""
+    """Log records as plain lines on the stderr of the moment (tests swap it), above any progress bar; warnings
+    start with ``warning:`` and logged errors with ``error:``, so they can be found in a log."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
-        tqdm.write(self.format(record), file=sys.stderr)  # clears the bars, writes the line, redraws them
+        line = self.format(record)
+        if record.levelno >= logging.WARNING:
+            line = f"{'error' if record.levelno >= logging.ERROR else 'warning'}: {line}"
+        tqdm.write(line, file=sys.stderr)  # clears the bars, writes the line, redraws them
 
 
 def _note(message: str, *args: Any) -> None:
