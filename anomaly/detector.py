@@ -706,8 +706,7 @@ def in_input_order(
     scored = iter(results)
     for item in decoded:
         if item.error is not None:
-            nan = float("nan")
-            yield DetectionResult(nan, False, decision.image, None, item.source, decision.pixel, item.error), None
+            yield DetectionResult.unreadable(item.source, item.error, decision.image, decision.pixel), None
         else:
             yield next(scored), item.original
 

@@ -35,6 +35,11 @@ class DetectionResult:
     pixel_threshold: float = float("nan")
     error: str | None = None
 
+    @classmethod
+    def unreadable(cls, source: str | None, error: str, threshold: float, pixel_threshold: float) -> DetectionResult:
+        """The result of an input that could not be read (``on_error="skip"``): NaN score, not flagged."""
+        return cls(float("nan"), False, threshold, None, source, pixel_threshold, error)
+
     @property
     def mask(self) -> NDArray[np.bool_] | None:
         """(H, W) pixels in the anomalous region: empty for an image that is not flagged; None without a map."""

@@ -112,8 +112,7 @@ class ExportedDetector:
             for b in batch:
                 if b[0] is None:  # unreadable, skipped: NaN score and the reason
                     threshold = self.decision.threshold
-                    nan = float("nan")
-                    yield DetectionResult(nan, False, threshold.image, None, b[2], threshold.pixel, b[3]), None
+                    yield DetectionResult.unreadable(b[2], b[3], threshold.image, threshold.pixel), None
                 else:
                     yield next(results), b[3] if keep_images else None
             done += len(batch)
