@@ -21,7 +21,7 @@ from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed
 from anomaly.metrics.pimo import AupimoResult
-from anomaly.outputs import read_scores
+from anomaly.outputs import load_map, read_scores
 
 __all__ = [
     "Evaluation",
@@ -137,11 +137,6 @@ def evaluate_scores(
     computed (the maps are not read).
     """
     rows = read_scores(scores_dir)
-    seen: set[str] = set()
-    for row in rows:
-        if row["path"] in seen:
-            raise DataError(f"{Path(scores_dir) / 'scores.csv'}: {row['path']} is listed twice")
-        seen.add(row["path"])
     data = load_ground_truth(category_root)
     samples = _match(rows, data)
     _warn_partial(rows, samples, data)
@@ -163,7 +158,7 @@ def evaluate_scores(
         missing = [p for p in map_paths if not (Path(scores_dir) / p).is_file()]
         if missing:
             raise DataError(f"{Path(scores_dir) / missing[0]}: map file not found")
-        maps = [np.load(Path(scores_dir) / p) for p in map_paths]
+        maps = [load_map(Path(scores_dir) / p) for p in map_paths]
     evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
     evaluation.metrics["n_images"] = len(rows)
     if maps is not None:  # the resolution the pixel metrics were computed at

@@ -19,6 +19,7 @@ from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.data.io import read_images
 from anomaly.discovery.pipeline import DiscoveryResult
 from anomaly.errors import DataError
+from anomaly.outputs import is_flagged, load_map, read_scores
 
 __all__ = ["CLUSTER_COLUMNS", "ScoredImages", "read_scored_images", "write_discovery"]
 
@@ -43,7 +44,7 @@ class ScoredImages:
     def maps(self) -> Iterator[NDArray[np.float32]]:
         """The maps, loaded one at a time."""
         for path in self.map_files:
-            yield np.load(path)
+            yield load_map(path)
 
 
 def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = False) -> ScoredImages:
@@ -55,17 +56,14 @@ def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = Fa
     """
     folder = Path(scores_dir)
     csv_path = folder / "scores.csv"
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: not found (run `anomaly score --maps` first)")
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "path" not in rows[0]:
-        raise DataError(f"{csv_path}: expected a `path` column and at least one row")
+    rows = read_scores(folder)
+    if "is_anomalous" not in rows[0] and not all_images:
+        raise DataError(f"{csv_path}: no is_anomalous column; use --all to cluster every image")
     if not any(r.get("map_path") for r in rows):
         raise DataError(
             f"{folder}: no anomaly maps in scores.csv; run `anomaly score --maps` with a map-producing model"
         )
-    selected = rows if all_images else [r for r in rows if r.get("is_anomalous") == "true"]
+    selected = rows if all_images else [r for r in rows if is_flagged(r)]
     if not selected:
         raise DataError(f"{csv_path}: no image is flagged anomalous; use --all to cluster every image")
     missing = [r["path"] for r in selected if not r.get("map_path")]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly.errors import DataError
-from anomaly.outputs import read_scores
+from anomaly.outputs import is_flagged, read_scores
 
 __all__ = ["Evaluation", "Item", "ReportContent", "load_content", "true_label"]
 
@@ -130,7 +130,7 @@ def _model_threshold(rows: list[dict[str, str]], where: Path) -> float:
         raise DataError(f"{where / 'scores.csv'}: several thresholds ({len(values)}); report one pool at a time")
     if values:
         return _float({"path": rows[0]["path"], "threshold": values.pop()}, "threshold", where)
-    flagged = [float(r["score"]) for r in rows if r.get("is_anomalous") == "true"]
+    flagged = [float(r["score"]) for r in rows if is_flagged(r)]
     return min(flagged) if flagged else math.nextafter(max(float(r["score"]) for r in rows), math.inf)
 
 
@@ -205,5 +205,10 @@ def _read_clusters(folder: Path, items: list[Item]) -> None:
         if item is None:
             raise DataError(f"{path}: {row['path']} is not in the scores.csv")
         item.cluster = row["cluster"]
-        conf = row.get("confidence") or ""
-        item.confidence = float(conf) if conf else None
+        conf = (row.get("confidence") or "").strip()
+        try:
+            item.confidence = float(conf) if conf else None
+        except ValueError:
+            item.confidence = math.nan
+        if item.confidence is not None and not 0 <= item.confidence <= 1:
+            raise DataError(f"{path}: {row['path']}: confidence {conf!r} is not a number in [0, 1]")

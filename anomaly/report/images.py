@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from anomaly.data.io import read_image, read_mask
 from anomaly.errors import DataError
-from anomaly.outputs import overlay
+from anomaly.outputs import load_map, overlay
 from anomaly.report.content import Item
 
 __all__ = ["THUMB_SIZE", "VIEW_SIZE", "Rendered", "render_item"]
@@ -35,7 +35,7 @@ class Rendered:
 def render_item(item: Item, out: Path, key: str) -> Rendered:
     """Write ``thumbs/<key>.jpg`` and ``views/<key>-<kind>.<ext>`` under ``out``; missing inputs are skipped."""
     image = _read(item.image)
-    amap = np.load(item.map) if item.map is not None else None
+    amap = load_map(item.map) if item.map is not None else None
     over = _read(item.overlay)
     if over is None and image is not None and amap is not None:
         over = overlay(image, _fit(amap, image.shape[:2]), item.pixel_threshold)[..., ::-1]  # BGR -> RGB

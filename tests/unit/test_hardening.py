@@ -477,3 +477,39 @@ def test_12_mutual_scoring_never_computes_distances_in_half_precision() -> None:
 
     assert _compute_dtype(torch.zeros(2, dtype=torch.float16)) == torch.float32
     assert _compute_dtype(torch.zeros(2, dtype=torch.float64)) == torch.float64
+
+
+def test_11_damaged_score_folders_are_one_error_line_in_report_and_discover(
+    model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A damaged map or cell was a traceback (exit 1) in report / discover, and a row listed twice was counted twice."""
+    scores = tmp_path / "scores"
+    assert _run("score", "--model", model, "--out", scores, "--maps", synthetic_root / "test").exit_code == 0
+    rows = (scores / "scores.csv").read_text().splitlines()
+    flagged = next(line for line in rows[1:] if ",true," in line)
+    map_file = scores / next(cell for cell in flagged.split(",") if cell.endswith(".npy"))
+    good_map = map_file.read_bytes()
+    report = ["report", "--scores", scores, "--out", tmp_path / "report"]
+    discover = ["discover", "--scores", scores, "--out", tmp_path / "types", "--k", "2"]
+    for damage, needle in (
+        (lambda: map_file.write_bytes(b"garbage"), "not a map written by `anomaly score`"),
+        (lambda: np.save(map_file, np.full((8, 8), np.nan, np.float32)), "NaN or infinite"),
+        (lambda: np.save(map_file, np.zeros((1, 8, 8))), "expected an (H, W) map"),
+    ):
+        damage()
+        for args in (report, discover):
+            _one_error_line(_run(*args), map_file.name, needle)
+        map_file.write_bytes(good_map)
+    (scores / "scores.csv").write_text("\n".join([*rows, rows[1]]) + "\n")
+    for args in (report, discover):
+        _one_error_line(_run(*args), "is listed twice")
+    (scores / "scores.csv").write_text("\n".join([rows[0], *(r.replace(",true,", ",TRUE,") for r in rows[1:])]) + "\n")
+    spreadsheet = _run(*discover)  # saved by a spreadsheet: TRUE / FALSE
+    assert spreadsheet.exit_code == 0, spreadsheet.output
+    clusters = tmp_path / "types" / "clusters.csv"
+    text = clusters.read_text().splitlines()
+    clusters.write_text(
+        "\n".join([text[0], *(",".join([*r.split(",")[:2], "high", *r.split(",")[3:]]) for r in text[1:])])
+    )
+    _one_error_line(_run(*report, "--discovery", tmp_path / "types"), "clusters.csv", "confidence 'high'")
+    assert not (tmp_path / "report").exists()
