@@ -16,12 +16,12 @@ from numpy.typing import NDArray
 
 from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
-from anomaly.data.io import read_mask, resize_mask
+from anomaly.data.io import load_map, read_mask, resize_mask
 from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed
 from anomaly.metrics.pimo import AupimoResult
-from anomaly.outputs import load_map, read_scores
+from anomaly.outputs import read_scores
 
 __all__ = [
     "Evaluation",

@@ -24,7 +24,6 @@ __all__ = [
     "ScoreWriter",
     "escape_cell",
     "is_flagged",
-    "load_map",
     "overlay",
     "read_scores",
     "relative_names",
@@ -228,16 +227,3 @@ def read_scores(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
 def is_flagged(row: dict[str, str]) -> bool:
     """The ``is_anomalous`` cell of a scores.csv row (``true`` in any case: a spreadsheet saves ``TRUE``)."""
     return (row.get("is_anomalous") or "").strip().lower() == "true"
-
-
-def load_map(path: str | os.PathLike[str]) -> NDArray[np.float32]:
-    """An anomaly map written by ``anomaly score --maps``: a finite (H, W) array, or DataError naming the file."""
-    try:
-        amap = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a map written by `anomaly score` ({exc})") from None
-    if amap.ndim != 2 or amap.dtype.kind not in "fiu" or min(amap.shape) == 0:
-        raise DataError(f"{path}: expected an (H, W) map of numbers, got {amap.dtype} of shape {amap.shape}")
-    if not np.isfinite(amap).all():
-        raise DataError(f"{path}: the map holds NaN or infinite values")
-    return amap.astype(np.float32, copy=False)

@@ -28,6 +28,7 @@ __all__ = [
     "decode_bytes",
     "is_image_file",
     "list_images",
+    "load_map",
     "read_image",
     "read_image_size",
     "read_images",
@@ -433,3 +434,16 @@ def _decode_pil(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
         return np.asarray(image.convert("L" if image.mode in {"1", "LA", "La"} else "RGB"))
     except Exception as exc:  # PIL raises many exception types on malformed data
         raise DataError(f"cannot read image: {name}") from exc
+
+
+def load_map(path: str | os.PathLike[str]) -> NDArray[np.float32]:
+    """An anomaly map written by ``anomaly score --maps``: a finite (H, W) array, or DataError naming the file."""
+    try:
+        amap = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a map written by `anomaly score` ({exc})") from None
+    if amap.ndim != 2 or amap.dtype.kind not in "fiu" or min(amap.shape) == 0:
+        raise DataError(f"{path}: expected an (H, W) map of numbers, got {amap.dtype} of shape {amap.shape}")
+    if not np.isfinite(amap).all():
+        raise DataError(f"{path}: the map holds NaN or infinite values")
+    return amap.astype(np.float32, copy=False)

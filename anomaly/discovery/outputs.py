@@ -16,10 +16,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly._fs import finish_dir, new_temp_dir
-from anomaly.data.io import read_images
+from anomaly.data.io import load_map, read_images
 from anomaly.discovery.pipeline import DiscoveryResult
 from anomaly.errors import DataError
-from anomaly.outputs import is_flagged, load_map, read_scores
 
 __all__ = ["CLUSTER_COLUMNS", "ScoredImages", "read_scored_images", "write_discovery"]
 
@@ -56,14 +55,24 @@ def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = Fa
     """
     folder = Path(scores_dir)
     csv_path = folder / "scores.csv"
-    rows = read_scores(folder)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: not found (run `anomaly score --maps` first)")
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "path" not in rows[0]:
+        raise DataError(f"{csv_path}: expected a `path` column and at least one row")
+    paths = [r["path"] for r in rows]
+    twice = next((p for p in paths if paths.count(p) > 1), None) if len(set(paths)) < len(paths) else None
+    if twice is not None:  # it would be clustered twice
+        raise DataError(f"{csv_path}: {twice} is listed twice")
     if "is_anomalous" not in rows[0] and not all_images:
         raise DataError(f"{csv_path}: no is_anomalous column; use --all to cluster every image")
     if not any(r.get("map_path") for r in rows):
         raise DataError(
             f"{folder}: no anomaly maps in scores.csv; run `anomaly score --maps` with a map-producing model"
         )
-    selected = rows if all_images else [r for r in rows if is_flagged(r)]
+    # ``true`` in any case: a spreadsheet saves ``TRUE``
+    selected = rows if all_images else [r for r in rows if (r.get("is_anomalous") or "").strip().lower() == "true"]
     if not selected:
         raise DataError(f"{csv_path}: no image is flagged anomalous; use --all to cluster every image")
     missing = [r["path"] for r in selected if not r.get("map_path")]

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly.data.io import read_image, read_mask
+from anomaly.data.io import load_map, read_image, read_mask
 from anomaly.errors import DataError
-from anomaly.outputs import load_map, overlay
+from anomaly.outputs import overlay
 from anomaly.report.content import Item
 
 __all__ = ["THUMB_SIZE", "VIEW_SIZE", "Rendered", "render_item"]
