@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +62,9 @@ def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = Fa
         rows = list(csv.DictReader(fh))
     if not rows or "path" not in rows[0]:
         raise DataError(f"{csv_path}: expected a `path` column and at least one row")
-    paths = [r["path"] for r in rows]
-    twice = next((p for p in paths if paths.count(p) > 1), None) if len(set(paths)) < len(paths) else None
-    if twice is not None:  # it would be clustered twice
-        raise DataError(f"{csv_path}: {twice} is listed twice")
+    twice = [path for path, n in Counter(r["path"] for r in rows).items() if n > 1]
+    if twice:  # it would be clustered twice
+        raise DataError(f"{csv_path}: {twice[0]} is listed twice")
     if "is_anomalous" not in rows[0] and not all_images:
         raise DataError(f"{csv_path}: no is_anomalous column; use --all to cluster every image")
     if not any(r.get("map_path") for r in rows):
