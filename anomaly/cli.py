@@ -20,6 +20,11 @@ import typer
 
 from anomaly.errors import AnomalyError, DataError
 
+try:  # typer 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # older typer runs on the click package
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -631,4 +636,19 @@ def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: on shared cores spinning stalled MuSc and the
     # backbone 5x; the cost on an idle machine is negligible for these large kernels.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `anomaly` alone: the help
+            typer.echo(exc.ctx.get_help() if exc.ctx else "")
+        else:  # one `error:` line like every other bad input, not Rich's boxed usage
+            command = exc.ctx.command_path if exc.ctx else "anomaly"
+            typer.echo(f"error: {exc.format_message().rstrip('.')} (see `{command} --help`)", err=True)
+        code = exc.exit_code
+    except ClickException as exc:
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    except typer.Abort:  # Ctrl-C while the arguments are parsed
+        typer.echo("interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -21,7 +21,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.report.charts import aupimo_chart, pimo_chart, score_histogram
-from anomaly.report.content import ReportContent, load_content
+from anomaly.report.content import ReportContent, load_content, true_label
 from anomaly.report.images import Rendered, render_item
 
 __all__ = ["DATA_FILE", "build_report"]
@@ -136,6 +136,7 @@ def _page(content: ReportContent, rendered: list[Rendered]) -> dict[str, Any]:
         "threshold": content.threshold,
         "range": (lo, hi),
         "has_labels": content.has_labels,
+        "all_good": all(true_label(it.path) == 0 for it in items),
         "n_anomalous": sum(it.label == 1 for it in items),
         "n_normal": sum(it.label == 0 for it in items),
         "cards": [{"item": it, "thumb": r, "rank": i + 1} for i, (it, r) in enumerate(zip(items, rendered))],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from anomaly.outputs import is_flagged, read_scores
 __all__ = ["Evaluation", "Item", "ReportContent", "load_content", "true_label"]
 
 NORMAL_FOLDER = "good"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,19 +88,21 @@ def load_content(
     # Ground truth is known when an evaluation was run, or when the paths hold both `good` and defect folders.
     has_labels = evaluation_dir is not None or len(set(labels)) == 2
     threshold = _model_threshold(rows, scores_dir)
+    images = [_existing(Path(r["path"]), scores_dir) for r in rows]
     items = [
         Item(
             path=r["path"],
             score=_float(r, "score", scores_dir),
             pixel_threshold=_float(r, "pixel_threshold", scores_dir) if r.get("pixel_threshold") else threshold,
             label=y if has_labels else None,
-            image=_existing(Path(r["path"]), scores_dir),
+            image=image,
             map=_output_file(scores_dir, r.get("map_path", "")),
             overlay=_output_file(scores_dir, r.get("overlay_path", "")),
-            ground_truth=_mvtec_mask(Path(r["path"])) if y else None,
+            ground_truth=_mvtec_mask(image or Path(r["path"])) if y else None,
         )
-        for r, y in zip(rows, labels)
+        for r, y, image in zip(rows, labels, images)
     ]
+    _warn_missing(rows, items, scores_dir)
     evaluation = _read_evaluation(evaluation_dir, items) if evaluation_dir is not None else None
     if discovery_dir is not None:
         _read_clusters(discovery_dir, items)
@@ -142,6 +146,23 @@ def _existing(path: Path, scores_dir: Path) -> Path | None:
     return None
 
 
+def _warn_missing(rows: list[dict[str, str]], items: list[Item], scores_dir: Path) -> None:
+    """Say which listed files the report cannot show (it still shows what it has)."""
+    lost = [it.path for it in items if it.image is None]
+    if lost:
+        log.warning(
+            "%d of the %d scored images are not found here (first: %s); relative paths in scores.csv are read from "
+            "the folder `anomaly report` runs in and from %s: run it where `anomaly score` ran",
+            len(lost),
+            len(items),
+            lost[0],
+            scores_dir,
+        )
+    gone = [scores_dir / r["map_path"] for r, it in zip(rows, items) if r.get("map_path") and it.map is None]
+    if gone:
+        log.warning("%d map file(s) listed in scores.csv are missing, first: %s", len(gone), gone[0])
+
+
 def _output_file(scores_dir: Path, rel: str) -> Path | None:
     path = scores_dir / rel
     return path if rel and path.is_file() else None
@@ -159,6 +180,8 @@ def _mvtec_mask(path: Path) -> Path | None:
 def _title(rows: list[dict[str, str]]) -> str:
     """The category name: the folder above ``test`` (MVTec layout), else the common parent folder."""
     parents = [Path(r["path"]).parent for r in rows]
+    if len({p.is_absolute() for p in parents}) > 1:  # absolute and relative inputs scored together
+        parents = [p.absolute() for p in parents]
     common = Path(os.path.commonpath([str(p) for p in parents])) if parents else Path()
     if common.name == "test" or (common.parent.name == "test" and len(set(parents)) == 1):
         common = common.parent if common.name == "test" else common.parent.parent

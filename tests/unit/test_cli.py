@@ -361,6 +361,40 @@ def test_library_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> 
     assert "warn_and_list" not in result.output and ".py" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["score"], "error: Missing argument 'INPUT...' (see `"),
+        (["fit", "--bogus", "x"], "error: No such option: --bogus"),
+        (["nosuch"], "error: No such command 'nosuch' (see `"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(
+    args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The console entry point, as a user runs it: no boxed usage, one `error:` line."""
+    from anomaly.cli import main
+
+    monkeypatch.setattr("sys.argv", ["anomaly", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(expected), err
+    assert err.rstrip().endswith(f"{' '.join(args[:1]) if args[0] != 'nosuch' else 'anomaly'} --help`)"), err
+
+
+def test_the_entry_point_returns_0_after_help(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from anomaly.cli import main
+
+    monkeypatch.setattr("sys.argv", ["anomaly", "score", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["fit", "score"])
 def test_help_keeps_the_extra_in_brackets(command: str) -> None:
     """Rich reads '[ray]' as a style tag unless it is escaped; the install hint must survive."""

@@ -190,6 +190,38 @@ def test_without_ground_truth_there_is_no_confusion_matrix(tmp_path: Path) -> No
     assert all(set(it["views"]) == {"image"} for it in data["items"])  # no map: the image alone
 
 
+def test_missing_images_and_maps_are_named_and_a_good_only_set_says_what_flags_are(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    scores = _fabricate(tmp_path, 6)
+    rows = _rows(scores)
+    rows[0]["path"] = "relative/elsewhere/0000.png"  # relative to a folder `anomaly score` ran in, not this one
+    rows[1]["map_path"] = "maps/gone.npy"
+    with (scores / "scores.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with caplog.at_level("WARNING"):
+        out = build_report(scores, tmp_path / "report")
+    messages = [r.getMessage() for r in caplog.records]
+    lost = "1 of the 6 scored images are not found here (first: relative/elsewhere/0000.png)"
+    assert any(lost in m for m in messages)
+    assert any("1 map file(s) listed in scores.csv are missing" in m and "gone.npy" in m for m in messages)
+    assert "each flagged image is a false positive" not in (out / "index.html").read_text()
+
+    good_only = tmp_path / "good_only"
+    good_only.mkdir()
+    scores = _fabricate(good_only, 6, labelled=False)
+    for row in (rows := _rows(scores)):
+        row["path"] = row["path"].replace("/batch/", "/good/")
+    with (scores / "scores.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    html = (build_report(scores, good_only / "report") / "index.html").read_text()
+    assert "each flagged image is a false positive" in html and 'id="cm-tp"' not in html
+
+
 def test_report_in_chromium(scored: SimpleNamespace, open_report: Any, tmp_path: Path) -> None:
     out = build_report(scored.scores, tmp_path / "report", scored.eval, scored.discovery)
     opened = open_report(out)
