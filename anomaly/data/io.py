@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import io
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from PIL import Image, ImageOps
 
 from anomaly._fs import OUTPUT_MARKER
 from anomaly.errors import DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -267,9 +270,10 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
         inputs = [inputs]
     inputs = list(inputs)
     images: list[Path] = []
-    seen: set[Path] = set()
+    seen: dict[Path, Path] = {}  # resolved file -> the path it was first listed as
     n_ignored = 0
     unsupported: list[str] = []
+    twins: list[tuple[Path, Path]] = []  # (dropped, kept): a symlink or a second listing of one file
     for item in inputs:
         path = Path(item)
         explicit_file = path.is_file()
@@ -283,8 +287,12 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
         for file in found:
             key = file.resolve()
             if key not in seen:
-                seen.add(key)
+                seen[key] = file
                 images.append(file)
+            else:
+                twins.append((file, seen[key]))
+    if twins:
+        log.info("%d path(s) name a file already listed and are read once, first: %s (= %s)", len(twins), *twins[0])
     if not images and unsupported:
         raise DataError(f"unsupported image format: {', '.join(unsupported)} (supported: {' '.join(IMAGE_SUFFIXES)})")
     if not images:
@@ -328,10 +336,19 @@ def _walk(root: Path) -> list[Path]:
 
 
 def _integer_pixels(pixels: NDArray[Any], name: str) -> NDArray[Any]:
-    """``pixels`` unchanged, or a one-line error naming the image for float (HDR, scientific TIFF) data."""
+    """uint8 or uint16 pixels; a one-line error naming the image for float (HDR, scientific TIFF) data, and for
+    wider or signed integers (an int32 TIFF) whose values do not fit 0..65535."""
     if pixels.dtype.kind not in "iu":
         raise DataError(f"cannot read image: {name} (unsupported pixel type {pixels.dtype})")
-    return pixels
+    if pixels.dtype in (np.uint8, np.uint16):
+        return pixels
+    low, high = int(pixels.min(initial=0)), int(pixels.max(initial=0))
+    if low < 0 or high > 65535:
+        raise DataError(
+            f"cannot read image: {name} ({pixels.dtype} values {low}..{high} do not fit 16 bits; save it as 8 or 16 "
+            "bits unsigned)"
+        )
+    return pixels.astype(np.uint8 if high <= 255 and pixels.dtype.itemsize == 1 else np.uint16)
 
 
 def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:

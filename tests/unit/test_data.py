@@ -28,6 +28,7 @@ from anomaly.data import (
     read_images,
     read_mask,
 )
+from anomaly.data.io import read_pixels
 from anomaly.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -150,6 +151,18 @@ def test_16bit_images_are_scaled_by_the_bits_they_use(tmp_path: Path) -> None:
     assert raw_pixels(tmp_path / "g8.png", header_first=True) is None
 
 
+def test_wide_integer_tiffs_read_as_16_bit_when_they_fit_and_are_refused_when_not(tmp_path: Path) -> None:
+    values = np.arange(48 * 64, dtype=np.int32).reshape(48, 64)  # 0..3071: a 12-bit frame saved as int32
+    Image.fromarray(values, mode="I").save(tmp_path / "fits.tif")
+    pixels = read_pixels(tmp_path / "fits.tif")
+    assert pixels.dtype == np.uint16
+    np.testing.assert_array_equal(pixels, values)
+    assert read_image(tmp_path / "fits.tif", bit_depth=12)[-1, -1, 0] == 3071 >> 4
+    Image.fromarray(values * 100, mode="I").save(tmp_path / "wide.tif")
+    with pytest.raises(DataError, match=r"wide.tif \(int32 values 0..307100 do not fit 16 bits"):
+        read_pixels(tmp_path / "wide.tif")
+
+
 @pytest.mark.parametrize(("orientation", "corner"), [(6, (0, 0, 255)), (8, (0, 255, 0)), (3, (255, 255, 255))])
 def test_exif_rotated_jpeg(tmp_path: Path, orientation: int, corner: tuple[int, int, int]) -> None:
     Image.fromarray(_quadrants()).save(tmp_path / "photo.jpg", exif=_exif(orientation), quality=95)
@@ -244,7 +257,7 @@ def test_read_mask_any_channel_and_resize(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- list_images
 
 
-def test_list_images_folders_globs_files(tmp_path: Path) -> None:
+def test_list_images_folders_globs_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     a = tmp_path / "a"
     for rel in ["2.png", "10.JPG", "sub/1.bmp", "sub/deeper/0.tiff", "z.webp"]:
         _touch_image(a / rel) if not rel.endswith(".JPG") else Image.new("RGB", (4, 4)).save(a / rel)
@@ -268,8 +281,18 @@ def test_list_images_folders_globs_files(tmp_path: Path) -> None:
     images, ignored = list_images([explicit, str(a / "sub" / "**" / "*"), a / "2.png", a / "notes.txt"])
     assert [p.name for p in images] == ["solo.jpeg", "1.bmp", "0.tiff", "2.png"]
     assert ignored == 2  # data.csv from the glob, notes.txt named explicitly
-    images, _ = list_images([a / "2.png", a])  # duplicates dropped, first occurrence kept
+    with caplog.at_level("INFO", logger="anomaly.data.io"):
+        images, _ = list_images([a / "2.png", a])  # duplicates dropped, first occurrence kept
     assert [p.name for p in images] == ["2.png", "10.JPG", "1.bmp", "0.tiff", "z.webp"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 path(s) name a file already listed and are read once, first: {a / '2.png'} (= {a / '2.png'})"
+    ]
+    (a / "link.png").symlink_to(a / "z.webp")  # a symlink to an image is read once, and said so
+    caplog.clear()
+    with caplog.at_level("INFO", logger="anomaly.data.io"):
+        images, _ = list_images([a])
+    assert [p.name for p in images] == ["10.JPG", "2.png", "link.png", "1.bmp", "0.tiff"]
+    assert "first: " + str(a / "z.webp") + " (= " + str(a / "link.png") + ")" in caplog.text
     assert list_images(str(explicit)) == ([explicit], 0)
 
 
