@@ -34,6 +34,7 @@ from anomaly.data.views import (
     lighting_drift,
     odd_aspects,
     odd_aspects_warning,
+    small_images,
 )
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
@@ -308,6 +309,14 @@ class Detector:
         """
         peaks = self.map_peaks(out_of_sample, images)
         self.training_aspects_ = None if images is None else aspect_range([d.size for d in images])
+        if images is not None and (small := small_images([d.size for d in images], [d.source for d in images])):
+            log.warning(
+                "fit: %d of %d training image(s) are under a third of the others' size and are upscaled to the "
+                "model input (thumbnails, or crops of another scale?), first: %s",
+                len(small),
+                len(images),
+                ", ".join(small[:3]),
+            )
         has_maps = out_of_sample.patch_maps is not None
         if has_maps and images is not None:
             grid = out_of_sample.patch_maps.shape[1:]

@@ -30,6 +30,7 @@ __all__ = [
     "odd_aspects",
     "odd_aspects_warning",
     "plan_layout",
+    "small_images",
     "standardize_intensity",
 ]
 
@@ -38,6 +39,7 @@ RESIZE_MODES = ("stretch", "keep_aspect")
 # squares, the magnetic tiles' 0.86-0.89 keep 256x256); beyond it the input takes their aspect (benchmarks/README.md
 # section 6, round 9: KolektorSDD's 1:2.5 parts 0.885 / 0.860 stretched square -> 0.912 / 0.954 image / pixel AUROC).
 ASPECT_TOLERANCE = 1.25
+_SMALL_FACTOR = 3  # a training image this many times smaller than the median one is named at fit
 _AGREEING_SHARE = 0.75  # images whose aspect must be within ASPECT_TOLERANCE of the median for it to be taken
 _MAX_ASPECT = 8.0  # a line-scan strip of 20:1 gets an 8:1 input (still 90 px on its short side at 256x256)
 TARGET_MEAN, TARGET_STD = 128.0, 48.0  # gray levels; std 48 chosen on mtd_dev (benchmarks/README.md section 6)
@@ -158,6 +160,19 @@ def odd_aspects_warning(names: list[str], total: int, fitted: tuple[float, float
         "and are stretched to the model input more than any of those: a rotated part or another product? Check "
         f"their scores. First: {', '.join(names[:3])}"
     )
+
+
+def small_images(sizes: list[tuple[int, int]], sources: list[str | None]) -> list[str]:
+    """Names of the images of ``sizes`` (H, W) whose longer side is under a third of the median's: thumbnails or
+    crops of another scale among full frames, whose upscaled views teach the model blur as normal."""
+    if len(sizes) < 3:
+        return []
+    median = float(np.median([max(h, w) for h, w in sizes]))
+    return [
+        source if source is not None else f"an image of {w}x{h} px"
+        for (h, w), source in zip(sizes, sources)
+        if max(h, w) * _SMALL_FACTOR < median
+    ]
 
 
 def cut_views(image: NDArray[np.uint8], layout: Layout, input_size: tuple[int, int]) -> NDArray[np.uint8]:

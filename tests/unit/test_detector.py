@@ -257,6 +257,18 @@ def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_
         Detector(_config()).fit(train[:1])
 
 
+def test_thumbnails_among_the_training_images_are_named_at_fit(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(5)]
+    thumb = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)  # 40 px against a median of 128 px
+    caplog.set_level("WARNING", logger="anomaly")
+    Detector(_config()).fit(frames)
+    assert "under a third of the others' size" not in caplog.text
+    Detector(_config()).fit([*frames, thumb, rng.integers(0, 255, (50, 60, 3), dtype=np.uint8)])
+    (line,) = [r.message for r in caplog.records if "under a third" in r.message]
+    assert line.startswith("fit: 1 of 7 training image(s)") and line.endswith("first: an image of 40x30 px")
+
+
 def test_an_image_far_from_the_training_aspect_is_named_in_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
