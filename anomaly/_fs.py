@@ -61,7 +61,7 @@ def new_temp_dir(target: Path, marker: str) -> Path:
 
 def finish_dir(tmp: Path, target: Path) -> None:
     """Record what ``tmp`` holds as ours, then move it into place with :func:`replace_dir`."""
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError):  # not one of the output's files
         (tmp / _OWNER_FILE).unlink()
     owned = sorted(p.name for p in tmp.iterdir())
     try:
@@ -77,6 +77,8 @@ def replace_dir(tmp: Path, target: Path) -> None:
     Entries of the old target that it did not write itself (not listed in its marker) move into
     the new folder first, so a user's notes or photos survive a re-run.
     """
+    with contextlib.suppress(FileNotFoundError):  # complete: no longer a folder a live process is writing
+        (tmp / _OWNER_FILE).unlink()
     with _lock(target):
         _swap(tmp, target)
 

@@ -294,8 +294,7 @@ def score(
         raise
     finally:
         progress.close()
-    flagged = sum(row["is_anomalous"] == "true" for row in writer.rows)
-    typer.echo(f"scored {len(writer.rows)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
+    _say_scored(writer.rows, out)
 
 
 def _score_on_ray(model: Path | None, inputs: list[str], out: Path, address: str | None, **options: Any) -> None:
@@ -308,7 +307,13 @@ def _score_on_ray(model: Path | None, inputs: list[str], out: Path, address: str
         rows = score_on_ray(model, inputs, out, address=address, progress=progress, **options)
     finally:
         progress.close()
-    flagged = sum(row["is_anomalous"] == "true" for row in rows)
+    _say_scored(rows, out)
+
+
+def _say_scored(rows: list[dict[str, str]], out: Path) -> None:
+    from anomaly.tables import is_flagged
+
+    flagged = sum(map(is_flagged, rows))
     typer.echo(f"scored {len(rows)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
 
 

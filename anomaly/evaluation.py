@@ -21,7 +21,7 @@ from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed
 from anomaly.metrics.pimo import AupimoResult
-from anomaly.outputs import read_scores
+from anomaly.tables import read_scores
 
 __all__ = [
     "Evaluation",

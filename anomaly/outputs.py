@@ -1,8 +1,8 @@
-"""Writing score results: scores.csv, float32 .npy maps and heatmap overlays, into an atomic OUT_DIR."""
+"""Writing score results: scores.csv (:mod:`anomaly.tables`), float32 .npy maps and heatmap overlays, into an
+atomic OUT_DIR."""
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from collections import Counter
@@ -18,21 +18,16 @@ from numpy.typing import NDArray
 from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.errors import DataError
 from anomaly.results import DetectionResult
+from anomaly.tables import write_scores
 
 __all__ = [
-    "CSV_COLUMNS",
     "ScoreWriter",
-    "escape_cell",
-    "is_flagged",
     "overlay",
-    "read_scores",
     "relative_names",
-    "unescape_cell",
     "write_map",
     "write_overlay",
     "write_png",
     "write_result",
-    "write_rows",
 ]
 
 # Fastest zlib level, one fixed row filter (libpng's filter search dominated: 34 -> 19 ms at 900 px) and
@@ -45,13 +40,6 @@ PNG_FAST = [
     cv2.IMWRITE_PNG_STRATEGY,
     cv2.IMWRITE_PNG_STRATEGY_RLE,
 ]
-CSV_COLUMNS = ["path", "score", "is_anomalous", "threshold", "pixel_threshold", "map_path", "overlay_path"]
-# scores.csv is UTF-8; file names that are not valid UTF-8 keep their raw bytes (surrogateescape), so
-# every path reads back exactly as the file system has it.
-CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
-# Cells starting with these are formulas to spreadsheet tools: written with a leading apostrophe
-# (OWASP's CSV-injection advice); read_scores removes it again.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def write_png(path: Path, image_bgr: NDArray[np.uint8]) -> None:
@@ -62,16 +50,6 @@ def write_png(path: Path, image_bgr: NDArray[np.uint8]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data.tobytes())
     tmp.replace(path)
-
-
-def escape_cell(text: str) -> str:
-    """Make a text cell safe to open in a spreadsheet (see :data:`_FORMULA_START`)."""
-    return "'" + text if text.startswith(_FORMULA_START) else text
-
-
-def unescape_cell(text: str) -> str:
-    """Undo :func:`escape_cell`."""
-    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
 
 
 def relative_names(paths: list[Path]) -> list[Path]:
@@ -180,7 +158,7 @@ class ScoreWriter:
             for future in self._pending:
                 future.result()
             self._pool.shutdown()
-            write_rows(self.tmp / "scores.csv", self.rows)
+            write_scores(self.tmp / "scores.csv", self.rows)
         except OSError as exc:
             raise DataError(f"{self.out_dir}: could not write the output ({exc.strerror or exc})") from None
         finish_dir(self.tmp, self.out_dir)
@@ -193,37 +171,3 @@ class ScoreWriter:
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         self._pending.append(self._pool.submit(fn, *args))
-
-
-def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
-    """Write scores.csv rows (the columns of :data:`CSV_COLUMNS`, paths made spreadsheet-safe)."""
-    with path.open("w", newline="", **CSV_ENCODING) as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows({**row, "path": escape_cell(row["path"])} for row in rows)
-
-
-def read_scores(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Rows of OUT_DIR/scores.csv; a missing or malformed file raises DataError."""
-    path = Path(out_dir) / "scores.csv"
-    if not path.is_file():
-        raise DataError(f"{path}: not found (run `anomaly score` first)")
-    try:
-        with path.open(newline="", **CSV_ENCODING) as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, csv.Error) as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from None
-    if not rows or not {"path", "score"} <= set(rows[0]):
-        raise DataError(f"{path}: expected columns path,score")
-    seen: set[str] = set()
-    for row in rows:
-        row["path"] = unescape_cell(row["path"] or "")
-        if row["path"] in seen:  # it would count twice in every metric, gallery and clustering
-            raise DataError(f"{path}: {row['path']} is listed twice")
-        seen.add(row["path"])
-    return rows
-
-
-def is_flagged(row: dict[str, str]) -> bool:
-    """The ``is_anomalous`` cell of a scores.csv row (``true`` in any case: a spreadsheet saves ``TRUE``)."""
-    return (row.get("is_anomalous") or "").strip().lower() == "true"

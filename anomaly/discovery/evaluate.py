@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import load_ground_truth
 from anomaly.errors import DataError
 from anomaly.metrics.clustering import clustering_metrics
+from anomaly.tables import read_clusters
 
 __all__ = ["evaluate_discovery"]
 
@@ -32,12 +32,7 @@ def evaluate_discovery(
             defective image to score.
     """
     csv_path = Path(clusters_dir) / "clusters.csv"
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: not found (run `anomaly discover` first)")
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"path", "cluster"} <= set(rows[0]):
-        raise DataError(f"{csv_path}: expected columns path,cluster")
+    rows = read_clusters(clusters_dir)
     data = load_ground_truth(category_root)
     by_key = {(s.defect_type, s.image_path.stem): s for s in data.test}
     truth, predicted, n_good = [], [], 0

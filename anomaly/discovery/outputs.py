@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +18,10 @@ from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.data.io import load_map, read_images
 from anomaly.discovery.pipeline import DiscoveryResult
 from anomaly.errors import DataError
+from anomaly.tables import is_flagged, read_scores, write_clusters
 
-__all__ = ["CLUSTER_COLUMNS", "ScoredImages", "read_scored_images", "write_discovery"]
+__all__ = ["ScoredImages", "read_scored_images", "write_discovery"]
 
-CLUSTER_COLUMNS = ["path", "cluster", "confidence", "n_regions"]
 THUMB = 160  # contact-sheet thumbnail side in pixels
 SHEET_COLUMNS = 8
 SHEET_MAX = 64  # thumbnails per sheet, most confident first
@@ -56,23 +54,14 @@ def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = Fa
     """
     folder = Path(scores_dir)
     csv_path = folder / "scores.csv"
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: not found (run `anomaly score --maps` first)")
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "path" not in rows[0]:
-        raise DataError(f"{csv_path}: expected a `path` column and at least one row")
-    twice = [path for path, n in Counter(r["path"] for r in rows).items() if n > 1]
-    if twice:  # it would be clustered twice
-        raise DataError(f"{csv_path}: {twice[0]} is listed twice")
+    rows = read_scores(folder)
     if "is_anomalous" not in rows[0] and not all_images:
         raise DataError(f"{csv_path}: no is_anomalous column; use --all to cluster every image")
     if not any(r.get("map_path") for r in rows):
         raise DataError(
             f"{folder}: no anomaly maps in scores.csv; run `anomaly score --maps` with a map-producing model"
         )
-    # ``true`` in any case: a spreadsheet saves ``TRUE``
-    selected = rows if all_images else [r for r in rows if (r.get("is_anomalous") or "").strip().lower() == "true"]
+    selected = rows if all_images else [r for r in rows if is_flagged(r)]
     if not selected:
         raise DataError(f"{csv_path}: no image is flagged anomalous; use --all to cluster every image")
     missing = [r["path"] for r in selected if not r.get("map_path")]
@@ -104,11 +93,13 @@ def write_discovery(out_dir: str | os.PathLike[str], result: DiscoveryResult, pa
     out = Path(out_dir)
     tmp = new_temp_dir(out, "clusters.csv")
     try:
-        with (tmp / "clusters.csv").open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(CLUSTER_COLUMNS)
-            for path, label, conf, n in zip(paths, result.labels, result.confidence, result.n_regions):
-                writer.writerow([path, int(label), f"{conf:.4f}", int(n)])
+        write_clusters(
+            tmp / "clusters.csv",
+            [
+                {"path": path, "cluster": str(int(label)), "confidence": f"{conf:.4f}", "n_regions": str(int(n))}
+                for path, label, conf, n in zip(paths, result.labels, result.confidence, result.n_regions)
+            ],
+        )
         (tmp / "sheets").mkdir()
         for cluster in range(result.k):
             members = np.flatnonzero(result.labels == cluster)

@@ -28,7 +28,8 @@ from anomaly._fs import finish_dir, new_temp_dir
 from anomaly.data.inputs import image_paths
 from anomaly.distributed._cluster import cluster, require_ray, workers
 from anomaly.errors import AnomalyError, DataError
-from anomaly.outputs import CSV_COLUMNS, CSV_ENCODING, read_scores, relative_names, write_result, write_rows
+from anomaly.outputs import relative_names, write_result
+from anomaly.tables import CSV_COLUMNS, CSV_ENCODING, read_scores, write_scores
 
 __all__ = ["FAULT_ENV", "load_model", "model_checksum", "score"]
 
@@ -245,7 +246,7 @@ def _finish(staging: Path, out: Path, rows: list[dict[str, str]]) -> None:
             elif path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
     try:
-        write_rows(staging / "scores.csv", rows)
+        write_scores(staging / "scores.csv", rows)
         (staging / JOURNAL).unlink(missing_ok=True)
     except OSError as exc:
         raise DataError(f"{out}: could not write the output ({exc.strerror or exc})") from None

@@ -7,7 +7,6 @@ MVTec layout of the scored paths: an image is normal iff its parent folder is na
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly.errors import DataError
-from anomaly.outputs import is_flagged, read_scores
+from anomaly.tables import is_flagged, read_clusters, read_scores
 
 __all__ = ["Evaluation", "Item", "ReportContent", "load_content", "true_label"]
 
@@ -216,14 +215,8 @@ def _json(path: Path) -> Any:
 
 def _read_clusters(folder: Path, items: list[Item]) -> None:
     path = folder / "clusters.csv"
-    if not path.is_file():
-        raise DataError(f"{path}: not found (run `anomaly discover --out {folder}`)")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and not {"path", "cluster"} <= set(rows[0]):
-        raise DataError(f"{path}: expected columns path,cluster,confidence")
     by_path = {it.path: it for it in items}
-    for row in rows:
+    for row in read_clusters(folder):
         item = by_path.get(row["path"])
         if item is None:
             raise DataError(f"{path}: {row['path']} is not in the scores.csv")

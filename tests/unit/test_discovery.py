@@ -188,6 +188,31 @@ def scores_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
+def test_scores_and_clusters_csv_keep_odd_file_names_exactly(tmp_path: Path) -> None:
+    """A name a spreadsheet would run as a formula, and one that is not UTF-8, read back as written: discovery read
+    scores.csv with its own code, which crashed on the second and kept the first's escape apostrophe."""
+    from anomaly.discovery.outputs import read_scored_images
+    from anomaly.tables import read_clusters, read_scores, write_clusters, write_scores
+
+    names = ["=cmd.png", "test/crack/caf\\udce9.png", "-1.png"]
+    (tmp_path / "maps").mkdir()
+    rows = []
+    for i, name in enumerate(names):
+        np.save(tmp_path / "maps" / f"{i}.npy", np.zeros((4, 4), np.float32))
+        rows.append({"path": name, "score": "1.0", "is_anomalous": "true", "threshold": "0.5",
+                     "pixel_threshold": "0.5", "map_path": f"maps/{i}.npy", "overlay_path": ""})  # fmt: skip
+    write_scores(tmp_path / "scores.csv", rows)
+    assert b"\n'=cmd.png," in (tmp_path / "scores.csv").read_bytes()  # safe to open in a spreadsheet
+    assert [r["path"] for r in read_scores(tmp_path)] == names
+    assert read_scored_images(tmp_path).paths == names
+    clusters = [{"path": name, "cluster": "0", "confidence": "0.9", "n_regions": "1"} for name in names]
+    write_clusters(tmp_path / "clusters.csv", clusters)
+    assert [r["path"] for r in read_clusters(tmp_path)] == names
+    write_clusters(tmp_path / "clusters.csv", clusters + clusters[:1])
+    with pytest.raises(DataError, match="clusters.csv: =cmd.png is listed twice"):
+        read_clusters(tmp_path)
+
+
 def test_discover_cli_clusters_flagged_images_and_evaluates(
     scores_dir: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:

@@ -349,7 +349,7 @@ def test_9_the_pixel_limit_is_the_only_one_in_force(tmp_path: Path) -> None:
 
 
 def test_10_formula_cells_are_escaped_and_read_back_exactly(model: Path, tmp_path: Path) -> None:
-    from anomaly.outputs import read_scores
+    from anomaly.tables import read_scores
 
     folder = tmp_path / "in"
     names = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@x.png"]

@@ -61,6 +61,7 @@ def test_labelme_polygons_become_masks_in_a_loadable_category(labelme_src: Path,
     assert linked.is_symlink() and linked.resolve() == (labelme_src / "data" / "a.png").resolve()
     manifest = json.loads((out / ".anomaly-import.json").read_text())
     assert manifest["counts"] == {"train_good": 7, "test_good": 3, "combined": 1, "dent_mark": 1, "pitting": 1}
+    assert sorted(p.name for p in out.iterdir()) == [".anomaly-import.json", "ground_truth", "test", "train"]
 
 
 def test_split_is_seeded_and_max_normal_subsamples(labelme_src: Path, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ FORBIDDEN: dict[str, list[str]] = {
     "anomaly._fs": ["anomaly.", "!anomaly.errors"],
     "anomaly._runtime": ["anomaly.", "!anomaly.errors"],
     "anomaly.config": ["anomaly.", "!anomaly.errors"],
+    "anomaly.tables": ["anomaly.", "!anomaly.errors", "torch"],
     "anomaly.results": ["anomaly.", "torch"],
     "anomaly.maps": ["anomaly.", "torch"],
     "anomaly.thresholds": ["anomaly.", "!anomaly.errors", "torch"],
