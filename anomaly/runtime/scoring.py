@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly.decisions import make_results
+from anomaly.distances import knn_scores, mahalanobis
 from anomaly.errors import DataError
 from anomaly.index import NNIndex
 from anomaly.results import DetectionResult
@@ -51,15 +52,12 @@ def load_scorer(root: Path, spec: dict[str, Any], listed: dict[str, Any]) -> Run
 
 
 class _MemoryBank:
-    """k-NN distance to the memory bank (``MemoryBankScorer._score_with`` / ``_reweight``)."""
+    """k-NN distance to the memory bank, as ``MemoryBankScorer.score``."""
 
     has_maps = True
 
     def __init__(self, params: dict[str, Any], index_file: Path, bank: NDArray[np.float32] | None) -> None:
-        self.k = params["k"]
-        self.distance = params["distance"]
-        self.reweight = params["reweight"]
-        self.num_neighbors = params["num_neighbors"]
+        self.options = {key: params[key] for key in ("k", "distance", "reweight", "num_neighbors")}
         # no torch device here: ``auto`` searches on GPU 0 when FAISS has one, as ONNX Runtime's CUDA provider runs
         self.index = NNIndex(params["index"], use_gpu=params["use_gpu"], gpu=0).deserialize(
             np.fromfile(index_file, dtype=np.uint8)
@@ -67,33 +65,7 @@ class _MemoryBank:
         self.bank = bank
 
     def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]:
-        emb = outputs[0]  # (N, h, w, D) patch embeddings
-        n_img, h, w, d = emb.shape
-        queries = emb.reshape(-1, d)
-        dist, ids = self.index.search_images(emb.reshape(n_img, h * w, d), self.k)
-        if self.distance == "sql2":
-            dist = dist**2
-        patch = dist.mean(1).reshape(n_img, h * w)
-        image_scores = patch.max(1).astype(np.float64)
-        if self.reweight:
-            image_scores = self._reweight(queries.reshape(n_img, h * w, d), patch, dist, ids)
-        return patch.reshape(n_img, h, w).astype(np.float32), image_scores
-
-    def _reweight(self, queries, patch, dist, ids) -> NDArray[np.float64]:  # type: ignore[no-untyped-def]
-        """PatchCore Eq. 7, as ``MemoryBankScorer._reweight`` (which lives in a torch module)."""
-        assert self.bank is not None
-        n_img, n_patch, _ = queries.shape
-        best = patch.argmax(1)
-        flat_best = np.arange(n_img) * n_patch + best
-        test_star = queries[np.arange(n_img), best]
-        nn_star = ids[flat_best, 0]
-        s_star = dist[flat_best, 0].astype(np.float64)
-        _, neigh = self.index.search(self.bank[nn_star], self.num_neighbors)
-        d = np.linalg.norm(test_star[:, None, :] - self.bank[neigh], axis=2).astype(np.float64)
-        if self.distance == "sql2":
-            d = d**2
-        log_w = s_star - np.logaddexp.reduce(d, axis=1)
-        return (1.0 - np.exp(log_w)) * s_star
+        return knn_scores(self.index, self.bank, outputs[0], **self.options)  # outputs[0]: (N, h, w, D) embeddings
 
 
 class _Padim:
@@ -125,8 +97,7 @@ class _Gaussian:
     def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]:
         dists = []
         for pooled, mean, prec in zip(outputs, self.means, self.precisions):
-            centred = pooled.astype(np.float64) - mean
-            dists.append(np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", centred, prec, centred), 0)))
+            dists.append(mahalanobis(pooled.astype(np.float64) - mean, prec))
         return None, np.mean(dists, axis=0)
 
 

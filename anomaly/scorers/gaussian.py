@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomaly.distances import mahalanobis
 from anomaly.errors import ConfigError
 from anomaly.scorers.base import Progress, ScoreOutput, Scorer, check_int, check_is_fitted, check_number
 from anomaly.scorers.registry import register_scorer
@@ -57,8 +58,7 @@ class GlobalGaussianScorer(Scorer):
         assert self.means_ is not None and self.precisions_ is not None
         dists = []
         for layer, mean, prec in zip(layers, self.means_, self.precisions_):
-            centred = layer.mean((2, 3)).double().cpu().numpy() - mean
-            dists.append(np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", centred, prec, centred), 0)))
+            dists.append(mahalanobis(layer.mean((2, 3)).double().cpu().numpy() - mean, prec))
         return ScoreOutput(patch_maps=None, image_scores=np.mean(dists, axis=0))
 
     def state_dict(self) -> dict[str, np.ndarray]:

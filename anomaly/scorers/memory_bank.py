@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from anomaly.distances import knn_scores
 from anomaly.errors import ConfigError, DataError
 from anomaly.index import NNIndex
 from anomaly.scorers._aggregate import PATCH_KERNELS, patch_embeddings
@@ -335,31 +336,16 @@ class MemoryBankScorer(Scorer):
         return self._score_queries(self.index_.place(self._query_gpu), self.bank_, queries)
 
     def _score_queries(self, index: NNIndex, bank: np.ndarray, queries: np.ndarray) -> ScoreOutput:
-        n_img, h, w, d = queries.shape
-        flat = queries.reshape(-1, d)
-        dist, ids = index.search_images(queries.reshape(n_img, h * w, d), self.k)  # image peaks exact
-        if self.distance == "sql2":
-            dist = dist**2
-        patch = dist.mean(1).reshape(n_img, h * w)
-        image_scores = patch.max(1).astype(np.float64)
-        if self.reweight:
-            image_scores = self._reweight(index, bank, flat.reshape(n_img, h * w, d), patch, dist, ids)
-        return ScoreOutput(patch_maps=patch.reshape(n_img, h, w).astype(np.float32), image_scores=image_scores)
-
-    def _reweight(self, index, bank, queries, patch, dist, ids) -> np.ndarray:  # type: ignore[no-untyped-def]
-        """PatchCore Eq. 7: damp the max score by how typical its nearest bank row's neighbourhood is."""
-        n_img, n_patch, _ = queries.shape
-        best = patch.argmax(1)
-        flat_best = np.arange(n_img) * n_patch + best
-        test_star = queries[np.arange(n_img), best]  # (n_img, D)
-        nn_star = ids[flat_best, 0]
-        s_star = dist[flat_best, 0].astype(np.float64)
-        _, neigh = index.search(bank[nn_star], self.num_neighbors)
-        d = np.linalg.norm(test_star[:, None, :] - bank[neigh], axis=2).astype(np.float64)
-        if self.distance == "sql2":
-            d = d**2
-        log_w = s_star - np.logaddexp.reduce(d, axis=1)  # stable log(exp(s*) / sum exp(d))
-        return (1.0 - np.exp(log_w)) * s_star
+        maps, image_scores = knn_scores(
+            index,
+            bank,
+            queries,
+            k=self.k,
+            distance=self.distance,
+            reweight=self.reweight,
+            num_neighbors=self.num_neighbors,
+        )
+        return ScoreOutput(patch_maps=maps, image_scores=image_scores)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Bank and the source image of every bank row (the FAISS index is saved beside them)."""

@@ -23,6 +23,7 @@ FORBIDDEN: dict[str, list[str]] = {
     "anomaly._runtime": ["anomaly.", "!anomaly.errors"],
     "anomaly.config": ["anomaly.", "!anomaly.errors"],
     "anomaly.tables": ["anomaly.", "!anomaly.errors", "torch"],
+    "anomaly.distances": ["anomaly.", "!anomaly.index", "torch"],
     "anomaly.results": ["anomaly.", "torch"],
     "anomaly.maps": ["anomaly.", "torch"],
     "anomaly.thresholds": ["anomaly.", "!anomaly.errors", "torch"],
