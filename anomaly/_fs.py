@@ -24,7 +24,7 @@ from pathlib import Path
 
 from anomaly.errors import DataError
 
-__all__ = ["OUTPUT_MARKER", "atomic_write_text", "file_sha256", "finish_dir", "new_temp_dir", "replace_dir"]
+__all__ = ["OUTPUT_MARKER", "atomic_write_text", "file_sha256", "finish_dir", "new_temp_dir", "replace_dir", "umask"]
 
 OUTPUT_MARKER = ".anomaly-output.json"
 """Marks a folder written by anomaly and lists what it wrote; such folders are never read as inputs."""
@@ -55,7 +55,7 @@ def new_temp_dir(target: Path, marker: str) -> Path:
         (tmp / _OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
     except OSError as exc:
         raise DataError(f"{target}: cannot write here ({exc.strerror or exc})") from None
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; outputs are shared like any folder
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; outputs are shared like any folder
     return tmp
 
 
@@ -173,7 +173,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-mode creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

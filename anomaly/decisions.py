@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from anomaly.errors import DataError
 from anomaly.maps import ViewLayout, resize_map, smooth_maps, stitch
 from anomaly.results import DetectionResult
 from anomaly.thresholds import Threshold
@@ -68,7 +69,7 @@ def make_results(
     """Results for a batch: with ``score_from_map`` the image score is the peak of the stitched, blurred map.
 
     ``patch_maps`` and ``image_scores`` hold one row per view (``layouts``; None = one view per image).
-    Raises ValueError on a non-finite score, naming the image.
+    Raises DataError on a non-finite score, naming the image.
     """
     layouts = [None] * len(sizes) if layouts is None else layouts
     scores = view_max(image_scores, layouts)
@@ -79,7 +80,7 @@ def make_results(
         peak = scores[i] if frame is None else float(frame.max())
         score = float(peak if score_from_map and frame is not None else scores[i])
         if not np.isfinite(score):
-            raise ValueError(f"{source or 'image'}: the score is not finite; check backbone.mean/std and the input")
+            raise DataError(f"{source or 'image'}: the score is not finite; check backbone.mean/std and the input")
         amap = resize_map(frame, size) if maps and frame is not None else None
         pixel = decision.pixel_for(score, float(peak)) if frame is not None else decision.image
         results.append(DetectionResult(score, decision.is_anomalous(score), decision.image, amap, source, pixel))

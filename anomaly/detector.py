@@ -245,21 +245,18 @@ class Detector:
         self, out: ScoreOutput, images: Sequence[DecodedImage], decision: Threshold, *, maps: bool = True
     ) -> list[DetectionResult]:
         """Post-process scorer outputs into results: image score, verdict, pixel threshold and map."""
-        try:
-            return make_results(
-                out.patch_maps,
-                out.image_scores,
-                [d.size for d in images],
-                [d.source for d in images],
-                decision,
-                input_size=self.extractor.image_size,
-                sigma=self.config.postprocess.blur_sigma,
-                score_from_map=self.scorer.image_score_from_map,
-                maps=maps,
-                layouts=[d.layout for d in images],
-            )
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
+        return make_results(
+            out.patch_maps,
+            out.image_scores,
+            [d.size for d in images],
+            [d.source for d in images],
+            decision,
+            input_size=self.extractor.image_size,
+            sigma=self.config.postprocess.blur_sigma,
+            score_from_map=self.scorer.image_score_from_map,
+            maps=maps,
+            layouts=[d.layout for d in images],
+        )
 
     # --------------------------------------------------------------------- fit
     def fit(self, images: Sequence[ImageInput] | str | os.PathLike[str], progress: Progress | None = None) -> Detector:

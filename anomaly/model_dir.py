@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anomaly._fs import OUTPUT_MARKER, file_sha256, finish_dir, new_temp_dir
+from anomaly._fs import OUTPUT_MARKER, file_sha256, finish_dir, new_temp_dir, umask
 from anomaly.errors import DataError
 
 __all__ = ["FORMAT_VERSION", "META_FILE", "read_meta", "signed", "verified_files", "write_model_dir"]
@@ -35,7 +35,7 @@ def write_model_dir(target: str | os.PathLike[str], write: Callable[[Path], dict
         meta = write(tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
         for name in files:
-            (tmp / name).chmod(0o666 & ~_umask())
+            (tmp / name).chmod(0o666 & ~umask())
         meta = {"format_version": FORMAT_VERSION, **meta, "files": {n: file_sha256(tmp / n) for n in files}}
         (tmp / META_FILE).write_text(json.dumps(signed(meta), indent=2))
         finish_dir(tmp, target)
@@ -101,9 +101,3 @@ def verified_files(directory: str | os.PathLike[str], meta: dict[str, Any]) -> d
             raise DataError(f"{path}: modified since the model was saved; refit the model")
         verified[name] = path
     return verified
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

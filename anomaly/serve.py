@@ -121,7 +121,7 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
             "pixel_threshold": result.pixel_threshold,
         }
         if mask:
-            ok, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)
+            _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)  # a binary uint8 image always encodes
             body["mask_png"] = base64.b64encode(png.tobytes()).decode()
         if map:
             buffer = io.BytesIO()

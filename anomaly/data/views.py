@@ -18,7 +18,6 @@ from numpy.typing import NDArray
 
 __all__ = [
     "DRIFT_THRESHOLD",
-    "RESIZE_MODES",
     "Layout",
     "ViewSpec",
     "aspect_range",
@@ -34,7 +33,6 @@ __all__ = [
     "standardize_intensity",
 ]
 
-RESIZE_MODES = ("stretch", "keep_aspect")
 # ``resize: auto`` keeps the configured input when the images' aspect is within this factor of it (bottle, MVTec's
 # squares, the magnetic tiles' 0.86-0.89 keep 256x256); beyond it the input takes their aspect (benchmarks/README.md
 # section 6, round 9: KolektorSDD's 1:2.5 parts 0.885 / 0.860 stretched square -> 0.912 / 0.954 image / pixel AUROC).

@@ -65,7 +65,6 @@ class Binarization:
 
     threshold: float
     method: str
-    n_estimated: int
 
 
 def sweep_range(maps: Sequence[NDArray[np.floating]]) -> tuple[float, float]:
@@ -199,18 +198,18 @@ def _choose(
 ) -> Binarization:
     stable = mebin_threshold(work, lo, hi, steps=steps, min_run=min_run, erode=erode)
     if stable is not None:
-        return Binarization(stable[0], "stable", stable[1])
+        return Binarization(stable[0], "stable")
     if pixel is not None and np.isfinite(pixel) and work.max() >= pixel:
-        return Binarization(float(pixel), "pixel_threshold", 0)
+        return Binarization(float(pixel), "pixel_threshold")
     # The shared range barely reaches into this map (its maximum is near the lowest one): sweep its own.
     own = mebin_threshold(work, float(np.median(work)), float(work.max()), steps=steps, min_run=min_run, erode=erode)
     if own is not None:
-        return Binarization(own[0], "stable_own", own[1])
+        return Binarization(own[0], "stable_own")
     return _half_max(work)
 
 
 def _half_max(work: NDArray[np.float32]) -> Binarization:
-    return Binarization(float(0.5 * (np.median(work) + work.max())), "half_max", 0)
+    return Binarization(float(0.5 * (np.median(work) + work.max())), "half_max")
 
 
 def _working(amap: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 
 from anomaly.data.loader import decode_input
 from anomaly.data.views import ViewSpec, odd_aspects, odd_aspects_warning
@@ -24,7 +25,7 @@ from anomaly.runtime.scoring import Decision, decide, load_scorer
 
 __all__ = ["ExportedDetector", "RuntimeInput", "ScorerInfo"]
 
-RuntimeInput = str | os.PathLike[str] | bytes | NDArray[np.uint8]
+RuntimeInput = str | os.PathLike[str] | bytes | NDArray[np.uint8] | Image.Image
 Progress = Callable[[str, int, int], None]  # (stage, done, total), as Detector.predict_stream
 log = logging.getLogger(__name__)
 # Images per network call. On CPU larger batches are no faster, but ONNX Runtime's memory arena

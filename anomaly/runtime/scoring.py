@@ -41,7 +41,7 @@ def load_scorer(root: Path, spec: dict[str, Any], listed: dict[str, Any]) -> Run
     state = load_file(str(root / "state.safetensors")) if "state.safetensors" in listed else {}
     if name == "memory_bank":
         if "index.faiss" not in listed:
-            raise KeyError("index.faiss")
+            raise DataError(f"{root}: incomplete export (manifest.json lists no index.faiss)")
         return _MemoryBank(params, root / "index.faiss", state.get("bank"))
     if name == "padim":
         return _Padim(state["mean"], state["chol_inv"])
@@ -130,17 +130,14 @@ def decide(
     maps: bool,
 ) -> list[DetectionResult]:
     """Maps at original size, image scores and verdicts, by the same code as the Detector."""
-    try:
-        return make_results(
-            patch_maps,
-            image_scores,
-            sizes,
-            sources,
-            decision.threshold,
-            input_size=decision.input_size,
-            sigma=decision.blur_sigma,
-            score_from_map=decision.score_from_map,
-            maps=maps,
-        )
-    except ValueError as exc:
-        raise DataError(str(exc)) from None
+    return make_results(
+        patch_maps,
+        image_scores,
+        sizes,
+        sources,
+        decision.threshold,
+        input_size=decision.input_size,
+        sigma=decision.blur_sigma,
+        score_from_map=decision.score_from_map,
+        maps=maps,
+    )

@@ -82,10 +82,12 @@ def test_runtime_names_images_far_from_the_training_aspect(
 ) -> None:
     """The export keeps the training images' aspect range; the runtime warns of stretched odd inputs as the
     Detector does (one line per call, naming them)."""
-    fitted = Detector.load(patchcore_model).training_aspects_
+    detector = Detector.load(patchcore_model)
+    fitted = detector.training_aspects_
     assert fitted == (1.0, 1.0)  # the synthetic training images are square
     runtime = ExportedDetector(patchcore_export)
     assert runtime.training_aspects == fitted
+    assert (runtime.threshold_, runtime.pixel_threshold_) == (detector.threshold_, detector.pixel_threshold_)
     rng = np.random.default_rng(0)
     square, wide = (rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(96, 96, 3), (60, 150, 3)])
     caplog.set_level("WARNING", logger="anomaly")
