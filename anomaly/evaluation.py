@@ -138,7 +138,7 @@ def evaluate_scores(
     """
     rows = read_scores(scores_dir)
     data = load_ground_truth(category_root)
-    samples = _match(rows, data)
+    samples = data.match_test([r["path"] for r in rows], str(Path(scores_dir) / "scores.csv"))
     _warn_partial(rows, samples, data)
     scores = [float(r["score"]) for r in rows]
     map_paths = [r.get("map_path", "") for r in rows]
@@ -217,16 +217,3 @@ def _other_file(scored: Path, sample: Path) -> bool:
         return scored.is_file() and not scored.samefile(sample)
     except OSError:
         return False
-
-
-def _match(rows: list[dict[str, str]], data: CategoryData) -> list[Sample]:
-    """Ground-truth sample of every scored image, matched on (defect folder, file stem)."""
-    by_key = {(s.defect_type, s.image_path.stem): s for s in data.test}
-    matched = []
-    for row in rows:
-        path = Path(row["path"])
-        sample = by_key.get((path.parent.name, path.stem))
-        if sample is None:
-            raise DataError(f"scores.csv: {row['path']} is not a test image of {data.root}")
-        matched.append(sample)
-    return matched

@@ -93,6 +93,20 @@ class CategoryData:
         """Sorted defect types of the anomalous test samples (``"good"`` excluded)."""
         return sorted({s.defect_type for s in self.test_anomalous})
 
+    def match_test(self, paths: list[str], where: str) -> list[Sample]:
+        """The test sample of each scored path, matched on (defect folder, file stem) so that a copy of the split
+        elsewhere, or a path of another machine, still matches; DataError naming ``where`` for a path that is none.
+        """
+        by_key = {(s.defect_type, s.image_path.stem): s for s in self.test}
+        matched = []
+        for text in paths:
+            path = Path(text)
+            sample = by_key.get((path.parent.name, path.stem))
+            if sample is None:
+                raise DataError(f"{where}: {text} is not a test image of {self.root}")
+            matched.append(sample)
+        return matched
+
     def summary(self) -> dict[str, Any]:
         """JSON-safe counts: images per split and label, masks, and test images per defect type."""
         return {

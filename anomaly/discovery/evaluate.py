@@ -34,13 +34,8 @@ def evaluate_discovery(
     csv_path = Path(clusters_dir) / "clusters.csv"
     rows = read_clusters(clusters_dir)
     data = load_ground_truth(category_root)
-    by_key = {(s.defect_type, s.image_path.stem): s for s in data.test}
     truth, predicted, n_good = [], [], 0
-    for row in rows:
-        path = Path(row["path"])
-        sample = by_key.get((path.parent.name, path.stem))
-        if sample is None:
-            raise DataError(f"{csv_path}: {row['path']} is not a test image of {data.root}")
+    for row, sample in zip(rows, data.match_test([r["path"] for r in rows], str(csv_path))):
         if sample.label == 0:
             n_good += 1
             continue

@@ -350,6 +350,15 @@ def test_load_mvtec_synthetic(synthetic_root: Path) -> None:
     assert find_categories(synthetic_root.parent, "mvtec") == ["widget"]
 
 
+def test_scored_paths_match_test_samples_by_defect_folder_and_stem(synthetic_root: Path) -> None:
+    data = load_mvtec(synthetic_root)
+    sample = data.test_anomalous[0]
+    elsewhere = f"/other/machine/test/{sample.defect_type}/{sample.image_path.stem}.jpg"  # a copy, re-encoded
+    assert data.match_test([str(sample.image_path), elsewhere], "s.csv") == [sample, sample]
+    with pytest.raises(DataError, match=r"s.csv: /x/test/good/none.png is not a test image of "):
+        data.match_test(["/x/test/good/none.png"], "s.csv")
+
+
 def test_load_mvtec_missing_mask_and_bad_root(synthetic_root: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
     (copy / "ground_truth" / "scratch" / "001_mask.png").unlink()
