@@ -40,7 +40,7 @@ from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
-from anomaly.results import DetectionResult
+from anomaly.results import DetectionResult, StageProgress
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
 from anomaly.thresholds import (
     REFERENCE_RATIO,
@@ -55,7 +55,6 @@ __all__ = ["DetectionResult", "Detector", "FeatureSet", "ImageInput"]
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 OnError = Literal["raise", "skip"]
 _REFERENCES_FILE = "references.safetensors"
 _SAMPLE = 32  # images that decide the ``auto`` settings of ``preprocess`` (decoding them: ~5 % of a fit)
@@ -211,7 +210,7 @@ class Detector:
         images: Sequence[ImageInput],
         *,
         keep_images: bool = False,
-        progress: Progress | None = None,
+        progress: StageProgress | None = None,
     ) -> FeatureSet:
         """Decode, resize and run the backbone over ``images`` (features stay on the backbone's device)."""
         features, _ = self._extract_all(images, keep_images, False, progress)
@@ -224,7 +223,7 @@ class Detector:
         return self._extract_all(images, False, True, None)
 
     def _extract_all(
-        self, images: Sequence[ImageInput], keep_images: bool, skip: bool, progress: Progress | None
+        self, images: Sequence[ImageInput], keep_images: bool, skip: bool, progress: StageProgress | None
     ) -> tuple[FeatureSet | None, list[DecodedImage]]:
         decoded: list[DecodedImage] = []
         batches = []
@@ -259,7 +258,9 @@ class Detector:
         )
 
     # --------------------------------------------------------------------- fit
-    def fit(self, images: Sequence[ImageInput] | str | os.PathLike[str], progress: Progress | None = None) -> Detector:
+    def fit(
+        self, images: Sequence[ImageInput] | str | os.PathLike[str], progress: StageProgress | None = None
+    ) -> Detector:
         """Learn from normal images (files, folders, a category root, arrays); zero-shot: store references.
 
         Trained scorers are cross-fitted: the images are split into ``threshold.folds`` folds and
@@ -370,7 +371,7 @@ class Detector:
         *,
         maps: bool = True,
         keep_images: bool = False,
-        progress: Progress | None = None,
+        progress: StageProgress | None = None,
         on_error: OnError = "raise",
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
         """Yield (result, decoded RGB image or None) per input, in input order, exactly once each.
@@ -399,7 +400,7 @@ class Detector:
         self.warn_odd_aspects(odd, len(items))
 
     def _predict_pool(
-        self, items: list[ImageInput], maps: bool, keep_images: bool, progress: Progress | None, skip: bool
+        self, items: list[ImageInput], maps: bool, keep_images: bool, progress: StageProgress | None, skip: bool
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
         if self.reference_ is None:  # no fit: the pool decides the ``auto`` settings (references keep the fit's)
             self.resolve_auto(items)
@@ -448,7 +449,7 @@ class Detector:
         yield from in_input_order(decoded, results, decision)
 
     # --------------------------------------------------------------- internals
-    def _store_references(self, items: list[ImageInput], progress: Progress | None) -> Detector:
+    def _store_references(self, items: list[ImageInput], progress: StageProgress | None) -> Detector:
         """Zero-shot fit: every view (support view, tile) of every reference joins later pools as an image of its
         own; its ``source`` names the reference it came from."""
         names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"reference {i}" for i, x in enumerate(items)]
@@ -492,7 +493,7 @@ class Detector:
         return self.scorer.score(layers, embeddings=embedding, progress=progress)
 
     def _progress_batches(
-        self, items: Sequence[ImageInput], keep: bool, skip: bool, stage: str, progress: Progress | None
+        self, items: Sequence[ImageInput], keep: bool, skip: bool, stage: str, progress: StageProgress | None
     ) -> Iterator[Any]:
         done = 0
         for batch in iter_batches(

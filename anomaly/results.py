@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["DetectionResult"]
+__all__ = ["DetectionResult", "StageProgress"]
+
+StageProgress = Callable[[str, int, int], None]  # progress(stage, done, total) of fit, predict and their parts
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,10 +15,10 @@ from anomaly.discovery.cluster import Clusters, check_k, cluster_descriptors, po
 from anomaly.discovery.describe import RegionDescriber
 from anomaly.discovery.regions import Binarization, Region, find_regions
 from anomaly.errors import DataError
+from anomaly.results import StageProgress
 
 __all__ = ["DiscoveryResult", "MapResult", "discover"]
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 ImageLike = str | os.PathLike[str] | NDArray[np.uint8]
 _CHUNK = 16  # images decoded at a time
 
@@ -87,7 +87,7 @@ def discover(
     describer: RegionDescriber | None = None,
     k_max: int = 10,
     scale: str = "per_image",
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> DiscoveryResult:
     """Group anomalous images into defect types, without labels.
 
@@ -150,7 +150,7 @@ def _unpack(
 
 
 def _describe(
-    describer: RegionDescriber, images: list[ImageLike], regions: list[Region], progress: Progress | None
+    describer: RegionDescriber, images: list[ImageLike], regions: list[Region], progress: StageProgress | None
 ) -> NDArray[np.float32]:
     """Descriptors of all regions, decoding the images a chunk at a time (each image decoded once)."""
     by_image: dict[int, list[int]] = {}

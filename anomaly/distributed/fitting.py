@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from anomaly.detector import Detector
 from anomaly.distributed._cluster import cluster, require_ray, workers
 from anomaly.errors import AnomalyError, ConfigError, DataError
 from anomaly.index import NNIndex
+from anomaly.results import StageProgress
 from anomaly.scorers import ScoreOutput
 from anomaly.scorers.memory_bank import Candidates, MemoryBankScorer
 
@@ -40,15 +41,13 @@ __all__ = ["FitWorker", "fit"]
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
-
 
 def fit(
     config: DetectorConfig | str | os.PathLike[str],
     train: Sequence[str | os.PathLike[str]],
     *,
     address: str | None = None,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> Detector:
     """Fit a trained detector on the normal images ``train`` with Ray; returns it ready to ``save``.
 
@@ -129,7 +128,7 @@ def _memory_bank(
     detector: Detector,
     paths: list[Path],
     folds: NDArray[np.int64],
-    progress: Progress | None,
+    progress: StageProgress | None,
 ) -> ScoreOutput:
     scorer = detector.scorer
     assert isinstance(scorer, MemoryBankScorer)
@@ -163,7 +162,7 @@ def _memory_bank(
 
 
 def _gather_features(
-    ray: Any, pool: list[Any], paths: list[Path], batch_size: int, progress: Progress | None
+    ray: Any, pool: list[Any], paths: list[Path], batch_size: int, progress: StageProgress | None
 ) -> tuple[list[torch.Tensor], list[DecodedImage]]:
     """Features of all images in input order, extracted in shards (multiples of the batch size) by the actors,
     and what was decoded of each image."""
@@ -181,7 +180,12 @@ def _described(images: list[DecodedImage]) -> list[DecodedImage]:
 
 
 def _get_all(
-    ray: Any, refs: list[Any], stage: str, total: int, progress: Progress | None, sizes: Sequence[Any] | None = None
+    ray: Any,
+    refs: list[Any],
+    stage: str,
+    total: int,
+    progress: StageProgress | None,
+    sizes: Sequence[Any] | None = None,
 ) -> list[Any]:
     """``ray.get`` of every ref in order, reporting progress as they finish; user errors re-raised as such."""
     weight = {ref: (len(sizes[i]) if sizes is not None else 1) for i, ref in enumerate(refs)}

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,13 @@ from anomaly.data.inputs import image_paths
 from anomaly.distributed._cluster import cluster, require_ray, workers
 from anomaly.errors import AnomalyError, DataError
 from anomaly.outputs import relative_names, write_result
+from anomaly.results import StageProgress
 from anomaly.tables import CSV_COLUMNS, CSV_ENCODING, read_scores, write_scores
 
 __all__ = ["FAULT_ENV", "load_model", "model_checksum", "score"]
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 JOURNAL = ".journal.csv"
 FAULT_ENV = "ANOMALY_RAY_FAULT_FILE"
 """Fault injection for tests: the first worker that removes the file this names dies mid-batch."""
@@ -90,7 +90,7 @@ def score(
     overlays: bool = True,
     overlay_size: int = 512,
     batch_size: int = 32,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> list[dict[str, str]]:
     """Score ``inputs`` with the model or export at ``model`` on Ray; write OUT_DIR as ``anomaly score`` does.
 

@@ -18,7 +18,7 @@ from PIL import Image
 from anomaly.data.loader import decode_input
 from anomaly.data.views import ViewSpec, odd_aspects, odd_aspects_warning
 from anomaly.errors import DataError
-from anomaly.results import DetectionResult
+from anomaly.results import DetectionResult, StageProgress
 from anomaly.runtime.manifest import read_manifest
 from anomaly.runtime.network import load_network
 from anomaly.runtime.scoring import Decision, decide, load_scorer
@@ -26,7 +26,6 @@ from anomaly.runtime.scoring import Decision, decide, load_scorer
 __all__ = ["ExportedDetector", "RuntimeInput", "ScorerInfo"]
 
 RuntimeInput = str | os.PathLike[str] | bytes | NDArray[np.uint8] | Image.Image
-Progress = Callable[[str, int, int], None]  # (stage, done, total), as Detector.predict_stream
 log = logging.getLogger(__name__)
 # Images per network call. On CPU larger batches are no faster, but ONNX Runtime's memory arena
 # grows with them: bottle at 256 px peaked at 755 MiB with batch 16, 339 MiB with batch 4.
@@ -90,7 +89,7 @@ class ExportedDetector:
         *,
         maps: bool = True,
         keep_images: bool = False,
-        progress: Progress | None = None,
+        progress: StageProgress | None = None,
         on_error: str = "raise",
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
         """Yield (result, decoded RGB image or None) per input, as ``Detector.predict_stream``."""

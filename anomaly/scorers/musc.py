@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from anomaly.errors import ConfigError
-from anomaly.scorers.base import ScoreOutput, Scorer
+from anomaly.scorers.base import Progress, ScoreOutput, Scorer
 from anomaly.scorers.registry import register_scorer
 
 __all__ = ["MuScScorer", "RollingPool", "lnamd", "msm_flops", "mutual_scores", "rscin"]
@@ -516,7 +516,7 @@ class MuScScorer(Scorer):
         if self.map_layers is not None and max(self.map_layers) >= n_layers:
             raise ConfigError(f"musc: map_layers {list(self.map_layers)} name layers beyond the backbone's {n_layers}")
 
-    def fit(self, layers: list[torch.Tensor], *, progress: Callable[[int, int], None] | None = None) -> MuScScorer:
+    def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> MuScScorer:
         """Nothing to learn (zero-shot); returns self."""
         return self
 
@@ -526,7 +526,7 @@ class MuScScorer(Scorer):
         *,
         reference: list[torch.Tensor] | None = None,
         embeddings: torch.Tensor | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
     ) -> ScoreOutput:
         """Score the N images of ``layers`` against each other and the ``reference`` images.
 
@@ -563,7 +563,7 @@ class MuScScorer(Scorer):
         layers: list[torch.Tensor],
         reference: list[torch.Tensor] | None,
         embeddings: torch.Tensor | None,
-        progress: Callable[[int, int], None] | None,
+        progress: Progress | None,
     ) -> ScoreOutput:
         """:meth:`score` on seeded random groups of at most ``max_pool`` images, reassembled in input order.
 
@@ -711,7 +711,7 @@ class RollingPool:
     def __len__(self) -> int:
         return 0 if self._pool is None else self._pool[0].shape[0]
 
-    def score(self, layers: list[torch.Tensor], *, progress: Callable[[int, int], None] | None = None) -> ScoreOutput:
+    def score(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> ScoreOutput:
         """Score ``layers`` (per-layer (B, C_l, h_l, w_l)) against each other, the pool and the references."""
         parts = [p for p in (self._pool, self.reference) if p is not None]
         reference = [torch.cat(per_layer) for per_layer in zip(*parts)] if parts else None
