@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
-from anomaly.data.inputs import training_paths
+from anomaly.data.inputs import OnError, check_on_error, one_or_many, training_paths
 from anomaly.data.io import significant_bits
 from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
 from anomaly.data.views import (
@@ -55,7 +55,6 @@ __all__ = ["DetectionResult", "Detector", "FeatureSet", "ImageInput"]
 
 log = logging.getLogger(__name__)
 
-OnError = Literal["raise", "skip"]
 _REFERENCES_FILE = "references.safetensors"
 _SAMPLE = 32  # images that decide the ``auto`` settings of ``preprocess`` (decoding them: ~5 % of a fit)
 
@@ -360,8 +359,7 @@ class Detector:
         ``on_error="skip"`` gives an unreadable input a result with ``error`` set (NaN score)
         instead of raising, so one bad file does not lose the others.
         """
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)  # type: ignore[list-item]
+        items, single = one_or_many(images)
         results = [result for result, _ in self.predict_stream(items, maps=maps, on_error=on_error)]
         return results[0] if single else results
 
@@ -381,8 +379,7 @@ class Detector:
         items = list(images)
         if not items:
             raise DataError("predict: no images")
-        if on_error not in ("raise", "skip"):
-            raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        check_on_error(on_error)
         if self.zero_shot:
             yield from self._predict_pool(items, maps, keep_images, progress, on_error == "skip")
             return

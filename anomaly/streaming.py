@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from anomaly.data.inputs import OnError, check_on_error, one_or_many
 from anomaly.data.loader import ImageInput
-from anomaly.detector import Detector, FeatureSet, OnError, in_input_order
+from anomaly.detector import Detector, FeatureSet, in_input_order
 from anomaly.errors import ConfigError, DataError
 from anomaly.results import DetectionResult
 from anomaly.scorers.base import ScoreOutput
@@ -99,8 +100,7 @@ class StreamingDetector:
         ``on_error="skip"``: an unreadable image gets a result with ``error`` set (NaN score, not flagged) and
         leaves the pool, the threshold's window and the burst report as they were; the others are scored.
         """
-        if on_error not in ("raise", "skip"):
-            raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        check_on_error(on_error)
         before = (self._config, self.detector.config)
         items, single = self._start(images, "predict")
         try:
@@ -174,8 +174,7 @@ class StreamingDetector:
     def _start(self, images: ImageInput | Sequence[ImageInput], what: str) -> tuple[list[ImageInput], bool]:
         """A call's images as a list (and whether one image was passed without one), checked against the
         detector's input settings; the first batch of a line without references decides its ``auto`` settings."""
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)  # type: ignore[list-item]
+        items, single = one_or_many(images)
         if not items:
             raise DataError(f"{what}: no images")
         if self._config is None:

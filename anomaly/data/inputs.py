@@ -3,7 +3,8 @@
 * a dataset category root (it has ``train/good``) given for fitting or as references is narrowed to
   ``train/good``: a fit never reads test images or masks by accident;
 * references that are also inputs are dropped from the references (an image never scores itself);
-* folders written by ``anomaly`` (scores, models, reports) are never read as inputs.
+* folders written by ``anomaly`` (scores, models, reports) are never read as inputs;
+* ``predict`` takes one image or a list, and ``on_error`` is ``raise`` or ``skip``, in every predictor.
 """
 
 from __future__ import annotations
@@ -12,14 +13,29 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 from anomaly.data.datasets import is_category_root
 from anomaly.data.io import list_images
 from anomaly.errors import DataError
 
-__all__ = ["image_paths", "reference_paths", "training_paths"]
+__all__ = ["OnError", "check_on_error", "image_paths", "one_or_many", "reference_paths", "training_paths"]
 
 log = logging.getLogger(__name__)
+OnError = Literal["raise", "skip"]  # an unreadable input raises DataError, or gets a result with ``error`` set
+T = TypeVar("T")
+
+
+def check_on_error(on_error: Any) -> None:
+    """DataError unless ``on_error`` is one of :data:`OnError`."""
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def one_or_many(images: T | Sequence[T]) -> tuple[list[T], bool]:
+    """The images of a ``predict`` call as a list, and whether one image was passed alone (not in a list)."""
+    single = not isinstance(images, (list, tuple))
+    return ([images] if single else list(images)), single  # type: ignore[list-item]
 
 
 def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[Path] = ()) -> list[Path]:

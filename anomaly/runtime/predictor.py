@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from anomaly.data.inputs import OnError, check_on_error, one_or_many
 from anomaly.data.loader import decode_input
 from anomaly.data.views import ViewSpec, odd_aspects, odd_aspects_warning
 from anomaly.errors import DataError
@@ -73,13 +74,12 @@ class ExportedDetector:
         self.image_size = self.decision.input_size
 
     def predict(
-        self, images: RuntimeInput | Sequence[RuntimeInput], *, maps: bool = True, on_error: str = "raise"
+        self, images: RuntimeInput | Sequence[RuntimeInput], *, maps: bool = True, on_error: OnError = "raise"
     ) -> Any:
         """Score one image (path, encoded bytes, RGB array or PIL image; returns a DetectionResult) or a list of
         them. ``on_error="skip"``: an unreadable input gets a result with ``error`` set (NaN score), as
         ``Detector.predict``."""
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)  # type: ignore[list-item]
+        items, single = one_or_many(images)
         results = [result for result, _ in self.predict_stream(items, maps=maps, on_error=on_error)]
         return results[0] if single else results
 
@@ -90,14 +90,13 @@ class ExportedDetector:
         maps: bool = True,
         keep_images: bool = False,
         progress: StageProgress | None = None,
-        on_error: str = "raise",
+        on_error: OnError = "raise",
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
         """Yield (result, decoded RGB image or None) per input, as ``Detector.predict_stream``."""
         items = list(images)
         if not items:
             raise DataError("predict: no images")
-        if on_error not in ("raise", "skip"):
-            raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        check_on_error(on_error)
         decode = self._decode if on_error == "raise" else self._decode_or_note
         done, odd = 0, []
         for batch in _chunks(_prefetch(decode, items, 2 * self.batch_size), self.batch_size):
