@@ -67,6 +67,7 @@ _COMPONENTS = (1, 2, 3)  # normal images, and defects in one or two clusters whe
 _VALLEY = 0.5  # two clusters: the density between them dips below half the lower peak
 _BIC_TIE = 2.0  # BIC differences below this are not evidence for either model (Kass & Raftery 1995)
 _BIMODAL_LEVEL = 0.99  # two score groups count when they separate better than 99 % of one-Gaussian pools
+_SMALL_POOL_LEVEL = 0.95  # ... and in a pool under _MIN_POOL whose median + 3 MAD flags nothing, better than 95 %
 _NULL_DRAWS = 400  # simulated one-Gaussian pools behind that level
 
 
@@ -77,7 +78,8 @@ class Threshold:
     Attributes:
         image: an image is flagged when its score is >= this.
         pixel: a map pixel of a flagged image is in the mask when it is >= this (capped per image).
-        rule: ``conformal``, ``tail-gpd``, ``pool-mixture``, ``pool-small`` or ``pool-degenerate``.
+        rule: ``conformal``, ``tail-gpd``, ``pool-mixture``, ``pool-small``, ``pool-small-split`` or
+            ``pool-degenerate``.
         target_fpr: the false-positive rate asked for.
         n_normal: normal scores the threshold was chosen from.
         estimated_fpr: the false-positive rate the rule expects on new normal images.
@@ -273,14 +275,33 @@ def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int, expe
     if spread <= 1e-9 * max(1.0, float(np.abs(values).max())):
         return top, "pool-degenerate"  # identical scores: nothing stands out, nothing is flagged
     if len(values) < (_MIN_POOL if expect_defects else MIN_WINDOW):
-        median = float(np.median(values))
-        mad = 1.4826 * float(np.median(np.abs(values - median)))
-        threshold, rule = (median + 3 * mad, "pool-small") if mad > 0 else (top, "pool-degenerate")
+        threshold, rule = _small_pool(values, expect_defects)
     else:
         threshold, rule = _mixture_quantile(values, alpha, expect_defects), "pool-mixture"
     if n_reference:
         threshold = max(threshold, float(values[:n_reference].max()))
     return float(threshold), rule
+
+
+def _small_pool(values: NDArray[np.float64], expect_defects: bool) -> tuple[float, str]:
+    """Median + 3 MAD of a pool too small for a mixture. In a batch sent for inspection (``expect_defects``) many of
+    a few images can be defects: the median and the MAD then follow them and the rule passes them (3 good + 3
+    defective images: nothing flagged at an image AUROC of 1). When the rule would pass part of the upper of two
+    score groups that split more cleanly than one Gaussian sample of the pool's size does (Otsu, as
+    :func:`_mixture_quantile`), the threshold is the middle of the gap between the groups; at a lower bar
+    (:data:`_SMALL_POOL_LEVEL`) when the rule would flag nothing at all (benchmarks/README.md section 10)."""
+    median = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    if mad <= 0:
+        return _above(float(values.max())), "pool-degenerate"
+    threshold = median + 3 * mad
+    if expect_defects and len(values) >= 4:
+        separability, n_low = _otsu(values)
+        ordered = np.sort(values)
+        level = _SMALL_POOL_LEVEL if threshold > ordered[-1] else _BIMODAL_LEVEL
+        if threshold > ordered[n_low] and separability > _null_separability(len(values), level):
+            return 0.5 * float(ordered[n_low - 1] + ordered[n_low]), "pool-small-split"
+    return threshold, "pool-small"
 
 
 def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects: bool) -> float:
@@ -347,7 +368,7 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
         # (Otsu's separability beyond its 99th percentile), the lower group is the normal cluster.
         y = boxcox(x, lam)
         separability, n_low = _otsu(y)
-        if separability > _null_separability(len(y)):
+        if separability > _null_separability(len(y), _BIMODAL_LEVEL):
             low = np.sort(y)[:n_low]
             means, sds, weights, normal = np.array([low.mean()]), np.array([low.std() + 1e-12]), np.array([1.0]), [0]
     threshold = normal_quantile()
@@ -411,7 +432,7 @@ def _otsu(y: NDArray[np.float64]) -> tuple[float, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _null_separability(n: int) -> float:
-    """The ``_BIMODAL_LEVEL`` quantile of Otsu's separability over seeded samples of ``n`` Gaussian values."""
+def _null_separability(n: int, level: float) -> float:
+    """The ``level`` quantile of Otsu's separability over seeded samples of ``n`` Gaussian values."""
     rng = np.random.default_rng(0)
-    return float(np.quantile([_otsu(rng.standard_normal(n))[0] for _ in range(_NULL_DRAWS)], _BIMODAL_LEVEL))
+    return float(np.quantile([_otsu(rng.standard_normal(n))[0] for _ in range(_NULL_DRAWS)], level))

@@ -181,7 +181,7 @@ def test_the_separability_fallback_leaves_one_mode_pools_alone(monkeypatch) -> N
     )
     pools = [draw(n) for n in (40, 83) for _ in range(8) for draw in families]
     with_fallback = [pool_threshold(pool, 0.01).image for pool in pools]
-    monkeypatch.setattr("anomaly.thresholds._null_separability", lambda n: np.inf)
+    monkeypatch.setattr("anomaly.thresholds._null_separability", lambda n, level: np.inf)
     without = [pool_threshold(pool, 0.01).image for pool in pools]
     assert sum(a != b for a, b in zip(with_fallback, without)) <= 1
 
@@ -254,6 +254,21 @@ def test_a_short_window_of_normal_scores_does_not_split_them() -> None:
         rates.append(np.mean(rng.lognormal(0.0, 0.1, 2000) >= decision.image))
     assert np.mean(rates) < 0.05
     assert pool_threshold(rng.lognormal(0.0, 0.1, 12), 0.01).rule == "pool-mixture"  # batch pools keep 8
+
+
+def test_a_tiny_batch_of_half_defects_is_split_not_passed_whole() -> None:
+    """Below 8 scores median + 3 MAD follows a defective majority and flagged nothing (an audit's 3 good + 3
+    defective parts); two groups that separate beyond chance are split at their gap instead."""
+    good, bad = [0.59, 0.62, 0.65], [0.93, 0.95, 0.97]
+    decision = pool_threshold(good + bad, 0.01)
+    assert decision.rule == "pool-small-split" and decision.image == pytest.approx(0.79)
+    assert pool_threshold([0.6, 0.62, 0.65, 0.61, 0.63, 0.95], 0.01).rule == "pool-small"  # one defect: the MAD rule
+    flat = pool_threshold([0.6, 0.62, 0.65, 0.61, 0.63, 0.64], 0.01)
+    assert flat.rule == "pool-small" and flat.image > 0.65  # normal scores alone: nothing flagged
+    with_refs = pool_threshold([0.66, 0.6, *good, *bad], 0.01, n_reference=2)  # references stay below it
+    assert 0.66 <= with_refs.image < 0.93
+    streamed = pool_threshold(good + bad, 0.01, expect_defects=False)  # a line's window: no split
+    assert streamed.rule == "pool-small"
 
 
 def test_a_few_shot_reference_scoring_like_a_defect_is_suspect() -> None:
