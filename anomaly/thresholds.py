@@ -287,17 +287,19 @@ def _small_pool(values: NDArray[np.float64], expect_defects: bool) -> tuple[floa
     """Median + 3 MAD of a pool too small for a mixture. In a batch sent for inspection (``expect_defects``) many of
     a few images can be defects: the median and the MAD then follow them and the rule passes them (3 good + 3
     defective images: nothing flagged at an image AUROC of 1). When the rule would pass part of the upper of two
-    score groups that split more cleanly than one Gaussian sample of the pool's size does (Otsu, as
-    :func:`_mixture_quantile`), the threshold is the middle of the gap between the groups; at a lower bar
-    (:data:`_SMALL_POOL_LEVEL`) when the rule would flag nothing at all (benchmarks/README.md section 10)."""
+    score groups that split more cleanly than one Gaussian sample of the pool's size does (Otsu on the log scores,
+    as :func:`_mixture_quantile` on its transformed ones), the threshold is the middle of the gap between the
+    groups; at a lower bar (:data:`_SMALL_POOL_LEVEL`) when the rule would flag nothing at all (benchmarks/README.md
+    section 10)."""
     median = float(np.median(values))
     mad = 1.4826 * float(np.median(np.abs(values - median)))
     if mad <= 0:
         return _above(float(values.max())), "pool-degenerate"
     threshold = median + 3 * mad
     if expect_defects and len(values) >= 4:
-        separability, n_low = _otsu(values)
         ordered = np.sort(values)
+        # scores are distances: on a log scale two groups differ by a ratio, and log-normal normal scores are Gaussian
+        separability, n_low = _otsu(np.log(ordered) if ordered[0] > 0 else ordered)
         level = _SMALL_POOL_LEVEL if threshold > ordered[-1] else _BIMODAL_LEVEL
         if threshold > ordered[n_low] and separability > _null_separability(len(values), level):
             return 0.5 * float(ordered[n_low - 1] + ordered[n_low]), "pool-small-split"
