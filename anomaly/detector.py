@@ -267,9 +267,9 @@ class Detector:
         out-of-sample scores of normal images (see :mod:`anomaly.thresholds`).
         """
         items = _expand_training(images)
-        if not self.zero_shot and len(items) < 3:
+        if not self.zero_shot and len(items) < self.scorer.min_images:
             raise DataError(
-                f"fit: the {self.scorer.name} scorer needs at least 3 normal images "
+                f"fit: the {self.scorer.name} scorer needs at least {self.scorer.min_images} normal images "
                 f"(they are cross-fitted to choose the threshold), got {len(items)}"
             )
         start = time.perf_counter()

@@ -60,8 +60,11 @@ def fit(
     if detector.config.preprocess.tile is not None:
         raise ConfigError("--ray fit does not split tiled models (preprocess.tile) yet; fit them without --ray")
     paths = training_paths(train)
-    if len(paths) < 3:
-        raise DataError(f"fit: the {detector.scorer.name} scorer needs at least 3 normal images, got {len(paths)}")
+    if len(paths) < detector.scorer.min_images:
+        raise DataError(
+            f"fit: the {detector.scorer.name} scorer needs at least {detector.scorer.min_images} normal images, "
+            f"got {len(paths)}"
+        )
     detector.resolve_auto(paths)  # the actors get the decided config
     folds = detector.folds(len(paths))  # the local fit's folds, so both fits agree
     with cluster(address) as ray:
