@@ -59,6 +59,7 @@ MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
 # (_check_header) is the one in force, so PIL's is moved to it (process-wide: PIL has no per-call setting).
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
 _PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
 
 
@@ -108,10 +109,8 @@ def stored_bit_depth(path: str | os.PathLike[str]) -> int:
             head = file.read(26)
         if head.startswith(_PNG_SIGNATURE) and len(head) == 26:
             return 16 if head[24] == 16 else 8
-        if head[:4] in (b"II*\x00", b"MM\x00*"):
-            with Image.open(path) as opened:
-                bits = opened.tag_v2.get(258, 8)  # type: ignore[attr-defined]
-            return 16 if max(np.atleast_1d(bits)) > 8 else 8
+        if head[:4] in _TIFF_SIGNATURES:
+            return 16 if _tiff_bits(Path(path).read_bytes()) > 8 else 8
     except Exception:  # unreadable or malformed headers: reported by the decoder, not here
         return 8
     return 8
@@ -361,9 +360,27 @@ def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
         pixels = None
     if pixels is None:
         return _decode_pil(data, name)
+    if pixels.dtype == np.uint8 and data[:4].tobytes() in _TIFF_SIGNATURES and _tiff_bits(data.tobytes()) > 8:
+        # OpenCV reads a 16-bit gray + alpha TIFF as 8 bits of garbage, and Pillow cannot open it
+        raise DataError(f"cannot read image: {name} (a {_tiff_bits(data.tobytes())}-bit TIFF that decodes to 8 bits; "
+                        "save it without the alpha channel)")  # fmt: skip
     if pixels.ndim == 3:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     return _orient(pixels, _pil_orientation(data)) if webp else pixels
+
+
+def _tiff_bits(data: bytes) -> int:
+    """The largest BitsPerSample of a TIFF's first image, read from its tags (8 when they cannot be read)."""
+    from PIL import TiffImagePlugin
+
+    try:
+        tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        stream = io.BytesIO(data)
+        stream.seek(tags.next)
+        tags.load(stream)
+        return int(max(np.atleast_1d(tags.get(258, 8))))
+    except Exception:  # malformed tags: the decoder reports the file
+        return 8
 
 
 def _check_header(data: NDArray[np.uint8], name: str) -> None:

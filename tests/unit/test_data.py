@@ -163,6 +163,19 @@ def test_wide_integer_tiffs_read_as_16_bit_when_they_fit_and_are_refused_when_no
         read_pixels(tmp_path / "wide.tif")
 
 
+def test_a_16_bit_gray_and_alpha_tiff_is_refused_not_read_as_8_bits(tmp_path: Path) -> None:
+    """OpenCV decodes it to 8 bits of garbage (values 0..15 of 12-bit data) and Pillow cannot open it."""
+    tifffile = pytest.importorskip("tifffile")  # writes what cv2.imwrite cannot: two 16-bit channels
+    gray = np.full((20, 30), 3000, np.uint16)
+    pixels = np.dstack([gray, np.full_like(gray, 65535)])
+    options = {"photometric": "minisblack", "planarconfig": "contig", "extrasamples": ["unassalpha"]}
+    tifffile.imwrite(tmp_path / "la.tif", pixels, **options)
+    with pytest.raises(DataError, match=r"la.tif \(a 16-bit TIFF that decodes to 8 bits"):
+        read_pixels(tmp_path / "la.tif")
+    tifffile.imwrite(tmp_path / "gray.tif", gray)
+    assert read_pixels(tmp_path / "gray.tif").max() == 3000
+
+
 @pytest.mark.parametrize(("orientation", "corner"), [(6, (0, 0, 255)), (8, (0, 255, 0)), (3, (255, 255, 255))])
 def test_exif_rotated_jpeg(tmp_path: Path, orientation: int, corner: tuple[int, int, int]) -> None:
     Image.fromarray(_quadrants()).save(tmp_path / "photo.jpg", exif=_exif(orientation), quality=95)
