@@ -34,6 +34,8 @@ from anomaly.data.views import (
     lighting_drift,
     odd_aspects,
     odd_aspects_warning,
+    odd_depths,
+    odd_depths_warning,
     small_images,
 )
 from anomaly.decisions import make_results, map_peaks, view_max
@@ -385,16 +387,18 @@ class Detector:
             return
         if self.decision_ is None:
             raise NotFittedError("Detector is not fitted: call fit() or Detector.load() first")
-        odd: list[str] = []
+        aspects: list[str] = []
+        depths: list[str] = []
         for batch in self._progress_batches(items, keep_images, on_error == "skip", "score", progress):
             ok = batch.ok
             scored: list[DetectionResult] = []
             if ok:
                 feats = self._extract_batch(batch.images, ok)
                 scored = self.finish(self.scorer.score(feats.layers), ok, self.decision_, maps=maps)
-                odd += self.odd_aspects(ok)
+                aspects += self.odd_aspects(ok)
+                depths += self.odd_depths(ok)
             yield from in_input_order(batch.items, scored, self.decision_)
-        self.warn_odd_aspects(odd, len(items))
+        self.warn_odd_inputs(aspects, depths, len(items))
 
     def _predict_pool(
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: StageProgress | None, skip: bool
@@ -410,7 +414,7 @@ class Detector:
                 if mirror:
                     mirrored.append(self._extract_batch(np.ascontiguousarray(batch.images[:, :, ::-1]), batch.ok))
         ok = [d for d in decoded if d.error is None]
-        self.warn_odd_aspects(self.odd_aspects(ok), len(items))
+        self.warn_odd_inputs(self.odd_aspects(ok), self.odd_depths(ok), len(items))
         n_ref = 0 if self.reference_ is None else len(self.reference_)
         if len(ok) + n_ref < 2:
             raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + references)")
@@ -533,10 +537,20 @@ class Detector:
             return []
         return odd_aspects([d.size for d in images], [d.source for d in images], self.training_aspects_)
 
-    def warn_odd_aspects(self, names: list[str], total: int) -> None:
-        """One warning for the :meth:`odd_aspects` of a call of ``total`` images."""
-        if names and self.training_aspects_ is not None:
-            log.warning("%s", odd_aspects_warning(names, total, self.training_aspects_))
+    def odd_depths(self, images: Sequence[DecodedImage]) -> list[str]:
+        """Names of the 16-bit ``images`` whose values do not suit ``preprocess.bit_depth`` (read saturated or
+        near-black): :func:`anomaly.data.views.odd_depths`."""
+        depth = self.config.preprocess.bit_depth
+        if depth == "auto":  # not decided yet: no fit, and no pool has decided it
+            return []
+        return odd_depths([d.bits for d in images], [d.source for d in images], int(depth))
+
+    def warn_odd_inputs(self, aspects: list[str], depths: list[str], total: int) -> None:
+        """One warning each for the :meth:`odd_aspects` and the :meth:`odd_depths` of a call of ``total`` images."""
+        if aspects and self.training_aspects_ is not None:
+            log.warning("%s", odd_aspects_warning(aspects, total, self.training_aspects_))
+        if depths:
+            log.warning("%s", odd_depths_warning(depths, total, int(self.config.preprocess.bit_depth)))
 
     # ------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
+    "as_rgb8",
     "decode_bytes",
     "is_image_file",
     "list_images",
@@ -159,7 +160,7 @@ def decode_bytes(
     """Decode an encoded image (PNG, JPEG, ...) held in memory to RGB, as :func:`read_image` does."""
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
     pixels = _integer_pixels(_decode(buffer, name), name)
-    return _rgb8(pixels, (significant_bits(pixels) or 16) if bit_depth is None else bit_depth)
+    return as_rgb8(pixels, (significant_bits(pixels) or 16) if bit_depth is None else bit_depth)
 
 
 def read_images(
@@ -188,7 +189,7 @@ def read_images(
         return _in_threads(lambda path: read_image(path, bit_depth), paths, num_threads)
     pixels = _in_threads(read_pixels, paths, num_threads)
     shared = max((bits for bits in map(significant_bits, pixels) if bits is not None), default=16)
-    return [_rgb8(p, shared) for p in pixels]
+    return [as_rgb8(p, shared) for p in pixels]
 
 
 def _in_threads(read: Callable[[Any], Any], paths: Sequence[Any], num_threads: int) -> list[Any]:
@@ -206,7 +207,7 @@ def _in_threads(read: Callable[[Any], Any], paths: Sequence[Any], num_threads: i
             raise
 
 
-def _rgb8(pixels: NDArray[Any], bit_depth: int) -> NDArray[np.uint8]:
+def as_rgb8(pixels: NDArray[Any], bit_depth: int) -> NDArray[np.uint8]:
     """Decoded integer pixels (gray or RGB, any depth) -> C-contiguous (H, W, 3) uint8 RGB."""
     pixels = to_8bit(pixels, bit_depth)
     if pixels.ndim == 2:

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly.data.io import decode_bytes, read_image, read_image_size, read_pixels, stored_bit_depth, to_8bit
+from anomaly.data.io import as_rgb8, read_image_size, read_pixels, significant_bits, stored_bit_depth, to_8bit
 from anomaly.data.views import Layout, ViewSpec, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
@@ -46,6 +46,7 @@ class DecodedImage:
     original: NDArray[np.uint8] | None = None  # the full decoded image, when kept
     error: str | None = None
     layout: Layout | None = None  # where the views sit (None: one stretched view)
+    bits: int | None = None  # the bits its 16-bit values need (None: 8-bit data), see ViewSpec.bit_depth
 
 
 @dataclass
@@ -67,11 +68,17 @@ def to_rgb(item: ImageInput, bit_depth: int = 16) -> tuple[NDArray[np.uint8], st
     16-bit data (files, uint16 arrays, 16-bit PIL images) is taken to use ``bit_depth`` bits (see
     :func:`anomaly.data.io.to_8bit`).
     """
-    if isinstance(item, (str, os.PathLike)):
-        return read_image(item, bit_depth), os.fspath(item)
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return decode_bytes(bytes(item), "image bytes", bit_depth), None
-    return _array_rgb(_in_memory_array(item), bit_depth), None
+    image, source, _ = decode_rgb(item, bit_depth)
+    return image, source
+
+
+def decode_rgb(item: ImageInput, bit_depth: int = 16) -> tuple[NDArray[np.uint8], str | None, int | None]:
+    """:func:`to_rgb`, and the bits the input's 16-bit values need (None for 8-bit data): an image of another
+    depth than ``bit_depth`` reads near-black or saturated (:func:`anomaly.data.views.odd_depths`)."""
+    pixels = raw_pixels(item)
+    assert pixels is not None  # not header_first: always decoded
+    source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+    return as_rgb8(pixels, bit_depth), source, significant_bits(pixels)
 
 
 def raw_pixels(item: ImageInput, header_first: bool = False) -> NDArray[Any] | None:
@@ -123,13 +130,13 @@ def decode_input(
     Resizing uses INTER_AREA when shrinking, else bilinear; see :mod:`anomaly.data.views`.
     """
     spec = spec or ViewSpec()
-    image, source = to_rgb(item, spec.bit_depth)
+    image, source, bits = decode_rgb(item, spec.bit_depth)
     h, w = image.shape[:2]
     layout = spec.layout((h, w), size)
     views = cut_views(image, layout, size)
     if spec.standardize:  # after resizing (an affine map commutes with it), so only the views are transformed
         views = standardize_intensity(views, image)
-    return DecodedImage(views, (h, w), source, image if keep else None, layout=layout)
+    return DecodedImage(views, (h, w), source, image if keep else None, layout=layout, bits=bits)
 
 
 def iter_batches(

@@ -28,6 +28,8 @@ __all__ = [
     "lighting_drift",
     "odd_aspects",
     "odd_aspects_warning",
+    "odd_depths",
+    "odd_depths_warning",
     "plan_layout",
     "small_images",
     "standardize_intensity",
@@ -157,6 +159,26 @@ def odd_aspects_warning(names: list[str], total: int, fitted: tuple[float, float
         f"{len(names)} of {total} image(s) have an aspect (width / height) outside the training images' ({seen}) "
         "and are stretched to the model input more than any of those: a rotated part or another product? Check "
         f"their scores. First: {', '.join(names[:3])}"
+    )
+
+
+def odd_depths(bits: list[int | None], sources: list[str | None], bit_depth: int) -> list[str]:
+    """Names of the 16-bit images (``bits``: what their largest value needs, None for 8-bit data) whose values do
+    not suit the model's ``bit_depth``: more bits saturate to white, 4 or more fewer read near-black (at most 15 of
+    255). A model fitted on 8-bit images reads 16-bit data as 16 bits, so 12-bit frames scored by it are dark."""
+    return [
+        f"{source or 'an image'} ({b} bits: {'saturated' if b > bit_depth else 'near-black'})"
+        for b, source in zip(bits, sources)
+        if b is not None and (b > bit_depth or b <= bit_depth - 4)
+    ]
+
+
+def odd_depths_warning(names: list[str], total: int, bit_depth: int) -> str:
+    """The one warning line for the :func:`odd_depths` of a call of ``total`` images."""
+    return (
+        f"{len(names)} of {total} image(s) are 16-bit data of another depth than the model's bit_depth {bit_depth} "
+        f"and read saturated or near-black: another camera setting? (preprocess.bit_depth at fit). First: "
+        f"{', '.join(names[:3])}"
     )
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from anomaly.data.inputs import OnError, check_on_error, one_or_many
 from anomaly.data.loader import decode_input
-from anomaly.data.views import ViewSpec, odd_aspects, odd_aspects_warning
+from anomaly.data.views import ViewSpec, odd_aspects, odd_aspects_warning, odd_depths, odd_depths_warning
 from anomaly.errors import DataError
 from anomaly.results import DetectionResult, StageProgress
 from anomaly.runtime.manifest import read_manifest
@@ -98,7 +98,7 @@ class ExportedDetector:
             raise DataError("predict: no images")
         check_on_error(on_error)
         decode = self._decode if on_error == "raise" else self._decode_or_note
-        done, odd = 0, []
+        done, odd, deep = 0, [], []
         for batch in _chunks(_prefetch(decode, items, 2 * self.batch_size), self.batch_size):
             ok = [b for b in batch if b[0] is not None]
             results = iter([])
@@ -108,6 +108,7 @@ class ExportedDetector:
                 results = iter(decide(patch_maps, scores, sizes, sources, self.decision, maps))
                 if self.training_aspects is not None:
                     odd += odd_aspects(sizes, sources, self.training_aspects)
+                deep += odd_depths([b[4] for b in ok], sources, self.view_spec.bit_depth)
             for b in batch:
                 if b[0] is None:  # unreadable, skipped: NaN score and the reason
                     threshold = self.decision.threshold
@@ -119,18 +120,21 @@ class ExportedDetector:
                 progress("score", done, len(items))
         if odd and self.training_aspects is not None:
             log.warning("%s", odd_aspects_warning(odd, len(items), self.training_aspects))
+        if deep:
+            log.warning("%s", odd_depths_warning(deep, len(items), self.view_spec.bit_depth))
 
-    def _decode(self, item: RuntimeInput) -> tuple[NDArray[np.uint8], tuple[int, int], str | None, NDArray[np.uint8]]:
+    def _decode(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any, int | None]:
+        """(model input view, original (H, W), source, decoded RGB image, bits of its 16-bit values)."""
         decoded = decode_input(item, self.image_size, keep=True, spec=self.view_spec)
         assert decoded.views is not None and decoded.original is not None
-        return decoded.views[0], decoded.size, decoded.source, decoded.original
+        return decoded.views[0], decoded.size, decoded.source, decoded.original, decoded.bits
 
-    def _decode_or_note(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any]:
-        """:meth:`_decode`, or (None, (0, 0), source, why) for an input that cannot be read."""
+    def _decode_or_note(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any, int | None]:
+        """:meth:`_decode`, or (None, (0, 0), source, why, None) for an input that cannot be read."""
         try:
             return self._decode(item)
         except DataError as exc:
-            return None, (0, 0), os.fspath(item) if isinstance(item, (str, os.PathLike)) else None, str(exc)
+            return None, (0, 0), os.fspath(item) if isinstance(item, (str, os.PathLike)) else None, str(exc), None
 
 
 def _prefetch(fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Iterator[Any]:

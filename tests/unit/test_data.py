@@ -294,6 +294,7 @@ def test_list_images_folders_globs_files(tmp_path: Path, caplog: pytest.LogCaptu
     images, ignored = list_images([explicit, str(a / "sub" / "**" / "*"), a / "2.png", a / "notes.txt"])
     assert [p.name for p in images] == ["solo.jpeg", "1.bmp", "0.tiff", "2.png"]
     assert ignored == 2  # data.csv from the glob, notes.txt named explicitly
+    caplog.clear()
     with caplog.at_level("INFO", logger="anomaly.data.io"):
         images, _ = list_images([a / "2.png", a])  # duplicates dropped, first occurrence kept
     assert [p.name for p in images] == ["2.png", "10.JPG", "1.bmp", "0.tiff", "z.webp"]

@@ -257,6 +257,22 @@ def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_
         Detector(_config()).fit(train[:1])
 
 
+def test_16_bit_images_of_another_depth_than_the_model_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    """A model fitted on 8-bit images reads 16-bit data as 16 bits: 12-bit frames score near-black, and every one
+    was flagged without a word. One warning per call names them; 8-bit images and frames of the model's depth not."""
+    rng = np.random.default_rng(0)
+    det = Detector(_config()).fit([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(4)])
+    assert det.config.preprocess.bit_depth == 16  # auto, with no 16-bit training image
+    caplog.set_level("WARNING", logger="anomaly")
+    det.predict([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), rng.integers(0, 65535, (64, 64), dtype=np.uint16)])
+    assert "bit_depth" not in caplog.text
+    twelve = rng.integers(0, 4096, (64, 64), dtype=np.uint16)
+    det.predict([twelve, twelve])
+    (line,) = [r.message for r in caplog.records if "bit_depth" in r.message]
+    assert line.startswith("2 of 2 image(s) are 16-bit data of another depth than the model's bit_depth 16")
+    assert "an image (12 bits: near-black)" in line
+
+
 def test_thumbnails_among_the_training_images_are_named_at_fit(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(5)]

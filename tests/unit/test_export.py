@@ -88,6 +88,10 @@ def test_runtime_names_images_far_from_the_training_aspect(
     runtime = ExportedDetector(patchcore_export)
     assert runtime.training_aspects == fitted
     assert (runtime.threshold_, runtime.pixel_threshold_) == (detector.threshold_, detector.pixel_threshold_)
+    caplog.set_level("WARNING", logger="anomaly")
+    runtime.predict([np.full((96, 96), 4000, np.uint16)])  # 12-bit data for a model that reads 16-bit as 16
+    assert "(12 bits: near-black)" in caplog.text
+    caplog.clear()
     rng = np.random.default_rng(0)
     square, wide = (rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(96, 96, 3), (60, 150, 3)])
     caplog.set_level("WARNING", logger="anomaly")
