@@ -429,9 +429,12 @@ def _read_bytes(path: Path) -> NDArray[np.uint8]:
     if not path.is_file():
         raise DataError(f"image not found: {_printable(path)}")
     try:
-        return np.fromfile(path, dtype=np.uint8)
+        data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read image: {_printable(path)} ({exc.strerror or exc})") from exc
+    if not data.size:
+        raise DataError(f"cannot read image: {_printable(path)} (empty file)")
+    return data
 
 
 def _printable(path: Path) -> str:

@@ -115,5 +115,12 @@ def _aupimo_entry(
     try:
         details = aupimo([s for s, _ in pairs], [m for _, m in pairs], fpr_bounds=fpr_bounds)
     except (ValueError, RuntimeError) as err:
-        return {"aupimo": math.nan, "aupimo_error": str(err)}, None
+        reason = str(err)
+        if "'fpr_level'" in reason:  # the reference message (ALGORITHMS.md), and what it means for the user's data
+            reason += (
+                " The normal test images have too few pixels for the lower FPR bound: the shared FPR averages"
+                " per-image rates, so one pixel of a small normal image holding the top normal scores weighs"
+                " 1 / (normal images x its pixels). Evaluate at a common --eval-size, or add normal test images."
+            )
+        return {"aupimo": math.nan, "aupimo_error": reason}, None
     return {"aupimo": details.mean}, details

@@ -221,6 +221,7 @@ def test_corrupt_file_raises_naming_it(tmp_path: Path, content: bytes) -> None:
     with pytest.raises(DataError, match="cannot read image") as info:
         read_image(path)
     assert str(path) in str(info.value)
+    assert str(info.value).endswith("(empty file)") == (content == b"")
 
 
 def test_missing_file_raises_naming_it(tmp_path: Path) -> None:
