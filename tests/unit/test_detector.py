@@ -231,6 +231,29 @@ def test_few_shot_support_augmentation_adds_six_views(synthetic_root: Path) -> N
     assert np.mean(scores[len(good) :]) > np.mean(scores[: len(good)])
 
 
+def test_a_few_shot_reference_counts_once_in_the_pool_threshold(
+    synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six support views per reference were six rows of the pool rule: 12 references outweighed a pool of 7 and
+    the threshold rose over defects the scores separated. A reference is one score, its highest view's."""
+    import anomaly.detector as detector_module
+
+    seen: list[tuple[np.ndarray, int]] = []
+    real = detector_module.pool_threshold
+
+    def spy(scores, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((np.asarray(scores), kwargs["n_reference"]))
+        return real(scores, *args, **kwargs)
+
+    monkeypatch.setattr(detector_module, "pool_threshold", spy)
+    train, good, bad = _split(synthetic_root)
+    det = Detector(_config("musc", "scorer.params.augment_references=true")).fit(train[:3])
+    results = det.predict(good + bad)
+    ((scores, n_reference),) = seen
+    assert n_reference == 3 and len(scores) == 3 + len(good + bad)  # not 18 reference rows
+    assert results[0].threshold >= scores[:3].max()  # the references' floor still holds
+
+
 def test_query_augmentation_averages_the_pool_with_its_mirror_image(synthetic_root: Path) -> None:
     from anomaly.data.io import read_image
 
