@@ -24,7 +24,17 @@ from pathlib import Path
 
 from anomaly.errors import DataError
 
-__all__ = ["OUTPUT_MARKER", "atomic_write_text", "file_sha256", "finish_dir", "new_temp_dir", "replace_dir", "umask"]
+__all__ = [
+    "OUTPUT_MARKER",
+    "atomic_write_text",
+    "check_output_dir",
+    "file_sha256",
+    "finish_dir",
+    "new_temp_dir",
+    "replace_dir",
+    "staged_dir",
+    "umask",
+]
 
 OUTPUT_MARKER = ".anomaly-output.json"
 """Marks a folder written by anomaly and lists what it wrote; such folders are never read as inputs."""
@@ -57,6 +67,28 @@ def new_temp_dir(target: Path, marker: str) -> Path:
         raise DataError(f"{target}: cannot write here ({exc.strerror or exc})") from None
     tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; outputs are shared like any folder
     return tmp
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, marker: str, *, output: bool = True) -> Iterator[Path]:
+    """A temp folder (:func:`new_temp_dir`) to write ``target``'s files into; when the block ends it becomes
+    ``target`` (:func:`finish_dir`; without ``output``, a data folder: :func:`replace_dir`, no output marker), and
+    when the block raises it is removed."""
+    tmp = new_temp_dir(target, marker)
+    try:
+        yield tmp
+        if output:
+            finish_dir(tmp, target)
+        else:
+            replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_dir(target: Path, marker: str) -> None:
+    """DataError now, before a long run, when ``target`` could not take an output (:func:`new_temp_dir`)."""
+    shutil.rmtree(new_temp_dir(target, marker))
 
 
 def finish_dir(tmp: Path, target: Path) -> None:

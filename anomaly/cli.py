@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -167,12 +166,12 @@ def fit(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Fit a detector on normal images and save it to MODEL_DIR."""
-    from anomaly._fs import new_temp_dir
+    from anomaly._fs import check_output_dir
     from anomaly.data.inputs import training_paths
     from anomaly.detector import Detector
 
     detector = Detector(_config(config, backbone, overrides))
-    shutil.rmtree(new_temp_dir(out, "meta.json"))  # the output folder is checked before the long fit
+    check_output_dir(out, "meta.json")  # before the long fit
     paths = training_paths(train_dirs)
     if detector.zero_shot:
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)

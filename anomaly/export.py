@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from anomaly import __version__
-from anomaly._fs import finish_dir, new_temp_dir
+from anomaly._fs import staged_dir
 from anomaly.detector import Detector
 from anomaly.errors import BackendError, ConfigError, DataError
 from anomaly.features import FeatureExtractor, cnn_layers
@@ -59,8 +58,7 @@ def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     head, outputs, state, files = _scorer_parts(det)
     network = _Network(det.extractor, head).eval().cpu()
     target = Path(out_dir)
-    tmp = new_temp_dir(target, MANIFEST)
-    try:
+    with staged_dir(target, MANIFEST) as tmp:
         net_file = _write_network(network, outputs, det.extractor.image_size, tmp, fmt)
         for name, data in files.items():
             (tmp / name).write_bytes(data)
@@ -71,10 +69,6 @@ def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         spec = {"format": fmt, "file": net_file, "input": "images", "outputs": outputs, "opset": OPSET}
         _check_network(network, tmp, spec, det.extractor.image_size)
         write_manifest(tmp, _manifest(det, spec))
-        finish_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anomaly._fs import OUTPUT_MARKER, file_sha256, finish_dir, new_temp_dir, umask
+from anomaly._fs import OUTPUT_MARKER, file_sha256, staged_dir, umask
 from anomaly.errors import DataError
 
 __all__ = ["FORMAT_VERSION", "META_FILE", "read_meta", "signed", "verified_files", "write_model_dir"]
@@ -30,21 +29,16 @@ _DIGEST = "meta_sha256"
 def write_model_dir(target: str | os.PathLike[str], write: Callable[[Path], dict[str, Any]]) -> Path:
     """Create ``target`` atomically: ``write(tmp)`` writes the files and returns the metadata."""
     target = Path(target)
-    tmp = new_temp_dir(target, META_FILE)
     try:
-        meta = write(tmp)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
-        for name in files:
-            (tmp / name).chmod(0o666 & ~umask())
-        meta = {"format_version": FORMAT_VERSION, **meta, "files": {n: file_sha256(tmp / n) for n in files}}
-        (tmp / META_FILE).write_text(json.dumps(signed(meta), indent=2))
-        finish_dir(tmp, target)
+        with staged_dir(target, META_FILE) as tmp:
+            meta = write(tmp)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
+            for name in files:
+                (tmp / name).chmod(0o666 & ~umask())
+            meta = {"format_version": FORMAT_VERSION, **meta, "files": {n: file_sha256(tmp / n) for n in files}}
+            (tmp / META_FILE).write_text(json.dumps(signed(meta), indent=2))
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{target}: could not write the model ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

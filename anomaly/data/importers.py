@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
-from anomaly._fs import atomic_write_text, new_temp_dir, replace_dir
+from anomaly._fs import atomic_write_text, staged_dir
 from anomaly.data.io import list_images
 from anomaly.errors import DataError
 
@@ -271,8 +271,7 @@ def _write_category(
     placed += [(d.image, Path("test", d.defect_type, d.image.name)) for d in defects]
     _check_unique([rel for _, rel in placed])
     target = Path(out)
-    tmp = new_temp_dir(target, MANIFEST)
-    try:
+    with staged_dir(target, MANIFEST, output=False) as tmp:
         for src, rel in placed:
             _place(src, tmp / rel, link)
         for d in defects:
@@ -292,10 +291,6 @@ def _write_category(
             "counts": {"train_good": summary.n_train, "test_good": summary.n_test_good, **summary.defects},
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._fs import finish_dir, new_temp_dir
+from anomaly._fs import staged_dir
 from anomaly.data.io import load_map, read_images
 from anomaly.discovery.pipeline import DiscoveryResult
 from anomaly.errors import DataError
@@ -91,8 +90,7 @@ def _threshold(row: dict[str, str]) -> float | None:
 def write_discovery(out_dir: str | os.PathLike[str], result: DiscoveryResult, paths: list[str]) -> Path:
     """Write OUT_DIR atomically: clusters.csv, summary.json and sheets/cluster_<i>.png per cluster."""
     out = Path(out_dir)
-    tmp = new_temp_dir(out, "clusters.csv")
-    try:
+    with staged_dir(out, "clusters.csv") as tmp:
         write_clusters(
             tmp / "clusters.csv",
             [
@@ -108,10 +106,6 @@ def write_discovery(out_dir: str | os.PathLike[str], result: DiscoveryResult, pa
                 sheet = _contact_sheet(result, members, [paths[i] for i in members])
                 cv2.imwrite(str(tmp / "sheets" / f"cluster_{cluster}.png"), sheet)
         (tmp / "summary.json").write_text(json.dumps(result.summary(), indent=2))
-        finish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,14 +17,13 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from anomaly._fs import finish_dir, new_temp_dir
+from anomaly._fs import check_output_dir, finish_dir
 from anomaly.data.inputs import image_paths
 from anomaly.distributed._cluster import cluster, require_ray, workers
 from anomaly.errors import AnomalyError, DataError
@@ -108,7 +107,7 @@ def score(
     if maps and not has_maps:
         log.info("this model's scorer gives image scores only: no maps are written")
     overlays = overlays and has_maps
-    shutil.rmtree(new_temp_dir(out, "scores.csv"))  # refuses an OUT_DIR that is not ours before any work
+    check_output_dir(out, "scores.csv")  # refuses an OUT_DIR that is not ours before any work
     options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
     key = hashlib.sha256(f"{model_checksum(model)} {sorted(options.items())}".encode()).hexdigest()[:16]
     staging = out.parent / f".{out.name}.ray-{key}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from anomaly._fs import finish_dir, new_temp_dir
+from anomaly._fs import staged_dir
 from anomaly.report.charts import aupimo_chart, pimo_chart, score_histogram
 from anomaly.report.content import ReportContent, load_content, true_label
 from anomaly.report.images import Rendered, render_item
@@ -57,8 +57,7 @@ def build_report(
         Path(discovery_dir) if discovery_dir is not None else None,
     )
     out = Path(out_dir)
-    tmp = new_temp_dir(out, DATA_FILE)
-    try:
+    with staged_dir(out, DATA_FILE) as tmp:
         rendered = _render_pictures(content, tmp, progress)
         page = _page(content, rendered)
         data = json.dumps(page["data"], separators=(",", ":"), allow_nan=False)
@@ -68,10 +67,6 @@ def build_report(
         html = env.get_template("index.html.j2").render(**page)
         # a file name that is not UTF-8 (kept as surrogate escapes, as scores.csv keeps its bytes) shows as U+FFFD
         (tmp / "index.html").write_text(html.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
-        finish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

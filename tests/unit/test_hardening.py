@@ -283,11 +283,10 @@ def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_
     copy = tmp_path / "model"
     shutil.copytree(model, copy)
     code = (
-        "import os, sys, anomaly.model_dir as md\n"
-        "real = md.finish_dir\n"
+        "import os, sys, anomaly._fs as fs\n"
         "def killed(tmp, target):\n"
         "    os._exit(9)\n"
-        "md.finish_dir = killed\n"
+        "fs.finish_dir = killed\n"
         "from anomaly.cli import main\n"
         f"sys.argv = ['anomaly', 'fit', '--out', {str(copy)!r}, '--set', 'backbone.image_size=[64,64]', "
         f"{str(synthetic_root)!r}]\n"
