@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import math
@@ -299,12 +300,11 @@ def _write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / _TABLES_MARKER).touch()
     cols = [c for c in COLUMNS if c in _ALWAYS or any(c in r for r in rows)]  # pixel columns empty without maps
-    tmp = out / f".results.csv.{os.getpid()}.tmp"
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out / "results.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue())
     atomic_write_text(out / "results.json", json.dumps(_nan_to_none(rows), indent=2))
     atomic_write_text(out / "results.md", format_table(rows) + "\n")
 

@@ -3,6 +3,7 @@ atomic OUT_DIR."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from collections import Counter
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._fs import finish_dir, new_temp_dir
+from anomaly._fs import atomic_write_bytes, finish_dir, new_temp_dir
 from anomaly.errors import DataError
 from anomaly.results import DetectionResult
 from anomaly.tables import write_scores
@@ -47,9 +48,7 @@ def write_png(path: Path, image_bgr: NDArray[np.uint8]) -> None:
     ok, data = cv2.imencode(".png", image_bgr, PNG_FAST)
     if not ok:
         raise DataError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.tobytes())
-    tmp.replace(path)
+    atomic_write_bytes(path, data.tobytes())
 
 
 def relative_names(paths: list[Path]) -> list[Path]:
@@ -111,10 +110,9 @@ def write_result(
 def write_map(path: Path, amap: NDArray[np.float32]) -> None:
     """Save a float32 .npy map (written beside, then renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        np.save(fh, amap.astype(np.float32, copy=False))
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.save(buffer, amap.astype(np.float32, copy=False))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_overlay(path: Path, image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float, size: int) -> None:
