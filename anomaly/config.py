@@ -252,6 +252,10 @@ def _config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"  # source checkout
 
 
+# The YAML -> dataclass coercion below is written by hand (about 60 lines) rather than taken from pydantic or dacite:
+# every error must be one line naming the full dotted key with a did-you-mean hint (``scorer.params.kk``), tuples
+# come from YAML lists, and the saved model's config.json must round-trip exactly; pydantic's multi-line
+# ValidationError and a second schema beside the dataclasses cost more than these functions.
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
