@@ -83,6 +83,7 @@ def _main(
         root.addHandler(handler)
     warnings.showwarning = _warning_line  # metric warnings as one log line, not a source excerpt
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every build it probes
+    logging.getLogger("PIL").setLevel(logging.INFO)  # -v: Pillow logs every TIFF tag of every image at debug level
     _Progress.enabled = not quiet
 
 

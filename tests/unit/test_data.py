@@ -163,6 +163,15 @@ def test_wide_integer_tiffs_read_as_16_bit_when_they_fit_and_are_refused_when_no
         read_pixels(tmp_path / "wide.tif")
 
 
+def test_a_multi_page_tiff_reads_its_first_page_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first, second = Image.new("L", (30, 20), 40), Image.new("L", (30, 20), 200)
+    first.save(tmp_path / "pages.tif", save_all=True, append_images=[second])
+    with caplog.at_level("INFO", logger="anomaly.data.io"):
+        image = read_image(tmp_path / "pages.tif")
+    assert image.shape == (20, 30, 3) and int(image.max()) == 40
+    assert "pages.tif: a TIFF of 2 pages; the first is read" in caplog.text
+
+
 def test_a_16_bit_gray_and_alpha_tiff_is_refused_not_read_as_8_bits(tmp_path: Path) -> None:
     """OpenCV decodes it to 8 bits of garbage (values 0..15 of 12-bit data) and Pillow cannot open it."""
     tifffile = pytest.importorskip("tifffile")  # writes what cv2.imwrite cannot: two 16-bit channels
