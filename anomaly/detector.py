@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -269,10 +270,11 @@ class Detector:
         out-of-sample scores of normal images (see :mod:`anomaly.thresholds`).
         """
         items = _expand_training(images)
-        if not self.zero_shot and len(items) < self.scorer.min_images:
+        if not self.zero_shot and len(items) < self.min_training_images():
             raise DataError(
-                f"fit: the {self.scorer.name} scorer needs at least {self.scorer.min_images} normal images "
-                f"(they are cross-fitted to choose the threshold), got {len(items)}"
+                f"fit: the {self.scorer.name} scorer needs at least {self.min_training_images()} normal images "
+                f"with threshold.folds={self.config.threshold.folds} (they are cross-fitted to choose the threshold, "
+                f"and each fold model needs {self.scorer.min_fold_images}), got {len(items)}"
             )
         start = time.perf_counter()
         self.resolve_auto(items, build_backbone=True)
@@ -343,6 +345,14 @@ class Detector:
             )
         log.info("%s", self.decision_.summary())
         return self
+
+    def min_training_images(self) -> int:
+        """The fewest training images whose cross-fit gives every fold model the scorer's ``min_fold_images`` (the
+        fold models of ``n`` images in ``k`` folds are fitted on ``n - ceil(n / k)``); at least 3."""
+        n = 3
+        while n - math.ceil(n / min(self.config.threshold.folds, n)) < self.scorer.min_fold_images:
+            n += 1
+        return n
 
     def folds(self, n: int) -> NDArray[np.int64]:
         """The seeded fold of each of ``n`` training images (``threshold.folds`` folds)."""

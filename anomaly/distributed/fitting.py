@@ -60,10 +60,10 @@ def fit(
     if detector.config.preprocess.tile is not None:
         raise ConfigError("--ray fit does not split tiled models (preprocess.tile) yet; fit them without --ray")
     paths = training_paths(train)
-    if len(paths) < detector.scorer.min_images:
+    if len(paths) < detector.min_training_images():
         raise DataError(
-            f"fit: the {detector.scorer.name} scorer needs at least {detector.scorer.min_images} normal images, "
-            f"got {len(paths)}"
+            f"fit: the {detector.scorer.name} scorer needs at least {detector.min_training_images()} normal images "
+            f"with threshold.folds={detector.config.threshold.folds}, got {len(paths)}"
         )
     detector.resolve_auto(paths)  # the actors get the decided config
     folds = detector.folds(len(paths))  # the local fit's folds, so both fits agree

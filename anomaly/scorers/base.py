@@ -66,7 +66,7 @@ class Scorer(ABC):
     uses_embeddings: ClassVar[bool] = False
     augment_references: bool = False
     augment_queries: bool = False
-    min_images: ClassVar[int] = 3  # normal images a fit needs: every cross-fit fold model sees at least two
+    min_fold_images: ClassVar[int] = 1  # images each cross-fit fold model (fitted on the other folds) needs
 
     def get_params(self) -> dict[str, Any]:
         """The constructor keywords, as stored in configs and saved models."""

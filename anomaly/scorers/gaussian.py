@@ -25,7 +25,7 @@ class GlobalGaussianScorer(Scorer):
     # From two images Ledoit-Wolf estimates no shrinkage (both centred images give the same outer product): the
     # covariance stays singular and a fold model fitted on two scored its held-out image 30x lower than the full
     # model scores new normal images (3 bottles: a threshold of 0.76 against good scores of 25, all flagged).
-    min_images = 4
+    min_fold_images = 3
 
     name = "gaussian"
     has_maps = False

@@ -276,6 +276,10 @@ def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_
     train, _, _ = _split(synthetic_root)
     with pytest.raises(DataError, match="gaussian scorer needs at least 4 normal images"):
         Detector(_config("gaussian")).fit(train[:3])  # a fold model from 2 images has a singular covariance
+    two_folds = Detector(_config("gaussian", "threshold.folds=2"))  # fold models of 5 images see 2 of them
+    assert two_folds.min_training_images() == 6 and Detector(_config("patchcore")).min_training_images() == 3
+    with pytest.raises(DataError, match="needs at least 6 normal images with threshold.folds=2"):
+        two_folds.fit(train[:5])
     with pytest.raises(DataError, match="memory_bank scorer needs at least 3"):
         Detector(_config()).fit(train[:1])
 
