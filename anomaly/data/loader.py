@@ -91,9 +91,13 @@ def raw_pixels(item: ImageInput, header_first: bool = False) -> NDArray[Any] | N
     if isinstance(item, (bytes, bytearray, memoryview)):
         return read_pixels(bytes(item))
     array = _in_memory_array(item)
-    if array.dtype == np.uint16 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))):
+    if (
+        array.dtype == np.uint16
+        and array.size
+        and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)))
+    ):
         return array if array.ndim == 2 else array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3]
-    return _array_rgb(array)
+    return _array_rgb(array)  # refuses empty arrays and other shapes
 
 
 def _in_memory_array(item: ImageInput) -> NDArray[Any]:

@@ -116,6 +116,9 @@ def test_read_16bit_png(tmp_path: Path) -> None:
     for array in (gray16, rgb16):  # a 16-bit camera frame handed over as an array reads like the file
         cv2.imwrite(str(tmp_path / "frame.png"), array if array.ndim == 2 else array[..., ::-1].copy())
         np.testing.assert_array_equal(to_rgb(array)[0], read_image(tmp_path / "frame.png"))
+    for empty in (np.zeros((0, 5), np.uint16), np.zeros((4, 0, 3), np.uint16)):  # one line, not an OpenCV error
+        with pytest.raises(DataError, match="image arrays must be"):
+            to_rgb(empty)
 
 
 def test_16bit_images_are_scaled_by_the_bits_they_use(tmp_path: Path) -> None:
