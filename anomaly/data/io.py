@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import cv2
 import numpy as np
@@ -60,7 +60,7 @@ MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
 # (_check_header) is the one in force, so PIL's is moved to it (process-wide: PIL has no per-call setting).
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF
 _PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
 
 
@@ -111,7 +111,8 @@ def stored_bit_depth(path: str | os.PathLike[str]) -> int:
         if head.startswith(_PNG_SIGNATURE) and len(head) == 26:
             return 16 if head[24] == 16 else 8
         if head[:4] in _TIFF_SIGNATURES:
-            return 16 if _tiff_bits(Path(path).read_bytes()) > 8 else 8
+            with open(path, "rb") as stream:  # the tags alone, wherever in the file they are
+                return 16 if _tiff_bits(stream) > 8 else 8
     except Exception:  # unreadable or malformed headers: reported by the decoder, not here
         return 8
     return 8
@@ -361,22 +362,23 @@ def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
         pixels = None
     if pixels is None:
         return _decode_pil(data, name)
-    if pixels.dtype == np.uint8 and data[:4].tobytes() in _TIFF_SIGNATURES and _tiff_bits(data.tobytes()) > 8:
-        # OpenCV reads a 16-bit gray + alpha TIFF as 8 bits of garbage, and Pillow cannot open it
-        raise DataError(f"cannot read image: {name} (a {_tiff_bits(data.tobytes())}-bit TIFF that decodes to 8 bits; "
-                        "save it without the alpha channel)")  # fmt: skip
+    if pixels.dtype == np.uint8 and data[:4].tobytes() in _TIFF_SIGNATURES:
+        bits = _tiff_bits(io.BytesIO(data.tobytes()))  # 8-bit TIFFs only: the copy is small next to the decode
+        if bits > 8:  # OpenCV reads a 16-bit gray + alpha TIFF as 8 bits of garbage, and Pillow cannot open it
+            raise DataError(f"cannot read image: {name} (a {bits}-bit TIFF that decodes to 8 bits; save it without the "
+                            "alpha channel)")  # fmt: skip
     if pixels.ndim == 3:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     return _orient(pixels, _pil_orientation(data)) if webp else pixels
 
 
-def _tiff_bits(data: bytes) -> int:
+def _tiff_bits(stream: BinaryIO) -> int:
     """The largest BitsPerSample of a TIFF's first image, read from its tags (8 when they cannot be read)."""
     from PIL import TiffImagePlugin
 
     try:
-        tags = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
-        stream = io.BytesIO(data)
+        head = stream.read(16)
+        tags = TiffImagePlugin.ImageFileDirectory_v2(head if head[2:4] in (b"+\x00", b"\x00+") else head[:8])
         stream.seek(tags.next)
         tags.load(stream)
         return int(max(np.atleast_1d(tags.get(258, 8))))

@@ -28,7 +28,7 @@ from anomaly.data import (
     read_images,
     read_mask,
 )
-from anomaly.data.io import read_pixels
+from anomaly.data.io import read_pixels, stored_bit_depth
 from anomaly.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -181,11 +181,12 @@ def test_a_16_bit_gray_and_alpha_tiff_is_refused_not_read_as_8_bits(tmp_path: Pa
     gray = np.full((20, 30), 3000, np.uint16)
     pixels = np.dstack([gray, np.full_like(gray, 65535)])
     options = {"photometric": "minisblack", "planarconfig": "contig", "extrasamples": ["unassalpha"]}
-    tifffile.imwrite(tmp_path / "la.tif", pixels, **options)
-    with pytest.raises(DataError, match=r"la.tif \(a 16-bit TIFF that decodes to 8 bits"):
-        read_pixels(tmp_path / "la.tif")
-    tifffile.imwrite(tmp_path / "gray.tif", gray)
-    assert read_pixels(tmp_path / "gray.tif").max() == 3000
+    for big in (False, True):  # classic TIFF and BigTIFF
+        tifffile.imwrite(tmp_path / "la.tif", pixels, bigtiff=big, **options)
+        with pytest.raises(DataError, match=r"la.tif \(a 16-bit TIFF that decodes to 8 bits"):
+            read_pixels(tmp_path / "la.tif")
+        tifffile.imwrite(tmp_path / "gray.tif", gray, bigtiff=big)
+        assert read_pixels(tmp_path / "gray.tif").max() == 3000 and stored_bit_depth(tmp_path / "gray.tif") == 16
 
 
 @pytest.mark.parametrize(("orientation", "corner"), [(6, (0, 0, 255)), (8, (0, 255, 0)), (3, (255, 255, 255))])
