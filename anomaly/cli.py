@@ -647,7 +647,8 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `anomaly` alone: the help
             typer.echo(exc.ctx.get_help() if exc.ctx else "")
         else:  # one `error:` line like every other bad input, not Rich's boxed usage
-            command = exc.ctx.command_path if exc.ctx else "anomaly"
+            words = [a for a in sys.argv[1:] if not a.startswith("-")][:1]  # the command, when click kept no context
+            command = exc.ctx.command_path if exc.ctx else " ".join(["anomaly", *words])
             typer.echo(f"error: {exc.format_message().rstrip('.')} (see `{command} --help`)", err=True)
         code = exc.exit_code
     except ClickException as exc:

@@ -36,13 +36,14 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def escape_cell(text: str) -> str:
-    """Make a text cell safe to open in a spreadsheet (see :data:`_FORMULA_START`)."""
-    return "'" + text if text.startswith(_FORMULA_START) else text
+    """Make a text cell safe to open in a spreadsheet (see :data:`_FORMULA_START`); a cell that starts with the
+    apostrophe itself gets one more, so that ``'=x.png`` and ``=x.png`` stay two names."""
+    return "'" + text if text.startswith((*_FORMULA_START, "'")) else text
 
 
 def unescape_cell(text: str) -> str:
     """Undo :func:`escape_cell`."""
-    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
+    return text[1:] if text.startswith("'") and text[1:].startswith((*_FORMULA_START, "'")) else text
 
 
 def write_scores(path: Path, rows: list[dict[str, str]]) -> None:

@@ -293,9 +293,7 @@ def _small_pool(values: NDArray[np.float64], expect_defects: bool) -> tuple[floa
     section 10)."""
     median = float(np.median(values))
     mad = 1.4826 * float(np.median(np.abs(values - median)))
-    if mad <= 0:
-        return _above(float(values.max())), "pool-degenerate"
-    threshold = median + 3 * mad
+    threshold = median + 3 * mad if mad > 0 else _above(float(values.max()))  # most scores equal: none stands out
     if expect_defects and len(values) >= 4:
         ordered = np.sort(values)
         # scores are distances: on a log scale two groups differ by a ratio, and log-normal normal scores are Gaussian
@@ -303,7 +301,7 @@ def _small_pool(values: NDArray[np.float64], expect_defects: bool) -> tuple[floa
         level = _SMALL_POOL_LEVEL if threshold > ordered[-1] else _BIMODAL_LEVEL
         if threshold > ordered[n_low] and separability > _null_separability(len(values), level):
             return 0.5 * float(ordered[n_low - 1] + ordered[n_low]), "pool-small-split"
-    return threshold, "pool-small"
+    return threshold, "pool-small" if mad > 0 else "pool-degenerate"
 
 
 def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects: bool) -> float:

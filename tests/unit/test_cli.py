@@ -367,6 +367,7 @@ def test_library_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> 
         (["score"], "error: Missing argument 'INPUT...' (see `"),
         (["fit", "--bogus", "x"], "error: No such option: --bogus"),
         (["nosuch"], "error: No such command 'nosuch' (see `"),
+        (["score", "--model"], "error: Option '--model' requires an argument (see `anomaly score --help`)"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_2(
