@@ -194,7 +194,7 @@ def test_scores_and_clusters_csv_keep_odd_file_names_exactly(tmp_path: Path) -> 
     from anomaly.discovery.outputs import read_scored_images
     from anomaly.tables import read_clusters, read_scores, write_clusters, write_scores
 
-    names = ["=cmd.png", "test/crack/caf\\udce9.png", "-1.png"]
+    names = ["=cmd.png", "test/crack/caf\\udce9.png", "-1.png", "'=cmd.png"]  # the last: a name of its own
     (tmp_path / "maps").mkdir()
     rows = []
     for i, name in enumerate(names):

@@ -269,6 +269,8 @@ def test_a_tiny_batch_of_half_defects_is_split_not_passed_whole() -> None:
     assert 0.66 <= with_refs.image < 0.93
     streamed = pool_threshold(good + bad, 0.01, expect_defects=False)  # a line's window: no split
     assert streamed.rule == "pool-small"
+    equal = pool_threshold([0.5, 0.5, 0.5, 0.5, 0.9, 0.95], 0.01)  # MAD 0: the split still finds the two defects
+    assert equal.rule == "pool-small-split" and equal.image == pytest.approx(0.7)
 
 
 def test_a_few_shot_reference_scoring_like_a_defect_is_suspect() -> None:
