@@ -55,7 +55,7 @@ class ExportedDetector:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         try:
-            self.decision = Decision.from_manifest(self.manifest)
+            self.postprocess = Decision.from_manifest(self.manifest)
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)
             self._network = load_network(self.directory, self.manifest["network"])
             self._scorer = load_scorer(self.directory, self.manifest["scorer"], self.manifest["files"])
@@ -68,10 +68,10 @@ class ExportedDetector:
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{self.directory}: incomplete export ({type(exc).__name__}: {exc})") from None
         self.scorer = ScorerInfo(self.manifest["scorer"]["name"], self._scorer.has_maps)
-        self.decision_ = self.decision.threshold
+        self.decision_ = self.postprocess.threshold
         self.threshold_ = self.decision_.image
         self.pixel_threshold_ = self.decision_.pixel
-        self.image_size = self.decision.input_size
+        self.image_size = self.postprocess.input_size
 
     def predict(
         self, images: RuntimeInput | Sequence[RuntimeInput], *, maps: bool = True, on_error: OnError = "raise"
@@ -105,13 +105,13 @@ class ExportedDetector:
             if ok:
                 patch_maps, scores = self._scorer(self._network(np.stack([b[0] for b in ok])))
                 sizes, sources = [b[1] for b in ok], [b[2] for b in ok]
-                results = iter(decide(patch_maps, scores, sizes, sources, self.decision, maps))
+                results = iter(decide(patch_maps, scores, sizes, sources, self.postprocess, maps))
                 if self.training_aspects is not None:
                     odd += odd_aspects(sizes, sources, self.training_aspects)
                 deep += odd_depths([b[4] for b in ok], sources, self.view_spec.bit_depth)
             for b in batch:
                 if b[0] is None:  # unreadable, skipped: NaN score and the reason
-                    threshold = self.decision.threshold
+                    threshold = self.decision_
                     yield DetectionResult.unreadable(b[2], b[3], threshold.image, threshold.pixel), None
                 else:
                     yield next(results), b[3] if keep_images else None
