@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly._fs import atomic_write_text
+from anomaly._fs import OUTPUT_MARKER, atomic_write_text
 from anomaly._runtime import peak_rss_mb
 from anomaly.config import DetectorConfig
 from anomaly.data.datasets import (
@@ -29,6 +29,7 @@ from anomaly.data.datasets import (
     load_mvtec,
     load_visa,
 )
+from anomaly.data.io import is_image_file
 from anomaly.detector import Detector
 from anomaly.errors import DataError
 from anomaly.evaluation import Evaluation, evaluate_samples, write_evaluation
@@ -87,8 +88,10 @@ def run_benchmark(
     names = categories or (_find(root, dataset, test_only) if dataset != "folder" else [root.name])
     if not names:
         raise DataError(f"--root {root}: no {dataset} category found")
+    if not categories and dataset == "mvtec":
+        _say_left_out(root, names, test_only)
     for name in names:  # every name checked before the first (long) category runs
-        _load(dataset, root, name, test_only)
+        _check_labels(_load(dataset, root, name, test_only), dataset, root, name)
     _check_out(out_dir)
     rows: dict[str, dict[str, Any]] = {}
     jobs: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -103,12 +106,54 @@ def run_benchmark(
             jobs[name] = functools.partial(_run_job, dataset, root, name, config, out_dir / name, progress, test_only)
     if jobs:
         log.info("running %s", ", ".join(jobs))
-        rows.update(zip(jobs, run_all(list(jobs.values())) if run_all else [job() for job in jobs.values()]))
-    rows = [rows[name] for name in names]
-    rows += _earlier_rows(out_dir, names, config)  # categories run before into the same folder stay in the table
-    rows.append(_mean_row(rows))
-    _write_tables(rows, out_dir)
+        if run_all:
+            rows.update(zip(jobs, run_all(list(jobs.values()))))
+        else:
+            for name, job in jobs.items():
+                try:
+                    rows[name] = job()
+                except BaseException:  # the categories finished so far keep their rows in the tables
+                    _finish_tables(rows, names, out_dir, config)
+                    raise
+    return _finish_tables(rows, names, out_dir, config)
+
+
+def _finish_tables(
+    done: dict[str, dict[str, Any]], names: list[str], out_dir: Path, config: DetectorConfig
+) -> list[dict[str, Any]]:
+    """Write and return the table: the rows of ``names`` that are done, those run before into the same folder
+    (same config), and their mean."""
+    rows = [done[name] for name in names if name in done]
+    rows += _earlier_rows(out_dir, names, config)
+    if rows:
+        rows.append(_mean_row(rows))
+        _write_tables(rows, out_dir)
     return rows
+
+
+def _say_left_out(root: Path, names: list[str], test_only: bool) -> None:
+    """Log the folders of ``root`` with a test split that are not categories here (no training images)."""
+    left = [
+        d.name
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name not in names and (d / "test").is_dir() and not d.name.startswith(".")
+    ]
+    if left and not test_only:
+        log.warning(
+            "left out %s: no training images in train/good (a zero-shot config, e.g. --config musc, runs them)",
+            ", ".join(left),
+        )
+
+
+def _check_labels(data: CategoryData, dataset: str, root: Path, name: str) -> None:
+    """The metrics compare normal and defective test images: a split with one kind is refused before any run."""
+    labels = {s.label for s in data.test}
+    if labels != {0, 1}:
+        missing = "defective" if 1 not in labels else "normal (good)"
+        where = root if dataset == "folder" else root / name if dataset == "mvtec" else f"{root} category {name}"
+        raise DataError(
+            f"{where}: the test split has no {missing} image; the metrics need both (choose others with --category)"
+        )
 
 
 def _run_job(
@@ -121,7 +166,10 @@ def _find(root: Path, dataset: str, test_only: bool) -> list[str]:
     """The categories under ``root``; for a zero-shot config also MVTec-layout folders without ``train/good``."""
     if dataset == "mvtec" and test_only:
         return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and (d / "test").is_dir())
-    return find_categories(root, dataset)  # type: ignore[arg-type]
+    found = find_categories(root, dataset)  # type: ignore[arg-type]
+    if dataset == "mvtec":  # an imported test-only set has an empty train/good: nothing to fit on
+        found = [n for n in found if any(is_image_file(p) for p in (root / n / "train" / "good").iterdir())]
+    return found
 
 
 def _check_out(out_dir: Path) -> None:
@@ -178,12 +226,18 @@ def _load(dataset: str, root: Path, name: str, test_only: bool = False) -> Categ
             except DataError:
                 found = "none"
             raise DataError(f"--category {name}: not found under {root} (categories there: {found})")
-        return load_ground_truth(folder) if test_only and not is_category_root(folder) else load_mvtec(folder)
+        return load_ground_truth(folder) if test_only else load_mvtec(folder)  # zero-shot: train/good unused
     if dataset == "visa":
         return load_visa(root, name)
     if is_category_root(root):  # a folder that is laid out like an MVTec category: read it as one
         return load_mvtec(root)
-    defects = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name not in ("good", "masks", "ground_truth")]
+    defects = [
+        d
+        for d in sorted(root.iterdir())
+        if d.is_dir()
+        and d.name not in ("good", "masks", "ground_truth")
+        and not any((d / m).exists() for m in (_TABLES_MARKER, OUTPUT_MARKER))  # an --out inside the root
+    ]
     mask_root = next((root / m for m in ("masks", "ground_truth") if (root / m).is_dir()), None)
     mask_dirs = [mask_root / d.name for d in defects] if mask_root is not None else None
     return load_folder(root / "good", defects, mask_dirs)  # type: ignore[arg-type]

@@ -327,6 +327,32 @@ def test_benchmark_folder_dataset_reads_plain_and_mvtec_layouts(synthetic_root: 
             assert len(_rows(out / root.name / "scores")) == n_test[root.name]
 
 
+def test_benchmark_refuses_a_one_class_test_split_and_leaves_out_sets_without_training_images(
+    synthetic_root: Path, tmp_path: Path, caplog
+) -> None:
+    """A test split of good images only crashed the run with a traceback (exit 1, no table); an imported test-only
+    set (empty train/good) stopped the whole root; a folder without train/good was dropped without a word."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root / "widget")
+    shutil.copytree(synthetic_root, root / "onlygood", ignore=shutil.ignore_patterns("ground_truth"))
+    for defect in (root / "onlygood" / "test").iterdir():
+        if defect.name != "good":
+            shutil.rmtree(defect)
+    out = tmp_path / "bench"
+    result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--out", out, *SMALL)
+    assert result.exit_code == 2 and not out.exists()
+    assert f"error: {root / 'onlygood'}: the test split has no defective image" in result.output
+    shutil.rmtree(root / "onlygood" / "train" / "good")
+    (root / "onlygood" / "train" / "good").mkdir()  # as `anomaly import` leaves a test-only set
+    shutil.copytree(root / "onlygood", root / "testonly", ignore=shutil.ignore_patterns("train"))
+    with caplog.at_level(logging.WARNING, logger="anomaly"):
+        result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "left out onlygood, testonly: no training images in train/good" in caplog.text
+    with (out / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "mean"]
+
+
 def test_backbones_lists_the_packaged_lite0() -> None:
     result = _run("backbones")
     assert result.exit_code == 0
