@@ -11,6 +11,7 @@ place, with a manifest ``.anomaly-import.json`` recording the source and the spl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections import Counter
@@ -23,8 +24,10 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from anomaly._fs import atomic_write_text, staged_dir
-from anomaly.data.io import list_images
+from anomaly.data.io import list_images, read_image_size
 from anomaly.errors import DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ImportSummary", "import_labelme", "import_mask_folders", "parse_classes"]
 
@@ -162,10 +165,13 @@ def import_mask_folders(
         mask_index.setdefault((*rel.parent.parts, rel.stem), mask)
     normals: list[Path] = []
     defects: list[_Defect] = []
+    used: set[Path] = set()
     for image in image_paths:
         rel = image.relative_to(images)
         key = rel.parent.parts
         mask_path = mask_index.get((*key, f"{rel.stem}_mask")) or mask_index.get((*key, rel.stem))
+        if mask_path is not None:
+            used.add(mask_path)
         values = _read_label_mask(mask_path) if mask_path is not None else None
         if values is None or not values.any():
             normals.append(image)
@@ -182,6 +188,7 @@ def import_mask_folders(
                 raise DataError(f"{mask_path}: mask value(s) {unknown} not in --classes")
             defect_type = classes[counts.most_common(1)[0][0]]
         defects.append(_Defect(image, values > 0, defect_type))
+    _check_masks_matched(sorted(set(mask_index.values()) - used), len(mask_index), Path(masks))
     return _write_category(
         out,
         normals,
@@ -192,6 +199,17 @@ def import_mask_folders(
         link=link,
         source={"format": "mask-folders", "images": str(images), "masks": str(masks), "classes": classes},
     )
+
+
+def _check_masks_matched(unmatched: list[Path], n_masks: int, masks: Path) -> None:
+    """A mask that matches no image is a naming mismatch, and its image would be imported as a normal one."""
+    if not unmatched:
+        return
+    rule = "a mask is named <stem>.<ext> or <stem>_mask.<ext> in the image's sub-folder"
+    if len(unmatched) == n_masks:
+        raise DataError(f"--annotations {masks}: none of its {n_masks} masks matches an image ({rule}), first: "
+                        f"{unmatched[0]}")  # fmt: skip
+    log.warning("%d of %d masks match no image (%s), first: %s", len(unmatched), n_masks, rule, unmatched[0])
 
 
 def parse_classes(text: str) -> dict[int, str]:
@@ -357,12 +375,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """``(W, H)`` read from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    """``(W, H)`` as the image is shown and read (EXIF-oriented: labelme draws on the displayed image)."""
+    height, width = read_image_size(path)  # DataError naming the file when it cannot be read
+    return width, height
 
 
 def _read_label_mask(path: Path) -> NDArray[np.integer[Any]]:

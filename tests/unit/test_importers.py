@@ -102,6 +102,43 @@ def test_mask_folders_with_classes_and_normals(tmp_path: Path) -> None:
     }
 
 
+def test_masks_that_match_no_image_are_named_not_imported_as_normal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Masks named <stem>_gt.png matched no image, and every defective image went to train/good without a word."""
+    for name in ("p.png", "q.png", "r.png"):
+        _image(tmp_path / "img" / name)
+    values = np.zeros((H, W), np.uint8)
+    values[0:4, 0:5] = 255
+    (tmp_path / "msk").mkdir()
+    for name in ("p_gt.png", "q_gt.png"):
+        Image.fromarray(values).save(tmp_path / "msk" / name)
+    with pytest.raises(DataError, match=r"none of its 2 masks matches an image .* first: .*p_gt.png"):
+        import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat")
+    assert not (tmp_path / "cat").exists()
+    Image.fromarray(values).save(tmp_path / "msk" / "r.png")
+    with caplog.at_level("WARNING", logger="anomaly"):
+        summary = import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat")
+    assert summary.defects == {"defect": 1}
+    assert "2 of 3 masks match no image" in caplog.text
+
+
+def test_labelme_sizes_are_those_of_the_displayed_exif_rotated_image(tmp_path: Path) -> None:
+    """labelme draws on the image as shown: a JPEG stored 20 x 16 with EXIF orientation 6 is 16 wide, 20 high."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (W, H), (90, 90, 90)).save(tmp_path / "data" / "d.jpg", exif=exif)
+    for i in range(4):
+        _image(tmp_path / "data" / f"n{i}.png", (H, W))
+    box = _poly([[1, 12], [5, 18]], "crack", "rectangle")  # inside 16 x 20 only: 5 x 7 = 35 pixels
+    _labelme(tmp_path / "label" / "d.json", "d.jpg", [box], size=(H, W))
+    import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "cat", normal_test_ratio=0.25)
+    (sample,) = load_mvtec(tmp_path / "cat").test_anomalous
+    mask = read_mask(sample.mask_path)
+    assert mask.shape == (W, H) and int(mask.sum()) == 35
+
+
 def test_mask_folders_without_normals_is_test_only_and_types_from_subfolders(tmp_path: Path) -> None:
     for defect in ("crack", "dent"):
         _image(tmp_path / "img" / defect / f"{defect}1.png")
