@@ -22,6 +22,7 @@ from anomaly.errors import DataError
 __all__ = ["OnError", "check_on_error", "image_paths", "one_or_many", "reference_paths", "training_paths"]
 
 log = logging.getLogger(__name__)
+_NOT_NORMAL = {"ground_truth", "masks", "Masks", "Anomaly"}  # MVTec / folder-dataset masks, VisA's masks and defects
 OnError = Literal["raise", "skip"]  # an unreadable input raises DataError, or gets a result with ``error`` set
 T = TypeVar("T")
 
@@ -55,14 +56,29 @@ def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[P
 
 
 def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Normal images for a fit: category roots narrowed to ``train/good``."""
+    """Normal images for a fit: category roots narrowed to ``train/good``; a folder that holds masks or anomalous
+    images (a VisA category, a folder dataset's root) is refused rather than learnt as normal."""
     narrowed = []
     for item in inputs:
         if is_category_root(item):
             log.info("%s is a dataset category: using its train/good only", item)
             item = Path(item) / "train" / "good"
+        elif Path(item).is_dir():
+            _refuse_labelled_folders(Path(item))
         narrowed.append(item)
     return image_paths(narrowed)
+
+
+def _refuse_labelled_folders(folder: Path) -> None:
+    for dirpath, dirnames, _ in os.walk(folder):
+        found = sorted(set(dirnames) & _NOT_NORMAL)
+        if found:
+            where = (Path(dirpath) / found[0]).relative_to(folder)
+            if found[0] in ("Anomaly", "Masks"):
+                hint = "a VisA category: convert it to the MVTec layout, or benchmark it with --dataset visa"
+            else:
+                hint = f"give {folder / 'good'}" if (folder / "good").is_dir() else "give the folder of normal images"
+            raise DataError(f"{folder}: a fit would learn {where} (masks or anomalous images) as normal; {hint}")
 
 
 def reference_paths(references: Iterable[str | os.PathLike[str]], inputs: Sequence[Path]) -> list[Path]:

@@ -378,6 +378,24 @@ def test_load_mvtec_synthetic(synthetic_root: Path) -> None:
     assert find_categories(synthetic_root.parent, "mvtec") == ["widget"]
 
 
+def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, tmp_path: Path) -> None:
+    """A folder dataset's root or a VisA category given to fit was learnt whole: defects and masks as normal."""
+    from anomaly.data.inputs import training_paths
+
+    assert training_paths([synthetic_root]) == sorted((synthetic_root / "train" / "good").iterdir())  # narrowed
+    plain = tmp_path / "partx"
+    shutil.copytree(synthetic_root / "train" / "good", plain / "good")
+    shutil.copytree(synthetic_root / "ground_truth", plain / "masks")
+    with pytest.raises(DataError, match=f"{plain}: a fit would learn masks .* give {plain / 'good'}"):
+        training_paths([plain])
+    visa = tmp_path / "candle"
+    shutil.copytree(synthetic_root / "train" / "good", visa / "Data" / "Images" / "Normal")
+    shutil.copytree(synthetic_root / "test" / "good", visa / "Data" / "Images" / "Anomaly")
+    with pytest.raises(DataError, match="Data/Images/Anomaly .* a VisA category"):
+        training_paths([visa])
+    assert len(training_paths([plain / "good"])) == len(list((synthetic_root / "train" / "good").iterdir()))
+
+
 def test_scored_paths_match_test_samples_by_defect_folder_and_stem(synthetic_root: Path) -> None:
     data = load_mvtec(synthetic_root)
     sample = data.test_anomalous[0]
