@@ -200,11 +200,16 @@ def _read_result(path: Path) -> dict[str, Any] | None:
 def _earlier_rows(out_dir: Path, names: list[str], config: DetectorConfig) -> list[dict[str, Any]]:
     if not out_dir.is_dir():
         return []
-    rows = []
+    rows, other = [], []
     for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and p.name not in names):
         done = _read_result(folder / "result.json")
         if done is not None and done.get("config") == config.to_dict():
             rows.append(done["row"])
+        elif done is not None:
+            other.append(folder.name)
+    if other:
+        log.warning("%s: results of another config, left out of the table (re-run them or use another --out)",
+                    ", ".join(other))  # fmt: skip
     return rows
 
 

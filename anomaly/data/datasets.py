@@ -169,7 +169,7 @@ def _test_samples(root: Path) -> list[Sample]:
     """``test/<defect>/*`` samples with their ground-truth masks (every defective image's, or none at all)."""
     test_dir = root / "test"
     if not test_dir.is_dir():
-        raise DataError(f"no test folder in category: {root}")
+        raise DataError(f"no test folder in category: {root} (the MVTec layout: test/<type>/, ground_truth/<type>/)")
     test: list[Sample] = []
     unmasked: list[Path] = []
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):

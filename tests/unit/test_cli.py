@@ -82,6 +82,10 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     small = _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "64x48")
     assert small.exit_code == 0 and "pixel_auroc" in small.output
     assert _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "big").exit_code == 2
+    plain = tmp_path / "no_maps"  # scored without --maps: image metrics, and a line that says why
+    assert _run("score", "--model", model_dir, "--out", plain, synthetic_root / "test").exit_code == 0
+    result = _run("evaluate", "--scores", plain, "--root", synthetic_root)
+    assert result.exit_code == 0 and "has no maps (`anomaly score --maps` writes them)" in result.output
 
 
 def test_evaluate_test_only_and_unannotated_roots(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
@@ -293,6 +297,12 @@ def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Pat
     assert _run(*args).exit_code == 0
     with (out / "results.csv").open() as fh:
         assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "gadget", "mean"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anomaly"):  # another config: gadget's rows are not this table's
+        assert _run(*args, "--set", "postprocess.blur_sigma=3").exit_code == 0
+    assert "gadget: results of another config, left out of the table" in caplog.text
+    with (out / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "mean"]
 
 
 def test_benchmark_without_masks_reports_image_metrics(synthetic_root: Path, tmp_path: Path, caplog) -> None:
