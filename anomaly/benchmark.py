@@ -85,6 +85,9 @@ def run_benchmark(
     if dataset == "folder" and categories:
         raise DataError("--category: --dataset folder reads one category, the --root folder itself; leave it out")
     test_only = not get_scorer(config.scorer.name, config.scorer.params).requires_fit  # zero-shot: no train/good
+    if dataset != "folder" and not categories and (root / "test").is_dir():  # a category, not the dataset root
+        raise DataError(f"--root {root}: a category folder; give its dataset root: --root {root.parent} --category "
+                        f"{root.name} (or --dataset folder)")  # fmt: skip
     names = categories or (_find(root, dataset, test_only) if dataset != "folder" else [root.name])
     if not names:
         raise DataError(f"--root {root}: no {dataset} category found")

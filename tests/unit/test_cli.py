@@ -352,6 +352,8 @@ def test_benchmark_refuses_a_one_class_test_split_and_leaves_out_sets_without_tr
     result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--out", out, *SMALL)
     assert result.exit_code == 2 and not out.exists()
     assert f"error: {root / 'onlygood'}: the test split has no defective image" in result.output
+    result = _run("benchmark", "--dataset", "mvtec", "--root", root / "widget", "--out", out, *SMALL)
+    assert result.exit_code == 2 and f"give its dataset root: --root {root} --category widget" in result.output
     shutil.rmtree(root / "onlygood" / "train" / "good")
     (root / "onlygood" / "train" / "good").mkdir()  # as `anomaly import` leaves a test-only set
     shutil.copytree(root / "onlygood", root / "testonly", ignore=shutil.ignore_patterns("train"))
