@@ -391,12 +391,12 @@ def _check_header(data: NDArray[np.uint8], name: str) -> None:
     try:
         with Image.open(io.BytesIO(data.tobytes())) as opened:
             width, height = opened.size
-            pages = getattr(opened, "n_frames", 1)
+            pages = getattr(opened, "n_frames", 1) if data[:4].tobytes() in _TIFF_SIGNATURES else 1
     except Image.DecompressionBombError:
         raise DataError(f"cannot read image: {name} (more pixels than the safety limit)") from None
     except Exception:
         return  # not readable by PIL: OpenCV gets its chance, then the PIL fallback names the file
-    if pages > 1 and data[:4].tobytes() in _TIFF_SIGNATURES:  # GIF / WebP animations: their first frame, as usual
+    if pages > 1:  # (GIF / WebP animations are read at their first frame, as every viewer shows them)
         log.info("%s: a TIFF of %d pages; the first is read", name, pages)
     if width * height > MAX_PIXELS:
         raise DataError(
