@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -85,6 +86,8 @@ class StreamingDetector:
         self._recent: deque[float] = deque(maxlen=max(pool_size, window))
         self._unflagged: list[float] = []  # start-up: scores of the frames not flagged (see predict)
         self._flags: deque[bool] = deque(maxlen=_BURST_FRAMES)
+        self._pool_prints: deque[str] = deque(maxlen=pool_size)  # fingerprints of the pool's frames, oldest first
+        self._repeats_reported = False
         self._burst_reported = False
         # the decision in force: what a result of an unreadable frame reports (NaN before the first decision)
         nan = float("nan")
@@ -125,16 +128,21 @@ class StreamingDetector:
         out = self.pool.score(features.layers)
         peaks = self.detector.map_peaks(out, features.images)
         out = ScoreOutput(out.patch_maps, peaks)  # no RsCIN on a stream: the image score is the map peak
-        self._recent.extend(peaks.tolist())
+        prints = [_fingerprint(d.views) for d in features.images]
+        repeated = self._repeated(prints)
+        fresh = peaks[~repeated]
+        self._recent.extend(fresh.tolist())
         start_up = len(self._recent) < MIN_WINDOW
         if start_up:
             # Until the window holds 20 scores: the references' scores, the frames not flagged so far, this batch.
             # Flagged frames stay out, as they stay out of the pool: a run of defects at the start would otherwise
             # lift the median + 3 MAD over itself (4 references, then 10 broken bottles: 3 flagged, then none).
             anchor = np.r_[self._reference_scores, self._unflagged]
-            scores, n_reference = np.r_[anchor, peaks], len(self._reference_scores)
+            scores, n_reference = np.r_[anchor, fresh], len(self._reference_scores)
         else:
             scores, n_reference = np.asarray(self._recent), 0
+        if not len(scores):  # repeats alone and nothing before them: the batch decides for itself
+            scores, n_reference = peaks, 0
         target = self.detector.config.threshold.target_fpr
         decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
         self._last_decision = decision
@@ -142,10 +150,11 @@ class StreamingDetector:
         seen = features.images
         self.detector.warn_odd_inputs(self.detector.odd_aspects(seen), self.detector.odd_depths(seen), len(results))
         if start_up:
-            self._unflagged += [r.image_score for r in results if not r.is_anomalous]
+            self._unflagged += [r.image_score for r, rep in zip(results, repeated) if not (r.is_anomalous or rep)]
         seeding = len(self.pool) == 0 and self.pool.reference is None  # nothing to compare with yet: all join
         keep = [i for i, r in enumerate(results) if self.admit == "all" or seeding or not r.is_anomalous]
         self.pool.add([x[keep] for x in features.layers])
+        self._pool_prints.extend(prints[i] for i in keep)
         self._flags.extend(r.is_anomalous for r in results)
         self._report_burst()
         return results
@@ -168,7 +177,9 @@ class StreamingDetector:
                 "confirm_normal: nothing scored yet; to start a line from known-good frames, fit the detector on them"
             )
         items, _ = self._start(images, "confirm_normal")
-        self.pool.add(self.detector.extract(items).layers)
+        confirmed = self.detector.extract(items)
+        self.pool.add(confirmed.layers)
+        self._pool_prints.extend(_fingerprint(d.views) for d in confirmed.images)
         self._flags.clear()
         self._burst_reported = False
 
@@ -209,6 +220,24 @@ class StreamingDetector:
         scores = np.asarray(peaks)
         return scores[~suspect_references(scores, list(owners[firsts]))]
 
+    def _repeated(self, prints: list[str]) -> NDArray[np.bool_]:
+        """Which frames of a batch are copies of a pool frame or of another frame of the batch. They score about 0
+        against their copy: kept in the threshold's window, a stalled camera's resent frames pulled a reference-free
+        line's threshold to 0.0009 and every new good frame was flagged. They are scored, named once, and left out
+        of the window (they join the pool as ``admit`` says: with ``"all"`` copies of a recurring defect vouch for
+        it)."""
+        counts = {p: prints.count(p) for p in prints}
+        repeated = np.array([p in self._pool_prints or counts[p] > 1 for p in prints], dtype=bool)
+        if repeated.any() and not self._repeats_reported:
+            self._repeats_reported = True
+            log.warning(
+                "%d of %d frames repeat a frame the pool holds or one of the same call (a stalled camera?): they are"
+                " scored, and left out of the threshold's window",
+                int(repeated.sum()),
+                len(prints),
+            )
+        return repeated
+
     def _report_burst(self) -> None:
         """Warn once when many recent frames were flagged; again only after the share has fallen back."""
         if len(self._flags) < _BURST_FRAMES:
@@ -232,3 +261,9 @@ class StreamingDetector:
                 self.detector.config.threshold.target_fpr,
                 what,
             )
+
+
+def _fingerprint(views: NDArray[np.uint8] | None) -> str:
+    """A digest of a frame's model-input pixels: equal for a resent frame (features of one frame may differ in their
+    last bits between batches, the decoded pixels do not)."""
+    return hashlib.blake2b(b"" if views is None else views.tobytes(), digest_size=16).hexdigest()

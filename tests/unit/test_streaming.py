@@ -108,6 +108,22 @@ def test_without_references_the_first_batch_seeds_the_pool_whole(synthetic_root:
     assert np.isfinite([r.image_score for r in first]).all()
 
 
+def test_resent_frames_stay_out_of_the_threshold_window(synthetic_root: Path, caplog) -> None:
+    """A stalled camera resends frames the pool holds: each scored about 0 against its copy, the window's threshold
+    fell to 0.0009 and every new good frame was flagged. Repeats are scored, named once, and not counted."""
+    good = sorted((synthetic_root / "train" / "good").iterdir())
+    line = StreamingDetector(_musc(), pool_size=8)
+    line.predict(good[:4])
+    with caplog.at_level("WARNING", logger="anomaly"):
+        repeats = [line.predict(good[i % 4]) for i in range(12)]
+    assert not any(r.is_anomalous for r in repeats)
+    assert np.median([r.image_score for r in repeats]) < 1e-2  # scored against their copy: about 0
+    assert len(line._recent) == 4  # type: ignore[attr-defined]
+    assert sum("repeat a frame the pool holds" in r.message for r in caplog.records) == 1
+    fresh = line.predict(good[4:10])
+    assert fresh[0].threshold > 0.1 and sum(r.is_anomalous for r in fresh) <= 1
+
+
 def test_references_judge_the_first_frames(synthetic_root: Path) -> None:
     """Until the stream has scores of its own, the references' scores against each other stand in for normal
     frames: a defect as the very first frame is flagged (before, one score was its own threshold)."""
