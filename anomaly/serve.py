@@ -97,11 +97,11 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
             return _error(400, f"the {predictor.scorer.name} scorer gives image scores only: no mask or map")
         try:
             if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-                form = await request.form(max_files=1)
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    return _error(400, "multipart request without a file field named 'file'")
-                data = await upload.read()
+                async with request.form(max_files=1) as form:  # closes the spooled upload files
+                    upload = form.get("file")
+                    if not isinstance(upload, UploadFile):
+                        return _error(400, "multipart request without a file field named 'file'")
+                    data = await upload.read()
             else:
                 data = await request.body()
         except ClientDisconnect:  # nobody to answer; counted apart from failures (nginx's 499)
