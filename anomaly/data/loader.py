@@ -90,7 +90,7 @@ def raw_pixels(item: ImageInput, header_first: bool = False) -> NDArray[Any] | N
         return None if header_first and stored_bit_depth(item) == 8 else read_pixels(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return read_pixels(bytes(item))
-    array = _in_memory_array(item)
+    array = _integers_as_16_bit(_in_memory_array(item))
     if (
         array.dtype == np.uint16
         and array.size
@@ -110,6 +110,8 @@ def _in_memory_array(item: ImageInput) -> NDArray[Any]:
     if hasattr(item, "mode") and hasattr(item, "convert"):  # PIL image
         if item.mode.startswith("I;16"):  # I;16, I;16B, I;16L: native-endian uint16
             return np.asarray(item).astype(np.uint16)
+        if item.mode == "I":  # 32-bit integers (camera SDKs): read as files of them are
+            return np.asarray(item)
         return np.asarray(item.convert("RGB"))
     if isinstance(item, np.ndarray):
         return item
@@ -185,6 +187,19 @@ def support_views(item: ImageInput, bit_depth: int = 16) -> list[NDArray[np.uint
     image, _ = to_rgb(item, bit_depth)
     rotations = [np.ascontiguousarray(np.rot90(image, k)) for k in range(4)]
     return [*rotations, np.ascontiguousarray(image[::-1]), np.ascontiguousarray(image[:, ::-1])]
+
+
+def _integers_as_16_bit(array: NDArray[Any]) -> NDArray[Any]:
+    """Integer arrays other than uint8 as image files of them are read: values up to 255 as 8-bit data, up to
+    65535 as 16-bit data (scaled by ``bit_depth``), anything else refused; booleans (masks) refused."""
+    if array.dtype == np.bool_:
+        raise DataError("boolean image arrays are masks, not images: pass uint8 (0-255), uint16 or float in [0, 1]")
+    if array.dtype.kind not in "iu" or array.dtype in (np.uint8, np.uint16) or not array.size:
+        return array
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 65535:
+        raise DataError(f"{array.dtype} image array with values {low}..{high}: pass uint8 (0-255) or uint16 data")
+    return array.astype(np.uint8 if high <= 255 else np.uint16)
 
 
 def _array_rgb(array: NDArray[Any], bit_depth: int = 16) -> NDArray[np.uint8]:

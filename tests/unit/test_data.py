@@ -119,6 +119,13 @@ def test_read_16bit_png(tmp_path: Path) -> None:
     for empty in (np.zeros((0, 5), np.uint16), np.zeros((4, 0, 3), np.uint16)):  # one line, not an OpenCV error
         with pytest.raises(DataError, match="image arrays must be"):
             to_rgb(empty)
+    twelve = (np.arange(20 * 30).reshape(20, 30) * 6).astype(np.int32)  # 0..3594: 12-bit data in an int32 array
+    np.testing.assert_array_equal(to_rgb(twelve, 12)[0], to_rgb(twelve.astype(np.uint16), 12)[0])
+    np.testing.assert_array_equal(to_rgb(Image.fromarray(twelve, mode="I"), 12)[0], to_rgb(twelve, 12)[0])
+    np.testing.assert_array_equal(to_rgb(np.full((4, 4), 200, np.int64))[0], np.full((4, 4, 3), 200, np.uint8))
+    for wrong, message in ((-twelve, "values -3594..0"), (twelve * 100, "values 0..359400"), (twelve > 9, "boolean")):
+        with pytest.raises(DataError, match=message):
+            to_rgb(wrong)
 
 
 def test_16bit_images_are_scaled_by_the_bits_they_use(tmp_path: Path) -> None:
