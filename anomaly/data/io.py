@@ -354,7 +354,9 @@ def _integer_pixels(pixels: NDArray[Any], name: str) -> NDArray[Any]:
 
 def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
     """Decode to a gray ``(H, W)`` or RGB ``(H, W, 3)`` array of the file's own depth, EXIF-oriented, no alpha."""
-    _check_header(data, name)
+    mode = _check_header(data, name)
+    if mode in ("RGBA", "LA") and data[:4].tobytes() in _TIFF_SIGNATURES:
+        return _decode_pil(data, name)  # OpenCV's TIFF reader multiplies the colours by alpha; PNGs drop alpha
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
     try:
         pixels = cv2.imdecode(data, _CV2_FLAGS | cv2.IMREAD_IGNORE_ORIENTATION if webp else _CV2_FLAGS)
@@ -386,16 +388,18 @@ def _tiff_bits(stream: BinaryIO) -> int:
         return 8
 
 
-def _check_header(data: NDArray[np.uint8], name: str) -> None:
-    """Refuse oversized images from their header alone, and corrupt PNGs before libpng prints to stderr."""
+def _check_header(data: NDArray[np.uint8], name: str) -> str | None:
+    """Refuse oversized images from their header alone, and corrupt PNGs before libpng prints to stderr; returns
+    Pillow's mode of the image (None when Pillow cannot open it)."""
     try:
         with Image.open(io.BytesIO(data.tobytes())) as opened:
             width, height = opened.size
+            mode = opened.mode
             pages = getattr(opened, "n_frames", 1) if data[:4].tobytes() in _TIFF_SIGNATURES else 1
     except Image.DecompressionBombError:
         raise DataError(f"cannot read image: {name} (more pixels than the safety limit)") from None
     except Exception:
-        return  # not readable by PIL: OpenCV gets its chance, then the PIL fallback names the file
+        return None  # not readable by PIL: OpenCV gets its chance, then the PIL fallback names the file
     if pages > 1:  # (GIF / WebP animations are read at their first frame, as every viewer shows them)
         log.info("%s: a TIFF of %d pages; the first is read", name, pages)
     if width * height > MAX_PIXELS:
@@ -407,6 +411,7 @@ def _check_header(data: NDArray[np.uint8], name: str) -> None:
         problem = _png_problem(data.tobytes())
         if problem:
             raise DataError(f"cannot read image: {name} (corrupt PNG: {problem})")
+    return mode
 
 
 def _png_problem(raw: bytes) -> str | None:
@@ -431,6 +436,8 @@ def _png_problem(raw: bytes) -> str | None:
 
 
 def _read_bytes(path: Path) -> NDArray[np.uint8]:
+    if path.is_dir():
+        raise DataError(f"{_printable(path)}: a folder, not an image (predict takes image files; fit takes folders)")
     if not path.is_file():
         raise DataError(f"image not found: {_printable(path)}")
     try:

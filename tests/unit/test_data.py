@@ -173,6 +173,20 @@ def test_wide_integer_tiffs_read_as_16_bit_when_they_fit_and_are_refused_when_no
         read_pixels(tmp_path / "wide.tif")
 
 
+@pytest.mark.parametrize("alpha", [0, 128, 255])
+def test_rgba_drops_its_alpha_alike_in_png_and_tiff(alpha: int) -> None:
+    """OpenCV's TIFF reader multiplied the colours by alpha: a transparent frame read black from a TIFF only."""
+    import io
+
+    from anomaly.data.io import decode_bytes
+
+    rgba = np.dstack([PIXELS, np.full(PIXELS.shape[:2], alpha, np.uint8)])
+    for fmt in ("PNG", "TIFF"):
+        buffer = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buffer, fmt)
+        np.testing.assert_array_equal(decode_bytes(buffer.getvalue()), PIXELS)
+
+
 def test_a_multi_page_tiff_reads_its_first_page_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     first, second = Image.new("L", (30, 20), 40), Image.new("L", (30, 20), 200)
     first.save(tmp_path / "pages.tif", save_all=True, append_images=[second])
