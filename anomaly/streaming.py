@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -226,7 +226,7 @@ class StreamingDetector:
         line's threshold to 0.0009 and every new good frame was flagged. They are scored, named once, and left out
         of the window (they join the pool as ``admit`` says: with ``"all"`` copies of a recurring defect vouch for
         it)."""
-        counts = {p: prints.count(p) for p in prints}
+        counts = Counter(prints)
         repeated = np.array([p in self._pool_prints or counts[p] > 1 for p in prints], dtype=bool)
         if repeated.any() and not self._repeats_reported:
             self._repeats_reported = True
