@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly.data.io import as_rgb8, read_image_size, read_pixels, significant_bits, stored_bit_depth, to_8bit
+from anomaly.data.io import as_rgb8, read_image_size, read_pixels, significant_bits, stored_bit_depth
 from anomaly.data.views import Layout, ViewSpec, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
@@ -202,7 +202,9 @@ def _integers_as_16_bit(array: NDArray[Any]) -> NDArray[Any]:
     return array.astype(np.uint8 if high <= 255 else np.uint16)
 
 
-def _array_rgb(array: NDArray[Any], bit_depth: int = 16) -> NDArray[np.uint8]:
+def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
+    """uint8 or float [0, 1] arrays of a valid shape -> RGB uint8 (integers and 16-bit data come as
+    :func:`raw_pixels` reads them)."""
     if array.size == 0 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise DataError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4) RGB, got shape {array.shape}")
     if array.dtype != np.uint8:
@@ -215,10 +217,6 @@ def _array_rgb(array: NDArray[Any], bit_depth: int = 16) -> NDArray[np.uint8]:
                     "pass uint8 for 0-255 data"
                 )
             array = np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)  # floats are taken as [0, 1]
-        elif array.dtype == np.uint16:  # 16-bit camera frames: scaled as 16-bit files are
-            array = to_8bit(array, bit_depth)
-        elif array.dtype.kind in "iub":
-            array = np.clip(array, 0, 255).astype(np.uint8)
         else:
             raise DataError(f"image arrays must be uint8 or float in [0, 1], got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 1:
