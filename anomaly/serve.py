@@ -1,7 +1,8 @@
 """`anomaly serve`: an HTTP scoring service (FastAPI + uvicorn) over a model or an export directory.
 
 Endpoints: ``POST /predict`` (one image: multipart field ``file`` or the raw request body;
-``?mask=png`` / ``?map=npy`` add the mask / anomaly map base64-encoded to the JSON), ``GET /health``,
+``?mask=png`` / ``?map=npy`` add the mask / anomaly map base64-encoded to the JSON, whose ``warnings`` list what
+the prediction warned of, e.g. a 12-bit frame for an 8-bit model), ``GET /health``,
 ``GET /metrics`` (Prometheus text). Bad input answers 4xx with ``{"error": ...}``; an unexpected
 failure answers 500 for that request only: the process keeps serving.
 """
@@ -29,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from anomaly.data.io import decode_bytes
 from anomaly.errors import AnomalyError, DataError
 
 __all__ = ["DEFAULT_MAX_BYTES", "app_from_env", "create_app", "load_predictor"]
@@ -75,10 +75,10 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
     lock = threading.Lock()  # one prediction at a time: the backends use every core per call
     backend = predictor.manifest["network"]["format"] if hasattr(predictor, "manifest") else "torch"
 
-    def score(data: bytes, maps: bool) -> Any:
-        with lock:  # decoding too: queued requests hold their bytes, not decoded images (a 150 MP PNG is 450 MB)
-            image = decode_bytes(data, "uploaded image", predictor.view_spec.bit_depth)
-            return predictor.predict(image, maps=maps)
+    def score(data: bytes, maps: bool) -> tuple[Any, list[str]]:
+        """The result, and the warnings the prediction logged (an odd bit depth or aspect ratio) for the client."""
+        with lock, _Warnings() as warnings:  # decoding too: queued requests hold bytes, not decoded images
+            return predictor.predict(data, maps=maps), warnings.messages  # bytes: the image's own bit depth is seen
 
     # async: answered on the event loop, not behind predictions queued in the thread pool
     @app.get("/health")
@@ -110,7 +110,7 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
         if not data:
             return _error(400, "empty request: send one image as multipart field 'file' or as the request body")
         try:
-            result = await run_in_threadpool(score, data, bool(mask or map))
+            result, warnings = await run_in_threadpool(score, data, bool(mask or map))
         except AnomalyError as exc:
             return _error(400, str(exc))
         verdicts.labels("anomalous" if result.is_anomalous else "normal").inc()
@@ -119,6 +119,7 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
             "is_anomalous": result.is_anomalous,
             "threshold": result.threshold,
             "pixel_threshold": result.pixel_threshold,
+            "warnings": warnings,
         }
         if mask:
             _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)  # a binary uint8 image always encodes
@@ -176,6 +177,24 @@ def _check_port(host: str, port: int) -> None:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+class _Warnings(logging.Handler):
+    """Collects the warnings that ``anomaly``'s loggers emit while it is entered (one prediction at a time)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _Warnings:
+        logging.getLogger("anomaly").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("anomaly").removeHandler(self)
 
 
 class _BodyTooLarge(Exception):

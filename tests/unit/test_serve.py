@@ -71,6 +71,16 @@ def test_mask_and_map_come_back_at_the_image_size(
     assert client.post("/predict?mask=jpeg", content=path.read_bytes()).status_code == 400
 
 
+def test_warnings_of_the_prediction_come_back_to_the_client(client: TestClient, images: list[Path]) -> None:
+    """A 12-bit frame sent to a model that reads 16-bit data as 16 bits is near-black: the service decodes the
+    uploaded bytes at their own depth and passes the runtime's warning on, as the CLI and the Python API warn."""
+    assert client.post("/predict", content=images[0].read_bytes()).json()["warnings"] == []
+    twelve_bit = cv2.imencode(".png", cv2.imread(str(images[0])).astype(np.uint16) * 16)[1].tobytes()
+    body = client.post("/predict", files={"file": ("frame.png", twelve_bit)}).json()
+    assert len(body["warnings"]) == 1 and "12 bits: near-black" in body["warnings"][0]
+    assert client.post("/predict", content=images[0].read_bytes()).json()["warnings"] == []
+
+
 def test_bad_and_oversized_requests_are_refused_and_the_service_stays_healthy(
     client: TestClient, images: list[Path]
 ) -> None:
