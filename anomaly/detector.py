@@ -23,22 +23,11 @@ from numpy.typing import NDArray
 
 from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
+from anomaly.data.input_checks import InputCheck, InputProfile, aspect_range, side_range, small_images
 from anomaly.data.inputs import OnError, check_on_error, one_or_many, training_paths
 from anomaly.data.io import significant_bits
 from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
-from anomaly.data.views import (
-    DRIFT_THRESHOLD,
-    ViewSpec,
-    aspect_range,
-    bright_level,
-    fitted_input_size,
-    lighting_drift,
-    odd_aspects,
-    odd_aspects_warning,
-    odd_depths,
-    odd_depths_warning,
-    small_images,
-)
+from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
 from anomaly.features import FeatureExtractor
@@ -96,7 +85,8 @@ class Detector:
         self._warned_references: set[str] = set()
         self.patch_footprint_: tuple[int, int] | None = None  # set by fit: see _patch_footprint
         self.excluded_training_: list[str] = []  # set by fit: training images left out of the threshold
-        self.training_aspects_: tuple[float, float] | None = None  # set by fit: see odd_aspects
+        self.training_aspects_: tuple[float, float] | None = None  # set by fit: see input_profile
+        self.training_sides_: tuple[int, int] | None = None  # set by fit: shortest and longest longer side
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -306,10 +296,11 @@ class Detector:
         Outlying training images (``threshold.outlier_z``) are left out of the threshold, and the fitted scorer
         forgets what it kept of them (:meth:`Scorer.forget`: the memory bank's rows). ``images`` gives the view
         layouts of the rows of ``out_of_sample`` (None: one view per image) and the original sizes from which
-        ``patch_footprint_`` and ``training_aspects_`` are measured.
+        ``patch_footprint_``, ``training_aspects_`` and ``training_sides_`` are measured.
         """
         peaks = self.map_peaks(out_of_sample, images)
         self.training_aspects_ = None if images is None else aspect_range([d.size for d in images])
+        self.training_sides_ = None if images is None else side_range([d.size for d in images])
         if images is not None and (small := small_images([d.size for d in images], [d.source for d in images])):
             log.warning(
                 "fit: %d of %d training image(s) are under a third of the others' size and are upscaled to the "
@@ -397,18 +388,16 @@ class Detector:
             return
         if self.decision_ is None:
             raise NotFittedError("Detector is not fitted: call fit() or Detector.load() first")
-        aspects: list[str] = []
-        depths: list[str] = []
+        check = self.input_check()
         for batch in self._progress_batches(items, keep_images, on_error == "skip", "score", progress):
             ok = batch.ok
             scored: list[DetectionResult] = []
             if ok:
                 feats = self._extract_batch(batch.images, ok)
                 scored = self.finish(self.scorer.score(feats.layers), ok, self.decision_, maps=maps)
-                aspects += self.odd_aspects(ok)
-                depths += self.odd_depths(ok)
+                check.add_decoded(ok)
             yield from in_input_order(batch.items, scored, self.decision_)
-        self.warn_odd_inputs(aspects, depths, len(items))
+        check.warn(len(items))
 
     def _predict_pool(
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: StageProgress | None, skip: bool
@@ -424,7 +413,9 @@ class Detector:
                 if mirror:
                     mirrored.append(self._extract_batch(np.ascontiguousarray(batch.images[:, :, ::-1]), batch.ok))
         ok = [d for d in decoded if d.error is None]
-        self.warn_odd_inputs(self.odd_aspects(ok), self.odd_depths(ok), len(items))
+        check = self.input_check()
+        check.add_decoded(ok)
+        check.warn(len(items))
         n_ref = 0 if self.reference_ is None else len(self.reference_)
         if len(ok) + n_ref < 2:
             raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + references)")
@@ -475,6 +466,7 @@ class Detector:
             items = [view for views in support for view in views]
         features = self.extract(items, progress=progress)
         self.training_aspects_ = aspect_range([d.size for d in features.images])
+        self.training_sides_ = side_range([d.size for d in features.images])
         owners = np.repeat(names, [_n_views(d) for d in features.images])
         views = [DecodedImage(None, (0, 0), str(name)) for name in owners]
         self.reference_ = FeatureSet(features.layers, features.embedding, views)
@@ -543,29 +535,21 @@ class Detector:
             return view_max(out.image_scores, layouts)
         return map_peaks(out.patch_maps, self.extractor.image_size, self.config.postprocess.blur_sigma, layouts)
 
-    def odd_aspects(self, images: Sequence[DecodedImage]) -> list[str]:
-        """Names of the ``images`` stretched to the model input from an aspect far from the training images' (or
-        the references'): :func:`anomaly.data.views.odd_aspects`. None are named when the images keep their aspect
-        (``keep_aspect``, tiles) or without a fit."""
+    def input_profile(self) -> InputProfile:
+        """What the training images (or references) were, against which scored inputs are checked: their aspect
+        where inputs are stretched to the model input (not under ``keep_aspect`` or tiles), their smallest size
+        and the bit depth (:mod:`anomaly.data.input_checks`). Nothing is checked before a fit."""
         pre = self.config.preprocess
-        if self.training_aspects_ is None or pre.resize != "stretch" or pre.tile is not None:
-            return []
-        return odd_aspects([d.size for d in images], [d.source for d in images], self.training_aspects_)
+        stretched = pre.resize == "stretch" and pre.tile is None
+        return InputProfile(
+            aspects=self.training_aspects_ if stretched else None,
+            smallest=None if self.training_sides_ is None else self.training_sides_[0],
+            bit_depth=None if pre.bit_depth == "auto" else int(pre.bit_depth),  # auto: no fit or pool decided it
+        )
 
-    def odd_depths(self, images: Sequence[DecodedImage]) -> list[str]:
-        """Names of the 16-bit ``images`` whose values do not suit ``preprocess.bit_depth`` (read saturated or
-        near-black): :func:`anomaly.data.views.odd_depths`."""
-        depth = self.config.preprocess.bit_depth
-        if depth == "auto":  # not decided yet: no fit, and no pool has decided it
-            return []
-        return odd_depths([d.bits for d in images], [d.source for d in images], int(depth))
-
-    def warn_odd_inputs(self, aspects: list[str], depths: list[str], total: int) -> None:
-        """One warning each for the :meth:`odd_aspects` and the :meth:`odd_depths` of a call of ``total`` images."""
-        if aspects and self.training_aspects_ is not None:
-            log.warning("%s", odd_aspects_warning(aspects, total, self.training_aspects_))
-        if depths:
-            log.warning("%s", odd_depths_warning(depths, total, int(self.config.preprocess.bit_depth)))
+    def input_check(self) -> InputCheck:
+        """An empty :class:`InputCheck` against :meth:`input_profile`, for one call's inputs."""
+        return InputCheck(self.input_profile())
 
     # ------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -617,9 +601,11 @@ class Detector:
             raise
         except (KeyError, ValueError, RuntimeError, OSError) as exc:
             raise DataError(f"{path}: model state is incomplete or corrupt ({exc})") from None
-        aspects = meta.get("training_aspects")  # absent from models saved before it was recorded
-        if isinstance(aspects, list) and len(aspects) == 2 and all(isinstance(a, (int, float)) for a in aspects):
+        aspects, sides = meta.get("training_aspects"), meta.get("training_sides")  # absent from earlier models
+        if _number_pair(aspects):
             det.training_aspects_ = (float(aspects[0]), float(aspects[1]))
+        if _number_pair(sides):
+            det.training_sides_ = (int(sides[0]), int(sides[1]))
         det._check_weights(meta)
         return det
 
@@ -647,6 +633,7 @@ class Detector:
             "excluded_training_images": self.excluded_training_,
             "references": [] if self.reference_ is None else [str(d.source) for d in self.reference_.images],
             "training_aspects": self.training_aspects_,
+            "training_sides": self.training_sides_,
         }
 
     def _check_weights(self, meta: dict[str, Any]) -> None:
@@ -733,6 +720,10 @@ def _patch_footprint(
 def _sample_positions(n: int) -> NDArray[np.int64]:
     """Up to ``_SAMPLE`` evenly spaced positions among ``n`` items."""
     return np.unique(np.linspace(0, n - 1, min(n, _SAMPLE)).round().astype(np.int64))
+
+
+def _number_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
 
 
 def _n_views(image: DecodedImage) -> int:

@@ -214,7 +214,7 @@ def _check_network(network: _Network, folder: Path, spec: dict[str, Any], size: 
 
 
 def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
-    bb, source = det.config.backbone, det.extractor.source
+    bb, source, profile = det.config.backbone, det.extractor.source, det.input_profile()
     assert det.decision_ is not None
     return {
         "anomaly_version": __version__,
@@ -232,7 +232,8 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
             "layout": "uint8 RGB (N, H, W, 3), resized as the Detector does; normalised inside the network",
             "standardize": bool(det.config.preprocess.standardize),  # per-image gray mean/std, before the network
             "bit_depth": int(det.config.preprocess.bit_depth),  # significant bits of 16-bit images
-            "training_aspects": det.training_aspects_,  # width / height range fitted on: odd inputs are warned of
+            "training_aspects": profile.aspects,  # width / height range of stretched training images
+            "training_smallest": profile.smallest,  # longer side of the smallest training image
         },
         "scorer": {"name": det.scorer.name, "params": det.scorer.get_params()},
         "postprocess": {

@@ -147,8 +147,9 @@ class StreamingDetector:
         decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
         self._last_decision = decision
         results = self.detector.finish(out, features.images, decision, maps=True)
-        seen = features.images
-        self.detector.warn_odd_inputs(self.detector.odd_aspects(seen), self.detector.odd_depths(seen), len(results))
+        check = self.detector.input_check()
+        check.add_decoded(features.images)
+        check.warn(len(results))
         if start_up:
             self._unflagged += [r.image_score for r, rep in zip(results, repeated) if not (r.is_anomalous or rep)]
         seeding = len(self.pool) == 0 and self.pool.reference is None  # nothing to compare with yet: all join

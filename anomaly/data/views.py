@@ -20,18 +20,12 @@ __all__ = [
     "DRIFT_THRESHOLD",
     "Layout",
     "ViewSpec",
-    "aspect_range",
     "bright_level",
     "cut_views",
     "fitted_input_size",
     "gray_stats",
     "lighting_drift",
-    "odd_aspects",
-    "odd_aspects_warning",
-    "odd_depths",
-    "odd_depths_warning",
     "plan_layout",
-    "small_images",
     "standardize_intensity",
 ]
 
@@ -39,7 +33,6 @@ __all__ = [
 # squares, the magnetic tiles' 0.86-0.89 keep 256x256); beyond it the input takes their aspect (benchmarks/README.md
 # section 6, round 9: KolektorSDD's 1:2.5 parts 0.885 / 0.860 stretched square -> 0.912 / 0.954 image / pixel AUROC).
 ASPECT_TOLERANCE = 1.25
-_SMALL_FACTOR = 3  # a training image this many times smaller than the median one is named at fit
 _AGREEING_SHARE = 0.75  # images whose aspect must be within ASPECT_TOLERANCE of the median for it to be taken
 _MAX_ASPECT = 8.0  # a line-scan strip of 20:1 gets an 8:1 input (still 90 px on its short side at 256x256)
 TARGET_MEAN, TARGET_STD = 128.0, 48.0  # gray levels; std 48 chosen on mtd_dev (benchmarks/README.md section 6)
@@ -130,69 +123,6 @@ def fitted_input_size(sizes: list[tuple[int, int]], input_size: tuple[int, int],
     area = h_in * w_in
     height, width = math.sqrt(area / aspect), math.sqrt(area * aspect)
     return max(step, round(height / step) * step), max(step, round(width / step) * step)
-
-
-def aspect_range(sizes: list[tuple[int, int]]) -> tuple[float, float] | None:
-    """Smallest and largest aspect (width / height) of images of ``sizes`` (H, W); None without any."""
-    aspects = [w / h for h, w in sizes if h > 0]
-    return (min(aspects), max(aspects)) if aspects else None
-
-
-def odd_aspects(sizes: list[tuple[int, int]], sources: list[str | None], fitted: tuple[float, float]) -> list[str]:
-    """Names of the images of ``sizes`` (H, W) whose aspect lies beyond :data:`ASPECT_TOLERANCE` of the ``fitted``
-    range (:func:`aspect_range` of the training images): stretched to the model input, a part fed rotated or
-    another product is scored squashed (a good KolektorSDD part fed sideways was flagged by ``patchcore`` and
-    scored below the good frames on a ``musc`` line)."""
-    low, high = fitted
-    return [
-        source if source is not None else f"an image of {w}x{h} px"
-        for (h, w), source in zip(sizes, sources)
-        if not low / ASPECT_TOLERANCE <= w / h <= high * ASPECT_TOLERANCE
-    ]
-
-
-def odd_aspects_warning(names: list[str], total: int, fitted: tuple[float, float]) -> str:
-    """The one warning line for the :func:`odd_aspects` of a call of ``total`` images."""
-    low, high = fitted
-    seen = f"{low:.2f}" if round(low, 2) == round(high, 2) else f"{low:.2f}-{high:.2f}"
-    return (
-        f"{len(names)} of {total} image(s) have an aspect (width / height) outside the training images' ({seen}) "
-        "and are stretched to the model input more than any of those: a rotated part or another product? Check "
-        f"their scores. First: {', '.join(names[:3])}"
-    )
-
-
-def odd_depths(bits: list[int | None], sources: list[str | None], bit_depth: int) -> list[str]:
-    """Names of the 16-bit images (``bits``: what their largest value needs, None for 8-bit data) whose values do
-    not suit the model's ``bit_depth``: more bits saturate to white, 4 or more fewer read near-black (at most 15 of
-    255). A model fitted on 8-bit images reads 16-bit data as 16 bits, so 12-bit frames scored by it are dark."""
-    return [
-        f"{source or 'an image'} ({b} bits: {'saturated' if b > bit_depth else 'near-black'})"
-        for b, source in zip(bits, sources)
-        if b is not None and (b > bit_depth or b <= bit_depth - 4)
-    ]
-
-
-def odd_depths_warning(names: list[str], total: int, bit_depth: int) -> str:
-    """The one warning line for the :func:`odd_depths` of a call of ``total`` images."""
-    return (
-        f"{len(names)} of {total} image(s) are 16-bit data of another depth than the model's bit_depth {bit_depth} "
-        f"and read saturated or near-black: another camera setting? (preprocess.bit_depth at fit). First: "
-        f"{', '.join(names[:3])}"
-    )
-
-
-def small_images(sizes: list[tuple[int, int]], sources: list[str | None]) -> list[str]:
-    """Names of the images of ``sizes`` (H, W) whose longer side is under a third of the median's: thumbnails or
-    crops of another scale among full frames, whose upscaled views teach the model blur as normal."""
-    if len(sizes) < 3:
-        return []
-    median = float(np.median([max(h, w) for h, w in sizes]))
-    return [
-        source if source is not None else f"an image of {w}x{h} px"
-        for (h, w), source in zip(sizes, sources)
-        if max(h, w) * _SMALL_FACTOR < median
-    ]
 
 
 def cut_views(image: NDArray[np.uint8], layout: Layout, input_size: tuple[int, int]) -> NDArray[np.uint8]:

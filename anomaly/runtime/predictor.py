@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -15,9 +14,10 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from anomaly.data.input_checks import InputCheck, InputProfile
 from anomaly.data.inputs import OnError, check_on_error, one_or_many
 from anomaly.data.loader import decode_input
-from anomaly.data.views import ViewSpec, odd_aspects, odd_aspects_warning, odd_depths, odd_depths_warning
+from anomaly.data.views import ViewSpec
 from anomaly.errors import DataError
 from anomaly.results import DetectionResult, StageProgress
 from anomaly.runtime.manifest import read_manifest
@@ -27,7 +27,6 @@ from anomaly.runtime.scoring import Decision, decide, load_scorer
 __all__ = ["ExportedDetector", "RuntimeInput", "ScorerInfo"]
 
 RuntimeInput = str | os.PathLike[str] | bytes | NDArray[np.uint8] | Image.Image
-log = logging.getLogger(__name__)
 # Images per network call. On CPU larger batches are no faster, but ONNX Runtime's memory arena
 # grows with them: bottle at 256 px peaked at 755 MiB with batch 16, 339 MiB with batch 4.
 MAX_BATCH = 4
@@ -63,8 +62,12 @@ class ExportedDetector:
             self.view_spec = ViewSpec(
                 standardize=bool(model_input.get("standardize", False)), bit_depth=int(model_input.get("bit_depth", 16))
             )
-            aspects = model_input.get("training_aspects")  # absent from earlier exports
-            self.training_aspects = None if aspects is None else (float(aspects[0]), float(aspects[1]))
+            aspects, smallest = model_input.get("training_aspects"), model_input.get("training_smallest")  # or absent
+            self.input_profile = InputProfile(
+                aspects=None if aspects is None else (float(aspects[0]), float(aspects[1])),
+                smallest=None if smallest is None else int(smallest),
+                bit_depth=self.view_spec.bit_depth,
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{self.directory}: incomplete export ({type(exc).__name__}: {exc})") from None
         self.scorer = ScorerInfo(self.manifest["scorer"]["name"], self._scorer.has_maps)
@@ -98,7 +101,7 @@ class ExportedDetector:
             raise DataError("predict: no images")
         check_on_error(on_error)
         decode = self._decode if on_error == "raise" else self._decode_or_note
-        done, odd, deep = 0, [], []
+        done, check = 0, InputCheck(self.input_profile)
         for batch in _chunks(_prefetch(decode, items, 2 * self.batch_size), self.batch_size):
             ok = [b for b in batch if b[0] is not None]
             results = iter([])
@@ -106,9 +109,7 @@ class ExportedDetector:
                 patch_maps, scores = self._scorer(self._network(np.stack([b[0] for b in ok])))
                 sizes, sources = [b[1] for b in ok], [b[2] for b in ok]
                 results = iter(decide(patch_maps, scores, sizes, sources, self.postprocess, maps))
-                if self.training_aspects is not None:
-                    odd += odd_aspects(sizes, sources, self.training_aspects)
-                deep += odd_depths([b[4] for b in ok], sources, self.view_spec.bit_depth)
+                check.add(sizes, sources, [b[4] for b in ok])
             for b in batch:
                 if b[0] is None:  # unreadable, skipped: NaN score and the reason
                     threshold = self.decision_
@@ -118,10 +119,7 @@ class ExportedDetector:
             done += len(batch)
             if progress is not None:
                 progress("score", done, len(items))
-        if odd and self.training_aspects is not None:
-            log.warning("%s", odd_aspects_warning(odd, len(items), self.training_aspects))
-        if deep:
-            log.warning("%s", odd_depths_warning(deep, len(items), self.view_spec.bit_depth))
+        check.warn(len(items))
 
     def _decode(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any, int | None]:
         """(model input view, original (H, W), source, decoded RGB image, bits of its 16-bit values)."""

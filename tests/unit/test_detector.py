@@ -334,6 +334,30 @@ def test_an_image_far_from_the_training_aspect_is_named_in_a_warning(
     assert "an image of 64x160 px" in record.message
     loaded = Detector.load(det.save(tmp_path / "model"))
     assert loaded.training_aspects_ == pytest.approx(det.training_aspects_)
-    assert loaded.odd_aspects(loaded.extract([tall]).images) == ["an image of 64x160 px"]
+    check = loaded.input_check()
+    check.add_decoded(loaded.extract([tall]).images)
+    assert check.aspects == ["an image of 64x160 px"]
     keep = Detector(_config("patchcore", "preprocess.resize=keep_aspect")).fit(wide)
-    assert keep.odd_aspects(keep.extract([tall]).images) == []  # not stretched: padded to the input
+    assert keep.input_profile().aspects is None  # not stretched: padded to the input
+
+
+def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 1x1 or thumbnail input is upscaled to the model input and scored as blur: it gets its score, and a
+    warning naming it; images down to a third of the smallest training image's size do not. Saved models keep
+    the size."""
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (90 + 6 * i, 120, 3), dtype=np.uint8) for i in range(6)]  # longer side 120
+    det = Detector(_config()).fit(frames)
+    assert det.training_sides_ == (120, 120)
+    caplog.set_level("WARNING", logger="anomaly")
+    caplog.clear()
+    det.predict([rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), frames[0]])  # 40 px: a third, not under it
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    dot = np.zeros((1, 1, 3), np.uint8)
+    result = Detector.load(det.save(tmp_path / "model")).predict([dot, frames[0], dot])[0]
+    assert np.isfinite(result.image_score) and result.anomaly_map.shape == (1, 1)
+    (line,) = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert line.startswith("2 of 3 image(s) are under a third of the smallest training image's size (120 px")
+    assert line.endswith("First: an image of 1x1 px, an image of 1x1 px")

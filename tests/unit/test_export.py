@@ -86,7 +86,7 @@ def test_runtime_names_images_far_from_the_training_aspect(
     fitted = detector.training_aspects_
     assert fitted == (1.0, 1.0)  # the synthetic training images are square
     runtime = ExportedDetector(patchcore_export)
-    assert runtime.training_aspects == fitted
+    assert runtime.input_profile == detector.input_profile() and runtime.input_profile.aspects == fitted
     assert (runtime.threshold_, runtime.pixel_threshold_) == (detector.threshold_, detector.pixel_threshold_)
     caplog.set_level("WARNING", logger="anomaly")
     runtime.predict([np.full((96, 96), 4000, np.uint16)])  # 12-bit data for a model that reads 16-bit as 16
