@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, cast
 import cv2
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from anomaly._fs import OUTPUT_MARKER
 from anomaly.errors import DataError
@@ -62,6 +62,24 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF
 _PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
+# Leading bytes of the formats Pillow or OpenCV decode (TGA and ICO have none: Pillow recognises them itself). A
+# file that Pillow cannot open and that starts with none of these is refused without calling OpenCV, which would
+# print its own error to stderr.
+_FORMAT_SIGNATURES = {
+    _PNG_SIGNATURE: "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    **dict.fromkeys(_TIFF_SIGNATURES, "TIFF"),
+    b"BM": "BMP",
+    b"GIF8": "GIF",
+    b"RIFF": "WebP",
+    b"\x00\x00\x00\x0cjP  ": "JPEG 2000",
+    b"\xff\x4f\xff\x51": "JPEG 2000",
+    **dict.fromkeys((b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7", b"PF", b"Pf"), "PNM"),
+    b"#?RADIANCE": "Radiance HDR",
+    b"#?RGBE": "Radiance HDR",
+    b"\x59\xa6\x6a\x95": "Sun raster",
+    b"\x76\x2f\x31\x01": "OpenEXR",
+}
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -355,6 +373,8 @@ def _integer_pixels(pixels: NDArray[Any], name: str) -> NDArray[Any]:
 def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
     """Decode to a gray ``(H, W)`` or RGB ``(H, W, 3)`` array of the file's own depth, EXIF-oriented, no alpha."""
     mode = _check_header(data, name)
+    if mode is None and _image_format(data) is None:
+        raise DataError(f"cannot read image: {name} (not an image file: it starts with {bytes(data[:8])!r})")
     if mode in ("RGBA", "LA") and data[:4].tobytes() in _TIFF_SIGNATURES:
         return _decode_pil(data, name)  # OpenCV's TIFF reader multiplies the colours by alpha; PNGs drop alpha
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
@@ -391,6 +411,10 @@ def _tiff_bits(stream: BinaryIO) -> int:
 def _check_header(data: NDArray[np.uint8], name: str) -> str | None:
     """Refuse oversized images from their header alone, and corrupt PNGs before libpng prints to stderr; returns
     Pillow's mode of the image (None when Pillow cannot open it)."""
+    if data[:8].tobytes() == _PNG_SIGNATURE:
+        problem = _png_problem(data.tobytes())
+        if problem:
+            raise DataError(f"cannot read image: {name} (corrupt PNG: {problem})")
     try:
         with Image.open(io.BytesIO(data.tobytes())) as opened:
             width, height = opened.size
@@ -407,10 +431,6 @@ def _check_header(data: NDArray[np.uint8], name: str) -> str | None:
             f"cannot read image: {name} ({width}x{height} = {width * height / 1e6:.0f} MP exceeds the "
             f"{MAX_PIXELS / 1e6:.0f} MP limit; set ANOMALY_MAX_PIXELS to allow it)"
         )
-    if data[:8].tobytes() == _PNG_SIGNATURE:
-        problem = _png_problem(data.tobytes())
-        if problem:
-            raise DataError(f"cannot read image: {name} (corrupt PNG: {problem})")
     return mode
 
 
@@ -428,7 +448,7 @@ def _png_problem(raw: bytes) -> str | None:
         kind = raw[pos + 4 : pos + 8]
         (crc,) = struct.unpack(">I", raw[end - 4 : end])
         if zlib.crc32(raw[pos + 4 : end - 4]) != crc:
-            return f"CRC error in {kind.decode('latin-1')} chunk"
+            return f"CRC error in {kind.decode('latin-1') if kind.isalpha() else 'a'} chunk"
         if kind == b"IEND":
             return None
         pos = end
@@ -483,7 +503,17 @@ def _decode_pil(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
             return np.asarray(image)
         return np.asarray(image.convert("L" if image.mode in {"1", "LA", "La"} else "RGB"))
     except Exception as exc:  # PIL raises many exception types on malformed data
-        raise DataError(f"cannot read image: {name}") from exc
+        detail = "" if isinstance(exc, UnidentifiedImageError) else f": {exc}"  # that one names a BytesIO object
+        raise DataError(f"cannot read image: {name} (corrupt or truncated {_image_format(data)}{detail})") from exc
+
+
+def _image_format(data: NDArray[np.uint8]) -> str | None:
+    """The image format that ``data``'s leading bytes announce, None for none of :data:`_FORMAT_SIGNATURES`."""
+    head = data[:12].tobytes()
+    for signature, name in _FORMAT_SIGNATURES.items():
+        if head.startswith(signature) and (name != "WebP" or head[8:12] == b"WEBP"):
+            return name
+    return None
 
 
 def load_map(path: str | os.PathLike[str]) -> NDArray[np.float32]:

@@ -248,14 +248,28 @@ def test_pil_fallback_for_format_opencv_cannot_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_image(path), PIXELS)
 
 
-@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
-def test_corrupt_file_raises_naming_it(tmp_path: Path, content: bytes) -> None:
+_JPEG = cv2.imencode(".jpg", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [
+        (b"", "(empty file)"),
+        (b"not an image at all", "(not an image file: it starts with b'not an i')"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "(corrupt PNG: CRC error in a chunk)"),
+        (_JPEG[: len(_JPEG) // 2], "(corrupt or truncated JPEG: "),  # and what Pillow says
+    ],
+)
+def test_corrupt_file_raises_naming_it_and_its_cause(
+    tmp_path: Path, content: bytes, cause: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The error names the file and why it cannot be read, and no decoder prints its own complaint to stderr."""
     path = tmp_path / "broken.png"
     path.write_bytes(content)
     with pytest.raises(DataError, match="cannot read image") as info:
         read_image(path)
-    assert str(path) in str(info.value)
-    assert str(info.value).endswith("(empty file)") == (content == b"")
+    assert str(path) in str(info.value) and cause in str(info.value)
+    assert capfd.readouterr().err == ""
 
 
 def test_missing_file_raises_naming_it(tmp_path: Path) -> None:
