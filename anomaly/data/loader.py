@@ -27,6 +27,7 @@ __all__ = [
     "ImageInput",
     "decode_input",
     "image_size",
+    "input_error",
     "iter_batches",
     "raw_pixels",
     "support_views",
@@ -160,26 +161,36 @@ def iter_batches(
     instead of raising, so one bad file does not lose the rest of the batch.
     """
 
-    def work(item: ImageInput) -> DecodedImage:
+    def work(index: int) -> DecodedImage:
+        item = items[index]
         try:
             return decode_input(item, size, keep_images, spec)
         except DataError as exc:
+            error = input_error(exc, item, index, len(items))
             if not skip_errors:
-                raise
+                raise error from None
             source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
-            return DecodedImage(None, (0, 0), source, None, str(exc))
+            return DecodedImage(None, (0, 0), source, None, str(error))
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        pending = [pool.submit(work, item) for item in items[: 2 * batch_size]]
+        pending = [pool.submit(work, i) for i in range(min(len(items), 2 * batch_size))]
         next_item = len(pending)
         while pending:
             chunk, pending = pending[:batch_size], pending[batch_size:]
-            pending += [pool.submit(work, item) for item in items[next_item : next_item + batch_size]]
+            pending += [pool.submit(work, i) for i in range(next_item, min(len(items), next_item + batch_size))]
             next_item += batch_size
             decoded = [f.result() for f in chunk]
             ok = [d.views for d in decoded if d.views is not None]
             images = np.concatenate(ok) if ok else np.empty((0, *size, 3), dtype=np.uint8)
             yield ImageBatch(images, decoded)
+
+
+def input_error(exc: DataError, item: ImageInput, index: int, total: int) -> DataError:
+    """``exc`` raised decoding ``items[index]`` of ``total``, naming the input when its message cannot: a file's
+    message names the file, an array's says only what is wrong with it."""
+    if total == 1 or isinstance(item, (str, os.PathLike)):
+        return exc
+    return DataError(f"input {index} (of {total}, counted from 0): {exc}")
 
 
 def support_views(item: ImageInput, bit_depth: int = 16) -> list[NDArray[np.uint8]]:

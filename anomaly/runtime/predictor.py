@@ -16,7 +16,7 @@ from PIL import Image
 
 from anomaly.data.input_checks import InputCheck, InputProfile
 from anomaly.data.inputs import OnError, check_on_error, one_or_many
-from anomaly.data.loader import decode_input
+from anomaly.data.loader import decode_input, input_error
 from anomaly.data.views import ViewSpec
 from anomaly.errors import DataError
 from anomaly.results import DetectionResult, StageProgress
@@ -100,9 +100,20 @@ class ExportedDetector:
         if not items:
             raise DataError("predict: no images")
         check_on_error(on_error)
-        decode = self._decode if on_error == "raise" else self._decode_or_note
+
+        def decode(index: int) -> tuple[Any, tuple[int, int], str | None, Any, int | None]:
+            """:meth:`_decode`; with ``on_error="skip"``, (None, (0, 0), source, why, None) for an unreadable one."""
+            item = items[index]
+            try:
+                return self._decode(item)
+            except DataError as exc:
+                error = input_error(exc, item, index, len(items))
+                if on_error == "raise":
+                    raise error from None
+                return None, (0, 0), os.fspath(item) if isinstance(item, (str, os.PathLike)) else None, str(error), None
+
         done, check = 0, InputCheck(self.input_profile)
-        for batch in _chunks(_prefetch(decode, items, 2 * self.batch_size), self.batch_size):
+        for batch in _chunks(_prefetch(decode, list(range(len(items))), 2 * self.batch_size), self.batch_size):
             ok = [b for b in batch if b[0] is not None]
             results = iter([])
             if ok:
@@ -126,13 +137,6 @@ class ExportedDetector:
         decoded = decode_input(item, self.image_size, keep=True, spec=self.view_spec)
         assert decoded.views is not None and decoded.original is not None
         return decoded.views[0], decoded.size, decoded.source, decoded.original, decoded.bits
-
-    def _decode_or_note(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any, int | None]:
-        """:meth:`_decode`, or (None, (0, 0), source, why, None) for an input that cannot be read."""
-        try:
-            return self._decode(item)
-        except DataError as exc:
-            return None, (0, 0), os.fspath(item) if isinstance(item, (str, os.PathLike)) else None, str(exc), None
 
 
 def _prefetch(fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Iterator[Any]:

@@ -68,6 +68,14 @@ def test_runtime_takes_what_the_detector_takes(patchcore_model: Path, patchcore_
     assert got[2].image_score == pytest.approx(expected[2].image_score, rel=1e-4)
     with pytest.raises(DataError, match="broken.png"):
         runtime.predict([pil, broken])
+    mask = np.zeros((96, 96), bool)  # an array's own error cannot name it: its position in the list does
+    for predictor in (runtime, detector):
+        with pytest.raises(DataError, match=r"^input 1 \(of 3, counted from 0\): boolean image arrays are masks"):
+            predictor.predict([pil, mask, pil])
+        skipped = predictor.predict([pil, mask], on_error="skip")[1]
+        assert skipped.error is not None and skipped.error.startswith("input 1 (of 2, counted from 0): boolean")
+        with pytest.raises(DataError, match="^boolean image arrays are masks"):
+            predictor.predict(mask)
     with pytest.raises(DataError):
         runtime.predict(None)  # type: ignore[arg-type]
     with pytest.raises(DataError, match="export directory not found"):
