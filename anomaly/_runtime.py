@@ -14,7 +14,7 @@ from anomaly.errors import BackendError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["passive_openmp", "peak_rss_mb", "resolve_device"]
+__all__ = ["passive_openmp", "peak_rss_mb", "reset_peak_rss", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +63,14 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart :func:`peak_rss_mb` from the current resident size (Linux 4.0+: ``clear_refs`` mode 5), so that
+    one process measures several runs apart; False where the system keeps the process's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from anomaly._fs import OUTPUT_MARKER, atomic_write_text
-from anomaly._runtime import peak_rss_mb
+from anomaly._runtime import peak_rss_mb, reset_peak_rss
 from anomaly.config import DetectorConfig
 from anomaly.data.datasets import (
     CategoryData,
@@ -124,10 +125,10 @@ def run_benchmark(
 def _finish_tables(
     done: dict[str, dict[str, Any]], names: list[str], out_dir: Path, config: DetectorConfig
 ) -> list[dict[str, Any]]:
-    """Write and return the table: the rows of ``names`` that are done, those run before into the same folder
-    (same config), and their mean."""
+    """Write and return the table: the rows of ``names`` that are done and those run before into the same folder
+    (same config), by category name (a re-run of one category keeps its place), and their mean."""
     rows = [done[name] for name in names if name in done]
-    rows += _earlier_rows(out_dir, names, config)
+    rows = sorted(rows + _earlier_rows(out_dir, names, config), key=lambda row: str(row["category"]))
     if rows:
         rows.append(_mean_row(rows))
         _write_tables(rows, out_dir)
@@ -252,6 +253,7 @@ def _load(dataset: str, root: Path, name: str, test_only: bool = False) -> Categ
 
 
 def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progress: Any) -> dict[str, Any]:
+    memory_apart = reset_peak_rss()  # else the column holds the process's peak over the categories run so far
     detector = Detector(config)
     cuda = detector.extractor.device.type == "cuda"
     if cuda:
@@ -277,7 +279,11 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
         raise
     scores = [r.image_score for r in results]
     maps = [r.anomaly_map for r in results] if results[0].anomaly_map is not None else None
-    evaluation = evaluate_samples(scores, test, maps, paths=[str(p) for p in paths])  # type: ignore[arg-type]
+    with warnings.catch_warnings(record=True) as caught:  # the metrics' warnings, named by their category
+        warnings.simplefilter("always")
+        evaluation = evaluate_samples(scores, test, maps, paths=[str(p) for p in paths])  # type: ignore[arg-type]
+    for warning in caught:
+        log.warning("%s: %s", data.name, warning.message)
     metrics = evaluation.metrics
     if metrics.get("aupimo_error"):
         log.warning("%s: AUPIMO is nan: %s", data.name, metrics["aupimo_error"])
@@ -288,7 +294,7 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
         "realised_fpr": float(np.mean(normal)) if normal else math.nan,
         "fit_s": fit_s,
         "ms_per_image": ms_per_image,
-        "peak_mem_mb": peak_rss_mb(),
+        "peak_mem_mb": peak_rss_mb() if memory_apart else math.nan,
     }
     if cuda:
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

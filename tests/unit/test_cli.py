@@ -296,7 +296,7 @@ def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Pat
     (out / "gadget" / "result.json").write_text(json.dumps(earlier))
     assert _run(*args).exit_code == 0
     with (out / "results.csv").open() as fh:
-        assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "gadget", "mean"]
+        assert [r["category"] for r in csv.DictReader(fh)] == ["gadget", "widget", "mean"]  # by name, not run order
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="anomaly"):  # another config: gadget's rows are not this table's
         assert _run(*args, "--set", "postprocess.blur_sigma=3").exit_code == 0
@@ -477,6 +477,18 @@ def test_benchmark_table_gives_metrics_four_decimals_and_costs_one() -> None:
     lines = format_table(rows).splitlines()
     assert lines[2] == "| a | 1.0000 | 0.9831 | 0.9 | 28.3 |"
     assert lines[3] == "| b | 0.5000 | nan | 12.0 | 0.0 |"
+
+
+def test_peak_memory_is_measured_per_category_in_one_process() -> None:
+    """The benchmark's peak_mem_mb column restarts for each category: the process's peak grew with run order."""
+    from anomaly._runtime import peak_rss_mb, reset_peak_rss
+
+    big = np.ones(50_000_000)  # 400 MB, then freed
+    big[::512] = 2
+    del big
+    before = peak_rss_mb()
+    assert reset_peak_rss()
+    assert peak_rss_mb() < before - 300
 
 
 def test_benchmark_checks_every_category_first_and_a_rerun_keeps_its_table(tmp_path: Path) -> None:
