@@ -538,12 +538,14 @@ class Detector:
     def input_profile(self) -> InputProfile:
         """What the training images (or references) were, against which scored inputs are checked: their aspect
         where inputs are stretched to the model input (not under ``keep_aspect`` or tiles), their smallest size
-        and the bit depth (:mod:`anomaly.data.input_checks`). Nothing is checked before a fit."""
+        where inputs are rescaled to it (not under tiles of a fixed size) and the bit depth
+        (:mod:`anomaly.data.input_checks`). Nothing is checked before a fit."""
         pre = self.config.preprocess
         stretched = pre.resize == "stretch" and pre.tile is None
+        fixed_scale = pre.tile is not None and pre.tile.size is not None  # tiles of N px: no image is upscaled more
         return InputProfile(
             aspects=self.training_aspects_ if stretched else None,
-            smallest=None if self.training_sides_ is None else self.training_sides_[0],
+            smallest=None if self.training_sides_ is None or fixed_scale else self.training_sides_[0],
             bit_depth=None if pre.bit_depth == "auto" else int(pre.bit_depth),  # auto: no fit or pool decided it
         )
 

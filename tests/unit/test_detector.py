@@ -361,3 +361,6 @@ def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
     (line,) = [r.message for r in caplog.records if r.levelname == "WARNING"]
     assert line.startswith("2 of 3 image(s) are under a third of the smallest training image's size (120 px")
     assert line.endswith("First: an image of 1x1 px, an image of 1x1 px")
+    tiled = Detector(_config("patchcore", "preprocess.tile={size: 64}"))
+    tiled.training_sides_ = (120, 120)
+    assert tiled.input_profile().smallest is None  # tiles of 64 px: a small image is not upscaled more
