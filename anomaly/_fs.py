@@ -43,24 +43,35 @@ OUTPUT_MARKER = ".anomaly-output.json"
 _OWNER_FILE = ".anomaly-owner"
 
 
-def new_temp_dir(target: Path, marker: str) -> Path:
+def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
     """A temp folder beside ``target``, refusing a target that is not ours to replace.
 
     ``target`` may be missing, empty, or a folder holding ``marker`` (an earlier output of the
-    same kind); anything else (a file, someone's folder) raises DataError so nothing is lost.
+    same kind) and, for an ``output``, the :data:`OUTPUT_MARKER` that tells its files from the user's;
+    anything else (a file, someone's folder, a symbolic link) raises DataError so nothing is lost.
     Unwritable locations raise DataError before any work is done.
     """
     target = Path(target)
+    if target.resolve() == Path.cwd().resolve() or target.resolve() == Path(target.resolve().anchor):
+        raise DataError(f"'{target}': cannot replace the current folder or a root; give a new output folder")
     _recover(target)
+    if target.is_symlink():  # renaming would replace the link, and leave the folder it names behind
+        raise DataError(f"{target}: a symbolic link (to {os.readlink(target)}); give the folder itself")
     if target.exists():
         if not target.is_dir():
             raise DataError(f"{target}: exists and is not a folder; choose another output path")
-        if any(target.iterdir()) and not (target / marker).exists():
-            other = (target / OUTPUT_MARKER).exists()  # another kind of anomaly output: a model, scores, a report
-            what = "another kind of anomaly output" if other else "not an anomaly output"
-            raise DataError(f"{target}: folder exists and is {what} (no {marker}); choose another")
-    if target.resolve() == Path.cwd().resolve() or target.resolve() == Path(target.resolve().anchor):
-        raise DataError(f"{target}: cannot replace the current folder or a root; give a new output folder")
+        if any(target.iterdir()):
+            if not (target / marker).exists():
+                other = (target / OUTPUT_MARKER).exists()  # another kind of anomaly output: a model, scores, a report
+                what = "another kind of anomaly output" if other else "not an anomaly output"
+                raise DataError(f"{target}: folder exists and is {what} (no {marker}); choose another")
+            if output and _owned(target) is None:  # e.g. a model's files copied without the hidden marker
+                raise DataError(
+                    f"{target}: folder holds {marker} but no readable {OUTPUT_MARKER}, so its files cannot be told "
+                    "from yours; choose another output folder or empty this one"
+                )
+        if not os.access(target, os.W_OK):  # replaced by renames in its parent, the folder's own mode never applies
+            raise DataError(f"{target}: folder is not writable; choose another output folder")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -76,7 +87,7 @@ def staged_dir(target: Path, marker: str, *, output: bool = True) -> Iterator[Pa
     """A temp folder (:func:`new_temp_dir`) to write ``target``'s files into; when the block ends it becomes
     ``target`` (:func:`finish_dir`; without ``output``, a data folder: :func:`replace_dir`, no output marker), and
     when the block raises it is removed."""
-    tmp = new_temp_dir(target, marker)
+    tmp = new_temp_dir(target, marker, output=output)
     try:
         yield tmp
         if output:
@@ -173,11 +184,13 @@ def _lock(target: Path) -> Iterator[None]:
 
 
 def _owned(folder: Path) -> set[str] | None:
+    """What an output folder lists as written by anomaly; None without a readable marker (a data folder that
+    :func:`replace_dir` replaces whole: outputs without one are refused by :func:`new_temp_dir`)."""
     try:
         data = json.loads((folder / OUTPUT_MARKER).read_text())
         return {str(name) for name in data["owned"]}
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # written before markers existed: everything in it is ours
+        return None
 
 
 def _recover(target: Path) -> None:

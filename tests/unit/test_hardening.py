@@ -90,8 +90,43 @@ def test_2_user_files_in_earlier_outputs_survive_a_rerun(model: Path, synthetic_
     (model_copy / "README.txt").write_text("line 3")
     refit = _run("fit", "--out", model_copy, *SMALL, synthetic_root)
     assert refit.exit_code == 0, refit.output
+    assert f"{model_copy} holds a model: this fit replaces it" in refit.output
     assert (model_copy / "README.txt").read_text() == "line 3"
     assert Detector.load(model_copy).threshold_ is not None  # the user's file is not loaded, nor refused
+
+
+def test_2_a_folder_that_only_looks_like_an_output_is_refused_not_wiped(
+    model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A user's folder holding a scores.csv (or model files copied without the hidden marker) cannot tell which
+    files are anomaly's: replacing it deleted the user's documents. It is refused, as are a read-only output
+    folder (replaced through its parent, its own mode never applied) and a symbolic link (the link was replaced)."""
+    images = synthetic_root / "test" / "good"
+    project = tmp_path / "project"
+    (project / "photos").mkdir(parents=True)
+    (project / "scores.csv").write_text("path,score\n")
+    (project / "thesis.docx").write_text("mine")
+    _one_error_line(_run("score", "--model", model, "--out", project, images), "no readable .anomaly-output.json")
+    assert (project / "thesis.docx").read_text() == "mine" and (project / "photos").is_dir()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for file in model.iterdir():  # `cp model/* archive/` leaves the hidden marker behind
+        if not file.name.startswith("."):
+            shutil.copy(file, archive)
+    (archive / "README.txt").write_text("v3")
+    _one_error_line(_run("fit", "--out", archive, *SMALL, synthetic_root), "no readable .anomaly-output.json")
+    assert (archive / "README.txt").read_text() == "v3"
+    link = tmp_path / "current"
+    link.symlink_to(model)
+    _one_error_line(_run("score", "--model", model, "--out", link, images), "a symbolic link")
+    out = tmp_path / "scores"
+    assert _run("score", "--model", model, "--out", out, images).exit_code == 0
+    out.chmod(0o555)
+    try:
+        if not os.access(out, os.W_OK):  # root may write anywhere: nothing to refuse
+            _one_error_line(_run("score", "--model", model, "--out", out, images), "not writable")
+    finally:
+        out.chmod(0o755)
 
 
 def test_2_benchmark_keeps_other_categories_and_refuses_foreign_tables(synthetic_root: Path, tmp_path: Path) -> None:
@@ -268,6 +303,7 @@ def test_8_a_kill_between_the_two_renames_is_recovered_and_dead_temp_folders_rem
     old = tmp_path / ".m.old"
     old.mkdir()
     (old / "meta.json").write_text("{}")
+    (old / ".anomaly-output.json").write_text('{"owned": ["meta.json"]}')  # as every output holds
     dead = tmp_path / ".m.abc123"
     dead.mkdir()
     (dead / ".anomaly-owner").write_text(f"{os.uname().nodename} 999999")  # no such process
