@@ -47,6 +47,8 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory)
     meta_path = path / META_FILE
     if not meta_path.is_file():
+        if (path / "manifest.json").is_file():  # runtime.manifest.MANIFEST (that module imports this one)
+            raise DataError(f"{path}: an export directory (for `anomaly score` and `serve`), not a model directory")
         raise DataError(f"{path}: not a model directory ({META_FILE} missing)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -54,9 +56,13 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{meta_path}: unreadable ({exc})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{meta_path}: expected a JSON object")
-    if _DIGEST in meta and meta[_DIGEST] != signed(meta)[_DIGEST]:  # models saved before it have none
-        raise DataError(f"{meta_path}: modified since the model was saved; refit the model")
     version = meta.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise DataError(f"{path}: saved by a newer anomaly (model format {version}; this one reads "
+                        f"{FORMAT_VERSION}); upgrade anomaly or refit")  # fmt: skip
+    if meta.get(_DIGEST) != signed(meta)[_DIGEST]:  # a missing digest too: removing it must not skip the check
+        raise DataError(f"{meta_path}: modified since the model was saved (or saved without its {_DIGEST} by an "
+                        "early version); refit the model")  # fmt: skip
     if version != FORMAT_VERSION:
         raise DataError(
             f"{path}: model format {version!r} is incompatible with this version "

@@ -49,9 +49,13 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{root / MANIFEST}: unreadable ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise DataError(f"{root / MANIFEST}: not an anomaly export manifest")
-    if "meta_sha256" in manifest and manifest != signed(manifest):  # exports written before it have none
+    version = manifest.get("format_version")
+    if isinstance(version, int) and version > EXPORT_VERSION:
+        raise DataError(f"{root}: written by a newer anomaly (export format {version}; this one reads "
+                        f"{EXPORT_VERSION}); upgrade anomaly or export the model again")  # fmt: skip
+    if manifest != signed(manifest):  # a missing digest too: removing it must not skip the check
         raise DataError(f"{root / MANIFEST}: modified since the export; export the model again")
-    if manifest.get("format_version") != EXPORT_VERSION:
+    if version != EXPORT_VERSION:
         raise DataError(
             f"{root}: export format {manifest.get('format_version')!r} is incompatible with this version "
             f"(expects {EXPORT_VERSION}); export the model again with `anomaly export`"
