@@ -80,6 +80,8 @@ _FORMAT_SIGNATURES = {
     b"\x59\xa6\x6a\x95": "Sun raster",
     b"\x76\x2f\x31\x01": "OpenEXR",
 }
+# formats that OpenCV may decode where Pillow cannot open them (TIFF: libtiff's compressions and sample layouts)
+_OPENCV_TRIES = frozenset({"TIFF", "JPEG 2000", "PNM", "Radiance HDR", "Sun raster", "OpenEXR"})
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -373,8 +375,12 @@ def _integer_pixels(pixels: NDArray[Any], name: str) -> NDArray[Any]:
 def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
     """Decode to a gray ``(H, W)`` or RGB ``(H, W, 3)`` array of the file's own depth, EXIF-oriented, no alpha."""
     mode = _check_header(data, name)
-    if mode is None and _image_format(data) is None:
-        raise DataError(f"cannot read image: {name} (not an image file: it starts with {bytes(data[:8])!r})")
+    if mode is None:  # Pillow cannot open it: OpenCV gets a chance at the formats only it reads
+        kind = _image_format(data)
+        if kind is None:
+            raise DataError(f"cannot read image: {name} (not an image file: it starts with {bytes(data[:8])!r})")
+        if kind not in _OPENCV_TRIES:  # Pillow reads these: it failed on a broken file, which OpenCV would print of
+            raise DataError(f"cannot read image: {name} (corrupt or truncated {kind})")
     if mode in ("RGBA", "LA") and data[:4].tobytes() in _TIFF_SIGNATURES:
         return _decode_pil(data, name)  # OpenCV's TIFF reader multiplies the colours by alpha; PNGs drop alpha
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
