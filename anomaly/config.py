@@ -209,7 +209,10 @@ def load_config(name_or_path: str | Path) -> DetectorConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = "" if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: "
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML ({where}{what})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return from_dict(raw)
@@ -241,8 +244,20 @@ def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorCon
         if parts[-1] not in node and not free_form:
             hint = _did_you_mean(parts[-1], list(node))
             raise ConfigError(f"{key}: unknown config key{hint}")
-        node[parts[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            _merge(node[parts[-1]], value)  # `threshold={target_fpr: 0.05}` keeps the section's other keys
+        else:
+            node[parts[-1]] = value
     return from_dict(raw)
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    """Set ``update``'s keys in ``into``, merging nested mappings the same way."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _config_dir() -> Path:
@@ -258,7 +273,7 @@ def _config_dir() -> Path:
 # ValidationError and a second schema beside the dataclasses cost more than these functions.
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -270,7 +285,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - dataclass defaults cover every field
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -292,7 +307,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value] if args[-1] is Ellipsis else value
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
         if args[-1] is not Ellipsis and len(value) != len(args):
             raise ConfigError(f"{path}: expected {len(args)} values, got {value!r}")
         item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)

@@ -43,6 +43,28 @@ def test_overrides_are_validated_like_yaml() -> None:
         apply_overrides(config, ["seed"])
 
 
+def test_a_section_set_whole_keeps_its_other_keys_and_errors_name_the_key() -> None:
+    config = load_config("patchcore")
+    merged = apply_overrides(config, ["threshold={target_fpr: 0.05}", "scorer.params={k: 3}"])
+    assert merged.threshold.target_fpr == 0.05 and merged.threshold.folds == config.threshold.folds
+    assert merged.scorer.params == {**config.scorer.params, "k": 3}
+    for override, message in [
+        ("scorer=3", "scorer: expected a mapping, got 3"),
+        ("preprocess.tile=512", "preprocess.tile: expected a mapping, got 512"),
+        ("backbone.image_size=128", "backbone.image_size: expected a list of 2 values, got 128"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            apply_overrides(config, [override])
+        assert str(info.value) == message
+
+
+def test_invalid_yaml_names_its_line(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("backbone:\n  name: x\n  layers: [a, b\nscorer: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML \(line 4, column 7: expected ','"):
+        load_config(path)
+
+
 def test_outlier_z_is_a_positive_number_or_null() -> None:
     config = load_config("patchcore")
     assert config.threshold.outlier_z == 10.0
