@@ -173,6 +173,8 @@ def fit(
 
     detector = Detector(_config(config, backbone, overrides))
     check_output_dir(out, "meta.json")  # before the long fit
+    if (out / "meta.json").is_file():
+        _note("%s holds a model: this fit replaces it when it ends (files you added there are kept)", out)
     paths = training_paths(train_dirs)
     if detector.zero_shot:
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
@@ -240,7 +242,6 @@ def score(
     from anomaly.data.inputs import image_paths, reference_paths
     from anomaly.outputs import ScoreWriter, relative_names
     from anomaly.runtime import ExportedDetector, is_export_dir
-    from anomaly.thresholds import RELIABLE_POOL_SIZE
 
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
@@ -261,6 +262,9 @@ def score(
         detector = Detector(_config(config, backbone, [*(overrides or []), *extra]))
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
+    from anomaly._fs import check_output_dir
+
+    check_output_dir(out, "scores.csv")  # an --out that cannot take the scores, before the inputs are read
     paths = image_paths(inputs, exclude=[out])  # and bad inputs before a model is loaded
     references = reference_paths(reference, paths) if reference else []
     if model is not None:
@@ -272,13 +276,6 @@ def score(
             detector = Detector.load(model, device=device)
     if references:
         detector.fit(references)
-    if zero_shot and len(paths) + len(references) < RELIABLE_POOL_SIZE:
-        _note(
-            "a zero-shot pool of %d images: below %d its threshold (is_anomalous) is unreliable; rank by score%s",
-            len(paths) + len(references),
-            RELIABLE_POOL_SIZE,
-            "" if references else ", or give a few good images with --reference (their scores then set it)",
-        )
     if maps and not detector.scorer.has_maps:
         _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
     overlays = overlays and detector.scorer.has_maps

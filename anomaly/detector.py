@@ -36,6 +36,7 @@ from anomaly.results import DetectionResult, StageProgress
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
 from anomaly.thresholds import (
     REFERENCE_RATIO,
+    RELIABLE_POOL_SIZE,
     Threshold,
     calibrate,
     outlying_scores,
@@ -433,11 +434,12 @@ class Detector:
         peaks = self.map_peaks(out, members)
         from_map = self.scorer.image_score_from_map and out.patch_maps is not None
         scores = peaks if from_map else view_max(out.image_scores, [d.layout for d in members])
-        # a reference counts once, at its highest view: six near-copies of each (support views) outweighed the
-        # pool in the mixture and lifted the threshold over defects the scores separated (benchmarks/README.md
-        # section 13)
-        names, owner = np.unique([str(d.source) for d in members[:n_ref]], return_inverse=True)
-        scores, peaks = (np.r_[_max_by(x[:n_ref], owner, len(names)), x[n_ref:]] for x in (scores, peaks))
+        # A reference counts once, as given (its first support view): six near-copies of each outweighed the pool
+        # in the mixture and lifted the threshold over defects the scores separated; its highest view (a rotated,
+        # flipped or, for a non-square part, squashed copy that looks like no pool image) set the floor over them
+        # (benchmarks/README.md section 13).
+        names, first = np.unique([str(d.source) for d in members[:n_ref]], return_index=True)
+        scores, peaks = (np.r_[x[first], x[n_ref:]] for x in (scores, peaks))
         floor = self._floor_references(scores[: len(names)], list(names))
         order = np.r_[np.flatnonzero(floor), np.flatnonzero(~floor), np.arange(len(names), len(scores))]
         decision = pool_threshold(
@@ -446,6 +448,7 @@ class Detector:
             peaks=peaks[order] if out.patch_maps is not None and not from_map else None,
             n_reference=int(floor.sum()),
         )
+        _say_pool_decision(decision, len(ok), int(floor.sum()))
         pool = out.take(slice(n_ref, None))
         rows = np.cumsum([0] + [_n_views(d) for d in ok])
         results = []
@@ -582,7 +585,9 @@ class Detector:
         """
         path = Path(directory)
         if not path.is_dir():
-            raise DataError(f"{path}: model directory not found")
+            raise DataError(
+                f"{path}: {'a file, not a model directory' if path.exists() else 'model directory not found'}"
+            )
         meta = read_meta(path)
         files = verified_files(path, meta)
         try:
@@ -601,7 +606,7 @@ class Detector:
                 det.excluded_training_ = [str(name) for name in meta.get("excluded_training_images", [])]
         except AnomalyError:
             raise
-        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
             raise DataError(f"{path}: model state is incomplete or corrupt ({exc})") from None
         aspects, sides = meta.get("training_aspects"), meta.get("training_sides")  # absent from earlier models
         if _number_pair(aspects):
@@ -696,11 +701,32 @@ def _measure(item: ImageInput, lighting: bool, depth: bool) -> _Measure | None:
         return None
 
 
-def _max_by(values: NDArray[np.float64], group: NDArray[np.int64], n: int) -> NDArray[np.float64]:
-    """The largest of ``values`` in each of ``n`` groups (``group[i]``: the group of ``values[i]``)."""
-    result = np.full(n, -np.inf)
-    np.maximum.at(result, group, values)
-    return result
+_POOL_RULES = {
+    "pool-mixture": "the normal cluster of a mixture fitted to the pool's scores",
+    "pool-small": "median + 3 MAD of the pool's scores",
+    "pool-small-split": "the gap between the pool's two score groups",
+    "pool-small-references": "median + 3 MAD of the references' scores",
+    "pool-degenerate": "no score stands out",
+}
+
+
+def _say_pool_decision(decision: Threshold, n_images: int, n_references: int) -> None:
+    """Log how a zero-shot pool's threshold was chosen; warn when the pool is too small for it to be trusted."""
+    log.info(
+        "zero-shot pool of %d image(s) and %d reference(s): threshold %.6g, %s%s",
+        n_images,
+        n_references,
+        decision.image,
+        _POOL_RULES.get(decision.rule, decision.rule),
+        ", never below a reference's score" if n_references else "",
+    )
+    if decision.rule != "pool-small-references" and n_images + n_references < RELIABLE_POOL_SIZE:
+        log.warning(
+            "a zero-shot pool of %d images: below %d its threshold (is_anomalous) is unreliable; rank by score%s",
+            n_images + n_references,
+            RELIABLE_POOL_SIZE,
+            "" if n_references else ", or give a few good images as references (their scores then set it)",
+        )
 
 
 def _patch_footprint(

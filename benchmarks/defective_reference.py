@@ -2,9 +2,9 @@
 
 For each category and seed: 4 random training images as references, then 3 of them plus one random test defect
 (`--defect` picks it), each scored with a pool of test images. Prints the highest reference score (a reference's
-score is the highest of its support views) over the median of the other three, and the threshold and flagged
-counts with the suspect-reference rule as shipped and with it disabled (the highest reference score is then
-always the floor).
+score is that of the image as given, not of its rotated or flipped support views) over the median of the other
+three, and the threshold and flagged counts with the suspect-reference rule as shipped and with it disabled (the
+highest reference score is then always the floor).
 
     python benchmarks/defective_reference.py [--category PATH ...] [--seeds 3] [--pool 10] [--defect TYPE/NAME]
 """

@@ -34,6 +34,7 @@ __all__ = [
     "to_rgb",
 ]
 
+_SQUARE_ENOUGH = 1.1  # a support image whose sides differ by at most this factor is also turned by 90 degrees
 ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], Any]
 
 
@@ -194,9 +195,13 @@ def input_error(exc: DataError, item: ImageInput, index: int, total: int) -> Dat
 
 
 def support_views(item: ImageInput, bit_depth: int = 16) -> list[NDArray[np.uint8]]:
-    """The 6 views of a few-shot support image: identity, 3 rotations, vertical and horizontal flip."""
+    """The views of a few-shot support image, identity first: 3 rotations, vertical and horizontal flip. A
+    non-square image (sides further apart than 10 %) is not turned by 90 degrees: resized to the model input like
+    the pool's images, its turned copies would be squashed parts that look like no image of the pool."""
     image, _ = to_rgb(item, bit_depth)
-    rotations = [np.ascontiguousarray(np.rot90(image, k)) for k in range(4)]
+    h, w = image.shape[:2]
+    turns = range(4) if max(h, w) <= _SQUARE_ENOUGH * min(h, w) else (0, 2)
+    rotations = [np.ascontiguousarray(np.rot90(image, k)) for k in turns]
     return [*rotations, np.ascontiguousarray(image[::-1]), np.ascontiguousarray(image[:, ::-1])]
 
 

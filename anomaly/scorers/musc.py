@@ -490,8 +490,9 @@ class MuScScorer(Scorer):
             isinstance(rescore, bool) or not isinstance(rescore, (int, float)) or not 0 < rescore < 1
         ):
             raise ConfigError(f"musc: rescore must be None or a share of the pool in (0, 1), got {rescore!r}")
-        if max_pool is not None and (isinstance(max_pool, bool) or not isinstance(max_pool, int) or max_pool < 2):
-            raise ConfigError(f"musc: max_pool must be None or an integer >= 2, got {max_pool!r}")
+        # groups are split evenly: allowing 3 or more per group leaves none of a single image (nothing to score it by)
+        if max_pool is not None and (isinstance(max_pool, bool) or not isinstance(max_pool, int) or max_pool < 3):
+            raise ConfigError(f"musc: max_pool must be None or an integer >= 3, got {max_pool!r}")
         exponent_ok = isinstance(norm_exponent, (int, float)) and not isinstance(norm_exponent, bool)
         if not exponent_ok or not 0 <= norm_exponent <= 1:
             raise ConfigError(f"musc: norm_exponent must be a number in [0, 1], got {norm_exponent!r}")

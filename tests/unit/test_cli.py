@@ -149,10 +149,11 @@ def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> 
 def test_no_small_pool_note_at_the_reliable_size(
     synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("anomaly.thresholds.RELIABLE_POOL_SIZE", 10)
+    monkeypatch.setattr("anomaly.detector.RELIABLE_POOL_SIZE", 10)
     result = _run("score", "--zero-shot", "--out", tmp_path / "zs", "--no-overlays", *SMALL, synthetic_root / "test")
     assert result.exit_code == 0, result.output
-    assert "zero-shot pool" not in result.output
+    assert "is unreliable" not in result.output
+    assert "zero-shot pool of 10 image(s) and 0 reference(s): threshold " in result.output  # and how it was chosen
 
 
 def test_image_level_scorer_writes_no_maps(synthetic_root: Path, tmp_path: Path) -> None:

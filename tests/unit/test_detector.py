@@ -150,7 +150,7 @@ def test_random_weights_load_as_they_were_fitted(synthetic_root: Path, tmp_path:
 def test_incompatible_or_tampered_model_dirs_fail_clearly(fitted: Detector, tmp_path: Path) -> None:
     path = fitted.save(tmp_path / "model")
     meta = json.loads((path / "meta.json").read_text())
-    meta["format_version"] = 999
+    meta["format_version"] = 1  # an earlier format
     (path / "meta.json").write_text(json.dumps(signed(meta)))
     with pytest.raises(DataError, match="incompatible"):
         Detector.load(path)
@@ -160,6 +160,19 @@ def test_incompatible_or_tampered_model_dirs_fail_clearly(fitted: Detector, tmp_
         Detector.load(path)
     with pytest.raises(DataError, match="model directory not found"):
         Detector.load(tmp_path / "missing")
+    meta["format_version"] = 3  # a model of a later release
+    (path / "meta.json").write_text(json.dumps(signed(meta)))
+    with pytest.raises(DataError, match="saved by a newer anomaly"):
+        Detector.load(path)
+    path = fitted.save(tmp_path / "model3")
+    meta = json.loads((path / "meta.json").read_text())
+    meta.pop("meta_sha256")  # removing the digest must not switch the check off
+    meta["threshold"]["image"] = 1.0
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="modified since the model was saved"):
+        Detector.load(path)
+    with pytest.raises(DataError, match="a file, not a model directory"):
+        Detector.load(path / "config.json")
 
 
 def test_unfitted_detector_refuses_to_predict(synthetic_root: Path) -> None:
@@ -235,7 +248,8 @@ def test_a_few_shot_reference_counts_once_in_the_pool_threshold(
     synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Six support views per reference were six rows of the pool rule: 12 references outweighed a pool of 7 and
-    the threshold rose over defects the scores separated. A reference is one score, its highest view's."""
+    the threshold rose over defects the scores separated. A reference is one score: the image as given, not its
+    highest view (a turned or flipped copy that looks like no pool image set the floor over defects)."""
     import anomaly.detector as detector_module
 
     seen: list[tuple[np.ndarray, int]] = []
@@ -252,6 +266,19 @@ def test_a_few_shot_reference_counts_once_in_the_pool_threshold(
     ((scores, n_reference),) = seen
     assert n_reference == 3 and len(scores) == 3 + len(good + bad)  # not 18 reference rows
     assert results[0].threshold >= scores[:3].max()  # the references' floor still holds
+
+
+def test_support_views_turn_only_square_images() -> None:
+    """Resized to the model input like the pool's images, a non-square reference turned by 90 degrees is a
+    squashed part: such images get the shape-keeping views alone (identity first, as the pool rule reads it)."""
+    from anomaly.data.loader import support_views
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    views = support_views(wide)
+    assert len(views) == 4 and all(v.shape == wide.shape for v in views) and (views[0] == wide).all()
+    square = rng.integers(0, 255, (60, 64, 3), dtype=np.uint8)  # within 10 %: turned too
+    assert len(support_views(square)) == 6
 
 
 def test_query_augmentation_averages_the_pool_with_its_mirror_image(synthetic_root: Path) -> None:

@@ -390,7 +390,7 @@ def test_a_large_pool_is_scored_in_seeded_groups_of_at_most_max_pool():
     assert calls[-1] == (12, 12) and [c[0] for c in calls] == list(range(1, 13))  # 3 groups x 2 r x 2 layers
     same = MuScScorer(max_pool=7, **kwargs).score([fine, coarse], reference=ref, embeddings=emb)
     np.testing.assert_array_equal(same.patch_maps, whole.patch_maps)  # pools up to max_pool are scored whole
-    for bad in (1, 0, 2.5, True):
+    for bad in (2, 1, 0, 2.5, True):  # 2: 3 images split 2 + 1, and one image alone has nothing to score it by
         with pytest.raises(ConfigError, match="max_pool"):
             MuScScorer(max_pool=bad)
 

@@ -109,6 +109,22 @@ def test_references_raise_the_pool_threshold_to_their_highest_score() -> None:
     assert pool_threshold(pool, 0.01, n_reference=1).image >= 5.0
 
 
+def test_a_small_pool_with_references_is_judged_by_the_references_alone() -> None:
+    """Few-shot with one or a few images to judge: median + 3 MAD of the whole pool moved with the image judged (4
+    good bottles and a contaminated one: 0.96 over its 0.91). With 3 or more references, their scores alone set
+    it, whatever the pool holds; with fewer, the whole pool still does."""
+    references = [0.552, 0.584, 0.657, 0.653]  # bottle, `musc`, 4 references (benchmarks/README.md section 13)
+    median = np.median(references)
+    expected = median + 3 * 1.4826 * np.median(np.abs(np.subtract(references, median)))
+    for judged in ([0.909], [0.579], [0.9, 1.2, 0.6]):
+        decision = pool_threshold([*references, *judged], 0.01, n_reference=4)
+        assert decision.image == pytest.approx(expected) and decision.rule == "pool-small-references"
+    assert decision.is_anomalous(0.909) and not decision.is_anomalous(0.622)
+    assert pool_threshold([*references[:2], 0.909], 0.01, n_reference=2).rule == "pool-small"
+    large = pool_threshold([*references, *np.random.default_rng(0).normal(0.6, 0.03, 20)], 0.01, n_reference=4)
+    assert large.rule == "pool-mixture"  # pools of 8 or more keep the mixture
+
+
 def test_non_finite_scores_and_malformed_stored_thresholds_are_refused() -> None:
     with pytest.raises(DataError, match="not finite"):
         calibrate([1.0, float("nan")], 0.01)
