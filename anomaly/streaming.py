@@ -151,7 +151,12 @@ class StreamingDetector:
         check.add_decoded(features.images)
         check.warn(len(results))
         if start_up:
-            self._unflagged += [r.image_score for r, rep in zip(results, repeated) if not (r.is_anomalous or rep)]
+            # Without references the first frames are all there is to judge by: a flagged one kept out of two seed
+            # scores left the threshold at their near-zero spread (8 of 30 good bottles flagged).
+            anchored = self.pool.reference is not None
+            self._unflagged += [
+                r.image_score for r, rep in zip(results, repeated) if not (rep or (anchored and r.is_anomalous))
+            ]
         seeding = len(self.pool) == 0 and self.pool.reference is None  # nothing to compare with yet: all join
         keep = [i for i, r in enumerate(results) if self.admit == "all" or seeding or not r.is_anomalous]
         self.pool.add([x[keep] for x in features.layers])

@@ -161,6 +161,19 @@ def test_confirmed_frames_join_the_pool_and_vouch_for_their_look(synthetic_root:
         StreamingDetector(line.detector, admit="all").confirm_normal(new_look[:1])
 
 
+def test_a_line_without_references_warms_up_on_every_frame(synthetic_root: Path) -> None:
+    """Without references the first frames are all a line has: flagged ones kept out of its start-up threshold
+    (as they are with references, against a run of defects) left it at two seed scores' near-zero spread, and it
+    flagged 12 of the next 14 good frames."""
+    good = sorted((synthetic_root / "train" / "good").glob("*.png")) + sorted(
+        (synthetic_root / "test" / "good").glob("*.png")
+    )
+    order = good[2:] + good[:2]
+    line = StreamingDetector(_musc(), pool_size=16)
+    line.predict(order[:2])
+    assert sum(line.predict(image).is_anomalous for image in order[2:]) <= 3
+
+
 def test_a_run_of_defects_at_the_start_stays_flagged(synthetic_root: Path) -> None:
     """Until the window holds 20 scores, flagged frames stay out of the start-up threshold as they stay out of
     the pool: before, each defect lifted the median + 3 MAD until the next ones passed (and joined the pool)."""
