@@ -267,6 +267,8 @@ def score(
     check_output_dir(out, "scores.csv")  # an --out that cannot take the scores, before the inputs are read
     paths = image_paths(inputs, exclude=[out])  # and bad inputs before a model is loaded
     references = reference_paths(reference, paths) if reference else []
+    if zero_shot and len(paths) + len(references) < 2:  # before a backbone is built
+        raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + --reference images)")
     if model is not None:
         if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
             detector = ExportedDetector(model)

@@ -84,7 +84,12 @@ def _refuse_labelled_folders(folder: Path) -> None:
 def reference_paths(references: Iterable[str | os.PathLike[str]], inputs: Sequence[Path]) -> list[Path]:
     """Few-shot references (narrowed like training images) that are not also among ``inputs``."""
     scored = {p.resolve() for p in inputs}
-    refs = [p for p in training_paths(references) if p.resolve() not in scored]
+    given = training_paths(references)
+    refs = [p for p in given if p.resolve() not in scored]
     if not refs:
         raise DataError("--reference: no reference image left that is not also an input")
+    if len(refs) < len(given):  # a reference scored against itself would vouch for its own patches
+        dropped = [str(p) for p in given if p.resolve() in scored]
+        log.warning("--reference: %d image(s) are also inputs and are scored, not used as references, first: %s",
+                    len(dropped), dropped[0])  # fmt: skip
     return refs

@@ -146,6 +146,20 @@ def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> 
     assert "a zero-shot pool of 10 images: below 80 its threshold (is_anomalous) is unreliable" in result.output
 
 
+def test_a_zero_shot_pool_of_one_and_references_among_the_inputs(synthetic_root: Path, tmp_path: Path) -> None:
+    good = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    alone = _run("score", "--zero-shot", "--out", tmp_path / "one", *SMALL, good[0])
+    assert alone.exit_code == 2 and "needs at least 2 images in the pool" in alone.output
+    assert not (tmp_path / "one").exists()
+    both = _run("score", "--zero-shot", "--reference", good[0], "--reference", good[1], "--out", tmp_path / "r",
+                "--no-overlays", *SMALL, good[1], good[2], good[3])  # fmt: skip
+    assert both.exit_code == 0, both.output
+    assert f"--reference: 1 image(s) are also inputs and are scored, not used as references, first: {good[1]}" in (
+        both.output
+    )
+    assert len(_rows(tmp_path / "r")) == 3
+
+
 def test_no_small_pool_note_at_the_reliable_size(
     synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
