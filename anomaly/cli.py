@@ -245,8 +245,14 @@ def score(
 
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
-    if model is not None and (reference or overrides or backbone):
-        raise DataError("--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config")
+    moved = [o.partition("=")[2] for o in overrides or [] if o.partition("=")[0].strip() == "backbone.weights"]
+    if model is not None and (reference or backbone or len(moved) < len(overrides or [])):
+        raise DataError(
+            "--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config (but for "
+            "--set backbone.weights=PATH: the weights it was fitted with, moved)"
+        )
+    if moved and model is not None and (ray or ray_address or is_export_dir(model)):
+        raise DataError("--set backbone.weights applies to a model directory scored in this process")
     if device is not None and (ray or ray_address):
         raise DataError("--device applies to scoring in this process; Ray workers use the model's device")
     if device is not None and model is not None and is_export_dir(model):
@@ -275,7 +281,7 @@ def score(
         else:
             from anomaly.detector import Detector
 
-            detector = Detector.load(model, device=device)
+            detector = Detector.load(model, device=device, weights=moved[-1] if moved else None)
     if references:
         detector.fit(references)
     if maps and not detector.scorer.has_maps:

@@ -29,7 +29,7 @@ from anomaly.data.io import significant_bits
 from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
 from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
-from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError
+from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError, WeightsUnavailableError
 from anomaly.features import FeatureExtractor
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult, StageProgress
@@ -577,11 +577,12 @@ class Detector:
         return write_model_dir(directory, write)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], device: str | None = None) -> Detector:
+    def load(cls, directory: str | os.PathLike[str], device: str | None = None, weights: str | None = None) -> Detector:
         """Load a model written by :meth:`save`; a missing, tampered or incompatible directory raises DataError.
 
         ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) overrides the device saved with the model, so a
-        model fitted on a GPU scores on a machine without one.
+        model fitted on a GPU scores on a machine without one. ``weights`` points to the backbone weights file
+        the model was fitted with when it has moved; it must hold the same weights (their SHA-256 is checked).
         """
         path = Path(directory)
         if not path.is_dir():
@@ -596,6 +597,10 @@ class Detector:
             raise DataError(f"{files['config.json']}: unreadable ({exc})") from None
         if device is not None:
             config = replace(config, device=device)
+        if weights is not None:
+            if not _saved_weights_sha(meta):
+                raise DataError(f"{path}: no weights checksum was saved with this model to check {weights} against")
+            config = replace(config, backbone=replace(config.backbone, weights=weights))
         det = cls(config)
         try:
             if _REFERENCES_FILE in files:
@@ -613,7 +618,18 @@ class Detector:
             det.training_aspects_ = (float(aspects[0]), float(aspects[1]))
         if _number_pair(sides):
             det.training_sides_ = (int(sides[0]), int(sides[1]))
-        det._check_weights(meta)
+        try:
+            det._check_weights(meta)
+        except WeightsUnavailableError as exc:
+            hint = (
+                ""
+                if weights is not None
+                else (
+                    " (the path saved with the model; if the file moved, give its new path: `anomaly score --set "
+                    "backbone.weights=PATH`, or Detector.load(..., weights=PATH))"
+                )
+            )
+            raise WeightsUnavailableError(f"{path}: {exc}{hint}") from None
         return det
 
     def _resolved_config(self) -> dict[str, Any]:
@@ -644,8 +660,7 @@ class Detector:
         }
 
     def _check_weights(self, meta: dict[str, Any]) -> None:
-        weights = meta.get("weights")
-        saved = weights.get("sha256") if isinstance(weights, dict) else None
+        saved = _saved_weights_sha(meta)
         if saved and self.config.backbone.pretrained:
             current = self.extractor.source.sha256
             if current and current != saved:
@@ -653,6 +668,12 @@ class Detector:
                     f"backbone weights {self.extractor.source.location} differ from those the model was fitted "
                     f"with (sha256 {current[:12]} != {saved[:12]}); refit or restore the original weights"
                 )
+
+
+def _saved_weights_sha(meta: dict[str, Any]) -> str | None:
+    weights = meta.get("weights")
+    sha = weights.get("sha256") if isinstance(weights, dict) else None
+    return sha if isinstance(sha, str) and sha else None
 
 
 def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> list[ImageInput]:

@@ -129,6 +129,36 @@ def test_2_a_folder_that_only_looks_like_an_output_is_refused_not_wiped(
         out.chmod(0o755)
 
 
+def test_a_model_whose_weights_file_moved_is_pointed_at_the_same_weights(synthetic_root: Path, tmp_path: Path) -> None:
+    """The weights path is saved with the model: once the file moved, `score --set backbone.weights=NEW` points
+    there (its SHA-256 must match the fitted weights'); other `--set` keys stay refused for a --model."""
+    from anomaly.features import _packaged_file
+
+    packaged = _packaged_file("tf_efficientnet_lite0")
+    assert packaged is not None
+    weights = tmp_path / "w" / "lite0.pth"
+    weights.parent.mkdir()
+    shutil.copy(packaged, weights)
+    model = tmp_path / "model"
+    fitted = _run("fit", "--out", model, *SMALL, "--set", f"backbone.weights={weights}", synthetic_root)
+    assert fitted.exit_code == 0, fitted.output
+    moved = tmp_path / "moved.pth"
+    weights.rename(moved)
+    image = sorted((synthetic_root / "test" / "good").glob("*.png"))[0]
+    _one_error_line(_run("score", "--model", model, "--out", tmp_path / "a", image), "--set backbone.weights=PATH")
+    again = _run("score", "--model", model, "--out", tmp_path / "b", "--set", f"backbone.weights={moved}", image)
+    assert again.exit_code == 0, again.output
+    other = tmp_path / "other.pth"
+    other.write_bytes(moved.read_bytes()[:-1] + b"x")
+    _one_error_line(
+        _run("score", "--model", model, "--out", tmp_path / "c", "--set", f"backbone.weights={other}", image),
+        "differ from those the model was fitted with",
+    )
+    _one_error_line(
+        _run("score", "--model", model, "--out", tmp_path / "d", "--set", "seed=3", image), "keeps its fitted config"
+    )
+
+
 def test_2_benchmark_keeps_other_categories_and_refuses_foreign_tables(synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     out.mkdir()
