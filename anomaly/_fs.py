@@ -72,6 +72,9 @@ def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
                 )
         if not os.access(target, os.W_OK):  # replaced by renames in its parent, the folder's own mode never applies
             raise DataError(f"{target}: folder is not writable; choose another output folder")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"{target}: {blocking} is a file, not a folder; choose another output path")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

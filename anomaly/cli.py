@@ -129,7 +129,7 @@ class _Progress:
             bar = self.bars[stage] = tqdm(
                 total=total,
                 desc=stage,
-                unit="step" if stage in ("fit", "mutual scoring") else "img",
+                unit="step" if stage in ("fit", "mutual scoring", "export") else "img",
                 file=sys.stderr,
                 leave=False,
                 disable=None,  # tqdm: off on a non-TTY
@@ -578,7 +578,11 @@ def export(
 
     if not model.is_dir():
         raise DataError(f"--model {model}: model directory not found")
-    export_model(model, out, fmt)
+    progress = _Progress()
+    try:
+        export_model(model, out, fmt, progress=progress)
+    finally:
+        progress.close()
     typer.echo(f"exported {model} as {fmt} to {out}")
 
 

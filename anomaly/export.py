@@ -26,6 +26,7 @@ from anomaly._fs import staged_dir
 from anomaly.detector import Detector
 from anomaly.errors import BackendError, ConfigError, DataError
 from anomaly.features import FeatureExtractor, cnn_layers
+from anomaly.results import StageProgress
 from anomaly.runtime.manifest import MANIFEST, write_manifest
 from anomaly.runtime.network import load_network
 from anomaly.scorers._aggregate import fuse_layers
@@ -37,8 +38,14 @@ OPSET = 18  # the lowest opset of torch's dynamo exporter; ONNX Runtime >= 1.14 
 _CHECK_TOLERANCE = 1e-4  # max |exported - torch| / max |torch| on a random batch, else the export is refused
 
 
-def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], fmt: str = "onnx") -> Path:
-    """Export the model in ``model_dir`` to ``out_dir`` (written atomically) as ``onnx`` or ``openvino``.
+def export_model(
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    fmt: str = "onnx",
+    progress: StageProgress | None = None,
+) -> Path:
+    """Export the model in ``model_dir`` to ``out_dir`` (written atomically) as ``onnx`` or ``openvino``;
+    ``progress("export", done, 3)`` follows the network's export, the scorer's files and the check.
 
     Raises:
         DataError: not a model directory, or a zero-shot model (it scores pools, not single images).
@@ -58,8 +65,11 @@ def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     head, outputs, state, files = _scorer_parts(det)
     network = _Network(det.extractor, head).eval().cpu()
     target = Path(out_dir)
+    step = progress or (lambda stage, done, total: None)
     with staged_dir(target, MANIFEST) as tmp:
+        step("export", 0, 3)
         net_file = _write_network(network, outputs, det.extractor.image_size, tmp, fmt)
+        step("export", 1, 3)
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         if state:
@@ -67,8 +77,10 @@ def export_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
             save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "state.safetensors"))
         spec = {"format": fmt, "file": net_file, "input": "images", "outputs": outputs, "opset": OPSET}
+        step("export", 2, 3)
         _check_network(network, tmp, spec, det.extractor.image_size)
         write_manifest(tmp, _manifest(det, spec))
+        step("export", 3, 3)
     return target
 
 

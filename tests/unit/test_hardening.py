@@ -129,6 +129,26 @@ def test_2_a_folder_that_only_looks_like_an_output_is_refused_not_wiped(
         out.chmod(0o755)
 
 
+def test_model_files_kept_as_symbolic_links_load_and_a_file_in_the_out_path_is_named(
+    model: Path, tmp_path: Path
+) -> None:
+    """DVC and git-annex keep files as links into a store: read, since their digest is checked; a link to other
+    content is refused like an edited file."""
+    store, linked = tmp_path / "store", tmp_path / "linked"
+    shutil.copytree(model, store)
+    linked.mkdir()
+    for file in store.iterdir():
+        (linked / file.name).symlink_to(file)
+    assert Detector.load(linked).threshold_ == Detector.load(model).threshold_
+    (store / "config.json").write_text((store / "config.json").read_text() + " ")
+    with pytest.raises(DataError, match="config.json: modified since the model was saved"):
+        Detector.load(linked)
+    (tmp_path / "afile.txt").write_text("x")
+    image = _png(tmp_path / "i.png")
+    _one_error_line(_run("score", "--model", model, "--out", tmp_path / "afile.txt" / "sub", image),
+                    "afile.txt is a file, not a folder")  # fmt: skip
+
+
 def test_a_model_whose_weights_file_moved_is_pointed_at_the_same_weights(synthetic_root: Path, tmp_path: Path) -> None:
     """The weights path is saved with the model: once the file moved, `score --set backbone.weights=NEW` points
     there (its SHA-256 must match the fitted weights'); other `--set` keys stay refused for a --model."""
