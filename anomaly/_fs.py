@@ -70,7 +70,7 @@ def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
                     f"{target}: folder holds {marker} but no readable {OUTPUT_MARKER}, so its files cannot be told "
                     "from yours; choose another output folder or empty this one"
                 )
-        if not os.access(target, os.W_OK):  # replaced by renames in its parent, the folder's own mode never applies
+        if not _writable(target):  # replaced by renames in its parent, the folder's own mode would never apply
             raise DataError(f"{target}: folder is not writable; choose another output folder")
     blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
@@ -103,8 +103,13 @@ def staged_dir(target: Path, marker: str, *, output: bool = True) -> Iterator[Pa
 
 
 def check_output_dir(target: Path, marker: str) -> None:
-    """DataError now, before a long run, when ``target`` could not take an output (:func:`new_temp_dir`)."""
+    """DataError now, before a long run, when ``target`` could not take an output (:func:`new_temp_dir`); the
+    folders that check creates are removed again (a run that fails later leaves nothing behind)."""
+    created = [p for p in Path(target).absolute().parents if not p.exists()]  # innermost first
     shutil.rmtree(new_temp_dir(target, marker))
+    for folder in created:
+        with contextlib.suppress(OSError):  # another process may have put something there since
+            folder.rmdir()
 
 
 def finish_dir(tmp: Path, target: Path) -> None:
@@ -218,6 +223,10 @@ def _recover(target: Path) -> None:
             continue
         if owner_host == host and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
 
 
 def _alive(pid: int) -> bool:

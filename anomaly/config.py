@@ -244,8 +244,10 @@ def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorCon
         if parts[-1] not in node and not free_form:
             hint = _did_you_mean(parts[-1], list(node))
             raise ConfigError(f"{key}: unknown config key{hint}")
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            _merge(node[parts[-1]], value)  # `threshold={target_fpr: 0.05}` keeps the section's other keys
+        # `threshold={target_fpr: 0.05}` keeps the section's other keys; the scorer section is replaced whole, as
+        # its params belong to its name (`scorer={name: gaussian}` must not keep padim's)
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and parts[0] != "scorer":
+            _merge(node[parts[-1]], value)
         else:
             node[parts[-1]] = value
     return from_dict(raw)

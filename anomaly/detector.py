@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
-from anomaly.data.input_checks import InputCheck, InputProfile, aspect_range, side_range, small_images
+from anomaly.data.input_checks import InputCheck, InputProfile, aspect_range, small_images, smallest_side
 from anomaly.data.inputs import OnError, check_on_error, one_or_many, training_paths
 from anomaly.data.io import significant_bits
 from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
@@ -83,11 +83,12 @@ class Detector:
         self._extractor: FeatureExtractor | None = None
         self.decision_: Threshold | None = None
         self.reference_: FeatureSet | None = None
+        self.reference_views_: NDArray[np.int64] | None = None  # per reference row: its support view (0: as given)
         self._warned_references: set[str] = set()
         self.patch_footprint_: tuple[int, int] | None = None  # set by fit: see _patch_footprint
         self.excluded_training_: list[str] = []  # set by fit: training images left out of the threshold
         self.training_aspects_: tuple[float, float] | None = None  # set by fit: see input_profile
-        self.training_sides_: tuple[int, int] | None = None  # set by fit: shortest and longest longer side
+        self.training_smallest_: int | None = None  # set by fit: the smallest training image's longer side
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -297,11 +298,11 @@ class Detector:
         Outlying training images (``threshold.outlier_z``) are left out of the threshold, and the fitted scorer
         forgets what it kept of them (:meth:`Scorer.forget`: the memory bank's rows). ``images`` gives the view
         layouts of the rows of ``out_of_sample`` (None: one view per image) and the original sizes from which
-        ``patch_footprint_``, ``training_aspects_`` and ``training_sides_`` are measured.
+        ``patch_footprint_``, ``training_aspects_`` and ``training_smallest_`` are measured.
         """
         peaks = self.map_peaks(out_of_sample, images)
         self.training_aspects_ = None if images is None else aspect_range([d.size for d in images])
-        self.training_sides_ = None if images is None else side_range([d.size for d in images])
+        self.training_smallest_ = None if images is None else smallest_side([d.size for d in images])
         if images is not None and (small := small_images([d.size for d in images], [d.source for d in images])):
             log.warning(
                 "fit: %d of %d training image(s) are under a third of the others' size and are upscaled to the "
@@ -414,7 +415,11 @@ class Detector:
                 if mirror:
                     mirrored.append(self._extract_batch(np.ascontiguousarray(batch.images[:, :, ::-1]), batch.ok))
         ok = [d for d in decoded if d.error is None]
-        check = self.input_check()
+        profile = self.input_profile()
+        if self.reference_ is None and self._stretched() and ok:  # no references: the pool's own majority
+            median = float(np.median([w / h for h, w in (d.size for d in ok)]))
+            profile = replace(profile, aspects=(median, median), aspects_of="the pool's median")
+        check = InputCheck(profile)
         check.add_decoded(ok)
         check.warn(len(items))
         n_ref = 0 if self.reference_ is None else len(self.reference_)
@@ -438,8 +443,11 @@ class Detector:
         # in the mixture and lifted the threshold over defects the scores separated; its highest view (a rotated,
         # flipped or, for a non-square part, squashed copy that looks like no pool image) set the floor over them
         # (benchmarks/README.md section 13).
-        names, first = np.unique([str(d.source) for d in members[:n_ref]], return_index=True)
-        scores, peaks = (np.r_[x[first], x[n_ref:]] for x in (scores, peaks))
+        names, owner = np.unique([str(d.source) for d in members[:n_ref]], return_inverse=True)
+        given = np.ones(n_ref, bool) if self.reference_views_ is None else self.reference_views_ == 0
+        scores, peaks = (
+            np.r_[_max_by(x[:n_ref][given], owner[given], len(names)), x[n_ref:]] for x in (scores, peaks)
+        )  # a reference's score: the highest of its tiles as given
         floor = self._floor_references(scores[: len(names)], list(names))
         order = np.r_[np.flatnonzero(floor), np.flatnonzero(~floor), np.arange(len(names), len(scores))]
         decision = pool_threshold(
@@ -463,14 +471,18 @@ class Detector:
         """Zero-shot fit: every view (support view, tile) of every reference joins later pools as an image of its
         own; its ``source`` names the reference it came from."""
         names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"reference {i}" for i, x in enumerate(items)]
+        view_index = [0] * len(items)
         if self.scorer.augment_references:
             support = [support_views(item, self.view_spec.bit_depth) for item in items]
             names = [name for name, views in zip(names, support) for _ in views]
+            view_index = [i for views in support for i in range(len(views))]
             items = [view for views in support for view in views]
         features = self.extract(items, progress=progress)
         self.training_aspects_ = aspect_range([d.size for d in features.images])
-        self.training_sides_ = side_range([d.size for d in features.images])
-        owners = np.repeat(names, [_n_views(d) for d in features.images])
+        self.training_smallest_ = smallest_side([d.size for d in features.images])
+        rows = [_n_views(d) for d in features.images]  # tiles: several rows per image
+        owners = np.repeat(names, rows)
+        self.reference_views_ = np.repeat(view_index, rows).astype(np.int64)
         views = [DecodedImage(None, (0, 0), str(name)) for name in owners]
         self.reference_ = FeatureSet(features.layers, features.embedding, views)
         self._warned_references = set()
@@ -544,13 +556,16 @@ class Detector:
         where inputs are rescaled to it (not under tiles of a fixed size) and the bit depth
         (:mod:`anomaly.data.input_checks`). Nothing is checked before a fit."""
         pre = self.config.preprocess
-        stretched = pre.resize == "stretch" and pre.tile is None
         fixed_scale = pre.tile is not None and pre.tile.size is not None  # tiles of N px: no image is upscaled more
         return InputProfile(
-            aspects=self.training_aspects_ if stretched else None,
-            smallest=None if self.training_sides_ is None or fixed_scale else self.training_sides_[0],
+            aspects=self.training_aspects_ if self._stretched() else None,
+            smallest=None if fixed_scale else self.training_smallest_,
             bit_depth=None if pre.bit_depth == "auto" else int(pre.bit_depth),  # auto: no fit or pool decided it
         )
+
+    def _stretched(self) -> bool:
+        """Whether images are stretched to the model input (their aspect lost)."""
+        return self.config.preprocess.resize == "stretch" and self.config.preprocess.tile is None
 
     def input_check(self) -> InputCheck:
         """An empty :class:`InputCheck` against :meth:`input_profile`, for one call's inputs."""
@@ -605,6 +620,7 @@ class Detector:
         try:
             if _REFERENCES_FILE in files:
                 det.reference_ = _load_references(files[_REFERENCES_FILE], meta.get("references"))
+                det.reference_views_ = _reference_views(meta.get("reference_views"), len(det.reference_))
             if not det.zero_shot:
                 det.scorer.load(files)
                 det.decision_ = Threshold.from_dict(meta.get("threshold"), f"{path}/meta.json threshold")
@@ -613,11 +629,11 @@ class Detector:
             raise
         except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
             raise DataError(f"{path}: model state is incomplete or corrupt ({exc})") from None
-        aspects, sides = meta.get("training_aspects"), meta.get("training_sides")  # absent from earlier models
+        aspects, smallest = meta.get("training_aspects"), meta.get("training_smallest")  # absent from earlier models
         if _number_pair(aspects):
             det.training_aspects_ = (float(aspects[0]), float(aspects[1]))
-        if _number_pair(sides):
-            det.training_sides_ = (int(sides[0]), int(sides[1]))
+        if isinstance(smallest, int) and not isinstance(smallest, bool) and smallest > 0:
+            det.training_smallest_ = smallest
         try:
             det._check_weights(meta)
         except WeightsUnavailableError as exc:
@@ -655,8 +671,9 @@ class Detector:
             "threshold": None if self.decision_ is None else self.decision_.to_dict(),
             "excluded_training_images": self.excluded_training_,
             "references": [] if self.reference_ is None else [str(d.source) for d in self.reference_.images],
+            "reference_views": [] if self.reference_views_ is None else self.reference_views_.tolist(),
             "training_aspects": self.training_aspects_,
-            "training_sides": self.training_sides_,
+            "training_smallest": self.training_smallest_,
         }
 
     def _check_weights(self, meta: dict[str, Any]) -> None:
@@ -750,6 +767,13 @@ def _say_pool_decision(decision: Threshold, n_images: int, n_references: int) ->
         )
 
 
+def _max_by(values: NDArray[np.float64], group: NDArray[np.int64], n: int) -> NDArray[np.float64]:
+    """The largest of ``values`` in each of ``n`` groups (``group[i]``: the group of ``values[i]``)."""
+    result = np.full(n, -np.inf)
+    np.maximum.at(result, group, values)
+    return result
+
+
 def _patch_footprint(
     images: Sequence[DecodedImage], input_size: tuple[int, int], grid: tuple[int, int]
 ) -> tuple[int, int] | None:
@@ -803,6 +827,13 @@ def _load_references(path: Path, names: Any) -> FeatureSet:
     if not isinstance(names, list) or len(names) != n:
         names = [f"reference {i}" for i in range(n)]
     return FeatureSet(layers, state["embedding"], [DecodedImage(None, (0, 0), str(name)) for name in names])
+
+
+def _reference_views(saved: Any, n: int) -> NDArray[np.int64] | None:
+    """The saved support view of each of ``n`` reference rows; None (every row counts) for models saved before."""
+    if isinstance(saved, list) and len(saved) == n and all(isinstance(v, int) for v in saved) and 0 in saved:
+        return np.asarray(saved, dtype=np.int64)
+    return None
 
 
 def _name(images: Sequence[DecodedImage] | None, index: int) -> str:

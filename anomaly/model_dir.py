@@ -2,9 +2,9 @@
 
 A directory is trusted when ``meta.json`` parses as the expected structure and matches its own digest
 (``meta_sha256``: an edited threshold is refused as an edited file is), its ``files`` manifest is complete
-(it lists ``config.json`` and at least one file), every listed name is a plain file inside the directory whose
-SHA-256 matches, and the loader reads nothing that is not listed (:func:`verified_files` hands out only listed
-paths).
+(it lists ``config.json`` and at least one file), every listed name is a file of the directory (or a symbolic
+link, as DVC and git-annex keep them) whose SHA-256 matches, and the loader reads nothing that is not listed
+(:func:`verified_files` hands out only listed paths).
 """
 
 from __future__ import annotations

@@ -190,11 +190,17 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
     def __enter__(self) -> _Warnings:
-        logging.getLogger("anomaly").addHandler(self)
+        logger = logging.getLogger("anomaly")
+        self._level = logger.level
+        if logger.getEffectiveLevel() > logging.WARNING:  # a quieter log must not empty the client's warnings
+            logger.setLevel(logging.WARNING)
+        logger.addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        logging.getLogger("anomaly").removeHandler(self)
+        logger = logging.getLogger("anomaly")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
 
 class _BodyTooLarge(Exception):

@@ -57,7 +57,7 @@ _OUTLIER_MAX_SHARE = 0.1
 REFERENCE_RATIO = 1.5  # a few-shot reference scoring this many times the others' median is suspect
 _TAIL_SHARE = 0.2  # peaks over threshold: the top 20 % of the scores model the tail
 _MIN_POOL = 8  # below this many scores a mixture cannot be fitted
-# A pool under that size with at least this many few-shot references takes median + 3 MAD of the references' scores
+# A batch under that size with at least this many few-shot references takes median + 3 MAD of the references' scores
 # alone: over the whole pool the scored images move it, and 4 good bottles + 1 contaminated one put it at 0.96, over
 # that bottle's 0.91 (the references alone: 0.78; with a good bottle instead, 0.74).
 _MIN_NORMAL_SAMPLE = 3
@@ -214,7 +214,7 @@ def pool_threshold(
     """Threshold for one unlabeled pool; the first ``n_reference`` scores are known-good references.
 
     With references the threshold never falls below the highest reference score, and a batch (``expect_defects``)
-    too small for a mixture with 3 or more references takes median + 3 MAD of theirs alone. ``expect_defects``:
+    of under 8 images with 3 or more references takes median + 3 MAD of theirs alone. ``expect_defects``:
     the pool may hold many defects (a batch sent for inspection), so when the BIC-best mixture sees no
     defect cluster, an equally likely one that does is used; false for pools known to be mostly normal
     (a production line's recent images), where that would mostly split normal scores.
@@ -279,11 +279,11 @@ def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int, expe
     spread = float(np.ptp(values))
     if spread <= 1e-9 * max(1.0, float(np.abs(values).max())):
         return top, "pool-degenerate"  # identical scores: nothing stands out, nothing is flagged
-    if len(values) < (_MIN_POOL if expect_defects else MIN_WINDOW):
-        if expect_defects and n_reference >= _MIN_NORMAL_SAMPLE:  # references are normal; the batch may not be
-            threshold, rule = _small_pool(values[:n_reference], expect_defects=False)[0], "pool-small-references"
-        else:
-            threshold, rule = _small_pool(values, expect_defects)
+    if expect_defects and n_reference >= _MIN_NORMAL_SAMPLE and len(values) - n_reference < _MIN_POOL:
+        # a batch too small for a mixture of its own: the references are normal, the batch may not be
+        threshold, rule = _small_pool(values[:n_reference], expect_defects=False)[0], "pool-small-references"
+    elif len(values) < (_MIN_POOL if expect_defects else MIN_WINDOW):
+        threshold, rule = _small_pool(values, expect_defects)
     else:
         threshold, rule = _mixture_quantile(values, alpha, expect_defects), "pool-mixture"
     if n_reference:

@@ -20,7 +20,7 @@ from anomaly.data.views import ASPECT_TOLERANCE
 if TYPE_CHECKING:
     from anomaly.data.loader import DecodedImage
 
-__all__ = ["SMALL_FACTOR", "InputCheck", "InputProfile", "aspect_range", "side_range", "small_images"]
+__all__ = ["SMALL_FACTOR", "InputCheck", "InputProfile", "aspect_range", "smallest_side", "small_images"]
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,9 @@ def aspect_range(sizes: list[tuple[int, int]]) -> tuple[float, float] | None:
     return (min(aspects), max(aspects)) if aspects else None
 
 
-def side_range(sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
-    """Shortest and longest longer side of images of ``sizes`` (H, W); None without any."""
-    sides = [max(h, w) for h, w in sizes if h > 0 and w > 0]
-    return (min(sides), max(sides)) if sides else None
+def smallest_side(sizes: list[tuple[int, int]]) -> int | None:
+    """The longer side of the smallest of images of ``sizes`` (H, W); None without any."""
+    return min((max(h, w) for h, w in sizes if h > 0 and w > 0), default=None)
 
 
 def small_images(sizes: list[tuple[int, int]], sources: list[str | None]) -> list[str]:
@@ -56,6 +55,7 @@ class InputProfile:
     size or depth not known (models saved before it was recorded, a depth not decided yet)."""
 
     aspects: tuple[float, float] | None = None  # width / height range of the stretched training images
+    aspects_of: str = "the training images'"  # whose aspects those are, for the warning
     smallest: int | None = None  # longer side of the smallest training image, in pixels
     bit_depth: int | None = None  # significant bits of the 16-bit data the model reads
 
@@ -100,9 +100,9 @@ class InputCheck:
             # A good KolektorSDD part fed sideways was flagged by ``patchcore`` and scored below the good frames on
             # a ``musc`` line: stretched, it is scored squashed.
             lines.append(
-                f"{len(self.aspects)} of {total} image(s) have an aspect (width / height) outside the training "
-                f"images' ({seen}) and are stretched to the model input more than any of those: a rotated part or "
-                f"another product? Check their scores. First: {_first(self.aspects)}"
+                f"{len(self.aspects)} of {total} image(s) have an aspect (width / height) outside "
+                f"{self.profile.aspects_of} ({seen}) and are stretched to the model input more than those: a rotated "
+                f"part or another product? Check their scores. First: {_first(self.aspects)}"
             )
         if self.small:
             lines.append(

@@ -79,9 +79,14 @@ _FORMAT_SIGNATURES = {
     b"#?RGBE": "Radiance HDR",
     b"\x59\xa6\x6a\x95": "Sun raster",
     b"\x76\x2f\x31\x01": "OpenEXR",
+    b"\x00\x00\x01\x00": "ICO",
+    b"8BPS": "PSD",
+    b"qoif": "QOI",
+    b"DDS ": "DDS",
 }
 # formats that OpenCV may decode where Pillow cannot open them (TIFF: libtiff's compressions and sample layouts)
-_OPENCV_TRIES = frozenset({"TIFF", "JPEG 2000", "PNM", "Radiance HDR", "Sun raster", "OpenEXR"})
+# (WebP, AVIF / HEIF: Pillow may be built without them)
+_OPENCV_TRIES = frozenset({"TIFF", "WebP", "AVIF / HEIF", "JPEG 2000", "PNM", "Radiance HDR", "Sun raster", "OpenEXR"})
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -510,12 +515,15 @@ def _decode_pil(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
         return np.asarray(image.convert("L" if image.mode in {"1", "LA", "La"} else "RGB"))
     except Exception as exc:  # PIL raises many exception types on malformed data
         detail = "" if isinstance(exc, UnidentifiedImageError) else f": {exc}"  # that one names a BytesIO object
-        raise DataError(f"cannot read image: {name} (corrupt or truncated {_image_format(data)}{detail})") from exc
+        kind = _image_format(data) or "image"  # Pillow recognised it (TGA, SGI, PCX: no signature of ours)
+        raise DataError(f"cannot read image: {name} (corrupt or truncated {kind}{detail})") from exc
 
 
 def _image_format(data: NDArray[np.uint8]) -> str | None:
     """The image format that ``data``'s leading bytes announce, None for none of :data:`_FORMAT_SIGNATURES`."""
     head = data[:12].tobytes()
+    if head[4:8] == b"ftyp":  # ISO base media files: AVIF, HEIC
+        return "AVIF / HEIF"
     for signature, name in _FORMAT_SIGNATURES.items():
         if head.startswith(signature) and (name != "WebP" or head[8:12] == b"WEBP"):
             return name

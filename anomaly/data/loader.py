@@ -76,7 +76,7 @@ def to_rgb(item: ImageInput, bit_depth: int = 16) -> tuple[NDArray[np.uint8], st
 
 def decode_rgb(item: ImageInput, bit_depth: int = 16) -> tuple[NDArray[np.uint8], str | None, int | None]:
     """:func:`to_rgb`, and the bits the input's 16-bit values need (None for 8-bit data): an image of another
-    depth than ``bit_depth`` reads near-black or saturated (:func:`anomaly.data.views.odd_depths`)."""
+    depth than ``bit_depth`` reads near-black or saturated (:class:`anomaly.data.input_checks.InputCheck`)."""
     pixels = raw_pixels(item)
     assert pixels is not None  # not header_first: always decoded
     source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None

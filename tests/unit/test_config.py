@@ -47,7 +47,9 @@ def test_a_section_set_whole_keeps_its_other_keys_and_errors_name_the_key() -> N
     config = load_config("patchcore")
     merged = apply_overrides(config, ["threshold={target_fpr: 0.05}", "scorer.params={k: 3}"])
     assert merged.threshold.target_fpr == 0.05 and merged.threshold.folds == config.threshold.folds
-    assert merged.scorer.params == {**config.scorer.params, "k": 3}
+    assert merged.scorer.params == {"k": 3}  # a scorer's params are its own: set whole, replaced whole
+    switched = apply_overrides(load_config("padim"), ["scorer={name: gaussian}"])
+    assert switched.scorer.name == "gaussian" and switched.scorer.params == {}
     for override, message in [
         ("scorer=3", "scorer: expected a mapping, got 3"),
         ("preprocess.tile=512", "preprocess.tile: expected a mapping, got 512"),

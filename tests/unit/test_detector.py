@@ -259,13 +259,40 @@ def test_a_few_shot_reference_counts_once_in_the_pool_threshold(
         seen.append((np.asarray(scores), kwargs["n_reference"]))
         return real(scores, *args, **kwargs)
 
+    members: list[np.ndarray] = []
+    real_view_max = detector_module.view_max
+
+    def view_max_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        members.append(real_view_max(*args, **kwargs))  # the score of every member: each support view here
+        return members[-1]
+
     monkeypatch.setattr(detector_module, "pool_threshold", spy)
+    monkeypatch.setattr(detector_module, "view_max", view_max_spy)
     train, good, bad = _split(synthetic_root)
     det = Detector(_config("musc", "scorer.params.augment_references=true")).fit(train[:3])
     results = det.predict(good + bad)
     ((scores, n_reference),) = seen
     assert n_reference == 3 and len(scores) == 3 + len(good + bad)  # not 18 reference rows
     assert results[0].threshold >= scores[:3].max()  # the references' floor still holds
+    per_view = members[-1][:18].reshape(3, 6)  # 3 references x 6 support views, as given first
+    assert sorted(scores[:3]) == sorted(per_view[:, 0]) and (per_view[:, 0] < per_view.max(axis=1)).any()
+
+
+def test_each_reference_row_knows_its_support_view_through_a_save(tmp_path: Path) -> None:
+    """A reference counts as given: with tiles, by its highest tile of the image as given (not tile 0, not a
+    flipped copy); the rows of each support view are recorded and saved with the model."""
+    rng = np.random.default_rng(0)
+    references = [rng.integers(0, 255, (128, 192, 3), dtype=np.uint8) for _ in range(2)]
+    det = Detector(_config("musc", "preprocess.tile={size: 64, overlap: 0}", "preprocess.resize=keep_aspect"))
+    det.fit(references)
+    views = det.reference_views_
+    assert views is not None and len(views) == len(det.reference_)
+    per_reference = len(views) // 2
+    assert (views[:per_reference] == np.repeat([0, 1, 2, 3], per_reference // 4)).all()  # 4 views: not square
+    loaded = Detector.load(det.save(tmp_path / "model"))
+    assert loaded.reference_views_ is not None and (loaded.reference_views_ == views).all()
+    pool = [rng.integers(0, 255, (128, 192, 3), dtype=np.uint8) for _ in range(2)]
+    assert [r.threshold for r in loaded.predict(pool)] == [r.threshold for r in det.predict(pool)]
 
 
 def test_support_views_turn_only_square_images() -> None:
@@ -368,6 +395,18 @@ def test_an_image_far_from_the_training_aspect_is_named_in_a_warning(
     assert keep.input_profile().aspects is None  # not stretched: padded to the input
 
 
+def test_a_zero_shot_pool_names_images_far_from_its_own_aspect(caplog: pytest.LogCaptureFixture) -> None:
+    """Without references the pool is all there is: images stretched far from its median aspect are named."""
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
+    wide = rng.integers(0, 255, (60, 150, 3), dtype=np.uint8)
+    caplog.set_level("WARNING", logger="anomaly")
+    Detector(_config("musc")).predict([*pool, wide])
+    (line,) = [r.message for r in caplog.records if "aspect" in r.message]
+    assert line.startswith("1 of 5 image(s) have an aspect (width / height) outside the pool's median (1.00)")
+    assert line.endswith("First: an image of 150x60 px")
+
+
 def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -377,7 +416,7 @@ def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (90 + 6 * i, 120, 3), dtype=np.uint8) for i in range(6)]  # longer side 120
     det = Detector(_config()).fit(frames)
-    assert det.training_sides_ == (120, 120)
+    assert det.training_smallest_ == 120
     caplog.set_level("WARNING", logger="anomaly")
     caplog.clear()
     det.predict([rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), frames[0]])  # 40 px: a third, not under it
@@ -389,5 +428,5 @@ def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
     assert line.startswith("2 of 3 image(s) are under a third of the smallest training image's size (120 px")
     assert line.endswith("First: an image of 1x1 px, an image of 1x1 px")
     tiled = Detector(_config("patchcore", "preprocess.tile={size: 64}"))
-    tiled.training_sides_ = (120, 120)
+    tiled.training_smallest_ = 120
     assert tiled.input_profile().smallest is None  # tiles of 64 px: a small image is not upscaled more

@@ -116,7 +116,7 @@ def test_a_small_pool_with_references_is_judged_by_the_references_alone() -> Non
     references = [0.552, 0.584, 0.657, 0.653]  # bottle, `musc`, 4 references (benchmarks/README.md section 13)
     median = np.median(references)
     expected = median + 3 * 1.4826 * np.median(np.abs(np.subtract(references, median)))
-    for judged in ([0.909], [0.579], [0.9, 1.2, 0.6]):
+    for judged in ([0.909], [0.579], [0.9, 1.2, 0.6], [0.6] * 6 + [1.5]):  # batches of 1 to 7 images
         decision = pool_threshold([*references, *judged], 0.01, n_reference=4)
         assert decision.image == pytest.approx(expected) and decision.rule == "pool-small-references"
     assert decision.is_anomalous(0.909) and not decision.is_anomalous(0.622)
