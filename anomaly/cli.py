@@ -84,7 +84,17 @@ def _main(
     warnings.showwarning = _warning_line  # metric warnings as one log line, not a source excerpt
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every build it probes
     logging.getLogger("PIL").setLevel(logging.INFO)  # -v: Pillow logs every TIFF tag of every image at debug level
+    _quiet_opencv(verbose)
     _Progress.enabled = not quiet
+
+
+def _quiet_opencv(verbose: bool) -> None:
+    """OpenCV prints its decoders' complaints (a truncated BMP or TIFF) to stderr before Pillow, tried next, names
+    the file in one error line: in the CLI's own process they are silenced, unless -v."""
+    import cv2
+
+    if not verbose:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:

@@ -490,6 +490,18 @@ def test_13_corrupt_png_is_one_line_and_gif_is_named_unsupported(model: Path, tm
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "bad.png" in errors[0], proc.stderr
     assert "libpng" not in proc.stderr and "Traceback" not in proc.stderr
+    bmp = tmp_path / "cut.bmp"  # Pillow reads its header, OpenCV tries the pixels first and complains
+    Image.new("RGB", (64, 64), (90, 30, 200)).save(bmp)
+    bmp.write_bytes(bmp.read_bytes()[:3000])
+    proc = subprocess.run(
+        [sys.executable, "-m", "anomaly", "score", "--model", str(model), "--out", str(tmp_path / "b"), str(bmp)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "(corrupt or truncated BMP" in errors[0], proc.stderr
+    assert "[ERROR" not in proc.stderr and "OpenCV" not in proc.stderr, proc.stderr
     gif = tmp_path / "a.gif"
     Image.new("RGB", (8, 8)).save(gif)
     _one_error_line(_run("score", "--model", model, "--out", tmp_path / "g", gif), "a.gif", "unsupported")
