@@ -206,25 +206,30 @@ class StreamingDetector:
         return items, single
 
     def _score_references(self) -> NDArray[np.float64]:
-        """Each reference's score against the other references, as a new frame meets them: its first view (the
-        image as given) against every view of the others. A suspect reference
+        """Each reference's score against the other references, as a new frame meets them: the image as given (the
+        highest of its tiles) against every view of the others. A suspect reference
         (:func:`~anomaly.thresholds.suspect_references`) is left out. Empty with fewer than 2 references."""
         reference, images = self.pool.reference, self.detector.reference_
         if reference is None or images is None:
             return np.empty(0)
         owners = np.array([str(d.source) for d in images.images])
-        firsts = [int(np.flatnonzero(owners == owner)[0]) for owner in dict.fromkeys(owners)]
-        if len(firsts) < 2:
+        names = list(dict.fromkeys(owners))
+        if len(names) < 2:
             return np.empty(0)
+        views = self.detector.reference_views_
+        given = np.ones(len(owners), bool) if views is None else views == 0
         peaks = []
-        for row in firsts:
-            others = torch.from_numpy(np.flatnonzero(owners != owners[row])).to(reference[0].device)
-            out = self.detector.scorer.score(
-                [x[row : row + 1] for x in reference], reference=[x[others] for x in reference]
-            )
-            peaks.append(float(self.detector.map_peaks(out, [images.images[row]])[0]))
+        for name in names:
+            others = torch.from_numpy(np.flatnonzero(owners != name)).to(reference[0].device)
+            tiles = []
+            for row in np.flatnonzero((owners == name) & given):  # one at a time, as a frame meets the pool
+                out = self.detector.scorer.score(
+                    [x[row : row + 1] for x in reference], reference=[x[others] for x in reference]
+                )
+                tiles.append(float(self.detector.map_peaks(out, [images.images[row]])[0]))
+            peaks.append(max(tiles))
         scores = np.asarray(peaks)
-        return scores[~suspect_references(scores, list(owners[firsts]))]
+        return scores[~suspect_references(scores, names)]
 
     def _repeated(self, prints: list[str]) -> NDArray[np.bool_]:
         """Which frames of a batch are copies of a pool frame or of another frame of the batch. They score about 0
