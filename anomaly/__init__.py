@@ -11,6 +11,7 @@ from anomaly.errors import (
     ConfigError,
     DataError,
     NotFittedError,
+    ScorerError,
     WeightsUnavailableError,
 )
 from anomaly.results import DetectionResult
@@ -30,6 +31,7 @@ __all__ = [
     "Detector",
     "DetectorConfig",
     "NotFittedError",
+    "ScorerError",
     "StreamingDetector",
     "WeightsUnavailableError",
     "__version__",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -277,7 +277,9 @@ class Detector:
         # folds by image, so that overlapping tiles of one image never score each other
         folds = np.repeat(self.folds(len(features)), [_n_views(d) for d in features.images])
         steps = None if progress is None else (lambda done, total: progress("fit", done, total))
-        out_of_sample = self.scorer.cross_fit(features.layers, folds, progress=steps)
+        out_of_sample = self.scorer.cross_fit(features.layers, folds, progress=steps).checked(
+            len(folds), self.scorer.name
+        )
         fitted = time.perf_counter()
         self.calibrate(out_of_sample, features.images)
         done = time.perf_counter()
@@ -356,15 +358,30 @@ class Detector:
         return folds
 
     # ----------------------------------------------------------------- predict
+    @overload
+    def predict(
+        self,
+        images: list[ImageInput] | tuple[ImageInput, ...] | Iterator[ImageInput],
+        *,
+        maps: bool = ...,
+        on_error: OnError = ...,
+    ) -> list[DetectionResult]: ...
+
+    @overload
+    def predict(self, images: ImageInput, *, maps: bool = ..., on_error: OnError = ...) -> DetectionResult: ...
+
     def predict(
         self, images: ImageInput | Sequence[ImageInput], *, maps: bool = True, on_error: OnError = "raise"
     ) -> Any:
-        """Score one image (returns a DetectionResult) or a list of them (returns a list).
+        """Score one image (returns a DetectionResult) or a list of them (returns a list; a generator or a 4-D
+        stack of images too).
 
         ``on_error="skip"`` gives an unreadable input a result with ``error`` set (NaN score)
         instead of raising, so one bad file does not lose the others.
         """
         items, single = one_or_many(images)
+        if not items:  # an empty batch has no results
+            return []
         results = [result for result, _ in self.predict_stream(items, maps=maps, on_error=on_error)]
         return results[0] if single else results
 
@@ -396,7 +413,8 @@ class Detector:
             scored: list[DetectionResult] = []
             if ok:
                 feats = self._extract_batch(batch.images, ok)
-                scored = self.finish(self.scorer.score(feats.layers), ok, self.decision_, maps=maps)
+                out = self.scorer.score(feats.layers).checked(len(feats.layers[0]), self.scorer.name)
+                scored = self.finish(out, ok, self.decision_, maps=maps)
                 check.add_decoded(ok)
             yield from in_input_order(batch.items, scored, self.decision_)
         check.warn(len(items))
@@ -513,7 +531,8 @@ class Detector:
         embedding = None
         if self.scorer.uses_embeddings:  # unit-length descriptors: RsCIN's similarity is then a cosine
             embedding = torch.nn.functional.normalize(torch.cat([p.embedding.to(device) for p in parts]), dim=1)
-        return self.scorer.score(layers, embeddings=embedding, progress=progress)
+        out = self.scorer.score(layers, embeddings=embedding, progress=progress)
+        return out.checked(len(layers[0]), self.scorer.name)
 
     def _progress_batches(
         self, items: Sequence[ImageInput], keep: bool, skip: bool, stage: str, progress: StageProgress | None
@@ -650,8 +669,11 @@ class Detector:
 
     def _resolved_config(self) -> dict[str, Any]:
         """The config with ``weights: auto`` pinned to the source actually used, so a load elsewhere
-        resolves the same weights (or fails) instead of silently picking others."""
+        resolves the same weights (or fails) instead of silently picking others, and the scorer's parameters as it
+        was built with them (a params dict edited after construction changed nothing the model computed)."""
         config = self.config.to_dict()
+        built = self.scorer.get_params()
+        config["scorer"]["params"] = {k: built[k] for k in config["scorer"]["params"] if k in built}
         source = self.extractor.source
         if config["backbone"]["weights"] == "auto" and source.kind != "random":
             config["backbone"]["weights"] = {"hub-cache": "hub", "file": source.location}.get(source.kind, source.kind)

@@ -8,6 +8,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "NotFittedError",
+    "ScorerError",
     "WeightsUnavailableError",
 ]
 
@@ -30,6 +31,10 @@ class NotFittedError(AnomalyError, ValueError, AttributeError):
 
 class WeightsUnavailableError(AnomalyError):
     """Pretrained backbone weights could not be found in any source."""
+
+
+class ScorerError(AnomalyError, RuntimeError):
+    """A scorer (a plug-in's, say) returned outputs that break the scorer contract: shapes, NaN scores."""
 
 
 class BackendError(AnomalyError, RuntimeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ class DetectionResult:
     image_score: float
     is_anomalous: bool
     threshold: float
-    anomaly_map: NDArray[np.float32] | None = field(default=None, repr=False)
+    anomaly_map: NDArray[np.float32] | None = field(default=None, repr=False, compare=False)  # ==, hash: the rest
     source: str | None = None
     pixel_threshold: float = float("nan")
     error: str | None = None
@@ -53,12 +54,16 @@ class DetectionResult:
         return self.anomaly_map >= self.pixel_threshold
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe summary (without the map)."""
+        """JSON-safe summary (without the map): NaN (an unreadable input's score) becomes None."""
         return {
             "source": self.source,
-            "image_score": self.image_score,
+            "image_score": _finite_or_none(self.image_score),
             "is_anomalous": self.is_anomalous,
-            "threshold": self.threshold,
-            "pixel_threshold": self.pixel_threshold,
+            "threshold": _finite_or_none(self.threshold),
+            "pixel_threshold": _finite_or_none(self.pixel_threshold),
             "error": self.error,
         }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None

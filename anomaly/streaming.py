@@ -104,6 +104,8 @@ class StreamingDetector:
         leaves the pool, the threshold's window and the burst report as they were; the others are scored.
         """
         check_on_error(on_error)
+        if isinstance(images, (list, tuple)) and not images:  # an empty batch has no results
+            return []
         before = (self._config, self.detector.config)
         items, single = self._start(images, "predict")
         try:

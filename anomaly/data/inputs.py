@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -34,9 +34,17 @@ def check_on_error(on_error: Any) -> None:
 
 
 def one_or_many(images: T | Sequence[T]) -> tuple[list[T], bool]:
-    """The images of a ``predict`` call as a list, and whether one image was passed alone (not in a list)."""
-    single = not isinstance(images, (list, tuple))
-    return ([images] if single else list(images)), single  # type: ignore[list-item]
+    """The images of a ``predict`` call as a list, and whether one image was passed alone (not in a list).
+
+    Many: a list, tuple, generator or other iterator, and a 4-D array or tensor (a stack of N images); one: a
+    path, bytes, a PIL image, a 2-D or 3-D array or tensor."""
+    if isinstance(images, (list, tuple)):
+        return list(images), False
+    if getattr(images, "ndim", None) == 4:  # (N, H, W, C) array, (N, C, H, W) tensor
+        return list(images), False  # type: ignore[call-overload]
+    if isinstance(images, Iterator):  # a generator of frames; not str, bytes or arrays, which iterate too
+        return list(images), False
+    return [images], True  # type: ignore[list-item]
 
 
 def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[Path] = ()) -> list[Path]:
@@ -79,6 +87,11 @@ def _refuse_labelled_folders(folder: Path) -> None:
             else:
                 hint = f"give {folder / 'good'}" if (folder / "good").is_dir() else "give the folder of normal images"
             raise DataError(f"{folder}: a fit would learn {where} (masks or anomalous images) as normal; {hint}")
+        others = sorted(d for d in dirnames if d != "good" and not d.startswith("."))
+        if "good" in dirnames and others:  # a test split: good/ beside one folder per defect type
+            where = Path(dirpath).relative_to(folder) / others[0]
+            raise DataError(f"{folder}: holds good/ beside {', '.join(others[:3])}: a fit would learn {where} "
+                            f"(anomalous images, by the layout) as normal; give {Path(dirpath) / 'good'}")  # fmt: skip
 
 
 def reference_paths(references: Iterable[str | os.PathLike[str]], inputs: Sequence[Path]) -> list[Path]:

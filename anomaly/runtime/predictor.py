@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -76,6 +76,18 @@ class ExportedDetector:
         self.pixel_threshold_ = self.decision_.pixel
         self.image_size = self.postprocess.input_size
 
+    @overload
+    def predict(
+        self,
+        images: list[RuntimeInput] | tuple[RuntimeInput, ...] | Iterator[RuntimeInput],
+        *,
+        maps: bool = ...,
+        on_error: OnError = ...,
+    ) -> list[DetectionResult]: ...
+
+    @overload
+    def predict(self, images: RuntimeInput, *, maps: bool = ..., on_error: OnError = ...) -> DetectionResult: ...
+
     def predict(
         self, images: RuntimeInput | Sequence[RuntimeInput], *, maps: bool = True, on_error: OnError = "raise"
     ) -> Any:
@@ -83,6 +95,8 @@ class ExportedDetector:
         them. ``on_error="skip"``: an unreadable input gets a result with ``error`` set (NaN score), as
         ``Detector.predict``."""
         items, single = one_or_many(images)
+        if not items:  # an empty batch has no results
+            return []
         results = [result for result, _ in self.predict_stream(items, maps=maps, on_error=on_error)]
         return results[0] if single else results
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from anomaly.errors import ConfigError, NotFittedError
+from anomaly.errors import ConfigError, NotFittedError, ScorerError
 
 __all__ = ["Progress", "ScoreOutput", "Scorer", "check_int", "check_is_fitted", "check_number"]
 
@@ -50,6 +50,20 @@ class ScoreOutput:
     patch_maps: NDArray[np.float32] | None = field(repr=False)
     image_scores: NDArray[np.float64]
 
+    def checked(self, n: int, scorer: str) -> ScoreOutput:
+        """Self, once it holds what the contract promises for ``n`` inputs (rows); else ScorerError naming the
+        scorer, rather than an IndexError or a "normal scores are not finite" far from its cause."""
+        scores, maps = self.image_scores, self.patch_maps
+        if not isinstance(scores, np.ndarray) or scores.shape != (n,):
+            got = f"shape {scores.shape}" if isinstance(scores, np.ndarray) else type(scores).__name__
+            raise ScorerError(f"scorer {scorer}: image_scores must be an array of shape ({n},), got {got}")
+        if maps is not None and (not isinstance(maps, np.ndarray) or maps.ndim != 3 or len(maps) != n):
+            got = f"shape {maps.shape}" if isinstance(maps, np.ndarray) else type(maps).__name__
+            raise ScorerError(f"scorer {scorer}: patch_maps must be None or an array of shape ({n}, h, w), got {got}")
+        if not np.isfinite(scores).all() or (maps is not None and not np.isfinite(maps).all()):
+            raise ScorerError(f"scorer {scorer}: returned NaN or infinite scores")
+        return self
+
     def take(self, index: NDArray[np.int64] | slice) -> ScoreOutput:
         """The outputs of a subset of the images."""
         return ScoreOutput(None if self.patch_maps is None else self.patch_maps[index], self.image_scores[index])
@@ -68,12 +82,26 @@ class Scorer(ABC):
     augment_queries: bool = False
     min_fold_images: ClassVar[int] = 1  # images each cross-fit fold model (fitted on the other folds) needs
 
-    def get_params(self) -> dict[str, Any]:
-        """The constructor keywords, as stored in configs and saved models."""
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor keywords, as stored in configs and saved models (scikit-learn's convention; ``deep``
+        changes nothing: a scorer holds no nested estimators)."""
         import inspect
 
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {n: getattr(self, n) for n in names}
+
+    def set_params(self, **params: Any) -> Scorer:
+        """Change constructor keywords, validated as the constructor validates them; any fitted state is dropped
+        (a scorer with new parameters must be fitted again). Returns self."""
+        current = self.get_params()
+        unknown = sorted(set(params) - set(current))
+        if unknown:
+            raise ConfigError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(current)}")
+        self.__dict__.update(type(self)(**{**current, **params}).__dict__)
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
     def clone(self) -> Scorer:
         """A new, unfitted scorer with the same parameters."""

@@ -428,6 +428,9 @@ def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, 
     shutil.copytree(synthetic_root / "test" / "good", visa / "Data" / "Images" / "Anomaly")
     with pytest.raises(DataError, match="Data/Images/Anomaly .* a VisA category"):
         training_paths([visa])
+    test_split = synthetic_root / "test"  # good/ beside a folder per defect type: 6 defects learnt as normal
+    with pytest.raises(DataError, match=f"holds good/ beside blob, missing, scratch: .* give {test_split / 'good'}"):
+        training_paths([test_split])
     assert len(training_paths([plain / "good"])) == len(list((synthetic_root / "train" / "good").iterdir()))
 
 

@@ -430,3 +430,17 @@ def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
     tiled = Detector(_config("patchcore", "preprocess.tile={size: 64}"))
     tiled.training_smallest_ = 120
     assert tiled.input_profile().smallest is None  # tiles of 64 px: a small image is not upscaled more
+
+
+def test_results_compare_hash_and_serialise_as_plain_values() -> None:
+    """Comparing two results compared their map arrays (ValueError), and an unreadable input's NaN score was
+    written as NaN, which strict JSON refuses."""
+    import json
+
+    from anomaly.results import DetectionResult
+
+    a = DetectionResult(1.5, True, 1.0, np.ones((4, 4), np.float32), "a.png", 1.2)
+    b = DetectionResult(1.5, True, 1.0, np.ones((4, 4), np.float32), "a.png", 1.2)
+    assert a == b and len({a, b}) == 1
+    skipped = DetectionResult.unreadable("x.png", "cannot read image: x.png", 1.0, 1.2)
+    assert json.loads(json.dumps(skipped.to_dict(), allow_nan=False))["image_score"] is None

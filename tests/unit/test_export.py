@@ -76,6 +76,12 @@ def test_runtime_takes_what_the_detector_takes(patchcore_model: Path, patchcore_
         assert skipped.error is not None and skipped.error.startswith("input 1 (of 2, counted from 0): boolean")
         with pytest.raises(DataError, match="^boolean image arrays are masks"):
             predictor.predict(mask)
+    frames = rng.integers(0, 255, (3, 96, 96, 3), dtype=np.uint8)
+    for predictor in (runtime, detector):  # a stack, a generator, nothing: as many results
+        stacked = predictor.predict(frames)
+        assert len(stacked) == 3 and stacked[1].image_score == pytest.approx(predictor.predict(frames[1]).image_score)
+        assert [r.image_score for r in predictor.predict(f for f in frames)] == [r.image_score for r in stacked]
+        assert predictor.predict([]) == []
     with pytest.raises(DataError):
         runtime.predict(None)  # type: ignore[arg-type]
     with pytest.raises(DataError, match="export directory not found"):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import faiss
 import numpy as np
@@ -188,6 +189,23 @@ def test_a_scorer_registered_from_outside_the_package_runs_in_a_detector(tmp_pat
     det.save(tmp_path / "m")
     loaded = Detector.load(tmp_path / "m")
     assert loaded.predict(images[0]).image_score == pytest.approx(det.predict(images[0]).image_score)
+    from anomaly import ScorerError
+
+    real_score = MeanDistance.score
+    broken = {  # a plug-in that breaks the contract is named, not an IndexError deep in the Detector
+        "image_scores must be an array of shape (2,), got shape (1,)": lambda out: ScoreOutput(
+            out.patch_maps, out.image_scores[:1]
+        ),
+        "patch_maps must be None or an array of shape (1, h, w), got shape (1, 8)": lambda out: ScoreOutput(
+            out.patch_maps[:, 0], out.image_scores
+        ),
+        "NaN or infinite": lambda out: ScoreOutput(out.patch_maps, out.image_scores * np.nan),
+    }
+    for message, damage in broken.items():
+        MeanDistance.score = lambda self, layers, damage=damage, **kw: damage(real_score(self, layers, **kw))
+        with pytest.raises(ScorerError, match=r"scorer test_mean_distance: .*" + re.escape(message)):
+            loaded.predict(images[:1] if "(1, h, w)" in message else images[:2])
+    MeanDistance.score = real_score
 
 
 def test_invalid_params_raise_config_errors() -> None:
@@ -448,3 +466,17 @@ def test_scorers_from_another_package_load_through_the_entry_point_group(monkeyp
     )
     assert "test_plugin_scorer" in registry.list_scorers()  # the broken plug-in is logged, not fatal
     assert isinstance(registry.get_scorer("test_plugin_scorer"), PluginScorer)
+
+
+@pytest.mark.parametrize("name", list_scorers())
+def test_scorers_follow_scikit_learns_parameter_conventions(name: str) -> None:
+    from sklearn.base import clone
+
+    scorer = get_scorer(name)
+    twin = clone(scorer)
+    assert type(twin) is type(scorer) and twin.get_params() == scorer.get_params()
+    assert repr(scorer).startswith(f"{type(scorer).__name__}(") and "=" in repr(scorer)
+    key, value = next(iter(scorer.get_params().items()))
+    assert scorer.set_params(**{key: value}) is scorer
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        scorer.set_params(no_such_parameter=1)
