@@ -444,3 +444,13 @@ def test_results_compare_hash_and_serialise_as_plain_values() -> None:
     assert a == b and len({a, b}) == 1
     skipped = DetectionResult.unreadable("x.png", "cannot read image: x.png", 1.0, 1.2)
     assert json.loads(json.dumps(skipped.to_dict(), allow_nan=False))["image_score"] is None
+
+
+def test_a_config_edited_after_construction_is_not_saved_as_the_model(fitted: Detector, tmp_path: Path) -> None:
+    """The scorer is built from the config once: a params dict edited afterwards changed nothing the model
+    computes, but was saved, and the reloaded model scored differently (a pass became a flag)."""
+    det = Detector.load(fitted.save(tmp_path / "model"))
+    built_k = det.scorer.get_params()["k"]
+    det.config.scorer.params["k"] = built_k + 2
+    loaded = Detector.load(det.save(tmp_path / "again"))
+    assert loaded.scorer.get_params()["k"] == built_k
