@@ -24,16 +24,19 @@ ENTRY_POINT_GROUP = "anomaly.scorers"
 S = TypeVar("S", bound=type[Scorer])
 _REGISTRY: dict[str, type[Scorer]] = {}
 _plugins_loaded = False
+_failed_plugins: dict[str, str] = {}  # entry point name -> why it could not be loaded
 
 
 def register_scorer(cls: S) -> S:
-    """Class decorator: make ``cls`` available under ``cls.name``; a name is registered once."""
+    """Class decorator: make ``cls`` available under ``cls.name``; a name is registered once (a class of the same
+    module and name, redefined by a re-run notebook cell or a reload, replaces the earlier one)."""
     if not (isinstance(cls, type) and issubclass(cls, Scorer)):
         raise TypeError(f"register_scorer: {cls!r} is not a Scorer subclass")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_scorer: {cls.__name__} needs a non-empty class attribute 'name'")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
+    earlier = _REGISTRY.get(name)
+    if earlier is not None and (earlier.__module__, earlier.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"register_scorer: a scorer named '{name}' is already registered ({_REGISTRY[name].__name__})")
     _REGISTRY[name] = cls
     return cls
@@ -48,6 +51,8 @@ def list_scorers() -> list[str]:
 def scorer_class(name: str) -> type[Scorer]:
     """The class registered as ``name``."""
     _load_plugins()
+    if name in _failed_plugins:
+        raise ConfigError(f"scorer.name: '{name}' is unavailable: {_failed_plugins[name]}")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -82,6 +87,7 @@ def _load_plugins() -> None:
             cls = ep.load()
         except Exception as exc:  # a broken plug-in must not break the built-in scorers
             log.warning("scorer plug-in %s could not be loaded: %s", ep.value, exc)
+            _failed_plugins[ep.name] = f"its plug-in {ep.value} could not be loaded: {exc}"
             continue
         if getattr(cls, "name", None) != ep.name:
             log.warning("scorer plug-in %s: entry point name '%s' differs from %s.name", ep.value, ep.name, cls)

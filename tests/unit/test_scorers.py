@@ -180,6 +180,9 @@ def test_a_scorer_registered_from_outside_the_package_runs_in_a_detector(tmp_pat
 
     with pytest.raises(ValueError, match="already registered"):
         register_scorer(type("Other", (MeanDistance,), {"name": "test_mean_distance"}))
+    same = {"name": "test_mean_distance", "__qualname__": MeanDistance.__qualname__, "__module__": __name__}
+    assert register_scorer(type("MeanDistance", (MeanDistance,), same)) is not MeanDistance
+    register_scorer(MeanDistance)
     config = apply_overrides(
         load_config("patchcore"),
         ["scorer.name=test_mean_distance", "scorer.params={}", "backbone.image_size=[64,64]", "threshold.folds=3"],
