@@ -525,8 +525,11 @@ def discover(
         raise DataError(f"--k must be at least 1, got {k}")
     if scale not in SCALES:
         raise DataError(f"--scale must be {' or '.join(SCALES)}, got '{scale}'")
+    from anomaly._fs import check_output_dir
+
     backbone = None if config is None else load_config(config).backbone
     selected = read_scored_images(scores, all_images)
+    check_output_dir(out, "clusters.csv")  # before the regions are described
     try:
         check_k(k, len(selected.paths))
     except DataError as exc:  # few images because few were flagged: say how to include the rest

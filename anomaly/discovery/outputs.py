@@ -125,6 +125,7 @@ def _contact_sheet(result: DiscoveryResult, members: NDArray[np.intp], paths: li
         top, left = y * (THUMB + 18), x * THUMB
         sheet[top : top + thumb.shape[0], left : left + thumb.shape[1]] = thumb
         label = f"{Path(paths[slot]).parent.name}/{Path(paths[slot]).stem} {result.confidence[index]:.2f}"
+        label = label.encode("ascii", "replace").decode("ascii")  # Hershey fonts are ASCII; undecodable names crashed
         cv2.putText(sheet, label[-24:], (left + 2, top + THUMB + 13), cv2.FONT_HERSHEY_PLAIN, 0.9, (0, 0, 0), 1)
     return sheet
 

@@ -133,8 +133,9 @@ def _model_threshold(rows: list[dict[str, str]], where: Path) -> float:
         raise DataError(f"{where / 'scores.csv'}: several thresholds ({len(values)}); report one pool at a time")
     if values:
         return _float({"path": rows[0]["path"], "threshold": values.pop()}, "threshold", where)
-    flagged = [float(r["score"]) for r in rows if is_flagged(r)]
-    return min(flagged) if flagged else math.nextafter(max(float(r["score"]) for r in rows), math.inf)
+    scores = [_float(r, "score", where) for r in rows]
+    flagged = [s for s, r in zip(scores, rows) if is_flagged(r)]
+    return min(flagged) if flagged else math.nextafter(max(scores), math.inf)
 
 
 def _existing(path: Path, scores_dir: Path) -> Path | None:
@@ -194,13 +195,23 @@ def _read_evaluation(folder: Path, items: list[Item]) -> Evaluation:
     if metrics is None:
         raise DataError(f"{folder / 'metrics.json'}: not found (run `anomaly evaluate --out {folder}`)")
     result = Evaluation(metrics=metrics, aupimo=_json(folder / "aupimo.json"), pimo=_json(folder / "pimo.json"))
+    by_path = {it.path: it for it in items}
+    for name, curves in (("pimo.json", result.pimo), ("aupimo.json", result.aupimo)):
+        foreign = [p for p in (curves or {}).get("paths", []) if p not in by_path]
+        if foreign:
+            raise DataError(f"{folder / name}: {foreign[0]} is not in the scores.csv (an evaluation of other scores?)")
     if result.aupimo is not None:
-        by_path = {it.path: it for it in items}
-        per_image = result.aupimo.get("per_image", [])
-        for path, value in zip(result.aupimo.get("paths", []), per_image):
-            if path not in by_path:
-                raise DataError(f"{folder / 'aupimo.json'}: {path} is not in the scores.csv")
+        for path, value in zip(result.aupimo.get("paths", []), result.aupimo.get("per_image", [])):
             by_path[path].aupimo = value
+    evaluated = metrics.get("n_images")
+    if isinstance(evaluated, int) and evaluated != len(items):
+        log.warning(
+            "%s evaluated %d images and the scores.csv holds %d: its metrics may be of another scores run "
+            "(re-run `anomaly evaluate --scores` on this one)",
+            folder,
+            evaluated,
+            len(items),
+        )
     return result
 
 

@@ -72,6 +72,9 @@ def test_1_non_utf8_file_names_are_scored_and_written(model: Path, tmp_path: Pat
     assert (out / rows[0]["overlay_path"]).is_file() and (out / rows[0]["map_path"]).is_file()
     report = _run("report", "--scores", out, "--out", tmp_path / "report")  # crashed writing the page
     assert report.exit_code == 0, report.output
+    discovered = _run("discover", "--scores", out, "--out", tmp_path / "types", "--all", "--k", "1")
+    assert discovered.exit_code == 0, discovered.output  # cv2.putText crashed the process on the name's label
+    assert (tmp_path / "types" / "clusters.csv").is_file()
     assert "cam1_\ufffd.png" in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
 
 

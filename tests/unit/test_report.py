@@ -180,6 +180,38 @@ def _fabricate(folder: Path, n: int, *, labelled: bool = True, seed: int = 0) ->
     return scores
 
 
+def test_an_evaluation_of_other_scores_is_refused_or_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An evaluation folder of another scores run was drawn as this run's (its AUROC, its PIMO curves)."""
+    from anomaly.errors import DataError
+
+    scores = _fabricate(tmp_path, 12)
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"image_auroc": 0.97, "n_images": 20}))
+    caplog.set_level("WARNING", logger="anomaly")
+    build_report(scores, tmp_path / "report", evaluation_dir=evaluation)
+    assert "evaluated 20 images and the scores.csv holds 12" in caplog.text
+    curves = {"shared_fpr": [0.0, 1.0], "per_image_tpr": [[0.0, 1.0]], "paths": ["elsewhere/0001.png"]}
+    (evaluation / "pimo.json").write_text(json.dumps(curves))
+    with pytest.raises(DataError, match=r"pimo.json: elsewhere/0001.png is not in the scores.csv"):
+        build_report(scores, tmp_path / "report2", evaluation_dir=evaluation)
+
+
+def test_a_hand_edited_score_without_a_threshold_column_is_named(tmp_path: Path) -> None:
+    from anomaly.errors import DataError
+
+    scores = _fabricate(tmp_path, 6)
+    with (scores / "scores.csv").open() as fh:
+        rows = [{k: v for k, v in r.items() if k not in ("threshold", "is_anomalous")} for r in csv.DictReader(fh)]
+    rows[2]["score"] = "n/a"
+    with (scores / "scores.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DataError, match=r"scores.csv: .*0002.png: score 'n/a' is not a number"):
+        build_report(scores, tmp_path / "report")
+
+
 def test_without_ground_truth_there_is_no_confusion_matrix(tmp_path: Path) -> None:
     scores = _fabricate(tmp_path, 12, labelled=False)
     out = build_report(scores, tmp_path / "report")
