@@ -62,8 +62,8 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF
 _PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
-# Leading bytes of the formats Pillow or OpenCV decode (TGA and ICO have none: Pillow recognises them itself). A
-# file that Pillow cannot open and that starts with none of these is refused without calling OpenCV, which would
+# Leading bytes of the formats Pillow or OpenCV decode (TGA, PCX and SGI have none: Pillow recognises them itself).
+# A file that Pillow cannot open and that starts with none of these is refused without calling OpenCV, which would
 # print its own error to stderr.
 _FORMAT_SIGNATURES = {
     _PNG_SIGNATURE: "PNG",
@@ -84,8 +84,8 @@ _FORMAT_SIGNATURES = {
     b"qoif": "QOI",
     b"DDS ": "DDS",
 }
-# formats that OpenCV may decode where Pillow cannot open them (TIFF: libtiff's compressions and sample layouts)
-# (WebP, AVIF / HEIF: Pillow may be built without them)
+# Formats that OpenCV may decode where Pillow cannot open them: TIFF (libtiff's compressions and sample layouts),
+# WebP and AVIF / HEIF (a Pillow built without them), and those Pillow does not read at all.
 _OPENCV_TRIES = frozenset({"TIFF", "WebP", "AVIF / HEIF", "JPEG 2000", "PNM", "Radiance HDR", "Sun raster", "OpenEXR"})
 
 
