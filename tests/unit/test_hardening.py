@@ -479,32 +479,31 @@ def test_11_python_api_inputs_and_per_item_errors(model: Path, tmp_path: Path) -
 
 
 def test_13_corrupt_png_is_one_line_and_gif_is_named_unsupported(model: Path, tmp_path: Path) -> None:
+    def score_in_a_process(image: Path) -> tuple[list[str], str]:  # what the decoders print reaches stderr
+        out = tmp_path / f"out_{image.stem}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "anomaly", "score", "--model", str(model), "--out", str(out), str(image)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr
+        return [line for line in proc.stderr.splitlines() if line.startswith("error: ")], proc.stderr
+
     good = _png(tmp_path / "ok.png")
     data = bytearray(good.read_bytes())
     data[60] ^= 0xFF  # inside IDAT: a CRC error libpng would print about
     bad = tmp_path / "bad.png"
     bad.write_bytes(bytes(data))
-    proc = subprocess.run(
-        [sys.executable, "-m", "anomaly", "score", "--model", str(model), "--out", str(tmp_path / "o"), str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and "bad.png" in errors[0], proc.stderr
-    assert "libpng" not in proc.stderr and "Traceback" not in proc.stderr
+    errors, stderr = score_in_a_process(bad)
+    assert len(errors) == 1 and "bad.png" in errors[0], stderr
+    assert "libpng" not in stderr and "Traceback" not in stderr
     bmp = tmp_path / "cut.bmp"  # Pillow reads its header, OpenCV tries the pixels first and complains
     Image.new("RGB", (64, 64), (90, 30, 200)).save(bmp)
     bmp.write_bytes(bmp.read_bytes()[:3000])
-    proc = subprocess.run(
-        [sys.executable, "-m", "anomaly", "score", "--model", str(model), "--out", str(tmp_path / "b"), str(bmp)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and "(corrupt or truncated BMP" in errors[0], proc.stderr
-    assert "[ERROR" not in proc.stderr and "OpenCV" not in proc.stderr, proc.stderr
+    errors, stderr = score_in_a_process(bmp)
+    assert len(errors) == 1 and "(corrupt or truncated BMP" in errors[0], stderr
+    assert "[ERROR" not in stderr and "OpenCV" not in stderr, stderr
     gif = tmp_path / "a.gif"
     Image.new("RGB", (8, 8)).save(gif)
     _one_error_line(_run("score", "--model", model, "--out", tmp_path / "g", gif), "a.gif", "unsupported")
