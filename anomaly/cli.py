@@ -329,7 +329,8 @@ def _say_scored(rows: list[dict[str, str]], out: Path) -> None:
     from anomaly.tables import is_flagged
 
     flagged = sum(map(is_flagged, rows))
-    typer.echo(f"scored {len(rows)} images, {flagged} anomalous; results in {out / 'scores.csv'}")
+    images = f"{len(rows)} image{'s' if len(rows) != 1 else ''}"
+    typer.echo(f"scored {images}, {flagged} anomalous; results in {out / 'scores.csv'}")
 
 
 @app.command()
