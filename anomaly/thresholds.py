@@ -58,8 +58,8 @@ REFERENCE_RATIO = 1.5  # a few-shot reference scoring this many times the others
 _TAIL_SHARE = 0.2  # peaks over threshold: the top 20 % of the scores model the tail
 _MIN_POOL = 8  # below this many scores a mixture cannot be fitted
 # A batch under that size with at least this many few-shot references takes median + 3 MAD of the references' scores
-# alone: over the whole pool the scored images move it, and 4 good bottles + 1 contaminated one put it at 0.96, over
-# that bottle's 0.91 (the references alone: 0.78; with a good bottle instead, 0.74).
+# alone: over the whole pool the image judged moves it. 4 good bottles + 1 contaminated one put it at 0.96, over that
+# bottle's 0.91, and + 1 good bottle at 0.74; the references alone put it at 0.78 and 0.71.
 _MIN_NORMAL_SAMPLE = 3
 # A mostly normal window (a stream's recent scores) gets the median + 3 MAD rule below this many scores: mixtures
 # fitted to 8-12 normal scores split them, and the threshold fell to their median (bottle streams: 14 of the
