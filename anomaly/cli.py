@@ -541,7 +541,7 @@ def discover(
     progress = _Progress()
     try:
         result = run_discovery(
-            selected.paths,
+            selected.images,
             k,
             maps=selected.maps(),
             pixel_thresholds=selected.pixel_thresholds,
@@ -551,7 +551,7 @@ def discover(
         )
     finally:
         progress.close()
-    write_discovery(out, result, selected.paths)
+    write_discovery(out, result, selected.paths, selected.images)
     how = "given" if result.clusters.k_method == "given" else f"eigengap, confidence {result.clusters.k_confidence:.2f}"
     found = f"{len(selected.paths)} images, {len(result.regions)} regions -> {result.k} types ({how})"
     typer.echo(f"{found}; {out / 'clusters.csv'}")

@@ -1,7 +1,8 @@
 """Detector configuration: a typed dataclass schema loaded from YAML with strict keys.
 
 Named configs (``patchcore``, ``padim``, ``gaussian``, ``musc``, ...) ship with the package;
-``--set dotted.key=value`` overrides go through the same validation as YAML keys.
+``--set dotted.key=value`` overrides, and configs built in code (``DetectorConfig(batch_size=8)``,
+``dataclasses.replace``), go through the same validation as YAML keys. A key given twice in YAML is refused.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +37,28 @@ __all__ = [
 ]
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping of the YAML gives one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}  # key -> its line
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # keys merged by `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # the safe loader refuses it itself
+                continue
+            if key in first:
+                problem = f"duplicate key '{key}', first on line {first[key] + 1}"
+                raise _DuplicateKeyError(None, None, problem, key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 _MIN_SIDE, _MAX_SIDE = 32, 4096
 _WEIGHT_SOURCES = ("auto", "packaged", "hub")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -52,6 +77,7 @@ class BackboneConfig:
     std: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
+        _check_fields(self, "backbone.")
         if not self.layers:
             raise ConfigError("backbone.layers: give at least one layer")
         if self.image_size is not None and not all(_MIN_SIDE <= side <= _MAX_SIDE for side in self.image_size):
@@ -78,6 +104,9 @@ class ScorerConfig:
     name: str = "memory_bank"
     params: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "scorer.")
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -87,6 +116,7 @@ class TileConfig:
     overlap: float = 0.25  # least share of a tile shared with its neighbour
 
     def __post_init__(self) -> None:
+        _check_fields(self, "preprocess.tile.")
         if self.size is not None and not _MIN_SIDE <= self.size <= 65536:
             raise ConfigError(f"preprocess.tile.size: must be null or in [{_MIN_SIDE}, 65536] pixels, got {self.size}")
         if not (math.isfinite(self.overlap) and 0 <= self.overlap <= 0.75):
@@ -113,6 +143,7 @@ class PreprocessConfig:
     bit_depth: int | str = 16
 
     def __post_init__(self) -> None:
+        _check_fields(self, "preprocess.")
         if self.resize not in ("stretch", "keep_aspect", "auto"):
             raise ConfigError(f"preprocess.resize: expected stretch, keep_aspect or auto, got '{self.resize}'")
         if not (isinstance(self.standardize, bool) or self.standardize == "auto"):
@@ -131,6 +162,7 @@ class PostprocessConfig:
     blur_sigma: float = 4.0
 
     def __post_init__(self) -> None:
+        _check_fields(self, "postprocess.")
         if not (math.isfinite(self.blur_sigma) and 0 <= self.blur_sigma <= 64):
             raise ConfigError(f"postprocess.blur_sigma: must be in [0, 64] input pixels, got {self.blur_sigma}")
 
@@ -151,6 +183,7 @@ class ThresholdConfig:
     outlier_z: float | None = 10.0
 
     def __post_init__(self) -> None:
+        _check_fields(self, "threshold.")
         if not (math.isfinite(self.target_fpr) and 0 < self.target_fpr <= 0.5):
             raise ConfigError(f"threshold.target_fpr: must be in (0, 0.5], got {self.target_fpr}")
         if not 2 <= self.folds <= 100:
@@ -174,6 +207,7 @@ class DetectorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_fields(self, "")
         if not 1 <= self.batch_size <= 4096:
             raise ConfigError(f"batch_size: must be in [1, 4096], got {self.batch_size}")
         if self.seed < 0:
@@ -203,7 +237,7 @@ def load_config(name_or_path: str | Path) -> DetectorConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
@@ -231,7 +265,9 @@ def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorCon
         if not sep or not key:
             raise ConfigError(f"--set expects dotted.key=value, got '{item}'")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=_UniqueKeyLoader)
+        except _DuplicateKeyError as exc:
+            raise ConfigError(f"--set {item}: {exc.problem}") from None
         except yaml.YAMLError:
             value = text
         node = raw
@@ -276,23 +312,27 @@ def _config_dir() -> Path:
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{prefix}{key}"
+    for key in raw:
         if key not in fields:
-            raise ConfigError(f"{path}: unknown config key{_did_you_mean(key, sorted(fields))}")
-        kwargs[key] = _coerce(hints[key], value, path)
+            raise ConfigError(f"{prefix}{key}: unknown config key{_did_you_mean(str(key), sorted(fields))}")
     try:
-        return cls(**kwargs)
+        return cls(**raw)  # its __post_init__ checks the values (_check_fields)
     except TypeError as exc:  # pragma: no cover - dataclass defaults cover every field
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
 
 
+def _check_fields(config: object, prefix: str) -> None:
+    """Check every field of the config dataclass ``config`` against its type as YAML values are, and store it
+    normalised (lists as tuples, sections given as mappings built): a config built in code, by ``replace`` or from
+    YAML passes the same checks. Errors name the key (``prefix`` + field name)."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        object.__setattr__(config, name, _coerce(hint, getattr(config, name), prefix + name))
+
+
 def _coerce(hint: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path + ".")
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else _build(hint, value, path + ".")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -322,16 +362,16 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if hint is int:  # numbers.Integral: NumPy integers from code too
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list, tuple)):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return str(value)
     return value

@@ -23,7 +23,14 @@ from numpy.typing import NDArray
 
 from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
-from anomaly.data.input_checks import InputCheck, InputProfile, aspect_range, small_images, smallest_side
+from anomaly.data.input_checks import (
+    InputCheck,
+    InputProfile,
+    aspect_range,
+    middle_aspects,
+    small_images,
+    smallest_side,
+)
 from anomaly.data.inputs import OnError, check_on_error, one_or_many, training_paths
 from anomaly.data.io import significant_bits
 from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
@@ -433,11 +440,7 @@ class Detector:
                 if mirror:
                     mirrored.append(self._extract_batch(np.ascontiguousarray(batch.images[:, :, ::-1]), batch.ok))
         ok = [d for d in decoded if d.error is None]
-        profile = self.input_profile()
-        if self.reference_ is None and self._stretched() and ok:  # no references: the pool's own majority
-            median = float(np.median([w / h for h, w in (d.size for d in ok)]))
-            profile = replace(profile, aspects=(median, median), aspects_of="the pool's median")
-        check = InputCheck(profile)
+        check = self.input_check([d.size for d in ok])
         check.add_decoded(ok)
         check.warn(len(items))
         n_ref = 0 if self.reference_ is None else len(self.reference_)
@@ -586,9 +589,19 @@ class Detector:
         """Whether images are stretched to the model input (their aspect lost)."""
         return self.config.preprocess.resize == "stretch" and self.config.preprocess.tile is None
 
-    def input_check(self) -> InputCheck:
-        """An empty :class:`InputCheck` against :meth:`input_profile`, for one call's inputs."""
-        return InputCheck(self.input_profile())
+    def input_check(self, pool: list[tuple[int, int]] | None = None) -> InputCheck:
+        """An empty :class:`InputCheck` against :meth:`input_profile`, for one call's inputs. With the sizes (H, W)
+        of a zero-shot ``pool``, the aspects of the pool's middle half count as normal too, beside any references'."""
+        profile = self.input_profile()
+        if pool and self._stretched():
+            low, high = middle_aspects(pool)
+            if profile.aspects is None:
+                profile = replace(profile, aspects=(low, high), aspects_of="the middle half of the pool's")
+            else:
+                spanned = (min(profile.aspects[0], low), max(profile.aspects[1], high))
+                whose = "the references' and the middle half of the pool's"
+                profile = replace(profile, aspects=spanned, aspects_of=whose)
+        return InputCheck(profile)
 
     # ------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -665,7 +678,22 @@ class Detector:
                 )
             )
             raise WeightsUnavailableError(f"{path}: {exc}{hint}") from None
+        det._check_channels(path)
         return det
+
+    def _check_channels(self, path: Path) -> None:
+        """Refuse a model whose saved state was learnt from features of other widths than the configured
+        ``backbone.layers`` give (config.json edited and re-signed): the scorer otherwise fails on the first image
+        with an error of its internals (FAISS's bare AssertionError)."""
+        channels = self.extractor.channels
+        mismatch = self.scorer.channel_mismatch(channels)
+        if mismatch is None and self.reference_ is not None:
+            saved = [int(layer.shape[1]) for layer in self.reference_.layers]
+            if saved != channels:
+                mismatch = f"the saved references have {' + '.join(map(str, saved))}"
+        if mismatch is not None:
+            given = f"{sum(channels)} channels" + (f" ({' + '.join(map(str, channels))})" if len(channels) > 1 else "")
+            raise DataError(f"{path}: config.json backbone.layers give {given} but {mismatch}; refit the model")
 
     def _resolved_config(self) -> dict[str, Any]:
         """The config with ``weights: auto`` pinned to the source actually used, so a load elsewhere

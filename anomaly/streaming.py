@@ -87,6 +87,7 @@ class StreamingDetector:
         self._unflagged: list[float] = []  # start-up: scores of the frames not flagged (see predict)
         self._flags: deque[bool] = deque(maxlen=_BURST_FRAMES)
         self._pool_prints: deque[str] = deque(maxlen=pool_size)  # fingerprints of the pool's frames, oldest first
+        self._pool_sizes: deque[tuple[int, int]] = deque(maxlen=pool_size)  # their sizes (H, W), for the aspect check
         self._repeats_reported = False
         self._burst_reported = False
         # the decision in force: what a result of an unreadable frame reports (NaN before the first decision)
@@ -149,7 +150,7 @@ class StreamingDetector:
         decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
         self._last_decision = decision
         results = self.detector.finish(out, features.images, decision, maps=True)
-        check = self.detector.input_check()
+        check = self.detector.input_check([*self._pool_sizes, *(d.size for d in features.images)])
         check.add_decoded(features.images)
         check.warn(len(results))
         if start_up:
@@ -163,6 +164,7 @@ class StreamingDetector:
         keep = [i for i, r in enumerate(results) if self.admit == "all" or seeding or not r.is_anomalous]
         self.pool.add([x[keep] for x in features.layers])
         self._pool_prints.extend(prints[i] for i in keep)
+        self._pool_sizes.extend(features.images[i].size for i in keep)
         self._flags.extend(r.is_anomalous for r in results)
         self._report_burst()
         return results
@@ -188,6 +190,7 @@ class StreamingDetector:
         confirmed = self.detector.extract(items)
         self.pool.add(confirmed.layers)
         self._pool_prints.extend(_fingerprint(d.views) for d in confirmed.images)
+        self._pool_sizes.extend(d.size for d in confirmed.images)
         self._flags.clear()
         self._burst_reported = False
 

@@ -8,6 +8,7 @@ Every reader here raises one :class:`DataError` line naming the file.
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
@@ -18,9 +19,11 @@ __all__ = [
     "CSV_COLUMNS",
     "CSV_ENCODING",
     "escape_cell",
+    "find_scored_image",
     "is_flagged",
     "read_clusters",
     "read_scores",
+    "score_number",
     "unescape_cell",
     "write_clusters",
     "write_scores",
@@ -69,6 +72,26 @@ def read_clusters(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
 def is_flagged(row: dict[str, str]) -> bool:
     """The ``is_anomalous`` cell of a scores.csv row (``true`` in any case: a spreadsheet saves ``TRUE``)."""
     return (row.get("is_anomalous") or "").strip().lower() == "true"
+
+
+def score_number(row: dict[str, str], key: str, scores_dir: Path) -> float:
+    """The finite number in column ``key`` of a scores.csv row, or DataError naming the file, the image and the key."""
+    where = scores_dir / "scores.csv"
+    try:
+        value = float(row[key])
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {row['path']}: {key} {row.get(key)!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: {row['path']}: {key} is {value}")
+    return value
+
+
+def find_scored_image(path: str, scores_dir: Path) -> Path | None:
+    """The image file of a scores.csv path: absolute, or relative to the cwd or else to SCORES_DIR; None if absent."""
+    for candidate in (Path(path), scores_dir / path):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _write(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:

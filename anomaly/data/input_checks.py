@@ -20,7 +20,15 @@ from anomaly.data.views import ASPECT_TOLERANCE
 if TYPE_CHECKING:
     from anomaly.data.loader import DecodedImage
 
-__all__ = ["SMALL_FACTOR", "InputCheck", "InputProfile", "aspect_range", "smallest_side", "small_images"]
+__all__ = [
+    "SMALL_FACTOR",
+    "InputCheck",
+    "InputProfile",
+    "aspect_range",
+    "middle_aspects",
+    "smallest_side",
+    "small_images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,14 @@ def aspect_range(sizes: list[tuple[int, int]]) -> tuple[float, float] | None:
     """Smallest and largest aspect (width / height) of images of ``sizes`` (H, W); None without any."""
     aspects = [w / h for h, w in sizes if h > 0]
     return (min(aspects), max(aspects)) if aspects else None
+
+
+def middle_aspects(sizes: list[tuple[int, int]]) -> tuple[float, float]:
+    """The aspect (width / height) range of the middle half of images of ``sizes`` (H, W): what a zero-shot pool
+    shows as normal for its product. A homogeneous pool gives its median; parts cut at many sizes (magnetic tiles)
+    a range that four references alone would not span (half of such a pool was named against them)."""
+    low, high = np.quantile([w / h for h, w in sizes], [0.25, 0.75])
+    return float(low), float(high)
 
 
 def smallest_side(sizes: list[tuple[int, int]]) -> int | None:

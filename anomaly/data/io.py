@@ -534,8 +534,10 @@ def load_map(path: str | os.PathLike[str]) -> NDArray[np.float32]:
     """An anomaly map written by ``anomaly score --maps``: a finite (H, W) array, or DataError naming the file."""
     try:
         amap = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a map written by `anomaly score` ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the map ({exc.strerror or exc})") from None
+    except (ValueError, EOFError):  # numpy's message (about allow_pickle for any garbage) misleads
+        raise DataError(f"{path}: not a readable anomaly map (.npy float array)") from None
     if amap.ndim != 2 or amap.dtype.kind not in "fiu" or min(amap.shape) == 0:
         raise DataError(f"{path}: expected an (H, W) map of numbers, got {amap.dtype} of shape {amap.shape}")
     if not np.isfinite(amap).all():

@@ -17,7 +17,7 @@ from anomaly._fs import staged_dir
 from anomaly.data.io import load_map, read_images
 from anomaly.discovery.pipeline import DiscoveryResult
 from anomaly.errors import DataError
-from anomaly.tables import is_flagged, read_scores, write_clusters
+from anomaly.tables import find_scored_image, is_flagged, read_scores, score_number, write_clusters
 
 __all__ = ["ScoredImages", "read_scored_images", "write_discovery"]
 
@@ -28,12 +28,14 @@ SHEET_MAX = 64  # thumbnails per sheet, most confident first
 
 @dataclass(frozen=True)
 class ScoredImages:
-    """Images of a scores folder selected for discovery: paths as in scores.csv, maps, pixel thresholds.
+    """Images of a scores folder selected for discovery: paths as in scores.csv, image files, maps, pixel thresholds.
 
-    ``n_left_out`` counts the folder's images that were not selected (not flagged, without ``--all``).
+    ``images`` are the files the paths name (:func:`anomaly.tables.find_scored_image`); ``n_left_out`` counts the
+    folder's images that were not selected (not flagged, without ``--all``).
     """
 
     paths: list[str]
+    images: list[Path]
     map_files: list[Path]
     pixel_thresholds: list[float | None]
     n_left_out: int = 0
@@ -48,12 +50,15 @@ def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = Fa
     """The flagged images (or all, with ``all_images``) of an `anomaly score --maps` output folder.
 
     Raises:
-        DataError: no scores.csv, no maps (scored without --maps, or an image-level scorer), a
-            missing map file, or no image flagged anomalous when ``all_images`` is false.
+        DataError: no scores.csv, a score that is not a finite number, no maps (scored without --maps, or an
+            image-level scorer), a missing image or map file, or no image flagged anomalous when ``all_images``
+            is false.
     """
     folder = Path(scores_dir)
     csv_path = folder / "scores.csv"
     rows = read_scores(folder)
+    for row in rows:  # refused as `anomaly report` refuses it
+        score_number(row, "score", folder)
     if "is_anomalous" not in rows[0] and not all_images:
         raise DataError(f"{csv_path}: no is_anomalous column; use --all to cluster every image")
     if not any(r.get("map_path") for r in rows):
@@ -70,25 +75,38 @@ def read_scored_images(scores_dir: str | os.PathLike[str], all_images: bool = Fa
     absent = [f for f in files if not f.is_file()]
     if absent:
         raise DataError(f"{absent[0]}: map file not found")
+    paths = [r["path"] for r in selected]
     return ScoredImages(
-        [r["path"] for r in selected], files, [_threshold(r) for r in selected], len(rows) - len(selected)
+        paths, _image_files(paths, folder), files, [_threshold(r, folder) for r in selected], len(rows) - len(selected)
     )
 
 
-def _threshold(row: dict[str, str]) -> float | None:
+def _image_files(paths: list[str], folder: Path) -> list[Path]:
+    """The image file of each path, as `anomaly report` finds it, or DataError naming the first missing one."""
+    found = [find_scored_image(p, folder) for p in paths]
+    missing = [p for p, f in zip(paths, found) if f is None]
+    if missing:
+        raise DataError(
+            f"{folder / 'scores.csv'}: image {missing[0]} not found ({len(missing)} missing); relative paths are "
+            f"read from the current folder and from {folder}: run where `anomaly score` ran"
+        )
+    return [f for f in found if f is not None]
+
+
+def _threshold(row: dict[str, str], folder: Path) -> float | None:
+    """The map value a pixel must reach: the row's pixel_threshold, else its image threshold; a value that is not a
+    finite number is refused as ``report`` refuses it."""
     for key in ("pixel_threshold", "threshold"):
-        text = row.get(key) or ""
-        try:
-            value = float(text)
-        except ValueError:
-            continue
-        if math.isfinite(value):
-            return value
+        if row.get(key):
+            return score_number(row, key, folder)
     return None
 
 
-def write_discovery(out_dir: str | os.PathLike[str], result: DiscoveryResult, paths: list[str]) -> Path:
-    """Write OUT_DIR atomically: clusters.csv, summary.json and sheets/cluster_<i>.png per cluster."""
+def write_discovery(
+    out_dir: str | os.PathLike[str], result: DiscoveryResult, paths: list[str], images: list[Path]
+) -> Path:
+    """Write OUT_DIR atomically: clusters.csv (``paths``, as in scores.csv), summary.json and
+    sheets/cluster_<i>.png per cluster (thumbnails of the ``images`` files)."""
     out = Path(out_dir)
     with staged_dir(out, "clusters.csv") as tmp:
         write_clusters(
@@ -103,15 +121,17 @@ def write_discovery(out_dir: str | os.PathLike[str], result: DiscoveryResult, pa
             members = np.flatnonzero(result.labels == cluster)
             members = members[np.argsort(-result.confidence[members], kind="stable")][:SHEET_MAX]
             if len(members):
-                sheet = _contact_sheet(result, members, [paths[i] for i in members])
+                sheet = _contact_sheet(result, members, [paths[i] for i in members], [images[i] for i in members])
                 cv2.imwrite(str(tmp / "sheets" / f"cluster_{cluster}.png"), sheet)
         (tmp / "summary.json").write_text(json.dumps(result.summary(), indent=2))
     return out
 
 
-def _contact_sheet(result: DiscoveryResult, members: NDArray[np.intp], paths: list[str]) -> NDArray[np.uint8]:
-    """BGR grid of thumbnails, each region of the image outlined in red, its confidence written below."""
-    images = read_images(paths, bit_depth=None)  # 16-bit images at their depth: a 12-bit frame is not black
+def _contact_sheet(
+    result: DiscoveryResult, members: NDArray[np.intp], paths: list[str], files: list[Path]
+) -> NDArray[np.uint8]:
+    """BGR grid of thumbnails of ``files``, each region outlined in red, its name (``paths``) and confidence below."""
+    images = read_images(files, bit_depth=None)  # 16-bit images at their depth: a 12-bit frame is not black
     rows = math.ceil(len(members) / SHEET_COLUMNS)
     cols = min(len(members), SHEET_COLUMNS)
     sheet = np.full((rows * (THUMB + 18), cols * THUMB, 3), 255, np.uint8)

@@ -8,6 +8,7 @@ fetched from outside it, so no server and no network are needed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,6 +30,7 @@ __all__ = ["DATA_FILE", "build_report"]
 DATA_FILE = "report-data.js"  # also marks a folder as a report that a rebuild may replace
 _HERE = Path(__file__).parent
 _WORKERS = min(8, os.cpu_count() or 1)  # OpenCV decode/resize/encode release the GIL
+log = logging.getLogger(__name__)
 
 
 def build_report(
@@ -82,6 +84,9 @@ def _render_pictures(
             rendered.append(future.result())
             if progress is not None:
                 progress("report", done, total)
+    regenerated = sum(it.overlay is None and "overlay" in r.views for it, r in zip(content.items, rendered))
+    if regenerated:
+        log.info("%d overlay(s) regenerated from the maps (none in the scores folder)", regenerated)
     return rendered
 
 

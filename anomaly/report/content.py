@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly.errors import DataError
-from anomaly.tables import is_flagged, read_clusters, read_scores
+from anomaly.tables import find_scored_image, is_flagged, read_clusters, read_scores, score_number
 
 __all__ = ["Evaluation", "Item", "ReportContent", "load_content", "true_label"]
 
@@ -87,12 +87,12 @@ def load_content(
     # Ground truth is known when an evaluation was run, or when the paths hold both `good` and defect folders.
     has_labels = evaluation_dir is not None or len(set(labels)) == 2
     threshold = _model_threshold(rows, scores_dir)
-    images = [_existing(Path(r["path"]), scores_dir) for r in rows]
+    images = [find_scored_image(r["path"], scores_dir) for r in rows]
     items = [
         Item(
             path=r["path"],
-            score=_float(r, "score", scores_dir),
-            pixel_threshold=_float(r, "pixel_threshold", scores_dir) if r.get("pixel_threshold") else threshold,
+            score=score_number(r, "score", scores_dir),
+            pixel_threshold=score_number(r, "pixel_threshold", scores_dir) if r.get("pixel_threshold") else threshold,
             label=y if has_labels else None,
             image=image,
             map=_output_file(scores_dir, r.get("map_path", "")),
@@ -116,34 +116,16 @@ def load_content(
     )
 
 
-def _float(row: dict[str, str], key: str, where: Path) -> float:
-    try:
-        value = float(row[key])
-    except (TypeError, ValueError):
-        raise DataError(f"{where / 'scores.csv'}: {row['path']}: {key} {row.get(key)!r} is not a number") from None
-    if not math.isfinite(value):
-        raise DataError(f"{where / 'scores.csv'}: {row['path']}: {key} is {value}")
-    return value
-
-
 def _model_threshold(rows: list[dict[str, str]], where: Path) -> float:
     """The image threshold of scores.csv; without one, the lowest flagged score (or above every score)."""
     values = {r.get("threshold") or "" for r in rows} - {""}
     if len(values) > 1:
         raise DataError(f"{where / 'scores.csv'}: several thresholds ({len(values)}); report one pool at a time")
     if values:
-        return _float({"path": rows[0]["path"], "threshold": values.pop()}, "threshold", where)
-    scores = [_float(r, "score", where) for r in rows]
+        return score_number({"path": rows[0]["path"], "threshold": values.pop()}, "threshold", where)
+    scores = [score_number(r, "score", where) for r in rows]
     flagged = [s for s, r in zip(scores, rows) if is_flagged(r)]
     return min(flagged) if flagged else math.nextafter(max(scores), math.inf)
-
-
-def _existing(path: Path, scores_dir: Path) -> Path | None:
-    """The image file as written in scores.csv (absolute, or relative to the cwd or to SCORES_DIR)."""
-    for candidate in (path, scores_dir / path):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def _warn_missing(rows: list[dict[str, str]], items: list[Item], scores_dir: Path) -> None:
@@ -157,6 +139,12 @@ def _warn_missing(rows: list[dict[str, str]], items: list[Item], scores_dir: Pat
             len(items),
             lost[0],
             scores_dir,
+        )
+    if "map_path" not in rows[0] and (scores_dir / "maps").is_dir():
+        log.warning(
+            "%s: no map_path column, though %s exists: the report shows no maps",
+            scores_dir / "scores.csv",
+            scores_dir / "maps",
         )
     gone = [scores_dir / r["map_path"] for r, it in zip(rows, items) if r.get("map_path") and it.map is None]
     if gone:

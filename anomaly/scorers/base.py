@@ -111,6 +111,11 @@ class Scorer(ABC):
         """Refuse parameters that name feature layers beyond the ``n_layers`` the backbone gives (none here)."""
         return None
 
+    def channel_mismatch(self, channels: list[int]) -> str | None:
+        """How the fitted state disagrees with features of ``channels`` per layer (finest first), e.g. "the saved
+        bank has 192"; None when it agrees or says nothing of them (the default)."""
+        return None
+
     @abstractmethod
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> Scorer:
         """Learn the normal state from features of normal images; returns self."""

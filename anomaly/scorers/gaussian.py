@@ -36,6 +36,13 @@ class GlobalGaussianScorer(Scorer):
         self.means_: list[np.ndarray] | None = None
         self.precisions_: list[np.ndarray] | None = None
 
+    def channel_mismatch(self, channels: list[int]) -> str | None:
+        """One Gaussian per layer, of that layer's channels."""
+        saved = None if self.means_ is None else [len(mean) for mean in self.means_]
+        if saved is None or saved == channels:
+            return None
+        return f"the saved per-layer Gaussians have {' + '.join(map(str, saved))}"
+
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> GlobalGaussianScorer:
         """Fit one Ledoit-Wolf Gaussian per layer."""
         from sklearn.covariance import LedoitWolf
@@ -104,6 +111,12 @@ class PadimScorer(Scorer):
         self.channels_: np.ndarray | None = None
         self.mean_: torch.Tensor | None = None
         self.chol_: torch.Tensor | None = None
+
+    def channel_mismatch(self, channels: list[int]) -> str | None:
+        """The saved channel subset indexes the layers' channels side by side."""
+        if self.channels_ is not None and len(self.channels_) and self.channels_.max() >= sum(channels):
+            return f"the saved channel subset needs at least {int(self.channels_.max()) + 1}"
+        return None
 
     def _embed(self, layers: list[torch.Tensor]) -> torch.Tensor:
         h, w = layers[0].shape[-2:]

@@ -145,6 +145,12 @@ class MemoryBankScorer(Scorer):
         if self.grid_layer >= n_layers:
             raise ConfigError(f"scorer.params.grid_layer {self.grid_layer} is beyond the backbone's {n_layers} layers")
 
+    def channel_mismatch(self, channels: list[int]) -> str | None:
+        """The bank's rows are the layers' channels side by side."""
+        if self.bank_ is not None and self.bank_.shape[1] != sum(channels):
+            return f"the saved bank has {self.bank_.shape[1]}"
+        return None
+
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> MemoryBankScorer:
         """Build the bank (one global coreset) from features of normal images."""
         self._validate_params()

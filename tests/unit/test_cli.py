@@ -250,6 +250,46 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "unreadable"]  # nothing half-written
 
 
+def test_config_defects_are_one_line_naming_the_file_and_key_with_exit_2(
+    model_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A key given twice in a YAML config or a --set value, and a model whose config.json was given other
+    backbone.layers and re-signed (FAISS failed on the first image with a bare AssertionError)."""
+    from anomaly._fs import file_sha256
+    from anomaly.model_dir import signed
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("backbone:\n  name: resnet18\n  name: tf_efficientnet_lite0\n")
+    edited = Path(shutil.copytree(model_dir, tmp_path / "edited"))
+    config = json.loads((edited / "config.json").read_text())
+    config["backbone"]["layers"] = ["blocks.2", "blocks.3"]  # 40 + 80 channels, the bank's rows 40 + 112
+    (edited / "config.json").write_text(json.dumps(config))
+    meta = json.loads((edited / "meta.json").read_text())
+    meta["files"]["config.json"] = file_sha256(edited / "config.json")
+    (edited / "meta.json").write_text(json.dumps(signed(meta)))
+    test = synthetic_root / "test"
+    for args, message in [
+        (
+            ["fit", "--config", twice, "--out", tmp_path / "o1", synthetic_root],
+            f"{twice}: invalid YAML (line 3, column 3: duplicate key 'name', first on line 2)",
+        ),
+        (
+            ["fit", "--set", "threshold={folds: 3, folds: 5}", "--out", tmp_path / "o2", synthetic_root],
+            "--set threshold={folds: 3, folds: 5}: duplicate key 'folds', first on line 1",
+        ),
+        (
+            ["score", "--model", edited, "--out", tmp_path / "o3", test],
+            f"{edited}: config.json backbone.layers give 120 channels (40 + 80) but the saved bank has 152; "
+            "refit the model",
+        ),
+    ]:
+        result = _run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert [line for line in result.output.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+        assert "Traceback" not in result.output
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
 def test_score_device_overrides_the_models(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
     import torch
 
@@ -587,3 +627,9 @@ def test_evaluate_refuses_or_names_what_would_change_its_figures(
     partial = _run(*base)
     assert partial.exit_code == 0 and "1 of the 10 rows of scores.csv have no map" in partial.output
     assert "pixel_auroc" not in partial.output
+    for bad, needle in (("nan", "score is nan"), ("high", "score 'high' is not a number")):
+        cells = lines[1].split(",")
+        cells[header.index("score")] = bad  # a hand-edited score: NaN ranked anywhere, text was a traceback
+        (out / "scores.csv").write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+        edited = _run(*base)
+        assert edited.exit_code == 2 and needle in edited.output and "Traceback" not in edited.output, edited.output

@@ -1,9 +1,21 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 
 from anomaly import ConfigError, load_config
-from anomaly.config import apply_overrides, config_names
+from anomaly.config import (
+    BackboneConfig,
+    DetectorConfig,
+    PreprocessConfig,
+    ThresholdConfig,
+    TileConfig,
+    apply_overrides,
+    config_names,
+    from_dict,
+)
 from anomaly.scorers import get_scorer
 
 
@@ -82,3 +94,41 @@ def test_unknown_scorer_param_is_rejected() -> None:
         get_scorer("memory_bank", {"coreset_ration": 0.1})
     with pytest.raises(ConfigError, match="unknown scorer 'memorybank'"):
         get_scorer("memorybank", {})
+
+
+def test_a_key_given_twice_is_refused_with_its_file_and_line(tmp_path) -> None:
+    """PyYAML keeps the last of two equal keys: a config that set target_fpr twice ran with the second silently."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("threshold:\n  target_fpr: 0.05\n  folds: 5\n  target_fpr: 0.2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: invalid YAML (line 4, column 3: duplicate key 'target_fpr', first on line 2)"
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(load_config("patchcore"), ["threshold={folds: 3, folds: 5}"])
+    assert str(info.value) == "--set threshold={folds: 3, folds: 5}: duplicate key 'folds', first on line 1"
+    merged = tmp_path / "merged.yaml"  # keys merged by `<<` (from an anchor, say) may still be overridden
+    merged.write_text("threshold:\n  <<: {target_fpr: 0.05, folds: 5}\n  folds: 4\n")
+    assert load_config(merged).threshold == ThresholdConfig(target_fpr=0.05, folds=4)
+
+
+def test_configs_built_in_code_are_checked_as_yaml_values_are() -> None:
+    """The dataclasses built in code (or by ``replace``) skipped the type checks of YAML and --set: a string batch
+    size raised a bare TypeError, ``pretrained="no"`` meant pretrained and a float folds count was kept."""
+    config = load_config("patchcore")
+    for make, message in [
+        (lambda: DetectorConfig(batch_size="16"), "batch_size: expected an integer, got '16'"),
+        (lambda: BackboneConfig(pretrained="no"), "backbone.pretrained: expected true/false, got 'no'"),
+        (lambda: ThresholdConfig(folds=3.5), "threshold.folds: expected an integer, got 3.5"),
+        (lambda: replace(config, seed=1.5), "seed: expected an integer, got 1.5"),
+        (lambda: DetectorConfig(backbone={"nmae": "x"}), "backbone.nmae: unknown config key; did you mean 'name'?"),
+        (
+            lambda: replace(config, preprocess=PreprocessConfig(tile=TileConfig(size=64.5))),
+            "preprocess.tile.size: expected an integer, got 64.5",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert str(info.value) == message
+    built = DetectorConfig(BackboneConfig(layers="blocks.2", image_size=[128, 128]), batch_size=np.int64(8))
+    assert built.backbone.layers == ("blocks.2",) and built.backbone.image_size == (128, 128)  # as YAML reads them
+    assert type(built.batch_size) is int and from_dict(built.to_dict()) == built

@@ -396,15 +396,35 @@ def test_an_image_far_from_the_training_aspect_is_named_in_a_warning(
 
 
 def test_a_zero_shot_pool_names_images_far_from_its_own_aspect(caplog: pytest.LogCaptureFixture) -> None:
-    """Without references the pool is all there is: images stretched far from its median aspect are named."""
+    """Without references the pool is all there is: images stretched far from its middle half's aspects are named."""
     rng = np.random.default_rng(0)
     pool = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
     wide = rng.integers(0, 255, (60, 150, 3), dtype=np.uint8)
     caplog.set_level("WARNING", logger="anomaly")
     Detector(_config("musc")).predict([*pool, wide])
     (line,) = [r.message for r in caplog.records if "aspect" in r.message]
-    assert line.startswith("1 of 5 image(s) have an aspect (width / height) outside the pool's median (1.00)")
+    assert line.startswith(
+        "1 of 5 image(s) have an aspect (width / height) outside the middle half of the pool's (1.00)"
+    )
     assert line.endswith("First: an image of 150x60 px")
+
+
+def test_a_pool_with_references_names_only_images_far_from_both(caplog: pytest.LogCaptureFixture) -> None:
+    """Three square references cannot show what a product cut at many sizes looks like: the aspects the pool's
+    middle half spans count as normal beside theirs, so only an image far from both is named."""
+    rng = np.random.default_rng(0)
+    references = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(3)]
+    pool = [rng.integers(0, 255, (96, 96 + 12 * i, 3), dtype=np.uint8) for i in range(8)]  # aspects 1.0-1.9
+    strip = rng.integers(0, 255, (40, 240, 3), dtype=np.uint8)  # 6:1
+    det = Detector(_config("musc", "scorer.params.augment_references=false")).fit(references)
+    caplog.set_level("WARNING", logger="anomaly")
+    det.predict([*pool, strip])
+    (line,) = [r.message for r in caplog.records if "aspect" in r.message]
+    assert line.startswith(
+        "1 of 9 image(s) have an aspect (width / height) outside the references' and the middle half of the pool's "
+        "(1.00-1.75)"
+    )
+    assert line.endswith("First: an image of 240x40 px")
 
 
 def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
@@ -454,3 +474,39 @@ def test_a_config_edited_after_construction_is_not_saved_as_the_model(fitted: De
     det.config.scorer.params["k"] = built_k + 2
     loaded = Detector.load(det.save(tmp_path / "again"))
     assert loaded.scorer.get_params()["k"] == built_k
+
+
+def _resign_with_layers(path: Path, layers: list[str]) -> None:
+    """Edit config.json's backbone.layers and sign meta.json again, as a hand edit that recomputes the digests."""
+    from anomaly._fs import file_sha256
+
+    config = json.loads((path / "config.json").read_text())
+    config["backbone"]["layers"] = layers
+    (path / "config.json").write_text(json.dumps(config))
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["config.json"] = file_sha256(path / "config.json")
+    (path / "meta.json").write_text(json.dumps(signed(meta)))
+
+
+@pytest.mark.parametrize(
+    ("name", "saved"),
+    [
+        ("patchcore", "the saved bank has 152"),
+        ("padim", "the saved channel subset needs at least 176"),
+        ("gaussian", "the saved per-layer Gaussians have 16 + 24 + 40 + 112 + 320"),
+        ("musc", "the saved references have 40 + 112 + 320"),
+    ],
+)
+def test_layers_edited_against_the_saved_state_are_named_at_load(name: str, saved: str, tmp_path: Path) -> None:
+    """config.json's backbone.layers edited and meta.json re-signed: the memory bank failed at the first image with
+    FAISS's bare AssertionError (the other scorers with an IndexError, ValueError or RuntimeError of their own)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    tiny = ["backbone.image_size=[64,64]", "backbone.pretrained=false", "threshold.folds=3", "batch_size=6"]
+    path = Detector(apply_overrides(load_config(name), tiny)).fit(images).save(tmp_path / "model")
+    _resign_with_layers(path, ["blocks.2", "blocks.3"])  # lite0: 40 + 80 channels
+    with pytest.raises(DataError) as info:
+        Detector.load(path)
+    assert str(info.value) == (
+        f"{path}: config.json backbone.layers give 120 channels (40 + 80) but {saved}; refit the model"
+    )

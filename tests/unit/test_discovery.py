@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -199,12 +200,15 @@ def test_scores_and_clusters_csv_keep_odd_file_names_exactly(tmp_path: Path) -> 
     rows = []
     for i, name in enumerate(names):
         np.save(tmp_path / "maps" / f"{i}.npy", np.zeros((4, 4), np.float32))
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()  # found relative to the scores folder
         rows.append({"path": name, "score": "1.0", "is_anomalous": "true", "threshold": "0.5",
                      "pixel_threshold": "0.5", "map_path": f"maps/{i}.npy", "overlay_path": ""})  # fmt: skip
     write_scores(tmp_path / "scores.csv", rows)
     assert b"\n'=cmd.png," in (tmp_path / "scores.csv").read_bytes()  # safe to open in a spreadsheet
     assert [r["path"] for r in read_scores(tmp_path)] == names
-    assert read_scored_images(tmp_path).paths == names
+    selected = read_scored_images(tmp_path)
+    assert selected.paths == names and selected.images == [tmp_path / name for name in names]
     clusters = [{"path": name, "cluster": "0", "confidence": "0.9", "n_regions": "1"} for name in names]
     write_clusters(tmp_path / "clusters.csv", clusters)
     assert [r["path"] for r in read_clusters(tmp_path)] == names
@@ -315,6 +319,59 @@ def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
     assert "number of images" in with_all and "--all" not in with_all
     assert not (tmp_path / "o").exists()  # nothing half-written
     assert "exactly one of" in _error(["evaluate", "--root", str(tmp_path)])
+
+
+def _copy_with_rows(scores_dir: Path, out: Path, rows: list[dict[str, str]]) -> Path:
+    """A copy of ``scores_dir`` (maps included) at ``out`` whose scores.csv holds ``rows``."""
+    shutil.copytree(scores_dir, out)
+    with (out / "scores.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_discover_reads_relative_image_paths_from_the_scores_folder_too(
+    scores_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths relative to SCORES_DIR were read from the current folder only ('image not found'); `anomaly report`
+    reads them from both."""
+    rows = list(csv.DictReader((scores_dir / "scores.csv").open()))
+    sources = [Path(r["path"]) for r in rows]
+    for row, source in zip(rows, sources):
+        row["path"] = f"images/{source.parent.name}/{source.name}"
+    scores = _copy_with_rows(scores_dir, tmp_path / "scores", rows)
+    for row, source in zip(rows, sources):
+        (scores / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, scores / row["path"])
+    monkeypatch.chdir(tmp_path)  # no images/ here: only the scores folder has them
+    result = runner.invoke(app, ["discover", "--scores", "scores", "--out", "types", "--k", "3"])
+    assert result.exit_code == 0, result.output
+    clustered = [r["path"] for r in csv.DictReader((tmp_path / "types" / "clusters.csv").open())]
+    assert clustered == [r["path"] for r in rows if r["is_anomalous"] == "true"]  # as written in scores.csv
+    assert len(list((tmp_path / "types" / "sheets").glob("cluster_*.png"))) == 3
+    (scores / clustered[0]).unlink()
+    error = _error(["discover", "--scores", "scores", "--out", "gone", "--k", "3"])
+    assert f"image {clustered[0]} not found" in error and "from the current folder and from scores" in error
+    assert not (tmp_path / "gone").exists()
+
+
+def test_discover_refuses_a_nan_score_as_report_does(scores_dir: Path, tmp_path: Path) -> None:
+    """A nan score or pixel threshold was used or skipped by `anomaly discover` and refused by `anomaly report`."""
+    rows = list(csv.DictReader((scores_dir / "scores.csv").open()))
+    rows[0]["score"] = "nan"
+    scores = _copy_with_rows(scores_dir, tmp_path / "scores", rows)
+    for command in ("discover", "report"):
+        error = _error([command, "--scores", str(scores), "--out", str(tmp_path / command)])
+        assert error == f"error: {scores / 'scores.csv'}: {rows[0]['path']}: score is nan"
+        assert not (tmp_path / command).exists()
+    rows[0]["score"] = rows[1]["score"]
+    flagged = next(r for r in rows if r["is_anomalous"] == "true")
+    flagged["pixel_threshold"] = "nan"  # was skipped silently for the image threshold
+    scores = _copy_with_rows(scores_dir, tmp_path / "pixel", rows)
+    for command in ("discover", "report"):
+        error = _error([command, "--scores", str(scores), "--out", str(tmp_path / f"{command}2")])
+        assert error == f"error: {scores / 'scores.csv'}: {flagged['path']}: pixel_threshold is nan"
 
 
 def test_discover_api_takes_detection_results(scores_dir: Path) -> None:

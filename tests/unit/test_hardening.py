@@ -588,7 +588,7 @@ def test_11_damaged_score_folders_are_one_error_line_in_report_and_discover(
     report = ["report", "--scores", scores, "--out", tmp_path / "report"]
     discover = ["discover", "--scores", scores, "--out", tmp_path / "types", "--k", "2"]
     for damage, needle in (
-        (lambda: map_file.write_bytes(b"garbage"), "not a map written by `anomaly score`"),
+        (lambda: map_file.write_bytes(b"garbage"), "not a readable anomaly map (.npy float array)"),
         (lambda: np.save(map_file, np.full((8, 8), np.nan, np.float32)), "NaN or infinite"),
         (lambda: np.save(map_file, np.zeros((1, 8, 8))), "expected an (H, W) map"),
     ):

@@ -254,6 +254,68 @@ def test_missing_images_and_maps_are_named_and_a_good_only_set_says_what_flags_a
     assert "each flagged image is a false positive" in html and 'id="cm-tp"' not in html
 
 
+def _write_rows(scores: Path, rows: list[dict[str, str]]) -> None:
+    with (scores / "scores.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _with_maps(scores: Path) -> list[dict[str, str]]:
+    """The rows of a :func:`_fabricate` scores.csv, each given a flat map (at its score) under maps/."""
+    rows = _rows(scores)
+    (scores / "maps").mkdir()
+    for i, row in enumerate(rows):
+        row["map_path"] = f"maps/{i:04d}.npy"
+        np.save(scores / row["map_path"], np.full((48, 48), float(row["score"]), np.float32))
+    return rows
+
+
+def test_a_damaged_map_is_one_error_line_naming_it(tmp_path: Path) -> None:
+    """Any file that is not a .npy array gave numpy's advice about allow_pickle as the error."""
+    scores = _fabricate(tmp_path, 3)
+    rows = _with_maps(scores)
+    _write_rows(scores, rows)
+    map_file = scores / rows[1]["map_path"]
+    good = map_file.read_bytes()
+    for damaged in (b"garbage", good[:-16]):  # not a .npy file; a truncated one
+        map_file.write_bytes(damaged)
+        result = _run("report", "--scores", scores, "--out", tmp_path / "report")
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2, result.output
+        assert errors == [f"error: {map_file}: not a readable anomaly map (.npy float array)"], result.output
+        assert "allow_pickle" not in result.output and not (tmp_path / "report").exists()
+
+
+def test_maps_without_a_map_path_column_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A renamed map_path column read as 'scored without maps', silently, beside a maps/ folder."""
+    scores = _fabricate(tmp_path, 3)
+    rows = _with_maps(scores)
+    for row in rows:
+        row["maps"] = row.pop("map_path")
+    _write_rows(scores, rows)
+    with caplog.at_level("WARNING"):
+        out = build_report(scores, tmp_path / "report")
+    expected = f"{scores / 'scores.csv'}: no map_path column, though {scores / 'maps'} exists"
+    assert any(expected in r.getMessage() for r in caplog.records), caplog.text
+    assert all("map" not in it["views"] for it in _data(out)["items"])
+
+
+def test_regenerated_overlays_are_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Overlays drawn from the maps, where scores.csv lists none, were drawn silently."""
+    scores = _fabricate(tmp_path, 3)
+    rows = _with_maps(scores)
+    rows[0]["overlay_path"] = "overlays/0000.png"  # this one was written by `anomaly score`
+    (scores / "overlays").mkdir()
+    cv2.imwrite(str(scores / rows[0]["overlay_path"]), np.zeros((48, 48, 3), np.uint8))
+    _write_rows(scores, rows)
+    with caplog.at_level("INFO"):
+        out = build_report(scores, tmp_path / "report")
+    messages = [r.getMessage() for r in caplog.records if "overlay" in r.getMessage()]
+    assert messages == ["2 overlay(s) regenerated from the maps (none in the scores folder)"]
+    assert all("overlay" in it["views"] for it in _data(out)["items"])
+
+
 def test_report_in_chromium(scored: SimpleNamespace, open_report: Any, tmp_path: Path) -> None:
     out = build_report(scored.scores, tmp_path / "report", scored.eval, scored.discovery)
     opened = open_report(out)
