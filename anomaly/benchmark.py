@@ -89,7 +89,7 @@ def run_benchmark(
     if dataset != "folder" and not categories and (root / "test").is_dir():  # a category, not the dataset root
         raise DataError(f"--root {root}: a category folder; give its dataset root: --root {root.parent} --category "
                         f"{root.name} (or --dataset folder)")  # fmt: skip
-    names = categories or (_find(root, dataset, test_only) if dataset != "folder" else [root.name])
+    names = _category_names(categories) or (_find(root, dataset, test_only) if dataset != "folder" else [_name(root)])
     if not names:
         raise DataError(f"--root {root}: no {dataset} category found")
     if not categories and dataset == "mvtec":
@@ -133,6 +133,27 @@ def _finish_tables(
         rows.append(_mean_row(rows))
         _write_tables(rows, out_dir)
     return rows
+
+
+def _category_names(categories: list[str]) -> list[str]:
+    """``--category`` values as folder names, each once in the order given (tab completion's trailing slash dropped);
+    a path is refused: its outputs would land outside --out."""
+    names = []
+    for given in categories:
+        name = given.rstrip("/\\")
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise DataError(f"--category {given}: give a category's folder name under --root (e.g. bottle), not a path")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _name(root: Path) -> str:
+    """The category name of a ``--dataset folder`` root (``.`` and ``..`` resolved)."""
+    name = root.resolve().name
+    if not name:
+        raise DataError(f"--root {root}: the file system root is not a category folder")
+    return name
 
 
 def _say_left_out(root: Path, names: list[str], test_only: bool) -> None:
@@ -249,16 +270,21 @@ def _load(dataset: str, root: Path, name: str, test_only: bool = False) -> Categ
     ]
     mask_root = next((root / m for m in ("masks", "ground_truth") if (root / m).is_dir()), None)
     mask_dirs = [mask_root / d.name for d in defects] if mask_root is not None else None
+    for defect, masks in zip(defects, mask_dirs or []):
+        if not masks.is_dir():
+            raise DataError(
+                f"{defect}: read as a defect type (every folder beside good/ is one), but {masks} does not exist"
+            )
     return load_folder(root / "good", defects, mask_dirs)  # type: ignore[arg-type]
 
 
 def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progress: Any) -> dict[str, Any]:
     memory_apart = reset_peak_rss()  # else the column holds the process's peak over the categories run so far
+    start = time.perf_counter()  # fit_s includes building the backbone (README)
     detector = Detector(config)
     cuda = detector.extractor.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
     if not detector.zero_shot:
         detector.fit([s.image_path for s in data.train], progress=progress)
     fit_s = time.perf_counter() - start

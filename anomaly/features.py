@@ -107,18 +107,23 @@ def resolve_weights(name: str, weights: str = "auto", pretrained: bool = True) -
 
 
 def list_offline_backbones() -> list[tuple[str, WeightsSource]]:
-    """Backbones whose weights are available right now without network (packaged or HF cache)."""
+    """Backbones whose weights are available right now without network, each with the source ``weights: auto``
+    takes for it offline (:func:`resolve_weights`): a Hugging Face cache entry holding a weights file, else
+    packaged weights. A cache entry without weights (a config fetched alone) is not listed."""
     import timm
 
+    names = [*PACKAGED_WEIGHTS, *(repo.split("/", 1)[1] for repo in _hf_cached_timm_repos())]
     found: list[tuple[str, WeightsSource]] = []
-    for name in PACKAGED_WEIGHTS:
-        path = _packaged_file(name)
-        if path is not None:
-            found.append((name, WeightsSource("packaged", str(path))))
-    for repo in _hf_cached_timm_repos():
-        name = repo.split("/", 1)[1]
-        if timm.is_model(name.split(".")[0]):
-            found.append((name, WeightsSource("hub-cache", repo)))
+    for name in dict.fromkeys(names):
+        if not timm.is_model(name.split(".")[0]):
+            continue
+        cached = _hub_cached_file(name)
+        if cached is not None:
+            found.append((name, WeightsSource("hub-cache", cached)))
+            continue
+        packaged = _packaged_file(name)
+        if packaged is not None:
+            found.append((name, WeightsSource("packaged", str(packaged))))
     return found
 
 

@@ -187,9 +187,9 @@ def suspect_references(scores: ArrayLike, owners: Sequence[str]) -> NDArray[np.b
     ``owners`` names the reference of each row; a reference's score is the highest of its rows. With at least
     3 references, one scoring more than 1.5x the median of the others' is suspect: four good references of
     10 real categories stay within 1.45x of each other (magnetic tiles; most within 1.2x), one defective bottle
-    among three good ones scores 1.7-2.4x, a chipped glass pane 3x (benchmarks/README.md section 13). The floor a reference sets under the pool threshold would
-    otherwise sit at a defect's level. Nothing is suspect when any score is not positive or when half of
-    the references or more would be.
+    among three good ones scores 1.7-2.4x, a chipped glass pane 3x (benchmarks/README.md section 13). The floor a
+    reference sets under the pool threshold would otherwise sit at a defect's level. Nothing is suspect when any
+    score is not positive or when half of the references or more would be.
     """
     values = np.asarray(scores, dtype=np.float64).ravel()
     names, owner = np.unique(np.asarray(owners, dtype=str), return_inverse=True)

@@ -228,9 +228,10 @@ def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
         raise DataError(f"category {category!r} not in {csv_path}; available: {', '.join(sorted(objects))}")
     train: list[Sample] = []
     test: list[Sample] = []
+    listed: dict[Path, int] = {}  # image -> its line
     for line, row in rows:
         where = f"{csv_path}, line {line}"
-        split, label_name = row["split"].strip(), row["label"].strip().lower()
+        split, label_name = row["split"].strip().lower(), row["label"].strip().lower()
         if split not in ("train", "test"):
             raise DataError(f"{where}: split must be 'train' or 'test', got {split!r}")
         if label_name not in _VISA_LABELS:
@@ -238,14 +239,17 @@ def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
         label = _VISA_LABELS[label_name]
         if split == "train" and label:
             raise DataError(f"{where}: anomalous image in the training split")
-        image = root / row["image"].strip()
+        image = root / _relative(row["image"])
         if not image.is_file():
             raise DataError(f"{where}: image not found: {image}")
+        if image in listed:  # a test image learnt by the fit, or counted twice by the metrics
+            raise DataError(f"{where}: {image} is listed again (first on line {listed[image]})")
+        listed[image] = line
         mask = None
         if label:
             if not row["mask"].strip():
                 raise DataError(f"{where}: anomalous image without mask: {image}")
-            mask = root / row["mask"].strip()
+            mask = root / _relative(row["mask"])
             if not mask.is_file():
                 raise DataError(f"{where}: mask not found: {mask}")
         if split == "train":
@@ -375,10 +379,17 @@ def _mask_index(mask_dir: Path) -> dict[tuple[str, ...], Path]:
     return index
 
 
+def _relative(cell: str) -> str:
+    """A split file's path cell as a POSIX relative path (files written on Windows use backslashes)."""
+    return cell.strip().replace("\\", "/")
+
+
 def _read_visa_csv(csv_path: Path, category: str | None) -> tuple[list[tuple[int, dict[str, str]]], set[str]]:
     """Read the split file: ``(line number, row)`` pairs of ``category`` (all if None) and all object names."""
     with csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
+        if reader.fieldnames is not None:  # "object, split, ..." as a spreadsheet may write it
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
         missing = [c for c in _VISA_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(_VISA_COLUMNS)}")

@@ -633,3 +633,34 @@ def test_evaluate_refuses_or_names_what_would_change_its_figures(
         (out / "scores.csv").write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
         edited = _run(*base)
         assert edited.exit_code == 2 and needle in edited.output and "Traceback" not in edited.output, edited.output
+
+
+def test_benchmark_names_its_categories_as_folders_inside_out(synthetic_root: Path, tmp_path: Path) -> None:
+    """A path given as --category wrote scores/ and result.json into the dataset folder itself; `widget/` and
+    `widget` given together ran twice and weighted the mean; `--root ..` of a folder dataset wrote beside --out;
+    a defect folder without its masks folder was named as a missing file only."""
+    root = synthetic_root.parent
+    args = ["benchmark", "--dataset", "mvtec", "--root", root, *SMALL, "--set", "threshold.folds=3"]
+    path = _run(*args, "--category", synthetic_root, "--out", tmp_path / "p")
+    assert path.exit_code == 2 and "give a category's folder name under --root (e.g. bottle), not a path" in path.output
+    assert not (synthetic_root / "result.json").exists() and not (tmp_path / "p").exists()
+    once = _run(*args, "--category", "widget/", "--category", "widget", "--out", tmp_path / "o")
+    assert once.exit_code == 0, once.output
+    with (tmp_path / "o" / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "mean"]
+    assert (tmp_path / "o" / "widget" / "result.json").is_file()
+    plain = tmp_path / "plain"
+    shutil.copytree(synthetic_root / "train" / "good", plain / "good")
+    shutil.copytree(synthetic_root / "test" / "good", plain / "notes")  # not a defect type, but read as one
+    (plain / "masks").mkdir()
+    folder = _run("benchmark", "--dataset", "folder", "--root", plain / "good" / "..", "--out", tmp_path / "f")
+    assert folder.exit_code == 2
+    assert (
+        f"{plain / 'good' / '..' / 'notes'}: read as a defect type (every folder beside good/ is one)" in folder.output
+    )
+    shutil.rmtree(plain / "notes")
+    shutil.rmtree(plain / "masks")
+    shutil.copytree(synthetic_root / "test" / "scratch", plain / "scratch")
+    folder = _run("benchmark", "--dataset", "folder", "--root", plain / "good" / "..", "--out", tmp_path / "f", *SMALL)
+    assert folder.exit_code == 0, folder.output
+    assert (tmp_path / "f" / "plain" / "result.json").is_file()

@@ -545,6 +545,24 @@ def test_load_visa_rejects_anomalous_training_row(tmp_path: Path) -> None:
         load_visa(tmp_path, "c")
 
 
+def test_load_visa_reads_split_files_as_written_and_refuses_an_image_listed_twice(tmp_path: Path) -> None:
+    """A header written with spaces, `Train` and backslash paths were refused; an image listed in both splits was
+    learnt by the fit and then scored as a test image."""
+    _visa_tree(tmp_path)
+    expected = load_visa(tmp_path, "candle")
+    split = tmp_path / "split_csv" / "1cls.csv"
+    lines = split.read_text().splitlines()
+    edited = [line.replace("/", "\\").replace(",train,", ",Train,") for line in lines[1:]]
+    split.write_text("\r\n".join(["object, split, label, image, mask", *edited]) + "\r\n")
+    assert load_visa(tmp_path, "candle") == expected
+    train_row = next(line for line in lines if line.startswith("candle,train"))
+    split.write_text("\n".join([*lines, train_row.replace(",train,", ",test,")]) + "\n")
+    with pytest.raises(
+        DataError, match=rf"line {len(lines) + 1}: .*Normal/\d+\.JPG is listed again \(first on line \d+\)"
+    ):
+        load_visa(tmp_path, "candle")
+
+
 def test_load_visa_converted_layout_without_csv(synthetic_root: Path) -> None:
     assert find_categories(synthetic_root.parent, "visa") == ["widget"]
     assert load_visa(synthetic_root.parent, "widget") == load_mvtec(synthetic_root)

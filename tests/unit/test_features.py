@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import timm
@@ -205,3 +206,27 @@ def test_unreachable_hub_fails_at_once_with_the_options(monkeypatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy the download itself decides
     assert resolve_weights("resnet18", "hub").kind == "hub"
     assert len(tried) == 1
+
+
+def test_offline_backbones_list_what_auto_takes_and_only_cache_entries_with_weights(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A cache entry holding only config.json was listed, and fit then found no weights; a cached lite0 was listed
+    as packaged while `weights: auto` took the cached copy."""
+    for repo, files in (
+        ("convnext_tiny.fb_in1k", ["config.json"]),
+        ("tf_efficientnet_lite0.in1k", ["model.safetensors"]),
+    ):
+        entry = tmp_path / f"models--timm--{repo}"
+        snapshot = entry / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text("0" * 40)
+        for name in files:
+            (snapshot / name).write_bytes(b"{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    listed = {name: source for name, source in list_offline_backbones()}
+    assert "convnext_tiny.fb_in1k" not in listed
+    assert listed["tf_efficientnet_lite0"].kind == "hub-cache" == resolve_weights("tf_efficientnet_lite0").kind
+    assert listed["tf_efficientnet_lite0"].location == resolve_weights("tf_efficientnet_lite0").location
