@@ -149,8 +149,8 @@ def _category_names(categories: list[str]) -> list[str]:
 
 
 def _name(root: Path) -> str:
-    """The category name of a ``--dataset folder`` root (``.`` and ``..`` resolved)."""
-    name = root.resolve().name
+    """The category name of a ``--dataset folder`` root (``.`` and ``..`` resolved, links kept as named)."""
+    name = Path(os.path.abspath(root)).name
     if not name:
         raise DataError(f"--root {root}: the file system root is not a category folder")
     return name

@@ -14,7 +14,6 @@ import numbers
 import re
 import types
 import typing
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -41,22 +40,37 @@ class _DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping of the YAML gives one key twice."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing a key given twice in one mapping (PyYAML keeps the last one silently). Keys are
+    checked on the composed nodes, before merge keys (``<<: *base``, whose keys may be overridden) are expanded."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first: dict[Any, int] = {}  # key -> its line
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # keys merged by `<<: *base` may be overridden
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):  # the safe loader refuses it itself
-                continue
-            if key in first:
-                problem = f"duplicate key '{key}', first on line {first[key] + 1}"
-                raise _DuplicateKeyError(None, None, problem, key_node.start_mark)
-            first[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+
+def _check_unique_keys(node: yaml.Node, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node checked already
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}  # (tag, text) of a key -> its line
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in first:
+                    problem = f"duplicate key '{key_node.value}', first on line {first[key] + 1}"
+                    raise _DuplicateKeyError(None, None, problem, key_node.start_mark)
+                first[key] = key_node.start_mark.line
+            _check_unique_keys(value_node, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, seen)
 
 
 _MIN_SIDE, _MAX_SIDE = 32, 4096
@@ -188,9 +202,8 @@ class ThresholdConfig:
             raise ConfigError(f"threshold.target_fpr: must be in (0, 0.5], got {self.target_fpr}")
         if not 2 <= self.folds <= 100:
             raise ConfigError(f"threshold.folds: must be in [2, 100], got {self.folds}")
-        z = self.outlier_z
-        if z is not None and (isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 < z < math.inf):
-            raise ConfigError(f"threshold.outlier_z: must be a positive number or null, got {z!r}")
+        if self.outlier_z is not None and not self.outlier_z > 0:  # a finite float by now (_check_fields)
+            raise ConfigError(f"threshold.outlier_z: must be a positive number or null, got {self.outlier_z!r}")
 
 
 @dataclass(frozen=True)
@@ -237,7 +250,7 @@ def load_config(name_or_path: str | Path) -> DetectorConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
@@ -265,7 +278,7 @@ def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorCon
         if not sep or not key:
             raise ConfigError(f"--set expects dotted.key=value, got '{item}'")
         try:
-            value = yaml.load(text, Loader=_UniqueKeyLoader)
+            value = _load_yaml(text)
         except _DuplicateKeyError as exc:
             raise ConfigError(f"--set {item}: {exc.problem}") from None
         except yaml.YAMLError:
@@ -331,6 +344,8 @@ def _check_fields(config: object, prefix: str) -> None:
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # NumPy numbers and arrays from code
+        value = value.tolist()
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else _build(hint, value, path + ".")
     origin = typing.get_origin(hint)
@@ -362,7 +377,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
         return value
-    if hint is int:  # numbers.Integral: NumPy integers from code too
+    if hint is int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return int(value)

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from anomaly import __version__
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.input_checks import (
+    POOL_ASPECTS_MIN,
     InputCheck,
     InputProfile,
     aspect_range,
@@ -590,10 +591,17 @@ class Detector:
         return self.config.preprocess.resize == "stretch" and self.config.preprocess.tile is None
 
     def input_check(self, pool: list[tuple[int, int]] | None = None) -> InputCheck:
-        """An empty :class:`InputCheck` against :meth:`input_profile`, for one call's inputs. With the sizes (H, W)
-        of a zero-shot ``pool``, the aspects of the pool's middle half count as normal too, beside any references'."""
+        """An empty :class:`InputCheck` against :meth:`input_profile`, for one call's inputs.
+
+        ``pool``: the sizes (H, W) of the zero-shot pool the inputs are judged with. From 8 images on, the aspects of
+        its middle half count as normal too, beside any references' (a product cut at many sizes); a smaller pool
+        cannot tell a rotated image from the product's spread, so it only stands in for missing references, by its
+        median aspect.
+        """
         profile = self.input_profile()
-        if pool and self._stretched():
+        if not pool or not self._stretched():
+            return InputCheck(profile)
+        if len(pool) >= POOL_ASPECTS_MIN:
             low, high = middle_aspects(pool)
             if profile.aspects is None:
                 profile = replace(profile, aspects=(low, high), aspects_of="the middle half of the pool's")
@@ -601,6 +609,9 @@ class Detector:
                 spanned = (min(profile.aspects[0], low), max(profile.aspects[1], high))
                 whose = "the references' and the middle half of the pool's"
                 profile = replace(profile, aspects=spanned, aspects_of=whose)
+        elif profile.aspects is None:
+            median = float(np.median([w / h for h, w in pool]))
+            profile = replace(profile, aspects=(median, median), aspects_of="the pool's median")
         return InputCheck(profile)
 
     # ------------------------------------------------------------- persistence
@@ -668,6 +679,7 @@ class Detector:
             det.training_smallest_ = smallest
         try:
             det._check_weights(meta)
+            det._check_channels(path)
         except WeightsUnavailableError as exc:
             hint = (
                 ""
@@ -678,13 +690,15 @@ class Detector:
                 )
             )
             raise WeightsUnavailableError(f"{path}: {exc}{hint}") from None
-        det._check_channels(path)
         return det
 
     def _check_channels(self, path: Path) -> None:
         """Refuse a model whose saved state was learnt from features of other widths than the configured
         ``backbone.layers`` give (config.json edited and re-signed): the scorer otherwise fails on the first image
-        with an error of its internals (FAISS's bare AssertionError)."""
+        with an error of its internals (FAISS's bare AssertionError). Layers of the same widths as the saved ones
+        cannot be told apart; a zero-shot model without references has nothing to compare."""
+        if self.zero_shot and self.reference_ is None:
+            return
         channels = self.extractor.channels
         mismatch = self.scorer.channel_mismatch(channels)
         if mismatch is None and self.reference_ is not None:

@@ -119,7 +119,8 @@ def list_offline_backbones() -> list[tuple[str, WeightsSource]]:
             continue
         cached = _hub_cached_file(name)
         if cached is not None:
-            found.append((name, WeightsSource("hub-cache", cached)))
+            if all(source.location != cached for _, source in found):  # lite0 and lite0.in1k: one file, listed once
+                found.append((name, WeightsSource("hub-cache", cached)))
             continue
         packaged = _packaged_file(name)
         if packaged is not None:
@@ -496,7 +497,10 @@ def _packaged_file(name: str) -> Path | None:
 def _hub_id(name: str) -> str | None:
     import timm
 
-    cfg = timm.get_pretrained_cfg(name)
+    try:
+        cfg = timm.get_pretrained_cfg(name)
+    except RuntimeError:  # a tag this timm does not know (a cache shared with a newer timm)
+        return None
     return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
 
 

@@ -150,7 +150,7 @@ class StreamingDetector:
         decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
         self._last_decision = decision
         results = self.detector.finish(out, features.images, decision, maps=True)
-        check = self.detector.input_check([*self._pool_sizes, *(d.size for d in features.images)])
+        check = self.detector.input_check(list(self._pool_sizes))  # the frames admitted so far, not those judged
         check.add_decoded(features.images)
         check.warn(len(results))
         if start_up:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from anomaly.data.loader import DecodedImage
 
 __all__ = [
+    "POOL_ASPECTS_MIN",
     "SMALL_FACTOR",
     "InputCheck",
     "InputProfile",
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # An image whose longer side is this many times shorter than the median training image's (at fit) or than the
 # smallest training image's (at predict) is named: upscaled to the model input, its detail is blur.
 SMALL_FACTOR = 3
+POOL_ASPECTS_MIN = 8  # pool images from which the middle half of their aspects tells the product's spread
 
 
 def aspect_range(sizes: list[tuple[int, int]]) -> tuple[float, float] | None:

@@ -103,11 +103,12 @@ def _threshold(row: dict[str, str], folder: Path) -> float | None:
 
 
 def write_discovery(
-    out_dir: str | os.PathLike[str], result: DiscoveryResult, paths: list[str], images: list[Path]
+    out_dir: str | os.PathLike[str], result: DiscoveryResult, paths: list[str], images: list[Path] | None = None
 ) -> Path:
     """Write OUT_DIR atomically: clusters.csv (``paths``, as in scores.csv), summary.json and
-    sheets/cluster_<i>.png per cluster (thumbnails of the ``images`` files)."""
+    sheets/cluster_<i>.png per cluster (thumbnails of the ``images`` files; default: the ``paths``)."""
     out = Path(out_dir)
+    images = [Path(p) for p in paths] if images is None else images
     with staged_dir(out, "clusters.csv") as tmp:
         write_clusters(
             tmp / "clusters.csv",

@@ -109,6 +109,14 @@ def test_a_key_given_twice_is_refused_with_its_file_and_line(tmp_path) -> None:
     merged = tmp_path / "merged.yaml"  # keys merged by `<<` (from an anchor, say) may still be overridden
     merged.write_text("threshold:\n  <<: {target_fpr: 0.05, folds: 5}\n  folds: 4\n")
     assert load_config(merged).threshold == ThresholdConfig(target_fpr=0.05, folds=4)
+    # an anchor that merges keys itself, merged again further down: PyYAML's expansion of the second merge made
+    # the anchor's own keys look doubled to a check at construction
+    merged.write_text(
+        "scorer:\n  name: memory_bank\n  params: &p\n    <<: {coreset_ratio: 0.1}\n    coreset_ratio: 0.05\n"
+        "x_other:\n  <<: *p\n"
+    )
+    with pytest.raises(ConfigError, match="^x_other: unknown config key"):  # read; only the key is unknown
+        load_config(merged)
 
 
 def test_configs_built_in_code_are_checked_as_yaml_values_are() -> None:
@@ -132,3 +140,5 @@ def test_configs_built_in_code_are_checked_as_yaml_values_are() -> None:
     built = DetectorConfig(BackboneConfig(layers="blocks.2", image_size=[128, 128]), batch_size=np.int64(8))
     assert built.backbone.layers == ("blocks.2",) and built.backbone.image_size == (128, 128)  # as YAML reads them
     assert type(built.batch_size) is int and from_dict(built.to_dict()) == built
+    numpy_built = BackboneConfig(pretrained=np.bool_(False), image_size=np.array([96, 64]))  # NumPy values from code
+    assert numpy_built.pretrained is False and numpy_built.image_size == (96, 64)

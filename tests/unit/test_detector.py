@@ -396,22 +396,20 @@ def test_an_image_far_from_the_training_aspect_is_named_in_a_warning(
 
 
 def test_a_zero_shot_pool_names_images_far_from_its_own_aspect(caplog: pytest.LogCaptureFixture) -> None:
-    """Without references the pool is all there is: images stretched far from its middle half's aspects are named."""
+    """Without references the pool is all there is: images stretched far from its median aspect are named."""
     rng = np.random.default_rng(0)
     pool = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
     wide = rng.integers(0, 255, (60, 150, 3), dtype=np.uint8)
     caplog.set_level("WARNING", logger="anomaly")
     Detector(_config("musc")).predict([*pool, wide])
     (line,) = [r.message for r in caplog.records if "aspect" in r.message]
-    assert line.startswith(
-        "1 of 5 image(s) have an aspect (width / height) outside the middle half of the pool's (1.00)"
-    )
+    assert line.startswith("1 of 5 image(s) have an aspect (width / height) outside the pool's median (1.00)")
     assert line.endswith("First: an image of 150x60 px")
 
 
 def test_a_pool_with_references_names_only_images_far_from_both(caplog: pytest.LogCaptureFixture) -> None:
-    """Three square references cannot show what a product cut at many sizes looks like: the aspects the pool's
-    middle half spans count as normal beside theirs, so only an image far from both is named."""
+    """Three square references cannot show what a product cut at many sizes looks like: the aspects the middle half
+    of a pool of 8 or more spans count as normal beside theirs, so only an image far from both is named."""
     rng = np.random.default_rng(0)
     references = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(3)]
     pool = [rng.integers(0, 255, (96, 96 + 12 * i, 3), dtype=np.uint8) for i in range(8)]  # aspects 1.0-1.9
@@ -425,6 +423,10 @@ def test_a_pool_with_references_names_only_images_far_from_both(caplog: pytest.L
         "(1.00-1.75)"
     )
     assert line.endswith("First: an image of 240x40 px")
+    caplog.clear()
+    det.predict([strip, references[0]])  # too few to show a spread: judged by the references alone
+    (line,) = [r.message for r in caplog.records if "aspect" in r.message]
+    assert line.startswith("1 of 2 image(s) have an aspect (width / height) outside the training images' (1.00)")
 
 
 def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(

@@ -212,10 +212,11 @@ def test_offline_backbones_list_what_auto_takes_and_only_cache_entries_with_weig
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A cache entry holding only config.json was listed, and fit then found no weights; a cached lite0 was listed
-    as packaged while `weights: auto` took the cached copy."""
+    as packaged while `weights: auto` took the cached copy; a tag unknown to this timm raised."""
     for repo, files in (
         ("convnext_tiny.fb_in1k", ["config.json"]),
         ("tf_efficientnet_lite0.in1k", ["model.safetensors"]),
+        ("resnet18.future_tag", ["model.safetensors"]),  # a tag of a newer timm: its lookup raised
     ):
         entry = tmp_path / f"models--timm--{repo}"
         snapshot = entry / "snapshots" / ("0" * 40)
@@ -227,6 +228,7 @@ def test_offline_backbones_list_what_auto_takes_and_only_cache_entries_with_weig
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     listed = {name: source for name, source in list_offline_backbones()}
-    assert "convnext_tiny.fb_in1k" not in listed
+    assert "convnext_tiny.fb_in1k" not in listed and "resnet18.future_tag" not in listed
+    assert "tf_efficientnet_lite0.in1k" not in listed  # the same file as tf_efficientnet_lite0's, listed once
     assert listed["tf_efficientnet_lite0"].kind == "hub-cache" == resolve_weights("tf_efficientnet_lite0").kind
     assert listed["tf_efficientnet_lite0"].location == resolve_weights("tf_efficientnet_lite0").location
