@@ -66,7 +66,9 @@ def evaluate_samples(
     paths = paths if paths is not None else [str(s.image_path) for s in samples]
     unannotated = [s.image_path for s in samples if s.label and s.mask_path is None]
     if maps is not None and unannotated:
-        log.warning("%s: no ground_truth masks, image metrics only", unannotated[0].parent)
+        folders = sorted({str(p.parent) for p in unannotated})
+        more = f" (and {len(folders) - 1} more folder(s))" if len(folders) > 1 else ""
+        log.warning("%s%s: defective images without masks, image metrics only", folders[0], more)
         maps = None
     if maps is None:
         return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels)

@@ -367,7 +367,7 @@ def test_benchmark_without_masks_reports_image_metrics(synthetic_root: Path, tmp
     with caplog.at_level(logging.WARNING, logger="anomaly"):
         result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--out", out, *SMALL)
     assert result.exit_code == 0, result.output
-    assert "no ground_truth masks, image metrics only" in caplog.text
+    assert "widget/test/blob (and 2 more folder(s)): defective images without masks, image metrics only" in caplog.text
     with (out / "results.csv").open() as fh:
         row = next(csv.DictReader(fh))
     assert float(row["image_auroc"]) >= 0.9
