@@ -679,7 +679,7 @@ class Detector:
             det.training_smallest_ = smallest
         try:
             det._check_weights(meta)
-            det._check_channels(path)
+            det._check_channels(path, meta.get("channels"))
         except WeightsUnavailableError as exc:
             hint = (
                 ""
@@ -692,22 +692,30 @@ class Detector:
             raise WeightsUnavailableError(f"{path}: {exc}{hint}") from None
         return det
 
-    def _check_channels(self, path: Path) -> None:
+    def _check_channels(self, path: Path, saved: Any) -> None:
         """Refuse a model whose saved state was learnt from features of other widths than the configured
         ``backbone.layers`` give (config.json edited and re-signed): the scorer otherwise fails on the first image
-        with an error of its internals (FAISS's bare AssertionError). Layers of the same widths as the saved ones
-        cannot be told apart; a zero-shot model without references has nothing to compare."""
+        with an error of its internals (FAISS's bare AssertionError), or scores with the wrong channels. ``saved``:
+        the widths per layer in meta.json; models saved without them are checked by what their scorer's state and
+        references show (layers of the same total width pass there). A zero-shot model without references has
+        nothing to compare."""
         if self.zero_shot and self.reference_ is None:
             return
         channels = self.extractor.channels
-        mismatch = self.scorer.channel_mismatch(channels)
+        if isinstance(saved, list) and all(isinstance(c, int) for c in saved):
+            if saved == channels:
+                return
+            mismatch: str | None = f"the model was fitted on {_widths(saved)}"
+        else:
+            mismatch = self.scorer.channel_mismatch(channels)
         if mismatch is None and self.reference_ is not None:
             saved = [int(layer.shape[1]) for layer in self.reference_.layers]
             if saved != channels:
                 mismatch = f"the saved references have {' + '.join(map(str, saved))}"
         if mismatch is not None:
-            given = f"{sum(channels)} channels" + (f" ({' + '.join(map(str, channels))})" if len(channels) > 1 else "")
-            raise DataError(f"{path}: config.json backbone.layers give {given} but {mismatch}; refit the model")
+            raise DataError(
+                f"{path}: config.json backbone.layers give {_widths(channels)} channels but {mismatch}; refit the model"
+            )
 
     def _resolved_config(self) -> dict[str, Any]:
         """The config with ``weights: auto`` pinned to the source actually used, so a load elsewhere
@@ -738,6 +746,7 @@ class Detector:
             "reference_views": [] if self.reference_views_ is None else self.reference_views_.tolist(),
             "training_aspects": self.training_aspects_,
             "training_smallest": self.training_smallest_,
+            "channels": self.extractor.channels,
         }
 
     def _check_weights(self, meta: dict[str, Any]) -> None:
@@ -829,6 +838,11 @@ def _say_pool_decision(decision: Threshold, n_images: int, n_references: int) ->
             RELIABLE_POOL_SIZE,
             "" if n_references else ", or give a few good images as references (their scores then set it)",
         )
+
+
+def _widths(channels: list[int]) -> str:
+    """Channel widths as ``152 (40 + 112)``, or ``40`` for one layer."""
+    return f"{sum(channels)}" + (f" ({' + '.join(map(str, channels))})" if len(channels) > 1 else "")
 
 
 def _max_by(values: NDArray[np.float64], group: NDArray[np.int64], n: int) -> NDArray[np.float64]:

@@ -279,8 +279,8 @@ def test_config_defects_are_one_line_naming_the_file_and_key_with_exit_2(
         ),
         (
             ["score", "--model", edited, "--out", tmp_path / "o3", test],
-            f"{edited}: config.json backbone.layers give 120 channels (40 + 80) but the saved bank has 152; "
-            "refit the model",
+            f"{edited}: config.json backbone.layers give 120 (40 + 80) channels but the model was fitted on "
+            "152 (40 + 112); refit the model",
         ),
     ]:
         result = _run(*args)

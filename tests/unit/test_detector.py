@@ -478,8 +478,9 @@ def test_a_config_edited_after_construction_is_not_saved_as_the_model(fitted: De
     assert loaded.scorer.get_params()["k"] == built_k
 
 
-def _resign_with_layers(path: Path, layers: list[str]) -> None:
-    """Edit config.json's backbone.layers and sign meta.json again, as a hand edit that recomputes the digests."""
+def _resign_with_layers(path: Path, layers: list[str], saved_widths: bool = True) -> None:
+    """Edit config.json's backbone.layers and sign meta.json again, as a hand edit that recomputes the digests;
+    without ``saved_widths`` meta.json loses the layers' widths, as models saved before they were recorded."""
     from anomaly._fs import file_sha256
 
     config = json.loads((path / "config.json").read_text())
@@ -487,6 +488,8 @@ def _resign_with_layers(path: Path, layers: list[str]) -> None:
     (path / "config.json").write_text(json.dumps(config))
     meta = json.loads((path / "meta.json").read_text())
     meta["files"]["config.json"] = file_sha256(path / "config.json")
+    if not saved_widths:
+        del meta["channels"]
     (path / "meta.json").write_text(json.dumps(signed(meta)))
 
 
@@ -501,14 +504,30 @@ def _resign_with_layers(path: Path, layers: list[str]) -> None:
 )
 def test_layers_edited_against_the_saved_state_are_named_at_load(name: str, saved: str, tmp_path: Path) -> None:
     """config.json's backbone.layers edited and meta.json re-signed: the memory bank failed at the first image with
-    FAISS's bare AssertionError (the other scorers with an IndexError, ValueError or RuntimeError of their own)."""
+    FAISS's bare AssertionError (the other scorers with an IndexError, ValueError or RuntimeError of their own).
+    Models saved with their layers' widths are checked against those; older ones by their scorer's state."""
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
     tiny = ["backbone.image_size=[64,64]", "backbone.pretrained=false", "threshold.folds=3", "batch_size=6"]
     path = Detector(apply_overrides(load_config(name), tiny)).fit(images).save(tmp_path / "model")
+    widths = json.loads((path / "meta.json").read_text())["channels"]
     _resign_with_layers(path, ["blocks.2", "blocks.3"])  # lite0: 40 + 80 channels
     with pytest.raises(DataError) as info:
         Detector.load(path)
+    fitted = f"{sum(widths)} ({' + '.join(map(str, widths))})"
     assert str(info.value) == (
-        f"{path}: config.json backbone.layers give 120 channels (40 + 80) but {saved}; refit the model"
+        f"{path}: config.json backbone.layers give 120 (40 + 80) channels but the model was fitted on {fitted}; "
+        "refit the model"
     )
+    _resign_with_layers(path, ["blocks.2", "blocks.3"], saved_widths=False)
+    with pytest.raises(DataError) as info:
+        Detector.load(path)
+    assert (
+        str(info.value)
+        == f"{path}: config.json backbone.layers give 120 (40 + 80) channels but {saved}; refit the model"
+    )
+    if name == "patchcore":  # the same total width (16 + 24 + 112): only the saved widths tell it apart
+        path = Detector(apply_overrides(load_config(name), tiny)).fit(images).save(tmp_path / "model")
+        _resign_with_layers(path, ["blocks.0", "blocks.1", "blocks.4"])
+        with pytest.raises(DataError, match=r"give 152 \(16 \+ 24 \+ 112\) channels but the model was fitted on 152"):
+            Detector.load(path)
