@@ -205,10 +205,9 @@ def fit(
         h, w = detector.config.backbone.image_size or detector.extractor.image_size
         footprint = detector.patch_footprint_
         covers = "" if footprint is None else f"; a patch covers {footprint[0]}x{footprint[1]} image px"
-        typer.echo(
-            f"fitted {detector.scorer.name} on {len(paths)} images at {h}x{w} (H x W{covers}); "
-            f"{detector.decision_.summary()}"
-        )
+        # the threshold's full line is logged by the fit (INFO); -q keeps only this one, so it gives the rule too
+        threshold = f"threshold {detector.decision_.image:.6g} ({detector.decision_.rule})"
+        typer.echo(f"fitted {detector.scorer.name} on {len(paths)} images at {h}x{w} (H x W{covers}); {threshold}")
         typer.echo(f"model written to {out}")
 
 

@@ -478,7 +478,7 @@ class Detector:
             peaks=peaks[order] if out.patch_maps is not None and not from_map else None,
             n_reference=int(floor.sum()),
         )
-        _say_pool_decision(decision, len(ok), int(floor.sum()))
+        _say_pool_decision(decision, len(scores) - int(floor.sum()), int(floor.sum()))  # suspect ones: pool images
         pool = out.take(slice(n_ref, None))
         rows = np.cumsum([0] + [_n_views(d) for d in ok])
         results = []

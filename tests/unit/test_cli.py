@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -664,3 +665,14 @@ def test_benchmark_names_its_categories_as_folders_inside_out(synthetic_root: Pa
     folder = _run("benchmark", "--dataset", "folder", "--root", plain / "good" / "..", "--out", tmp_path / "f", *SMALL)
     assert folder.exit_code == 0, folder.output
     assert (tmp_path / "f" / "plain" / "result.json").is_file()
+
+
+def test_fit_explains_its_threshold_once(synthetic_root: Path, tmp_path: Path) -> None:
+    """The threshold's sentence was printed twice: logged by the fit, then again in the summary line."""
+    result = _run("fit", "--out", tmp_path / "m", synthetic_root, *SMALL, "--set", "threshold.folds=3")
+    assert result.exit_code == 0, result.output
+    assert sum("target FPR" in line for line in result.output.splitlines()) == 1
+    summary = next(line for line in result.output.splitlines() if line.startswith("fitted memory_bank on 12 images"))
+    assert re.search(r"; threshold [\d.]+ \([a-z-]+\)$", summary), summary
+    quiet = _run("-q", "fit", "--out", tmp_path / "q", synthetic_root, *SMALL, "--set", "threshold.folds=3")
+    assert quiet.exit_code == 0 and "target FPR" not in quiet.output and "; threshold " in quiet.output

@@ -223,9 +223,11 @@ def test_a_defective_few_shot_reference_does_not_set_the_floor(
     train, good, bad = _split(synthetic_root)
     det = Detector(_config("musc", "scorer.params.augment_references=false")).fit(train[:3] + bad[:1])
     pool = good + bad[1:]
-    with caplog.at_level("WARNING", logger="anomaly"):
+    with caplog.at_level("INFO", logger="anomaly"):
         guarded = det.predict(pool)
     assert sum(str(bad[0]) in r.message and "floor" in r.message for r in caplog.records) == 1
+    counted = f"zero-shot pool of {len(pool) + 1} image(s) and 3 reference(s)"  # the suspect one joins the pool
+    assert sum(r.message.startswith(counted) for r in caplog.records) == 1
     det.save(tmp_path / "model")
     loaded = Detector.load(tmp_path / "model")
     assert [d.source for d in loaded.reference_.images] == [str(p) for p in train[:3] + bad[:1]]
