@@ -19,7 +19,7 @@ from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
 from anomaly.data.io import load_map, read_mask, resize_mask
 from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
-from anomaly.metrics.evaluate import evaluate_detailed
+from anomaly.metrics.evaluate import evaluate_detailed, evaluate_pixels
 from anomaly.metrics.pimo import AupimoResult
 from anomaly.tables import read_scores, score_number
 
@@ -75,6 +75,10 @@ def evaluate_samples(
     masks = ground_truth_masks(samples, [m.shape for m in maps])
     if eval_size is not None:
         maps, masks = _resized(maps, masks, eval_size)
+    if len(set(labels)) < 2:  # defective images only: their normal pixels still rank against the defects'
+        undefined = {key: math.nan for key in ("image_auroc", "image_ap", "image_f1max")}
+        metrics, details = evaluate_pixels(maps, masks)
+        return Evaluation({**undefined, **metrics}, details, maps, masks, paths, labels)
     metrics, details = evaluate_detailed(scores, labels, maps, masks)
     return Evaluation(dict(metrics), details, maps, masks, paths, labels)
 
@@ -136,7 +140,8 @@ def evaluate_scores(
     """Metrics of a scores.csv (+ maps) against the test split of an MVTec-layout category.
 
     ``train/good`` is not needed. Without any ground-truth mask in the category, only image metrics are
-    computed (the maps are not read).
+    computed (the maps are not read); scores of defective images alone, with masks and maps (NEU-Seg has no normal
+    image), get pixel metrics alone.
     """
     rows = read_scores(scores_dir)
     data = load_ground_truth(category_root)
@@ -145,11 +150,14 @@ def evaluate_scores(
     scores = [score_number(r, "score", Path(scores_dir)) for r in rows]
     map_paths = [r.get("map_path", "") for r in rows]
     labels = {s.label for s in samples}
-    if labels != {0, 1}:
+    unannotated = any(s.label == 1 and s.mask_path is None for s in samples)
+    defects_only = labels == {1} and not unannotated and all(map_paths)  # NEU-Seg: pixel metrics alone
+    if labels != {0, 1} and not defects_only:
         kind = "anomalous" if 1 not in labels else "normal"
         raise DataError(f"{scores_dir}/scores.csv: no {kind} image among the scored images; metrics need both")
+    if defects_only:
+        log.warning("no normal image among the scored images: image metrics are undefined (nan), pixel metrics only")
     maps = None
-    unannotated = any(s.label == 1 and s.mask_path is None for s in samples)
     if unannotated and any(map_paths):
         log.warning("%s has no ground_truth masks: image metrics only", category_root)
     if not any(map_paths) and any(s.mask_path is not None for s in samples):

@@ -18,7 +18,7 @@ from anomaly.metrics.classification import (
 )
 from anomaly.metrics.pimo import AupimoResult, aupimo
 
-__all__ = ["evaluate", "evaluate_detailed"]
+__all__ = ["evaluate", "evaluate_detailed", "evaluate_pixels"]
 
 
 def evaluate(
@@ -85,10 +85,30 @@ def evaluate_detailed(
     pairs = _as_image_pairs(maps, masks)
     if len(pairs) != np.size(labels):
         raise ValueError(f"Expected one map per image label, but got {len(pairs)} maps and {np.size(labels)} labels.")
-    result.update(_pixel_metrics(pairs, fpr_limit))
+    pixel, details = _pixel_entry(pairs, fpr_limit, fpr_bounds)
+    return {**result, **pixel}, details
+
+
+def evaluate_pixels(
+    maps: ScoresLike,
+    masks: ScoresLike,
+    *,
+    fpr_limit: float = 0.3,
+    fpr_bounds: tuple[float, float] = (1e-5, 1e-4),
+) -> tuple[dict[str, float | str], AupimoResult | None]:
+    """The pixel metrics of :func:`evaluate_detailed` alone: they need no image labels, so a set of defective images
+    only (NEU-Seg has no normal image) is measured on the normal pixels around its defects. AUPIMO, whose FPR is
+    taken on normal images, is then NaN with its reason."""
+    _check_params(fpr_limit, connectivity=8)
+    return _pixel_entry(_as_image_pairs(maps, masks), fpr_limit, fpr_bounds)
+
+
+def _pixel_entry(
+    pairs: list[tuple[NDArray[np.generic], NDArray[np.bool_]]], fpr_limit: float, fpr_bounds: tuple[float, float]
+) -> tuple[dict[str, float | str], AupimoResult | None]:
+    result = _pixel_metrics(pairs, fpr_limit)
     entry, details = _aupimo_entry(pairs, fpr_bounds)
-    result.update(entry)
-    return result, details
+    return {**result, **entry}, details
 
 
 def _pixel_metrics(

@@ -676,3 +676,24 @@ def test_fit_explains_its_threshold_once(synthetic_root: Path, tmp_path: Path) -
     assert re.search(r"; threshold [\d.]+ \([a-z-]+\)$", summary), summary
     quiet = _run("-q", "fit", "--out", tmp_path / "q", synthetic_root, *SMALL, "--set", "threshold.folds=3")
     assert quiet.exit_code == 0 and "target FPR" not in quiet.output and "; threshold " in quiet.output
+
+
+def test_evaluate_measures_pixels_of_a_set_of_defective_images_alone(
+    model_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """NEU-Seg has no normal image: `evaluate` refused it whole, though its defect images' normal pixels rank
+    against the defects as any set's do. Pixel metrics now, image metrics nan and said; all-normal sets still
+    refused."""
+    defects = [p for p in (synthetic_root / "test").iterdir() if p.name != "good"]
+    out = tmp_path / "scores"
+    assert _run("score", "--model", model_dir, "--out", out, "--maps", *defects).exit_code == 0
+    result = _run("evaluate", "--scores", out, "--root", synthetic_root, "--out", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert "image metrics are undefined (nan), pixel metrics only" in result.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["image_auroc"] is None and metrics["aupimo"] is None  # NaN in JSON: null
+    assert 0.9 <= metrics["pixel_auroc"] <= 1 and 0 < metrics["aupro"] <= 1
+    good = tmp_path / "good_only"
+    assert _run("score", "--model", model_dir, "--out", good, "--maps", synthetic_root / "test" / "good").exit_code == 0
+    refused = _run("evaluate", "--scores", good, "--root", synthetic_root)
+    assert refused.exit_code == 2 and "no anomalous image among the scored images" in refused.output
