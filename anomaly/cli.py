@@ -379,6 +379,8 @@ def evaluate(
     metrics = evaluate_scores(scores, root, out, size)
     for key, value in metrics.items():
         typer.echo(f"{key:>14}: {value:.6f}" if isinstance(value, float) else f"{key:>14}: {value}")
+    if out is not None:
+        typer.echo(f"evaluation written to {out}")
 
 
 @app.command()

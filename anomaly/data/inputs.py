@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from anomaly.data.datasets import is_category_root
-from anomaly.data.io import list_images
+from anomaly.data.io import is_image_file, list_images
 from anomaly.errors import DataError
 
 __all__ = ["OnError", "check_on_error", "image_paths", "one_or_many", "reference_paths", "training_paths"]
@@ -71,6 +71,10 @@ def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if is_category_root(item):
             log.info("%s is a dataset category: using its train/good only", item)
             item = Path(item) / "train" / "good"
+            if not any(is_image_file(p) for p in item.rglob("*")):  # a test-only set (NEU-Seg, an import)
+                raise DataError(
+                    f"no image found in: {item} (a test-only category: score it zero-shot, `anomaly score --zero-shot`)"
+                )
         elif Path(item).is_dir():
             _refuse_labelled_folders(Path(item))
         narrowed.append(item)

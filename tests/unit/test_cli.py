@@ -690,6 +690,7 @@ def test_evaluate_measures_pixels_of_a_set_of_defective_images_alone(
     result = _run("evaluate", "--scores", out, "--root", synthetic_root, "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.output
     assert "image metrics are undefined (nan), pixel metrics only" in result.output
+    assert f"evaluation written to {tmp_path / 'ev'}" in result.output.splitlines()
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["image_auroc"] is None and metrics["aupimo"] is None  # NaN in JSON: null
     assert 0.9 <= metrics["pixel_auroc"] <= 1 and 0 < metrics["aupro"] <= 1
@@ -697,3 +698,8 @@ def test_evaluate_measures_pixels_of_a_set_of_defective_images_alone(
     assert _run("score", "--model", model_dir, "--out", good, "--maps", synthetic_root / "test" / "good").exit_code == 0
     refused = _run("evaluate", "--scores", good, "--root", synthetic_root)
     assert refused.exit_code == 2 and "no anomalous image among the scored images" in refused.output
+    test_only = Path(shutil.copytree(synthetic_root, tmp_path / "test_only", ignore=shutil.ignore_patterns("*.png")))
+    fit = _run("fit", "--out", tmp_path / "m", test_only)  # as NEU-Seg is imported: train/good empty
+    assert (
+        fit.exit_code == 2 and "(a test-only category: score it zero-shot, `anomaly score --zero-shot`)" in fit.output
+    )
