@@ -75,7 +75,7 @@ def evaluate_samples(
     masks = ground_truth_masks(samples, [m.shape for m in maps])
     if eval_size is not None:
         maps, masks = _resized(maps, masks, eval_size)
-    if len(set(labels)) < 2:  # defective images only: their normal pixels still rank against the defects'
+    if set(labels) == {1}:  # defective images only: their normal pixels still rank against the defects'
         undefined = {key: math.nan for key in ("image_auroc", "image_ap", "image_f1max")}
         metrics, details = evaluate_pixels(maps, masks)
         return Evaluation({**undefined, **metrics}, details, maps, masks, paths, labels)
