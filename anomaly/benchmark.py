@@ -74,8 +74,11 @@ def run_benchmark(
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     run_all: Callable[[list[Callable[[], dict[str, Any]]]], list[dict[str, Any]]] | None = None,
+    eval_size: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every category, skipping those with results unless ``force``; returns rows incl. ``mean``.
+
+    ``eval_size`` (H, W) computes the pixel metrics there instead of at each mask's own size.
 
     ``run_all`` runs the pending categories (zero-argument jobs, each returning its row) elsewhere,
     e.g. as Ray tasks (``anomaly.distributed.run_jobs``); by default they run here, one after another.
@@ -101,13 +104,15 @@ def run_benchmark(
     jobs: dict[str, Callable[[], dict[str, Any]]] = {}
     for name in names:
         done = _read_result(out_dir / name / "result.json") if not force else None
-        if done is not None and done.get("config") == config.to_dict():
+        if done is not None and _same_run(done, config, eval_size):
             log.info("%s: already done, skipped (use --force to re-run)", name)
             rows[name] = done["row"]
         else:
             if done is not None:
-                log.warning("%s: results of another config in %s are replaced", name, out_dir / name)
-            jobs[name] = functools.partial(_run_job, dataset, root, name, config, out_dir / name, progress, test_only)
+                log.warning("%s: results of another config or --eval-size in %s are replaced", name, out_dir / name)
+            jobs[name] = functools.partial(
+                _run_job, dataset, root, name, config, out_dir / name, progress, test_only, eval_size
+            )
     if jobs:
         log.info("running %s", ", ".join(jobs))
         if run_all:
@@ -117,18 +122,28 @@ def run_benchmark(
                 try:
                     rows[name] = job()
                 except BaseException:  # the categories finished so far keep their rows in the tables
-                    _finish_tables(rows, names, out_dir, config)
+                    _finish_tables(rows, names, out_dir, config, eval_size)
                     raise
-    return _finish_tables(rows, names, out_dir, config)
+    return _finish_tables(rows, names, out_dir, config, eval_size)
+
+
+def _same_run(done: dict[str, Any], config: DetectorConfig, eval_size: tuple[int, int] | None) -> bool:
+    """Whether a finished category's record was run with this config and pixel-metric size."""
+    size = done.get("eval_size")
+    return done.get("config") == config.to_dict() and (None if size is None else tuple(size)) == eval_size
 
 
 def _finish_tables(
-    done: dict[str, dict[str, Any]], names: list[str], out_dir: Path, config: DetectorConfig
+    done: dict[str, dict[str, Any]],
+    names: list[str],
+    out_dir: Path,
+    config: DetectorConfig,
+    eval_size: tuple[int, int] | None,
 ) -> list[dict[str, Any]]:
     """Write and return the table: the rows of ``names`` that are done and those run before into the same folder
-    (same config), by category name (a re-run of one category keeps its place), and their mean."""
+    (same config and --eval-size), by category name (a re-run of one category keeps its place), and their mean."""
     rows = [done[name] for name in names if name in done]
-    rows = sorted(rows + _earlier_rows(out_dir, names, config), key=lambda row: str(row["category"]))
+    rows = sorted(rows + _earlier_rows(out_dir, names, config, eval_size), key=lambda row: str(row["category"]))
     if rows:
         rows.append(_mean_row(rows))
         _write_tables(rows, out_dir)
@@ -182,9 +197,16 @@ def _check_labels(data: CategoryData, dataset: str, root: Path, name: str) -> No
 
 
 def _run_job(
-    dataset: str, root: Path, name: str, config: DetectorConfig, out: Path, progress: Any, test_only: bool
+    dataset: str,
+    root: Path,
+    name: str,
+    config: DetectorConfig,
+    out: Path,
+    progress: Any,
+    test_only: bool,
+    eval_size: tuple[int, int] | None,
 ) -> dict[str, Any]:
-    return _run_category(_load(dataset, root, name, test_only), config, out, progress)
+    return _run_category(_load(dataset, root, name, test_only), config, out, progress, eval_size)
 
 
 def _find(root: Path, dataset: str, test_only: bool) -> list[str]:
@@ -222,18 +244,21 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _earlier_rows(out_dir: Path, names: list[str], config: DetectorConfig) -> list[dict[str, Any]]:
+def _earlier_rows(
+    out_dir: Path, names: list[str], config: DetectorConfig, eval_size: tuple[int, int] | None
+) -> list[dict[str, Any]]:
     if not out_dir.is_dir():
         return []
     rows, other = [], []
     for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and p.name not in names):
         done = _read_result(folder / "result.json")
-        if done is not None and done.get("config") == config.to_dict():
+        if done is not None and _same_run(done, config, eval_size):
             rows.append(done["row"])
         elif done is not None:
             other.append(folder.name)
     if other:
-        log.warning("%s: results of another config, left out of the table (re-run them or use another --out)",
+        log.warning("%s: results of another config or --eval-size, left out of the table (re-run them or use another"
+                    " --out)",
                     ", ".join(other))  # fmt: skip
     return rows
 
@@ -278,7 +303,9 @@ def _load(dataset: str, root: Path, name: str, test_only: bool = False) -> Categ
     return load_folder(root / "good", defects, mask_dirs)  # type: ignore[arg-type]
 
 
-def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progress: Any) -> dict[str, Any]:
+def _run_category(
+    data: CategoryData, config: DetectorConfig, out: Path, progress: Any, eval_size: tuple[int, int] | None = None
+) -> dict[str, Any]:
     memory_apart = reset_peak_rss()  # else the column holds the process's peak over the categories run so far
     start = time.perf_counter()  # fit_s includes building the backbone (README)
     detector = Detector(config)
@@ -307,7 +334,7 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
     maps = [r.anomaly_map for r in results] if results[0].anomaly_map is not None else None
     with warnings.catch_warnings(record=True) as caught:  # the metrics' warnings, named by their category
         warnings.simplefilter("always")
-        evaluation = evaluate_samples(scores, test, maps, paths=[str(p) for p in paths])  # type: ignore[arg-type]
+        evaluation = evaluate_samples(scores, test, maps, eval_size, paths=[str(p) for p in paths])  # type: ignore[arg-type]
     for warning in caught:
         log.warning("%s: %s", data.name, warning.message)
     metrics = evaluation.metrics
@@ -331,6 +358,7 @@ def _run_category(data: CategoryData, config: DetectorConfig, out: Path, progres
     build_report(out / "scores", out / "report", evaluation_dir=out / "evaluation")
     record = {
         "config": config.to_dict(),
+        "eval_size": None if eval_size is None else list(eval_size),
         "row": row,
         "threshold": None if detector.decision_ is None else detector.decision_.to_dict(),
         "aupimo_error": metrics.get("aupimo_error"),

@@ -41,6 +41,9 @@ RayAddressOpt = Annotated[
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: dotted.key=value (repeatable).")
 ]
+EvalSizeOpt = Annotated[
+    str | None, typer.Option("--eval-size", help="Pixel metrics at HxW (e.g. 256 or 256x256) instead of mask size.")
+]
 
 
 def _user_errors(fn: F) -> F:
@@ -349,12 +352,9 @@ def evaluate(
         Path | None,
         typer.Option("--out", help="Folder for metrics.json, per-image aupimo.json and pimo.json (curves)."),
     ] = None,
-    eval_size: Annotated[
-        str | None, typer.Option("--eval-size", help="Pixel metrics at HxW (e.g. 256 or 256x256) instead of mask size.")
-    ] = None,
+    eval_size: EvalSizeOpt = None,
 ) -> None:
     """Compute image/pixel AUROC, AUPRO and AUPIMO from a scores.csv and its maps (or discovery metrics)."""
-    from anomaly.data.io import MAX_PIXELS
     from anomaly.evaluation import evaluate_scores
 
     if (scores is None) == (discovery is None):
@@ -366,14 +366,7 @@ def evaluate(
         typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in found.items()))
         return
 
-    size = None
-    if eval_size is not None:
-        parts = eval_size.lower().split("x")
-        if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise DataError(f"--eval-size: expected N or HxW, got '{eval_size}'")
-        size = (int(parts[0]), int(parts[-1]))
-        if size[0] * size[1] > MAX_PIXELS:
-            raise DataError(f"--eval-size {eval_size}: more than the {MAX_PIXELS / 1e6:.0f} MP of the largest image")
+    size = _eval_size(eval_size)
     if out is not None:  # before the metrics are computed, not after
         _check_writable(out)
     metrics = evaluate_scores(scores, root, out, size)
@@ -381,6 +374,21 @@ def evaluate(
         typer.echo(f"{key:>14}: {value:.6f}" if isinstance(value, float) else f"{key:>14}: {value}")
     if out is not None:
         typer.echo(f"evaluation written to {out}")
+
+
+def _eval_size(text: str | None) -> tuple[int, int] | None:
+    """``--eval-size`` (N or HxW) as (H, W)."""
+    from anomaly.data.io import MAX_PIXELS
+
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise DataError(f"--eval-size: expected N or HxW, got '{text}'")
+    size = (int(parts[0]), int(parts[-1]))
+    if size[0] * size[1] > MAX_PIXELS:
+        raise DataError(f"--eval-size {text}: more than the {MAX_PIXELS / 1e6:.0f} MP of the largest image")
+    return size
 
 
 @app.command()
@@ -403,6 +411,7 @@ def benchmark(
     force: Annotated[bool, typer.Option("--force", help="Re-run categories that already have results.")] = False,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
+    eval_size: EvalSizeOpt = None,
 ) -> None:
     """Fit + score + evaluate per category and write a results table (categories as Ray tasks with --ray)."""
     from anomaly.benchmark import format_table, run_benchmark
@@ -425,6 +434,7 @@ def benchmark(
             force=force,
             progress=progress,
             run_all=run_all,
+            eval_size=_eval_size(eval_size),
         )
     finally:
         if progress is not None:

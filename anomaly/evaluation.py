@@ -76,11 +76,14 @@ def evaluate_samples(
     if eval_size is not None:
         maps, masks = _resized(maps, masks, eval_size)
     if set(labels) == {1}:  # defective images only: their normal pixels still rank against the defects'
-        undefined = {key: math.nan for key in ("image_auroc", "image_ap", "image_f1max")}
+        undefined: dict[str, float | str] = {key: math.nan for key in ("image_auroc", "image_ap", "image_f1max")}
         metrics, details = evaluate_pixels(maps, masks)
-        return Evaluation({**undefined, **metrics}, details, maps, masks, paths, labels)
-    metrics, details = evaluate_detailed(scores, labels, maps, masks)
-    return Evaluation(dict(metrics), details, maps, masks, paths, labels)
+        metrics = {**undefined, **metrics}
+    else:
+        metrics, details = evaluate_detailed(scores, labels, maps, masks)
+    # the resolution the pixel metrics were computed at
+    size = {"eval_size": "original" if eval_size is None else f"{eval_size[0]}x{eval_size[1]}"}
+    return Evaluation({**metrics, **size}, details, maps, masks, paths, labels)
 
 
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> None:
@@ -173,8 +176,6 @@ def evaluate_scores(
         maps = [load_map(Path(scores_dir) / p) for p in map_paths]
     evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
     evaluation.metrics["n_images"] = len(rows)
-    if maps is not None:  # the resolution the pixel metrics were computed at
-        evaluation.metrics["eval_size"] = "original" if eval_size is None else f"{eval_size[0]}x{eval_size[1]}"
     if out is not None:
         try:
             write_evaluation(evaluation, out)

@@ -140,8 +140,8 @@ def _aupimo_entry(
             reason += (
                 " The normal test images have too few pixels for the lower FPR bound: the shared FPR averages"
                 " per-image rates, so one pixel of a small normal image holding the top normal scores weighs"
-                " 1 / (normal images x its pixels). Evaluate at a common size (`anomaly evaluate --eval-size`), or add"
-                " normal test images."
+                " 1 / (normal images x its pixels). Evaluate at a common size (`--eval-size` of `anomaly evaluate`"
+                " or `anomaly benchmark`), or add normal test images."
             )
         return {"aupimo": math.nan, "aupimo_error": reason}, None
     return {"aupimo": details.mean}, details

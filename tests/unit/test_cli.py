@@ -356,9 +356,23 @@ def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Pat
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="anomaly"):  # another config: gadget's rows are not this table's
         assert _run(*args, "--set", "postprocess.blur_sigma=3").exit_code == 0
-    assert "gadget: results of another config, left out of the table" in caplog.text
+    assert "gadget: results of another config or --eval-size, left out of the table" in caplog.text
     with (out / "results.csv").open() as fh:
         assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "mean"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="anomaly"):  # pixel metrics at another size: a re-run, not a skip
+        assert _run(*args, "--set", "postprocess.blur_sigma=3", "--eval-size", "24x32").exit_code == 0
+    assert "already done" not in caplog.text
+    metrics = json.loads((out / "widget" / "evaluation" / "metrics.json").read_text())
+    assert metrics["eval_size"] == "24x32" and json.loads((out / "widget" / "result.json").read_text())[
+        "eval_size"
+    ] == [
+        24,
+        32,
+    ]
+    assert 0.5 < metrics["pixel_auroc"] <= 1
+    bad = _run(*args, "--eval-size", "big")
+    assert bad.exit_code == 2 and "--eval-size: expected N or HxW, got 'big'" in bad.output
 
 
 def test_benchmark_without_masks_reports_image_metrics(synthetic_root: Path, tmp_path: Path, caplog) -> None:
