@@ -283,7 +283,10 @@ class Detector:
         features = self.extract(items, progress=progress)
         extracted = time.perf_counter()
         # folds by image, so that overlapping tiles of one image never score each other
-        folds = np.repeat(self.folds(len(features)), [_n_views(d) for d in features.images])
+        views = [_n_views(d) for d in features.images]
+        if max(views) > 1:
+            log.info("fit: %d images give %d tiles (%d-%d per image)", len(views), sum(views), min(views), max(views))
+        folds = np.repeat(self.folds(len(features)), views)
         steps = None if progress is None else (lambda done, total: progress("fit", done, total))
         out_of_sample = self.scorer.cross_fit(features.layers, folds, progress=steps).checked(
             len(folds), self.scorer.name
