@@ -28,6 +28,7 @@ from anomaly.data.input_checks import (
     InputCheck,
     InputProfile,
     aspect_range,
+    median_side,
     middle_aspects,
     small_images,
     smallest_side,
@@ -582,10 +583,9 @@ class Detector:
         where inputs are rescaled to it (not under tiles of a fixed size) and the bit depth
         (:mod:`anomaly.data.input_checks`). Nothing is checked before a fit."""
         pre = self.config.preprocess
-        fixed_scale = pre.tile is not None and pre.tile.size is not None  # tiles of N px: no image is upscaled more
         return InputProfile(
             aspects=self.training_aspects_ if self._stretched() else None,
-            smallest=None if fixed_scale else self.training_smallest_,
+            smallest=None if self._fixed_scale() else self.training_smallest_,
             bit_depth=None if pre.bit_depth == "auto" else int(pre.bit_depth),  # auto: no fit or pool decided it
         )
 
@@ -593,15 +593,22 @@ class Detector:
         """Whether images are stretched to the model input (their aspect lost)."""
         return self.config.preprocess.resize == "stretch" and self.config.preprocess.tile is None
 
+    def _fixed_scale(self) -> bool:
+        """Whether images keep their scale (tiles of N px): none is upscaled more than the others."""
+        return self.config.preprocess.tile is not None and self.config.preprocess.tile.size is not None
+
     def input_check(self, pool: list[tuple[int, int]] | None = None) -> InputCheck:
         """An empty :class:`InputCheck` against :meth:`input_profile`, for one call's inputs.
 
         ``pool``: the sizes (H, W) of the zero-shot pool the inputs are judged with. From 8 images on, the aspects of
         its middle half count as normal too, beside any references' (a product cut at many sizes); a smaller pool
         cannot tell a rotated image from the product's spread, so it only stands in for missing references, by its
-        median aspect.
+        median aspect. Without references, a pool of 3 or more images also gives the size a tiny image is named
+        against: its median longer side.
         """
         profile = self.input_profile()
+        if pool and profile.smallest is None and not self._fixed_scale() and (median := median_side(pool)) is not None:
+            profile = replace(profile, smallest=round(median), smallest_of="the pool's median image's")
         if not pool or not self._stretched():
             return InputCheck(profile)
         if len(pool) >= POOL_ASPECTS_MIN:

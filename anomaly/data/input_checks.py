@@ -27,6 +27,7 @@ __all__ = [
     "InputProfile",
     "aspect_range",
     "middle_aspects",
+    "median_side",
     "smallest_side",
     "small_images",
 ]
@@ -58,12 +59,18 @@ def smallest_side(sizes: list[tuple[int, int]]) -> int | None:
     return min((max(h, w) for h, w in sizes if h > 0 and w > 0), default=None)
 
 
+def median_side(sizes: list[tuple[int, int]]) -> float | None:
+    """The median longer side of images of ``sizes`` (H, W), the scale a set of 3 or more shows as usual; None
+    for fewer."""
+    return float(np.median([max(h, w) for h, w in sizes])) if len(sizes) >= 3 else None
+
+
 def small_images(sizes: list[tuple[int, int]], sources: list[str | None]) -> list[str]:
     """Names of the training images of ``sizes`` (H, W) whose longer side is under a third of the median's:
     thumbnails or crops of another scale among full frames, whose upscaled views teach the model blur as normal."""
-    if len(sizes) < 3:
+    median = median_side(sizes)
+    if median is None:
         return []
-    median = float(np.median([max(h, w) for h, w in sizes]))
     return [_name(source, h, w) for (h, w), source in zip(sizes, sources) if max(h, w) * SMALL_FACTOR < median]
 
 
@@ -75,6 +82,7 @@ class InputProfile:
     aspects: tuple[float, float] | None = None  # width / height range of the stretched training images
     aspects_of: str = "the training images'"  # whose aspects those are, for the warning
     smallest: int | None = None  # longer side of the smallest training image, in pixels
+    smallest_of: str = "the smallest training image's"  # whose size that is, for the warning
     bit_depth: int | None = None  # significant bits of the 16-bit data the model reads
 
 
@@ -124,7 +132,7 @@ class InputCheck:
             )
         if self.small:
             lines.append(
-                f"{len(self.small)} of {total} image(s) are under a third of the smallest training image's size "
+                f"{len(self.small)} of {total} image(s) are under a third of {self.profile.smallest_of} size "
                 f"({self.profile.smallest} px on its longer side) and are upscaled to the model input: their detail "
                 f"is blur and their scores mean little. First: {_first(self.small)}"
             )

@@ -414,6 +414,22 @@ def test_a_zero_shot_pool_names_images_far_from_its_own_aspect(caplog: pytest.Lo
     assert line.endswith("First: an image of 150x60 px")
 
 
+def test_a_zero_shot_pool_without_references_names_a_tiny_image(caplog: pytest.LogCaptureFixture) -> None:
+    """Without references nothing gave a usual size, so a thumbnail among full frames went unnamed: the pool's
+    median longer side (from 3 images) is the size it is named against; two images tell nothing."""
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
+    thumb = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    caplog.set_level("WARNING", logger="anomaly")
+    Detector(_config("musc")).predict([*pool, thumb])
+    (line,) = [r.message for r in caplog.records if "under a third" in r.message]
+    assert line.startswith("1 of 5 image(s) are under a third of the pool's median image's size (96 px")
+    assert line.endswith("First: an image of 24x24 px")
+    caplog.clear()
+    Detector(_config("musc")).predict([pool[0], thumb])
+    assert not [r for r in caplog.records if "under a third" in r.message]
+
+
 def test_a_pool_with_references_names_only_images_far_from_both(caplog: pytest.LogCaptureFixture) -> None:
     """Three square references cannot show what a product cut at many sizes looks like: the aspects the middle half
     of a pool of 8 or more spans count as normal beside theirs, so only an image far from both is named."""
