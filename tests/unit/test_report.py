@@ -252,6 +252,19 @@ def test_missing_images_and_maps_are_named_and_a_good_only_set_says_what_flags_a
         writer.writerows(rows)
     html = (build_report(scores, good_only / "report") / "index.html").read_text()
     assert "each flagged image is a false positive" in html and 'id="cm-tp"' not in html
+    assert "missed defect" not in html
+
+    defects_only = tmp_path / "defects_only"  # an imported test-only set (NEU-Seg): test/<type>/ folders alone
+    defects_only.mkdir()
+    scores = _fabricate(defects_only, 6, labelled=False)
+    for row in (rows := _rows(scores)):
+        row["path"] = row["path"].replace("/batch/", "/test/crack/")
+    _write_rows(scores, rows)
+    html = (build_report(scores, defects_only / "report") / "index.html").read_text()
+    assert (
+        "if these are defect folders (a defect-only set), each passed image is a missed defect" in html
+        and "No ground truth" not in html
+    )
 
 
 def _write_rows(scores: Path, rows: list[dict[str, str]]) -> None:
