@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Union, cast
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import cv2
 import numpy as np
@@ -20,6 +20,10 @@ from numpy.typing import NDArray
 from anomaly.data.io import as_rgb8, read_image_size, read_pixels, significant_bits, stored_bit_depth
 from anomaly.data.views import Layout, ViewSpec, cut_views, standardize_intensity
 from anomaly.errors import DataError
+
+if TYPE_CHECKING:  # accepted in memory, imported only for the type checker (torch stays out of this module)
+    import torch
+    from PIL import Image
 
 __all__ = [
     "DecodedImage",
@@ -35,7 +39,7 @@ __all__ = [
 ]
 
 _SQUARE_ENOUGH = 1.1  # a support image whose sides differ by at most this factor is also turned by 90 degrees
-ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], Any]
+ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], "Image.Image", "torch.Tensor"]
 
 
 @dataclass
