@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from anomaly.data.datasets import is_category_root
-from anomaly.data.io import is_image_file, list_images
+from anomaly.data.io import GLOB_CHARS, is_image_file, list_images
 from anomaly.errors import DataError
 
 __all__ = ["OnError", "check_on_error", "image_paths", "one_or_many", "reference_paths", "training_paths"]
@@ -65,9 +66,13 @@ def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[P
 
 def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Normal images for a fit: category roots narrowed to ``train/good``; a folder that holds masks or anomalous
-    images (a VisA category, a folder dataset's root) is refused rather than learnt as normal."""
+    images (a VisA category, a folder dataset's root) is refused rather than learnt as normal. A glob's matches
+    are checked one by one as if each was given (``'data/bot*'`` is the category root it matches)."""
     narrowed = []
-    for item in inputs:
+    for item in (match for given in inputs for match in _glob_matches(given)):
+        if not Path(item).is_dir() and (found := _NOT_NORMAL & set(Path(item).parts[-3:-1])):
+            raise DataError(f"{item}: a fit would learn this image in {found.pop()}/ (masks or anomalous images) "
+                            "as normal; give the folder of normal images")  # fmt: skip
         if is_category_root(item):
             log.info("%s is a dataset category: using its train/good only", item)
             item = Path(item) / "train" / "good"
@@ -81,8 +86,29 @@ def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return image_paths(narrowed)
 
 
+def _glob_matches(item: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
+    """``item`` itself, or for a glob pattern (no such path exists) its matches; a pattern that matches nothing is
+    kept for :func:`list_images` to name."""
+    if Path(item).exists() or GLOB_CHARS.isdisjoint(str(item)):
+        return [item]
+    matches = sorted(glob.glob(str(item), recursive=True))
+    folders = [Path(m) for m in matches if Path(m).is_dir()]
+    for good in (f for f in folders if f.name == "good"):
+        others = sorted(f.name for f in folders if f.parent == good.parent and f != good)
+        if others:  # a test split: good/ beside one folder per defect type
+            where = good.parent / others[0]
+            raise DataError(f"{item}: matches {good} beside {', '.join(others[:3])}: a fit would learn {where} "
+                            f"(anomalous images, by the layout) as normal; give {good}")  # fmt: skip
+    return [*matches] or [item]
+
+
 def _refuse_labelled_folders(folder: Path) -> None:
-    for dirpath, dirnames, _ in os.walk(folder):
+    visited: set[str] = set()
+    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):  # as list_images walks: symlinked folders too
+        if (real := os.path.realpath(dirpath)) in visited:
+            dirnames.clear()
+            continue
+        visited.add(real)
         found = sorted(set(dirnames) & _NOT_NORMAL)
         if found:
             where = (Path(dirpath) / found[0]).relative_to(folder)

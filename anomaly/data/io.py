@@ -26,6 +26,7 @@ from anomaly.errors import DataError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "GLOB_CHARS",
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
     "as_rgb8",
@@ -52,7 +53,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 # files, so for WebP it is switched off and applied here, identically for every OpenCV version.
 _CV2_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 _EXIF_ORIENTATION = 0x0112
-_GLOB_CHARS = frozenset("*?[")
+GLOB_CHARS = frozenset("*?[")
 
 MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
 """Largest image (width x height) decoded; bigger ones (decompression bombs) are refused. Env: ANOMALY_MAX_PIXELS."""
@@ -331,7 +332,7 @@ def _expand(item: str | os.PathLike[str]) -> list[Path]:
     path = Path(item)
     if path.is_dir():
         return _walk(path)
-    if _GLOB_CHARS.isdisjoint(str(item)):
+    if GLOB_CHARS.isdisjoint(str(item)):
         raise DataError(f"no such file or folder: {item}")
     matches = sorted((Path(m) for m in glob.glob(str(item), recursive=True)), key=lambda p: p.parts)
     if not matches:

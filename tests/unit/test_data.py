@@ -434,6 +434,27 @@ def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, 
     assert len(training_paths([plain / "good"])) == len(list((synthetic_root / "train" / "good").iterdir()))
 
 
+def test_a_fit_checks_what_a_glob_or_a_symlinked_folder_stands_for(synthetic_root: Path, tmp_path: Path) -> None:
+    """A quoted glob or a symlinked sub-folder slipped past the checks: `fit 'data/wid*'` learnt the test split's
+    defects and the masks as normal (a model that passed every broken bottle)."""
+    from anomaly.data.inputs import training_paths
+
+    good = sorted((synthetic_root / "train" / "good").iterdir())
+    parent = synthetic_root.parent
+    assert training_paths([str(parent / "wid*")]) == good  # the category root it matches, narrowed
+    with pytest.raises(DataError, match=r"matches .*test/good beside blob, missing, scratch: a fit would learn"):
+        training_paths([str(synthetic_root / "test" / "*")])
+    with pytest.raises(DataError, match=r"a fit would learn this image in ground_truth/"):
+        training_paths([str(synthetic_root / "ground_truth" / "*" / "*.png")])
+    mine = tmp_path / "mine"
+    shutil.copytree(synthetic_root / "train" / "good", mine)
+    (mine / "more").symlink_to(synthetic_root)  # a category root linked in under a folder of normal images
+    with pytest.raises(DataError, match=r"a fit would learn more/ground_truth"):
+        training_paths([mine])
+    with pytest.raises(DataError, match="no file matches"):
+        training_paths([str(tmp_path / "nothing*")])
+
+
 def test_scored_paths_match_test_samples_by_defect_folder_and_stem(synthetic_root: Path) -> None:
     data = load_mvtec(synthetic_root)
     sample = data.test_anomalous[0]
