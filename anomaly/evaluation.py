@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
-from anomaly.data.io import load_map, read_mask, resize_mask
+from anomaly.data.io import load_map, read_mask_levels, resize_mask
 from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed, evaluate_pixels
@@ -34,6 +34,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _MASK_ASPECT = 1.02  # a mask's aspect may differ from its image's by rounding, not more
+_MASK_CLASSES = 8  # a mask of more levels is soft or lossy (NEU-Seg's class masks hold 3), binarised at > 0
 
 _PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
 _PLOT_POINTS = 121  # points kept per curve, log-spaced in shared FPR
@@ -73,6 +74,14 @@ def evaluate_samples(
     if maps is None:
         return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels)
     masks = ground_truth_masks(samples, [m.shape for m in maps])
+    drawn = [s.mask_path for s in samples if s.mask_path is not None]
+    if drawn and not any(m.any() for m in masks):
+        folder = Path(drawn[0]).parent.parent
+        if set(labels) == {1}:
+            raise DataError(f"{folder}: no mask has a defect pixel (above 0), and there is no normal image: "
+                            "nothing to evaluate")  # fmt: skip
+        log.warning("%s: no mask has a defect pixel (above 0): image metrics only", folder)
+        return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels)
     if eval_size is not None:
         maps, masks = _resized(maps, masks, eval_size)
     if set(labels) == {1}:  # defective images only: their normal pixels still rank against the defects'
@@ -116,21 +125,27 @@ def _resized(
 def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> list[NDArray[np.bool_]]:
     """Masks at the given shapes (nearest neighbour); all-zero for normal images. Masks of another aspect than
     their map (a mask drawn on a crop, or for another image) are stretched to it and named in one warning."""
-    masks, skewed = [], []
+    masks, skewed, empty, graded = [], [], [], []
     for sample, shape in zip(samples, shapes):
         if sample.mask_path is None:
             masks.append(np.zeros(shape[:2], dtype=bool))
             continue
-        mask = read_mask(sample.mask_path)
+        levels = read_mask_levels(sample.mask_path)
+        mask = levels > 0
         if abs(math.log((mask.shape[1] / mask.shape[0]) / (shape[1] / shape[0]))) > math.log(_MASK_ASPECT):
             skewed.append(f"{sample.mask_path} ({mask.shape[1]}x{mask.shape[0]} for {shape[1]}x{shape[0]})")
+        if sample.label and not mask.any():
+            empty.append(str(sample.mask_path))
+        elif np.count_nonzero(np.bincount(levels.ravel())) > _MASK_CLASSES:
+            graded.append(str(sample.mask_path))
         masks.append(resize_mask(mask, shape[:2]))
-    if skewed:
-        log.warning(
-            "%d ground-truth mask(s) have another aspect than their image and are stretched to it, first: %s",
-            len(skewed),
-            skewed[0],
-        )
+    for found, what in (
+        (skewed, "have another aspect than their image and are stretched to it"),
+        (empty, "of defective images are empty (no pixel above 0): their images count as normal pixels only"),
+        (graded, "have many levels (soft edges, or lossy JPEG noise): every pixel above 0 counts as defect"),
+    ):  # fmt: skip
+        if found:
+            log.warning("%d ground-truth mask(s) %s, first: %s", len(found), what, found[0])
     return masks
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "read_image_size",
     "read_images",
     "read_mask",
+    "read_mask_levels",
     "read_pixels",
     "resize_mask",
     "significant_bits",
@@ -245,7 +246,7 @@ def as_rgb8(pixels: NDArray[Any], bit_depth: int) -> NDArray[np.uint8]:
 def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> NDArray[np.bool_]:
     """Read a ground-truth mask as a boolean array.
 
-    A pixel is positive when any colour channel is ``> 0`` (so 0/1 and 0/255 masks both work).
+    A pixel is positive when its :func:`read_mask_levels` value is ``> 0`` (so 0/1 and 0/255 masks both work).
 
     Args:
         path: Mask image file.
@@ -258,9 +259,32 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None)
         DataError: The file is missing or cannot be decoded.
         ValueError: ``size`` is not two positive integers.
     """
-    pixels = _decode(_read_bytes(Path(path)), _printable(Path(path)))
-    mask = cast("NDArray[np.bool_]", (pixels > 0).any(axis=2) if pixels.ndim == 3 else pixels > 0)
+    mask = cast("NDArray[np.bool_]", read_mask_levels(path) > 0)
     return mask if size is None else resize_mask(mask, size)
+
+
+def read_mask_levels(path: str | os.PathLike[str]) -> NDArray[Any]:
+    """The (H, W) levels a ground-truth mask is binarised from: the largest colour channel, or the alpha channel
+    where it varies (a mask drawn as transparency, black or any colour beneath it). DataError naming the file when
+    it is missing or cannot be decoded."""
+    data = _read_bytes(Path(path))
+    pixels = _decode(data, _printable(Path(path)))
+    alpha = _varying_alpha(data)
+    if alpha is not None and alpha.shape == pixels.shape[:2]:
+        return alpha
+    return pixels.max(axis=2) if pixels.ndim == 3 else pixels
+
+
+def _varying_alpha(data: NDArray[np.uint8]) -> NDArray[Any] | None:
+    """The EXIF-oriented alpha channel of an image that has one and uses it (not constant); else None."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as opened:
+            if "A" not in opened.mode and "transparency" not in opened.info:
+                return None
+            alpha = np.asarray(ImageOps.exif_transpose(opened).convert("RGBA"))[:, :, 3]
+    except Exception:  # the decoder has already read it: an alpha channel PIL cannot give is none
+        return None
+    return alpha if alpha.min() != alpha.max() else None
 
 
 def resize_mask(mask: NDArray[np.bool_], size: tuple[int, int]) -> NDArray[np.bool_]:

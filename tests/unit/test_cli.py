@@ -135,6 +135,20 @@ def test_evaluate_names_masks_of_another_aspect(model_dir: Path, synthetic_root:
     assert result.exit_code == 0, result.output
     assert "1 ground-truth mask(s) have another aspect than their image" in result.output
     assert f"{mask} (64x128 for 128x128)" in result.output
+    noisy = sorted((root / "ground_truth").glob("*/*.png"))[1]  # a mask saved as JPEG, under the PNG's name
+    cv2.imwrite(str(noisy), cv2.imdecode(cv2.imencode(".jpg", cv2.imread(str(noisy)))[1], cv2.IMREAD_COLOR))
+    result = _run("evaluate", "--scores", out, "--root", root)
+    assert (
+        result.exit_code == 0 and "1 ground-truth mask(s) have many levels (soft edges, or lossy JPEG" in result.output
+    )
+    for drawn in (root / "ground_truth").glob("*/*.png"):  # masks whose defects did not survive an export
+        cv2.imwrite(str(drawn), np.zeros((128, 128), np.uint8))
+    result = _run("evaluate", "--scores", out, "--root", root, "--out", tmp_path / "ev")
+    assert result.exit_code == 0, result.output  # was a traceback (exit 1): no positive pixel
+    assert f"{root / 'ground_truth'}: no mask has a defect pixel (above 0): image metrics only" in result.output
+    assert "6 ground-truth mask(s) of defective images are empty" in result.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["image_auroc"] > 0.5 and "pixel_auroc" not in metrics
 
 
 def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> None:

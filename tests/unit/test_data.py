@@ -316,6 +316,22 @@ def test_read_mask_any_channel_and_resize(tmp_path: Path) -> None:
         read_mask(tmp_path / "rgb_mask.png", size=(0, 5))
 
 
+def test_read_mask_takes_a_varying_alpha_channel(tmp_path: Path) -> None:
+    """A mask drawn as transparency over black read as empty (alpha dropped); one drawn over white as all defect."""
+    for beneath in (0, 255):
+        rgba = np.zeros((10, 10, 4), np.uint8)
+        rgba[..., :3] = beneath
+        rgba[2:4, 5:8, 3] = 255
+        Image.fromarray(rgba).save(tmp_path / "alpha.png")
+        mask = read_mask(tmp_path / "alpha.png")
+        assert mask.sum() == 6 and mask[2:4, 5:8].all()
+    opaque = np.full((10, 10, 4), 255, np.uint8)  # alpha that does not vary: the colours are the mask
+    opaque[..., :3] = 0
+    opaque[0, 0, :3] = 255
+    Image.fromarray(opaque).save(tmp_path / "opaque.png")
+    assert read_mask(tmp_path / "opaque.png").sum() == 1
+
+
 # --------------------------------------------------------------------------------------------- list_images
 
 
