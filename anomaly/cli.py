@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -46,8 +47,18 @@ EvalSizeOpt = Annotated[
 ]
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``timeout``, ``kill``, ``docker stop``, systemd) raised in the main thread, so that the same
+    clean-up as for Ctrl-C runs: temp folders removed, nothing half-written."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def _user_errors(fn: F) -> F:
-    """Map AnomalyError to 'error: <msg>' on stderr and exit code 2 (no traceback); Ctrl-C to one line, exit 130."""
+    """Map AnomalyError to 'error: <msg>' on stderr and exit code 2 (no traceback); Ctrl-C to one line, exit 130;
+    SIGTERM likewise, exit 143."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -56,9 +67,10 @@ def _user_errors(fn: F) -> F:
         except AnomalyError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:  # outputs are written to temp folders and renamed: none was left half-written
-            typer.echo("interrupted: no half-written output was left; earlier outputs are as they were", err=True)
-            raise typer.Exit(130) from None
+        except (KeyboardInterrupt, _Terminated) as exc:  # outputs are written to temp folders and renamed
+            what, code = ("terminated", 143) if isinstance(exc, _Terminated) else ("interrupted", 130)
+            typer.echo(f"{what}: no half-written output was left; earlier outputs are as they were", err=True)
+            raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -676,6 +688,7 @@ def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: on shared cores spinning stalled MuSc and the
     # backbone 5x; the cost on an idle machine is negligible for these large kernels.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:

@@ -386,21 +386,35 @@ def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]  # the dead temp folder is gone
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_8_ctrl_c_is_one_line_and_leaves_the_earlier_output(
-    model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    how: str, model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Ctrl-C and SIGTERM (timeout, kill, docker stop: it left a temp folder of maps behind) clean up alike."""
+    import os
+    import signal
+
+    from anomaly import cli
+
     out = tmp_path / "scores"
     images = synthetic_root / "test" / "good"
     assert _run("score", "--model", model, "--out", out, images).exit_code == 0
     before = (out / "scores.csv").read_bytes()
 
     def interrupted(*args: object, **kwargs: object) -> None:
-        raise KeyboardInterrupt
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler `anomaly` installs raises in the main thread
 
     monkeypatch.setattr(Detector, "finish", interrupted)
-    result = _run("score", "--model", model, "--out", out, synthetic_root / "test")
-    assert result.exit_code == 130 and "Traceback" not in result.output
-    assert [line for line in result.output.splitlines() if line.startswith("interrupted: ")]
+    previous = signal.signal(signal.SIGTERM, cli._on_sigterm)
+    try:
+        result = _run("score", "--model", model, "--out", out, synthetic_root / "test")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    code, word = (130, "interrupted") if how == "ctrl-c" else (143, "terminated")
+    assert result.exit_code == code and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith(f"{word}: ")]
     assert (out / "scores.csv").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scores.")]
 
