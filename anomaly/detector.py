@@ -28,6 +28,7 @@ from anomaly.data.input_checks import (
     InputCheck,
     InputProfile,
     aspect_range,
+    colour_of,
     median_side,
     middle_aspects,
     small_images,
@@ -98,6 +99,7 @@ class Detector:
         self.excluded_training_: list[str] = []  # set by fit: training images left out of the threshold
         self.training_aspects_: tuple[float, float] | None = None  # set by fit: see input_profile
         self.training_smallest_: int | None = None  # set by fit: the smallest training image's longer side
+        self.training_colour_: str | None = None  # set by fit: "gray" / "colour" when every training image was
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -312,11 +314,12 @@ class Detector:
         Outlying training images (``threshold.outlier_z``) are left out of the threshold, and the fitted scorer
         forgets what it kept of them (:meth:`Scorer.forget`: the memory bank's rows). ``images`` gives the view
         layouts of the rows of ``out_of_sample`` (None: one view per image) and the original sizes from which
-        ``patch_footprint_``, ``training_aspects_`` and ``training_smallest_`` are measured.
+        ``patch_footprint_``, ``training_aspects_``, ``training_smallest_`` and ``training_colour_`` are measured.
         """
         peaks = self.map_peaks(out_of_sample, images)
         self.training_aspects_ = None if images is None else aspect_range([d.size for d in images])
         self.training_smallest_ = None if images is None else smallest_side([d.size for d in images])
+        self.training_colour_ = None if images is None else colour_of([d.chroma for d in images])
         if images is not None and (small := small_images([d.size for d in images], [d.source for d in images])):
             log.warning(
                 "fit: %d of %d training image(s) are under a third of the others' size and are upscaled to the "
@@ -506,6 +509,7 @@ class Detector:
         features = self.extract(items, progress=progress)
         self.training_aspects_ = aspect_range([d.size for d in features.images])
         self.training_smallest_ = smallest_side([d.size for d in features.images])
+        self.training_colour_ = colour_of([d.chroma for d in features.images])
         rows = [_n_views(d) for d in features.images]  # tiles: several rows per image
         owners = np.repeat(names, rows)
         self.reference_views_ = np.repeat(view_index, rows).astype(np.int64)
@@ -587,6 +591,7 @@ class Detector:
             aspects=self.training_aspects_ if self._stretched() else None,
             smallest=None if self._fixed_scale() else self.training_smallest_,
             bit_depth=None if pre.bit_depth == "auto" else int(pre.bit_depth),  # auto: no fit or pool decided it
+            colour=self.training_colour_,
         )
 
     def _stretched(self) -> bool:
@@ -687,6 +692,8 @@ class Detector:
             det.training_aspects_ = (float(aspects[0]), float(aspects[1]))
         if isinstance(smallest, int) and not isinstance(smallest, bool) and smallest > 0:
             det.training_smallest_ = smallest
+        if meta.get("training_colour") in ("gray", "colour"):
+            det.training_colour_ = meta["training_colour"]
         try:
             det._check_weights(meta)
             det._check_channels(path, meta.get("channels"))
@@ -756,6 +763,7 @@ class Detector:
             "reference_views": [] if self.reference_views_ is None else self.reference_views_.tolist(),
             "training_aspects": self.training_aspects_,
             "training_smallest": self.training_smallest_,
+            "training_colour": self.training_colour_,
             "channels": self.extractor.channels,
         }
 

@@ -246,6 +246,7 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
             "bit_depth": int(det.config.preprocess.bit_depth),  # significant bits of 16-bit images
             "training_aspects": profile.aspects,  # width / height range of stretched training images
             "training_smallest": profile.smallest,  # longer side of the smallest training image
+            "training_colour": profile.colour,  # "gray" / "colour" when every training image was
         },
         "scorer": {"name": det.scorer.name, "params": det.scorer.get_params()},
         "postprocess": {

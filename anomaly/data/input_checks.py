@@ -1,7 +1,8 @@
-"""Scored inputs checked against the images the model was fitted on: aspect, size and bit depth.
+"""Scored inputs checked against the images the model was fitted on: aspect, size, bit depth and colour.
 
 An input unlike every training image still gets a score, but a score that means less: a part fed rotated is
-stretched, a thumbnail is upscaled to blur, a 12-bit frame read by a 16-bit model is near-black. Each call of
+stretched, a thumbnail is upscaled to blur, a 12-bit frame read by a 16-bit model is near-black, a gray frame
+scored by a model of colour images is a defect everywhere (a camera switched to mono). Each call of
 ``predict`` names such inputs in one warning per kind (Detector, StreamingDetector, ExportedDetector and the
 HTTP service alike).
 """
@@ -26,6 +27,7 @@ __all__ = [
     "InputCheck",
     "InputProfile",
     "aspect_range",
+    "colour_of",
     "middle_aspects",
     "median_side",
     "smallest_side",
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 # An image whose longer side is this many times shorter than the median training image's (at fit) or than the
 # smallest training image's (at predict) is named: upscaled to the model input, its detail is blur.
 SMALL_FACTOR = 3
+# Chroma (mean |R - G|, |G - B| of the model input, 8-bit levels) under which an image is gray and from which it is
+# coloured: gray images saved as RGB give 0; MVTec AD bottle, the least coloured real colour set, 4.1-4.6.
+GRAY_CHROMA = 0.5
+COLOUR_CHROMA = 1.0
 POOL_ASPECTS_MIN = 8  # pool images from which the middle half of their aspects tells the product's spread
 
 
@@ -57,6 +63,15 @@ def middle_aspects(sizes: list[tuple[int, int]]) -> tuple[float, float]:
 def smallest_side(sizes: list[tuple[int, int]]) -> int | None:
     """The longer side of the smallest of images of ``sizes`` (H, W); None without any."""
     return min((max(h, w) for h, w in sizes if h > 0 and w > 0), default=None)
+
+
+def colour_of(chromas: Sequence[float | None]) -> str | None:
+    """``"gray"`` when every image of ``chromas`` (:func:`anomaly.data.views.chroma`) is gray, ``"colour"`` when
+    every one is coloured, else None (a mix, or none known): what a scored image's colour is checked against."""
+    known = [c for c in chromas if c is not None]
+    if not known or len(known) < len(chromas):
+        return None
+    return "gray" if max(known) < GRAY_CHROMA else "colour" if min(known) >= COLOUR_CHROMA else None
 
 
 def median_side(sizes: list[tuple[int, int]]) -> float | None:
@@ -84,6 +99,7 @@ class InputProfile:
     smallest: int | None = None  # longer side of the smallest training image, in pixels
     smallest_of: str = "the smallest training image's"  # whose size that is, for the warning
     bit_depth: int | None = None  # significant bits of the 16-bit data the model reads
+    colour: str | None = None  # "gray" or "colour" when every training image was (colour_of), else None
 
 
 @dataclass
@@ -94,12 +110,24 @@ class InputCheck:
     aspects: list[str] = field(default_factory=list)
     small: list[str] = field(default_factory=list)
     depths: list[str] = field(default_factory=list)
+    colours: list[str] = field(default_factory=list)
 
-    def add(self, sizes: list[tuple[int, int]], sources: list[str | None], bits: list[int | None]) -> None:
+    def add(
+        self,
+        sizes: list[tuple[int, int]],
+        sources: list[str | None],
+        bits: list[int | None],
+        chromas: Sequence[float | None] | None = None,
+    ) -> None:
         """Check inputs of original ``sizes`` (H, W), named by ``sources`` (None: in memory), whose 16-bit values
-        need ``bits`` (None: 8-bit data)."""
+        need ``bits`` (None: 8-bit data) and whose views are as coloured as ``chromas`` (None: not checked)."""
         aspects, smallest, depth = self.profile.aspects, self.profile.smallest, self.profile.bit_depth
-        for (h, w), source, b in zip(sizes, sources, bits):
+        colour = self.profile.colour
+        for (h, w), source, b, c in zip(sizes, sources, bits, chromas or [None] * len(sizes)):
+            if c is not None and (
+                (colour == "colour" and c < GRAY_CHROMA) or (colour == "gray" and c >= COLOUR_CHROMA)
+            ):
+                self.colours.append(_name(source, h, w))
             if aspects is not None and not aspects[0] / ASPECT_TOLERANCE <= w / h <= aspects[1] * ASPECT_TOLERANCE:
                 self.aspects.append(_name(source, h, w))
             if smallest is not None and max(h, w) * SMALL_FACTOR < smallest:
@@ -110,7 +138,8 @@ class InputCheck:
 
     def add_decoded(self, images: Sequence[DecodedImage]) -> None:
         """:meth:`add` for decoded images."""
-        self.add([d.size for d in images], [d.source for d in images], [d.bits for d in images])
+        self.add([d.size for d in images], [d.source for d in images], [d.bits for d in images],
+                 [d.chroma for d in images])  # fmt: skip
 
     def warn(self, total: int) -> None:
         """One warning per kind of odd input among the ``total`` inputs of the call."""
@@ -135,6 +164,13 @@ class InputCheck:
                 f"{len(self.small)} of {total} image(s) are under a third of {self.profile.smallest_of} size "
                 f"({self.profile.smallest} px on its longer side) and are upscaled to the model input: their detail "
                 f"is blur and their scores mean little. First: {_first(self.small)}"
+            )
+        if self.colours:
+            now, then = ("gray", "in colour") if self.profile.colour == "colour" else ("in colour", "gray")
+            lines.append(
+                f"{len(self.colours)} of {total} image(s) are {now} where every training image was {then}: another "
+                f"camera setting? Their features differ from every training image's, so their scores mean little. "
+                f"First: {_first(self.colours)}"
             )
         if self.depths:
             lines.append(

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly.data.io import as_rgb8, read_image_size, read_pixels, significant_bits, stored_bit_depth
-from anomaly.data.views import Layout, ViewSpec, cut_views, standardize_intensity
+from anomaly.data.views import Layout, ViewSpec, chroma, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
 if TYPE_CHECKING:  # accepted in memory, imported only for the type checker (torch stays out of this module)
@@ -53,6 +53,7 @@ class DecodedImage:
     error: str | None = None
     layout: Layout | None = None  # where the views sit (None: one stretched view)
     bits: int | None = None  # the bits its 16-bit values need (None: 8-bit data), see ViewSpec.bit_depth
+    chroma: float | None = None  # how coloured its views are (anomaly.data.views.chroma); None when not decoded
 
 
 @dataclass
@@ -146,9 +147,10 @@ def decode_input(
     h, w = image.shape[:2]
     layout = spec.layout((h, w), size)
     views = cut_views(image, layout, size)
+    colour = chroma(views)  # before standardisation, which scales it
     if spec.standardize:  # after resizing (an affine map commutes with it), so only the views are transformed
         views = standardize_intensity(views, image)
-    return DecodedImage(views, (h, w), source, image if keep else None, layout=layout, bits=bits)
+    return DecodedImage(views, (h, w), source, image if keep else None, layout=layout, bits=bits, chroma=colour)
 
 
 def iter_batches(

@@ -141,6 +141,12 @@ def cut_views(image: NDArray[np.uint8], layout: Layout, input_size: tuple[int, i
     )
 
 
+def chroma(views: NDArray[np.uint8]) -> float:
+    """How coloured model-input views are: the mean of |R - G| and |G - B| in 8-bit levels (0 for a gray image;
+    MVTec AD bottle about 4, transistor about 20)."""
+    return float(np.abs(np.diff(views.astype(np.int16), axis=-1)).mean())
+
+
 def standardize_intensity(views: NDArray[np.uint8], image: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """``views`` with one gain and offset that map ``image``'s gray-level mean and std to 128 and 48.
 

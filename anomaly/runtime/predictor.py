@@ -63,10 +63,12 @@ class ExportedDetector:
                 standardize=bool(model_input.get("standardize", False)), bit_depth=int(model_input.get("bit_depth", 16))
             )
             aspects, smallest = model_input.get("training_aspects"), model_input.get("training_smallest")  # or absent
+            colour = model_input.get("training_colour")
             self.input_profile = InputProfile(
                 aspects=None if aspects is None else (float(aspects[0]), float(aspects[1])),
                 smallest=None if smallest is None else int(smallest),
                 bit_depth=self.view_spec.bit_depth,
+                colour=colour if colour in ("gray", "colour") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{self.directory}: incomplete export ({type(exc).__name__}: {exc})") from None
@@ -124,7 +126,8 @@ class ExportedDetector:
                 error = input_error(exc, item, index, len(items))
                 if on_error == "raise":
                     raise error from None
-                return None, (0, 0), os.fspath(item) if isinstance(item, (str, os.PathLike)) else None, str(error), None
+                source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+                return None, (0, 0), source, str(error), None, None
 
         done, check = 0, InputCheck(self.input_profile)
         for batch in _chunks(_prefetch(decode, list(range(len(items))), 2 * self.batch_size), self.batch_size):
@@ -134,7 +137,7 @@ class ExportedDetector:
                 patch_maps, scores = self._scorer(self._network(np.stack([b[0] for b in ok])))
                 sizes, sources = [b[1] for b in ok], [b[2] for b in ok]
                 results = iter(decide(patch_maps, scores, sizes, sources, self.postprocess, maps))
-                check.add(sizes, sources, [b[4] for b in ok])
+                check.add(sizes, sources, [b[4] for b in ok], [b[5] for b in ok])
             for b in batch:
                 if b[0] is None:  # unreadable, skipped: NaN score and the reason
                     threshold = self.decision_
@@ -146,11 +149,11 @@ class ExportedDetector:
                 progress("score", done, len(items))
         check.warn(len(items))
 
-    def _decode(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any, int | None]:
-        """(model input view, original (H, W), source, decoded RGB image, bits of its 16-bit values)."""
+    def _decode(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any, int | None, float | None]:
+        """(model input view, original (H, W), source, decoded RGB image, bits of its 16-bit values, chroma)."""
         decoded = decode_input(item, self.image_size, keep=True, spec=self.view_spec)
         assert decoded.views is not None and decoded.original is not None
-        return decoded.views[0], decoded.size, decoded.source, decoded.original, decoded.bits
+        return decoded.views[0], decoded.size, decoded.source, decoded.original, decoded.bits, decoded.chroma
 
 
 def _prefetch(fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Iterator[Any]:

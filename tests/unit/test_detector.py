@@ -402,6 +402,30 @@ def test_an_image_far_from_the_training_aspect_is_named_in_a_warning(
     assert keep.input_profile().aspects is None  # not stretched: padded to the input
 
 
+def test_a_camera_switched_to_gray_or_to_colour_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A model of colour images flagged every gray image of the same parts, without a word (and the reverse is as
+    unlike its training images): both are named, by the saved model too; a mixed training set checks nothing."""
+    rng = np.random.default_rng(0)
+    colour = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    gray = [np.repeat(c[:, :, :1], 3, axis=2) for c in colour]
+    caplog.set_level("WARNING", logger="anomaly")
+    det = Detector(_config("patchcore", "threshold.folds=3")).fit(colour)
+    assert det.training_colour_ == "colour"
+    Detector.load(det.save(tmp_path / "model")).predict([gray[0], colour[0], gray[1][:, :, 0]])
+    (line,) = [r.message for r in caplog.records if "training image was" in r.message]
+    assert line.startswith("2 of 3 image(s) are gray where every training image was in colour: another camera")
+    caplog.clear()
+    on_gray = Detector(_config("patchcore", "threshold.folds=3")).fit([g[:, :, 0] for g in gray])
+    on_gray.predict([colour[0], gray[0]])
+    (line,) = [r.message for r in caplog.records if "training image was" in r.message]
+    assert line.startswith("1 of 2 image(s) are in colour where every training image was gray")
+    caplog.clear()
+    mixed = Detector(_config("patchcore", "threshold.folds=3")).fit(colour[:3] + gray[3:])
+    assert mixed.training_colour_ is None
+    mixed.predict([colour[0], gray[0]])
+    assert not [r for r in caplog.records if "training image was" in r.message]
+
+
 def test_a_zero_shot_pool_names_images_far_from_its_own_aspect(caplog: pytest.LogCaptureFixture) -> None:
     """Without references the pool is all there is: images stretched far from its median aspect are named."""
     rng = np.random.default_rng(0)
@@ -467,6 +491,7 @@ def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
     det.predict([rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), frames[0]])  # 40 px: a third, not under it
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     dot = np.zeros((1, 1, 3), np.uint8)
+    dot[..., 0] = 200  # a coloured dot, as the training frames are (a gray one is named for that too)
     result = Detector.load(det.save(tmp_path / "model")).predict([dot, frames[0], dot])[0]
     assert np.isfinite(result.image_score) and result.anomaly_map.shape == (1, 1)
     (line,) = [r.message for r in caplog.records if r.levelname == "WARNING"]
