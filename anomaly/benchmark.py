@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -229,6 +230,11 @@ def _check_out(out_dir: Path) -> None:
             raise DataError(
                 f"--out {out_dir}: {name} exists and was not written by `anomaly benchmark`; choose another"
             )
+    try:  # before the first category's fit, not after it
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as exc:
+        raise DataError(f"--out {out_dir}: cannot write here ({exc.strerror or exc})") from None
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
@@ -355,6 +361,8 @@ def _run_category(
     per_image = None if evaluation.aupimo is None else evaluation.aupimo.per_image
     if evaluation.aupimo is not None and evaluation.maps is not None and evaluation.masks is not None:
         _pimo_plot(evaluation, out / "pimo.png", data.name)
+    else:  # an earlier config's plot would stand beside this run's results
+        (out / "pimo.png").unlink(missing_ok=True)
     build_report(out / "scores", out / "report", evaluation_dir=out / "evaluation")
     record = {
         "config": config.to_dict(),

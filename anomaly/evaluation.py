@@ -96,13 +96,17 @@ def evaluate_samples(
 
 
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> None:
-    """metrics.json, and with maps aupimo.json (per-image values) and pimo.json (curves for plotting)."""
+    """metrics.json, and with maps aupimo.json (per-image values) and pimo.json (curves for plotting); those two
+    files of an earlier evaluation into the same folder are removed when this one has none (a report read them
+    as this evaluation's)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = evaluation.metrics
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2))
     if evaluation.aupimo is None or evaluation.maps is None or evaluation.masks is None:
+        for stale in ("aupimo.json", "pimo.json"):
+            (out_dir / stale).unlink(missing_ok=True)
         return
     result = evaluation.aupimo.to_dict()  # per-image values: compare models image by image
     result["paths"] = evaluation.paths

@@ -592,6 +592,11 @@ def test_benchmark_checks_every_category_first_and_a_rerun_keeps_its_table(tmp_p
         and "(categories there: tiny)" in typo.output
     )
     assert not (tmp_path / "out").exists()  # refused before tiny ran
+    (tmp_path / "file").write_text("")
+    unwritable = [*args[: -len(small) - 2], "--out", tmp_path / "file" / "out", *small, "--category", "tiny"]
+    blocked = _run(*unwritable)  # was refused only after the first category's fit
+    assert blocked.exit_code == 2 and f"--out {tmp_path / 'file' / 'out'}: cannot write here" in blocked.output
+    assert "fit took" not in blocked.output
     first = _run(*args, "--category", "tiny")
     assert first.exit_code == 0, first.output
     table = (tmp_path / "out" / "results.csv").read_text()

@@ -653,3 +653,16 @@ def test_aupimo_matches_anomalib(fixture_l, bounds):
         ours = _aupimo_quiet(maps, masks, fpr_bounds=bounds)
         assert_allclose(ours.per_image, reference[4].numpy(), atol=AUPIMO_TOL, equal_nan=True)
         assert ours.n_pts == int(reference[5])
+
+
+def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Re-evaluating into the same --out without maps left the first run's aupimo.json and pimo.json, which the
+    report then showed as this evaluation's per-image AUPIMO."""
+    from anomaly.evaluation import Evaluation, write_evaluation
+
+    for name in ("aupimo.json", "pimo.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1]), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "notes.txt"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"image_auroc": 0.9}
