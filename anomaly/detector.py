@@ -274,6 +274,8 @@ class Detector:
         """
         items = _expand_training(images)
         if not self.zero_shot and len(items) < self.min_training_images():
+            for item in items:  # an unreadable file is named as such, not counted as too few images
+                image_size(item)
             raise DataError(
                 f"fit: the {self.scorer.name} scorer needs at least {self.min_training_images()} normal images "
                 f"with threshold.folds={self.config.threshold.folds} (they are cross-fitted to choose the threshold, "

@@ -579,3 +579,14 @@ def test_layers_edited_against_the_saved_state_are_named_at_load(name: str, save
         _resign_with_layers(path, ["blocks.0", "blocks.1", "blocks.4"])
         with pytest.raises(DataError, match=r"give 152 \(16 \+ 24 \+ 112\) channels but the model was fitted on 152"):
             Detector.load(path)
+
+
+def test_too_few_training_images_name_an_unreadable_one_first(tmp_path: Path) -> None:
+    """`fit bad.png` said "needs at least 3 normal images, got 1": the file's problem went unnamed."""
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(DataError, match=r"cannot read image: .*bad.png \(not an image file"):
+        Detector(_config()).fit([bad])
+    good = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(DataError, match="needs at least"):
+        Detector(_config()).fit([good])
