@@ -399,7 +399,7 @@ def _eval_size(text: str | None) -> tuple[int, int] | None:
         raise DataError(f"--eval-size: expected N or HxW, got '{text}'")
     size = (int(parts[0]), int(parts[-1]))
     if size[0] * size[1] > MAX_PIXELS:
-        raise DataError(f"--eval-size {text}: more than the {MAX_PIXELS / 1e6:.0f} MP of the largest image")
+        raise DataError(f"--eval-size {text}: more than the {MAX_PIXELS / 1e6:.3g} MP of the largest image")
     return size
 
 

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from anomaly._fs import atomic_write_text, staged_dir
-from anomaly.data.io import list_images, read_image_size
+from anomaly.data.io import MAX_PIXELS, list_images, read_image_size
 from anomaly.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,9 @@ def _read_label_mask(path: Path) -> NDArray[np.integer[Any]]:
     """Mask values ``(H, W)``; colour masks are reduced to their per-pixel maximum."""
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise DataError(f"{path}: a mask of {image.width}x{image.height} px exceeds the {MAX_PIXELS / 1e6:.3g} "
+                                "MP limit; set ANOMALY_MAX_PIXELS to allow it")  # fmt: skip
             values = np.asarray(image)
     except OSError as exc:
         raise DataError(f"{path}: not a readable mask ({exc})") from None

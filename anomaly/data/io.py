@@ -58,9 +58,11 @@ GLOB_CHARS = frozenset("*?[")
 
 MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
 """Largest image (width x height) decoded; bigger ones (decompression bombs) are refused. Env: ANOMALY_MAX_PIXELS."""
-# PIL's own bomb check warns above 89 MP and refuses above 179 MP whatever ANOMALY_MAX_PIXELS says; the check here
-# (_check_header) is the one in force, so PIL's is moved to it (process-wide: PIL has no per-call setting).
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# PIL's own bomb check warns above 89 MP and refuses above 179 MP whatever ANOMALY_MAX_PIXELS says, and at this limit
+# it still printed its warning before the refusal here, or refused without the size; the check here (_check_header,
+# from the header, before any decoding) is the one in force, so PIL's is turned off (process-wide: PIL has no per-call
+# setting). Every decode of this package goes through _check_header (the importer's label masks check it too).
+Image.MAX_IMAGE_PIXELS = None
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF
 _PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
@@ -456,16 +458,14 @@ def _check_header(data: NDArray[np.uint8], name: str) -> str | None:
             width, height = opened.size
             mode = opened.mode
             pages = getattr(opened, "n_frames", 1) if data[:4].tobytes() in _TIFF_SIGNATURES else 1
-    except Image.DecompressionBombError:
-        raise DataError(f"cannot read image: {name} (more pixels than the safety limit)") from None
     except Exception:
         return None  # not readable by PIL: OpenCV gets its chance, then the PIL fallback names the file
     if pages > 1:  # (GIF / WebP animations are read at their first frame, as every viewer shows them)
         log.info("%s: a TIFF of %d pages; the first is read", name, pages)
     if width * height > MAX_PIXELS:
         raise DataError(
-            f"cannot read image: {name} ({width}x{height} = {width * height / 1e6:.0f} MP exceeds the "
-            f"{MAX_PIXELS / 1e6:.0f} MP limit; set ANOMALY_MAX_PIXELS to allow it)"
+            f"cannot read image: {name} ({width}x{height} = {width * height / 1e6:.3g} MP exceeds the "
+            f"{MAX_PIXELS / 1e6:.3g} MP limit; set ANOMALY_MAX_PIXELS to allow it)"
         )
     return mode
 
