@@ -241,8 +241,9 @@ def score(
         bool, typer.Option("--zero-shot", help="Score the inputs against each other (MuSc), no model.")
     ] = False,
     config: Annotated[
-        str, typer.Option("--config", "-c", help="Zero-shot config name (musc) or YAML path; with --zero-shot only.")
-    ] = "musc",
+        str | None,
+        typer.Option("--config", "-c", help="Zero-shot config name or YAML path (default musc); with --zero-shot only."),
+    ] = None,
     reference: Annotated[
         list[str] | None, typer.Option("--reference", help="Good reference images for few-shot zero-shot scoring.")
     ] = None,
@@ -270,10 +271,10 @@ def score(
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
     moved = [o.partition("=")[2] for o in overrides or [] if o.partition("=")[0].strip() == "backbone.weights"]
-    if model is not None and (reference or backbone or len(moved) < len(overrides or [])):
+    if model is not None and (reference or backbone or config or len(moved) < len(overrides or [])):
         raise DataError(
-            "--reference, --set and --backbone apply to --zero-shot; a --model keeps its fitted config (but for "
-            "--set backbone.weights=PATH: the weights it was fitted with, moved)"
+            "--reference, --config, --set and --backbone apply to --zero-shot; a --model keeps its fitted config (but "
+            "for --set backbone.weights=PATH: the weights it was fitted with, moved)"
         )
     if moved and model is not None and (ray or ray_address or is_export_dir(model)):
         raise DataError("--set backbone.weights applies to a model directory scored in this process")
@@ -289,7 +290,7 @@ def score(
         from anomaly.detector import Detector
 
         extra = [] if device is None else [f"device={device}"]
-        detector = Detector(_config(config, backbone, [*(overrides or []), *extra]))
+        detector = Detector(_config(config or "musc", backbone, [*(overrides or []), *extra]))
         if not detector.zero_shot:
             raise DataError(f"--zero-shot needs a zero-shot config such as musc, got '{config}'")
     from anomaly._fs import check_output_dir
@@ -308,8 +309,8 @@ def score(
             detector = Detector.load(model, device=device, weights=moved[-1] if moved else None)
     if references:
         detector.fit(references)
-    if maps and not detector.scorer.has_maps:
-        _note("scorer %s gives image scores only: no maps are written", detector.scorer.name)
+    if maps and not detector.scorer.has_maps:  # asked for: a warning, which --quiet keeps
+        typer.echo(f"warning: scorer {detector.scorer.name} gives image scores only: no maps are written", err=True)
     overlays = overlays and detector.scorer.has_maps
     writer = ScoreWriter(out, maps=maps, overlays=overlays, overlay_size=overlay_size)
     progress = _Progress()

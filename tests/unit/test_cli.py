@@ -736,3 +736,18 @@ def test_evaluate_measures_pixels_of_a_set_of_defective_images_alone(
     assert (
         fit.exit_code == 2 and "(a test-only category: score it zero-shot, `anomaly score --zero-shot`)" in fit.output
     )
+
+
+def test_score_with_a_model_refuses_a_config_and_warns_that_an_image_scorer_writes_no_maps(
+    model_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """`score --model m --config padim` was silently ignored (the model keeps its fitted config); `--maps` for a
+    scorer without maps was a note that --quiet hid."""
+    refused = _run("score", "--model", model_dir, "--config", "padim", "--out", tmp_path / "s", synthetic_root / "test")
+    assert refused.exit_code == 2 and "--config, --set and --backbone apply to --zero-shot" in refused.output
+    assert not (tmp_path / "s").exists()
+    fitted = _run("fit", "--config", "gaussian", "--out", tmp_path / "g", *SMALL, synthetic_root)
+    assert fitted.exit_code == 0, fitted.output
+    scored = _run("-q", "score", "--model", tmp_path / "g", "--maps", "--out", tmp_path / "gs", synthetic_root / "test")
+    assert scored.exit_code == 0 and "warning: scorer gaussian gives image scores only" in scored.output
+    assert not (tmp_path / "gs" / "maps").exists()
