@@ -188,6 +188,12 @@ def fit(
     config: ConfigOpt = "patchcore",
     backbone: BackboneOpt = None,
     overrides: SetOpt = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device", help="auto, cpu, cuda, cuda:N or mps instead of the config's (same as --set device=)."
+        ),
+    ] = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
 ) -> None:
@@ -196,7 +202,9 @@ def fit(
     from anomaly.data.inputs import training_paths
     from anomaly.detector import Detector
 
-    detector = Detector(_config(config, backbone, overrides))
+    detector = Detector(
+        _config(config, backbone, [*(overrides or []), *([] if device is None else [f"device={device}"])])
+    )
     check_output_dir(out, "meta.json")  # before the long fit
     if (out / "meta.json").is_file():
         _note("%s holds a model: this fit replaces it when it ends (files you added there are kept)", out)
@@ -242,7 +250,9 @@ def score(
     ] = False,
     config: Annotated[
         str | None,
-        typer.Option("--config", "-c", help="Zero-shot config name or YAML path (default musc); with --zero-shot only."),
+        typer.Option(
+            "--config", "-c", help="Zero-shot config name or YAML path (default musc); with --zero-shot only."
+        ),
     ] = None,
     reference: Annotated[
         list[str] | None, typer.Option("--reference", help="Good reference images for few-shot zero-shot scoring.")
@@ -258,7 +268,7 @@ def score(
     overrides: SetOpt = None,
     device: Annotated[
         str | None,
-        typer.Option("--device", help="auto, cpu, cuda or cuda:N instead of the model's (or config's) device."),
+        typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps instead of the model's (or config's) device."),
     ] = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
