@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 _REFERENCES_FILE = "references.safetensors"
 _SAMPLE = 32  # images that decide the ``auto`` settings of ``preprocess`` (decoding them: ~5 % of a fit)
+_UPSCALE_WARNING = 4  # training images upscaled more than this to the model input are named in a fit warning
 
 
 @dataclass
@@ -330,6 +331,14 @@ class Detector:
                 len(images),
                 ", ".join(small[:3]),
             )
+        if images is not None and not self._fixed_scale() and (median := median_side([d.size for d in images])):
+            upscale = max(self.extractor.image_size) / median
+            if upscale > _UPSCALE_WARNING:
+                log.warning(
+                    "fit: the training images (median %d px on the longer side) are upscaled %.0fx to the %dx%d "
+                    "model input: their detail is blur; a smaller backbone.image_size suits them",
+                    median, upscale, *self.extractor.image_size,
+                )  # fmt: skip
         has_maps = out_of_sample.patch_maps is not None
         if has_maps and images is not None:
             grid = out_of_sample.patch_maps.shape[1:]
@@ -885,7 +894,7 @@ def _patch_footprint(
     if not spans:
         return None
     h, w = np.median(np.asarray(spans), axis=0)
-    return round(h), round(w)
+    return max(1, round(h)), max(1, round(w))  # upscaled images: a patch still spans at least a pixel of them
 
 
 def _sample_positions(n: int) -> NDArray[np.int64]:

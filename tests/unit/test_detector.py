@@ -590,3 +590,14 @@ def test_too_few_training_images_name_an_unreadable_one_first(tmp_path: Path) ->
     good = np.zeros((32, 32, 3), np.uint8)
     with pytest.raises(DataError, match="needs at least"):
         Detector(_config()).fit([good])
+
+
+def test_tiny_training_images_are_named_at_fit(caplog: pytest.LogCaptureFixture) -> None:
+    """8 px training images passed without a word ("a patch covers 0x0 image px"): upscaled 16x, they are blur."""
+    rng = np.random.default_rng(0)
+    caplog.set_level("WARNING", logger="anomaly")
+    det = Detector(_config("patchcore", "threshold.folds=3")).fit(
+        [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(6)]
+    )
+    assert det.patch_footprint_ == (1, 1)
+    assert "the training images (median 8 px on the longer side) are upscaled 16x to the 128x128" in caplog.text
