@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, Protocol, Union, cast
 
 import cv2
 import numpy as np
@@ -21,8 +21,7 @@ from anomaly.data.io import as_rgb8, read_image_size, read_pixels, significant_b
 from anomaly.data.views import Layout, ViewSpec, chroma, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
-if TYPE_CHECKING:  # accepted in memory, imported only for the type checker (torch stays out of this module)
-    import torch
+if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
@@ -39,7 +38,16 @@ __all__ = [
 ]
 
 _SQUARE_ENOUGH = 1.1  # a support image whose sides differ by at most this factor is also turned by 90 degrees
-ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], "Image.Image", "torch.Tensor"]
+
+
+class TensorLike(Protocol):
+    """A torch tensor, as this module reads one without importing torch (the data layer stays torch-free)."""
+
+    def detach(self) -> Any: ...
+    def cpu(self) -> Any: ...
+
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], "Image.Image", TensorLike]
 
 
 @dataclass
