@@ -143,8 +143,8 @@ def cut_views(image: NDArray[np.uint8], layout: Layout, input_size: tuple[int, i
 
 def chroma(views: NDArray[np.uint8]) -> float:
     """How coloured model-input views are: the mean of |R - G| and |G - B| in 8-bit levels (0 for a gray image;
-    MVTec AD bottle about 4, transistor about 20)."""
-    return float(np.abs(np.diff(views.astype(np.int16), axis=-1)).mean())
+    MVTec AD bottle about 4, transistor about 20); every 4th pixel each way is enough for that."""
+    return float(np.abs(np.diff(views[:, ::4, ::4].astype(np.int16), axis=-1)).mean())
 
 
 def standardize_intensity(views: NDArray[np.uint8], image: NDArray[np.uint8]) -> NDArray[np.uint8]:
