@@ -292,11 +292,15 @@ def _load(dataset: str, root: Path, name: str, test_only: bool = False) -> Categ
         return load_visa(root, name)
     if is_category_root(root):  # a folder that is laid out like an MVTec category: read it as one
         return load_mvtec(root)
+    if not (root / "good").is_dir():
+        raise DataError(f"--root {root}: a folder dataset holds good/ (its normal images, by that name) beside one "
+                        "folder per defect type [+ masks/<type>/]; no good/ here")  # fmt: skip
     defects = [
         d
         for d in sorted(root.iterdir())
         if d.is_dir()
-        and d.name not in ("good", "masks", "ground_truth")
+        and d.name not in ("good", "masks", "ground_truth", "__MACOSX")
+        and not d.name.startswith(".")  # .ipynb_checkpoints and the like: copies, not a defect type
         and not any((d / m).exists() for m in (_TABLES_MARKER, OUTPUT_MARKER))  # an --out inside the root
     ]
     mask_root = next((root / m for m in ("masks", "ground_truth") if (root / m).is_dir()), None)

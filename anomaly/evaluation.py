@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
-from anomaly.data.io import load_map, read_mask_levels, resize_mask
+from anomaly.data.io import SOFT_MASK_LEVELS, load_map, read_mask_levels, resize_mask
 from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed, evaluate_pixels
@@ -34,7 +34,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _MASK_ASPECT = 1.02  # a mask's aspect may differ from its image's by rounding, not more
-_MASK_CLASSES = 8  # a mask of more levels is soft or lossy (NEU-Seg's class masks hold 3), binarised at > 0
 
 _PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
 _PLOT_POINTS = 121  # points kept per curve, log-spaced in shared FPR
@@ -140,7 +139,7 @@ def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> 
             skewed.append(f"{sample.mask_path} ({mask.shape[1]}x{mask.shape[0]} for {shape[1]}x{shape[0]})")
         if sample.label and not mask.any():
             empty.append(str(sample.mask_path))
-        elif np.count_nonzero(np.bincount(levels.ravel())) > _MASK_CLASSES:
+        elif np.count_nonzero(np.bincount(levels.ravel())) > SOFT_MASK_LEVELS:
             graded.append(str(sample.mask_path))
         masks.append(resize_mask(mask, shape[:2]))
     for found, what in (

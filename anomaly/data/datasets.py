@@ -7,6 +7,7 @@ raise :class:`~anomaly.errors.DataError` for any layout problem, naming the offe
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "load_visa",
 ]
 
+log = logging.getLogger(__name__)
 Split = Literal["train", "test"]
 _VISA_SPLIT_CSV = Path("split_csv", "1cls.csv")
 _VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -41,7 +43,8 @@ class Sample:
 
     Attributes:
         image_path: Image file.
-        mask_path: Ground-truth mask file; ``None`` for normal images (and unannotated folder datasets).
+        mask_path: Ground-truth mask file, or a folder of mask files whose union is the mask (MVTec LOCO's
+            ``ground_truth/<type>/<stem>/``); ``None`` for normal images (and unannotated folder datasets).
         label: 0 normal, 1 anomalous.
         defect_type: ``"good"`` for normal images, otherwise the defect folder name (``"bad"`` for VisA).
         split: ``"train"`` or ``"test"``; training samples are always normal.
@@ -130,8 +133,9 @@ def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
     """Load a category in MVTec AD layout.
 
     Layout: ``train/good/*``, ``test/<defect>/*`` (``good`` = normal) and ``ground_truth/<defect>/<stem>_mask.png``.
-    Masks named ``<stem>.png`` (VisA converted to MVTec layout) are accepted too. A category without any
-    mask loads with image labels alone (``mask_path`` None: image metrics only).
+    Masks named ``<stem>.png`` (VisA converted to MVTec layout) and folders ``ground_truth/<defect>/<stem>/`` of
+    masks (MVTec LOCO: their union) are accepted too. A category without any mask loads with image labels alone
+    (``mask_path`` None: image metrics only).
 
     Args:
         category_root: Category folder, e.g. ``.../mvtec_ad/bottle``.
@@ -169,7 +173,9 @@ def _test_samples(root: Path) -> list[Sample]:
     """``test/<defect>/*`` samples with their ground-truth masks (every defective image's, or none at all)."""
     test_dir = root / "test"
     if not test_dir.is_dir():
-        raise DataError(f"no test folder in category: {root} (the MVTec layout: test/<type>/, ground_truth/<type>/)")
+        public = " (MVTec AD 2: its test_public/ holds the labelled test images: give it as test/)"
+        raise DataError(f"no test folder in category: {root} (the MVTec layout: test/<type>/, ground_truth/<type>/)"
+                        f"{public if (root / 'test_public').is_dir() else ''}")  # fmt: skip
     test: list[Sample] = []
     unmasked: list[Path] = []
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
@@ -180,11 +186,21 @@ def _test_samples(root: Path) -> list[Sample]:
             continue
         mask_dir = root / "ground_truth" / defect
         masks = _mask_index(mask_dir) if mask_dir.is_dir() else {}
+        found = 0
         for image in images:
             mask = masks.get((f"{image.stem}_mask",)) or masks.get((image.stem,))
+            if mask is None and (mask_dir / image.stem).is_dir() and _images_in(mask_dir / image.stem):
+                mask = mask_dir / image.stem  # MVTec LOCO: one mask per defect region, read as their union
             if mask is None:
                 unmasked.append(image)
+            found += mask is not None
             test.append(Sample(image, mask, 1, defect, "test"))
+        if masks and images and not found:  # masks there, none of them named for this folder's images
+            raise DataError(
+                f"{mask_dir}: none of its {len(masks)} masks matches an image of {defect_dir} (expected "
+                f"<stem>_mask.png, <stem>.png or a folder <stem>/ of masks, e.g. {images[0].stem}_mask.png), first: "
+                f"{next(iter(masks.values())).relative_to(mask_dir)}"
+            )
     if not test:
         raise DataError(f"no test image in {test_dir}")
     if unmasked and any(s.mask_path is not None for s in test):  # masks for some defects but not all
@@ -275,7 +291,8 @@ def load_folder(
     """Load a dataset made of plain folders.
 
     Folders are searched recursively. A defect image's mask is found in the matching mask folder at the same
-    relative sub-folder, named ``<stem>_mask.<ext>`` or ``<stem>.<ext>``. Normal test images come from
+    relative sub-folder, named ``<stem>_mask.<ext>`` or ``<stem>.<ext>``; without mask folders, files named
+    ``<stem>_mask.<ext>`` beside a defect folder's images are its masks (never scored). Normal test images come from
     ``normal_test_dir`` or, without it, from a seeded random split of ``normal_dir``.
 
     Args:
@@ -317,7 +334,18 @@ def load_folder(
     )
     for defect_dir, mask_dir in zip(map(Path, defect_dirs), masks_for, strict=True):
         masks = _mask_index(Path(mask_dir)) if mask_dir is not None else None
-        for image in list_images([defect_dir])[0]:
+        images, inline = [], []
+        for file in list_images([defect_dir])[0]:
+            (inline if file.stem.endswith("_mask") else images).append(file)
+        if inline and masks is None:  # masks kept beside their images: <stem>_mask.<ext>
+            masks = {(*p.relative_to(defect_dir).parent.parts, p.stem): p for p in inline}
+            mask_dir = defect_dir
+        elif inline:
+            log.warning(
+                "%s: %d file(s) named <stem>_mask beside the images are neither scored nor read as masks (the masks "
+                "are read from %s), first: %s", defect_dir, len(inline), mask_dir, inline[0],
+            )  # fmt: skip
+        for image in images:
             if image.resolve() in normal_files:
                 raise DataError(f"image is listed both as normal and as defective: {image}")
             mask = None

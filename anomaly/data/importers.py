@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from anomaly._fs import atomic_write_text, staged_dir
-from anomaly.data.io import MAX_PIXELS, list_images, read_image_size
+from anomaly.data.io import MAX_PIXELS, SOFT_MASK_LEVELS, list_images, read_image_size
 from anomaly.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -96,13 +96,25 @@ def import_labelme(
     if not json_files:
         raise DataError(f"--annotations {annotations}: no .json file found")
     by_name = _by_file_name(image_paths, images)
+    by_stem: dict[str, list[Path]] = {}
+    for path in image_paths:
+        by_stem.setdefault(path.stem, []).append(path)
     defects: list[_Defect] = []
+    annotated: dict[Path, Path] = {}  # image -> its JSON file
     for json_file in json_files:
         doc = _read_json(json_file)
         name = Path(str(doc.get("imagePath", "")).replace("\\", "/")).name
         image = by_name.get(name)
+        if image is None and len(by_stem.get(json_file.stem, [])) == 1:  # renamed, or an empty imagePath
+            image = by_stem[json_file.stem][0]
+            log.warning("%s: imagePath %r not found under %s; read as %s (the JSON's own name)", json_file, name,
+                        images, image.name)  # fmt: skip
         if image is None:
-            raise DataError(f"{json_file}: imagePath {name!r} not found under {images}")
+            raise DataError(f"{json_file}: imagePath {name!r} not found under {images}, nor an image named "
+                            f"{json_file.stem}.*")  # fmt: skip
+        if image in annotated:
+            raise DataError(f"{json_file} and {annotated[image]} both annotate {image}; keep one")
+        annotated[image] = json_file
         shapes = doc.get("shapes") or []
         if not shapes:
             continue  # labelme saves an empty shape list for a reviewed, defect-free image
@@ -158,14 +170,23 @@ def import_mask_folders(
         DataError: Missing folders, a mask whose size differs from its image's, a mask value missing from
             ``classes``, duplicate file names, or no image at all.
     """
-    image_paths = _listed(images, "--images")
+    image_paths, mask_paths = _listed(images, "--images"), _listed(masks, "--annotations")
+    if Path(images).resolve() == Path(masks).resolve():  # masks beside their images: only <stem>_mask files
+        mask_paths = [p for p in mask_paths if p.stem.endswith("_mask")]
+        if not mask_paths:
+            raise DataError(f"--annotations {masks} is the --images folder: its masks must be named "
+                            "<stem>_mask.<ext> there (or give a folder of masks)")  # fmt: skip
+    taken = set(mask_paths)
+    image_paths = [p for p in image_paths if p not in taken]  # a mask folder inside the image folder
+    mask_paths = [p for p in mask_paths if p not in set(image_paths)]  # the image folder inside the mask folder
     mask_index: dict[tuple[str, ...], Path] = {}
-    for mask in _listed(masks, "--annotations"):
+    for mask in mask_paths:
         rel = mask.relative_to(masks)
         mask_index.setdefault((*rel.parent.parts, rel.stem), mask)
     normals: list[Path] = []
     defects: list[_Defect] = []
     used: set[Path] = set()
+    graded: list[Path] = []
     for image in image_paths:
         rel = image.relative_to(images)
         key = rel.parent.parts
@@ -176,6 +197,8 @@ def import_mask_folders(
         if values is None or not values.any():
             normals.append(image)
             continue
+        if classes is None and np.count_nonzero(np.bincount(values.ravel().astype(np.int64))) > SOFT_MASK_LEVELS:
+            graded.append(mask_path)
         size = _image_size(image)
         if (values.shape[1], values.shape[0]) != size:
             raise DataError(f"{mask_path}: mask size {values.shape[1]}x{values.shape[0]} differs from {image} {size}")
@@ -189,6 +212,14 @@ def import_mask_folders(
             defect_type = classes[counts.most_common(1)[0][0]]
         defects.append(_Defect(image, values > 0, defect_type))
     _check_masks_matched(sorted(set(mask_index.values()) - used), len(mask_index), Path(masks))
+    if graded:
+        log.warning("%d mask(s) have many levels (soft edges, or lossy JPEG noise): every pixel above 0 is taken as "
+                    "defect, first: %s", len(graded), graded[0])  # fmt: skip
+    defect_folders = {_sub_folder(d.image, images) for d in defects} - {None}
+    unmasked = [p for p in normals if _sub_folder(p, images) in defect_folders]
+    if unmasked:  # no mask means normal; in a folder of defects that is worth a look
+        log.warning("%d image(s) in folders of defects have no mask (or an empty one) and are imported as normal, "
+                    "first: %s", len(unmasked), unmasked[0])  # fmt: skip
     return _write_category(
         out,
         normals,
@@ -199,6 +230,12 @@ def import_mask_folders(
         link=link,
         source={"format": "mask-folders", "images": str(images), "masks": str(masks), "classes": classes},
     )
+
+
+def _sub_folder(path: Path, root: str | os.PathLike[str]) -> str | None:
+    """The first sub-folder of ``root`` that ``path`` lies in; None directly in it."""
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
 
 
 def _check_masks_matched(unmatched: list[Path], n_masks: int, masks: Path) -> None:
@@ -230,11 +267,17 @@ def labelme_mask(shapes: list[dict[str, Any]], size: tuple[int, int], where: Pat
     """
     canvas = Image.new("L", size, 0)
     draw = ImageDraw.Draw(canvas)
+    kinds = [str(shape.get("shape_type") or "polygon") for shape in shapes]
+    flat = sorted({kind for kind in kinds if kind not in _AREA_SHAPES})  # points, lines: nothing to fill
+    if all(kind not in _AREA_SHAPES for kind in kinds):
+        raise DataError(f"{where}: only shapes without area ({', '.join(flat)}); supported: {', '.join(_AREA_SHAPES)}")
+    if flat:
+        log.warning("%s: shapes without area (%s) left out of the mask", where, ", ".join(flat))
     for shape in shapes:
         kind = shape.get("shape_type") or "polygon"
         points = [tuple(map(float, p)) for p in shape.get("points") or []]
         if kind not in _AREA_SHAPES:
-            raise DataError(f"{where}: shape type {kind!r} has no area; supported: {', '.join(_AREA_SHAPES)}")
+            continue
         if len(points) < {"polygon": 3, "rectangle": 2, "circle": 2}[kind]:
             raise DataError(f"{where}: {kind} with {len(points)} point(s)")
         if kind == "polygon":
@@ -273,9 +316,17 @@ def _write_category(
     if not normals and not defects:
         raise DataError("no image to import")
     bad = sorted(
-        {d.defect_type for d in defects if not d.defect_type or d.defect_type == "good" or "/" in d.defect_type}
+        {
+            d.defect_type
+            for d in defects
+            if not d.defect_type
+            or d.defect_type == "good"
+            or d.defect_type.startswith(".")
+            or "/" in d.defect_type
+            or "\\" in d.defect_type
+        }
     )
-    if bad:
+    if bad:  # ".." would write outside test/, ".x" a folder the loaders skip as hidden
         raise DataError(f"defect type(s) {bad} cannot be folder names next to test/good")
     rng = np.random.default_rng(seed)
     if max_normal is not None and len(normals) > max_normal:
@@ -388,6 +439,13 @@ def _read_label_mask(path: Path) -> NDArray[np.integer[Any]]:
                 raise DataError(f"{path}: a mask of {image.width}x{image.height} px exceeds the {MAX_PIXELS / 1e6:.3g} "
                                 "MP limit; set ANOMALY_MAX_PIXELS to allow it")  # fmt: skip
             values = np.asarray(image)
+            has_alpha = image.mode in ("RGBA", "LA")
     except OSError as exc:
         raise DataError(f"{path}: not a readable mask ({exc})") from None
-    return values.max(axis=2) if values.ndim == 3 else values
+    if not has_alpha:
+        return values.max(axis=2) if values.ndim == 3 else values
+    colour, alpha = values[:, :, :-1].max(axis=2), values[:, :, -1]
+    if alpha.min() == alpha.max():  # opaque (or uniformly transparent): the colours are the mask
+        return colour
+    drawn = alpha > 0  # drawn as transparency: the colours where drawn, or the alpha itself beneath black
+    return np.where(drawn, colour if colour[drawn].any() else alpha, 0)

@@ -29,6 +29,7 @@ __all__ = [
     "GLOB_CHARS",
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
+    "SOFT_MASK_LEVELS",
     "as_rgb8",
     "decode_bytes",
     "is_image_file",
@@ -55,6 +56,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 _CV2_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 _EXIF_ORIENTATION = 0x0112
 GLOB_CHARS = frozenset("*?[")
+SOFT_MASK_LEVELS = 8  # a mask of more levels is soft or lossy (NEU-Seg's class masks hold 3), binarised at > 0
 
 MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
 """Largest image (width x height) decoded; bigger ones (decompression bombs) are refused. Env: ANOMALY_MAX_PIXELS."""
@@ -267,8 +269,14 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None)
 
 def read_mask_levels(path: str | os.PathLike[str]) -> NDArray[Any]:
     """The (H, W) levels a ground-truth mask is binarised from: the largest colour channel, or the alpha channel
-    where it varies (a mask drawn as transparency, black or any colour beneath it). DataError naming the file when
-    it is missing or cannot be decoded."""
+    where it varies (a mask drawn as transparency, black or any colour beneath it); for a folder of masks (MVTec
+    LOCO, one per defect region), their pixel-wise maximum. DataError naming the file when it is missing or cannot
+    be decoded, or naming the folder when its masks differ in size."""
+    if Path(path).is_dir():
+        parts = [read_mask_levels(file) for file in list_images([path])[0]]
+        if len({part.shape for part in parts}) > 1:
+            raise DataError(f"{_printable(Path(path))}: its masks differ in size ({sorted({p.shape for p in parts})})")
+        return np.maximum.reduce(parts)
     data = _read_bytes(Path(path))
     pixels = _decode(data, _printable(Path(path)))
     alpha = _varying_alpha(data)

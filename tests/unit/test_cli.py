@@ -409,6 +409,8 @@ def test_benchmark_folder_dataset_reads_plain_and_mvtec_layouts(synthetic_root: 
     for defect in sorted(p.name for p in (synthetic_root / "test").iterdir() if p.name != "good"):
         shutil.copytree(synthetic_root / "test" / defect, plain / defect)
         shutil.copytree(synthetic_root / "ground_truth" / defect, plain / "masks" / defect)
+    for junk in (".ipynb_checkpoints", "__MACOSX"):  # copies of good images: were read as defect types
+        shutil.copytree(synthetic_root / "train" / "good", plain / junk)
     n_test = {"plain": None, synthetic_root.name: len(load_mvtec(synthetic_root).test)}
     for root in (plain, synthetic_root):  # an MVTec-layout category root is one folder dataset too
         out = tmp_path / f"bench_{root.name}"
@@ -419,6 +421,7 @@ def test_benchmark_folder_dataset_reads_plain_and_mvtec_layouts(synthetic_root: 
         assert row["category"] == root.name and float(row["image_auroc"]) >= 0.9 and float(row["pixel_auroc"]) >= 0.9
         if n_test[root.name] is not None:
             assert len(_rows(out / root.name / "scores")) == n_test[root.name]
+        assert not [r for r in _rows(out / root.name / "scores") if "ipynb" in r["path"] or "MACOSX" in r["path"]]
 
 
 def test_benchmark_refuses_a_one_class_test_split_and_leaves_out_sets_without_training_images(

@@ -680,3 +680,42 @@ def test_read_image_size_fails_like_read_image(tmp_path: Path) -> None:
             read_image_size(path)
     cv2.imwrite(str(tmp_path / "gray16.png"), np.zeros((7, 11), np.uint16))
     assert read_image_size(tmp_path / "gray16.png") == (7, 11)
+
+
+def test_mask_layouts_beyond_mvtec_ad(synthetic_root: Path, tmp_path: Path) -> None:
+    """MVTec LOCO keeps a folder of masks per image (read as their union); masks named otherwise than the images
+    (`<stem>_gt.png`) dropped the pixel metrics with a mere warning; masks kept beside a folder dataset's images
+    were scored as defective images."""
+    from anomaly.evaluation import ground_truth_masks
+
+    loco = Path(shutil.copytree(synthetic_root, tmp_path / "loco"))
+    for mask in sorted((loco / "ground_truth").glob("*/*_mask.png")):
+        regions = mask.parent / mask.name.removesuffix("_mask.png")
+        regions.mkdir()
+        levels = read_mask(mask)
+        top, bottom = levels.copy(), levels.copy()
+        top[levels.shape[0] // 2 :], bottom[: levels.shape[0] // 2] = False, False
+        Image.fromarray(top.astype(np.uint8) * 255).save(regions / "000.png")
+        Image.fromarray(bottom.astype(np.uint8) * 255).save(regions / "001.png")
+        mask.unlink()
+    data, original = load_mvtec(loco), load_mvtec(synthetic_root)
+    assert all(s.mask_path is not None and s.mask_path.is_dir() for s in data.test_anomalous)
+    shapes = [(128, 128)] * len(data.test)
+    for union, mask in zip(ground_truth_masks(data.test, shapes), ground_truth_masks(original.test, shapes)):
+        assert np.array_equal(union, mask)
+
+    renamed = Path(shutil.copytree(synthetic_root, tmp_path / "renamed"))
+    for mask in (renamed / "ground_truth").glob("*/*_mask.png"):
+        mask.rename(mask.with_name(mask.name.replace("_mask", "_gt")))
+    with pytest.raises(DataError, match=r"none of its 2 masks matches an image of .* \(expected <stem>_mask.png"):
+        load_mvtec(renamed)
+
+    plain = tmp_path / "plain"
+    shutil.copytree(synthetic_root / "train" / "good", plain / "good")
+    shutil.copytree(synthetic_root / "test" / "blob", plain / "blob")
+    for mask in (synthetic_root / "ground_truth" / "blob").iterdir():
+        shutil.copy(mask, plain / "blob" / mask.name)  # beside their images, no masks/ folder
+    folder = load_folder(plain / "good", [plain / "blob"])
+    assert len(folder.test_anomalous) == 2 and all(
+        s.mask_path.name.endswith("_mask.png") for s in folder.test_anomalous
+    )

@@ -155,7 +155,7 @@ def test_mask_folders_without_normals_is_test_only_and_types_from_subfolders(tmp
     ("shapes", "size", "message"),
     [
         ([_poly([[1, 1], [5, 5]])], (W, H), "polygon with 2 point(s)"),
-        ([_poly([[1, 1], [5, 5]], kind="line")], (W, H), "shape type 'line' has no area"),
+        ([_poly([[1, 1], [5, 5]], kind="line")], (W, H), "only shapes without area (line)"),
         ([_poly([[1, 1], [5, 1], [5, 5]])], (W + 1, H), "differ from the image's size"),
         ([_poly([[100, 100], [105, 100], [105, 105]])], (W, H), "cover no pixel"),
     ],
@@ -212,3 +212,64 @@ def test_benchmark_rows_report_realised_fpr(synthetic_root: Path, tmp_path: Path
     row = run_benchmark("mvtec", synthetic_root.parent, [synthetic_root.name], config, tmp_path)[0]
     n_good = len(load_mvtec(synthetic_root).test_normal)
     assert 0 <= row["realised_fpr"] <= 1 and (row["realised_fpr"] * n_good).is_integer()
+
+
+def test_labelme_quirks_of_real_annotations(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A crack drawn as a line beside a polygon rejected the file; a JSON whose image was renamed (or whose imagePath
+    is empty) was not found though it shares the image's name; two JSONs for one image named neither; a label '..'
+    wrote the defect outside test/."""
+    for name in ("a.png", "b.png", "n0.png", "n1.png"):
+        _image(tmp_path / "data" / name)
+    square = [[1, 1], [6, 1], [6, 6], [1, 6]]
+    _labelme(tmp_path / "label" / "a.json", "a.png", [_poly(square), _poly([[1, 1], [9, 9]], kind="line")])
+    _labelme(tmp_path / "label" / "b.json", "renamed.png", [_poly(square, label="dent")])
+    caplog.set_level("WARNING", logger="anomaly")
+    summary = import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out")
+    assert summary.defects == {"dent": 1, "pitting": 1}
+    assert "shapes without area (line) left out of the mask" in caplog.text
+    assert "imagePath 'renamed.png' not found under" in caplog.text and "read as b.png" in caplog.text
+    _labelme(tmp_path / "label" / "b2.json", "b.png", [_poly(square)])
+    with pytest.raises(DataError, match=r"b2.json and .*b.json both annotate"):
+        import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out2")
+    (tmp_path / "label" / "b2.json").unlink()
+    _labelme(tmp_path / "label" / "a.json", "a.png", [_poly(square, label="..")])
+    with pytest.raises(DataError, match=r"defect type\(s\) \['\.\.'\] cannot be folder names"):
+        import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out3")
+
+
+def test_mask_folders_quirks_of_real_exports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An opaque RGBA mask became a whole-image defect (the alpha channel won the maximum); images beside their
+    `_mask` files made every image a defect of itself; a defect-folder image without a mask went to train/good
+    unnamed; a JPEG mask's noise was taken as defect unnamed."""
+
+    def mask_of(box: tuple[slice, slice], value: int = 255) -> np.ndarray:
+        mask = np.zeros((H, W), np.uint8)
+        mask[box] = value
+        return mask
+
+    for i in range(4):
+        _image(tmp_path / "img" / "good" / f"g{i}.png")
+    for i in range(3):
+        _image(tmp_path / "img" / "dent" / f"d{i}.png")
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque, as image editors export
+    rgba[2:6, 3:8, :3] = 255
+    (tmp_path / "msk" / "dent").mkdir(parents=True)
+    Image.fromarray(rgba).save(tmp_path / "msk" / "dent" / "d0.png")
+    graded = mask_of((slice(2, 6), slice(3, 8)))
+    graded[8:10, 8:18] = np.arange(1, 21).reshape(2, 10)  # many levels: JPEG noise or soft edges
+    Image.fromarray(graded).save(tmp_path / "msk" / "dent" / "d1.png")  # d2 has no mask
+    caplog.set_level("WARNING", logger="anomaly")
+    summary = import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat")
+    assert summary.defects == {"dent": 2} and summary.n_train + summary.n_test_good == 5
+    assert int(read_mask(tmp_path / "cat" / "ground_truth" / "dent" / "d0_mask.png").sum()) == 20
+    assert "1 mask(s) have many levels" in caplog.text and "d1.png" in caplog.text
+    assert "1 image(s) in folders of defects have no mask (or an empty one) and are imported as normal" in caplog.text
+
+    flat = tmp_path / "flat"  # KolektorSDD style: x.png beside x_mask.png
+    for i in range(3):
+        _image(flat / f"p{i}.png")
+        Image.fromarray(mask_of((slice(1, 3), slice(1, 3)), 255 if i == 0 else 0)).save(flat / f"p{i}_mask.png")
+    summary = import_mask_folders(flat, flat, tmp_path / "flatcat")
+    assert summary.defects == {"defect": 1} and summary.n_train + summary.n_test_good == 2
+    assert int(read_mask(tmp_path / "flatcat" / "ground_truth" / "defect" / "p0_mask.png").sum()) == 4
