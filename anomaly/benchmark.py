@@ -26,6 +26,7 @@ from anomaly.data.datasets import (
     CategoryData,
     find_categories,
     is_category_root,
+    labelled_split_dirs,
     load_folder,
     load_ground_truth,
     load_mvtec,
@@ -90,7 +91,8 @@ def run_benchmark(
     if dataset == "folder" and categories:
         raise DataError("--category: --dataset folder reads one category, the --root folder itself; leave it out")
     test_only = not get_scorer(config.scorer.name, config.scorer.params).requires_fit  # zero-shot: no train/good
-    if dataset != "folder" and not categories and (root / "test").is_dir():  # a category, not the dataset root
+    is_category = labelled_split_dirs(root)[0].is_dir()
+    if dataset != "folder" and not categories and is_category:  # a category, not a dataset root
         raise DataError(f"--root {root}: a category folder; give its dataset root: --root {root.parent} --category "
                         f"{root.name} (or --dataset folder)")  # fmt: skip
     names = _category_names(categories) or (_find(root, dataset, test_only) if dataset != "folder" else [_name(root)])
@@ -177,7 +179,7 @@ def _say_left_out(root: Path, names: list[str], test_only: bool) -> None:
     left = [
         d.name
         for d in sorted(root.iterdir())
-        if d.is_dir() and d.name not in names and (d / "test").is_dir() and not d.name.startswith(".")
+        if d.is_dir() and d.name not in names and labelled_split_dirs(d)[0].is_dir() and not d.name.startswith(".")
     ]
     if left and not test_only:
         log.warning(
@@ -213,7 +215,9 @@ def _run_job(
 def _find(root: Path, dataset: str, test_only: bool) -> list[str]:
     """The categories under ``root``; for a zero-shot config also MVTec-layout folders without ``train/good``."""
     if dataset == "mvtec" and test_only:
-        return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and (d / "test").is_dir())
+        return sorted(
+            d.name for d in root.iterdir() if not d.name.startswith(".") and labelled_split_dirs(d)[0].is_dir()
+        )
     found = find_categories(root, dataset)  # type: ignore[arg-type]
     if dataset == "mvtec":  # an imported test-only set has an empty train/good: nothing to fit on
         found = [n for n in found if any(is_image_file(p) for p in (root / n / "train" / "good").iterdir())]

@@ -28,6 +28,7 @@ __all__ = [
     "load_ground_truth",
     "load_mvtec",
     "load_visa",
+    "labelled_split_dirs",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ def is_category_root(path: str | os.PathLike[str]) -> bool:
 def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
     """Load a category in MVTec AD layout.
 
-    Layout: ``train/good/*``, ``test/<defect>/*`` (``good`` = normal) and ``ground_truth/<defect>/<stem>_mask.png``.
+    Layout: ``train/good/*``, ``test/<defect>/*`` (``good`` = normal) and ``ground_truth/<defect>/<stem>_mask.png``
+    (MVTec AD 2: ``test_public/<defect>/*`` and ``test_public/ground_truth/<defect>/``).
     Masks named ``<stem>.png`` (VisA converted to MVTec layout) and folders ``ground_truth/<defect>/<stem>/`` of
     masks (MVTec LOCO: their union) are accepted too. A category without any mask loads with image labels alone
     (``mask_path`` None: image metrics only).
@@ -171,20 +173,20 @@ def load_ground_truth(category_root: str | os.PathLike[str]) -> CategoryData:
 
 def _test_samples(root: Path) -> list[Sample]:
     """``test/<defect>/*`` samples with their ground-truth masks (every defective image's, or none at all)."""
-    test_dir = root / "test"
+    test_dir, truth_dir = labelled_split_dirs(root)
     if not test_dir.is_dir():
-        public = " (MVTec AD 2: its test_public/ holds the labelled test images: give it as test/)"
-        raise DataError(f"no test folder in category: {root} (the MVTec layout: test/<type>/, ground_truth/<type>/)"
-                        f"{public if (root / 'test_public').is_dir() else ''}")  # fmt: skip
+        raise DataError(f"no test folder in category: {root} (the MVTec layout: test/<type>/, ground_truth/<type>/)")
     test: list[Sample] = []
     unmasked: list[Path] = []
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
         defect = defect_dir.name
+        if defect_dir == truth_dir:
+            continue
         images = _images_in(defect_dir)
         if defect == "good":
             test.extend(Sample(p, None, 0, "good", "test") for p in images)
             continue
-        mask_dir = root / "ground_truth" / defect
+        mask_dir = truth_dir / defect
         masks = _mask_index(mask_dir) if mask_dir.is_dir() else {}
         found = 0
         for image in images:
@@ -208,8 +210,16 @@ def _test_samples(root: Path) -> list[Sample]:
     return test
 
 
+def labelled_split_dirs(root: Path) -> tuple[Path, Path]:
+    """The labelled test split of a category and its masks' folder: ``test/`` and ``ground_truth/``, or for MVTec
+    AD 2 (no ``test/``) ``test_public/`` and the ``ground_truth/`` inside it."""
+    if not (root / "test").is_dir() and (root / "test_public").is_dir():
+        return root / "test_public", root / "test_public" / "ground_truth"
+    return root / "test", root / "ground_truth"
+
+
 def _no_mask(root: Path, image: Path) -> DataError:
-    expected = root / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+    expected = labelled_split_dirs(root)[1] / image.parent.name / f"{image.stem}_mask.png"
     return DataError(f"no mask for defective image {image} (expected {expected})")
 
 

@@ -719,3 +719,17 @@ def test_mask_layouts_beyond_mvtec_ad(synthetic_root: Path, tmp_path: Path) -> N
     assert len(folder.test_anomalous) == 2 and all(
         s.mask_path.name.endswith("_mask.png") for s in folder.test_anomalous
     )
+
+
+def test_mvtec_ad_2_reads_its_public_test_split(synthetic_root: Path, tmp_path: Path) -> None:
+    """MVTec AD 2 keeps its labelled test images in test_public/, masks in test_public/ground_truth/."""
+    ad2 = Path(shutil.copytree(synthetic_root, tmp_path / "ad2" / "widget"))
+    (ad2 / "test").rename(ad2 / "test_public")
+    (ad2 / "ground_truth").rename(ad2 / "test_public" / "ground_truth")
+    shutil.copytree(ad2 / "train" / "good", ad2 / "validation" / "good")
+    data, original = load_mvtec(ad2), load_mvtec(synthetic_root)
+    assert [(s.image_path.name, s.label, s.defect_type) for s in data.test] == [
+        (s.image_path.name, s.label, s.defect_type) for s in original.test
+    ]
+    assert all(s.mask_path is not None and "test_public/ground_truth" in str(s.mask_path) for s in data.test_anomalous)
+    assert find_categories(tmp_path / "ad2", "mvtec") == ["widget"]
