@@ -42,6 +42,7 @@ __all__ = [
     "calibrate",
     "outlying_scores",
     "pool_threshold",
+    "robust_z",
     "suspect_references",
 ]
 
@@ -170,15 +171,23 @@ def outlying_scores(scores: ArrayLike, z: float) -> NDArray[np.bool_]:
     """
     values = np.asarray(scores, dtype=np.float64).ravel()
     none = np.zeros(values.shape, dtype=bool)
-    if len(values) < _OUTLIER_MIN_IMAGES or not np.all(np.isfinite(values)) or values.min() <= 0:
+    robust = robust_z(values)
+    if len(values) < _OUTLIER_MIN_IMAGES or robust is None:
         return none
+    out = robust > z
+    return out if out.sum() <= _OUTLIER_MAX_SHARE * len(values) else none
+
+
+def robust_z(scores: ArrayLike) -> NDArray[np.float64] | None:
+    """Each score's distance above the median in robust standard deviations (1.4826 x the MAD), on a log scale;
+    None when a score is not positive and finite or the spread is zero."""
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    if not len(values) or not np.all(np.isfinite(values)) or values.min() <= 0:
+        return None
     logs = np.log(values)
     median = float(np.median(logs))
     spread = 1.4826 * float(np.median(np.abs(logs - median)))
-    if spread <= 0:
-        return none
-    out = (logs - median) / spread > z
-    return out if out.sum() <= _OUTLIER_MAX_SHARE * len(values) else none
+    return None if spread <= 0 else (logs - median) / spread
 
 
 def suspect_references(scores: ArrayLike, owners: Sequence[str]) -> NDArray[np.bool_]:

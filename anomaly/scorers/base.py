@@ -159,7 +159,8 @@ class Scorer(ABC):
     def forget(self, rows: NDArray[np.int64]) -> int:
         """Drop the parts of the fitted state that came from the training rows ``rows`` (fit order).
 
-        Called for training images found outlying after the fit (probable defects); returns the number of
+        Called once after every calibration, with the training images found outlying (probable defects; none
+        is an empty ``rows``): it also ends the fit, releasing what the fit kept for it. Returns the number of
         parts dropped. A scorer whose state summarises all rows (a Gaussian's mean and covariance, where
         one image of hundreds moves little) keeps it and returns 0.
         """

@@ -626,3 +626,18 @@ def test_11_damaged_score_folders_are_one_error_line_in_report_and_discover(
     )
     _one_error_line(_run(*report, "--discovery", tmp_path / "types"), "clusters.csv", "confidence 'high'")
     assert not (tmp_path / "report").exists()
+
+
+def test_the_python_api_lets_idle_openmp_threads_sleep_unless_torch_came_first() -> None:
+    """Spinning OpenMP threads stalled single-image predict 20x on shared cores; the CLI set the policy, a program
+    importing `anomaly` did not. Once torch is loaded the setting would not apply, so it is not claimed."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, anomaly; print(os.environ.get('OMP_WAIT_POLICY'))"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert first.stdout.strip() == "PASSIVE", first.stderr
+    late = subprocess.run([sys.executable, "-c", "import torch; " + code], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert late.stdout.strip() == "None", late.stderr
+    own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, timeout=120)  # fmt: skip
+    assert own.stdout.strip() == "ACTIVE"

@@ -138,6 +138,27 @@ def test_memory_bank_forgets_the_rows_of_named_training_images() -> None:
     assert gaussian.forget(np.array([10])) == 0  # mean and covariance summarise every image
 
 
+def test_after_a_cross_fit_the_forgotten_rows_are_replaced_by_other_images() -> None:
+    """Dropping the rows alone thinned the bank (28 % of 24 bottles' bank): the normal regions those rows covered
+    then scored above the threshold calibrated before (18 of 20 good bottles flagged). After a cross-fit the bank
+    is picked again at its size from the other images' candidates."""
+    normal, odd = _layers(22, 0), _layers(2, 3, anomaly=True)
+    train = [torch.cat([a, b]) for a, b in zip(normal, odd)]  # images 22 and 23 carry a defect
+    folds = np.arange(24) % 4
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 0.05})
+    scorer.cross_fit(train, folds)
+    size, fresh = len(scorer.bank_), _layers(6, 7)
+    before = scorer.score(fresh).image_scores
+    taken = int(np.isin(scorer.bank_image_, [22, 23]).sum())
+    assert taken and scorer.forget(np.array([22, 23])) == taken
+    assert len(scorer.bank_) == size and not np.isin(scorer.bank_image_, [22, 23]).any()
+    assert np.all(scorer.score(odd).image_scores > 1.0)  # their defects no longer vouch for themselves
+    assert np.all(scorer.score(fresh).image_scores <= before * 1.05)  # normal coverage kept
+    assert scorer._candidates is None  # the fit has ended: nothing held; a later forget drops rows only
+    dropped = scorer.forget(np.array([0]))
+    assert dropped and len(scorer.bank_) == size - dropped
+
+
 @pytest.mark.parametrize("name, params", [("padim", {"n_features": 8}), ("gaussian", {})])
 def test_cross_fit_equals_refitting_without_each_fold(name: str, params: dict) -> None:
     """padim: from sufficient statistics; gaussian: the base class's refit of a clone per fold."""

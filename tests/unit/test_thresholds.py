@@ -227,7 +227,9 @@ def test_outlying_training_scores_are_the_far_ones_only() -> None:
     assert not outlying_scores(np.concatenate([planted, [0.0]]), 10.0).any()  # no log scale for a zero score
 
 
-def test_outlying_training_images_are_left_out_of_the_threshold_and_named(tmp_path: Path) -> None:
+def test_outlying_training_images_are_left_out_of_the_threshold_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from anomaly import Detector
     from anomaly.config import apply_overrides, load_config
     from anomaly.data.synthetic import make_synthetic_category
@@ -240,8 +242,11 @@ def test_outlying_training_images_are_left_out_of_the_threshold_and_named(tmp_pa
         config = apply_overrides(
             load_config("patchcore"), ["backbone.image_size=[128,128]", f"threshold.outlier_z={z}"]
         )
-        det = Detector(config).fit(good + bad)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="anomaly"):
+            det = Detector(config).fit(good + bad)
         decisions[z] = det.decision_
+        setters = [r.message for r in caplog.records if "set the threshold at" in r.message]
         from_bad = np.isin(det.scorer.bank_image_, [24, 25])  # the bank rows the two defects gave
         if z == "5":
             assert sorted(det.excluded_training_) == sorted(map(str, bad))
@@ -250,8 +255,11 @@ def test_outlying_training_images_are_left_out_of_the_threshold_and_named(tmp_pa
             loaded = Detector.load(tmp_path / "model")
             assert loaded.excluded_training_ == det.excluded_training_
             assert len(loaded.scorer.bank_) == len(det.scorer.bank_)
+            assert not setters
         else:
             assert from_bad.any()  # the k-center pick takes a defect's patches first
+            (line,) = setters  # kept (the rule is off), they are still named: they set the threshold
+            assert line.startswith("fit: 2 training image(s) score far above the others") and str(bad[0]) in line
     assert decisions["5"].n_excluded == 2 and decisions["5"].n_normal == 24
     assert "2 outlying training image(s) left out" in decisions["5"].summary()
     assert decisions["null"].n_excluded == 0 and decisions["null"].n_normal == 26
