@@ -66,6 +66,7 @@ _UPSCALE_WARNING = 4  # training images upscaled more than this to the model inp
 # threshold to this many times what the rest give are named: defects that the outlier rule did not take.
 _SETTER_Z = 5.0
 _SETTER_RATIO = 1.5
+_SETTER_MIN_REST = 10
 
 
 @dataclass
@@ -390,6 +391,8 @@ class Detector:
         if not high.any() or high.sum() > max(2, 0.1 * len(high)):
             return
         rest = np.flatnonzero(kept)[~high]
+        if len(rest) < _SETTER_MIN_REST:  # too few left to say what the others give
+            return
         without = calibrate(scores[rest], self.config.threshold.target_fpr, None if peaks is None else peaks[rest])
         if self.decision_.image < _SETTER_RATIO * without.image:
             return

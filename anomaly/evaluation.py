@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
-from anomaly.data.io import SOFT_MASK_LEVELS, load_map, read_mask_levels, resize_mask
+from anomaly.data.io import SOFT_MASK_LEVELS, load_map, mask_level_count, read_mask_levels, resize_mask
 from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed, evaluate_pixels
@@ -139,7 +139,7 @@ def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> 
             skewed.append(f"{sample.mask_path} ({mask.shape[1]}x{mask.shape[0]} for {shape[1]}x{shape[0]})")
         if sample.label and not mask.any():
             empty.append(str(sample.mask_path))
-        elif np.count_nonzero(np.bincount(levels.ravel())) > SOFT_MASK_LEVELS:
+        elif mask_level_count(levels) > SOFT_MASK_LEVELS:
             graded.append(str(sample.mask_path))
         masks.append(resize_mask(mask, shape[:2]))
     for found, what in (

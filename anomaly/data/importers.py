@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from anomaly._fs import atomic_write_text, staged_dir
-from anomaly.data.io import MAX_PIXELS, SOFT_MASK_LEVELS, list_images, read_image_size
+from anomaly.data.io import MAX_PIXELS, SOFT_MASK_LEVELS, list_images, mask_level_count, read_image_size
 from anomaly.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def import_mask_folders(
         if values is None or not values.any():
             normals.append(image)
             continue
-        if classes is None and np.count_nonzero(np.bincount(values.ravel().astype(np.int64))) > SOFT_MASK_LEVELS:
+        if classes is None and mask_level_count(values) > SOFT_MASK_LEVELS:
             graded.append(mask_path)
         size = _image_size(image)
         if (values.shape[1], values.shape[0]) != size:

@@ -35,6 +35,7 @@ __all__ = [
     "is_image_file",
     "list_images",
     "load_map",
+    "mask_level_count",
     "read_image",
     "read_image_size",
     "read_images",
@@ -283,6 +284,14 @@ def read_mask_levels(path: str | os.PathLike[str]) -> NDArray[Any]:
     if alpha is not None and alpha.shape == pixels.shape[:2]:
         return alpha
     return pixels.max(axis=2) if pixels.ndim == 3 else pixels
+
+
+def mask_level_count(levels: NDArray[Any]) -> int:
+    """How many distinct values a mask holds (a histogram for 8/16-bit masks; float or signed masks sorted); more
+    than :data:`SOFT_MASK_LEVELS` is a soft or lossy mask."""
+    if levels.dtype.kind == "u":
+        return int(np.count_nonzero(np.bincount(levels.ravel())))
+    return int(np.unique(levels).size)
 
 
 def _varying_alpha(data: NDArray[np.uint8]) -> NDArray[Any] | None:
