@@ -97,6 +97,10 @@ def _main(
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
     warnings.showwarning = _warning_line  # metric warnings as one log line, not a source excerpt
+    from PIL import Image
+
+    # above ANOMALY_MAX_PIXELS the refusal names the image and its size; PIL's own warning would come first
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every build it probes
     logging.getLogger("PIL").setLevel(logging.INFO)  # -v: Pillow logs every TIFF tag of every image at debug level
     _quiet_opencv(verbose)
@@ -274,7 +278,7 @@ def score(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Score images with a fitted model or an export (--model) or zero-shot (--zero-shot)."""
-    from anomaly.data.datasets import is_category_root
+    from anomaly.data.datasets import is_category_root, labelled_split_dirs
     from anomaly.data.inputs import image_paths, reference_paths
     from anomaly.outputs import ScoreWriter, relative_names
     from anomaly.runtime import ExportedDetector, is_export_dir
@@ -309,8 +313,9 @@ def score(
     check_output_dir(out, "scores.csv")  # an --out that cannot take the scores, before the inputs are read
     paths = image_paths(inputs, exclude=[out])  # and bad inputs before a model is loaded
     for root in (i for i in inputs if is_category_root(i)):  # one row per input image, as asked; said once
+        split = labelled_split_dirs(Path(root))[0]
         typer.echo(f"warning: {root} is a dataset category root: every image in it is scored, its train/good and "
-                   f"ground_truth masks too; give {Path(root) / 'test'} to score its test split", err=True)  # fmt: skip
+                   f"ground_truth masks too; give {split} to score its test split", err=True)  # fmt: skip
     references = reference_paths(reference, paths) if reference else []
     if zero_shot and len(paths) + len(references) < 2:  # before a backbone is built
         raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + --reference images)")
@@ -700,9 +705,7 @@ def import_(
 
 def main() -> None:
     """Console-script entry point."""
-    # Idle OpenMP threads sleep instead of spinning: on shared cores spinning stalled MuSc and the
-    # backbone 5x; the cost on an idle machine is negligible for these large kernels.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # (Idle OpenMP threads sleep: `import anomaly` set OMP_WAIT_POLICY=PASSIVE before torch loaded.)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(standalone_mode=False)

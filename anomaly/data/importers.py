@@ -24,7 +24,14 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from anomaly._fs import atomic_write_text, staged_dir
-from anomaly.data.io import MAX_PIXELS, SOFT_MASK_LEVELS, list_images, mask_level_count, read_image_size
+from anomaly.data.io import (
+    MAX_PIXELS,
+    SOFT_MASK_LEVELS,
+    drawn_levels,
+    list_images,
+    mask_level_count,
+    read_image_size,
+)
 from anomaly.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -123,7 +130,11 @@ def import_labelme(
         if None not in declared and declared != size:
             raise DataError(f"{json_file}: imageWidth x imageHeight {declared} differ from the image's size {size}")
         mask = labelme_mask(shapes, size, json_file)
-        labels = {str(s.get("label", "")).strip().lower().replace(" ", "_") for s in shapes}
+        labels = {
+            str(s.get("label", "")).strip().lower().replace(" ", "_")
+            for s in shapes
+            if (s.get("shape_type") or "polygon") in _AREA_SHAPES  # a point or line labels nothing in the mask
+        }
         defects.append(_Defect(image, mask, labels.pop() if len(labels) == 1 else "combined"))
     normals = [p for p in image_paths if p not in {d.image for d in defects}]
     return _write_category(
@@ -176,9 +187,10 @@ def import_mask_folders(
         if not mask_paths:
             raise DataError(f"--annotations {masks} is the --images folder: its masks must be named "
                             "<stem>_mask.<ext> there (or give a folder of masks)")  # fmt: skip
-    taken = set(mask_paths)
-    image_paths = [p for p in image_paths if p not in taken]  # a mask folder inside the image folder
-    mask_paths = [p for p in mask_paths if p not in set(image_paths)]  # the image folder inside the mask folder
+    taken = {p.resolve() for p in mask_paths}
+    image_paths = [p for p in image_paths if p.resolve() not in taken]  # a mask folder inside the image folder
+    kept = {p.resolve() for p in image_paths}
+    mask_paths = [p for p in mask_paths if p.resolve() not in kept]  # the image folder inside the mask folder
     mask_index: dict[tuple[str, ...], Path] = {}
     for mask in mask_paths:
         rel = mask.relative_to(masks)
@@ -444,8 +456,4 @@ def _read_label_mask(path: Path) -> NDArray[np.integer[Any]]:
         raise DataError(f"{path}: not a readable mask ({exc})") from None
     if not has_alpha:
         return values.max(axis=2) if values.ndim == 3 else values
-    colour, alpha = values[:, :, :-1].max(axis=2), values[:, :, -1]
-    if alpha.min() == alpha.max():  # opaque (or uniformly transparent): the colours are the mask
-        return colour
-    drawn = alpha > 0  # drawn as transparency: the colours where drawn, or the alpha itself beneath black
-    return np.where(drawn, colour if colour[drawn].any() else alpha, 0)
+    return drawn_levels(values[:, :, :-1].max(axis=2), values[:, :, -1])

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 # An image whose longer side is this many times shorter than the median training image's (at fit) or than the
 # smallest training image's (at predict) is named: upscaled to the model input, its detail is blur.
 SMALL_FACTOR = 3
-# Chroma (mean |R - G|, |G - B| of the model input, 8-bit levels) under which an image is gray and from which it is
-# coloured: gray images saved as RGB give 0; MVTec AD bottle, the least coloured real colour set, 4.1-4.6.
+# Chroma (mean |R - G|, |G - B| of the model input in percent of its level; anomaly.data.views.chroma) under which an
+# image is gray and from which it is coloured: gray images saved as RGB give 0; MVTec AD bottle, the least coloured
+# real colour set, 2.9-3.0, and about 2 at a tenth of its exposure.
 GRAY_CHROMA = 0.5
 COLOUR_CHROMA = 1.0
 POOL_ASPECTS_MIN = 8  # pool images from which the middle half of their aspects tells the product's spread

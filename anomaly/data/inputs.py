@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from anomaly._fs import OUTPUT_MARKER
 from anomaly.data.datasets import is_category_root
 from anomaly.data.io import GLOB_CHARS, is_image_file, list_images
 from anomaly.errors import DataError
@@ -70,9 +71,6 @@ def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     are checked one by one as if each was given (``'data/bot*'`` is the category root it matches)."""
     narrowed = []
     for item in (match for given in inputs for match in _glob_matches(given)):
-        if not Path(item).is_dir() and (found := _NOT_NORMAL & set(Path(item).parts[-3:-1])):
-            raise DataError(f"{item}: a fit would learn this image in {found.pop()}/ (masks or anomalous images) "
-                            "as normal; give the folder of normal images")  # fmt: skip
         if is_category_root(item):
             log.info("%s is a dataset category: using its train/good only", item)
             item = Path(item) / "train" / "good"
@@ -91,11 +89,16 @@ def _glob_matches(item: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
     kept for :func:`list_images` to name."""
     if Path(item).exists() or GLOB_CHARS.isdisjoint(str(item)):
         return [item]
-    matches = sorted(glob.glob(str(item), recursive=True))
-    folders = [Path(m) for m in matches if Path(m).is_dir()]
-    for good in (f for f in folders if f.name == "good"):
+    matches = sorted(glob.glob(str(item), recursive=True), key=lambda m: Path(m).parts)  # as folders are listed
+    for match in (Path(m) for m in matches if not Path(m).is_dir()):
+        if found := _NOT_NORMAL & set(match.parts[-3:-1]):
+            raise DataError(f"{item}: matches {match} in {found.pop()}/ (masks or anomalous images): a fit would "
+                            "learn it as normal; give the folder of normal images")  # fmt: skip
+    # the folders matched, and those holding the files matched: good/ beside defect folders is a test split
+    folders = {Path(m) if Path(m).is_dir() else Path(m).parent for m in matches}
+    for good in sorted(f for f in folders if f.name == "good"):
         others = sorted(f.name for f in folders if f.parent == good.parent and f != good)
-        if others:  # a test split: good/ beside one folder per defect type
+        if others:
             where = good.parent / others[0]
             raise DataError(f"{item}: matches {good} beside {', '.join(others[:3])}: a fit would learn {where} "
                             f"(anomalous images, by the layout) as normal; give {good}")  # fmt: skip
@@ -104,11 +107,12 @@ def _glob_matches(item: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
 
 def _refuse_labelled_folders(folder: Path) -> None:
     visited: set[str] = set()
-    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):  # as list_images walks: symlinked folders too
-        if (real := os.path.realpath(dirpath)) in visited:
-            dirnames.clear()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # as list_images walks: links too
+        if (real := os.path.realpath(dirpath)) in visited or (OUTPUT_MARKER in filenames and dirpath != str(folder)):
+            dirnames.clear()  # a folder seen, or an earlier output of anomaly: never read as images
             continue
         visited.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # hidden folders are not read either
         found = sorted(set(dirnames) & _NOT_NORMAL)
         if found:
             where = (Path(dirpath) / found[0]).relative_to(folder)

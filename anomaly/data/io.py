@@ -32,6 +32,7 @@ __all__ = [
     "SOFT_MASK_LEVELS",
     "as_rgb8",
     "decode_bytes",
+    "drawn_levels",
     "is_image_file",
     "list_images",
     "load_map",
@@ -61,11 +62,11 @@ SOFT_MASK_LEVELS = 8  # a mask of more levels is soft or lossy (NEU-Seg's class 
 
 MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
 """Largest image (width x height) decoded; bigger ones (decompression bombs) are refused. Env: ANOMALY_MAX_PIXELS."""
-# PIL's own bomb check warns above 89 MP and refuses above 179 MP whatever ANOMALY_MAX_PIXELS says, and at this limit
-# it still printed its warning before the refusal here, or refused without the size; the check here (_check_header,
-# from the header, before any decoding) is the one in force, so PIL's is turned off (process-wide: PIL has no per-call
-# setting). Every decode of this package goes through _check_header (the importer's label masks check it too).
-Image.MAX_IMAGE_PIXELS = None
+# PIL's own bomb check warns above 89 MP and refuses above twice that whatever ANOMALY_MAX_PIXELS says. The check here
+# (_check_header, from the header, with the size) is the one in force; PIL's is raised to it where it is higher, never
+# lowered or turned off (process-wide: a program importing anomaly keeps PIL's protection). Its warning between the
+# two is silenced by the CLI, whose refusal names the size; far over the limit PIL refuses first (_check_header).
+Image.MAX_IMAGE_PIXELS = max(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or 0)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF
 _PIL_NATIVE_MODES = frozenset({"L", "RGB", "I", "F"})
@@ -280,10 +281,19 @@ def read_mask_levels(path: str | os.PathLike[str]) -> NDArray[Any]:
         return np.maximum.reduce(parts)
     data = _read_bytes(Path(path))
     pixels = _decode(data, _printable(Path(path)))
-    alpha = _varying_alpha(data)
-    if alpha is not None and alpha.shape == pixels.shape[:2]:
-        return alpha
-    return pixels.max(axis=2) if pixels.ndim == 3 else pixels
+    levels = pixels.max(axis=2) if pixels.ndim == 3 else pixels
+    alpha = _alpha(data)
+    return levels if alpha is None or alpha.shape != levels.shape else drawn_levels(levels, alpha)
+
+
+def drawn_levels(levels: NDArray[Any], alpha: NDArray[Any]) -> NDArray[Any]:
+    """A mask's levels given its alpha channel: the levels alone where the alpha is constant (opaque), else the
+    levels where drawn (alpha > 0) and 0 where transparent, or the alpha itself where the drawing is black beneath
+    (a mask drawn as transparency). Shared by evaluation and ``anomaly import``."""
+    if alpha.min() == alpha.max():
+        return levels
+    drawn = alpha > 0
+    return np.where(drawn, levels if levels[drawn].any() else alpha, 0)
 
 
 def mask_level_count(levels: NDArray[Any]) -> int:
@@ -294,16 +304,15 @@ def mask_level_count(levels: NDArray[Any]) -> int:
     return int(np.unique(levels).size)
 
 
-def _varying_alpha(data: NDArray[np.uint8]) -> NDArray[Any] | None:
-    """The EXIF-oriented alpha channel of an image that has one and uses it (not constant); else None."""
+def _alpha(data: NDArray[np.uint8]) -> NDArray[Any] | None:
+    """The EXIF-oriented alpha channel of an image that has one; else None."""
     try:
         with Image.open(io.BytesIO(data.tobytes())) as opened:
             if "A" not in opened.mode and "transparency" not in opened.info:
                 return None
-            alpha = np.asarray(ImageOps.exif_transpose(opened).convert("RGBA"))[:, :, 3]
+            return np.asarray(ImageOps.exif_transpose(opened).convert("RGBA"))[:, :, 3]
     except Exception:  # the decoder has already read it: an alpha channel PIL cannot give is none
         return None
-    return alpha if alpha.min() != alpha.max() else None
 
 
 def resize_mask(mask: NDArray[np.bool_], size: tuple[int, int]) -> NDArray[np.bool_]:
@@ -475,6 +484,11 @@ def _check_header(data: NDArray[np.uint8], name: str) -> str | None:
             width, height = opened.size
             mode = opened.mode
             pages = getattr(opened, "n_frames", 1) if data[:4].tobytes() in _TIFF_SIGNATURES else 1
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"cannot read image: {name} (over twice the {MAX_PIXELS / 1e6:.3g} MP limit; set ANOMALY_MAX_PIXELS to "
+            "allow it)"
+        ) from None
     except Exception:
         return None  # not readable by PIL: OpenCV gets its chance, then the PIL fallback names the file
     if pages > 1:  # (GIF / WebP animations are read at their first frame, as every viewer shows them)

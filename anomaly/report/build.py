@@ -137,7 +137,9 @@ def _page(content: ReportContent, rendered: list[Rendered]) -> dict[str, Any]:
         "range": (lo, hi),
         "has_labels": content.has_labels,
         "all_good": all(true_label(it.path) == 0 for it in items),
-        "all_defective": all(true_label(it.path) == 1 and Path(it.path).parent.parent.name == "test" for it in items),
+        "all_defective": all(
+            true_label(it.path) == 1 and Path(it.path).parent.parent.name in ("test", "test_public") for it in items
+        ),
         "n_anomalous": sum(it.label == 1 for it in items),
         "n_normal": sum(it.label == 0 for it in items),
         "cards": [{"item": it, "thumb": r, "rank": i + 1} for i, (it, r) in enumerate(zip(items, rendered))],

@@ -157,10 +157,12 @@ def _output_file(scores_dir: Path, rel: str) -> Path | None:
 
 
 def _mvtec_mask(path: Path) -> Path | None:
-    """``<cat>/ground_truth/<defect>/<stem>_mask.png`` (or ``<stem>.png``) of ``<cat>/test/<defect>/<file>``."""
-    folder = path.parent.parent.parent / "ground_truth" / path.parent.name
-    for name in (f"{path.stem}_mask.png", f"{path.stem}.png"):
-        if (folder / name).is_file():
+    """``<cat>/ground_truth/<defect>/<stem>_mask.png`` (or ``<stem>.png``, or MVTec LOCO's folder ``<stem>/``) of
+    ``<cat>/test/<defect>/<file>``; MVTec AD 2's ``<cat>/test_public/ground_truth/<defect>/`` likewise."""
+    split = path.parent.parent
+    folder = (split if split.name == "test_public" else split.parent) / "ground_truth" / path.parent.name
+    for name in (f"{path.stem}_mask.png", f"{path.stem}.png", path.stem):
+        if (folder / name).is_file() or (name == path.stem and (folder / name).is_dir()):
             return folder / name
     return None
 

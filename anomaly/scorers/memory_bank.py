@@ -117,7 +117,7 @@ class MemoryBankScorer(Scorer):
         self.bank_image_: np.ndarray | None = None
         self.index_: NNIndex | None = None
         self._query_gpu: int | None = None  # the GPU FAISS may search on for the last features embedded
-        self._candidates: tuple[torch.Tensor, np.ndarray] | None = None  # a cross-fit's pool, until forget()
+        self._candidates: list[Candidates] | None = None  # a cross-fit's fold coresets, until forget()
 
     def _validate_params(self) -> None:
         check_number("coreset_ratio", self.coreset_ratio, 0, 1, low_open=True)
@@ -155,6 +155,7 @@ class MemoryBankScorer(Scorer):
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> MemoryBankScorer:
         """Build the bank (one global coreset) from features of normal images."""
         self._validate_params()
+        self._candidates = None  # an earlier cross-fit's: not this bank's
         emb = self.embed(layers)
         n_img, h, w, d = emb.shape
         flat = emb.reshape(-1, d)
@@ -181,6 +182,7 @@ class MemoryBankScorer(Scorer):
         The steps (:meth:`fold_plan`, :meth:`fold_candidates`, :meth:`merge_candidates`,
         :meth:`score_held_out`) are public so that ``anomaly.distributed`` runs them on other workers.
         """
+        self._candidates = None
         emb = self.embed(layers)
         n_img, h, w, _ = emb.shape
         fold_ids = np.unique(folds)
@@ -241,7 +243,7 @@ class MemoryBankScorer(Scorer):
         images = np.concatenate([c.images for c in candidates])
         picks = self._coreset(union, total)
         self._set_bank(union, picks, images[picks])
-        self._candidates = (union, images)  # until forget(): a bank picked again without some images
+        self._candidates = candidates  # until forget(): a bank picked again without some images (no copy kept)
         return picks
 
     def score_held_out(
@@ -334,7 +336,8 @@ class MemoryBankScorer(Scorer):
             self.bank_, self.bank_image_ = self.bank_[~drop], self.bank_image_[~drop]
             self._build_index()
             return int(drop.sum())
-        union, images = candidates
+        union = torch.cat([c.vectors for c in candidates])
+        images = np.concatenate([c.images for c in candidates])
         keep = np.flatnonzero(~np.isin(images, rows))
         kept = union[torch.from_numpy(keep).to(union.device)]
         picks = self._coreset(kept, min(len(self.bank_), len(keep)))

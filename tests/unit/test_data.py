@@ -325,6 +325,11 @@ def test_read_mask_takes_a_varying_alpha_channel(tmp_path: Path) -> None:
         Image.fromarray(rgba).save(tmp_path / "alpha.png")
         mask = read_mask(tmp_path / "alpha.png")
         assert mask.sum() == 6 and mask[2:4, 5:8].all()
+    cropped = np.zeros((10, 10, 4), np.uint8)  # an opaque black/white mask with a transparent border (a crop)
+    cropped[1:9, 1:9, 3] = 255
+    cropped[3:5, 3:5, :3] = 255
+    Image.fromarray(cropped).save(tmp_path / "cropped.png")
+    assert read_mask(tmp_path / "cropped.png").sum() == 4  # the drawing, not the opaque area
     opaque = np.full((10, 10, 4), 255, np.uint8)  # alpha that does not vary: the colours are the mask
     opaque[..., :3] = 0
     opaque[0, 0, :3] = 255
@@ -460,8 +465,13 @@ def test_a_fit_checks_what_a_glob_or_a_symlinked_folder_stands_for(synthetic_roo
     assert training_paths([str(parent / "wid*")]) == good  # the category root it matches, narrowed
     with pytest.raises(DataError, match=r"matches .*test/good beside blob, missing, scratch: a fit would learn"):
         training_paths([str(synthetic_root / "test" / "*")])
-    with pytest.raises(DataError, match=r"a fit would learn this image in ground_truth/"):
+    with pytest.raises(DataError, match=r"_mask.png in ground_truth/ \(masks or anomalous images\): a fit would"):
         training_paths([str(synthetic_root / "ground_truth" / "*" / "*.png")])
+    with pytest.raises(DataError, match=r"matches .*test/good beside blob, missing, scratch"):  # files, not folders
+        training_paths([str(synthetic_root / "test" / "*" / "*.png")])
+    product = tmp_path / "masks" / "good"  # a product named "masks": given by name, its images are read
+    shutil.copytree(synthetic_root / "train" / "good", product)
+    assert len(training_paths([product])) == len(training_paths(sorted(map(str, product.iterdir())))) == len(good)
     mine = tmp_path / "mine"
     shutil.copytree(synthetic_root / "train" / "good", mine)
     (mine / "more").symlink_to(synthetic_root)  # a category root linked in under a folder of normal images

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -221,11 +222,11 @@ def test_labelme_quirks_of_real_annotations(tmp_path: Path, caplog: pytest.LogCa
     for name in ("a.png", "b.png", "n0.png", "n1.png"):
         _image(tmp_path / "data" / name)
     square = [[1, 1], [6, 1], [6, 6], [1, 6]]
-    _labelme(tmp_path / "label" / "a.json", "a.png", [_poly(square), _poly([[1, 1], [9, 9]], kind="line")])
+    _labelme(tmp_path / "label" / "a.json", "a.png", [_poly(square), _poly([[1, 1], [9, 9]], "note", kind="line")])
     _labelme(tmp_path / "label" / "b.json", "renamed.png", [_poly(square, label="dent")])
     caplog.set_level("WARNING", logger="anomaly")
     summary = import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out")
-    assert summary.defects == {"dent": 1, "pitting": 1}
+    assert summary.defects == {"dent": 1, "pitting": 1}  # a line labelled otherwise would not make a "combined"
     assert "shapes without area (line) left out of the mask" in caplog.text
     assert "imagePath 'renamed.png' not found under" in caplog.text and "read as b.png" in caplog.text
     _labelme(tmp_path / "label" / "b2.json", "b.png", [_poly(square)])
@@ -272,4 +273,6 @@ def test_mask_folders_quirks_of_real_exports(tmp_path: Path, caplog: pytest.LogC
         Image.fromarray(mask_of((slice(1, 3), slice(1, 3)), 255 if i == 0 else 0)).save(flat / f"p{i}_mask.png")
     summary = import_mask_folders(flat, flat, tmp_path / "flatcat")
     assert summary.defects == {"defect": 1} and summary.n_train + summary.n_test_good == 2
+    spelled = Path(os.path.relpath(flat))  # the same folder, one path relative and one absolute
+    assert import_mask_folders(spelled, flat.absolute(), tmp_path / "flat2").defects == {"defect": 1}
     assert int(read_mask(tmp_path / "flatcat" / "ground_truth" / "defect" / "p0_mask.png").sum()) == 4
