@@ -426,32 +426,31 @@ def test_a_camera_switched_to_gray_or_to_colour_is_named(tmp_path: Path, caplog:
     assert not [r for r in caplog.records if "training image was" in r.message]
 
 
-def test_a_zero_shot_pool_names_images_far_from_its_own_aspect(caplog: pytest.LogCaptureFixture) -> None:
-    """Without references the pool is all there is: images stretched far from its median aspect are named."""
+@pytest.mark.parametrize(
+    ("odd_shape", "word", "opening", "ending"),
+    [
+        ((60, 150, 3), "aspect", "1 of 5 image(s) have an aspect (width / height) outside the pool's median (1.00)",
+         "First: an image of 150x60 px"),
+        ((24, 24, 3), "under a third", "1 of 5 image(s) are under a third of the pool's median image's size (96 px",
+         "First: an image of 24x24 px"),
+    ],
+)  # fmt: skip
+def test_a_zero_shot_pool_without_references_names_images_unlike_its_own(
+    odd_shape: tuple[int, int, int], word: str, opening: str, ending: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without references the pool is all there is: images stretched far from its median aspect, and thumbnails
+    under a third of its median longer side (from 3 images; a thumbnail went unnamed before), are named."""
     rng = np.random.default_rng(0)
     pool = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
-    wide = rng.integers(0, 255, (60, 150, 3), dtype=np.uint8)
+    odd = rng.integers(0, 255, odd_shape, dtype=np.uint8)
     caplog.set_level("WARNING", logger="anomaly")
-    Detector(_config("musc")).predict([*pool, wide])
-    (line,) = [r.message for r in caplog.records if "aspect" in r.message]
-    assert line.startswith("1 of 5 image(s) have an aspect (width / height) outside the pool's median (1.00)")
-    assert line.endswith("First: an image of 150x60 px")
-
-
-def test_a_zero_shot_pool_without_references_names_a_tiny_image(caplog: pytest.LogCaptureFixture) -> None:
-    """Without references nothing gave a usual size, so a thumbnail among full frames went unnamed: the pool's
-    median longer side (from 3 images) is the size it is named against; two images tell nothing."""
-    rng = np.random.default_rng(0)
-    pool = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
-    thumb = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
-    caplog.set_level("WARNING", logger="anomaly")
-    Detector(_config("musc")).predict([*pool, thumb])
-    (line,) = [r.message for r in caplog.records if "under a third" in r.message]
-    assert line.startswith("1 of 5 image(s) are under a third of the pool's median image's size (96 px")
-    assert line.endswith("First: an image of 24x24 px")
-    caplog.clear()
-    Detector(_config("musc")).predict([pool[0], thumb])
-    assert not [r for r in caplog.records if "under a third" in r.message]
+    Detector(_config("musc")).predict([*pool, odd])
+    (line,) = [r.message for r in caplog.records if word in r.message]
+    assert line.startswith(opening) and line.endswith(ending)
+    if word == "under a third":  # two images give no usual size
+        caplog.clear()
+        Detector(_config("musc")).predict([pool[0], odd])
+        assert not [r for r in caplog.records if word in r.message]
 
 
 def test_a_pool_with_references_names_only_images_far_from_both(caplog: pytest.LogCaptureFixture) -> None:

@@ -666,3 +666,22 @@ def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) ->
     write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1]), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "notes.txt"]
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"image_auroc": 0.9}
+
+
+def test_a_defect_only_set_whose_masks_are_empty_is_one_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No defect pixel and no normal image: nothing to evaluate, said in one line naming the mask folder."""
+    from PIL import Image
+
+    from anomaly.data.datasets import Sample
+    from anomaly.errors import DataError
+    from anomaly.evaluation import evaluate_samples
+
+    (tmp_path / "ground_truth" / "crack").mkdir(parents=True)
+    samples = []
+    for i in range(2):
+        Image.new("L", (8, 8)).save(tmp_path / "ground_truth" / "crack" / f"{i}_mask.png")
+        samples.append(Sample(tmp_path / "test" / "crack" / f"{i}.png", tmp_path / "ground_truth" / "crack" /
+                              f"{i}_mask.png", 1, "crack", "test"))  # fmt: skip
+    maps = [np.ones((8, 8), np.float32)] * 2
+    with pytest.raises(DataError, match=r"ground_truth: no mask has a defect pixel .* no normal image"):
+        evaluate_samples([1.0, 2.0], samples, maps)
