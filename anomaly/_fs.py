@@ -3,7 +3,7 @@
 Guarantees, whatever is killed when:
 
 * the target is either the previous complete folder or the new complete one; a kill between the
-  two renames of :func:`replace_dir` leaves ``.<name>.old``, which the next run renames back;
+  two renames of :func:`replace_dir` leaves ``.<name>.old``, which the next run (or read) renames back;
 * temp folders of dead runs (their owner process is gone) are removed by the next run;
 * files a user added to an earlier output folder are carried into the new one: every folder lists
   what it wrote in ``.anomaly-output.json``, anything else is the user's.
@@ -22,6 +22,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from anomaly.errors import DataError
 
@@ -32,8 +33,10 @@ __all__ = [
     "check_output_dir",
     "file_sha256",
     "finish_dir",
+    "load_tensors",
     "new_temp_dir",
     "replace_dir",
+    "restore_interrupted",
     "staged_dir",
     "umask",
 ]
@@ -114,9 +117,7 @@ def check_output_dir(target: Path, marker: str) -> None:
 
 def finish_dir(tmp: Path, target: Path) -> None:
     """Record what ``tmp`` holds as ours, then move it into place with :func:`replace_dir`."""
-    with contextlib.suppress(FileNotFoundError):  # not one of the output's files
-        (tmp / _OWNER_FILE).unlink()
-    owned = sorted(p.name for p in tmp.iterdir())
+    owned = sorted(p.name for p in tmp.iterdir() if p.name != _OWNER_FILE)  # the owner file is not the output's
     try:
         (tmp / OUTPUT_MARKER).write_text(json.dumps({"owned": owned}))
         replace_dir(tmp, target)
@@ -130,10 +131,21 @@ def replace_dir(tmp: Path, target: Path) -> None:
     Entries of the old target that it did not write itself (not listed in its marker) move into
     the new folder first, so a user's notes or photos survive a re-run.
     """
-    with contextlib.suppress(FileNotFoundError):  # complete: no longer a folder a live process is writing
-        (tmp / _OWNER_FILE).unlink()
     with _lock(target):
         _swap(tmp, target)
+    # Only now, in place: a run killed before the rename leaves a temp folder whose owner the next run finds dead.
+    with contextlib.suppress(FileNotFoundError):
+        (target / _OWNER_FILE).unlink()
+
+
+def restore_interrupted(target: Path) -> None:
+    """Before reading ``target``: a run killed between :func:`replace_dir`'s two renames left the previous folder
+    as ``.<name>.old``; it is renamed back (where the parent is writable; otherwise it stays for the next run)."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.is_dir():
+        with contextlib.suppress(OSError):
+            old.rename(target)
 
 
 def _swap(tmp: Path, target: Path) -> None:
@@ -178,6 +190,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_tensors(path: Path) -> dict[str, Any]:
+    """The arrays of a safetensors file as NumPy arrays; a damaged file raises ValueError naming it (safetensors'
+    own error type derives from Exception alone, so the loaders' ``except ValueError`` would miss it)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path.name}: {exc}") from None
+
+
 @contextlib.contextmanager
 def _lock(target: Path) -> Iterator[None]:
     """Serialise swaps between processes (two runs writing the same --out): a lock on the parent folder."""
@@ -207,11 +231,9 @@ def _recover(target: Path) -> None:
     if not parent.is_dir():
         return
     old = parent / f".{target.name}.old"
-    if old.is_dir():
-        if not target.exists():
-            old.rename(target)  # killed between the two renames: the previous output comes back
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+    restore_interrupted(target)  # killed between the two renames: the previous output comes back
+    if old.is_dir() and target.exists():  # a newer target is in place: the old one is done with
+        shutil.rmtree(old, ignore_errors=True)
     host = socket.gethostname()
     for tmp in parent.glob(f".{target.name}.*"):
         owner = tmp / _OWNER_FILE

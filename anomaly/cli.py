@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from anomaly._fs import restore_interrupted
 from anomaly.errors import AnomalyError, DataError
 
 try:  # typer 0.2x carries its own copy of click
@@ -285,6 +286,8 @@ def score(
 
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
+    if model is not None:
+        restore_interrupted(model)  # a save killed between its two renames: the previous model comes back
     moved = [o.partition("=")[2] for o in overrides or [] if o.partition("=")[0].strip() == "backbone.weights"]
     if model is not None and (reference or backbone or config or len(moved) < len(overrides or [])):
         raise DataError(

@@ -22,6 +22,7 @@ import torch
 from numpy.typing import NDArray
 
 from anomaly import __version__
+from anomaly._fs import load_tensors, restore_interrupted
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.input_checks import (
     POOL_ASPECTS_MIN,
@@ -706,6 +707,7 @@ class Detector:
         the model was fitted with when it has moved; it must hold the same weights (their SHA-256 is checked).
         """
         path = Path(directory)
+        restore_interrupted(path)
         if not path.is_dir():
             raise DataError(
                 f"{path}: {'a file, not a model directory' if path.exists() else 'model directory not found'}"
@@ -961,9 +963,7 @@ def in_input_order(
 
 def _load_references(path: Path, names: Any) -> FeatureSet:
     """The saved references; ``names`` (meta.json) names the reference of each row, else each row is its own."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
+    state = {key: torch.from_numpy(array) for key, array in load_tensors(path).items()}
     layers = [state[f"layer{i}"] for i in range(sum(1 for k in state if k.startswith("layer")))]
     if not layers or "embedding" not in state:
         raise ValueError("references file lacks layers or embedding")

@@ -24,7 +24,7 @@ import torch
 
 from anomaly._fs import file_sha256
 from anomaly._runtime import resolve_device
-from anomaly.errors import ConfigError, WeightsUnavailableError
+from anomaly.errors import ConfigError, DataError, WeightsUnavailableError
 
 __all__ = [
     "PACKAGED_WEIGHTS",
@@ -400,11 +400,16 @@ def _timm_model(name: str, image_size: tuple[int, int] | None, **kwargs: object)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of a weights file; a damaged or foreign file is one DataError naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the parsers raise their own types (SafetensorError, UnpicklingError, EOFError)
+        reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]
+        raise DataError(f"{path}: not a readable weights file ({type(exc).__name__}: {reason})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

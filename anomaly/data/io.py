@@ -332,7 +332,7 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
     Folders are searched recursively and sorted by relative path; hidden files and folders (name starting with
     ``.``) are skipped without being counted. The order of ``inputs`` is preserved and duplicates (same resolved
     file) are dropped. A path is read as a glob pattern only when no file or folder of that name exists. An
-    explicitly named file that is not an image is ignored and counted.
+    explicitly named file that is not an image is left out with a warning naming it, and counted.
 
     Args:
         inputs: Image files, folders or glob patterns (``**`` is recursive).
@@ -374,6 +374,9 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
         log.info("%d path(s) name a file already listed and are read once, first: %s (= %s)", len(twins), *twins[0])
     if not images and unsupported:
         raise DataError(f"unsupported image format: {', '.join(unsupported)} (supported: {' '.join(IMAGE_SUFFIXES)})")
+    if unsupported:  # named by the user, so named back: a folder's other files are only counted
+        shown = ", ".join(unsupported[:3]) + (f" and {len(unsupported) - 3} more" if len(unsupported) > 3 else "")
+        log.warning("not an image format read here, left out: %s (supported: %s)", shown, " ".join(IMAGE_SUFFIXES))
     if not images:
         raise DataError(f"no image found in: {', '.join(str(i) for i in inputs) or '(no input given)'}")
     return images, n_ignored

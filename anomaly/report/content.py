@@ -31,6 +31,7 @@ class Item:
     path: str
     score: float
     pixel_threshold: float  # a map pixel at or above it is in the predicted mask
+    flagged: bool  # score >= the model's image threshold: only a flagged image has a predicted mask
     label: int | None
     image: Path | None  # the original image file, when it can be found
     map: Path | None  # float32 .npy map
@@ -93,6 +94,7 @@ def load_content(
             path=r["path"],
             score=score_number(r, "score", scores_dir),
             pixel_threshold=score_number(r, "pixel_threshold", scores_dir) if r.get("pixel_threshold") else threshold,
+            flagged=score_number(r, "score", scores_dir) >= threshold,
             label=y if has_labels else None,
             image=image,
             map=_output_file(scores_dir, r.get("map_path", "")),

@@ -99,11 +99,12 @@ def _heat(amap: NDArray[np.float32], threshold: float) -> NDArray[np.uint8]:
 
 
 def _mask_view(amap: NDArray[np.float32] | None, item: Item, hw: tuple[int, int]) -> NDArray[np.uint8] | None:
-    """Predicted mask (map >= pixel threshold) in white, with the ground-truth mask outlined in green."""
+    """Predicted mask (map >= pixel threshold, empty for an image that passes: ``DetectionResult.mask``) in white,
+    with the ground-truth mask outlined in green."""
     if amap is None and item.ground_truth is None:
         return None
     view = np.zeros((*hw, 3), np.uint8)
-    if amap is not None:
+    if amap is not None and item.flagged:
         predicted = _resize((amap >= item.pixel_threshold).astype(np.uint8) * 255, hw)
         view[...] = predicted[..., None]
     if item.ground_truth is not None:

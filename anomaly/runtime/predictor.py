@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from anomaly._fs import restore_interrupted
 from anomaly.data.input_checks import InputCheck, InputProfile
 from anomaly.data.inputs import OnError, check_on_error, one_or_many
 from anomaly.data.loader import decode_input, input_error
@@ -52,6 +53,7 @@ class ExportedDetector:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
+        restore_interrupted(self.directory)
         self.manifest = read_manifest(self.directory)
         try:
             self.postprocess = Decision.from_manifest(self.manifest)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from anomaly._fs import load_tensors
 from anomaly.decisions import make_results
 from anomaly.distances import knn_scores, mahalanobis
 from anomaly.errors import DataError
@@ -35,10 +36,8 @@ class RuntimeScorer(Protocol):
 
 def load_scorer(root: Path, spec: dict[str, Any], listed: dict[str, Any]) -> RuntimeScorer:
     """The scorer described by the manifest's ``scorer`` entry, from the files the manifest lists."""
-    from safetensors.numpy import load_file
-
     name, params = spec["name"], spec.get("params", {})
-    state = load_file(str(root / "state.safetensors")) if "state.safetensors" in listed else {}
+    state = load_tensors(root / "state.safetensors") if "state.safetensors" in listed else {}
     if name == "memory_bank":
         if "index.faiss" not in listed:
             raise DataError(f"{root}: incomplete export (manifest.json lists no index.faiss)")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from anomaly._fs import load_tensors
 from anomaly.errors import ConfigError, NotFittedError, ScorerError
 
 __all__ = ["Progress", "ScoreOutput", "Scorer", "check_int", "check_is_fitted", "check_number"]
@@ -184,9 +185,7 @@ class Scorer(ABC):
 
     def load(self, files: Mapping[str, Path]) -> None:
         """Restore what :meth:`save` wrote from the verified ``files`` (name -> path) of a model directory."""
-        from safetensors.numpy import load_file
-
-        self.load_state_dict(load_file(str(files[STATE_FILE])))
+        self.load_state_dict(load_tensors(files[STATE_FILE]))
 
 
 def check_int(key: str, value: Any, minimum: int, maximum: int | None = None) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from anomaly._fs import load_tensors
 from anomaly.distances import knn_scores
 from anomaly.errors import ConfigError, DataError
 from anomaly.index import NNIndex
@@ -391,9 +392,7 @@ class MemoryBankScorer(Scorer):
 
     def load(self, files: Mapping[str, Path]) -> None:
         """Restore bank and index, refusing an index that does not match the bank and the config."""
-        from safetensors.numpy import load_file
-
-        state = load_file(str(files[STATE_FILE]))
+        state = load_tensors(files[STATE_FILE])
         bank, bank_image = state["bank"], state["bank_image"]
         self._check_bank(bank, bank_image)
         data = np.frombuffer(files[self.INDEX_FILE].read_bytes(), dtype=np.uint8)

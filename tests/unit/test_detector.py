@@ -178,6 +178,15 @@ def test_incompatible_or_tampered_model_dirs_fail_clearly(fitted: Detector, tmp_
         Detector.load(path)
     with pytest.raises(DataError, match="a file, not a model directory"):
         Detector.load(path / "config.json")
+    path = fitted.save(tmp_path / "model4")  # a damaged state file whose checksum was updated to match
+    from anomaly._fs import file_sha256
+
+    (path / "scorer.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["scorer.safetensors"] = file_sha256(path / "scorer.safetensors")
+    (path / "meta.json").write_text(json.dumps(signed(meta)))
+    with pytest.raises(DataError, match="model state is incomplete or corrupt \\(scorer.safetensors: .*header"):
+        Detector.load(path)
 
 
 def test_unfitted_detector_refuses_to_predict(synthetic_root: Path) -> None:

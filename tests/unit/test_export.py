@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from anomaly import DataError, Detector
+from anomaly._fs import file_sha256
 from anomaly.cli import app
 from anomaly.model_dir import signed
 
@@ -217,6 +218,15 @@ def test_tampered_unlisted_or_escaping_exports_are_refused(patchcore_export: Pat
     manifest["threshold"]["image"] = 1.0  # edited by hand: every image would be flagged
     (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
     with pytest.raises(DataError, match="manifest.json: modified since the export"):
+        ExportedDetector(copy)
+
+    shutil.rmtree(copy)
+    copy = _copy(patchcore_export, tmp_path)
+    (copy / "state.safetensors").write_bytes(b"\x08" + bytes(7) + b"not json")  # damaged, checksum updated to match
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["state.safetensors"] = file_sha256(copy / "state.safetensors")
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
+    with pytest.raises(DataError, match="incomplete export .*state.safetensors"):
         ExportedDetector(copy)
 
 

@@ -9,7 +9,7 @@ import timm
 import torch
 from skimage import data as skdata
 
-from anomaly import ConfigError, WeightsUnavailableError
+from anomaly import ConfigError, DataError, WeightsUnavailableError
 from anomaly.features import FeatureExtractor, layer_table, list_offline_backbones, resolve_weights
 
 
@@ -114,6 +114,14 @@ def test_local_safetensors_file_with_timm_keys_loads(tmp_path) -> None:
     assert local.source.kind == "file"
     images = np.full((1, 64, 64, 3), 127, dtype=np.uint8)
     torch.testing.assert_close(local(images).layers[0], reference(images).layers[0])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_damaged_weights_file_is_one_error_naming_it(tmp_path, suffix: str) -> None:
+    path = tmp_path / f"lite0{suffix}"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=f"lite0\\{suffix}: not a readable weights file"):
+        FeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], weights=str(path), image_size=(64, 64), device="cpu")
 
 
 def test_missing_weights_error_lists_the_options(monkeypatch) -> None:

@@ -386,6 +386,34 @@ def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]  # the dead temp folder is gone
 
 
+def test_8_a_fit_killed_between_its_two_renames_is_read_and_cleaned_up(
+    model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """The model moved to .model.old, the new one not yet in place: reading brings the old one back, and the
+    next run removes the dead run's complete temp folder (it keeps its owner file until it is in place)."""
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    code = (
+        "import os, sys, anomaly._fs as fs\n"
+        "def killed(tmp, target):\n"
+        "    target.rename(target.with_name(f'.{target.name}.old'))\n"
+        "    os._exit(9)\n"
+        "fs._swap = killed\n"
+        "from anomaly.cli import main\n"
+        f"sys.argv = ['anomaly', 'fit', '--out', {str(copy)!r}, '--set', 'backbone.image_size=[64,64]', "
+        f"{str(synthetic_root)!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert proc.returncode == 9 and not copy.exists()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".model.") and p.name != ".model.old"]
+    assert len(left) == 1 and (left[0] / "meta.json").is_file()  # complete, never put in place
+    assert Detector.load(copy).threshold_ is not None  # the previous model, read back
+    assert _run("fit", "--out", copy, *SMALL, synthetic_root).exit_code == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]
+    assert not (copy / ".anomaly-owner").exists()
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_8_ctrl_c_is_one_line_and_leaves_the_earlier_output(
     how: str, model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -524,6 +552,9 @@ def test_13_corrupt_png_is_one_line_and_gif_is_named_unsupported(model: Path, tm
     gif = tmp_path / "a.gif"
     Image.new("RGB", (8, 8)).save(gif)
     _one_error_line(_run("score", "--model", model, "--out", tmp_path / "g", gif), "a.gif", "unsupported")
+    beside = _run("score", "--model", model, "--out", tmp_path / "g2", gif, good)  # among images: named, left out
+    assert beside.exit_code == 0 and "left out: " in beside.output and "a.gif" in beside.output
+    assert len((tmp_path / "g2" / "scores.csv").read_text().splitlines()) == 2
 
 
 def test_13_model_files_share_one_permission(model: Path) -> None:

@@ -381,3 +381,28 @@ def test_thousand_images_load_fast_without_layout_shift(open_report: Any, tmp_pa
     assert opened.seconds < 10  # 2 s on an idle machine; lenient for shared CI cores
     assert cls < 0.1  # "good" cumulative layout shift: thumbnails reserve their space
     assert opened.errors == [] and opened.outside == []
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+def test_mask_view_is_empty_for_an_image_that_passes(flagged: bool) -> None:
+    """A pool's pixel threshold can lie under the map of an image that passes: the verdict decides, as in
+    ``DetectionResult.mask``."""
+    from anomaly.report.content import Item
+    from anomaly.report.images import _mask_view
+
+    amap = np.zeros((32, 32), np.float32)
+    amap[8:16, 8:16] = 2.0
+    item = Item(
+        path="a/x.png",
+        score=1.0,
+        pixel_threshold=1.5,
+        flagged=flagged,
+        label=None,
+        image=None,
+        map=None,
+        overlay=None,
+        ground_truth=None,
+    )
+    view = _mask_view(amap, item, (32, 32))
+    assert view is not None
+    assert int((view[..., 0] == 255).sum()) == (64 if flagged else 0)
