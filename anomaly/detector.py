@@ -885,6 +885,7 @@ _POOL_RULES = {
     "pool-small": "median + 3 MAD of the pool's scores",
     "pool-small-split": "the gap between the pool's two score groups",
     "pool-small-references": "median + 3 MAD of the references' scores",
+    "pool-small-copies": "most scores are equal (copies of one image): every higher score stands out",
     "pool-degenerate": "no score stands out",
 }
 

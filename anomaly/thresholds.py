@@ -66,14 +66,15 @@ _MIN_NORMAL_SAMPLE = 3
 # fitted to 8-12 normal scores split them, and the threshold fell to their median (bottle streams: 14 of the
 # first 80 good frames flagged; benchmarks/README.md section 12).
 MIN_WINDOW = 20
-_MIN_COMPONENT = 0.1  # the normal component holds at least 10 % of a pool
+_MIN_COMPONENT = 0.1  # a score group (Otsu's lower one, a defect cluster) holds at least 10 % of a pool
+_MIN_NORMAL = 0.2  # the normal cluster at least 20 %: a mixture's left-tail component alone is not normal
 _BOXCOX_LAMBDAS = tuple(np.linspace(-1.0, 2.0, 13))  # 0: log-normal, 1/4-1/2: gamma-like, 1: Gaussian
 _COMPONENTS = (1, 2, 3)  # normal images, and defects in one or two clusters when there are any
 _VALLEY = 0.5  # two clusters: the density between them dips below half the lower peak
 _BIC_TIE = 2.0  # BIC differences below this are not evidence for either model (Kass & Raftery 1995)
 _BIMODAL_LEVEL = 0.99  # two score groups count when they separate better than 99 % of one-Gaussian pools
 _SMALL_POOL_LEVEL = 0.95  # ... and in a pool under _MIN_POOL whose median + 3 MAD flags nothing, better than 95 %
-_NULL_DRAWS = 400  # simulated one-Gaussian pools behind that level
+_NULL_DRAWS = 4000  # simulated one-Gaussian pools behind those levels (400 left the 99th percentile 0.004 off)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class Threshold:
     Attributes:
         image: an image is flagged when its score is >= this.
         pixel: a map pixel of a flagged image is in the mask when it is >= this (capped per image).
-        rule: ``conformal``, ``tail-gpd``, ``pool-mixture``, ``pool-small``, ``pool-small-split`` or
-            ``pool-degenerate``.
+        rule: ``conformal``, ``tail-gpd``, ``pool-mixture``, ``pool-small``, ``pool-small-split``,
+            ``pool-small-references``, ``pool-small-copies`` or ``pool-degenerate``.
         target_fpr: the false-positive rate asked for.
         n_normal: normal scores the threshold was chosen from.
         estimated_fpr: the false-positive rate the rule expects on new normal images.
@@ -310,7 +311,11 @@ def _small_pool(values: NDArray[np.float64], expect_defects: bool) -> tuple[floa
     section 10)."""
     median = float(np.median(values))
     mad = 1.4826 * float(np.median(np.abs(values - median)))
-    threshold = median + 3 * mad if mad > 0 else _above(float(values.max()))  # most scores equal: none stands out
+    above = values[values > median]
+    if mad > 0:
+        threshold = median + 3 * mad
+    else:  # most scores equal (copies of one image): any other score stands out
+        threshold = float(above.min()) if above.size else _above(float(values.max()))
     if expect_defects and len(values) >= 4:
         ordered = np.sort(values)
         # scores are distances: on a log scale two groups differ by a ratio, and log-normal normal scores are Gaussian
@@ -318,7 +323,7 @@ def _small_pool(values: NDArray[np.float64], expect_defects: bool) -> tuple[floa
         level = _SMALL_POOL_LEVEL if threshold > ordered[-1] else _BIMODAL_LEVEL
         if threshold > ordered[n_low] and separability > _null_separability(len(values), level):
             return 0.5 * float(ordered[n_low - 1] + ordered[n_low]), "pool-small-split"
-    return threshold, "pool-small" if mad > 0 else "pool-degenerate"
+    return threshold, "pool-small" if mad > 0 else "pool-small-copies" if above.size else "pool-degenerate"
 
 
 def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects: bool) -> float:
@@ -382,10 +387,10 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
         # No defect cluster. A tight normal mode next to many spread defects can be fitted as one
         # skewed mode (20 normal + 63 defective bottles cropped to 700x900 px: nothing flagged). If the
         # scores split into two groups more cleanly than one Gaussian sample of the pool's size does
-        # (Otsu's separability beyond its 99th percentile), the lower group is the normal cluster.
+        # (Otsu's separability beyond its 99th percentile), the lower group (20 % or more) is the normal cluster.
         y = boxcox(x, lam)
-        separability, n_low = _otsu(y)
-        if separability > _null_separability(len(y), _BIMODAL_LEVEL):
+        separability, n_low = _otsu(y, _MIN_NORMAL)
+        if separability > _null_separability(len(y), _BIMODAL_LEVEL, _MIN_NORMAL):
             low = np.sort(y)[:n_low]
             means, sds, weights, normal = np.array([low.mean()]), np.array([low.std() + 1e-12]), np.array([1.0]), [0]
     threshold = normal_quantile()
@@ -397,7 +402,7 @@ def _normal_cluster(means: NDArray[np.float64], sds: NDArray[np.float64], weight
     order = np.argsort(means)
     normal = [int(order[0])]
     for j in order[1:]:
-        if weights[normal].sum() >= _MIN_COMPONENT and _valley_between(normal, int(j), means, sds, weights):
+        if weights[normal].sum() >= _MIN_NORMAL and _valley_between(normal, int(j), means, sds, weights):
             break
         normal.append(int(j))
     return normal
@@ -433,14 +438,14 @@ def _mixture_ppf(q: float, means: NDArray[np.float64], sds: NDArray[np.float64],
     return float(brentq(lambda t: float(np.sum(w * norm.cdf(t, means, sds))) - q, lo, hi))
 
 
-def _otsu(y: NDArray[np.float64]) -> tuple[float, int]:
-    """Otsu's split of 1-D values into a lower group (at least ``_MIN_COMPONENT`` of them) and an upper one.
+def _otsu(y: NDArray[np.float64], min_low: float = _MIN_COMPONENT) -> tuple[float, int]:
+    """Otsu's split of 1-D values into a lower group (at least ``min_low`` of them) and an upper one.
 
     Returns the between-group share of the variance (separability, 0..1) and the size of the lower group.
     """
     z = np.sort(y)
     n = len(z)
-    sizes = np.arange(max(2, math.ceil(_MIN_COMPONENT * n)), n - 1)
+    sizes = np.arange(max(2, math.ceil(min_low * n)), n - 1)
     low_sums = np.cumsum(z)[sizes - 1]
     gap = low_sums / sizes - (z.sum() - low_sums) / (n - sizes)
     between = sizes * (n - sizes) / n * gap**2
@@ -449,7 +454,8 @@ def _otsu(y: NDArray[np.float64]) -> tuple[float, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _null_separability(n: int, level: float) -> float:
-    """The ``level`` quantile of Otsu's separability over seeded samples of ``n`` Gaussian values."""
+def _null_separability(n: int, level: float, min_low: float = _MIN_COMPONENT) -> float:
+    """The ``level`` quantile of Otsu's separability (lower group at least ``min_low``) over seeded samples of ``n``
+    Gaussian values."""
     rng = np.random.default_rng(0)
-    return float(np.quantile([_otsu(rng.standard_normal(n))[0] for _ in range(_NULL_DRAWS)], level))
+    return float(np.quantile([_otsu(rng.standard_normal(n), min_low)[0] for _ in range(_NULL_DRAWS)], level))
