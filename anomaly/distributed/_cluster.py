@@ -16,6 +16,8 @@ from anomaly.errors import DataError
 
 __all__ = ["Workers", "cluster", "require_ray", "workers"]
 
+_CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connection at once; a busy network may take seconds
+
 
 def require_ray() -> ModuleType:
     """The ``ray`` module, or a DataError saying how to install it."""
@@ -48,6 +50,8 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
         "logging_level": quiet,
         "runtime_env": {"env_vars": _worker_env()},
     }
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **options)
@@ -60,6 +64,20 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """DataError when nothing answers at a ``host:port`` address: ``ray.init`` retries it for minutes, printing
+    connection warnings, before it gives up (``auto`` finds a running cluster or fails at once itself)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return  # not host:port: Ray reads it (and says what is wrong with it)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise DataError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc})") from None
 
 
 def _worker_env() -> dict[str, str]:

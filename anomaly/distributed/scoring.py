@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,11 +121,15 @@ def score(
     if todo:
         items = [{"path": os.fsencode(paths[i]), "name": os.fsencode(names[i].as_posix())} for i in todo]
         worker = {"model": str(model), "staging": str(staging), **options}
-        for row in _run(items, worker, address, batch_size):
-            if row["path"] in expected:
-                done[row["path"]] = row
-            if progress is not None:
-                progress("score", len(done), len(paths))
+        try:
+            for row in _run(items, worker, address, batch_size):
+                if row["path"] in expected:
+                    done[row["path"]] = row
+                if progress is not None:
+                    progress("score", len(done), len(paths))
+        except AnomalyError:  # an unreadable input or model: as without --ray, nothing is left behind
+            shutil.rmtree(staging, ignore_errors=True)  # (an interruption keeps the staging folder to resume from)
+            raise
     rows = [done[str(p)] for p in paths]
     _finish(staging, out, rows)
     return rows

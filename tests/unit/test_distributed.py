@@ -91,6 +91,22 @@ def test_cli_score_on_ray_matches_local_though_a_worker_dies(
     _assert_same(out, local_scores)
 
 
+def test_an_unreadable_input_is_one_error_and_leaves_nothing(
+    patchcore_model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in sorted((synthetic_root / "test" / "good").glob("*.png"))[:3]:
+        shutil.copy(image, folder / image.name)
+    (folder / "cut.png").write_bytes((folder / image.name).read_bytes()[:200])  # a truncated PNG
+    out = tmp_path / "ray"
+    result = runner.invoke(app, ["score", "--ray", "--model", str(patchcore_model), "--out", str(out), str(folder)])
+    assert result.exit_code == 2 and "cut.png" in result.output.strip().splitlines()[-1]
+    assert not out.exists() and not list(tmp_path.glob(".ray.*"))  # no output, no staging folder
+
+
 def test_resume_scores_only_what_is_missing(
     fault_file: Path, patchcore_model: Path, synthetic_root: Path, local_scores: Path, tmp_path: Path
 ) -> None:
@@ -134,6 +150,19 @@ def test_zero_shot_is_refused_in_one_line(synthetic_root: Path, tmp_path: Path) 
     )
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].startswith("error: --ray scores with a --model")
+
+
+def test_an_address_nothing_answers_at_is_one_line_not_minutes_of_retries(synthetic_root: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as free:  # a port no one listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    args = ["fit", "--ray", "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "m"), str(synthetic_root)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and not ray.is_initialized()
+    assert result.output.strip().splitlines()[-1].startswith(f"error: --ray-address 127.0.0.1:{port}: nothing answers")
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("index", [[], ["scorer.params.coreset_ratio=0.5", "scorer.params.index=IVF4,Flat"]])
