@@ -142,10 +142,13 @@ def restore_interrupted(target: Path) -> None:
     """Before reading ``target``: a run killed between :func:`replace_dir`'s two renames left the previous folder
     as ``.<name>.old``; it is renamed back (where the parent is writable; otherwise it stays for the next run)."""
     target = Path(target)
+    if target.exists() or not target.name or not target.parent.is_dir():  # "." or "/": nothing was swapped there
+        return
     old = target.with_name(f".{target.name}.old")
-    if not target.exists() and old.is_dir():
-        with contextlib.suppress(OSError):
-            old.rename(target)
+    if old.is_dir():
+        with _lock(target), contextlib.suppress(OSError):  # a save swapping right now holds the lock
+            if not target.exists():
+                old.rename(target)
 
 
 def _swap(tmp: Path, target: Path) -> None:

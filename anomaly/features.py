@@ -413,6 +413,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path}: not a weights file (holds a {type(state).__name__}, not named tensors)")
     return dict(state)
 
 

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from anomaly._fs import restore_interrupted
 from anomaly.errors import AnomalyError, DataError
 
 __all__ = ["DEFAULT_MAX_BYTES", "app_from_env", "create_app", "load_predictor"]
@@ -47,6 +48,7 @@ def load_predictor(model: str | os.PathLike[str]) -> Any:
     from anomaly.runtime import ExportedDetector, is_export_dir
 
     path = Path(model)
+    restore_interrupted(path)
     if not path.is_dir():
         raise DataError(f"--model {path}: model or export directory not found")
     if is_export_dir(path):

@@ -68,13 +68,14 @@ _MIN_NORMAL_SAMPLE = 3
 MIN_WINDOW = 20
 _MIN_COMPONENT = 0.1  # a score group (Otsu's lower one, a defect cluster) holds at least 10 % of a pool
 _MIN_NORMAL = 0.2  # the normal cluster at least 20 %: a mixture's left-tail component alone is not normal
+_COPY_MARGIN = 1e-4  # copies of one image score alike to float32 rounding (batching: 1e-6 relative), not closer
 _BOXCOX_LAMBDAS = tuple(np.linspace(-1.0, 2.0, 13))  # 0: log-normal, 1/4-1/2: gamma-like, 1: Gaussian
 _COMPONENTS = (1, 2, 3)  # normal images, and defects in one or two clusters when there are any
 _VALLEY = 0.5  # two clusters: the density between them dips below half the lower peak
 _BIC_TIE = 2.0  # BIC differences below this are not evidence for either model (Kass & Raftery 1995)
 _BIMODAL_LEVEL = 0.99  # two score groups count when they separate better than 99 % of one-Gaussian pools
 _SMALL_POOL_LEVEL = 0.95  # ... and in a pool under _MIN_POOL whose median + 3 MAD flags nothing, better than 95 %
-_NULL_DRAWS = 4000  # simulated one-Gaussian pools behind those levels (400 left the 99th percentile 0.004 off)
+_NULL_DRAWS = 400  # simulated one-Gaussian pools behind those levels
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ def _small_pool(values: NDArray[np.float64], expect_defects: bool) -> tuple[floa
     section 10)."""
     median = float(np.median(values))
     mad = 1.4826 * float(np.median(np.abs(values - median)))
-    above = values[values > median]
+    above = values[values > median + _COPY_MARGIN * (abs(median) or 1.0)]  # not float noise of one image's copies
     if mad > 0:
         threshold = median + 3 * mad
     else:  # most scores equal (copies of one image): any other score stands out

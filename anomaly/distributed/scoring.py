@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from anomaly._fs import check_output_dir, finish_dir
+from anomaly._fs import check_output_dir, finish_dir, restore_interrupted
 from anomaly.data.inputs import image_paths
 from anomaly.distributed._cluster import cluster, require_ray, workers
 from anomaly.errors import AnomalyError, DataError
@@ -59,6 +59,7 @@ def _model_info(model: Path) -> tuple[bool, bool]:
     from anomaly.runtime import ExportedDetector, is_export_dir
     from anomaly.scorers import scorer_class
 
+    restore_interrupted(model)
     if is_export_dir(model):
         return ExportedDetector(model).scorer.has_maps, False
     if not model.is_dir():
@@ -115,6 +116,7 @@ def score(
     staging.mkdir(parents=True, exist_ok=True)
     expected = {str(p): _file_names(n, maps and has_maps, overlays) for p, n in zip(paths, names)}
     done = _resume(staging, expected)
+    resumed = bool(done)
     todo = [i for i, p in enumerate(paths) if str(p) not in done]
     if done:
         log.info("resuming: %d of %d images already scored with this model", len(paths) - len(todo), len(paths))
@@ -128,7 +130,8 @@ def score(
                 if progress is not None:
                     progress("score", len(done), len(paths))
         except AnomalyError:  # an unreadable input or model: as without --ray, nothing is left behind
-            shutil.rmtree(staging, ignore_errors=True)  # (an interruption keeps the staging folder to resume from)
+            if not resumed:  # but an earlier interrupted run's journal stays, to resume from once the input is fixed
+                shutil.rmtree(staging, ignore_errors=True)
             raise
     rows = [done[str(p)] for p in paths]
     _finish(staging, out, rows)

@@ -111,6 +111,8 @@ def test_a_small_pool_of_copies_flags_the_image_that_differs(copies: int) -> Non
     decision = pool_threshold(pool, 0.01)
     assert [decision.is_anomalous(s) for s in pool] == [False] * copies + [True]
     assert decision.rule == "pool-small-copies"
+    rounding = pool_threshold(np.array([0.5] * copies + [0.5000004]), 0.01)  # float noise, not another image
+    assert rounding.rule == "pool-degenerate" and not rounding.is_anomalous(0.5000004)
 
 
 def test_references_raise_the_pool_threshold_to_their_highest_score() -> None:
