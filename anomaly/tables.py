@@ -117,4 +117,7 @@ def _read(path: Path, required: list[str], command: str) -> list[dict[str, str]]
         if row["path"] in seen:  # it would count twice in every metric, gallery and clustering
             raise DataError(f"{path}: {row['path']} is listed twice")
         seen.add(row["path"])
+        flag = (row.get("is_anomalous") or "").strip().lower()
+        if flag not in ("", "true", "false"):  # read as "not flagged" it would change verdicts without a word
+            raise DataError(f"{path}: {row['path']}: is_anomalous {row['is_anomalous']!r} is not true or false")
     return rows

@@ -650,6 +650,9 @@ def test_11_damaged_score_folders_are_one_error_line_in_report_and_discover(
     (scores / "scores.csv").write_text("\n".join([*rows, rows[1]]) + "\n")
     for args in (report, discover):
         _one_error_line(_run(*args), "is listed twice")
+    (scores / "scores.csv").write_text("\n".join([rows[0], flagged.replace(",true,", ",maybe,"), *rows[1:]]) + "\n")
+    for args in (report, discover):  # read as "not flagged" it had changed verdicts without a word
+        _one_error_line(_run(*args), "is_anomalous 'maybe' is not true or false")
     (scores / "scores.csv").write_text("\n".join([rows[0], *(r.replace(",true,", ",TRUE,") for r in rows[1:])]) + "\n")
     spreadsheet = _run(*discover)  # saved by a spreadsheet: TRUE / FALSE
     assert spreadsheet.exit_code == 0, spreadsheet.output
