@@ -17,7 +17,8 @@ from anomaly.report.content import Item
 __all__ = ["THUMB_SIZE", "VIEW_SIZE", "Rendered", "render_item"]
 
 THUMB_SIZE = 192  # longest side of a gallery thumbnail, pixels
-VIEW_SIZE = 768  # longest side of the full-size views
+VIEW_SIZE = 2048  # the viewer shows images at their own size up to this longest side (MVTec AD, VisA, KolektorSDD
+# frames); larger ones are scaled to it, or a report of a thousand 12 MP frames would take gigabytes
 _JPEG = [cv2.IMWRITE_JPEG_QUALITY, 88]
 _TRUTH_BGR = (80, 220, 60)  # ground-truth outline on the mask view
 

@@ -222,6 +222,20 @@ def test_without_ground_truth_there_is_no_confusion_matrix(tmp_path: Path) -> No
     assert all(set(it["views"]) == {"image"} for it in data["items"])  # no map: the image alone
 
 
+def test_the_viewer_shows_an_image_at_its_own_size_up_to_the_cap(tmp_path: Path) -> None:
+    """A KolektorSDD frame (1270 px tall) showed at 302 x 768: "click for the full-size image"."""
+    from anomaly.report.images import VIEW_SIZE
+
+    scores = _fabricate(tmp_path, 3, labelled=False)
+    rows = _rows(scores)
+    cv2.imwrite(rows[0]["path"], np.full((1270, 500, 3), 90, np.uint8))
+    cv2.imwrite(rows[1]["path"], np.full((VIEW_SIZE * 2, 30, 3), 90, np.uint8))
+    out = build_report(scores, tmp_path / "report")
+    by_path = {it["path"]: it for it in _data(out)["items"]}
+    sizes = [cv2.imread(str(out / by_path[r["path"]]["views"]["image"])).shape[:2] for r in rows[:2]]
+    assert sizes == [(1270, 500), (VIEW_SIZE, 15)]
+
+
 def test_missing_images_and_maps_are_named_and_a_good_only_set_says_what_flags_are(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
