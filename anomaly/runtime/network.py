@@ -39,6 +39,9 @@ class _OnnxNetwork:
             raise BackendError('ONNX exports need onnxruntime: pip install "anomaly[export]"') from None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no memory-pattern plan: it pre-allocates each input shape's whole plan (PaDiM's runtime peak 36 MiB higher,
+        # no faster: benchmarks/README.md section 5)
+        options.enable_mem_pattern = False
         options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
         if passive_openmp():  # the CLI's policy: idle threads sleep, not spin, so shared cores do not stall
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -230,6 +230,44 @@ def test_tampered_unlisted_or_escaping_exports_are_refused(patchcore_export: Pat
         ExportedDetector(copy)
 
 
+def test_state_files_are_read_exactly_without_holding_them_twice(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    from anomaly._fs import load_tensors
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "chol_inv": rng.normal(size=(64, 10, 10)).astype(np.float32),
+        "mean": rng.normal(size=(3, 4)),
+        "ids": np.arange(-5, 5, dtype=np.int64),
+        "flags": np.array([True, False, True]),
+        "half": rng.normal(size=7).astype(np.float16),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    save_file(arrays, str(tmp_path / "state.safetensors"))
+    got = load_tensors(tmp_path / "state.safetensors")
+    reference = load_file(str(tmp_path / "state.safetensors"))
+    assert got.keys() == arrays.keys()
+    for key, array in arrays.items():
+        assert got[key].dtype == array.dtype == reference[key].dtype and got[key].shape == array.shape
+        assert np.array_equal(got[key], array) and got[key].flags.writeable
+    if not Path("/proc/self/status").exists():
+        pytest.skip("peak memory is read from /proc (Linux)")
+    save_file({"big": np.ones((2048, 2048, 8), np.float32)}, str(tmp_path / "big.safetensors"))  # 128 MiB
+    probe = (  # the process's peak memory (VmHWM: ru_maxrss keeps the forking parent's) grows by the arrays once
+        "import re, sys; from pathlib import Path; from anomaly._fs import load_tensors\n"
+        "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1))\n"
+        "before = peak()\n"
+        "big = load_tensors(Path(sys.argv[1]))['big']\n"
+        "print((peak() - before) * 1024 / big.nbytes)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "big.safetensors")], capture_output=True, text=True)
+    assert 0.9 < float(out.stdout) < 1.3, out.stderr
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "state.safetensors").read_bytes()[:-9])  # truncated
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        load_tensors(tmp_path / "cut.safetensors")
+
+
 def test_zero_shot_models_cannot_be_exported(synthetic_root: Path, tmp_path: Path) -> None:
     from anomaly.config import apply_overrides, load_config
 
