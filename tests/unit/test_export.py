@@ -261,7 +261,9 @@ def test_state_files_are_read_exactly_without_holding_them_twice(tmp_path: Path)
         "big = load_tensors(Path(sys.argv[1]))['big']\n"
         "print((peak() - before) * 1024 / big.nbytes)"
     )
-    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "big.safetensors")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "big.safetensors")], capture_output=True, text=True
+    )
     assert 0.9 < float(out.stdout) < 1.3, out.stderr
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "state.safetensors").read_bytes()[:-9])  # truncated
     with pytest.raises(ValueError, match="cut.safetensors"):
