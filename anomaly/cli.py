@@ -406,7 +406,7 @@ def evaluate(
         _check_writable(out)
     metrics = evaluate_scores(scores, root, out, size)
     for key, value in metrics.items():
-        typer.echo(f"{key:>14}: {value:.6f}" if isinstance(value, float) else f"{key:>14}: {value}")
+        typer.echo(f"{key:>17}: {value:.6f}" if isinstance(value, float) else f"{key:>17}: {value}")
     if out is not None:
         typer.echo(f"evaluation written to {out}")
 

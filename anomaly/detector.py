@@ -6,10 +6,12 @@ Each stage lives in its own module (``data.loader``, ``features``, ``scorers``, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +101,7 @@ class Detector:
         self.scorer: Scorer = get_scorer(self.config.scorer.name, self.config.scorer.params)
         self.scorer.check_layer_count(len(self.config.backbone.layers))
         self._extractor: FeatureExtractor | None = None
+        self._pool_lock = threading.Lock()  # see _predict_pool
         self.decision_: Threshold | None = None
         self.reference_: FeatureSet | None = None
         self.reference_views_: NDArray[np.int64] | None = None  # per reference row: its support view (0: as given)
@@ -486,7 +489,17 @@ class Detector:
     def _predict_pool(
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: StageProgress | None, skip: bool
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
-        if self.reference_ is None:  # no fit: the pool decides the ``auto`` settings (references keep the fit's)
+        # A pool without references decides the ``auto`` settings on this detector (references keep the fit's):
+        # such pools take turns, so a call from another thread never scores with the input size of this one.
+        with self._pool_lock if self.reference_ is None else contextlib.nullcontext():
+            decoded, results, decision = self._score_pool_items(items, maps, keep_images, progress, skip)
+        yield from in_input_order(decoded, results, decision)
+
+    def _score_pool_items(
+        self, items: list[ImageInput], maps: bool, keep_images: bool, progress: StageProgress | None, skip: bool
+    ) -> tuple[list[DecodedImage], list[DetectionResult], Threshold]:
+        """The pool's decoded inputs, the results of the readable ones and the pool's decision."""
+        if self.reference_ is None:
             self.resolve_auto(items)
         mirror = self.scorer.augment_queries
         decoded, batches, mirrored = [], [], []
@@ -542,7 +555,7 @@ class Detector:
             chunk = slice(start, start + self.config.batch_size)
             views = slice(int(rows[start]), int(rows[min(start + self.config.batch_size, len(ok))]))
             results += self.finish(pool.take(views), ok[chunk], decision, maps=maps)
-        yield from in_input_order(decoded, results, decision)
+        return decoded, results, decision
 
     # --------------------------------------------------------------- internals
     def _store_references(self, items: list[ImageInput], progress: StageProgress | None) -> Detector:
@@ -902,8 +915,10 @@ def _say_pool_decision(decision: Threshold, n_images: int, n_references: int) ->
     )
     if decision.rule != "pool-small-references" and n_images + n_references < RELIABLE_POOL_SIZE:
         log.warning(
-            "a zero-shot pool of %d images: below %d its threshold (is_anomalous) is unreliable; rank by score%s",
-            n_images + n_references,
+            "a zero-shot pool of %d image(s)%s: below %d in all its threshold (is_anomalous) is unreliable; rank "
+            "by score%s",
+            n_images,
+            f" and {n_references} reference(s)" if n_references else "",
             RELIABLE_POOL_SIZE,
             "" if n_references else ", or give a few good images as references (their scores then set it)",
         )

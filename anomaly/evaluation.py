@@ -21,7 +21,7 @@ from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed, evaluate_pixels
 from anomaly.metrics.pimo import AupimoResult
-from anomaly.tables import read_scores, score_number
+from anomaly.tables import is_flagged, read_scores, score_number
 
 __all__ = [
     "Evaluation",
@@ -194,12 +194,26 @@ def evaluate_scores(
         maps = [load_map(Path(scores_dir) / p) for p in map_paths]
     evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
     evaluation.metrics["n_images"] = len(rows)
+    evaluation.metrics.update(_threshold_counts(rows, samples))
     if out is not None:
         try:
             write_evaluation(evaluation, out)
         except OSError as exc:
             raise DataError(f"--out {out}: cannot write the evaluation ({exc.strerror or exc})") from None
     return evaluation.metrics
+
+
+def _threshold_counts(rows: list[dict[str, str]], samples: list[Sample]) -> dict[str, Any]:
+    """What the scores' own threshold did (``is_anomalous``): the share and count of normal and of anomalous
+    images flagged. Empty when a row has no verdict (scores from elsewhere)."""
+    if not all((r.get("is_anomalous") or "").strip() for r in rows):
+        return {}
+    counts: dict[str, Any] = {}
+    for label, name in ((0, "normal"), (1, "anomalous")):
+        flags = [is_flagged(r) for r, s in zip(rows, samples) if s.label == label]
+        counts[f"flagged_{name}"] = f"{sum(flags)} of {len(flags)}"
+        counts["realised_fpr" if label == 0 else "realised_tpr"] = sum(flags) / len(flags) if flags else math.nan
+    return counts
 
 
 def pimo_plot_data(maps: list[NDArray[np.float32]], masks: list[NDArray[np.bool_]]) -> dict[str, Any]:

@@ -105,10 +105,11 @@ class StreamingDetector:
         leaves the pool, the threshold's window and the burst report as they were; the others are scored.
         """
         check_on_error(on_error)
-        if isinstance(images, (list, tuple)) and not images:  # an empty batch has no results
+        items, single = one_or_many(images)
+        if not items:  # an empty batch (list, generator, stack of 0 images) has no results
             return []
         before = (self._config, self.detector.config)
-        items, single = self._start(images, "predict")
+        self._start(items, "predict")
         try:
             if on_error == "skip":
                 features, decoded = self.detector.extract_readable(items)
@@ -186,7 +187,8 @@ class StreamingDetector:
             raise ConfigError(
                 "confirm_normal: nothing scored yet; to start a line from known-good frames, fit the detector on them"
             )
-        items, _ = self._start(images, "confirm_normal")
+        items, _ = one_or_many(images)
+        self._start(items, "confirm_normal")
         confirmed = self.detector.extract(items)
         self.pool.add(confirmed.layers)
         self._pool_prints.extend(_fingerprint(d.views) for d in confirmed.images)
@@ -194,10 +196,9 @@ class StreamingDetector:
         self._flags.clear()
         self._burst_reported = False
 
-    def _start(self, images: ImageInput | Sequence[ImageInput], what: str) -> tuple[list[ImageInput], bool]:
-        """A call's images as a list (and whether one image was passed without one), checked against the
-        detector's input settings; the first batch of a line without references decides its ``auto`` settings."""
-        items, single = one_or_many(images)
+    def _start(self, items: list[ImageInput], what: str) -> None:
+        """Check a call's images against the detector's input settings; the first batch of a line without
+        references decides its ``auto`` settings."""
         if not items:
             raise DataError(f"{what}: no images")
         if self._config is None:
@@ -208,7 +209,6 @@ class StreamingDetector:
                 f"{what}: the detector's settings changed since this line started (shared with another "
                 "StreamingDetector, or refitted?): give each line its own Detector"
             )
-        return items, single
 
     def _score_references(self) -> NDArray[np.float64]:
         """Each reference's score against the other references, as a new frame meets them: the image as given (the

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dev_suite import BOTTLE, SUITE, mean_row, suite_paths, write_tables  # noqa: E402
+from dev_suite import BOTTLE, category_arg, mean_row, suite_paths, write_tables  # noqa: E402
 
 from anomaly.data.datasets import load_mvtec  # noqa: E402
 from anomaly.data.io import read_images  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/devsuite"))
     parser.add_argument("--bottle", type=Path, default=BOTTLE)
-    parser.add_argument("--category", action="append", choices=SUITE)
+    parser.add_argument("--category", action="append", type=category_arg, help="suite name or category folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -49,12 +49,22 @@ _OMITTED = ("pixel_ap", "image_f1max", "pixel_f1max", "peak_mem_mb", "peak_gpu_m
 COLUMNS = [c for c in BENCHMARK_COLUMNS if c not in _OMITTED]  # the benchmark's own columns, in its order
 
 
+def category_arg(value: str) -> str:
+    """``--category``: a suite name, or the path of any MVTec-layout category folder (named by its folder)."""
+    if value in SUITE or Path(value).is_dir():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither a suite category ({', '.join(SUITE)}) nor a folder")
+
+
 def suite_paths(root: Path, bottle: Path, names: list[str] | None) -> dict[str, Path]:
-    """Category folder of each suite name: bottle from the shared MVTec AD copy, the rest under ``root``.
+    """Category folder of each suite name (bottle from the shared MVTec AD copy, the rest under ``root``) or path.
 
     ``names=None`` means every category that prepare_dev_suite.py has written (its MTD halves are optional).
     """
-    paths = {n: bottle if n == "bottle" else root / n for n in (names or SUITE)}
+    paths = {}
+    for n in names or SUITE:
+        path = bottle if n == "bottle" else root / n if n in SUITE else Path(n)
+        paths[n if n in SUITE else path.resolve().name] = path
     return paths if names else {n: p for n, p in paths.items() if p.is_dir()}
 
 
@@ -94,7 +104,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--root", type=Path, default=Path("/tmp/devsuite"), help="prepare_dev_suite.py output")
     parser.add_argument("--bottle", type=Path, default=BOTTLE)
-    parser.add_argument("--category", action="append", choices=SUITE, help="subset (repeatable); default all")
+    parser.add_argument(
+        "--category", action="append", type=category_arg, help="suite name or category folder (repeatable); default all"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--force", action="store_true", help="re-run categories that already have results")
     args = parser.parse_args()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dev_suite import BOTTLE, SUITE, format_rows, mean_row, suite_paths  # noqa: E402
+from dev_suite import BOTTLE, category_arg, format_rows, mean_row, suite_paths  # noqa: E402
 
 from anomaly import Detector  # noqa: E402
 from anomaly.config import apply_overrides, load_config  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--config", "-c", default="musc")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--root", type=Path, default=Path("/tmp/devsuite"))
-    parser.add_argument("--category", action="append", choices=SUITE)
+    parser.add_argument("--category", action="append", type=category_arg, help="suite name or category folder")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--natural", type=int, metavar="N", help="pools of N test images at the split's own mix")

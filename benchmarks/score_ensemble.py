@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dev_suite import BOTTLE, SUITE, suite_paths  # noqa: E402
+from dev_suite import BOTTLE, category_arg, suite_paths  # noqa: E402
 
 from anomaly.config import apply_overrides, load_config  # noqa: E402
 from anomaly.data.datasets import load_mvtec  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/devsuite"))
     parser.add_argument("--bottle", type=Path, default=BOTTLE)
-    parser.add_argument("--category", action="append", choices=SUITE, required=True)
+    parser.add_argument("--category", action="append", type=category_arg, required=True)
     parser.add_argument(
         "--variant", action="append", required=True, metavar="NAME=KEY=VALUE;KEY=VALUE", help="'NAME=' is patchcore"
     )

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,14 +40,37 @@ def one_or_many(images: T | Sequence[T]) -> tuple[list[T], bool]:
     """The images of a ``predict`` call as a list, and whether one image was passed alone (not in a list).
 
     Many: a list, tuple, generator or other iterator, and a 4-D array or tensor (a stack of N images); one: a
-    path, bytes, a PIL image, a 2-D or 3-D array or tensor."""
+    path, bytes, a binary file object (read here, once), a PIL image, a 2-D or 3-D array or tensor."""
+    if _is_stream(images):  # iterable by lines, but one encoded image
+        return [_read_stream(images)], True  # type: ignore[list-item]
     if isinstance(images, (list, tuple)):
-        return list(images), False
+        return [_read_stream(x) if _is_stream(x) else x for x in images], False
     if getattr(images, "ndim", None) == 4:  # (N, H, W, C) array, (N, C, H, W) tensor
         return list(images), False  # type: ignore[call-overload]
     if isinstance(images, Iterator):  # a generator of frames; not str, bytes or arrays, which iterate too
-        return list(images), False
+        return [_read_stream(x) if _is_stream(x) else x for x in images], False
     return [images], True  # type: ignore[list-item]
+
+
+def _is_stream(item: object) -> bool:
+    """An open file, ``io.BytesIO`` or upload object: something with ``read`` that is not an image already."""
+    return callable(getattr(item, "read", None)) and not isinstance(item, (str, bytes, os.PathLike))
+
+
+def _read_stream(stream: Any) -> bytes:
+    """A file object's remaining bytes (the image is decoded from them, as from ``bytes``)."""
+    name = getattr(stream, "name", None)
+    label = "image file object" + (f" {name}" if isinstance(name, str) else "")
+    text_mode = DataError(f"{label}: opened in text mode; open it with 'rb'")
+    if isinstance(stream, io.TextIOBase):
+        raise text_mode
+    try:
+        data = stream.read()
+    except (OSError, ValueError) as exc:  # closed, or not open for reading
+        raise DataError(f"{label}: unreadable ({exc})") from None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise text_mode
+    return bytes(data)
 
 
 def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[Path] = ()) -> list[Path]:

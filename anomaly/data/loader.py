@@ -1,8 +1,9 @@
 """Image inputs -> decoded RGB -> batches of model-input views (the first stage of the data flow).
 
-An input is a path, encoded bytes, a PIL image or an RGB array (``(H, W)``, ``(H, W, 3)`` or
-``(H, W, 4)``; uint8, uint16 (scaled to 8 bits as 16-bit files are) or float in [0, 1]); torch
-tensors in (C, H, W) or (H, W, C) layout are accepted too. Arrays are taken as **RGB**, not OpenCV's BGR.
+An input is a path, encoded bytes (the API reads a binary file object into bytes), a PIL image or an RGB
+array (``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``; uint8, uint16 (scaled to 8 bits as 16-bit files are) or float
+in [0, 1]); torch tensors in (C, H, W) or (H, W, C) layout are accepted too. Arrays are taken as **RGB**, not
+OpenCV's BGR.
 """
 
 from __future__ import annotations
@@ -118,7 +119,11 @@ def raw_pixels(item: ImageInput, header_first: bool = False) -> NDArray[Any] | N
 def _in_memory_array(item: ImageInput) -> NDArray[Any]:
     """A tensor, PIL image or array as an (H, W[, C]) array (PIL's 16-bit gray kept at its depth)."""
     if hasattr(item, "detach") and hasattr(item, "cpu"):  # torch tensor, without importing torch here
-        array = item.detach().cpu().numpy()
+        tensor = item.detach().cpu()
+        try:
+            array = tensor.numpy()
+        except TypeError:  # a dtype NumPy lacks (bfloat16): its values as float32, then read as float images are
+            array = tensor.float().numpy()
         if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
             array = np.moveaxis(array, 0, -1)
         return cast("NDArray[Any]", array)
@@ -248,7 +253,7 @@ def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
                 )
             array = np.clip(np.rint(array * 255), 0, 255).astype(np.uint8)  # floats are taken as [0, 1]
         else:
-            raise DataError(f"image arrays must be uint8 or float in [0, 1], got {array.dtype}")
+            raise DataError(f"image arrays must be uint8, uint16 or float in [0, 1], got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:

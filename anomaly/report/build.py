@@ -163,6 +163,8 @@ _METRIC_NAMES = {
     "pixel_f1max": "Pixel F1-max",
     "aupro": "AUPRO",
     "aupimo": "AUPIMO (mean)",
+    "realised_fpr": "Normal images flagged (share)",
+    "realised_tpr": "Anomalous images flagged (share)",
 }
 
 

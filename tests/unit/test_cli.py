@@ -79,6 +79,12 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9
+    rows = _rows(out)  # what the model's own threshold did, from the is_anomalous column
+    normal = [r["is_anomalous"] == "true" for r in rows if "/good/" in r["path"]]
+    anomalous = [r["is_anomalous"] == "true" for r in rows if "/good/" not in r["path"]]
+    assert metrics["flagged_normal"] == f"{sum(normal)} of {len(normal)}"
+    assert metrics["realised_fpr"] == sum(normal) / len(normal) and metrics["realised_tpr"] == np.mean(anomalous)
+    assert f"flagged_anomalous: {sum(anomalous)} of {len(anomalous)}" in result.output
     assert "the scores cover" not in result.output and "are not files of" not in result.output
     small = _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "64x48")
     assert small.exit_code == 0 and "pixel_auroc" in small.output
@@ -158,7 +164,9 @@ def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> 
     rows = _rows(out)
     assert len(rows) == 10 and all(r["map_path"] and not r["overlay_path"] for r in rows)
     assert not (out / "overlays").exists()
-    assert "a zero-shot pool of 10 images: below 80 its threshold (is_anomalous) is unreliable" in result.output
+    assert (
+        "a zero-shot pool of 10 image(s): below 80 in all its threshold (is_anomalous) is unreliable" in result.output
+    )
 
 
 def test_a_zero_shot_pool_of_one_and_references_among_the_inputs(synthetic_root: Path, tmp_path: Path) -> None:
@@ -173,6 +181,7 @@ def test_a_zero_shot_pool_of_one_and_references_among_the_inputs(synthetic_root:
         both.output
     )
     assert len(_rows(tmp_path / "r")) == 3
+    assert "pool of 3 image(s) and 1 reference(s): below 80 in all" in both.output  # one way of counting the pool
 
 
 def test_no_small_pool_note_at_the_reliable_size(

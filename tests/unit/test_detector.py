@@ -219,6 +219,35 @@ def test_zero_shot_pool_scores_defects_higher_and_finite_for_two_images(syntheti
     assert all(np.isfinite(r.image_score) for r in pair)
 
 
+def test_reference_free_pools_from_two_threads_score_as_one_after_the_other(monkeypatch) -> None:
+    """Each reference-free pool decides the input size on the detector; a second thread's pool (another aspect)
+    must not change it while the first is being scored."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    square = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
+    wide = [rng.integers(0, 255, (64, 192, 3), dtype=np.uint8) for _ in range(4)]
+    det = Detector(_config("musc", "backbone.image_size=[64,64]"))
+    alone = [[r.image_score for r in det.predict(pool)] for pool in (square, wide)]
+    decide, square_decided = Detector.resolve_auto, threading.Event()
+
+    def slow_decide(self, images, **kwargs):  # type: ignore[no-untyped-def]
+        decide(self, images, **kwargs)
+        if len(images) and images[0].shape == (96, 96, 3):  # the square pool: let the wide one decide meanwhile
+            square_decided.set()
+            time.sleep(0.5)
+
+    monkeypatch.setattr(Detector, "resolve_auto", slow_decide)
+    with ThreadPoolExecutor(2) as threads:
+        first = threads.submit(det.predict, square)
+        square_decided.wait(30)
+        second = threads.submit(det.predict, wide)
+        together = [[r.image_score for r in f.result()] for f in (first, second)]
+    assert together == alone
+
+
 def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
     train, good, bad = _split(synthetic_root)
     det = Detector(_config("musc", "scorer.params.augment_references=false")).fit(train[:4])

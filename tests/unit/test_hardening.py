@@ -511,6 +511,16 @@ def test_11_python_api_inputs_and_per_item_errors(model: Path, tmp_path: Path) -
     inputs = [Image.fromarray(rgb), torch.from_numpy(rgb).permute(2, 0, 1), png.getvalue(), rgb / 255.0]
     scores = [r.image_score for r in det.predict(inputs)]
     assert np.allclose(scores, scores[0], rtol=1e-5)
+    bf16 = (torch.from_numpy(rgb).permute(2, 0, 1) / 255).bfloat16()  # a dtype NumPy lacks: read as float32
+    assert det.predict(bf16).image_score == pytest.approx(scores[0], rel=1e-5)
+    saved = tmp_path / "rgb.png"
+    saved.write_bytes(png.getvalue())
+    with saved.open("rb") as opened:  # a file object is one image (it also iterates, line by line)
+        assert det.predict(opened).image_score == pytest.approx(scores[0], rel=1e-5)
+    from_streams = det.predict([io.BytesIO(png.getvalue()), rgb, io.BytesIO(png.getvalue())])
+    assert [r.image_score for r in from_streams] == pytest.approx([scores[0]] * 3, rel=1e-5)
+    with saved.open() as text, pytest.raises(DataError, match="rgb.png: opened in text mode; open it with 'rb'"):
+        det.predict(text)
     with pytest.raises(DataError, match="shape"):
         det.predict(np.empty((0, 0, 3), np.uint8))
     with pytest.raises(DataError, match="unsupported image input"):

@@ -192,6 +192,8 @@ def test_one_image_gets_one_result_and_misuse_is_refused(synthetic_root: Path) -
     assert np.isfinite(result.image_score) and result.anomaly_map.shape == (128, 128)
     line.confirm_normal(str(train[3]))
     assert len(line.pool) == 2
+    for empty in ([], (p for p in []), np.zeros((0, 128, 128, 3), np.uint8)):  # no images: no results, as predict
+        assert line.predict(empty) == []
     for size in (-1, 2.5, True, None):
         with pytest.raises(ConfigError, match="pool_size must be an integer >= 0"):
             StreamingDetector(line.detector, pool_size=size)
