@@ -115,7 +115,8 @@ def main() -> None:
     rows, seconds = [], {}
     for name, path in suite_paths(args.root, args.bottle, args.category).items():
         start = time.perf_counter()
-        row = run_benchmark("mvtec", path.parent, [path.name], config, args.out / "runs", force=args.force)[0]
+        table = run_benchmark("mvtec", path.parent, [path.name], config, args.out / "runs", force=args.force)
+        (row,) = [r for r in table if r["category"] == path.name]  # the table also holds the earlier categories
         seconds[name] = time.perf_counter() - start
         rows.append({**row, "category": name})
         print(f"{name}: {seconds[name]:.0f} s", flush=True)
