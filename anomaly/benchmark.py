@@ -124,8 +124,10 @@ def run_benchmark(
             for name, job in jobs.items():
                 try:
                     rows[name] = job()
-                except BaseException:  # the categories finished so far keep their rows in the tables
+                except BaseException as exc:  # the categories finished so far keep their rows in the tables
                     _finish_tables(rows, names, out_dir, config, eval_size)
+                    if isinstance(exc, DataError) and len(names) > 1 and not str(exc).startswith(f"{name}:"):
+                        raise DataError(f"{name}: {exc}") from None  # which of the categories it was
                     raise
     return _finish_tables(rows, names, out_dir, config, eval_size)
 

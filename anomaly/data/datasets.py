@@ -248,7 +248,12 @@ def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
     if not csv_path.is_file():
         if is_category_root(root / category):
             return load_mvtec(root / category)
-        raise DataError(f"VisA split file not found: {csv_path} (and {root / category} is not in MVTec layout either)")
+        hint = ""
+        if (root.parent / _VISA_SPLIT_CSV).is_file():  # --root at the category, not the dataset
+            hint = f"; {root.parent} holds the split file: --root {root.parent} --category {root.name}"
+        raise DataError(
+            f"VisA split file not found: {csv_path} (and {root / category} is not in MVTec layout either){hint}"
+        )
     rows, objects = _read_visa_csv(csv_path, category)
     if not rows:
         raise DataError(f"category {category!r} not in {csv_path}; available: {', '.join(sorted(objects))}")
@@ -399,8 +404,20 @@ def find_categories(root: str | os.PathLike[str], dataset: Literal["mvtec", "vis
     else:
         categories = sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and is_category_root(d))
     if not categories:
-        raise DataError(f"no {dataset} category found in {root}")
+        raise DataError(f"no {dataset} category found in {root}{_root_hint(root, dataset)}")
     return categories
+
+
+def _root_hint(root: Path, dataset: str) -> str:
+    """Where the categories of a root that holds none probably are: VisA's split file, or a folder one level down."""
+    if dataset == "mvtec" and (root / _VISA_SPLIT_CSV).is_file():
+        return f" (it holds {_VISA_SPLIT_CSV.as_posix()}: use --dataset visa)"
+    for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        if any(is_category_root(d) for d in sub.iterdir() if d.is_dir()):
+            return f" (categories found under {sub}: give it as --root)"
+    if is_category_root(root):
+        return f" ({root} is itself a category: --root {root.parent} --category {root.name})"
+    return ""
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -422,9 +439,23 @@ def _relative(cell: str) -> str:
     return cell.strip().replace("\\", "/")
 
 
+def _text_encoding(path: Path) -> str:
+    """The encoding of a split file: UTF-16 when it starts with that byte-order mark (a spreadsheet's "Unicode
+    text"), else UTF-8 (with or without BOM); anything else is one error line naming the file."""
+    with path.open("rb") as f:
+        head = f.read()
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    try:
+        head.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as CSV UTF-8") from None
+    return "utf-8-sig"
+
+
 def _read_visa_csv(csv_path: Path, category: str | None) -> tuple[list[tuple[int, dict[str, str]]], set[str]]:
     """Read the split file: ``(line number, row)`` pairs of ``category`` (all if None) and all object names."""
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+    with csv_path.open(newline="", encoding=_text_encoding(csv_path)) as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is not None:  # "object, split, ..." as a spreadsheet may write it
             reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
@@ -434,6 +465,8 @@ def _read_visa_csv(csv_path: Path, category: str | None) -> tuple[list[tuple[int
         rows: list[tuple[int, dict[str, str]]] = []
         objects: set[str] = set()
         for row in reader:
+            if not any((value or "").strip() for value in row.values() if isinstance(value, str)):
+                continue  # an empty row (",,,,"), as spreadsheets and pandas leave at the end
             name = (row["object"] or "").strip()
             objects.add(name)
             if category is None or name == category:

@@ -104,6 +104,7 @@ def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
                 )
         elif Path(item).is_dir():
             _refuse_labelled_folders(Path(item))
+            _refuse_visa_normal_folder(Path(item))
         narrowed.append(item)
     return image_paths(narrowed)
 
@@ -150,6 +151,16 @@ def _refuse_labelled_folders(folder: Path) -> None:
             where = Path(dirpath).relative_to(folder) / others[0]
             raise DataError(f"{folder}: holds good/ beside {', '.join(others[:3])}: a fit would learn {where} "
                             f"(anomalous images, by the layout) as normal; give {Path(dirpath) / 'good'}")  # fmt: skip
+
+
+def _refuse_visa_normal_folder(folder: Path) -> None:
+    """VisA's ``<object>/Data/Images/Normal`` holds its test split's normal images too (``split_csv/1cls.csv``)."""
+    path = Path(os.path.abspath(folder))
+    for root in list(path.parents)[:4]:
+        if path.relative_to(root).parts[1:3] == ("Data", "Images") and (root / "split_csv" / "1cls.csv").is_file():
+            raise DataError(f"{folder}: inside a VisA dataset ({root}), whose split file puts part of these images in "
+                            "the test split; benchmark it with --dataset visa, or convert it to the MVTec layout and "
+                            "fit on train/good")  # fmt: skip
 
 
 def reference_paths(references: Iterable[str | os.PathLike[str]], inputs: Sequence[Path]) -> list[Path]:

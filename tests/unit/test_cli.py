@@ -631,6 +631,18 @@ def test_benchmark_checks_every_category_first_and_a_rerun_keeps_its_table(tmp_p
     assert folder.exit_code == 2 and "--dataset folder reads one category" in folder.output
 
 
+def test_a_category_that_fails_is_named_and_the_finished_ones_keep_their_table(tmp_path: Path) -> None:
+    from anomaly.data import make_synthetic_category
+
+    make_synthetic_category(tmp_path / "data", "a", n_train=8, n_test_good=4, n_test_defect=4, size=128, seed=1)
+    make_synthetic_category(tmp_path / "data", "b", n_train=2, n_test_good=4, n_test_defect=4, size=128, seed=2)
+    args = ["benchmark", "--dataset", "mvtec", "--root", tmp_path / "data", "--out", tmp_path / "out", *SMALL]
+    result = _run(*args, "--set", "threshold.folds=3")
+    assert result.exit_code == 2
+    assert "error: b: fit: the memory_bank scorer needs at least 3 normal images" in result.output, result.output
+    assert (tmp_path / "out" / "results.csv").read_text().splitlines()[1].startswith("a,")
+
+
 def test_zero_shot_benchmark_takes_test_only_categories(tmp_path: Path) -> None:
     from anomaly.data import make_synthetic_category
 

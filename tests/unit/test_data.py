@@ -449,6 +449,16 @@ def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, 
     shutil.copytree(synthetic_root / "test" / "good", visa / "Data" / "Images" / "Anomaly")
     with pytest.raises(DataError, match="Data/Images/Anomaly .* a VisA category"):
         training_paths([visa])
+    n_train = len(list((synthetic_root / "train" / "good").iterdir()))
+    assert (
+        len(training_paths([visa / "Data" / "Images" / "Normal"])) == n_train
+    )  # no split file: a folder of good images
+    (tmp_path / "split_csv").mkdir()  # VisA's Normal folder also holds the normal images of its test split
+    (tmp_path / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n")
+    with pytest.raises(DataError, match="Normal: inside a VisA dataset .* benchmark it with --dataset visa"):
+        training_paths([visa / "Data" / "Images" / "Normal"])
+    shutil.copytree(synthetic_root / "train" / "good", tmp_path / "converted" / "train" / "good")
+    assert len(training_paths([tmp_path / "converted" / "train" / "good"])) == n_train  # a converted copy beside it
     test_split = synthetic_root / "test"  # good/ beside a folder per defect type: 6 defects learnt as normal
     with pytest.raises(DataError, match=f"holds good/ beside blob, missing, scratch: .* give {test_split / 'good'}"):
         training_paths([test_split])
@@ -608,6 +618,32 @@ def test_load_visa_reads_split_files_as_written_and_refuses_an_image_listed_twic
         DataError, match=rf"line {len(lines) + 1}: .*Normal/\d+\.JPG is listed again \(first on line \d+\)"
     ):
         load_visa(tmp_path, "candle")
+
+
+def test_split_files_saved_by_spreadsheets_are_read_and_other_encodings_are_one_line(tmp_path: Path) -> None:
+    """Excel's "Unicode text" (UTF-16 with a BOM) and a trailing empty row (",,,,") are read; a cp1252 byte is one
+    error line naming the file (a traceback before; the empty row was a category '' that stopped every run)."""
+    _visa_tree(tmp_path)
+    expected = load_visa(tmp_path, "candle")
+    split = tmp_path / "split_csv" / "1cls.csv"
+    text = split.read_text() + ",,,,\r\n"
+    split.write_text(text, encoding="utf-16")
+    assert find_categories(tmp_path, "visa") == ["candle", "pcb1"]
+    assert load_visa(tmp_path, "candle") == expected
+    split.write_bytes(text.replace("object", "obj\xe9ct").encode("cp1252"))
+    with pytest.raises(DataError, match=r"1cls.csv: not UTF-8 text \(byte 3\); save it as CSV UTF-8"):
+        find_categories(tmp_path, "visa")
+
+
+def test_a_root_without_categories_says_where_they_are(synthetic_root: Path, tmp_path: Path) -> None:
+    _visa_tree(tmp_path / "VisA")
+    with pytest.raises(DataError, match=r"no mvtec category found in .*VisA \(it holds split_csv/1cls.csv: use"):
+        find_categories(tmp_path / "VisA", "mvtec")
+    with pytest.raises(DataError, match=r"holds the split file: --root .*VisA --category candle$"):
+        load_visa(tmp_path / "VisA" / "candle", "candle")
+    shutil.copytree(synthetic_root, tmp_path / "converted" / "1cls" / "widget")
+    with pytest.raises(DataError, match=r"\(categories found under .*converted/1cls: give it as --root\)"):
+        find_categories(tmp_path / "converted", "visa")
 
 
 def test_load_visa_converted_layout_without_csv(synthetic_root: Path) -> None:
