@@ -68,6 +68,9 @@ def _read_stream(stream: Any) -> bytes:
         data = stream.read()
     except (OSError, ValueError) as exc:  # closed, or not open for reading
         raise DataError(f"{label}: unreadable ({exc})") from None
+    if hasattr(data, "__await__"):  # an async upload (Starlette's UploadFile): its bytes are the caller's to await
+        getattr(data, "close", lambda: None)()
+        raise DataError(f"{label}: read() is asynchronous; pass `await file.read()` (the bytes) instead")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise text_mode
     return bytes(data)

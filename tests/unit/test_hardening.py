@@ -521,6 +521,13 @@ def test_11_python_api_inputs_and_per_item_errors(model: Path, tmp_path: Path) -
     assert [r.image_score for r in from_streams] == pytest.approx([scores[0]] * 3, rel=1e-5)
     with saved.open() as text, pytest.raises(DataError, match="rgb.png: opened in text mode; open it with 'rb'"):
         det.predict(text)
+
+    class AsyncUpload:  # as Starlette's UploadFile: read() is a coroutine
+        async def read(self) -> bytes:
+            return png.getvalue()
+
+    with pytest.raises(DataError, match=r"read\(\) is asynchronous; pass `await file.read\(\)`"):
+        det.predict(AsyncUpload())
     with pytest.raises(DataError, match="shape"):
         det.predict(np.empty((0, 0, 3), np.uint8))
     with pytest.raises(DataError, match="unsupported image input"):
