@@ -34,7 +34,7 @@ from anomaly.data.datasets import (
 )
 from anomaly.data.io import is_image_file
 from anomaly.detector import Detector
-from anomaly.errors import DataError
+from anomaly.errors import AnomalyError, DataError
 from anomaly.evaluation import Evaluation, evaluate_samples, write_evaluation
 from anomaly.metrics import pimo_curves
 from anomaly.outputs import ScoreWriter, relative_names
@@ -126,8 +126,8 @@ def run_benchmark(
                     rows[name] = job()
                 except BaseException as exc:  # the categories finished so far keep their rows in the tables
                     _finish_tables(rows, names, out_dir, config, eval_size)
-                    if isinstance(exc, DataError) and len(names) > 1 and not str(exc).startswith(f"{name}:"):
-                        raise DataError(f"{name}: {exc}") from None  # which of the categories it was
+                    if isinstance(exc, AnomalyError) and len(names) > 1 and not str(exc).startswith(f"{name}:"):
+                        raise type(exc)(f"{name}: {exc}") from None  # which of the categories it was
                     raise
     return _finish_tables(rows, names, out_dir, config, eval_size)
 

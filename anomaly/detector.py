@@ -39,7 +39,16 @@ from anomaly.data.input_checks import (
 )
 from anomaly.data.inputs import OnError, check_on_error, one_or_many, training_paths
 from anomaly.data.io import significant_bits
-from anomaly.data.loader import DecodedImage, ImageInput, image_size, iter_batches, raw_pixels, support_views
+from anomaly.data.loader import (
+    DecodedImage,
+    ImageInput,
+    image_size,
+    is_stream,
+    iter_batches,
+    raw_pixels,
+    read_streams,
+    support_views,
+)
 from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError, WeightsUnavailableError
@@ -111,6 +120,16 @@ class Detector:
         self.training_aspects_: tuple[float, float] | None = None  # set by fit: see input_profile
         self.training_smallest_: int | None = None  # set by fit: the smallest training image's longer side
         self.training_colour_: str | None = None  # set by fit: "gray" / "colour" when every training image was
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy``, multiprocessing) get their own pool lock."""
+        state = self.__dict__.copy()
+        del state["_pool_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pool_lock = threading.Lock()
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -465,7 +484,7 @@ class Detector:
 
         Trained scorers stream with bounded memory; a zero-shot scorer scores all inputs as one pool.
         """
-        items = list(images)
+        items = read_streams(images)
         if not items:
             raise DataError("predict: no images")
         check_on_error(on_error)
@@ -849,7 +868,7 @@ def _saved_weights_sha(meta: dict[str, Any]) -> str | None:
 
 def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> list[ImageInput]:
     """Folders, globs and category roots become image paths (narrowed to train/good); the rest stays."""
-    items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    items = read_streams([images] if isinstance(images, (str, os.PathLike)) or is_stream(images) else images)
     if not items:
         raise DataError("fit: no training images")
     out: list[ImageInput] = []

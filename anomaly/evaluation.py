@@ -204,14 +204,15 @@ def evaluate_scores(
 
 
 def _threshold_counts(rows: list[dict[str, str]], samples: list[Sample]) -> dict[str, Any]:
-    """What the scores' own threshold did (``is_anomalous``): the share and count of normal and of anomalous
-    images flagged. Empty when a row has no verdict (scores from elsewhere)."""
+    """What the scores' own threshold did (``is_anomalous``): the count and share of normal and of anomalous images
+    flagged (``flagged_normal``, ``realised_fpr``, ``flagged_anomalous``, ``realised_tpr``). Empty when a row has no
+    verdict (scores from elsewhere)."""
     if not all((r.get("is_anomalous") or "").strip() for r in rows):
         return {}
     counts: dict[str, Any] = {}
     for label, name in ((0, "normal"), (1, "anomalous")):
         flags = [is_flagged(r) for r, s in zip(rows, samples) if s.label == label]
-        counts[f"flagged_{name}"] = f"{sum(flags)} of {len(flags)}"
+        counts[f"flagged_{name}"] = sum(flags)
         counts["realised_fpr" if label == 0 else "realised_tpr"] = sum(flags) / len(flags) if flags else math.nan
     return counts
 

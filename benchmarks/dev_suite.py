@@ -61,10 +61,13 @@ def suite_paths(root: Path, bottle: Path, names: list[str] | None) -> dict[str, 
 
     ``names=None`` means every category that prepare_dev_suite.py has written (its MTD halves are optional).
     """
-    paths = {}
+    paths: dict[str, Path] = {}
     for n in names or SUITE:
-        path = bottle if n == "bottle" else root / n if n in SUITE else Path(n)
-        paths[n if n in SUITE else path.resolve().name] = path
+        path = bottle if n == "bottle" else root / n if n in SUITE else Path(n).resolve()
+        name = n if n in SUITE else path.name
+        if name in paths:  # one output folder per name
+            raise SystemExit(f"--category {n}: a second category named {name} ({paths[name]} is the first)")
+        paths[name] = path
     return paths if names else {n: p for n, p in paths.items() if p.is_dir()}
 
 

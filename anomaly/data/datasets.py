@@ -444,10 +444,14 @@ def _text_encoding(path: Path) -> str:
     text"), else UTF-8 (with or without BOM); anything else is one error line naming the file."""
     with path.open("rb") as f:
         head = f.read()
+    if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "utf-32"
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "utf-16"
     try:
         head.decode("utf-8-sig")
+        if b"\x00" in head:  # UTF-16 or UTF-32 without a byte-order mark
+            raise UnicodeDecodeError("utf-8", head, head.index(b"\x00"), head.index(b"\x00") + 1, "NUL byte")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as CSV UTF-8") from None
     return "utf-8-sig"

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Literal, TypeVar
 from anomaly._fs import OUTPUT_MARKER
 from anomaly.data.datasets import is_category_root
 from anomaly.data.io import GLOB_CHARS, is_image_file, list_images
+from anomaly.data.loader import is_stream, read_streams
 from anomaly.errors import DataError
 
 __all__ = ["OnError", "check_on_error", "image_paths", "one_or_many", "reference_paths", "training_paths"]
@@ -40,40 +40,17 @@ def one_or_many(images: T | Sequence[T]) -> tuple[list[T], bool]:
     """The images of a ``predict`` call as a list, and whether one image was passed alone (not in a list).
 
     Many: a list, tuple, generator or other iterator, and a 4-D array or tensor (a stack of N images); one: a
-    path, bytes, a binary file object (read here, once), a PIL image, a 2-D or 3-D array or tensor."""
-    if _is_stream(images):  # iterable by lines, but one encoded image
-        return [_read_stream(images)], True  # type: ignore[list-item]
+    path, bytes, a binary file object (read here, once: :func:`anomaly.data.loader.read_streams`), a PIL image, a
+    2-D or 3-D array or tensor."""
+    if is_stream(images):  # iterable by lines, but one encoded image
+        return read_streams([images]), True
     if isinstance(images, (list, tuple)):
-        return [_read_stream(x) if _is_stream(x) else x for x in images], False
+        return read_streams(images), False
     if getattr(images, "ndim", None) == 4:  # (N, H, W, C) array, (N, C, H, W) tensor
         return list(images), False  # type: ignore[call-overload]
     if isinstance(images, Iterator):  # a generator of frames; not str, bytes or arrays, which iterate too
-        return [_read_stream(x) if _is_stream(x) else x for x in images], False
+        return read_streams(images), False
     return [images], True  # type: ignore[list-item]
-
-
-def _is_stream(item: object) -> bool:
-    """An open file, ``io.BytesIO`` or upload object: something with ``read`` that is not an image already."""
-    return callable(getattr(item, "read", None)) and not isinstance(item, (str, bytes, os.PathLike))
-
-
-def _read_stream(stream: Any) -> bytes:
-    """A file object's remaining bytes (the image is decoded from them, as from ``bytes``)."""
-    name = getattr(stream, "name", None)
-    label = "image file object" + (f" {name}" if isinstance(name, str) else "")
-    text_mode = DataError(f"{label}: opened in text mode; open it with 'rb'")
-    if isinstance(stream, io.TextIOBase):
-        raise text_mode
-    try:
-        data = stream.read()
-    except (OSError, ValueError) as exc:  # closed, or not open for reading
-        raise DataError(f"{label}: unreadable ({exc})") from None
-    if hasattr(data, "__await__"):  # an async upload (Starlette's UploadFile): its bytes are the caller's to await
-        getattr(data, "close", lambda: None)()
-        raise DataError(f"{label}: read() is asynchronous; pass `await file.read()` (the bytes) instead")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise text_mode
-    return bytes(data)
 
 
 def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[Path] = ()) -> list[Path]:
@@ -92,12 +69,17 @@ def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[P
     return paths
 
 
-def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+def training_paths(inputs: Iterable[str | os.PathLike[str]], *, for_fit: bool = True) -> list[Path]:
     """Normal images for a fit: category roots narrowed to ``train/good``; a folder that holds masks or anomalous
-    images (a VisA category, a folder dataset's root) is refused rather than learnt as normal. A glob's matches
-    are checked one by one as if each was given (``'data/bot*'`` is the category root it matches)."""
-    narrowed = []
+    images (a VisA category, a folder dataset's root) is refused rather than learnt as normal, and with ``for_fit``
+    so are images of VisA's ``Data/Images/Normal``, which holds test images too. A glob's matches are checked one by
+    one as if each was given (``'data/bot*'`` is the category root it matches)."""
+    narrowed, checked = [], set()
     for item in (match for given in inputs for match in _glob_matches(given)):
+        folder = Path(item) if Path(item).is_dir() else Path(item).parent
+        if for_fit and folder not in checked:
+            checked.add(folder)
+            _refuse_visa_normal_folder(folder)
         if is_category_root(item):
             log.info("%s is a dataset category: using its train/good only", item)
             item = Path(item) / "train" / "good"
@@ -107,7 +89,6 @@ def training_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
                 )
         elif Path(item).is_dir():
             _refuse_labelled_folders(Path(item))
-            _refuse_visa_normal_folder(Path(item))
         narrowed.append(item)
     return image_paths(narrowed)
 
@@ -169,7 +150,7 @@ def _refuse_visa_normal_folder(folder: Path) -> None:
 def reference_paths(references: Iterable[str | os.PathLike[str]], inputs: Sequence[Path]) -> list[Path]:
     """Few-shot references (narrowed like training images) that are not also among ``inputs``."""
     scored = {p.resolve() for p in inputs}
-    given = training_paths(references)
+    given = training_paths(references, for_fit=False)  # VisA's Normal images are fine as references
     refs = [p for p in given if p.resolve() not in scored]
     if not refs:
         raise DataError("--reference: no reference image left that is not also an input")

@@ -8,11 +8,12 @@ OpenCV's BGR.
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Union, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Union, cast
 
 import cv2
 import numpy as np
@@ -29,11 +30,14 @@ __all__ = [
     "DecodedImage",
     "ImageBatch",
     "ImageInput",
+    "UnreadableInput",
     "decode_input",
     "image_size",
     "input_error",
     "iter_batches",
+    "is_stream",
     "raw_pixels",
+    "read_streams",
     "support_views",
     "to_rgb",
 ]
@@ -48,7 +52,42 @@ class TensorLike(Protocol):
     def cpu(self) -> Any: ...
 
 
-ImageInput = Union[str, "os.PathLike[str]", bytes, NDArray[Any], "Image.Image", TensorLike]
+ImageInput = Union[str, "os.PathLike[str]", bytes, BinaryIO, NDArray[Any], "Image.Image", TensorLike]
+
+
+@dataclass(frozen=True)
+class UnreadableInput:
+    """A file object whose bytes could not be read: decoding it raises ``reason``, so ``on_error="skip"`` gives
+    it an error result like any unreadable image."""
+
+    reason: str
+
+
+def is_stream(item: object) -> bool:
+    """A binary or text file object (``open``, ``io.BytesIO``), or an upload or temporary file holding one as
+    ``.file`` (Starlette's ``UploadFile``, ``tempfile.NamedTemporaryFile``)."""
+    return isinstance(item, io.IOBase) or isinstance(getattr(item, "file", None), io.IOBase)
+
+
+def read_streams(items: Iterable[Any]) -> list[Any]:
+    """``items`` as a list, each file object (:func:`is_stream`) replaced by its remaining bytes, read once (or by
+    an :class:`UnreadableInput`); other inputs as they are."""
+    return [_read_stream(item) if is_stream(item) else item for item in items]
+
+
+def _read_stream(stream: Any) -> bytes | UnreadableInput:
+    file = stream if isinstance(stream, io.IOBase) else stream.file
+    name = getattr(stream, "filename", None) or getattr(file, "name", None)
+    label = "image file object" + (f" {name}" if isinstance(name, str) else "")
+    if isinstance(file, io.TextIOBase):
+        return UnreadableInput(f"{label}: opened in text mode; open it with 'rb'")
+    try:
+        data = file.read()
+    except (OSError, ValueError) as exc:  # closed, or not open for reading
+        return UnreadableInput(f"{label}: unreadable ({exc})")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return UnreadableInput(f"{label}: read() gave {type(data).__name__}, not bytes")
+    return bytes(data)
 
 
 @dataclass
@@ -106,6 +145,8 @@ def raw_pixels(item: ImageInput, header_first: bool = False) -> NDArray[Any] | N
         return None if header_first and stored_bit_depth(item) == 8 else read_pixels(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return read_pixels(bytes(item))
+    if isinstance(item, UnreadableInput):
+        raise DataError(item.reason)
     array = _integers_as_16_bit(_in_memory_array(item))
     if (
         array.dtype == np.uint16

@@ -82,9 +82,9 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     rows = _rows(out)  # what the model's own threshold did, from the is_anomalous column
     normal = [r["is_anomalous"] == "true" for r in rows if "/good/" in r["path"]]
     anomalous = [r["is_anomalous"] == "true" for r in rows if "/good/" not in r["path"]]
-    assert metrics["flagged_normal"] == f"{sum(normal)} of {len(normal)}"
+    assert metrics["flagged_normal"] == sum(normal) and metrics["flagged_anomalous"] == sum(anomalous) > 0
     assert metrics["realised_fpr"] == sum(normal) / len(normal) and metrics["realised_tpr"] == np.mean(anomalous)
-    assert f"flagged_anomalous: {sum(anomalous)} of {len(anomalous)}" in result.output
+    assert f"flagged_anomalous: {sum(anomalous)}\n" in result.output
     assert "the scores cover" not in result.output and "are not files of" not in result.output
     small = _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "64x48")
     assert small.exit_code == 0 and "pixel_auroc" in small.output

@@ -457,6 +457,9 @@ def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, 
     (tmp_path / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n")
     with pytest.raises(DataError, match="Normal: inside a VisA dataset .* benchmark it with --dataset visa"):
         training_paths([visa / "Data" / "Images" / "Normal"])
+    with pytest.raises(DataError, match="Normal: inside a VisA dataset"):  # its images by a glob too
+        training_paths([str(visa / "Data" / "Images" / "Normal" / "*.png")])
+    assert len(training_paths([visa / "Data" / "Images" / "Normal"], for_fit=False)) == n_train  # as references
     shutil.copytree(synthetic_root / "train" / "good", tmp_path / "converted" / "train" / "good")
     assert len(training_paths([tmp_path / "converted" / "train" / "good"])) == n_train  # a converted copy beside it
     test_split = synthetic_root / "test"  # good/ beside a folder per defect type: 6 defects learnt as normal
@@ -627,9 +630,13 @@ def test_split_files_saved_by_spreadsheets_are_read_and_other_encodings_are_one_
     expected = load_visa(tmp_path, "candle")
     split = tmp_path / "split_csv" / "1cls.csv"
     text = split.read_text() + ",,,,\r\n"
-    split.write_text(text, encoding="utf-16")
-    assert find_categories(tmp_path, "visa") == ["candle", "pcb1"]
-    assert load_visa(tmp_path, "candle") == expected
+    for encoding in ("utf-16", "utf-32"):
+        split.write_text(text, encoding=encoding)
+        assert find_categories(tmp_path, "visa") == ["candle", "pcb1"]
+        assert load_visa(tmp_path, "candle") == expected
+    split.write_text(text, encoding="utf-16-le")  # no byte-order mark
+    with pytest.raises(DataError, match=r"1cls.csv: not UTF-8 text \(byte 1\)"):
+        find_categories(tmp_path, "visa")
     split.write_bytes(text.replace("object", "obj\xe9ct").encode("cp1252"))
     with pytest.raises(DataError, match=r"1cls.csv: not UTF-8 text \(byte 3\); save it as CSV UTF-8"):
         find_categories(tmp_path, "visa")

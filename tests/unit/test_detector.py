@@ -246,6 +246,11 @@ def test_reference_free_pools_from_two_threads_score_as_one_after_the_other(monk
         second = threads.submit(det.predict, wide)
         together = [[r.image_score for r in f.result()] for f in (first, second)]
     assert together == alone
+    import copy
+    import pickle
+
+    for twin in (copy.deepcopy(det), pickle.loads(pickle.dumps(det))):  # each its own line, its own lock
+        assert twin._pool_lock is not det._pool_lock and [r.image_score for r in twin.predict(square)] == alone[0]
 
 
 def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:

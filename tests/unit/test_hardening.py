@@ -522,12 +522,26 @@ def test_11_python_api_inputs_and_per_item_errors(model: Path, tmp_path: Path) -
     with saved.open() as text, pytest.raises(DataError, match="rgb.png: opened in text mode; open it with 'rb'"):
         det.predict(text)
 
-    class AsyncUpload:  # as Starlette's UploadFile: read() is a coroutine
-        async def read(self) -> bytes:
-            return png.getvalue()
+    class Upload:  # as Starlette's UploadFile: an async read() and the file itself as .file
+        filename = "part.png"
+        file = io.BytesIO(png.getvalue())
 
-    with pytest.raises(DataError, match=r"read\(\) is asynchronous; pass `await file.read\(\)`"):
-        det.predict(AsyncUpload())
+        async def read(self) -> bytes:
+            return b""
+
+    class Camera:  # a read() that is not a file's (cv2.VideoCapture): not taken for one
+        def read(self) -> tuple[bool, None]:
+            return False, None
+
+    closed = io.BytesIO(png.getvalue())
+    closed.close()
+    mixed = det.predict([Upload(), closed, rgb], on_error="skip")  # a file that cannot be read is one bad input
+    assert mixed[0].image_score == pytest.approx(scores[0], rel=1e-5) and mixed[2].error is None
+    assert "image file object: unreadable (I/O operation on closed file" in (mixed[1].error or "")
+    with pytest.raises(DataError, match="unsupported image input of type Camera"):
+        det.predict(Camera())
+    with saved.open("rb") as opened, pytest.raises(DataError, match="needs at least .* got 1$"):
+        Detector(load_config("patchcore")).fit(opened)  # one image, as predict reads it, not its lines
     with pytest.raises(DataError, match="shape"):
         det.predict(np.empty((0, 0, 3), np.uint8))
     with pytest.raises(DataError, match="unsupported image input"):
