@@ -175,7 +175,8 @@ def _test_samples(root: Path) -> list[Sample]:
     """``test/<defect>/*`` samples with their ground-truth masks (every defective image's, or none at all)."""
     test_dir, truth_dir = labelled_split_dirs(root)
     if not test_dir.is_dir():
-        raise DataError(f"no test folder in category: {root} (the MVTec layout: test/<type>/, ground_truth/<type>/)")
+        raise DataError(f"no test folder in category: {root} (the MVTec layout: test/<type>/, ground_truth/<type>/)"
+                        f"{_category_hint(root)}")  # fmt: skip
     test: list[Sample] = []
     unmasked: list[Path] = []
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
@@ -406,6 +407,17 @@ def find_categories(root: str | os.PathLike[str], dataset: Literal["mvtec", "vis
     if not categories:
         raise DataError(f"no {dataset} category found in {root}{_root_hint(root, dataset)}")
     return categories
+
+
+def _category_hint(root: Path) -> str:
+    """What a folder given as a category is instead: a dataset root, or a VisA category in its original layout."""
+    if (root / "Data" / "Images").is_dir():
+        return "; a VisA category as published: benchmark it with --dataset visa, or convert it to the MVTec layout"
+    if root.is_dir():
+        inside = sorted(d.name for d in root.iterdir() if d.is_dir() and is_category_root(d))
+        if inside:
+            return f"; a dataset root: give one of its categories, e.g. {root / inside[0]}"
+    return ""
 
 
 def _root_hint(root: Path, dataset: str) -> str:

@@ -651,6 +651,10 @@ def test_a_root_without_categories_says_where_they_are(synthetic_root: Path, tmp
     shutil.copytree(synthetic_root, tmp_path / "converted" / "1cls" / "widget")
     with pytest.raises(DataError, match=r"\(categories found under .*converted/1cls: give it as --root\)"):
         find_categories(tmp_path / "converted", "visa")
+    with pytest.raises(DataError, match=r"; a dataset root: give one of its categories, e.g. .*1cls/widget$"):
+        load_ground_truth(tmp_path / "converted" / "1cls")  # evaluate --root
+    with pytest.raises(DataError, match="; a VisA category as published: benchmark it with --dataset visa"):
+        load_ground_truth(tmp_path / "VisA" / "candle")
 
 
 def test_load_visa_converted_layout_without_csv(synthetic_root: Path) -> None:
