@@ -114,7 +114,7 @@ def run_benchmark(
             if done is not None:
                 log.warning("%s: results of another config or --eval-size in %s are replaced", name, out_dir / name)
             jobs[name] = functools.partial(
-                _run_job, dataset, root, name, config, out_dir / name, progress, test_only, eval_size
+                _run_job, dataset, root, name, config, out_dir / name, progress, test_only, eval_size, len(names) > 1
             )
     if jobs:
         log.info("running %s", ", ".join(jobs))
@@ -124,10 +124,8 @@ def run_benchmark(
             for name, job in jobs.items():
                 try:
                     rows[name] = job()
-                except BaseException as exc:  # the categories finished so far keep their rows in the tables
+                except BaseException:  # the categories finished so far keep their rows in the tables
                     _finish_tables(rows, names, out_dir, config, eval_size)
-                    if isinstance(exc, AnomalyError) and len(names) > 1 and not str(exc).startswith(f"{name}:"):
-                        raise type(exc)(f"{name}: {exc}") from None  # which of the categories it was
                     raise
     return _finish_tables(rows, names, out_dir, config, eval_size)
 
@@ -210,8 +208,15 @@ def _run_job(
     progress: Any,
     test_only: bool,
     eval_size: tuple[int, int] | None,
+    named: bool,
 ) -> dict[str, Any]:
-    return _run_category(_load(dataset, root, name, test_only), config, out, progress, eval_size)
+    """One category's row; with ``named`` (one of several categories), a user error says which (with --ray too)."""
+    try:
+        return _run_category(_load(dataset, root, name, test_only), config, out, progress, eval_size)
+    except AnomalyError as exc:
+        if named and not str(exc).startswith(f"{name}:"):
+            raise type(exc)(f"{name}: {exc}") from None
+        raise
 
 
 def _find(root: Path, dataset: str, test_only: bool) -> list[str]:
