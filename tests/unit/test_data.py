@@ -450,16 +450,15 @@ def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, 
     with pytest.raises(DataError, match="Data/Images/Anomaly .* a VisA category"):
         training_paths([visa])
     n_train = len(list((synthetic_root / "train" / "good").iterdir()))
-    assert (
-        len(training_paths([visa / "Data" / "Images" / "Normal"])) == n_train
-    )  # no split file: a folder of good images
+    normal = visa / "Data" / "Images" / "Normal"
+    assert len(training_paths([normal])) == n_train  # without a split file: a folder of good images
     (tmp_path / "split_csv").mkdir()  # VisA's Normal folder also holds the normal images of its test split
     (tmp_path / "split_csv" / "1cls.csv").write_text("object,split,label,image,mask\n")
     with pytest.raises(DataError, match="Normal: inside a VisA dataset .* benchmark it with --dataset visa"):
-        training_paths([visa / "Data" / "Images" / "Normal"])
+        training_paths([normal])
     with pytest.raises(DataError, match="Normal: inside a VisA dataset"):  # its images by a glob too
-        training_paths([str(visa / "Data" / "Images" / "Normal" / "*.png")])
-    assert len(training_paths([visa / "Data" / "Images" / "Normal"], for_fit=False)) == n_train  # as references
+        training_paths([str(normal / "*.png")])
+    assert len(training_paths([normal], for_fit=False)) == n_train  # as references
     shutil.copytree(synthetic_root / "train" / "good", tmp_path / "converted" / "train" / "good")
     assert len(training_paths([tmp_path / "converted" / "train" / "good"])) == n_train  # a converted copy beside it
     test_split = synthetic_root / "test"  # good/ beside a folder per defect type: 6 defects learnt as normal
