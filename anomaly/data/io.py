@@ -1,7 +1,8 @@
 """Image and mask decoding, and discovery of image files.
 
-This is the only module of ``anomaly`` that imports PIL. Decoding goes through OpenCV first (fast, releases the
-GIL) and falls back to PIL for what OpenCV cannot read.
+This is the only module of ``anomaly`` that imports PIL. JPEGs in RGB or gray go through simplejpeg (libjpeg-turbo,
+which reports lost data instead of printing it), everything else through OpenCV first (fast, releases the GIL), with
+PIL as the fallback for what OpenCV cannot read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, BinaryIO, cast
 
 import cv2
 import numpy as np
+import simplejpeg
 from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -92,6 +94,10 @@ _FORMAT_SIGNATURES = {
     b"qoif": "QOI",
     b"DDS ": "DDS",
 }
+# libjpeg's warnings that mean pixels were lost (a damaged byte mid-file, a cut-off file): OpenCV and Pillow print them
+# and return the image with the rest grey or smeared. Its other warnings (extraneous bytes between segments, an
+# unknown JFIF revision) leave the image whole, as every viewer shows it.
+_JPEG_DATA_LOST = ("premature end", "bad huffman code", "bad arithmetic code", "instead of rst")
 # Formats that OpenCV may decode where Pillow cannot open them: TIFF (libtiff's compressions and sample layouts),
 # WebP and AVIF / HEIF (a Pillow built without them), and those Pillow does not read at all.
 _OPENCV_TRIES = frozenset({"TIFF", "WebP", "AVIF / HEIF", "JPEG 2000", "PNM", "Radiance HDR", "Sun raster", "OpenEXR"})
@@ -442,6 +448,9 @@ def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
             raise DataError(f"cannot read image: {name} (not an image file: it starts with {bytes(data[:8])!r})")
         if kind not in _OPENCV_TRIES:  # Pillow reads these: it failed on a broken file, which OpenCV would print of
             raise DataError(f"cannot read image: {name} (corrupt or truncated {kind})")
+    if mode in ("RGB", "L") and data[:3].tobytes() == b"\xff\xd8\xff":
+        pixels = _decode_jpeg(data, name, gray=mode == "L")
+        return _decode_pil(data, name) if pixels is None else _orient(pixels, _pil_orientation(data))
     if mode in ("RGBA", "LA") and data[:4].tobytes() in _TIFF_SIGNATURES:
         return _decode_pil(data, name)  # OpenCV's TIFF reader multiplies the colours by alpha; PNGs drop alpha
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
@@ -459,6 +468,22 @@ def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
     if pixels.ndim == 3:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     return _orient(pixels, _pil_orientation(data)) if webp else pixels
+
+
+def _decode_jpeg(data: NDArray[np.uint8], name: str, gray: bool) -> NDArray[np.uint8] | None:
+    """A JPEG's pixels as stored (before EXIF orientation); DataError where data was lost, None where simplejpeg
+    cannot decode the file at all (a warning in its headers, which Pillow's decoder passes over in silence)."""
+    colorspace = "GRAY" if gray else "RGB"
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace)
+    except ValueError as exc:  # strict decoding raises libjpeg's warnings too
+        if any(lost in str(exc).lower() for lost in _JPEG_DATA_LOST):
+            raise DataError(f"cannot read image: {name} (corrupt or truncated JPEG: {exc})") from None
+        try:
+            pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=False)
+        except ValueError:
+            return None
+    return pixels[..., 0] if gray else pixels
 
 
 def _tiff_bits(stream: BinaryIO) -> int:

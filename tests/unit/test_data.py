@@ -249,6 +249,7 @@ def test_pil_fallback_for_format_opencv_cannot_read(tmp_path: Path) -> None:
 
 
 _JPEG = cv2.imencode(".jpg", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()
+_NOISY_JPEG = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))[1].tobytes()
 
 
 @pytest.mark.parametrize(
@@ -258,6 +259,8 @@ _JPEG = cv2.imencode(".jpg", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()
         (b"not an image at all", "(not an image file: it starts with b'not an i')"),
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "(corrupt PNG: CRC error in a chunk)"),
         (_JPEG[: len(_JPEG) // 2], "(corrupt or truncated JPEG"),
+        # the scan's second half lost, the end marker intact: OpenCV and Pillow decode it with the rest grey
+        (_NOISY_JPEG[: len(_NOISY_JPEG) // 2] + b"\xff\xd9", "(corrupt or truncated JPEG: Corrupt JPEG data: premature end"),
     ],
 )
 def test_corrupt_file_raises_naming_it_and_its_cause(
@@ -269,6 +272,19 @@ def test_corrupt_file_raises_naming_it_and_its_cause(
     with pytest.raises(DataError, match="cannot read image") as info:
         read_image(path)
     assert str(path) in str(info.value) and cause in str(info.value)
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("marker", [b"\xff\xdb", b"\xff\xda"])
+def test_jpeg_with_harmless_warning_decodes_whole(
+    tmp_path: Path, marker: bytes, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Stray bytes between two segments lose no pixel (libjpeg warns): the image reads as without them."""
+    at = _NOISY_JPEG.index(marker)
+    path = tmp_path / "padded.jpg"
+    path.write_bytes(_NOISY_JPEG[:at] + b"\0\1\2" + _NOISY_JPEG[at:])
+    expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(_NOISY_JPEG, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(read_image(path), expected)
     assert capfd.readouterr().err == ""
 
 
