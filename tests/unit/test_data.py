@@ -260,7 +260,7 @@ _NOISY_JPEG = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (64
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "(corrupt PNG: CRC error in a chunk)"),
         (_JPEG[: len(_JPEG) // 2], "(corrupt or truncated JPEG"),
         # the scan's second half lost, the end marker intact: OpenCV and Pillow decode it with the rest grey
-        (_NOISY_JPEG[: len(_NOISY_JPEG) // 2] + b"\xff\xd9", "(corrupt or truncated JPEG: Corrupt JPEG data: premature end"),
+        (_NOISY_JPEG[: len(_NOISY_JPEG) // 2] + b"\xff\xd9", "JPEG: Corrupt JPEG data: premature end"),
     ],
 )
 def test_corrupt_file_raises_naming_it_and_its_cause(
