@@ -6,7 +6,9 @@ a few MB that stays in cache), one fused BLAS ``addmv`` per pick into preallocat
 N x N matrix and no allocation inside the loop. On CPU the loop runs on one thread: its
 per-pick operations are too short for OpenMP, whose spinning threads stall them by 10x as soon
 as the cores are shared with anything else (the CLI sets OMP_WAIT_POLICY=PASSIVE, which makes
-all threads safe again and 1.3x faster).
+all threads safe again and 1.3x faster). The numpy loop for small inputs holds numpy's BLAS to one
+thread for the same reason (OpenBLAS's own threads, which no OpenMP setting reaches: 2-6x slower
+picks on a loaded 2-core machine, no gain on an idle one).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from anomaly._runtime import passive_openmp
 from anomaly.index import NNIndex
@@ -66,7 +69,9 @@ def greedy_coreset(
         delta = start_d2.sqrt_().mean(1).square_()  # squared distances from here on (same argmax)
     n_new = n_select - len(initial)
     if z.device.type == "cpu" and n <= _NUMPY_ROWS:
-        return np.concatenate([initial, _greedy_numpy(z.numpy(), sq.numpy(), delta.numpy(), n_new, progress)])
+        with threadpool_limits(1, user_api="blas"):  # as below: OpenBLAS's threads stall each short pick
+            picks = _greedy_numpy(z.numpy(), sq.numpy(), delta.numpy(), n_new, progress)
+        return np.concatenate([initial, picks])
     scratch = torch.empty_like(delta)
     selected = torch.empty(n_new, dtype=torch.long, device=z.device)
     step = max(1, n_new // 100)

@@ -284,6 +284,22 @@ def test_coreset_covers_isolated_clusters_first() -> None:
     assert {500, 501, 502} <= picks
 
 
+def test_numpy_coreset_loop_holds_blas_to_one_thread() -> None:
+    """OpenBLAS's own threads stall each short pick on a loaded machine; the limit is lifted afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    seen: list[list[int]] = []
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    before = blas_threads()
+    assert before, "numpy's BLAS is loaded"
+    greedy_coreset(x, 100, projection_dim=0, progress=lambda done, total: seen.append(blas_threads()))
+    assert seen and all(threads == [1] * len(before) for threads in seen)
+    assert blas_threads() == before
+
+
 def test_a_large_fold_picks_its_coreset_chunk_by_chunk(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Each chunk gives its share of the fold's picks, and an outlier in any chunk is among them."""
     import anomaly.scorers.memory_bank as memory_bank
