@@ -40,10 +40,20 @@ class _DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping of the YAML gives one key twice."""
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), also reading YAML 1.2 exponent floats without a dot (``1e-3``, ``5E2``),
+    which 1.1 takes for strings: ``--set threshold.target_fpr=1e-3`` is a number as users write it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def _load_yaml(text: str) -> Any:
     """``yaml.safe_load``, refusing a key given twice in one mapping (PyYAML keeps the last one silently). Keys are
     checked on the composed nodes, before merge keys (``<<: *base``, whose keys may be overridden) are expanded."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:

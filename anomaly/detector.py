@@ -918,6 +918,7 @@ _POOL_RULES = {
     "pool-small-split": "the gap between the pool's two score groups",
     "pool-small-references": "median + 3 MAD of the references' scores",
     "pool-small-copies": "most scores are equal (copies of one image): every higher score stands out",
+    "pool-top": "no group of scores stands apart: the highest score is flagged",
     "pool-degenerate": "no score stands out",
 }
 
@@ -934,8 +935,8 @@ def _say_pool_decision(decision: Threshold, n_images: int, n_references: int) ->
     )
     if decision.rule != "pool-small-references" and n_images + n_references < RELIABLE_POOL_SIZE:
         log.warning(
-            "a zero-shot pool of %d image(s)%s: below %d in all its threshold (is_anomalous) is unreliable; rank "
-            "by score%s",
+            "a zero-shot pool of %d image(s)%s: with fewer than %d images in all, its threshold (is_anomalous) is "
+            "unreliable; rank by score%s",
             n_images,
             f" and {n_references} reference(s)" if n_references else "",
             RELIABLE_POOL_SIZE,

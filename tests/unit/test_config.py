@@ -55,6 +55,16 @@ def test_overrides_are_validated_like_yaml() -> None:
         apply_overrides(config, ["seed"])
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path) -> None:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string; users write it as a number, on the command line and in files."""
+    config = apply_overrides(load_config("patchcore"), ["threshold.target_fpr=1e-3", "postprocess.blur_sigma=5E0"])
+    assert config.threshold.target_fpr == 0.001 and config.postprocess.blur_sigma == 5.0
+    path = tmp_path / "mine.yaml"
+    path.write_text("threshold:\n  target_fpr: 2e-2\n")
+    assert load_config(path).threshold.target_fpr == 0.02
+    assert apply_overrides(config, ["backbone.name=1e3x"]).backbone.name == "1e3x"  # not a number: a string
+
+
 def test_a_section_set_whole_keeps_its_other_keys_and_errors_name_the_key() -> None:
     config = load_config("patchcore")
     merged = apply_overrides(config, ["threshold={target_fpr: 0.05}", "scorer.params={k: 3}"])

@@ -115,6 +115,23 @@ def test_a_small_pool_of_copies_flags_the_image_that_differs(copies: int) -> Non
     assert rounding.rule == "pool-degenerate" and not rounding.is_anomalous(0.5000004)
 
 
+@pytest.mark.parametrize("n", [3, 12, 90])
+def test_a_batch_threshold_never_lies_above_every_score(n: int) -> None:
+    """One group of scores (all normal, or all defective as a pool of NEU-Seg's steel defects): the normal quantile
+    lies above them all, so the batch's highest score is flagged (CONTRACT: a pool threshold above every score is a
+    defect). References, a stream's window and identical scores keep their rules."""
+    rng = np.random.default_rng(n)
+    pools = [rng.lognormal(0.0, 0.1, n) for _ in range(10)]
+    decisions = [pool_threshold(pool, 0.001) for pool in pools]
+    assert all(decision.is_anomalous(pool.max()) for pool, decision in zip(pools, decisions))
+    top = [[d.is_anomalous(s) for s in pool].count(True) for pool, d in zip(pools, decisions) if d.rule == "pool-top"]
+    assert top and set(top) == {1}
+    pool = pools[0]
+    assert pool_threshold(pool, 0.001, expect_defects=False).image > pool.max()
+    assert pool_threshold(np.r_[pool.max() * 1.2, pool], 0.001, n_reference=1).image > pool.max()
+    assert pool_threshold(np.full(n, 0.3), 0.001).rule == "pool-degenerate"
+
+
 def test_references_raise_the_pool_threshold_to_their_highest_score() -> None:
     pool = np.r_[5.0, np.random.default_rng(0).normal(1, 0.1, 50)]
     assert pool_threshold(pool, 0.01, n_reference=1).image >= 5.0
@@ -206,7 +223,7 @@ def test_the_separability_fallback_leaves_one_mode_pools_alone(monkeypatch) -> N
         lambda n: rng.exponential(1, n) + 0.01,
         lambda n: rng.lognormal(0, 0.5, n),
     )
-    pools = [draw(n) for n in (40, 83) for _ in range(8) for draw in families]
+    pools = [draw(n) for n in (40, 83, 200) for _ in range(8) for draw in families]  # 200: exponential pools fired
     with_fallback = [pool_threshold(pool, 0.01).image for pool in pools]
     monkeypatch.setattr("anomaly.thresholds._null_separability", lambda n, level, min_low=0.1: np.inf)
     without = [pool_threshold(pool, 0.01).image for pool in pools]
@@ -289,7 +306,7 @@ def test_a_short_window_of_normal_scores_does_not_split_them() -> None:
         assert decision.rule == "pool-small"
         rates.append(np.mean(rng.lognormal(0.0, 0.1, 2000) >= decision.image))
     assert np.mean(rates) < 0.05
-    assert pool_threshold(rng.lognormal(0.0, 0.1, 12), 0.01).rule == "pool-mixture"  # batch pools keep 8
+    assert pool_threshold(rng.lognormal(0.0, 0.1, 12), 0.01).rule != "pool-small"  # batch pools keep 8
 
 
 def test_a_tiny_batch_of_half_defects_is_split_not_passed_whole() -> None:
@@ -300,7 +317,7 @@ def test_a_tiny_batch_of_half_defects_is_split_not_passed_whole() -> None:
     assert decision.rule == "pool-small-split" and decision.image == pytest.approx(0.79)
     assert pool_threshold([0.6, 0.62, 0.65, 0.61, 0.63, 0.95], 0.01).rule == "pool-small"  # one defect: the MAD rule
     flat = pool_threshold([0.6, 0.62, 0.65, 0.61, 0.63, 0.64], 0.01)
-    assert flat.rule == "pool-small" and flat.image > 0.65  # normal scores alone: nothing flagged
+    assert flat.rule == "pool-top" and flat.image == 0.65  # one group of scores: the highest alone is flagged
     with_refs = pool_threshold([0.66, 0.6, *good, *bad], 0.01, n_reference=2)  # references stay below it
     assert 0.66 <= with_refs.image < 0.93
     streamed = pool_threshold(good + bad, 0.01, expect_defects=False)  # a line's window: no split
