@@ -13,7 +13,9 @@
   by BIC, so right-skewed normal scores such as log-normal or exponential ones are modelled as well
   as symmetric ones; components not separated from the lowest one join it); the threshold is that
   cluster's ``1 - target_fpr`` quantile. When the BIC-best model sees no defect cluster, a model within
-  ``_BIC_TIE`` of it that separates one is used instead (low-scoring defects can hide the valley).
+  ``_BIC_TIE`` of it that separates one is used instead (low-scoring defects can hide the valley); failing that,
+  Otsu's split of the scores, when it separates them beyond chance and their density has a valley between the
+  groups. A batch's threshold never lies above all its scores: with no group apart, its highest score is flagged.
 
 The pixel threshold lives on the map's own scale. When a scorer's image score is the peak of its
 post-processed map, both thresholds coincide and a flagged image always has a non-empty mask;
