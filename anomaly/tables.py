@@ -102,6 +102,8 @@ def _write(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
 
 
 def _read(path: Path, required: list[str], command: str) -> list[dict[str, str]]:
+    if path.parent.is_file():  # the table itself given where its folder is asked for
+        raise DataError(f"{path.parent}: a file; give the folder that holds it (the output folder of `{command}`)")
     if not path.is_file():
         raise DataError(f"{path}: not found (run `{command}` first)")
     try:

@@ -313,6 +313,8 @@ def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
     (no_maps / "scores.csv").write_text("\n".join([text[0], *body]) + "\n")
     assert "no anomaly maps" in _error(["discover", "--scores", str(no_maps), "--out", str(tmp_path / "o")])
     assert "not found" in _error(["discover", "--scores", str(tmp_path), "--out", str(tmp_path / "o")])
+    the_file = _error(["discover", "--scores", str(scores_dir / "scores.csv"), "--out", str(tmp_path / "o")])
+    assert f"{scores_dir / 'scores.csv'}: a file; give the folder that holds it" in the_file
     too_many = _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40"])
     assert "number of images" in too_many and "only 6 of 10 images are flagged: --all" in too_many
     with_all = _error(["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "40", "--all"])
