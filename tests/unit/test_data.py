@@ -275,14 +275,21 @@ def test_corrupt_file_raises_naming_it_and_its_cause(
     assert capfd.readouterr().err == ""
 
 
-@pytest.mark.parametrize("marker", [b"\xff\xdb", b"\xff\xda"])
+@pytest.mark.parametrize(
+    ("marker", "stray"),
+    [
+        (b"\xff\xdb", b"\0\1\2"),  # in the headers: simplejpeg refuses them, Pillow decodes
+        (b"\xff\xda", b"\0\1\2"),
+        (b"\xff\xd9", b"\xab\xcd\xef\x01" * 4),  # after the scan: simplejpeg decodes once more, not strictly
+    ],
+)
 def test_jpeg_with_harmless_warning_decodes_whole(
-    tmp_path: Path, marker: bytes, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, marker: bytes, stray: bytes, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Stray bytes between two segments lose no pixel (libjpeg warns): the image reads as without them."""
-    at = _NOISY_JPEG.index(marker)
+    at = _NOISY_JPEG.rindex(marker)
     path = tmp_path / "padded.jpg"
-    path.write_bytes(_NOISY_JPEG[:at] + b"\0\1\2" + _NOISY_JPEG[at:])
+    path.write_bytes(_NOISY_JPEG[:at] + stray + _NOISY_JPEG[at:])
     expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(_NOISY_JPEG, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(read_image(path), expected)
     assert capfd.readouterr().err == ""
