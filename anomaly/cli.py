@@ -661,9 +661,12 @@ def serve(
         from anomaly.serve import run
     except ImportError as exc:
         raise DataError(f'serve needs FastAPI and uvicorn: pip install "anomaly[serve]" ({exc.name} missing)') from None
-    if workers < 1 or max_mb <= 0:
-        raise DataError("--workers must be >= 1 and --max-mb > 0")
-    run(model, host, port, workers, int(max_mb * 2**20))
+    if workers < 1 or not 0 < max_mb < 2**20:  # not NaN, not inf: a size in MiB that fits the int below
+        raise DataError("--workers must be >= 1 and --max-mb a number of MiB > 0")
+    try:
+        run(model, host, port, workers, int(max_mb * 2**20))
+    except (KeyboardInterrupt, _Terminated):  # the usual way to stop a service: nothing was being written
+        typer.echo("serve: stopped", err=True)
 
 
 @app.command("import")

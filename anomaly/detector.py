@@ -85,7 +85,8 @@ _SETTER_MIN_REST = 10
 class FeatureSet:
     """Backbone features of a set of images, with what later stages need to know about each image."""
 
-    layers: list[torch.Tensor]  # per layer (V, C_l, h_l, w_l) over all views, finest first, on the extractor's device
+    layers: list[torch.Tensor]  # per layer (V, C_l, h_l, w_l) over all views, finest first, on the extractor's device,
+    # as the scorer keeps them (Scorer.kept_features: the gaussian scorer keeps 1 x 1 averages)
     embedding: torch.Tensor  # (V, D) global descriptors
     images: list[DecodedImage]  # per image: original size, source, view layout, decoded image when kept
 
@@ -647,9 +648,10 @@ class Detector:
     def _extract_batch(self, images: NDArray[np.uint8], decoded: list[DecodedImage]) -> FeatureSet:
         size = self.config.batch_size  # tiles multiply the views of a batch: run them batch_size at a time
         parts = [self.extractor(images[i : i + size]) for i in range(0, len(images), size)]
+        kept = [self.scorer.kept_features(p.layers) for p in parts]
         if len(parts) == 1:
-            return FeatureSet(parts[0].layers, parts[0].embedding, decoded)
-        layers = [torch.cat(per_layer) for per_layer in zip(*(p.layers for p in parts))]
+            return FeatureSet(kept[0], parts[0].embedding, decoded)
+        layers = [torch.cat(per_layer) for per_layer in zip(*kept)]
         return FeatureSet(layers, torch.cat([p.embedding for p in parts]), decoded)
 
     def map_peaks(self, out: ScoreOutput, images: Sequence[DecodedImage] | None = None) -> NDArray[np.float64]:

@@ -67,15 +67,18 @@ def export_model(
     target = Path(out_dir)
     step = progress or (lambda stage, done, total: None)
     with staged_dir(target, MANIFEST) as tmp:
-        step("export", 0, 3)
-        net_file = _write_network(network, outputs, det.extractor.image_size, tmp, fmt)
-        step("export", 1, 3)
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        if state:
-            from safetensors.numpy import save_file
+        try:
+            step("export", 0, 3)
+            net_file = _write_network(network, outputs, det.extractor.image_size, tmp, fmt)
+            step("export", 1, 3)
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            if state:
+                from safetensors.numpy import save_file
 
-            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "state.safetensors"))
+                save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "state.safetensors"))
+        except OSError as exc:  # a full disk, a quota: one line, and staged_dir removes what was written
+            raise DataError(f"{target}: could not write the export ({exc.strerror or exc})") from None
         spec = {"format": fmt, "file": net_file, "input": "images", "outputs": outputs, "opset": OPSET}
         step("export", 2, 3)
         _check_network(network, tmp, spec, det.extractor.image_size)
@@ -193,7 +196,11 @@ def _write_network(network: _Network, outputs: list[str], size: tuple[int, int],
         import openvino
     except ImportError:
         raise BackendError('OpenVINO export needs openvino: pip install "anomaly[openvino]"') from None
-    openvino.save_model(openvino.convert_model(str(onnx_file)), str(folder / "model.xml"), compress_to_fp16=False)
+    converted = openvino.convert_model(str(onnx_file))
+    try:
+        openvino.save_model(converted, str(folder / "model.xml"), compress_to_fp16=False)
+    except RuntimeError as exc:  # OpenVINO reports a failed write (a full disk) as "basic_ios::clear: iostream error"
+        raise OSError(f"OpenVINO could not write model.xml / model.bin: {exc}") from None
     onnx_file.unlink()
     return "model.xml"
 

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anomaly._fs import restore_interrupted
 from anomaly.errors import AnomalyError, DataError
+from anomaly.results import DetectionResult
 
 __all__ = ["DEFAULT_MAX_BYTES", "app_from_env", "create_app", "load_predictor"]
 
@@ -116,21 +117,9 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
         except AnomalyError as exc:
             return _error(400, str(exc))
         verdicts.labels("anomalous" if result.is_anomalous else "normal").inc()
-        body: dict[str, Any] = {
-            "score": result.image_score,
-            "is_anomalous": result.is_anomalous,
-            "threshold": result.threshold,
-            "pixel_threshold": result.pixel_threshold,
-            "warnings": warnings,
-        }
-        if mask:
-            _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)  # a binary uint8 image always encodes
-            body["mask_png"] = base64.b64encode(png.tobytes()).decode()
-        if map:
-            buffer = io.BytesIO()
-            np.save(buffer, result.anomaly_map.astype(np.float32, copy=False))
-            body["map_npy"] = base64.b64encode(buffer.getvalue()).decode()
-        return JSONResponse(body)
+        # encoded and rendered in a worker thread: a large image's map is hundreds of MB of JSON, which on the event
+        # loop held /health for 20 s
+        return await run_in_threadpool(_response, result, warnings, bool(mask), bool(map))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -149,6 +138,25 @@ def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers`` > 1: each worker process loads the model named in the environment."""
     model = os.environ[_ENV_MODEL]
     return create_app(load_predictor(model), max_bytes=int(os.environ[_ENV_MAX_BYTES]), name=Path(model).name)
+
+
+def _response(result: DetectionResult, warnings: list[str], mask: bool, anomaly_map: bool) -> JSONResponse:
+    """The JSON answer to /predict, with the mask (PNG) and the map (.npy) base64-encoded when asked for."""
+    body: dict[str, Any] = {
+        "score": result.image_score,
+        "is_anomalous": result.is_anomalous,
+        "threshold": result.threshold,
+        "pixel_threshold": result.pixel_threshold,
+        "warnings": warnings,
+    }
+    if mask:
+        _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)  # a binary uint8 image always encodes
+        body["mask_png"] = base64.b64encode(png.tobytes()).decode()
+    if anomaly_map:
+        buffer = io.BytesIO()
+        np.save(buffer, result.anomaly_map.astype(np.float32, copy=False))
+        body["map_npy"] = base64.b64encode(buffer.getvalue()).decode()
+    return JSONResponse(body)
 
 
 def run(model: str | os.PathLike[str], host: str, port: int, workers: int, max_bytes: int) -> None:

@@ -19,7 +19,7 @@ from anomaly.data.input_checks import InputCheck, InputProfile
 from anomaly.data.inputs import OnError, check_on_error, one_or_many
 from anomaly.data.loader import decode_input, input_error, read_streams
 from anomaly.data.views import ViewSpec
-from anomaly.errors import DataError
+from anomaly.errors import BackendError, DataError
 from anomaly.results import DetectionResult, StageProgress
 from anomaly.runtime.manifest import read_manifest
 from anomaly.runtime.network import load_network
@@ -58,12 +58,13 @@ class ExportedDetector:
         try:
             self.postprocess = Decision.from_manifest(self.manifest)
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)
-            self._network = load_network(self.directory, self.manifest["network"])
+            self._network = _loaded(self.directory, self.manifest["network"])
             self._scorer = load_scorer(self.directory, self.manifest["scorer"], self.manifest["files"])
             model_input = self.manifest["input"]
-            self.view_spec = ViewSpec(
-                standardize=bool(model_input.get("standardize", False)), bit_depth=int(model_input.get("bit_depth", 16))
-            )
+            bit_depth = int(model_input.get("bit_depth", 16))
+            if not 1 <= bit_depth <= 16:
+                raise ValueError(f"input.bit_depth must be 1-16, got {bit_depth}")
+            self.view_spec = ViewSpec(standardize=bool(model_input.get("standardize", False)), bit_depth=bit_depth)
             aspects, smallest = model_input.get("training_aspects"), model_input.get("training_smallest")  # or absent
             colour = model_input.get("training_colour")
             self.input_profile = InputProfile(
@@ -79,6 +80,21 @@ class ExportedDetector:
         self.threshold_ = self.decision_.image
         self.pixel_threshold_ = self.decision_.pixel
         self.image_size = self.postprocess.input_size
+        self._check_runs()
+
+    def _check_runs(self) -> None:
+        """Score one blank image at load: an export whose files were replaced and whose manifest was written to match
+        (a damaged graph, another input size, renamed outputs, bad parameters) fails here in one line, not on the first
+        image with the runtime's traceback; the call also warms the network up for that image."""
+        try:
+            patch_maps, scores = self._scorer(self._network(np.zeros((1, *self.image_size, 3), dtype=np.uint8)))
+            usable = np.isfinite(scores).all() and (patch_maps is None or np.isfinite(patch_maps).all())
+        except Exception as exc:  # whatever ONNX Runtime, OpenVINO or FAISS raise on a graph or state not their own
+            raise DataError(
+                f"{self.directory}: damaged export, it fails on a blank image ({_reason(exc)}); export the model again"
+            ) from None
+        if not usable:
+            raise DataError(f"{self.directory}: damaged export, a blank image scores NaN; export the model again")
 
     @overload
     def predict(
@@ -179,3 +195,21 @@ def _chunks(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
+
+
+def _loaded(directory: Path, spec: dict[str, Any]) -> Any:
+    """:func:`load_network`, with a graph the runtime cannot read (truncated, replaced) as one line."""
+    try:
+        return load_network(directory, spec)
+    except (BackendError, KeyError, TypeError):
+        raise
+    except Exception as exc:  # onnxruntime's InvalidProtobuf / Fail, OpenVINO's RuntimeError
+        raise DataError(
+            f"{directory / str(spec.get('file'))}: not a readable network ({_reason(exc)}); export the model again"
+        ) from None
+
+
+def _reason(exc: Exception) -> str:
+    """The exception's type and the first line of its message (runtimes' messages run to many lines)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__

@@ -112,6 +112,11 @@ class Decision:
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> Decision:
         post = manifest["postprocess"]
+        size, sigma = manifest["input"]["size"], float(post["blur_sigma"])
+        if len(size) != 2 or not all(isinstance(x, int) and x > 0 for x in size):
+            raise ValueError(f"input.size must be two positive integers, got {size!r}")
+        if not np.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"postprocess.blur_sigma must be a finite number >= 0, got {sigma!r}")
         return cls(
             tuple(manifest["input"]["size"]),  # type: ignore[arg-type]
             float(post["blur_sigma"]),

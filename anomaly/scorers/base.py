@@ -117,6 +117,11 @@ class Scorer(ABC):
         bank has 192"; None when it agrees or says nothing of them (the default)."""
         return None
 
+    def kept_features(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The part of a batch's feature maps that ``fit`` and ``score`` read (all of it by default): the detector
+        holds only this for every image of a fit or a pool, so a scorer of pooled features keeps no maps."""
+        return layers
+
     @abstractmethod
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> Scorer:
         """Learn the normal state from features of normal images; returns self."""

@@ -43,6 +43,10 @@ class GlobalGaussianScorer(Scorer):
             return None
         return f"the saved per-layer Gaussians have {' + '.join(map(str, saved))}"
 
+    def kept_features(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each layer's global average (N, C, 1, 1): a fit holds 5 vectors per image, not its maps (1.7 MB)."""
+        return [layer.mean((2, 3), keepdim=True) for layer in layers]
+
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> GlobalGaussianScorer:
         """Fit one Ledoit-Wolf Gaussian per layer."""
         from sklearn.covariance import LedoitWolf
@@ -118,16 +122,37 @@ class PadimScorer(Scorer):
             return f"the saved channel subset needs at least {int(self.channels_.max()) + 1}"
         return None
 
-    def _embed(self, layers: list[torch.Tensor]) -> torch.Tensor:
+    def _positions(self, layers: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: the subset's channels in it and, for every position of the finest grid, the layer's position
+        that nearest-neighbour upsampling reads (F.interpolate's own rule, taken from an index map)."""
+        assert self.channels_ is not None
         h, w = layers[0].shape[-2:]
-        maps = [
-            layer if layer.shape[-2:] == (h, w) else F.interpolate(layer, size=(h, w), mode="nearest")
-            for layer in layers
+        channels = torch.from_numpy(self.channels_)
+        parts, offset = [], 0
+        for layer in layers:
+            c, lh, lw = layer.shape[1:]
+            mine = channels[(channels >= offset) & (channels < offset + c)] - offset
+            grid = torch.arange(lh * lw, dtype=torch.float64).reshape(1, 1, lh, lw)
+            source = F.interpolate(grid, size=(h, w), mode="nearest").flatten().long()
+            parts.append((mine.to(layer.device), source.to(layer.device)))
+            offset += c
+        return parts
+
+    def _embed_chunk(
+        self, layers: list[torch.Tensor], parts: list[tuple[torch.Tensor, torch.Tensor]], positions: slice
+    ) -> torch.Tensor:
+        """(p, N, d) embeddings of the finest grid's ``positions`` (row-major): the subset's channels of the layers
+        nearest-upsampled to that grid and concatenated, built a chunk at a time so that no (positions, N, d)
+        tensor of every image is ever held (ALGORITHMS.md 2.4: memory must not grow with N that way)."""
+        chunk = [
+            layer.flatten(2).index_select(2, source[positions]).index_select(1, mine)
+            for layer, (mine, source) in zip(layers, parts)
         ]
-        emb = torch.cat(maps, dim=1)
-        if self.channels_ is not None:
-            emb = emb[:, torch.from_numpy(self.channels_).to(emb.device)]
-        return emb.flatten(2).permute(2, 0, 1).double().cpu()  # (P, N, d)
+        return torch.cat(chunk, dim=1).permute(2, 0, 1).cpu()  # (p, N, d), float32
+
+    def _chunks(self, layers: list[torch.Tensor]) -> list[slice]:
+        n_pos = layers[0].shape[-2] * layers[0].shape[-1]
+        return [slice(start, min(start + self.chunk, n_pos)) for start in range(0, n_pos, self.chunk)]
 
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> PadimScorer:
         """Per-position mean and Cholesky factor of (unbiased covariance + ridge * I)."""
@@ -136,17 +161,19 @@ class PadimScorer(Scorer):
         total = sum(layer.shape[1] for layer in layers)
         rng = np.random.default_rng(self.random_state)
         self.channels_ = np.sort(rng.choice(total, size=min(self.n_features, total), replace=False))
-        x = self._embed(layers)
-        n = x.shape[1]
-        self.mean_ = x.mean(1)
-        eye = torch.eye(x.shape[2], dtype=torch.float64)
-        chol = []
-        for start in range(0, x.shape[0], self.chunk):
-            centred = x[start : start + self.chunk] - self.mean_[start : start + self.chunk, None]
+        parts = self._positions(layers)
+        n = layers[0].shape[0]
+        eye = torch.eye(len(self.channels_), dtype=torch.float64)
+        means, chol = [], []
+        for positions in self._chunks(layers):
+            x = self._embed_chunk(layers, parts, positions).double()
+            mean = x.mean(1)
+            centred = x - mean[:, None]
             cov = centred.transpose(1, 2) @ centred / max(n - 1, 1) + self.ridge * eye
+            means.append(mean.float())
             chol.append(torch.linalg.cholesky(cov).float())
+        self.mean_ = torch.cat(means)
         self.chol_ = torch.cat(chol)
-        self.mean_ = self.mean_.float()
         return self
 
     def cross_fit(
@@ -157,14 +184,14 @@ class PadimScorer(Scorer):
         The same per-position models as refitting without each fold, for the cost of about two fits.
         """
         self.fit(layers)
-        x = self._embed(layers)  # (P, N, d) float64
-        n_pos, n, d = x.shape
-        h, w = layers[0].shape[-2:]
-        eye = torch.eye(d, dtype=torch.float64)
+        parts = self._positions(layers)
+        n, _, h, w = layers[0].shape
+        n_pos = h * w
+        eye = torch.eye(len(self.channels_), dtype=torch.float64)
         dist = torch.empty(n_pos, n, dtype=torch.float64)
         fold_ids = np.unique(folds)
-        for start in range(0, n_pos, self.chunk):
-            part = x[start : start + self.chunk]
+        for positions in self._chunks(layers):
+            part = self._embed_chunk(layers, parts, positions).double()
             total, outer = part.sum(1), part.transpose(1, 2) @ part
             for fold in fold_ids:
                 held = torch.from_numpy(np.flatnonzero(folds == fold))
@@ -174,9 +201,9 @@ class PadimScorer(Scorer):
                 cov = (outer - xf.transpose(1, 2) @ xf - m * mean[:, :, None] * mean[:, None, :]) / max(m - 1, 1)
                 chol = torch.linalg.cholesky(cov + self.ridge * eye)
                 y = torch.linalg.solve_triangular(chol, (xf - mean[:, None]).transpose(1, 2), upper=False)
-                dist[start : start + self.chunk, held] = y.square().sum(1).sqrt()
+                dist[positions, held] = y.square().sum(1).sqrt()
             if progress is not None:
-                progress(min(start + self.chunk, n_pos), n_pos)
+                progress(positions.stop, n_pos)
         patch = dist.T.reshape(n, h, w).float().numpy()
         return ScoreOutput(patch_maps=patch, image_scores=patch.reshape(n, -1).max(1).astype(np.float64))
 
@@ -192,11 +219,10 @@ class PadimScorer(Scorer):
         check_is_fitted(self, "chol_")
         assert self.mean_ is not None and self.chol_ is not None
         n, _, h, w = layers[0].shape
-        x = self._embed(layers).float()
-        out = torch.empty(x.shape[0], n)
-        for start in range(0, x.shape[0], self.chunk):
-            sl = slice(start, start + self.chunk)
-            centred = (x[sl] - self.mean_[sl, None]).transpose(1, 2)  # (p, d, N)
+        parts = self._positions(layers)
+        out = torch.empty(h * w, n)
+        for sl in self._chunks(layers):
+            centred = (self._embed_chunk(layers, parts, sl).float() - self.mean_[sl, None]).transpose(1, 2)  # (p, d, N)
             y = torch.linalg.solve_triangular(self.chol_[sl], centred, upper=False)
             out[sl] = y.square().sum(1).sqrt()
         patch = out.T.reshape(n, h, w).numpy()

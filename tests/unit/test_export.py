@@ -312,3 +312,55 @@ def test_exports_and_the_service_keep_the_bit_depth_of_12_bit_training_images(
     assert_parity(expected, runtime.predict(paths))
     served = TestClient(create_app(runtime)).post("/predict", files={"file": ("a.png", paths[-1].read_bytes())})
     assert served.json()["score"] == pytest.approx(expected[-1].image_score, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("graph", "model.onnx: not a readable network"),
+        ("outputs", "damaged export, it fails on a blank image"),
+        ("size", "damaged export, it fails on a blank image"),
+        ("k", "damaged export, it fails on a blank image"),
+        ("bit_depth", "input.bit_depth must be 1-16"),
+        ("sigma", "blur_sigma must be a finite number >= 0"),
+    ],
+)
+def test_exports_changed_with_a_matching_manifest_are_refused_in_one_line(
+    patchcore_export: Path, tmp_path: Path, change: str, message: str
+) -> None:
+    """The manifest's digest is a plain checksum that anyone can recompute: files and fields changed with it must
+    still give one line at load, not the runtime's traceback on the first image."""
+    copy = _copy(patchcore_export, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if change == "graph":
+        (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes()[:5000])
+        manifest["files"]["model.onnx"] = file_sha256(copy / "model.onnx")
+    elif change == "outputs":
+        manifest["network"]["outputs"] = ["nope"]
+    elif change == "size":
+        manifest["input"]["size"] = [manifest["input"]["size"][0] + 32, manifest["input"]["size"][1]]
+    elif change == "k":
+        manifest["scorer"]["params"]["k"] = 0
+    elif change == "bit_depth":
+        manifest["input"]["bit_depth"] = 0
+    else:
+        manifest["postprocess"]["blur_sigma"] = -1
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
+    with pytest.raises(DataError, match=message):
+        ExportedDetector(copy)
+
+
+def test_an_export_that_runs_out_of_disk_is_one_line_and_leaves_nothing(
+    patchcore_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import anomaly.export as export
+
+    def full(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "_write_network", full)
+    result = CliRunner().invoke(app, ["export", "--model", str(patchcore_model), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "could not write the export (No space left on device)" in result.output
+    assert list(tmp_path.iterdir()) == []

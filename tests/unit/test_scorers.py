@@ -172,6 +172,32 @@ def test_cross_fit_equals_refitting_without_each_fold(name: str, params: dict) -
         np.testing.assert_allclose(out.patch_maps[3:6], twin.patch_maps, rtol=1e-4)
 
 
+def test_padim_builds_its_embeddings_a_chunk_of_positions_at_a_time_as_upsampling_all_would() -> None:
+    """No (positions, N, d) tensor of every image is held (ALGORITHMS.md 2.4); the chunks must be exactly the
+    nearest-upsampled, concatenated, subset layers, also where a grid is not a whole multiple of another."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randn(5, c, h, w, generator=gen) for c, h, w in [(6, 17, 23), (8, 9, 12), (10, 5, 6)]]
+    scorer = get_scorer("padim", {"n_features": 11, "chunk": 50}).fit(layers)
+    whole = torch.cat([F.interpolate(x, size=(17, 23), mode="nearest") for x in layers], dim=1)
+    whole = whole[:, torch.from_numpy(scorer.channels_)].flatten(2).permute(2, 0, 1)  # (P, N, d)
+    parts = scorer._positions(layers)
+    chunks = [scorer._embed_chunk(layers, parts, sl) for sl in scorer._chunks(layers)]
+    assert len(chunks) == 8 and torch.equal(torch.cat(chunks), whole)
+    centred = whole.double() - whole.double().mean(1, keepdim=True)
+    cov = centred.transpose(1, 2) @ centred / 4 + 0.01 * torch.eye(11, dtype=torch.float64)
+    torch.testing.assert_close(scorer.chol_, torch.linalg.cholesky(cov).float())
+
+
+def test_the_gaussian_scorer_keeps_each_layers_average_not_its_maps() -> None:
+    layers = _layers(4, 0)
+    kept = get_scorer("gaussian", {}).kept_features(layers)
+    assert [tuple(x.shape) for x in kept] == [(4, x.shape[1], 1, 1) for x in layers]
+    full = get_scorer("gaussian", {}).fit(_layers(9, 1))
+    assert np.array_equal(full.score(kept).image_scores, full.score(layers).image_scores)
+
+
 def test_a_scorer_registered_from_outside_the_package_runs_in_a_detector(tmp_path) -> None:
     from anomaly.config import apply_overrides, load_config
     from anomaly.detector import Detector

@@ -214,3 +214,15 @@ def test_serve_command_runs_uvicorn_on_a_port(patchcore_export: Path, images: li
     finally:
         server.terminate()
         server.wait(timeout=30)
+    stderr = server.stderr.read().decode() if server.stderr else ""
+    assert server.returncode == 0 and "serve: stopped" in stderr and "half-written" not in stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_serve_refuses_a_body_limit_that_is_not_a_size(patchcore_export: Path, value: str) -> None:
+    from typer.testing import CliRunner
+
+    from anomaly.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(patchcore_export), "--max-mb", value])
+    assert result.exit_code == 2 and "--max-mb a number of MiB > 0" in result.output
