@@ -918,6 +918,7 @@ _POOL_RULES = {
     "pool-mixture": "the normal cluster of a mixture fitted to the pool's scores",
     "pool-small": "median + 3 MAD of the pool's scores",
     "pool-small-split": "the gap between the pool's two score groups",
+    "pool-references": "median + 3 MAD of the references' scores",
     "pool-small-references": "median + 3 MAD of the references' scores",
     "pool-small-copies": "most scores are equal (copies of one image): every higher score stands out",
     "pool-top": "no group of scores stands apart: the highest score is flagged",
@@ -935,7 +936,10 @@ def _say_pool_decision(decision: Threshold, n_images: int, n_references: int) ->
         _POOL_RULES.get(decision.rule, decision.rule),
         ", never below a reference's score" if n_references else "",
     )
-    if decision.rule != "pool-small-references" and n_images + n_references < RELIABLE_POOL_SIZE:
+    if (
+        decision.rule not in ("pool-references", "pool-small-references")
+        and n_images + n_references < RELIABLE_POOL_SIZE
+    ):
         log.warning(
             "a zero-shot pool of %d image(s)%s: with fewer than %d images in all, its threshold (is_anomalous) is "
             "unreliable; rank by score%s",

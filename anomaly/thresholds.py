@@ -64,6 +64,12 @@ _MIN_POOL = 8  # below this many scores a mixture cannot be fitted
 # alone: over the whole pool the image judged moves it. 4 good bottles + 1 contaminated one put it at 0.96, over that
 # bottle's 0.91, and + 1 good bottle at 0.74; the references alone put it at 0.78 and 0.71.
 _MIN_NORMAL_SAMPLE = 3
+# From this many references on, a pool of any size takes that rule too (CONTRACT: with references, the verdict comes
+# from their score distribution). Over 15 categories, 20 + 20 pools with 4 references, the mixture of the whole pool
+# flagged 45 % of the defects (none in 6 pools whose defects outscored every reference) and 5.9 % of the good images;
+# the references' rule 61 % and 6.9 %. With 3 references their MAD is too rough: 22 % of the good images flagged.
+# benchmarks/README.md section 13.
+_MIN_REFERENCE_RULE = 4
 # A mostly normal window (a stream's recent scores) gets the median + 3 MAD rule below this many scores: mixtures
 # fitted to 8-12 normal scores split them, and the threshold fell to their median (bottle streams: 14 of the
 # first 80 good frames flagged; benchmarks/README.md section 12).
@@ -92,7 +98,7 @@ class Threshold:
         image: an image is flagged when its score is >= this.
         pixel: a map pixel of a flagged image is in the mask when it is >= this (capped per image).
         rule: ``conformal``, ``tail-gpd``, ``pool-mixture``, ``pool-small``, ``pool-small-split``,
-            ``pool-small-references``, ``pool-small-copies``, ``pool-top`` or ``pool-degenerate``.
+            ``pool-references``, ``pool-small-references``, ``pool-small-copies``, ``pool-top`` or ``pool-degenerate``.
         target_fpr: the false-positive rate asked for.
         n_normal: normal scores the threshold was chosen from.
         estimated_fpr: the false-positive rate the rule expects on new normal images.
@@ -231,10 +237,10 @@ def pool_threshold(
     """Threshold for one unlabeled pool; the first ``n_reference`` scores are known-good references.
 
     With references the threshold never falls below the highest reference score, and a batch (``expect_defects``)
-    of under 8 images with 3 or more references takes median + 3 MAD of theirs alone. ``expect_defects``:
-    the pool may hold many defects (a batch sent for inspection), so when the BIC-best mixture sees no
-    defect cluster, an equally likely one that does is used; false for pools known to be mostly normal
-    (a production line's recent images), where that would mostly split normal scores.
+    with 4 or more references, or of under 8 images with 3 or more, takes median + 3 MAD of theirs alone.
+    ``expect_defects``: the pool may hold many defects (a batch sent for inspection), so when the BIC-best mixture
+    sees no defect cluster, an equally likely one that does is used; false for pools known to be mostly normal (a
+    production line's recent images), where that would mostly split normal scores.
     """
     values = _finite(scores, "pool scores")
     image, rule = _pool_rule(values, target_fpr, n_reference, expect_defects)
@@ -299,6 +305,10 @@ def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int, expe
     if expect_defects and n_reference >= _MIN_NORMAL_SAMPLE and len(values) - n_reference < _MIN_POOL:
         # a batch too small for a mixture of its own: the references are normal, the batch may not be
         threshold, rule = _small_pool(values[:n_reference], expect_defects=False)[0], "pool-small-references"
+    elif expect_defects and n_reference >= _MIN_REFERENCE_RULE:
+        # a batch sent for inspection may be mostly defective, or its scores one continuum: its mixture's normal cluster
+        # then takes in defects, where the references are normal images by definition
+        threshold, rule = _small_pool(values[:n_reference], expect_defects=False)[0], "pool-references"
     elif len(values) < (_MIN_POOL if expect_defects else MIN_WINDOW):
         threshold, rule = _small_pool(values, expect_defects)
     else:

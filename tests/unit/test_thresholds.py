@@ -149,8 +149,22 @@ def test_a_small_pool_with_references_is_judged_by_the_references_alone() -> Non
         assert decision.image == pytest.approx(expected) and decision.rule == "pool-small-references"
     assert decision.is_anomalous(0.909) and not decision.is_anomalous(0.622)
     assert pool_threshold([*references[:2], 0.909], 0.01, n_reference=2).rule == "pool-small"
-    large = pool_threshold([*references, *np.random.default_rng(0).normal(0.6, 0.03, 20)], 0.01, n_reference=4)
-    assert large.rule == "pool-mixture"  # pools of 8 or more keep the mixture
+    three = pool_threshold([*references[:3], *np.random.default_rng(0).normal(0.6, 0.03, 20)], 0.01, n_reference=3)
+    assert three.rule == "pool-mixture"  # pools of 8 or more with 3 references keep the mixture
+
+
+def test_four_references_judge_a_pool_of_any_size_where_its_mixture_takes_in_the_defects() -> None:
+    """A batch mostly defective (glass: 9 good panes among 89) or one continuum of scores (transistor): the whole
+    pool's mixture put its normal cluster over nearly every defect; four good references know the normal level."""
+    references = [0.552, 0.584, 0.657, 0.653]
+    rng = np.random.default_rng(0)
+    pool = np.r_[rng.normal(0.6, 0.03, 9), rng.normal(1.2, 0.15, 80)]  # 9 good, 80 defective
+    median = np.median(references)
+    expected = median + 3 * 1.4826 * np.median(np.abs(np.subtract(references, median)))
+    decision = pool_threshold([*references, *pool], 0.01, n_reference=4)
+    assert decision.rule == "pool-references" and decision.image == pytest.approx(expected)
+    assert (pool[9:] >= decision.image).mean() >= 0.95 and not (pool[:9] >= decision.image).any()
+    assert pool_threshold([*references, *pool], 0.01, n_reference=4, expect_defects=False).rule == "pool-mixture"
 
 
 def test_non_finite_scores_and_malformed_stored_thresholds_are_refused() -> None:
