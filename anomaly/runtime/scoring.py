@@ -118,8 +118,8 @@ class Decision:
         if not np.isfinite(sigma) or sigma < 0:
             raise ValueError(f"postprocess.blur_sigma must be a finite number >= 0, got {sigma!r}")
         return cls(
-            tuple(manifest["input"]["size"]),  # type: ignore[arg-type]
-            float(post["blur_sigma"]),
+            tuple(size),  # type: ignore[arg-type]
+            sigma,
             bool(post["image_score_from_map"]),
             Threshold.from_dict(manifest["threshold"], "manifest.json threshold"),
         )
