@@ -675,6 +675,7 @@ class Detector:
             smallest=None if self._fixed_scale() else self.training_smallest_,
             bit_depth=None if pre.bit_depth == "auto" else int(pre.bit_depth),  # auto: no fit or pool decided it
             colour=self.training_colour_,
+            images="reference" if self.zero_shot else "training image",
         )
 
     def _stretched(self) -> bool:

@@ -101,6 +101,7 @@ class InputProfile:
     smallest_of: str = "the smallest training image's"  # whose size that is, for the warning
     bit_depth: int | None = None  # significant bits of the 16-bit data the model reads
     colour: str | None = None  # "gray" or "colour" when every training image was (colour_of), else None
+    images: str = "training image"  # what the model saw, for the warnings: "reference" for a few-shot pool
 
 
 @dataclass
@@ -169,8 +170,9 @@ class InputCheck:
         if self.colours:
             now, then = ("gray", "in colour") if self.profile.colour == "colour" else ("in colour", "gray")
             lines.append(
-                f"{len(self.colours)} of {total} image(s) are {now} where every training image was {then}: another "
-                f"camera setting? Their features differ from every training image's, so their scores mean little. "
+                f"{len(self.colours)} of {total} image(s) are {now} where every {self.profile.images} was {then}: "
+                f"another camera setting? Their features differ from every {self.profile.images}'s, so their scores "
+                "mean little. "
                 f"First: {_first(self.colours)}"
             )
         if self.depths:

@@ -467,6 +467,10 @@ def test_a_camera_switched_to_gray_or_to_colour_is_named(tmp_path: Path, caplog:
     assert mixed.training_colour_ is None
     mixed.predict([colour[0], gray[0]])
     assert not [r for r in caplog.records if "training image was" in r.message]
+    few_shot = Detector(_config("musc")).fit([g[:, :, 0] for g in gray[:3]])  # gray references, colour queries
+    few_shot.predict(colour[:2])
+    (line,) = [r.message for r in caplog.records if "every reference was" in r.message]
+    assert line.startswith("2 of 2 image(s) are in colour where every reference was gray")
 
 
 @pytest.mark.parametrize(
