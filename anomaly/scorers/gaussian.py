@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,8 @@ from anomaly.scorers.base import Progress, ScoreOutput, Scorer, check_int, check
 from anomaly.scorers.registry import register_scorer
 
 __all__ = ["GlobalGaussianScorer", "PadimScorer"]
+
+log = logging.getLogger(__name__)
 
 
 @register_scorer
@@ -159,6 +163,10 @@ class PadimScorer(Scorer):
         if self.n_features < 1 or self.ridge <= 0:
             raise ConfigError("scorer.params: n_features must be >= 1 and ridge > 0")
         total = sum(layer.shape[1] for layer in layers)
+        if self.n_features > total:
+            log.warning(
+                "scorer.params.n_features=%d: the layers give %d channels, all of them are used", self.n_features, total
+            )
         rng = np.random.default_rng(self.random_state)
         self.channels_ = np.sort(rng.choice(total, size=min(self.n_features, total), replace=False))
         parts = self._positions(layers)

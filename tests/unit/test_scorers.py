@@ -190,6 +190,12 @@ def test_padim_builds_its_embeddings_a_chunk_of_positions_at_a_time_as_upsamplin
     torch.testing.assert_close(scorer.chol_, torch.linalg.cholesky(cov).float())
 
 
+def test_padim_says_when_it_has_fewer_channels_than_features_asked_for(caplog: pytest.LogCaptureFixture) -> None:
+    scorer = get_scorer("padim", {"n_features": 1000}).fit(_layers(4, 0))
+    assert len(scorer.channels_) == 14
+    assert "n_features=1000: the layers give 14 channels, all of them are used" in caplog.text
+
+
 def test_the_gaussian_scorer_keeps_each_layers_average_not_its_maps() -> None:
     layers = _layers(4, 0)
     kept = get_scorer("gaussian", {}).kept_features(layers)
