@@ -82,6 +82,6 @@ def make_results(
         if not np.isfinite(score):
             raise DataError(f"{source or 'image'}: the score is not finite; check backbone.mean/std and the input")
         amap = resize_map(frame, size) if maps and frame is not None else None
-        pixel = decision.pixel_for(score, float(peak)) if frame is not None else decision.image
+        pixel = decision.pixel_for(score, float(peak)) if frame is not None else float("nan")  # no map, no mask
         results.append(DetectionResult(score, decision.is_anomalous(score), decision.image, amap, source, pixel))
     return results

@@ -4,6 +4,7 @@ atomic OUT_DIR."""
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 from collections import Counter
@@ -101,7 +102,7 @@ def write_result(
         "score": repr(result.image_score),
         "is_anomalous": "true" if result.is_anomalous else "false",
         "threshold": repr(result.threshold),
-        "pixel_threshold": repr(result.pixel_threshold),
+        "pixel_threshold": repr(result.pixel_threshold) if math.isfinite(result.pixel_threshold) else "",
         "map_path": map_rel,
         "overlay_path": overlay_rel,
     }

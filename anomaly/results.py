@@ -27,7 +27,7 @@ class DetectionResult:
             ``maps=False``).
         source: the image path, when the input was a path.
         pixel_threshold: the value a map pixel must reach to be in the mask. For a flagged image the
-            map always reaches it, so verdict and mask agree.
+            map always reaches it, so verdict and mask agree. NaN for a scorer without maps.
         error: why the image could not be scored (``predict(..., on_error="skip")``); its score is NaN.
     """
 

@@ -146,7 +146,7 @@ def _response(result: DetectionResult, warnings: list[str], mask: bool, anomaly_
         "score": result.image_score,
         "is_anomalous": result.is_anomalous,
         "threshold": result.threshold,
-        "pixel_threshold": result.pixel_threshold,
+        "pixel_threshold": result.to_dict()["pixel_threshold"],  # None without a map
         "warnings": warnings,
     }
     if mask:

@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from anomaly import Detector  # noqa: E402
+from anomaly.config import apply_overrides, load_config  # noqa: E402
 from anomaly.runtime import ExportedDetector  # noqa: E402
 from anomaly.serve import create_app  # noqa: E402
 
@@ -190,6 +191,19 @@ def test_a_torch_model_directory_is_served_with_its_detector_scores(patchcore_mo
     body = client.post("/predict", files={"file": ("x.png", images[0].read_bytes())}).json()
     assert body["score"] == pytest.approx(detector.predict(images[0]).image_score, rel=1e-6)
     assert client.get("/health").json()["backend"] == "torch"
+
+
+def test_a_scorer_without_maps_answers_no_pixel_threshold_and_refuses_a_mask(
+    synthetic_root: Path, images: list[Path]
+) -> None:
+    """The global gaussian scorer has no map: its pixel threshold was the image threshold repeated."""
+    config = apply_overrides(load_config("gaussian"), ["backbone.image_size=[128,128]", "batch_size=4"])
+    detector = Detector(config).fit(sorted((synthetic_root / "train" / "good").glob("*.png"))[:8])
+    client = TestClient(create_app(detector), raise_server_exceptions=False)
+    body = client.post("/predict", files={"file": ("x.png", images[0].read_bytes())}).json()
+    assert body["score"] == pytest.approx(detector.predict(images[0]).image_score, rel=1e-6)
+    assert body["pixel_threshold"] is None and body["threshold"] == detector.threshold_
+    assert client.post("/predict?mask=png", content=images[0].read_bytes()).status_code == 400
 
 
 def test_serve_command_runs_uvicorn_on_a_port(patchcore_export: Path, images: list[Path]) -> None:
