@@ -775,7 +775,7 @@ def test_score_with_a_model_refuses_a_config_and_warns_that_an_image_scorer_writ
     scored = _run("-q", "score", "--model", tmp_path / "g", "--maps", "--out", tmp_path / "gs", synthetic_root / "test")
     assert scored.exit_code == 0 and "warning: scorer gaussian gives image scores only" in scored.output
     assert not (tmp_path / "gs" / "maps").exists()
-    assert {(row["map_path"], row["pixel_threshold"]) for row in _rows(tmp_path / "gs")} == {("", "")}  # no map, no mask
+    assert {(row["map_path"], row["pixel_threshold"]) for row in _rows(tmp_path / "gs")} == {("", "")}
     whole = _run("score", "--model", model_dir, "--out", tmp_path / "r", "--no-overlays", synthetic_root)
     assert whole.exit_code == 0 and f"warning: {synthetic_root} is a dataset category root: every image" in whole.output
     assert any("ground_truth" in row["path"] for row in _rows(tmp_path / "r"))  # one row per input image, as asked
