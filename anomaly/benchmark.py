@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -19,12 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly._fs import OUTPUT_MARKER, atomic_write_text
+from anomaly._fs import OUTPUT_MARKER, atomic_write_text, staged_dir
 from anomaly._runtime import peak_rss_mb, reset_peak_rss
 from anomaly.config import DetectorConfig
 from anomaly.data.datasets import (
     CategoryData,
     find_categories,
+    has_visa_split,
     is_category_root,
     labelled_split_dirs,
     load_folder,
@@ -32,7 +34,7 @@ from anomaly.data.datasets import (
     load_mvtec,
     load_visa,
 )
-from anomaly.data.io import is_image_file
+from anomaly.data.io import is_image_file, read_mask_levels
 from anomaly.detector import Detector
 from anomaly.errors import AnomalyError, DataError
 from anomaly.evaluation import Evaluation, evaluate_samples, write_evaluation
@@ -64,6 +66,7 @@ COLUMNS = [
 _COSTS = {"fit_s", "ms_per_image", "peak_mem_mb", "peak_gpu_mb"}  # one decimal; metrics take four
 _ALWAYS = {"category", "image_auroc", "pixel_auroc", "aupro", "aupimo", "fit_s", "ms_per_image", "peak_mem_mb"}
 _TABLES_MARKER = ".anomaly-benchmark"
+_CATEGORY_ENTRIES = {"scores", "evaluation", "report", "pimo.png", "result.json"}  # what a category's folder holds
 
 
 def run_benchmark(
@@ -91,6 +94,9 @@ def run_benchmark(
     if dataset == "folder" and categories:
         raise DataError("--category: --dataset folder reads one category, the --root folder itself; leave it out")
     test_only = not get_scorer(config.scorer.name, config.scorer.params).requires_fit  # zero-shot: no train/good
+    if dataset == "visa" and not has_visa_split(root):  # VisA converted to the MVTec layout is read as that layout
+        log.info("%s: no split_csv/1cls.csv, read as VisA converted to the MVTec layout", root)
+        dataset = "mvtec"
     is_category = labelled_split_dirs(root)[0].is_dir()
     if dataset != "folder" and not categories and is_category:  # a category, not a dataset root
         raise DataError(f"--root {root}: a category folder; give its dataset root: --root {root.parent} --category "
@@ -101,18 +107,20 @@ def run_benchmark(
     if not categories and dataset == "mvtec":
         _say_left_out(root, names, test_only)
     for name in names:  # every name checked before the first (long) category runs
-        _check_labels(_load(dataset, root, name, test_only), dataset, root, name)
+        _check_category(_load(dataset, root, name, test_only), dataset, root, name)
     _check_out(out_dir)
+    source = _source(dataset, root)
     rows: dict[str, dict[str, Any]] = {}
     jobs: dict[str, Callable[[], dict[str, Any]]] = {}
     for name in names:
         done = _read_result(out_dir / name / "result.json") if not force else None
-        if done is not None and _same_run(done, config, eval_size):
+        if done is not None and _same_run(done, config, eval_size) and done.get("source") == source:
             log.info("%s: already done, skipped (use --force to re-run)", name)
             rows[name] = done["row"]
         else:
             if done is not None:
-                log.warning("%s: results of another config or --eval-size in %s are replaced", name, out_dir / name)
+                log.warning("%s: results of another config, --eval-size, --dataset or --root in %s are replaced",
+                            name, out_dir / name)  # fmt: skip
             jobs[name] = functools.partial(
                 _run_job, dataset, root, name, config, out_dir / name, progress, test_only, eval_size, len(names) > 1
             )
@@ -188,8 +196,9 @@ def _say_left_out(root: Path, names: list[str], test_only: bool) -> None:
         )
 
 
-def _check_labels(data: CategoryData, dataset: str, root: Path, name: str) -> None:
-    """The metrics compare normal and defective test images: a split with one kind is refused before any run."""
+def _check_category(data: CategoryData, dataset: str, root: Path, name: str) -> None:
+    """Before any run: the metrics compare normal and defective test images, so a split with one kind is refused,
+    and every ground-truth mask is decoded (a damaged one would end the run after the category's fit)."""
     labels = {s.label for s in data.test}
     if labels != {0, 1}:
         missing = "defective" if 1 not in labels else "normal (good)"
@@ -197,6 +206,9 @@ def _check_labels(data: CategoryData, dataset: str, root: Path, name: str) -> No
         raise DataError(
             f"{where}: the test split has no {missing} image; the metrics need both (choose others with --category)"
         )
+    for sample in data.test:
+        if sample.mask_path is not None:
+            read_mask_levels(sample.mask_path)  # DataError naming the file
 
 
 def _run_job(
@@ -210,13 +222,29 @@ def _run_job(
     eval_size: tuple[int, int] | None,
     named: bool,
 ) -> dict[str, Any]:
-    """One category's row; with ``named`` (one of several categories), a user error says which (with --ray too)."""
+    """One category's row, its folder written whole or not at all (an error or a kill leaves the previous one);
+    with ``named`` (one of several categories), a user error says which (with --ray too)."""
     try:
-        return _run_category(_load(dataset, root, name, test_only), config, out, progress, eval_size)
+        data = _load(dataset, root, name, test_only)
+        _remove_unfinished(out)
+        with staged_dir(out, "result.json", output=False) as staged:
+            return _run_category(data, config, staged, progress, eval_size, _source(dataset, root))
     except AnomalyError as exc:
         if named and not str(exc).startswith(f"{name}:"):
             raise type(exc)(f"{name}: {exc}") from None
         raise
+
+
+def _source(dataset: str, root: Path) -> dict[str, str]:
+    """What a category's results were computed from, recorded to tell a resumed run from one on other data."""
+    return {"dataset": dataset, "root": str(root.resolve())}
+
+
+def _remove_unfinished(out: Path) -> None:
+    """Remove a category folder that an interrupted run of an earlier version left without result.json (only its
+    own entries in it): there is no result to keep, and a folder without result.json is not replaced."""
+    if out.is_dir() and not (out / "result.json").exists() and {p.name for p in out.iterdir()} <= _CATEGORY_ENTRIES:
+        shutil.rmtree(out)
 
 
 def _find(root: Path, dataset: str, test_only: bool) -> list[str]:
@@ -267,7 +295,7 @@ def _earlier_rows(
     if not out_dir.is_dir():
         return []
     rows, other = [], []
-    for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and p.name not in names):
+    for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and p.name not in names and p.name[0] != "."):
         done = _read_result(folder / "result.json")
         if done is not None and _same_run(done, config, eval_size):
             rows.append(done["row"])
@@ -325,7 +353,12 @@ def _load(dataset: str, root: Path, name: str, test_only: bool = False) -> Categ
 
 
 def _run_category(
-    data: CategoryData, config: DetectorConfig, out: Path, progress: Any, eval_size: tuple[int, int] | None = None
+    data: CategoryData,
+    config: DetectorConfig,
+    out: Path,
+    progress: Any,
+    eval_size: tuple[int, int] | None,
+    source: dict[str, str],
 ) -> dict[str, Any]:
     memory_apart = reset_peak_rss()  # else the column holds the process's peak over the categories run so far
     start = time.perf_counter()  # fit_s includes building the backbone (README)
@@ -356,6 +389,7 @@ def _run_category(
     with warnings.catch_warnings(record=True) as caught:  # the metrics' warnings, named by their category
         warnings.simplefilter("always")
         evaluation = evaluate_samples(scores, test, maps, eval_size, paths=[str(p) for p in paths])  # type: ignore[arg-type]
+    evaluation.category = data.name
     for warning in caught:
         log.warning("%s: %s", data.name, warning.message)
     metrics = evaluation.metrics
@@ -376,10 +410,9 @@ def _run_category(
     per_image = None if evaluation.aupimo is None else evaluation.aupimo.per_image
     if evaluation.aupimo is not None and evaluation.maps is not None and evaluation.masks is not None:
         _pimo_plot(evaluation, out / "pimo.png", data.name)
-    else:  # an earlier config's plot would stand beside this run's results
-        (out / "pimo.png").unlink(missing_ok=True)
     build_report(out / "scores", out / "report", evaluation_dir=out / "evaluation")
     record = {
+        "source": source,
         "config": config.to_dict(),
         "eval_size": None if eval_size is None else list(eval_size),
         "row": row,

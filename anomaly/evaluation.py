@@ -49,6 +49,12 @@ class Evaluation:
     masks: list[NDArray[np.bool_]] | None
     paths: list[str]
     labels: list[int]
+    mask_files: list[str | None]  # each image's ground-truth mask file, None for normal images
+    category: str | None = None  # the category's name, when the ground truth came from one
+
+
+def _truth(samples: list[Sample]) -> list[str | None]:
+    return [None if s.mask_path is None else str(s.mask_path) for s in samples]
 
 
 def evaluate_samples(
@@ -71,7 +77,7 @@ def evaluate_samples(
         log.warning("%s%s: defective images without masks, image metrics only", folders[0], more)
         maps = None
     if maps is None:
-        return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels)
+        return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels, _truth(samples))
     masks = ground_truth_masks(samples, [m.shape for m in maps])
     drawn = [s.mask_path for s in samples if s.mask_path is not None]
     if drawn and not any(m.any() for m in masks):
@@ -80,7 +86,7 @@ def evaluate_samples(
             raise DataError(f"{folder}: no mask has a defect pixel (above 0), and there is no normal image: "
                             "nothing to evaluate")  # fmt: skip
         log.warning("%s: no mask has a defect pixel (above 0): image metrics only", folder)
-        return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels)
+        return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels, _truth(samples))
     if eval_size is not None:
         maps, masks = _resized(maps, masks, eval_size)
     if set(labels) == {1}:  # defective images only: their normal pixels still rank against the defects'
@@ -91,18 +97,26 @@ def evaluate_samples(
         metrics, details = evaluate_detailed(scores, labels, maps, masks)
     # the resolution the pixel metrics were computed at
     size = {"eval_size": "original" if eval_size is None else f"{eval_size[0]}x{eval_size[1]}"}
-    return Evaluation({**metrics, **size}, details, maps, masks, paths, labels)
+    return Evaluation({**metrics, **size}, details, maps, masks, paths, labels, _truth(samples))
 
 
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> None:
-    """metrics.json, and with maps aupimo.json (per-image values) and pimo.json (curves for plotting); those two
-    files of an earlier evaluation into the same folder are removed when this one has none (a report read them
-    as this evaluation's)."""
+    """metrics.json, ground_truth.json (each image's label and mask file, as the dataset's loader read them: a
+    report takes its ground truth from there), and with maps aupimo.json (per-image values) and pimo.json (curves
+    for plotting); those two files of an earlier evaluation into the same folder are removed when this one has none
+    (a report read them as this evaluation's)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = evaluation.metrics
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2))
+    truth = {
+        "category": evaluation.category,
+        "paths": evaluation.paths,
+        "labels": evaluation.labels,
+        "masks": evaluation.mask_files,
+    }
+    atomic_write_text(out_dir / "ground_truth.json", json.dumps(truth, indent=2))
     if evaluation.aupimo is None or evaluation.maps is None or evaluation.masks is None:
         for stale in ("aupimo.json", "pimo.json"):
             (out_dir / stale).unlink(missing_ok=True)
@@ -193,6 +207,7 @@ def evaluate_scores(
             raise DataError(f"{Path(scores_dir) / missing[0]}: map file not found")
         maps = [load_map(Path(scores_dir) / p) for p in map_paths]
     evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
+    evaluation.category = data.name
     evaluation.metrics["n_images"] = len(rows)
     evaluation.metrics.update(_threshold_counts(rows, samples))
     if out is not None:

@@ -23,6 +23,7 @@ __all__ = [
     "CategoryData",
     "Sample",
     "find_categories",
+    "has_visa_split",
     "is_category_root",
     "load_folder",
     "load_ground_truth",
@@ -123,6 +124,11 @@ class CategoryData:
             "n_masks": sum(s.mask_path is not None for s in self.test),
             "defect_types": dict(sorted(Counter(s.defect_type for s in self.test_anomalous).items())),
         }
+
+
+def has_visa_split(root: str | os.PathLike[str]) -> bool:
+    """Tell whether ``root`` is a VisA root as published: it holds ``split_csv/1cls.csv``."""
+    return (Path(root) / _VISA_SPLIT_CSV).is_file()
 
 
 def is_category_root(path: str | os.PathLike[str]) -> bool:
@@ -261,6 +267,7 @@ def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
     train: list[Sample] = []
     test: list[Sample] = []
     listed: dict[Path, int] = {}  # image -> its line
+    masked_normal: list[int] = []  # lines of normal images with a mask cell
     for line, row in rows:
         where = f"{csv_path}, line {line}"
         split, label_name = row["split"].strip().lower(), row["label"].strip().lower()
@@ -278,6 +285,8 @@ def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
             raise DataError(f"{where}: {image} is listed again (first on line {listed[image]})")
         listed[image] = line
         mask = None
+        if not label and row["mask"].strip():
+            masked_normal.append(line)
         if label:
             if not row["mask"].strip():
                 raise DataError(f"{where}: anomalous image without mask: {image}")
@@ -288,6 +297,9 @@ def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
             train.append(Sample(image, None, 0, "good", "train"))
         else:
             test.append(Sample(image, mask, label, "bad" if label else "good", "test"))
+    if masked_normal:
+        log.warning("%s, line %d: a normal image with a mask (%d such line(s)): mislabelled? The mask is not used",
+                    csv_path, masked_normal[0], len(masked_normal))  # fmt: skip
     if not train or not test:
         raise DataError(f"category {category!r} in {csv_path} has no {'train' if not train else 'test'} image")
     train.sort(key=lambda s: s.image_path.parts)

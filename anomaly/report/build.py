@@ -136,6 +136,7 @@ def _page(content: ReportContent, rendered: list[Rendered]) -> dict[str, Any]:
         "threshold": content.threshold,
         "range": (lo, hi),
         "has_labels": content.has_labels,
+        "labels_from": content.labels_from,
         "all_good": all(true_label(it.path) == 0 for it in items),
         "all_defective": all(
             true_label(it.path) == 1 and Path(it.path).parent.parent.name in ("test", "test_public") for it in items

@@ -1,8 +1,9 @@
 """What a report shows: the scored images with their labels, AUPIMO and clusters, read from the output folders.
 
 Inputs are the folders other commands write: ``anomaly score`` (scores.csv), ``anomaly evaluate --out``
-(metrics.json, aupimo.json, pimo.json) and ``anomaly discover`` (clusters.csv). Ground truth comes from the
-MVTec layout of the scored paths: an image is normal iff its parent folder is named ``good``.
+(metrics.json, ground_truth.json, aupimo.json, pimo.json) and ``anomaly discover`` (clusters.csv). Ground truth
+comes from the evaluation (the labels and masks its dataset loader read: VisA's split file, a folder dataset's
+masks), else from the MVTec layout of the scored paths: an image is normal iff its parent folder is named ``good``.
 """
 
 from __future__ import annotations
@@ -70,8 +71,17 @@ class ReportContent:
     items: list[Item]
     threshold: float  # the model's image threshold: flagged iff score >= threshold
     has_labels: bool
+    labels_from: str  # where the ground truth came from: "the evaluation" or "folder names"
     evaluation: Evaluation | None
     has_clusters: bool
+
+
+@dataclass
+class _GroundTruth:
+    """An evaluation's ground truth: the category's name and each scored path's label and mask file."""
+
+    category: str | None
+    by_path: dict[str, tuple[int, Path | None]]
 
 
 def true_label(path: str) -> int:
@@ -84,7 +94,13 @@ def load_content(
 ) -> ReportContent:
     """Read the output folders into items sorted by descending score (ties by path)."""
     rows = read_scores(scores_dir)
-    labels = [true_label(r["path"]) for r in rows]
+    truth = _read_truth(evaluation_dir, rows) if evaluation_dir is not None else None
+    if truth is not None:
+        labels = [truth.by_path[r["path"]][0] for r in rows]
+        masks = [truth.by_path[r["path"]][1] for r in rows]
+    else:
+        labels = [true_label(r["path"]) for r in rows]
+        masks = [None] * len(rows)
     # Ground truth is known when an evaluation was run, or when the paths hold both `good` and defect folders.
     has_labels = evaluation_dir is not None or len(set(labels)) == 2
     threshold = _model_threshold(rows, scores_dir)
@@ -99,9 +115,9 @@ def load_content(
             image=image,
             map=_output_file(scores_dir, r.get("map_path", "")),
             overlay=_output_file(scores_dir, r.get("overlay_path", "")),
-            ground_truth=_mvtec_mask(image or Path(r["path"])) if y else None,
+            ground_truth=(mask or _mvtec_mask(image or Path(r["path"]))) if y else None,
         )
-        for r, y, image in zip(rows, labels, images)
+        for r, y, image, mask in zip(rows, labels, images, masks)
     ]
     _warn_missing(rows, items, scores_dir)
     evaluation = _read_evaluation(evaluation_dir, items) if evaluation_dir is not None else None
@@ -109,10 +125,11 @@ def load_content(
         _read_clusters(discovery_dir, items)
     items.sort(key=lambda it: (-it.score, it.path))
     return ReportContent(
-        title=_title(rows),
+        title=(truth.category if truth is not None else None) or _title(rows),
         items=items,
         threshold=threshold,
         has_labels=has_labels,
+        labels_from="the evaluation" if truth is not None else "folder names",
         evaluation=evaluation,
         has_clusters=discovery_dir is not None,
     )
@@ -205,6 +222,24 @@ def _read_evaluation(folder: Path, items: list[Item]) -> Evaluation:
             len(items),
         )
     return result
+
+
+def _read_truth(folder: Path, rows: list[dict[str, str]]) -> _GroundTruth | None:
+    """The evaluation's ground_truth.json; None where it has none (written before it existed, or no folder)."""
+    path = folder / "ground_truth.json"
+    data = _json(path)
+    if data is None:
+        return None
+    try:
+        cells = zip(data["paths"], data["labels"], data["masks"], strict=True)
+        by_path = {str(p): (int(y), None if m is None else Path(m)) for p, y, m in cells}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
+    foreign = next((r["path"] for r in rows if r["path"] not in by_path), None)
+    if foreign is not None:
+        raise DataError(f"{path}: {foreign} of the scores.csv is not in it (an evaluation of other scores?)")
+    category = data.get("category")
+    return _GroundTruth(category if isinstance(category, str) and category else None, by_path)
 
 
 def _json(path: Path) -> Any:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from anomaly.cli import app
 from anomaly.data.datasets import load_mvtec
+from anomaly.report.content import load_content
 
 SMALL = ["--set", "backbone.image_size=[128,128]", "--set", "batch_size=4"]
 runner = CliRunner()
@@ -691,6 +692,70 @@ def test_evaluate_refuses_or_names_what_would_change_its_figures(
         (out / "scores.csv").write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
         edited = _run(*base)
         assert edited.exit_code == 2 and needle in edited.output and "Traceback" not in edited.output, edited.output
+
+
+def _as_visa(category: Path, root: Path) -> Path:
+    """``category`` (MVTec layout) as a VisA root as published: JPEGs, 0/1 masks, split_csv/1cls.csv."""
+    rows = [["object", "split", "label", "image", "mask"]]
+    data = load_mvtec(category)
+    for split, samples in (("train", data.train), ("test", data.test)):
+        for i, s in enumerate(samples):
+            kind = "Anomaly" if s.label else "Normal"
+            image = f"widget/Data/Images/{kind}/{split}{i:03d}.JPG"
+            (root / image).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / image), cv2.imread(str(s.image_path)))
+            mask = ""
+            if s.mask_path is not None:
+                mask = f"widget/Data/Masks/Anomaly/{split}{i:03d}.png"
+                (root / mask).parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(root / mask), (cv2.imread(str(s.mask_path), cv2.IMREAD_GRAYSCALE) > 0).astype("uint8"))
+            rows.append(["widget", split, "anomaly" if s.label else "normal", image, mask])
+    (root / "split_csv").mkdir()
+    with (root / "split_csv" / "1cls.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return root
+
+
+def test_a_visa_benchmark_reports_the_loaders_ground_truth_and_resumes_only_on_the_same_data(
+    synthetic_root: Path, tmp_path: Path, caplog
+) -> None:
+    """The report of a VisA category took its labels from folder names (every Normal/ image counted anomalous) and
+    had no masks; a re-run on another --root skipped the category and kept the other data's figures; a damaged mask
+    ended the run after the fit and left the category's scores behind."""
+    visa = _as_visa(synthetic_root, tmp_path / "visa")
+    out = tmp_path / "bench"
+    args = ["benchmark", "--dataset", "visa", "--root", visa, "--category", "widget", "--out", out, *SMALL]
+    assert _run(*args).exit_code == 0
+    page = (out / "widget" / "report" / "index.html").read_text()
+    assert "6 anomalous, 4 normal (ground truth from the evaluation)" in page and 'class="category">widget<' in page
+    content = load_content(out / "widget" / "scores", out / "widget" / "evaluation")
+    assert sorted((it.label, it.ground_truth is not None) for it in content.items) == [(0, False)] * 4 + [(1, True)] * 6
+    assert content.title == "widget" and all(
+        "Masks/Anomaly" in str(it.ground_truth) for it in content.items if it.label
+    )
+    other = tmp_path / "other"
+    shutil.copytree(visa, other)
+    with caplog.at_level(logging.INFO, logger="anomaly"):
+        assert _run(*[other if a == visa else a for a in args]).exit_code == 0
+    assert "already done" not in caplog.text and "--dataset or --root in" in caplog.text
+    assert json.loads((out / "widget" / "result.json").read_text())["source"]["root"] == str(other.resolve())
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    damaged = next((other / "widget" / "Data" / "Masks" / "Anomaly").iterdir())
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    failed = _run(*[other if a == visa else a for a in args], "--force")
+    assert failed.exit_code == 2 and str(damaged) in failed.output and "fit" not in failed.output.lower()
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the earlier complete results stand
+
+
+def test_a_converted_visa_category_without_training_images_runs_zero_shot(synthetic_root: Path, tmp_path: Path) -> None:
+    """VisA converted to the MVTec layout without train/good was refused by --dataset visa (not by --dataset mvtec)
+    with a message that said it was not in the MVTec layout."""
+    shutil.copytree(synthetic_root, tmp_path / "visa" / "widget", ignore=shutil.ignore_patterns("train"))
+    args = ["benchmark", "--dataset", "visa", "--root", tmp_path / "visa", "--config", "musc", "--out", tmp_path / "o"]
+    result = _run(*args, "--set", "backbone.image_size=[128,128]")
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "o" / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "mean"]
 
 
 def test_benchmark_names_its_categories_as_folders_inside_out(synthetic_root: Path, tmp_path: Path) -> None:

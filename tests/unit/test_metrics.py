@@ -663,8 +663,8 @@ def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) ->
     for name in ("aupimo.json", "pimo.json"):
         (tmp_path / name).write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1]), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "notes.txt"]
+    write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ground_truth.json", "metrics.json", "notes.txt"]
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"image_auroc": 0.9}
 
 
