@@ -296,6 +296,7 @@ def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorCon
         node = raw
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
+            _fill_optional_section(node, parts[: depth + 1])  # `preprocess.tile.size=512` while tile is null
             if part not in node or not isinstance(node[part], dict):
                 raise ConfigError(f"{'.'.join(parts[: depth + 1])}: unknown config key")
             node = node[part]
@@ -305,11 +306,28 @@ def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorCon
             raise ConfigError(f"{key}: unknown config key{hint}")
         # `threshold={target_fpr: 0.05}` keeps the section's other keys; the scorer section is replaced whole, as
         # its params belong to its name (`scorer={name: gaussian}` must not keep padim's)
+        if isinstance(value, dict):
+            _fill_optional_section(node, parts)  # `preprocess.tile={size: 512}` keeps the section's other defaults
         if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and parts[0] != "scorer":
             _merge(node[parts[-1]], value)
         else:
             node[parts[-1]] = value
     return from_dict(raw)
+
+
+def _fill_optional_section(node: dict[str, Any], parts: list[str]) -> None:
+    """Where ``parts`` names a section that may be null (``preprocess.tile``) and ``node`` holds it as null, put the
+    section's defaults there, so that its keys can be set one by one."""
+    if parts[-1] not in node or node[parts[-1]] is not None:
+        return
+    cls: Any = DetectorConfig
+    for part in parts:
+        hint = typing.get_type_hints(cls).get(part)
+        sections = [t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)]
+        if not sections:
+            return
+        cls = sections[0]
+    node[parts[-1]] = dataclasses.asdict(cls())
 
 
 def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:

@@ -56,13 +56,21 @@ def relative_names(paths: list[Path]) -> list[Path]:
     """Output names that keep each image's sub-folders (``test/broken_large/000``), collision-free.
 
     Names are relative to the parent of the deepest folder containing every input image; images
-    that share a stem in one folder (``a.png``, ``a.jpg``) keep their suffix (``a.png``).
+    that share a stem in one folder (``a.png``, ``a.jpg``) keep their suffix (``a.png``), and so does an image
+    whose stem is another's name with its suffix (``a.png.png`` beside those).
     """
     parents = [os.path.abspath(p.parent) for p in paths]
     base = Path(os.path.commonpath(parents)).parent
     relative = [Path(os.path.abspath(p)).relative_to(base) for p in paths]
     stems = Counter(r.with_suffix("") for r in relative)
-    return [r if stems[r.with_suffix("")] > 1 else r.with_suffix("") for r in relative]
+    names = [r if stems[r.with_suffix("")] > 1 else r.with_suffix("") for r in relative]
+    while True:  # a kept suffix can make a name another image's stem: that one keeps its suffix too, and so on
+        count = Counter(names)
+        clashing = [i for i, name in enumerate(names) if count[name] > 1 and name != relative[i]]
+        if not clashing:
+            return names
+        for i in clashing:
+            names[i] = relative[i]
 
 
 def overlay(image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float) -> NDArray[np.uint8]:

@@ -152,3 +152,16 @@ def test_configs_built_in_code_are_checked_as_yaml_values_are() -> None:
     assert type(built.batch_size) is int and from_dict(built.to_dict()) == built
     numpy_built = BackboneConfig(pretrained=np.bool_(False), image_size=np.array([96, 64]))  # NumPy values from code
     assert numpy_built.pretrained is False and numpy_built.image_size == (96, 64)
+
+
+def test_a_null_section_takes_its_keys_one_by_one() -> None:
+    """`--set preprocess.tile.size=512` said a key of the schema was unknown (the section is null by default), and a
+    key set after `preprocess.tile={size: 512}` was unknown too."""
+    base = load_config("patchcore")
+    assert base.preprocess.tile is None
+    assert apply_overrides(base, ["preprocess.tile.size=512"]).preprocess.tile == TileConfig(size=512, overlap=0.25)
+    both = apply_overrides(base, ["preprocess.tile={size: 512}", "preprocess.tile.overlap=0.5"])
+    assert both.preprocess.tile == TileConfig(size=512, overlap=0.5)
+    assert apply_overrides(base, ["preprocess.tile.size=512", "preprocess.tile=null"]).preprocess.tile is None
+    with pytest.raises(ConfigError, match="preprocess.tile.sise: unknown config key; did you mean 'size'"):
+        apply_overrides(base, ["preprocess.tile.sise=512"])

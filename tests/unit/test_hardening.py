@@ -709,3 +709,15 @@ def test_the_python_api_lets_idle_openmp_threads_sleep_unless_torch_came_first()
     own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, timeout=120)  # fmt: skip
     assert own.stdout.strip() == "ACTIVE"
+
+
+def test_every_image_gets_its_own_map_name_when_a_kept_suffix_meets_another_stem() -> None:
+    """``a.png`` and ``a.tif`` keep their suffixes; ``a.png.png`` was then named ``a.png`` too, and one image's map
+    overwrote the other's while both rows pointed to it."""
+    from anomaly.outputs import relative_names
+
+    paths = [Path("/d/coll/a.png"), Path("/d/coll/a.tif"), Path("/d/coll/a.png.png"), Path("/d/coll/b.png")]
+    names = relative_names(paths)
+    assert [n.as_posix() for n in names] == ["coll/a.png", "coll/a.tif", "coll/a.png.png", "coll/b"]
+    chain = [Path("/d/x/a.png"), Path("/d/x/a.jpg"), Path("/d/x/a.png.png"), Path("/d/x/a.png.png.png")]
+    assert len(set(relative_names(chain))) == len(chain)
