@@ -623,7 +623,9 @@ class Detector:
         device = self.extractor.device
         layers = [torch.cat([x.to(device) for x in per_layer]) for per_layer in zip(*(p.layers for p in parts))]
         embedding = None
-        if self.scorer.uses_embeddings:  # unit-length descriptors: RsCIN's similarity is then a cosine
+        # Unit-length descriptors: RsCIN's similarity is then a cosine. Not for tiles: a tile's nearest descriptors are
+        # its own frame's other tiles, whose scores would dilute a defect's tile before the frame takes its peak.
+        if self.scorer.uses_embeddings and self.config.preprocess.tile is None:
             embedding = torch.nn.functional.normalize(torch.cat([p.embedding.to(device) for p in parts]), dim=1)
         out = self.scorer.score(layers, embeddings=embedding, progress=progress)
         return out.checked(len(layers[0]), self.scorer.name)

@@ -124,6 +124,23 @@ def test_tiled_map_has_no_seams(tiled_detector) -> None:  # type: ignore[no-unty
     assert at_borders <= 1.5 * np.percentile(grad[:, inner], 99)
 
 
+def test_a_tiled_zero_shot_pool_scores_a_frame_by_its_defects_tile() -> None:
+    """With tiles, RsCIN re-scored each tile against its nearest tiles: the same frame's clean ones, which diluted the
+    defect's tile before the frame took its peak (a frame whose map peaked at the defect ranked 4th of 6)."""
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+
+    config = apply_overrides(
+        load_config("musc"), ["backbone.image_size=[64,64]", "preprocess.tile.size=128", "batch_size=64"]
+    )
+    frames = [_texture(np.random.default_rng(20 + i), 384, 384) for i in range(6)]
+    frames[2][200:206, 150:156] = (120, 140, 150)  # a faint 6 px defect in one tile of one frame
+    scores = [r.image_score for r in Detector(config).predict(frames)]
+    assert int(np.argmax(scores)) == 2  # its tile-level RsCIN score was 1.40x the next frame's, its peak 1.71x
+    unscaled = Detector(apply_overrides(config, ["scorer.params.rscin_k=null"])).predict(frames)
+    assert scores == pytest.approx([r.image_score for r in unscaled], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
