@@ -94,7 +94,7 @@ def run_benchmark(
     if dataset == "folder" and categories:
         raise DataError("--category: --dataset folder reads one category, the --root folder itself; leave it out")
     test_only = not get_scorer(config.scorer.name, config.scorer.params).requires_fit  # zero-shot: no train/good
-    if dataset == "visa" and not has_visa_split(root):  # VisA converted to the MVTec layout is read as that layout
+    if dataset == "visa" and not has_visa_split(root) and not has_visa_split(root.parent):  # converted to MVTec's
         log.info("%s: no split_csv/1cls.csv, read as VisA converted to the MVTec layout", root)
         dataset = "mvtec"
     is_category = labelled_split_dirs(root)[0].is_dir()

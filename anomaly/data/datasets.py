@@ -436,6 +436,8 @@ def _root_hint(root: Path, dataset: str) -> str:
     """Where the categories of a root that holds none probably are: VisA's split file, or a folder one level down."""
     if dataset == "mvtec" and (root / _VISA_SPLIT_CSV).is_file():
         return f" (it holds {_VISA_SPLIT_CSV.as_posix()}: use --dataset visa)"
+    if dataset == "visa" and (root.parent / _VISA_SPLIT_CSV).is_file():
+        return f" ({root.parent} holds the split file: --root {root.parent} --category {root.name})"
     for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
         if any(is_category_root(d) for d in sub.iterdir() if d.is_dir()):
             return f" (categories found under {sub}: give it as --root)"

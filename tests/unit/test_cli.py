@@ -725,6 +725,9 @@ def test_a_visa_benchmark_reports_the_loaders_ground_truth_and_resumes_only_on_t
     visa = _as_visa(synthetic_root, tmp_path / "visa")
     out = tmp_path / "bench"
     args = ["benchmark", "--dataset", "visa", "--root", visa, "--category", "widget", "--out", out, *SMALL]
+    at_category = _run("benchmark", "--dataset", "visa", "--root", visa / "widget", "--out", out)
+    assert at_category.exit_code == 2 and f"--root {visa} --category widget" in at_category.output
+    assert not out.exists()
     assert _run(*args).exit_code == 0
     page = (out / "widget" / "report" / "index.html").read_text()
     assert "6 anomalous, 4 normal (ground truth from the evaluation)" in page and 'class="category">widget<' in page
