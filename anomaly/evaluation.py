@@ -54,7 +54,8 @@ class Evaluation:
 
 
 def _truth(samples: list[Sample]) -> list[str | None]:
-    return [None if s.mask_path is None else str(s.mask_path) for s in samples]
+    """Each sample's mask file as an absolute path: a report reads them from wherever it runs."""
+    return [None if s.mask_path is None else os.path.abspath(s.mask_path) for s in samples]
 
 
 def evaluate_samples(

@@ -148,7 +148,7 @@ def _model_threshold(rows: list[dict[str, str]], where: Path) -> float:
 
 
 def _warn_missing(rows: list[dict[str, str]], items: list[Item], scores_dir: Path) -> None:
-    """Say which listed files the report cannot show (it still shows what it has)."""
+    """Say which listed files the report cannot show (it still shows what it has; a mask not found is dropped)."""
     lost = [it.path for it in items if it.image is None]
     if lost:
         log.warning(
@@ -168,6 +168,12 @@ def _warn_missing(rows: list[dict[str, str]], items: list[Item], scores_dir: Pat
     gone = [scores_dir / r["map_path"] for r, it in zip(rows, items) if r.get("map_path") and it.map is None]
     if gone:
         log.warning("%d map file(s) listed in scores.csv are missing, first: %s", len(gone), gone[0])
+    truthless = [it for it in items if it.ground_truth is not None and not it.ground_truth.exists()]
+    if truthless:
+        log.warning("%d ground-truth mask(s) are not found here (first: %s): their images show no outline",
+                    len(truthless), truthless[0].ground_truth)  # fmt: skip
+        for it in truthless:
+            it.ground_truth = None
 
 
 def _output_file(scores_dir: Path, rel: str) -> Path | None:

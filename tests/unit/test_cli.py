@@ -748,6 +748,12 @@ def test_a_visa_benchmark_reports_the_loaders_ground_truth_and_resumes_only_on_t
     failed = _run(*[other if a == visa else a for a in args], "--force")
     assert failed.exit_code == 2 and str(damaged) in failed.output and "fit" not in failed.output.lower()
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the earlier complete results stand
+    truth = json.loads((out / "widget" / "evaluation" / "ground_truth.json").read_text())
+    assert all(Path(m).is_absolute() for m in truth["masks"] if m) and sum(map(bool, truth["masks"])) == 6
+    damaged.unlink()  # a mask moved away since: the report is built without its outline, and says so
+    report = _run("report", "--scores", out / "widget" / "scores", "--evaluation", out / "widget" / "evaluation",
+                  "--out", tmp_path / "report")  # fmt: skip
+    assert report.exit_code == 0 and "1 ground-truth mask(s) are not found here" in report.output, report.output
 
 
 def test_a_converted_visa_category_without_training_images_runs_zero_shot(synthetic_root: Path, tmp_path: Path) -> None:
