@@ -10,6 +10,8 @@ place, with a manifest ``.anomaly-import.json`` recording the source and the spl
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import os
@@ -40,7 +42,8 @@ __all__ = ["ImportSummary", "import_labelme", "import_mask_folders", "parse_clas
 
 Link = Literal["symlink", "hardlink", "copy"]
 MANIFEST = ".anomaly-import.json"
-_AREA_SHAPES = ("polygon", "rectangle", "circle")
+_AREA_SHAPES = ("polygon", "rectangle", "circle", "mask")
+_FLAT_SHAPES = ("point", "points", "line", "linestrip")  # labelme's shapes that mark no area
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,10 @@ def import_labelme(
         declared = (doc.get("imageWidth"), doc.get("imageHeight"))
         if None not in declared and declared != size:
             raise DataError(f"{json_file}: imageWidth x imageHeight {declared} differ from the image's size {size}")
-        mask = labelme_mask(shapes, size, json_file)
+        mask = labelme_mask(shapes, size, json_file)  # checks each shape first
         labels = {
-            str(s.get("label", "")).strip().lower().replace(" ", "_")
-            for s in shapes
+            _defect_type(s.get("label"), f"{json_file}: shape {i + 1}")
+            for i, s in enumerate(shapes)
             if (s.get("shape_type") or "polygon") in _AREA_SHAPES  # a point or line labels nothing in the mask
         }
         defects.append(_Defect(image, mask, labels.pop() if len(labels) == 1 else "combined"))
@@ -272,39 +275,97 @@ def parse_classes(text: str) -> dict[int, str]:
     return classes
 
 
-def labelme_mask(shapes: list[dict[str, Any]], size: tuple[int, int], where: Path) -> NDArray[np.bool_]:
+def labelme_mask(shapes: list[Any], size: tuple[int, int], where: Path) -> NDArray[np.bool_]:
     """Union of labelme shapes as a boolean ``(H, W)`` mask; ``size`` is ``(W, H)``.
 
-    Filled like labelme's own ``shape_to_mask`` (PIL, outline included), so masks match the tool's export.
+    Filled like labelme's own ``shape_to_mask`` (PIL, outline included), so masks match the tool's export; a
+    rectangle is the box around its points, a ``mask`` shape (labelme 5.3+) its PNG pasted at its first point.
+    A malformed shape is a DataError naming the file and the shape.
     """
-    canvas = Image.new("L", size, 0)
-    draw = ImageDraw.Draw(canvas)
-    kinds = [str(shape.get("shape_type") or "polygon") for shape in shapes]
-    flat = sorted({kind for kind in kinds if kind not in _AREA_SHAPES})  # points, lines: nothing to fill
-    if all(kind not in _AREA_SHAPES for kind in kinds):
+    kinds = [_shape_kind(shape, f"{where}: shape {i + 1}") for i, shape in enumerate(shapes)]
+    flat = sorted({kind for kind in kinds if kind in _FLAT_SHAPES})
+    if all(kind in _FLAT_SHAPES for kind in kinds):
         raise DataError(f"{where}: only shapes without area ({', '.join(flat)}); supported: {', '.join(_AREA_SHAPES)}")
     if flat:
         log.warning("%s: shapes without area (%s) left out of the mask", where, ", ".join(flat))
-    for shape in shapes:
-        kind = shape.get("shape_type") or "polygon"
-        points = [tuple(map(float, p)) for p in shape.get("points") or []]
-        if kind not in _AREA_SHAPES:
+    canvas = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(canvas)
+    pasted = np.zeros((size[1], size[0]), dtype=bool)
+    for i, (shape, kind) in enumerate(zip(shapes, kinds)):
+        if kind in _FLAT_SHAPES:
             continue
-        if len(points) < {"polygon": 3, "rectangle": 2, "circle": 2}[kind]:
-            raise DataError(f"{where}: {kind} with {len(points)} point(s)")
+        label = f"{where}: shape {i + 1} ({kind})"
+        points = _shape_points(shape, label)
+        if len(points) < {"polygon": 3, "rectangle": 2, "circle": 2, "mask": 1}[kind]:
+            raise DataError(f"{label}: {len(points)} point(s)")
         if kind == "polygon":
             draw.polygon(points, fill=1, outline=1)
         elif kind == "rectangle":
-            (x0, y0), (x1, y1) = points[:2]
-            draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], fill=1, outline=1)
-        else:
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            draw.rectangle([min(xs), min(ys), max(xs), max(ys)], fill=1, outline=1)
+        elif kind == "circle":
             (cx, cy), (px, py) = points[:2]
             r = float(np.hypot(px - cx, py - cy))
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1, outline=1)
-    mask = np.asarray(canvas, dtype=bool)
+        else:
+            _paste(pasted, _shape_bitmap(shape, label), points[0])
+    mask = np.asarray(canvas, dtype=bool) | pasted
     if not mask.any():
         raise DataError(f"{where}: the shapes cover no pixel of the {size[0]}x{size[1]} image")
     return mask
+
+
+def _shape_kind(shape: Any, where: str) -> str:
+    if not isinstance(shape, dict):
+        raise DataError(f"{where}: not a labelme shape (an object with points), got {shape!r:.40}")
+    kind = shape.get("shape_type") or "polygon"
+    if kind not in _AREA_SHAPES + _FLAT_SHAPES:
+        raise DataError(
+            f"{where}: unsupported shape_type {kind!r}; labelme's: {', '.join(_AREA_SHAPES + _FLAT_SHAPES)}"
+        )
+    return str(kind)
+
+
+def _shape_points(shape: dict[str, Any], where: str) -> list[tuple[float, float]]:
+    try:
+        points = [(float(x), float(y)) for x, y in shape.get("points") or []]
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: points must be [x, y] pairs of numbers, got {shape.get('points')!r:.60}") from None
+    if not all(np.isfinite(points).ravel()):
+        raise DataError(f"{where}: a point is not finite")
+    return points
+
+
+def _shape_bitmap(shape: dict[str, Any], where: str) -> NDArray[np.bool_]:
+    """The bitmap of a labelme ``mask`` shape: a base64 PNG covering the box from its first point."""
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(str(shape.get("mask") or ""), validate=True))) as image:
+            return np.asarray(image.convert("L")) > 0
+    except (OSError, ValueError):  # binascii.Error is a ValueError
+        raise DataError(f"{where}: its 'mask' is not a base64-encoded image") from None
+
+
+def _paste(into: NDArray[np.bool_], bitmap: NDArray[np.bool_], origin: tuple[float, float]) -> None:
+    """OR ``bitmap`` into ``into`` with its top-left corner at ``origin`` (x, y), clipped to ``into``."""
+    x, y = int(origin[0]), int(origin[1])
+    h, w = into.shape
+    top, left = max(0, y), max(0, x)
+    bottom, right = min(h, y + bitmap.shape[0]), min(w, x + bitmap.shape[1])
+    if bottom > top and right > left:
+        into[top:bottom, left:right] |= bitmap[top - y : bottom - y, left - x : right - x]
+
+
+def _defect_type(label: Any, where: str) -> str:
+    """A shape's label as a defect folder name (lower case, spaces as ``_``), refused where it cannot be one."""
+    name = label.strip().lower().replace(" ", "_") if isinstance(label, str) else ""
+    if _bad_defect_type(name):
+        raise DataError(f"{where}: label {label!r} cannot be a defect type (a folder name next to test/good)")
+    return name
+
+
+def _bad_defect_type(name: str) -> bool:
+    """``..`` would write outside test/, ``.x`` be a folder the loaders skip as hidden, ``good`` be normal."""
+    return not name or name == "good" or name.startswith(".") or "/" in name or "\\" in name
 
 
 def _write_category(
@@ -327,18 +388,8 @@ def _write_category(
         raise DataError(f"--link must be symlink, hardlink or copy, got {link!r}")
     if not normals and not defects:
         raise DataError("no image to import")
-    bad = sorted(
-        {
-            d.defect_type
-            for d in defects
-            if not d.defect_type
-            or d.defect_type == "good"
-            or d.defect_type.startswith(".")
-            or "/" in d.defect_type
-            or "\\" in d.defect_type
-        }
-    )
-    if bad:  # ".." would write outside test/, ".x" a folder the loaders skip as hidden
+    bad = sorted({d.defect_type for d in defects if _bad_defect_type(d.defect_type)})
+    if bad:
         raise DataError(f"defect type(s) {bad} cannot be folder names next to test/good")
     rng = np.random.default_rng(seed)
     if max_normal is not None and len(normals) > max_normal:
@@ -432,7 +483,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("shapes", []), list):
+    if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
         raise DataError(f"{path}: not a labelme file (no 'shapes' list)")
     return doc
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def _labelme(path: Path, image: str, shapes: list[dict], size: tuple[int, int] =
     path.write_text(json.dumps(doc))
 
 
-def _poly(points: list[list[float]], label: str = "Pitting", kind: str = "polygon") -> dict:
+def _poly(points: list[list[Any]], label: str | None = "Pitting", kind: str = "polygon") -> dict:
     return {"label": label, "points": points, "shape_type": kind}
 
 
@@ -155,7 +156,14 @@ def test_mask_folders_without_normals_is_test_only_and_types_from_subfolders(tmp
 @pytest.mark.parametrize(
     ("shapes", "size", "message"),
     [
-        ([_poly([[1, 1], [5, 5]])], (W, H), "polygon with 2 point(s)"),
+        ([_poly([[1, 1], [5, 5]])], (W, H), "shape 1 (polygon): 2 point(s)"),
+        ([_poly([[1, 1], [5, 1], [5, 5]]), None], (W, H), "shape 2: not a labelme shape"),
+        ([_poly([["a", "b"], [5, 1], [5, 5]])], (W, H), "shape 1 (polygon): points must be"),
+        ([_poly([[1], [5, 1], [5, 5]])], (W, H), "shape 1 (polygon): points must be"),
+        ([_poly([[1, 1], [5, 1], [5, 5]], kind="ellipse")], (W, H), "shape 1: unsupported shape_type 'ellipse'"),
+        ([_poly([[1, 1], [5, 1], [5, 5]], label=None)], (W, H), "shape 1: label None cannot be a defect type"),
+        ([_poly([[1, 1], [5, 1], [5, 5]], label="Good")], (W, H), "shape 1: label 'Good' cannot be a defect type"),
+        ([{**_poly([[1, 1], [4, 4]], kind="mask"), "mask": "no image"}], (W, H), "'mask' is not a base64-encoded"),
         ([_poly([[1, 1], [5, 5]], kind="line")], (W, H), "only shapes without area (line)"),
         ([_poly([[1, 1], [5, 1], [5, 5]])], (W + 1, H), "differ from the image's size"),
         ([_poly([[100, 100], [105, 100], [105, 105]])], (W, H), "cover no pixel"),
@@ -234,8 +242,30 @@ def test_labelme_quirks_of_real_annotations(tmp_path: Path, caplog: pytest.LogCa
         import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out2")
     (tmp_path / "label" / "b2.json").unlink()
     _labelme(tmp_path / "label" / "a.json", "a.png", [_poly(square, label="..")])
-    with pytest.raises(DataError, match=r"defect type\(s\) \['\.\.'\] cannot be folder names"):
+    with pytest.raises(DataError, match=r"a.json: shape 1: label '\.\.' cannot be a defect type"):
         import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out3")
+
+
+def test_labelme_rectangles_of_four_points_and_mask_shapes_fill_their_area(tmp_path: Path) -> None:
+    """A rectangle saved with its four corners became a one-pixel line; a `mask` shape (labelme 5.3+, a base64 PNG
+    from its first point) was left out as a shape without area."""
+    import base64
+    import io
+
+    _image(tmp_path / "data" / "a.png")
+    _image(tmp_path / "data" / "b.png")
+    _labelme(tmp_path / "label" / "a.json", "a.png", [_poly([[2, 3], [8, 3], [8, 6], [2, 6]], kind="rectangle")])
+    bitmap = np.zeros((4, 5), np.uint8)
+    bitmap[1:3, 1:4] = 255  # 2 x 3 = 6 pixels, from (x, y) = (10, 5) + (1, 1)
+    png = io.BytesIO()
+    Image.fromarray(bitmap).save(png, format="PNG")
+    shape = {**_poly([[10, 5], [14, 8]], kind="mask"), "mask": base64.b64encode(png.getvalue()).decode()}
+    _labelme(tmp_path / "label" / "b.json", "b.png", [shape])
+    import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out")
+    rect = read_mask(tmp_path / "out" / "ground_truth" / "pitting" / "a_mask.png")
+    assert rect.sum() == 7 * 4 and rect[3:7, 2:9].all()
+    pasted = read_mask(tmp_path / "out" / "ground_truth" / "pitting" / "b_mask.png")
+    assert pasted.sum() == 6 and pasted[6:8, 11:14].all()
 
 
 def test_mask_folders_quirks_of_real_exports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
