@@ -44,6 +44,7 @@ Link = Literal["symlink", "hardlink", "copy"]
 MANIFEST = ".anomaly-import.json"
 _AREA_SHAPES = ("polygon", "rectangle", "circle", "mask")
 _FLAT_SHAPES = ("point", "points", "line", "linestrip")  # labelme's shapes that mark no area
+_MASK_SUFFIXES = ("_mask", "_label")  # a mask's name beside its image: x_mask.png, or KolektorSDD's x_label.bmp
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def import_labelme(
         seed=seed,
         link=link,
         source={"format": "labelme", "images": str(images), "annotations": str(annotations)},
+        images_root=Path(images),
     )
 
 
@@ -185,11 +187,11 @@ def import_mask_folders(
             ``classes``, duplicate file names, or no image at all.
     """
     image_paths, mask_paths = _listed(images, "--images"), _listed(masks, "--annotations")
-    if Path(images).resolve() == Path(masks).resolve():  # masks beside their images: only <stem>_mask files
-        mask_paths = [p for p in mask_paths if p.stem.endswith("_mask")]
+    if Path(images).resolve() == Path(masks).resolve():  # masks beside their images: <stem>_mask, <stem>_label
+        mask_paths = [p for p in mask_paths if p.stem.endswith(_MASK_SUFFIXES)]
         if not mask_paths:
             raise DataError(f"--annotations {masks} is the --images folder: its masks must be named "
-                            "<stem>_mask.<ext> there (or give a folder of masks)")  # fmt: skip
+                            "<stem>_mask.<ext> or <stem>_label.<ext> there (or give a folder of masks)")  # fmt: skip
     taken = {p.resolve() for p in mask_paths}
     image_paths = [p for p in image_paths if p.resolve() not in taken]  # a mask folder inside the image folder
     kept = {p.resolve() for p in image_paths}
@@ -202,15 +204,19 @@ def import_mask_folders(
     defects: list[_Defect] = []
     used: set[Path] = set()
     graded: list[Path] = []
+    maskless: list[Path] = []  # normal for want of a mask file (an empty mask says so explicitly)
     for image in image_paths:
         rel = image.relative_to(images)
         key = rel.parent.parts
-        mask_path = mask_index.get((*key, f"{rel.stem}_mask")) or mask_index.get((*key, rel.stem))
+        found = (mask_index.get((*key, f"{rel.stem}{suffix}")) for suffix in (*_MASK_SUFFIXES, ""))
+        mask_path = next((m for m in found if m is not None), None)
         if mask_path is not None:
             used.add(mask_path)
         values = _read_label_mask(mask_path) if mask_path is not None else None
         if values is None or not values.any():
             normals.append(image)
+            if values is None:
+                maskless.append(image)
             continue
         if classes is None and mask_level_count(values) > SOFT_MASK_LEVELS:
             graded.append(mask_path)
@@ -231,10 +237,10 @@ def import_mask_folders(
         log.warning("%d mask(s) have many levels (soft edges, or lossy JPEG noise): every pixel above 0 is taken as "
                     "defect, first: %s", len(graded), graded[0])  # fmt: skip
     defect_folders = {_sub_folder(d.image, images) for d in defects} - {None}
-    unmasked = [p for p in normals if _sub_folder(p, images) in defect_folders]
+    unmasked = [p for p in maskless if _sub_folder(p, images) in defect_folders]
     if unmasked:  # no mask means normal; in a folder of defects that is worth a look
-        log.warning("%d image(s) in folders of defects have no mask (or an empty one) and are imported as normal, "
-                    "first: %s", len(unmasked), unmasked[0])  # fmt: skip
+        log.warning("%d image(s) in folders of defects have no mask and are imported as normal, first: %s",
+                    len(unmasked), unmasked[0])  # fmt: skip
     return _write_category(
         out,
         normals,
@@ -244,6 +250,7 @@ def import_mask_folders(
         seed=seed,
         link=link,
         source={"format": "mask-folders", "images": str(images), "masks": str(masks), "classes": classes},
+        images_root=Path(images),
     )
 
 
@@ -378,6 +385,7 @@ def _write_category(
     seed: int,
     link: Link,
     source: dict[str, Any],
+    images_root: Path,
 ) -> ImportSummary:
     """Split the normal images, link every image into place, write masks and the manifest."""
     if not 0 <= normal_test_ratio <= 1:
@@ -398,16 +406,17 @@ def _write_category(
     held_out = set(rng.permutation(len(normals))[:n_test].tolist())
     train = [p for i, p in enumerate(normals) if i not in held_out]
     test_good = [p for i, p in enumerate(normals) if i in held_out]
-    placed: list[tuple[Path, Path]] = [(p, Path("train", "good", p.name)) for p in train]
-    placed += [(p, Path("test", "good", p.name)) for p in test_good]
-    placed += [(d.image, Path("test", d.defect_type, d.image.name)) for d in defects]
+    name = _output_names([*normals, *(d.image for d in defects)], images_root)
+    placed: list[tuple[Path, Path]] = [(p, Path("train", "good", name[p])) for p in train]
+    placed += [(p, Path("test", "good", name[p])) for p in test_good]
+    placed += [(d.image, Path("test", d.defect_type, name[d.image])) for d in defects]
     _check_unique([rel for _, rel in placed])
     target = Path(out)
     with staged_dir(target, MANIFEST, output=False) as tmp:
         for src, rel in placed:
             _place(src, tmp / rel, link)
         for d in defects:
-            mask_file = tmp / "ground_truth" / d.defect_type / f"{d.image.stem}_mask.png"
+            mask_file = tmp / "ground_truth" / d.defect_type / f"{Path(name[d.image]).stem}_mask.png"
             mask_file.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(d.mask.astype(np.uint8) * 255).save(mask_file)
         (tmp / "train" / "good").mkdir(parents=True, exist_ok=True)
@@ -424,6 +433,13 @@ def _write_category(
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
     return summary
+
+
+def _output_names(paths: list[Path], root: Path) -> dict[Path, str]:
+    """Each image's file name in the category; names that repeat across sub-folders of ``root`` take their
+    sub-folders as a prefix (KolektorSDD's ``kos01/Part0.jpg`` -> ``kos01_Part0.jpg``): the layout is flat."""
+    repeated = {n for n, c in Counter(p.name for p in paths).items() if c > 1}
+    return {p: "_".join(p.relative_to(root).parts) if p.name in repeated else p.name for p in paths}
 
 
 def _place(src: Path, dst: Path, link: Link) -> None:

@@ -295,9 +295,9 @@ def test_mask_folders_quirks_of_real_exports(tmp_path: Path, caplog: pytest.LogC
     assert summary.defects == {"dent": 2} and summary.n_train + summary.n_test_good == 5
     assert int(read_mask(tmp_path / "cat" / "ground_truth" / "dent" / "d0_mask.png").sum()) == 20
     assert "1 mask(s) have many levels" in caplog.text and "d1.png" in caplog.text
-    assert "1 image(s) in folders of defects have no mask (or an empty one) and are imported as normal" in caplog.text
+    assert "1 image(s) in folders of defects have no mask and are imported as normal" in caplog.text
 
-    flat = tmp_path / "flat"  # KolektorSDD style: x.png beside x_mask.png
+    flat = tmp_path / "flat"  # masks beside their images: x.png beside x_mask.png
     for i in range(3):
         _image(flat / f"p{i}.png")
         Image.fromarray(mask_of((slice(1, 3), slice(1, 3)), 255 if i == 0 else 0)).save(flat / f"p{i}_mask.png")
@@ -306,3 +306,24 @@ def test_mask_folders_quirks_of_real_exports(tmp_path: Path, caplog: pytest.LogC
     spelled = Path(os.path.relpath(flat))  # the same folder, one path relative and one absolute
     assert import_mask_folders(spelled, flat.absolute(), tmp_path / "flat2").defects == {"defect": 1}
     assert int(read_mask(tmp_path / "flatcat" / "ground_truth" / "defect" / "p0_mask.png").sum()) == 4
+
+
+def test_kolektorsdd_as_shipped_imports_in_place(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """KolektorSDD ships kosNN/PartK.jpg beside PartK_label.bmp, every part with a label (most empty) and the names
+    repeating across kosNN: refused as masks not named <stem>_mask, then as repeated file names."""
+    data = tmp_path / "data"
+    for kos in ("kos01", "kos02"):
+        for k in range(3):
+            _image(data / kos / f"Part{k}.jpg")
+            label = np.zeros((H, W), np.uint8)
+            label[2:5, 2:6] = 1 if (kos, k) == ("kos02", 1) else 0
+            Image.fromarray(label).save(data / kos / f"Part{k}_label.bmp")
+    caplog.set_level("WARNING", logger="anomaly")
+    summary = import_mask_folders(data, data, tmp_path / "cat", classes={1: "crack"}, normal_test_ratio=0)
+    assert summary.defects == {"crack": 1} and summary.n_train == 5 and "have no mask" not in caplog.text
+    assert sorted(p.name for p in (tmp_path / "cat" / "train" / "good").iterdir())[:2] == [
+        "kos01_Part0.jpg",
+        "kos01_Part1.jpg",
+    ]
+    assert int(read_mask(tmp_path / "cat" / "ground_truth" / "crack" / "kos02_Part1_mask.png").sum()) == 12
+    assert len(load_mvtec(tmp_path / "cat").test) == 1
