@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from anomaly._fs import atomic_write_text, staged_dir
 from anomaly.data.io import (
@@ -511,13 +511,14 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _read_label_mask(path: Path) -> NDArray[np.integer[Any]]:
-    """Mask values ``(H, W)``; colour masks are reduced to their per-pixel maximum."""
+    """Mask values ``(H, W)``, EXIF-oriented as images and evaluation read them; colour masks are reduced to their
+    per-pixel maximum, palette masks keep their indices (the classes of a VOC-style mask)."""
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise DataError(f"{path}: a mask of {image.width}x{image.height} px exceeds the {MAX_PIXELS / 1e6:.3g} "
                                 "MP limit; set ANOMALY_MAX_PIXELS to allow it")  # fmt: skip
-            values = np.asarray(image)
+            values = np.asarray(ImageOps.exif_transpose(image))
             has_alpha = image.mode in ("RGBA", "LA")
     except OSError as exc:
         raise DataError(f"{path}: not a readable mask ({exc})") from None

@@ -327,3 +327,19 @@ def test_kolektorsdd_as_shipped_imports_in_place(tmp_path: Path, caplog: pytest.
     ]
     assert int(read_mask(tmp_path / "cat" / "ground_truth" / "crack" / "kos02_Part1_mask.png").sum()) == 12
     assert len(load_mvtec(tmp_path / "cat").test) == 1
+
+
+def test_mask_folders_read_masks_as_displayed_like_their_images(tmp_path: Path) -> None:
+    """A mask saved with its photo's EXIF orientation was read as stored, while its image and the evaluation read
+    both as displayed: a square one was imported misaligned, this one refused as another size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    (tmp_path / "img" / "dent").mkdir(parents=True)
+    Image.new("RGB", (W, H), (90, 90, 90)).save(tmp_path / "img" / "dent" / "a.jpg", exif=exif)
+    stored = np.zeros((H, W), np.uint8)
+    stored[0:3, 0:5] = 255
+    (tmp_path / "msk" / "dent").mkdir(parents=True)
+    Image.fromarray(stored).save(tmp_path / "msk" / "dent" / "a.png", exif=exif)
+    import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat")
+    imported = read_mask(tmp_path / "cat" / "ground_truth" / "dent" / "a_mask.png")
+    assert imported.shape == (W, H) and (imported == read_mask(tmp_path / "msk" / "dent" / "a.png")).all()
