@@ -21,7 +21,7 @@ import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import numpy as np
 from anomaly.errors import DataError
 
 __all__ = [
+    "IMPORT_MARKER",
     "OUTPUT_MARKER",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -46,6 +47,9 @@ __all__ = [
 
 OUTPUT_MARKER = ".anomaly-output.json"
 """Marks a folder written by anomaly and lists what it wrote; such folders are never read as inputs."""
+IMPORT_MARKER = ".anomaly-import.json"
+"""The manifest of a category written by ``anomaly import``: a folder holding one is read as input only when named
+itself (or its sub-folders), never found while listing a folder above it (an --out inside the source folder)."""
 _OWNER_FILE = ".anomaly-owner"
 
 
@@ -92,17 +96,20 @@ def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def staged_dir(target: Path, marker: str, *, output: bool = True) -> Iterator[Path]:
+def staged_dir(
+    target: Path, marker: str, *, output: bool = True, owned: Collection[str] | None = None
+) -> Iterator[Path]:
     """A temp folder (:func:`new_temp_dir`) to write ``target``'s files into; when the block ends it becomes
-    ``target`` (:func:`finish_dir`; without ``output``, a data folder: :func:`replace_dir`, no output marker), and
-    when the block raises it is removed."""
+    ``target`` (:func:`finish_dir`; without ``output``, a data folder: :func:`replace_dir`, no output marker, and
+    the entries of the old folder not named in ``owned`` are the user's and move into the new one), and when the
+    block raises it is removed."""
     tmp = new_temp_dir(target, marker, output=output)
     try:
         yield tmp
         if output:
             finish_dir(tmp, target)
         else:
-            replace_dir(tmp, target)
+            replace_dir(tmp, target, owned)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -128,14 +135,14 @@ def finish_dir(tmp: Path, target: Path) -> None:
         raise DataError(f"{target}: could not write the output ({exc.strerror or exc})") from None
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path, owned: Collection[str] | None = None) -> None:
     """Move ``tmp`` to ``target``; an existing target is swapped out only once the new one is complete.
 
-    Entries of the old target that it did not write itself (not listed in its marker) move into
-    the new folder first, so a user's notes or photos survive a re-run.
+    Entries of the old target that it did not write itself (not listed in its marker, or not in ``owned`` for a
+    data folder) move into the new folder first, so a user's notes or photos survive a re-run.
     """
     with _lock(target):
-        _swap(tmp, target)
+        _swap(tmp, target, owned)
     # Only now, in place: a run killed before the rename leaves a temp folder whose owner the next run finds dead.
     with contextlib.suppress(FileNotFoundError):
         (target / _OWNER_FILE).unlink()
@@ -154,14 +161,14 @@ def restore_interrupted(target: Path) -> None:
                 old.rename(target)
 
 
-def _swap(tmp: Path, target: Path) -> None:
+def _swap(tmp: Path, target: Path, owned: Collection[str] | None = None) -> None:
     if not target.exists():
         tmp.rename(target)
         return
-    owned = _owned(target)
-    if owned is not None:
+    ours = _owned(target) if owned is None else set(owned)
+    if ours is not None:
         for entry in target.iterdir():
-            if entry.name not in owned and entry.name != OUTPUT_MARKER and not (tmp / entry.name).exists():
+            if entry.name not in ours and entry.name != OUTPUT_MARKER and not (tmp / entry.name).exists():
                 entry.rename(tmp / entry.name)
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageOps
 
-from anomaly._fs import atomic_write_text, staged_dir
+from anomaly._fs import IMPORT_MARKER, atomic_write_text, staged_dir
 from anomaly.data.io import (
     MAX_PIXELS,
     SOFT_MASK_LEVELS,
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ImportSummary", "import_labelme", "import_mask_folders", "parse_classes"]
 
 Link = Literal["symlink", "hardlink", "copy"]
-MANIFEST = ".anomaly-import.json"
+MANIFEST = IMPORT_MARKER
 _AREA_SHAPES = ("polygon", "rectangle", "circle", "mask")
 _FLAT_SHAPES = ("point", "points", "line", "linestrip")  # labelme's shapes that mark no area
 _MASK_SUFFIXES = ("_mask", "_label")  # a mask's name beside its image: x_mask.png, or KolektorSDD's x_label.bmp
@@ -102,6 +102,7 @@ def import_labelme(
         DataError: Missing folders, unreadable or invalid JSON, an annotated image that is not found or whose
             size differs from the JSON's, a shape without area, duplicate file names, or no image at all.
     """
+    _check_options(normal_test_ratio, max_normal, link)
     image_paths = _listed(images, "--images")
     json_files = sorted(p for p in _walk_dir(annotations, "--annotations") if p.suffix.lower() == ".json")
     if not json_files:
@@ -186,6 +187,7 @@ def import_mask_folders(
         DataError: Missing folders, a mask whose size differs from its image's, a mask value missing from
             ``classes``, duplicate file names, or no image at all.
     """
+    _check_options(normal_test_ratio, max_normal, link)
     image_paths, mask_paths = _listed(images, "--images"), _listed(masks, "--annotations")
     if Path(images).resolve() == Path(masks).resolve():  # masks beside their images: <stem>_mask, <stem>_label
         mask_paths = [p for p in mask_paths if p.stem.endswith(_MASK_SUFFIXES)]
@@ -388,12 +390,6 @@ def _write_category(
     images_root: Path,
 ) -> ImportSummary:
     """Split the normal images, link every image into place, write masks and the manifest."""
-    if not 0 <= normal_test_ratio <= 1:
-        raise DataError(f"--normal-test-ratio must be in [0, 1], got {normal_test_ratio}")
-    if max_normal is not None and max_normal < 1:
-        raise DataError(f"--max-normal must be at least 1, got {max_normal}")
-    if link not in ("symlink", "hardlink", "copy"):
-        raise DataError(f"--link must be symlink, hardlink or copy, got {link!r}")
     if not normals and not defects:
         raise DataError("no image to import")
     bad = sorted({d.defect_type for d in defects if _bad_defect_type(d.defect_type)})
@@ -412,7 +408,7 @@ def _write_category(
     placed += [(d.image, Path("test", d.defect_type, name[d.image])) for d in defects]
     _check_unique([rel for _, rel in placed])
     target = Path(out)
-    with staged_dir(target, MANIFEST, output=False) as tmp:
+    with staged_dir(target, MANIFEST, output=False, owned=("train", "test", "ground_truth", MANIFEST)) as tmp:
         for src, rel in placed:
             _place(src, tmp / rel, link)
         for d in defects:
@@ -433,6 +429,16 @@ def _write_category(
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
     return summary
+
+
+def _check_options(normal_test_ratio: float, max_normal: int | None, link: str) -> None:
+    """The options, before any file is read."""
+    if not 0 <= normal_test_ratio <= 1:
+        raise DataError(f"--normal-test-ratio must be in [0, 1], got {normal_test_ratio}")
+    if max_normal is not None and max_normal < 1:
+        raise DataError(f"--max-normal must be at least 1, got {max_normal}")
+    if link not in ("symlink", "hardlink", "copy"):
+        raise DataError(f"--link must be symlink, hardlink or copy, got {link!r}")
 
 
 def _output_names(paths: list[Path], root: Path) -> dict[Path, str]:
@@ -480,7 +486,7 @@ def _listed(folder: str | os.PathLike[str], option: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{option} {root}: folder not found")
-    paths = list_images([root])[0]
+    paths = list_images([root])[0]  # an earlier import inside the folder (an --out there) is left out
     if not paths:
         raise DataError(f"{option} {root}: no image found")
     return paths

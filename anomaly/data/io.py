@@ -22,7 +22,7 @@ import simplejpeg
 from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from anomaly._fs import OUTPUT_MARKER
+from anomaly._fs import IMPORT_MARKER, OUTPUT_MARKER
 from anomaly.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -414,8 +414,8 @@ def _walk(root: Path) -> list[Path]:
             dirnames.clear()
             continue
         visited.add(real)
-        if OUTPUT_MARKER in filenames and Path(dirpath) != root:
-            dirnames.clear()  # an earlier output of anomaly (overlays are PNGs): never an input
+        if (OUTPUT_MARKER in filenames or IMPORT_MARKER in filenames) and Path(dirpath) != root:
+            dirnames.clear()  # an earlier output or import of anomaly (overlays and masks are PNGs): not this input
             continue
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         files.extend(Path(dirpath, name) for name in filenames if not name.startswith("."))

@@ -395,7 +395,7 @@ def test_8_a_fit_killed_between_its_two_renames_is_read_and_cleaned_up(
     shutil.copytree(model, copy)
     code = (
         "import os, sys, anomaly._fs as fs\n"
-        "def killed(tmp, target):\n"
+        "def killed(tmp, target, owned=None):\n"
         "    target.rename(target.with_name(f'.{target.name}.old'))\n"
         "    os._exit(9)\n"
         "fs._swap = killed\n"

@@ -343,3 +343,16 @@ def test_mask_folders_read_masks_as_displayed_like_their_images(tmp_path: Path) 
     import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat")
     imported = read_mask(tmp_path / "cat" / "ground_truth" / "dent" / "a_mask.png")
     assert imported.shape == (W, H) and (imported == read_mask(tmp_path / "msk" / "dent" / "a.png")).all()
+
+
+def test_a_reimport_inside_its_source_reads_no_copy_of_itself_and_keeps_the_users_files(
+    labelme_src: Path, tmp_path: Path
+) -> None:
+    """An --out inside the source folder was read back on the next run (its ground-truth masks imported as normal
+    images); a re-import deleted the notes a user had put into the category."""
+    data, out = labelme_src / "data", labelme_src / "data" / "imported"
+    first = import_labelme(data, labelme_src / "label", out)
+    (out / "NOTES.txt").write_text("mine")
+    again = import_labelme(data, labelme_src / "label", out)
+    assert (again.n_train, again.n_test_good, again.defects) == (first.n_train, first.n_test_good, first.defects)
+    assert (out / "NOTES.txt").read_text() == "mine" and not list(out.rglob("*_mask_mask.png"))
