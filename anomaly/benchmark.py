@@ -227,7 +227,7 @@ def _run_job(
     try:
         data = _load(dataset, root, name, test_only)
         _remove_unfinished(out)
-        with staged_dir(out, "result.json", output=False) as staged:
+        with staged_dir(out, "result.json", output=False, owned=_CATEGORY_ENTRIES) as staged:
             return _run_category(data, config, staged, progress, eval_size, _source(dataset, root))
     except AnomalyError as exc:
         if named and not str(exc).startswith(f"{name}:"):

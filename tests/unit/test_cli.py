@@ -738,9 +738,11 @@ def test_a_visa_benchmark_reports_the_loaders_ground_truth_and_resumes_only_on_t
     )
     other = tmp_path / "other"
     shutil.copytree(visa, other)
+    (out / "widget" / "NOTES.txt").write_text("mine")
     with caplog.at_level(logging.INFO, logger="anomaly"):
         assert _run(*[other if a == visa else a for a in args]).exit_code == 0
     assert "already done" not in caplog.text and "--dataset or --root in" in caplog.text
+    assert (out / "widget" / "NOTES.txt").read_text() == "mine"  # a re-run keeps what the user put there
     assert json.loads((out / "widget" / "result.json").read_text())["source"]["root"] == str(other.resolve())
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     damaged = next((other / "widget" / "Data" / "Masks" / "Anomaly").iterdir())
