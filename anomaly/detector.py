@@ -672,12 +672,15 @@ class Detector:
         where inputs are rescaled to it (not under tiles of a fixed size) and the bit depth
         (:mod:`anomaly.data.input_checks`). Nothing is checked before a fit."""
         pre = self.config.preprocess
+        seen = "reference" if self.zero_shot else "training image"
         return InputProfile(
             aspects=self.training_aspects_ if self._stretched() else None,
+            aspects_of=f"the {seen}s'",
             smallest=None if self._fixed_scale() else self.training_smallest_,
+            smallest_of=f"the smallest {seen}'s",
             bit_depth=None if pre.bit_depth == "auto" else int(pre.bit_depth),  # auto: no fit or pool decided it
             colour=self.training_colour_,
-            images="reference" if self.zero_shot else "training image",
+            images=seen,
         )
 
     def _stretched(self) -> bool:
@@ -708,7 +711,7 @@ class Detector:
                 profile = replace(profile, aspects=(low, high), aspects_of="the middle half of the pool's")
             else:
                 spanned = (min(profile.aspects[0], low), max(profile.aspects[1], high))
-                whose = "the references' and the middle half of the pool's"
+                whose = f"{profile.aspects_of} and the middle half of the pool's"
                 profile = replace(profile, aspects=spanned, aspects_of=whose)
         elif profile.aspects is None:
             median = float(np.median([w / h for h, w in pool]))

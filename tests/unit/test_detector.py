@@ -546,6 +546,10 @@ def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(
     tiled = Detector(_config("patchcore", "preprocess.tile={size: 64}"))
     tiled.training_smallest_ = 120
     assert tiled.input_profile().smallest is None  # tiles of 64 px: a small image is not upscaled more
+    few_shot = Detector(_config("musc"))
+    few_shot.training_smallest_ = 120
+    profile = few_shot.input_profile()  # a zero-shot pool's references are no training images
+    assert (profile.smallest_of, profile.aspects_of) == ("the smallest reference's", "the references'")
 
 
 def test_results_compare_hash_and_serialise_as_plain_values() -> None:
