@@ -150,7 +150,7 @@ def import_labelme(
         max_normal=max_normal,
         seed=seed,
         link=link,
-        source={"format": "labelme", "images": str(images), "annotations": str(annotations)},
+        source={"format": "labelme", "images": os.path.abspath(images), "annotations": os.path.abspath(annotations)},
         images_root=Path(images),
     )
 
@@ -251,7 +251,12 @@ def import_mask_folders(
         max_normal=max_normal,
         seed=seed,
         link=link,
-        source={"format": "mask-folders", "images": str(images), "masks": str(masks), "classes": classes},
+        source={
+            "format": "mask-folders",
+            "images": os.path.abspath(images),
+            "masks": os.path.abspath(masks),
+            "classes": classes,
+        },
         images_root=Path(images),
     )
 
