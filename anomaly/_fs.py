@@ -48,8 +48,8 @@ __all__ = [
 OUTPUT_MARKER = ".anomaly-output.json"
 """Marks a folder written by anomaly and lists what it wrote; such folders are never read as inputs."""
 IMPORT_MARKER = ".anomaly-import.json"
-"""The manifest of a category written by ``anomaly import``: a folder holding one is read as input only when named
-itself (or its sub-folders), never found while listing a folder above it (an --out inside the source folder)."""
+"""The manifest of a category written by ``anomaly import``: an import does not read one inside its source folder
+(an --out there) as a source again."""
 _OWNER_FILE = ".anomaly-owner"
 
 

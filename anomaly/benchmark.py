@@ -114,7 +114,8 @@ def run_benchmark(
     jobs: dict[str, Callable[[], dict[str, Any]]] = {}
     for name in names:
         done = _read_result(out_dir / name / "result.json") if not force else None
-        if done is not None and _same_run(done, config, eval_size) and done.get("source") == source:
+        # a record of an earlier version has no source: taken as this one's, as that version did
+        if done is not None and _same_run(done, config, eval_size) and done.get("source", source) == source:
             log.info("%s: already done, skipped (use --force to re-run)", name)
             rows[name] = done["row"]
         else:
@@ -242,9 +243,10 @@ def _source(dataset: str, root: Path) -> dict[str, str]:
 
 def _remove_unfinished(out: Path) -> None:
     """Remove a category folder that an interrupted run of an earlier version left without result.json (only its
-    own entries in it): there is no result to keep, and a folder without result.json is not replaced."""
-    if out.is_dir() and not (out / "result.json").exists() and {p.name for p in out.iterdir()} <= _CATEGORY_ENTRIES:
-        shutil.rmtree(out)
+    own entries in it, and its hidden temp folders): there is no result to keep, and such a folder is not replaced."""
+    if out.is_dir() and not (out / "result.json").exists():
+        if {p.name for p in out.iterdir() if not p.name.startswith(".")} <= _CATEGORY_ENTRIES:
+            shutil.rmtree(out)
 
 
 def _find(root: Path, dataset: str, test_only: bool) -> list[str]:

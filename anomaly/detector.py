@@ -237,8 +237,8 @@ class Detector:
 
     @property
     def pixel_threshold_(self) -> float | None:
-        """The pixel (map) threshold of a fitted trained detector."""
-        return None if self.decision_ is None else self.decision_.pixel
+        """The pixel (map) threshold of a fitted trained detector (None without maps)."""
+        return None if self.decision_ is None or not self.scorer.has_maps else self.decision_.pixel
 
     # ------------------------------------------------------------------ stages
     def extract(
@@ -503,7 +503,7 @@ class Detector:
                 out = self.scorer.score(feats.layers).checked(len(feats.layers[0]), self.scorer.name)
                 scored = self.finish(out, ok, self.decision_, maps=maps)
                 check.add_decoded(ok)
-            yield from in_input_order(batch.items, scored, self.decision_)
+            yield from in_input_order(batch.items, scored, self.decision_, has_maps=self.scorer.has_maps)
         check.warn(len(items))
 
     def _predict_pool(
@@ -513,7 +513,7 @@ class Detector:
         # such pools take turns, so a call from another thread never scores with the input size of this one.
         with self._pool_lock if self.reference_ is None else contextlib.nullcontext():
             decoded, results, decision = self._score_pool_items(items, maps, keep_images, progress, skip)
-        yield from in_input_order(decoded, results, decision)
+        yield from in_input_order(decoded, results, decision, has_maps=self.scorer.has_maps)
 
     def _score_pool_items(
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: StageProgress | None, skip: bool
@@ -998,13 +998,15 @@ def _n_views(image: DecodedImage) -> int:
 
 
 def in_input_order(
-    decoded: list[DecodedImage], results: list[DetectionResult], decision: Threshold
+    decoded: list[DecodedImage], results: list[DetectionResult], decision: Threshold, *, has_maps: bool = True
 ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
-    """Results in input order; inputs that failed to decode get an error result (NaN score)."""
+    """Results in input order; inputs that failed to decode get an error result (NaN score; a scorer without maps
+    gives no pixel threshold)."""
     scored = iter(results)
     for item in decoded:
         if item.error is not None:
-            yield DetectionResult.unreadable(item.source, item.error, decision.image, decision.pixel), None
+            pixel = decision.pixel if has_maps else math.nan
+            yield DetectionResult.unreadable(item.source, item.error, decision.image, pixel), None
         else:
             yield next(scored), item.original
 

@@ -89,7 +89,8 @@ def import_labelme(
     Args:
         images: Folder of all images, normal and defective.
         annotations: Folder of labelme ``.json`` files (recursive).
-        out: Category folder to write (e.g. ``/data/bsdata``); replaced if it is an earlier import.
+        out: Category folder to write (e.g. ``/data/bsdata``); an earlier import there is replaced (files you added
+            to it are kept).
         normal_test_ratio: Share of the normal images put in ``test/good``; the rest go to ``train/good``.
         max_normal: Use at most this many normal images (a seeded random subset) before splitting.
         seed: Seed of the subset and of the split.
@@ -168,15 +169,17 @@ def import_mask_folders(
 ) -> ImportSummary:
     """Import an image folder with a parallel mask folder.
 
-    The mask of ``images/<sub>/<stem>.<ext>`` is ``masks/<sub>/<stem>.<ext>`` or ``<stem>_mask.<ext>`` (any
-    image suffix). Non-zero mask pixels are defective; an image without a mask or with an all-zero mask is
-    normal. The defect type is, with ``classes``, the class of the most frequent non-zero mask value; without
-    it, the image's first sub-folder under ``images`` (``defect`` for images directly in it).
+    The mask of ``images/<sub>/<stem>.<ext>`` is ``masks/<sub>/<stem>.<ext>``, ``<stem>_mask.<ext>`` or
+    ``<stem>_label.<ext>`` (any image suffix). Non-zero mask pixels are defective; an image with an all-zero mask is
+    normal, and so is one without a mask (named in a warning inside a folder of defects). File names that repeat in
+    one output folder take their sub-folders as a prefix. The defect type is, with ``classes``, the class of the
+    most frequent non-zero mask value; without it, the image's first sub-folder under ``images`` (``defect`` for
+    images directly in it).
 
     Args:
         images: Image folder (recursive).
         masks: Mask folder with the same sub-folders.
-        out: Category folder to write; replaced if it is an earlier import.
+        out: Category folder to write; an earlier import there is replaced (files you added to it are kept).
         classes: Mask value -> defect type (e.g. ``{1: "inclusion", 2: "patches"}``).
         normal_test_ratio, max_normal, seed, link: As in :func:`import_labelme`.
 
@@ -271,7 +274,7 @@ def _check_masks_matched(unmatched: list[Path], n_masks: int, masks: Path) -> No
     """A mask that matches no image is a naming mismatch, and its image would be imported as a normal one."""
     if not unmatched:
         return
-    rule = "a mask is named <stem>.<ext> or <stem>_mask.<ext> in the image's sub-folder"
+    rule = "a mask is named <stem>.<ext>, <stem>_mask.<ext> or <stem>_label.<ext> in the image's sub-folder"
     if len(unmatched) == n_masks:
         raise DataError(f"--annotations {masks}: none of its {n_masks} masks matches an image ({rule}), first: "
                         f"{unmatched[0]}")  # fmt: skip
@@ -407,10 +410,10 @@ def _write_category(
     held_out = set(rng.permutation(len(normals))[:n_test].tolist())
     train = [p for i, p in enumerate(normals) if i not in held_out]
     test_good = [p for i, p in enumerate(normals) if i in held_out]
-    name = _output_names([*normals, *(d.image for d in defects)], images_root)
-    placed: list[tuple[Path, Path]] = [(p, Path("train", "good", name[p])) for p in train]
-    placed += [(p, Path("test", "good", name[p])) for p in test_good]
-    placed += [(d.image, Path("test", d.defect_type, name[d.image])) for d in defects]
+    folders = [(p, Path("train", "good")) for p in train] + [(p, Path("test", "good")) for p in test_good]
+    folders += [(d.image, Path("test", d.defect_type)) for d in defects]
+    name = _output_names(folders, images_root)
+    placed = [(p, folder / name[p]) for p, folder in folders]
     _check_unique([rel for _, rel in placed])
     target = Path(out)
     with staged_dir(target, MANIFEST, output=False, owned=("train", "test", "ground_truth", MANIFEST)) as tmp:
@@ -446,11 +449,12 @@ def _check_options(normal_test_ratio: float, max_normal: int | None, link: str) 
         raise DataError(f"--link must be symlink, hardlink or copy, got {link!r}")
 
 
-def _output_names(paths: list[Path], root: Path) -> dict[Path, str]:
-    """Each image's file name in the category; names that repeat across sub-folders of ``root`` take their
-    sub-folders as a prefix (KolektorSDD's ``kos01/Part0.jpg`` -> ``kos01_Part0.jpg``): the layout is flat."""
-    repeated = {n for n, c in Counter(p.name for p in paths).items() if c > 1}
-    return {p: "_".join(p.relative_to(root).parts) if p.name in repeated else p.name for p in paths}
+def _output_names(folders: list[tuple[Path, Path]], root: Path) -> dict[Path, str]:
+    """Each image's file name in its category folder (``folders``: image and destination); names that repeat
+    within one destination take their sub-folders of ``root`` as a prefix (KolektorSDD's ``kos01/Part0.jpg`` ->
+    ``kos01_Part0.jpg``): the layout is flat."""
+    count = Counter((folder, p.name) for p, folder in folders)
+    return {p: "_".join(p.relative_to(root).parts) if count[folder, p.name] > 1 else p.name for p, folder in folders}
 
 
 def _place(src: Path, dst: Path, link: Link) -> None:
@@ -491,7 +495,7 @@ def _listed(folder: str | os.PathLike[str], option: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{option} {root}: folder not found")
-    paths = list_images([root])[0]  # an earlier import inside the folder (an --out there) is left out
+    paths = list_images([root], skip_imports=True)[0]  # an earlier import inside the folder (an --out there) left out
     if not paths:
         raise DataError(f"{option} {root}: no image found")
     return paths

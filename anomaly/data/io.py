@@ -332,7 +332,9 @@ def resize_mask(mask: NDArray[np.bool_], size: tuple[int, int]) -> NDArray[np.bo
     return resized > 0
 
 
-def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> tuple[list[Path], int]:
+def list_images(
+    inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *, skip_imports: bool = False
+) -> tuple[list[Path], int]:
     """Expand files, folders and glob patterns into a list of image files.
 
     Folders are searched recursively and sorted by relative path; hidden files and folders (name starting with
@@ -342,6 +344,8 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
 
     Args:
         inputs: Image files, folders or glob patterns (``**`` is recursive).
+        skip_imports: Leave out the categories that ``anomaly import`` wrote inside a folder (the importer's own
+            sources: an --out there is not imported again). Earlier outputs of anomaly are always left out.
 
     Returns:
         ``(images, n_ignored)``: the image paths as found (absolute if the input was absolute) and the number
@@ -362,7 +366,7 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
     for item in inputs:
         path = Path(item)
         explicit_file = path.is_file()
-        files = [path] if explicit_file else _expand(item)
+        files = [path] if explicit_file else _expand(item, skip_imports)
         found = [f for f in files if is_image_file(f)]
         if explicit_file and not found:
             unsupported.append(_printable(path))
@@ -388,11 +392,11 @@ def list_images(inputs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
     return images, n_ignored
 
 
-def _expand(item: str | os.PathLike[str]) -> list[Path]:
+def _expand(item: str | os.PathLike[str], skip_imports: bool) -> list[Path]:
     """List the files a folder or glob pattern stands for."""
     path = Path(item)
     if path.is_dir():
-        return _walk(path)
+        return _walk(path, skip_imports)
     if GLOB_CHARS.isdisjoint(str(item)):
         raise DataError(f"no such file or folder: {item}")
     matches = sorted((Path(m) for m in glob.glob(str(item), recursive=True)), key=lambda p: p.parts)
@@ -400,12 +404,14 @@ def _expand(item: str | os.PathLike[str]) -> list[Path]:
         raise DataError(f"no file matches: {item}")
     files: list[Path] = []
     for match in matches:
-        files.extend(_walk(match) if match.is_dir() else [match])
+        files.extend(_walk(match, skip_imports) if match.is_dir() else [match])
     return files
 
 
-def _walk(root: Path) -> list[Path]:
-    """Non-hidden files under ``root``, recursively, sorted by relative path; symlinked folders followed once."""
+def _walk(root: Path, skip_imports: bool = False) -> list[Path]:
+    """Non-hidden files under ``root``, recursively, sorted by relative path; symlinked folders followed once; an
+    earlier output of anomaly below ``root`` left out, and with ``skip_imports`` an earlier import too."""
+    markers = (OUTPUT_MARKER, IMPORT_MARKER) if skip_imports else (OUTPUT_MARKER,)
     files: list[Path] = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -414,8 +420,8 @@ def _walk(root: Path) -> list[Path]:
             dirnames.clear()
             continue
         visited.add(real)
-        if (OUTPUT_MARKER in filenames or IMPORT_MARKER in filenames) and Path(dirpath) != root:
-            dirnames.clear()  # an earlier output or import of anomaly (overlays and masks are PNGs): not this input
+        if any(marker in filenames for marker in markers) and Path(dirpath) != root:
+            dirnames.clear()  # an earlier output (overlays are PNGs) or import (masks): not this input
             continue
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         files.extend(Path(dirpath, name) for name in filenames if not name.startswith("."))

@@ -46,7 +46,8 @@ def build_report(
     Args:
         scores_dir: Folder written by ``anomaly score`` (scores.csv, maps/, overlays/).
         out_dir: Report folder to create or replace (a folder holding something else is refused).
-        evaluation_dir: Folder written by ``anomaly evaluate --out`` (metrics.json, aupimo.json, pimo.json).
+        evaluation_dir: Folder written by ``anomaly evaluate --out`` (metrics.json, ground_truth.json: the labels
+            and masks shown, aupimo.json, pimo.json).
         discovery_dir: Folder written by ``anomaly discover`` (clusters.csv).
         progress: Called as ``progress("report", done, total)`` while pictures are written.
 

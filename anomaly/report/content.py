@@ -37,7 +37,7 @@ class Item:
     image: Path | None  # the original image file, when it can be found
     map: Path | None  # float32 .npy map
     overlay: Path | None  # heatmap overlay PNG written by `anomaly score`
-    ground_truth: Path | None  # ground-truth mask file (MVTec layout)
+    ground_truth: Path | None  # ground-truth mask file (from the evaluation, else by the MVTec layout)
     aupimo: float | None = None
     cluster: str | None = None
     confidence: float | None = None
@@ -241,9 +241,11 @@ def _read_truth(folder: Path, rows: list[dict[str, str]]) -> _GroundTruth | None
         by_path = {str(p): (int(y), None if m is None else Path(m)) for p, y, m in cells}
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: malformed ({type(exc).__name__}: {exc})") from None
-    foreign = next((r["path"] for r in rows if r["path"] not in by_path), None)
-    if foreign is not None:
-        raise DataError(f"{path}: {foreign} of the scores.csv is not in it (an evaluation of other scores?)")
+    foreign = [r["path"] for r in rows if r["path"] not in by_path]
+    if foreign:
+        log.warning("%d image(s) of the scores.csv are not in %s (first: %s): their labels are read from folder names",
+                    len(foreign), path, foreign[0])  # fmt: skip
+        by_path.update({p: (true_label(p), None) for p in foreign})
     category = data.get("category")
     return _GroundTruth(category if isinstance(category, str) and category else None, by_path)
 

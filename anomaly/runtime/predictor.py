@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -78,7 +79,7 @@ class ExportedDetector:
         self.scorer = ScorerInfo(self.manifest["scorer"]["name"], self._scorer.has_maps)
         self.decision_ = self.postprocess.threshold
         self.threshold_ = self.decision_.image
-        self.pixel_threshold_ = self.decision_.pixel
+        self.pixel_threshold_ = self.decision_.pixel if self.scorer.has_maps else None  # no map, no mask
         self.image_size = self.postprocess.input_size
         self._check_runs()
 
@@ -159,7 +160,8 @@ class ExportedDetector:
             for b in batch:
                 if b[0] is None:  # unreadable, skipped: NaN score and the reason
                     threshold = self.decision_
-                    yield DetectionResult.unreadable(b[2], b[3], threshold.image, threshold.pixel), None
+                    pixel = threshold.pixel if self.scorer.has_maps else math.nan  # no map, no mask
+                    yield DetectionResult.unreadable(b[2], b[3], threshold.image, pixel), None
                 else:
                     yield next(results), b[3] if keep_images else None
             done += len(batch)

@@ -519,7 +519,7 @@ def test_a_pool_with_references_names_only_images_far_from_both(caplog: pytest.L
     caplog.clear()
     det.predict([strip, references[0]])  # too few to show a spread: judged by the references alone
     (line,) = [r.message for r in caplog.records if "aspect" in r.message]
-    assert line.startswith("1 of 2 image(s) have an aspect (width / height) outside the training images' (1.00)")
+    assert line.startswith("1 of 2 image(s) have an aspect (width / height) outside the references' (1.00)")
 
 
 def test_an_image_far_smaller_than_every_training_image_is_named_in_a_warning(

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from anomaly.cli import app
 from anomaly.data import load_mvtec, read_mask
 from anomaly.data.importers import import_labelme, import_mask_folders
+from anomaly.data.io import list_images
 from anomaly.errors import DataError
 
 W, H = 20, 16
@@ -321,11 +322,9 @@ def test_kolektorsdd_as_shipped_imports_in_place(tmp_path: Path, caplog: pytest.
     caplog.set_level("WARNING", logger="anomaly")
     summary = import_mask_folders(data, data, tmp_path / "cat", classes={1: "crack"}, normal_test_ratio=0)
     assert summary.defects == {"crack": 1} and summary.n_train == 5 and "have no mask" not in caplog.text
-    assert sorted(p.name for p in (tmp_path / "cat" / "train" / "good").iterdir())[:2] == [
-        "kos01_Part0.jpg",
-        "kos01_Part1.jpg",
-    ]
-    assert int(read_mask(tmp_path / "cat" / "ground_truth" / "crack" / "kos02_Part1_mask.png").sum()) == 12
+    names = sorted(p.name for p in (tmp_path / "cat" / "train" / "good").iterdir())
+    assert names == ["Part1.jpg", "kos01_Part0.jpg", "kos01_Part2.jpg", "kos02_Part0.jpg", "kos02_Part2.jpg"]
+    assert int(read_mask(tmp_path / "cat" / "ground_truth" / "crack" / "Part1_mask.png").sum()) == 12
     assert len(load_mvtec(tmp_path / "cat").test) == 1
 
 
@@ -356,3 +355,24 @@ def test_a_reimport_inside_its_source_reads_no_copy_of_itself_and_keeps_the_user
     again = import_labelme(data, labelme_src / "label", out)
     assert (again.n_train, again.n_test_good, again.defects) == (first.n_train, first.n_test_good, first.defects)
     assert (out / "NOTES.txt").read_text() == "mine" and not list(out.rglob("*_mask_mask.png"))
+    scored = list_images([data])[0]  # `anomaly score data/` still reads the imported category: only import skips it
+    assert len(scored) > len(list_images([data], skip_imports=True)[0]) and any(p.is_relative_to(out) for p in scored)
+
+
+def test_names_repeat_only_within_one_output_folder_to_take_a_prefix(tmp_path: Path) -> None:
+    """`crack/000.png`, `dent/000.png` and `good/000.png` land in three folders: no prefix for any of them."""
+    for folder in ("crack", "dent", "good"):
+        _image(tmp_path / "img" / folder / "000.png")
+    _image(tmp_path / "img" / "good" / "001.png")
+    for folder in ("crack", "dent"):
+        Image.fromarray(np.full((H, W), 255, np.uint8)).save(_image(tmp_path / "msk" / folder / "000.png"))
+    import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat", normal_test_ratio=0)
+    names = sorted(p.relative_to(tmp_path / "cat").as_posix() for p in (tmp_path / "cat").rglob("*.png"))
+    assert names == [
+        "ground_truth/crack/000_mask.png",
+        "ground_truth/dent/000_mask.png",
+        "test/crack/000.png",
+        "test/dent/000.png",
+        "train/good/000.png",
+        "train/good/001.png",
+    ]
