@@ -167,9 +167,11 @@ def _swap(tmp: Path, target: Path, owned: Collection[str] | None = None) -> None
         return
     ours = _owned(target) if owned is None else set(owned)
     if ours is not None:
-        for entry in target.iterdir():
-            if entry.name not in ours and entry.name != OUTPUT_MARKER and not (tmp / entry.name).exists():
-                entry.rename(tmp / entry.name)
+        users = [e for e in target.iterdir() if e.name not in ours | {OUTPUT_MARKER} and not (tmp / e.name).exists()]
+        if users:  # the temp folder now holds the user's files: a run killed before the renames leaves it to the
+            (tmp / _OWNER_FILE).unlink(missing_ok=True)  # user, not to the clean-up of dead runs' temp folders
+        for entry in users:
+            entry.rename(tmp / entry.name)
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     target.rename(old)

@@ -721,3 +721,33 @@ def test_every_image_gets_its_own_map_name_when_a_kept_suffix_meets_another_stem
     assert [n.as_posix() for n in names] == ["coll/a.png", "coll/a.tif", "coll/a.png.png", "coll/b"]
     chain = [Path("/d/x/a.png"), Path("/d/x/a.jpg"), Path("/d/x/a.png.png"), Path("/d/x/a.png.png.png")]
     assert len(set(relative_names(chain))) == len(chain)
+
+
+def test_a_swap_killed_after_moving_the_users_files_leaves_them_to_the_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's files move into the new folder before the two renames; a run killed in between left them in a
+    temp folder that the next run deleted as a dead run's."""
+    from anomaly import _fs
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "result.json").write_text("{}")
+    (target / "notes.txt").write_text("mine")
+    tmp = _fs.new_temp_dir(target, "result.json", output=False)
+    (tmp / "result.json").write_text("{}")
+    rename = Path.rename
+
+    def killed(self: Path, dest: Path) -> Path:
+        if self == target:  # the first of the two renames
+            raise KeyboardInterrupt
+        return rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _fs.replace_dir(tmp, target, owned={"result.json"})
+    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(_fs, "_alive", lambda pid: False)  # the run is gone
+        _fs.new_temp_dir(target, "result.json", output=False)  # the next run cleans up beside the target
+    assert (tmp / "notes.txt").read_text() == "mine"
