@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ImportSummary", "import_labelme", "import_mask_folders", "parse_classes"]
 
 Link = Literal["symlink", "hardlink", "copy"]
-MANIFEST = IMPORT_MARKER
 _AREA_SHAPES = ("polygon", "rectangle", "circle", "mask")
 _FLAT_SHAPES = ("point", "points", "line", "linestrip")  # labelme's shapes that mark no area
 _MASK_SUFFIXES = ("_mask", "_label")  # a mask's name beside its image: x_mask.png, or KolektorSDD's x_label.bmp
@@ -416,7 +415,7 @@ def _write_category(
     placed = [(p, folder / name[p]) for p, folder in folders]
     _check_unique([rel for _, rel in placed])
     target = Path(out)
-    with staged_dir(target, MANIFEST, output=False, owned=("train", "test", "ground_truth", MANIFEST)) as tmp:
+    with staged_dir(target, IMPORT_MARKER, output=False, owned=("train", "test", "ground_truth", IMPORT_MARKER)) as tmp:
         for src, rel in placed:
             _place(src, tmp / rel, link)
         for d in defects:
@@ -435,7 +434,7 @@ def _write_category(
             "link": link,
             "counts": {"train_good": summary.n_train, "test_good": summary.n_test_good, **summary.defects},
         }
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        atomic_write_text(tmp / IMPORT_MARKER, json.dumps(manifest, indent=2))
     return summary
 
 
