@@ -106,8 +106,9 @@ def run_benchmark(
         raise DataError(f"--root {root}: no {dataset} category found")
     if not categories and dataset == "mvtec":
         _say_left_out(root, names, test_only)
-    for name in names:  # every name checked before the first (long) category runs
-        _check_category(_load(dataset, root, name, test_only), dataset, root, name)
+    loaded = {name: _load(dataset, root, name, test_only) for name in names}
+    for name, data in loaded.items():  # every category checked before the first (long) one runs
+        _check_category(data, dataset, root, name)
     _check_out(out_dir)
     source = _source(dataset, root)
     rows: dict[str, dict[str, Any]] = {}
@@ -123,7 +124,7 @@ def run_benchmark(
                 log.warning("%s: results of another config, --eval-size, --dataset or --root in %s are replaced",
                             name, out_dir / name)  # fmt: skip
             jobs[name] = functools.partial(
-                _run_job, dataset, root, name, config, out_dir / name, progress, test_only, eval_size, len(names) > 1
+                _run_job, loaded[name], source, name, config, out_dir / name, progress, eval_size, len(names) > 1
             )
     if jobs:
         log.info("running %s", ", ".join(jobs))
@@ -213,23 +214,21 @@ def _check_category(data: CategoryData, dataset: str, root: Path, name: str) -> 
 
 
 def _run_job(
-    dataset: str,
-    root: Path,
+    data: CategoryData,
+    source: dict[str, str],
     name: str,
     config: DetectorConfig,
     out: Path,
     progress: Any,
-    test_only: bool,
     eval_size: tuple[int, int] | None,
     named: bool,
 ) -> dict[str, Any]:
     """One category's row, its folder written whole or not at all (an error or a kill leaves the previous one);
     with ``named`` (one of several categories), a user error says which (with --ray too)."""
     try:
-        data = _load(dataset, root, name, test_only)
         _remove_unfinished(out)
         with staged_dir(out, "result.json", output=False, owned=_CATEGORY_ENTRIES) as staged:
-            return _run_category(data, config, staged, progress, eval_size, _source(dataset, root))
+            return _run_category(data, config, staged, progress, eval_size, source)
     except AnomalyError as exc:
         if named and not str(exc).startswith(f"{name}:"):
             raise type(exc)(f"{name}: {exc}") from None

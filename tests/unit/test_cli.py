@@ -761,6 +761,21 @@ def test_a_visa_benchmark_reports_the_loaders_ground_truth_and_resumes_only_on_t
     assert report.exit_code == 0 and "1 ground-truth mask(s) are not found here" in report.output, report.output
 
 
+def test_a_visa_benchmark_names_a_normal_row_with_a_mask_once(synthetic_root: Path, tmp_path: Path, caplog) -> None:
+    """The warning about a normal image with a mask cell was logged twice per category (checked, then loaded again)."""
+    visa = _as_visa(synthetic_root, tmp_path / "visa")
+    split = visa / "split_csv" / "1cls.csv"
+    rows = list(csv.reader(split.open()))
+    normal = next(r for r in rows if r[1] == "test" and r[2] == "normal")
+    normal[4] = next(r[4] for r in rows if r[4])  # a mislabelled row: normal, with a defect's mask
+    with split.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    args = ["benchmark", "--dataset", "visa", "--root", visa, "--config", "musc", "--out", tmp_path / "o"]
+    with caplog.at_level(logging.WARNING, logger="anomaly"):
+        assert _run(*args, "--set", "backbone.image_size=[128,128]").exit_code == 0
+    assert caplog.text.count("a normal image with a mask") == 1, caplog.text
+
+
 def test_a_converted_visa_category_without_training_images_runs_zero_shot(synthetic_root: Path, tmp_path: Path) -> None:
     """VisA converted to the MVTec layout without train/good was refused by --dataset visa (not by --dataset mvtec)
     with a message that said it was not in the MVTec layout."""
