@@ -14,7 +14,7 @@ from typing import Any
 import anomaly
 from anomaly.errors import DataError
 
-__all__ = ["Workers", "cluster", "require_ray", "workers"]
+__all__ = ["Workers", "cluster", "require_ray", "use_reserved_cpus", "workers"]
 
 _CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connection at once; a busy network may take seconds
 
@@ -87,6 +87,20 @@ def _worker_env() -> dict[str, str]:
     if root.name not in ("site-packages", "dist-packages"):  # a source checkout: workers import it too
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     return env
+
+
+def use_reserved_cpus() -> None:
+    """Run this actor's or task's torch and FAISS threads on the CPUs Ray reserved for it: an OMP_NUM_THREADS set
+    for the driver is inherited by every worker and would oversubscribe the node (and sum convolutions in another
+    order than the 1-CPU actors a local Ray gets when it is unset)."""
+    import faiss
+    import ray
+    import torch
+
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    if cpus > 0:
+        torch.set_num_threads(cpus)
+        faiss.omp_set_num_threads(cpus)
 
 
 @dataclass(frozen=True)

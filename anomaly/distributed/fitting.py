@@ -30,7 +30,7 @@ from anomaly.config import DetectorConfig
 from anomaly.data.inputs import training_paths
 from anomaly.data.loader import DecodedImage
 from anomaly.detector import Detector
-from anomaly.distributed._cluster import cluster, require_ray, workers
+from anomaly.distributed._cluster import cluster, require_ray, use_reserved_cpus, workers
 from anomaly.errors import AnomalyError, ConfigError, DataError
 from anomaly.index import NNIndex
 from anomaly.results import StageProgress
@@ -87,6 +87,7 @@ class FitWorker:
     """Ray actor: one backbone; extracts features of image shards and runs the memory bank's fold steps."""
 
     def __init__(self, config: DetectorConfig) -> None:
+        use_reserved_cpus()
         self.detector = Detector(config)
 
     def features(self, paths: list[str]) -> tuple[list[torch.Tensor], list[DecodedImage]]:

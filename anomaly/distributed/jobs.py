@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from anomaly.distributed._cluster import cluster, workers
+from anomaly.distributed._cluster import cluster, use_reserved_cpus, workers
 from anomaly.errors import AnomalyError
 
 __all__ = ["run_jobs"]
@@ -26,4 +26,5 @@ def run_jobs(jobs: list[Callable[[], T]], *, address: str | None = None) -> list
 
 
 def _call(job: Callable[[], T]) -> T:
+    use_reserved_cpus()
     return job()

@@ -26,7 +26,7 @@ import numpy as np
 
 from anomaly._fs import check_output_dir, finish_dir, restore_interrupted
 from anomaly.data.inputs import image_paths
-from anomaly.distributed._cluster import cluster, require_ray, workers
+from anomaly.distributed._cluster import cluster, require_ray, use_reserved_cpus, workers
 from anomaly.errors import AnomalyError, DataError
 from anomaly.outputs import relative_names, write_result
 from anomaly.results import StageProgress
@@ -142,6 +142,7 @@ class ScoreWorker:
     """Ray Data actor: one loaded model; scores a batch of paths and writes their maps and overlays."""
 
     def __init__(self, model: str, staging: str, maps: bool, overlays: bool, overlay_size: int) -> None:
+        use_reserved_cpus()
         self.error = ""
         try:
             self.detector = load_model(Path(model))

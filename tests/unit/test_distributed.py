@@ -30,6 +30,7 @@ def fault_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The fault-injection file: a worker that finds it deletes it and dies mid-batch."""
     path = tmp_path_factory.mktemp("fault") / "die-once"
     env = {FAULT_ENV: str(path), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env["OMP_NUM_THREADS"] = "2"  # as a driver's setting reaches every worker: each actor still uses its 1 CPU
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env})
     yield path
     ray.shutdown()
