@@ -208,6 +208,7 @@ def import_mask_folders(
     defects: list[_Defect] = []
     used: set[Path] = set()
     graded: list[Path] = []
+    inverted: list[Path] = []  # defect along the whole border: a white background with black defects?
     maskless: list[Path] = []  # normal for want of a mask file (an empty mask says so explicitly)
     for image in image_paths:
         rel = image.relative_to(images)
@@ -224,6 +225,8 @@ def import_mask_folders(
             continue
         if classes is None and mask_level_count(values) > SOFT_MASK_LEVELS:
             graded.append(mask_path)
+        if _border_all_set(values):
+            inverted.append(mask_path)
         size = _image_size(image)
         if (values.shape[1], values.shape[0]) != size:
             raise DataError(f"{mask_path}: mask size {values.shape[1]}x{values.shape[0]} differs from {image} {size}")
@@ -240,6 +243,9 @@ def import_mask_folders(
     if graded:
         log.warning("%d mask(s) have many levels (soft edges, or lossy JPEG noise): every pixel above 0 is taken as "
                     "defect, first: %s", len(graded), graded[0])  # fmt: skip
+    if inverted:
+        log.warning("%d mask(s) mark their whole border as defect: inverted (a white background)? Every pixel above 0 "
+                    "is taken as defect, first: %s", len(inverted), inverted[0])  # fmt: skip
     defect_folders = {_sub_folder(d.image, images) for d in defects} - {None}
     unmasked = [p for p in maskless if _sub_folder(p, images) in defect_folders]
     if unmasked:  # no mask means normal; in a folder of defects that is worth a look
@@ -516,6 +522,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
         raise DataError(f"{path}: not a labelme file (no 'shapes' list)")
     return doc
+
+
+def _border_all_set(values: NDArray[np.integer[Any]]) -> bool:
+    """Every pixel of the mask's outer row and column is non-zero (a defect rarely touches all four edges)."""
+    return bool(values[[0, -1], :].all() and values[:, [0, -1]].all())
 
 
 def _image_size(path: Path) -> tuple[int, int]:

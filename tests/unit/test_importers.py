@@ -272,7 +272,7 @@ def test_labelme_rectangles_of_four_points_and_mask_shapes_fill_their_area(tmp_p
 def test_mask_folders_quirks_of_real_exports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An opaque RGBA mask became a whole-image defect (the alpha channel won the maximum); images beside their
     `_mask` files made every image a defect of itself; a defect-folder image without a mask went to train/good
-    unnamed; a JPEG mask's noise was taken as defect unnamed."""
+    unnamed; a JPEG mask's noise, or an inverted mask (white background), was taken as defect unnamed."""
 
     def mask_of(box: tuple[slice, slice], value: int = 255) -> np.ndarray:
         mask = np.zeros((H, W), np.uint8)
@@ -281,7 +281,7 @@ def test_mask_folders_quirks_of_real_exports(tmp_path: Path, caplog: pytest.LogC
 
     for i in range(4):
         _image(tmp_path / "img" / "good" / f"g{i}.png")
-    for i in range(3):
+    for i in range(4):
         _image(tmp_path / "img" / "dent" / f"d{i}.png")
     rgba = np.zeros((H, W, 4), np.uint8)
     rgba[..., 3] = 255  # opaque, as image editors export
@@ -291,9 +291,11 @@ def test_mask_folders_quirks_of_real_exports(tmp_path: Path, caplog: pytest.LogC
     graded = mask_of((slice(2, 6), slice(3, 8)))
     graded[8:10, 8:18] = np.arange(1, 21).reshape(2, 10)  # many levels: JPEG noise or soft edges
     Image.fromarray(graded).save(tmp_path / "msk" / "dent" / "d1.png")  # d2 has no mask
+    Image.fromarray(255 - mask_of((slice(2, 6), slice(3, 8)))).save(tmp_path / "msk" / "dent" / "d3.png")  # inverted
     caplog.set_level("WARNING", logger="anomaly")
     summary = import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat")
-    assert summary.defects == {"dent": 2} and summary.n_train + summary.n_test_good == 5
+    assert summary.defects == {"dent": 3} and summary.n_train + summary.n_test_good == 5
+    assert "1 mask(s) mark their whole border as defect: inverted" in caplog.text and "d3.png" in caplog.text
     assert int(read_mask(tmp_path / "cat" / "ground_truth" / "dent" / "d0_mask.png").sum()) == 20
     assert "1 mask(s) have many levels" in caplog.text and "d1.png" in caplog.text
     assert "1 image(s) in folders of defects have no mask and are imported as normal" in caplog.text
