@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -294,9 +294,7 @@ class Detector:
         )
 
     # --------------------------------------------------------------------- fit
-    def fit(
-        self, images: Sequence[ImageInput] | str | os.PathLike[str], progress: StageProgress | None = None
-    ) -> Detector:
+    def fit(self, images: Sequence[ImageInput] | ImageInput, progress: StageProgress | None = None) -> Detector:
         """Learn from normal images (files, folders, a category root, arrays); zero-shot: store references.
 
         Trained scorers are cross-fitted: the images are split into ``threshold.folds`` folds and
@@ -874,9 +872,13 @@ def _saved_weights_sha(meta: dict[str, Any]) -> str | None:
     return sha if isinstance(sha, str) and sha else None
 
 
-def _expand_training(images: Sequence[ImageInput] | str | os.PathLike[str]) -> list[ImageInput]:
-    """Folders, globs and category roots become image paths (narrowed to train/good); the rest stays."""
-    items = read_streams([images] if isinstance(images, (str, os.PathLike)) or is_stream(images) else images)
+def _expand_training(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    """Folders, globs and category roots become image paths (narrowed to train/good); the rest stays. One image
+    given alone (a path, an array, a PIL image) is one image: a 3-D array is not iterated as rows of gray images."""
+    if isinstance(images, Iterable) and not isinstance(images, (str, bytes, bytearray, os.PathLike, list, tuple)):
+        if getattr(images, "ndim", None) is None and not is_stream(images):  # a set, a generator, a range of paths
+            images = list(images)
+    items, _ = one_or_many(images)
     if not items:
         raise DataError("fit: no training images")
     out: list[ImageInput] = []

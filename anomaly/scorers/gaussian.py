@@ -62,7 +62,10 @@ class GlobalGaussianScorer(Scorer):
             pooled = layer.mean((2, 3)).double().cpu().numpy()
             lw = LedoitWolf(assume_centered=self.assume_centered).fit(pooled)
             self.means_.append(lw.location_)
-            self.precisions_.append(lw.get_precision())
+            if np.trace(lw.covariance_) > 0:
+                self.precisions_.append(lw.get_precision())
+            else:  # copies of one image: the precision would be all zero and every image, a defect too, score 0;
+                self.precisions_.append(np.eye(pooled.shape[1]))  # any change scores its Euclidean distance instead
         return self
 
     def score(

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from anomaly import DataError, DetectionResult, Detector, NotFittedError
 from anomaly.config import apply_overrides, load_config
@@ -386,6 +387,12 @@ def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_
         two_folds.fit(train[:5])
     with pytest.raises(DataError, match="memory_bank scorer needs at least 3"):
         Detector(_config()).fit(train[:1])
+    one = np.zeros((64, 64, 3), np.uint8)  # fitted as 64 gray images of 64 x 3 px, one per row of the image
+    for alone in (one, Image.fromarray(one)):
+        with pytest.raises(DataError, match="memory_bank scorer needs at least 3 .*, got 1"):
+            Detector(_config()).fit(alone)
+    with pytest.raises(DataError, match="unsupported image input of type NoneType"):
+        Detector(_config()).fit(None)  # type: ignore[arg-type]
 
 
 def test_16_bit_images_of_another_depth_than_the_model_are_named(caplog: pytest.LogCaptureFixture) -> None:

@@ -204,6 +204,17 @@ def test_the_gaussian_scorer_keeps_each_layers_average_not_its_maps() -> None:
     assert np.array_equal(full.score(kept).image_scores, full.score(layers).image_scores)
 
 
+@pytest.mark.parametrize("name", TRAINED)
+def test_a_fit_on_copies_of_one_image_scores_any_change_higher(name: str) -> None:
+    """The gaussian scorer's covariance of identical images is zero, and so was its precision: every image, a
+    defect too, scored 0."""
+    copies = [x[:1].repeat(6, 1, 1, 1) for x in _layers(1, 0)]
+    changed = [x[:1] + 0.5 * torch.randn_like(x[:1]) for x in copies]
+    scorer = get_scorer(name, {}).fit(copies)
+    same, other = scorer.score([x[:1] for x in copies]).image_scores, scorer.score(changed).image_scores
+    assert np.isfinite(other).all() and other[0] > same[0] + 1e-3, (same, other)
+
+
 def test_a_scorer_registered_from_outside_the_package_runs_in_a_detector(tmp_path) -> None:
     from anomaly.config import apply_overrides, load_config
     from anomaly.detector import Detector
