@@ -94,6 +94,12 @@ class StreamingDetector:
         nan = float("nan")
         self._last_decision = Threshold(nan, nan, "none", detector.config.threshold.target_fpr, 0, nan)
         self._reference_scores = self._score_references()
+        if reference is not None and not len(self._reference_scores):
+            log.warning(
+                "StreamingDetector: no reference score to judge the first frames by (one reference has no other to be "
+                "scored against): they are judged by their own scores, and a defect among them may pass; give 2 or "
+                "more references"
+            )
         # the input settings this line scores with (decided by the fit, or by its first batch)
         self._config = None if reference is None else detector.config
 

@@ -124,15 +124,19 @@ def test_resent_frames_stay_out_of_the_threshold_window(synthetic_root: Path, ca
     assert fresh[0].threshold > 0.1 and sum(r.is_anomalous for r in fresh) <= 1
 
 
-def test_references_judge_the_first_frames(synthetic_root: Path) -> None:
+def test_references_judge_the_first_frames(synthetic_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Until the stream has scores of its own, the references' scores against each other stand in for normal
-    frames: a defect as the very first frame is flagged (before, one score was its own threshold)."""
+    frames: a defect as the very first frame is flagged (before, one score was its own threshold). One reference
+    has no other to be scored against: the line says so (it passed a first defect without a word)."""
     train = sorted((synthetic_root / "train" / "good").glob("*.png"))
     bad = sorted(p for p in (synthetic_root / "test").glob("*/*.png") if p.parent.name != "good")
+    caplog.set_level("WARNING", logger="anomaly")
     line = StreamingDetector(_musc().fit(train[:4]), pool_size=8)
+    assert "give 2 or more references" not in caplog.text
     assert line.predict([bad[0]])[0].is_anomalous
     assert not any(line.predict([image])[0].is_anomalous for image in train[4:7])
-    single = StreamingDetector(_musc().fit(train[:1]))  # one reference: no other to score it against, as before
+    single = StreamingDetector(_musc().fit(train[:1]))
+    assert "give 2 or more references" in caplog.text
     assert not single.predict([train[1]])[0].is_anomalous
 
 
