@@ -77,9 +77,11 @@ def training_paths(inputs: Iterable[str | os.PathLike[str]], *, for_fit: bool = 
     narrowed, checked = [], set()
     for item in (match for given in inputs for match in _glob_matches(given)):
         folder = Path(item) if Path(item).is_dir() else Path(item).parent
-        if for_fit and folder not in checked:
+        if folder not in checked:
             checked.add(folder)
-            _refuse_visa_normal_folder(folder)
+            _refuse_mask_folder(item, folder)
+            if for_fit:
+                _refuse_visa_normal_folder(folder)
         if is_category_root(item):
             log.info("%s is a dataset category: using its train/good only", item)
             item = Path(item) / "train" / "good"
@@ -135,6 +137,18 @@ def _refuse_labelled_folders(folder: Path) -> None:
             where = Path(dirpath).relative_to(folder) / others[0]
             raise DataError(f"{folder}: holds good/ beside {', '.join(others[:3])}: a fit would learn {where} "
                             f"(anomalous images, by the layout) as normal; give {Path(dirpath) / 'good'}")  # fmt: skip
+
+
+def _refuse_mask_folder(item: str | os.PathLike[str], folder: Path) -> None:
+    """A folder of masks or anomalous images by its layout's names (MVTec's ``ground_truth`` and
+    ``ground_truth/<type>``, VisA's ``Images/Anomaly`` and ``Masks/Anomaly``), or a file in one. A product named
+    ``masks`` is not refused by its name alone."""
+    parts = Path(os.path.abspath(folder)).parts
+    name, parent = parts[-1], parts[-2] if len(parts) > 1 else ""
+    if "ground_truth" in (name, parent) or (name == "Anomaly" and parent in ("Images", "Masks")):
+        where = folder if name in ("ground_truth", "Anomaly") else folder.parent
+        raise DataError(f"{item}: in {where.name}/ (masks or anomalous images): a fit would learn it as normal; give "
+                        "the folder of normal images")  # fmt: skip
 
 
 def _refuse_visa_normal_folder(folder: Path) -> None:

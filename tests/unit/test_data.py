@@ -504,6 +504,10 @@ def test_a_fit_checks_what_a_glob_or_a_symlinked_folder_stands_for(synthetic_roo
         training_paths([str(synthetic_root / "ground_truth" / "*" / "*.png")])
     with pytest.raises(DataError, match=r"matches .*test/good beside blob, missing, scratch"):  # files, not folders
         training_paths([str(synthetic_root / "test" / "*" / "*.png")])
+    masks = synthetic_root / "ground_truth"  # given by name: learnt as 6 normal images
+    for given in (masks, masks / "blob", next((masks / "blob").iterdir())):
+        with pytest.raises(DataError, match=r"in ground_truth/ \(masks or anomalous images\): a fit would learn"):
+            training_paths([given])
     product = tmp_path / "masks" / "good"  # a product named "masks": given by name, its images are read
     shutil.copytree(synthetic_root / "train" / "good", product)
     assert len(training_paths([product])) == len(training_paths(sorted(map(str, product.iterdir())))) == len(good)
