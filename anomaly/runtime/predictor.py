@@ -9,16 +9,15 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, overload
+from typing import Any, overload
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
 
 from anomaly._fs import restore_interrupted
 from anomaly.data.input_checks import InputCheck, InputProfile
 from anomaly.data.inputs import OnError, check_on_error, one_or_many
-from anomaly.data.loader import decode_input, input_error, read_streams
+from anomaly.data.loader import ImageInput, decode_input, input_error, read_streams
 from anomaly.data.views import ViewSpec
 from anomaly.errors import BackendError, DataError
 from anomaly.results import DetectionResult, StageProgress
@@ -28,7 +27,7 @@ from anomaly.runtime.scoring import Decision, decide, load_scorer
 
 __all__ = ["ExportedDetector", "RuntimeInput", "ScorerInfo"]
 
-RuntimeInput = str | os.PathLike[str] | bytes | BinaryIO | NDArray[np.uint8] | Image.Image
+RuntimeInput = ImageInput  # paths, bytes, file objects, arrays of any depth (uint8, uint16, float), PIL, tensors
 # Images per network call. On CPU larger batches are no faster, but ONNX Runtime's memory arena
 # grows with them: bottle at 256 px peaked at 755 MiB with batch 16, 339 MiB with batch 4.
 MAX_BATCH = 4
