@@ -533,7 +533,9 @@ class Detector:
         check.warn(len(items))
         n_ref = 0 if self.reference_ is None else len(self.reference_)
         if len(ok) + n_ref < 2:
-            raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + references)")
+            bad = [d for d in decoded if d.error is not None]
+            skipped = f"; {len(bad)} unreadable skipped, first: {bad[0].error}" if bad else ""
+            raise DataError(f"zero-shot scoring needs at least 2 images in the pool (inputs + references){skipped}")
         references = [self.reference_] if self.reference_ is not None else []
         scoring = None if progress is None else (lambda done, total: progress("mutual scoring", done, total))
         out = self._score_pool(references + batches, scoring)

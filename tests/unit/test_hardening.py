@@ -555,6 +555,8 @@ def test_11_python_api_inputs_and_per_item_errors(model: Path, tmp_path: Path) -
     assert "broken.png" in (results[1].error or "") and np.isnan(results[1].image_score)
     with pytest.raises(DataError, match="broken.png"):
         det.predict([rgb, broken])
+    with pytest.raises(DataError, match="at least 2 images in the pool .*; 1 unreadable skipped, first: .*broken.png"):
+        Detector(load_config("musc")).predict([rgb, broken], on_error="skip")  # named, not only counted out
 
 
 def test_13_corrupt_png_is_one_line_and_gif_is_named_unsupported(model: Path, tmp_path: Path) -> None:
