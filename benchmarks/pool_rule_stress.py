@@ -2,11 +2,11 @@
 
 Normal scores from a Gaussian, an exponential, a log-normal or a gamma(2); defects either spread exponentially beyond
 the normal 99.9 % quantile (as pool_rule.py) or clustered 4 normal SDs above the normal median; 0, 5, 25, 50 or 75 %
-of a pool. Each row is ``--pools`` pools seeded by their row, so two versions of the rule see the same pools. Prints
-per target the mean realised false-positive share over the target, the rows beyond 2x, the worst pool and the mean
-share of defects flagged.
+of a pool (``--shares``). Each row is ``--pools`` pools seeded by their row, so two versions of the rule see the same
+pools. Prints per target the mean realised false-positive share over the target, the rows beyond 2x, the worst pool
+and the mean share of defects flagged.
 
-    python benchmarks/pool_rule_stress.py --size 83 [--pools 12] [--rows]
+    python benchmarks/pool_rule_stress.py --size 83 [--pools 12] [--rows] [--shares 0.85 0.9]
 """
 
 from __future__ import annotations
@@ -43,12 +43,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=83, help="images per pool")
     parser.add_argument("--pools", type=int, default=12, help="pools per row")
     parser.add_argument("--rows", action="store_true", help="also print the rows beyond 2x or with a pool over 0.3")
+    parser.add_argument(
+        "--shares", type=float, nargs="+", default=[0.0, 0.05, 0.25, 0.5, 0.75], help="defective shares of a pool"
+    )
     args = parser.parse_args()
     for target in (0.01, 0.05):
         rows = []
         for family, draw in FAMILIES.items():
             for kind, defects in (("spread", spread), ("clustered", clustered)):
-                for share in (0.0, 0.05, 0.25, 0.5, 0.75):
+                for share in args.shares:
                     if share == 0 and kind == "clustered":
                         continue
                     fps, caught = [], []

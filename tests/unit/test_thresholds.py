@@ -229,6 +229,18 @@ def test_a_defect_cluster_that_flags_nothing_hands_over_to_the_separability_test
     assert np.sum(np.array(normal) >= decision.image) <= 1
 
 
+def test_the_few_good_images_of_a_mostly_defective_pool_are_its_normal_cluster() -> None:
+    """MuSc scores of 4 good and 36 defective bottle/test images (rounded), AUROC 1: a normal cluster had to hold
+    20 % of a pool, so it took in defects and 1 of 36 was flagged; its own valley in the scores now lets it stand."""
+    normal = [0.683, 0.699, 0.636, 0.616]
+    defects = [1.209, 1.143, 1.185, 1.299, 1.107, 1.13, 1.189, 1.169, 1.175, 1.043, 1.161, 1.099, 1.057, 1.192,
+               0.993, 1.101, 1.11, 1.06, 1.213, 1.17, 1.214, 1.06, 0.944, 0.741, 0.913, 1.362, 1.224, 1.435, 1.256,
+               1.243, 1.282, 1.232, 1.113, 1.322, 1.055, 1.242]  # fmt: skip
+    decision = pool_threshold(np.r_[normal, defects], 0.01)
+    assert np.mean(np.array(defects) >= decision.image) >= 0.9
+    assert np.sum(np.array(normal) >= decision.image) == 0
+
+
 def test_the_separability_fallback_leaves_one_mode_pools_alone(monkeypatch) -> None:
     """On pools of normal scores alone (three families, seeded) it must almost never fire: it would flag a group."""
     rng = np.random.default_rng(7)
