@@ -401,6 +401,7 @@ def evaluate(
         typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in found.items()))
         return
 
+    assert scores is not None  # exactly one of the two was given
     size = _eval_size(eval_size)
     if out is not None:  # before the metrics are computed, not after
         _check_writable(out)

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import os
 import re
 import types
 import typing
@@ -248,7 +249,7 @@ def config_names() -> list[str]:
     return sorted(p.name[:-5] for p in _config_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(name_or_path: str | Path) -> DetectorConfig:
+def load_config(name_or_path: str | os.PathLike[str]) -> DetectorConfig:
     """Load a named config (``patchcore``) or a YAML file path, rejecting unknown keys."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml") and not path.is_file():

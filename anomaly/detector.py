@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TypeGuard, overload
 
 import numpy as np
 import torch
@@ -368,7 +368,7 @@ class Detector:
                     median, upscale, *self.extractor.image_size,
                 )  # fmt: skip
         has_maps = out_of_sample.patch_maps is not None
-        if has_maps and images is not None:
+        if out_of_sample.patch_maps is not None and images is not None:
             grid = out_of_sample.patch_maps.shape[1:]
             self.patch_footprint_ = _patch_footprint(images, self.extractor.image_size, grid)
         from_map = self.scorer.image_score_from_map and has_maps
@@ -380,7 +380,7 @@ class Detector:
         kept = ~left_out
         decision = calibrate(scores[kept], self.config.threshold.target_fpr, peaks[kept] if separate_pixels else None)
         self.decision_ = replace(decision, n_excluded=int(left_out.sum()))
-        self.excluded_training_ = [_name(images, i) for i in np.flatnonzero(left_out)]
+        self.excluded_training_ = [_name(images, int(i)) for i in np.flatnonzero(left_out)]
         views = np.ones(len(scores), dtype=np.int64) if images is None else [_n_views(d) for d in images]
         dropped = self.scorer.forget(np.flatnonzero(np.repeat(left_out, views)))  # always: it ends the fit
         if self.excluded_training_:
@@ -443,6 +443,13 @@ class Detector:
         return folds
 
     # ----------------------------------------------------------------- predict
+    # A binary file object is also an Iterator[bytes], so it matches both overloads: it is one image, as the first
+    # (checked first) says and predict does.
+    @overload
+    def predict(  # type: ignore[overload-overlap]
+        self, images: ImageInput, *, maps: bool = ..., on_error: OnError = ...
+    ) -> DetectionResult: ...
+
     @overload
     def predict(
         self,
@@ -452,14 +459,18 @@ class Detector:
         on_error: OnError = ...,
     ) -> list[DetectionResult]: ...
 
-    @overload
-    def predict(self, images: ImageInput, *, maps: bool = ..., on_error: OnError = ...) -> DetectionResult: ...
-
     def predict(
-        self, images: ImageInput | Sequence[ImageInput], *, maps: bool = True, on_error: OnError = "raise"
+        self,
+        images: ImageInput | Sequence[ImageInput] | Iterator[ImageInput],
+        *,
+        maps: bool = True,
+        on_error: OnError = "raise",
     ) -> Any:
         """Score one image (returns a DetectionResult) or a list of them (returns a list; a generator or a 4-D
         stack of images too).
+
+        Type checkers cannot tell a 4-D stack from one image: they type any array or tensor's result as a
+        DetectionResult. Pass ``list(stack)``, or ``cast`` the result to ``list[DetectionResult]``.
 
         ``on_error="skip"`` gives an unreadable input a result with ``error`` set (NaN score)
         instead of raising, so one bad file does not lose the others.
@@ -545,7 +556,8 @@ class Detector:
             averaged = None
             if out.patch_maps is not None and again.patch_maps is not None:
                 averaged = np.ascontiguousarray((out.patch_maps + again.patch_maps[..., ::-1]) / 2)
-            out = ScoreOutput(averaged, (out.image_scores + again.image_scores) / 2)
+            # numpy's stubs type float32 / 2 as float64
+            out = ScoreOutput(averaged, (out.image_scores + again.image_scores) / 2)  # type: ignore[arg-type]
         members = (self.reference_.images if self.reference_ is not None else []) + ok
         peaks = self.map_peaks(out, members)
         from_map = self.scorer.image_score_from_map and out.patch_maps is not None
@@ -993,7 +1005,7 @@ def _sample_positions(n: int) -> NDArray[np.int64]:
     return np.unique(np.linspace(0, n - 1, min(n, _SAMPLE)).round().astype(np.int64))
 
 
-def _number_pair(value: Any) -> bool:
+def _number_pair(value: Any) -> TypeGuard[list[int | float]]:
     return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
 
 

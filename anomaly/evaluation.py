@@ -135,7 +135,8 @@ def _resized(
 ) -> tuple[list[NDArray[np.float32]], list[NDArray[np.bool_]]]:
     """Maps (bilinear) and masks (nearest) at a fixed evaluation size (H, W)."""
     h, w = size
-    maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
+    # cv2's stubs drop the dtype
+    maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]  # type: ignore[misc]
     masks = [cv2.resize(m.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool) for m in masks]
     return maps, masks
 
@@ -156,7 +157,7 @@ def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> 
             empty.append(str(sample.mask_path))
         elif mask_level_count(levels) > SOFT_MASK_LEVELS:
             graded.append(str(sample.mask_path))
-        masks.append(resize_mask(mask, shape[:2]))
+        masks.append(resize_mask(mask, (shape[0], shape[1])))
     for found, what in (
         (skewed, "have another aspect than their image and are stretched to it"),
         (empty, "of defective images are empty (no pixel above 0): their images count as normal pixels only"),

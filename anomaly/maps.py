@@ -17,10 +17,13 @@ __all__ = ["ViewLayout", "resize_map", "smooth_maps", "stitch"]
 
 
 class ViewLayout(Protocol):
-    """Where an image's model-input views sit on its frame (``anomaly.data.views.Layout``)."""
+    """Where an image's model-input views sit on its frame (read-only, as ``anomaly.data.views.Layout``)."""
 
-    frame: tuple[int, int]
-    origins: tuple[tuple[int, int], ...]
+    @property
+    def frame(self) -> tuple[int, int]: ...
+
+    @property
+    def origins(self) -> tuple[tuple[int, int], ...]: ...
 
     @property
     def n_views(self) -> int: ...
@@ -64,7 +67,7 @@ def resize_map(amap: NDArray[np.float32], size: tuple[int, int]) -> NDArray[np.f
         rr = min(h - 1, int((r + 0.5) * h / amap.shape[0]))
         cc = min(w - 1, int((c + 0.5) * w / amap.shape[1]))
         out[rr, cc] = peak
-    return out
+    return out  # type: ignore[return-value]  # cv2's stubs drop the dtype
 
 
 def stitch(view_maps: NDArray[np.float32], layout: ViewLayout) -> NDArray[np.float32]:

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import cv2
 import numpy as np
@@ -78,7 +78,16 @@ def overlay(image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: floa
     lo, hi = 0.5 * threshold, 1.5 * threshold
     scaled = np.clip((amap - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
     heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
-    return cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)
+    # cv2's stubs drop the dtype
+    return cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)  # type: ignore[return-value]
+
+
+class WriteOptions(TypedDict):
+    """The output options of :func:`write_result`, as keyword arguments."""
+
+    maps: bool
+    overlays: bool
+    overlay_size: int
 
 
 def write_result(
@@ -133,8 +142,9 @@ def write_overlay(path: Path, image: NDArray[np.uint8], amap: NDArray[np.float32
         # Bilinear is 5x faster than area averaging and looks the same below a 2x reduction; beyond it
         # bilinear would skip pixels (aliasing), so the image is area-averaged there. The map is smooth.
         shrink = cv2.INTER_AREA if max(h, w) >= 2 * size else cv2.INTER_LINEAR
-        image = cv2.resize(image, new, interpolation=shrink)
-        amap = cv2.resize(amap, new, interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(image, new, interpolation=shrink)  # type: ignore[assignment]  # cv2's stubs drop the dtype
+        # cv2's stubs drop the dtype
+        amap = cv2.resize(amap, new, interpolation=cv2.INTER_LINEAR)  # type: ignore[assignment]
     write_png(path, overlay(image, amap, threshold))
 
 
@@ -156,7 +166,7 @@ class ScoreWriter:
 
     def add(self, result: DetectionResult, name: Path, image: NDArray[np.uint8] | None) -> None:
         """Record one result; ``name`` is the output-relative name without suffix."""
-        options = {"maps": self.maps, "overlays": self.overlays, "overlay_size": self.overlay_size}
+        options: WriteOptions = {"maps": self.maps, "overlays": self.overlays, "overlay_size": self.overlay_size}
         self.rows.append(write_result(self.tmp, result, name, image, submit=self._submit, **options))
 
     def close(self) -> Path:

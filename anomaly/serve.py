@@ -150,9 +150,12 @@ def _response(result: DetectionResult, warnings: list[str], mask: bool, anomaly_
         "warnings": warnings,
     }
     if mask:
-        _, png = cv2.imencode(".png", result.mask.astype(np.uint8) * 255)  # a binary uint8 image always encodes
+        pixels = result.mask
+        assert pixels is not None  # /predict asks for a mask or a map only of a scorer with maps
+        _, png = cv2.imencode(".png", pixels.astype(np.uint8) * 255)  # a binary uint8 image always encodes
         body["mask_png"] = base64.b64encode(png.tobytes()).decode()
     if anomaly_map:
+        assert result.anomaly_map is not None
         buffer = io.BytesIO()
         np.save(buffer, result.anomaly_map.astype(np.float32, copy=False))
         body["map_npy"] = base64.b64encode(buffer.getvalue()).decode()

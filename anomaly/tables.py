@@ -11,6 +11,7 @@ import csv
 import math
 import os
 from pathlib import Path
+from typing import TypedDict
 
 from anomaly.errors import DataError
 
@@ -31,8 +32,17 @@ __all__ = [
 
 CSV_COLUMNS = ["path", "score", "is_anomalous", "threshold", "pixel_threshold", "map_path", "overlay_path"]
 CLUSTER_COLUMNS = ["path", "cluster", "confidence", "n_regions"]
+
+
+class _TextEncoding(TypedDict):
+    """The ``encoding`` and ``errors`` keyword arguments of ``open``."""
+
+    encoding: str
+    errors: str
+
+
 # UTF-8; file names that are not valid UTF-8 keep their raw bytes, so every path reads back as the file system has it
-CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+CSV_ENCODING: _TextEncoding = {"encoding": "utf-8", "errors": "surrogateescape"}
 # Cells starting with these are formulas to spreadsheet tools: written with a leading apostrophe
 # (OWASP's CSV-injection advice); the readers remove it again.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

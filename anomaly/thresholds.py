@@ -424,8 +424,8 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
         y = boxcox(x, lam)
         separability, n_low = _otsu(y, _MIN_NORMAL)
         if separability > _null_separability(len(y), _BIMODAL_LEVEL, _MIN_NORMAL) and _density_dips(x, n_low):
-            low = np.sort(y)[:n_low]
-            means, sds, weights, normal = np.array([low.mean()]), np.array([low.std() + 1e-12]), np.array([1.0]), [0]
+            lows = np.sort(y)[:n_low]
+            means, sds, weights, normal = np.array([lows.mean()]), np.array([lows.std() + 1e-12]), np.array([1.0]), [0]
     threshold = normal_quantile()
     return threshold if math.isfinite(threshold) else _above(float(values.max()))  # beyond the transform's range
 

@@ -362,7 +362,8 @@ def load_folder(
     )
     for defect_dir, mask_dir in zip(map(Path, defect_dirs), masks_for, strict=True):
         masks = _mask_index(Path(mask_dir)) if mask_dir is not None else None
-        images, inline = [], []
+        images: list[Path] = []
+        inline: list[Path] = []
         for file in list_images([defect_dir])[0]:
             (inline if file.stem.endswith("_mask") else images).append(file)
         if inline and masks is None:  # masks kept beside their images: <stem>_mask.<ext>

@@ -223,6 +223,7 @@ def import_mask_folders(
             if values is None:
                 maskless.append(image)
             continue
+        assert mask_path is not None  # values were read from it
         if classes is None and mask_level_count(values) > SOFT_MASK_LEVELS:
             graded.append(mask_path)
         if _border_all_set(values):

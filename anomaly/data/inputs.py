@@ -14,12 +14,12 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from anomaly._fs import OUTPUT_MARKER
 from anomaly.data.datasets import is_category_root
 from anomaly.data.io import GLOB_CHARS, is_image_file, list_images
-from anomaly.data.loader import is_stream, read_streams
+from anomaly.data.loader import ImageInput, is_stream, read_streams
 from anomaly.errors import DataError
 
 __all__ = ["OnError", "check_on_error", "image_paths", "one_or_many", "reference_paths", "training_paths"]
@@ -27,7 +27,6 @@ __all__ = ["OnError", "check_on_error", "image_paths", "one_or_many", "reference
 log = logging.getLogger(__name__)
 _NOT_NORMAL = {"ground_truth", "masks", "Masks", "Anomaly"}  # MVTec / folder-dataset masks, VisA's masks and defects
 OnError = Literal["raise", "skip"]  # an unreadable input raises DataError, or gets a result with ``error`` set
-T = TypeVar("T")
 
 
 def check_on_error(on_error: Any) -> None:
@@ -36,7 +35,7 @@ def check_on_error(on_error: Any) -> None:
         raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
-def one_or_many(images: T | Sequence[T]) -> tuple[list[T], bool]:
+def one_or_many(images: ImageInput | Sequence[ImageInput] | Iterator[ImageInput]) -> tuple[list[ImageInput], bool]:
     """The images of a ``predict`` call as a list, and whether one image was passed alone (not in a list).
 
     Many: a list, tuple, generator or other iterator, and a 4-D array or tensor (a stack of N images); one: a
@@ -47,7 +46,7 @@ def one_or_many(images: T | Sequence[T]) -> tuple[list[T], bool]:
     if isinstance(images, (list, tuple)):
         return read_streams(images), False
     if getattr(images, "ndim", None) == 4:  # (N, H, W, C) array, (N, C, H, W) tensor
-        return list(images), False  # type: ignore[call-overload]
+        return list(images), False  # type: ignore[arg-type]  # an array or tensor iterates over its first axis
     if isinstance(images, Iterator):  # a generator of frames; not str, bytes or arrays, which iterate too
         return read_streams(images), False
     return [images], True  # type: ignore[list-item]

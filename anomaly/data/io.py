@@ -455,11 +455,12 @@ def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
         if kind not in _OPENCV_TRIES:  # Pillow reads these: it failed on a broken file, which OpenCV would print of
             raise DataError(f"cannot read image: {name} (corrupt or truncated {kind})")
     if mode in ("RGB", "L") and data[:3].tobytes() == b"\xff\xd8\xff":
-        pixels = _decode_jpeg(data, name, gray=mode == "L")
-        return _decode_pil(data, name) if pixels is None else _orient(pixels, _pil_orientation(data))
+        jpeg = _decode_jpeg(data, name, gray=mode == "L")
+        return _decode_pil(data, name) if jpeg is None else _orient(jpeg, _pil_orientation(data))
     if mode in ("RGBA", "LA") and data[:4].tobytes() in _TIFF_SIGNATURES:
         return _decode_pil(data, name)  # OpenCV's TIFF reader multiplies the colours by alpha; PNGs drop alpha
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
+    pixels: NDArray[Any] | None  # the file's own depth: uint8 or uint16
     try:
         pixels = cv2.imdecode(data, _CV2_FLAGS | cv2.IMREAD_IGNORE_ORIENTATION if webp else _CV2_FLAGS)
     except cv2.error:

@@ -298,5 +298,5 @@ def _array_rgb(array: NDArray[Any]) -> NDArray[np.uint8]:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
-        return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)  # type: ignore[return-value]  # cv2's stubs drop the dtype
     return np.ascontiguousarray(array[:, :, :3])

@@ -122,13 +122,20 @@ class RegionDescriber:
         discovery, which is not detection: benchmarks/README.md section 8). Other models use the config's
         layers and input statistics.
         """
-        options = dict(weights=config.weights, pretrained=config.pretrained)
         try:
-            return cls(config.name, DEFAULT_LAYERS, **options, **kwargs)
+            return cls(config.name, DEFAULT_LAYERS, weights=config.weights, pretrained=config.pretrained, **kwargs)
         except ConfigError as exc:
             if not str(exc).startswith("backbone.layers: unknown layer"):  # the model lacks blocks.4 / blocks.6
                 raise
-            return cls(config.name, config.layers, **options, mean=config.mean, std=config.std, **kwargs)
+            return cls(
+                config.name,
+                config.layers,
+                weights=config.weights,
+                pretrained=config.pretrained,
+                mean=config.mean,
+                std=config.std,
+                **kwargs,
+            )
 
     def crop(self, image: NDArray[np.uint8], region: Region) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
         """The region's context crop (S, S, 3) and its mask over the crop (S, S) in [0, 1]; S = ``input_size``."""
@@ -147,14 +154,14 @@ class RegionDescriber:
             int(left / sx) : max(int(np.ceil(right / sx)), int(left / sx) + 1),
         ]
         mask = cv2.resize(window.view(np.uint8).astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-        return np.ascontiguousarray(crop), mask
+        return np.ascontiguousarray(crop), mask  # type: ignore[return-value]  # cv2's stubs drop the dtype
 
     def describe(self, crops: NDArray[np.uint8], masks: NDArray[np.float32]) -> NDArray[np.float32]:
         """(N, D) descriptors of crops (N, S, S, 3) under masks (N, S, S), as :meth:`crop` returns them."""
         out = []
         for start in range(0, len(crops), self.batch_size):
             batch, weights = crops[start : start + self.batch_size], masks[start : start + self.batch_size]
-            total = 0.0
+            total: float | NDArray[np.float32] = 0.0
             for turn in range(self.rotations):
                 views = np.ascontiguousarray(np.rot90(batch, turn, axes=(1, 2)))
                 view_masks = np.ascontiguousarray(np.rot90(weights, turn, axes=(1, 2)))
@@ -177,7 +184,8 @@ def _pool(layers: list[torch.Tensor], masks: NDArray[np.float32]) -> NDArray[np.
     weights = torch.from_numpy(masks).unsqueeze(1)
     parts = []
     for feats in layers:
-        grid = torch.nn.functional.adaptive_avg_pool2d(weights, feats.shape[-2:]).to(feats.device)
+        size = feats.shape[-2:]  # (h, w): torch's stubs take no Size for it
+        grid = torch.nn.functional.adaptive_avg_pool2d(weights, size).to(feats.device)  # type: ignore[arg-type]
         grid = grid + 1e-6  # a region smaller than one cell still gets its cell's mean
         pooled = (feats * grid).sum((2, 3)) / grid.sum((2, 3))
         parts.append(torch.nn.functional.normalize(pooled, dim=1))

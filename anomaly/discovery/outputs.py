@@ -154,4 +154,7 @@ def _contact_sheet(
 def _fit(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
     h, w = image.shape[:2]
     scale = THUMB / max(h, w)
-    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    # cv2's stubs drop the dtype
+    return cv2.resize(  # type: ignore[return-value]
+        image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+    )

@@ -79,7 +79,7 @@ class DiscoveryResult:
 
 
 def discover(
-    items: Sequence[MapResult] | Sequence[tuple[ImageLike, NDArray[np.floating]]],
+    items: Sequence[MapResult] | Sequence[tuple[ImageLike, NDArray[np.floating]]] | Sequence[ImageLike],
     k: int | None = None,
     *,
     maps: Iterable[NDArray[np.floating]] | None = None,

@@ -218,4 +218,5 @@ def _working(amap: NDArray[np.float32]) -> NDArray[np.float32]:
     if scale >= 1:
         return amap
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(amap, size, interpolation=cv2.INTER_AREA)
+    # cv2's stubs drop the dtype
+    return cv2.resize(amap, size, interpolation=cv2.INTER_AREA)  # type: ignore[return-value]

@@ -133,7 +133,7 @@ def _memory_bank(
     paths: list[Path],
     folds: NDArray[np.int64],
     progress: StageProgress | None,
-) -> ScoreOutput:
+) -> tuple[ScoreOutput, list[DecodedImage]]:
     scorer = detector.scorer
     assert isinstance(scorer, MemoryBankScorer)
     fold_ids = np.unique(folds)
@@ -202,4 +202,5 @@ def _get_all(
     try:
         return ray.get(refs)
     except AnomalyError as exc:  # Ray raises a subclass of the worker's error; its text is the remote traceback
-        raise type(getattr(exc, "cause", exc))(str(getattr(exc, "cause", exc))) from None
+        cause: BaseException = getattr(exc, "cause", exc)
+        raise type(cause)(str(cause)) from None

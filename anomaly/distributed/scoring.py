@@ -28,7 +28,7 @@ from anomaly._fs import check_output_dir, finish_dir, restore_interrupted
 from anomaly.data.inputs import image_paths
 from anomaly.distributed._cluster import cluster, require_ray, use_reserved_cpus, workers
 from anomaly.errors import AnomalyError, DataError
-from anomaly.outputs import relative_names, write_result
+from anomaly.outputs import WriteOptions, relative_names, write_result
 from anomaly.results import StageProgress
 from anomaly.tables import CSV_COLUMNS, CSV_ENCODING, read_scores, write_scores
 
@@ -149,7 +149,7 @@ class ScoreWorker:
         except AnomalyError as exc:  # reported with the first batch: an actor that fails to start is retried
             self.error = str(exc)
         self.staging = Path(staging)
-        self.options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
+        self.options: WriteOptions = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows of the batch's images (bytes columns); a user error comes back as one row with ``error`` set."""

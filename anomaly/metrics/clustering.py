@@ -32,12 +32,14 @@ class ClusteringResult:
         return {"nmi": self.nmi, "ari": self.ari, "f1": self.f1, "n": self.n}
 
 
-def _codes(values: ArrayLike) -> tuple[NDArray[np.intp], NDArray[np.generic]]:
+def _codes(values: Sequence[object] | ArrayLike) -> tuple[NDArray[np.intp], NDArray[np.generic]]:
     uniques, codes = np.unique(np.asarray(values), return_inverse=True)
     return codes.ravel(), uniques
 
 
-def cluster_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[float, dict[object, object]]:
+def cluster_accuracy(
+    y_true: Sequence[object] | ArrayLike, y_pred: Sequence[object] | ArrayLike
+) -> tuple[float, dict[object, object]]:
     """Best one-to-one match of clusters to classes: (fraction matched, cluster -> class).
 
     Labels may be any hashable values; clusters left without a class (more clusters than classes)

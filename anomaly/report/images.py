@@ -89,7 +89,10 @@ def _resize(pixels: NDArray, hw: tuple[int, int]) -> NDArray:  # type: ignore[ty
 
 def _fit(amap: NDArray[np.float32], hw: tuple[int, ...]) -> NDArray[np.float32]:
     """A map at the image's size (maps are written at original resolution, but be lenient)."""
-    return amap if amap.shape == hw[:2] else cv2.resize(amap, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+    if amap.shape == hw[:2]:
+        return amap
+    # cv2's stubs drop the dtype
+    return cv2.resize(amap, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)  # type: ignore[return-value]
 
 
 def _heat(amap: NDArray[np.float32], threshold: float) -> NDArray[np.uint8]:

@@ -96,6 +96,13 @@ class ExportedDetector:
         if not usable:
             raise DataError(f"{self.directory}: damaged export, a blank image scores NaN; export the model again")
 
+    # A binary file object is also an Iterator[bytes], so it matches both overloads: it is one image, as the first
+    # (checked first) says and predict does.
+    @overload
+    def predict(  # type: ignore[overload-overlap]
+        self, images: RuntimeInput, *, maps: bool = ..., on_error: OnError = ...
+    ) -> DetectionResult: ...
+
     @overload
     def predict(
         self,
@@ -105,15 +112,16 @@ class ExportedDetector:
         on_error: OnError = ...,
     ) -> list[DetectionResult]: ...
 
-    @overload
-    def predict(self, images: RuntimeInput, *, maps: bool = ..., on_error: OnError = ...) -> DetectionResult: ...
-
     def predict(
-        self, images: RuntimeInput | Sequence[RuntimeInput], *, maps: bool = True, on_error: OnError = "raise"
+        self,
+        images: RuntimeInput | Sequence[RuntimeInput] | Iterator[RuntimeInput],
+        *,
+        maps: bool = True,
+        on_error: OnError = "raise",
     ) -> Any:
         """Score one image (path, encoded bytes, RGB array or PIL image; returns a DetectionResult) or a list of
         them. ``on_error="skip"``: an unreadable input gets a result with ``error`` set (NaN score), as
-        ``Detector.predict``."""
+        ``Detector.predict`` (whose note on 4-D stacks and type checkers holds here too)."""
         items, single = one_or_many(images)
         if not items:  # an empty batch has no results
             return []
@@ -135,8 +143,8 @@ class ExportedDetector:
             raise DataError("predict: no images")
         check_on_error(on_error)
 
-        def decode(index: int) -> tuple[Any, tuple[int, int], str | None, Any, int | None]:
-            """:meth:`_decode`; with ``on_error="skip"``, (None, (0, 0), source, why, None) for an unreadable one."""
+        def decode(index: int) -> tuple[Any, tuple[int, int], str | None, Any, int | None, float | None]:
+            """:meth:`_decode`; with ``on_error="skip"``, (None, (0, 0), source, why, None, None) if unreadable."""
             item = items[index]
             try:
                 return self._decode(item)
@@ -150,7 +158,7 @@ class ExportedDetector:
         done, check = 0, InputCheck(self.input_profile)
         for batch in _chunks(_prefetch(decode, list(range(len(items))), 2 * self.batch_size), self.batch_size):
             ok = [b for b in batch if b[0] is not None]
-            results = iter([])
+            results: Iterator[DetectionResult] = iter([])
             if ok:
                 patch_maps, scores = self._scorer(self._network(np.stack([b[0] for b in ok])))
                 sizes, sources = [b[1] for b in ok], [b[2] for b in ok]

@@ -195,6 +195,7 @@ class PadimScorer(Scorer):
         The same per-position models as refitting without each fold, for the cost of about two fits.
         """
         self.fit(layers)
+        assert self.channels_ is not None  # set by fit
         parts = self._positions(layers)
         n, _, h, w = layers[0].shape
         n_pos = h * w

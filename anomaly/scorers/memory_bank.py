@@ -312,6 +312,7 @@ class MemoryBankScorer(Scorer):
         self._build_index()
 
     def _build_index(self) -> None:
+        assert self.bank_ is not None  # called once the bank is set
         self.index_ = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).build(
             self.bank_, seed=self.random_state
         )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -500,7 +500,7 @@ class MuScScorer(Scorer):
             if not isinstance(value, bool):
                 raise ConfigError(f"musc: {key} must be true or false, got {value!r}")
         self.r_list = tuple(r_list)
-        self.interval = tuple(interval)
+        self.interval = cast("tuple[float, float]", tuple(interval))  # two numbers (checked above)
         self.rscin_k = tuple(rscin_k) if rscin_k else None
         self.memory_budget_mb = memory_budget_mb
         self.aligned_window = aligned_window
