@@ -286,6 +286,8 @@ def score(
 
     if (model is None) == (not zero_shot):
         raise DataError("give exactly one of --model MODEL_DIR or --zero-shot")
+    if overlay_size < 0:
+        raise DataError(f"--overlay-size must be 0 (the original size) or more, got {overlay_size}")
     if model is not None:
         restore_interrupted(model)  # a save killed between its two renames: the previous model comes back
     moved = [o.partition("=")[2] for o in overrides or [] if o.partition("=")[0].strip() == "backbone.weights"]

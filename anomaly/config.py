@@ -299,7 +299,9 @@ def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorCon
         for depth, part in enumerate(parts[:-1]):
             _fill_optional_section(node, parts[: depth + 1])  # `preprocess.tile.size=512` while tile is null
             if part not in node or not isinstance(node[part], dict):
-                raise ConfigError(f"{'.'.join(parts[: depth + 1])}: unknown config key")
+                sections = [k for k, v in node.items() if isinstance(v, dict) or v is None]
+                hint = _did_you_mean(part, sections) if part not in node else ""
+                raise ConfigError(f"{'.'.join(parts[: depth + 1])}: unknown config key{hint}")
             node = node[part]
         free_form = parts[:-1] == ["scorer", "params"]
         if parts[-1] not in node and not free_form:

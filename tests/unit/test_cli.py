@@ -564,6 +564,9 @@ def test_score_checks_its_inputs_before_loading_the_model(model_dir: Path, tmp_p
     result = _run("score", "--model", model_dir, "--out", tmp_path / "s", tmp_path / "missing")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: no such file or folder: {tmp_path / 'missing'}"]
+    negative = _run("score", "--model", model_dir, "--out", tmp_path / "s", "--overlay-size", "-5", tmp_path)
+    assert negative.exit_code == 2 and "--overlay-size must be 0 (the original size) or more, got -5" in negative.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_benchmark_table_gives_metrics_four_decimals_and_costs_one() -> None:

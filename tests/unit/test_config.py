@@ -35,6 +35,9 @@ def test_unknown_key_is_rejected_with_suggestion(tmp_path) -> None:
     path.write_text("scorer:\n  nmae: memory_bank\n")
     with pytest.raises(ConfigError, match=r"scorer\.nmae: unknown config key; did you mean 'name'"):
         load_config(path)
+    for key, suggested in (("treshold.target_fpr=0.05", "threshold"), ("scorer.parms.k=1", "params")):
+        with pytest.raises(ConfigError, match=f"unknown config key; did you mean '{suggested}'"):
+            apply_overrides(load_config("patchcore"), [key])  # a section's name misspelt, not only a leaf's
 
 
 def test_unknown_config_name() -> None:
