@@ -85,8 +85,9 @@ _VALLEY = 0.5  # two clusters: the density between them dips below half the lowe
 # pass the separability test (exponential ones of 400) and at most 2 % show such a dip. benchmarks/README.md section 10.
 _DIP = 0.9
 # A normal cluster under _MIN_NORMAL of a pool (the few good images of a mostly defective one) counts when the scores'
-# own kernel density dips below a quarter of its peak between it and the rest: 4 good and 36 broken bottles 0.13, the
-# glass mats' test folder (9 good, 80 defects) 0.004; spurious low clusters of real pools 0.33-0.65 (section 10).
+# own kernel density dips below a quarter of its peak between it and as many next scores: 4 good and 36 broken bottles
+# 0.13, the glass mats' test folder (9 good, 80 defects) 0.004; spurious low clusters of real pools 0.33-0.65 (measured
+# to the rest of the pool; benchmarks/README.md section 10).
 _APART = 0.25
 _BIC_TIE = 2.0  # BIC differences below this are not evidence for either model (Kass & Raftery 1995)
 _BIMODAL_LEVEL = 0.99  # two score groups count when they separate better than 99 % of one-Gaussian pools
