@@ -424,7 +424,11 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
         # short-tailed on one side split as often as 6 % of pure exponential pools of 200 (their 20-55 % flagged).
         y = boxcox(x, lam)
         separability, n_low = _otsu(y, _MIN_NORMAL)
-        if separability > _null_separability(len(y), _BIMODAL_LEVEL, _MIN_NORMAL) and _density_dips(x, n_low):
+        found = separability > _null_separability(len(y), _BIMODAL_LEVEL, _MIN_NORMAL) and _density_dips(x, n_low)
+        if not found:
+            separability, n_low = _otsu(y, _MIN_COMPONENT)
+            found = separability > _null_separability(len(y), _BIMODAL_LEVEL) and apart(n_low / len(y))
+        if found:
             lows = np.sort(y)[:n_low]
             means, sds, weights, normal = np.array([lows.mean()]), np.array([lows.std() + 1e-12]), np.array([1.0]), [0]
     threshold = normal_quantile()
