@@ -422,6 +422,7 @@ def _mixture_quantile(values: NDArray[np.float64], alpha: float, expect_defects:
         # (Otsu's separability beyond its 99th percentile) and the scores' own density dips between them, the lower
         # group (20 % or more) is the normal cluster. Without the dip, one skewed mode that the transform leaves
         # short-tailed on one side split as often as 6 % of pure exponential pools of 200 (their 20-55 % flagged).
+        # A lower group of 10-20 % (the few good images of a mostly defective pool) needs the deeper dip of apart().
         y = boxcox(x, lam)
         separability, n_low = _otsu(y, _MIN_NORMAL)
         found = separability > _null_separability(len(y), _BIMODAL_LEVEL, _MIN_NORMAL) and _density_dips(x, n_low)
