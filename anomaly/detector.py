@@ -57,6 +57,7 @@ from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult, StageProgress
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
 from anomaly.thresholds import (
+    MIN_REFERENCE_RULE,
     REFERENCE_RATIO,
     RELIABLE_POOL_SIZE,
     Threshold,
@@ -968,7 +969,9 @@ def _say_pool_decision(decision: Threshold, n_images: int, n_references: int) ->
             n_images,
             f" and {n_references} reference(s)" if n_references else "",
             RELIABLE_POOL_SIZE,
-            "" if n_references else ", or give a few good images as references (their scores then set it)",
+            ", or give 4 or more good images as references (their scores then set it)"
+            if n_references < MIN_REFERENCE_RULE
+            else "",
         )
 
 

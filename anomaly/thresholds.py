@@ -37,6 +37,7 @@ from numpy.typing import ArrayLike, NDArray
 from anomaly.errors import DataError
 
 __all__ = [
+    "MIN_REFERENCE_RULE",
     "MIN_WINDOW",
     "REFERENCE_RATIO",
     "RELIABLE_POOL_SIZE",
@@ -69,7 +70,7 @@ _MIN_NORMAL_SAMPLE = 3
 # flagged 45 % of the defects (none in 6 pools whose defects outscored every reference) and 5.9 % of the good images;
 # the references' rule 61 % and 6.9 %. With 3 references their MAD is too rough: 22 % of the good images flagged.
 # benchmarks/README.md section 13.
-_MIN_REFERENCE_RULE = 4
+MIN_REFERENCE_RULE = 4
 # A mostly normal window (a stream's recent scores) gets the median + 3 MAD rule below this many scores: mixtures
 # fitted to 8-12 normal scores split them, and the threshold fell to their median (bottle streams: 14 of the
 # first 80 good frames flagged; benchmarks/README.md section 12).
@@ -310,7 +311,7 @@ def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int, expe
     if expect_defects and n_reference >= _MIN_NORMAL_SAMPLE and len(values) - n_reference < _MIN_POOL:
         # a batch too small for a mixture of its own: the references are normal, the batch may not be
         threshold, rule = _small_pool(values[:n_reference], expect_defects=False)[0], "pool-small-references"
-    elif expect_defects and n_reference >= _MIN_REFERENCE_RULE:
+    elif expect_defects and n_reference >= MIN_REFERENCE_RULE:
         # a batch sent for inspection may be mostly defective, or its scores one continuum: its mixture's normal cluster
         # then takes in defects, where the references are normal images by definition
         threshold, rule = _small_pool(values[:n_reference], expect_defects=False)[0], "pool-references"
@@ -320,10 +321,13 @@ def _pool_rule(values: NDArray[np.float64], alpha: float, n_reference: int, expe
         threshold, rule = _mixture_quantile(values, alpha, expect_defects), "pool-mixture"
     if n_reference:
         threshold = max(threshold, float(values[:n_reference].max()))
-    elif expect_defects and threshold > values.max() and rule != "pool-degenerate":
+    if expect_defects and threshold > values.max() and rule in ("pool-mixture", "pool-small", "pool-small-split"):
         # No score group stands apart (a pool all normal, all defective, or mixed beyond telling): the normal
         # quantile lies above every score. A batch sent for inspection then shows its highest score flagged, never
-        # a threshold that flags none of its images whatever they are (NEU-Seg's 90 defective steel images).
+        # a threshold that flags none of its images whatever they are (NEU-Seg's 90 defective steel images; 1 or 2
+        # references, too few for a rule of their own: 2 good and 38 broken bottles, none flagged). Where that
+        # score is a reference's, the references' floor stands and no image of the batch is flagged. The references'
+        # own rule (4 or more) stands as it is: their scores say what normal is.
         threshold, rule = float(values.max()), "pool-top"
     return float(threshold), rule
 

@@ -166,7 +166,7 @@ def test_zero_shot_score_without_model(synthetic_root: Path, tmp_path: Path) -> 
     assert len(rows) == 10 and all(r["map_path"] and not r["overlay_path"] for r in rows)
     assert not (out / "overlays").exists()
     warning = "a zero-shot pool of 10 image(s): with fewer than 80 images in all, its threshold (is_anomalous) is"
-    assert f"{warning} unreliable" in result.output
+    assert f"{warning} unreliable" in result.output and "give 4 or more good images as references" in result.output
 
 
 def test_a_zero_shot_pool_of_one_and_references_among_the_inputs(synthetic_root: Path, tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_a_zero_shot_pool_of_one_and_references_among_the_inputs(synthetic_root:
     )
     assert len(_rows(tmp_path / "r")) == 3
     counted = "pool of 3 image(s) and 1 reference(s): with fewer than 80 images in all"  # one way of counting the pool
-    assert counted in both.output
+    assert counted in both.output and "give 4 or more good images as references" in both.output  # 1 sets no rule
 
 
 def test_no_small_pool_note_at_the_reliable_size(

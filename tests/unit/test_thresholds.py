@@ -149,8 +149,22 @@ def test_a_small_pool_with_references_is_judged_by_the_references_alone() -> Non
         assert decision.image == pytest.approx(expected) and decision.rule == "pool-small-references"
     assert decision.is_anomalous(0.909) and not decision.is_anomalous(0.622)
     assert pool_threshold([*references[:2], 0.909], 0.01, n_reference=2).rule == "pool-small"
-    three = pool_threshold([*references[:3], *np.random.default_rng(0).normal(0.6, 0.03, 20)], 0.01, n_reference=3)
+    rng = np.random.default_rng(0)
+    batch = np.r_[rng.normal(0.6, 0.03, 20), rng.normal(1.2, 0.1, 10)]
+    three = pool_threshold([*references[:3], *batch], 0.01, n_reference=3)
     assert three.rule == "pool-mixture"  # pools of 8 or more with 3 references keep the mixture
+
+
+def test_one_or_two_references_never_leave_the_threshold_above_every_score() -> None:
+    """2 good and 38 broken bottles (AUROC 1.000) with one reference: the pool's mixture quantile lay above every
+    score and nothing was flagged (without the reference its highest score was). Where the highest score is a
+    reference's, the batch stays unflagged."""
+    batch = np.r_[0.69, 0.77, np.linspace(0.84, 1.28, 38)]
+    for references in ([0.579], [0.579, 0.62]):
+        decision = pool_threshold([*references, *batch], 0.01, n_reference=len(references))
+        assert decision.image <= batch.max() and decision.is_anomalous(batch.max()), decision
+    above = pool_threshold([1.5, *batch], 0.01, n_reference=1)  # a reference over every image: its floor stands
+    assert above.image == 1.5 and not (batch >= above.image).any()
 
 
 def test_four_references_judge_a_pool_of_any_size_where_its_mixture_takes_in_the_defects() -> None:
