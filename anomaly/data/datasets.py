@@ -444,6 +444,15 @@ def _root_hint(root: Path, dataset: str) -> str:
             return f" (categories found under {sub}: give it as --root)"
     if is_category_root(root):
         return f" ({root} is itself a category: --root {root.parent} --category {root.name})"
+    if dataset == "mvtec":
+        tested = sorted(
+            d.name
+            for d in root.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and labelled_split_dirs(d)[0].is_dir()
+        )
+        if tested:
+            return (f" ({', '.join(tested[:3])}: a test split without training images in train/good; a zero-shot "
+                    "config, e.g. --config musc, runs them)")  # fmt: skip
     return ""
 
 

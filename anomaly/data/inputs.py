@@ -117,12 +117,15 @@ def _glob_matches(item: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
 
 def _refuse_labelled_folders(folder: Path) -> None:
     visited: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # as list_images walks: links too
-        if (real := os.path.realpath(dirpath)) in visited or (OUTPUT_MARKER in filenames and dirpath != str(folder)):
-            dirnames.clear()  # a folder seen, or an earlier output of anomaly: never read as images
+    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):  # as list_images walks: links too
+        if (real := os.path.realpath(dirpath)) in visited:
+            dirnames.clear()  # a folder seen (a link loop)
             continue
         visited.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # hidden folders are not read either
+        # hidden folders and earlier outputs of anomaly (scores beside the images) are never read as images
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and not os.path.isfile(os.path.join(dirpath, d, OUTPUT_MARKER))
+        ]
         found = sorted(set(dirnames) & _NOT_NORMAL)
         if found:
             where = (Path(dirpath) / found[0]).relative_to(folder)
@@ -131,7 +134,7 @@ def _refuse_labelled_folders(folder: Path) -> None:
             else:
                 hint = f"give {folder / 'good'}" if (folder / "good").is_dir() else "give the folder of normal images"
             raise DataError(f"{folder}: a fit would learn {where} (masks or anomalous images) as normal; {hint}")
-        others = sorted(d for d in dirnames if d != "good" and not d.startswith("."))
+        others = sorted(d for d in dirnames if d != "good")
         if "good" in dirnames and others:  # a test split: good/ beside one folder per defect type
             where = Path(dirpath).relative_to(folder) / others[0]
             raise DataError(f"{folder}: holds good/ beside {', '.join(others[:3])}: a fit would learn {where} "

@@ -663,6 +663,7 @@ def test_zero_shot_benchmark_takes_test_only_categories(tmp_path: Path) -> None:
     assert [r["category"] for r in rows] == ["loose", "mean"] and float(rows[0]["image_auroc"]) > 0.5
     trained = _run("benchmark", "--dataset", "mvtec", "--root", tmp_path / "data", "--out", tmp_path / "p", *SMALL)
     assert trained.exit_code == 2 and "no mvtec category found" in trained.output
+    assert "(loose: a test split without training images in train/good; a zero-shot config" in trained.output
 
 
 def test_evaluate_refuses_or_names_what_would_change_its_figures(

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from anomaly._fs import OUTPUT_MARKER
 from anomaly.data import (
     CategoryData,
     find_categories,
@@ -487,6 +488,14 @@ def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, 
     test_split = synthetic_root / "test"  # good/ beside a folder per defect type: 6 defects learnt as normal
     with pytest.raises(DataError, match=f"holds good/ beside blob, missing, scratch: .* give {test_split / 'good'}"):
         training_paths([test_split])
+    scored = tmp_path / "scored"  # good/ beside an earlier output of anomaly (scores written next to the images)
+    shutil.copytree(synthetic_root / "train" / "good", scored / "good")
+    (scored / "scores").mkdir()
+    (scored / "scores" / OUTPUT_MARKER).write_text("{}")
+    assert len(training_paths([scored])) == n_train  # the output is no defect folder
+    shutil.copytree(test_split / "blob", scored / "blob")
+    with pytest.raises(DataError, match="holds good/ beside blob: "):  # named alone, not with the output
+        training_paths([scored])
     assert len(training_paths([plain / "good"])) == len(list((synthetic_root / "train" / "good").iterdir()))
 
 
