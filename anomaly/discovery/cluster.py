@@ -11,8 +11,9 @@ restarts, and on these descriptors it beat k-means and spectral clustering (benc
 Without a given K, K is estimated by the eigengap of the normalised graph Laplacian of a
 self-tuning affinity (Zelnik-Manor & Perona 2004: each row's scale is the distance to its 7th
 neighbour): the K in 2..``k_max`` after which the Laplacian's eigenvalues jump most. Its confidence
-is ``1 - runner-up gap / chosen gap`` (0: a tie with another K, 1: unambiguous). The silhouette
-score picked 8 and 2 types on bottle's 3, the eigengap 3 (benchmarks/README.md).
+is ``1 - runner-up gap / chosen gap`` (0: a tie with another K, 1: unambiguous). Gaps of rounding
+size count as 0: descriptors that do not separate (identical images) get the smallest K, confidence 0.
+The silhouette score picked 8 and 2 types on bottle's 3, the eigengap 3 (benchmarks/README.md).
 
 Soft memberships are a softmax of negative squared distances to the cluster centroids, scaled by the
 mean squared distance of the rows to their own centroid (the posterior of an isotropic Gaussian
@@ -29,6 +30,8 @@ from numpy.typing import NDArray
 from anomaly.errors import DataError
 
 __all__ = ["Clusters", "check_k", "cluster_descriptors", "eigengaps", "pool_by_image"]
+
+_ROUNDING = 1e-9  # eigenvalues of the normalised Laplacian lie in [0, 2]; float64 error is ~1e-15 per row
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ class Clusters:
         if not self.k_scores:
             return None
         gaps = sorted(self.k_scores.values(), reverse=True)
-        return 1.0 - gaps[1] / gaps[0] if len(gaps) > 1 and gaps[0] > 0 else 1.0
+        if gaps[0] <= 0:  # no K stands out: a tie
+            return 0.0
+        return 1.0 - gaps[1] / gaps[0] if len(gaps) > 1 else 1.0
 
 
 def cluster_descriptors(
@@ -112,7 +117,9 @@ def eigengaps(x: NDArray[np.float64], k_max: int, neighbours: int = 7) -> dict[i
     degree = np.sqrt(np.maximum(affinity.sum(1), 1e-12))
     laplacian = np.eye(len(x)) - affinity / np.outer(degree, degree)
     values = np.linalg.eigvalsh(laplacian)[: k_max + 1]
-    return {kk: float(values[kk] - values[kk - 1]) for kk in range(2, min(k_max, len(values) - 1) + 1)}
+    gaps = np.diff(values)
+    gaps[gaps < _ROUNDING] = 0.0  # not a jump: equal eigenvalues computed a few ulps apart
+    return {kk: float(gaps[kk - 1]) for kk in range(2, min(k_max, len(values) - 1) + 1)}
 
 
 def pool_by_image(

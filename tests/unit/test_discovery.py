@@ -102,6 +102,12 @@ def test_cluster_descriptors_estimates_k_and_labels_by_size() -> None:
     assert given.k == 2 and given.k_method == "given" and given.k_scores == {}
 
 
+def test_identical_descriptors_are_a_tie_not_a_confident_k() -> None:
+    """Six copies of one image were split into 5 types with confidence 1.00: the eigengap picked rounding noise."""
+    found = cluster_descriptors(np.ones((6, 4)))
+    assert found.k == 2 and found.k_confidence == 0.0 and set(found.k_scores.values()) == {0.0}
+
+
 @pytest.mark.parametrize("k", [0, 6])
 def test_cluster_descriptors_refuses_k_outside_row_count(k: int) -> None:
     with pytest.raises(DataError, match="number of regions"):
