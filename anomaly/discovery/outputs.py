@@ -24,6 +24,7 @@ __all__ = ["ScoredImages", "read_scored_images", "write_discovery"]
 THUMB = 160  # contact-sheet thumbnail side in pixels
 SHEET_COLUMNS = 8
 SHEET_MAX = 64  # thumbnails per sheet, most confident first
+_FONT, _FONT_SCALE = cv2.FONT_HERSHEY_PLAIN, 0.9
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,15 @@ def _contact_sheet(
         sheet[top : top + thumb.shape[0], left : left + thumb.shape[1]] = thumb
         label = f"{Path(paths[slot]).parent.name}/{Path(paths[slot]).stem} {result.confidence[index]:.2f}"
         label = label.encode("ascii", "replace").decode("ascii")  # Hershey fonts are ASCII; undecodable names crashed
-        cv2.putText(sheet, label[-24:], (left + 2, top + THUMB + 13), cv2.FONT_HERSHEY_PLAIN, 0.9, (0, 0, 0), 1)
+        cv2.putText(sheet, _fit_label(label), (left + 2, top + THUMB + 13), _FONT, _FONT_SCALE, (0, 0, 0), 1)
     return sheet
+
+
+def _fit_label(label: str) -> str:
+    """The end of ``label`` (the name's stem and the confidence) that fits under its thumbnail, not over the next."""
+    while len(label) > 1 and cv2.getTextSize(label, _FONT, _FONT_SCALE, 1)[0][0] > THUMB - 4:
+        label = label[1:]
+    return label
 
 
 def _fit(image: NDArray[np.uint8]) -> NDArray[np.uint8]:

@@ -364,6 +364,26 @@ def test_discover_reads_relative_image_paths_from_the_scores_folder_too(
     assert not (tmp_path / "gone").exists()
 
 
+def test_contact_sheet_labels_stay_under_their_thumbnails(scores_dir: Path, tmp_path: Path) -> None:
+    """A 24-character label is about 200 px wide under a 160 px thumbnail: the labels ran into each other."""
+    from anomaly.discovery.outputs import THUMB
+
+    rows = list(csv.DictReader((scores_dir / "scores.csv").open()))
+    for row in rows:
+        source = Path(row["path"])
+        row["path"] = str(tmp_path / "images" / source.parent.name / f"exp1_num_{source.stem}_long_name.png")
+        Path(row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, row["path"])
+    scores = _copy_with_rows(scores_dir, tmp_path / "scores", rows)
+    result = runner.invoke(app, ["discover", "--scores", str(scores), "--out", str(tmp_path / "t"), "--k", "1"])
+    assert result.exit_code == 0, result.output
+    sheet = cv2.imread(str(tmp_path / "t" / "sheets" / "cluster_0.png"), cv2.IMREAD_GRAYSCALE)
+    assert sheet.shape[1] >= 2 * THUMB
+    labels = sheet[THUMB : THUMB + 18]
+    for edge in range(THUMB, sheet.shape[1], THUMB):
+        assert (labels[:, edge - 2 : edge + 1] == 255).all(), f"a label crosses x = {edge}"
+
+
 def test_discover_refuses_a_nan_score_as_report_does(scores_dir: Path, tmp_path: Path) -> None:
     """A nan score or pixel threshold was used or skipped by `anomaly discover` and refused by `anomaly report`."""
     rows = list(csv.DictReader((scores_dir / "scores.csv").open()))
