@@ -88,6 +88,10 @@ def _render_pictures(
     regenerated = sum(it.overlay is None and "overlay" in r.views for it, r in zip(content.items, rendered))
     if regenerated:
         log.info("%d overlay(s) regenerated from the maps (none in the scores folder)", regenerated)
+    unreadable = [it.image for it, r in zip(content.items, rendered) if it.image is not None and "image" not in r.views]
+    if unreadable:
+        log.warning("%d image file(s) could not be decoded (first: %s): the report shows their overlays and maps only",
+                    len(unreadable), unreadable[0])  # fmt: skip
     return rendered
 
 

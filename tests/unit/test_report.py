@@ -343,6 +343,20 @@ def test_regenerated_overlays_are_counted(tmp_path: Path, caplog: pytest.LogCapt
     assert all("overlay" in it["views"] for it in _data(out)["items"])
 
 
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged image file (changed since it was scored) was left out of the viewer silently."""
+    scores = _fabricate(tmp_path, 3)
+    rows = _with_maps(scores)
+    _write_rows(scores, rows)
+    damaged = Path(rows[1]["path"])
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        out = build_report(scores, tmp_path / "report")
+    expected = f"1 image file(s) could not be decoded (first: {damaged})"
+    assert any(expected in r.getMessage() for r in caplog.records), caplog.text
+    assert sum("image" in it["views"] for it in _data(out)["items"]) == 2
+
+
 def test_report_in_chromium(scored: SimpleNamespace, open_report: Any, tmp_path: Path) -> None:
     out = build_report(scored.scores, tmp_path / "report", scored.eval, scored.discovery)
     opened = open_report(out)
