@@ -565,9 +565,9 @@ def discover(
             "(default: EfficientNet-Lite0 with ImageNet statistics).",
         ),
     ] = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Group anomalous images into defect types without labels (anomaly type discovery)."""
-    from anomaly.config import load_config
     from anomaly.discovery.cluster import check_k
     from anomaly.discovery.describe import RegionDescriber
     from anomaly.discovery.outputs import read_scored_images, write_discovery
@@ -580,7 +580,7 @@ def discover(
         raise DataError(f"--scale must be {' or '.join(SCALES)}, got '{scale}'")
     from anomaly._fs import check_output_dir
 
-    backbone = None if config is None else load_config(config).backbone
+    backbone = None if config is None and not overrides else _config(config or "patchcore", None, overrides).backbone
     selected = read_scored_images(scores, all_images)
     check_output_dir(out, "clusters.csv")  # before the regions are described
     try:

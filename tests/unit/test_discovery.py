@@ -329,6 +329,17 @@ def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
     assert "exactly one of" in _error(["evaluate", "--root", str(tmp_path)])
 
 
+def test_discover_takes_set_as_fit_does(scores_dir: Path, tmp_path: Path) -> None:
+    """Offline, a backbone without weights was refused with the advice '--set backbone.weights=FILE', which
+    `anomaly discover` did not take."""
+    base = ["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "3"]
+    missing = tmp_path / "w.safetensors"
+    error = _error([*base, "--set", f"backbone.weights={missing}"])
+    assert error == f"error: backbone.weights: file not found: {missing}"
+    assert "did you mean 'name'" in _error([*base, "--config", "padim", "--set", "backbone.nme=x"])
+    assert not (tmp_path / "o").exists()
+
+
 def _copy_with_rows(scores_dir: Path, out: Path, rows: list[dict[str, str]]) -> Path:
     """A copy of ``scores_dir`` (maps included) at ``out`` whose scores.csv holds ``rows``."""
     shutil.copytree(scores_dir, out)
