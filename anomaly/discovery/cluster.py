@@ -54,13 +54,14 @@ class Clusters:
 
     @property
     def k_confidence(self) -> float | None:
-        """``1 - runner-up gap / chosen gap`` in [0, 1] (None when K was given)."""
+        """``1 - runner-up gap / chosen gap`` in [0, 1] (None when K was given; 0 when one K was the only candidate,
+        as from 3 rows: nothing was compared)."""
         if not self.k_scores:
             return None
         gaps = sorted(self.k_scores.values(), reverse=True)
-        if gaps[0] <= 0:  # no K stands out: a tie
+        if gaps[0] <= 0 or len(gaps) == 1:  # no K stands out: a tie, or nothing to compare
             return 0.0
-        return 1.0 - gaps[1] / gaps[0] if len(gaps) > 1 else 1.0
+        return 1.0 - gaps[1] / gaps[0]
 
 
 def cluster_descriptors(

@@ -108,6 +108,13 @@ def test_identical_descriptors_are_a_tie_not_a_confident_k() -> None:
     assert found.k == 2 and found.k_confidence == 0.0 and set(found.k_scores.values()) == {0.0}
 
 
+def test_k_estimated_from_one_candidate_has_no_confidence() -> None:
+    """From 3 images K = 2 is the only candidate: it was reported with confidence 1.00, though nothing was compared."""
+    x = np.array([[0.0, 0.0], [0.0, 1.0], [5.0, 5.0], [5.0, 6.0]])
+    assert list(cluster_descriptors(x[:3]).k_scores) == [2] and cluster_descriptors(x[:3]).k_confidence == 0.0
+    assert sorted(cluster_descriptors(x).k_scores) == [2, 3]
+
+
 @pytest.mark.parametrize("k", [0, 6])
 def test_cluster_descriptors_refuses_k_outside_row_count(k: int) -> None:
     with pytest.raises(DataError, match="number of regions"):
