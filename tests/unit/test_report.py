@@ -383,6 +383,8 @@ def test_report_in_chromium(scored: SimpleNamespace, open_report: Any, tmp_path:
     assert page.eval_on_selector("#viewer", "d => d.open")
     assert page.text_content("#viewer-title").startswith("#2 ")
     assert page.locator("#viewer-views img").count() == 4
+    # the mask is not redrawn by the slider, and says at which threshold it was drawn
+    assert page.locator("#viewer-views figcaption").last.text_content() == "Mask at the model's threshold"
     page.keyboard.press("Escape")
     assert not page.eval_on_selector("#viewer", "d => d.open")
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)

@@ -231,7 +231,8 @@
       img.height = it.size[1];
       img.alt = `${label} of ${it.name}`;
       const caption = document.createElement("figcaption");
-      caption.textContent = label;
+      // The mask is drawn once, at the model's pixel threshold: the slider does not redraw it.
+      caption.textContent = kind === "mask" ? `${label} at the model's threshold` : label;
       figure.append(img, caption);
       views.append(figure);
     }
