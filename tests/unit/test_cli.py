@@ -475,7 +475,8 @@ def test_backbones_lists_the_packaged_lite0() -> None:
 def test_backbones_lists_each_layer_with_channels_and_stride() -> None:
     result = _run("backbones", "--layers")
     assert result.exit_code == 0
-    lines = [line.split() for line in result.output.splitlines() if line.startswith("    ")]
+    lite0 = result.output.split("tf_efficientnet_lite0", 1)[1].split("\ntf_", 1)[0]  # lite1/2 may follow
+    lines = [line.split() for line in lite0.splitlines() if line.startswith("    ")]
     table = {parts[0]: (int(parts[1]), int(parts[-1])) for parts in lines}
     assert table["blocks.2"] == (40, 8) and table["blocks.4"] == (112, 16) and table["blocks.6"] == (320, 32)
     assert table["blocks.3"] == (80, 16)  # inside the stride-16 stage, a layer timm's feature_info leaves out
