@@ -89,7 +89,7 @@ def evaluate_samples(
         log.warning("%s: no mask has a defect pixel (above 0): image metrics only", folder)
         return Evaluation(dict(evaluate_detailed(scores, labels)[0]), None, None, None, paths, labels, _truth(samples))
     if eval_size is not None:
-        maps, masks = _resized(maps, masks, eval_size)
+        maps, masks = _resized(maps, masks, eval_size, samples)
     if set(labels) == {1}:  # defective images only: their normal pixels still rank against the defects'
         undefined: dict[str, float | str] = {key: math.nan for key in ("image_auroc", "image_ap", "image_f1max")}
         metrics, details = evaluate_pixels(maps, masks)
@@ -131,20 +131,42 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> Non
 
 
 def _resized(
-    maps: list[NDArray[np.float32]], masks: list[NDArray[np.bool_]], size: tuple[int, int]
+    maps: list[NDArray[np.float32]], masks: list[NDArray[np.bool_]], size: tuple[int, int], samples: list[Sample]
 ) -> tuple[list[NDArray[np.float32]], list[NDArray[np.bool_]]]:
-    """Maps (bilinear) and masks (nearest) at a fixed evaluation size (H, W)."""
+    """Maps (bilinear) and masks (nearest, see :func:`_keep_defect`) at a fixed evaluation size (H, W)."""
     h, w = size
     # cv2's stubs drop the dtype
     maps = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]  # type: ignore[misc]
-    masks = [cv2.resize(m.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool) for m in masks]
-    return maps, masks
+    resized = [_keep_defect(m, size) for m in masks]
+    kept = [str(s.mask_path) for s, (_, dropped) in zip(samples, resized) if dropped]
+    if kept:
+        log.warning(
+            "%d ground-truth mask(s) lose every defect pixel at --eval-size %dx%d under nearest-neighbour sampling: "
+            "they keep the pixels their defect covers, first: %s",
+            len(kept),
+            h,
+            w,
+            kept[0],
+        )
+    return maps, [m for m, _ in resized]
+
+
+def _keep_defect(mask: NDArray[np.bool_], size: tuple[int, int]) -> tuple[NDArray[np.bool_], bool]:
+    """``mask`` at ``size`` (H, W), nearest neighbour, and whether its defect was kept: one that sampling drops whole
+    (a few pixels, scaled down) becomes the pixels it covers, so that its image stays defective (ALGORITHMS.md §5.6):
+    an empty mask would count its image, defect included, as a normal one in AUPIMO's shared FPR."""
+    resized = resize_mask(mask, size)
+    if resized.any() or not mask.any():
+        return resized, False
+    covered = cv2.resize(mask.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA) > 0
+    return covered, True
 
 
 def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> list[NDArray[np.bool_]]:
-    """Masks at the given shapes (nearest neighbour); all-zero for normal images. Masks of another aspect than
-    their map (a mask drawn on a crop, or for another image) are stretched to it and named in one warning."""
-    masks, skewed, empty, graded = [], [], [], []
+    """Masks at the given shapes (nearest neighbour, see :func:`_keep_defect`); all-zero for normal images. Masks of
+    another aspect than their map (a mask drawn on a crop, or for another image) are stretched to it and named in one
+    warning."""
+    masks, skewed, empty, graded, kept = [], [], [], [], []
     for sample, shape in zip(samples, shapes):
         if sample.mask_path is None:
             masks.append(np.zeros(shape[:2], dtype=bool))
@@ -157,11 +179,16 @@ def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> 
             empty.append(str(sample.mask_path))
         elif mask_level_count(levels) > SOFT_MASK_LEVELS:
             graded.append(str(sample.mask_path))
-        masks.append(resize_mask(mask, (shape[0], shape[1])))
+        resized, dropped = _keep_defect(mask, (shape[0], shape[1]))
+        if dropped:
+            kept.append(str(sample.mask_path))
+        masks.append(resized)
     for found, what in (
         (skewed, "have another aspect than their image and are stretched to it"),
         (empty, "of defective images are empty (no pixel above 0): their images count as normal pixels only"),
         (graded, "have many levels (soft edges, or lossy JPEG noise): every pixel above 0 counts as defect"),
+        (kept, "lose every defect pixel at their image's size under nearest-neighbour sampling: they keep the pixels "
+               "their defect covers"),
     ):  # fmt: skip
         if found:
             log.warning("%d ground-truth mask(s) %s, first: %s", len(found), what, found[0])

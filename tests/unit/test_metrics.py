@@ -685,3 +685,29 @@ def test_a_defect_only_set_whose_masks_are_empty_is_one_error(tmp_path) -> None:
     maps = [np.ones((8, 8), np.float32)] * 2
     with pytest.raises(DataError, match=r"ground_truth: no mask has a defect pixel .* no normal image"):
         evaluate_samples([1.0, 2.0], samples, maps)
+
+
+@pytest.mark.parametrize(("map_size", "eval_size"), [((40, 40), None), ((80, 80), (8, 8))])
+def test_a_defect_that_nearest_sampling_drops_keeps_its_image_defective(  # type: ignore[no-untyped-def]
+    tmp_path, caplog, map_size, eval_size
+) -> None:
+    """A mask scaled down (to its image, or to --eval-size) lost a defect of a few pixels whole: its image, defect
+    included, then counted as a normal one in AUPIMO's shared FPR, without a word."""
+    from PIL import Image
+
+    from anomaly.data.datasets import Sample
+    from anomaly.evaluation import evaluate_samples
+
+    (tmp_path / "ground_truth" / "pit").mkdir(parents=True)
+    drawn = np.zeros((2, 80, 80), np.uint8)
+    drawn[0, 20:60, 20:60] = 255
+    drawn[1, 40, 40] = 255  # one pixel that neither size samples
+    samples = [Sample(tmp_path / "test" / "good" / "0.png", None, 0, "good", "test")]
+    for i, mask in enumerate(drawn):
+        Image.fromarray(mask).save(tmp_path / "ground_truth" / "pit" / f"{i}_mask.png")
+        samples.append(Sample(tmp_path / "test" / "pit" / f"{i}.png", tmp_path / "ground_truth" / "pit" /
+                              f"{i}_mask.png", 1, "pit", "test"))  # fmt: skip
+    maps = list(np.random.default_rng(0).random((3, *map_size), dtype=np.float32))
+    evaluation = evaluate_samples([0.1, 0.9, 0.8], samples, maps, eval_size)
+    assert evaluation.masks is not None and evaluation.masks[2].any()
+    assert "1 ground-truth mask(s) lose every defect pixel" in caplog.text and "1_mask.png" in caplog.text
