@@ -37,7 +37,7 @@ from anomaly.data.datasets import (
 from anomaly.data.io import is_image_file, read_mask_levels
 from anomaly.detector import Detector
 from anomaly.errors import AnomalyError, DataError
-from anomaly.evaluation import Evaluation, evaluate_samples, write_evaluation
+from anomaly.evaluation import Evaluation, evaluate_samples, threshold_counts, write_evaluation
 from anomaly.metrics import pimo_curves
 from anomaly.outputs import ScoreWriter, relative_names
 from anomaly.report import build_report
@@ -396,17 +396,18 @@ def _run_category(
     metrics = evaluation.metrics
     if metrics.get("aupimo_error"):
         log.warning("%s: AUPIMO is nan: %s", data.name, metrics["aupimo_error"])
-    normal = [r.is_anomalous for r, s in zip(results, test) if not s.label]
+    counts = threshold_counts([r.is_anomalous for r in results], evaluation.labels)
     row = {
         "category": data.name,
         **{k: v for k, v in metrics.items() if not isinstance(v, str)},
-        "realised_fpr": float(np.mean(normal)) if normal else math.nan,
+        "realised_fpr": counts["realised_fpr"],
         "fit_s": fit_s,
         "ms_per_image": ms_per_image,
         "peak_mem_mb": peak_rss_mb() if memory_apart else math.nan,
     }
     if cuda:
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    metrics.update(n_images=len(results), **counts)  # as `anomaly evaluate` writes them, for the report's table
     write_evaluation(evaluation, out / "evaluation")
     per_image = None if evaluation.aupimo is None else evaluation.aupimo.per_image
     if evaluation.aupimo is not None and evaluation.maps is not None and evaluation.masks is not None:

@@ -29,6 +29,7 @@ __all__ = [
     "evaluate_scores",
     "ground_truth_masks",
     "pimo_plot_data",
+    "threshold_counts",
     "write_evaluation",
 ]
 
@@ -238,7 +239,8 @@ def evaluate_scores(
     evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
     evaluation.category = data.name
     evaluation.metrics["n_images"] = len(rows)
-    evaluation.metrics.update(_threshold_counts(rows, samples))
+    if all((r.get("is_anomalous") or "").strip() for r in rows):  # a verdict per row (not scores from elsewhere)
+        evaluation.metrics.update(threshold_counts([is_flagged(r) for r in rows], evaluation.labels))
     if out is not None:
         try:
             write_evaluation(evaluation, out)
@@ -247,17 +249,14 @@ def evaluate_scores(
     return evaluation.metrics
 
 
-def _threshold_counts(rows: list[dict[str, str]], samples: list[Sample]) -> dict[str, Any]:
+def threshold_counts(flags: list[bool], labels: list[int]) -> dict[str, Any]:
     """What the scores' own threshold did (``is_anomalous``): the count and share of normal and of anomalous images
-    flagged (``flagged_normal``, ``realised_fpr``, ``flagged_anomalous``, ``realised_tpr``). Empty when a row has no
-    verdict (scores from elsewhere)."""
-    if not all((r.get("is_anomalous") or "").strip() for r in rows):
-        return {}
+    flagged (``flagged_normal``, ``realised_fpr``, ``flagged_anomalous``, ``realised_tpr``)."""
     counts: dict[str, Any] = {}
     for label, name in ((0, "normal"), (1, "anomalous")):
-        flags = [is_flagged(r) for r, s in zip(rows, samples) if s.label == label]
-        counts[f"flagged_{name}"] = sum(flags)
-        counts["realised_fpr" if label == 0 else "realised_tpr"] = sum(flags) / len(flags) if flags else math.nan
+        flagged = [flag for flag, truth in zip(flags, labels) if truth == label]
+        counts[f"flagged_{name}"] = sum(flagged)
+        counts["realised_fpr" if label == 0 else "realised_tpr"] = sum(flagged) / len(flagged) if flagged else math.nan
     return counts
 
 

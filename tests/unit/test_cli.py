@@ -402,6 +402,26 @@ def test_benchmark_writes_tables_and_resumes(synthetic_root: Path, tmp_path: Pat
     assert bad.exit_code == 2 and "--eval-size: expected N or HxW, got 'big'" in bad.output
 
 
+def test_a_benchmark_evaluation_says_what_the_threshold_did_as_evaluate_does(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A category's evaluation folder lacked the counts of flagged images that `anomaly evaluate --out` writes:
+    its report showed no share of normal or anomalous images flagged."""
+    out = tmp_path / "bench"
+    args = ["--dataset", "mvtec", "--root", synthetic_root.parent, "--category", "widget", "--out", out, *SMALL]
+    assert _run("benchmark", *args).exit_code == 0
+    evaluated = _run(
+        "evaluate", "--scores", out / "widget" / "scores", "--root", synthetic_root, "--out", tmp_path / "ev"
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    ours, theirs = (
+        json.loads((d / "metrics.json").read_text()) for d in (out / "widget" / "evaluation", tmp_path / "ev")
+    )
+    keys = ["n_images", "flagged_normal", "realised_fpr", "flagged_anomalous", "realised_tpr"]
+    assert [ours.get(k) for k in keys] == [theirs[k] for k in keys]
+    assert "Normal images flagged (share)" in (out / "widget" / "report" / "index.html").read_text()
+
+
 def test_benchmark_without_masks_reports_image_metrics(synthetic_root: Path, tmp_path: Path, caplog) -> None:
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root / "widget", ignore=shutil.ignore_patterns("ground_truth"))
