@@ -226,7 +226,10 @@ def evaluate_scores(
     if unannotated and any(map_paths):
         log.warning("%s has no ground_truth masks: image metrics only", category_root)
     if not any(map_paths) and any(s.mask_path is not None for s in samples):
-        log.warning("%s has no maps (`anomaly score --maps` writes them): image metrics only", scores_dir)
+        if all(r.get("threshold") for r in rows) and not any(r.get("pixel_threshold") for r in rows):
+            log.warning("%s: its scorer gives image scores only (no maps): image metrics only", scores_dir)
+        else:
+            log.warning("%s has no maps (`anomaly score --maps` writes them): image metrics only", scores_dir)
     if any(map_paths) and not all(map_paths) and not unannotated:
         log.warning(
             "%d of the %d rows of scores.csv have no map: image metrics only", map_paths.count(""), len(map_paths)

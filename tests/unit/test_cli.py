@@ -203,6 +203,10 @@ def test_image_level_scorer_writes_no_maps(synthetic_root: Path, tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert all(r["map_path"] == "" for r in _rows(out))
     assert not (out / "maps").exists()
+    evaluated = _run("evaluate", "--scores", out, "--root", synthetic_root)  # not "score with --maps", as it was
+    assert evaluated.exit_code == 0 and "its scorer gives image scores only (no maps): image metrics only" in (
+        evaluated.output
+    )
 
 
 def test_user_errors_exit_2_with_one_line_and_leave_nothing(
