@@ -423,7 +423,11 @@ def find_categories(root: str | os.PathLike[str], dataset: Literal["mvtec", "vis
 
 
 def _category_hint(root: Path) -> str:
-    """What a folder given as a category is instead: a dataset root, or a VisA category in its original layout."""
+    """What a folder given as a category is instead: a folder inside a category (its test/ or one defect type's), a
+    dataset root, or a VisA category in its original layout."""
+    for above in Path(os.path.abspath(root)).parents[:2]:
+        if labelled_split_dirs(above)[0].is_dir():
+            return f"; a folder inside the category {above}: give that"
     if (root / "Data" / "Images").is_dir():
         return "; a VisA category as published: benchmark it with --dataset visa, or convert it to the MVTec layout"
     if root.is_dir():

@@ -690,6 +690,9 @@ def test_a_root_without_categories_says_where_they_are(synthetic_root: Path, tmp
         load_ground_truth(tmp_path / "converted" / "1cls")  # evaluate --root
     with pytest.raises(DataError, match="; a VisA category as published: benchmark it with --dataset visa"):
         load_ground_truth(tmp_path / "VisA" / "candle")
+    for inside in ("test", "test/blob"):  # evaluate --root bottle/test: no hint, as if the category were wrong
+        with pytest.raises(DataError, match=r"; a folder inside the category .*1cls/widget: give that$"):
+            load_ground_truth(tmp_path / "converted" / "1cls" / "widget" / inside)
 
 
 def test_load_visa_converted_layout_without_csv(synthetic_root: Path) -> None:
