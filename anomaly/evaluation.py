@@ -16,7 +16,14 @@ from numpy.typing import NDArray
 
 from anomaly._fs import atomic_write_text
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
-from anomaly.data.io import SOFT_MASK_LEVELS, load_map, mask_level_count, read_mask_levels, resize_mask
+from anomaly.data.io import (
+    SOFT_MASK_LEVELS,
+    load_map,
+    mask_level_count,
+    read_image_size,
+    read_mask_levels,
+    resize_mask,
+)
 from anomaly.errors import DataError
 from anomaly.metrics import pimo_curves
 from anomaly.metrics.evaluate import evaluate_detailed, evaluate_pixels
@@ -238,7 +245,7 @@ def evaluate_scores(
         missing = [p for p in map_paths if not (Path(scores_dir) / p).is_file()]
         if missing:
             raise DataError(f"{Path(scores_dir) / missing[0]}: map file not found")
-        maps = [load_map(Path(scores_dir) / p) for p in map_paths]
+        maps = _at_image_size([load_map(Path(scores_dir) / p) for p in map_paths], samples)
     evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
     evaluation.category = data.name
     evaluation.metrics["n_images"] = len(rows)
@@ -250,6 +257,22 @@ def evaluate_scores(
         except OSError as exc:
             raise DataError(f"--out {out}: cannot write the evaluation ({exc.strerror or exc})") from None
     return evaluation.metrics
+
+
+def _at_image_size(maps: list[NDArray[np.float32]], samples: list[Sample]) -> list[NDArray[np.float32]]:
+    """Maps at their test image's size, as `anomaly score --maps` writes them; others (written by another tool, or
+    for a resized copy) are scaled to it (bilinear) and named in a warning, so that the pixel metrics are those of the
+    original resolution that ``eval_size`` reports, not of each map's."""
+    sized, other = [], []
+    for amap, sample in zip(maps, samples):
+        height, width = read_image_size(sample.image_path)
+        if amap.shape != (height, width):
+            other.append(f"{sample.image_path} ({amap.shape[1]}x{amap.shape[0]} for {width}x{height})")
+            amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)  # type: ignore[assignment]
+        sized.append(amap)
+    if other:
+        log.warning("%d map(s) are not at their image's size and are scaled to it, first: %s", len(other), other[0])
+    return sized
 
 
 def threshold_counts(flags: list[bool], labels: list[int]) -> dict[str, Any]:

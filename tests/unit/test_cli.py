@@ -96,6 +96,36 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     assert result.exit_code == 0 and "has no maps (`anomaly score --maps` writes them)" in result.output
 
 
+def test_evaluate_scales_a_map_of_another_size_to_its_image(
+    model_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A map not at its image's size (another tool's, at 64 px) had its mask scaled down to it instead, silently:
+    pixel metrics at the map's size while metrics.json said ``eval_size: original``."""
+    from anomaly.data.datasets import load_ground_truth
+    from anomaly.evaluation import evaluate_samples
+    from anomaly.tables import read_scores
+
+    out = tmp_path / "scores"
+    assert _run("score", "--model", model_dir, "--out", out, "--maps", synthetic_root / "test").exit_code == 0
+    rows = read_scores(out)
+    flagged = next(r for r in rows if r["is_anomalous"] == "true")
+    full = np.load(out / flagged["map_path"])
+    np.save(out / flagged["map_path"], cv2.resize(full, (64, 64), interpolation=cv2.INTER_AREA))
+    result = _run("evaluate", "--scores", out, "--root", synthetic_root, "--out", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert f"1 map(s) are not at their image's size and are scaled to it, first: {flagged['path']} (64x64 for" in (
+        result.output
+    )
+    samples = load_ground_truth(synthetic_root).match_test([r["path"] for r in rows], "scores.csv")
+    maps = [np.load(out / r["map_path"]) for r in rows]
+    maps = [
+        cv2.resize(m, full.shape[::-1], interpolation=cv2.INTER_LINEAR) if m.shape != full.shape else m for m in maps
+    ]
+    expected = evaluate_samples([float(r["score"]) for r in rows], samples, maps).metrics
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["pixel_auroc"] == expected["pixel_auroc"] and metrics["aupro"] == expected["aupro"]
+
+
 def test_evaluate_test_only_and_unannotated_roots(model_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
     """A test-only category (scored zero-shot) needs no train/good; one without masks gets image metrics."""
     out = tmp_path / "scores"
