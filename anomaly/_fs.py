@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -41,6 +42,7 @@ __all__ = [
     "new_temp_dir",
     "replace_dir",
     "restore_interrupted",
+    "save_tensors",
     "staged_dir",
     "umask",
 ]
@@ -237,6 +239,21 @@ def load_tensors(path: Path) -> dict[str, Any]:
 
 _SAFETENSORS_DTYPES = {"BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "F16": "<f2", "U32": "<u4",
                        "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}  # fmt: skip
+
+
+def save_tensors(arrays: dict[str, Any], path: Path) -> None:
+    """Write ``arrays`` (NumPy) as a safetensors file. A failed write (a full disk) raises OSError, as any write does:
+    safetensors reports it as its own error type, which the writers' ``except OSError`` would miss."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()}, str(path))
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))  # "I/O error: No space left on device (os error 28)"
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 @contextlib.contextmanager

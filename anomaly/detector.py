@@ -24,7 +24,7 @@ import torch
 from numpy.typing import NDArray
 
 from anomaly import __version__
-from anomaly._fs import load_tensors, restore_interrupted
+from anomaly._fs import load_tensors, restore_interrupted, save_tensors
 from anomaly.config import DetectorConfig, from_dict, load_config
 from anomaly.data.input_checks import (
     POOL_ASPECTS_MIN,
@@ -741,11 +741,9 @@ class Detector:
             if not self.zero_shot:
                 self.scorer.save(tmp)
             if self.reference_ is not None:
-                from safetensors.torch import save_file
-
-                state = {f"layer{i}": t.contiguous().cpu() for i, t in enumerate(self.reference_.layers)}
-                state["embedding"] = self.reference_.embedding.contiguous().cpu()
-                save_file(state, str(tmp / _REFERENCES_FILE))
+                state = {f"layer{i}": t.cpu().numpy() for i, t in enumerate(self.reference_.layers)}
+                state["embedding"] = self.reference_.embedding.cpu().numpy()
+                save_tensors(state, tmp / _REFERENCES_FILE)
             (tmp / "config.json").write_text(json.dumps(self._resolved_config(), indent=2))
             return self._meta()
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from anomaly import __version__
-from anomaly._fs import staged_dir
+from anomaly._fs import save_tensors, staged_dir
 from anomaly.detector import Detector
 from anomaly.errors import BackendError, ConfigError, DataError
 from anomaly.features import FeatureExtractor, cnn_layers
@@ -74,9 +74,7 @@ def export_model(
             for name, data in files.items():
                 (tmp / name).write_bytes(data)
             if state:
-                from safetensors.numpy import save_file
-
-                save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "state.safetensors"))
+                save_tensors(state, tmp / "state.safetensors")
         except OSError as exc:  # a full disk, a quota: one line, and staged_dir removes what was written
             raise DataError(f"{target}: could not write the export ({exc.strerror or exc})") from None
         spec = {"format": fmt, "file": net_file, "input": "images", "outputs": outputs, "opset": OPSET}

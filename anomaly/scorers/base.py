@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from anomaly._fs import load_tensors
+from anomaly._fs import load_tensors, save_tensors
 from anomaly.errors import ConfigError, NotFittedError, ScorerError
 
 __all__ = ["Progress", "ScoreOutput", "Scorer", "check_int", "check_is_fitted", "check_number"]
@@ -182,10 +182,7 @@ class Scorer(ABC):
 
     def save(self, directory: Path) -> list[str]:
         """Write the learned state into ``directory``; returns the file names written."""
-        from safetensors.numpy import save_file
-
-        state = {k: np.ascontiguousarray(v) for k, v in self.state_dict().items()}
-        save_file(state, str(directory / STATE_FILE))
+        save_tensors(self.state_dict(), directory / STATE_FILE)
         return [STATE_FILE]
 
     def load(self, files: Mapping[str, Path]) -> None:

@@ -364,3 +364,31 @@ def test_an_export_that_runs_out_of_disk_is_one_line_and_leaves_nothing(
     result = CliRunner().invoke(app, ["export", "--model", str(patchcore_model), "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "could not write the export (No space left on device)" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_state_files_that_run_out_of_disk_are_one_line_and_leave_nothing(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors reports a full disk as its own error type, not OSError: PaDiM / Gaussian state of a fit or an
+    export, and a zero-shot model's references, were a traceback and exit 1."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    small = ["--set", "backbone.image_size=[64,64]", "--set", "batch_size=4"]
+    model, out = tmp_path / "model", tmp_path / "out"
+    fit = CliRunner().invoke(app, ["fit", "--config", "gaussian", "--out", str(model), *small, str(synthetic_root)])
+    assert fit.exit_code == 0, fit.output
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    for command in (
+        ["export", "--model", str(model), "--out", str(out)],
+        ["fit", "--config", "gaussian", "--out", str(out), *small, str(synthetic_root)],
+        ["fit", "--config", "musc", "--out", str(out), *small, str(synthetic_root)],
+    ):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert f"{out}: could not write the " in result.output and "(No space left on device)" in result.output
+        assert sorted(tmp_path.iterdir()) == [model]
