@@ -242,8 +242,10 @@ _SAFETENSORS_DTYPES = {"BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16":
 
 
 def save_tensors(arrays: dict[str, Any], path: Path) -> None:
-    """Write ``arrays`` (NumPy) as a safetensors file. A failed write (a full disk) raises OSError, as any write does:
-    safetensors reports it as its own error type, which the writers' ``except OSError`` would miss."""
+    """Write ``arrays`` (NumPy) as a safetensors file, with the mode of any file the process writes (safetensors
+    creates 0600: an export's state would be unreadable to the service account that scores with it). A failed write
+    (a full disk) raises OSError, as any write does: safetensors reports it as its own error type, which the writers'
+    ``except OSError`` would miss."""
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
@@ -254,6 +256,7 @@ def save_tensors(arrays: dict[str, Any], path: Path) -> None:
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    path.chmod(0o666 & ~umask())
 
 
 @contextlib.contextmanager

@@ -55,3 +55,19 @@ def test_openvino_export_matches_the_torch_detector(
     assert files == ["index.faiss", "manifest.json", "model.bin", "model.xml"]
     paths = sorted((synthetic_root / "test").glob("*/*.png"))
     assert_parity(Detector.load(patchcore_model).predict(paths), ExportedDetector(export).predict(paths))
+
+
+def test_exported_state_is_readable_like_every_other_file(synthetic_root: Path, tmp_path: Path) -> None:
+    """safetensors creates its files 0600: an export's state.safetensors was unreadable to another user (a service
+    account) while its graph and manifest were not."""
+    import os
+
+    cfg = apply_overrides(load_config("gaussian"), ["backbone.image_size=[64,64]", "batch_size=4"])
+    model = Detector(cfg).fit(sorted((synthetic_root / "train" / "good").glob("*.png"))).save(tmp_path / "model")
+    mask = os.umask(0o022)
+    try:
+        export = export_model(model, tmp_path / "export")
+    finally:
+        os.umask(mask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in export.iterdir()}
+    assert "state.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
