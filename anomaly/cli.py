@@ -671,7 +671,8 @@ def serve(
     try:
         run(model, host, port, workers, int(max_mb * 2**20))
     except (KeyboardInterrupt, _Terminated):  # the usual way to stop a service: nothing was being written
-        typer.echo("serve: stopped", err=True)
+        pass  # uvicorn re-raises the signal it stopped on; with --workers its supervisor returns instead
+    typer.echo("serve: stopped", err=True)
 
 
 @app.command("import")

@@ -206,7 +206,9 @@ def test_a_scorer_without_maps_answers_no_pixel_threshold_and_refuses_a_mask(
     assert client.post("/predict?mask=png", content=images[0].read_bytes()).status_code == 400
 
 
-def test_serve_command_runs_uvicorn_on_a_port(patchcore_export: Path, images: list[Path]) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_command_runs_uvicorn_on_a_port(patchcore_export: Path, images: list[Path], workers: str) -> None:
+    """SIGTERM stops it with one line, exit 0; with --workers too, whose supervisor returns instead of raising."""
     import httpx
 
     with socket.socket() as sock:
@@ -214,7 +216,7 @@ def test_serve_command_runs_uvicorn_on_a_port(patchcore_export: Path, images: li
         port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "anomaly", "serve", "--model", str(patchcore_export), "--port", str(port)]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen([*cmd, "--workers", workers], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):
