@@ -57,6 +57,23 @@ def test_openvino_export_matches_the_torch_detector(
     assert_parity(Detector.load(patchcore_model).predict(paths), ExportedDetector(export).predict(paths))
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_exports_may_be_called_from_several_threads(
+    fmt: str, patchcore_model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """As README says of predict: an OpenVINO export called from two threads at once failed with "Infer Request is
+    busy" (the compiled model's own request is shared)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    detector = ExportedDetector(export_model(patchcore_model, tmp_path / "export", fmt))
+    paths = sorted((synthetic_root / "test").glob("*/*.png")) * 6
+    serial = [detector.predict(path).image_score for path in paths]
+    with ThreadPoolExecutor(6) as threads:
+        assert [result.image_score for result in threads.map(detector.predict, paths)] == serial
+
+
 def test_exported_state_is_readable_like_every_other_file(synthetic_root: Path, tmp_path: Path) -> None:
     """safetensors creates its files 0600: an export's state.safetensors was unreadable to another user (a service
     account) while its graph and manifest were not."""
