@@ -102,8 +102,9 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
             if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
                 async with request.form(max_files=1) as form:  # closes the spooled upload files
                     upload = form.get("file")
-                    if not isinstance(upload, UploadFile):
-                        return _error(400, "multipart request without a file field named 'file'")
+                    if not isinstance(upload, UploadFile):  # a part without a filename is text (curl -F file=<x)
+                        what = "is text, not a file" if isinstance(upload, str) else "is missing"
+                        return _error(400, f"multipart field 'file' {what}: send the image as a file (-F file=@x.png)")
                     data = await upload.read()
             else:
                 data = await request.body()

@@ -88,7 +88,11 @@ def test_bad_and_oversized_requests_are_refused_and_the_service_stays_healthy(
     corrupt = client.post("/predict", files={"file": ("bad.png", b"\x89PNG not really an image")})
     assert corrupt.status_code == 400 and "cannot read image" in corrupt.json()["error"]
     assert client.post("/predict", content=b"").status_code == 400
-    assert client.post("/predict", files={"other": ("x.png", images[0].read_bytes())}).status_code == 400
+    other = client.post("/predict", files={"other": ("x.png", images[0].read_bytes())})
+    assert other.status_code == 400 and "'file' is missing" in other.json()["error"]
+    part = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nPNG\r\n--b--\r\n'  # no filename: curl -F file=<x
+    text = client.post("/predict", content=part, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert text.status_code == 400 and "'file' is text, not a file" in text.json()["error"]
     big = b"\0" * 300_000
     assert client.post("/predict", content=big).status_code == 413  # declared length
     chunked = client.post("/predict", content=iter([big[:150_000], big[150_000:]]))  # streamed, no length
