@@ -17,6 +17,7 @@ from anomaly.errors import DataError
 __all__ = ["Workers", "cluster", "require_ray", "use_reserved_cpus", "workers"]
 
 _CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connection at once; a busy network may take seconds
+_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 def require_ray() -> ModuleType:
@@ -56,7 +57,7 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=os.cpu_count(), **options)
+            ray.init(num_cpus=usable_cpus(), **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"--ray-address {address}" if address else "local Ray instance"
         raise DataError(f"{where}: cannot start or connect ({str(exc).splitlines()[0] if str(exc) else exc})") from None
@@ -64,6 +65,19 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (``taskset``, a container's ``--cpuset-cpus``) capped by a
+    cgroup v2 quota (a container's ``--cpus``); ``os.cpu_count()`` counts every CPU of the host, and a local
+    instance given that many starts one model-holding actor per host CPU on the few this process gets."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = _CGROUP_CPU_MAX.read_text().split()
+        cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2, or no quota ("max")
+        pass
+    return cpus
 
 
 def _check_reachable(address: str) -> None:

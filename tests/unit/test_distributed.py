@@ -220,3 +220,37 @@ def test_benchmark_runs_categories_as_ray_tasks(fault_file: Path, synthetic_root
         rows = list(csv.DictReader(fh))
     assert [r["category"] for r in rows] == ["widget", "mean"] and float(rows[0]["image_auroc"]) >= 0.9
     assert (out / "widget" / "report" / "index.html").is_file()  # written by the task, on shared storage
+
+
+def _init_arguments(monkeypatch: pytest.MonkeyPatch, address: str | None = None) -> dict[str, object]:
+    """What ``cluster(address)`` passes to ``ray.init`` when it starts or joins a session (this module's own
+    session hidden; nothing is started): the keyword arguments, or the DataError it raises instead."""
+    from anomaly.distributed._cluster import cluster
+    from anomaly.errors import DataError
+
+    seen: dict[str, object] = {}
+
+    def init(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(DataError) as error, cluster(address):
+        pass
+    return seen or {"error": str(error.value)}
+
+
+def test_a_local_instance_gets_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """taskset / a container's cpuset, and a cgroup v2 quota (--cpus): not every CPU of the host, one actor each."""
+    from anomaly.distributed import _cluster
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(_cluster, "_CGROUP_CPU_MAX", tmp_path / "missing")
+    assert _init_arguments(monkeypatch)["num_cpus"] == 3
+    (tmp_path / "cpu.max").write_text("200000 100000\n")  # --cpus 2
+    monkeypatch.setattr(_cluster, "_CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert _init_arguments(monkeypatch)["num_cpus"] == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota
+    assert _init_arguments(monkeypatch)["num_cpus"] == 3
