@@ -32,7 +32,8 @@ def require_ray() -> ModuleType:
 
 @contextlib.contextmanager
 def cluster(address: str | None) -> Iterator[ModuleType]:
-    """Connect to ``address`` (``auto``, ``ray://host:10001``, ``host:6379``) or start a local instance.
+    """Connect to ``address`` (``auto``, ``ray://host:10001``, ``host:6379``; without one, to ``RAY_ADDRESS`` as
+    ``ray.init`` does) or start a local instance.
 
     A Ray session already initialised by the caller is used as it is and left running; one started
     here is shut down on exit. Workers import this copy of ``anomaly`` when it is not an installed
@@ -51,15 +52,18 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
         "logging_level": quiet,
         "runtime_env": {"env_vars": _worker_env()},
     }
+    where = f"--ray-address {address}" if address else "local Ray instance"
+    if not address and os.environ.get("RAY_ADDRESS"):  # Ray's own variable (`ray job submit` sets it): ray.init
+        address = os.environ["RAY_ADDRESS"]  # joins that cluster, and refuses the local instance's num_cpus
+        where = f"RAY_ADDRESS {address}"
     if address:
-        _check_reachable(address)
+        _check_reachable(address, where)
     try:
         if address:
             ray.init(address=address, **options)
         else:
             ray.init(num_cpus=usable_cpus(), **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"--ray-address {address}" if address else "local Ray instance"
         raise DataError(f"{where}: cannot start or connect ({str(exc).splitlines()[0] if str(exc) else exc})") from None
     try:
         yield ray
@@ -80,7 +84,7 @@ def usable_cpus() -> int:
     return cpus
 
 
-def _check_reachable(address: str) -> None:
+def _check_reachable(address: str, where: str) -> None:
     """DataError when nothing answers at a ``host:port`` address: ``ray.init`` retries it for minutes, printing
     connection warnings, before it gives up (``auto`` finds a running cluster or fails at once itself)."""
     import socket
@@ -91,7 +95,7 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise DataError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc})") from None
+        raise DataError(f"{where}: nothing answers there ({exc.strerror or exc})") from None
 
 
 def _worker_env() -> dict[str, str]:

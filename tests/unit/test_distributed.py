@@ -254,3 +254,20 @@ def test_a_local_instance_gets_the_cpus_this_process_may_use(monkeypatch: pytest
     assert _init_arguments(monkeypatch)["num_cpus"] == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota
     assert _init_arguments(monkeypatch)["num_cpus"] == 3
+
+
+def test_ray_address_in_the_environment_is_joined_as_ray_init_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray job submit` runs `anomaly score --ray` with RAY_ADDRESS set: the cluster is joined (and checked), not
+    refused as 'a local instance' whose num_cpus ray.init rejects when it connects."""
+    import socket
+
+    with socket.socket() as free:  # a port no one listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert str(_init_arguments(monkeypatch)["error"]).startswith(f"RAY_ADDRESS 127.0.0.1:{port}: nothing answers there")
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    joined = _init_arguments(monkeypatch)
+    assert joined["address"] == "auto" and "num_cpus" not in joined
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert "num_cpus" in _init_arguments(monkeypatch)  # empty: a local instance
