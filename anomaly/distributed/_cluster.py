@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
         where = f"RAY_ADDRESS {address}"
     if address:
         _check_reachable(address, where)
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             ray.init(address=address, **options)
@@ -65,6 +68,9 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
             ray.init(num_cpus=usable_cpus(), **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise DataError(f"{where}: cannot start or connect ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    finally:  # ray.init installs a SIGTERM handler that prints a stack dump and exits 15: the CLI's comes back
+        if on_term is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)  # (clean-up, "terminated", exit 143)
     try:
         yield ray
     finally:

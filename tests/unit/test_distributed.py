@@ -271,3 +271,23 @@ def test_ray_address_in_the_environment_is_joined_as_ray_init_does(monkeypatch: 
     assert joined["address"] == "auto" and "num_cpus" not in joined
     monkeypatch.setenv("RAY_ADDRESS", "")
     assert "num_cpus" in _init_arguments(monkeypatch)  # empty: a local instance
+
+
+def test_sigterm_on_a_local_instance_reaches_the_processs_own_handler(tmp_path: Path) -> None:
+    """ray.init installs a handler that prints a stack dump and exits 15; the CLI's (clean-up, exit 143) must
+    stay in place."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from anomaly.distributed._cluster import cluster\n"
+        "def stop(signum, frame):\n"
+        "    raise SystemExit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "with cluster(None):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)  # a local instance of its own (this module's session is in another process)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 143, proc.stderr
+    assert "SIGTERM received" not in proc.stderr
