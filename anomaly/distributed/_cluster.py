@@ -16,7 +16,7 @@ from typing import Any
 import anomaly
 from anomaly.errors import DataError
 
-__all__ = ["Workers", "cluster", "require_ray", "use_reserved_cpus", "workers"]
+__all__ = ["Workers", "cluster", "require_ray", "use_driver_cwd", "use_reserved_cpus", "workers"]
 
 _CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connection at once; a busy network may take seconds
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -111,6 +111,14 @@ def _worker_env() -> dict[str, str]:
     if root.name not in ("site-packages", "dist-packages"):  # a source checkout: workers import it too
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     return env
+
+
+def use_driver_cwd(cwd: str) -> None:
+    """Read relative paths (inputs, model, output folder) as the driver does: a worker runs in the folder its node's
+    Ray was started in (``ray start``), where a relative OUT_DIR's maps would be written and never found. A node
+    without the driver's folder keeps its own: absolute paths work there."""
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
 
 
 def use_reserved_cpus() -> None:

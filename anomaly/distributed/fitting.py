@@ -30,7 +30,7 @@ from anomaly.config import DetectorConfig
 from anomaly.data.inputs import training_paths
 from anomaly.data.loader import DecodedImage
 from anomaly.detector import Detector
-from anomaly.distributed._cluster import cluster, require_ray, use_reserved_cpus, workers
+from anomaly.distributed._cluster import cluster, require_ray, use_driver_cwd, use_reserved_cpus, workers
 from anomaly.errors import AnomalyError, ConfigError, DataError
 from anomaly.index import NNIndex
 from anomaly.results import StageProgress
@@ -73,7 +73,7 @@ def fit(
             FitWorker
         )
         count = min(plan.count, len(np.unique(folds)))
-        pool = [actor.remote(detector.config) for _ in range(count)]
+        pool = [actor.remote(detector.config, os.getcwd()) for _ in range(count)]
         log.info("fitting on %d Ray actors", count)
         if isinstance(detector.scorer, MemoryBankScorer):
             out, images = _memory_bank(ray, pool, detector, paths, folds, progress)
@@ -86,8 +86,9 @@ def fit(
 class FitWorker:
     """Ray actor: one backbone; extracts features of image shards and runs the memory bank's fold steps."""
 
-    def __init__(self, config: DetectorConfig) -> None:
+    def __init__(self, config: DetectorConfig, cwd: str) -> None:
         use_reserved_cpus()
+        use_driver_cwd(cwd)  # relative training paths
         self.detector = Detector(config)
 
     def features(self, paths: list[str]) -> tuple[list[torch.Tensor], list[DecodedImage]]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from anomaly._fs import check_output_dir, finish_dir, restore_interrupted
 from anomaly.data.inputs import image_paths
-from anomaly.distributed._cluster import cluster, require_ray, use_reserved_cpus, workers
+from anomaly.distributed._cluster import cluster, require_ray, use_driver_cwd, use_reserved_cpus, workers
 from anomaly.errors import AnomalyError, DataError
 from anomaly.outputs import WriteOptions, relative_names, write_result
 from anomaly.results import StageProgress
@@ -122,7 +122,9 @@ def score(
         log.info("resuming: %d of %d images already scored with this model", len(paths) - len(todo), len(paths))
     if todo:
         items = [{"path": os.fsencode(paths[i]), "name": os.fsencode(names[i].as_posix())} for i in todo]
-        worker = {"model": str(model), "staging": str(staging), **options}
+        # relative paths are read in the driver's folder; the staging folder is named absolutely, so that a node
+        # without that folder fails to read (loudly) rather than writes maps where no one looks for them
+        worker = {"model": str(model), "staging": str(staging.absolute()), "cwd": os.getcwd(), **options}
         try:
             for row in _run(items, worker, address, batch_size):
                 if row["path"] in expected:
@@ -141,8 +143,9 @@ def score(
 class ScoreWorker:
     """Ray Data actor: one loaded model; scores a batch of paths and writes their maps and overlays."""
 
-    def __init__(self, model: str, staging: str, maps: bool, overlays: bool, overlay_size: int) -> None:
+    def __init__(self, model: str, staging: str, cwd: str, maps: bool, overlays: bool, overlay_size: int) -> None:
         use_reserved_cpus()
+        use_driver_cwd(cwd)
         self.error = ""
         try:
             self.detector = load_model(Path(model))

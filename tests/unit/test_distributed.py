@@ -291,3 +291,24 @@ def test_sigterm_on_a_local_instance_reaches_the_processs_own_handler(tmp_path: 
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 143, proc.stderr
     assert "SIGTERM received" not in proc.stderr
+
+
+def test_relative_paths_are_read_and_written_where_the_driver_runs(
+    fault_file: Path, patchcore_model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers run in the folder Ray was started in (`ray start`; here, this module's first folder): relative
+    inputs, model and OUT_DIR are the driver's, and no map lands in the workers' folder while scores.csv names it."""
+    from anomaly.config import apply_overrides, load_config
+
+    (tmp_path / "test").symlink_to(synthetic_root / "test")
+    (tmp_path / "model").symlink_to(patchcore_model)
+    (tmp_path / "train").symlink_to(synthetic_root / "train" / "good")
+    monkeypatch.chdir(tmp_path)
+    rows = score("model", ["test"], "out", maps=True)
+    assert rows and all(row["path"].startswith("test/") for row in rows)  # as given, as without --ray
+    written = {p.relative_to("out").as_posix() for p in Path("out").rglob("*") if p.is_file()}
+    assert {row[c] for row in rows for c in ("map_path", "overlay_path")} <= written
+    assert not list(REPO.glob(".out.ray-*"))
+    config = apply_overrides(load_config("padim"), ["backbone.image_size=[64,64]", "threshold.folds=3"])
+    train = sorted(Path("train").glob("*.png"))
+    assert fit(config, train).decision_ is not None
