@@ -220,7 +220,7 @@ def fit(
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
     progress = _Progress()
     try:
-        if ray or ray_address:
+        if ray or ray_address is not None:
             from anomaly.distributed import fit as fit_on_ray
 
             detector = fit_on_ray(detector.config, paths, address=ray_address, progress=progress)
@@ -298,13 +298,13 @@ def score(
             "--reference, --config, --set and --backbone apply to --zero-shot; a --model keeps its fitted config (but "
             "for --set backbone.weights=PATH: the weights it was fitted with, moved)"
         )
-    if moved and model is not None and (ray or ray_address or is_export_dir(model)):
+    if moved and model is not None and (ray or ray_address is not None or is_export_dir(model)):
         raise DataError("--set backbone.weights applies to a model directory scored in this process")
-    if device is not None and (ray or ray_address):
+    if device is not None and (ray or ray_address is not None):
         raise DataError("--device applies to scoring in this process; Ray workers use the model's device")
     if device is not None and model is not None and is_export_dir(model):
         raise DataError(f"{model}: an export runs on ONNX Runtime / OpenVINO; --device applies to torch models")
-    if ray or ray_address:
+    if ray or ray_address is not None:
         _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
         return
     detector: Any = None
@@ -459,7 +459,7 @@ def benchmark(
     if dataset not in ("mvtec", "visa", "folder"):
         raise DataError(f"--dataset must be mvtec, visa or folder, got '{dataset}'")
     run_all = None
-    if ray or ray_address:  # categories as Ray tasks, each with its own progress-free run
+    if ray or ray_address is not None:  # categories as Ray tasks, each with its own progress-free run
         from anomaly.distributed import run_jobs
 
         run_all = functools.partial(run_jobs, address=ray_address)

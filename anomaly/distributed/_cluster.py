@@ -41,6 +41,9 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
     here is shut down on exit. Workers import this copy of ``anomaly`` when it is not an installed
     package (a source checkout), so a local instance always runs the driver's code.
     """
+    if address is not None and not address.strip():  # `--ray-address "$HEAD"` with HEAD unset: not a local run
+        raise DataError("--ray-address is empty: give auto, HOST:PORT or ray://HOST:10001 (--ray alone starts a local "
+                        "Ray instance)")  # fmt: skip
     ray = require_ray()
     quiet = logging.ERROR if logging.getLogger().getEffectiveLevel() > logging.DEBUG else logging.INFO
     # Ray Data logs progress lines and the tracebacks of errors we re-raise as one line: quiet unless debugging

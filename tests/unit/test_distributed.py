@@ -312,3 +312,23 @@ def test_relative_paths_are_read_and_written_where_the_driver_runs(
     config = apply_overrides(load_config("padim"), ["backbone.image_size=[64,64]", "threshold.folds=3"])
     train = sorted(Path("train").glob("*.png"))
     assert fit(config, train).decision_ is not None
+
+
+def test_an_empty_ray_address_is_refused_not_a_run_without_ray(
+    patchcore_model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """`--ray-address "$HEAD"` with HEAD unset: one error line, not a run in this process that ignores it."""
+    out = tmp_path / "o"
+    args = [
+        "score",
+        "--ray-address",
+        "",
+        "--model",
+        str(patchcore_model),
+        "--out",
+        str(out),
+        str(synthetic_root / "test"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith("error: --ray-address is empty")
+    assert not out.exists() and not list(tmp_path.glob(".o.ray-*"))
