@@ -135,6 +135,9 @@ def score(
             if not resumed:  # but an earlier interrupted run's journal stays, to resume from once the input is fixed
                 shutil.rmtree(staging, ignore_errors=True)
             raise
+        except BaseException:  # Ctrl-C, SIGTERM: the journalled rows stay
+            log.warning("%s keeps %d of %d images scored: the same command resumes", staging, len(done), len(paths))
+            raise
     rows = [done[str(p)] for p in paths]
     _finish(staging, out, rows)
     return rows

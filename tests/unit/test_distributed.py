@@ -332,3 +332,21 @@ def test_an_empty_ray_address_is_refused_not_a_run_without_ray(
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith("error: --ray-address is empty")
     assert not out.exists() and not list(tmp_path.glob(".o.ray-*"))
+
+
+def test_an_interrupted_run_says_where_the_same_command_resumes(
+    patchcore_model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Ctrl-C said only "no half-written output was left", not that the scored images are kept to resume from."""
+    from anomaly.distributed import scoring
+
+    def interrupted(*args: object) -> Iterator[dict[str, str]]:
+        raise KeyboardInterrupt
+        yield {}
+
+    monkeypatch.setattr(scoring, "_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score(patchcore_model, [synthetic_root / "test"], tmp_path / "out")
+    (staging,) = tmp_path.glob(".out.ray-*")
+    assert f"{staging} keeps 0 of " in caplog.text and "the same command resumes" in caplog.text
