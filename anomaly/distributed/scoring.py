@@ -211,7 +211,7 @@ def _run(items: list[dict[str, bytes]], worker: dict[str, Any], address: str | N
                         dict(zip(CSV_COLUMNS, (os.fsdecode(v) for v in values)))
                         for values in zip(*(batch[col] for col in CSV_COLUMNS))
                     ]
-                    writer.writerows([row[col] for col in CSV_COLUMNS] for row in rows)
+                    writer.writerows([*(row[col] for col in CSV_COLUMNS), _stamp(row["path"])] for row in rows)
                     fh.flush()
                     yield from rows
         except (OSError, csv.Error) as exc:
@@ -223,19 +223,34 @@ def _file_names(name: Path, maps: bool, overlays: bool) -> tuple[str, str]:
     return (f"maps/{name.as_posix()}.npy" if maps else "", f"overlays/{name.as_posix()}.png" if overlays else "")
 
 
+def _stamp(path: str) -> str:
+    """Size and modification time of input ``path``, journalled with its row: an image replaced at the same path
+    before a resume is scored again, not given the old image's row."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _resume(staging: Path, expected: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
-    """Rows an earlier run finished for these inputs: same output names, files present (last row wins)."""
+    """Rows an earlier run finished for these inputs: same output names, files present, input unchanged (last row
+    wins)."""
     rows: list[dict[str, str]] = []
     journal = staging / JOURNAL
+    columns = [*CSV_COLUMNS, "stamp"]
     if journal.is_file():
         with journal.open(newline="", **CSV_ENCODING) as fh:
-            rows += [dict(zip(CSV_COLUMNS, values)) for values in csv.reader(fh) if len(values) == len(CSV_COLUMNS)]
-    if (staging / "scores.csv").is_file():  # killed while finishing
+            rows += [dict(zip(columns, values)) for values in csv.reader(fh) if len(values) == len(columns)]
+    if (staging / "scores.csv").is_file():  # killed while finishing (moments after the last row was journalled)
         rows += read_scores(staging)
     done = {}
     for row in rows:
         files = expected.get(row["path"])
         if files is None or (row["map_path"], row["overlay_path"]) != files:
+            continue
+        stamp = row.pop("stamp", None)  # journal rows only
+        if stamp is not None and stamp != _stamp(row["path"]):
             continue
         if all((staging / f).is_file() for f in files if f) and _is_number(row["score"]):
             done[row["path"]] = row

@@ -350,3 +350,23 @@ def test_an_interrupted_run_says_where_the_same_command_resumes(
         score(patchcore_model, [synthetic_root / "test"], tmp_path / "out")
     (staging,) = tmp_path.glob(".out.ray-*")
     assert f"{staging} keeps 0 of " in caplog.text and "the same command resumes" in caplog.text
+
+
+def test_a_resumed_run_scores_again_an_image_replaced_at_its_path(tmp_path: Path) -> None:
+    """Journalled rows were matched by path alone: an image replaced between the interruption and the rerun kept the
+    old image's score."""
+    from anomaly.distributed.scoring import JOURNAL, _resume, _stamp
+    from anomaly.tables import CSV_COLUMNS
+
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image in images:
+        image.write_bytes(b"image")
+    staging = tmp_path / ".out.ray-key"
+    staging.mkdir()
+    with (staging / JOURNAL).open("w", newline="") as fh:
+        for image in images:
+            row = {col: "" for col in CSV_COLUMNS} | {"path": str(image), "score": "1.5", "is_anomalous": "false"}
+            csv.writer(fh).writerow([*(row[col] for col in CSV_COLUMNS), _stamp(str(image))])
+    images[1].write_bytes(b"another image")
+    expected = {str(image): ("", "") for image in images}
+    assert list(_resume(staging, expected)) == [str(images[0])]
