@@ -113,6 +113,11 @@ def score(
     options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
     key = hashlib.sha256(f"{model_checksum(model)} {sorted(options.items())}".encode()).hexdigest()[:16]
     staging = out.parent / f".{out.name}.ray-{key}"
+    others = sorted(p for p in out.parent.glob(f".{out.name}.ray-*") if p != staging)
+    if others:  # an interrupted run with another model or other output options: only that command resumes it
+        log.warning(
+            "%s: an interrupted run with another model or options (delete it, or rerun that command)", others[0]
+        )
     staging.mkdir(parents=True, exist_ok=True)
     expected = {str(p): _file_names(n, maps and has_maps, overlays) for p, n in zip(paths, names)}
     done = _resume(staging, expected)

@@ -350,6 +350,9 @@ def test_an_interrupted_run_says_where_the_same_command_resumes(
         score(patchcore_model, [synthetic_root / "test"], tmp_path / "out")
     (staging,) = tmp_path.glob(".out.ray-*")
     assert f"{staging} keeps 0 of " in caplog.text and "the same command resumes" in caplog.text
+    with pytest.raises(KeyboardInterrupt):  # other output options: a folder of its own, and the first one is named
+        score(patchcore_model, [synthetic_root / "test"], tmp_path / "out", maps=True)
+    assert f"{staging}: an interrupted run with another model or options" in caplog.text
 
 
 def test_a_resumed_run_scores_again_an_image_replaced_at_its_path(tmp_path: Path) -> None:
