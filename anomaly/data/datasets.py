@@ -425,8 +425,10 @@ def find_categories(root: str | os.PathLike[str], dataset: Literal["mvtec", "vis
 def _category_hint(root: Path) -> str:
     """What a folder given as a category is instead: a folder inside a category (its test/ or one defect type's), a
     dataset root, or a VisA category in its original layout."""
-    for above in Path(os.path.abspath(root)).parents[:2]:
-        if labelled_split_dirs(above)[0].is_dir():
+    folder = Path(os.path.abspath(root))
+    for above in folder.parents[:2] if root.is_dir() else ():
+        split, masks = labelled_split_dirs(above)
+        if split.is_dir() and any(d in (folder, folder.parent) for d in (split, masks)):
             return f"; a folder inside the category {above}: give that"
     if (root / "Data" / "Images").is_dir():
         return "; a VisA category as published: benchmark it with --dataset visa, or convert it to the MVTec layout"

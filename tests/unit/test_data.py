@@ -693,6 +693,12 @@ def test_a_root_without_categories_says_where_they_are(synthetic_root: Path, tmp
     for inside in ("test", "test/blob"):  # evaluate --root bottle/test: no hint, as if the category were wrong
         with pytest.raises(DataError, match=r"; a folder inside the category .*1cls/widget: give that$"):
             load_ground_truth(tmp_path / "converted" / "1cls" / "widget" / inside)
+    (tmp_path / "test").mkdir()  # a project's own test/ folder above a dataset root, or beside a misspelt root
+    with pytest.raises(DataError, match=r"; a dataset root: give one of its categories, e.g. .*1cls/widget$"):
+        load_ground_truth(tmp_path / "converted" / "1cls")
+    with pytest.raises(DataError) as error:
+        load_ground_truth(tmp_path / "convertd")
+    assert "a folder inside the category" not in str(error.value)
 
 
 def test_load_visa_converted_layout_without_csv(synthetic_root: Path) -> None:
