@@ -16,7 +16,7 @@ from typing import Any
 import anomaly
 from anomaly.errors import DataError
 
-__all__ = ["Workers", "cluster", "require_ray", "use_driver_cwd", "use_reserved_cpus", "workers"]
+__all__ = ["Workers", "cluster", "require_ray", "usable_cpus", "use_driver_cwd", "use_reserved_cpus", "workers"]
 
 _CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connection at once; a busy network may take seconds
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -119,9 +119,13 @@ def _worker_env() -> dict[str, str]:
 def use_driver_cwd(cwd: str) -> None:
     """Read relative paths (inputs, model, output folder) as the driver does: a worker runs in the folder its node's
     Ray was started in (``ray start``), where a relative OUT_DIR's maps would be written and never found. A node
-    without the driver's folder keeps its own: absolute paths work there."""
-    with contextlib.suppress(OSError):
+    without the driver's folder keeps its own, with a warning: absolute paths work there."""
+    try:
         os.chdir(cwd)
+    except OSError as exc:
+        logging.getLogger(__name__).warning(
+            "%s: not on this node (%s): relative paths are read and written in %s", cwd, exc.strerror, os.getcwd()
+        )
 
 
 def use_reserved_cpus() -> None:

@@ -373,3 +373,14 @@ def test_a_resumed_run_scores_again_an_image_replaced_at_its_path(tmp_path: Path
     images[1].write_bytes(b"another image")
     expected = {str(image): ("", "") for image in images}
     assert list(_resume(staging, expected)) == [str(images[0])]
+
+
+def test_a_node_without_the_drivers_folder_says_where_relative_paths_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker kept its own folder silently: a relative `benchmark --out` was written where no one looks for it."""
+    from anomaly.distributed._cluster import use_driver_cwd
+
+    monkeypatch.chdir(tmp_path)
+    use_driver_cwd(str(tmp_path / "elsewhere"))
+    assert f"{tmp_path / 'elsewhere'}: not on this node" in caplog.text and f"written in {tmp_path}" in caplog.text
