@@ -249,13 +249,14 @@ def _resume(staging: Path, expected: dict[str, tuple[str, str]]) -> dict[str, di
             rows += [dict(zip(columns, values)) for values in csv.reader(fh) if len(values) == len(columns)]
     if (staging / "scores.csv").is_file():  # killed while finishing (moments after the last row was journalled)
         rows += read_scores(staging)
-    done = {}
+    done, changed = {}, set()
     for row in rows:
         files = expected.get(row["path"])
         if files is None or (row["map_path"], row["overlay_path"]) != files:
             continue
-        stamp = row.pop("stamp", None)  # journal rows only
-        if stamp is not None and stamp != _stamp(row["path"]):
+        stamp = row.pop("stamp", None)  # journal rows only: scores.csv's rows of a changed input are skipped too
+        if row["path"] in changed or (stamp is not None and stamp != _stamp(row["path"])):
+            changed.add(row["path"])
             continue
         if all((staging / f).is_file() for f in files if f) and _is_number(row["score"]):
             done[row["path"]] = row

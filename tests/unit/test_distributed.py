@@ -359,7 +359,7 @@ def test_a_resumed_run_scores_again_an_image_replaced_at_its_path(tmp_path: Path
     """Journalled rows were matched by path alone: an image replaced between the interruption and the rerun kept the
     old image's score."""
     from anomaly.distributed.scoring import JOURNAL, _resume, _stamp
-    from anomaly.tables import CSV_COLUMNS
+    from anomaly.tables import CSV_COLUMNS, write_scores
 
     images = [tmp_path / "a.png", tmp_path / "b.png"]
     for image in images:
@@ -372,6 +372,11 @@ def test_a_resumed_run_scores_again_an_image_replaced_at_its_path(tmp_path: Path
             csv.writer(fh).writerow([*(row[col] for col in CSV_COLUMNS), _stamp(str(image))])
     images[1].write_bytes(b"another image")
     expected = {str(image): ("", "") for image in images}
+    assert list(_resume(staging, expected)) == [str(images[0])]
+    rows = [
+        {col: "" for col in CSV_COLUMNS} | {"path": str(i), "score": "1.5", "is_anomalous": "false"} for i in images
+    ]
+    write_scores(staging / "scores.csv", rows)  # killed while finishing: scores.csv beside the journal
     assert list(_resume(staging, expected)) == [str(images[0])]
 
 
