@@ -580,6 +580,9 @@ def discover(
         raise DataError(f"--scale must be {' or '.join(SCALES)}, got '{scale}'")
     from anomaly._fs import check_output_dir
 
+    ignored = [o for o in overrides or [] if not o.strip().startswith("backbone.")]
+    if ignored:  # the describer takes its backbone from the config, nothing else
+        raise DataError(f"--set {ignored[0]}: discover takes backbone.* keys only (the regions' describer)")
     backbone = None if config is None and not overrides else _config(config or "patchcore", None, overrides).backbone
     selected = read_scored_images(scores, all_images)
     check_output_dir(out, "clusters.csv")  # before the regions are described

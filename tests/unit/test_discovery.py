@@ -344,6 +344,9 @@ def test_discover_takes_set_as_fit_does(scores_dir: Path, tmp_path: Path) -> Non
     error = _error([*base, "--set", f"backbone.weights={missing}"])
     assert error == f"error: backbone.weights: file not found: {missing}"
     assert "did you mean 'name'" in _error([*base, "--config", "padim", "--set", "backbone.nme=x"])
+    assert _error([*base, "--set", "device=cpu"]) == (
+        "error: --set device=cpu: discover takes backbone.* keys only (the regions' describer)"
+    )
     assert not (tmp_path / "o").exists()
 
 
