@@ -265,7 +265,10 @@ def _at_image_size(maps: list[NDArray[np.float32]], samples: list[Sample]) -> li
     original resolution that ``eval_size`` reports, not of each map's."""
     sized, other = [], []
     for amap, sample in zip(maps, samples):
-        height, width = read_image_size(sample.image_path)
+        try:
+            height, width = read_image_size(sample.image_path)
+        except (DataError, OSError):  # scored from another copy, say: the map's own size stands
+            height, width = amap.shape
         if amap.shape != (height, width):
             other.append(f"{sample.image_path} ({amap.shape[1]}x{amap.shape[0]} for {width}x{height})")
             amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)  # type: ignore[assignment]

@@ -711,3 +711,15 @@ def test_a_defect_that_nearest_sampling_drops_keeps_its_image_defective(  # type
     evaluation = evaluate_samples([0.1, 0.9, 0.8], samples, maps, eval_size)
     assert evaluation.masks is not None and evaluation.masks[2].any()
     assert "1 ground-truth mask(s) lose every defect pixel" in caplog.text and "1_mask.png" in caplog.text
+
+
+def test_a_map_whose_image_cannot_be_read_keeps_its_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Maps are scaled to their test image's size, read from the image: an unreadable image in --root (scored from
+    another copy) ended the evaluation, though its map needed nothing."""
+    from anomaly.data.datasets import Sample
+    from anomaly.evaluation import _at_image_size
+
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    amap = np.ones((6, 9), np.float32)
+    (sized,) = _at_image_size([amap], [Sample(tmp_path / "broken.png", None, 0, "good", "test")])
+    assert sized is amap
