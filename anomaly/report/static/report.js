@@ -232,7 +232,7 @@
       img.alt = `${label} of ${it.name}`;
       const caption = document.createElement("figcaption");
       // The mask is drawn once, at the model's pixel threshold: the slider does not redraw it.
-      caption.textContent = kind === "mask" ? `${label} at the model's threshold` : label;
+      caption.textContent = kind === "mask" && it.views.map ? `${label} at the model's threshold` : label;
       figure.append(img, caption);
       views.append(figure);
     }
