@@ -630,6 +630,25 @@ def test_6_a_full_disk_while_saving_is_a_clear_error_and_leaves_nothing(
     assert not list(tmp_path.iterdir())
 
 
+def test_6_a_full_disk_while_scoring_names_the_output_folder(
+    model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A map that could not be written was named in the hidden temp folder it was to go to, not in --out."""
+    import errno
+
+    from anomaly import _fs
+
+    def full(path: Path, data: bytes) -> None:
+        raise DataError(f"{path}: cannot write ({os.strerror(errno.ENOSPC)})")
+
+    monkeypatch.setattr(_fs, "atomic_write_bytes", full)
+    monkeypatch.setattr("anomaly.outputs.atomic_write_bytes", full)
+    out = tmp_path / "scores"
+    result = runner.invoke(app, ["score", "--model", str(model), "--out", str(out), str(synthetic_root / "test")])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {out}{os.sep}overlays{os.sep}"), result.output
+    assert "No space left on device" in result.output and sorted(tmp_path.iterdir()) == []
+
+
 def test_6_two_writers_of_one_output_leave_one_complete_folder(
     model: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
