@@ -178,9 +178,7 @@ class ScoreWriter:
             write_scores(self.tmp / "scores.csv", self.rows)
         except OSError as exc:
             raise DataError(f"{self.out_dir}: could not write the output ({exc.strerror or exc})") from None
-        except (
-            DataError
-        ) as exc:  # a map or overlay file (a full disk): named where it was to be, not in the temp folder
+        except DataError as exc:  # a map or overlay file (a full disk): named in OUT_DIR, not in the temp folder
             raise DataError(str(exc).replace(str(self.tmp), str(self.out_dir))) from None
         finish_dir(self.tmp, self.out_dir)
         return self.out_dir

@@ -249,14 +249,20 @@ def _resume(staging: Path, expected: dict[str, tuple[str, str]]) -> dict[str, di
             rows += [dict(zip(columns, values)) for values in csv.reader(fh) if len(values) == len(columns)]
     if (staging / "scores.csv").is_file():  # killed while finishing (moments after the last row was journalled)
         rows += read_scores(staging)
-    done, changed = {}, set()
+    done: dict[str, dict[str, str]] = {}
+    changed: set[str] = set()
     for row in rows:
         files = expected.get(row["path"])
         if files is None or (row["map_path"], row["overlay_path"]) != files:
             continue
-        stamp = row.pop("stamp", None)  # journal rows only: scores.csv's rows of a changed input are skipped too
-        if row["path"] in changed or (stamp is not None and stamp != _stamp(row["path"])):
+        stamp = row.pop("stamp", None)  # journal rows only
+        if stamp is not None and stamp != _stamp(row["path"]):  # the input changed since: its rows are dropped
             changed.add(row["path"])
+            done.pop(row["path"], None)
+            continue
+        if stamp is not None:  # rescored since it changed
+            changed.discard(row["path"])
+        elif row["path"] in changed:  # scores.csv's row (a run killed while finishing) of a changed input
             continue
         if all((staging / f).is_file() for f in files if f) and _is_number(row["score"]):
             done[row["path"]] = row

@@ -378,6 +378,10 @@ def test_a_resumed_run_scores_again_an_image_replaced_at_its_path(tmp_path: Path
     ]
     write_scores(staging / "scores.csv", rows)  # killed while finishing: scores.csv beside the journal
     assert list(_resume(staging, expected)) == [str(images[0])]
+    (staging / "scores.csv").unlink()
+    with (staging / JOURNAL).open("a", newline="") as fh:  # rescored since it changed: its new row counts
+        csv.writer(fh).writerow([*(rows[1][col] for col in CSV_COLUMNS), _stamp(str(images[1]))])
+    assert sorted(_resume(staging, expected)) == sorted(map(str, images))
 
 
 def test_a_node_without_the_drivers_folder_says_where_relative_paths_go(
