@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anomaly.errors import BackendError
@@ -14,9 +15,11 @@ from anomaly.errors import BackendError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["passive_openmp", "peak_rss_mb", "reset_peak_rss", "resolve_device"]
+__all__ = ["passive_openmp", "peak_rss_mb", "reset_peak_rss", "resolve_device", "cpu_threads", "usable_cpus"]
 
 log = logging.getLogger(__name__)
+
+_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 @functools.cache
@@ -50,6 +53,28 @@ def passive_openmp() -> bool:
     soon as another process holds a core, so callers fall back to fewer threads.
     """
     return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (``taskset``, a container's ``--cpuset-cpus``) capped by a
+    cgroup v2 quota (a container's ``--cpus``); ``os.cpu_count()`` counts every CPU of the host."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = _CGROUP_CPU_MAX.read_text().split()
+        cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2, or no quota ("max")
+        pass
+    return cpus
+
+
+def cpu_threads() -> int:
+    """Threads for a CPU library that reads neither OMP_NUM_THREADS nor a container's quota by itself (FAISS's
+    per-call setting, ONNX Runtime, OpenVINO): OMP_NUM_THREADS when set (as torch reads it; a Ray actor sets its
+    reservation there), else :func:`usable_cpus`."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return usable_cpus()
 
 
 def peak_rss_mb() -> float:

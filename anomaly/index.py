@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._runtime import passive_openmp
+from anomaly._runtime import cpu_threads, passive_openmp
 from anomaly.errors import BackendError, ConfigError
 
 __all__ = ["NNIndex", "auto_index_string"]
@@ -274,7 +273,7 @@ def _faiss_threads() -> Iterator[None]:
     import faiss
 
     before = faiss.omp_get_max_threads()
-    cores = os.cpu_count() or 2
+    cores = cpu_threads()  # not os.cpu_count(): a Ray actor's reservation, a container's quota, OMP_NUM_THREADS
     faiss.omp_set_num_threads(cores if passive_openmp() else max(1, cores // 2))
     try:
         yield

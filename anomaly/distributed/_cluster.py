@@ -14,12 +14,12 @@ from types import ModuleType
 from typing import Any
 
 import anomaly
+from anomaly._runtime import usable_cpus
 from anomaly.errors import DataError
 
 __all__ = ["Workers", "cluster", "require_ray", "usable_cpus", "use_driver_cwd", "use_reserved_cpus", "workers"]
 
 _CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connection at once; a busy network may take seconds
-_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 def require_ray() -> ModuleType:
@@ -80,19 +80,6 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
         ray.shutdown()
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity (``taskset``, a container's ``--cpuset-cpus``) capped by a
-    cgroup v2 quota (a container's ``--cpus``); ``os.cpu_count()`` counts every CPU of the host, and a local
-    instance given that many starts one model-holding actor per host CPU on the few this process gets."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = _CGROUP_CPU_MAX.read_text().split()
-        cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):  # no cgroup v2, or no quota ("max")
-        pass
-    return cpus
-
-
 def _check_reachable(address: str, where: str) -> None:
     """DataError when nothing answers at a ``host:port`` address: ``ray.init`` retries it for minutes, printing
     connection warnings, before it gives up (``auto`` finds a running cluster or fails at once itself)."""
@@ -129,9 +116,9 @@ def use_driver_cwd(cwd: str) -> None:
 
 
 def use_reserved_cpus() -> None:
-    """Run this actor's or task's torch and FAISS threads on the CPUs Ray reserved for it: an OMP_NUM_THREADS set
-    for the driver is inherited by every worker and would oversubscribe the node (and sum convolutions in another
-    order than the 1-CPU actors a local Ray gets when it is unset)."""
+    """Run this actor's or task's torch, FAISS and exported-network threads on the CPUs Ray reserved for it: an
+    OMP_NUM_THREADS set for the driver is inherited by every worker and would oversubscribe the node (and sum
+    convolutions in another order than the 1-CPU actors a local Ray gets when it is unset)."""
     import faiss
     import ray
     import torch
@@ -140,6 +127,7 @@ def use_reserved_cpus() -> None:
     if cpus > 0:
         torch.set_num_threads(cpus)
         faiss.omp_set_num_threads(cpus)
+        os.environ["OMP_NUM_THREADS"] = str(cpus)  # an exported network's runtime, built later, reads it here
 
 
 @dataclass(frozen=True)

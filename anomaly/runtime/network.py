@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._runtime import passive_openmp
+from anomaly._runtime import cpu_threads, passive_openmp
 from anomaly.errors import BackendError
 
 __all__ = ["Network", "load_network"]
@@ -42,6 +41,7 @@ class _OnnxNetwork:
         # no memory-pattern plan: it pre-allocates each input shape's whole plan (PaDiM's runtime peak 36 MiB higher,
         # no faster: benchmarks/README.md section 5)
         options.enable_mem_pattern = False
+        options.intra_op_num_threads = cpu_threads()  # its default counts the host's cores, not this process's
         options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
         if passive_openmp():  # the CLI's policy: idle threads sleep, not spin, so shared cores do not stall
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -62,7 +62,7 @@ class _OpenVinoNetwork:
             raise BackendError('OpenVINO exports need openvino: pip install "anomaly[openvino]"') from None
         core = openvino.Core()
         # f32 inference: CPUs with bf16/AMX units would otherwise run in bf16 and lose score parity.
-        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": os.cpu_count() or 1}
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": cpu_threads()}
         self.model = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.outputs = [self.model.output(name) for name in outputs]
 

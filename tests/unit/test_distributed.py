@@ -243,14 +243,14 @@ def _init_arguments(monkeypatch: pytest.MonkeyPatch, address: str | None = None)
 
 def test_a_local_instance_gets_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """taskset / a container's cpuset, and a cgroup v2 quota (--cpus): not every CPU of the host, one actor each."""
-    from anomaly.distributed import _cluster
+    from anomaly import _runtime
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-    monkeypatch.setattr(_cluster, "_CGROUP_CPU_MAX", tmp_path / "missing")
+    monkeypatch.setattr(_runtime, "_CGROUP_CPU_MAX", tmp_path / "missing")
     assert _init_arguments(monkeypatch)["num_cpus"] == 3
     (tmp_path / "cpu.max").write_text("200000 100000\n")  # --cpus 2
-    monkeypatch.setattr(_cluster, "_CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    monkeypatch.setattr(_runtime, "_CGROUP_CPU_MAX", tmp_path / "cpu.max")
     assert _init_arguments(monkeypatch)["num_cpus"] == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota
     assert _init_arguments(monkeypatch)["num_cpus"] == 3

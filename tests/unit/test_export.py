@@ -392,3 +392,21 @@ def test_state_files_that_run_out_of_disk_are_one_line_and_leave_nothing(
         assert result.exit_code == 2, result.output
         assert f"{out}: could not write the " in result.output and "(No space left on device)" in result.output
         assert sorted(tmp_path.iterdir()) == [model]
+
+
+def test_cpu_threads_follow_omp_num_threads_or_the_cpus_this_process_may_use(
+    patchcore_export: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ONNX Runtime's own default counts the host's cores: a Ray actor reserving 1 CPU (which sets OMP_NUM_THREADS)
+    or a container with --cpus 2 would start one thread per host core, oversubscribing the node."""
+    from anomaly import _runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(_runtime, "_CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    (tmp_path / "cpu.max").write_text("200000 100000\n")  # --cpus 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _runtime.cpu_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _runtime.cpu_threads() == 1
+    session = ExportedDetector(patchcore_export)._network.session  # type: ignore[attr-defined]
+    assert session.get_session_options().intra_op_num_threads == 1

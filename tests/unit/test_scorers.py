@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import faiss
@@ -563,3 +564,17 @@ def test_scorers_follow_scikit_learns_parameter_conventions(name: str) -> None:
     assert scorer.set_params(**{key: value}) is scorer
     with pytest.raises(ConfigError, match="unknown parameter"):
         scorer.set_params(no_such_parameter=1)
+
+
+def test_faiss_searches_run_on_the_threads_this_process_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search used every host CPU (os.cpu_count()) whatever OMP_NUM_THREADS or a Ray actor's 1-CPU reservation
+    said: each of a node's actors then started one thread per host core."""
+    from anomaly import index
+
+    seen: list[int] = []
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    with index._faiss_threads():
+        seen.append(faiss.omp_get_max_threads())
+    assert seen == [1]
