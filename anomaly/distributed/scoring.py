@@ -11,14 +11,16 @@ so a batch that Ray retried after a worker died is counted once. At the end the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,45 @@ def score(
         log.info("this model's scorer gives image scores only: no maps are written")
     overlays = overlays and has_maps
     check_output_dir(out, "scores.csv")  # refuses an OUT_DIR that is not ours before any work
+    with _only_run(out):
+        return _score(
+            model, paths, names, out, address, maps and has_maps, overlays, overlay_size, batch_size, progress
+        )
+
+
+@contextlib.contextmanager
+def _only_run(out: Path) -> Iterator[None]:
+    """DataError when another ``--ray`` run is writing OUT_DIR: both would append to one journal and rename one
+    staging folder into place. The lock (``flock``) goes with its process, also when that one is killed."""
+    lock = out.parent / f".{out.name}.ray.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")  # noqa: SIM115 - closed below, after the run
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write beside it ({exc.strerror or exc})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"{out}: another `anomaly score --ray` run is writing it; wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _score(
+    model: Path,
+    paths: list[Path],
+    names: list[Path],
+    out: Path,
+    address: str | None,
+    maps: bool,
+    overlays: bool,
+    overlay_size: int,
+    batch_size: int,
+    progress: StageProgress | None,
+) -> list[dict[str, str]]:
     options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
     key = hashlib.sha256(f"{model_checksum(model)} {sorted(options.items())}".encode()).hexdigest()[:16]
     staging = out.parent / f".{out.name}.ray-{key}"
@@ -119,7 +160,7 @@ def score(
             "%s: an interrupted run with another model or options (delete it, or rerun that command)", others[0]
         )
     staging.mkdir(parents=True, exist_ok=True)
-    expected = {str(p): _file_names(n, maps and has_maps, overlays) for p, n in zip(paths, names)}
+    expected = {str(p): _file_names(n, maps, overlays) for p, n in zip(paths, names)}
     done = _resume(staging, expected)
     resumed = bool(done)
     todo = [i for i, p in enumerate(paths) if str(p) not in done]

@@ -393,3 +393,20 @@ def test_a_node_without_the_drivers_folder_says_where_relative_paths_go(
     monkeypatch.chdir(tmp_path)
     use_driver_cwd(str(tmp_path / "elsewhere"))
     assert f"{tmp_path / 'elsewhere'}: not on this node" in caplog.text and f"written in {tmp_path}" in caplog.text
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_writes_it(
+    patchcore_model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """Two `score --ray` runs on one OUT_DIR appended to one journal and renamed one staging folder into place."""
+    import fcntl
+
+    out = tmp_path / "scores"
+    with open(tmp_path / ".scores.ray.lock", "a") as first:  # the lock a running first run holds
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = runner.invoke(
+            app, ["score", "--ray", "--model", str(patchcore_model), "--out", str(out), str(synthetic_root / "test")]
+        )
+    assert result.exit_code == 2
+    assert "another `anomaly score --ray` run is writing it" in result.output.strip().splitlines()[-1]
+    assert str(out) in result.output and not out.exists() and not list(tmp_path.glob(".scores.ray-*"))
