@@ -302,8 +302,6 @@ def score(
         raise DataError("--set backbone.weights applies to a model directory scored in this process")
     if device is not None and (ray or ray_address is not None):
         raise DataError("--device applies to scoring in this process; Ray workers use the model's device")
-    if device is not None and model is not None and is_export_dir(model):
-        raise DataError(f"{model}: an export runs on ONNX Runtime / OpenVINO; --device applies to torch models")
     if ray or ray_address is not None:
         _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
         return
@@ -328,7 +326,7 @@ def score(
         raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + --reference images)")
     if model is not None:
         if is_export_dir(model):  # torch-free: ONNX Runtime / OpenVINO
-            detector = ExportedDetector(model)
+            detector = ExportedDetector(model, device=device or "auto")
         else:
             from anomaly.detector import Detector
 

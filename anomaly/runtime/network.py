@@ -20,18 +20,35 @@ class Network(Protocol):
     def __call__(self, images: NDArray[np.uint8]) -> list[NDArray[np.float32]]: ...
 
 
-def load_network(root: Path, spec: dict[str, Any]) -> Network:
-    """The network described by the manifest's ``network`` entry: ``onnx`` or ``openvino``."""
+def load_network(root: Path, spec: dict[str, Any], device: str = "auto") -> Network:
+    """The network described by the manifest's ``network`` entry: ``onnx`` or ``openvino``.
+
+    ``device``: ``auto`` (ONNX Runtime's CUDA provider when it has one, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N`` (ONNX exports only); a device the runtime cannot use is a BackendError, not a silent CPU run.
+    """
     kind = spec.get("format")
+    if device != "auto" and device != "cpu" and not (kind == "onnx" and _cuda_index(device) is not None):
+        runs = "auto, cpu, cuda or cuda:N" if kind == "onnx" else "auto or cpu"
+        raise BackendError(f"device: '{device}' is not one this {kind} export runs on ({runs})")
     if kind == "onnx":
-        return _OnnxNetwork(root / spec["file"], spec["outputs"])
+        return _OnnxNetwork(root / spec["file"], spec["outputs"], device)
     if kind == "openvino":
         return _OpenVinoNetwork(root / spec["file"], spec["outputs"])
     raise BackendError(f"{root}: unknown network format {kind!r} (expected onnx or openvino)")
 
 
+def _cuda_index(device: str) -> int | None:
+    """0 for ``cuda``, N for ``cuda:N``, None for anything else."""
+    name, colon, index = device.partition(":")
+    if name != "cuda":
+        return None
+    if not colon:
+        return 0
+    return int(index) if index.isdigit() else None
+
+
 class _OnnxNetwork:
-    def __init__(self, path: Path, outputs: list[str]) -> None:
+    def __init__(self, path: Path, outputs: list[str], device: str = "auto") -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -45,7 +62,17 @@ class _OnnxNetwork:
         options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
         if passive_openmp():  # the CLI's policy: idle threads sleep, not spin, so shared cores do not stall
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        available = ort.get_available_providers()
+        providers: list[Any] = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        if device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        elif device != "auto":
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError(
+                    f"device: '{device}' requested but this onnxruntime has no CUDA provider (pip install "
+                    "onnxruntime-gpu, or use auto or cpu)"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": _cuda_index(device)}), "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input = self.session.get_inputs()[0].name
         self.outputs = outputs

@@ -51,14 +51,14 @@ class ExportedDetector:
 
     zero_shot = False
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], device: str = "auto") -> None:
         self.directory = Path(directory)
         restore_interrupted(self.directory)
         self.manifest = read_manifest(self.directory)
         try:
             self.postprocess = Decision.from_manifest(self.manifest)
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)
-            self._network = _loaded(self.directory, self.manifest["network"])
+            self._network = _loaded(self.directory, self.manifest["network"], device)
             self._scorer = load_scorer(self.directory, self.manifest["scorer"], self.manifest["files"])
             model_input = self.manifest["input"]
             bit_depth = int(model_input.get("bit_depth", 16))
@@ -206,10 +206,10 @@ def _chunks(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _loaded(directory: Path, spec: dict[str, Any]) -> Any:
+def _loaded(directory: Path, spec: dict[str, Any], device: str) -> Any:
     """:func:`load_network`, with a graph the runtime cannot read (truncated, replaced) as one line."""
     try:
-        return load_network(directory, spec)
+        return load_network(directory, spec, device)
     except (BackendError, KeyError, TypeError):
         raise
     except Exception as exc:  # onnxruntime's InvalidProtobuf / Fail, OpenVINO's RuntimeError

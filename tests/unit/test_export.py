@@ -164,12 +164,24 @@ def test_score_cli_accepts_an_export_and_writes_the_same_outputs(
         diff = np.abs(np.load(tmp_path / "torch" / a["map_path"]) - np.load(tmp_path / "export" / b["map_path"]))
         assert diff.max() <= 1e-3
         assert (tmp_path / "export" / b["overlay_path"]).is_file()
-    args = ["score", "--model", str(patchcore_export), "--device", "cpu", "--out", str(tmp_path / "dev"), "x.png"]
-    refused = runner.invoke(app, args)  # ONNX Runtime picks its own device
-    assert refused.exit_code == 2 and not (tmp_path / "dev").exists()
-    assert [line for line in refused.output.splitlines() if line.startswith("error:")] == [
-        f"error: {patchcore_export}: an export runs on ONNX Runtime / OpenVINO; --device applies to torch models"
-    ]
+    cpu = runner.invoke(
+        app, ["score", "--model", str(patchcore_export), "--device", "cpu", "--out", str(tmp_path / "cpu"),
+              str(synthetic_root / "test")]
+    )  # fmt: skip
+    assert cpu.exit_code == 0, cpu.output  # a script that says --device cpu for every model works for exports too
+    with (tmp_path / "cpu" / "scores.csv").open() as fh:
+        assert [r["score"] for r in csv.DictReader(fh)] == [r["score"] for r in rows["export"]]
+    import onnxruntime
+
+    refusals = [("mps", "error: device: 'mps' is not one this onnx export runs on (auto, cpu, cuda or cuda:N)")]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        refusals.append(("cuda", "error: device: 'cuda' requested but this onnxruntime has no CUDA provider (pip "
+                                 "install onnxruntime-gpu, or use auto or cpu)"))  # fmt: skip
+    for device, refusal in refusals:
+        args = ["score", "--model", str(patchcore_export), "--device", device, "--out", str(tmp_path / device)]
+        refused = runner.invoke(app, [*args, str(synthetic_root / "test")])
+        assert refused.exit_code == 2 and not (tmp_path / device).exists()
+        assert [line for line in refused.output.splitlines() if line.startswith("error:")] == [refusal]
 
 
 def _copy(export: Path, tmp_path: Path) -> Path:
