@@ -661,6 +661,9 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option("--workers", help="Worker processes, each with its own model.")] = 1,
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest accepted request body in MiB (else 413).")] = 32,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps instead of the model's device.")
+    ] = None,
 ) -> None:
     """Serve POST /predict, GET /health and GET /metrics over HTTP."""
     try:
@@ -670,7 +673,7 @@ def serve(
     if workers < 1 or not 0 < max_mb < 2**20:  # not NaN, not inf: a size in MiB that fits the int below
         raise DataError("--workers must be >= 1 and --max-mb a number of MiB > 0")
     try:
-        run(model, host, port, workers, int(max_mb * 2**20))
+        run(model, host, port, workers, int(max_mb * 2**20), device)
     except (KeyboardInterrupt, _Terminated):  # the usual way to stop a service: nothing was being written
         pass  # uvicorn re-raises the signal it stopped on; with --workers its supervisor returns instead
     typer.echo("serve: stopped", err=True)

@@ -42,10 +42,12 @@ DEFAULT_MAX_BYTES = 32 * 2**20
 _ROUTES = ("/predict", "/health", "/metrics")
 _CLIENT_CLOSED = 499  # the client went away before the answer (nginx's code): not a failure of the service
 _ENV_MODEL, _ENV_MAX_BYTES = "ANOMALY_SERVE_MODEL", "ANOMALY_SERVE_MAX_BYTES"  # for uvicorn's worker processes
+_ENV_DEVICE = "ANOMALY_SERVE_DEVICE"
 
 
-def load_predictor(model: str | os.PathLike[str]) -> Any:
-    """An ExportedDetector for an export directory (no torch), else a torch Detector for a model directory."""
+def load_predictor(model: str | os.PathLike[str], device: str | None = None) -> Any:
+    """An ExportedDetector for an export directory (no torch), else a torch Detector for a model directory;
+    ``device`` replaces the model's own (auto, cpu, cuda, cuda:N, mps)."""
     from anomaly.runtime import ExportedDetector, is_export_dir
 
     path = Path(model)
@@ -53,10 +55,10 @@ def load_predictor(model: str | os.PathLike[str]) -> Any:
     if not path.is_dir():
         raise DataError(f"--model {path}: model or export directory not found")
     if is_export_dir(path):
-        return ExportedDetector(path)
+        return ExportedDetector(path, device=device or "auto")
     from anomaly.detector import Detector
 
-    detector = Detector.load(path)
+    detector = Detector.load(path, device=device)
     if detector.zero_shot:
         raise DataError(f"{path}: {detector.scorer.name} is zero-shot (it scores pools of images), not servable")
     return detector
@@ -138,7 +140,8 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers`` > 1: each worker process loads the model named in the environment."""
     model = os.environ[_ENV_MODEL]
-    return create_app(load_predictor(model), max_bytes=int(os.environ[_ENV_MAX_BYTES]), name=Path(model).name)
+    predictor = load_predictor(model, os.environ.get(_ENV_DEVICE) or None)
+    return create_app(predictor, max_bytes=int(os.environ[_ENV_MAX_BYTES]), name=Path(model).name)
 
 
 def _response(result: DetectionResult, warnings: list[str], mask: bool, anomaly_map: bool) -> JSONResponse:
@@ -163,17 +166,20 @@ def _response(result: DetectionResult, warnings: list[str], mask: bool, anomaly_
     return JSONResponse(body)
 
 
-def run(model: str | os.PathLike[str], host: str, port: int, workers: int, max_bytes: int) -> None:
+def run(
+    model: str | os.PathLike[str], host: str, port: int, workers: int, max_bytes: int, device: str | None = None
+) -> None:
     """Serve until interrupted (uvicorn)."""
     import uvicorn
 
     _check_port(host, port)
     if workers > 1:
-        load_predictor(model)  # fail fast, with one clear error, before the workers start
+        load_predictor(model, device)  # fail fast, with one clear error, before the workers start
         os.environ[_ENV_MODEL], os.environ[_ENV_MAX_BYTES] = str(model), str(max_bytes)
+        os.environ[_ENV_DEVICE] = device or ""
         uvicorn.run("anomaly.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
     else:
-        app = create_app(load_predictor(model), max_bytes=max_bytes, name=Path(model).name)
+        app = create_app(load_predictor(model, device), max_bytes=max_bytes, name=Path(model).name)
         uvicorn.run(app, host=host, port=port)
 
 

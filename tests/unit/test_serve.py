@@ -174,6 +174,26 @@ def test_an_unusable_port_is_one_error_line(patchcore_export: Path) -> None:
     assert "Traceback" not in out_of_range.output + in_use.output
 
 
+def test_serve_takes_a_device_as_score_does(patchcore_export: Path, patchcore_model: Path) -> None:
+    """A model fitted with --device cuda could not be served on a CPU machine: --device replaces the model's."""
+    import torch
+    from typer.testing import CliRunner
+
+    from anomaly.cli import app
+    from anomaly.serve import load_predictor
+
+    assert load_predictor(patchcore_model, "cpu").config.device == "cpu"
+    with socket.create_server(("127.0.0.1", 0)) as free:
+        port = str(free.getsockname()[1])
+    refused = CliRunner().invoke(app, ["serve", "--model", str(patchcore_export), "--port", port, "--device", "mps"])
+    assert refused.exit_code == 2
+    assert "error: device: 'mps' is not one this onnx export runs on" in refused.output
+    if not torch.cuda.is_available():
+        args = ["serve", "--model", str(patchcore_model), "--port", port, "--device", "cuda"]
+        no_gpu = CliRunner().invoke(app, args)
+        assert no_gpu.exit_code == 2 and "error: device: 'cuda' requested but no CUDA GPU" in no_gpu.output
+
+
 def test_metrics_count_requests_latency_and_verdicts(client: TestClient, images: list[Path]) -> None:
     for path in images:
         client.post("/predict", content=path.read_bytes())
