@@ -20,6 +20,7 @@ __all__ = ["passive_openmp", "peak_rss_mb", "reset_peak_rss", "resolve_device", 
 log = logging.getLogger(__name__)
 
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")  # cpu,cpuacct on most v1 hosts, linked as cpu
 
 
 @functools.cache
@@ -57,14 +58,26 @@ def passive_openmp() -> bool:
 
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity (``taskset``, a container's ``--cpuset-cpus``) capped by a
-    cgroup v2 quota (a container's ``--cpus``); ``os.cpu_count()`` counts every CPU of the host."""
+    cgroup CPU quota (a container's ``--cpus``; v2 ``cpu.max``, or v1's CFS quota and period); ``os.cpu_count()``
+    counts every CPU of the host."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return cpus if quota is None else min(cpus, max(1, int(quota)))
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs allowed by this process's cgroup quota, or None where there is none (or no cgroup to read)."""
     try:
         quota, period = _CGROUP_CPU_MAX.read_text().split()
-        cpus = min(cpus, max(1, int(quota) // int(period)))
+        return int(quota) / int(period)
     except (OSError, ValueError):  # no cgroup v2, or no quota ("max")
         pass
-    return cpus
+    try:
+        quota_us = int((_CGROUP_V1_CPU / "cpu.cfs_quota_us").read_text())
+        period_us = int((_CGROUP_V1_CPU / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None  # -1: no quota
 
 
 def cpu_threads() -> int:

@@ -253,6 +253,14 @@ def test_a_local_instance_gets_the_cpus_this_process_may_use(monkeypatch: pytest
     monkeypatch.setattr(_runtime, "_CGROUP_CPU_MAX", tmp_path / "cpu.max")
     assert _init_arguments(monkeypatch)["num_cpus"] == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota
+    monkeypatch.setattr(_runtime, "_CGROUP_V1_CPU", tmp_path / "v1")
+    assert _init_arguments(monkeypatch)["num_cpus"] == 3
+    (tmp_path / "v1").mkdir()  # a cgroup v1 host (Docker's --cpus 1.5 there)
+    (tmp_path / "v1" / "cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "v1" / "cpu.cfs_period_us").write_text("100000\n")
+    monkeypatch.setattr(_runtime, "_CGROUP_CPU_MAX", tmp_path / "missing")
+    assert _init_arguments(monkeypatch)["num_cpus"] == 1
+    (tmp_path / "v1" / "cpu.cfs_quota_us").write_text("-1\n")  # no quota
     assert _init_arguments(monkeypatch)["num_cpus"] == 3
 
 
