@@ -9,8 +9,12 @@ from typing import TYPE_CHECKING, Any
 # Idle OpenMP threads sleep instead of spinning, as the CLI and the Ray workers set it: on cores shared with a
 # camera or PLC process a spinning torch stalled single-image predict from 35 to 650 ms (median, 2 cores under
 # load). OpenMP reads it when torch loads, so only if torch is not loaded yet; set the variable to keep your own.
+# A container's CPU quota below the CPUs it may run on becomes OMP_NUM_THREADS, unless that is set.
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from anomaly._runtime import cap_threads_to_quota
+
+    cap_threads_to_quota()
 
 from anomaly.config import DetectorConfig, load_config
 from anomaly.errors import (

@@ -15,7 +15,15 @@ from anomaly.errors import BackendError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["passive_openmp", "peak_rss_mb", "reset_peak_rss", "resolve_device", "cpu_threads", "usable_cpus"]
+__all__ = [
+    "cap_threads_to_quota",
+    "passive_openmp",
+    "peak_rss_mb",
+    "reset_peak_rss",
+    "resolve_device",
+    "cpu_threads",
+    "usable_cpus",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,17 @@ def _cgroup_quota() -> float | None:
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None  # -1: no quota
+
+
+def cap_threads_to_quota() -> None:
+    """Set OMP_NUM_THREADS to a CPU quota below the CPUs this process may run on (a container's ``--cpus`` 2 on a
+    64-core host), unless it is set: OpenMP (torch, FAISS) reads the affinity alone and would start one thread per
+    host core, each throttled by the quota. Read when torch loads, so called before that."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if usable_cpus() < affinity:
+        os.environ["OMP_NUM_THREADS"] = str(usable_cpus())
 
 
 def cpu_threads() -> int:

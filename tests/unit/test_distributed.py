@@ -248,12 +248,12 @@ def test_a_local_instance_gets_the_cpus_this_process_may_use(monkeypatch: pytest
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(_runtime, "_CGROUP_CPU_MAX", tmp_path / "missing")
+    monkeypatch.setattr(_runtime, "_CGROUP_V1_CPU", tmp_path / "v1")
     assert _init_arguments(monkeypatch)["num_cpus"] == 3
     (tmp_path / "cpu.max").write_text("200000 100000\n")  # --cpus 2
     monkeypatch.setattr(_runtime, "_CGROUP_CPU_MAX", tmp_path / "cpu.max")
     assert _init_arguments(monkeypatch)["num_cpus"] == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota
-    monkeypatch.setattr(_runtime, "_CGROUP_V1_CPU", tmp_path / "v1")
     assert _init_arguments(monkeypatch)["num_cpus"] == 3
     (tmp_path / "v1").mkdir()  # a cgroup v1 host (Docker's --cpus 1.5 there)
     (tmp_path / "v1" / "cpu.cfs_quota_us").write_text("150000\n")
