@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,16 +37,14 @@ from anomaly.data.input_checks import (
     small_images,
     smallest_side,
 )
-from anomaly.data.inputs import OnError, check_on_error, one_or_many, training_paths
+from anomaly.data.inputs import OnError, check_on_error, many, one_or_many, training_paths
 from anomaly.data.io import significant_bits
 from anomaly.data.loader import (
     DecodedImage,
     ImageInput,
     image_size,
-    is_stream,
     iter_batches,
     raw_pixels,
-    read_streams,
     support_views,
 )
 from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
@@ -493,9 +491,10 @@ class Detector:
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
         """Yield (result, decoded RGB image or None) per input, in input order, exactly once each.
 
-        Trained scorers stream with bounded memory; a zero-shot scorer scores all inputs as one pool.
+        Trained scorers stream with bounded memory; a zero-shot scorer scores all inputs as one pool. One image given
+        alone (a path, a 3-D array, a CHW tensor) is one input, as in :meth:`predict`, not iterated.
         """
-        items = read_streams(images)
+        items = many(images)
         if not items:
             raise DataError("predict: no images")
         check_on_error(on_error)
@@ -888,10 +887,7 @@ def _saved_weights_sha(meta: dict[str, Any]) -> str | None:
 def _expand_training(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
     """Folders, globs and category roots become image paths (narrowed to train/good); the rest stays. One image
     given alone (a path, an array, a PIL image) is one image: a 3-D array is not iterated as rows of gray images."""
-    if isinstance(images, Iterable) and not isinstance(images, (str, bytes, bytearray, os.PathLike, list, tuple)):
-        if getattr(images, "ndim", None) is None and not is_stream(images):  # a set, a generator, a range of paths
-            images = list(images)
-    items, _ = one_or_many(images)
+    items = many(images)
     if not items:
         raise DataError("fit: no training images")
     out: list[ImageInput] = []

@@ -22,7 +22,7 @@ from anomaly.data.io import GLOB_CHARS, is_image_file, list_images
 from anomaly.data.loader import ImageInput, is_stream, read_streams
 from anomaly.errors import DataError
 
-__all__ = ["OnError", "check_on_error", "image_paths", "one_or_many", "reference_paths", "training_paths"]
+__all__ = ["OnError", "check_on_error", "image_paths", "many", "one_or_many", "reference_paths", "training_paths"]
 
 log = logging.getLogger(__name__)
 _NOT_NORMAL = {"ground_truth", "masks", "Masks", "Anomaly"}  # MVTec / folder-dataset masks, VisA's masks and defects
@@ -50,6 +50,18 @@ def one_or_many(images: ImageInput | Sequence[ImageInput] | Iterator[ImageInput]
     if isinstance(images, Iterator):  # a generator of frames; not str, bytes or arrays, which iterate too
         return read_streams(images), False
     return [images], True  # type: ignore[list-item]
+
+
+def many(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    """The images of a call that takes several (``fit``, ``predict_stream``) as a list. A collection (list, tuple,
+    set, range, generator, 4-D stack) gives its items; one image given alone (a path, bytes, a binary file object, a
+    PIL image, a 2-D or 3-D array or tensor) is one image: a 3-D array is not iterated as rows of gray images, a
+    CHW tensor as channels, a path as characters, nor a file object as lines."""
+    if isinstance(images, Iterable) and not isinstance(images, (str, bytes, bytearray, os.PathLike, list, tuple)):
+        if getattr(images, "ndim", None) is None and not is_stream(images):  # a set, a generator, a range of paths
+            images = list(images)
+    items, _ = one_or_many(images)  # type: ignore[arg-type]
+    return items
 
 
 def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[Path] = ()) -> list[Path]:

@@ -16,8 +16,8 @@ from numpy.typing import NDArray
 
 from anomaly._fs import restore_interrupted
 from anomaly.data.input_checks import InputCheck, InputProfile
-from anomaly.data.inputs import OnError, check_on_error, one_or_many
-from anomaly.data.loader import ImageInput, decode_input, input_error, read_streams
+from anomaly.data.inputs import OnError, check_on_error, many, one_or_many
+from anomaly.data.loader import ImageInput, decode_input, input_error
 from anomaly.data.views import ViewSpec
 from anomaly.errors import BackendError, DataError
 from anomaly.results import DetectionResult, StageProgress
@@ -138,7 +138,7 @@ class ExportedDetector:
         on_error: OnError = "raise",
     ) -> Iterator[tuple[DetectionResult, NDArray[np.uint8] | None]]:
         """Yield (result, decoded RGB image or None) per input, as ``Detector.predict_stream``."""
-        items = read_streams(images)
+        items = many(images)
         if not items:
             raise DataError("predict: no images")
         check_on_error(on_error)

@@ -72,6 +72,24 @@ def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthe
     assert not any(r.is_anomalous for r in batch[: len(good)])  # threshold from normal images only
 
 
+def test_predict_stream_takes_one_image_given_alone_as_one_input(fitted: Detector, synthetic_root: Path) -> None:
+    """A 3-D array, a CHW tensor or a path given alone is one image, as in predict and fit: it was iterated, and an
+    RGB frame gave one result per row (each row scored as a (W, 3) gray image), a CHW tensor one per channel."""
+    import torch
+
+    _, good, _ = _split(synthetic_root)
+    rgb = read_image(good[0])
+    expected = fitted.predict(rgb)
+    for one in (rgb, torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), good[0], str(good[0])):
+        streamed = [result for result, _ in fitted.predict_stream(one)]
+        assert len(streamed) == 1
+        assert streamed[0].image_score == pytest.approx(expected.image_score, rel=1e-6)
+        assert streamed[0].anomaly_map is not None and streamed[0].anomaly_map.shape == rgb.shape[:2]
+    stack = np.stack([rgb, rgb])  # a 4-D stack and a generator are still many
+    assert len(list(fitted.predict_stream(stack))) == 2
+    assert len(list(fitted.predict_stream(x for x in [good[0], good[1]]))) == 2
+
+
 def _as_12_bit(paths: list[Path], folder: Path) -> list[Path]:
     """The same pixels as a 12-bit camera writes them into 16-bit PNGs (value x 16, at most 4080)."""
     folder.mkdir()

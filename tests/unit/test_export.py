@@ -51,6 +51,20 @@ def test_runtime_matches_the_torch_detector(
     )
 
 
+def test_runtime_predict_stream_takes_one_image_given_alone_as_one_input(
+    patchcore_export: Path, synthetic_root: Path
+) -> None:
+    """As ``Detector.predict_stream``: an RGB frame given alone was iterated, one result per row."""
+    from anomaly.data.io import read_image
+
+    rgb = read_image(_test_images(synthetic_root)[0])
+    runtime = ExportedDetector(patchcore_export)
+    streamed = [result for result, _ in runtime.predict_stream(rgb)]
+    assert len(streamed) == 1 and streamed[0].anomaly_map is not None
+    assert streamed[0].anomaly_map.shape == rgb.shape[:2]
+    assert streamed[0].image_score == pytest.approx(runtime.predict(rgb).image_score, rel=1e-6)
+
+
 def test_runtime_takes_what_the_detector_takes(patchcore_model: Path, patchcore_export: Path, tmp_path: Path) -> None:
     """A line swapping the Detector for its export keeps PIL images, ``on_error="skip"`` and clear errors."""
     from PIL import Image
