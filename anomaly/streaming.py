@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
@@ -55,6 +56,9 @@ class StreamingDetector:
     batch joins whole: it seeds the pool. ``"all"`` lets every image in, so the pool follows any drift,
     defects included.
 
+    Calls from several threads (two cameras on one line) take turns: each batch is scored against the pool as
+    the batch before it left it.
+
     Example:
         >>> line = StreamingDetector(Detector("musc").fit(good_images), pool_size=32)  # doctest: +SKIP
         >>> [r.is_anomalous for r in line.predict(new_frames)]  # doctest: +SKIP
@@ -79,6 +83,7 @@ class StreamingDetector:
             raise ConfigError("StreamingDetector scores each image once: set scorer.params.augment_queries to false")
         self.detector = detector
         self.admit = admit
+        self._lock = threading.Lock()  # calls from several threads take turns: each batch meets the pool as left
         device = detector.extractor.device
         reference = None if detector.reference_ is None else [r.to(device) for r in detector.reference_.layers]
         self.pool = RollingPool(detector.scorer, pool_size, reference=reference)  # type: ignore[arg-type]
@@ -114,6 +119,11 @@ class StreamingDetector:
         items, single = one_or_many(images)
         if not items:  # an empty batch (list, generator, stack of 0 images) has no results
             return []
+        with self._lock:
+            results = self._predict(items, on_error)
+        return results[0] if single else results
+
+    def _predict(self, items: list[ImageInput], on_error: OnError) -> list[DetectionResult]:
         before = (self._config, self.detector.config)
         self._start(items, "predict")
         try:
@@ -128,8 +138,7 @@ class StreamingDetector:
             raise
         if features is None:  # nothing readable: nothing scored, nothing decided
             self._config, self.detector.config = before
-        results = [r for r, _ in in_input_order(decoded, scored, self._last_decision)]
-        return results[0] if single else results
+        return [r for r, _ in in_input_order(decoded, scored, self._last_decision)]
 
     def _score(self, features: FeatureSet) -> list[DetectionResult]:
         """Score readable frames, decide with the window's threshold, admit, and report a burst of flags."""
@@ -194,13 +203,14 @@ class StreamingDetector:
                 "confirm_normal: nothing scored yet; to start a line from known-good frames, fit the detector on them"
             )
         items, _ = one_or_many(images)
-        self._start(items, "confirm_normal")
-        confirmed = self.detector.extract(items)
-        self.pool.add(confirmed.layers)
-        self._pool_prints.extend(_fingerprint(d.views) for d in confirmed.images)
-        self._pool_sizes.extend(d.size for d in confirmed.images)
-        self._flags.clear()
-        self._burst_reported = False
+        with self._lock:
+            self._start(items, "confirm_normal")
+            confirmed = self.detector.extract(items)
+            self.pool.add(confirmed.layers)
+            self._pool_prints.extend(_fingerprint(d.views) for d in confirmed.images)
+            self._pool_sizes.extend(d.size for d in confirmed.images)
+            self._flags.clear()
+            self._burst_reported = False
 
     def _start(self, items: list[ImageInput], what: str) -> None:
         """Check a call's images against the detector's input settings; the first batch of a line without

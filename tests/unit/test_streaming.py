@@ -262,3 +262,32 @@ def test_a_line_whose_first_frames_are_all_unreadable_starts_with_the_next(tmp_p
     assert all(r.error is None and np.isfinite(r.image_score) for r in results)
     height, width = line.detector.extractor.image_size
     assert width > 2 * height  # the input took the readable frames' aspect
+
+
+def test_calls_from_several_threads_take_turns(synthetic_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two cameras calling one line from two threads scored their batches against one pool at once: admitting,
+    the threshold's window and the burst report raced. Each batch now meets the pool as the one before left it."""
+    import threading
+    import time
+
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    line = StreamingDetector(_musc().fit(train[:2]), pool_size=16)
+    inside, most = [0], [0]
+    score = line._score
+
+    def slow_score(features):  # type: ignore[no-untyped-def]
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.3)
+        try:
+            return score(features)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(line, "_score", slow_score)
+    threads = [threading.Thread(target=line.predict, args=([image],)) for image in train[2:6]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and len(line.pool) == 4
