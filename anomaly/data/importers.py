@@ -186,7 +186,8 @@ def import_mask_folders(
         The summary of what was written.
 
     Raises:
-        DataError: Missing folders, a mask whose size differs from its image's, a mask value missing from
+        DataError: Missing folders, several masks for one image (``x.png`` and ``x_mask.png``, or ``x.png`` and
+            ``x.tif``), a mask whose size differs from its image's, a mask value missing from
             ``classes``, duplicate file names, or no image at all.
     """
     _check_options(normal_test_ratio, max_normal, link)
@@ -200,10 +201,10 @@ def import_mask_folders(
     image_paths = [p for p in image_paths if p.resolve() not in taken]  # a mask folder inside the image folder
     kept = {p.resolve() for p in image_paths}
     mask_paths = [p for p in mask_paths if p.resolve() not in kept]  # the image folder inside the mask folder
-    mask_index: dict[tuple[str, ...], Path] = {}
+    mask_index: dict[tuple[str, ...], list[Path]] = {}  # x.png and x.tif share a key: both are kept
     for mask in mask_paths:
         rel = mask.relative_to(masks)
-        mask_index.setdefault((*rel.parent.parts, rel.stem), mask)
+        mask_index.setdefault((*rel.parent.parts, rel.stem), []).append(mask)
     normals: list[Path] = []
     defects: list[_Defect] = []
     used: set[Path] = set()
@@ -213,8 +214,10 @@ def import_mask_folders(
     for image in image_paths:
         rel = image.relative_to(images)
         key = rel.parent.parts
-        found = (mask_index.get((*key, f"{rel.stem}{suffix}")) for suffix in (*_MASK_SUFFIXES, ""))
-        mask_path = next((m for m in found if m is not None), None)
+        found = [m for suffix in (*_MASK_SUFFIXES, "") for m in mask_index.get((*key, f"{rel.stem}{suffix}"), [])]
+        if len(found) > 1:  # x.png beside x_mask.png (or x.tif): which one is meant cannot be told
+            raise DataError(f"{image}: {len(found)} masks match it ({', '.join(map(str, found))}); keep one")
+        mask_path = found[0] if found else None
         if mask_path is not None:
             used.add(mask_path)
         values = _read_label_mask(mask_path) if mask_path is not None else None
@@ -240,7 +243,8 @@ def import_mask_folders(
                 raise DataError(f"{mask_path}: mask value(s) {unknown} not in --classes")
             defect_type = classes[counts.most_common(1)[0][0]]
         defects.append(_Defect(image, values > 0, defect_type))
-    _check_masks_matched(sorted(set(mask_index.values()) - used), len(mask_index), Path(masks))
+    all_masks = {m for listed in mask_index.values() for m in listed}
+    _check_masks_matched(sorted(all_masks - used), len(all_masks), Path(masks))
     if graded:
         log.warning("%d mask(s) have many levels (soft edges, or lossy JPEG noise): every pixel above 0 is taken as "
                     "defect, first: %s", len(graded), graded[0])  # fmt: skip

@@ -378,3 +378,28 @@ def test_names_repeat_only_within_one_output_folder_to_take_a_prefix(tmp_path: P
         "train/good/000.png",
         "train/good/001.png",
     ]
+
+
+@pytest.mark.parametrize("other", ["p_mask.png", "p.bmp"])
+def test_two_masks_for_one_image_are_refused_naming_both(tmp_path: Path, other: str) -> None:
+    """masks/p.png beside masks/p_mask.png (or p.bmp): one was used without a word, the other called unmatched (or
+    not named at all), so a defect drawn in the ignored file was lost."""
+    _image(tmp_path / "img" / "p.png")
+    _image(tmp_path / "img" / "q.png")
+    values = np.zeros((H, W), np.uint8)
+    values[0:4, 0:5] = 255
+    (tmp_path / "msk").mkdir()
+    Image.fromarray(values).save(tmp_path / "msk" / "p.png")
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "msk" / other)
+    with pytest.raises(DataError, match=r"p.png: 2 masks match it \(.*msk[/\\]p.png.*\); keep one") as raised:
+        import_mask_folders(tmp_path / "img", tmp_path / "msk", tmp_path / "cat")
+    assert other in str(raised.value)
+    assert not (tmp_path / "cat").exists()
+    result = CliRunner().invoke(
+        app,
+        ["import", "--format", "mask-folders", "--images", str(tmp_path / "img"), "--annotations",
+         str(tmp_path / "msk"), "--out", str(tmp_path / "cat")],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "cat").exists()
