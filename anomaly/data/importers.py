@@ -100,7 +100,8 @@ def import_labelme(
 
     Raises:
         DataError: Missing folders, unreadable or invalid JSON, an annotated image that is not found or whose
-            size differs from the JSON's, a shape without area, duplicate file names, or no image at all.
+            size differs from the JSON's, a shape without area, duplicate file names, an image file that cannot
+            be opened (empty, or not an image), or no image at all.
     """
     _check_options(normal_test_ratio, max_normal, link)
     image_paths = _listed(images, "--images")
@@ -187,7 +188,8 @@ def import_mask_folders(
 
     Raises:
         DataError: Missing folders, several masks for one image (``x.png`` and ``x_mask.png``, or ``x.png`` and
-            ``x.tif``), a mask whose size differs from its image's, a mask value missing from
+            ``x.tif``), an image file that cannot be opened (empty, or not an image), a mask whose size differs from
+            its image's, a mask value missing from
             ``classes``, duplicate file names, or no image at all.
     """
     _check_options(normal_test_ratio, max_normal, link)
@@ -420,6 +422,8 @@ def _write_category(
     held_out = set(rng.permutation(len(normals))[:n_test].tolist())
     train = [p for i, p in enumerate(normals) if i not in held_out]
     test_good = [p for i, p in enumerate(normals) if i in held_out]
+    for path in (*train, *test_good):  # defective images were measured against their masks already
+        read_image_size(path)  # an empty or non-image file: one error naming it, before anything is written
     folders = [(p, Path("train", "good")) for p in train] + [(p, Path("test", "good")) for p in test_good]
     folders += [(d.image, Path("test", d.defect_type)) for d in defects]
     name = _output_names(folders, images_root)

@@ -403,3 +403,31 @@ def test_two_masks_for_one_image_are_refused_naming_both(tmp_path: Path, other: 
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "cat").exists()
+
+
+@pytest.mark.parametrize("fmt", ["labelme", "mask-folders"])
+@pytest.mark.parametrize("content", [b"", b"<html>404 Not Found</html>"])
+def test_an_unreadable_normal_image_is_refused_before_anything_is_written(
+    tmp_path: Path, fmt: str, content: bytes
+) -> None:
+    """A zero-byte or non-image file among the normal images went into train/good with exit 0; `anomaly fit` on
+    the imported category then failed on it, naming the link in the new category instead of the source file."""
+    for name in ("p.png", "q.png", "r.png"):
+        _image(tmp_path / "img" / name)
+    (tmp_path / "img" / "z.jpg").write_bytes(content)
+    values = np.zeros((H, W), np.uint8)
+    values[0:4, 0:5] = 255
+    (tmp_path / "ann").mkdir()
+    if fmt == "labelme":
+        _labelme(tmp_path / "ann" / "p.json", "p.png", [_poly([[0, 0], [5, 0], [5, 4]])])
+    else:
+        Image.fromarray(values).save(tmp_path / "ann" / "p.png")
+    result = CliRunner().invoke(
+        app,
+        ["import", "--format", fmt, "--images", str(tmp_path / "img"), "--annotations", str(tmp_path / "ann"),
+         "--normal-test-ratio", "0", "--out", str(tmp_path / "cat")],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "z.jpg" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "cat").exists()
