@@ -112,10 +112,12 @@ def evaluate_samples(
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> None:
     """metrics.json, ground_truth.json (each image's label and mask file, as the dataset's loader read them: a
     report takes its ground truth from there), and with maps aupimo.json (per-image values) and pimo.json (curves
-    for plotting); those two files of an earlier evaluation into the same folder are removed when this one has none
-    (a report read them as this evaluation's)."""
+    for plotting); those two files of an earlier evaluation into the same folder are removed first (a report read
+    them as this evaluation's), so that a run killed half-way leaves no file of the earlier one beside its own."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for earlier in ("aupimo.json", "pimo.json"):  # first: a run killed below leaves files missing, never stale ones
+        (out_dir / earlier).unlink(missing_ok=True)  # beside this evaluation's metrics
     metrics = evaluation.metrics
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2))
@@ -127,8 +129,6 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> Non
     }
     atomic_write_text(out_dir / "ground_truth.json", json.dumps(truth, indent=2))
     if evaluation.aupimo is None or evaluation.maps is None or evaluation.masks is None:
-        for stale in ("aupimo.json", "pimo.json"):
-            (out_dir / stale).unlink(missing_ok=True)
         return
     result = evaluation.aupimo.to_dict()  # per-image values: compare models image by image
     result["paths"] = evaluation.paths

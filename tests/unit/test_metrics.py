@@ -668,6 +668,28 @@ def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) ->
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"image_auroc": 0.9}
 
 
+def test_an_evaluation_killed_half_way_leaves_no_earlier_aupimo_beside_its_metrics(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The earlier run's aupimo.json and pimo.json were removed last: a run killed after writing its metrics.json
+    left them beside it, and a report showed them as this evaluation's per-image AUPIMO."""
+    from anomaly import evaluation as module
+
+    for name in ("aupimo.json", "pimo.json"):
+        (tmp_path / name).write_text("{}")
+    written = module.atomic_write_text
+
+    def killed_after_metrics(path, text):  # type: ignore[no-untyped-def]
+        if path.name != "metrics.json":
+            raise KeyboardInterrupt
+        written(path, text)
+
+    monkeypatch.setattr(module, "atomic_write_text", killed_after_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        module.write_evaluation(
+            module.Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), tmp_path
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
 def test_a_defect_only_set_whose_masks_are_empty_is_one_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """No defect pixel and no normal image: nothing to evaluate, said in one line naming the mask folder."""
     from PIL import Image
