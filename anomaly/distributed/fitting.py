@@ -5,7 +5,8 @@ features and builds the fold's coreset (:meth:`MemoryBankScorer.fold_candidates`
 the folds' coresets into the bank (:meth:`~MemoryBankScorer.merge_candidates`, greedy k-center of
 their union), then Ray tasks build each fold's held-out bank from it and score the fold against it
 (:meth:`~MemoryBankScorer.score_held_out`). Same folds, same steps as the local cross-fit, so the same
-bank and threshold (the backbone gives the same features whatever the batch).
+bank and threshold up to the backbone's float rounding, which depends on how images are batched (about 2e-5 of a
+feature): on near-tied textures that can turn a greedy pick, and the threshold moves a little (0.6 % seen).
 
 Other trained scorers (``padim``, ``gaussian``): the actors extract features of contiguous shards
 and the driver gathers them and fits as the local path does. Their statistics are cheap next to

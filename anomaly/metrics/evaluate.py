@@ -137,11 +137,14 @@ def _aupimo_entry(
     except (ValueError, RuntimeError) as err:
         reason = str(err)
         if "'fpr_level'" in reason:  # the reference message (ALGORITHMS.md), and what it means for the user's data
+            normal = max(1, sum(1 for _, mask in pairs if not mask.any()))
+            side = math.ceil(math.sqrt(1 / (normal * fpr_bounds[0])))
             reason += (
                 " The normal test images have too few pixels for the lower FPR bound: the shared FPR averages"
                 " per-image rates, so one pixel of a small normal image holding the top normal scores weighs"
-                " 1 / (normal images x its pixels). Evaluate at a common size (`--eval-size` of `anomaly evaluate`"
-                " or `anomaly benchmark`), or add normal test images."
+                f" 1 / (normal images x its pixels). With {normal} normal image(s), evaluate at a common size of"
+                f" about {side}x{side} or more (`--eval-size` of `anomaly evaluate` or `anomaly benchmark`), or add"
+                " normal test images."
             )
         return {"aupimo": math.nan, "aupimo_error": reason}, None
     return {"aupimo": details.mean}, details

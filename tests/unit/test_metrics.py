@@ -745,3 +745,18 @@ def test_a_map_whose_image_cannot_be_read_keeps_its_size(tmp_path) -> None:  # t
     amap = np.ones((6, 9), np.float32)
     (sized,) = _at_image_size([amap], [Sample(tmp_path / "broken.png", None, 0, "good", "test")])
     assert sized is amap
+
+
+def test_aupimo_on_too_few_normal_pixels_says_which_size_would_do() -> None:
+    """The advice was "evaluate at a common size (--eval-size)" even to a user who had given one too small: it now
+    names the size at which one normal pixel weighs less than the lower FPR bound."""
+    from anomaly.metrics.evaluate import evaluate
+
+    rng = np.random.default_rng(0)
+    maps = [rng.random((8, 8)).astype(np.float32) for _ in range(4)]
+    masks = [np.zeros((8, 8), bool) for _ in range(4)]
+    masks[2][2:4, 2:4] = masks[3][5:7, 1:3] = True
+    result = evaluate([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1], maps, masks)
+    assert math.isnan(float(result["aupimo"]))
+    assert "With 2 normal image(s), evaluate at a common size of about 224x224 or more" in str(result["aupimo_error"])
+    assert 1 / (2 * 224 * 224) <= 1e-5 < 1 / (2 * 223 * 223)
