@@ -208,14 +208,16 @@ def fit(
     from anomaly._fs import check_output_dir
     from anomaly.data.inputs import training_paths
     from anomaly.detector import Detector
+    from anomaly.features import check_backbone_name
 
     detector = Detector(
         _config(config, backbone, [*(overrides or []), *([] if device is None else [f"device={device}"])])
     )
     check_output_dir(out, "meta.json")  # before the long fit
-    if (out / "meta.json").is_file():
-        _note("%s holds a model: this fit replaces it when it ends (files you added there are kept)", out)
     paths = training_paths(train_dirs)
+    check_backbone_name(detector.config.backbone.name)  # (the backbone itself is built by the fit)
+    if (out / "meta.json").is_file():  # said once the command's own errors are ruled out
+        _note("%s holds a model: this fit replaces it when it ends (files you added there are kept)", out)
     if detector.zero_shot:
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
     progress = _Progress()

@@ -32,6 +32,7 @@ __all__ = [
     "FeatureExtractor",
     "Features",
     "WeightsSource",
+    "check_backbone_name",
     "cnn_layers",
     "layer_table",
     "list_offline_backbones",
@@ -142,16 +143,21 @@ def list_offline_backbones() -> list[tuple[str, WeightsSource]]:
     return found
 
 
+def check_backbone_name(name: str) -> None:
+    """ConfigError for a name timm does not know (the model itself is not built)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"backbone.name: unknown timm model '{name}'")
+
+
 def layer_table(name: str) -> list[tuple[str, int, int]]:
     """(layer, channels, stride) of every layer ``backbone.layers`` accepts for timm model ``name``.
 
     Shapes come from one forward pass of a 224 x 224 input through the randomly initialised model (no weights
     needed); EfficientNet and MobileNet list every block, other models their feature-info layers.
     """
-    import timm
-
-    if not timm.is_model(name):
-        raise ConfigError(f"backbone.name: unknown timm model '{name}'")
+    check_backbone_name(name)
     model = _create_model(name, WeightsSource("random", ""), (224, 224)).eval()
     layers = _every_block(model) or [info["module"] for info in model.feature_info]
     indices, _, extra = _layer_indices(model, layers)
@@ -190,10 +196,7 @@ class FeatureExtractor:
         std: tuple[float, float, float] | None = None,
         device: str = "auto",
     ) -> None:
-        import timm
-
-        if not timm.is_model(name):
-            raise ConfigError(f"backbone.name: unknown timm model '{name}'")
+        check_backbone_name(name)
         self.name = name
         self.device = resolve_device(device)
         self.source = resolve_weights(name, weights, pretrained)

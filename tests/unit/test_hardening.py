@@ -96,6 +96,9 @@ def test_2_user_files_in_earlier_outputs_survive_a_rerun(model: Path, synthetic_
     assert f"{model_copy} holds a model: this fit replaces it" in refit.output
     assert (model_copy / "README.txt").read_text() == "line 3"
     assert Detector.load(model_copy).threshold_ is not None  # the user's file is not loaded, nor refused
+    unknown = _run("fit", "--out", model_copy, "--backbone", "resnet_nonexistent", synthetic_root)
+    assert unknown.exit_code == 2 and "unknown timm model 'resnet_nonexistent'" in unknown.output
+    assert "holds a model" not in unknown.output  # no announcement of a replacement that is not going to happen
 
 
 def test_2_a_folder_that_only_looks_like_an_output_is_refused_not_wiped(
