@@ -34,7 +34,7 @@ from anomaly.data.datasets import (
     load_mvtec,
     load_visa,
 )
-from anomaly.data.io import is_image_file, read_mask_levels
+from anomaly.data.io import is_image_file, read_image_size, read_mask_levels
 from anomaly.detector import Detector
 from anomaly.errors import AnomalyError, DataError
 from anomaly.evaluation import Evaluation, evaluate_samples, threshold_counts, write_evaluation
@@ -200,7 +200,9 @@ def _say_left_out(root: Path, names: list[str], test_only: bool) -> None:
 
 def _check_category(data: CategoryData, dataset: str, root: Path, name: str) -> None:
     """Before any run: the metrics compare normal and defective test images, so a split with one kind is refused,
-    and every ground-truth mask is decoded (a damaged one would end the run after the category's fit)."""
+    every image's header is read (a file that is not an image would end the run in this category, after the ones
+    before it were run and written) and every ground-truth mask is decoded (a damaged one would end the run after
+    the category's fit)."""
     labels = {s.label for s in data.test}
     if labels != {0, 1}:
         missing = "defective" if 1 not in labels else "normal (good)"
@@ -208,7 +210,8 @@ def _check_category(data: CategoryData, dataset: str, root: Path, name: str) -> 
         raise DataError(
             f"{where}: the test split has no {missing} image; the metrics need both (choose others with --category)"
         )
-    for sample in data.test:
+    for sample in [*data.train, *data.test]:
+        read_image_size(sample.image_path)  # DataError naming an empty or non-image file
         if sample.mask_path is not None:
             read_mask_levels(sample.mask_path)  # DataError naming the file
 

@@ -932,3 +932,34 @@ def test_score_with_a_model_refuses_a_config_and_warns_that_an_image_scorer_writ
     whole = _run("score", "--model", model_dir, "--out", tmp_path / "r", "--no-overlays", synthetic_root)
     assert whole.exit_code == 0 and f"warning: {synthetic_root} is a dataset category root: every image" in whole.output
     assert any("ground_truth" in row["path"] for row in _rows(tmp_path / "r"))  # one row per input image, as asked
+
+
+def _plain_folder(category: Path, root: Path) -> Path:
+    """``category`` (MVTec layout) as a plain folder dataset: good/ + <defect>/ + masks/<defect>/."""
+    shutil.copytree(category / "train" / "good", root / "good")
+    for defect in sorted(p.name for p in (category / "test").iterdir() if p.name != "good"):
+        shutil.copytree(category / "test" / defect, root / defect)
+        shutil.copytree(category / "ground_truth" / defect, root / "masks" / defect)
+    return root
+
+
+def test_benchmark_refuses_a_non_image_file_of_any_category_before_the_first_runs(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A file that is not an image among a later category's images was found only when that category was fitted or
+    scored: the categories before it had been run and written (minutes each), against "an unreadable file is an error
+    naming the file, before any output is written"."""
+    for dataset in ("mvtec", "visa"):
+        if dataset == "mvtec":
+            root = tmp_path / "mvtec"
+            shutil.copytree(synthetic_root, root / "a_first")
+            shutil.copytree(synthetic_root, root / "b_second")
+            bad = sorted((root / "b_second" / "train" / "good").iterdir())[2]
+        else:
+            root = _as_visa(synthetic_root, tmp_path / "visa")
+            bad = sorted((root / "widget" / "Data" / "Images" / "Anomaly").iterdir())[1]
+        bad.write_bytes(b"not an image\n")
+        out = tmp_path / f"out_{dataset}"
+        result = _run("benchmark", "--dataset", dataset, "--root", root, "--out", out, *SMALL)
+        assert result.exit_code == 2 and str(bad) in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()
