@@ -276,6 +276,9 @@ def _check_out(out_dir: Path) -> None:
     try:  # before the first category's fit, not after it
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
+        # ours from now on: a run that stops before its first table would leave an unmarked folder, which a folder
+        # dataset's re-run with --out inside its --root read as a defect type
+        (out_dir / _TABLES_MARKER).touch()
     except OSError as exc:
         raise DataError(f"--out {out_dir}: cannot write here ({exc.strerror or exc})") from None
 

@@ -943,6 +943,28 @@ def _plain_folder(category: Path, root: Path) -> Path:
     return root
 
 
+def test_a_folder_benchmark_whose_first_run_stopped_reruns_with_out_inside_its_root(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A run that stopped in its first category (a training image cut off mid-file) left its empty --out folder
+    inside the --root; every re-run then read it as a defect type and refused the dataset (no masks/<out>)."""
+    root = _plain_folder(synthetic_root, tmp_path / "part")
+    png = sorted((root / "good").iterdir())[0]
+    image = png.with_suffix(".jpg")
+    cv2.imwrite(str(image), cv2.imread(str(png)))
+    png.unlink()
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])  # its header reads, its pixels do not: found by the fit
+    args = ["benchmark", "--dataset", "folder", "--root", root, "--out", root / "bench", *SMALL]
+    failed = _run(*args)
+    assert failed.exit_code == 2 and str(image) in failed.output, failed.output
+    image.write_bytes(whole)
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    with (root / "bench" / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["part", "mean"]
+
+
 def test_benchmark_refuses_a_non_image_file_of_any_category_before_the_first_runs(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
