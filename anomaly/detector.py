@@ -508,9 +508,7 @@ class Detector:
             ok = batch.ok
             scored: list[DetectionResult] = []
             if ok:
-                feats = self._extract_batch(batch.images, ok)
-                out = self.scorer.score(feats.layers).checked(len(feats.layers[0]), self.scorer.name)
-                scored = self.finish(out, ok, self.decision_, maps=maps)
+                scored = self.finish(self._score_views(batch.images), ok, self.decision_, maps=maps)
                 check.add_decoded(ok)
             yield from in_input_order(batch.items, scored, self.decision_, has_maps=self.scorer.has_maps)
         check.warn(len(items))
@@ -658,6 +656,17 @@ class Detector:
             done += len(batch.items)
             if progress is not None:
                 progress(stage, done, len(items))
+
+    def _score_views(self, images: NDArray[np.uint8]) -> ScoreOutput:
+        """A batch's views through the backbone and the trained scorer ``batch_size`` at a time: the hundreds of
+        tiles of a large frame never hold their features at once (6000 x 4000 px in 256 px tiles: 651 views, their
+        features about 1.9 GB)."""
+        size = self.config.batch_size
+        parts = []
+        for start in range(0, len(images), size):
+            layers = self.scorer.kept_features(self.extractor(images[start : start + size]).layers)
+            parts.append(self.scorer.score(layers).checked(len(layers[0]), self.scorer.name))
+        return ScoreOutput.concat(parts)
 
     def _extract_batch(self, images: NDArray[np.uint8], decoded: list[DecodedImage]) -> FeatureSet:
         size = self.config.batch_size  # tiles multiply the views of a batch: run them batch_size at a time

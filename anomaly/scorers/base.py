@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,6 +68,15 @@ class ScoreOutput:
     def take(self, index: NDArray[np.int64] | slice) -> ScoreOutput:
         """The outputs of a subset of the images."""
         return ScoreOutput(None if self.patch_maps is None else self.patch_maps[index], self.image_scores[index])
+
+    @staticmethod
+    def concat(parts: Sequence[ScoreOutput]) -> ScoreOutput:
+        """The outputs of consecutive batches as one."""
+        if len(parts) == 1:
+            return parts[0]
+        maps = [p.patch_maps for p in parts if p.patch_maps is not None]
+        joined = np.concatenate(maps) if len(maps) == len(parts) else None
+        return ScoreOutput(joined, np.concatenate([p.image_scores for p in parts]))
 
 
 class Scorer(ABC):
