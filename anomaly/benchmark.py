@@ -33,6 +33,7 @@ from anomaly.data.datasets import (
     load_ground_truth,
     load_mvtec,
     load_visa,
+    visa_trained_categories,
 )
 from anomaly.data.io import is_image_file, read_image_size, read_mask_levels
 from anomaly.detector import Detector
@@ -106,6 +107,15 @@ def run_benchmark(
         raise DataError(f"--root {root}: no {dataset} category found")
     if not categories and dataset == "mvtec":
         _say_left_out(root, names, test_only)
+    if not categories and dataset == "visa" and not test_only:  # objects listed with test rows alone
+        trained = visa_trained_categories(root)
+        left = [n for n in names if n not in trained]
+        if left:
+            log.warning("left out %s: no training rows in %s (a zero-shot config, e.g. --config musc, runs them)",
+                        ", ".join(left), root / "split_csv" / "1cls.csv")  # fmt: skip
+            names = [n for n in names if n in trained]
+            if not names:
+                raise DataError(f"--root {root}: no VisA object has training rows (a zero-shot config runs them)")
     loaded = {name: _load(dataset, root, name, test_only) for name in names}
     for name, data in loaded.items():  # every category checked before the first (long) one runs
         _check_category(data, dataset, root, name)
@@ -335,7 +345,7 @@ def _load(dataset: str, root: Path, name: str, test_only: bool = False) -> Categ
             raise DataError(f"--category {name}: not found under {root} (categories there: {found})")
         return load_ground_truth(folder) if test_only else load_mvtec(folder)  # zero-shot: train/good unused
     if dataset == "visa":
-        return load_visa(root, name)
+        return load_visa(root, name, require_train=not test_only)
     if is_category_root(root):  # a folder that is laid out like an MVTec category: read it as one
         return load_mvtec(root)
     if not (root / "good").is_dir():

@@ -29,6 +29,7 @@ __all__ = [
     "load_ground_truth",
     "load_mvtec",
     "load_visa",
+    "visa_trained_categories",
     "labelled_split_dirs",
 ]
 
@@ -230,7 +231,7 @@ def _no_mask(root: Path, image: Path) -> DataError:
     return DataError(f"no mask for defective image {image} (expected {expected})")
 
 
-def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
+def load_visa(root: str | os.PathLike[str], category: str, *, require_train: bool = True) -> CategoryData:
     """Load a VisA category.
 
     Original layout: ``<root>/<category>/Data/Images/{Normal,Anomaly}/*.JPG``, ``.../Data/Masks/Anomaly/*.png``
@@ -242,6 +243,8 @@ def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
     Args:
         root: VisA root folder (holding ``split_csv`` and one folder per category).
         category: Category name, e.g. ``"candle"``.
+        require_train: False accepts a category without training rows (its test rows alone, for zero-shot
+            scoring and evaluation).
 
     Returns:
         The category.
@@ -300,8 +303,8 @@ def load_visa(root: str | os.PathLike[str], category: str) -> CategoryData:
     if masked_normal:
         log.warning("%s, line %d: a normal image with a mask (%d such line(s)): mislabelled? The mask is not used",
                     csv_path, masked_normal[0], len(masked_normal))  # fmt: skip
-    if not train or not test:
-        raise DataError(f"category {category!r} in {csv_path} has no {'train' if not train else 'test'} image")
+    if (require_train and not train) or not test:
+        raise DataError(f"category {category!r} in {csv_path} has no {'test' if not test else 'train'} image")
     train.sort(key=lambda s: s.image_path.parts)
     test.sort(key=lambda s: (s.defect_type, s.image_path.parts))
     return CategoryData(category, root / category, train, test)
@@ -497,6 +500,12 @@ def _text_encoding(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as CSV UTF-8") from None
     return "utf-8-sig"
+
+
+def visa_trained_categories(root: str | os.PathLike[str]) -> set[str]:
+    """The objects of a VisA split file with at least one training row."""
+    rows, _ = _read_visa_csv(Path(root) / _VISA_SPLIT_CSV, None)
+    return {row["object"].strip() for _, row in rows if row["split"].strip().lower() == "train"}
 
 
 def _read_visa_csv(csv_path: Path, category: str | None) -> tuple[list[tuple[int, dict[str, str]]], set[str]]:

@@ -985,3 +985,26 @@ def test_benchmark_refuses_a_non_image_file_of_any_category_before_the_first_run
         result = _run("benchmark", "--dataset", dataset, "--root", root, "--out", out, *SMALL)
         assert result.exit_code == 2 and str(bad) in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_visa_object_with_test_rows_alone_is_left_out_of_a_fit_and_run_zero_shot(
+    synthetic_root: Path, tmp_path: Path, caplog
+) -> None:
+    """An object of 1cls.csv without training rows ended the whole root's benchmark ("has no train image"), and a
+    zero-shot config could not run it either; MVTec roots leave such categories out, named, and musc runs them."""
+    visa = _as_visa(synthetic_root, tmp_path / "visa")
+    with (visa / "split_csv" / "1cls.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    rows += [["gadget", *row[1:]] for row in rows[1:] if row[1] == "test"]  # the same test images, no train rows
+    with (visa / "split_csv" / "1cls.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    fitted = _run("benchmark", "--dataset", "visa", "--root", visa, "--out", tmp_path / "fit", *SMALL)
+    assert fitted.exit_code == 0, fitted.output
+    with (tmp_path / "fit" / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "mean"]
+    assert "left out gadget: no training rows" in caplog.text
+    args = ["--dataset", "visa", "--root", visa, "--category", "gadget", "--config", "musc", "--out", tmp_path / "zs"]
+    zero_shot = _run("benchmark", *args, *SMALL)
+    assert zero_shot.exit_code == 0, zero_shot.output
+    refused = _run("benchmark", "--dataset", "visa", "--root", visa, "--category", "gadget", "--out", tmp_path / "x")
+    assert refused.exit_code == 2 and "category 'gadget'" in refused.output and "has no train image" in refused.output
