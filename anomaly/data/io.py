@@ -430,8 +430,18 @@ def _walk(root: Path, skip_imports: bool = False) -> list[Path]:
 
 
 def _integer_pixels(pixels: NDArray[Any], name: str) -> NDArray[Any]:
-    """uint8 or uint16 pixels; a one-line error naming the image for float (HDR, scientific TIFF) data, and for
-    wider or signed integers (an int32 TIFF) whose values do not fit 0..65535."""
+    """uint8 or uint16 pixels. Float data (a float TIFF) in [0, 1] is read as image arrays are (x 255, 8 bits);
+    other float data (HDR, raw counts) and wider or signed integers (an int32 TIFF) whose values do not fit
+    0..65535 are a one-line error naming the image."""
+    if pixels.dtype.kind == "f":
+        finite = bool(np.isfinite(pixels).all())
+        low, high = (float(pixels.min(initial=0)), float(pixels.max(initial=0))) if finite else (np.nan, np.nan)
+        if not (finite and low >= 0 and high <= 1):
+            raise DataError(
+                f"cannot read image: {name} ({pixels.dtype} values {low:g}..{high:g}: float images are read in [0, 1] "
+                "only; save it as 8 or 16 bits unsigned)"
+            )
+        return np.rint(pixels * 255).astype(np.uint8)
     if pixels.dtype.kind not in "iu":
         raise DataError(f"cannot read image: {name} (unsupported pixel type {pixels.dtype})")
     if pixels.dtype in (np.uint8, np.uint16):

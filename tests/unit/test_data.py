@@ -174,6 +174,21 @@ def test_wide_integer_tiffs_read_as_16_bit_when_they_fit_and_are_refused_when_no
         read_pixels(tmp_path / "wide.tif")
 
 
+def test_float_tiffs_in_0_1_read_as_float_arrays_do_and_others_are_refused(tmp_path: Path) -> None:
+    """A float32 TIFF was refused whatever it held, while predict takes float arrays in [0, 1]: a camera's
+    normalised frame saved by a script could not be scored from its file."""
+    values = np.random.default_rng(0).random((48, 64)).astype(np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "unit.tif")
+    image = read_image(tmp_path / "unit.tif")
+    assert image.dtype == np.uint8 and image.shape == (48, 64, 3)
+    np.testing.assert_array_equal(image[..., 0], np.rint(values * 255))
+    Image.fromarray(values * 1000, mode="F").save(tmp_path / "counts.tif")
+    with pytest.raises(
+        DataError, match=r"counts.tif \(float32 values 0\.\.99\d\.\d+: float images are read in \[0, 1\]"
+    ):
+        read_image(tmp_path / "counts.tif")
+
+
 @pytest.mark.parametrize("alpha", [0, 128, 255])
 def test_rgba_drops_its_alpha_alike_in_png_and_tiff(alpha: int) -> None:
     """OpenCV's TIFF reader multiplied the colours by alpha: a transparent frame read black from a TIFF only."""
