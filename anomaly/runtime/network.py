@@ -74,6 +74,13 @@ class _OnnxNetwork:
                 )
             providers = [("CUDAExecutionProvider", {"device_id": _cuda_index(device)}), "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        if device not in ("auto", "cpu") and "CUDAExecutionProvider" not in self.session.get_providers():
+            # ONNX Runtime falls back to the CPU with a logged warning when its CUDA provider cannot start (CUDA or
+            # cuDNN libraries missing, no such GPU): the device asked for is refused, not silently replaced
+            raise BackendError(
+                f"device: '{device}' requested but ONNX Runtime could not start its CUDA provider there (its CUDA /"
+                " cuDNN libraries, or no such GPU; use auto or cpu)"
+            )
         self.input = self.session.get_inputs()[0].name
         self.outputs = outputs
 

@@ -436,3 +436,26 @@ def test_cpu_threads_follow_omp_num_threads_or_the_cpus_this_process_may_use(
     assert _runtime.cpu_threads() == 1
     session = ExportedDetector(patchcore_export)._network.session  # type: ignore[attr-defined]
     assert session.get_session_options().intra_op_num_threads == 1
+
+
+def test_a_cuda_device_onnx_runtime_cannot_start_is_refused_not_run_on_the_cpu(
+    patchcore_export: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """onnxruntime-gpu lists its CUDA provider on a machine without CUDA / cuDNN libraries (or without GPU N), and a
+    session asked for it falls back to the CPU with a logged warning: `--device cuda:3` scored on the CPU, exit 0."""
+    import onnxruntime
+
+    listed = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+    if "CUDAExecutionProvider" in listed:
+        pytest.skip("this onnxruntime has a CUDA provider; the fallback is shown on a CPU-only build")
+    from anomaly.errors import BackendError
+
+    with pytest.raises(BackendError, match="could not start its CUDA provider"):
+        ExportedDetector(patchcore_export, device="cuda:3")
+    args = ["score", "--model", str(patchcore_export), "--device", "cuda", "--out", str(tmp_path / "out")]
+    refused = CliRunner().invoke(app, [*args, str(synthetic_root / "test")])
+    assert refused.exit_code == 2 and not (tmp_path / "out").exists()
+    assert "error: device: 'cuda' requested but ONNX Runtime could not start its CUDA provider" in refused.output
+    auto = ExportedDetector(patchcore_export, device="auto")._network.session  # type: ignore[attr-defined]
+    assert auto.get_providers() == ["CPUExecutionProvider"]  # auto: the CPU when CUDA cannot start, as before
