@@ -123,20 +123,36 @@ def _only_run(out: Path) -> Iterator[None]:
     """DataError when another ``--ray`` run is writing OUT_DIR: both would append to one journal and rename one
     staging folder into place. The lock (``flock``) goes with its process, also when that one is killed."""
     lock = out.parent / f".{out.name}.ray.lock"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock, "a")  # noqa: SIM115 - closed below, after the run
-    except OSError as exc:
-        raise DataError(f"{out}: cannot write beside it ({exc.strerror or exc})") from None
-    with handle:
+    while True:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a")  # noqa: SIM115 - closed below, after the run
+        except OSError as exc:
+            raise DataError(f"{out}: cannot write beside it ({exc.strerror or exc})") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            handle.close()
             raise DataError(f"{out}: another `anomaly score --ray` run is writing it; wait for it or stop it") from None
+        if _same_file(handle, lock):
+            break
+        # opened just before the run holding it ended and removed the file: a run started since locks a new one
+        handle.close()
+    with handle:
         try:
             yield
         finally:
             lock.unlink(missing_ok=True)
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    """Whether ``path`` still names the file ``handle`` has open (not removed, nor replaced by another)."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _score(

@@ -418,3 +418,32 @@ def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_writes_it(
     assert result.exit_code == 2
     assert "another `anomaly score --ray` run is writing it" in result.output.strip().splitlines()[-1]
     assert str(out) in result.output and not out.exists() and not list(tmp_path.glob(".scores.ray-*"))
+
+
+def test_a_run_that_opened_the_lock_as_the_previous_run_ended_does_not_run_beside_a_newer_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run ending removes its lock file: a second run that had opened it just before locked the removed file, and
+    a third run, locking a new file of that name, wrote the same OUT_DIR alongside it."""
+    import fcntl
+    from typing import Any
+
+    from anomaly.distributed import scoring
+    from anomaly.errors import DataError
+
+    out = tmp_path / "scores"
+    first = scoring._only_run(out)
+    first.__enter__()
+    flock = fcntl.flock
+
+    def first_ends_in_between(handle: Any, operation: int) -> None:  # the second run's open() came before the end
+        monkeypatch.setattr(fcntl, "flock", flock)
+        first.__exit__(None, None, None)
+        flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", first_ends_in_between)
+    with scoring._only_run(out):  # the second run: the first has ended
+        with pytest.raises(DataError, match="another `anomaly score --ray` run is writing it"):
+            with scoring._only_run(out):  # the third run, while the second writes
+                pass
+    assert not list(tmp_path.iterdir())  # the lock file goes with the run
