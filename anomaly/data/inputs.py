@@ -54,11 +54,12 @@ def one_or_many(images: ImageInput | Sequence[ImageInput] | Iterator[ImageInput]
 
 def many(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
     """The images of a call that takes several (``fit``, ``predict_stream``) as a list. A collection (list, tuple,
-    set, range, generator, 4-D stack) gives its items; one image given alone (a path, bytes, a binary file object, a
-    PIL image, a 2-D or 3-D array or tensor) is one image: a 3-D array is not iterated as rows of gray images, a
-    CHW tensor as channels, a path as characters, nor a file object as lines."""
+    set, range, generator, 4-D stack, 1-D array or pandas Series of paths) gives its items; one image given alone (a
+    path, bytes, a binary file object, a PIL image, a 2-D or 3-D array or tensor) is one image: a 3-D array is not
+    iterated as rows of gray images, a CHW tensor as channels, a path as characters, nor a file object as lines."""
     if isinstance(images, Iterable) and not isinstance(images, (str, bytes, bytearray, os.PathLike, list, tuple)):
-        if getattr(images, "ndim", None) is None and not is_stream(images):  # a set, a generator, a range of paths
+        # a set, a generator, a range of paths; a 1-D array (``np.array(paths)``, ``df["path"]``) is no image
+        if getattr(images, "ndim", None) in (None, 1) and not is_stream(images):
             images = list(images)
     items, _ = one_or_many(images)  # type: ignore[arg-type]
     return items

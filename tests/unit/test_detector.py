@@ -90,6 +90,15 @@ def test_predict_stream_takes_one_image_given_alone_as_one_input(fitted: Detecto
     assert len(list(fitted.predict_stream(x for x in [good[0], good[1]]))) == 2
 
 
+def test_predict_stream_takes_a_1d_array_of_paths_as_many(fitted: Detector, synthetic_root: Path) -> None:
+    """``np.array(paths)`` or a pandas column of paths (1-D, never an image) was iterated before one image given alone
+    became one input; since then it was one input, refused as an image array of shape (N,)."""
+    _, good, _ = _split(synthetic_root)
+    paths = np.array([str(p) for p in good[:2]])
+    expected = [r.image_score for r in fitted.predict([str(p) for p in good[:2]])]
+    assert [r.image_score for r, _ in fitted.predict_stream(paths)] == pytest.approx(expected, rel=1e-6)
+
+
 def _as_12_bit(paths: list[Path], folder: Path) -> list[Path]:
     """The same pixels as a 12-bit camera writes them into 16-bit PNGs (value x 16, at most 4080)."""
     folder.mkdir()
