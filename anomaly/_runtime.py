@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "cap_threads_to_quota",
+    "cpu_threads",
+    "omp_threads",
     "passive_openmp",
     "peak_rss_mb",
     "reset_peak_rss",
     "resolve_device",
-    "cpu_threads",
     "usable_cpus",
 ]
 
@@ -99,14 +100,20 @@ def cap_threads_to_quota() -> None:
         os.environ["OMP_NUM_THREADS"] = str(usable_cpus())
 
 
-def cpu_threads() -> int:
-    """Threads for a CPU library that reads neither OMP_NUM_THREADS nor a container's quota by itself (FAISS's
-    per-call setting, ONNX Runtime, OpenVINO): OMP_NUM_THREADS when set (as torch reads it; a Ray actor sets its
-    reservation there), else :func:`usable_cpus`."""
+def omp_threads() -> int | None:
+    """OMP_NUM_THREADS as a thread count, or None when it is unset or not a number."""
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        return usable_cpus()
+        return None
+
+
+def cpu_threads() -> int:
+    """Threads for FAISS's per-call setting and OpenVINO, which read neither OMP_NUM_THREADS nor a container's quota
+    by themselves: OMP_NUM_THREADS when set (as torch reads it; a Ray actor sets its reservation there, and
+    ``import anomaly`` a quota below the affinity), else :func:`usable_cpus`."""
+    threads = omp_threads()
+    return usable_cpus() if threads is None else threads
 
 
 def peak_rss_mb() -> float:

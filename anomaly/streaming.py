@@ -194,16 +194,17 @@ class StreamingDetector:
         section 12). The burst report starts afresh. The pool is not saved: to keep such a look across a restart,
         fit the detector with a few of those frames among its references.
         """
-        if self.admit == "all":
-            raise ConfigError("confirm_normal: with admit='all' every frame has joined the pool already")
-        if self.pool.size == 0:
-            raise ConfigError("confirm_normal: pool_size 0 keeps no frame")
-        if self._config is None:
-            raise ConfigError(
-                "confirm_normal: nothing scored yet; to start a line from known-good frames, fit the detector on them"
-            )
         items, _ = one_or_many(images)
-        with self._lock:
+        with self._lock:  # the checks too: a first predict that fails in another thread resets the line's settings
+            if self.admit == "all":
+                raise ConfigError("confirm_normal: with admit='all' every frame has joined the pool already")
+            if self.pool.size == 0:
+                raise ConfigError("confirm_normal: pool_size 0 keeps no frame")
+            if self._config is None:
+                raise ConfigError(
+                    "confirm_normal: nothing scored yet; to start a line from known-good frames, fit the detector on "
+                    "them"
+                )
             self._start(items, "confirm_normal")
             confirmed = self.detector.extract(items)
             self.pool.add(confirmed.layers)

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._runtime import cpu_threads, passive_openmp
+from anomaly._runtime import cpu_threads, omp_threads, passive_openmp
 from anomaly.errors import BackendError
 
 __all__ = ["Network", "load_network"]
@@ -58,7 +58,9 @@ class _OnnxNetwork:
         # no memory-pattern plan: it pre-allocates each input shape's whole plan (PaDiM's runtime peak 36 MiB higher,
         # no faster: benchmarks/README.md section 5)
         options.enable_mem_pattern = False
-        options.intra_op_num_threads = cpu_threads()  # its default counts the host's cores, not this process's
+        threads = omp_threads()  # a Ray actor's reservation, a container's quota (set by `import anomaly`), the user's
+        if threads is not None:  # else ONNX Runtime's own default (the physical cores)
+            options.intra_op_num_threads = threads
         options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
         if passive_openmp():  # the CLI's policy: idle threads sleep, not spin, so shared cores do not stall
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")

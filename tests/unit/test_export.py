@@ -424,7 +424,8 @@ def test_cpu_threads_follow_omp_num_threads_or_the_cpus_this_process_may_use(
     patchcore_export: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """ONNX Runtime's own default counts the host's cores: a Ray actor reserving 1 CPU (which sets OMP_NUM_THREADS)
-    or a container with --cpus 2 would start one thread per host core, oversubscribing the node."""
+    or a container with --cpus 2 (`import anomaly` sets it) would start one thread per host core, oversubscribing the
+    node. Without OMP_NUM_THREADS its default (physical cores) stands: all logical CPUs are slower on SMT hosts."""
     from anomaly import _runtime
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
@@ -432,7 +433,9 @@ def test_cpu_threads_follow_omp_num_threads_or_the_cpus_this_process_may_use(
     (tmp_path / "cpu.max").write_text("200000 100000\n")  # --cpus 2
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert _runtime.cpu_threads() == 2
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    unset = ExportedDetector(patchcore_export)._network.session  # type: ignore[attr-defined]
+    assert unset.get_session_options().intra_op_num_threads == 0  # ONNX Runtime's default: its physical cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a Ray actor's reservation, or the quota `import anomaly` wrote
     assert _runtime.cpu_threads() == 1
     session = ExportedDetector(patchcore_export)._network.session  # type: ignore[attr-defined]
     assert session.get_session_options().intra_op_num_threads == 1
