@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,16 +119,17 @@ def use_driver_cwd(cwd: str) -> None:
 def use_reserved_cpus() -> None:
     """Run this actor's or task's torch, FAISS and exported-network threads on the CPUs Ray reserved for it: an
     OMP_NUM_THREADS set for the driver is inherited by every worker and would oversubscribe the node (and sum
-    convolutions in another order than the 1-CPU actors a local Ray gets when it is unset)."""
-    import faiss
+    convolutions in another order than the 1-CPU actors a local Ray gets when it is unset). Set in the environment
+    for the libraries loaded later, which read it then (an export's actor never loads torch: 700 MiB less each)."""
     import ray
-    import torch
 
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
     if cpus > 0:
-        torch.set_num_threads(cpus)
-        faiss.omp_set_num_threads(cpus)
-        os.environ["OMP_NUM_THREADS"] = str(cpus)  # an exported network's runtime, built later, reads it here
+        os.environ["OMP_NUM_THREADS"] = str(cpus)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(cpus)
+        if "faiss" in sys.modules:
+            sys.modules["faiss"].omp_set_num_threads(cpus)
 
 
 @dataclass(frozen=True)

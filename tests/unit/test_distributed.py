@@ -447,3 +447,17 @@ def test_a_run_that_opened_the_lock_as_the_previous_run_ended_does_not_run_besid
             with scoring._only_run(out):  # the third run, while the second writes
                 pass
     assert not list(tmp_path.iterdir())  # the lock file goes with the run
+
+
+def test_an_exports_actor_never_loads_torch(fault_file: Path, patchcore_export: Path, tmp_path: Path) -> None:
+    """Each actor scoring an export imported torch (about 700 MiB) only to set its thread count."""
+
+    @ray.remote(num_cpus=1)
+    def actor_modules() -> tuple[str, bool, str | None]:
+        from anomaly.distributed.scoring import ScoreWorker
+
+        worker = ScoreWorker(str(patchcore_export), str(tmp_path / "stage"), os.getcwd(), False, False, 512)
+        return worker.error, "torch" in sys.modules, os.environ.get("OMP_NUM_THREADS")
+
+    fresh = {"env_vars": {"ANOMALY_TEST_FRESH_WORKER": "1"}}  # another runtime env: not a worker that ran a fit
+    assert ray.get(actor_modules.options(runtime_env=fresh).remote()) == ("", False, "1")
