@@ -522,12 +522,29 @@ def demo(
 @app.command()
 @_user_errors
 def backbones(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="timm models whose layers to list (any timm name, e.g. vit_small_patch14_dinov2): no weights needed.",
+            metavar="NAME",
+            show_default=False,
+        ),
+    ] = None,
     layers: Annotated[
         bool, typer.Option("--layers", help="Also list each backbone's layers (for backbone.layers): channels, stride.")
     ] = False,
 ) -> None:
-    """List backbones usable offline right now and where their weights come from."""
-    from anomaly.features import layer_table, list_offline_backbones
+    """List backbones usable offline right now and where their weights come from, or the layers of NAMES."""
+    from anomaly.features import check_backbone_name, layer_table, list_offline_backbones
+
+    if names:  # hub backbones too: the layers come from the architecture, built with random weights
+        for name in names:
+            check_backbone_name(name)
+        for name in names:
+            typer.echo(name)
+            for layer, channels, stride in layer_table(name):
+                typer.echo(f"    {layer:<28} {channels:>5} channels, stride {stride}")
+        return
 
     found = list_offline_backbones()
     if not found:

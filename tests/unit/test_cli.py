@@ -536,6 +536,23 @@ def test_backbones_lists_each_layer_with_channels_and_stride() -> None:
     assert table["blocks.3"] == (80, 16)  # inside the stride-16 stage, a layer timm's feature_info leaves out
 
 
+def test_backbones_lists_the_layers_of_a_named_hub_backbone_without_its_weights() -> None:
+    """A hub backbone (DINOv2 with registers, Swin) is not usable offline, but its layers are the architecture's."""
+    result = _run("backbones", "vit_small_patch14_reg4_dinov2.lvd142m", "swin_tiny_patch4_window7_224", "--layers")
+    assert result.exit_code == 0, result.output
+    vit, swin = result.output.split("swin_tiny_patch4_window7_224\n")
+    assert vit.startswith("vit_small_patch14_reg4_dinov2.lvd142m\n")
+    assert "    blocks.11" in vit and "384 channels, stride 14" in vit
+    assert [line.split()[0] for line in swin.splitlines()] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert "tf_efficientnet_lite0" not in result.output
+
+
+def test_backbones_refuses_an_unknown_name_in_one_line() -> None:
+    result = _run("backbones", "no_such_net")
+    assert result.exit_code != 0
+    assert "unknown timm model 'no_such_net'" in result.output and "Traceback" not in result.output
+
+
 def test_library_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import warnings
 
