@@ -549,7 +549,7 @@ def test_backbones_lists_the_layers_of_a_named_hub_backbone_without_its_weights(
 
 def test_backbones_refuses_an_unknown_name_in_one_line() -> None:
     result = _run("backbones", "no_such_net")
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     assert "unknown timm model 'no_such_net'" in result.output and "Traceback" not in result.output
 
 
