@@ -234,7 +234,7 @@ def fit(
     if detector.decision_ is None:
         typer.echo(f"stored {len(paths)} references for {detector.scorer.name}; model written to {out}")
     else:
-        h, w = detector.config.backbone.image_size or detector.extractor.image_size
+        h, w = detector.extractor.image_size  # (a ViT's: whole patches)
         footprint = detector.patch_footprint_
         covers = "" if footprint is None else f"; a patch covers {footprint[0]}x{footprint[1]} image px"
         # the threshold's full line is logged by the fit (INFO); -q keeps only this one, so it gives the rule too

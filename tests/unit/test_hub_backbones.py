@@ -14,13 +14,15 @@ from anomaly.features import FeatureExtractor
     ("name", "size", "grid", "dim"),
     [
         ("vit_small_patch14_reg4_dinov2.lvd142m", (70, 98), (5, 7), 384),  # 4 registers + CLS dropped from the map
-        ("vit_small_patch14_reg4_dinov2.lvd142m", (100, 100), (7, 7), 384),  # not a multiple of 14: floor
+        ("vit_small_patch14_reg4_dinov2.lvd142m", (100, 110), (7, 8), 384),  # not a multiple of 14: the nearest
         ("vit_base_patch16_clip_224.openai", (64, 96), (4, 6), 768),
     ],
 )
 def test_vit_token_maps(name: str, size: tuple[int, int], grid: tuple[int, int], dim: int) -> None:
     fx = FeatureExtractor(name, ["blocks.3", "blocks.5"], pretrained=False, image_size=size, device="cpu")
-    out = fx(np.random.default_rng(0).integers(0, 255, (2, *size, 3), dtype=np.uint8))
+    patch = 16 if "patch16" in name else 14
+    assert fx.image_size == (grid[0] * patch, grid[1] * patch)  # whole patches: every input pixel is seen
+    out = fx(np.random.default_rng(0).integers(0, 255, (2, *fx.image_size, 3), dtype=np.uint8))
     assert [tuple(t.shape) for t in out.layers] == [(2, dim, *grid)] * 2
     assert tuple(out.embedding.shape) == (2, dim) and bool(out.embedding.isfinite().all())
 
@@ -67,3 +69,24 @@ def test_musc_dinov2_config_scores_a_pool() -> None:
     results = det.predict(_images(3, (50, 75)))
     assert [r.anomaly_map.shape for r in results] == [(50, 75)] * 3
     assert all(np.isfinite(r.image_score) for r in results)
+
+
+def test_a_vit_sees_the_last_rows_and_columns_of_an_input_that_is_no_multiple_of_its_patch() -> None:
+    """At 64 px a patch-14 ViT took 4 x 4 patches of 14 and dropped the last 8 rows and columns: a defect painted
+    there scored exactly as the clean image did. The input is now the nearest whole number of patches (70 px)."""
+    config = apply_overrides(
+        load_config("patchcore"),
+        ["backbone.name=vit_small_patch14_dinov2", "backbone.layers=[blocks.5]", "backbone.pretrained=false",
+         "backbone.image_size=[64,64]", "preprocess.standardize=false", "threshold.folds=2"],
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    train = [
+        np.full((128, 128, 3), 120, np.uint8) + rng.integers(0, 8, (128, 128, 3), dtype=np.uint8) for _ in range(6)
+    ]
+    detector = Detector(config).fit(train)
+    assert detector.extractor.image_size == (70, 70)
+    clean = train[0].copy()
+    corner = clean.copy()
+    corner[-12:, -12:] = 255  # the last 12 rows and columns: past the 4th whole patch of 64 px
+    scores = [r.image_score for r in detector.predict([clean, corner])]
+    assert scores[1] > 1.2 * scores[0]
