@@ -90,3 +90,26 @@ def test_a_vit_sees_the_last_rows_and_columns_of_an_input_that_is_no_multiple_of
     corner[-12:, -12:] = 255  # the last 12 rows and columns: past the 4th whole patch of 64 px
     scores = [r.image_score for r in detector.predict([clean, corner])]
     assert scores[1] > 1.2 * scores[0]
+
+
+def test_a_refit_or_a_zero_shot_pool_keeps_a_vit_built_at_whole_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """resize: auto compared the configured size (100) with the extractor's (98): every fit and every zero-shot pool
+    built the backbone again, twice (the weights loaded each time)."""
+    from anomaly import features
+
+    builds: list[object] = []
+    create = features._create_model
+    monkeypatch.setattr(features, "_create_model", lambda *args: builds.append(args[2]) or create(*args))
+    overrides = ["backbone.name=vit_small_patch14_dinov2", "backbone.pretrained=false", "backbone.image_size=[100,100]"]
+    images = _images(6, (64, 64))
+    trained = Detector(apply_overrides(load_config("patchcore"), [*overrides, "backbone.layers=[blocks.5]",
+                                                                  "threshold.folds=2"]))  # fmt: skip
+    trained.fit(images)
+    first = len(builds)
+    trained.fit(images)
+    assert len(builds) == first and trained.extractor.image_size == (98, 98)
+    pool = Detector(apply_overrides(load_config("musc"), [*overrides, "backbone.layers=[blocks.3,blocks.5,blocks.7]"]))
+    pool.predict(images[:4])
+    first = len(builds)
+    pool.predict(images[:4])
+    assert len(builds) == first
