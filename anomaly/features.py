@@ -149,6 +149,11 @@ def check_backbone_name(name: str) -> None:
 
     if not timm.is_model(name):
         raise ConfigError(f"backbone.name: unknown timm model '{name}'")
+    from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
+
+    arch, tag = split_model_name_tag(name)
+    if tag and name not in get_arch_pretrained_cfgs(arch):  # timm.is_model reads the architecture alone
+        raise ConfigError(f"backbone.name: timm model '{arch}' has no pretrained tag '{tag}'")
 
 
 def layer_table(name: str) -> list[tuple[str, int, int]]:

@@ -553,6 +553,13 @@ def test_backbones_refuses_an_unknown_name_in_one_line() -> None:
     assert "unknown timm model 'no_such_net'" in result.output and "Traceback" not in result.output
 
 
+def test_backbones_refuses_an_unknown_pretrained_tag_in_one_line() -> None:
+    """timm.is_model reads the architecture alone: a bad tag reached timm.create_model and printed a traceback."""
+    result = _run("backbones", "vit_small_patch14_dinov2.no_such_tag")
+    assert result.exit_code == 2
+    assert "has no pretrained tag 'no_such_tag'" in result.output and "Traceback" not in result.output
+
+
 def test_library_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import warnings
 
