@@ -50,7 +50,7 @@ from anomaly.data.loader import (
 from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError, WeightsUnavailableError
-from anomaly.features import FeatureExtractor, _whole_patches
+from anomaly.features import FeatureExtractor, whole_patches
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult, StageProgress
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
@@ -216,7 +216,7 @@ class Detector:
         if self.config.preprocess.tile is None:  # tiles keep the configured input shape
             size = fitted_input_size(sizes, size)
         # the extractor's size is a ViT's whole patches: compare it with the size it would round this one to
-        if self._extractor is not None and _whole_patches(self._extractor.model, size) != self._extractor.image_size:
+        if self._extractor is not None and whole_patches(self._extractor.model, size) != self._extractor.image_size:
             self._extractor = None  # rebuilt at the new input size
         log.info("preprocess.resize: auto -> stretch to %s (H, W)", list(size))
         self.config = replace(

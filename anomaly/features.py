@@ -37,6 +37,7 @@ __all__ = [
     "layer_table",
     "list_offline_backbones",
     "resolve_weights",
+    "whole_patches",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class FeatureExtractor:
         self.device = resolve_device(device)
         self.source = resolve_weights(name, weights, pretrained)
         self.model = _create_model(name, self.source, image_size)
-        snapped = _whole_patches(self.model, image_size)
+        snapped = whole_patches(self.model, image_size)
         if snapped != image_size:  # a ViT's patch embedding drops the pixels past its last whole patch
             self.model = _create_model(name, self.source, snapped)
             image_size = snapped
@@ -411,7 +412,7 @@ def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] 
     return model
 
 
-def _whole_patches(model: TimmModel, image_size: tuple[int, int] | None) -> tuple[int, int] | None:
+def whole_patches(model: TimmModel, image_size: tuple[int, int] | None) -> tuple[int, int] | None:
     """``image_size`` rounded to the nearest multiple of a ViT's patch size, so that every input pixel falls in a
     patch: at 256 px a patch-14 ViT saw 18 x 18 patches of 14 and never the last 4 rows and columns (a defect in
     that strip of the image scored as the clean image did). Other models, and sizes already whole, as given."""

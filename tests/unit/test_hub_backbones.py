@@ -92,7 +92,7 @@ def test_a_vit_sees_the_last_rows_and_columns_of_an_input_that_is_no_multiple_of
     assert scores[1] > 1.2 * scores[0]
 
 
-def test_a_refit_or_a_zero_shot_pool_keeps_a_vit_built_at_whole_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refit_or_a_zero_shot_pool_keeps_a_vit_built_atwhole_patches(monkeypatch: pytest.MonkeyPatch) -> None:
     """resize: auto compared the configured size (100) with the extractor's (98): every fit and every zero-shot pool
     built the backbone again, twice (the weights loaded each time)."""
     from anomaly import features
