@@ -69,9 +69,14 @@ def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity (``taskset``, a container's ``--cpuset-cpus``) capped by a
     cgroup CPU quota (a container's ``--cpus``; v2 ``cpu.max``, or v1's CFS quota and period); ``os.cpu_count()``
     counts every CPU of the host."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = _affinity()
     quota = _cgroup_quota()
     return cpus if quota is None else min(cpus, max(1, int(quota)))
+
+
+def _affinity() -> int:
+    """The CPUs of this process's affinity mask (every CPU where the system has none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cgroup_quota() -> float | None:
@@ -95,9 +100,9 @@ def cap_threads_to_quota() -> None:
     host core, each throttled by the quota. Read when torch loads, so called before that."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if usable_cpus() < affinity:
-        os.environ["OMP_NUM_THREADS"] = str(usable_cpus())
+    cpus = usable_cpus()
+    if cpus < _affinity():
+        os.environ["OMP_NUM_THREADS"] = str(cpus)
 
 
 def omp_threads() -> int | None:
