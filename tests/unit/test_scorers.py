@@ -146,6 +146,37 @@ def test_memory_bank_cross_fit_embeds_one_fold_at_a_time(monkeypatch: pytest.Mon
     assert np.isfinite(out.image_scores).all() and np.all(out.image_scores > 0)
 
 
+def test_memory_bank_cross_fit_picks_the_folds_on_several_threads_with_the_same_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each greedy pick runs on one thread, so the folds' independent picks left the other cores idle; in threads
+    they give the same bank and scores as one after another, and torch's thread setting is restored."""
+    import threading
+
+    import anomaly.scorers.memory_bank as memory_bank
+
+    train, folds = _layers(24, 0), np.arange(24) % 6
+    monkeypatch.setattr(memory_bank, "cpu_threads", lambda: 1)
+    alone = get_scorer("memory_bank", {"coreset_ratio": 0.1})
+    expected = alone.cross_fit(train, folds)
+    monkeypatch.setattr(memory_bank, "cpu_threads", lambda: 2)
+    seen: set[int] = set()
+    original = memory_bank.MemoryBankScorer.held_out_bank
+
+    def recorded(self: memory_bank.MemoryBankScorer, *args: object) -> np.ndarray:
+        seen.add(threading.get_ident())
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(memory_bank.MemoryBankScorer, "held_out_bank", recorded)
+    threads = torch.get_num_threads()
+    threaded = get_scorer("memory_bank", {"coreset_ratio": 0.1})
+    out = threaded.cross_fit(train, folds)
+    assert threading.get_ident() not in seen and len(seen) >= 1 and torch.get_num_threads() == threads
+    np.testing.assert_array_equal(out.image_scores, expected.image_scores)
+    np.testing.assert_array_equal(out.patch_maps, expected.patch_maps)
+    np.testing.assert_array_equal(threaded.bank_, alone.bank_)
+
+
 def test_memory_bank_forgets_the_rows_of_named_training_images() -> None:
     normal, odd = _layers(10, 0), _layers(2, 3, anomaly=True)
     train = [torch.cat([a, b]) for a, b in zip(normal, odd)]  # images 10 and 11 carry a defect
