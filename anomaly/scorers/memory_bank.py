@@ -183,7 +183,7 @@ class MemoryBankScorer(Scorer):
         Every fold gets its own coreset, ``_OVERSAMPLE`` times its share of the bank; the bank is a
         greedy k-center pick from the union of all of them, and the out-of-sample bank of fold f the
         same pick from the union of the other folds' coresets, continued from the first bank rows that
-        fold f did not contribute (:meth:`score_held_out`): one procedure for both, so the held-out
+        fold f did not contribute (:meth:`held_out_bank`): one procedure for both, so the held-out
         scores are those a new image gets, at about the cost of one global coreset.
         The steps (:meth:`fold_plan`, :meth:`fold_candidates`, :meth:`merge_candidates`,
         :meth:`score_held_out`) are public so that ``anomaly.distributed`` runs them on other workers.
@@ -193,8 +193,8 @@ class MemoryBankScorer(Scorer):
         members = [np.flatnonzero(folds == fold) for fold in fold_ids]
 
         def embedded(images: NDArray[np.int64]) -> torch.Tensor:
-            # one fold's patch embeddings at a time, made again for its scoring: the embeddings are 2.2x the
-            # layers they come from (lite0: 152 channels on the stride-8 grid), and all of them at once were
+            # one fold's patch embeddings per thread at a time, made again for its scoring: the embeddings are
+            # 2.2x the layers they come from (lite0: 152 channels on the stride-8 grid), and all of them at once were
             # the fit's peak (about 0.6 GB per 1,000 training images or tiles)
             rows = torch.from_numpy(images).to(layers[0].device)
             return self.embed([layer[rows] for layer in layers])
@@ -219,18 +219,21 @@ class MemoryBankScorer(Scorer):
         )
         bank_picks = self.merge_candidates(candidates, plan.total)
         tick()
-        banks = _on_cpu_threads(
-            lambda fold, size: self.held_out_bank(candidates, fold, bank_picks, size),
-            list(enumerate(plan.held_out)),
-            layers[0].device,
-        )
         maps = np.empty((n_img, h, w), dtype=np.float32)
         scores = np.empty(n_img, dtype=np.float64)
-        for images, bank in zip(members, banks):
-            out = self.score_against(bank, embedded(images).cpu().numpy(), self.index_)
-            maps[images] = out.patch_maps
-            scores[images] = out.image_scores
-            tick()
+        held_out = list(enumerate(plan.held_out))
+        step = _cpu_workers(layers[0].device, len(held_out))
+        for start in range(0, len(held_out), step):  # as many held-out banks alive as picked at once, not all
+            batch = held_out[start : start + step]
+            banks = _on_cpu_threads(
+                lambda fold, size: self.held_out_bank(candidates, fold, bank_picks, size), batch, layers[0].device
+            )
+            for (fold, _), bank in zip(batch, banks):
+                out = self.score_against(bank, embedded(members[fold]).cpu().numpy(), self.index_)
+                maps[members[fold]] = out.patch_maps
+                scores[members[fold]] = out.image_scores
+                tick()
+            del banks, bank  # before the next batch is picked
         return ScoreOutput(maps, scores)
 
     def embed(self, layers: list[torch.Tensor]) -> torch.Tensor:
@@ -449,8 +452,10 @@ def _on_cpu_threads(
     17.4 s). torch and OpenBLAS are held to one thread each meanwhile (restored after), so that the threads never
     oversubscribe the cores; FAISS searches inside keep their own setting (``anomaly.index``). ``done`` is called
     after each task, in order, on the calling thread. Features on a GPU are picked there, one fold after another.
+    Every thread holds its task's inputs and result at once (a fold's patch embeddings, a held-out bank): callers
+    that keep the results hand over at most :func:`_cpu_workers` tasks at a time.
     """
-    workers = min(cpu_threads(), len(args)) if device.type == "cpu" else 1
+    workers = _cpu_workers(device, len(args))
     if workers <= 1:
         out = []
         for a in args:
@@ -470,6 +475,11 @@ def _on_cpu_threads(
             return out
     finally:
         torch.set_num_threads(threads)
+
+
+def _cpu_workers(device: torch.device, tasks: int) -> int:
+    """Threads :func:`_on_cpu_threads` runs ``tasks`` tasks on for features on ``device``."""
+    return max(1, min(cpu_threads(), tasks)) if device.type == "cpu" else 1
 
 
 def _faiss_gpu_for(device: torch.device) -> int | None:
