@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,7 +20,7 @@ from numpy.typing import NDArray
 from anomaly._runtime import cpu_threads, passive_openmp
 from anomaly.errors import BackendError, ConfigError
 
-__all__ = ["NNIndex", "auto_index_string"]
+__all__ = ["NNIndex", "auto_index_string", "one_faiss_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ _ROWS_PER_LIST = 64
 _KMEANS_ITERATIONS = 10  # IVF lists: FAISS's 25 cost 2.3x the time and found the same neighbours on bottle
 _PROBE_SHARE = 16  # IVF default: nprobe = nlist / 16 lists visited per query
 _EXACT_SHARE_INV = 16  # with an approximate index, each image's highest 1/16 of patches are searched exhaustively
+_THREAD = threading.local()  # .single: this thread is one of several tasks that already share out the cores
 
 
 def auto_index_string(n_rows: int) -> str:
@@ -260,6 +262,17 @@ class NNIndex:
 
 
 @contextmanager
+def one_faiss_thread() -> Iterator[None]:
+    """FAISS calls of this thread use one OpenMP thread inside: for a task that runs beside others, one per core
+    (the memory bank's fold picks), where each search on every core multiplied the threads by the tasks."""
+    _THREAD.single = True
+    try:
+        yield
+    finally:
+        _THREAD.single = False
+
+
+@contextmanager
 def _faiss_threads() -> Iterator[None]:
     """FAISS's OpenMP threads for one call, restored afterwards.
 
@@ -273,7 +286,8 @@ def _faiss_threads() -> Iterator[None]:
     import faiss
 
     before = faiss.omp_get_max_threads()
-    cores = cpu_threads()  # not os.cpu_count(): a Ray actor's reservation, a container's quota, OMP_NUM_THREADS
+    cores = 1 if getattr(_THREAD, "single", False) else cpu_threads()  # not os.cpu_count(): a Ray actor's
+    # reservation, a container's quota, OMP_NUM_THREADS
     faiss.omp_set_num_threads(cores if passive_openmp() else max(1, cores // 2))
     try:
         yield

@@ -18,7 +18,7 @@ from anomaly._fs import load_tensors
 from anomaly._runtime import cpu_threads
 from anomaly.distances import knn_scores
 from anomaly.errors import ConfigError, DataError
-from anomaly.index import NNIndex
+from anomaly.index import NNIndex, one_faiss_thread
 from anomaly.scorers._aggregate import PATCH_KERNELS, patch_embeddings
 from anomaly.scorers._coreset import greedy_coreset
 from anomaly.scorers.base import (
@@ -449,11 +449,11 @@ def _on_cpu_threads(
 
     Each greedy pick runs on one thread (:mod:`anomaly.scorers._coreset`), so the folds' independent picks left the
     other cores idle: on two cores bottle's cross-fit takes 5.7 s instead of 7.3 s (``anomaly fit`` 15.1 s, was
-    17.4 s). torch and OpenBLAS are held to one thread each meanwhile (restored after), so that the threads never
-    oversubscribe the cores; FAISS searches inside keep their own setting (``anomaly.index``). ``done`` is called
-    after each task, in order, on the calling thread. Features on a GPU are picked there, one fold after another.
-    Every thread holds its task's inputs and result at once (a fold's patch embeddings, a held-out bank): callers
-    that keep the results hand over at most :func:`_cpu_workers` tasks at a time.
+    17.4 s). torch and OpenBLAS are held to one thread each meanwhile (restored after), and FAISS to one thread
+    inside each task (:func:`anomaly.index.one_faiss_thread`), so that the threads never oversubscribe the cores.
+    ``done`` is called after each task, in order, on the calling thread. Features on a GPU are picked there, one
+    fold after another. Every thread holds its task's inputs and result at once (a fold's patch embeddings, a
+    held-out bank): callers that keep the results hand over at most :func:`_cpu_workers` tasks at a time.
     """
     workers = _cpu_workers(device, len(args))
     if workers <= 1:
@@ -468,13 +468,19 @@ def _on_cpu_threads(
     try:
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
             out = []
-            for result in pool.map(lambda a: task(*a), args):
+            for result in pool.map(lambda a: _one_core(task, a), args):
                 out.append(result)
                 if done is not None:
                     done()
             return out
     finally:
         torch.set_num_threads(threads)
+
+
+def _one_core(task: Callable[..., T], args: tuple[Any, ...]) -> T:
+    """``task(*args)`` with FAISS on one thread: the tasks beside it have the other cores."""
+    with one_faiss_thread():
+        return task(*args)
 
 
 def _cpu_workers(device: torch.device, tasks: int) -> int:

@@ -177,6 +177,28 @@ def test_memory_bank_cross_fit_picks_the_folds_on_several_threads_with_the_same_
     np.testing.assert_array_equal(threaded.bank_, alone.bank_)
 
 
+def test_faiss_runs_on_one_thread_inside_each_of_the_cross_fits_parallel_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each task's FAISS search (a held-out bank's start distances) took every core: tasks x cores threads."""
+    import faiss
+
+    import anomaly.index as index
+    import anomaly.scorers.memory_bank as memory_bank
+
+    monkeypatch.setattr(memory_bank, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(index, "cpu_threads", lambda: 8)
+    monkeypatch.setattr(index, "passive_openmp", lambda: True)
+    seen: list[int] = []
+
+    def search() -> None:
+        with index._faiss_threads():
+            seen.append(faiss.omp_get_max_threads())  # OpenMP's setting is the calling thread's own
+
+    memory_bank._on_cpu_threads(search, [(), (), ()], torch.device("cpu"))
+    assert seen == [1, 1, 1]
+    search()  # a call outside the tasks takes every core again
+    assert seen[-1] == 8
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_memory_bank_cross_fit_keeps_no_more_held_out_banks_than_it_picks_at_once(
     monkeypatch: pytest.MonkeyPatch, workers: int
