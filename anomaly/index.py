@@ -286,8 +286,8 @@ def _faiss_threads() -> Iterator[None]:
     import faiss
 
     before = faiss.omp_get_max_threads()
-    cores = 1 if getattr(_THREAD, "single", False) else cpu_threads()  # not os.cpu_count(): a Ray actor's
-    # reservation, a container's quota, OMP_NUM_THREADS
+    # not os.cpu_count(): a Ray actor's reservation, a container's quota, OMP_NUM_THREADS; one inside a parallel task
+    cores = 1 if getattr(_THREAD, "single", False) else cpu_threads()
     faiss.omp_set_num_threads(cores if passive_openmp() else max(1, cores // 2))
     try:
         yield
