@@ -14,28 +14,15 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial.distance import cdist
 
 from anomaly import Detector
 from anomaly.data import list_images
-from anomaly.discovery.cluster import cluster_descriptors, pool_by_image
+from anomaly.discovery.cluster import cluster_descriptors, laplacian_eigenvalues, pool_by_image
 from anomaly.discovery.describe import RegionDescriber
 from anomaly.discovery.pipeline import _describe
 from anomaly.discovery.regions import find_regions
 
-NEIGHBOURS = 7  # as anomaly.discovery.cluster.eigengaps
 MAX_IMAGES = 120
-
-
-def laplacian_gaps(x: np.ndarray, k_max: int = 10) -> np.ndarray:
-    """Gaps between the first ``k_max + 1`` eigenvalues, the first one included (eigengaps() starts at K = 2)."""
-    d = cdist(x, x)
-    scale = np.sort(d, axis=1)[:, min(NEIGHBOURS, len(x) - 1)]
-    affinity = np.exp(-(d**2) / np.maximum(np.outer(scale, scale), 1e-12))
-    np.fill_diagonal(affinity, 0.0)
-    degree = np.sqrt(np.maximum(affinity.sum(1), 1e-12))
-    laplacian = np.eye(len(x)) - affinity / np.outer(degree, degree)
-    return np.diff(np.linalg.eigvalsh(laplacian)[: k_max + 1])
 
 
 def main() -> None:
@@ -55,7 +42,7 @@ def main() -> None:
         owner = np.array([r.image for r in regions])
         fraction = np.array([r.area / r.mask.size for r in regions])
         pooled = pool_by_image(descriptors, owner, fraction, len(defective)).astype(np.float64)
-        gaps = laplacian_gaps(pooled)
+        gaps = np.diff(laplacian_eigenvalues(pooled, 11))  # from K = 1 on, where eigengaps() starts at K = 2
         later = int(np.argmax(gaps[1:])) + 2
         types = len({p.parent.name for p in defective})
         chosen = cluster_descriptors(pooled).k

@@ -104,7 +104,16 @@ def check_k(k: int | None, n: int, unit: str = "images") -> None:
 
 
 def eigengaps(x: NDArray[np.float64], k_max: int, neighbours: int = 7) -> dict[int, float]:
-    """Gap between the K-th and (K+1)-th smallest eigenvalues of the normalised Laplacian, K = 2..k_max.
+    """Gap between the K-th and (K+1)-th smallest eigenvalues of the normalised Laplacian, K = 2..k_max
+    (:func:`laplacian_eigenvalues`)."""
+    values = laplacian_eigenvalues(x, k_max + 1, neighbours)
+    gaps = np.diff(values)
+    gaps[gaps < _ROUNDING] = 0.0  # not a jump: equal eigenvalues computed a few ulps apart
+    return {kk: float(gaps[kk - 1]) for kk in range(2, min(k_max, len(values) - 1) + 1)}
+
+
+def laplacian_eigenvalues(x: NDArray[np.float64], count: int, neighbours: int = 7) -> NDArray[np.float64]:
+    """The ``count`` smallest eigenvalues of the normalised graph Laplacian of the rows of ``x``.
 
     The affinity is self-tuning: exp(-d_ij^2 / (s_i s_j)), s_i the distance from row i to its
     ``neighbours``-th nearest neighbour. Dense eigendecomposition: fine up to a few thousand rows.
@@ -117,10 +126,7 @@ def eigengaps(x: NDArray[np.float64], k_max: int, neighbours: int = 7) -> dict[i
     np.fill_diagonal(affinity, 0.0)
     degree = np.sqrt(np.maximum(affinity.sum(1), 1e-12))
     laplacian = np.eye(len(x)) - affinity / np.outer(degree, degree)
-    values = np.linalg.eigvalsh(laplacian)[: k_max + 1]
-    gaps = np.diff(values)
-    gaps[gaps < _ROUNDING] = 0.0  # not a jump: equal eigenvalues computed a few ulps apart
-    return {kk: float(gaps[kk - 1]) for kk in range(2, min(k_max, len(values) - 1) + 1)}
+    return np.linalg.eigvalsh(laplacian)[:count]
 
 
 def pool_by_image(
