@@ -140,9 +140,8 @@ def test_memory_bank_cross_fit_embeds_one_fold_at_a_time(monkeypatch: pytest.Mon
     out = get_scorer("memory_bank", {"coreset_ratio": 0.25}).cross_fit(train, folds)
     assert sizes == [3] * 8  # each fold's for its coreset, then again for its held-out scores
     monkeypatch.undo()
-    rows = [np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)]
-    embedded = patch_embeddings(train)  # the same rows embedded all at once score alike
-    assert torch.equal(patch_embeddings([x[rows[1]] for x in train]), embedded[rows[1]])
+    held = np.flatnonzero(folds == 0)  # a fold's rows embedded alone are those embedded with every image
+    assert torch.equal(patch_embeddings([x[held] for x in train]), patch_embeddings(train)[held])
     assert np.isfinite(out.image_scores).all() and np.all(out.image_scores > 0)
 
 
