@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import sys
 import warnings
@@ -74,15 +73,6 @@ def _user_errors(fn: F) -> F:
             raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _check_writable(folder: Path) -> None:
-    """A folder that files can be written into, or one line naming why not."""
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"--out {folder}: exists and is not a folder")
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"--out {folder}: cannot write here ({existing} is not a writable folder)")
 
 
 @app.callback()
@@ -394,7 +384,8 @@ def evaluate(
     eval_size: EvalSizeOpt = None,
 ) -> None:
     """Compute image/pixel AUROC, AUPRO and AUPIMO from a scores.csv and its maps (or discovery metrics)."""
-    from anomaly.evaluation import evaluate_scores
+    from anomaly._fs import check_output_dir
+    from anomaly.evaluation import EVALUATION_MARKER, evaluate_scores
 
     if (scores is None) == (discovery is None):
         raise DataError("give exactly one of --scores SCORES_DIR or --discovery CLUSTERS_DIR")
@@ -408,7 +399,7 @@ def evaluate(
     assert scores is not None  # exactly one of the two was given
     size = _eval_size(eval_size)
     if out is not None:  # before the metrics are computed, not after
-        _check_writable(out)
+        check_output_dir(out, EVALUATION_MARKER)
     metrics = evaluate_scores(scores, root, out, size)
     for key, value in metrics.items():
         typer.echo(f"{key:>17}: {value:.6f}" if isinstance(value, float) else f"{key:>17}: {value}")

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._fs import atomic_write_text
+from anomaly._fs import staged_dir
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
 from anomaly.data.io import (
     SOFT_MASK_LEVELS,
@@ -31,6 +31,7 @@ from anomaly.metrics.pimo import AupimoResult
 from anomaly.tables import is_flagged, read_scores, score_number
 
 __all__ = [
+    "EVALUATION_MARKER",
     "Evaluation",
     "evaluate_samples",
     "evaluate_scores",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+EVALUATION_MARKER = "metrics.json"
+"""The file that marks a folder as an evaluation (``anomaly evaluate --out``), which a later evaluation replaces."""
 _MASK_ASPECT = 1.02  # a mask's aspect may differ from its image's by rounding, not more
 
 _PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
@@ -110,32 +113,30 @@ def evaluate_samples(
 
 
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> None:
-    """metrics.json, ground_truth.json (each image's label and mask file, as the dataset's loader read them: a
-    report takes its ground truth from there), and with maps aupimo.json (per-image values) and pimo.json (curves
-    for plotting); those two files of an earlier evaluation into the same folder are removed first (a report read
-    them as this evaluation's), so that a run killed half-way leaves no file of the earlier one beside its own."""
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for earlier in ("aupimo.json", "pimo.json"):  # first: a run killed below leaves files missing, never stale ones
-        (out_dir / earlier).unlink(missing_ok=True)  # beside this evaluation's metrics
+    """The folder ``out``: metrics.json, ground_truth.json (each image's label and mask file, as the dataset's loader
+    read them: a report takes its ground truth from there), and with maps aupimo.json (per-image values) and
+    pimo.json (curves for plotting). The files are written together into a temp folder that then replaces ``out``
+    (:func:`anomaly._fs.staged_dir`), so a killed run leaves the earlier evaluation whole, never a mix of the two;
+    files a user added to an earlier evaluation folder are kept."""
     metrics = evaluation.metrics
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2))
     truth = {
         "category": evaluation.category,
         "paths": evaluation.paths,
         "labels": evaluation.labels,
         "masks": evaluation.mask_files,
     }
-    atomic_write_text(out_dir / "ground_truth.json", json.dumps(truth, indent=2))
-    if evaluation.aupimo is None or evaluation.maps is None or evaluation.masks is None:
-        return
-    result = evaluation.aupimo.to_dict()  # per-image values: compare models image by image
-    result["paths"] = evaluation.paths
-    atomic_write_text(out_dir / "aupimo.json", json.dumps(result, indent=2))
-    curves = pimo_plot_data(evaluation.maps, evaluation.masks)
-    curves["paths"] = [p for p, label in zip(evaluation.paths, evaluation.labels) if label]
-    atomic_write_text(out_dir / "pimo.json", json.dumps(curves))
+    with staged_dir(Path(out), EVALUATION_MARKER) as tmp:
+        (tmp / EVALUATION_MARKER).write_text(json.dumps(clean, indent=2))
+        (tmp / "ground_truth.json").write_text(json.dumps(truth, indent=2))
+        if evaluation.aupimo is None or evaluation.maps is None or evaluation.masks is None:
+            return
+        result = evaluation.aupimo.to_dict()  # per-image values: compare models image by image
+        result["paths"] = evaluation.paths
+        (tmp / "aupimo.json").write_text(json.dumps(result, indent=2))
+        curves = pimo_plot_data(evaluation.maps, evaluation.masks)
+        curves["paths"] = [p for p, label in zip(evaluation.paths, evaluation.labels) if label]
+        (tmp / "pimo.json").write_text(json.dumps(curves))
 
 
 def _resized(

@@ -90,6 +90,14 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     small = _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "64x48")
     assert small.exit_code == 0 and "pixel_auroc" in small.output
     assert _run("evaluate", "--scores", out, "--root", synthetic_root, "--eval-size", "big").exit_code == 2
+    theirs = tmp_path / "theirs"  # a folder that is not an evaluation: refused before any metric, left as it was
+    theirs.mkdir()
+    (theirs / "metrics.json").write_text("their own")
+    refused = _run("evaluate", "--scores", out, "--root", synthetic_root, "--out", theirs)
+    assert refused.exit_code == 2 and "theirs" in refused.output and "pixel_auroc" not in refused.output
+    assert [p.name for p in theirs.iterdir()] == ["metrics.json"] and (
+        theirs / "metrics.json"
+    ).read_text() == "their own"
     plain = tmp_path / "no_maps"  # scored without --maps: image metrics, and a line that says why
     assert _run("score", "--model", model_dir, "--out", plain, synthetic_root / "test").exit_code == 0
     result = _run("evaluate", "--scores", plain, "--root", synthetic_root)

@@ -11,6 +11,7 @@ import json
 import math
 import warnings
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -655,39 +656,57 @@ def test_aupimo_matches_anomalib(fixture_l, bounds):
         assert ours.n_pts == int(reference[5])
 
 
+def _earlier_evaluation(folder: Path) -> None:
+    """An evaluation folder as `anomaly evaluate --out` leaves it, with maps, and a user's note beside it."""
+    from anomaly._fs import OUTPUT_MARKER
+
+    folder.mkdir()
+    owned = ["aupimo.json", "ground_truth.json", "metrics.json", "pimo.json"]
+    for name in owned:
+        (folder / name).write_text('{"earlier": true}')
+    (folder / OUTPUT_MARKER).write_text(json.dumps({"owned": owned}))
+    (folder / "notes.txt").write_text("mine")
+
+
 def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Re-evaluating into the same --out without maps left the first run's aupimo.json and pimo.json, which the
-    report then showed as this evaluation's per-image AUPIMO."""
+    report then showed as this evaluation's per-image AUPIMO. A user's own file stays."""
     from anomaly.evaluation import Evaluation, write_evaluation
 
-    for name in ("aupimo.json", "pimo.json"):
-        (tmp_path / name).write_text("{}")
-    (tmp_path / "notes.txt").write_text("mine")
-    write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ground_truth.json", "metrics.json", "notes.txt"]
-    assert json.loads((tmp_path / "metrics.json").read_text()) == {"image_auroc": 0.9}
+    out = tmp_path / "eval"
+    _earlier_evaluation(out)
+    write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), out)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "ground_truth.json",
+        "metrics.json",
+        "notes.txt",
+    ]
+    assert json.loads((out / "metrics.json").read_text()) == {"image_auroc": 0.9}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temp folder left beside it
 
 
-def test_an_evaluation_killed_half_way_leaves_no_earlier_aupimo_beside_its_metrics(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The earlier run's aupimo.json and pimo.json were removed last: a run killed after writing its metrics.json
-    left them beside it, and a report showed them as this evaluation's per-image AUPIMO."""
+def test_an_evaluation_killed_half_way_leaves_the_earlier_one_whole(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Each file was replaced on its own: a run killed after its metrics.json left the earlier evaluation's
+    ground_truth.json beside it (a report read one run's metrics with another's labels), or no aupimo.json."""
     from anomaly import evaluation as module
 
-    for name in ("aupimo.json", "pimo.json"):
-        (tmp_path / name).write_text("{}")
-    written = module.atomic_write_text
+    out = tmp_path / "eval"
+    _earlier_evaluation(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def killed_after_metrics(path, text):  # type: ignore[no-untyped-def]
-        if path.name != "metrics.json":
-            raise KeyboardInterrupt
-        written(path, text)
+    class Aupimo:
+        def to_dict(self) -> dict[str, list[float]]:
+            return {"per_image": [0.5]}
 
-    monkeypatch.setattr(module, "atomic_write_text", killed_after_metrics)
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "pimo_plot_data", killed)  # the last file of the four
+    evaluation = module.Evaluation({"image_auroc": 0.9}, Aupimo(), [], [], ["a.png"], [1], [None])  # type: ignore[arg-type]
     with pytest.raises(KeyboardInterrupt):
-        module.write_evaluation(
-            module.Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), tmp_path
-        )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+        module.write_evaluation(evaluation, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 
 def test_a_defect_only_set_whose_masks_are_empty_is_one_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
