@@ -77,10 +77,16 @@ def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
                 other = (target / OUTPUT_MARKER).exists()  # another kind of anomaly output: a model, scores, a report
                 what = "another kind of anomaly output" if other else "not an anomaly output"
                 raise DataError(f"{target}: folder exists and is {what} (no {marker}); choose another")
-            if output and _owned(target) is None:  # e.g. a model's files copied without the hidden marker
+            owned = _owned(target) if output else set()
+            if owned is None:  # e.g. a model's files copied without the hidden marker
                 raise DataError(
                     f"{target}: folder holds {marker} but no readable {OUTPUT_MARKER}, so its files cannot be told "
                     "from yours; choose another output folder or empty this one"
+                )
+            if output and marker not in owned:  # e.g. scores that an older `evaluate --out` wrote metrics.json into:
+                raise DataError(  # replacing it would drop the scores, which its marker lists as its own
+                    f"{target}: folder is another kind of anomaly output ({marker} is not one of its own files); "
+                    "choose another output folder"
                 )
         if not _writable(target):  # replaced by renames in its parent, the folder's own mode would never apply
             raise DataError(f"{target}: folder is not writable; choose another output folder")

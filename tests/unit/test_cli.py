@@ -98,6 +98,10 @@ def test_evaluate_reads_scores_and_maps(model_dir: Path, synthetic_root: Path, t
     assert [p.name for p in theirs.iterdir()] == ["metrics.json"] and (
         theirs / "metrics.json"
     ).read_text() == "their own"
+    (out / "metrics.json").write_text("{}")  # as an older `evaluate --out` left it in the scores folder
+    into_scores = _run("evaluate", "--scores", out, "--root", synthetic_root, "--out", out)
+    assert into_scores.exit_code == 2 and "another kind of anomaly output" in into_scores.output
+    assert len(_rows(out)) == 10 and (out / "maps").is_dir()  # replacing the folder would have dropped the scores
     plain = tmp_path / "no_maps"  # scored without --maps: image metrics, and a line that says why
     assert _run("score", "--model", model_dir, "--out", plain, synthetic_root / "test").exit_code == 0
     result = _run("evaluate", "--scores", plain, "--root", synthetic_root)
