@@ -10,10 +10,11 @@
     git clone https://github.com/dungdao1995/SkipGanomaly-MVTECAD /tmp/src/screw         # MVTec AD screw
     git clone https://github.com/zae-bayern/elpv-dataset /tmp/src/elpv                  # ELPV solar cells
     git clone https://github.com/tangsanli5201/DeepPCB /tmp/src/deeppcb                 # DeepPCB (MIT)
+    git clone https://github.com/endzju/BRUSH-DEFECT-DETECTION /tmp/src/toothbrush     # MVTec AD toothbrush
     python benchmarks/prepare_dev_suite.py --bsdata /tmp/src/bsdata --neu /tmp/src/neuseg --mtd /tmp/src/mtd \
         --glass /tmp/src/glass --kolektor /tmp/src/kolektor --transistor /tmp/src/transistor/data/transistor \
         --mpdd /tmp/src/mpdd --screw /tmp/src/screw/data/screw --elpv /tmp/src/elpv --deeppcb /tmp/src/deeppcb \
-        --out /tmp/devsuite
+        --toothbrush /tmp/src/toothbrush/toothbrush --out /tmp/devsuite
 
 Writes under --out (images are symlinks into the clones; nothing is copied):
   bsdata/          MVTec layout, BSData type-2 images (the only type with defect-free images): a seeded
@@ -56,6 +57,10 @@ Writes under --out (images are symlinks into the clones; nothing is copied):
                    images; masks: the union of the annotated boxes, written under ground_truth), the templates
                    of --deeppcb-train other pairs give train/good. A normal and a defective test image of one pair
                    differ only by the defects.
+  toothbrush/      MVTec AD toothbrush (round 26's unseen check; 1024 px RGB, CC BY-NC-SA 4.0 per MVTec's readme
+                   in that repository): the repository keeps train/good (60) and the 30 defective test images
+                   with their masks, under train/defective, but not the 12 test/good images; its 60 good images
+                   are split 80/20 (MVTec's own 48 + 12 counts) into train/good and test/good.
   neu/             NEU-Seg test split, test-only (no normal image exists): test/{inclusion,patches,scratches}.
   synth_texture/   synthetic stripes, 200x600 (H x W); synth_object/: synthetic disk, 384x512.
   contact_*.png    contact sheets of the BSData normal images used, for checking them by eye.
@@ -94,6 +99,7 @@ def main() -> None:
     parser.add_argument("--screw", type=Path, help="that clone's data/screw folder (optional)")
     parser.add_argument("--elpv", type=Path, help="clone of github.com/zae-bayern/elpv-dataset (optional)")
     parser.add_argument("--deeppcb", type=Path, help="clone of github.com/tangsanli5201/DeepPCB (optional)")
+    parser.add_argument("--toothbrush", type=Path, help="that clone's toothbrush folder (optional)")
     parser.add_argument("--deeppcb-train", type=int, default=300, help="DeepPCB templates in train/good")
     parser.add_argument("--deeppcb-test", type=int, default=100, help="DeepPCB pairs in test/good + test/defect")
     parser.add_argument("--mtd-normal", type=int, default=320, help="MT_Free images used (75 %% train)")
@@ -135,6 +141,11 @@ def main() -> None:
         _elpv(args.elpv / "src" / "elpv_dataset" / "data", args.out, args.seed)
     if args.deeppcb is not None:
         _deeppcb(args.deeppcb, args.out / "deeppcb", args.deeppcb_train, args.deeppcb_test, args.seed)
+    if args.toothbrush is not None:
+        summary = import_mask_folders(
+            args.toothbrush / "train", args.toothbrush / "ground_truth", args.out / "toothbrush", seed=args.seed
+        )
+        print(f"toothbrush: train/good {summary.n_train}, test/good {summary.n_test_good}, defects {summary.defects}")
     if args.neu is not None:
         root = args.neu
         summary = import_mask_folders(

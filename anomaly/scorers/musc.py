@@ -435,10 +435,11 @@ class MuScScorer(Scorer):
     ``aligned_window`` is counted in cells of each layer's own grid. ``augment_references`` asks
     the detector to add rotated and flipped views of few-shot references (VisionAD-style);
     ``augment_queries`` to score the pool a second time mirrored left-right and average the maps and
-    image scores (query augmentation; twice the time). ``rescore`` (zero-shot pools, without
-    references): the share of the pool (10 images at least) with the lowest image scores that scores every
-    image a second time, alone, so that defects recurring in the pool cannot vouch for each other; the image score
-    averages both passes (min-max normalised, on the first pass's range), the maps stay the first pass's.
+    image scores (query augmentation; twice the time). ``rescore``: the share of the pool (10 images at least)
+    with the lowest image scores that scores every image a second time, alone, so that defects recurring in the
+    pool cannot vouch for each other; the image score averages both passes (min-max normalised, on the first
+    pass's range), the maps stay the first pass's. Few-shot references that join the batch as images (as in the
+    Detector's pools) take part in it; images given as ``reference=`` (compared with, never scored) turn it off.
     ``max_pool``: a pool of more images is split into seeded random groups of at most this many, each
     scored as a pool of its own (with the same references), so the time grows linearly with the pool
     instead of with its square; None scores any pool whole. ``norm_exponent``: patch vectors keep
