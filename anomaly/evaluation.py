@@ -127,16 +127,19 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> Non
         "masks": evaluation.mask_files,
     }
     with staged_dir(Path(out), EVALUATION_MARKER) as tmp:
-        (tmp / EVALUATION_MARKER).write_text(json.dumps(clean, indent=2))
-        (tmp / "ground_truth.json").write_text(json.dumps(truth, indent=2))
-        if evaluation.aupimo is None or evaluation.maps is None or evaluation.masks is None:
-            return
-        result = evaluation.aupimo.to_dict()  # per-image values: compare models image by image
-        result["paths"] = evaluation.paths
-        (tmp / "aupimo.json").write_text(json.dumps(result, indent=2))
-        curves = pimo_plot_data(evaluation.maps, evaluation.masks)
-        curves["paths"] = [p for p, label in zip(evaluation.paths, evaluation.labels) if label]
-        (tmp / "pimo.json").write_text(json.dumps(curves))
+        try:  # a full disk: one line naming the folder (`benchmark` calls this directly), and nothing left behind
+            (tmp / EVALUATION_MARKER).write_text(json.dumps(clean, indent=2))
+            (tmp / "ground_truth.json").write_text(json.dumps(truth, indent=2))
+            if evaluation.aupimo is None or evaluation.maps is None or evaluation.masks is None:
+                return
+            result = evaluation.aupimo.to_dict()  # per-image values: compare models image by image
+            result["paths"] = evaluation.paths
+            (tmp / "aupimo.json").write_text(json.dumps(result, indent=2))
+            curves = pimo_plot_data(evaluation.maps, evaluation.masks)
+            curves["paths"] = [p for p, label in zip(evaluation.paths, evaluation.labels) if label]
+            (tmp / "pimo.json").write_text(json.dumps(curves))
+        except OSError as exc:
+            raise DataError(f"{out}: could not write the evaluation ({exc.strerror or exc})") from None
 
 
 def _resized(
@@ -253,10 +256,7 @@ def evaluate_scores(
     if all((r.get("is_anomalous") or "").strip() for r in rows):  # a verdict per row (not scores from elsewhere)
         evaluation.metrics.update(threshold_counts([is_flagged(r) for r in rows], evaluation.labels))
     if out is not None:
-        try:
-            write_evaluation(evaluation, out)
-        except OSError as exc:
-            raise DataError(f"--out {out}: cannot write the evaluation ({exc.strerror or exc})") from None
+        write_evaluation(evaluation, out)  # DataError (one line) for a folder it may not replace or a full disk
     return evaluation.metrics
 
 

@@ -709,6 +709,31 @@ def test_an_evaluation_killed_half_way_leaves_the_earlier_one_whole(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 
+def test_an_evaluation_on_a_full_disk_is_one_error_and_leaves_the_earlier_one(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The files are written into the temp folder with plain writes: a full disk raised a bare OSError (a traceback
+    from `anomaly benchmark`, which calls write_evaluation directly), where each atomic write had said it in one
+    line."""
+    from anomaly.errors import DataError
+    from anomaly.evaluation import Evaluation, write_evaluation
+
+    out = tmp_path / "eval"
+    _earlier_evaluation(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_text = Path.write_text
+
+    def full(self: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.name == "ground_truth.json":
+            raise OSError(28, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(DataError, match=r"eval: could not write the evaluation \(No space left on device\)"):
+        write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
 def test_a_defect_only_set_whose_masks_are_empty_is_one_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """No defect pixel and no normal image: nothing to evaluate, said in one line naming the mask folder."""
     from PIL import Image
