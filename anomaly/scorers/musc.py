@@ -608,7 +608,8 @@ class MuScScorer(Scorer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score maps (N, 1, h, w) on the finest grid averaged over all layers and over ``map_layers``.
 
-        ``chosen`` (zero-shot pools only): score every image against those images alone, not the whole pool.
+        ``chosen`` (pools scored without ``reference``): score every image against those images alone, not the whole
+        pool.
         """
         in_map = range(len(layers)) if self.map_layers is None else self.map_layers
         n = layers[0].shape[0]
