@@ -379,7 +379,11 @@ def evaluate(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Folder for metrics.json, per-image aupimo.json and pimo.json (curves)."),
+        typer.Option(
+            "--out",
+            help="New folder (or an earlier evaluation's, replaced whole) for metrics.json, ground_truth.json, "
+            "per-image aupimo.json and pimo.json (curves); with --discovery, a folder for discovery_metrics.json.",
+        ),
     ] = None,
     eval_size: EvalSizeOpt = None,
 ) -> None:
