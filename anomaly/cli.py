@@ -388,8 +388,7 @@ def evaluate(
     eval_size: EvalSizeOpt = None,
 ) -> None:
     """Compute image/pixel AUROC, AUPRO and AUPIMO from a scores.csv and its maps (or discovery metrics)."""
-    from anomaly._fs import check_output_dir
-    from anomaly.evaluation import EVALUATION_MARKER, evaluate_scores
+    from anomaly.evaluation import check_evaluation_dir, evaluate_scores
 
     if (scores is None) == (discovery is None):
         raise DataError("give exactly one of --scores SCORES_DIR or --discovery CLUSTERS_DIR")
@@ -403,7 +402,7 @@ def evaluate(
     assert scores is not None  # exactly one of the two was given
     size = _eval_size(eval_size)
     if out is not None:  # before the metrics are computed, not after
-        check_output_dir(out, EVALUATION_MARKER)
+        check_evaluation_dir(out)
     metrics = evaluate_scores(scores, root, out, size)
     for key, value in metrics.items():
         typer.echo(f"{key:>17}: {value:.6f}" if isinstance(value, float) else f"{key:>17}: {value}")

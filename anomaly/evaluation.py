@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._fs import staged_dir
+from anomaly._fs import OUTPUT_MARKER, atomic_write_text, check_output_dir, staged_dir
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
 from anomaly.data.io import (
     SOFT_MASK_LEVELS,
@@ -33,6 +33,7 @@ from anomaly.tables import is_flagged, read_scores, score_number
 __all__ = [
     "EVALUATION_MARKER",
     "Evaluation",
+    "check_evaluation_dir",
     "evaluate_samples",
     "evaluate_scores",
     "ground_truth_masks",
@@ -112,6 +113,34 @@ def evaluate_samples(
     return Evaluation({**metrics, **size}, details, maps, masks, paths, labels, _truth(samples))
 
 
+_EVALUATION_FILES = (EVALUATION_MARKER, "ground_truth.json", "aupimo.json", "pimo.json")
+
+
+def check_evaluation_dir(out: str | os.PathLike[str]) -> None:
+    """DataError now, before the metrics are computed, when ``out`` could not take an evaluation
+    (:func:`_adopt_earlier_evaluation` first)."""
+    _adopt_earlier_evaluation(Path(out))
+    check_output_dir(Path(out), EVALUATION_MARKER)
+
+
+def _adopt_earlier_evaluation(folder: Path) -> None:
+    """An evaluation folder written before outputs listed their own files (its ``metrics.json`` holds an
+    ``image_auroc``, no marker): its evaluation files are marked as ours, so that a new evaluation replaces them and
+    keeps everything else in the folder, as for any later evaluation."""
+    if not folder.is_dir() or (folder / OUTPUT_MARKER).exists():
+        return
+    try:
+        earlier = json.loads((folder / EVALUATION_MARKER).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(earlier, dict) and "image_auroc" in earlier:
+        owned = [name for name in _EVALUATION_FILES if (folder / name).is_file()]
+        try:
+            atomic_write_text(folder / OUTPUT_MARKER, json.dumps({"owned": owned}))
+        except OSError as exc:
+            raise DataError(f"{folder}: cannot write here ({exc.strerror or exc})") from None
+
+
 def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> None:
     """The folder ``out``: metrics.json, ground_truth.json (each image's label and mask file, as the dataset's loader
     read them: a report takes its ground truth from there), and with maps aupimo.json (per-image values) and
@@ -126,6 +155,7 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> Non
         "labels": evaluation.labels,
         "masks": evaluation.mask_files,
     }
+    _adopt_earlier_evaluation(Path(out))
     with staged_dir(Path(out), EVALUATION_MARKER) as tmp:
         try:  # a full disk: one line naming the folder (`benchmark` calls this directly), and nothing left behind
             (tmp / EVALUATION_MARKER).write_text(json.dumps(clean, indent=2))

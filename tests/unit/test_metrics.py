@@ -685,6 +685,34 @@ def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temp folder left beside it
 
 
+def test_an_evaluation_folder_from_before_the_marker_is_replaced_and_keeps_the_users_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Evaluation folders written before outputs listed their own files have no marker: a new evaluation into one
+    was refused ("no readable .anomaly-output.json"), though re-evaluating into the same --out is the usual workflow.
+    A folder whose metrics.json is not an evaluation's stays refused."""
+    from anomaly.errors import DataError
+    from anomaly.evaluation import Evaluation, check_evaluation_dir, write_evaluation
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"image_auroc": 0.5}))
+    (out / "aupimo.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    check_evaluation_dir(out)
+    write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), out)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "ground_truth.json",
+        "metrics.json",
+        "notes.txt",
+    ]
+    assert json.loads((out / "metrics.json").read_text()) == {"image_auroc": 0.9}
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metrics.json").write_text(json.dumps({"loss": 0.1}))
+    with pytest.raises(DataError, match="theirs"):
+        check_evaluation_dir(theirs)
+    assert [p.name for p in theirs.iterdir()] == ["metrics.json"]
+
+
 def test_an_evaluation_killed_half_way_leaves_the_earlier_one_whole(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Each file was replaced on its own: a run killed after its metrics.json left the earlier evaluation's
     ground_truth.json beside it (a report read one run's metrics with another's labels), or no aupimo.json."""
