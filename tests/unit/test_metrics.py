@@ -668,13 +668,10 @@ def _earlier_evaluation(folder: Path) -> None:
     (folder / "notes.txt").write_text("mine")
 
 
-def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Re-evaluating into the same --out without maps left the first run's aupimo.json and pimo.json, which the
-    report then showed as this evaluation's per-image AUPIMO. A user's own file stays."""
+def _evaluate_again(out: Path) -> None:
+    """A new evaluation without maps into ``out``: its two files replace the earlier ones, a user's note stays."""
     from anomaly.evaluation import Evaluation, write_evaluation
 
-    out = tmp_path / "eval"
-    _earlier_evaluation(out)
     write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), out)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "ground_truth.json",
@@ -682,6 +679,14 @@ def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) ->
         "notes.txt",
     ]
     assert json.loads((out / "metrics.json").read_text()) == {"image_auroc": 0.9}
+
+
+def test_an_evaluation_without_aupimo_removes_an_earlier_ones_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Re-evaluating into the same --out without maps left the first run's aupimo.json and pimo.json, which the
+    report then showed as this evaluation's per-image AUPIMO. A user's own file stays."""
+    out = tmp_path / "eval"
+    _earlier_evaluation(out)
+    _evaluate_again(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temp folder left beside it
 
 
@@ -690,7 +695,7 @@ def test_an_evaluation_folder_from_before_the_marker_is_replaced_and_keeps_the_u
     was refused ("no readable .anomaly-output.json"), though re-evaluating into the same --out is the usual workflow.
     A folder whose metrics.json is not an evaluation's stays refused."""
     from anomaly.errors import DataError
-    from anomaly.evaluation import Evaluation, check_evaluation_dir, write_evaluation
+    from anomaly.evaluation import check_evaluation_dir
 
     out = tmp_path / "eval"
     out.mkdir()
@@ -698,13 +703,7 @@ def test_an_evaluation_folder_from_before_the_marker_is_replaced_and_keeps_the_u
     (out / "aupimo.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
     check_evaluation_dir(out)
-    write_evaluation(Evaluation({"image_auroc": 0.9}, None, None, None, ["a.png"], [1], [None]), out)
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "ground_truth.json",
-        "metrics.json",
-        "notes.txt",
-    ]
-    assert json.loads((out / "metrics.json").read_text()) == {"image_auroc": 0.9}
+    _evaluate_again(out)
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "metrics.json").write_text(json.dumps({"loss": 0.1}))
