@@ -45,6 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 EVALUATION_MARKER = "metrics.json"
 """The file that marks a folder as an evaluation (``anomaly evaluate --out``), which a later evaluation replaces."""
+_EVALUATION_FILES = (EVALUATION_MARKER, "ground_truth.json", "aupimo.json", "pimo.json")
 _MASK_ASPECT = 1.02  # a mask's aspect may differ from its image's by rounding, not more
 
 _PLOT_THRESHOLDS = 10_000  # PIMO curves for plotting: enough resolution down to a shared FPR of ~1e-5
@@ -111,9 +112,6 @@ def evaluate_samples(
     # the resolution the pixel metrics were computed at
     size = {"eval_size": "original" if eval_size is None else f"{eval_size[0]}x{eval_size[1]}"}
     return Evaluation({**metrics, **size}, details, maps, masks, paths, labels, _truth(samples))
-
-
-_EVALUATION_FILES = (EVALUATION_MARKER, "ground_truth.json", "aupimo.json", "pimo.json")
 
 
 def check_evaluation_dir(out: str | os.PathLike[str]) -> None:
