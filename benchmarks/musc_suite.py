@@ -9,7 +9,7 @@ first ``k`` train/good images (references stay in the pool, with VisionAD's 6 su
 ``augment_references`` is on).
 Metrics as ``dev_suite.py``; ``realised_fpr`` is the share of the pool's normal images flagged by the pool
 threshold, ``defects_flagged`` (in ``suite.json`` and the progress lines) the share of its defective images
-flagged; ``pools`` in ``suite.json`` keeps each pool's image scores and labels.
+flagged; ``pools`` in ``suite.json`` keeps each pool's image scores, labels and paths, and the references' paths.
 One table per shot count and their means in ``suite.md``.
 """
 
@@ -94,6 +94,8 @@ def main() -> None:
             pools.setdefault(shots, {})[name] = {  # for replaying threshold rules on real pools
                 "scores": [r.image_score for r in results],
                 "labels": [s.label for s in pool],
+                "paths": [str(s.image_path) for s in pool],
+                "references": [str(s.image_path) for s in data.train[:shots]],
                 "threshold": results[0].threshold,
                 "n_reference": shots,
             }
