@@ -59,9 +59,6 @@ def export_model(
             f"{model_dir}: {det.scorer.name} is zero-shot (it scores a pool of images against each other) "
             "and cannot be exported; score it with torch: `anomaly score --model` or `--zero-shot`"
         )
-    pre = det.config.preprocess
-    if (pre.resize, pre.tile) != ("stretch", None):
-        raise ConfigError(f"{model_dir}: export supports whole stretched images only (preprocess: stretch, no tiles)")
     head, outputs, state, files = _scorer_parts(det)
     network = _Network(det.extractor, head).eval().cpu()
     target = Path(out_dir)
@@ -236,7 +233,7 @@ def _check_network(network: _Network, folder: Path, spec: dict[str, Any], size: 
 
 
 def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
-    bb, source, profile = det.config.backbone, det.extractor.source, det.input_profile()
+    bb, pre, source, profile = det.config.backbone, det.config.preprocess, det.extractor.source, det.input_profile()
     assert det.decision_ is not None
     return {
         "anomaly_version": __version__,
@@ -251,9 +248,11 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
             "size": list(det.extractor.image_size),
             "mean": [round(v / 255, 6) for v in det.extractor.mean.flatten().tolist()],
             "std": [round(v / 255, 6) for v in det.extractor.std.flatten().tolist()],
-            "layout": "uint8 RGB (N, H, W, 3), resized as the Detector does; normalised inside the network",
-            "standardize": bool(det.config.preprocess.standardize),  # per-image gray mean/std, before the network
-            "bit_depth": int(det.config.preprocess.bit_depth),  # significant bits of 16-bit images
+            "layout": "uint8 RGB (N, H, W, 3) views, cut as the Detector does; normalised inside the network",
+            "resize": pre.resize,  # stretch | keep_aspect (the longer side fitted, the rest mirrored)
+            "tile": None if pre.tile is None else {"size": pre.tile.size, "overlap": pre.tile.overlap},
+            "standardize": bool(pre.standardize),  # per-image gray mean/std, before the network
+            "bit_depth": int(pre.bit_depth),  # significant bits of 16-bit images
             "training_aspects": profile.aspects,  # width / height range of stretched training images
             "training_smallest": profile.smallest,  # longer side of the smallest training image
             "training_colour": profile.colour,  # "gray" / "colour" when every training image was

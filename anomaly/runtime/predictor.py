@@ -64,7 +64,7 @@ class ExportedDetector:
             bit_depth = int(model_input.get("bit_depth", 16))
             if not 1 <= bit_depth <= 16:
                 raise ValueError(f"input.bit_depth must be 1-16, got {bit_depth}")
-            self.view_spec = ViewSpec(standardize=bool(model_input.get("standardize", False)), bit_depth=bit_depth)
+            self.view_spec = _view_spec(model_input, bit_depth)
             aspects, smallest = model_input.get("training_aspects"), model_input.get("training_smallest")  # or absent
             colour = model_input.get("training_colour")
             self.input_profile = InputProfile(
@@ -160,9 +160,10 @@ class ExportedDetector:
             ok = [b for b in batch if b[0] is not None]
             results: Iterator[DetectionResult] = iter([])
             if ok:
-                patch_maps, scores = self._scorer(self._network(np.stack([b[0] for b in ok])))
+                patch_maps, scores = self._score_views(np.concatenate([b[0].views for b in ok]))
                 sizes, sources = [b[1] for b in ok], [b[2] for b in ok]
-                results = iter(decide(patch_maps, scores, sizes, sources, self.postprocess, maps))
+                layouts = [b[0].layout for b in ok]
+                results = iter(decide(patch_maps, scores, sizes, sources, self.postprocess, maps, layouts))
                 check.add(sizes, sources, [b[4] for b in ok], [b[5] for b in ok])
             for b in batch:
                 if b[0] is None:  # unreadable, skipped: NaN score and the reason
@@ -176,11 +177,38 @@ class ExportedDetector:
                 progress("score", done, len(items))
         check.warn(len(items))
 
+    def _score_views(self, views: NDArray[np.uint8]) -> tuple[NDArray[np.float32] | None, NDArray[np.float64]]:
+        """Patch maps (or None) and scores of every view, ``batch_size`` views per network call: the hundreds of
+        tiles of a large frame never pass at once."""
+        parts = [
+            self._scorer(self._network(views[i : i + self.batch_size])) for i in range(0, len(views), self.batch_size)
+        ]
+        maps = None if parts[0][0] is None else np.concatenate([m for m, _ in parts])
+        return maps, np.concatenate([s for _, s in parts])
+
     def _decode(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any, int | None, float | None]:
-        """(model input view, original (H, W), source, decoded RGB image, bits of its 16-bit values, chroma)."""
+        """(decoded views and their layout, original (H, W), source, decoded RGB image, bits of its 16-bit values,
+        chroma)."""
         decoded = decode_input(item, self.image_size, keep=True, spec=self.view_spec)
         assert decoded.views is not None and decoded.original is not None
-        return decoded.views[0], decoded.size, decoded.source, decoded.original, decoded.bits, decoded.chroma
+        return decoded, decoded.size, decoded.source, decoded.original, decoded.bits, decoded.chroma
+
+
+def _view_spec(model_input: dict[str, Any], bit_depth: int) -> ViewSpec:
+    """How the export cuts images into views: the fitted model's ``preprocess`` (exports written before tiles and
+    letterboxes could be exported have neither: whole images, stretched)."""
+    resize, tile = model_input.get("resize", "stretch"), model_input.get("tile")
+    if resize not in ("stretch", "keep_aspect"):
+        raise ValueError(f"input.resize must be stretch or keep_aspect, got {resize!r}")
+    standardize = bool(model_input.get("standardize", False))
+    if tile is None:
+        return ViewSpec(resize, standardize=standardize, bit_depth=bit_depth)
+    size, overlap = tile["size"], float(tile["overlap"])
+    if size is not None and not (isinstance(size, int) and size > 0):
+        raise ValueError(f"input.tile.size must be null or a positive integer, got {size!r}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"input.tile.overlap must be in [0, 1), got {overlap!r}")
+    return ViewSpec(resize, size, overlap, standardize=standardize, bit_depth=bit_depth)
 
 
 def _prefetch(fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Iterator[Any]:

@@ -6,6 +6,7 @@ the network does not contain); the parity tests compare both end to end through 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from anomaly.decisions import make_results
 from anomaly.distances import knn_scores, mahalanobis
 from anomaly.errors import DataError
 from anomaly.index import NNIndex
+from anomaly.maps import ViewLayout
 from anomaly.results import DetectionResult
 from anomaly.thresholds import Threshold
 
@@ -132,8 +134,10 @@ def decide(
     sources: list[str | None],
     decision: Decision,
     maps: bool,
+    layouts: Sequence[ViewLayout | None] | None = None,
 ) -> list[DetectionResult]:
-    """Maps at original size, image scores and verdicts, by the same code as the Detector."""
+    """Maps at original size, image scores and verdicts, by the same code as the Detector (``layouts``: where each
+    image's views sit; None: one stretched view per image)."""
     return make_results(
         patch_maps,
         image_scores,
@@ -144,4 +148,5 @@ def decide(
         sigma=decision.blur_sigma,
         score_from_map=decision.score_from_map,
         maps=maps,
+        layouts=layouts,
     )

@@ -348,6 +348,8 @@ def test_exports_and_the_service_keep_the_bit_depth_of_12_bit_training_images(
         ("size", "damaged export, it fails on a blank image"),
         ("k", "damaged export, it fails on a blank image"),
         ("bit_depth", "input.bit_depth must be 1-16"),
+        ("resize", "input.resize must be stretch or keep_aspect"),
+        ("tile", "input.tile.overlap must be in"),
         ("sigma", "blur_sigma must be a finite number >= 0"),
     ],
 )
@@ -369,11 +371,27 @@ def test_exports_changed_with_a_matching_manifest_are_refused_in_one_line(
         manifest["scorer"]["params"]["k"] = 0
     elif change == "bit_depth":
         manifest["input"]["bit_depth"] = 0
+    elif change == "resize":
+        manifest["input"]["resize"] = "crop"
+    elif change == "tile":
+        manifest["input"]["tile"] = {"size": 64, "overlap": 1.5}
     else:
         manifest["postprocess"]["blur_sigma"] = -1
     (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
     with pytest.raises(DataError, match=message):
         ExportedDetector(copy)
+
+
+def test_an_export_written_before_views_were_exported_scores_whole_stretched_images(
+    patchcore_export: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    copy = _copy(patchcore_export, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert (manifest["input"].pop("resize"), manifest["input"].pop("tile")) == ("stretch", None)
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
+    paths = _test_images(synthetic_root)[:3]
+    got = [r.image_score for r in ExportedDetector(copy).predict(paths)]
+    assert got == pytest.approx([r.image_score for r in ExportedDetector(patchcore_export).predict(paths)], rel=1e-6)
 
 
 def test_an_export_that_runs_out_of_disk_is_one_line_and_leaves_nothing(
@@ -462,3 +480,34 @@ def test_a_cuda_device_onnx_runtime_cannot_start_is_refused_not_run_on_the_cpu(
     assert "error: device: 'cuda' requested but ONNX Runtime could not start its CUDA provider" in refused.output
     auto = ExportedDetector(patchcore_export, device="auto")._network.session  # type: ignore[attr-defined]
     assert auto.get_providers() == ["CPUExecutionProvider"]  # auto: the CPU when CUDA cannot start, as before
+
+
+@pytest.mark.parametrize(
+    "views",
+    [["preprocess.resize=keep_aspect"], ["preprocess.tile.size=64", "preprocess.tile.overlap=0.25"]],
+    ids=["letterboxed", "tiled"],
+)
+def test_letterboxed_and_tiled_models_export_with_the_detectors_results(
+    views: list[str], synthetic_root: Path, tmp_path: Path, assert_parity: Callable[..., None]
+) -> None:
+    """The export cuts images into the views the Detector cuts (mirrored letterbox borders, overlapping tiles) and
+    stitches their maps the same way, images of several shapes in one batch."""
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.data.io import read_image
+    from anomaly.export import export_model
+
+    config = apply_overrides(load_config("patchcore"), ["backbone.image_size=[64,64]", "batch_size=4", *views])
+    train = [read_image(p)[:, :88] for p in sorted((synthetic_root / "train" / "good").glob("*.png"))]
+    model = Detector(config).fit(train).save(tmp_path / "model")
+    export = export_model(model, tmp_path / "export")
+    manifest = json.loads((export / "manifest.json").read_text())["input"]
+    letterboxed = views[0].startswith("preprocess.resize")
+    expected_views = ("keep_aspect", None) if letterboxed else ("stretch", {"size": 64, "overlap": 0.25})
+    assert (manifest["resize"], manifest["tile"]) == expected_views
+    tests = [read_image(p) for p in _test_images(synthetic_root)]
+    images = [t[:, :88] for t in tests[:6]] + tests[6:]  # two shapes, both in the second batch of four
+    expected = Detector.load(model).predict(images)
+    got = ExportedDetector(export).predict(images)
+    assert_parity(expected, got)
+    assert [r.anomaly_map.shape for r in got] == [i.shape[:2] for i in images]
+    assert {r.is_anomalous for r in got} == {True, False}

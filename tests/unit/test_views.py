@@ -180,17 +180,22 @@ def test_preprocess_config_is_validated(override: str, message: str) -> None:
         apply_overrides(load_config("patchcore"), [override])
 
 
-def test_tiled_model_round_trips_and_refuses_export(tiled_detector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_tiled_model_round_trips_and_exports(tiled_detector, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from anomaly import Detector
-    from anomaly.errors import ConfigError
-    from anomaly.export import export_model
 
     image = _texture(np.random.default_rng(3), 700, 900)
     loaded = Detector.load(tiled_detector.save(tmp_path / "model"))
     assert loaded.config.preprocess.tile.size == 256
-    assert loaded.predict(image).image_score == pytest.approx(tiled_detector.predict(image).image_score, rel=1e-5)
-    with pytest.raises(ConfigError, match="whole stretched images only"):
-        export_model(tmp_path / "model", tmp_path / "export")
+    expected = tiled_detector.predict(image)
+    assert loaded.predict(image).image_score == pytest.approx(expected.image_score, rel=1e-5)
+    pytest.importorskip("onnxruntime")
+    from anomaly.export import export_model
+    from anomaly.runtime import ExportedDetector
+
+    exported = ExportedDetector(export_model(tmp_path / "model", tmp_path / "export")).predict(image)
+    assert exported.image_score == pytest.approx(expected.image_score, rel=1e-4)
+    assert exported.anomaly_map.shape == image.shape[:2]
+    assert np.abs(exported.anomaly_map - expected.anomaly_map).max() <= 1e-3
 
 
 def test_standardize_maps_gray_statistics_and_removes_lighting_drift() -> None:
