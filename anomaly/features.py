@@ -25,7 +25,7 @@ import torch
 
 from anomaly._fs import file_sha256
 from anomaly._runtime import resolve_device
-from anomaly.errors import ConfigError, DataError, WeightsUnavailableError
+from anomaly.errors import AnomalyError, ConfigError, DataError, WeightsUnavailableError
 
 __all__ = [
     "PACKAGED_WEIGHTS",
@@ -206,10 +206,15 @@ class FeatureExtractor:
         self.name = name
         self.device = resolve_device(device)
         self.source = resolve_weights(name, weights, pretrained)
-        self.model = _create_model(name, self.source, image_size)
+        self.model, refused = _model_at(name, self.source, image_size)
         snapped = whole_patches(self.model, image_size)
-        if snapped != image_size:  # a ViT's patch embedding drops the pixels past its last whole patch
-            self.model = _create_model(name, self.source, snapped)
+        if snapped != image_size or refused:  # a ViT's patch embedding drops the pixels past its last whole patch
+            self.model, refused = _model_at(name, self.source, snapped)
+            if refused:
+                own = list(self.model.pretrained_cfg["input_size"][1:])
+                raise ConfigError(
+                    f"backbone.image_size: '{name}' cannot take {list(snapped or [])} ({refused}); its own is {own}"
+                )
             image_size = snapped
         cfg = self.model.pretrained_cfg
         self.image_size: tuple[int, int] = tuple(image_size or cfg["input_size"][1:])
@@ -386,6 +391,18 @@ def _trace(model: TimmModel, image_size: tuple[int, int], hooks: list[torch.util
             hook.remove()
 
 
+def _model_at(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> tuple[TimmModel, str | None]:
+    """(the model at ``image_size``, None), or (the model at its own input size, why) where its constructor refuses
+    that size (XCiT and hybrid ViTs assert that their patches divide it): the caller rounds the size and asks again."""
+    try:
+        return _create_model(name, source, image_size), None
+    except (AssertionError, ValueError) as exc:
+        if image_size is None or isinstance(exc, AnomalyError):
+            raise
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        return _create_model(name, source, None), f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
 def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> TimmModel:
     kwargs: dict[str, Any] = {}
     if source.kind == "hub":
@@ -413,15 +430,22 @@ def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] 
 
 
 def whole_patches(model: TimmModel, image_size: tuple[int, int] | None) -> tuple[int, int] | None:
-    """``image_size`` rounded to the nearest multiple of a ViT's patch size, so that every input pixel falls in a
-    patch: at 256 px a patch-14 ViT saw 18 x 18 patches of 14 and never the last 4 rows and columns (a defect in
-    that strip of the image scored as the clean image did). Other models, and sizes already whole, as given."""
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if image_size is None or not isinstance(patch, tuple) or len(patch) != 2:
+    """``image_size`` rounded to the nearest multiple of a ViT's token stride, so that every input pixel falls in a
+    token: at 256 px a patch-14 ViT saw 18 x 18 patches of 14 and never the last 4 rows and columns (a defect in
+    that strip of the image scored as the clean image did), a CaiT at 250 px 15 x 15 of 16, and an XCiT refused it.
+    The stride is the patch embedding's (``feat_ratio``: a hybrid ViT's CNN stem times its patch, read at the size
+    the model was built at; such stems pad, so they see every pixel). Other models, and sizes already whole, as
+    given."""
+    embed = getattr(model, "patch_embed", None)
+    if image_size is None or embed is None or not hasattr(model, "blocks"):
+        return image_size  # CNNs; hierarchical transformers (Swin, PVT: stages, not blocks) pad or merge their own way
+    ratio = getattr(embed, "feat_ratio", None)
+    stride = ratio() if callable(ratio) else getattr(embed, "patch_size", None)
+    if isinstance(stride, int):
+        stride = (stride, stride)
+    if not isinstance(stride, tuple) or len(stride) != 2 or not all(isinstance(p, int) and p > 0 for p in stride):
         return image_size
-    if "return_prefix_tokens" not in inspect.signature(model.forward_intermediates).parameters:
-        return image_size  # hierarchical transformers (Swin) pad or merge their own way
-    h, w = (max(p, round(side / p) * p) for side, p in zip(image_size, patch))
+    h, w = (max(p, round(side / p) * p) for side, p in zip(image_size, stride))
     return (h, w)
 
 

@@ -44,6 +44,31 @@ def test_other_transformer_families_at_any_size(name: str, layers: list[str], si
     assert out.embedding.shape == (2, shapes[-1][0]) and bool(out.embedding.isfinite().all())
 
 
+@pytest.mark.parametrize(
+    ("name", "grid"),
+    [
+        ("cait_xxs24_224", (6, 8)),  # CaiT: 5 x 7 patches of 16 at 90 x 120 px dropped the last 10 and 8 px
+        ("xcit_nano_12_p16_224", (6, 8)),  # XCiT: its constructor refused 90 x 120
+        ("vit_tiny_r_s16_p8_224", (3, 4)),  # a hybrid ViT: a stride-4 CNN stem, then patches of 8 (stride 32)
+    ],
+)
+def test_transformers_whose_patches_do_not_divide_the_input_take_the_nearest_whole_size(
+    name: str, grid: tuple[int, int]
+) -> None:
+    fx = FeatureExtractor(name, ["blocks.1"], pretrained=False, image_size=(90, 120), device="cpu")
+    stride = 32 if "_r_" in name else 16
+    assert fx.image_size == (grid[0] * stride, grid[1] * stride)
+    out = fx(np.random.default_rng(0).integers(0, 255, (2, *fx.image_size, 3), dtype=np.uint8))
+    assert tuple(out.layers[0].shape[-2:]) == grid
+
+
+def test_a_backbone_that_refuses_the_input_size_is_one_config_error() -> None:
+    from anomaly.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"backbone.image_size: 'twins_pcpvt_small' cannot take \[90, 122\] .*224"):
+        FeatureExtractor("twins_pcpvt_small", ["blocks.1"], pretrained=False, image_size=(90, 122), device="cpu")
+
+
 def _images(n: int, shape: tuple[int, int]) -> list[np.ndarray]:
     rng = np.random.default_rng(1)
     return [rng.integers(60, 200, (*shape, 3), dtype=np.uint8) for _ in range(n)]
