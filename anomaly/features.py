@@ -228,14 +228,16 @@ class FeatureExtractor:
         extra = {"extra_blocks": True} if self.extra_blocks else {}
         self.model.prune_intermediate_layers([max(self.indices)], prune_head=not self.is_vit, **extra)
         self.model.eval().requires_grad_(False)
-        if not self.is_vit:
-            _fold_batchnorm(self.model, self.image_size)
-            _static_same_padding(self.model, self.image_size)
-        self.model.to(self.device)
-        if not self.is_vit:
-            self.model.to(memory_format=torch.channels_last)
-        self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
-        torch.set_flush_denormal(True)  # tiny activations of real weights otherwise slow CPU kernels
+        with _runs_at(name, self.model, self.image_size):  # the first passes: a size the model cannot run is one line
+            if not self.is_vit:
+                _fold_batchnorm(self.model, self.image_size)
+                _static_same_padding(self.model, self.image_size)
+            self.model.to(self.device)
+            if not self.is_vit:
+                self.model.to(memory_format=torch.channels_last)
+            self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+            torch.set_flush_denormal(True)  # tiny activations of real weights otherwise slow CPU kernels
+            _ = self.channels  # the blank pass that saving and loading a model need anyway
 
     @functools.cached_property
     def channels(self) -> list[int]:
@@ -278,6 +280,22 @@ def cnn_layers(model: torch.nn.Module, x: torch.Tensor, indices: list[int], extr
     if extra_blocks:
         return timm_model.forward_intermediates(x, indices=indices, intermediates_only=True, extra_blocks=True)
     return timm_model.forward_intermediates(x, indices=indices, intermediates_only=True)
+
+
+@contextmanager
+def _runs_at(name: str, model: TimmModel, image_size: tuple[int, int]) -> Iterator[None]:
+    """A forward pass that fails inside (models with fixed-size attention tables: LeViT, CrossViT) as one ConfigError
+    naming the size the model takes."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        own = list(model.pretrained_cfg["input_size"][1:])
+        raise ConfigError(
+            f"backbone.image_size: '{name}' cannot run at {list(image_size)} ({reason}); its own is {own}"
+        ) from None
 
 
 @contextmanager

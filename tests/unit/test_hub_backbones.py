@@ -62,11 +62,26 @@ def test_transformers_whose_patches_do_not_divide_the_input_take_the_nearest_who
     assert tuple(out.layers[0].shape[-2:]) == grid
 
 
-def test_a_backbone_that_refuses_the_input_size_is_one_config_error() -> None:
+@pytest.mark.parametrize(
+    ("name", "layer", "message"),
+    [
+        (
+            "twins_pcpvt_small",
+            "blocks.1",
+            r"'twins_pcpvt_small' cannot take \[90, 122\] \(AssertionError: .*\); its own is \[224, 224\]",
+        ),
+        (
+            "levit_128s",
+            "stages.1",
+            r"'levit_128s' cannot run at \[90, 122\] \(The size of tensor .*\); its own is \[224, 224\]",
+        ),
+    ],
+)
+def test_a_backbone_that_refuses_the_input_size_is_one_config_error(name: str, layer: str, message: str) -> None:
     from anomaly.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"backbone.image_size: 'twins_pcpvt_small' cannot take \[90, 122\] .*224"):
-        FeatureExtractor("twins_pcpvt_small", ["blocks.1"], pretrained=False, image_size=(90, 122), device="cpu")
+    with pytest.raises(ConfigError, match=rf"^backbone.image_size: {message}$"):
+        FeatureExtractor(name, [layer], pretrained=False, image_size=(90, 122), device="cpu")
 
 
 def _images(n: int, shape: tuple[int, int]) -> list[np.ndarray]:
