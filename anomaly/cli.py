@@ -1,4 +1,5 @@
-"""`anomaly`: fit | score | evaluate | benchmark | discover | report | export | serve | import | backbones | demo.
+"""`anomaly`: fit | score | threshold | evaluate | benchmark | discover | report | export | serve | import |
+backbones | demo.
 
 Thin wrappers over the public API. Every user error (``AnomalyError``) becomes one line on stderr
 and exit code 2; heavy imports happen inside the commands so ``anomaly --help`` stays fast.
@@ -25,7 +26,7 @@ try:  # typer 0.2x carries its own copy of click
 except ImportError:  # older typer runs on the click package
     from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0].replace("\n", " "))
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[
@@ -644,6 +645,42 @@ def report(
     finally:
         progress.close()
     typer.echo(f"report written to {folder / 'index.html'}")
+
+
+@app.command()
+@_user_errors
+def threshold(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")],
+    target_fpr: Annotated[
+        float, typer.Option("--target-fpr", help="Share of normal images that may be flagged, in (0, 0.5].")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Model directory to write (default: --model, in place).")
+    ] = None,
+) -> None:
+    """Choose a fitted model's threshold again for another false-positive rate, from its fit's scores of normal
+    images (no refit)."""
+    from anomaly._fs import check_output_dir
+    from anomaly.config import ThresholdConfig
+    from anomaly.detector import Detector
+    from anomaly.runtime import is_export_dir
+
+    ThresholdConfig(target_fpr=target_fpr)  # a bad value is refused before the model loads
+    if is_export_dir(model):
+        raise DataError(f"--model {model}: an export; change the model's threshold, then export it again")
+    target = out or model
+    if target != model:
+        check_output_dir(target, "meta.json")
+    detector = Detector.load(model)
+    before = detector.decision_
+    try:
+        detector.set_target_fpr(target_fpr)
+    except DataError as exc:
+        raise DataError(f"{model}: {exc}") from None
+    detector.save(target)
+    assert before is not None and detector.decision_ is not None  # a trained model (set_target_fpr refuses others)
+    typer.echo(f"threshold {before.image:.6g} -> {detector.decision_.summary()[len('threshold ') :]}")
+    typer.echo(f"model written to {target}")
 
 
 @app.command()

@@ -117,6 +117,9 @@ class Detector:
         self._warned_references: set[str] = set()
         self.patch_footprint_: tuple[int, int] | None = None  # set by fit: see _patch_footprint
         self.excluded_training_: list[str] = []  # set by fit: training images left out of the threshold
+        # set by fit: the out-of-sample scores (and map peaks, where they differ) the threshold was chosen from
+        self.normal_scores_: NDArray[np.float64] | None = None
+        self.normal_peaks_: NDArray[np.float64] | None = None
         self.training_aspects_: tuple[float, float] | None = None  # set by fit: see input_profile
         self.training_smallest_: int | None = None  # set by fit: the smallest training image's longer side
         self.training_colour_: str | None = None  # set by fit: "gray" / "colour" when every training image was
@@ -378,7 +381,9 @@ class Detector:
         z = self.config.threshold.outlier_z
         left_out = np.zeros(len(scores), dtype=bool) if z is None else outlying_scores(scores, z)
         kept = ~left_out
-        decision = calibrate(scores[kept], self.config.threshold.target_fpr, peaks[kept] if separate_pixels else None)
+        self.normal_scores_ = scores[kept]
+        self.normal_peaks_ = peaks[kept] if separate_pixels else None
+        decision = calibrate(self.normal_scores_, self.config.threshold.target_fpr, self.normal_peaks_)
         self.decision_ = replace(decision, n_excluded=int(left_out.sum()))
         self.excluded_training_ = [_name(images, int(i)) for i in np.flatnonzero(left_out)]
         views = np.ones(len(scores), dtype=np.int64) if images is None else [_n_views(d) for d in images]
@@ -394,6 +399,28 @@ class Detector:
             )
         self._say_threshold_setters(scores, kept, images, peaks if separate_pixels else None)
         log.info("%s", self.decision_.summary())
+        return self
+
+    def set_target_fpr(self, target_fpr: float) -> Detector:
+        """Choose the threshold again for another share of normal images flagged, from the out-of-sample scores of
+        the fit (the same rule as the fit, the same training images left out): no refit. Returns self.
+
+        Raises:
+            ConfigError: ``target_fpr`` outside (0, 0.5], or a zero-shot detector (its threshold is chosen per pool).
+            NotFittedError: not fitted. DataError: a model saved before models kept their normal scores (fit it again).
+        """
+        threshold = replace(self.config.threshold, target_fpr=target_fpr)  # validates it
+        if self.zero_shot:
+            raise ConfigError(
+                "set_target_fpr: a zero-shot detector chooses its threshold per pool; set threshold.target_fpr"
+            )
+        if self.decision_ is None:
+            raise NotFittedError("Detector is not fitted: call fit() or Detector.load() first")
+        if self.normal_scores_ is None:
+            raise DataError("this model was saved without the normal scores its threshold came from: fit it again")
+        decision = calibrate(self.normal_scores_, target_fpr, self.normal_peaks_)
+        self.decision_ = replace(decision, n_excluded=self.decision_.n_excluded)
+        self.config = replace(self.config, threshold=threshold)
         return self
 
     def _say_threshold_setters(
@@ -793,6 +820,8 @@ class Detector:
                 det.scorer.load(files)
                 det.decision_ = Threshold.from_dict(meta.get("threshold"), f"{path}/meta.json threshold")
                 det.excluded_training_ = [str(name) for name in meta.get("excluded_training_images", [])]
+                det.normal_scores_ = _normal_values(meta.get("normal_scores"))  # absent from earlier models
+                det.normal_peaks_ = _normal_values(meta.get("normal_peaks"))
         except AnomalyError:
             raise
         except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
@@ -869,6 +898,8 @@ class Detector:
             "weights": {"kind": source.kind, "location": source.location, "sha256": source.sha256},
             "threshold": None if self.decision_ is None else self.decision_.to_dict(),
             "excluded_training_images": self.excluded_training_,
+            "normal_scores": None if self.normal_scores_ is None else self.normal_scores_.tolist(),
+            "normal_peaks": None if self.normal_peaks_ is None else self.normal_peaks_.tolist(),
             "references": [] if self.reference_ is None else [str(d.source) for d in self.reference_.images],
             "reference_views": [] if self.reference_views_ is None else self.reference_views_.tolist(),
             "training_aspects": self.training_aspects_,
@@ -886,6 +917,16 @@ class Detector:
                     f"backbone weights {self.extractor.source.location} differ from those the model was fitted "
                     f"with (sha256 {current[:12]} != {saved[:12]}); refit or restore the original weights"
                 )
+
+
+def _normal_values(saved: Any) -> NDArray[np.float64] | None:
+    """Saved normal scores as an array; None where absent. Anything else is a ValueError (load's DataError)."""
+    if saved is None:
+        return None
+    values = np.asarray(saved, dtype=np.float64)
+    if values.ndim != 1 or not len(values) or not np.isfinite(values).all():
+        raise ValueError("normal_scores / normal_peaks must be non-empty lists of finite numbers")
+    return values
 
 
 def _saved_weights_sha(meta: dict[str, Any]) -> str | None:

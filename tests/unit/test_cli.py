@@ -1044,3 +1044,45 @@ def test_a_visa_object_with_test_rows_alone_is_left_out_of_a_fit_and_run_zero_sh
     assert zero_shot.exit_code == 0, zero_shot.output
     refused = _run("benchmark", "--dataset", "visa", "--root", visa, "--category", "gadget", "--out", tmp_path / "x")
     assert refused.exit_code == 2 and "category 'gadget'" in refused.output and "has no train image" in refused.output
+
+
+def test_threshold_chooses_the_models_threshold_again_without_a_refit(
+    model_dir: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """`anomaly threshold` gives the threshold a fit at that target gives (the same cross-fitted normal scores),
+    in place or into --out, and the model scores with it."""
+    from anomaly import Detector
+    from anomaly.model_dir import signed
+
+    fitted = Detector.load(model_dir).decision_
+    result = _run("threshold", "--model", model_dir, "--target-fpr", 0.3, "--out", tmp_path / "loose")
+    assert result.exit_code == 0, result.output
+    refit = _run("fit", "--out", tmp_path / "refit", *SMALL, "--set", "threshold.target_fpr=0.3", synthetic_root)
+    assert refit.exit_code == 0, refit.output
+    loose = Detector.load(tmp_path / "loose")
+    assert loose.decision_.image == Detector.load(tmp_path / "refit").decision_.image < fitted.image
+    assert loose.config.threshold.target_fpr == 0.3 and loose.decision_.n_normal == fitted.n_normal
+    assert f"threshold {fitted.image:.6g} -> {loose.decision_.image:.6g} (conformal, target FPR 0.3" in result.output
+    assert Detector.load(model_dir).decision_ == fitted  # --out leaves the model as it was
+    good = sorted((synthetic_root / "test" / "good").glob("*.png"))
+    assert sum(r.is_anomalous for r in loose.predict(good)) >= sum(
+        r.is_anomalous for r in Detector.load(model_dir).predict(good)
+    )
+    in_place = Path(shutil.copytree(model_dir, tmp_path / "in_place"))
+    assert _run("threshold", "--model", in_place, "--target-fpr", 0.3).exit_code == 0
+    assert Detector.load(in_place).decision_.image == loose.decision_.image
+
+    old = Path(shutil.copytree(model_dir, tmp_path / "old"))  # saved before models kept their normal scores
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["normal_scores"], meta["normal_peaks"]
+    (old / "meta.json").write_text(json.dumps(signed(meta)))
+    assert Detector.load(old).decision_ == fitted  # still loads and scores
+    for args, message in [
+        (["--model", old, "--target-fpr", 0.3], f"{old}: this model was saved without the normal scores"),
+        (["--model", model_dir, "--target-fpr", 0.9], "threshold.target_fpr: must be in (0, 0.5], got 0.9"),
+        (["--model", tmp_path / "none", "--target-fpr", 0.1], "model directory not found"),
+    ]:
+        result = _run("threshold", *args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert message in result.output
+    assert Detector.load(old).decision_ == fitted

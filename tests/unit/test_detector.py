@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -148,6 +149,24 @@ def test_threshold_comes_from_cross_fitted_normal_images(fitted: Detector) -> No
     coarse = Detector(_config("patchcore", "threshold.target_fpr=0.1")).fit(_split_train(fitted))
     assert coarse.decision_ is not None and coarse.decision_.rule == "conformal"
     assert coarse.decision_.estimated_fpr == pytest.approx(1 / 13)  # rank ceil(13 * 0.9) = 12 of 12
+
+
+def test_set_target_fpr_chooses_again_from_the_fits_normal_scores(fitted: Detector) -> None:
+    import copy
+
+    from anomaly.thresholds import calibrate
+
+    det = copy.deepcopy(fitted)
+    assert det.normal_scores_ is not None and len(det.normal_scores_) == det.decision_.n_normal
+    det.set_target_fpr(0.25)
+    assert det.decision_ == replace(calibrate(fitted.normal_scores_, 0.25), n_excluded=fitted.decision_.n_excluded)
+    assert det.decision_.image < fitted.decision_.image and det.config.threshold.target_fpr == 0.25
+    with pytest.raises(ConfigError, match="threshold.target_fpr"):
+        det.set_target_fpr(0.0)
+    with pytest.raises(ConfigError, match="zero-shot"):
+        Detector(_config("musc")).set_target_fpr(0.05)
+    with pytest.raises(NotFittedError):
+        Detector(_config()).set_target_fpr(0.05)
 
 
 def test_arrays_of_any_size_and_grayscale_are_accepted(fitted: Detector, synthetic_root: Path) -> None:
