@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Union, cast
 
@@ -216,10 +217,13 @@ def iter_batches(
     skip_errors: bool = False,
     spec: ViewSpec | None = None,
 ) -> Iterator[ImageBatch]:
-    """Decode + resize in a thread pool, up to two batches ahead of the consumer.
+    """Decode + cut into views in a thread pool, ahead of the consumer; batches of ``batch_size`` views or more.
 
-    With ``skip_errors`` an input that cannot be decoded is reported in its ``DecodedImage.error``
-    instead of raising, so one bad file does not lose the rest of the batch.
+    A batch closes once it holds ``batch_size`` views (at least one input), and at most about twice that many
+    views are decoded ahead: ``batch_size`` whole images as before, but one 6000 x 4000 frame in 256 px tiles (651
+    views, 128 MB of them) at a time instead of 16 (4 frames took 2.5 GB where one took 1.7). With
+    ``skip_errors`` an input that cannot be decoded is reported in its ``DecodedImage.error`` instead of raising,
+    so one bad file does not lose the rest of the batch.
     """
 
     def work(index: int) -> DecodedImage:
@@ -233,17 +237,31 @@ def iter_batches(
             source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
             return DecodedImage(None, (0, 0), source, None, str(error))
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        pending = [pool.submit(work, i) for i in range(min(len(items), 2 * batch_size))]
-        next_item = len(pending)
-        while pending:
-            chunk, pending = pending[:batch_size], pending[batch_size:]
-            pending += [pool.submit(work, i) for i in range(next_item, min(len(items), next_item + batch_size))]
-            next_item += batch_size
-            decoded = [f.result() for f in chunk]
-            ok = [d.views for d in decoded if d.views is not None]
-            images = np.concatenate(ok) if ok else np.empty((0, *size, 3), dtype=np.uint8)
-            yield ImageBatch(images, decoded)
+    def batch_of(decoded: list[DecodedImage]) -> ImageBatch:
+        ok = [d.views for d in decoded if d.views is not None]
+        return ImageBatch(np.concatenate(ok) if ok else np.empty((0, *size, 3), dtype=np.uint8), decoded)
+
+    workers = os.cpu_count() or 2
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[DecodedImage]] = deque()
+        next_item, most_views = 0, 0  # the most views one input has had so far (0: none decoded yet)
+        batch: list[DecodedImage] = []
+        views = 0
+        while next_item < len(items) or pending:
+            ahead = workers if not most_views else max(1, 2 * batch_size // most_views)
+            while next_item < len(items) and len(pending) < ahead:
+                pending.append(pool.submit(work, next_item))
+                next_item += 1
+            decoded = pending.popleft().result()
+            n = 1 if decoded.views is None else len(decoded.views)
+            most_views = max(most_views, n)
+            batch.append(decoded)
+            views += n
+            if views >= batch_size:
+                yield batch_of(batch)
+                batch, views = [], 0
+        if batch:
+            yield batch_of(batch)
 
 
 def input_error(exc: DataError, item: ImageInput, index: int, total: int) -> DataError:

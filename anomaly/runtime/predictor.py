@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -17,7 +15,7 @@ from numpy.typing import NDArray
 from anomaly._fs import restore_interrupted
 from anomaly.data.input_checks import InputCheck, InputProfile
 from anomaly.data.inputs import OnError, check_on_error, many, one_or_many
-from anomaly.data.loader import ImageInput, decode_input, input_error
+from anomaly.data.loader import ImageInput, iter_batches
 from anomaly.data.views import ViewSpec
 from anomaly.errors import BackendError, DataError
 from anomaly.results import DetectionResult, StageProgress
@@ -143,36 +141,27 @@ class ExportedDetector:
             raise DataError("predict: no images")
         check_on_error(on_error)
 
-        def decode(index: int) -> tuple[Any, tuple[int, int], str | None, Any, int | None, float | None]:
-            """:meth:`_decode`; with ``on_error="skip"``, (None, (0, 0), source, why, None, None) if unreadable."""
-            item = items[index]
-            try:
-                return self._decode(item)
-            except DataError as exc:
-                error = input_error(exc, item, index, len(items))
-                if on_error == "raise":
-                    raise error from None
-                source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
-                return None, (0, 0), source, str(error), None, None
-
         done, check = 0, InputCheck(self.input_profile)
-        for batch in _chunks(_prefetch(decode, list(range(len(items))), 2 * self.batch_size), self.batch_size):
-            ok = [b for b in batch if b[0] is not None]
+        batches = iter_batches(
+            items, self.image_size, self.batch_size, keep_images=keep_images, skip_errors=on_error == "skip",
+            spec=self.view_spec,
+        )  # fmt: skip
+        for batch in batches:
+            ok = batch.ok
             results: Iterator[DetectionResult] = iter([])
             if ok:
-                patch_maps, scores = self._score_views(np.concatenate([b[0].views for b in ok]))
-                sizes, sources = [b[1] for b in ok], [b[2] for b in ok]
-                layouts = [b[0].layout for b in ok]
+                patch_maps, scores = self._score_views(batch.images)
+                sizes, sources, layouts = [d.size for d in ok], [d.source for d in ok], [d.layout for d in ok]
                 results = iter(decide(patch_maps, scores, sizes, sources, self.postprocess, maps, layouts))
-                check.add(sizes, sources, [b[4] for b in ok], [b[5] for b in ok])
-            for b in batch:
-                if b[0] is None:  # unreadable, skipped: NaN score and the reason
+                check.add_decoded(ok)
+            for d in batch.items:
+                if d.error is not None:  # unreadable, skipped: NaN score and the reason
                     threshold = self.decision_
                     pixel = threshold.pixel if self.scorer.has_maps else math.nan  # no map, no mask
-                    yield DetectionResult.unreadable(b[2], b[3], threshold.image, pixel), None
+                    yield DetectionResult.unreadable(d.source, d.error, threshold.image, pixel), None
                 else:
-                    yield next(results), b[3] if keep_images else None
-            done += len(batch)
+                    yield next(results), d.original
+            done += len(batch.items)
             if progress is not None:
                 progress("score", done, len(items))
         check.warn(len(items))
@@ -185,13 +174,6 @@ class ExportedDetector:
         ]
         maps = None if parts[0][0] is None else np.concatenate([m for m, _ in parts])
         return maps, np.concatenate([s for _, s in parts])
-
-    def _decode(self, item: RuntimeInput) -> tuple[Any, tuple[int, int], str | None, Any, int | None, float | None]:
-        """(decoded views and their layout, original (H, W), source, decoded RGB image, bits of its 16-bit values,
-        chroma)."""
-        decoded = decode_input(item, self.image_size, keep=True, spec=self.view_spec)
-        assert decoded.views is not None and decoded.original is not None
-        return decoded, decoded.size, decoded.source, decoded.original, decoded.bits, decoded.chroma
 
 
 def _view_spec(model_input: dict[str, Any], bit_depth: int) -> ViewSpec:
@@ -209,29 +191,6 @@ def _view_spec(model_input: dict[str, Any], bit_depth: int) -> ViewSpec:
     if not 0 <= overlap < 1:
         raise ValueError(f"input.tile.overlap must be in [0, 1), got {overlap!r}")
     return ViewSpec(resize, size, overlap, standardize=standardize, bit_depth=bit_depth)
-
-
-def _prefetch(fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Iterator[Any]:
-    """``map(fn, items)`` in a thread pool (decoding releases the GIL), at most ``ahead`` items in flight."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        pending: deque[Future[Any]] = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _chunks(stream: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in stream:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _loaded(directory: Path, spec: dict[str, Any], device: str) -> Any:

@@ -849,3 +849,24 @@ def test_mvtec_ad_2_reads_its_public_test_split(synthetic_root: Path, tmp_path: 
     ]
     assert all(s.mask_path is not None and "test_public/ground_truth" in str(s.mask_path) for s in data.test_anomalous)
     assert find_categories(tmp_path / "ad2", "mvtec") == ["widget"]
+
+
+def test_batches_count_views_so_that_large_tiled_frames_are_decoded_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sixteen frames of 651 tiles each were decoded at once (two batches of 16 frames ahead): 4 frames took 2.5 GB
+    where one took 1.7. Batches now close at ``batch_size`` views, and about twice that many are decoded ahead."""
+    import anomaly.data.loader as loader
+    from anomaly.data.views import ViewSpec
+
+    decoded: list[int] = []  # how many inputs were decoded when each batch was handed over
+    decode = loader.decode_input
+    monkeypatch.setattr(loader, "decode_input", lambda item, *a: decoded.append(0) or decode(item, *a))
+    frames = [np.full((256, 256, 3), i, np.uint8) for i in range(6)] + [np.zeros((40, 40, 3), np.uint8)] * 5
+    seen = []
+    for batch in loader.iter_batches(frames, (64, 64), 8, spec=ViewSpec(tile=64)):
+        seen.append((len(batch.items), len(batch.images), len(decoded)))
+    assert [items for items, _, _ in seen] == [1, 1, 1, 1, 1, 1, 5]  # 25 tiles per frame; the small ones: 1 each
+    assert [views for _, views, _ in seen] == [25] * 6 + [5]
+    handed = np.cumsum([items for items, _, _ in seen])
+    assert all(done <= n + 2 for n, (_, _, done) in zip(handed, seen))  # never more than 2 frames ahead
