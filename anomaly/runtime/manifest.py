@@ -14,7 +14,11 @@ from anomaly.model_dir import signed
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "MANIFEST", "is_export_dir", "read_manifest", "write_manifest"]
 
 EXPORT_FORMAT = "anomaly-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+# Exports of whole stretched images are written as format 1, which every release reads alike; those that cut views
+# (``input.resize: keep_aspect``, ``input.tile``) as format 2, so that a runtime from before views could be exported
+# refuses them ("written by a newer anomaly") instead of scoring stretched images against a tiled model's threshold.
+_STRETCHED_VERSION = 1
 MANIFEST = "manifest.json"
 
 
@@ -28,7 +32,10 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     files = {
         p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST and not p.name.startswith(".")
     }
-    body = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **manifest, "files": files}
+    model_input = manifest.get("input", {})
+    views = (model_input.get("resize", "stretch"), model_input.get("tile")) != ("stretch", None)
+    version = EXPORT_VERSION if views else _STRETCHED_VERSION
+    body = {"format": EXPORT_FORMAT, "format_version": version, **manifest, "files": files}
     (folder / MANIFEST).write_text(json.dumps(signed(body), indent=2))
 
 
@@ -55,10 +62,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
                         f"{EXPORT_VERSION}); upgrade anomaly or export the model again")  # fmt: skip
     if manifest != signed(manifest):  # a missing digest too: removing it must not skip the check
         raise DataError(f"{root / MANIFEST}: modified since the export; export the model again")
-    if version != EXPORT_VERSION:
+    if version not in (_STRETCHED_VERSION, EXPORT_VERSION) or isinstance(version, bool):
         raise DataError(
             f"{root}: export format {manifest.get('format_version')!r} is incompatible with this version "
-            f"(expects {EXPORT_VERSION}); export the model again with `anomaly export`"
+            f"(expects {_STRETCHED_VERSION} or {EXPORT_VERSION}); export the model again with `anomaly export`"
         )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:

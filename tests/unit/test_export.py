@@ -388,6 +388,7 @@ def test_an_export_written_before_views_were_exported_scores_whole_stretched_ima
     copy = _copy(patchcore_export, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     assert (manifest["input"].pop("resize"), manifest["input"].pop("tile")) == ("stretch", None)
+    assert manifest["format_version"] == 1  # stretched exports keep the format every release reads
     (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
     paths = _test_images(synthetic_root)[:3]
     got = [r.image_score for r in ExportedDetector(copy).predict(paths)]
@@ -500,10 +501,14 @@ def test_letterboxed_and_tiled_models_export_with_the_detectors_results(
     train = [read_image(p)[:, :88] for p in sorted((synthetic_root / "train" / "good").glob("*.png"))]
     model = Detector(config).fit(train).save(tmp_path / "model")
     export = export_model(model, tmp_path / "export")
-    manifest = json.loads((export / "manifest.json").read_text())["input"]
+    written = json.loads((export / "manifest.json").read_text())
+    manifest = written["input"]
     letterboxed = views[0].startswith("preprocess.resize")
     expected_views = ("keep_aspect", None) if letterboxed else ("stretch", {"size": 64, "overlap": 0.25})
     assert (manifest["resize"], manifest["tile"]) == expected_views
+    # format 2: a runtime from before views were exported refuses it ("written by a newer anomaly"), where it
+    # read format 1 and scored whole stretched images against the tiled model's threshold
+    assert written["format_version"] == 2
     tests = [read_image(p) for p in _test_images(synthetic_root)]
     images = [t[:, :88] for t in tests[:6]] + tests[6:]  # two shapes, both in the second batch of four
     expected = Detector.load(model).predict(images)
