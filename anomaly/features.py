@@ -291,11 +291,22 @@ def _runs_at(name: str, model: TimmModel, image_size: tuple[int, int]) -> Iterat
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as exc:
+        if isinstance(exc, AnomalyError) or _device_error(exc):  # the GPU's failure, not the size's
+            raise
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         own = list(model.pretrained_cfg["input_size"][1:])
         raise ConfigError(
             f"backbone.image_size: '{name}' cannot run at {list(image_size)} ({reason}); its own is {own}"
         ) from None
+
+
+def _device_error(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is the accelerator's (a CUDA, cuDNN, cuBLAS or MPS failure: a driver, a kernel built for
+    another GPU), which no input size would change."""
+    if isinstance(exc, getattr(torch, "AcceleratorError", ())):
+        return True
+    message = str(exc)
+    return any(word in message for word in ("CUDA", "cuDNN", "CUDNN", "CUBLAS", "cuBLAS", "MPS", "HIP"))
 
 
 @contextmanager

@@ -153,3 +153,24 @@ def test_a_refit_or_a_zero_shot_pool_keeps_a_vit_built_atwhole_patches(monkeypat
     first = len(builds)
     pool.predict(images[:4])
     assert len(builds) == first
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("CUDA error: no kernel image is available for execution on the device"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
+    ],
+)
+def test_a_gpu_failure_in_the_first_pass_is_not_called_an_input_size_error(
+    error: RuntimeError, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a pass that the size breaks is a backbone.image_size error: the GPU's own failure stays itself."""
+
+    def fail(self: FeatureExtractor) -> list[int]:
+        raise error
+
+    monkeypatch.setattr(FeatureExtractor, "channels", property(fail))
+    with pytest.raises(RuntimeError) as raised:
+        FeatureExtractor("resnet18", ["layer2"], pretrained=False, image_size=(64, 64), device="cpu")
+    assert raised.value is error
