@@ -660,6 +660,9 @@ def threshold(
 ) -> None:
     """Choose a fitted model's threshold again for another false-positive rate, from its fit's scores of normal
     images (no refit)."""
+    import json
+    from dataclasses import replace
+
     from anomaly._fs import check_output_dir
     from anomaly.config import ThresholdConfig
     from anomaly.detector import Detector
@@ -671,12 +674,18 @@ def threshold(
     target = out or model
     if target != model:
         check_output_dir(target, "meta.json")
-    detector = Detector.load(model)
+    # on the CPU, whatever device the model was fitted on: choosing a threshold runs no network, and a model fitted
+    # with device=cuda could not have its threshold changed on a machine without a GPU; it is saved with its own
+    detector = Detector.load(model, device="cpu")
+    saved = json.loads((model / "config.json").read_text(encoding="utf-8"))["device"]  # checked by the load
+    if detector.zero_shot:
+        raise DataError(f"{model}: a zero-shot model chooses its threshold per pool of images; it has none to change")
     before = detector.decision_
     try:
         detector.set_target_fpr(target_fpr)
     except DataError as exc:
         raise DataError(f"{model}: {exc}") from None
+    detector.config = replace(detector.config, device=saved)
     detector.save(target)
     assert before is not None and detector.decision_ is not None  # a trained model (set_target_fpr refuses others)
     typer.echo(f"threshold {before.image:.6g} -> {detector.decision_.summary()[len('threshold ') :]}")

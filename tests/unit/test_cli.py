@@ -1086,3 +1086,36 @@ def test_threshold_chooses_the_models_threshold_again_without_a_refit(
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert message in result.output
     assert Detector.load(old).decision_ == fitted
+
+
+def test_threshold_of_a_model_fitted_on_a_gpu_runs_without_one_and_keeps_its_device(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Choosing a threshold runs no network: a model fitted with device=cuda gets one on a machine without a GPU,
+    and is saved with its own device; a zero-shot model is one line naming it."""
+    import torch
+
+    from anomaly import Detector
+    from anomaly._fs import file_sha256
+    from anomaly.model_dir import signed
+
+    gpu = Path(shutil.copytree(model_dir, tmp_path / "gpu"))
+    config = json.loads((gpu / "config.json").read_text())
+    config["device"] = "cuda"
+    (gpu / "config.json").write_text(json.dumps(config))
+    meta = json.loads((gpu / "meta.json").read_text())
+    meta["files"]["config.json"] = file_sha256(gpu / "config.json")
+    (gpu / "meta.json").write_text(json.dumps(signed(meta)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = _run("threshold", "--model", gpu, "--target-fpr", 0.3)
+    assert result.exit_code == 0, result.output
+    assert json.loads((gpu / "config.json").read_text())["device"] == "cuda"
+    loose = Detector.load(gpu, device="cpu")
+    assert loose.config.threshold.target_fpr == 0.3
+    assert loose.decision_.image < Detector.load(model_dir).decision_.image
+
+    zero_shot = tmp_path / "musc"
+    Detector("musc").save(zero_shot)
+    refused = _run("threshold", "--model", zero_shot, "--target-fpr", 0.3)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert f"{zero_shot}: a zero-shot model chooses its threshold per pool" in refused.output
