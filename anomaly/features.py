@@ -446,7 +446,9 @@ def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] 
         else:
             model = _timm_model(name, image_size, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any network/hub failure means "unavailable"
-        if source.kind != "hub":
+        # a constructor that refuses the input size (XCiT, hybrid ViTs: an assert) does so before any download,
+        # and _model_at rounds the size and asks again: not a failed download
+        if source.kind != "hub" or isinstance(exc, AssertionError):
             raise
         raise WeightsUnavailableError(
             f"backbone '{name}': hub download failed ({type(exc).__name__}); use a local file "

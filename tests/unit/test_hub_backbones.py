@@ -174,3 +174,20 @@ def test_a_gpu_failure_in_the_first_pass_is_not_called_an_input_size_error(
     with pytest.raises(RuntimeError) as raised:
         FeatureExtractor("resnet18", ["layer2"], pretrained=False, image_size=(64, 64), device="cpu")
     assert raised.value is error
+
+
+def test_a_hub_download_of_a_transformer_that_refuses_the_size_takes_the_nearest_whole_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Downloaded from the hub, an XCiT refuses 90 x 120 in its constructor (before any download) as it does with
+    random weights: the size is rounded, not reported as a failed download."""
+    import timm.models._builder
+
+    import anomaly.features
+    from anomaly.features import WeightsSource
+
+    downloads: list[str] = []
+    monkeypatch.setattr(anomaly.features, "resolve_weights", lambda name, *_: WeightsSource("hub", name))
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda model, *_, **__: downloads.append("x"))
+    fx = FeatureExtractor("xcit_nano_12_p16_224", ["blocks.1"], image_size=(90, 120), device="cpu")
+    assert fx.image_size == (96, 128) and fx.source.kind == "hub" and downloads
