@@ -471,7 +471,7 @@ def whole_patches(model: TimmModel, image_size: tuple[int, int] | None) -> tuple
     if image_size is None or embed is None or not hasattr(model, "blocks"):
         return image_size  # CNNs; hierarchical transformers (Swin, PVT: stages, not blocks) pad or merge their own way
     ratio = getattr(embed, "feat_ratio", None)
-    stride = ratio() if callable(ratio) else getattr(embed, "patch_size", None)
+    stride = ratio(as_scalar=False) if callable(ratio) else getattr(embed, "patch_size", None)  # (H, W)
     if isinstance(stride, int):
         stride = (stride, stride)
     if not isinstance(stride, tuple) or len(stride) != 2 or not all(isinstance(p, int) and p > 0 for p in stride):

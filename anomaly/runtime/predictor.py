@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly._fs import restore_interrupted
+from anomaly.config import TileConfig
 from anomaly.data.input_checks import InputCheck, InputProfile
 from anomaly.data.inputs import OnError, check_on_error, many, one_or_many
 from anomaly.data.loader import ImageInput, iter_batches
@@ -185,12 +186,8 @@ def _view_spec(model_input: dict[str, Any], bit_depth: int) -> ViewSpec:
     standardize = bool(model_input.get("standardize", False))
     if tile is None:
         return ViewSpec(resize, standardize=standardize, bit_depth=bit_depth)
-    size, overlap = tile["size"], float(tile["overlap"])
-    if size is not None and not (isinstance(size, int) and size > 0):
-        raise ValueError(f"input.tile.size must be null or a positive integer, got {size!r}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"input.tile.overlap must be in [0, 1), got {overlap!r}")
-    return ViewSpec(resize, size, overlap, standardize=standardize, bit_depth=bit_depth)
+    checked = TileConfig(size=tile["size"], overlap=tile["overlap"])  # the config's own limits (ConfigError)
+    return ViewSpec(resize, checked.size, checked.overlap, standardize=standardize, bit_depth=bit_depth)
 
 
 def _loaded(directory: Path, spec: dict[str, Any], device: str) -> Any:

@@ -349,7 +349,7 @@ def test_exports_and_the_service_keep_the_bit_depth_of_12_bit_training_images(
         ("k", "damaged export, it fails on a blank image"),
         ("bit_depth", "input.bit_depth must be 1-16"),
         ("resize", "input.resize must be stretch or keep_aspect"),
-        ("tile", "input.tile.overlap must be in"),
+        ("tile", "preprocess.tile.overlap: must be in"),
         ("sigma", "blur_sigma must be a finite number >= 0"),
     ],
 )
