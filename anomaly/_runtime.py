@@ -53,6 +53,13 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise BackendError(f"device: unknown device '{device}' (use auto, cpu or cuda)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device: '{device}' requested but no CUDA GPU is available (use auto or cpu)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise BackendError(
+            f"device: '{device}' requested but torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1})"
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():  # else a traceback when the model moves
+        raise BackendError(f"device: '{device}' requested but this torch has no usable MPS device (use auto or cpu)")
     return resolved
 
 

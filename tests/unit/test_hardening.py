@@ -775,3 +775,30 @@ def test_a_swap_killed_after_moving_the_users_files_leaves_them_to_the_user(
         m.setattr(_fs, "_alive", lambda pid: False)  # the run is gone
         _fs.new_temp_dir(target, "result.json", output=False)  # the next run cleans up beside the target
     assert (tmp / "notes.txt").read_text() == "mine"
+
+
+def test_a_device_the_machine_lacks_is_one_error_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--device mps` on a machine without MPS ended in torch's RuntimeError traceback (exit 1) when the model moved
+    there, then in an error that blamed the input size ("backbone.image_size: 'tf_efficientnet_lite0' cannot run at
+    [256, 256] (PyTorch is not linked with support for mps devices)"); `cuda:N` past the GPUs torch sees was not
+    checked either."""
+    import torch
+
+    from anomaly import BackendError
+    from anomaly._runtime import resolve_device
+
+    if not torch.backends.mps.is_available():  # (torch's own is_available cannot be patched: it is looked through)
+        images = [_png(tmp_path / "good" / f"{i}.png", 100 + i) for i in range(4)]
+        fitted = _run("fit", "--device", "mps", "--out", tmp_path / "m", *SMALL, images[0].parent)
+        _one_error_line(fitted, "device: 'mps' requested but this torch has no usable MPS device")
+        assert not (tmp_path / "m").exists()
+        with pytest.raises(BackendError, match="'mps' requested"):
+            resolve_device("mps")
+    with monkeypatch.context() as one_gpu:
+        one_gpu.setattr(torch.cuda, "is_available", lambda: True)
+        one_gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        assert resolve_device("cuda:0") == torch.device("cuda:0")
+        with pytest.raises(BackendError, match=r"'cuda:1' requested but torch sees 1 CUDA GPU\(s\) \(cuda:0 to"):
+            resolve_device("cuda:1")
