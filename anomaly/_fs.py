@@ -31,6 +31,7 @@ import numpy as np
 from anomaly.errors import DataError
 
 __all__ = [
+    "BENCHMARK_MARKER",
     "IMPORT_MARKER",
     "OUTPUT_MARKER",
     "atomic_write_bytes",
@@ -52,6 +53,9 @@ OUTPUT_MARKER = ".anomaly-output.json"
 IMPORT_MARKER = ".anomaly-import.json"
 """The manifest of a category written by ``anomaly import``: an import does not read one inside its source folder
 (an --out there) as a source again."""
+BENCHMARK_MARKER = ".anomaly-benchmark"
+"""Marks the folder of an ``anomaly benchmark`` run (its tables; one folder of outputs and a PIMO plot per category):
+never read as inputs either."""
 _OWNER_FILE = ".anomaly-owner"
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly._fs import OUTPUT_MARKER, atomic_write_text, staged_dir
+from anomaly._fs import BENCHMARK_MARKER, OUTPUT_MARKER, atomic_write_text, staged_dir
 from anomaly._runtime import peak_rss_mb, reset_peak_rss
 from anomaly.config import DetectorConfig
 from anomaly.data.datasets import (
@@ -66,7 +66,7 @@ COLUMNS = [
 ]
 _COSTS = {"fit_s", "ms_per_image", "peak_mem_mb", "peak_gpu_mb"}  # one decimal; metrics take four
 _ALWAYS = {"category", "image_auroc", "pixel_auroc", "aupro", "aupimo", "fit_s", "ms_per_image", "peak_mem_mb"}
-_TABLES_MARKER = ".anomaly-benchmark"
+_TABLES_MARKER = BENCHMARK_MARKER
 _CATEGORY_ENTRIES = {"scores", "evaluation", "report", "pimo.png", "result.json"}  # what a category's folder holds
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from anomaly._fs import OUTPUT_MARKER
+from anomaly._fs import BENCHMARK_MARKER, OUTPUT_MARKER
 from anomaly.data.datasets import is_category_root
 from anomaly.data.io import GLOB_CHARS, is_image_file, list_images
 from anomaly.data.loader import ImageInput, is_stream, read_streams
@@ -137,7 +137,10 @@ def _refuse_labelled_folders(folder: Path) -> None:
         visited.add(real)
         # hidden folders and earlier outputs of anomaly (scores beside the images) are never read as images
         dirnames[:] = [
-            d for d in dirnames if not d.startswith(".") and not os.path.isfile(os.path.join(dirpath, d, OUTPUT_MARKER))
+            d
+            for d in dirnames
+            if not d.startswith(".")
+            and not any(os.path.isfile(os.path.join(dirpath, d, m)) for m in (OUTPUT_MARKER, BENCHMARK_MARKER))
         ]
         found = sorted(set(dirnames) & _NOT_NORMAL)
         if found:

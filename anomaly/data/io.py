@@ -22,7 +22,7 @@ import simplejpeg
 from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from anomaly._fs import IMPORT_MARKER, OUTPUT_MARKER
+from anomaly._fs import BENCHMARK_MARKER, IMPORT_MARKER, OUTPUT_MARKER
 from anomaly.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -410,8 +410,9 @@ def _expand(item: str | os.PathLike[str], skip_imports: bool) -> list[Path]:
 
 def _walk(root: Path, skip_imports: bool = False) -> list[Path]:
     """Non-hidden files under ``root``, recursively, sorted by relative path; symlinked folders followed once; an
-    earlier output of anomaly below ``root`` left out, and with ``skip_imports`` an earlier import too."""
-    markers = (OUTPUT_MARKER, IMPORT_MARKER) if skip_imports else (OUTPUT_MARKER,)
+    earlier output of anomaly (a benchmark's folder too: its PIMO plots are PNGs) below ``root`` left out, and with
+    ``skip_imports`` an earlier import too."""
+    markers = (OUTPUT_MARKER, BENCHMARK_MARKER, *((IMPORT_MARKER,) if skip_imports else ()))
     files: list[Path] = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):

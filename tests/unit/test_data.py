@@ -870,3 +870,27 @@ def test_batches_count_views_so_that_large_tiled_frames_are_decoded_one_at_a_tim
     assert [views for _, views, _ in seen] == [25] * 6 + [5]
     handed = np.cumsum([items for items, _, _ in seen])
     assert all(done <= n + 2 for n, (_, _, done) in zip(handed, seen))  # never more than 2 frames ahead
+
+
+def test_a_benchmark_folder_inside_the_inputs_is_never_read_as_images(tmp_path: Path) -> None:
+    """`anomaly benchmark --out` inside a folder of parts: its PIMO plot (`<category>/pimo.png`, in a folder without
+    the output marker) was fitted as a normal image (a toothbrush model's threshold 24.1 -> 72.4) and scored as one,
+    and beside good/ it was taken for a defect type."""
+    from anomaly._fs import BENCHMARK_MARKER
+    from anomaly.data.inputs import image_paths, training_paths
+
+    parts = tmp_path / "parts"
+    good = [parts / f"{i}.png" for i in range(3)]
+    for i, path in enumerate(good):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), 100 + i, np.uint8)).save(path)
+    bench = parts / "bench"
+    (bench / "parts").mkdir(parents=True)
+    (bench / BENCHMARK_MARKER).touch()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(bench / "parts" / "pimo.png")
+    assert image_paths([parts]) == good
+    assert training_paths([parts]) == good
+    labelled = tmp_path / "labelled"  # good/ beside a benchmark's folder: no defect type
+    shutil.copytree(parts, labelled / "good")
+    shutil.move(labelled / "good" / "bench", labelled / "bench")
+    assert training_paths([labelled]) == [labelled / "good" / p.name for p in good]
