@@ -370,6 +370,17 @@ class Detector:
                     "model input: their detail is blur; a smaller backbone.image_size suits them",
                     median, upscale, *self.extractor.image_size,
                 )  # fmt: skip
+        tile = self.config.preprocess.tile
+        if images is not None and tile is not None and tile.size is not None:
+            shrunk = _shrunk_in_tiles(images, self.extractor.image_size)
+            if shrunk is not None:
+                (h, w), (fh, fw) = shrunk
+                log.warning(
+                    "fit: preprocess.tile.size %d is larger than the training images (median %dx%d px, H x W): each "
+                    "is seen at about %dx%d px of the %dx%d model input, the rest mirrored padding; tiles of at most "
+                    "their shorter side (%d), `preprocess.tile={size: null}` or no tiles (null) see them larger",
+                    tile.size, h, w, fh, fw, *self.extractor.image_size, min(h, w),
+                )  # fmt: skip
         has_maps = out_of_sample.patch_maps is not None
         if out_of_sample.patch_maps is not None and images is not None:
             grid = out_of_sample.patch_maps.shape[1:]
@@ -1046,6 +1057,22 @@ def _patch_footprint(
         return None
     h, w = np.median(np.asarray(spans), axis=0)
     return max(1, round(h)), max(1, round(w))  # upscaled images: a patch still spans at least a pixel of them
+
+
+def _shrunk_in_tiles(
+    images: Sequence[DecodedImage], input_size: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The median original (H, W) of ``images`` and their median frame (H, W) when tiles of a fixed size larger than
+    them leave the median image on less than half of its one model-input view (the rest is mirrored padding: a tile
+    size above the images' own scales them down instead of cutting them), else None."""
+    sized = [(d.size, d.layout.frame) for d in images if d.error is None and d.layout is not None]
+    if not sized:
+        return None
+    share = np.median([min(1.0, fh / input_size[0]) * min(1.0, fw / input_size[1]) for _, (fh, fw) in sized])
+    if share >= 0.5:
+        return None
+    (h, w), (fh, fw) = (np.median([s for s, _ in sized], axis=0), np.median([f for _, f in sized], axis=0))
+    return (round(h), round(w)), (round(fh), round(fw))
 
 
 def _sample_positions(n: int) -> NDArray[np.int64]:
