@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly._fs import BENCHMARK_MARKER, OUTPUT_MARKER, atomic_write_text, staged_dir
+from anomaly._fs import BENCHMARK_MARKER, OUTPUT_MARKER, atomic_write_text, file_sha256, staged_dir
 from anomaly._runtime import peak_rss_mb, reset_peak_rss
 from anomaly.config import DetectorConfig
 from anomaly.data.datasets import (
@@ -424,6 +424,8 @@ def _run_category(
     if cuda:
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     metrics.update(n_images=len(results), **counts)  # as `anomaly evaluate` writes them, for the report's table
+    if (out / "scores" / "scores.csv").is_file():  # the report of the category checks it evaluated these scores
+        evaluation.scores_sha256 = file_sha256(out / "scores" / "scores.csv")
     write_evaluation(evaluation, out / "evaluation")
     per_image = None if evaluation.aupimo is None else evaluation.aupimo.per_image
     if evaluation.aupimo is not None and evaluation.maps is not None and evaluation.masks is not None:

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly._fs import OUTPUT_MARKER, atomic_write_text, check_output_dir, staged_dir
+from anomaly._fs import OUTPUT_MARKER, atomic_write_text, check_output_dir, file_sha256, staged_dir
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
 from anomaly.data.io import (
     SOFT_MASK_LEVELS,
@@ -64,6 +64,7 @@ class Evaluation:
     labels: list[int]
     mask_files: list[str | None]  # each image's ground-truth mask file, None for normal images
     category: str | None = None  # the category's name, when the ground truth came from one
+    scores_sha256: str | None = None  # of the scores.csv evaluated: a report tells an evaluation of other scores
 
 
 def _truth(samples: list[Sample]) -> list[str | None]:
@@ -152,6 +153,7 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> Non
         "paths": evaluation.paths,
         "labels": evaluation.labels,
         "masks": evaluation.mask_files,
+        **({} if evaluation.scores_sha256 is None else {"scores_sha256": evaluation.scores_sha256}),
     }
     _adopt_earlier_evaluation(Path(out))
     with staged_dir(Path(out), EVALUATION_MARKER) as tmp:
@@ -280,6 +282,7 @@ def evaluate_scores(
         maps = _at_image_size([load_map(Path(scores_dir) / p) for p in map_paths], samples)
     evaluation = evaluate_samples(scores, samples, maps, eval_size, [r["path"] for r in rows])
     evaluation.category = data.name
+    evaluation.scores_sha256 = file_sha256(Path(scores_dir) / "scores.csv")
     evaluation.metrics["n_images"] = len(rows)
     if all((r.get("is_anomalous") or "").strip() for r in rows):  # a verdict per row (not scores from elsewhere)
         evaluation.metrics.update(threshold_counts([is_flagged(r) for r in rows], evaluation.labels))

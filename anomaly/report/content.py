@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anomaly._fs import file_sha256
 from anomaly.errors import DataError
 from anomaly.tables import find_scored_image, is_flagged, read_clusters, read_scores, score_number
 
@@ -94,7 +95,7 @@ def load_content(
 ) -> ReportContent:
     """Read the output folders into items sorted by descending score (ties by path)."""
     rows = read_scores(scores_dir)
-    truth = _read_truth(evaluation_dir, rows) if evaluation_dir is not None else None
+    truth = _read_truth(evaluation_dir, rows, scores_dir) if evaluation_dir is not None else None
     if truth is not None:
         labels = [truth.by_path[r["path"]][0] for r in rows]
         masks = [truth.by_path[r["path"]][1] for r in rows]
@@ -230,7 +231,7 @@ def _read_evaluation(folder: Path, items: list[Item]) -> Evaluation:
     return result
 
 
-def _read_truth(folder: Path, rows: list[dict[str, str]]) -> _GroundTruth | None:
+def _read_truth(folder: Path, rows: list[dict[str, str]], scores_dir: Path) -> _GroundTruth | None:
     """The evaluation's ground_truth.json; None where it has none (written before it existed, or no folder)."""
     path = folder / "ground_truth.json"
     data = _json(path)
@@ -246,6 +247,16 @@ def _read_truth(folder: Path, rows: list[dict[str, str]]) -> _GroundTruth | None
         log.warning("%d image(s) of the scores.csv are not in %s (first: %s): their labels are read from folder names",
                     len(foreign), path, foreign[0])  # fmt: skip
         by_path.update({p: (true_label(p), None) for p in foreign})
+    evaluated = data.get("scores_sha256")  # (absent from evaluations written before it was recorded)
+    if isinstance(evaluated, str) and evaluated != file_sha256(scores_dir / "scores.csv"):
+        log.warning(
+            "%s is the evaluation of another scores.csv than %s (the same images scored again, by another model?): "
+            "its metrics, per-image AUPIMO and PIMO curves are not of these scores; re-run `anomaly evaluate "
+            "--scores %s --out ...` for them",
+            folder,
+            scores_dir / "scores.csv",
+            scores_dir,
+        )
     category = data.get("category")
     return _GroundTruth(category if isinstance(category, str) and category else None, by_path)
 

@@ -197,6 +197,27 @@ def test_an_evaluation_of_other_scores_is_refused_or_named(tmp_path: Path, caplo
         build_report(scores, tmp_path / "report2", evaluation_dir=evaluation)
 
 
+def test_an_evaluation_of_the_same_images_scored_by_another_model_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`report --scores zs/ --evaluation ev/` where ev/ evaluated another model's scores of the same images drew that
+    model's AUROC, AUPIMO and PIMO curves beside these scores without a word (same paths, same count)."""
+    from anomaly.evaluation import evaluate_scores
+
+    scores = _fabricate(tmp_path, 12)
+    caplog.set_level("WARNING", logger="anomaly")
+    evaluate_scores(scores, tmp_path / "data", tmp_path / "eval")  # (no masks: image metrics, with a warning)
+    caplog.clear()
+    build_report(scores, tmp_path / "report", evaluation_dir=tmp_path / "eval")
+    assert "evaluation of another scores.csv" not in caplog.text
+    rows = _rows(scores)
+    other = tmp_path / "other"
+    other.mkdir()
+    _write_rows(other, [{**r, "score": repr(5.0 - float(r["score"]))} for r in rows])  # another model's scores
+    build_report(other, tmp_path / "report2", evaluation_dir=tmp_path / "eval")
+    assert f"eval is the evaluation of another scores.csv than {other / 'scores.csv'}" in caplog.text
+
+
 def test_a_hand_edited_score_without_a_threshold_column_is_named(tmp_path: Path) -> None:
     from anomaly.errors import DataError
 
