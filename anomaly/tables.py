@@ -117,12 +117,16 @@ def _read(path: Path, required: list[str], command: str) -> list[dict[str, str]]
     if not path.is_file():
         raise DataError(f"{path}: not found (run `{command}` first)")
     try:
-        with path.open(newline="", **CSV_ENCODING) as fh:
-            rows = list(csv.DictReader(fh))
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would stick to the first column
+        with path.open(newline="", encoding="utf-8-sig", errors=CSV_ENCODING["errors"]) as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
     except (OSError, csv.Error) as exc:
         raise DataError(f"{path}: unreadable ({exc})") from None
     if not rows or not set(required) <= set(rows[0]):
-        raise DataError(f"{path}: expected columns {','.join(required)} and at least one row")
+        found = ",".join(str(c) for c in reader.fieldnames or []) or "none"
+        raise DataError(f"{path}: expected columns {','.join(required)} and at least one row (found columns: "
+                        f"{found[:200]}; {len(rows)} row(s))")  # fmt: skip
     seen: set[str] = set()
     for row in rows:
         row["path"] = unescape_cell(row["path"] or "")

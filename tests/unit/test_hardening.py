@@ -802,3 +802,23 @@ def test_a_device_the_machine_lacks_is_one_error_line_not_a_traceback(
         assert resolve_device("cuda:0") == torch.device("cuda:0")
         with pytest.raises(BackendError, match=r"'cuda:1' requested but torch sees 1 CUDA GPU\(s\) \(cuda:0 to"):
             resolve_device("cuda:1")
+
+
+def test_a_scores_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """A scores.csv saved as "CSV UTF-8" by a spreadsheet starts with a byte-order mark, which stuck to the first
+    column's name: `evaluate`, `report` and `discover` refused it as "expected columns path,score", columns it had."""
+    from anomaly.tables import read_scores
+
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    text = "path,score,is_anomalous\r\n'=a.png,1.5,TRUE\r\nb\u00fc.png,0.5,FALSE\r\n"
+    (scores / "scores.csv").write_text(text, encoding="utf-8-sig", newline="")
+    rows = read_scores(scores)
+    assert [(r["path"], r["score"], r["is_anomalous"]) for r in rows] == [
+        ("=a.png", "1.5", "TRUE"),
+        ("bü.png", "0.5", "FALSE"),
+    ]
+    (scores / "scores.csv").write_text(text.replace(",", ";"), encoding="utf-8", newline="")  # another separator
+    with pytest.raises(DataError, match=r"expected columns path,score and at least one row \(found columns: "
+                       r"path;score;is_anomalous; 2 row\(s\)\)"):  # fmt: skip
+        read_scores(scores)
