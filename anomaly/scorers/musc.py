@@ -468,38 +468,40 @@ class MuScScorer(Scorer):
         norm_exponent: float = 0.0,
     ) -> None:
         if not r_list or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
-            raise ConfigError(f"musc: r_list must be positive odd integers, got {r_list!r}")
+            raise ConfigError(f"scorer.params.r_list must be positive odd integers, got {r_list!r}")
         try:
             _interval_bounds(interval, 10)
         except (TypeError, ValueError):
-            raise ConfigError(f"musc: interval must be two finite numbers >= 0, got {interval!r}") from None
+            raise ConfigError(f"scorer.params.interval must be two finite numbers >= 0, got {interval!r}") from None
         if rscin_k and any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in rscin_k):
-            raise ConfigError(f"musc: rscin_k must be positive integers, got {rscin_k!r}")
+            raise ConfigError(f"scorer.params.rscin_k must be positive integers, got {rscin_k!r}")
         if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
-            raise ConfigError(f"musc: memory_budget_mb must be > 0, got {memory_budget_mb!r}")
+            raise ConfigError(f"scorer.params.memory_budget_mb must be > 0, got {memory_budget_mb!r}")
         if aligned_window is not None and (
             isinstance(aligned_window, bool) or not isinstance(aligned_window, int) or aligned_window < 0
         ):
-            raise ConfigError(f"musc: aligned_window must be None or an integer >= 0, got {aligned_window!r}")
+            raise ConfigError(f"scorer.params.aligned_window must be None or an integer >= 0, got {aligned_window!r}")
         if map_layers is not None and (
             not map_layers
             or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in map_layers)
             or len(set(map_layers)) != len(map_layers)
         ):
-            raise ConfigError(f"musc: map_layers must be None or distinct layer indices >= 0, got {map_layers!r}")
+            raise ConfigError(
+                f"scorer.params.map_layers must be None or distinct layer indices >= 0, got {map_layers!r}"
+            )
         if rescore is not None and (
             isinstance(rescore, bool) or not isinstance(rescore, (int, float)) or not 0 < rescore < 1
         ):
-            raise ConfigError(f"musc: rescore must be None or a share of the pool in (0, 1), got {rescore!r}")
+            raise ConfigError(f"scorer.params.rescore must be None or a share of the pool in (0, 1), got {rescore!r}")
         # groups are split evenly: allowing 3 or more per group leaves none of a single image (nothing to score it by)
         if max_pool is not None and (isinstance(max_pool, bool) or not isinstance(max_pool, int) or max_pool < 3):
-            raise ConfigError(f"musc: max_pool must be None or an integer >= 3, got {max_pool!r}")
+            raise ConfigError(f"scorer.params.max_pool must be None or an integer >= 3, got {max_pool!r}")
         exponent_ok = isinstance(norm_exponent, (int, float)) and not isinstance(norm_exponent, bool)
         if not exponent_ok or not 0 <= norm_exponent <= 1:
-            raise ConfigError(f"musc: norm_exponent must be a number in [0, 1], got {norm_exponent!r}")
+            raise ConfigError(f"scorer.params.norm_exponent must be a number in [0, 1], got {norm_exponent!r}")
         for key, value in (("augment_references", augment_references), ("augment_queries", augment_queries)):
             if not isinstance(value, bool):
-                raise ConfigError(f"musc: {key} must be true or false, got {value!r}")
+                raise ConfigError(f"scorer.params.{key} must be true or false, got {value!r}")
         self.r_list = tuple(r_list)
         self.interval = cast("tuple[float, float]", tuple(interval))  # two numbers (checked above)
         self.rscin_k = tuple(rscin_k) if rscin_k else None
@@ -516,7 +518,9 @@ class MuScScorer(Scorer):
     def check_layer_count(self, n_layers: int) -> None:
         """``map_layers`` must name layers among the ``n_layers`` given."""
         if self.map_layers is not None and max(self.map_layers) >= n_layers:
-            raise ConfigError(f"musc: map_layers {list(self.map_layers)} name layers beyond the backbone's {n_layers}")
+            raise ConfigError(
+                f"scorer.params.map_layers {list(self.map_layers)} name layers beyond the backbone's {n_layers}"
+            )
 
     def fit(self, layers: list[torch.Tensor], *, progress: Progress | None = None) -> MuScScorer:
         """Nothing to learn (zero-shot); returns self."""

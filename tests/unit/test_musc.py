@@ -492,3 +492,11 @@ def test_rolling_pool_scores_against_recent_images():
         RollingPool(scorer, 3).score([images[:1]])
     with pytest.raises(ValueError):
         RollingPool(scorer, -1)
+
+
+def test_a_bad_musc_parameter_is_named_by_its_config_key() -> None:
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+
+    with pytest.raises(ConfigError, match=r"^scorer\.params\.max_pool must be None or an integer >= 3, got 1$"):
+        Detector(apply_overrides(load_config("musc"), ["scorer.params.max_pool=1"]))
