@@ -179,7 +179,7 @@ class InputCheck:
             lines.append(
                 f"{len(self.depths)} of {total} image(s) are 16-bit data of another depth than the model's bit_depth "
                 f"{self.profile.bit_depth} and read saturated or near-black: another camera setting? "
-                f"(preprocess.bit_depth at fit). First: {_first(self.depths)}"
+                f"(preprocess.bit_depth: a fit, or a zero-shot pool, decides it). First: {_first(self.depths)}"
             )
         return lines
 
