@@ -255,7 +255,10 @@ def score(
         ),
     ] = None,
     reference: Annotated[
-        list[str] | None, typer.Option("--reference", help="Good reference images for few-shot zero-shot scoring.")
+        list[str] | None,
+        typer.Option(
+            "--reference", help="Good reference images for few-shot zero-shot scoring; with --zero-shot only."
+        ),
     ] = None,
     maps: Annotated[
         bool, typer.Option("--maps", help="Write float32 .npy anomaly maps at original resolution.")
@@ -264,8 +267,18 @@ def score(
     overlay_size: Annotated[
         int, typer.Option("--overlay-size", help="Longest side of overlay PNGs in pixels (0 = original size).")
     ] = 512,
-    backbone: BackboneOpt = None,
-    overrides: SetOpt = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option("--backbone", help="timm backbone name overriding the config's; with --zero-shot only."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a config key: dotted.key=value (repeatable); with --zero-shot only, but for "
+            "backbone.weights=PATH: a --model's fitted weights, moved.",
+        ),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps instead of the model's (or config's) device."),
@@ -577,11 +590,18 @@ def discover(
             "(default: EfficientNet-Lite0 with ImageNet statistics).",
         ),
     ] = None,
-    overrides: SetOpt = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a key of the describer's backbone: backbone.KEY=VALUE (repeatable; name, weights, "
+            "pretrained; layers, mean and std of a model without blocks.4 and blocks.6).",
+        ),
+    ] = None,
 ) -> None:
     """Group anomalous images into defect types without labels (anomaly type discovery)."""
     from anomaly.discovery.cluster import check_k
-    from anomaly.discovery.describe import RegionDescriber
+    from anomaly.discovery.describe import DEFAULT_LAYERS, RegionDescriber
     from anomaly.discovery.outputs import read_scored_images, write_discovery
     from anomaly.discovery.pipeline import discover as run_discovery
     from anomaly.discovery.regions import SCALES
@@ -596,6 +616,13 @@ def discover(
     if ignored:  # the describer takes its backbone from the config, nothing else
         raise DataError(f"--set {ignored[0]}: discover takes backbone.* keys only (the regions' describer)")
     backbone = None if config is None and not overrides else _config(config or "patchcore", None, overrides).backbone
+    set_keys = [(o, o.partition("=")[0].strip().removeprefix("backbone.")) for o in overrides or []]
+    for given, key in set_keys:  # accepted by the config, but the describer would not use it: refused, not ignored
+        if key == "image_size":
+            raise DataError(
+                f"--set {given}: the regions' describer sees every crop at its own square input, whatever the "
+                "backbone's image_size (discover takes backbone.name, weights and pretrained)"
+            )
     selected = read_scored_images(scores, all_images)
     check_output_dir(out, "clusters.csv")  # before the regions are described
     try:
@@ -605,6 +632,15 @@ def discover(
             raise
         flagged = f"{len(selected.paths)} of {len(selected.paths) + selected.n_left_out} images are flagged"
         raise DataError(f"{exc}; only {flagged}: --all clusters every image") from None
+    describer = None if backbone is None else RegionDescriber.from_backbone(backbone)
+    if backbone is not None and describer is not None and describer.extractor.layer_names == list(DEFAULT_LAYERS):
+        ignored = [given for given, key in set_keys if key in ("layers", "mean", "std")]
+        if ignored:  # a model with the describer's own layers is described with them and ImageNet statistics
+            raise DataError(
+                f"--set {ignored[0]}: {backbone.name} has the describer's own layers ({', '.join(DEFAULT_LAYERS)}), "
+                "which it uses with their ImageNet statistics; discover takes backbone.name, weights and pretrained "
+                "here (layers, mean and std only for a model without those layers)"
+            )
     progress = _Progress()
     try:
         result = run_discovery(
@@ -612,7 +648,7 @@ def discover(
             k,
             maps=selected.maps(),
             pixel_thresholds=selected.pixel_thresholds,
-            describer=None if backbone is None else RegionDescriber.from_backbone(backbone),
+            describer=describer,
             scale=scale,
             progress=progress,
         )

@@ -350,6 +350,19 @@ def test_discover_takes_set_as_fit_does(scores_dir: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "o").exists()
 
 
+def test_discover_refuses_backbone_keys_its_describer_ignores(scores_dir: Path, tmp_path: Path) -> None:
+    """lite0 has the describer's own layers and is described with them at ImageNet statistics, and every crop is
+    seen at the describer's square input: `--set backbone.mean/std/layers/image_size` were accepted and changed
+    nothing (the same clusters.csv to the byte)."""
+    base = ["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "3"]
+    for given in ("backbone.mean=[0.1,0.1,0.1]", "backbone.std=[0.5,0.5,0.5]", "backbone.layers=[blocks.1]"):
+        error = _error([*base, "--set", given])
+        assert error.startswith(f"error: --set {given}: tf_efficientnet_lite0 has the describer's own layers"), error
+    error = _error([*base, "--set", "backbone.image_size=[512,512]"])
+    assert "its own square input" in error, error
+    assert not (tmp_path / "o").exists()
+
+
 def _copy_with_rows(scores_dir: Path, out: Path, rows: list[dict[str, str]]) -> Path:
     """A copy of ``scores_dir`` (maps included) at ``out`` whose scores.csv holds ``rows``."""
     shutil.copytree(scores_dir, out)
