@@ -64,7 +64,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def passive_openmp() -> bool:
-    """True when idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, set by the CLI).
+    """True when idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, set by `import anomaly` unless the user set it).
 
     Short parallel loops are then safe on all cores; with spinning threads they stall badly as
     soon as another process holds a core, so callers fall back to fewer threads.
