@@ -314,10 +314,17 @@ class Detector:
                 f"and each fold model needs {self.scorer.min_fold_images}), got {len(items)}"
             )
         start = time.perf_counter()
-        self.resolve_auto(items, build_backbone=True)
-        if self.zero_shot:
-            return self._store_references(items, progress)
-        features = self.extract(items, progress=progress)
+        # The ``auto`` settings are decided before the images are read: a fit that fails on them (an unreadable
+        # training image) restores the settings the fitted model scores with, so it keeps scoring as before.
+        before = (self.config, self._extractor)
+        try:
+            self.resolve_auto(items, build_backbone=True)
+            if self.zero_shot:
+                return self._store_references(items, progress)
+            features = self.extract(items, progress=progress)
+        except BaseException:
+            self.config, self._extractor = before
+            raise
         extracted = time.perf_counter()
         # folds by image, so that overlapping tiles of one image never score each other
         views = [_n_views(d) for d in features.images]

@@ -704,3 +704,21 @@ def test_tiny_training_images_are_named_at_fit(caplog: pytest.LogCaptureFixture)
     )
     assert det.patch_footprint_ == (1, 1)
     assert "the training images (median 8 px on the longer side) are upscaled 16x to the 128x128" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["patchcore", "musc"])
+def test_a_fit_that_fails_on_an_unreadable_image_leaves_the_fitted_model_as_it_was(name: str) -> None:
+    """``resolve_auto`` decides the input size before the images are read: a refit on wide images that failed on an
+    unreadable one left a square model at their 80x208 input, which scored other values (patchcore) or raised
+    torch's "Sizes of tensors must match" (musc's saved references)."""
+    rng = np.random.default_rng(0)
+    square = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    wide = [rng.integers(0, 255, (40, 104, 3), dtype=np.uint8) for _ in range(6)]
+    det = Detector(_config(name, "threshold.folds=3")).fit(square[:4])
+    config, extractor = det.config, det.extractor
+    before = det.predict(square[4:])
+    with pytest.raises(DataError, match="cannot read image"):
+        det.fit([*wide, b"not an image"])
+    assert det.config == config and det.extractor is extractor
+    after = det.predict(square[4:])
+    assert [r.image_score for r in after] == [r.image_score for r in before]
