@@ -212,7 +212,9 @@ def test_a_pool_whose_low_defects_widen_the_normal_fit_still_flags_its_defects()
                0.613, 0.533, 0.66, 0.364, 0.448, 0.222, 0.292, 0.563, 0.677, 0.888, 0.714, 0.632, 0.722,
                0.652, 0.419, 0.78, 0.61, 0.623, 0.316, 0.879, 0.688, 0.29, 0.369]  # fmt: skip
     decision = pool_threshold(np.r_[normal, defects], 0.01)
-    assert np.mean(np.array(defects) >= decision.image) >= 0.9
+    # 56 / 63 and no normal image, in any order of the pool; its order used to pick the mixture's local optimum:
+    # 56 / 63 in 16 of 40 random orders, 63 / 63 with 1 or 2 normal images flagged in the others
+    assert np.mean(np.array(defects) >= decision.image) >= 0.88
     assert np.sum(np.array(normal) >= decision.image) <= 1
 
 
@@ -389,3 +391,20 @@ def test_an_extrapolated_tail_does_not_move_with_the_last_bits_of_the_scores() -
         assert calibrate(scores, 0.01).rule == "tail-gpd"
         assert np.ptp(thresholds) <= 1e-4 * np.median(thresholds)
         assert min(thresholds) > scores.max()
+
+
+def test_a_pool_threshold_does_not_depend_on_the_order_of_the_pool() -> None:
+    """The mixture was seeded (k-means++) from the scores' positions: the map peaks of one bottle pool (14 good, 10
+    defective) given in another order got a threshold of 0.92 instead of 0.63, and 3 verdicts changed."""
+    scores = np.array(
+        [0.568, 0.623, 0.53, 0.529, 0.568, 0.548, 0.711, 0.527, 0.59, 0.56, 0.602, 0.53, 0.557, 0.562]
+        + [1.165, 1.079, 1.172, 1.133, 1.167, 0.739, 1.118, 1.054, 1.167, 0.865]
+    )
+    rng = np.random.default_rng(0)
+    thresholds = {pool_threshold(scores[rng.permutation(len(scores))], 0.01).image for _ in range(12)}
+    assert thresholds == {pool_threshold(scores, 0.01).image}
+    window = np.r_[rng.lognormal(0, 0.1, 60), rng.lognormal(0.5, 0.2, 15)]  # a stream's window: mostly normal
+    thresholds = {
+        pool_threshold(window[rng.permutation(len(window))], 0.01, expect_defects=False).image for _ in range(12)
+    }
+    assert len(thresholds) == 1
