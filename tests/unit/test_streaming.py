@@ -291,3 +291,30 @@ def test_calls_from_several_threads_take_turns(synthetic_root: Path, monkeypatch
     for thread in threads:
         thread.join()
     assert most[0] == 1 and len(line.pool) == 4
+
+
+def test_a_recurring_defect_sent_as_one_batch_is_flagged_as_it_is_frame_by_frame(synthetic_root: Path) -> None:
+    """The frames of one call scored each other: a recurring defect in a batch vouched for itself (24 bottles with one
+    smudge in one call: 0 flagged, 10 / 10 one at a time). Each frame now meets the references and the pool alone,
+    so a batch scores as its frames would one by one against the same pool."""
+    from anomaly.data.io import read_image
+
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    smudged = []
+    for path in train[6:12]:
+        image = read_image(path).copy()
+        image[40:64, 50:74] //= 5  # the same dark mark at the same spot of every part
+        smudged.append(image)
+    good = [read_image(path) for path in train[2:12]]
+    good += [image[:, ::-1] for image in good]  # 20 good frames: past the start-up threshold, the window's rule
+    lines = []
+    for _ in range(2):
+        line = StreamingDetector(_musc().fit(train[:2]), pool_size=8)
+        for image in good:
+            line.predict(image)
+        lines.append(line)
+    batch = lines[0].predict(smudged)
+    alone = [lines[1].predict(image) for image in smudged]
+    assert [r.is_anomalous for r in alone] == [True] * len(smudged)  # none joined the pool
+    assert [r.is_anomalous for r in batch] == [True] * len(smudged)
+    assert [r.image_score for r in batch] == pytest.approx([r.image_score for r in alone], rel=1e-5)
