@@ -166,7 +166,7 @@ def write_evaluation(evaluation: Evaluation, out: str | os.PathLike[str]) -> Non
             result["paths"] = evaluation.paths
             (tmp / "aupimo.json").write_text(json.dumps(result, indent=2))
             curves = pimo_plot_data(evaluation.maps, evaluation.masks)
-            curves["paths"] = [p for p, label in zip(evaluation.paths, evaluation.labels) if label]
+            curves["paths"] = [p for p, mask in zip(evaluation.paths, evaluation.masks) if mask.any()]  # as its rows
             (tmp / "pimo.json").write_text(json.dumps(curves))
         except OSError as exc:
             raise DataError(f"{out}: could not write the evaluation ({exc.strerror or exc})") from None

@@ -831,3 +831,18 @@ def test_aupimo_on_too_few_normal_pixels_says_which_size_would_do() -> None:
     assert math.isnan(float(result["aupimo"]))
     assert "With 2 normal image(s), evaluate at a common size of about 224x224 or more" in str(result["aupimo_error"])
     assert 1 / (2 * 224 * 224) <= 1e-5 < 1 / (2 * 223 * 223)
+
+
+def test_pimo_json_names_the_images_of_its_curves(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pimo.json's paths were those of the images labelled defective, its curves those of the images whose mask has
+    a defect pixel: a defective image with an empty mask shifted every later curve onto the next image's name."""
+    from anomaly.evaluation import Evaluation, write_evaluation
+
+    maps = list(np.random.default_rng(0).standard_normal((3, 256, 256)))
+    masks = [np.zeros((256, 256), bool) for _ in range(3)]
+    masks[2][100:120, 100:120] = True  # image 1 is labelled defective but its mask is empty
+    paths = ["good.png", "empty.png", "crack.png"]
+    evaluation = Evaluation({}, _aupimo_quiet(maps, masks), maps, masks, paths, [0, 1, 1], [None, "e.png", "c.png"])
+    write_evaluation(evaluation, tmp_path / "eval")
+    curves = json.loads((tmp_path / "eval" / "pimo.json").read_text())
+    assert curves["paths"] == ["crack.png"] and len(curves["per_image_tpr"]) == 1
