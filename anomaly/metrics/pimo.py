@@ -84,11 +84,11 @@ class AupimoResult:
     num_thresholds: int
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-safe dictionary; NaN per-image values (normal images) become ``None``."""
+        """JSON-safe dictionary; NaN values (normal images, the interval of one anomalous image) become ``None``."""
         return {
             "per_image": [None if math.isnan(v) else float(v) for v in self.per_image],
             "mean": self.mean,
-            "ci95": list(self.ci95),
+            "ci95": [None if math.isnan(v) else v for v in self.ci95],
             "n_pts": self.n_pts,
             "fpr_bounds": list(self.fpr_bounds),
             "fpr_bounds_achieved": list(self.fpr_bounds_achieved),

@@ -398,6 +398,7 @@ def test_aupimo_single_anomalous_image_has_no_ci(fixture_l):
     result = aupimo(maps[:3], masks[:3])
     assert result.mean == pytest.approx(1.0, abs=AUPIMO_TOL)
     assert all(math.isnan(v) for v in result.ci95)
+    assert json.loads(json.dumps(result.to_dict(), allow_nan=False))["ci95"] == [None, None]  # aupimo.json: no NaN
 
 
 # --------------------------------------------------------------------------------------------- input errors
