@@ -644,4 +644,8 @@ def load_map(path: str | os.PathLike[str]) -> NDArray[np.float32]:
         raise DataError(f"{path}: expected an (H, W) map of numbers, got {amap.dtype} of shape {amap.shape}")
     if not np.isfinite(amap).all():
         raise DataError(f"{path}: the map holds NaN or infinite values")
-    return amap.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):
+        single = amap.astype(np.float32, copy=False)
+    if not np.isfinite(single).all():  # a float64 map from another tool, beyond float32's range
+        raise DataError(f"{path}: the map holds values beyond float32's range (about 3.4e38); scale it down")
+    return single

@@ -696,6 +696,7 @@ def test_11_damaged_score_folders_are_one_error_line_in_report_and_discover(
     for damage, needle in (
         (lambda: map_file.write_bytes(b"garbage"), "not a readable anomaly map (.npy float array)"),
         (lambda: np.save(map_file, np.full((8, 8), np.nan, np.float32)), "NaN or infinite"),
+        (lambda: np.save(map_file, np.full((8, 8), 1e39)), "beyond float32's range"),  # float64: inf once cast
         (lambda: np.save(map_file, np.zeros((1, 8, 8))), "expected an (H, W) map"),
     ):
         damage()
