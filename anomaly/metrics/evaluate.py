@@ -128,6 +128,35 @@ def _pixel_metrics(
     }
 
 
+def _aupimo_size_advice(normal_maps: list[NDArray[np.generic]], fpr_low: float) -> str:
+    """Why the normal test pixels cannot reach the lower FPR bound ``fpr_low``, and what would.
+
+    The shared FPR averages per-image rates, so its smallest value above 0 is that of the top normal score: the
+    pixels holding it over their image's pixels, divided by the number of normal images. One such pixel weighs less
+    at a larger size; a flat peak (a map upscaled from a coarse grid repeats its maximum) grows with the size, so
+    only more normal images lower it."""
+    n = max(1, len(normal_maps))
+    top = max((float(np.max(m)) for m in normal_maps), default=math.nan)
+    counts = [int(np.count_nonzero(np.greater_equal(m, top))) for m in normal_maps]
+    smallest = sum(c / m.size for c, m in zip(counts, normal_maps)) / n
+    images = math.floor(n * smallest / fpr_low) + 1  # the fewest with sum(rates) / images < fpr_low
+    text = (
+        f"The normal test images have too few pixels for the lower FPR bound {fpr_low:g}: the shared FPR averages "
+        f"per-image rates, and the top normal score (held by {sum(counts)} pixel(s) of {n} normal image(s)) already "
+        f"gives {smallest:.3g}."
+    )
+    if sum(counts) == 1:
+        side = math.ceil(math.sqrt(1 / (n * fpr_low)))
+        return (
+            f"{text} With {n} normal image(s), evaluate at a common size of about {side}x{side} or more "
+            f"(`--eval-size` of `anomaly evaluate` or `anomaly benchmark`), or add normal test images."
+        )
+    return (
+        f"{text} A flat peak grows with the evaluation size, so a larger --eval-size does not lower it; add normal "
+        f"test images (about {images} in all)."
+    )
+
+
 def _aupimo_entry(
     pairs: list[tuple[NDArray[np.generic], NDArray[np.bool_]]], fpr_bounds: tuple[float, float]
 ) -> tuple[dict[str, float | str], AupimoResult | None]:
@@ -137,14 +166,6 @@ def _aupimo_entry(
     except (ValueError, RuntimeError) as err:
         reason = str(err)
         if "'fpr_level'" in reason:  # the reference message (ALGORITHMS.md), and what it means for the user's data
-            normal = max(1, sum(1 for _, mask in pairs if not mask.any()))
-            side = math.ceil(math.sqrt(1 / (normal * fpr_bounds[0])))
-            reason += (
-                " The normal test images have too few pixels for the lower FPR bound: the shared FPR averages"
-                " per-image rates, so one pixel of a small normal image holding the top normal scores weighs"
-                f" 1 / (normal images x its pixels). With {normal} normal image(s), evaluate at a common size of"
-                f" about {side}x{side} or more (`--eval-size` of `anomaly evaluate` or `anomaly benchmark`), or add"
-                " normal test images."
-            )
+            reason += " " + _aupimo_size_advice([s for s, m in pairs if not m.any()], fpr_bounds[0])
         return {"aupimo": math.nan, "aupimo_error": reason}, None
     return {"aupimo": details.mean}, details

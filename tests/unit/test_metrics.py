@@ -834,6 +834,24 @@ def test_aupimo_on_too_few_normal_pixels_says_which_size_would_do() -> None:
     assert 1 / (2 * 224 * 224) <= 1e-5 < 1 / (2 * 223 * 223)
 
 
+def test_aupimo_on_a_flat_normal_peak_asks_for_normal_images_not_a_size() -> None:
+    """Maps upscaled from a coarse grid repeat their maximum over a block that grows with the evaluation size: the
+    advice to evaluate at a larger size could never work there (it named a size smaller than the one in use)."""
+    from anomaly.metrics.evaluate import evaluate
+
+    rng = np.random.default_rng(0)
+    maps = [np.kron(rng.random((6, 6)), np.ones((40, 40))).astype(np.float32) for _ in range(4)]  # 240 x 240
+    masks = [np.zeros((240, 240), bool) for _ in range(4)]
+    masks[2][10:50, 10:50] = masks[3][100:140, 40:80] = True
+    result = evaluate([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1], maps, masks)
+    assert math.isnan(float(result["aupimo"]))
+    error = str(result["aupimo_error"])
+    # the top normal score fills one 40 x 40 block of one of 2 images: 1600 / 57600 / 2 = 0.0139 (the bound is 1e-5)
+    assert "held by 1600 pixel(s) of 2 normal image(s)) already gives 0.0139" in error
+    assert "a larger --eval-size does not lower it; add normal test images (about 2778 in all)" in error
+    assert "evaluate at a common size" not in error
+
+
 def test_pimo_json_names_the_images_of_its_curves(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """pimo.json's paths were those of the images labelled defective, its curves those of the images whose mask has
     a defect pixel: a defective image with an empty mask shifted every later curve onto the next image's name."""
