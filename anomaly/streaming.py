@@ -108,6 +108,16 @@ class StreamingDetector:
         # the input settings this line scores with (decided by the fit, or by its first batch)
         self._config = None if reference is None else detector.config
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy``, multiprocessing) get their own lock, and the pool as it stands."""
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def predict(self, images: ImageInput | Sequence[ImageInput], *, on_error: OnError = "raise") -> Any:
         """Score each new image against the references and the pool (not against the other images of the call: a
         recurring defect would vouch for itself), then add those ``admit`` lets in. The first call of a line without

@@ -318,3 +318,18 @@ def test_a_recurring_defect_sent_as_one_batch_is_flagged_as_it_is_frame_by_frame
     assert [r.is_anomalous for r in alone] == [True] * len(smudged)  # none joined the pool
     assert [r.is_anomalous for r in batch] == [True] * len(smudged)
     assert [r.image_score for r in batch] == pytest.approx([r.image_score for r in alone], rel=1e-5)
+
+
+def test_a_copied_line_has_its_own_lock_and_pool(synthetic_root: Path) -> None:
+    """``copy.deepcopy`` (and pickle, as for Detector) failed on the line's lock; a copy now continues the line on
+    its own: the same pool and window, a lock of its own, and what it scores next leaves the original as it was."""
+    import copy
+    import pickle
+
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    line = StreamingDetector(_musc().fit(train[:2]), pool_size=8)
+    line.predict(train[2:4])
+    for twin in (copy.deepcopy(line), pickle.loads(pickle.dumps(line))):
+        assert twin._lock is not line._lock and len(twin.pool) == len(line.pool) == 2
+        assert twin.predict(train[4]).image_score == pytest.approx(copy.deepcopy(line).predict(train[4]).image_score)
+        assert len(twin.pool) == 3 and len(line.pool) == 2 and len(line._recent) == 2
