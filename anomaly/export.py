@@ -264,4 +264,5 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
         },
         "threshold": det.decision_.to_dict(),
         "batch_size": det.config.batch_size,
+        "config": det._resolved_config(),  # ExportedDetector.config: the model's settings, as Detector.config
     }

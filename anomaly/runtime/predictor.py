@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, overload
 
@@ -13,12 +13,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomaly._fs import restore_interrupted
-from anomaly.config import TileConfig
+from anomaly.config import DetectorConfig, TileConfig, from_dict
 from anomaly.data.input_checks import InputCheck, InputProfile
 from anomaly.data.inputs import OnError, check_on_error, many, one_or_many
 from anomaly.data.loader import ImageInput, iter_batches
 from anomaly.data.views import ViewSpec
-from anomaly.errors import BackendError, DataError
+from anomaly.errors import BackendError, ConfigError, DataError
 from anomaly.results import DetectionResult, StageProgress
 from anomaly.runtime.manifest import read_manifest
 from anomaly.runtime.network import load_network
@@ -42,6 +42,9 @@ class ScorerInfo:
 
 class ExportedDetector:
     """An export directory loaded for scoring: the Detector's predict API on ONNX Runtime / OpenVINO.
+
+    As on a Detector: ``threshold_``, ``pixel_threshold_``, ``decision_``, ``config`` (the fitted model's, with this
+    ``device``; None for exports written before the manifest held it) and :meth:`input_check`.
 
     Example:
         >>> det = ExportedDetector("bottle-export")  # doctest: +SKIP
@@ -79,6 +82,7 @@ class ExportedDetector:
         self.threshold_ = self.decision_.image
         self.pixel_threshold_ = self.decision_.pixel if self.scorer.has_maps else None  # no map, no mask
         self.image_size = self.postprocess.input_size
+        self.config = _saved_config(self.manifest, device)
         self._check_runs()
 
     def _check_runs(self) -> None:
@@ -94,6 +98,11 @@ class ExportedDetector:
             ) from None
         if not usable:
             raise DataError(f"{self.directory}: damaged export, a blank image scores NaN; export the model again")
+
+    def input_check(self) -> InputCheck:
+        """An empty :class:`InputCheck` against ``input_profile`` (the training images'), for one call's inputs, as
+        :meth:`Detector.input_check` (an export is never a zero-shot pool: there is no pool to pass)."""
+        return InputCheck(self.input_profile)
 
     # A binary file object is also an Iterator[bytes], so it matches both overloads: it is one image, as the first
     # (checked first) says and predict does.
@@ -142,7 +151,7 @@ class ExportedDetector:
             raise DataError("predict: no images")
         check_on_error(on_error)
 
-        done, check = 0, InputCheck(self.input_profile)
+        done, check = 0, self.input_check()
         batches = iter_batches(
             items, self.image_size, self.batch_size, keep_images=keep_images, skip_errors=on_error == "skip",
             spec=self.view_spec,
@@ -175,6 +184,18 @@ class ExportedDetector:
         ]
         maps = None if parts[0][0] is None else np.concatenate([m for m, _ in parts])
         return maps, np.concatenate([s for _, s in parts])
+
+
+def _saved_config(manifest: dict[str, Any], device: str) -> DetectorConfig | None:
+    """The fitted model's config with ``device`` in place of its own (as ``Detector.load(device=)``); None for exports
+    written before the manifest held it, or by a version whose config keys this one does not know."""
+    saved = manifest.get("config")
+    if not isinstance(saved, dict):
+        return None
+    try:
+        return replace(from_dict(saved), device=device)
+    except ConfigError:
+        return None
 
 
 def _view_spec(model_input: dict[str, Any], bit_depth: int) -> ViewSpec:

@@ -131,6 +131,25 @@ def test_runtime_names_images_far_from_the_training_aspect(
     assert "1 of 2 image(s)" in record.message and "(1.00)" in record.message and "150x60" in record.message
 
 
+def test_runtime_offers_the_detectors_config_and_input_check(
+    patchcore_model: Path, patchcore_export: Path, tmp_path: Path
+) -> None:
+    """ExportedDetector lacked ``config`` and ``input_check()``, which Detector offers: code written for one
+    predictor (``load_predictor``) failed with AttributeError on the other."""
+    detector = Detector.load(patchcore_model, device="cpu")
+    runtime = ExportedDetector(patchcore_export, device="cpu")
+    assert runtime.config == detector.config and ExportedDetector(patchcore_export).config.device == "auto"
+    check = runtime.input_check()
+    assert check.profile == detector.input_check().profile
+    check.add([(60, 150)], ["wide.png"], [None])
+    assert "wide.png" in check.warnings(1)[0]
+    copy = _copy(patchcore_export, tmp_path)  # an export written before the manifest held the config
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["config"]
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
+    assert ExportedDetector(copy).config is None
+
+
 def test_runtime_and_score_cli_never_import_torch_or_timm(
     patchcore_export: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
