@@ -436,7 +436,8 @@ class Detector:
             raise NotFittedError("Detector is not fitted: call fit() or Detector.load() first")
         if self.normal_scores_ is None:
             raise DataError("this model was saved without the normal scores its threshold came from: fit it again")
-        decision = calibrate(self.normal_scores_, target_fpr, self.normal_peaks_)
+        # the validated float: a numpy float32 in the decision made the model unsavable (JSON)
+        decision = calibrate(self.normal_scores_, threshold.target_fpr, self.normal_peaks_)
         self.decision_ = replace(decision, n_excluded=self.decision_.n_excluded)
         self.config = replace(self.config, threshold=threshold)
         return self

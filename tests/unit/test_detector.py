@@ -169,6 +169,15 @@ def test_set_target_fpr_chooses_again_from_the_fits_normal_scores(fitted: Detect
         Detector(_config()).set_target_fpr(0.05)
 
 
+def test_a_numpy_target_fpr_leaves_the_model_savable(fitted: Detector, tmp_path: Path) -> None:
+    """``set_target_fpr(np.float32(0.05))`` (a value read from an array) kept the float32 in the decision, and
+    ``save`` failed: "Object of type float32 is not JSON serializable"."""
+    import copy
+
+    det = copy.deepcopy(fitted).set_target_fpr(np.float32(0.05))
+    assert Detector.load(det.save(tmp_path / "model")).decision_ == det.decision_
+
+
 def test_arrays_of_any_size_and_grayscale_are_accepted(fitted: Detector, synthetic_root: Path) -> None:
     from anomaly.data.io import read_image
 
