@@ -521,6 +521,7 @@ class Detector:
         ``on_error="skip"`` gives an unreadable input a result with ``error`` set (NaN score)
         instead of raising, so one bad file does not lose the others.
         """
+        check_on_error(on_error)  # an empty batch too, as StreamingDetector.predict
         items, single = one_or_many(images)
         if not items:  # an empty batch has no results
             return []

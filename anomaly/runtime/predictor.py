@@ -130,6 +130,7 @@ class ExportedDetector:
         """Score one image (path, encoded bytes, RGB array or PIL image; returns a DetectionResult) or a list of
         them. ``on_error="skip"``: an unreadable input gets a result with ``error`` set (NaN score), as
         ``Detector.predict`` (whose note on 4-D stacks and type checkers holds here too)."""
+        check_on_error(on_error)  # an empty batch too, as StreamingDetector.predict
         items, single = one_or_many(images)
         if not items:  # an empty batch has no results
             return []

@@ -97,6 +97,8 @@ def test_runtime_takes_what_the_detector_takes(patchcore_model: Path, patchcore_
         assert len(stacked) == 3 and stacked[1].image_score == pytest.approx(predictor.predict(frames[1]).image_score)
         assert [r.image_score for r in predictor.predict(f for f in frames)] == [r.image_score for r in stacked]
         assert predictor.predict([]) == []
+        with pytest.raises(DataError, match="on_error must be"):  # an empty batch too, as StreamingDetector
+            predictor.predict([], on_error="ignore")  # type: ignore[arg-type]
     with pytest.raises(DataError):
         runtime.predict(None)  # type: ignore[arg-type]
     with pytest.raises(DataError, match="export directory not found"):
