@@ -38,29 +38,28 @@ def check_on_error(on_error: Any) -> None:
 def one_or_many(images: ImageInput | Sequence[ImageInput] | Iterator[ImageInput]) -> tuple[list[ImageInput], bool]:
     """The images of a ``predict`` call as a list, and whether one image was passed alone (not in a list).
 
-    Many: a list, tuple, generator or other iterator, and a 4-D array or tensor (a stack of N images); one: a
-    path, bytes, a binary file object (read here, once: :func:`anomaly.data.loader.read_streams`), a PIL image, a
-    2-D or 3-D array or tensor."""
+    Many: a list, tuple, set, range, generator or other iterator, a 1-D array or pandas Series of paths, and a 4-D
+    array or tensor (a stack of N images); one: a path, bytes (a memoryview too), a binary file object (read here,
+    once: :func:`anomaly.data.loader.read_streams`), a PIL image, a 2-D or 3-D array or tensor."""
     if is_stream(images):  # iterable by lines, but one encoded image
         return read_streams([images]), True
     if isinstance(images, (list, tuple)):
         return read_streams(images), False
     if getattr(images, "ndim", None) == 4:  # (N, H, W, C) array, (N, C, H, W) tensor
         return list(images), False  # type: ignore[arg-type]  # an array or tensor iterates over its first axis
-    if isinstance(images, Iterator):  # a generator of frames; not str, bytes or arrays, which iterate too
+    if (
+        isinstance(images, Iterable)
+        and not isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike))
+        and getattr(images, "ndim", None) in (None, 1)
+    ):  # a generator of frames, a set of paths, ``df["path"]``; not one image, though some iterate too
         return read_streams(images), False
     return [images], True  # type: ignore[list-item]
 
 
 def many(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
-    """The images of a call that takes several (``fit``, ``predict_stream``) as a list. A collection (list, tuple,
-    set, range, generator, 4-D stack, 1-D array or pandas Series of paths) gives its items; one image given alone (a
-    path, bytes, a binary file object, a PIL image, a 2-D or 3-D array or tensor) is one image: a 3-D array is not
-    iterated as rows of gray images, a CHW tensor as channels, a path as characters, nor a file object as lines."""
-    if isinstance(images, Iterable) and not isinstance(images, (str, bytes, bytearray, os.PathLike, list, tuple)):
-        # a set, a generator, a range of paths; a 1-D array (``np.array(paths)``, ``df["path"]``) is no image
-        if getattr(images, "ndim", None) in (None, 1) and not is_stream(images):
-            images = list(images)
+    """The images of a call that takes several (``fit``, ``predict_stream``) as a list, as :func:`one_or_many` tells
+    them: a 3-D array is not iterated as rows of gray images, a CHW tensor as channels, a path as characters, nor a
+    file object as lines."""
     items, _ = one_or_many(images)  # type: ignore[arg-type]
     return items
 

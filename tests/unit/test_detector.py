@@ -100,6 +100,22 @@ def test_predict_stream_takes_a_1d_array_of_paths_as_many(fitted: Detector, synt
     assert [r.image_score for r, _ in fitted.predict_stream(paths)] == pytest.approx(expected, rel=1e-6)
 
 
+def test_predict_takes_the_collections_predict_stream_takes(fitted: Detector, synthetic_root: Path) -> None:
+    """``predict(np.array(paths))`` (or ``df["path"]``, a set, ``dict.keys()``) was one input, refused as an image of
+    shape (N,), where ``predict_stream`` and ``fit`` took its items; and ``predict_stream`` walked a memoryview of an
+    encoded image byte by byte, where ``predict`` took it as one image."""
+    _, good, _ = _split(synthetic_root)
+    names = [str(p) for p in good[:2]]
+    expected = [r.image_score for r in fitted.predict(names)]
+    for paths in (np.array(names), {n: 0 for n in names}.keys(), range(0)):
+        results = fitted.predict(paths)
+        assert isinstance(results, list) and [r.image_score for r in results] == expected[: len(results)]
+    assert {r.image_score for r in fitted.predict(set(names))} == set(expected)
+    encoded = memoryview(good[0].read_bytes())
+    streamed = [r.image_score for r, _ in fitted.predict_stream(encoded)]
+    assert streamed == [fitted.predict(encoded).image_score] == expected[:1]
+
+
 def _as_12_bit(paths: list[Path], folder: Path) -> list[Path]:
     """The same pixels as a 12-bit camera writes them into 16-bit PNGs (value x 16, at most 4080)."""
     folder.mkdir()
