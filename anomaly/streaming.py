@@ -118,12 +118,15 @@ class StreamingDetector:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], *, on_error: OnError = "raise") -> Any:
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], *, maps: bool = True, on_error: OnError = "raise"
+    ) -> Any:
         """Score each new image against the references and the pool (not against the other images of the call: a
         recurring defect would vouch for itself), then add those ``admit`` lets in. The first call of a line without
         references has nothing else: its images score each other and seed the pool.
 
-        One image returns one DetectionResult, a list of them a list (as :meth:`Detector.predict`).
+        One image returns one DetectionResult, a list of them a list (as :meth:`Detector.predict`); ``maps=False``
+        leaves ``anomaly_map`` None (the verdicts are the same).
         ``on_error="skip"``: an unreadable image gets a result with ``error`` set (NaN score, not flagged) and
         leaves the pool, the threshold's window and the burst report as they were; the others are scored.
         """
@@ -132,10 +135,10 @@ class StreamingDetector:
         if not items:  # an empty batch (list, generator, stack of 0 images) has no results
             return []
         with self._lock:
-            results = self._predict(items, on_error)
+            results = self._predict(items, maps, on_error)
         return results[0] if single else results
 
-    def _predict(self, items: list[ImageInput], on_error: OnError) -> list[DetectionResult]:
+    def _predict(self, items: list[ImageInput], maps: bool, on_error: OnError) -> list[DetectionResult]:
         before = (self._config, self.detector.config)
         self._start(items, "predict")
         try:
@@ -144,7 +147,7 @@ class StreamingDetector:
             else:
                 features = self.detector.extract(items)
                 decoded = features.images
-            scored = [] if features is None else self._score(features)
+            scored = [] if features is None else self._score(features, maps)
         except DataError:
             self._config, self.detector.config = before  # a line without references starts with a batch it scores
             raise
@@ -152,7 +155,7 @@ class StreamingDetector:
             self._config, self.detector.config = before
         return [r for r, _ in in_input_order(decoded, scored, self._last_decision)]
 
-    def _score(self, features: FeatureSet) -> list[DetectionResult]:
+    def _score(self, features: FeatureSet, maps: bool) -> list[DetectionResult]:
         """Score readable frames, decide with the window's threshold, admit, and report a burst of flags."""
         if len(self.pool) + len(features.images) + (0 if self.pool.reference is None else 1) < 2:
             raise DataError("the first call needs 2 images, or few-shot references")
@@ -184,7 +187,7 @@ class StreamingDetector:
         target = self.detector.config.threshold.target_fpr
         decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
         self._last_decision = decision
-        results = self.detector.finish(out, features.images, decision, maps=True)
+        results = self.detector.finish(out, features.images, decision, maps=maps)
         check = self.detector.input_check(list(self._pool_sizes))  # the frames admitted so far, not those judged
         check.add_decoded(features.images)
         check.warn(len(results))

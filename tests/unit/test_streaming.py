@@ -275,12 +275,12 @@ def test_calls_from_several_threads_take_turns(synthetic_root: Path, monkeypatch
     inside, most = [0], [0]
     score = line._score
 
-    def slow_score(features):  # type: ignore[no-untyped-def]
+    def slow_score(features, maps):  # type: ignore[no-untyped-def]
         inside[0] += 1
         most[0] = max(most[0], inside[0])
         time.sleep(0.3)
         try:
-            return score(features)
+            return score(features, maps)
         finally:
             inside[0] -= 1
 
@@ -333,3 +333,13 @@ def test_a_copied_line_has_its_own_lock_and_pool(synthetic_root: Path) -> None:
         assert twin._lock is not line._lock and len(twin.pool) == len(line.pool) == 2
         assert twin.predict(train[4]).image_score == pytest.approx(copy.deepcopy(line).predict(train[4]).image_score)
         assert len(twin.pool) == 3 and len(line.pool) == 2 and len(line._recent) == 2
+
+
+def test_a_line_takes_maps_false_as_detector_predict_does(synthetic_root: Path) -> None:
+    """``line.predict(frames, maps=False)``, as a Detector or its export is called, was a TypeError."""
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    line = StreamingDetector(_musc().fit(train[:2]), pool_size=8)
+    twin = StreamingDetector(_musc().fit(train[:2]), pool_size=8)
+    without, with_maps = line.predict(train[2:4], maps=False), twin.predict(train[2:4])
+    assert all(r.anomaly_map is None for r in without) and all(r.anomaly_map is not None for r in with_maps)
+    assert [(r.image_score, r.is_anomalous) for r in without] == [(r.image_score, r.is_anomalous) for r in with_maps]
