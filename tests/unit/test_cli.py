@@ -645,6 +645,16 @@ def test_demo_runs_end_to_end_and_reports_its_metrics(tmp_path: Path) -> None:
     assert sum(line.startswith("threshold ") for line in result.output.splitlines()) == 1
 
 
+def test_demo_refuses_an_unwritable_out_in_one_line(tmp_path: Path) -> None:
+    """A file in --out's path is a user error (exit 2, one line), not a traceback from the data's generation."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    result = _run("demo", "--out", blocker / "demo")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    assert blocker.read_text() == "x"
+
+
 def test_score_checks_its_inputs_before_loading_the_model(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from anomaly.detector import Detector
 
