@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /predict`` (one image: multipart field ``file`` or the raw request body;
 ``?mask=png`` / ``?map=npy`` add the mask / anomaly map base64-encoded to the JSON, whose ``warnings`` list what
-the prediction warned of, e.g. a 12-bit frame for an 8-bit model), ``GET /health``,
+the prediction warned of, e.g. a 12-bit frame for an 8-bit model), ``GET /health`` (or HEAD),
 ``GET /metrics`` (Prometheus text). Bad input answers 4xx with ``{"error": ...}``; an unexpected
 failure answers 500 for that request only: the process keeps serving.
 """
@@ -85,8 +85,9 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
         with lock, _Warnings() as warnings:  # decoding too: queued requests hold bytes, not decoded images
             return predictor.predict(data, maps=maps), warnings.messages  # bytes: the image's own bit depth is seen
 
-    # async: answered on the event loop, not behind predictions queued in the thread pool
-    @app.get("/health")
+    # async: answered on the event loop, not behind predictions queued in the thread pool; HEAD for health checks
+    # that send it (wget --spider, uptime monitors)
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": name, "scorer": predictor.scorer.name, "backend": backend}
 

@@ -115,6 +115,13 @@ def test_every_refusal_is_an_error_object_and_media_types_ignore_case(client: Te
     assert mixed_case.status_code == 200, mixed_case.text
 
 
+def test_health_answers_head_as_health_checks_send_it(client: TestClient) -> None:
+    """wget --spider (a Docker HEALTHCHECK without curl) and uptime monitors send HEAD: it was 405, 'unhealthy'."""
+    head = client.head("/health")
+    assert head.status_code == 200 and head.content == b""
+    assert client.get("/health").json()["status"] == "ok"
+
+
 def _multipart(data: bytes) -> tuple[bytes, str]:
     boundary = "anomaly-test-boundary"
     head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'.encode()
