@@ -108,6 +108,7 @@ def test_every_refusal_is_an_error_object_and_media_types_ignore_case(client: Te
     wrong_method = client.get("/predict")
     for response, status in ((two, 400), (no_boundary, 400), (wrong_method, 405)):
         assert response.status_code == status and set(response.json()) == {"error"}, response.text
+    assert wrong_method.headers["allow"] == "POST"  # a 405 says which methods the resource takes (RFC 9110)
     body, boundary = _multipart(png)
     mixed_case = client.post(
         "/predict", content=body, headers={"content-type": f"Multipart/Form-Data; boundary={boundary}"}
