@@ -68,8 +68,10 @@ def build_report(
         shutil.copytree(_HERE / "static", tmp / "assets")
         env = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True, undefined=StrictUndefined)
         html = env.get_template("index.html.j2").render(**page)
-        # a file name that is not UTF-8 (kept as surrogate escapes, as scores.csv keeps its bytes) shows as U+FFFD
-        (tmp / "index.html").write_text(html.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        # a file name that is not UTF-8 (kept as surrogate escapes, as scores.csv keeps its bytes) shows as U+FFFD;
+        # UTF-8 as the page declares, whatever the locale's encoding
+        page_text = html.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        (tmp / "index.html").write_text(page_text, encoding="utf-8")
     return out
 
 

@@ -243,6 +243,24 @@ def test_without_ground_truth_there_is_no_confusion_matrix(tmp_path: Path) -> No
     assert all(set(it["views"]) == {"image"} for it in data["items"])  # no map: the image alone
 
 
+def test_the_page_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """The page declares UTF-8 but was written in the locale's encoding: a report built under an ASCII or Latin-1
+    locale (or on Windows) crashed on the template's own '·', or wrote bytes the browser shows as U+FFFD."""
+    import os
+    import subprocess
+    import sys
+
+    scores = _fabricate(tmp_path, 3)
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}  # an ASCII locale
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    code = "import sys; from anomaly.report import build_report; build_report(sys.argv[1], sys.argv[2])"
+    built = subprocess.run(
+        [sys.executable, "-c", code, str(scores), str(tmp_path / "report")], env=env, capture_output=True
+    )
+    assert built.returncode == 0, built.stderr.decode()[-500:]
+    assert "model threshold" in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+
+
 def test_the_viewer_shows_an_image_at_its_own_size_up_to_the_cap(tmp_path: Path) -> None:
     """A KolektorSDD frame (1270 px tall) showed at 302 x 768: "click for the full-size image"."""
     from anomaly.report.images import VIEW_SIZE
