@@ -63,16 +63,19 @@ def build_report(
     with staged_dir(out, DATA_FILE) as tmp:
         rendered = _render_pictures(content, tmp, progress)
         page = _page(content, rendered)
-        data = json.dumps(page["data"], separators=(",", ":"), allow_nan=False)
-        (tmp / DATA_FILE).write_text(f"window.ANOMALY_REPORT = {data};\n")
+        data = json.dumps(page["data"], separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        (tmp / DATA_FILE).write_text(_utf8(f"window.ANOMALY_REPORT = {data};\n"), encoding="utf-8")
         shutil.copytree(_HERE / "static", tmp / "assets")
         env = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True, undefined=StrictUndefined)
         html = env.get_template("index.html.j2").render(**page)
-        # a file name that is not UTF-8 (kept as surrogate escapes, as scores.csv keeps its bytes) shows as U+FFFD;
-        # UTF-8 as the page declares, whatever the locale's encoding
-        page_text = html.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        (tmp / "index.html").write_text(page_text, encoding="utf-8")
+        (tmp / "index.html").write_text(_utf8(html), encoding="utf-8")  # as the page declares, whatever the locale
     return out
+
+
+def _utf8(text: str) -> str:
+    """``text`` with each byte of a file name that is not UTF-8 (kept as a surrogate escape, as scores.csv keeps its
+    bytes) as U+FFFD: the same in the page and in its data, whose folder and cluster names the filters compare."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _render_pictures(

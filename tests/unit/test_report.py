@@ -75,7 +75,7 @@ def _tags(html: str) -> list[tuple[str, dict[str, str | None]]]:
 
 
 def _data(report: Path) -> dict[str, Any]:
-    text = (report / DATA_FILE).read_text()
+    text = (report / DATA_FILE).read_text(encoding="utf-8")
     return json.loads(text.removeprefix("window.ANOMALY_REPORT = ").rstrip().removesuffix(";"))
 
 
@@ -259,6 +259,26 @@ def test_the_page_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
     )
     assert built.returncode == 0, built.stderr.decode()[-500:]
     assert "model threshold" in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_folder_name_that_is_not_utf8_is_the_same_in_the_filter_and_the_data(tmp_path: Path) -> None:
+    """The page showed such a name as U+FFFD and its data kept the surrogate escape: filtering the gallery by that
+    folder showed no image."""
+    import os
+
+    scores = _fabricate(tmp_path, 6)
+    crack = tmp_path / "data" / "test" / "crack"
+    renamed = crack.parent / os.fsdecode(b"Pr\xfcfung")
+    crack.rename(renamed)
+    rows = [{**r, "path": r["path"].replace(str(crack), str(renamed))} for r in _rows(scores)]
+    with (scores / "scores.csv").open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = build_report(scores, tmp_path / "report")
+    options = {a["value"] for t, a in _tags((out / "index.html").read_text(encoding="utf-8")) if t == "option"}
+    folders = {it["folder"] for it in _data(out)["items"]}
+    assert folders == {"Pr\ufffdfung", "good"} and folders <= options
 
 
 def test_the_viewer_shows_an_image_at_its_own_size_up_to_the_cap(tmp_path: Path) -> None:
