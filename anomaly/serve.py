@@ -110,6 +110,8 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
                         what = "is text, not a file" if isinstance(upload, str) else "is missing"
                         return _error(400, f"multipart field 'file' {what}: send the image as a file (-F file=@x.png)")
                     data = await upload.read()
+                    if not data:  # not "empty request": the client did send field 'file'
+                        return _error(400, f"multipart field 'file' ({upload.filename!r}) is an empty file: 0 bytes")
             else:
                 data = await request.body()
         except ClientDisconnect:  # nobody to answer; counted apart from failures (nginx's 499)

@@ -88,6 +88,10 @@ def test_bad_and_oversized_requests_are_refused_and_the_service_stays_healthy(
     corrupt = client.post("/predict", files={"file": ("bad.png", b"\x89PNG not really an image")})
     assert corrupt.status_code == 400 and "cannot read image" in corrupt.json()["error"]
     assert client.post("/predict", content=b"").status_code == 400
+    empty = client.post("/predict", files={"file": ("cam 1 ü.png", b"")})  # told to send what it sent
+    assert empty.status_code == 400 and empty.json() == {
+        "error": "multipart field 'file' ('cam 1 ü.png') is an empty file: 0 bytes"
+    }
     other = client.post("/predict", files={"other": ("x.png", images[0].read_bytes())})
     assert other.status_code == 400 and "'file' is missing" in other.json()["error"]
     part = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nPNG\r\n--b--\r\n'  # no filename: curl -F file=<x
