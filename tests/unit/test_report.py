@@ -451,6 +451,21 @@ def test_report_in_chromium(scored: SimpleNamespace, open_report: Any, tmp_path:
     assert opened.errors == [] and opened.outside == []
 
 
+def test_a_cleared_threshold_field_keeps_the_threshold(open_report: Any, tmp_path: Path) -> None:
+    """Clearing the field to type another threshold (or typing "-" first) read as 0: every image flagged."""
+    scores = _fabricate(tmp_path, 12)
+    page = open_report(build_report(scores, tmp_path / "report")).page
+    at_model = _shown(page, ["n-flagged"])
+    assert 0 < at_model["n-flagged"] < 12
+    for text in ("", "-"):
+        page.fill("#thr-value", "")
+        if text:
+            page.type("#thr-value", text)
+        assert _shown(page, ["n-flagged"]) == at_model, repr(text)
+    page.fill("#thr-value", "1e9")
+    assert _shown(page, ["n-flagged"]) == {"n-flagged": 0}
+
+
 def test_thousand_images_load_fast_without_layout_shift(open_report: Any, tmp_path: Path) -> None:
     scores = _fabricate(tmp_path, 1000)
     start = time.perf_counter()

@@ -287,7 +287,8 @@
     return i < n && value - scores[i] <= Math.abs(value) * 1e-14 ? scores[i] : value;
   }
   range.addEventListener("input", () => setThreshold(fromSlider(Number(range.value)), range));
-  number.addEventListener("input", () => setThreshold(Number(number.value), number));
+  // valueAsNumber: NaN (ignored) for a field cleared or half typed ("-", "1e"), where Number(value) was 0: all flagged
+  number.addEventListener("input", () => setThreshold(number.valueAsNumber, number));
   $("thr-reset").addEventListener("click", () => setThreshold(D.threshold, null));
   // one image more / fewer: the next score down, or halfway to the next score up
   $("thr-down").addEventListener("click", () => {
