@@ -499,7 +499,7 @@ def demo(
     config: ConfigOpt = "patchcore",
 ) -> None:
     """Generate a synthetic category, fit on it, score its test split and evaluate: no download needed."""
-    from anomaly._fs import check_output_dir
+    from anomaly._fs import check_output_dir, staged_dir
     from anomaly.data.inputs import image_paths
     from anomaly.data.synthetic import make_synthetic_category
     from anomaly.detector import Detector
@@ -508,8 +508,9 @@ def demo(
 
     data = out / "data" / "widget"
     check_output_dir(out / "scores", "scores.csv")  # an --out that cannot take the outputs, before the data is drawn
-    if not data.is_dir():
-        make_synthetic_category(out / "data", "widget", n_train=40, n_test_good=10, n_test_defect=20, size=256)
+    if not data.is_dir():  # drawn in a temp folder: an interrupted demo leaves no half-drawn data to be reused
+        with staged_dir(out / "data", "widget", output=False) as drawing:
+            make_synthetic_category(drawing, "widget", n_train=40, n_test_good=10, n_test_defect=20, size=256)
     _note("synthetic MVTec-layout data in %s", data)
     detector = Detector(_config(config, None, None))
     if not detector.zero_shot:

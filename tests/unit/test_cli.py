@@ -655,6 +655,23 @@ def test_demo_refuses_an_unwritable_out_in_one_line(tmp_path: Path) -> None:
     assert blocker.read_text() == "x"
 
 
+def test_an_interrupted_demo_leaves_no_half_drawn_data(tmp_path: Path, monkeypatch) -> None:
+    """The demo reuses OUT/data/widget when it exists: one killed while drawing it left a partial set that every
+    later run fitted and scored as if complete."""
+    import anomaly.data.synthetic as synthetic
+
+    drawn = synthetic.make_synthetic_category
+
+    def killed(out_root, name, **kwargs):  # type: ignore[no-untyped-def]
+        drawn(out_root, name, n_train=2, n_test_good=1, n_test_defect=1, size=64)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "make_synthetic_category", killed)
+    assert _run("demo", "--out", tmp_path / "demo").exit_code == 130
+    assert not (tmp_path / "demo" / "data").exists()
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == []
+
+
 def test_score_checks_its_inputs_before_loading_the_model(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from anomaly.detector import Detector
 
