@@ -179,13 +179,34 @@ def run(
 
     _check_port(host, port)
     if workers > 1:
-        load_predictor(model, device)  # fail fast, with one clear error, before the workers start
+        _check_loads(model, device)  # fail fast, with one clear error, before the workers start
         os.environ[_ENV_MODEL], os.environ[_ENV_MAX_BYTES] = str(model), str(max_bytes)
         os.environ[_ENV_DEVICE] = device or ""
         uvicorn.run("anomaly.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
     else:
         app = create_app(load_predictor(model, device), max_bytes=max_bytes, name=Path(model).name)
         uvicorn.run(app, host=host, port=port)
+
+
+def _check_loads(model: str | os.PathLike[str], device: str | None) -> None:
+    """Raise the error :func:`load_predictor` would, from a child process: the supervisor of ``--workers`` then
+    holds no model of its own (a torch model kept about 0.8 GB there for nothing)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        failure = pool.apply(_load_failure, (str(model), device))
+    if failure is not None:
+        kind, message = failure
+        raise next((e for e in AnomalyError.__subclasses__() if e.__name__ == kind), AnomalyError)(message)
+
+
+def _load_failure(model: str, device: str | None) -> tuple[str, str] | None:
+    """The class name and message of the error loading ``model`` raises (None when it loads)."""
+    try:
+        load_predictor(model, device)
+    except AnomalyError as exc:
+        return type(exc).__name__, str(exc)
+    return None
 
 
 def _check_port(host: str, port: int) -> None:

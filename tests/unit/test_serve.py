@@ -278,3 +278,24 @@ def test_serve_refuses_a_body_limit_that_is_not_a_size(patchcore_export: Path, v
 
     result = CliRunner().invoke(app, ["serve", "--model", str(patchcore_export), "--max-mb", value])
     assert result.exit_code == 2 and "--max-mb a number of MiB > 0" in result.output
+
+
+def test_workers_check_the_model_in_a_child_and_keep_its_error(patchcore_model: Path, tmp_path: Path) -> None:
+    """With --workers the supervisor loaded the model only to fail fast, and kept it (about 0.8 GB for a torch model)
+    beside the N workers that serve: the check now loads it in a child process and raises its error here."""
+    check = (
+        "import sys; from anomaly.serve import _check_loads; _check_loads(sys.argv[1], None); "
+        "print('torch' in sys.modules, 'anomaly.detector' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", check, str(patchcore_model)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "False"], done.stderr
+    (tmp_path / "meta.json").write_text("{")
+    from anomaly.errors import DataError
+    from anomaly.serve import _check_loads, load_predictor
+
+    with pytest.raises(DataError) as expected:
+        load_predictor(tmp_path)
+    with pytest.raises(DataError) as checked:
+        _check_loads(tmp_path, None)
+    assert str(checked.value) == str(expected.value)
