@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly.data.io import read_images
+from anomaly.data.io import read_images, read_pixels, significant_bits, stored_bit_depth
 from anomaly.discovery.cluster import Clusters, check_k, cluster_descriptors, pool_by_image
 from anomaly.discovery.describe import RegionDescriber
 from anomaly.discovery.regions import Binarization, Region, find_regions
@@ -157,10 +157,11 @@ def _describe(
     for index, region in enumerate(regions):
         by_image.setdefault(region.image, []).append(index)
     order = [i for i in range(len(images)) if i in by_image]
+    depth = _bit_depth([images[i] for i in order])
     out: list[NDArray[np.float32]] = []
     for start in range(0, len(order), _CHUNK):
         chunk = order[start : start + _CHUNK]
-        decoded = _load([images[i] for i in chunk])
+        decoded = _load([images[i] for i in chunk], depth)
         crops, masks = [], []
         for i, image in zip(chunk, decoded):
             for index in by_image[i]:
@@ -177,7 +178,14 @@ def _describe(
     return result
 
 
-def _load(images: list[ImageLike]) -> list[NDArray[np.uint8]]:
+def _bit_depth(images: list[ImageLike]) -> int:
+    """One depth for every 16-bit image file, the bits the largest value among them needs (16 without any): the same
+    for all chunks, so an image's brightness does not depend on the chunk it is decoded with."""
+    deep = [i for i in images if not isinstance(i, np.ndarray) and stored_bit_depth(i) == 16]  # 8-bit: header only
+    return max((significant_bits(read_pixels(path)) or 16 for path in deep), default=16)
+
+
+def _load(images: list[ImageLike], bit_depth: int) -> list[NDArray[np.uint8]]:
     paths = [i for i in images if not isinstance(i, np.ndarray)]
-    decoded = iter(read_images(paths, bit_depth=None) if paths else [])  # 16-bit images at their depth
+    decoded = iter(read_images(paths, bit_depth=bit_depth) if paths else [])  # 16-bit images at one depth
     return [i if isinstance(i, np.ndarray) else next(decoded) for i in images]

@@ -448,3 +448,31 @@ def test_discover_api_takes_detection_results(scores_dir: Path) -> None:
     assert list(found.n_regions) == [1] * 6 and found.summary()["images_per_cluster"] == {"0": 2, "1": 2, "2": 2}
     with pytest.raises(DataError, match="no anomaly map"):
         discover([DetectionResult(1.0, True, 0.3, None, "x.png")])
+
+
+def test_discover_reads_every_16_bit_image_at_one_depth(tmp_path: Path) -> None:
+    """Images are decoded a chunk at a time; a 12-bit frame in the first chunk must not make the same 10-bit
+    content read 4x darker there than in the next chunk."""
+    from anomaly.discovery import pipeline
+    from anomaly.discovery.regions import Region
+
+    paths = []
+    for i in range(pipeline._CHUNK + 4):
+        image = np.full((32, 32), 1000, np.uint16)
+        image[0, 0] = 4000 if i == 0 else 1000  # the first image needs 12 bits, the others 10
+        paths.append(tmp_path / f"{i:02d}.png")
+        cv2.imwrite(str(paths[-1]), image)
+    seen: list[int] = []
+
+    class Recorder:
+        def crop(self, image: np.ndarray, region: Region) -> tuple[np.ndarray, np.ndarray]:
+            seen.append(int(image[16, 16, 0]))
+            return image[:8, :8], np.ones((8, 8), np.float32)
+
+        def describe(self, crops: np.ndarray, masks: np.ndarray) -> np.ndarray:
+            return np.arange(len(crops) * 2, dtype=np.float32).reshape(-1, 2)
+
+    amap = np.zeros((32, 32), np.float32)
+    amap[8:24, 8:24] = 1
+    pipeline.discover(paths, k=2, maps=[amap] * len(paths), describer=Recorder())  # type: ignore[arg-type]
+    assert seen == [1000 >> 4] * len(paths)
