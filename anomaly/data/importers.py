@@ -80,10 +80,11 @@ def import_labelme(
 ) -> ImportSummary:
     """Import images annotated with labelme.
 
-    Every image under ``images`` (recursive) is normal unless a JSON file under ``annotations`` names it (by the
-    file name of its ``imagePath``) with at least one shape. The mask is the union of the image's shapes, filled
-    as labelme does (PIL polygon with outline). The defect type is the shape label, lower-cased with spaces as
-    ``_``; an image whose shapes carry several labels gets the type ``combined``.
+    Every image under ``images`` (recursive) is normal unless a JSON file under ``annotations`` names it with at
+    least one shape: its ``imagePath`` relative to the JSON's folder (as labelme reads it), else the one image of
+    that file name. File names that repeat in one output folder take their sub-folders as a prefix. The mask is
+    the union of the image's shapes, filled as labelme does (PIL polygon with outline). The defect type is the shape
+    label, lower-cased with spaces as ``_``; an image whose shapes carry several labels gets the type ``combined``.
 
     Args:
         images: Folder of all images, normal and defective.
@@ -99,8 +100,8 @@ def import_labelme(
         The summary of what was written.
 
     Raises:
-        DataError: Missing folders, unreadable or invalid JSON, an annotated image that is not found or whose
-            size differs from the JSON's, a shape without area, duplicate file names, an image file that cannot
+        DataError: Missing folders, unreadable or invalid JSON, an annotated image that is not found, named
+            ambiguously or whose size differs from the JSON's, a shape without area, an image file that cannot
             be opened (empty, or not an image), or no image at all.
     """
     _check_options(normal_test_ratio, max_normal, link)
@@ -108,16 +109,25 @@ def import_labelme(
     json_files = sorted(p for p in _walk_dir(annotations, "--annotations") if p.suffix.lower() == ".json")
     if not json_files:
         raise DataError(f"--annotations {annotations}: no .json file found")
-    by_name = _by_file_name(image_paths, images)
+    by_path = {os.path.abspath(p): p for p in image_paths}
+    by_name: dict[str, list[Path]] = {}
     by_stem: dict[str, list[Path]] = {}
     for path in image_paths:
+        by_name.setdefault(path.name, []).append(path)
         by_stem.setdefault(path.stem, []).append(path)
     defects: list[_Defect] = []
     annotated: dict[Path, Path] = {}  # image -> its JSON file
     for json_file in json_files:
         doc = _read_json(json_file)
-        name = Path(str(doc.get("imagePath", "")).replace("\\", "/")).name
-        image = by_name.get(name)
+        image_path = str(doc.get("imagePath", "")).replace("\\", "/")
+        name = Path(image_path).name
+        named = by_name.get(name, [])
+        # labelme reads imagePath relative to its JSON; else the one image of that file name
+        image = by_path.get(os.path.abspath(json_file.parent / image_path)) if name else None
+        if image is None and len(named) > 1:
+            raise DataError(f"{json_file}: imagePath {image_path!r} is none of the {len(named)} images named {name!r} "
+                            f"under {images} ({named[0]}, ...); give the path from the JSON's folder")  # fmt: skip
+        image = image or (named[0] if named else None)
         if image is None and len(by_stem.get(json_file.stem, [])) == 1:  # renamed, or an empty imagePath
             image = by_stem[json_file.stem][0]
             log.warning("%s: imagePath %r not found under %s; read as %s (the JSON's own name)", json_file, name,
@@ -513,14 +523,6 @@ def _listed(folder: str | os.PathLike[str], option: str) -> list[Path]:
     if not paths:
         raise DataError(f"{option} {root}: no image found")
     return paths
-
-
-def _by_file_name(paths: list[Path], folder: str | os.PathLike[str]) -> dict[str, Path]:
-    names = Counter(p.name for p in paths)
-    dupes = [n for n, c in names.items() if c > 1]
-    if dupes:
-        raise DataError(f"--images {folder}: file name {dupes[0]!r} occurs in several sub-folders")
-    return {p.name: p for p in paths}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

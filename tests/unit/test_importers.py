@@ -247,6 +247,26 @@ def test_labelme_quirks_of_real_annotations(tmp_path: Path, caplog: pytest.LogCa
         import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out3")
 
 
+def test_labelme_images_of_one_name_in_several_sub_folders(tmp_path: Path) -> None:
+    """Two cameras' folders with the same file names were refused outright; labelme's JSON beside each image names it
+    by a path relative to the JSON, which tells them apart."""
+    square = [[1, 1], [6, 1], [6, 6], [1, 6]]
+    for cam in ("cam1", "cam2"):
+        for name in ("0.png", "1.png", "2.png"):
+            _image(tmp_path / "data" / cam / name)
+        doc = {"shapes": [_poly(square, cam)], "imagePath": "1.png", "imageWidth": W, "imageHeight": H}
+        (tmp_path / "data" / cam / "1.json").write_text(json.dumps(doc))
+    summary = import_labelme(tmp_path / "data", tmp_path / "data", tmp_path / "out", normal_test_ratio=0)
+    assert (summary.n_train, summary.defects) == (4, {"cam1": 1, "cam2": 1})
+    assert sorted(p.name for p in (tmp_path / "out" / "train" / "good").iterdir()) == [
+        "cam1_0.png", "cam1_2.png", "cam2_0.png", "cam2_2.png"
+    ]  # fmt: skip
+    assert (tmp_path / "out" / "test" / "cam2" / "1.png").resolve() == (tmp_path / "data" / "cam2" / "1.png").resolve()
+    _labelme(tmp_path / "label" / "x.json", "0.png", [_poly(square)])  # ..\data\0.png: neither of the two
+    with pytest.raises(DataError, match=r"x.json: imagePath '../data/0.png' is none of the 2 images named '0.png'"):
+        import_labelme(tmp_path / "data", tmp_path / "label", tmp_path / "out2")
+
+
 def test_labelme_rectangles_of_four_points_and_mask_shapes_fill_their_area(tmp_path: Path) -> None:
     """A rectangle saved with its four corners became a one-pixel line; a `mask` shape (labelme 5.3+, a base64 PNG
     from its first point) was left out as a shape without area."""
