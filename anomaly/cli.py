@@ -287,8 +287,7 @@ def score(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Score images with a fitted model or an export (--model) or zero-shot (--zero-shot)."""
-    from anomaly.data.datasets import is_category_root, labelled_split_dirs
-    from anomaly.data.inputs import image_paths, reference_paths
+    from anomaly.data.inputs import image_paths, reference_paths, scoring_inputs
     from anomaly.outputs import ScoreWriter, relative_names
     from anomaly.runtime import ExportedDetector, is_export_dir
 
@@ -308,6 +307,7 @@ def score(
         raise DataError("--set backbone.weights applies to a model directory scored in this process")
     if device is not None and (ray or ray_address is not None):
         raise DataError("--device applies to scoring in this process; Ray workers use the model's device")
+    inputs = [str(i) for i in scoring_inputs(inputs)]
     if ray or ray_address is not None:
         _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
         return
@@ -323,10 +323,6 @@ def score(
 
     check_output_dir(out, "scores.csv")  # an --out that cannot take the scores, before the inputs are read
     paths = image_paths(inputs, exclude=[out])  # and bad inputs before a model is loaded
-    for root in (i for i in inputs if is_category_root(i)):  # one row per input image, as asked; said once
-        split = labelled_split_dirs(Path(root))[0]
-        typer.echo(f"warning: {root} is a dataset category root: every image in it is scored, its train/good and "
-                   f"ground_truth masks too; give {split} to score its test split", err=True)  # fmt: skip
     references = reference_paths(reference, paths) if reference else []
     if zero_shot and len(paths) + len(references) < 2:  # before a backbone is built
         raise DataError("zero-shot scoring needs at least 2 images in the pool (inputs + --reference images)")

@@ -1,7 +1,7 @@
 """Input policy shared by the API and the CLI: which images a fit, a score or a reference set uses.
 
 * a dataset category root (it has ``train/good``) given for fitting or as references is narrowed to
-  ``train/good``: a fit never reads test images or masks by accident;
+  ``train/good``: a fit never reads test images or masks by accident; given for scoring, to its test split;
 * references that are also inputs are dropped from the references (an image never scores itself);
 * folders written by ``anomaly`` (scores, models, reports) are never read as inputs;
 * ``predict`` takes one image or a list, and ``on_error`` is ``raise`` or ``skip``, in every predictor.
@@ -17,12 +17,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from anomaly._fs import BENCHMARK_MARKER, OUTPUT_MARKER
-from anomaly.data.datasets import is_category_root
+from anomaly.data.datasets import is_category_root, labelled_split_dirs
 from anomaly.data.io import GLOB_CHARS, is_image_file, list_images
 from anomaly.data.loader import ImageInput, is_stream, read_streams
 from anomaly.errors import DataError
 
-__all__ = ["OnError", "check_on_error", "image_paths", "many", "one_or_many", "reference_paths", "training_paths"]
+__all__ = [
+    "OnError",
+    "check_on_error",
+    "image_paths",
+    "many",
+    "one_or_many",
+    "reference_paths",
+    "scoring_inputs",
+    "training_paths",
+]
 
 log = logging.getLogger(__name__)
 _NOT_NORMAL = {"ground_truth", "masks", "Masks", "Anomaly"}  # MVTec / folder-dataset masks, VisA's masks and defects
@@ -78,6 +87,20 @@ def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[P
             raise DataError("no input image left outside the output folder")
         paths = kept
     return paths
+
+
+def scoring_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
+    """``inputs`` with each dataset category root narrowed to its labelled test split (``test/``, MVTec AD 2's
+    ``test_public/``), as a fit narrows it to ``train/good``: its training images and its ground-truth masks are not
+    what a test scores (the masks scored as images, and joined a zero-shot pool). A root without one is kept."""
+    narrowed: list[str | os.PathLike[str]] = []
+    for item in inputs:
+        split = labelled_split_dirs(Path(item))[0] if is_category_root(item) else None
+        if split is not None and split.is_dir():
+            log.info("%s is a dataset category: scoring its test split %s (not train/good, nor the masks)", item, split)
+            item = split
+        narrowed.append(item)
+    return narrowed
 
 
 def training_paths(inputs: Iterable[str | os.PathLike[str]], *, for_fit: bool = True) -> list[Path]:

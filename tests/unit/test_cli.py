@@ -992,9 +992,15 @@ def test_score_with_a_model_refuses_a_config_and_warns_that_an_image_scorer_writ
     assert scored.exit_code == 0 and "warning: scorer gaussian gives image scores only" in scored.output
     assert not (tmp_path / "gs" / "maps").exists()
     assert {(row["map_path"], row["pixel_threshold"]) for row in _rows(tmp_path / "gs")} == {("", "")}
+    # a category root is scored as its test split, as a fit takes its train/good: its masks were scored as images
+    # (and joined zero-shot pools), and `evaluate --root` then refused the scores
     whole = _run("score", "--model", model_dir, "--out", tmp_path / "r", "--no-overlays", synthetic_root)
-    assert whole.exit_code == 0 and f"warning: {synthetic_root} is a dataset category root: every image" in whole.output
-    assert any("ground_truth" in row["path"] for row in _rows(tmp_path / "r"))  # one row per input image, as asked
+    assert whole.exit_code == 0 and f"scoring its test split {synthetic_root / 'test'}" in whole.output
+    rows = _rows(tmp_path / "r")
+    assert {Path(row["path"]).relative_to(synthetic_root).parts[0] for row in rows} == {"test"}
+    assert len(rows) == len(list((synthetic_root / "test").glob("*/*.png")))
+    evaluated = _run("evaluate", "--scores", tmp_path / "r", "--root", synthetic_root, "--out", tmp_path / "e")
+    assert evaluated.exit_code == 0, evaluated.output
 
 
 def _plain_folder(category: Path, root: Path) -> Path:
