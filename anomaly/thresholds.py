@@ -269,12 +269,16 @@ def _finite(values: ArrayLike, what: str) -> NDArray[np.float64]:
 
 
 def _conformal(values: NDArray[np.float64], alpha: float) -> tuple[float, str, float]:
-    """Split-conformal quantile: P(new normal score >= t) <= alpha for exchangeable scores."""
+    """Split-conformal quantile: P(new normal score >= t) <= alpha for exchangeable scores.
+
+    The guarantee is for scores above the quantile, so ``t`` lies just above it: at the quantile, normal scores tied
+    with it were flagged too (100 equal scores, a target of 1 %: every new normal image with that score flagged).
+    """
     n = len(values)
     rank = math.ceil((n + 1) * (1 - alpha))
     ordered = np.sort(values)
     if rank <= n:
-        return float(ordered[rank - 1]), "conformal", (n + 1 - rank) / (n + 1)
+        return _above(float(ordered[rank - 1])), "conformal", (n + 1 - rank) / (n + 1)
     return _gpd_tail(ordered, alpha), "tail-gpd", alpha
 
 

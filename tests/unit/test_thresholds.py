@@ -52,10 +52,21 @@ def test_in_sample_scores_would_have_missed_the_target() -> None:
 def test_conformal_rank_and_interval_are_exact() -> None:
     scores = np.arange(1.0, 20.0)  # n = 19: the target 0.1 resolves as rank ceil(20 * 0.9) = 18
     decision = calibrate(scores, 0.1)
-    assert decision.image == 18.0 and decision.rule == "conformal"
+    assert decision.image == pytest.approx(18.0, rel=1e-9) and decision.rule == "conformal"
+    assert not decision.is_anomalous(18.0) and decision.is_anomalous(19.0)  # flagged above the quantile
     assert decision.estimated_fpr == pytest.approx(2 / 20)
-    ci = binomtest(2, 19).proportion_ci(0.95)
+    ci = binomtest(1, 19).proportion_ci(0.95)
     assert decision.fpr_interval == pytest.approx((ci.low, ci.high))
+
+
+@pytest.mark.parametrize("n", [98, 99, 1000])
+def test_normal_scores_tied_at_the_conformal_quantile_are_not_flagged(n: int) -> None:
+    """Copies of one golden image score 0 out of fold: at the quantile, every new copy was flagged from 99 on."""
+    decision = calibrate(np.zeros(n), 0.01)
+    assert not decision.is_anomalous(0.0) and decision.fpr_interval is not None and decision.fpr_interval[0] == 0
+    rng = np.random.default_rng(0)  # scores 0 or 1, one in ten normal images scoring 1: the 5 % target flags no 0
+    flagged = [calibrate((rng.random(200) < 0.1).astype(float), 0.05).is_anomalous(0.0) for _ in range(50)]
+    assert not any(flagged)
 
 
 def test_targets_finer_than_the_data_resolves_are_extrapolated_above_every_score() -> None:
