@@ -279,17 +279,17 @@ def _conformal(values: NDArray[np.float64], alpha: float) -> tuple[float, str, f
     ordered = np.sort(values)
     if rank <= n:
         return _above(float(ordered[rank - 1])), "conformal", (n + 1 - rank) / (n + 1)
+    if n < 10 or np.ptp(ordered) == 0:  # nothing to extrapolate from: flag above all seen, 1 in n + 1 new ones
+        return _above(float(ordered[-1])), "tail-gpd", 1 / (n + 1)
     return _gpd_tail(ordered, alpha), "tail-gpd", alpha
 
 
 def _gpd_tail(ordered: NDArray[np.float64], alpha: float) -> float:
-    """The 1 - alpha quantile extrapolated from a generalised Pareto fit to the top scores."""
+    """The 1 - alpha quantile extrapolated from a generalised Pareto fit to the top of 10+ scores."""
     from scipy.stats import genpareto
 
     n = len(ordered)
     n_tail = max(5, round(_TAIL_SHARE * n))
-    if n < 10 or np.ptp(ordered) == 0:
-        return _above(float(ordered[-1]))  # nothing to extrapolate from: flag above all seen
     u = ordered[n - n_tail - 1]
     excess = ordered[n - n_tail :] - u
     shape, _, scale = genpareto.fit(excess, floc=0)

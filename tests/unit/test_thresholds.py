@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 
 from anomaly.errors import DataError
 from anomaly.scorers import get_scorer
@@ -74,6 +74,16 @@ def test_targets_finer_than_the_data_resolves_are_extrapolated_above_every_score
     decision = calibrate(scores, 0.001)
     assert decision.rule == "tail-gpd" and decision.image > scores.max()
     assert "tail extrapolated" in decision.summary()
+
+
+@pytest.mark.parametrize("n", [3, 9])
+def test_too_few_scores_to_extrapolate_state_the_rate_of_flagging_above_all_of_them(n: int) -> None:
+    """Under 10 scores the threshold lies above every one: a new normal image scores higher 1 time in n + 1."""
+    rng = np.random.default_rng(0)
+    decisions = [calibrate(rng.normal(size=n), 0.01) for _ in range(2000)]
+    realised = np.mean([1 - norm.cdf(d.image) for d in decisions])
+    assert all(d.rule == "tail-gpd" and d.estimated_fpr == pytest.approx(1 / (n + 1)) for d in decisions)
+    assert realised == pytest.approx(1 / (n + 1), rel=0.1)
 
 
 def test_separate_map_peaks_give_their_own_pixel_threshold_and_flagged_masks_are_never_empty() -> None:
