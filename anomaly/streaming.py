@@ -90,6 +90,7 @@ class StreamingDetector:
         # the threshold's window of recent scores (below 20 scores: median + 3 MAD, see anomaly.thresholds)
         self._recent: deque[float] = deque(maxlen=max(pool_size, window))
         self._unflagged: list[float] = []  # start-up: scores of the frames not flagged (see predict)
+        self._n_scored = 0  # frames scored into the window: start-up ends at 20, whatever the window holds
         self._flags: deque[bool] = deque(maxlen=_BURST_FRAMES)
         self._pool_prints: deque[str] = deque(maxlen=pool_size)  # fingerprints of the pool's frames, oldest first
         self._pool_sizes: deque[tuple[int, int]] = deque(maxlen=pool_size)  # their sizes (H, W), for the aspect check
@@ -173,9 +174,10 @@ class StreamingDetector:
         repeated = self._repeated(prints)
         fresh = peaks[~repeated]
         self._recent.extend(fresh.tolist())
-        start_up = len(self._recent) < MIN_WINDOW
+        self._n_scored += len(fresh)
+        start_up = self._n_scored < MIN_WINDOW  # counted: a window under 20 scores never held 20, start-up never ended
         if start_up:
-            # Until the window holds 20 scores: the references' scores, the frames not flagged so far, this batch.
+            # Until 20 frames are scored: the references' scores, the frames not flagged so far, this batch.
             # Flagged frames stay out, as they stay out of the pool: a run of defects at the start would otherwise
             # lift the median + 3 MAD over itself (4 references, then 10 broken bottles: 3 flagged, then none).
             anchor = np.r_[self._reference_scores, self._unflagged]

@@ -189,6 +189,30 @@ def test_a_run_of_defects_at_the_start_stays_flagged(synthetic_root: Path) -> No
     assert not any(line.predict(image).is_anomalous for image in train[4:8])
 
 
+def test_a_window_under_20_scores_ends_the_start_up_after_20_frames(synthetic_root: Path, monkeypatch) -> None:
+    """The start-up lasted while the window held under 20 scores: with a window of 4 it never ended, and every frame
+    was judged by the references and all frames not flagged since the start (a list that grew without end)."""
+    import anomaly.streaming
+
+    calls: list[tuple[int, int]] = []
+    real = anomaly.streaming.pool_threshold
+
+    def spy(scores, *args, **kwargs):
+        calls.append((len(scores), kwargs.get("n_reference", 0)))
+        return real(scores, *args, **kwargs)
+
+    monkeypatch.setattr(anomaly.streaming, "pool_threshold", spy)
+    from anomaly.data.io import read_image
+
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    frames = [read_image(path) for path in train[4:]]
+    frames += [image[:, ::-1] for image in frames] + [read_image(p) for p in sorted(synthetic_root.glob("test/*/*"))]
+    line = StreamingDetector(_musc().fit(train[:4]), pool_size=4, window=4)
+    for image in frames:  # 26 frames
+        line.predict(image)
+    assert calls[-1] == (4, 0) and len(line._unflagged) < 20  # the window's 4 scores, no references
+
+
 def test_one_image_gets_one_result_and_misuse_is_refused(synthetic_root: Path) -> None:
     train = sorted((synthetic_root / "train" / "good").glob("*.png"))
     line = StreamingDetector(_musc().fit(train[:2]), pool_size=8)
