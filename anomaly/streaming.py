@@ -14,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 
 from anomaly.data.inputs import OnError, check_on_error, one_or_many
-from anomaly.data.loader import ImageInput
+from anomaly.data.loader import DecodedImage, ImageInput
 from anomaly.detector import Detector, FeatureSet, in_input_order
 from anomaly.errors import ConfigError, DataError
 from anomaly.results import DetectionResult
@@ -123,8 +123,9 @@ class StreamingDetector:
         self, images: ImageInput | Sequence[ImageInput], *, maps: bool = True, on_error: OnError = "raise"
     ) -> Any:
         """Score each new image against the references and the pool (not against the other images of the call: a
-        recurring defect would vouch for itself), then add those ``admit`` lets in. The first call of a line without
-        references has nothing else: its images score each other and seed the pool.
+        recurring defect would vouch for itself) and decide the images in turn, each by the threshold it would meet
+        alone (a call of defects would set its own), then add those ``admit`` lets in. The first call of a line
+        without references has nothing else: its images score each other, are decided together and seed the pool.
 
         One image returns one DetectionResult, a list of them a list (as :meth:`Detector.predict`); ``maps=False``
         leaves ``anomaly_map`` None (the verdicts are the same).
@@ -172,34 +173,18 @@ class StreamingDetector:
         out = ScoreOutput(out.patch_maps, peaks)  # no RsCIN on a stream: the image score is the map peak
         prints = [_fingerprint(d.views) for d in features.images]
         repeated = self._repeated(prints)
-        fresh = peaks[~repeated]
-        self._recent.extend(fresh.tolist())
-        self._n_scored += len(fresh)
-        start_up = self._n_scored < MIN_WINDOW  # counted: a window under 20 scores never held 20, start-up never ended
-        if start_up:
-            # Until 20 frames are scored: the references' scores, the frames not flagged so far, this batch.
-            # Flagged frames stay out, as they stay out of the pool: a run of defects at the start would otherwise
-            # lift the median + 3 MAD over itself (4 references, then 10 broken bottles: 3 flagged, then none).
-            anchor = np.r_[self._reference_scores, self._unflagged]
-            scores, n_reference = np.r_[anchor, fresh], len(self._reference_scores)
-        else:
-            scores, n_reference = np.asarray(self._recent), 0
-        if not len(scores):  # repeats alone and nothing before them: the batch decides for itself
-            scores, n_reference = peaks, 0
-        target = self.detector.config.threshold.target_fpr
-        decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
-        self._last_decision = decision
-        results = self.detector.finish(out, features.images, decision, maps=maps)
+        if len(self.pool) or self.pool.reference is not None:
+            # Each frame decided in turn, as if it came alone: decided together, a call's frames set their own
+            # start-up threshold (4 references, then 6 defects in one call: none flagged, against 6 / 6 one at a time).
+            results = []
+            for i in range(len(peaks)):
+                one = slice(i, i + 1)
+                results += self._decide(out.take(one), features.images[one], repeated[one], maps)
+        else:  # the first batch of a line without references: its frames are all there is to judge by
+            results = self._decide(out, features.images, repeated, maps)
         check = self.detector.input_check(list(self._pool_sizes))  # the frames admitted so far, not those judged
         check.add_decoded(features.images)
         check.warn(len(results))
-        if start_up:
-            # Without references the first frames are all there is to judge by: a flagged one kept out of two seed
-            # scores left the threshold at their near-zero spread (8 of 30 good bottles flagged).
-            anchored = self.pool.reference is not None
-            self._unflagged += [
-                r.image_score for r, rep in zip(results, repeated) if not (rep or (anchored and r.is_anomalous))
-            ]
         seeding = len(self.pool) == 0 and self.pool.reference is None  # nothing to compare with yet: all join
         keep = [i for i, r in enumerate(results) if self.admit == "all" or seeding or not r.is_anomalous]
         self.pool.add([x[keep] for x in features.layers])
@@ -207,6 +192,39 @@ class StreamingDetector:
         self._pool_sizes.extend(features.images[i].size for i in keep)
         self._flags.extend(r.is_anomalous for r in results)
         self._report_burst()
+        return results
+
+    def _decide(
+        self, out: ScoreOutput, images: Sequence[DecodedImage], repeated: NDArray[np.bool_], maps: bool
+    ) -> list[DetectionResult]:
+        """Results of scored frames by the threshold of the window (during start-up: the references' scores, the
+        frames not flagged so far and these), which their fresh scores join."""
+        peaks = out.image_scores
+        fresh = peaks[~repeated]
+        self._recent.extend(fresh.tolist())
+        self._n_scored += len(fresh)
+        start_up = self._n_scored < MIN_WINDOW  # counted: a window under 20 scores never held 20, start-up never ended
+        if start_up:
+            # Until 20 frames are scored: the references' scores, the frames not flagged so far, these frames.
+            # Flagged frames stay out, as they stay out of the pool: a run of defects at the start would otherwise
+            # lift the median + 3 MAD over itself (4 references, then 10 broken bottles: 3 flagged, then none).
+            anchor = np.r_[self._reference_scores, self._unflagged]
+            scores, n_reference = np.r_[anchor, fresh], len(self._reference_scores)
+        else:
+            scores, n_reference = np.asarray(self._recent), 0
+        if not len(scores):  # repeats alone and nothing before them: the frames decide for themselves
+            scores, n_reference = peaks, 0
+        target = self.detector.config.threshold.target_fpr
+        decision = pool_threshold(scores, target, n_reference=n_reference, expect_defects=False)  # mostly good
+        self._last_decision = decision
+        results = self.detector.finish(out, images, decision, maps=maps)
+        if start_up:
+            # Without references the first frames are all there is to judge by: a flagged one kept out of two seed
+            # scores left the threshold at their near-zero spread (8 of 30 good bottles flagged).
+            anchored = self.pool.reference is not None
+            self._unflagged += [
+                r.image_score for r, rep in zip(results, repeated) if not (rep or (anchored and r.is_anomalous))
+            ]
         return results
 
     def confirm_normal(self, images: ImageInput | Sequence[ImageInput]) -> None:

@@ -45,7 +45,7 @@ def test_stream_threshold_treats_its_window_as_mostly_normal(synthetic_root: Pat
     monkeypatch.setattr(anomaly.streaming, "pool_threshold", spy)
     train = sorted((synthetic_root / "train" / "good").glob("*.png"))
     StreamingDetector(_musc().fit(train[:2]), pool_size=4).predict(train[2:4])
-    assert seen == [False]
+    assert seen == [False, False]  # each frame decided in turn
 
 
 def test_a_recurring_defect_stays_flagged_unless_every_image_joins_the_pool(synthetic_root: Path) -> None:
@@ -259,7 +259,7 @@ def test_unreadable_frames_are_skipped_on_request_and_change_nothing(synthetic_r
     assert [r.error is None for r in results] == [True, False, True]
     assert "broken.png" in results[1].error and results[1].source == str(broken)
     assert np.isnan(results[1].image_score) and not results[1].is_anomalous
-    assert results[1].threshold == results[0].threshold  # the decision in force
+    assert results[1].threshold == results[2].threshold == line._last_decision.image  # the decision in force
     assert len(line.pool) == 2 and len(line._recent) == 2
     alone = line.predict(broken, on_error="skip")  # one unreadable frame alone: nothing scored, nothing changes
     assert alone.error and len(line.pool) == 2 and len(line._recent) == 2
@@ -367,3 +367,17 @@ def test_a_line_takes_maps_false_as_detector_predict_does(synthetic_root: Path) 
     without, with_maps = line.predict(train[2:4], maps=False), twin.predict(train[2:4])
     assert all(r.anomaly_map is None for r in without) and all(r.anomaly_map is not None for r in with_maps)
     assert [(r.image_score, r.is_anomalous) for r in without] == [(r.image_score, r.is_anomalous) for r in with_maps]
+
+
+def test_a_call_of_defects_at_the_start_is_judged_as_its_frames_one_at_a_time(synthetic_root: Path) -> None:
+    """The start-up threshold took a call's own scores: 4 references, then 6 defects in one call flagged none (they
+    set a median + 3 MAD above themselves), against 6 / 6 sent one at a time. A call's frames are now decided in turn,
+    so its verdicts are those of the same frames sent alone."""
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    bad = sorted(p for p in (synthetic_root / "test").glob("*/*.png") if p.parent.name != "good")[:6]
+    together = StreamingDetector(_musc().fit(train[:4]), pool_size=8).predict(bad)
+    alone_line = StreamingDetector(_musc().fit(train[:4]), pool_size=8)
+    alone = [alone_line.predict(path) for path in bad]
+    assert [r.is_anomalous for r in together] == [r.is_anomalous for r in alone]
+    assert [r.threshold for r in together] == pytest.approx([r.threshold for r in alone], rel=1e-9)
+    assert sum(r.is_anomalous for r in together) >= 5
