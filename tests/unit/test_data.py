@@ -851,6 +851,22 @@ def test_mvtec_ad_2_reads_its_public_test_split(synthetic_root: Path, tmp_path: 
     assert find_categories(tmp_path / "ad2", "mvtec") == ["widget"]
 
 
+def test_a_scored_category_root_is_its_test_split_without_the_masks_mvtec_ad_2_keeps_inside_it(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """`anomaly score ROOT` scores its test split: MVTec AD 2's test_public/ holds ground_truth/, whose masks were
+    scored as images (and joined zero-shot pools) although the log said they were not."""
+    from anomaly.data.inputs import image_paths, scoring_inputs
+
+    ad2 = Path(shutil.copytree(synthetic_root, tmp_path / "ad2" / "widget"))
+    (ad2 / "test").rename(ad2 / "test_public")
+    (ad2 / "ground_truth").rename(ad2 / "test_public" / "ground_truth")
+    for root, split in ((synthetic_root, synthetic_root / "test"), (ad2, ad2 / "test_public")):
+        scored = image_paths(scoring_inputs([root]))
+        assert scored == image_paths([split], exclude=[split / "ground_truth"]) and scored
+        assert not any("ground_truth" in p.parts or "train" in p.parts for p in scored)
+
+
 def test_batches_count_views_so_that_large_tiled_frames_are_decoded_one_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
