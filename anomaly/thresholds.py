@@ -136,7 +136,9 @@ class Threshold:
             lo, hi = self.fpr_interval
             text += f"; estimated FPR {self.estimated_fpr:.3g}, seen {lo:.3g}-{hi:.3g} at 95 %"
         if self.rule == "tail-gpd":
-            text += f"; finer than the 1/{self.n_normal + 1} the scores resolve: tail extrapolated"
+            # under 10 scores (or all equal) nothing is extrapolated: the threshold lies above them all, 1 in n + 1
+            how = "above every score" if self.estimated_fpr > self.target_fpr else "tail extrapolated"
+            text += f"; finer than the 1/{self.n_normal + 1} the scores resolve: {how}"
         if self.n_excluded:
             text += f"; {self.n_excluded} outlying training image(s) left out"
         return text + ")"
