@@ -123,9 +123,10 @@ class StreamingDetector:
         self, images: ImageInput | Sequence[ImageInput], *, maps: bool = True, on_error: OnError = "raise"
     ) -> Any:
         """Score each new image against the references and the pool (not against the other images of the call: a
-        recurring defect would vouch for itself) and decide the images in turn, each by the threshold it would meet
-        alone (a call of defects would set its own), then add those ``admit`` lets in. The first call of a line
-        without references has nothing else: its images score each other, are decided together and seed the pool.
+        recurring defect would vouch for itself); until 20 images are scored, decide them in turn, each by the
+        threshold it would meet alone (a call of defects would set its own), then together by the window of recent
+        scores; then add those ``admit`` lets in. The first call of a line without references has nothing else: its
+        images score each other, are decided together and seed the pool.
 
         One image returns one DetectionResult, a list of them a list (as :meth:`Detector.predict`); ``maps=False``
         leaves ``anomaly_map`` None (the verdicts are the same).
@@ -174,12 +175,17 @@ class StreamingDetector:
         prints = [_fingerprint(d.views) for d in features.images]
         repeated = self._repeated(prints)
         if len(self.pool) or self.pool.reference is not None:
-            # Each frame decided in turn, as if it came alone: decided together, a call's frames set their own
-            # start-up threshold (4 references, then 6 defects in one call: none flagged, against 6 / 6 one at a time).
-            results = []
-            for i in range(len(peaks)):
+            # During start-up each frame is decided in turn, as if it came alone: decided together, a call's frames
+            # set their own threshold (4 references, then 6 defects in one call: none flagged, against 6 / 6 one at a
+            # time). Then the window's 20+ earlier scores outweigh a call, and the rest of it is decided together.
+            results, i = [], 0
+            while i < len(peaks) and self._n_scored < MIN_WINDOW:
                 one = slice(i, i + 1)
                 results += self._decide(out.take(one), features.images[one], repeated[one], maps)
+                i += 1
+            if i < len(peaks):
+                rest = slice(i, None)
+                results += self._decide(out.take(rest), features.images[rest], repeated[rest], maps)
         else:  # the first batch of a line without references: its frames are all there is to judge by
             results = self._decide(out, features.images, repeated, maps)
         check = self.detector.input_check(list(self._pool_sizes))  # the frames admitted so far, not those judged

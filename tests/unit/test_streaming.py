@@ -381,3 +381,31 @@ def test_a_call_of_defects_at_the_start_is_judged_as_its_frames_one_at_a_time(sy
     assert [r.is_anomalous for r in together] == [r.is_anomalous for r in alone]
     assert [r.threshold for r in together] == pytest.approx([r.threshold for r in alone], rel=1e-9)
     assert sum(r.is_anomalous for r in together) >= 5
+
+
+def test_after_the_start_up_a_call_is_decided_together(synthetic_root: Path, monkeypatch) -> None:
+    """Frames are decided one at a time only until 20 are scored (a call could otherwise set its own start-up
+    threshold); then a mixture per frame would cost each frame another fit, while 20+ earlier scores outweigh a call."""
+    import cv2
+
+    import anomaly.streaming
+
+    calls: list[int] = []
+    real = anomaly.streaming.pool_threshold
+
+    def spy(scores, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(scores))
+        return real(scores, *args, **kwargs)
+
+    monkeypatch.setattr(anomaly.streaming, "pool_threshold", spy)
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    image = cv2.cvtColor(cv2.imread(str(train[2])), cv2.COLOR_BGR2RGB)
+    rng = np.random.default_rng(0)
+    frames = [np.clip(image + rng.integers(-3, 4, image.shape), 0, 255).astype(np.uint8) for _ in range(24)]
+    line = StreamingDetector(_musc().fit(train[:2]), pool_size=4)
+    decisions = []
+    for call in (frames[:2], frames[2:22], frames[22:]):
+        before = len(calls)
+        line.predict(call)
+        decisions.append(len(calls) - before)
+    assert decisions == [2, 18 + 1, 1]  # 18 frames reach the 20th score one by one, the last 2 of that call together
