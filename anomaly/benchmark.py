@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -121,18 +122,24 @@ def run_benchmark(
         _check_category(data, dataset, root, name)
     _check_out(out_dir)
     source = _source(dataset, root)
+    inputs = {name: _inputs(data) for name, data in loaded.items()}
     rows: dict[str, dict[str, Any]] = {}
     jobs: dict[str, Callable[[], dict[str, Any]]] = {}
     for name in names:
         done = _read_result(out_dir / name / "result.json") if not force else None
-        # a record of an earlier version has no source: taken as this one's, as that version did
-        if done is not None and _same_run(done, config, eval_size) and done.get("source", source) == source:
+        # a record of an earlier version has no source or inputs: taken as this one's, as that version did
+        if (
+            done is not None
+            and _same_run(done, config, eval_size)
+            and done.get("source", source) == source
+            and done.get("inputs", inputs[name]) == inputs[name]
+        ):
             log.info("%s: already done, skipped (use --force to re-run)", name)
             rows[name] = done["row"]
         else:
             if done is not None:
-                log.warning("%s: results of another config, --eval-size, --dataset or --root in %s are replaced",
-                            name, out_dir / name)  # fmt: skip
+                log.warning("%s: results of another config, --eval-size, --dataset, --root or set of images in %s are "
+                            "replaced", name, out_dir / name)  # fmt: skip
             jobs[name] = functools.partial(
                 _run_job, loaded[name], source, name, config, out_dir / name, progress, eval_size, len(names) > 1
             )
@@ -251,6 +258,19 @@ def _run_job(
 def _source(dataset: str, root: Path) -> dict[str, str]:
     """What a category's results were computed from, recorded to tell a resumed run from one on other data."""
     return {"dataset": dataset, "root": str(root.resolve())}
+
+
+def _inputs(data: CategoryData) -> str:
+    """SHA-256 of a category's images and masks (path, split, label, size, modified): a finished category whose
+    images were added, removed, relabelled or replaced since is re-run, not skipped with stale results."""
+    digest = hashlib.sha256()
+    for sample in [*data.train, *data.test]:
+        for path in (sample.image_path, sample.mask_path):
+            if path is not None:
+                stat = path.stat()
+                line = f"{os.path.abspath(path)}\t{sample.split}\t{sample.label}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
+                digest.update(line.encode())
+    return digest.hexdigest()
 
 
 def _remove_unfinished(out: Path) -> None:
@@ -377,6 +397,7 @@ def _run_category(
     eval_size: tuple[int, int] | None,
     source: dict[str, str],
 ) -> dict[str, Any]:
+    inputs = _inputs(data)  # before the run: a file changed during it is seen by the next one
     memory_apart = reset_peak_rss()  # else the column holds the process's peak over the categories run so far
     start = time.perf_counter()  # fit_s includes building the backbone (README)
     detector = Detector(config)
@@ -433,6 +454,7 @@ def _run_category(
     build_report(out / "scores", out / "report", evaluation_dir=out / "evaluation")
     record = {
         "source": source,
+        "inputs": inputs,
         "config": config.to_dict(),
         "eval_size": None if eval_size is None else list(eval_size),
         "row": row,

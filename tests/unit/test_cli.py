@@ -756,6 +756,24 @@ def test_benchmark_checks_every_category_first_and_a_rerun_keeps_its_table(tmp_p
     assert folder.exit_code == 2 and "--dataset folder reads one category" in folder.output
 
 
+def test_a_finished_category_whose_images_changed_is_re_run_not_skipped(tmp_path: Path) -> None:
+    """A test image removed and another added after a run: the re-run skipped the category and kept its stale row
+    (and a result.json listing the removed image)."""
+    from anomaly.data import make_synthetic_category
+
+    root = make_synthetic_category(tmp_path / "data", "t", n_train=6, n_test_good=3, n_test_defect=3, size=64)
+    args = ["benchmark", "--dataset", "mvtec", "--root", tmp_path / "data", "--out", tmp_path / "out", "--set",
+            "backbone.image_size=[64,64]", "--set", "threshold.folds=2"]  # fmt: skip
+    assert _run(*args).exit_code == 0
+    assert "already done" in _run(*args).output  # unchanged: skipped
+    shutil.copy(root / "test" / "good" / "000.png", root / "test" / "good" / "099.png")
+    again = _run(*args)
+    assert again.exit_code == 0 and "already done" not in again.output
+    assert "t: results of another config, --eval-size, --dataset, --root or set of images" in again.output
+    record = json.loads((tmp_path / "out" / "t" / "result.json").read_text())
+    assert str(root / "test" / "good" / "099.png") in [r["path"] for r in record["per_image"]]
+
+
 def test_a_category_that_fails_is_named_and_the_finished_ones_keep_their_table(tmp_path: Path) -> None:
     from anomaly.data import make_synthetic_category
 
@@ -866,7 +884,7 @@ def test_a_visa_benchmark_reports_the_loaders_ground_truth_and_resumes_only_on_t
     (out / "widget" / "NOTES.txt").write_text("mine")
     with caplog.at_level(logging.INFO, logger="anomaly"):
         assert _run(*[other if a == visa else a for a in args]).exit_code == 0
-    assert "already done" not in caplog.text and "--dataset or --root in" in caplog.text
+    assert "already done" not in caplog.text and "--dataset, --root or set of images in" in caplog.text
     assert (out / "widget" / "NOTES.txt").read_text() == "mine"  # a re-run keeps what the user put there
     assert json.loads((out / "widget" / "result.json").read_text())["source"]["root"] == str(other.resolve())
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
