@@ -260,11 +260,11 @@ class FeatureExtractor:
     def _forward(self, x: torch.Tensor) -> Features:
         maps: Sequence[torch.Tensor]
         if self.is_vit:
-            maps, prefixes = zip(
-                *self.model.forward_intermediates(
-                    x, indices=self.indices, intermediates_only=True, return_prefix_tokens=True
-                )
+            out = self.model.forward_intermediates(
+                x, indices=self.indices, intermediates_only=True, return_prefix_tokens=True
             )
+            # a ViT without CLS or register tokens (SigLIP, the *_gap models) returns its maps alone, not pairs
+            maps, prefixes = zip(*(item if isinstance(item, tuple) else (item, None) for item in out))
             embedding = prefixes[-1][:, 0] if prefixes[-1] is not None else maps[-1].mean((2, 3))
         else:
             maps = cnn_layers(self.model, x, self.indices, self.extra_blocks)

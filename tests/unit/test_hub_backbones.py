@@ -16,6 +16,7 @@ from anomaly.features import FeatureExtractor
         ("vit_small_patch14_reg4_dinov2.lvd142m", (70, 98), (5, 7), 384),  # 4 registers + CLS dropped from the map
         ("vit_small_patch14_reg4_dinov2.lvd142m", (100, 110), (7, 8), 384),  # not a multiple of 14: the nearest
         ("vit_base_patch16_clip_224.openai", (64, 96), (4, 6), 768),
+        ("vit_medium_patch16_gap_256", (64, 96), (4, 6), 512),  # no CLS or register token (as SigLIP): was a crash
     ],
 )
 def test_vit_token_maps(name: str, size: tuple[int, int], grid: tuple[int, int], dim: int) -> None:
