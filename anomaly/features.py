@@ -160,16 +160,28 @@ def check_backbone_name(name: str) -> None:
 def layer_table(name: str) -> list[tuple[str, int, int]]:
     """(layer, channels, stride) of every layer ``backbone.layers`` accepts for timm model ``name``.
 
-    Shapes come from one forward pass of a 224 x 224 input through the randomly initialised model (no weights
-    needed); EfficientNet and MobileNet list every block, other models their feature-info layers.
+    Shapes come from one forward pass of a 224 x 224 input (the model's own size where it cannot run at 224:
+    CrossViT) through the randomly initialised model (no weights needed); EfficientNet and MobileNet list every
+    block, other models their feature-info layers.
     """
     check_backbone_name(name)
-    model = _create_model(name, WeightsSource("random", ""), (224, 224)).eval()
+    try:
+        return _layer_shapes(name, (224, 224))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, AnomalyError):
+            raise
+        return _layer_shapes(name, None)
+
+
+def _layer_shapes(name: str, size: tuple[int, int] | None) -> list[tuple[str, int, int]]:
+    """:func:`layer_table` at input ``size`` (None: the model's own)."""
+    model = _create_model(name, WeightsSource("random", ""), size).eval()
+    height, width = size or model.pretrained_cfg["input_size"][1:]
     layers = _every_block(model) or [info["module"] for info in model.feature_info]
     indices, _, extra = _layer_indices(model, layers)
     with torch.inference_mode():
-        maps = cnn_layers(model, torch.zeros(1, 3, 224, 224), indices, extra)  # ViTs: token maps alike
-    return [(layer, int(m.shape[1]), 224 // int(m.shape[-1])) for layer, m in zip(layers, maps)]
+        maps = cnn_layers(model, torch.zeros(1, 3, height, width), indices, extra)  # ViTs: token maps alike
+    return [(layer, int(m.shape[1]), width // int(m.shape[-1])) for layer, m in zip(layers, maps)]
 
 
 class FeatureExtractor:

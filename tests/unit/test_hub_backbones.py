@@ -192,3 +192,10 @@ def test_a_hub_download_of_a_transformer_that_refuses_the_size_takes_the_nearest
     monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda model, *_, **__: downloads.append("x"))
     fx = FeatureExtractor("xcit_nano_12_p16_224", ["blocks.1"], image_size=(90, 120), device="cpu")
     assert fx.image_size == (96, 128) and fx.source.kind == "hub" and downloads
+
+
+def test_backbone_layers_of_a_model_that_cannot_run_at_224_come_from_its_own_size() -> None:
+    """`anomaly backbones crossvit_tiny_240` ended in a traceback (exit 1): its attention tables take 240 px only."""
+    from anomaly.features import layer_table
+
+    assert layer_table("crossvit_tiny_240")[:2] == [("blocks.0", 96, 12), ("blocks.1", 96, 12)]
