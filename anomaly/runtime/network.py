@@ -15,7 +15,10 @@ __all__ = ["Network", "load_network"]
 
 
 class Network(Protocol):
-    """Resized uint8 RGB images (N, H, W, 3) in, the graph's float32 outputs out, in manifest order."""
+    """Resized uint8 RGB images (N, H, W, 3) in, the graph's float32 outputs out, in manifest order; ``gpu``: the
+    CUDA device the outputs come from (None: the CPU), where FAISS's ``use_gpu: auto`` searches them."""
+
+    gpu: int | None
 
     def __call__(self, images: NDArray[np.uint8]) -> list[NDArray[np.float32]]: ...
 
@@ -85,12 +88,16 @@ class _OnnxNetwork:
             )
         self.input = self.session.get_inputs()[0].name
         self.outputs = outputs
+        on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
+        self.gpu = (_cuda_index(device) if device != "auto" else 0) if on_cuda else None
 
     def __call__(self, images: NDArray[np.uint8]) -> list[NDArray[np.float32]]:
         return self.session.run(self.outputs, {self.input: images})
 
 
 class _OpenVinoNetwork:
+    gpu: int | None = None  # OpenVINO exports run on the CPU
+
     def __init__(self, path: Path, outputs: list[str]) -> None:
         try:
             import openvino

@@ -61,7 +61,9 @@ class ExportedDetector:
             self.postprocess = Decision.from_manifest(self.manifest)
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)
             self._network = _loaded(self.directory, self.manifest["network"], device)
-            self._scorer = load_scorer(self.directory, self.manifest["scorer"], self.manifest["files"])
+            self._scorer = load_scorer(
+                self.directory, self.manifest["scorer"], self.manifest["files"], self._network.gpu
+            )
             model_input = self.manifest["input"]
             bit_depth = int(model_input.get("bit_depth", 16))
             if not 1 <= bit_depth <= 16:

@@ -36,14 +36,15 @@ class RuntimeScorer(Protocol):
     def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]: ...
 
 
-def load_scorer(root: Path, spec: dict[str, Any], listed: dict[str, Any]) -> RuntimeScorer:
-    """The scorer described by the manifest's ``scorer`` entry, from the files the manifest lists."""
+def load_scorer(root: Path, spec: dict[str, Any], listed: dict[str, Any], gpu: int | None = None) -> RuntimeScorer:
+    """The scorer described by the manifest's ``scorer`` entry, from the files the manifest lists; ``gpu``: the CUDA
+    device the network's outputs come from (None: the CPU), as a Detector's features come from its device."""
     name, params = spec["name"], spec.get("params", {})
     state = load_tensors(root / "state.safetensors") if "state.safetensors" in listed else {}
     if name == "memory_bank":
         if "index.faiss" not in listed:
             raise DataError(f"{root}: incomplete export (manifest.json lists no index.faiss)")
-        return _MemoryBank(params, root / "index.faiss", state.get("bank"))
+        return _MemoryBank(params, root / "index.faiss", state.get("bank"), gpu)
     if name == "padim":
         return _Padim(state["mean"], state["chol_inv"])
     if name == "gaussian":
@@ -57,10 +58,12 @@ class _MemoryBank:
 
     has_maps = True
 
-    def __init__(self, params: dict[str, Any], index_file: Path, bank: NDArray[np.float32] | None) -> None:
+    def __init__(
+        self, params: dict[str, Any], index_file: Path, bank: NDArray[np.float32] | None, gpu: int | None
+    ) -> None:
         self.options = {key: params[key] for key in ("k", "distance", "reweight", "num_neighbors")}
-        # no torch device here: ``auto`` searches on GPU 0 when FAISS has one, as ONNX Runtime's CUDA provider runs
-        self.index = NNIndex(params["index"], use_gpu=params["use_gpu"], gpu=0).deserialize(
+        # ``auto`` follows the network's outputs: a CPU run keeps FAISS off the GPU, one on cuda:1 searches on GPU 1
+        self.index = NNIndex(params["index"], use_gpu=params["use_gpu"], gpu=gpu).deserialize(
             np.fromfile(index_file, dtype=np.uint8)
         )
         self.bank = bank

@@ -537,3 +537,28 @@ def test_letterboxed_and_tiled_models_export_with_the_detectors_results(
     assert_parity(expected, got)
     assert [r.anomaly_map.shape for r in got] == [i.shape[:2] for i in images]
     assert {r.is_anomalous for r in got} == {True, False}
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_faiss_searches_where_the_exported_network_runs(
+    device: str, patchcore_export: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a Detector's ``use_gpu: auto`` (the index follows the features): an export scored on the CPU (``--device
+    cpu``, or ``auto`` with a CPU-only onnxruntime) moved its FAISS index to GPU 0 whenever FAISS had a GPU."""
+    import faiss
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider: auto runs the network on the GPU")
+    placed: list[int] = []
+
+    def to_gpu(resources: object, gpu: int, index: object) -> object:
+        placed.append(gpu)
+        return index  # searched on the CPU still: only where it was sent matters here
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    detector = ExportedDetector(patchcore_export, device=device)
+    assert np.isfinite(detector.predict(_test_images(synthetic_root)[0]).image_score)
+    assert placed == []
