@@ -733,15 +733,22 @@ def export(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `anomaly fit`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Export directory to write.")],
     fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")] = "onnx",
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="backbone.weights=PATH: the weights the model was fitted with, moved."),
+    ] = None,
 ) -> None:
     """Export a fitted model for torch-free scoring (`anomaly score --model EXPORT_DIR`, `anomaly serve`)."""
     from anomaly.export import export_model
 
+    moved = [o.partition("=")[2] for o in overrides or [] if o.partition("=")[0].strip() == "backbone.weights"]
+    if len(moved) < len(overrides or []):
+        raise DataError("--set: a model keeps its fitted config; export takes only backbone.weights=PATH (moved)")
     if not model.is_dir():
         raise DataError(f"--model {model}: model directory not found")
     progress = _Progress()
     try:
-        export_model(model, out, fmt, progress=progress)
+        export_model(model, out, fmt, progress=progress, weights=moved[-1] if moved else None)
     finally:
         progress.close()
     typer.echo(f"exported {model} as {fmt} to {out}")

@@ -861,8 +861,8 @@ class Detector:
                 ""
                 if weights is not None
                 else (
-                    " (the path saved with the model; if the file moved, give its new path: `anomaly score --set "
-                    "backbone.weights=PATH`, or Detector.load(..., weights=PATH))"
+                    " (the path saved with the model; if the file moved, give its new path: `anomaly score` or "
+                    "`export` `--set backbone.weights=PATH`, or Detector.load(..., weights=PATH))"
                 )
             )
             raise WeightsUnavailableError(f"{path}: {exc}{hint}") from None

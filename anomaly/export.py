@@ -43,9 +43,11 @@ def export_model(
     out_dir: str | os.PathLike[str],
     fmt: str = "onnx",
     progress: StageProgress | None = None,
+    weights: str | None = None,
 ) -> Path:
     """Export the model in ``model_dir`` to ``out_dir`` (written atomically) as ``onnx`` or ``openvino``;
-    ``progress("export", done, 3)`` follows the network's export, the scorer's files and the check.
+    ``progress("export", done, 3)`` follows the network's export, the scorer's files and the check. ``weights``:
+    the backbone weights file the model was fitted with, moved (as ``Detector.load``).
 
     Raises:
         DataError: not a model directory, or a zero-shot model (it scores pools, not single images).
@@ -53,7 +55,7 @@ def export_model(
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{fmt}'")
-    det = Detector.load(model_dir)
+    det = Detector.load(model_dir, weights=weights)
     if det.zero_shot:
         raise DataError(
             f"{model_dir}: {det.scorer.name} is zero-shot (it scores a pool of images against each other) "

@@ -562,3 +562,35 @@ def test_faiss_searches_where_the_exported_network_runs(
     detector = ExportedDetector(patchcore_export, device=device)
     assert np.isfinite(detector.predict(_test_images(synthetic_root)[0]).image_score)
     assert placed == []
+
+
+def test_a_model_whose_weights_file_moved_exports_with_the_same_set_as_score(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """`anomaly score --model M --set backbone.weights=NEW` scores a model whose weights file moved, but `anomaly
+    export` had no such option: the error pointed at `--set`, which export refused, so the model could not be
+    exported at all."""
+    from anomaly.features import _packaged_file
+
+    packaged = _packaged_file("tf_efficientnet_lite0")
+    assert packaged is not None
+    weights = tmp_path / "lite0.pth"
+    shutil.copy(packaged, weights)
+    small = ["--set", "backbone.image_size=[64,64]", "--set", "batch_size=4"]
+    model, runner = tmp_path / "model", CliRunner()
+    fitted = runner.invoke(app, ["fit", "--out", str(model), *small, "--set", f"backbone.weights={weights}",
+                                 str(synthetic_root)])  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    moved = weights.rename(tmp_path / "moved.pth")
+    for extra, refusal in ((["--set", "seed=3"], "keeps its fitted config"), ([], "--set backbone.weights=PATH")):
+        refused = runner.invoke(app, ["export", "--model", str(model), "--out", str(tmp_path / "no"), *extra])
+        assert refused.exit_code == 2 and not (tmp_path / "no").exists()
+        errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and refusal in errors[0], refused.output
+    export = tmp_path / "export"
+    done = runner.invoke(app, ["export", "--model", str(model), "--out", str(export), "--set",
+                               f"backbone.weights={moved}"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    image = _test_images(synthetic_root)[0]
+    expected = Detector.load(model, weights=str(moved)).predict(image).image_score
+    assert ExportedDetector(export).predict(image).image_score == pytest.approx(expected, rel=1e-4)
