@@ -68,7 +68,11 @@ class _OnnxNetwork:
         if passive_openmp():  # the CLI's policy: idle threads sleep, not spin, so shared cores do not stall
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
-        providers: list[Any] = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        # full float32: the CUDA provider runs convolutions and matmuls in TF32 (10 mantissa bits) by default, which
+        # moved maps past the parity tolerance when cuDNN did it to the Detector (features._full_float32_convolutions)
+        float32 = {"use_tf32": 0}
+        providers: list[Any] = [("CUDAExecutionProvider", float32)] if "CUDAExecutionProvider" in available else []
+        providers.append("CPUExecutionProvider")
         if device == "cpu":
             providers = ["CPUExecutionProvider"]
         elif device != "auto":
@@ -77,7 +81,8 @@ class _OnnxNetwork:
                     f"device: '{device}' requested but this onnxruntime has no CUDA provider (pip install "
                     "onnxruntime-gpu, or use auto or cpu)"
                 )
-            providers = [("CUDAExecutionProvider", {"device_id": _cuda_index(device)}), "CPUExecutionProvider"]
+            cuda = ("CUDAExecutionProvider", {"device_id": _cuda_index(device), **float32})
+            providers = [cuda, "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         if device not in ("auto", "cpu") and "CUDAExecutionProvider" not in self.session.get_providers():
             # ONNX Runtime falls back to the CPU with a logged warning when its CUDA provider cannot start (CUDA or

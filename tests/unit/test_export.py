@@ -594,3 +594,29 @@ def test_a_model_whose_weights_file_moved_exports_with_the_same_set_as_score(
     image = _test_images(synthetic_root)[0]
     expected = Detector.load(model, weights=str(moved)).predict(image).image_score
     assert ExportedDetector(export).predict(image).image_score == pytest.approx(expected, rel=1e-4)
+
+
+def test_onnx_runtime_cuda_runs_in_full_float32(patchcore_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's CUDA provider runs convolutions and matmuls in TF32 unless told not to (``use_tf32``): the same
+    10-bit mantissa that moved the torch Detector's maps 0.024 apart on an H200 before its backbone ran in float32."""
+    import onnxruntime
+
+    from anomaly.errors import BackendError
+
+    listed = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+    asked: list[object] = []
+    session = onnxruntime.InferenceSession
+
+    def spy(path: str, options: object, providers: list[object]) -> object:
+        first = providers[0]  # a name, or (name, provider options)
+        asked.append(first if isinstance(first, str) else (first[0], first[1].get("use_tf32")))  # type: ignore[index]
+        return session(path, options, providers=providers)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    for device in ("auto", "cuda:1"):
+        try:
+            ExportedDetector(patchcore_export, device=device)
+        except BackendError:  # cuda:1 where the CUDA provider cannot start (a CPU-only onnxruntime)
+            pass
+    assert asked == [("CUDAExecutionProvider", 0)] * 2
