@@ -363,6 +363,16 @@ def test_an_interrupted_run_says_where_the_same_command_resumes(
     assert f"{staging}: an interrupted run with another model or options" in caplog.text
 
 
+def test_the_ray_extra_installs_the_ray_client_that_ray_addresses_need() -> None:
+    """`--ray-address ray://HEAD:10001` (Ray Client, in the README) needs `ray[client]` (grpcio): with the extra's
+    Ray Data alone, ray.init refused it ("Ray Client requires pip package `ray[client]`")."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ray"]
+    assert any({"data", "client"} <= Requirement(r).extras for r in extra if Requirement(r).name == "ray")
+
+
 def test_a_resumed_run_scores_again_an_image_replaced_at_its_path(tmp_path: Path) -> None:
     """Journalled rows were matched by path alone: an image replaced between the interruption and the rerun kept the
     old image's score."""
