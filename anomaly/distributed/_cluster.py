@@ -21,6 +21,7 @@ from anomaly.errors import DataError
 __all__ = ["Workers", "cluster", "require_ray", "usable_cpus", "use_driver_cwd", "use_reserved_cpus", "workers"]
 
 _CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connection at once; a busy network may take seconds
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
 
 
 def require_ray() -> ModuleType:
@@ -82,17 +83,29 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
 
 
 def _check_reachable(address: str, where: str) -> None:
-    """DataError when nothing answers at a ``host:port`` address: ``ray.init`` retries it for minutes, printing
-    connection warnings, before it gives up (``auto`` finds a running cluster or fails at once itself)."""
+    """DataError when nothing answers at a ``host:port`` address, or something that is not Ray's gRPC (the
+    dashboard's HTTP port): ``ray.init`` retries either for minutes, printing connection warnings, before it gives
+    up (``auto`` finds a running cluster or fails at once itself)."""
     import socket
 
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if address == "auto" or not sep or not port.isdigit():
         return  # not host:port: Ray reads it (and says what is wrong with it)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S)
     except OSError as exc:
         raise DataError(f"{where}: nothing answers there ({exc.strerror or exc})") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS handshake comes first: Ray checks the rest
+        try:
+            conn.sendall(_HTTP2_PREFACE)
+            reply = conn.recv(9)
+        except OSError:  # silent, or closed on us
+            reply = b""
+    if reply[3:4] != b"\x04":  # a gRPC server's first frame is its SETTINGS (HTTP/2 frame type 4)
+        raise DataError(f"{where}: answers, but not as Ray does (gRPC): give the head's GCS port (6379 by default) or "
+                        "ray://HOST:10001, not the dashboard's 8265")  # fmt: skip
 
 
 def _worker_env() -> dict[str, str]:

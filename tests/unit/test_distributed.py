@@ -373,6 +373,33 @@ def test_the_ray_extra_installs_the_ray_client_that_ray_addresses_need() -> None
     assert any({"data", "client"} <= Requirement(r).extras for r in extra if Requirement(r).name == "ray")
 
 
+def test_an_address_where_something_else_answers_is_refused_at_once() -> None:
+    """The dashboard's port (8265, `ray job submit`'s address) or another service: ray.init retried it for over five
+    minutes, printing connection warnings; a gRPC server (a Ray head's GCS) passes."""
+    import socket
+    import threading
+
+    from anomaly.distributed._cluster import _check_reachable
+    from anomaly.errors import DataError
+
+    def serve(reply: bytes) -> int:
+        server = socket.create_server(("127.0.0.1", 0))
+
+        def answer() -> None:
+            with server, server.accept()[0] as conn:
+                conn.recv(64)
+                conn.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        return int(server.getsockname()[1])
+
+    port = serve(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    with pytest.raises(DataError, match=f"^--ray-address 127.0.0.1:{port}: answers, but not as Ray does"):
+        _check_reachable(f"127.0.0.1:{port}", f"--ray-address 127.0.0.1:{port}")
+    port = serve(bytes([0, 0, 0x18, 4, 0, 0, 0, 0, 0]))  # a gRPC server's SETTINGS frame
+    _check_reachable(f"127.0.0.1:{port}", f"--ray-address 127.0.0.1:{port}")
+
+
 def test_a_resumed_run_scores_again_an_image_replaced_at_its_path(tmp_path: Path) -> None:
     """Journalled rows were matched by path alone: an image replaced between the interruption and the rerun kept the
     old image's score."""
