@@ -198,7 +198,10 @@ def _score(
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         except BaseException:  # Ctrl-C, SIGTERM: the journalled rows stay
-            log.warning("%s keeps %d of %d images scored: the same command resumes", staging, len(done), len(paths))
+            if not done and not _journalled(staging):  # stopped before a row (connecting): nothing to resume from
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                log.warning("%s keeps %d of %d images scored: the same command resumes", staging, len(done), len(paths))
             raise
     rows = [done[str(p)] for p in paths]
     _finish(staging, out, rows)
@@ -324,6 +327,14 @@ def _resume(staging: Path, expected: dict[str, tuple[str, str]]) -> dict[str, di
         if all((staging / f).is_file() for f in files if f) and _is_number(row["score"]):
             done[row["path"]] = row
     return done
+
+
+def _journalled(staging: Path) -> bool:
+    """Whether the staging folder's journal holds a row."""
+    try:
+        return (staging / JOURNAL).stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _is_number(text: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import subprocess
@@ -349,18 +350,37 @@ def test_an_interrupted_run_says_where_the_same_command_resumes(
     """Ctrl-C said only "no half-written output was left", not that the scored images are kept to resume from."""
     from anomaly.distributed import scoring
 
-    def interrupted(*args: object) -> Iterator[dict[str, str]]:
+    def interrupted(items: list[dict[str, bytes]], *args: object) -> Iterator[dict[str, str]]:
+        yield {"path": os.fsdecode(items[0]["path"])}  # one image scored, then Ctrl-C
         raise KeyboardInterrupt
-        yield {}
 
     monkeypatch.setattr(scoring, "_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         score(patchcore_model, [synthetic_root / "test"], tmp_path / "out")
     (staging,) = tmp_path.glob(".out.ray-*")
-    assert f"{staging} keeps 0 of " in caplog.text and "the same command resumes" in caplog.text
+    assert f"{staging} keeps 1 of " in caplog.text and "the same command resumes" in caplog.text
     with pytest.raises(KeyboardInterrupt):  # other output options: a folder of its own, and the first one is named
         score(patchcore_model, [synthetic_root / "test"], tmp_path / "out", maps=True)
     assert f"{staging}: an interrupted run with another model or options" in caplog.text
+
+
+def test_a_run_stopped_before_any_image_is_scored_leaves_nothing(
+    patchcore_model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Ctrl-C (or SIGTERM) while connecting to the cluster left an empty staging folder beside OUT_DIR, said to
+    "keep 0 of N images" to resume from, and named by every later run with other options."""
+    from anomaly.distributed import scoring
+
+    @contextlib.contextmanager
+    def connecting(address: str | None) -> Iterator[object]:
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(scoring, "cluster", connecting)
+    with pytest.raises(KeyboardInterrupt):
+        score(patchcore_model, [synthetic_root / "test"], tmp_path / "out")
+    assert not list(tmp_path.iterdir()) and "the same command resumes" not in caplog.text
 
 
 def test_the_ray_extra_installs_the_ray_client_that_ray_addresses_need() -> None:
