@@ -70,7 +70,7 @@ def cluster(address: str | None) -> Iterator[ModuleType]:
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=usable_cpus(), **options)
+            ray.init(address="local", num_cpus=usable_cpus(), **options)  # not the last `ray start` cluster
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise DataError(f"{where}: cannot start or connect ({str(exc).splitlines()[0] if str(exc) else exc})") from None
     finally:  # ray.init installs a SIGTERM handler that prints a stack dump and exits 15: the CLI's comes back

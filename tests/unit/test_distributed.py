@@ -32,7 +32,7 @@ def fault_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("fault") / "die-once"
     env = {FAULT_ENV: str(path), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env["OMP_NUM_THREADS"] = "2"  # as a driver's setting reaches every worker: each actor still uses its 1 CPU
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env})
     yield path
     ray.shutdown()
 
@@ -280,6 +280,14 @@ def test_ray_address_in_the_environment_is_joined_as_ray_init_does(monkeypatch: 
     assert joined["address"] == "auto" and "num_cpus" not in joined
     monkeypatch.setenv("RAY_ADDRESS", "")
     assert "num_cpus" in _init_arguments(monkeypatch)  # empty: a local instance
+
+
+def test_ray_alone_starts_a_local_instance_not_the_last_ray_start_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init without an address joins the cluster named in /tmp/ray/ray_current_cluster (a `ray start` head on
+    this machine, or the file a killed one left) and refuses num_cpus there: `--ray` alone failed with "When
+    connecting to an existing cluster, num_cpus and num_gpus must not be provided"."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _init_arguments(monkeypatch)["address"] == "local"
 
 
 def test_sigterm_on_a_local_instance_reaches_the_processs_own_handler(tmp_path: Path) -> None:
