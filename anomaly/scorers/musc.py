@@ -574,11 +574,14 @@ class MuScScorer(Scorer):
         """:meth:`score` on seeded random groups of at most ``max_pool`` images, reassembled in input order.
 
         Each group's image scores keep its own peaks' scale (RsCIN and ``rescore`` map back onto it); groups
-        drawn at random from one pool share that scale, so one pool threshold serves all of them.
+        drawn at random from one pool share that scale, so one pool threshold serves all of them. The draw
+        follows the images' content (:func:`_content_order`), not their input order: a pool passed in another
+        order is split into the same groups and gets the same scores.
         """
         assert self.max_pool is not None
         n = layers[0].shape[0]
-        groups = np.array_split(np.random.default_rng(0).permutation(n), math.ceil(n / self.max_pool))
+        draw = _content_order(layers)[np.random.default_rng(0).permutation(n)]
+        groups = np.array_split(draw, math.ceil(n / self.max_pool))
         whole = MuScScorer(**{**self.get_params(), "max_pool": None})
         maps: NDArray[np.float32] | None = None
         scores = np.empty(n, dtype=np.float64)
@@ -674,6 +677,13 @@ class MuScScorer(Scorer):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """No learned state: nothing to restore."""
+
+
+def _content_order(layers: list[torch.Tensor]) -> NDArray[np.int64]:
+    """The images of ``layers`` sorted by the mean of their features in the first layer (then the next ones): an
+    order of the pool that does not depend on the order it was passed in (copies of one image may trade places)."""
+    means = [x.detach().flatten(1).double().mean(dim=1).cpu().numpy() for x in layers]
+    return np.lexsort(means[::-1]).astype(np.int64)
 
 
 def _unit_range(x: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -378,7 +378,8 @@ def test_a_large_pool_is_scored_in_seeded_groups_of_at_most_max_pool():
     grouped = MuScScorer(max_pool=3, **kwargs).score(
         [fine, coarse], reference=ref, embeddings=emb, progress=lambda *c: calls.append(c)
     )
-    groups = np.array_split(np.random.default_rng(0).permutation(7), 3)  # the documented seeded split: 3 + 2 + 2
+    draw = musc._content_order([fine, coarse])[np.random.default_rng(0).permutation(7)]
+    groups = np.array_split(draw, 3)  # the documented seeded split: 3 + 2 + 2
     assert sorted(len(g) for g in groups) == [2, 2, 3]
     for group in groups:
         idx = torch.from_numpy(np.sort(group))
@@ -393,6 +394,19 @@ def test_a_large_pool_is_scored_in_seeded_groups_of_at_most_max_pool():
     for bad in (2, 1, 0, 2.5, True):  # 2: 3 images split 2 + 1, and one image alone has nothing to score it by
         with pytest.raises(ConfigError, match="max_pool"):
             MuScScorer(max_pool=bad)
+
+
+def test_groups_do_not_depend_on_the_order_of_the_pool():
+    fine, coarse = normal_layers(9, 4, 4, 4, seed=5), normal_layers(9, 6, 2, 2, seed=6)
+    fine[[1, 4]] += 2 * torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(7))  # two odd images
+    emb = torch.randn(9, 3, generator=torch.Generator().manual_seed(9))
+    scorer = MuScScorer(max_pool=4, r_list=(1, 3))
+    out = scorer.score([fine, coarse], embeddings=emb)
+    for seed in range(3):  # the same images in another order: the same groups, the same scores
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(9))
+        moved = scorer.score([fine[order], coarse[order]], embeddings=emb[order])
+        np.testing.assert_allclose(moved.image_scores, out.image_scores[order.numpy()], atol=1e-5)
+        np.testing.assert_allclose(moved.patch_maps, out.patch_maps[order.numpy()], atol=1e-6)
 
 
 def test_rescore_against_the_lowest_scoring_images():
