@@ -588,12 +588,13 @@ class Detector:
         check = self.input_check([d.size for d in ok])
         check.add_decoded(ok)
         check.warn(len(items))
-        n_ref = 0 if self.reference_ is None else len(self.reference_)
+        reference, reference_views = self._references_for(batches)
+        n_ref = 0 if reference is None else len(reference)
         if len(ok) + n_ref < 2:
             bad = [d for d in decoded if d.error is not None]
             skipped = f"; {len(bad)} unreadable skipped, first: {bad[0].error}" if bad else ""
             raise DataError(f"zero-shot scoring needs at least 2 images in the pool (inputs + references){skipped}")
-        references = [self.reference_] if self.reference_ is not None else []
+        references = [reference] if reference is not None else []
         scoring = None if progress is None else (lambda done, total: progress("mutual scoring", done, total))
         out = self._score_pool(references + batches, scoring)
         if mirror:  # the mirrored pool (references mirrored on their feature grid), maps mirrored back
@@ -604,7 +605,7 @@ class Detector:
                 averaged = np.ascontiguousarray((out.patch_maps + again.patch_maps[..., ::-1]) / 2)
             # numpy's stubs type float32 / 2 as float64
             out = ScoreOutput(averaged, (out.image_scores + again.image_scores) / 2)  # type: ignore[arg-type]
-        members = (self.reference_.images if self.reference_ is not None else []) + ok
+        members = (reference.images if reference is not None else []) + ok
         peaks = self.map_peaks(out, members)
         from_map = self.scorer.image_score_from_map and out.patch_maps is not None
         scores = peaks if from_map else view_max(out.image_scores, [d.layout for d in members])
@@ -613,7 +614,7 @@ class Detector:
         # flipped or, for a non-square part, squashed copy that looks like no pool image) set the floor over them
         # (benchmarks/README.md section 13).
         names, owner = np.unique([str(d.source) for d in members[:n_ref]], return_inverse=True)
-        given = np.ones(n_ref, bool) if self.reference_views_ is None else self.reference_views_ == 0
+        given = np.ones(n_ref, bool) if reference_views is None else reference_views == 0
         scores, peaks = (
             np.r_[_max_by(x[:n_ref][given], owner[given], len(names)), x[n_ref:]] for x in (scores, peaks)
         )  # a reference's score: the highest of its tiles as given
@@ -636,6 +637,38 @@ class Detector:
         return decoded, results, decision
 
     # --------------------------------------------------------------- internals
+    def _references_for(self, pool: list[FeatureSet]) -> tuple[FeatureSet | None, NDArray[np.int64] | None]:
+        """The references (and their view indices) a pool is scored with: all but those also among its images.
+
+        A reference scored as an input would meet its own copy: the two scored alike, so the copy of the highest
+        reference reached the threshold's floor (never below a reference's score) and a good image was flagged.
+        As ``anomaly score --reference`` does, such a reference is scored as an input and compares with no copy.
+        """
+        ref, views = self.reference_, self.reference_views_
+        if ref is None or not pool:
+            return ref, views
+        rows = np.flatnonzero(np.ones(len(ref), bool) if views is None else views == 0)  # the references as given
+        given = ref.layers[0][torch.from_numpy(rows).to(ref.layers[0].device)].flatten(1).float()
+        match = np.zeros(len(ref), bool)
+        for part in pool:
+            found = part.layers[0].flatten(1).to(given.device, torch.float32)
+            # the same image extracted in another batch: equal but for float noise (other images differ far more)
+            dist = torch.cdist(given, found, compute_mode="donot_use_mm_for_euclid_dist")
+            match[rows] |= (dist <= 1e-3 * given.norm(dim=1, keepdim=True)).any(dim=1).cpu().numpy()
+        owners = np.array([str(d.source) for d in ref.images])
+        copied = np.isin(owners, owners[match])
+        if not copied.any():
+            return ref, views
+        names = list(dict.fromkeys(owners[copied]))
+        log.warning("%d reference(s) are also inputs: scored, not used as references, first: %s", len(names), names[0])
+        keep = np.flatnonzero(~copied)
+        if not len(keep):
+            return None, None
+        picked = torch.from_numpy(keep)
+        layers = [x[picked.to(x.device)] for x in ref.layers]
+        kept = FeatureSet(layers, ref.embedding[picked.to(ref.embedding.device)], [ref.images[i] for i in keep])
+        return kept, None if views is None else views[keep]
+
     def _store_references(self, items: list[ImageInput], progress: StageProgress | None) -> Detector:
         """Zero-shot fit: every view (support view, tile) of every reference joins later pools as an image of its
         own; its ``source`` names the reference it came from."""

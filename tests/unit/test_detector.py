@@ -335,6 +335,19 @@ def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
     _assert_masks_agree_with_verdicts(results)  # RsCIN re-scores images: the pixel threshold is capped per image
 
 
+def test_a_reference_among_the_inputs_is_scored_not_compared_with_itself(
+    synthetic_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train, good, bad = _split(synthetic_root)
+    pool = [*good[:4], *bad[:3], train[0]]  # the saved model's first reference is scored again
+    with caplog.at_level("WARNING", logger="anomaly"):
+        scored = Detector(_config("musc")).fit(train[:4]).predict(pool)
+    expected = Detector(_config("musc")).fit(train[1:4]).predict(pool)  # as `score --reference` drops it
+    assert [r.image_score for r in scored] == pytest.approx([r.image_score for r in expected], rel=1e-5)
+    assert [r.is_anomalous for r in scored] == [r.is_anomalous for r in expected]
+    assert f"1 reference(s) are also inputs: scored, not used as references, first: {train[0]}" in caplog.text
+
+
 def test_a_defective_few_shot_reference_does_not_set_the_floor(
     synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
