@@ -303,13 +303,13 @@ def score(
             "--reference, --config, --set and --backbone apply to --zero-shot; a --model keeps its fitted config (but "
             "for --set backbone.weights=PATH: the weights it was fitted with, moved)"
         )
-    if moved and model is not None and (ray or ray_address is not None or is_export_dir(model)):
-        raise DataError("--set backbone.weights applies to a model directory scored in this process")
-    if device is not None and (ray or ray_address is not None):
-        raise DataError("--device applies to scoring in this process; Ray workers use the model's device")
+    if moved and model is not None and is_export_dir(model):
+        raise DataError("--set backbone.weights applies to a model directory (an export holds its network)")
     inputs = [str(i) for i in scoring_inputs(inputs)]
     if ray or ray_address is not None:
-        _score_on_ray(model, inputs, out, ray_address, maps=maps, overlays=overlays, overlay_size=overlay_size)
+        weights = moved[-1] if moved else None
+        options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
+        _score_on_ray(model, inputs, out, ray_address, device=device, weights=weights, **options)
         return
     detector: Any = None
     if model is None:  # a config error is found before the inputs are searched

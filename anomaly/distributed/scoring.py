@@ -43,15 +43,16 @@ FAULT_ENV = "ANOMALY_RAY_FAULT_FILE"
 """Fault injection for tests: the first worker that removes the file this names dies mid-batch."""
 
 
-def load_model(model: Path) -> Any:
-    """A :class:`~anomaly.Detector` for a model directory, an ExportedDetector for an export directory."""
+def load_model(model: Path, device: str | None = None, weights: str | None = None) -> Any:
+    """A :class:`~anomaly.Detector` for a model directory, an ExportedDetector for an export directory; ``device``
+    and ``weights`` as ``anomaly score --device`` and ``--set backbone.weights=`` (an export has no weights to move)."""
     from anomaly.runtime import ExportedDetector, is_export_dir
 
     if is_export_dir(model):
-        return ExportedDetector(model)
+        return ExportedDetector(model, device=device or "auto")
     from anomaly.detector import Detector
 
-    return Detector.load(model)
+    return Detector.load(model, device=device, weights=weights)
 
 
 def _model_info(model: Path) -> tuple[bool, bool]:
@@ -93,13 +94,16 @@ def score(
     overlays: bool = True,
     overlay_size: int = 512,
     batch_size: int = 32,
+    device: str | None = None,
+    weights: str | None = None,
     progress: StageProgress | None = None,
 ) -> list[dict[str, str]]:
     """Score ``inputs`` with the model or export at ``model`` on Ray; write OUT_DIR as ``anomaly score`` does.
 
     Returns the scores.csv rows in input order. ``address`` is a Ray cluster address; None starts a
-    local instance (or uses the session the caller initialised). Zero-shot models are refused: MuSc
-    scores all inputs as one pool, which does not split over workers.
+    local instance (or uses the session the caller initialised). ``device`` and ``weights`` replace the
+    model's device and moved weights file on every worker, as :meth:`Detector.load` does. Zero-shot models
+    are refused: MuSc scores all inputs as one pool, which does not split over workers.
     """
     require_ray()
     model, out = Path(model), Path(out)
@@ -113,8 +117,9 @@ def score(
     overlays = overlays and has_maps
     check_output_dir(out, "scores.csv")  # refuses an OUT_DIR that is not ours before any work
     with _only_run(out):
+        loading = {"device": device, "weights": weights}
         return _score(
-            model, paths, names, out, address, maps and has_maps, overlays, overlay_size, batch_size, progress
+            model, paths, names, out, address, maps and has_maps, overlays, overlay_size, batch_size, loading, progress
         )
 
 
@@ -165,6 +170,7 @@ def _score(
     overlays: bool,
     overlay_size: int,
     batch_size: int,
+    loading: dict[str, str | None],
     progress: StageProgress | None,
 ) -> list[dict[str, str]]:
     options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
@@ -186,7 +192,7 @@ def _score(
         items = [{"path": os.fsencode(paths[i]), "name": os.fsencode(names[i].as_posix())} for i in todo]
         # relative paths are read in the driver's folder; the staging folder is named absolutely, so that a node
         # without that folder fails to read (loudly) rather than writes maps where no one looks for them
-        worker = {"model": str(model), "staging": str(staging.absolute()), "cwd": os.getcwd(), **options}
+        worker = {"model": str(model), "staging": str(staging.absolute()), "cwd": os.getcwd(), **options, **loading}
         try:
             for row in _run(items, worker, address, batch_size):
                 if row["path"] in expected:
@@ -211,12 +217,22 @@ def _score(
 class ScoreWorker:
     """Ray Data actor: one loaded model; scores a batch of paths and writes their maps and overlays."""
 
-    def __init__(self, model: str, staging: str, cwd: str, maps: bool, overlays: bool, overlay_size: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        staging: str,
+        cwd: str,
+        maps: bool,
+        overlays: bool,
+        overlay_size: int,
+        device: str | None = None,
+        weights: str | None = None,
+    ) -> None:
         use_reserved_cpus()
         use_driver_cwd(cwd)
         self.error = ""
         try:
-            self.detector = load_model(Path(model))
+            self.detector = load_model(Path(model), device, weights)
         except AnomalyError as exc:  # reported with the first batch: an actor that fails to start is retried
             self.error = str(exc)
         self.staging = Path(staging)

@@ -526,3 +526,43 @@ def test_an_exports_actor_never_loads_torch(fault_file: Path, patchcore_export: 
 
     fresh = {"env_vars": {"ANOMALY_TEST_FRESH_WORKER": "1"}}  # another runtime env: not a worker that ran a fit
     assert ray.get(actor_modules.options(runtime_env=fresh).remote()) == ("", False, "1")
+
+
+def test_device_and_moved_weights_reach_the_workers(fault_file: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    """`score --ray` refused `--device` and `--set backbone.weights=`: a model fitted with `--device cuda`, or whose
+    weights file moved, could be scored in one process only. Both now reach every worker's load."""
+    import shutil
+
+    from anomaly.features import _packaged_file
+
+    packaged = _packaged_file("tf_efficientnet_lite0")
+    assert packaged is not None
+    weights = tmp_path / "lite0.pth"
+    shutil.copy(packaged, weights)
+    model = tmp_path / "model"
+    small = ["--set", "backbone.image_size=[64,64]", "--set", "batch_size=4"]
+    fitted = runner.invoke(app, ["fit", "--out", str(model), *small, "--set", f"backbone.weights={weights}",
+                                 str(synthetic_root)])  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    moved = str(weights.rename(tmp_path / "moved.pth"))
+    test = str(synthetic_root / "test")
+    outputs = []
+    for name, extra in (("local", []), ("ray", ["--ray"])):
+        out = tmp_path / name
+        args = [
+            "score",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--set",
+            f"backbone.weights={moved}",
+        ]
+        result = runner.invoke(app, [*args, "--maps", *extra, test])
+        assert result.exit_code == 0, result.output
+        outputs.append(out)
+    _assert_same(outputs[1], outputs[0])
+    refused = runner.invoke(app, ["score", "--model", str(model), "--out", str(tmp_path / "no"), "--ray", test])
+    assert refused.exit_code == 2 and "backbone.weights" in refused.output  # the workers' load names the moved file
