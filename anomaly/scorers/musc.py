@@ -441,7 +441,7 @@ class MuScScorer(Scorer):
     pass's range), the maps stay the first pass's. Few-shot references that join the batch as images (as in the
     Detector's pools) take part in it; images given as ``reference=`` (compared with, never scored) turn it off.
     ``max_pool``: a pool of more images is split into seeded random groups of at most this many, each
-    scored as a pool of its own (with the same references), so the time grows linearly with the pool
+    scored as a pool of its own (with every ``reference=`` image), so the time grows linearly with the pool
     instead of with its square; None scores any pool whole. ``norm_exponent``: patch vectors keep
     ‖x‖^norm_exponent of their length (:func:`lnamd`): 0 compares directions only (the paper's unit
     vectors), 1 the aggregated CNN features as they are, whose length also tells a patch's contrast.
