@@ -259,7 +259,9 @@ def load_config(name_or_path: str | os.PathLike[str]) -> DetectorConfig:
             raise ConfigError(f"unknown config '{name_or_path}'{hint}; named configs: {', '.join(config_names())}")
         path = Path(str(candidate))
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        shipped = path.parent == Path(".") and path.stem in config_names()  # patchcore.yaml for patchcore
+        hint = f" (a shipped config is named without its extension: {path.stem})" if shipped else ""
+        raise ConfigError(f"config file not found: {path}{hint}")
     try:
         raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +39,15 @@ def test_unknown_key_is_rejected_with_suggestion(tmp_path) -> None:
     for key, suggested in (("treshold.target_fpr=0.05", "threshold"), ("scorer.parms.k=1", "params")):
         with pytest.raises(ConfigError, match=f"unknown config key; did you mean '{suggested}'"):
             apply_overrides(load_config("patchcore"), [key])  # a section's name misspelt, not only a leaf's
+
+
+def test_a_shipped_configs_file_name_points_at_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config patchcore.yaml` (no such file here) said only "config file not found"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"not found: patchcore\.yaml \(a shipped config is named without its ext"):
+        load_config("patchcore.yaml")
+    with pytest.raises(ConfigError, match=r"not found: sub/patchcore\.yaml$"):  # a path: the user meant a file
+        load_config("sub/patchcore.yaml")
 
 
 def test_unknown_config_name() -> None:
