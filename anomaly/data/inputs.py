@@ -92,16 +92,17 @@ def image_paths(inputs: Iterable[str | os.PathLike[str]], *, exclude: Sequence[P
 def scoring_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
     """``inputs`` with each dataset category root narrowed to its labelled test split (``test/``, MVTec AD 2's
     ``test_public/``), as a fit narrows it to ``train/good``: its training images and its ground-truth masks are not
-    what a test scores (the masks scored as images, and joined a zero-shot pool). MVTec AD 2 keeps its masks inside
+    what a test scores (the masks scored as images, and joined a zero-shot pool). A test-only category (no
+    ``train/good``, its masks beside its test split) is narrowed too. MVTec AD 2 keeps its masks inside
     ``test_public/``: its other entries are given instead. A root without a test split is kept."""
     narrowed: list[str | os.PathLike[str]] = []
     for item in inputs:
-        split, masks = labelled_split_dirs(Path(item)) if is_category_root(item) else (None, None)
-        if split is None or not split.is_dir():
+        split, masks = labelled_split_dirs(Path(item))
+        if not split.is_dir() or not (is_category_root(item) or masks.is_dir()):  # test-only: test/ + ground_truth/
             narrowed.append(item)
             continue
         log.info("%s is a dataset category: scoring its test split %s (not train/good, nor the masks)", item, split)
-        if masks is not None and masks.parent == split:  # test_public/ground_truth: left out, not scored as images
+        if masks.parent == split:  # test_public/ground_truth: left out, not scored as images
             entries = sorted(p for p in split.iterdir() if p != masks and not p.name.startswith("."))
             kept = [p for p in entries if is_image_file(p) or (p.is_dir() and any(map(is_image_file, p.rglob("*"))))]
             narrowed += kept or [split]

@@ -867,6 +867,19 @@ def test_a_scored_category_root_is_its_test_split_without_the_masks_mvtec_ad_2_k
         assert not any("ground_truth" in p.parts or "train" in p.parts for p in scored)
 
 
+def test_a_scored_test_only_category_leaves_its_masks_out(synthetic_root: Path, tmp_path: Path) -> None:
+    """A category without train/good (the zero-shot case) was not narrowed: `anomaly score --zero-shot ROOT` put
+    its ground_truth masks into the pool and scored them as images."""
+    from anomaly.data.inputs import image_paths, scoring_inputs
+
+    copy = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    shutil.rmtree(copy / "train")
+    scored = image_paths(scoring_inputs([copy]))
+    assert scored == image_paths([copy / "test"])
+    shutil.rmtree(copy / "ground_truth")  # nothing but a test/ folder: kept as given
+    assert scoring_inputs([copy]) == [copy]
+
+
 def test_batches_count_views_so_that_large_tiled_frames_are_decoded_one_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
