@@ -94,9 +94,15 @@ def scoring_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str | os.Pa
     ``test_public/``), as a fit narrows it to ``train/good``: its training images and its ground-truth masks are not
     what a test scores (the masks scored as images, and joined a zero-shot pool). A test-only category (no
     ``train/good``, its masks beside its test split) is narrowed too. MVTec AD 2 keeps its masks inside
-    ``test_public/``: its other entries are given instead. A root without a test split is kept."""
+    ``test_public/``: its other entries are given instead. A VisA category as published (``<object>/`` or
+    ``<object>/Data/``) is narrowed to ``Data/Images``, leaving ``Data/Masks`` out. A root without a test split is
+    kept."""
     narrowed: list[str | os.PathLike[str]] = []
     for item in inputs:
+        if images := _visa_images(Path(item)):
+            log.info("%s is a VisA category: scoring %s (not its masks)", item, images)
+            narrowed.append(images)
+            continue
         split, masks = labelled_split_dirs(Path(item))
         if not split.is_dir() or not (is_category_root(item) or masks.is_dir()):  # test-only: test/ + ground_truth/
             narrowed.append(item)
@@ -109,6 +115,14 @@ def scoring_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[str | os.Pa
         else:
             narrowed.append(split)
     return narrowed
+
+
+def _visa_images(folder: Path) -> Path | None:
+    """``Data/Images`` of a VisA category as published, given as ``<object>/`` or ``<object>/Data/``; else None."""
+    for data in (folder / "Data", folder):
+        if (data / "Images").is_dir() and (data / "Masks").is_dir():
+            return data / "Images"
+    return None
 
 
 def training_paths(inputs: Iterable[str | os.PathLike[str]], *, for_fit: bool = True) -> list[Path]:

@@ -880,6 +880,18 @@ def test_a_scored_test_only_category_leaves_its_masks_out(synthetic_root: Path, 
     assert scoring_inputs([copy]) == [copy]
 
 
+def test_a_scored_visa_category_leaves_its_masks_out(tmp_path: Path) -> None:
+    """`anomaly score VisA/candle` scored Data/Masks/Anomaly/*.png as images (flagged, and in a zero-shot pool)."""
+    from anomaly.data.inputs import image_paths, scoring_inputs
+
+    _visa_tree(tmp_path)
+    images = tmp_path / "candle" / "Data" / "Images"
+    for given in (tmp_path / "candle", tmp_path / "candle" / "Data"):
+        scored = image_paths(scoring_inputs([given]))
+        assert scored == image_paths([images]) and not any("Masks" in p.parts for p in scored)
+    assert scoring_inputs([images / "Anomaly"]) == [images / "Anomaly"]
+
+
 def test_batches_count_views_so_that_large_tiled_frames_are_decoded_one_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
