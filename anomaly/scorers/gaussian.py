@@ -36,6 +36,8 @@ class GlobalGaussianScorer(Scorer):
     image_score_from_map = False
 
     def __init__(self, *, assume_centered: bool = False) -> None:
+        if not isinstance(assume_centered, bool):  # scikit-learn refused it after the backbone ran: a traceback
+            raise ConfigError(f"scorer.params.assume_centered must be true or false, got {assume_centered!r}")
         self.assume_centered = assume_centered
         self.means_: list[np.ndarray] | None = None
         self.precisions_: list[np.ndarray] | None = None

@@ -310,6 +310,14 @@ def test_the_gaussian_scorer_keeps_each_layers_average_not_its_maps() -> None:
     assert np.array_equal(full.score(kept).image_scores, full.score(layers).image_scores)
 
 
+def test_the_gaussian_scorer_refuses_a_non_boolean_assume_centered() -> None:
+    """`--set scorer.params.assume_centered=maybe` was a scikit-learn traceback (exit 1) after the backbone ran."""
+    for value in ("maybe", 1, None):
+        with pytest.raises(ConfigError, match=r"scorer.params.assume_centered must be true or false"):
+            get_scorer("gaussian", {"assume_centered": value})
+    assert get_scorer("gaussian", {"assume_centered": True}).fit(_layers(4, 0)).means_ is not None
+
+
 @pytest.mark.parametrize("name", TRAINED)
 def test_a_fit_on_copies_of_one_image_scores_any_change_higher(name: str) -> None:
     """The gaussian scorer's covariance of identical images is zero, and so was its precision: every image, a
