@@ -523,6 +523,8 @@ def _read_visa_csv(csv_path: Path, category: str | None) -> tuple[list[tuple[int
             if not any((value or "").strip() for value in row.values() if isinstance(value, str)):
                 continue  # an empty row (",,,,"), as spreadsheets and pandas leave at the end
             name = (row["object"] or "").strip()
+            if not name:  # read as a category '': a run of its own, written into the benchmark's --out itself
+                raise DataError(f"{csv_path}, line {reader.line_num}: no object (category) named")
             objects.add(name)
             if category is None or name == category:
                 rows.append((reader.line_num, {k: row[k] or "" for k in _VISA_COLUMNS}))

@@ -692,6 +692,17 @@ def test_split_files_saved_by_spreadsheets_are_read_and_other_encodings_are_one_
         find_categories(tmp_path, "visa")
 
 
+def test_a_split_file_row_without_object_names_its_line(tmp_path: Path) -> None:
+    """A row with an empty object cell was a category '' (benchmarked into --out itself by a zero-shot config)."""
+    _visa_tree(tmp_path)
+    split = tmp_path / "split_csv" / "1cls.csv"
+    lines = split.read_text().splitlines()
+    split.write_text("\n".join([*lines, ",test,normal,candle/Data/Images/Normal/0004.JPG,"]) + "\n")
+    for load in (partial(find_categories, tmp_path, "visa"), partial(load_visa, tmp_path, "candle")):
+        with pytest.raises(DataError, match=rf"1cls.csv, line {len(lines) + 1}: no object \(category\) named"):
+            load()
+
+
 def test_a_root_without_categories_says_where_they_are(synthetic_root: Path, tmp_path: Path) -> None:
     _visa_tree(tmp_path / "VisA")
     with pytest.raises(DataError, match=r"no mvtec category found in .*VisA \(it holds split_csv/1cls.csv: use"):
