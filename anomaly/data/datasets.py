@@ -471,9 +471,15 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _mask_index(mask_dir: Path) -> dict[tuple[str, ...], Path]:
-    """Map ``(*relative sub-folders, stem)`` to each mask under ``mask_dir``."""
+    """Map ``(*relative sub-folders, stem)`` to each mask under ``mask_dir``; empty for a folder without any."""
+    try:
+        masks = list_images([mask_dir])[0]
+    except DataError:
+        if mask_dir.is_dir():  # empty, or .DS_Store alone: no mask (a missing one is named by its image)
+            return {}
+        raise
     index: dict[tuple[str, ...], Path] = {}
-    for mask in list_images([mask_dir])[0]:
+    for mask in masks:
         rel = mask.relative_to(mask_dir)
         index.setdefault((*rel.parent.parts, rel.stem), mask)
     return index

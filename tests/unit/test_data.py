@@ -585,6 +585,23 @@ def test_load_ground_truth_needs_only_the_test_split(synthetic_root: Path, tmp_p
     assert all(s.mask_path is None for s in unannotated.test)
 
 
+def test_an_empty_mask_folder_is_no_mask_not_a_missing_image(synthetic_root: Path, tmp_path: Path) -> None:
+    """An empty ground_truth/<type>/ (or .DS_Store alone) stopped the load with "no image found in" that folder: for
+    an empty defect type too, and for a category without masks, which loads with image labels alone."""
+    copy = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    (copy / "test" / "dent").mkdir()
+    (copy / "ground_truth" / "dent").mkdir()
+    (copy / "ground_truth" / "dent" / ".DS_Store").write_bytes(b"\0")
+    assert load_mvtec(copy).summary() == load_mvtec(synthetic_root).summary() | {"root": str(copy), "name": "widget"}
+    shutil.copy(next((copy / "test" / "scratch").iterdir()), copy / "test" / "dent" / "000.png")
+    with pytest.raises(DataError, match=r"no mask for defective image .*test/dent/000.png"):
+        load_mvtec(copy)
+    for defect in (copy / "ground_truth").iterdir():  # masks for no image: image labels alone
+        for mask in defect.glob("*.png"):
+            mask.unlink()
+    assert all(s.mask_path is None for s in load_mvtec(copy).test)
+
+
 def test_load_mvtec_visa_converted_masks(tmp_path: Path) -> None:
     root = tmp_path / "candle"
     for i in range(3):
