@@ -191,7 +191,7 @@ def _test_samples(root: Path) -> list[Sample]:
         if defect_dir == truth_dir:
             continue
         images = _images_in(defect_dir)
-        if defect == "good":
+        if defect.lower() == "good":  # test/Good/ too: taken as a defect type, its normal images counted as defects
             test.extend(Sample(p, None, 0, "good", "test") for p in images)
             continue
         mask_dir = truth_dir / defect

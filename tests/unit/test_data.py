@@ -602,6 +602,20 @@ def test_an_empty_mask_folder_is_no_mask_not_a_missing_image(synthetic_root: Pat
     assert all(s.mask_path is None for s in load_mvtec(copy).test)
 
 
+def test_a_test_good_folder_spelt_good_in_capitals_holds_normal_images(synthetic_root: Path, tmp_path: Path) -> None:
+    """test/Good/ (a copy from a case-insensitive file system, a hand-made split) was a defect type: its normal images
+    counted as defective, without masks, and every metric was computed on wrong labels."""
+    copy = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    (copy / "test" / "good").rename(copy / "test" / "Good")
+    data, expected = load_mvtec(copy), load_mvtec(synthetic_root)
+
+    def labels(d: Any) -> list[tuple[str, str, int]]:
+        return sorted((s.defect_type, s.image_path.name, s.label) for s in d.test)
+
+    assert labels(data) == labels(expected)
+    assert data.defect_types == expected.defect_types
+
+
 def test_load_mvtec_visa_converted_masks(tmp_path: Path) -> None:
     root = tmp_path / "candle"
     for i in range(3):
