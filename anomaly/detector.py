@@ -54,6 +54,7 @@ from anomaly.features import FeatureExtractor, whole_patches
 from anomaly.model_dir import read_meta, verified_files, write_model_dir
 from anomaly.results import DetectionResult, StageProgress
 from anomaly.scorers import ScoreOutput, Scorer, get_scorer
+from anomaly.scorers.musc import MuScScorer
 from anomaly.thresholds import (
     MIN_REFERENCE_RULE,
     REFERENCE_RATIO,
@@ -596,10 +597,10 @@ class Detector:
             raise DataError(f"zero-shot scoring needs at least 2 images in the pool (inputs + references){skipped}")
         references = [reference] if reference is not None else []
         scoring = None if progress is None else (lambda done, total: progress("mutual scoring", done, total))
-        out = self._score_pool(references + batches, scoring)
+        out = self._score_pool(references + batches, scoring, n_ref)
         if mirror:  # the mirrored pool (references mirrored on their feature grid), maps mirrored back
             flipped = [FeatureSet([x.flip(-1) for x in r.layers], r.embedding, r.images) for r in references]
-            again = self._score_pool(flipped + mirrored, scoring)
+            again = self._score_pool(flipped + mirrored, scoring, n_ref)
             averaged = None
             if out.patch_maps is not None and again.patch_maps is not None:
                 averaged = np.ascontiguousarray((out.patch_maps + again.patch_maps[..., ::-1]) / 2)
@@ -709,8 +710,11 @@ class Detector:
             )
         return ~suspect
 
-    def _score_pool(self, parts: list[FeatureSet], progress: Callable[[int, int], None] | None) -> ScoreOutput:
-        """One zero-shot ``score`` call over the concatenated features of ``parts`` (references first)."""
+    def _score_pool(
+        self, parts: list[FeatureSet], progress: Callable[[int, int], None] | None, n_ref: int
+    ) -> ScoreOutput:
+        """One zero-shot ``score`` call over the concatenated features of ``parts`` (the ``n_ref`` reference views
+        first: MuSc keeps them in every group of a pool it splits)."""
         device = self.extractor.device
         layers = [torch.cat([x.to(device) for x in per_layer]) for per_layer in zip(*(p.layers for p in parts))]
         embedding = None
@@ -718,7 +722,10 @@ class Detector:
         # its own frame's other tiles, whose scores would dilute a defect's tile before the frame takes its peak.
         if self.scorer.uses_embeddings and self.config.preprocess.tile is None:
             embedding = torch.nn.functional.normalize(torch.cat([p.embedding.to(device) for p in parts]), dim=1)
-        out = self.scorer.score(layers, embeddings=embedding, progress=progress)
+        if isinstance(self.scorer, MuScScorer):
+            out = self.scorer.score(layers, embeddings=embedding, progress=progress, shared=n_ref)
+        else:
+            out = self.scorer.score(layers, embeddings=embedding, progress=progress)
         return out.checked(len(layers[0]), self.scorer.name)
 
     def _progress_batches(

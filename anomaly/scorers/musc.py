@@ -441,8 +441,8 @@ class MuScScorer(Scorer):
     pass's range), the maps stay the first pass's. Few-shot references that join the batch as images (as in the
     Detector's pools) take part in it; images given as ``reference=`` (compared with, never scored) turn it off.
     ``max_pool``: a pool of more images is split into seeded random groups of at most this many, each
-    scored as a pool of its own (with every ``reference=`` image), so the time grows linearly with the pool
-    instead of with its square; None scores any pool whole. ``norm_exponent``: patch vectors keep
+    scored as a pool of its own (with every ``reference=`` and ``shared`` image), so the time grows
+    linearly with the pool instead of with its square; None scores any pool whole. ``norm_exponent``: patch vectors keep
     ‖x‖^norm_exponent of their length (:func:`lnamd`): 0 compares directions only (the paper's unit
     vectors), 1 the aggregated CNN features as they are, whose length also tells a patch's contrast.
     """
@@ -533,18 +533,22 @@ class MuScScorer(Scorer):
         reference: list[torch.Tensor] | None = None,
         embeddings: torch.Tensor | None = None,
         progress: Progress | None = None,
+        shared: int = 0,
     ) -> ScoreOutput:
         """Score the N images of ``layers`` against each other and the ``reference`` images.
 
         ``reference``: per-layer maps (M, C_l, h_l, w_l) compared with but not scored.
         ``embeddings``: (N, D) class tokens for RsCIN. ``progress(done, total)`` after each
-        (r, layer) step.
+        (r, layer) step. ``shared``: the first ``shared`` images (few-shot references scored with the
+        pool) join every group of a pool split by ``max_pool`` (see :meth:`_score_in_groups`).
         """
         _check_layers(layers, reference)
         self.check_layer_count(len(layers))
         n = layers[0].shape[0]
+        if not 0 <= shared <= n:
+            raise ValueError(f"shared must be in [0, {n}], got {shared}")
         if self.max_pool is not None and n > self.max_pool:
-            return self._score_in_groups(layers, reference, embeddings, progress)
+            return self._score_in_groups(layers, reference, embeddings, progress, shared)
         chosen_count = 0 if self.rescore is None or reference is not None else max(_MIN_RESCORE, int(self.rescore * n))
         passes = 2 if 0 < chosen_count < n else 1
         steps = [0, passes * len(self.r_list) * len(layers)]
@@ -570,23 +574,28 @@ class MuScScorer(Scorer):
         reference: list[torch.Tensor] | None,
         embeddings: torch.Tensor | None,
         progress: Progress | None,
+        shared: int = 0,
     ) -> ScoreOutput:
         """:meth:`score` on seeded random groups of at most ``max_pool`` images, reassembled in input order.
 
         Each group's image scores keep its own peaks' scale (RsCIN and ``rescore`` map back onto it); groups
         drawn at random from one pool share that scale, so one pool threshold serves all of them. The draw
         follows the images' content (:func:`_content_order`), not their input order: a pool passed in another
-        order is split into the same groups and gets the same scores.
+        order is split into the same groups and gets the same scores. The first ``shared`` images join every
+        group, so that each has the same normal anchor (their scores and maps: the mean over the groups); up to
+        half of ``max_pool`` of them, beyond which they are drawn into the groups like the others.
         """
         assert self.max_pool is not None
         n = layers[0].shape[0]
-        draw = _content_order(layers)[np.random.default_rng(0).permutation(n)]
-        groups = np.array_split(draw, math.ceil(n / self.max_pool))
+        keep = shared if shared <= self.max_pool // 2 else 0
+        rest = _content_order([x[keep:] for x in layers]) + keep
+        draw = rest[np.random.default_rng(0).permutation(n - keep)]
+        groups = np.array_split(draw, math.ceil((n - keep) / (self.max_pool - keep)))
         whole = MuScScorer(**{**self.get_params(), "max_pool": None})
         maps: NDArray[np.float32] | None = None
-        scores = np.empty(n, dtype=np.float64)
+        scores = np.zeros(n, dtype=np.float64)
         for g, group in enumerate(groups):
-            members = np.sort(group)
+            members = np.r_[np.arange(keep), np.sort(group)]
             picked = torch.from_numpy(members).to(layers[0].device)
 
             def tick(done: int, total: int, g: int = g) -> None:
@@ -601,9 +610,11 @@ class MuScScorer(Scorer):
             )
             assert out.patch_maps is not None
             if maps is None:
-                maps = np.empty((n, *out.patch_maps.shape[1:]), dtype=out.patch_maps.dtype)
-            maps[members] = out.patch_maps
-            scores[members] = out.image_scores
+                maps = np.zeros((n, *out.patch_maps.shape[1:]), dtype=out.patch_maps.dtype)
+            maps[members[keep:]] = out.patch_maps[keep:]
+            scores[members[keep:]] = out.image_scores[keep:]
+            maps[:keep] += out.patch_maps[:keep] / len(groups)
+            scores[:keep] += out.image_scores[:keep] / len(groups)
         return ScoreOutput(patch_maps=maps, image_scores=scores)
 
     def _fused(

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from anomaly import DataError, DetectionResult, Detector, NotFittedError
@@ -333,6 +334,30 @@ def test_few_shot_references_set_the_threshold(synthetic_root: Path) -> None:
     assert len(results) == len(good + bad)
     assert sum(r.is_anomalous for r in results[len(good) :]) >= len(bad) // 2
     _assert_masks_agree_with_verdicts(results)  # RsCIN re-scores images: the pixel threshold is capped per image
+
+
+def test_a_split_pool_keeps_the_references_in_every_group(
+    synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The references joined the pool as images, so a pool split by ``max_pool`` drew them into some groups only."""
+    from anomaly.scorers.musc import MuScScorer
+
+    train, good, bad = _split(synthetic_root)
+    det = Detector(_config("musc", "scorer.params.augment_references=false", "scorer.params.max_pool=4")).fit(train[:2])
+    groups: list[torch.Tensor] = []
+    whole = MuScScorer.score
+
+    def spy(self: MuScScorer, layers: list[torch.Tensor], **kwargs: object) -> object:
+        if self.max_pool is None:  # one group, scored as a pool of its own
+            groups.append(layers[0])
+        return whole(self, layers, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MuScScorer, "score", spy)
+    det.predict([*good[:3], *bad[:3]])
+    references = det.reference_.layers[0] if det.reference_ is not None else None
+    assert references is not None and len(groups) == 3  # 6 inputs, 2 per group beside the 2 references
+    for group in groups:
+        torch.testing.assert_close(group[:2], references.to(group.device))
 
 
 def test_a_reference_among_the_inputs_is_scored_not_compared_with_itself(

@@ -396,6 +396,32 @@ def test_a_large_pool_is_scored_in_seeded_groups_of_at_most_max_pool():
             MuScScorer(max_pool=bad)
 
 
+def test_shared_images_join_every_group_of_a_split_pool():
+    """Few-shot references join a Detector's pool as images: a pool split into groups drew them into some groups and
+    left others without any normal anchor. ``shared`` leading images now join every group."""
+    fine, coarse = normal_layers(11, 4, 4, 4, seed=5), normal_layers(11, 6, 2, 2, seed=6)
+    emb = torch.randn(11, 3, generator=torch.Generator().manual_seed(9))
+    kwargs = {"r_list": (1, 3)}
+    grouped = MuScScorer(max_pool=5, **kwargs).score([fine, coarse], embeddings=emb, shared=2)
+    rest = musc._content_order([fine[2:], coarse[2:]]) + 2
+    groups = np.array_split(rest[np.random.default_rng(0).permutation(9)], 3)  # 9 images, 3 per group + the 2
+    maps, scores = np.zeros_like(grouped.patch_maps[:2]), np.zeros(2)
+    for group in groups:
+        idx = torch.from_numpy(np.r_[0, 1, np.sort(group)])
+        alone = MuScScorer(**kwargs).score([fine[idx], coarse[idx]], embeddings=emb[idx])
+        np.testing.assert_allclose(grouped.patch_maps[idx.numpy()[2:]], alone.patch_maps[2:], atol=1e-6)
+        np.testing.assert_allclose(grouped.image_scores[idx.numpy()[2:]], alone.image_scores[2:], atol=1e-9)
+        maps, scores = maps + alone.patch_maps[:2] / 3, scores + alone.image_scores[:2] / 3
+    np.testing.assert_allclose(grouped.patch_maps[:2], maps, atol=1e-6)  # the shared ones: their mean over groups
+    np.testing.assert_allclose(grouped.image_scores[:2], scores, atol=1e-9)
+    many = MuScScorer(max_pool=5, **kwargs).score([fine, coarse], embeddings=emb, shared=3)  # over max_pool // 2
+    np.testing.assert_allclose(
+        many.image_scores, MuScScorer(max_pool=5, **kwargs).score([fine, coarse], embeddings=emb).image_scores
+    )
+    with pytest.raises(ValueError, match="shared"):
+        MuScScorer(**kwargs).score([fine, coarse], shared=12)
+
+
 def test_groups_do_not_depend_on_the_order_of_the_pool():
     fine, coarse = normal_layers(9, 4, 4, 4, seed=5), normal_layers(9, 6, 2, 2, seed=6)
     fine[[1, 4]] += 2 * torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(7))  # two odd images
