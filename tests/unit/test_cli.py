@@ -307,10 +307,6 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(
             ["fit", "--out", tmp_path / "o14", "--set", "threshold.outlier_z=0", synthetic_root],
             "threshold.outlier_z: must be a positive number or null, got 0",
         ),
-        (
-            ["score", "--model", model_dir, "--ray", "--device", "cpu", "--out", tmp_path / "o13", synthetic_root],
-            "--device applies to scoring in this process",
-        ),
     ]
     for args, needle in cases:
         result = _run(*args)
