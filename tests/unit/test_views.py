@@ -122,8 +122,10 @@ def test_tiled_map_has_no_seams(tiled_detector) -> None:  # type: ignore[no-unty
                 col = int(edge * scale)
                 borders.update(range(max(0, col - 2), min(grad.shape[1], col + 2)))
     inner = np.setdiff1d(np.arange(grad.shape[1]), sorted(borders))
-    at_borders = np.percentile(grad[:, sorted(borders)], 99)
-    assert at_borders <= 1.5 * np.percentile(grad[:, inner], 99)
+    at_borders = grad[:, sorted(borders)]
+    # no larger than elsewhere: a ramp from each tile's own edge gave 1.055x by the mean (0.86x now)
+    assert at_borders.mean() <= grad[:, inner].mean()
+    assert np.percentile(at_borders, 99) <= np.percentile(grad[:, inner], 99)
 
 
 def test_a_large_tiled_frame_is_scored_batch_size_views_at_a_time(tiled_detector, monkeypatch) -> None:  # type: ignore[no-untyped-def]
