@@ -648,16 +648,27 @@ class Detector:
         ref, views = self.reference_, self.reference_views_
         if ref is None or not pool:
             return ref, views
-        rows = np.flatnonzero(np.ones(len(ref), bool) if views is None else views == 0)  # the references as given
-        given = ref.layers[0][torch.from_numpy(rows).to(ref.layers[0].device)].flatten(1).float()
-        match = np.zeros(len(ref), bool)
-        for part in pool:
-            found = part.layers[0].flatten(1).to(given.device, torch.float32)
-            # the same image extracted in another batch: equal but for float noise (other images differ far more)
-            dist = torch.cdist(given, found, compute_mode="donot_use_mm_for_euclid_dist")
-            match[rows] |= (dist <= 1e-3 * given.norm(dim=1, keepdim=True)).any(dim=1).cpu().numpy()
         owners = np.array([str(d.source) for d in ref.images])
-        copied = np.isin(owners, owners[match])
+        as_given = np.ones(len(ref), bool) if views is None else views == 0
+        names = list(dict.fromkeys(owners))
+        # each reference as given, all its tiles in one vector: a tile alone (a plain background) may equal another
+        # image's tile, a whole image only its own copy
+        flat = ref.layers[0].flatten(1).float()
+        given = [flat[torch.from_numpy(np.flatnonzero(as_given & (owners == name))).to(flat.device)] for name in names]
+        match = np.zeros(len(names), bool)
+        for part in pool:
+            found = part.layers[0].flatten(1).to(flat.device, torch.float32)
+            starts = np.cumsum([0] + [_n_views(d) for d in part.images])
+            for tiles in {len(g) for g in given}:
+                mine = [i for i, g in enumerate(given) if len(g) == tiles]
+                theirs = [found[s:e].flatten() for s, e in zip(starts[:-1], starts[1:]) if e - s == tiles]
+                if not theirs:
+                    continue
+                refs = torch.stack([given[i].flatten() for i in mine])
+                # the same image extracted in another batch: equal but for float noise (other images differ far more)
+                dist = torch.cdist(refs, torch.stack(theirs), compute_mode="donot_use_mm_for_euclid_dist")
+                match[mine] |= (dist <= 1e-3 * refs.norm(dim=1, keepdim=True)).any(dim=1).cpu().numpy()
+        copied = np.isin(owners, np.array(names)[match])
         if not copied.any():
             return ref, views
         names = list(dict.fromkeys(owners[copied]))

@@ -373,6 +373,26 @@ def test_a_reference_among_the_inputs_is_scored_not_compared_with_itself(
     assert f"1 reference(s) are also inputs: scored, not used as references, first: {train[0]}" in caplog.text
 
 
+def test_a_tiled_reference_sharing_a_plain_tile_with_an_input_is_kept(caplog: pytest.LogCaptureFixture) -> None:
+    """References were compared with the inputs tile by tile: a tile of plain background (a black belt, the same in
+    every frame) equals every other frame's, so each reference was taken for an input and dropped."""
+
+    def frame(seed: int) -> np.ndarray:
+        image = np.random.default_rng(seed).integers(80, 170, (64, 128, 1)).repeat(3, axis=2).astype(np.uint8)
+        image[:, 64:] = 0  # its right tile: black
+        return image
+
+    references = [frame(i) for i in range(3)]
+    tiled = ["backbone.image_size=[64,64]", "preprocess.tile.size=64", "scorer.params.augment_references=false"]
+    det = Detector(_config("musc", *tiled)).fit(references)
+    with caplog.at_level("WARNING", logger="anomaly"):
+        det.predict([frame(10 + i) for i in range(4)])
+    assert "are also inputs" not in caplog.text
+    with caplog.at_level("WARNING", logger="anomaly"):
+        det.predict([frame(10 + i) for i in range(4)] + [references[1]])  # a copy, every tile alike, still is one
+    assert "1 reference(s) are also inputs: scored, not used as references, first: reference 1" in caplog.text
+
+
 def test_a_defective_few_shot_reference_does_not_set_the_floor(
     synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
