@@ -266,10 +266,14 @@ def _inputs(data: CategoryData) -> str:
     digest = hashlib.sha256()
     for sample in [*data.train, *data.test]:
         for path in (sample.image_path, sample.mask_path):
-            if path is not None:
-                stat = path.stat()
-                line = f"{os.path.abspath(path)}\t{sample.split}\t{sample.label}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
-                digest.update(line.encode())
+            if path is None:
+                continue
+            try:
+                stat = os.stat(path)
+                state = f"{stat.st_size}\t{stat.st_mtime_ns}"
+            except OSError:  # removed since the category was listed: its run names the file
+                state = "missing"
+            digest.update(f"{os.path.abspath(path)}\t{sample.split}\t{sample.label}\t{state}\n".encode())
     return digest.hexdigest()
 
 

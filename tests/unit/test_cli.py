@@ -6,6 +6,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -768,6 +769,29 @@ def test_a_finished_category_whose_images_changed_is_re_run_not_skipped(tmp_path
     assert "t: results of another config, --eval-size, --dataset, --root or set of images" in again.output
     record = json.loads((tmp_path / "out" / "t" / "result.json").read_text())
     assert str(root / "test" / "good" / "099.png") in [r["path"] for r in record["per_image"]]
+
+
+def test_an_image_removed_while_another_category_runs_is_named_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inputs' fingerprint stat()ed every file at the start of its category's run: a file removed while an
+    earlier category ran ended the benchmark with FileNotFoundError (a traceback, exit 1)."""
+    from anomaly import benchmark
+    from anomaly.data import make_synthetic_category
+
+    for name in ("a", "b"):
+        make_synthetic_category(tmp_path / "data", name, n_train=6, n_test_good=3, n_test_defect=3, size=64)
+    run = benchmark._run_category
+
+    def remove_one_of_bs(data: Any, *args: Any) -> Any:
+        if data.name == "a":
+            (tmp_path / "data" / "b" / "test" / "good" / "000.png").unlink()
+        return run(data, *args)
+
+    monkeypatch.setattr(benchmark, "_run_category", remove_one_of_bs)
+    result = _run("benchmark", "--dataset", "mvtec", "--root", tmp_path / "data", "--out", tmp_path / "out", "--set",
+                  "backbone.image_size=[64,64]", "--set", "threshold.folds=2")  # fmt: skip
+    assert result.exit_code == 2 and "b: image not found:" in result.output, result.output
 
 
 def test_a_category_that_fails_is_named_and_the_finished_ones_keep_their_table(tmp_path: Path) -> None:
