@@ -86,8 +86,8 @@ class _GroundTruth:
 
 
 def true_label(path: str) -> int:
-    """0 if the image's parent folder is ``good`` (MVTec layout), else 1."""
-    return 0 if Path(path).parent.name == NORMAL_FOLDER else 1
+    """0 if the image's parent folder is ``good`` (MVTec layout; ``Good`` too, as the loaders read it), else 1."""
+    return 0 if Path(path).parent.name.lower() == NORMAL_FOLDER else 1
 
 
 def load_content(

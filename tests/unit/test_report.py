@@ -233,6 +233,13 @@ def test_a_hand_edited_score_without_a_threshold_column_is_named(tmp_path: Path)
         build_report(scores, tmp_path / "report")
 
 
+def test_folder_name_labels_read_test_good_in_capitals_as_the_loaders_do() -> None:
+    """load_mvtec reads test/Good/ as normal images; the report's labels from folder names counted them defective."""
+    from anomaly.report.content import true_label
+
+    assert [true_label(f"w/test/{d}/000.png") for d in ("good", "Good", "crack")] == [0, 0, 1]
+
+
 def test_without_ground_truth_there_is_no_confusion_matrix(tmp_path: Path) -> None:
     scores = _fabricate(tmp_path, 12, labelled=False)
     out = build_report(scores, tmp_path / "report")
