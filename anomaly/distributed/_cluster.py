@@ -98,11 +98,13 @@ def _check_reachable(address: str, where: str) -> None:
     with conn:
         if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
             return  # a TLS handshake comes first: Ray checks the rest
+        reply = b""
         try:
             conn.sendall(_HTTP2_PREFACE)
-            reply = conn.recv(9)
+            while len(reply) < 4 and (chunk := conn.recv(9 - len(reply))):  # a frame may arrive in pieces
+                reply += chunk
         except OSError:  # silent, or closed on us
-            reply = b""
+            pass
     if reply[3:4] != b"\x04":  # a gRPC server's first frame is its SETTINGS (HTTP/2 frame type 4)
         raise DataError(f"{where}: answers, but not as Ray does (gRPC): give the head's GCS port (6379 by default) or "
                         "ray://HOST:10001, not the dashboard's 8265")  # fmt: skip

@@ -406,17 +406,20 @@ def test_an_address_where_something_else_answers_is_refused_at_once() -> None:
     minutes, printing connection warnings; a gRPC server (a Ray head's GCS) passes."""
     import socket
     import threading
+    import time
 
     from anomaly.distributed._cluster import _check_reachable
     from anomaly.errors import DataError
 
-    def serve(reply: bytes) -> int:
+    def serve(*reply: bytes) -> int:
         server = socket.create_server(("127.0.0.1", 0))
 
         def answer() -> None:
             with server, server.accept()[0] as conn:
                 conn.recv(64)
-                conn.sendall(reply)
+                for piece in reply:
+                    conn.sendall(piece)
+                    time.sleep(0.1)
 
         threading.Thread(target=answer, daemon=True).start()
         return int(server.getsockname()[1])
@@ -425,6 +428,8 @@ def test_an_address_where_something_else_answers_is_refused_at_once() -> None:
     with pytest.raises(DataError, match=f"^--ray-address 127.0.0.1:{port}: answers, but not as Ray does"):
         _check_reachable(f"127.0.0.1:{port}", f"--ray-address 127.0.0.1:{port}")
     port = serve(bytes([0, 0, 0x18, 4, 0, 0, 0, 0, 0]))  # a gRPC server's SETTINGS frame
+    _check_reachable(f"127.0.0.1:{port}", f"--ray-address 127.0.0.1:{port}")
+    port = serve(b"\x00", bytes([0, 0x18, 4, 0, 0, 0, 0, 0]))  # the same frame in two pieces (a tunnel, a proxy)
     _check_reachable(f"127.0.0.1:{port}", f"--ray-address 127.0.0.1:{port}")
 
 
