@@ -73,8 +73,8 @@ def resize_map(amap: NDArray[np.float32], size: tuple[int, int]) -> NDArray[np.f
 def stitch(view_maps: NDArray[np.float32], layout: ViewLayout) -> NDArray[np.float32]:
     """(V, H_in, W_in) smoothed maps of one image's views -> one map on its frame (see :mod:`anomaly.data.views`).
 
-    Mirrored padding is cropped away. Overlapping tiles are blended with separable linear ramps as
-    wide as their overlap (a cross-fade), so the stitched map is continuous across tile borders.
+    Mirrored padding is cropped away. Overlapping tiles are blended with separable linear ramps over the
+    middle half of their overlap (a cross-fade, :func:`_ramp`), so the stitched map is continuous across tile borders.
     """
     h_in, w_in = view_maps.shape[1:]
     fh, fw = layout.frame
