@@ -163,7 +163,7 @@ def _glob_matches(item: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
                             "learn it as normal; give the folder of normal images")  # fmt: skip
     # the folders matched, and those holding the files matched: good/ beside defect folders is a test split
     folders = {Path(m) if Path(m).is_dir() else Path(m).parent for m in matches}
-    for good in sorted(f for f in folders if f.name == "good"):
+    for good in sorted(f for f in folders if f.name.lower() == "good"):  # Good/ too, as the loaders read it
         others = sorted(f.name for f in folders if f.parent == good.parent and f != good)
         if others:
             where = good.parent / others[0]
@@ -194,11 +194,12 @@ def _refuse_labelled_folders(folder: Path) -> None:
             else:
                 hint = f"give {folder / 'good'}" if (folder / "good").is_dir() else "give the folder of normal images"
             raise DataError(f"{folder}: a fit would learn {where} (masks or anomalous images) as normal; {hint}")
-        others = sorted(d for d in dirnames if d != "good")
-        if "good" in dirnames and others:  # a test split: good/ beside one folder per defect type
+        good = [d for d in dirnames if d.lower() == "good"]  # Good/ too, as the loaders read it
+        others = sorted(d for d in dirnames if d not in good)
+        if good and others:  # a test split: good/ beside one folder per defect type
             where = Path(dirpath).relative_to(folder) / others[0]
-            raise DataError(f"{folder}: holds good/ beside {', '.join(others[:3])}: a fit would learn {where} "
-                            f"(anomalous images, by the layout) as normal; give {Path(dirpath) / 'good'}")  # fmt: skip
+            raise DataError(f"{folder}: holds {good[0]}/ beside {', '.join(others[:3])}: a fit would learn {where} "
+                            f"(anomalous images, by the layout) as normal; give {Path(dirpath) / good[0]}")  # fmt: skip
 
 
 def _refuse_mask_folder(item: str | os.PathLike[str], folder: Path) -> None:

@@ -503,6 +503,12 @@ def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, 
     test_split = synthetic_root / "test"  # good/ beside a folder per defect type: 6 defects learnt as normal
     with pytest.raises(DataError, match=f"holds good/ beside blob, missing, scratch: .* give {test_split / 'good'}"):
         training_paths([test_split])
+    capitals = Path(shutil.copytree(test_split, tmp_path / "capitals"))  # Good/ is normal to the loaders as well
+    (capitals / "good").rename(capitals / "Good")
+    with pytest.raises(DataError, match=f"holds Good/ beside blob, missing, scratch: .* give {capitals / 'Good'}"):
+        training_paths([capitals])
+    with pytest.raises(DataError, match="Good beside blob"):  # by a glob
+        training_paths([str(capitals / "*" / "*.png")])
     scored = tmp_path / "scored"  # good/ beside an earlier output of anomaly (scores written next to the images)
     shutil.copytree(synthetic_root / "train" / "good", scored / "good")
     (scored / "scores").mkdir()
