@@ -108,6 +108,10 @@ def run_benchmark(
         raise DataError(f"--root {root}: no {dataset} category found")
     if not categories and dataset == "mvtec":
         _say_left_out(root, names, test_only)
+        untested = [name for name in names if not _has_test_images(root / name)]
+        if untested and len(untested) < len(names):  # found, not named: a category still being collected
+            log.warning("left out %s: no test images in test/<type>/", ", ".join(untested))
+            names = [name for name in names if name not in untested]
     if not categories and dataset == "visa" and not test_only:  # objects listed with test rows alone
         trained = visa_trained_categories(root)
         left = [n for n in names if n not in trained]
@@ -118,6 +122,15 @@ def run_benchmark(
             if not names:
                 raise DataError(f"--root {root}: no VisA object has training rows (a zero-shot config runs them)")
     loaded = {name: _load(dataset, root, name, test_only) for name in names}
+    if not categories and len(loaded) > 1:  # found, not named: one without a usable test split is left out
+        unusable = {name: why for name, data in loaded.items() if (why := _test_split_gap(data))}
+        if unusable:
+            log.warning("left out %s", "; ".join(f"{name}: the test split has no {why} image" for name, why in
+                                                 unusable.items()))  # fmt: skip
+            names = [name for name in names if name not in unusable]
+            loaded = {name: loaded[name] for name in names}
+            if not names:
+                raise DataError(f"--root {root}: no category has both normal and defective test images")
     for name, data in loaded.items():  # every category checked before the first (long) one runs
         _check_category(data, dataset, root, name)
     _check_out(out_dir)
@@ -215,14 +228,27 @@ def _say_left_out(root: Path, names: list[str], test_only: bool) -> None:
         )
 
 
+def _has_test_images(category: Path) -> bool:
+    """Whether an MVTec-layout category holds an image in one of its ``test/<type>/`` folders."""
+    test_dir = labelled_split_dirs(category)[0]
+    return test_dir.is_dir() and any(
+        is_image_file(p) for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".") for p in d.iterdir()
+    )
+
+
+def _test_split_gap(data: CategoryData) -> str:
+    """The kind of test image a category lacks ("defective" or "normal (good)"), or "" when it has both."""
+    labels = {s.label for s in data.test}
+    return "" if labels == {0, 1} else "defective" if 1 not in labels else "normal (good)"
+
+
 def _check_category(data: CategoryData, dataset: str, root: Path, name: str) -> None:
     """Before any run: the metrics compare normal and defective test images, so a split with one kind is refused,
     every image's header is read (a file that is not an image would end the run in this category, after the ones
     before it were run and written) and every ground-truth mask is decoded (a damaged one would end the run after
     the category's fit)."""
-    labels = {s.label for s in data.test}
-    if labels != {0, 1}:
-        missing = "defective" if 1 not in labels else "normal (good)"
+    missing = _test_split_gap(data)
+    if missing:
         where = root if dataset == "folder" else root / name if dataset == "mvtec" else f"{root} category {name}"
         raise DataError(
             f"{where}: the test split has no {missing} image; the metrics need both (choose others with --category)"

@@ -805,6 +805,7 @@ def import_(
     from anomaly.data.importers import import_labelme, import_mask_folders, parse_classes
 
     common: dict[str, Any] = dict(normal_test_ratio=normal_test_ratio, max_normal=max_normal, seed=seed, link=link)
+    fmt = fmt.lower()
     if fmt == "labelme":
         if classes is not None:
             raise DataError("--classes applies to --format mask-folders only")

@@ -53,6 +53,7 @@ def export_model(
         DataError: not a model directory, or a zero-shot model (it scores pools, not single images).
         ConfigError: unknown format. BackendError: exporter missing, or the exported graph disagrees with torch.
     """
+    fmt = fmt.lower()  # ONNX, OpenVINO as the projects spell them
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{fmt}'")
     det = Detector.load(model_dir, weights=weights)

@@ -100,14 +100,17 @@ class CategoryData:
         return sorted({s.defect_type for s in self.test_anomalous})
 
     def match_test(self, paths: list[str], where: str) -> list[Sample]:
-        """The test sample of each scored path, matched on (defect folder, file stem) so that a copy of the split
-        elsewhere, or a path of another machine, still matches; DataError naming ``where`` for a path that is none.
+        """The test sample of each scored path, matched on (defect folder, file name) so that a copy of the split
+        elsewhere, or a path of another machine, still matches, else on (defect folder, stem) where one test image
+        has that stem (a copy re-encoded to another format); DataError naming ``where`` for a path that is none.
         """
-        by_key = {(s.defect_type, s.image_path.stem): s for s in self.test}
+        by_name = {(s.defect_type, s.image_path.name): s for s in self.test}
+        stems = Counter((s.defect_type, s.image_path.stem) for s in self.test)
+        by_stem = {key: s for s in self.test if stems[key := (s.defect_type, s.image_path.stem)] == 1}
         matched = []
         for text in paths:
             path = Path(text)
-            sample = by_key.get((path.parent.name, path.stem))
+            sample = by_name.get((path.parent.name, path.name)) or by_stem.get((path.parent.name, path.stem))
             if sample is None:
                 raise DataError(f"{where}: {text} is not a test image of {self.root}")
             matched.append(sample)
@@ -159,7 +162,9 @@ def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
     root = Path(category_root)
     if not is_category_root(root):
         raise DataError(f"not an MVTec-layout category folder (no train/good): {root}")
-    train = [Sample(p, None, 0, "good", "train") for p in _images_in(root / "train" / "good")]
+    train_dir = root / "train" / "good"
+    # recursive, as `anomaly fit CATEGORY` reads it (a fit and a benchmark of one category learn the same images)
+    train = [Sample(p, None, 0, "good", "train") for p in list_images([train_dir])[0]] if _has_image(train_dir) else []
     if not train:
         raise DataError(f"no training image in {root / 'train' / 'good'}")
     return CategoryData(root.name, root, train, _test_samples(root))
@@ -463,6 +468,12 @@ def _root_hint(root: Path, dataset: str) -> str:
             return (f" ({', '.join(tested[:3])}: a test split without training images in train/good; a zero-shot "
                     "config, e.g. --config musc, runs them)")  # fmt: skip
     return ""
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file at any depth (outside hidden folders)."""
+    return any(is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+               for p in folder.rglob("*"))  # fmt: skip
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -53,10 +53,13 @@ class ExportedDetector:
 
     zero_shot = False
 
-    def __init__(self, directory: str | os.PathLike[str], device: str = "auto") -> None:
+    def __init__(self, directory: str | os.PathLike[str], device: str | None = "auto") -> None:
         self.directory = Path(directory)
         restore_interrupted(self.directory)
         self.manifest = read_manifest(self.directory)
+        if device is None:  # as Detector.load(device=None): the device the model was fitted with
+            saved = self.manifest.get("config")
+            device = str(saved.get("device") or "auto") if isinstance(saved, dict) else "auto"
         try:
             self.postprocess = Decision.from_manifest(self.manifest)
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)

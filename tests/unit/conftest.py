@@ -26,7 +26,7 @@ def patchcore_export(patchcore_model: Path) -> Path:
     pytest.importorskip("onnxruntime")
     from anomaly.export import export_model
 
-    return export_model(patchcore_model, patchcore_model.parent / "export")
+    return export_model(patchcore_model, patchcore_model.parent / "export", "ONNX")  # as spelt: was refused
 
 
 @pytest.fixture(scope="session")

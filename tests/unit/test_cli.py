@@ -504,17 +504,28 @@ def test_benchmark_refuses_a_one_class_test_split_and_leaves_out_sets_without_tr
     synthetic_root: Path, tmp_path: Path, caplog
 ) -> None:
     """A test split of good images only crashed the run with a traceback (exit 1, no table); an imported test-only
-    set (empty train/good) stopped the whole root; a folder without train/good was dropped without a word."""
+    set (empty train/good) stopped the whole root; a folder without train/good was dropped without a word; a
+    category found under the root without test images, or with one kind of them, stopped the whole root."""
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root / "widget")
     shutil.copytree(synthetic_root, root / "onlygood", ignore=shutil.ignore_patterns("ground_truth"))
     for defect in (root / "onlygood" / "test").iterdir():
         if defect.name != "good":
             shutil.rmtree(defect)
+    shutil.copytree(synthetic_root / "train", root / "untested" / "train")  # still being collected: no test/ yet
     out = tmp_path / "bench"
-    result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--out", out, *SMALL)
+    result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--category", "onlygood", "--out", out, *SMALL)
     assert result.exit_code == 2 and not out.exists()
     assert f"error: {root / 'onlygood'}: the test split has no defective image" in result.output
+    with caplog.at_level(logging.WARNING, logger="anomaly"):
+        result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "left out untested: no test images in test/<type>/" in caplog.text
+    assert "left out onlygood: the test split has no defective image" in caplog.text
+    with (out / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "mean"]
+    shutil.rmtree(out)
+    shutil.rmtree(root / "untested")
     result = _run("benchmark", "--dataset", "mvtec", "--root", root / "widget", "--out", out, *SMALL)
     assert result.exit_code == 2 and f"give its dataset root: --root {root} --category widget" in result.output
     shutil.rmtree(root / "onlygood" / "train" / "good")

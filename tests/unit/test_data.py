@@ -559,6 +559,35 @@ def test_scored_paths_match_test_samples_by_defect_folder_and_stem(synthetic_roo
         data.match_test(["/x/test/good/none.png"], "s.csv")
 
 
+def test_scored_paths_that_share_a_stem_match_their_own_image(synthetic_root: Path, tmp_path: Path) -> None:
+    """``good/000.png`` and ``good/000.jpg`` both matched whichever of the two was listed last."""
+    root = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    png = sorted((root / "test" / "good").glob("*.png"))[0]
+    jpg = png.with_suffix(".jpg")
+    cv2.imwrite(str(jpg), cv2.imread(str(png)))
+    data = load_mvtec(root)
+    matched = data.match_test([str(png), str(jpg)], "s.csv")
+    assert [s.image_path for s in matched] == [png, jpg]
+    with pytest.raises(DataError, match=r"is not a test image"):  # the stem alone no longer tells which
+        data.match_test([f"/other/test/good/{png.stem}.bmp"], "s.csv")
+
+
+def test_load_mvtec_reads_train_good_as_a_fit_does(synthetic_root: Path, tmp_path: Path) -> None:
+    """A benchmark (load_mvtec) left out train/good's sub-folders, which `anomaly fit CATEGORY` learns."""
+    from anomaly.data.inputs import training_paths
+
+    root = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    good = root / "train" / "good"
+    first = sorted(good.glob("*.png"))[0]
+    (good / "batch2").mkdir()
+    (good / ".ipynb_checkpoints").mkdir()
+    shutil.copy(first, good / "batch2" / "later.png")
+    shutil.copy(first, good / ".ipynb_checkpoints" / "hidden.png")
+    train = [s.image_path for s in load_mvtec(root).train]
+    assert good / "batch2" / "later.png" in train and not any("hidden" in p.name for p in train)
+    assert train == training_paths([root])
+
+
 def test_load_mvtec_missing_mask_and_bad_root(synthetic_root: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
     (copy / "ground_truth" / "scratch" / "001_mask.png").unlink()
