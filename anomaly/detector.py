@@ -222,7 +222,10 @@ class Detector:
         # the extractor's size is a ViT's whole patches: compare it with the size it would round this one to
         if self._extractor is not None and whole_patches(self._extractor.model, size) != self._extractor.image_size:
             self._extractor = None  # rebuilt at the new input size
-        log.info("preprocess.resize: auto -> stretch to %s (H, W)", list(size))
+        if self.config.preprocess.tile is None:
+            log.info("preprocess.resize: auto -> stretch to %s (H, W)", list(size))
+        else:  # the views are tiles of this input size; resize applies to untiled models only
+            log.info("preprocess.resize: auto -> unused: preprocess.tile cuts %s (H, W) views", list(size))
         self.config = replace(
             self.config,
             backbone=replace(self.config.backbone, image_size=size),
