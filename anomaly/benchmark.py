@@ -27,6 +27,7 @@ from anomaly.config import DetectorConfig
 from anomaly.data.datasets import (
     CategoryData,
     find_categories,
+    has_training_images,
     has_visa_split,
     is_category_root,
     labelled_split_dirs,
@@ -319,7 +320,7 @@ def _find(root: Path, dataset: str, test_only: bool) -> list[str]:
         )
     found = find_categories(root, dataset)  # type: ignore[arg-type]
     if dataset == "mvtec":  # an imported test-only set has an empty train/good: nothing to fit on
-        found = [n for n in found if any(is_image_file(p) for p in (root / n / "train" / "good").iterdir())]
+        found = [n for n in found if has_training_images(root / n)]  # at any depth, as load_mvtec reads them
     return found
 
 

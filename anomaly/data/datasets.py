@@ -23,6 +23,7 @@ __all__ = [
     "CategoryData",
     "Sample",
     "find_categories",
+    "has_training_images",
     "has_visa_split",
     "is_category_root",
     "load_folder",
@@ -468,6 +469,11 @@ def _root_hint(root: Path, dataset: str) -> str:
             return (f" ({', '.join(tested[:3])}: a test split without training images in train/good; a zero-shot "
                     "config, e.g. --config musc, runs them)")  # fmt: skip
     return ""
+
+
+def has_training_images(category_root: str | os.PathLike[str]) -> bool:
+    """Whether a category's ``train/good`` holds an image at any depth, as :func:`load_mvtec` reads it."""
+    return _has_image(Path(category_root, "train", "good"))
 
 
 def _has_image(folder: Path) -> bool:

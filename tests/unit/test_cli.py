@@ -539,6 +539,28 @@ def test_benchmark_refuses_a_one_class_test_split_and_leaves_out_sets_without_tr
         assert [r["category"] for r in csv.DictReader(fh)] == ["widget", "mean"]
 
 
+def test_benchmark_finds_a_category_whose_training_images_lie_in_sub_folders(tmp_path: Path, caplog) -> None:
+    """load_mvtec reads train/good recursively, as a fit does, and `--category nested` ran; found under the root, the
+    same category was left out as having 'no training images in train/good' (only its top level was looked at)."""
+    from anomaly.data import make_synthetic_category
+
+    root = tmp_path / "data"
+    for name in ("flat", "nested"):
+        make_synthetic_category(root, name, n_train=6, n_test_good=3, n_test_defect=3, size=64)
+    good = root / "nested" / "train" / "good"
+    (good / "cam1").mkdir()
+    for image in list(good.glob("*.png")):
+        image.rename(good / "cam1" / image.name)
+    out = tmp_path / "bench"
+    with caplog.at_level(logging.WARNING, logger="anomaly"):
+        result = _run("benchmark", "--dataset", "mvtec", "--root", root, "--out", out, "--set",
+                      "backbone.image_size=[64,64]", "--set", "batch_size=4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "left out" not in caplog.text
+    with (out / "results.csv").open() as fh:
+        assert [r["category"] for r in csv.DictReader(fh)] == ["flat", "nested", "mean"]
+
+
 def test_backbones_lists_the_packaged_lite0() -> None:
     result = _run("backbones")
     assert result.exit_code == 0
