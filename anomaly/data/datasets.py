@@ -111,7 +111,8 @@ class CategoryData:
         matched = []
         for text in paths:
             path = Path(text)
-            sample = by_name.get((path.parent.name, path.name)) or by_stem.get((path.parent.name, path.stem))
+            folder = "good" if path.parent.name.lower() == "good" else path.parent.name  # test/Good/: as loaded
+            sample = by_name.get((folder, path.name)) or by_stem.get((folder, path.stem))
             if sample is None:
                 raise DataError(f"{where}: {text} is not a test image of {self.root}")
             matched.append(sample)

@@ -572,6 +572,18 @@ def test_scored_paths_that_share_a_stem_match_their_own_image(synthetic_root: Pa
         data.match_test([f"/other/test/good/{png.stem}.bmp"], "s.csv")
 
 
+def test_scored_paths_in_a_test_good_folder_spelt_good_match(synthetic_root: Path, tmp_path: Path) -> None:
+    """The loaders read test/Good/ as normal (defect type "good"); its scored paths, in Good/, were matched against
+    "good" and refused as "not a test image": `anomaly evaluate` of such a category failed."""
+    root = Path(shutil.copytree(synthetic_root, tmp_path / "widget"))
+    (root / "test" / "good").rename(root / "test" / "Good")
+    data = load_ground_truth(root)
+    normal = data.test_normal[0]
+    assert normal.image_path.parent.name == "Good"
+    paths = [str(normal.image_path), f"/other/machine/test/Good/{normal.image_path.stem}.jpg"]
+    assert data.match_test(paths, "s.csv") == [normal, normal]
+
+
 def test_load_mvtec_reads_train_good_as_a_fit_does(synthetic_root: Path, tmp_path: Path) -> None:
     """A benchmark (load_mvtec) left out train/good's sub-folders, which `anomaly fit CATEGORY` learns."""
     from anomaly.data.inputs import training_paths
