@@ -91,7 +91,8 @@ _DIP = 0.9
 # to the rest of the pool; benchmarks/README.md section 10).
 _APART = 0.25
 _SHIFT_SDS = 4.0  # a component this many of the lowest's standard deviations above it, and broader, is a group of
-_BROAD_RATIO = 1.0  # its own in a batch (see _shifted_and_broad)
+_BROAD_RATIO = 1.0  # its own in a batch (see _shifted_and_broad), unless it is _BROAD_RATIO_MAX times broader or
+_BROAD_RATIO_MAX = 10.0  # more: a lowest component that tight is copies of one image (tied scores), not a mode
 _BIC_TIE = 2.0  # BIC differences below this are not evidence for either model (Kass & Raftery 1995)
 _BIMODAL_LEVEL = 0.99  # two score groups count when they separate better than 99 % of one-Gaussian pools
 _SMALL_POOL_LEVEL = 0.95  # ... and in a pool under _MIN_POOL whose median + 3 MAD flags nothing, better than 95 %
@@ -490,10 +491,12 @@ def _normal_cluster(
 def _shifted_and_broad(low: int, j: int, means: NDArray[np.float64], sds: NDArray[np.float64]) -> bool:
     """Whether component ``j`` lies ``_SHIFT_SDS`` of component ``low``'s standard deviations above it and is broader:
     a group of its own, not the tail of one skewed mode (the Box-Cox transform before the mixture leaves a skewed mode
-    about symmetric; its tail, where two Gaussians still fit it, stays within a few of the core's deviations). On
+    about symmetric; its tail, where two Gaussians still fit it, stays within a few of the core's deviations); but not
+    ``_BROAD_RATIO_MAX`` times broader or more, where the lowest is tied scores (copies of one image). On
     480 seeded one-mode pools of eight families, 20-200 scores, one threshold moved (a t(3) pool: 1 -> 4 of 130
     flagged): benchmarks/README.md section 6, round 29."""
-    return bool(means[j] - means[low] > _SHIFT_SDS * sds[low] and sds[j] > _BROAD_RATIO * sds[low])
+    ratio = sds[j] / max(float(sds[low]), 1e-300)
+    return bool(means[j] - means[low] > _SHIFT_SDS * sds[low] and _BROAD_RATIO < ratio < _BROAD_RATIO_MAX)
 
 
 def _valley_between(

@@ -23,7 +23,7 @@ def evaluate_discovery(
 ) -> dict[str, Any]:
     """NMI, ARI and F1 (Hungarian-matched accuracy) of the clusters against the true defect types.
 
-    Images are matched to the category's test samples by (defect folder, file stem), as in
+    Images are matched to the category's test samples by (defect folder, file name), as in
     `anomaly evaluate --scores`. Normal (``good``) images that were clustered are left out of the
     metrics, as AnomalyNCD scores defective images only; their count is reported.
 

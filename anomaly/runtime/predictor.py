@@ -57,9 +57,8 @@ class ExportedDetector:
         self.directory = Path(directory)
         restore_interrupted(self.directory)
         self.manifest = read_manifest(self.directory)
-        if device is None:  # as Detector.load(device=None): the device the model was fitted with
-            saved = self.manifest.get("config")
-            device = str(saved.get("device") or "auto") if isinstance(saved, dict) else "auto"
+        device = device or "auto"  # None as the CLI takes it: wherever the runtime can (the fit's device may be one
+        # the export's runtime has no provider for: OpenVINO on a model fitted on CUDA)
         try:
             self.postprocess = Decision.from_manifest(self.manifest)
             self.batch_size = min(int(self.manifest.get("batch_size", MAX_BATCH)), MAX_BATCH)

@@ -298,6 +298,14 @@ def test_spread_defects_overlapping_a_tight_normal_mode_without_a_valley_are_fla
     assert rolling.image > decision.image
 
 
+def test_copies_inside_a_normal_pool_are_not_a_tight_mode_of_their_own() -> None:
+    """20 normal scores, 6 of them copies of one image at the lower quartile: the copies fitted a component of almost
+    no spread, the next one lay 'shifted and broader' beside it, and 10 of 20 images were flagged."""
+    rest = np.random.default_rng(0).normal(1.0, 0.05, 14)
+    pool = np.r_[np.full(6, np.quantile(rest, 0.25)), rest]
+    assert np.sum(pool >= pool_threshold(pool, 0.01).image) <= 2
+
+
 def test_the_shifted_component_split_leaves_one_mode_pools_alone(monkeypatch) -> None:
     """Normal scores alone (six families, 20-200 scores, seeded): a second, broader component fitted to a skewed or
     heavy-tailed mode must not be taken for a defect group."""
