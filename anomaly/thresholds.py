@@ -492,8 +492,8 @@ def _shifted_and_broad(low: int, j: int, means: NDArray[np.float64], sds: NDArra
     """Whether component ``j`` lies ``_SHIFT_SDS`` of component ``low``'s standard deviations above it and is broader:
     a group of its own, not the tail of one skewed mode (the Box-Cox transform before the mixture leaves a skewed mode
     about symmetric; its tail, where two Gaussians still fit it, stays within a few of the core's deviations); but not
-    ``_BROAD_RATIO_MAX`` times broader or more, where the lowest is tied scores (copies of one image). On
-    480 seeded one-mode pools of eight families, 20-200 scores, one threshold moved (a t(3) pool: 1 -> 4 of 130
+    ``_BROAD_RATIO_MAX`` times broader or more, where the lowest is tied scores (copies of one image). On 1,440
+    seeded one-mode pools of eight families, 20-200 scores, two thresholds moved (a t(3) pool: 1 -> 4 of 130
     flagged): benchmarks/README.md section 6, round 29."""
     ratio = sds[j] / max(float(sds[low]), 1e-300)
     return bool(means[j] - means[low] > _SHIFT_SDS * sds[low] and _BROAD_RATIO < ratio < _BROAD_RATIO_MAX)

@@ -164,9 +164,8 @@ def load_mvtec(category_root: str | os.PathLike[str]) -> CategoryData:
     root = Path(category_root)
     if not is_category_root(root):
         raise DataError(f"not an MVTec-layout category folder (no train/good): {root}")
-    train_dir = root / "train" / "good"
     # recursive, as `anomaly fit CATEGORY` reads it (a fit and a benchmark of one category learn the same images)
-    train = [Sample(p, None, 0, "good", "train") for p in list_images([train_dir])[0]] if _has_image(train_dir) else []
+    train = [Sample(p, None, 0, "good", "train") for p in _training_images(root)]
     if not train:
         raise DataError(f"no training image in {root / 'train' / 'good'}")
     return CategoryData(root.name, root, train, _test_samples(root))
@@ -474,13 +473,16 @@ def _root_hint(root: Path, dataset: str) -> str:
 
 def has_training_images(category_root: str | os.PathLike[str]) -> bool:
     """Whether a category's ``train/good`` holds an image at any depth, as :func:`load_mvtec` reads it."""
-    return _has_image(Path(category_root, "train", "good"))
+    return bool(_training_images(Path(category_root)))
 
 
-def _has_image(folder: Path) -> bool:
-    """Whether ``folder`` holds an image file at any depth (outside hidden folders)."""
-    return any(is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-               for p in folder.rglob("*"))  # fmt: skip
+def _training_images(root: Path) -> list[Path]:
+    """``train/good``'s images as a fit lists that folder (:func:`~anomaly.data.io.list_images`: recursive, sorted,
+    hidden folders skipped); empty when it holds none."""
+    try:
+        return list_images([root / "train" / "good"])[0]
+    except DataError:  # no image there
+        return []
 
 
 def _images_in(folder: Path) -> list[Path]:
