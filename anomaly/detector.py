@@ -47,7 +47,14 @@ from anomaly.data.loader import (
     raw_pixels,
     support_views,
 )
-from anomaly.data.views import DRIFT_THRESHOLD, ViewSpec, bright_level, fitted_input_size, lighting_drift
+from anomaly.data.views import (
+    DRIFT_THRESHOLD,
+    ViewSpec,
+    bright_level,
+    fitted_input_size,
+    lighting_drift,
+    overlapping_views,
+)
 from anomaly.decisions import make_results, map_peaks, view_max
 from anomaly.errors import AnomalyError, ConfigError, DataError, NotFittedError, WeightsUnavailableError
 from anomaly.features import FeatureExtractor, whole_patches
@@ -737,7 +744,11 @@ class Detector:
         if self.scorer.uses_embeddings and self.config.preprocess.tile is None:
             embedding = torch.nn.functional.normalize(torch.cat([p.embedding.to(device) for p in parts]), dim=1)
         if isinstance(self.scorer, MuScScorer):
-            out = self.scorer.score(layers, embeddings=embedding, progress=progress, shared=n_ref)
+            exclude = None
+            if self.config.preprocess.tile is not None:  # a frame's overlapping tiles share pixels: never compared
+                members = [d.layout for p in parts for d in p.images]
+                exclude = overlapping_views(members, self.extractor.image_size)
+            out = self.scorer.score(layers, embeddings=embedding, progress=progress, shared=n_ref, exclude=exclude)
         else:
             out = self.scorer.score(layers, embeddings=embedding, progress=progress)
         return out.checked(len(layers[0]), self.scorer.name)

@@ -25,6 +25,7 @@ __all__ = [
     "fitted_input_size",
     "gray_stats",
     "lighting_drift",
+    "overlapping_views",
     "plan_layout",
     "standardize_intensity",
 ]
@@ -98,6 +99,22 @@ def plan_layout(
     frame = (max(1, round(h * scale)), max(1, round(w * scale)))
     ys, xs = _starts(frame[0], h_in, overlap), _starts(frame[1], w_in, overlap)
     return Layout(frame, tuple((y, x) for y in ys for x in xs))
+
+
+def overlapping_views(layouts: list[Layout | None], input_size: tuple[int, int]) -> list[NDArray[np.int64]]:
+    """Per view of the images laid out by ``layouts`` (their views in order; None: one view), the other views of
+    the same image that share pixels with it: overlapping tiles, which must not vouch for each other's content."""
+    h_in, w_in = input_size
+    out: list[NDArray[np.int64]] = []
+    start = 0
+    for layout in layouts:
+        origins = np.array(layout.origins if layout is not None else [(0, 0)]).reshape(-1, 2)
+        dy, dx = (np.abs(origins[:, None, k] - origins[None, :, k]) for k in (0, 1))
+        shared = (dy < h_in) & (dx < w_in)
+        np.fill_diagonal(shared, False)
+        out += [start + np.flatnonzero(row) for row in shared]
+        start += len(origins)
+    return out
 
 
 def fitted_input_size(sizes: list[tuple[int, int]], input_size: tuple[int, int], step: int = 32) -> tuple[int, int]:

@@ -95,6 +95,7 @@ def mutual_scores(
     memory_budget_mb: float = 512,
     aligned_window: int | None = None,
     grid: tuple[int, int] | None = None,
+    exclude: Sequence[NDArray[np.int64]] | None = None,
 ) -> torch.Tensor:
     """Mutual scoring (§3.3) of N images of patch vectors ``Z`` (N, L, C) -> (N, L).
 
@@ -106,6 +107,9 @@ def mutual_scores(
 
     ``aligned_window = w`` compares each patch only with the patches of a (2w+1)×(2w+1) window around
     the same position of the ``grid`` (h, w) in the other images (fixtured products).
+
+    ``exclude[i]``: the images of ``Z`` that image i is not compared with (overlapping tiles of one frame, which
+    share its pixels and would vouch for its defects); ``n_others`` is then N−1+M less the longest such list.
 
     Memory: the minima of a chunk of query images (Q, L, n_others) take at most half of
     ``memory_budget_mb``, similarity tiles or top-k outputs the other half (estimate excludes the
@@ -126,7 +130,11 @@ def mutual_scores(
     n_others = n - 1 + m
     if n < 1 or n_others < 1:
         raise ValueError(f"mutual_scores: needs at least 2 images, or 1 image and reference images (got N={n}, M={m})")
-    lo, hi = _interval_bounds(interval, n_others)
+    skipped = _checked_exclude(exclude, n)
+    compared = n_others - max((len(x) for x in skipped.values()), default=0)
+    if compared < 1:
+        raise ValueError("mutual_scores: exclude leaves an image nothing to be compared with")
+    lo, hi = _interval_bounds(interval, compared)
     if not memory_budget_mb > 0:
         raise ValueError(f"mutual_scores: memory_budget_mb must be > 0, got {memory_budget_mb}")
     if aligned_window is not None:
@@ -185,6 +193,10 @@ def mutual_scores(
                         fwd, _ = _block(q, p0, ref[b0:b1], False, plan, work, aligned_window, grid)
                         buf[i - a0, :, n - 1 + b0 : n - 1 + b1] = fwd
             del work  # the top-k outputs reuse the blocks' share of the budget
+            for i in range(a0, a1):  # excluded images rank last: at most n_others − compared per row, past hi
+                if i in skipped:
+                    slots = skipped[i] - (skipped[i] > i)
+                    buf[i - a0, :, torch.from_numpy(slots).to(buf.device)] = -math.inf
             out[a0:a1, p0:p1] = _interval_mean(buf, lo, hi, plan.reduce_rows)
             del buf  # free before the next chunk's buffer is allocated
     return out
@@ -258,6 +270,22 @@ def _plan(
     reduce_rows = max(1, half // per_row)
     topk = min(chunk * rows, reduce_rows) * per_row
     return _Plan(chunk, rows, block, tile_rows, length_other, reduce_rows, buffer + max(work, topk))
+
+
+def _checked_exclude(exclude: Sequence[NDArray[np.int64]] | None, n: int) -> dict[int, NDArray[np.int64]]:
+    """``exclude`` as {image: sorted unique others} for the images that have any; checked against N."""
+    if exclude is None:
+        return {}
+    if len(exclude) != n:
+        raise ValueError(f"mutual_scores: exclude has {len(exclude)} entries for {n} images")
+    out = {}
+    for i, others in enumerate(exclude):
+        others = np.unique(np.asarray(others, dtype=np.int64))
+        if len(others) and (others[0] < 0 or others[-1] >= n or i in others):
+            raise ValueError(f"mutual_scores: exclude[{i}] must name other images of Z (0..{n - 1})")
+        if len(others):
+            out[i] = others
+    return out
 
 
 def _block(
@@ -534,13 +562,15 @@ class MuScScorer(Scorer):
         embeddings: torch.Tensor | None = None,
         progress: Progress | None = None,
         shared: int = 0,
+        exclude: Sequence[NDArray[np.int64]] | None = None,
     ) -> ScoreOutput:
         """Score the N images of ``layers`` against each other and the ``reference`` images.
 
         ``reference``: per-layer maps (M, C_l, h_l, w_l) compared with but not scored.
         ``embeddings``: (N, D) class tokens for RsCIN. ``progress(done, total)`` after each
         (r, layer) step. ``shared``: the first ``shared`` images (few-shot references scored with the
-        pool) join every group of a pool split by ``max_pool`` (see :meth:`_score_in_groups`).
+        pool) join every group of a pool split by ``max_pool`` (see :meth:`_score_in_groups`). ``exclude[i]``: the
+        images that image i is not compared with (see :func:`mutual_scores`).
         """
         _check_layers(layers, reference)
         self.check_layer_count(len(layers))
@@ -548,7 +578,7 @@ class MuScScorer(Scorer):
         if not 0 <= shared <= n:
             raise ValueError(f"shared must be in [0, {n}], got {shared}")
         if self.max_pool is not None and n > self.max_pool:
-            return self._score_in_groups(layers, reference, embeddings, progress, shared)
+            return self._score_in_groups(layers, reference, embeddings, progress, shared, exclude)
         chosen_count = 0 if self.rescore is None or reference is not None else max(_MIN_RESCORE, int(self.rescore * n))
         passes = 2 if 0 < chosen_count < n else 1
         steps = [0, passes * len(self.r_list) * len(layers)]
@@ -558,12 +588,12 @@ class MuScScorer(Scorer):
             if progress is not None:
                 progress(*steps)
 
-        fused, fused_map = self._fused(layers, reference, None, tick)
+        fused, fused_map = self._fused(layers, reference, None, tick, exclude)
         maps = fused_map.squeeze(1).cpu().numpy()
         image_scores = self._image_scores(fused, embeddings)
         if passes == 2:
             chosen = np.sort(np.argsort(image_scores, kind="stable")[:chosen_count])
-            second = self._image_scores(self._fused(layers, reference, chosen, tick)[0], embeddings)
+            second = self._image_scores(self._fused(layers, reference, chosen, tick, exclude)[0], embeddings)
             low, span = float(image_scores.min()), float(np.ptp(image_scores))
             image_scores = low + span * (_unit_range(image_scores) + _unit_range(second)) / 2
         return ScoreOutput(patch_maps=maps, image_scores=image_scores)
@@ -575,6 +605,7 @@ class MuScScorer(Scorer):
         embeddings: torch.Tensor | None,
         progress: Progress | None,
         shared: int = 0,
+        exclude: Sequence[NDArray[np.int64]] | None = None,
     ) -> ScoreOutput:
         """:meth:`score` on seeded random groups of at most ``max_pool`` images, reassembled in input order.
 
@@ -607,6 +638,7 @@ class MuScScorer(Scorer):
                 reference=reference,
                 embeddings=None if embeddings is None else embeddings[picked.to(embeddings.device)],
                 progress=tick,
+                exclude=_restricted(exclude, members),
             )
             assert out.patch_maps is not None
             if maps is None:
@@ -623,6 +655,7 @@ class MuScScorer(Scorer):
         reference: list[torch.Tensor] | None,
         chosen: NDArray[np.int64] | None,
         tick: Callable[[], None],
+        exclude: Sequence[NDArray[np.int64]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score maps (N, 1, h, w) on the finest grid averaged over all layers and over ``map_layers``.
 
@@ -640,7 +673,10 @@ class MuScScorer(Scorer):
                 grid = (layer.shape[2], layer.shape[3])
                 ref = None if reference is None else lnamd(reference[li], r, self.norm_exponent)
                 tokens = lnamd(layer, r, self.norm_exponent)
-                s = self._mutual(tokens, ref, grid) if chosen is None else self._against_chosen(tokens, grid, chosen)
+                if chosen is None:
+                    s = self._mutual(tokens, ref, grid, exclude)
+                else:
+                    s = self._against_chosen(tokens, grid, chosen, exclude)
                 s = s.float().view(n, 1, *grid)
                 if grid != size:
                     s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
@@ -651,7 +687,13 @@ class MuScScorer(Scorer):
         total = len(self.r_list) * len(layers)
         return fused / total, fused_map / (len(self.r_list) * len(in_map))
 
-    def _mutual(self, tokens: torch.Tensor, ref: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+    def _mutual(
+        self,
+        tokens: torch.Tensor,
+        ref: torch.Tensor | None,
+        grid: tuple[int, int],
+        exclude: Sequence[NDArray[np.int64]] | None = None,
+    ) -> torch.Tensor:
         return mutual_scores(
             tokens,
             reference=ref,
@@ -659,16 +701,27 @@ class MuScScorer(Scorer):
             memory_budget_mb=self.memory_budget_mb,
             aligned_window=self.aligned_window,
             grid=grid,
+            exclude=exclude,
         )
 
-    def _against_chosen(self, tokens: torch.Tensor, grid: tuple[int, int], chosen: NDArray[np.int64]) -> torch.Tensor:
+    def _against_chosen(
+        self,
+        tokens: torch.Tensor,
+        grid: tuple[int, int],
+        chosen: NDArray[np.int64],
+        exclude: Sequence[NDArray[np.int64]] | None,
+    ) -> torch.Tensor:
         """Scores (N, L) of every image against the ``chosen`` images alone (they score each other)."""
         picked = torch.from_numpy(chosen).to(tokens.device)
         out = torch.empty(tokens.shape[:2], dtype=torch.float32, device=tokens.device)
-        out[picked] = self._mutual(tokens[picked], None, grid).float()
+        out[picked] = self._mutual(tokens[picked], None, grid, _restricted(exclude, chosen)).float()
         bank = tokens[picked]
         for i in np.setdiff1d(np.arange(len(tokens)), chosen).tolist():
-            out[i] = self._mutual(tokens[i : i + 1], bank, grid).float()[0]
+            mine = bank
+            kept = np.flatnonzero(~np.isin(chosen, exclude[i])) if exclude is not None else chosen
+            if 0 < len(kept) < len(chosen):  # its overlapping tiles leave the bank
+                mine = bank[torch.from_numpy(kept).to(bank.device)]
+            out[i] = self._mutual(tokens[i : i + 1], mine, grid).float()[0]
         return out
 
     def _image_scores(self, fused: torch.Tensor, embeddings: torch.Tensor | None) -> NDArray[np.float64]:
@@ -688,6 +741,15 @@ class MuScScorer(Scorer):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """No learned state: nothing to restore."""
+
+
+def _restricted(
+    exclude: Sequence[NDArray[np.int64]] | None, members: NDArray[np.int64]
+) -> list[NDArray[np.int64]] | None:
+    """``exclude`` among ``members`` alone (sorted indices), renumbered as positions in ``members``."""
+    if exclude is None:
+        return None
+    return [np.searchsorted(members, np.intersect1d(exclude[m], members)) for m in members]
 
 
 def _content_order(layers: list[torch.Tensor]) -> NDArray[np.int64]:

@@ -48,8 +48,9 @@ def unit(*shape: int, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
 
 
-def brute_force(z, reference=None, interval=(0.0, 0.3), window=None, grid=None):
-    """Direct distances (cdist) per image pair, sorted in full: the definition of §3.3."""
+def brute_force(z, reference=None, interval=(0.0, 0.3), window=None, grid=None, exclude=None):
+    """Direct distances (cdist) per image pair, sorted in full: the definition of §3.3 (``exclude[i]``: the images
+    that i skips; the interval's ranks then count the others less the longest such list)."""
     n, length, _ = z.shape
     others_all = list(z) + ([] if reference is None else list(reference))
     mask = None
@@ -57,16 +58,18 @@ def brute_force(z, reference=None, interval=(0.0, 0.3), window=None, grid=None):
         y, x = torch.arange(length) // grid[1], torch.arange(length) % grid[1]
         mask = ((y[:, None] - y[None, :]).abs() > window) | ((x[:, None] - x[None, :]).abs() > window)
     out = torch.empty(n, length, dtype=z.dtype)
+    skipped = [set()] * n if exclude is None else [set(int(j) for j in e) for e in exclude]
+    compared = len(others_all) - 1 - max(len(e) for e in skipped)
     for i in range(n):
         mins = []
         for j in range(len(others_all)):
-            if j != i:
+            if j != i and j not in skipped[i]:
                 d = torch.cdist(z[i], others_all[j])
                 if mask is not None:
                     d = d.masked_fill(mask, math.inf)
                 mins.append(d.min(dim=1).values)
         mins = torch.stack(mins, dim=1).sort(dim=1).values
-        lo, hi = musc._interval_bounds(interval, mins.shape[1])
+        lo, hi = musc._interval_bounds(interval, compared)
         out[i] = mins[:, lo:hi].mean(dim=1)
     return out
 
@@ -194,6 +197,51 @@ def test_vectors_of_any_length_get_euclidean_distances(budget_mb):
     torch.testing.assert_close(got, brute_force(z, reference=ref), atol=1e-12, rtol=0)
     aligned = mutual_scores(z, aligned_window=1, grid=(3, 4), memory_budget_mb=budget_mb)
     torch.testing.assert_close(aligned, brute_force(z, window=1, grid=(3, 4)), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("budget_mb", [512, 2e-3, 1e-6])
+def test_excluded_images_are_never_compared(budget_mb):
+    """Overlapping tiles of one frame share pixels: each must not vouch for the other's content."""
+    z = unit(9, 12, 5)
+    z[4] = z[3]  # 3 and 4 are copies: each is the other's perfect match
+    exclude = [np.array([], np.int64)] * 9
+    exclude[3], exclude[4], exclude[0] = np.array([4]), np.array([3]), np.array([7, 8])
+    ref = unit(2, 12, 5, seed=3)
+    for reference in (None, ref):
+        got = mutual_scores(z, reference=reference, exclude=exclude, memory_budget_mb=budget_mb)
+        torch.testing.assert_close(got, brute_force(z, reference, exclude=exclude), atol=1e-12, rtol=0)
+    plain = mutual_scores(z, interval=(0.0, 1), memory_budget_mb=budget_mb)
+    skipped = mutual_scores(z, interval=(0.0, 1), exclude=exclude, memory_budget_mb=budget_mb)
+    assert plain[3].abs().max() < 1e-6 < skipped[3].min()  # its copy no longer vouches for it
+    with pytest.raises(ValueError, match="exclude"):
+        mutual_scores(z, exclude=exclude[:3])
+    with pytest.raises(ValueError, match=r"exclude\[1\]"):
+        mutual_scores(z, exclude=[np.array([], np.int64), np.array([1])] + exclude[2:])
+    with pytest.raises(ValueError, match="nothing to be compared"):
+        mutual_scores(z[:2], exclude=[np.array([1]), np.array([0])])
+
+
+def test_scorer_passes_exclude_to_every_pass_and_group():
+    """A copy in the pool (an overlapping tile) hides a defect from mutual scoring, the re-scoring pass and each
+    group of a split pool, unless it is excluded."""
+    n = 24
+    layer = normal_layers(n, 8, 4, 4, seed=21)
+    layer[5, :, 2, 2] += torch.randn(8, generator=torch.Generator().manual_seed(22)) * 2
+    layer[6] = layer[5]  # 6 is 5's overlapping copy
+    exclude = [np.array([], np.int64)] * n
+    exclude[5], exclude[6] = np.array([6]), np.array([5])
+    for params in ({}, {"rescore": 0.5}, {"max_pool": 12, "rescore": 0.5}):
+        scorer = MuScScorer(r_list=(1,), rscin_k=None, interval=(0.0, 1), **params)
+        hidden, shown = (scorer.score([layer], exclude=e) for e in (None, exclude))
+        assert hidden.patch_maps[5, 2, 2] < 0.6 * shown.patch_maps[5, 2, 2], params
+        assert int(np.argmax(shown.image_scores)) in (5, 6), params
+        others = np.setdiff1d(np.arange(n), [5, 6])
+        assert shown.image_scores[5] > 1.5 * np.median(shown.image_scores[others]), params
+    tokens = lnamd(layer, 1)  # the re-scoring pass: an excluded image leaves the bank of the one that excludes it
+    chosen = np.array([0, 1, 6])
+    got = MuScScorer(interval=(0.0, 1))._against_chosen(tokens, (4, 4), chosen, exclude)
+    expected = mutual_scores(tokens[5:6], reference=tokens[[0, 1]], interval=(0.0, 1))[0]
+    torch.testing.assert_close(got[5], expected.float())
 
 
 def test_budgets_exercise_every_blocking_path():
