@@ -592,7 +592,7 @@ class MuScScorer(Scorer):
         maps = fused_map.squeeze(1).cpu().numpy()
         image_scores = self._image_scores(fused, embeddings)
         if passes == 2:
-            chosen = np.sort(np.argsort(image_scores, kind="stable")[:chosen_count])
+            chosen = _bank(np.argsort(image_scores, kind="stable"), chosen_count, exclude)
             second = self._image_scores(self._fused(layers, reference, chosen, tick, exclude)[0], embeddings)
             low, span = float(image_scores.min()), float(np.ptp(image_scores))
             image_scores = low + span * (_unit_range(image_scores) + _unit_range(second)) / 2
@@ -614,7 +614,8 @@ class MuScScorer(Scorer):
         follows the images' content (:func:`_content_order`), not their input order: a pool passed in another
         order is split into the same groups and gets the same scores. The first ``shared`` images join every
         group, so that each has the same normal anchor (their scores and maps: the mean over the groups); up to
-        half of ``max_pool`` of them, beyond which they are drawn into the groups like the others.
+        half of ``max_pool`` of them, beyond which they are drawn into the groups like the others. With ``exclude``, a
+        group that leaves an image only images it excludes joins the next one (:func:`_partnered`).
         """
         assert self.max_pool is not None
         n = layers[0].shape[0]
@@ -622,6 +623,8 @@ class MuScScorer(Scorer):
         rest = _content_order([x[keep:] for x in layers]) + keep
         draw = rest[np.random.default_rng(0).permutation(n - keep)]
         groups = np.array_split(draw, math.ceil((n - keep) / (self.max_pool - keep)))
+        if exclude is not None:
+            groups = _partnered(groups, keep, exclude)
         whole = MuScScorer(**{**self.get_params(), "max_pool": None})
         maps: NDArray[np.float32] | None = None
         scores = np.zeros(n, dtype=np.float64)
@@ -693,11 +696,12 @@ class MuScScorer(Scorer):
         ref: torch.Tensor | None,
         grid: tuple[int, int],
         exclude: Sequence[NDArray[np.int64]] | None = None,
+        interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         return mutual_scores(
             tokens,
             reference=ref,
-            interval=self.interval,
+            interval=self.interval if interval is None else interval,
             memory_budget_mb=self.memory_budget_mb,
             aligned_window=self.aligned_window,
             grid=grid,
@@ -711,17 +715,28 @@ class MuScScorer(Scorer):
         chosen: NDArray[np.int64],
         exclude: Sequence[NDArray[np.int64]] | None,
     ) -> torch.Tensor:
-        """Scores (N, L) of every image against the ``chosen`` images alone (they score each other)."""
+        """Scores (N, L) of every image against the ``chosen`` images alone (they score each other).
+
+        ``exclude``: an image's excluded images leave its bank, and, as in :func:`mutual_scores`, every other image
+        averages the ranks of ``interval`` among as many of the chosen as the one with the most excluded keeps.
+        """
         picked = torch.from_numpy(chosen).to(tokens.device)
         out = torch.empty(tokens.shape[:2], dtype=torch.float32, device=tokens.device)
         out[picked] = self._mutual(tokens[picked], None, grid, _restricted(exclude, chosen)).float()
         bank = tokens[picked]
-        for i in np.setdiff1d(np.arange(len(tokens)), chosen).tolist():
+        rest = np.setdiff1d(np.arange(len(tokens)), chosen).tolist()
+        kept = {} if exclude is None else {i: np.flatnonzero(~np.isin(chosen, exclude[i])) for i in rest}
+        interval = None
+        if kept:
+            compared = min(len(k) for k in kept.values())
+            if compared < 1:
+                raise ValueError("musc: exclude leaves an image none of the chosen images to be compared with")
+            interval = _interval_bounds(self.interval, compared)  # ranks as counts, the same for every image
+        for i in rest:
             mine = bank
-            kept = np.flatnonzero(~np.isin(chosen, exclude[i])) if exclude is not None else chosen
-            if 0 < len(kept) < len(chosen):  # its overlapping tiles leave the bank
-                mine = bank[torch.from_numpy(kept).to(bank.device)]
-            out[i] = self._mutual(tokens[i : i + 1], mine, grid).float()[0]
+            if i in kept and len(kept[i]) < len(chosen):  # its overlapping tiles leave the bank
+                mine = bank[torch.from_numpy(kept[i]).to(bank.device)]
+            out[i] = self._mutual(tokens[i : i + 1], mine, grid, interval=interval).float()[0]
         return out
 
     def _image_scores(self, fused: torch.Tensor, embeddings: torch.Tensor | None) -> NDArray[np.float64]:
@@ -750,6 +765,45 @@ def _restricted(
     if exclude is None:
         return None
     return [np.searchsorted(members, np.intersect1d(exclude[m], members)) for m in members]
+
+
+def _has_partners(members: NDArray[np.int64], exclude: Sequence[NDArray[np.int64]]) -> bool:
+    """Whether each of ``members`` has another member that it does not exclude."""
+    return all(len(members) - 1 > np.isin(members, exclude[m]).sum() for m in members.tolist())
+
+
+def _bank(order: NDArray[np.int64], count: int, exclude: Sequence[NDArray[np.int64]] | None) -> NDArray[np.int64]:
+    """The images that re-score the pool (sorted): the first ``count`` of ``order`` (lowest first-pass scores first),
+    and the next ones of ``order`` while an image (chosen or not) has none of them but the images it excludes (a
+    frame's overlapping tiles among the lowest): it would be left nothing to be compared with."""
+    if exclude is not None:
+        unique = [np.unique(np.asarray(e, dtype=np.int64)) for e in exclude]
+        lists = [(i, e) for i, e in enumerate(unique) if len(e)]
+        inside = np.zeros(len(order), dtype=bool)
+        inside[order[:count]] = True
+        while count < len(order) and any(count - inside[i] - inside[e].sum() < 1 for i, e in lists):
+            inside[order[count]] = True
+            count += 1
+    return np.sort(order[:count])
+
+
+def _partnered(
+    groups: list[NDArray[np.int64]], keep: int, exclude: Sequence[NDArray[np.int64]]
+) -> list[NDArray[np.int64]]:
+    """``groups`` of a split pool (each scored with the first ``keep`` images), where a group that leaves an image
+    nothing but the images it excludes (a frame's overlapping tiles drawn together) joins the next (the last the one
+    before it): mutual scoring would have nothing to compare that image with."""
+    out = list(groups)
+    g = 0
+    while g < len(out):
+        if len(out) > 1 and not _has_partners(np.r_[np.arange(keep), np.sort(out[g])], exclude):
+            a, b = (g, g + 1) if g + 1 < len(out) else (g - 1, g)
+            out[a] = np.concatenate([out[a], out[b]])
+            del out[b]
+            g = a
+            continue
+        g += 1
+    return out
 
 
 def _content_order(layers: list[torch.Tensor]) -> NDArray[np.int64]:

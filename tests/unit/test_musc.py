@@ -244,6 +244,79 @@ def test_scorer_passes_exclude_to_every_pass_and_group():
     torch.testing.assert_close(got[5], expected.float())
 
 
+def _frames(n_frames: int, tiles: int) -> list[np.ndarray]:
+    """``exclude`` of ``n_frames`` frames cut into ``tiles`` views that all overlap each other (views in order)."""
+    return [
+        np.setdiff1d(np.arange(f * tiles, (f + 1) * tiles), [f * tiles + t])
+        for f in range(n_frames)
+        for t in range(tiles)
+    ]
+
+
+def test_second_pass_excludes_in_every_comparison_with_the_rank_count_of_the_first():
+    """``rescore``'s pass: the chosen images score each other without their excluded ones, and every other image
+    averages as many ranks as the one with the most chosen images excluded (mutual_scores' rule, brute_force)."""
+    tokens = lnamd(normal_layers(12, 6, 3, 3, seed=5), 1).double()
+    exclude = [np.array([], np.int64)] * 12
+    for a, b in ((0, 1), (2, 7), (3, 8), (4, 9), (5, 10)):  # 0 and 1 chosen together; 7, 8 and 9 lose one each
+        exclude[a], exclude[b] = np.r_[exclude[a], b], np.r_[exclude[b], a]
+    exclude[11] = np.array([0, 1, 2, 3])  # 11 keeps 2 of the 6 chosen: every other image averages its 2 nearest
+    exclude[0], exclude[1], exclude[2], exclude[3] = (np.r_[e, 11] for e in exclude[:4])
+    chosen = np.arange(6)
+    got = MuScScorer(interval=(0, 3))._against_chosen(tokens, (3, 3), chosen, exclude)  # the 3 nearest, at most
+    inside = [np.searchsorted(chosen, np.intersect1d(exclude[i], chosen)) for i in chosen]
+    torch.testing.assert_close(got[:6], brute_force(tokens[:6], interval=(0, 3), exclude=inside).float())
+    for i in range(6, 12):
+        kept = np.setdiff1d(chosen, exclude[i])
+        mins = torch.stack([torch.cdist(tokens[i], tokens[j]).min(dim=1).values for j in kept], dim=1)
+        torch.testing.assert_close(got[i], mins.sort(dim=1).values[:, :2].mean(dim=1).float())
+
+
+def test_a_frame_of_overlapping_tiles_among_the_lowest_scores_still_rescores():
+    """Tiles that all overlap each other (tile overlap 0.5+, or 3 to a side) were all chosen to re-score the pool:
+    the chosen ones had nothing to compare with (ValueError) and the others compared with their own frame's tiles.
+    The bank grows along the scores until every image has one it may be compared with."""
+    layer = normal_layers(32, 8, 4, 4, seed=3)
+    layer[16:] += 0.3 * torch.randn(16, 8, 4, 4, generator=torch.Generator().manual_seed(4))  # frame 2: noisier
+    exclude = _frames(2, 16)
+    scorer = MuScScorer(r_list=(1,), rscin_k=None, rescore=0.2)
+    first = scorer._image_scores(scorer._fused([layer], None, None, lambda: None, exclude)[0], None)
+    order = np.argsort(first, kind="stable")
+    assert (order[:10] < 16).all()  # the 10 chosen: all of frame 1
+    chosen = musc._bank(order, 10, exclude)
+    first_of_frame_2 = int(np.argmax(order >= 16))  # the bank grows along the scores to frame 2's lowest tile
+    np.testing.assert_array_equal(chosen, np.sort(order[: first_of_frame_2 + 1]))
+    np.testing.assert_array_equal(musc._bank(order, 10, None), np.sort(order[:10]))
+    second = scorer._image_scores(scorer._fused([layer], None, chosen, lambda: None, exclude)[0], None)
+    out = scorer.score([layer], exclude=exclude)  # both passes without a tile's overlapping ones
+    expected = first.min() + np.ptp(first) * (musc._unit_range(first) + musc._unit_range(second)) / 2
+    np.testing.assert_allclose(out.image_scores, expected, rtol=1e-12)
+    lonely = [np.array([2]), np.array([2]), np.array([0, 1]), np.array([], np.int64)]  # 2 excludes both chosen
+    with pytest.raises(ValueError, match="none of the chosen"):  # not compared with the whole bank instead
+        scorer._against_chosen(lnamd(layer[:4], 1), (4, 4), np.array([0, 1]), lonely)
+
+
+def test_a_split_pool_never_leaves_a_group_of_one_frames_overlapping_tiles():
+    """Groups of a split pool are drawn at random: one holding only tiles of one frame (that all overlap) left them
+    nothing to be compared with. Such a group joins the next."""
+    layer = normal_layers(6, 8, 4, 4, seed=7)
+    exclude = _frames(1, 5) + [np.array([], np.int64)]  # 5 overlapping tiles and one image: any 3 of the tiles fail
+    kwargs = {"r_list": (1,), "rscin_k": None}
+    whole = MuScScorer(**kwargs).score([layer], exclude=exclude)
+    grouped = MuScScorer(max_pool=3, **kwargs).score([layer], exclude=exclude)  # both groups joined: one, whole
+    np.testing.assert_array_equal(grouped.patch_maps, whole.patch_maps)
+    np.testing.assert_array_equal(grouped.image_scores, whole.image_scores)
+    two = _frames(2, 3)  # tiles 0-2 and 3-5: a group of one frame's tiles joins the next (the last the one before)
+    for groups, joined in (
+        ([[0, 3], [1, 4], [2, 5]], [[0, 3], [1, 4], [2, 5]]),
+        ([[0, 1], [3, 4], [2, 5]], [[0, 1, 3, 4], [2, 5]]),
+        ([[0, 3], [4, 5], [1, 2]], [[0, 3], [4, 5, 1, 2]]),
+    ):
+        assert [g.tolist() for g in musc._partnered([np.array(g) for g in groups], 0, two)] == joined
+    shared = [np.array([], np.int64)] + [e + 1 for e in _frames(1, 4)]  # image 0, in every group, and 4 tiles
+    assert len(musc._partnered([np.array([1, 2]), np.array([3, 4])], 1, shared)) == 2
+
+
 def test_budgets_exercise_every_blocking_path():
     z = unit(9, 12, 5)
     assert plan_for(z, 512).chunk == 9 and plan_for(z, 512).rows == 12
