@@ -49,6 +49,7 @@ from anomaly.data.loader import (
 )
 from anomaly.data.views import (
     DRIFT_THRESHOLD,
+    Layout,
     ViewSpec,
     bright_level,
     fitted_input_size,
@@ -122,6 +123,8 @@ class Detector:
         self.decision_: Threshold | None = None
         self.reference_: FeatureSet | None = None
         self.reference_views_: NDArray[np.int64] | None = None  # per reference row: its support view (0: as given)
+        # tiled references: per row (image, y, x), the image (support view) it is a tile of and the tile's origin
+        self.reference_tiles_: NDArray[np.int64] | None = None
         self._warned_references: set[str] = set()
         self.patch_footprint_: tuple[int, int] | None = None  # set by fit: see _patch_footprint
         self.excluded_training_: list[str] = []  # set by fit: training images left out of the threshold
@@ -599,7 +602,7 @@ class Detector:
         check = self.input_check([d.size for d in ok])
         check.add_decoded(ok)
         check.warn(len(items))
-        reference, reference_views = self._references_for(batches)
+        reference, reference_views, reference_tiles = self._references_for(batches)
         n_ref = 0 if reference is None else len(reference)
         if len(ok) + n_ref < 2:
             bad = [d for d in decoded if d.error is not None]
@@ -607,10 +610,10 @@ class Detector:
             raise DataError(f"zero-shot scoring needs at least 2 images in the pool (inputs + references){skipped}")
         references = [reference] if reference is not None else []
         scoring = None if progress is None else (lambda done, total: progress("mutual scoring", done, total))
-        out = self._score_pool(references + batches, scoring, n_ref)
+        out = self._score_pool(references + batches, scoring, n_ref, reference_tiles)
         if mirror:  # the mirrored pool (references mirrored on their feature grid), maps mirrored back
             flipped = [FeatureSet([x.flip(-1) for x in r.layers], r.embedding, r.images) for r in references]
-            again = self._score_pool(flipped + mirrored, scoring, n_ref)
+            again = self._score_pool(flipped + mirrored, scoring, n_ref, reference_tiles)
             averaged = None
             if out.patch_maps is not None and again.patch_maps is not None:
                 averaged = np.ascontiguousarray((out.patch_maps + again.patch_maps[..., ::-1]) / 2)
@@ -648,16 +651,18 @@ class Detector:
         return decoded, results, decision
 
     # --------------------------------------------------------------- internals
-    def _references_for(self, pool: list[FeatureSet]) -> tuple[FeatureSet | None, NDArray[np.int64] | None]:
-        """The references (and their view indices) a pool is scored with: all but those also among its images.
+    def _references_for(
+        self, pool: list[FeatureSet]
+    ) -> tuple[FeatureSet | None, NDArray[np.int64] | None, NDArray[np.int64] | None]:
+        """The references (their view indices and tiles) a pool is scored with: all but those also among its images.
 
         A reference scored as an input would meet its own copy: the two scored alike, so the copy of the highest
         reference reached the threshold's floor (never below a reference's score) and a good image was flagged.
         As ``anomaly score --reference`` does, such a reference is scored as an input and compares with no copy.
         """
-        ref, views = self.reference_, self.reference_views_
+        ref, views, ref_tiles = self.reference_, self.reference_views_, self.reference_tiles_
         if ref is None or not pool:
-            return ref, views
+            return ref, views, ref_tiles
         owners = np.array([str(d.source) for d in ref.images])
         as_given = np.ones(len(ref), bool) if views is None else views == 0
         names = list(dict.fromkeys(owners))
@@ -680,16 +685,16 @@ class Detector:
                 match[mine] |= (dist <= 1e-3 * refs.norm(dim=1, keepdim=True)).any(dim=1).cpu().numpy()
         copied = np.isin(owners, np.array(names)[match])
         if not copied.any():
-            return ref, views
+            return ref, views, ref_tiles
         names = list(dict.fromkeys(owners[copied]))
         log.warning("%d reference(s) are also inputs: scored, not used as references, first: %s", len(names), names[0])
         keep = np.flatnonzero(~copied)
         if not len(keep):
-            return None, None
+            return None, None, None
         picked = torch.from_numpy(keep)
         layers = [x[picked.to(x.device)] for x in ref.layers]
         kept = FeatureSet(layers, ref.embedding[picked.to(ref.embedding.device)], [ref.images[i] for i in keep])
-        return kept, None if views is None else views[keep]
+        return kept, None if views is None else views[keep], None if ref_tiles is None else ref_tiles[keep]
 
     def _store_references(self, items: list[ImageInput], progress: StageProgress | None) -> Detector:
         """Zero-shot fit: every view (support view, tile) of every reference joins later pools as an image of its
@@ -707,6 +712,11 @@ class Detector:
         self.training_colour_ = colour_of([d.chroma for d in features.images])
         rows = [_n_views(d) for d in features.images]  # tiles: several rows per image
         owners = np.repeat(names, rows)
+        self.reference_tiles_ = None
+        if self.config.preprocess.tile is not None:  # which rows are overlapping tiles of one image (_score_pool)
+            origins = [np.reshape(d.layout.origins if d.layout else [(0, 0)], (-1, 2)) for d in features.images]
+            image = np.repeat(np.arange(len(rows)), rows)
+            self.reference_tiles_ = np.c_[image, np.concatenate(origins)].astype(np.int64)
         self.reference_views_ = np.repeat(view_index, rows).astype(np.int64)
         views = [DecodedImage(None, (0, 0), str(name)) for name in owners]
         self.reference_ = FeatureSet(features.layers, features.embedding, views)
@@ -732,10 +742,15 @@ class Detector:
         return ~suspect
 
     def _score_pool(
-        self, parts: list[FeatureSet], progress: Callable[[int, int], None] | None, n_ref: int
+        self,
+        parts: list[FeatureSet],
+        progress: Callable[[int, int], None] | None,
+        n_ref: int,
+        reference_tiles: NDArray[np.int64] | None = None,
     ) -> ScoreOutput:
         """One zero-shot ``score`` call over the concatenated features of ``parts`` (the ``n_ref`` reference views
-        first: MuSc keeps them in every group of a pool it splits)."""
+        first: MuSc keeps them in every group of a pool it splits; ``reference_tiles``: their tiles, see
+        ``reference_tiles_``)."""
         device = self.extractor.device
         layers = [torch.cat([x.to(device) for x in per_layer]) for per_layer in zip(*(p.layers for p in parts))]
         embedding = None
@@ -747,6 +762,8 @@ class Detector:
             exclude = None
             if self.config.preprocess.tile is not None:  # a frame's overlapping tiles share pixels: never compared
                 members = [d.layout for p in parts for d in p.images]
+                if reference_tiles is not None and len(reference_tiles) == n_ref:  # a reference's rows: one each
+                    members = _reference_layouts(reference_tiles) + members[n_ref:]
                 exclude = overlapping_views(members, self.extractor.image_size)
             out = self.scorer.score(layers, embeddings=embedding, progress=progress, shared=n_ref, exclude=exclude)
         else:
@@ -901,6 +918,7 @@ class Detector:
             if _REFERENCES_FILE in files:
                 det.reference_ = _load_references(files[_REFERENCES_FILE], meta.get("references"))
                 det.reference_views_ = _reference_views(meta.get("reference_views"), len(det.reference_))
+                det.reference_tiles_ = _reference_tiles(meta.get("reference_tiles"), len(det.reference_))
             if not det.zero_shot:
                 det.scorer.load(files)
                 det.decision_ = Threshold.from_dict(meta.get("threshold"), f"{path}/meta.json threshold")
@@ -987,6 +1005,7 @@ class Detector:
             "normal_peaks": None if self.normal_peaks_ is None else self.normal_peaks_.tolist(),
             "references": [] if self.reference_ is None else [str(d.source) for d in self.reference_.images],
             "reference_views": [] if self.reference_views_ is None else self.reference_views_.tolist(),
+            "reference_tiles": [] if self.reference_tiles_ is None else self.reference_tiles_.tolist(),
             "training_aspects": self.training_aspects_,
             "training_smallest": self.training_smallest_,
             "training_colour": self.training_colour_,
@@ -1193,6 +1212,25 @@ def _reference_views(saved: Any, n: int) -> NDArray[np.int64] | None:
     if isinstance(saved, list) and len(saved) == n and all(isinstance(v, int) for v in saved) and 0 in saved:
         return np.asarray(saved, dtype=np.int64)
     return None
+
+
+def _reference_tiles(saved: Any, n: int) -> NDArray[np.int64] | None:
+    """The saved (image, y, x) of each of ``n`` tiled reference rows; None for untiled ones and models saved before
+    (their references' overlapping tiles are compared with each other)."""
+    ok = isinstance(saved, list) and len(saved) == n > 0
+    if not ok or not all(isinstance(r, list) and len(r) == 3 and all(type(v) is int for v in r) for r in saved):
+        return None
+    return np.asarray(saved, dtype=np.int64)
+
+
+def _reference_layouts(tiles: NDArray[np.int64]) -> list[Layout | None]:
+    """The layouts of the reference rows of ``tiles`` (see ``Detector.reference_tiles_``): one per run of rows of
+    one image, holding their origins (the frame size is not needed by :func:`overlapping_views`)."""
+    starts = np.flatnonzero(np.r_[True, tiles[1:, 0] != tiles[:-1, 0]])
+    return [
+        Layout((0, 0), tuple((int(y), int(x)) for y, x in tiles[a:b, 1:]))
+        for a, b in zip(starts, np.r_[starts[1:], len(tiles)])
+    ]
 
 
 def _name(images: Sequence[DecodedImage] | None, index: int) -> str:

@@ -233,6 +233,40 @@ def test_a_tiled_zero_shot_pool_never_compares_a_tile_with_its_overlapping_neigh
     assert seen == [None]
 
 
+def test_tiled_references_never_compare_their_overlapping_tiles_either(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Few-shot references join the pool as one row per tile: their overlapping tiles were compared with each other
+    (their rows carried no layout), so their scores, which set the pool's threshold, kept the help that the pool's
+    tiles lost. Each row's tile is recorded, and saved with the model."""
+    from anomaly import Detector
+    from anomaly.config import apply_overrides, load_config
+    from anomaly.scorers.musc import MuScScorer
+
+    config = apply_overrides(
+        load_config("musc"),
+        [
+            "backbone.image_size=[64,64]",
+            "preprocess.tile.size=128",
+            "batch_size=64",
+            "scorer.params.augment_references=false",
+        ],
+    )
+    seen = []
+    score = MuScScorer.score
+    monkeypatch.setattr(MuScScorer, "score", lambda self, *a, **k: seen.append(k["exclude"]) or score(self, *a, **k))
+    references = [_texture(np.random.default_rng(60 + i), 256, 320) for i in range(2)]
+    frames = [_texture(np.random.default_rng(40 + i), 256, 320) for i in range(2)]
+    det = Detector(config).fit(references)
+    tiles = plan_layout((256, 320), IN, tile=128, overlap=0.25)
+    expected = [list(x) for x in overlapping_views([tiles] * 4, IN)]  # 2 references, then 2 frames
+    det.predict(frames)
+    assert [list(x) for x in seen[0]] == expected
+    loaded = Detector.load(det.save(tmp_path / "model"))
+    assert loaded.reference_tiles_ is not None and (loaded.reference_tiles_ == det.reference_tiles_).all()
+    seen.clear()
+    loaded.predict(frames)
+    assert [list(x) for x in seen[0]] == expected
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
