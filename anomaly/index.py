@@ -133,6 +133,11 @@ class NNIndex:
         distances of ~50 to cancellation; the distances to the rows found are recomputed directly
         (``|q - b|``) when the index stores its rows, so they are exact to float32 rounding and
         stable against tiny feature differences (the exported runtime's parity depends on it).
+
+        FAISS marks a neighbour it did not find with id -1 and the largest float as its squared distance (a
+        "distance" of 1.8e19). A finite query of an IVF index whose probed lists hold fewer than ``k`` rows (a large
+        ``k``, a held-out bank in the full bank's lists) is searched again over every row instead; a query with a
+        NaN or infinite feature finds no row, and its distances are NaN, so the scores say so.
         """
         if self._search is None:
             raise BackendError("NNIndex.search called before build/deserialize")
@@ -140,10 +145,33 @@ class NNIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         with _faiss_threads():
             sq, ids = self._search.search(queries, k)
-        if self._stores_rows and len(queries) and (ids >= 0).all():
-            rows = self._cpu.reconstruct_batch(ids.ravel()).reshape(*ids.shape, -1)
-            return np.linalg.norm(queries[:, None, :] - rows, axis=2), ids
-        return np.sqrt(np.maximum(sq, 0, out=sq), out=sq), ids
+        lost = (ids < 0).any(1) & np.isfinite(queries).all(1)
+        if lost.any() and self.approximate:
+            sq[lost], ids[lost] = self._search_every_row(queries[lost], k)
+        found = ids >= 0
+        if self._stores_rows and len(queries):
+            rows = self._cpu.reconstruct_batch(np.where(found, ids, 0).ravel()).reshape(*ids.shape, -1)
+            dist = np.linalg.norm(queries[:, None, :] - rows, axis=2)
+        else:
+            dist = np.sqrt(np.maximum(sq, 0, out=sq), out=sq)
+        dist[~found] = np.nan
+        return dist, ids
+
+    def _search_every_row(self, queries: NDArray[np.float32], k: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """Squared distances and ids of an exhaustive search (an IVF index probing every list where its rows are
+        compressed); for the queries whose approximate search found fewer than ``k`` rows."""
+        import faiss
+
+        if self._stores_rows:
+            dist, ids = self.search_exact(queries, k)
+            return np.square(dist), ids
+        every = faiss.clone_index(self._cpu)  # not the shared index: another thread may search it meanwhile
+        ivf = faiss.try_extract_index_ivf(every)
+        if ivf is not None:
+            ivf.nprobe = ivf.nlist
+        with _faiss_threads():
+            sq, ids = every.search(queries, k)
+        return sq, ids
 
     def search_images(self, queries: NDArray[np.float32], k: int = 1) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         """:meth:`search` for the patches of images, (N, P, D) -> (N * P, k) distances and ids.

@@ -541,6 +541,37 @@ def test_approximate_index_keeps_every_image_score_exact() -> None:
     assert np.all(approx.patch_maps >= flat.patch_maps - 1e-6)  # a missed row only overestimates
 
 
+@pytest.mark.parametrize("string", ["auto", "IVF16,PQ2"])
+def test_an_ivf_index_whose_probed_lists_hold_fewer_than_k_rows_still_finds_k(string: str) -> None:
+    """FAISS fills the neighbours it did not find with id -1 and the largest float: k = 300 against the ~256 rows
+    of 4 probed lists gave patch distances of 1.8e19, image scores of 7e18 (a cross-fit's held-out banks, half
+    the rows in the same lists, at k = 120 already)."""
+    rng = np.random.default_rng(0)
+    bank, queries = rng.standard_normal((5000, 8)).astype(np.float32), rng.standard_normal((64, 8)).astype(np.float32)
+    index = NNIndex(string).build(bank)
+    assert index.approximate and (index._search.search(queries, 300)[1] < 0).any()  # FAISS's own answer
+    dist, ids = index.search(queries, 300)
+    assert (ids >= 0).all() and np.isfinite(dist).all() and dist.max() < 10
+    if string == "auto":  # rows kept: the queries searched again are exact
+        exact, _ = NNIndex("Flat").build(bank).search(queries, 300)
+        lost = (index._search.search(queries, 300)[1] < 0).any(1)
+        np.testing.assert_array_equal(dist[lost], exact[lost])
+        assert np.all(dist >= exact - 1e-6)
+
+
+def test_a_non_finite_feature_gives_a_nan_score_not_faiss_empty_slot() -> None:
+    """A NaN or infinite query finds no bank row; its distance was FAISS's empty slot, 1.8e19, a finite score that
+    the checks for non-finite scores ("check backbone.mean/std and the input") let through."""
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 0.5}).fit(_layers(6, 0))
+    test = _layers(3, 1)
+    test[0][1, 0, 2, 2] = float("nan")
+    test[0][2, 0, 2, 2] = float("inf")
+    out = scorer.score(test)
+    assert np.isfinite(out.image_scores[0]) and np.isnan(out.image_scores[1:]).all()
+    assert out.patch_maps is not None and np.isfinite(out.patch_maps[0]).all() and np.isnan(out.patch_maps[1:]).any()
+    assert np.nanmax(out.patch_maps) < 10
+
+
 def test_an_index_with_compressed_rows_scores_images_without_a_second_pass() -> None:
     rng = np.random.default_rng(0)
     index = NNIndex("IVF16,PQ4x4").build(rng.standard_normal((2000, 8)).astype(np.float32))
