@@ -240,6 +240,14 @@ class NNIndex:
             stored = self._cpu.reconstruct_n(0, self._cpu.ntotal)
         except RuntimeError:  # index types without stored vectors: type, size and dimension checked above
             return
+        if not _stores_rows(self._cpu):  # compressed rows (PQ, SQ) read back as the index encodes the bank
+            codec = faiss.downcast_index(self._cpu)
+            storage = getattr(codec, "storage", None)  # HNSW: the codec is its storage's
+            codec = codec if storage is None else faiss.downcast_index(storage)
+            try:
+                bank = codec.sa_decode(codec.sa_encode(bank))
+            except RuntimeError:  # no standalone codec: type, size and dimension checked above
+                return
         if not np.array_equal(stored, bank):
             raise ValueError("index rows differ from the saved bank")
 

@@ -582,6 +582,30 @@ def test_an_index_with_compressed_rows_scores_images_without_a_second_pass() -> 
         index.search_exact(queries[0])
 
 
+@pytest.mark.parametrize("string", ["SQ8", "IVF16,PQ7x4", "HNSW16,SQ8"])
+def test_a_memory_bank_with_compressed_rows_loads_as_it_was_saved(tmp_path, string: str) -> None:  # type: ignore[no-untyped-def]
+    """The load compared the index's rows, read back from their lossy codes, with the bank itself: every model
+    with a PQ or SQ index was refused ("index rows differ from the saved bank")."""
+    from anomaly._fs import load_tensors, save_tensors
+    from anomaly.scorers.base import STATE_FILE
+
+    train, test = _layers(12, 0), _layers(3, 1)
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 1.0, "index": string}).fit(train)
+    names = scorer.save(tmp_path)
+    loaded = get_scorer("memory_bank", {"coreset_ratio": 1.0, "index": string})
+    loaded.load({name: tmp_path / name for name in names})
+    before, after = scorer.score(test), loaded.score(test)
+    np.testing.assert_array_equal(after.image_scores, before.image_scores)
+    np.testing.assert_array_equal(after.patch_maps, before.patch_maps)
+    state = load_tensors(tmp_path / STATE_FILE)
+    state["bank"][5] += 1.0  # a bank the index does not hold is still refused
+    save_tensors(state, tmp_path / STATE_FILE)
+    with pytest.raises(ValueError, match="index rows differ"):
+        get_scorer("memory_bank", {"coreset_ratio": 1.0, "index": string}).load(
+            {name: tmp_path / name for name in names}
+        )
+
+
 def test_an_index_can_reuse_the_lists_of_another() -> None:
     rng = np.random.default_rng(0)
     bank, other = (rng.standard_normal((n, 8)).astype(np.float32) for n in (5000, 3000))
