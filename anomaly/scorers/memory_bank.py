@@ -40,6 +40,7 @@ _REFILL = 0.25  # share of a held-out bank picked anew after the full bank's row
 # chunk giving its share: with a capped bank the first stage then costs the same however many images there
 # are, and a chunk's projected rows (4 MB) stay in cache. Sets of up to 320 images have one-chunk folds.
 _CHUNK_ROWS = 32_768
+_FINITE_CHUNK = 32  # images whose embeddings are checked for NaN and inf at once
 T = TypeVar("T")
 
 
@@ -164,6 +165,7 @@ class MemoryBankScorer(Scorer):
         self._candidates = None  # an earlier cross-fit's: not this bank's
         emb = self.embed(layers)
         n_img, h, w, d = emb.shape
+        _check_finite(emb, np.arange(n_img))
         flat = emb.reshape(-1, d)
         n_select = self._bank_size(len(flat))
         if n_select >= len(flat):
@@ -255,6 +257,7 @@ class MemoryBankScorer(Scorer):
     def fold_candidates(self, emb: torch.Tensor, images: NDArray[np.int64], share: int) -> Candidates:
         """A fold's coreset of ``share`` patches; ``emb`` (n, h, w, D) are the patches of ``images``."""
         n, h, w, d = emb.shape
+        _check_finite(emb, images)
         flat = emb.reshape(-1, d)
         picks = self._chunked_coreset(flat, share)
         return Candidates(flat[torch.from_numpy(picks).to(flat.device)], np.asarray(images)[picks // (h * w)])
@@ -440,6 +443,22 @@ class MemoryBankScorer(Scorer):
             raise ValueError(f"bank must be a finite (N, D) float32 array, got {bank.dtype} {bank.shape}")
         if bank_image.shape != (len(bank),):
             raise ValueError(f"bank_image must have {len(bank)} entries, got {bank_image.shape}")
+
+
+def _check_finite(emb: torch.Tensor, images: NDArray[np.int64]) -> None:
+    """DataError naming the training rows ``images`` whose patch embeddings ``emb`` (n, h, w, D) are not all finite.
+
+    One NaN wins every argmax of the greedy pick and turns every distance into NaN: the whole bank became copies
+    of one row (15x the normal scores), saved without complaint and refused at load ("bank must be finite").
+    """
+    for start in range(0, len(emb), _FINITE_CHUNK):  # a bool per value of a chunk, not of every embedding
+        bad = ~torch.isfinite(emb[start : start + _FINITE_CHUNK]).flatten(1).all(1)
+        if bool(bad.any()):
+            rows = np.asarray(images)[start : start + _FINITE_CHUNK][bad.cpu().numpy()]
+            raise DataError(
+                f"training row(s) {rows[:5].tolist()} have NaN or infinite features; check backbone.mean/std and "
+                "the input"
+            )
 
 
 def _on_cpu_threads(

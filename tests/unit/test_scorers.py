@@ -559,6 +559,20 @@ def test_an_ivf_index_whose_probed_lists_hold_fewer_than_k_rows_still_finds_k(st
         assert np.all(dist >= exact - 1e-6)
 
 
+def test_a_memory_bank_refuses_training_features_that_are_not_finite() -> None:
+    """One NaN won every argmax of the greedy pick and poisoned every distance: the bank became 128 copies of one
+    row (normal scores 15x higher), which saved without complaint and was refused at load."""
+    from anomaly.errors import DataError
+
+    train = _layers(20, 0)
+    train[0][3, 0, 2, 2] = float("nan")
+    train[1][7, 1, 0, 0] = float("inf")
+    with pytest.raises(DataError, match=r"training row\(s\) \[3, 7\] have NaN or infinite features"):
+        get_scorer("memory_bank", {"coreset_ratio": 0.1}).fit(train)
+    with pytest.raises(DataError, match=r"training row\(s\) \[3, 7\]"):  # both in fold 3
+        get_scorer("memory_bank", {"coreset_ratio": 0.1}).cross_fit(train, np.arange(20) % 4)
+
+
 def test_a_non_finite_feature_gives_a_nan_score_not_faiss_empty_slot() -> None:
     """A NaN or infinite query finds no bank row; its distance was FAISS's empty slot, 1.8e19, a finite score that
     the checks for non-finite scores ("check backbone.mean/std and the input") let through."""
