@@ -343,7 +343,8 @@ class MemoryBankScorer(Scorer):
         )
 
     def _set_bank(self, flat: torch.Tensor, picks: np.ndarray, images: np.ndarray) -> None:
-        self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].cpu().numpy()
+        # float32 as FAISS holds it and the load requires it, whatever the features' dtype (float64 was saved as is)
+        self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].float().cpu().numpy()
         self.bank_image_ = images.astype(np.int32)
         self._build_index()
 

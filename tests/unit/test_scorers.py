@@ -760,3 +760,14 @@ def test_faiss_searches_run_on_the_threads_this_process_is_given(monkeypatch: py
     with index._faiss_threads():
         seen.append(faiss.omp_get_max_threads())
     assert seen == [1]
+
+
+def test_a_memory_bank_fitted_on_float64_features_saves_a_loadable_float32_bank(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The bank kept the features' dtype: float64 features saved a float64 bank, which the load refuses."""
+    train, test = [x.double() for x in _layers(12, 0)], _layers(3, 1)
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 0.5}).fit(train)
+    assert scorer.bank_ is not None and scorer.bank_.dtype == np.float32
+    names = scorer.save(tmp_path)
+    loaded = get_scorer("memory_bank", {"coreset_ratio": 0.5})
+    loaded.load({name: tmp_path / name for name in names})
+    np.testing.assert_array_equal(loaded.score(test).patch_maps, scorer.score(test).patch_maps)
