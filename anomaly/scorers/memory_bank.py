@@ -344,15 +344,14 @@ class MemoryBankScorer(Scorer):
 
     def _set_bank(self, flat: torch.Tensor, picks: np.ndarray, images: np.ndarray) -> None:
         # float32 as FAISS holds it and the load requires it, whatever the features' dtype (float64 was saved as is)
-        self.bank_ = flat[torch.from_numpy(picks).to(flat.device)].float().cpu().numpy()
-        self.bank_image_ = images.astype(np.int32)
-        self._build_index()
+        self._set_rows(flat[torch.from_numpy(picks).to(flat.device)].float().cpu().numpy(), images.astype(np.int32))
 
-    def _build_index(self) -> None:
-        assert self.bank_ is not None  # called once the bank is set
-        self.index_ = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).build(
-            self.bank_, seed=self.random_state
-        )
+    def _set_rows(self, bank: np.ndarray, bank_image: np.ndarray) -> None:
+        """Bank, row images and an index built on them, set together: an index that cannot be built (an IVF of more
+        lists than the rows train) raises before anything changes, not after the bank did (index and bank then
+        disagreed: a forget() left 2,432 rows in the bank and 2,560 in the index)."""
+        index = NNIndex(self.index, use_gpu=self.use_gpu, gpu=self._query_gpu).build(bank, seed=self.random_state)
+        self.bank_, self.bank_image_, self.index_ = bank, bank_image, index
 
     def forget(self, rows: NDArray[np.int64]) -> int:
         """Take the bank rows of training rows ``rows`` out of the bank; returns how many there were.
@@ -372,8 +371,7 @@ class MemoryBankScorer(Scorer):
         if not drop.any() or drop.all():
             return 0
         if candidates is None:
-            self.bank_, self.bank_image_ = self.bank_[~drop], self.bank_image_[~drop]
-            self._build_index()
+            self._set_rows(self.bank_[~drop], self.bank_image_[~drop])
             return int(drop.sum())
         union = torch.cat([c.vectors for c in candidates])
         images = np.concatenate([c.images for c in candidates])
@@ -418,8 +416,7 @@ class MemoryBankScorer(Scorer):
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore bank rows; the index is rebuilt from them."""
         self._check_bank(state["bank"], state["bank_image"])
-        self.bank_, self.bank_image_ = state["bank"], state["bank_image"]
-        self._build_index()
+        self._set_rows(state["bank"], state["bank_image"])
 
     def save(self, directory: Path) -> list[str]:
         """Arrays as safetensors plus the FAISS index (built once, so loading skips the training)."""

@@ -771,3 +771,17 @@ def test_a_memory_bank_fitted_on_float64_features_saves_a_loadable_float32_bank(
     loaded = get_scorer("memory_bank", {"coreset_ratio": 0.5})
     loaded.load({name: tmp_path / name for name in names})
     np.testing.assert_array_equal(loaded.score(test).patch_maps, scorer.score(test).patch_maps)
+
+
+def test_a_forget_whose_index_cannot_be_rebuilt_leaves_bank_and_index_as_they_were() -> None:
+    """The rows were dropped before the index was rebuilt: an IVF of 64 lists, which needs 2,496 rows to train,
+    raised on the 2,432 left and kept its 2,560 rows beside the smaller bank (scores read the wrong rows)."""
+    normal, odd = _layers(38, 0), _layers(2, 3, anomaly=True)
+    train = [torch.cat([a, b]) for a, b in zip(normal, odd)]  # 40 images x 64 patches: 2,560 rows
+    scorer = get_scorer("memory_bank", {"coreset_ratio": 1.0, "index": "IVF64,Flat"}).fit(train)
+    before = scorer.score(odd)
+    with pytest.raises(BackendError, match="needs >= 2496 bank rows"):
+        scorer.forget(np.array([38, 39]))
+    assert scorer.bank_ is not None and scorer.bank_image_ is not None and scorer.index_ is not None
+    assert len(scorer.bank_) == len(scorer.bank_image_) == scorer.index_.ntotal == 2560
+    np.testing.assert_array_equal(scorer.score(odd).image_scores, before.image_scores)
