@@ -225,7 +225,8 @@ class NNIndex:
         return self
 
     def check_matches(self, bank: NDArray[np.float32], index: str) -> None:
-        """Raise ValueError unless this index is of the configured type and holds exactly ``bank``."""
+        """Raise ValueError unless this index is of the configured type and holds exactly ``bank`` (compressed rows:
+        as the index encodes them)."""
         import faiss
 
         string = auto_index_string(len(bank)) if index == "auto" else index

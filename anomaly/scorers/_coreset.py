@@ -5,7 +5,7 @@ whole algorithm. Distances are computed on a small random projection (N x d, d =
 a few MB that stays in cache), one fused BLAS ``addmv`` per pick into preallocated buffers: no
 N x N matrix and no allocation inside the loop. On CPU the loop runs on one thread: its
 per-pick operations are too short for OpenMP, whose spinning threads stall them by 10x as soon
-as the cores are shared with anything else (the CLI sets OMP_WAIT_POLICY=PASSIVE, which makes
+as the cores are shared with anything else (`import anomaly` sets OMP_WAIT_POLICY=PASSIVE, which makes
 all threads safe again and 1.3x faster). The numpy loop for small inputs holds numpy's BLAS to one
 thread for the same reason (OpenBLAS's own threads, which no OpenMP setting reaches: 2-6x slower
 picks on a loaded 2-core machine, no gain on an idle one).
