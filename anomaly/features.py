@@ -177,7 +177,8 @@ def _layer_shapes(name: str, size: tuple[int, int] | None) -> list[tuple[str, in
     """:func:`layer_table` at input ``size`` (None: the model's own)."""
     model = _create_model(name, WeightsSource("random", ""), size).eval()
     height, width = size or model.pretrained_cfg["input_size"][1:]
-    layers = _every_block(model) or [info["module"] for info in model.feature_info]
+    # dict.fromkeys: CrossViT's two branches list the same module names (the names take the first branch's)
+    layers = _every_block(model) or list(dict.fromkeys(info["module"] for info in model.feature_info))
     indices, _, extra = _layer_indices(model, layers)
     with torch.inference_mode():
         maps = cnn_layers(model, torch.zeros(1, 3, height, width), indices, extra)  # ViTs: token maps alike
@@ -188,13 +189,15 @@ class FeatureExtractor:
     """Frozen timm model returning feature maps of the requested layers.
 
     CNNs and ViTs alike go through timm's ``forward_intermediates``; ViT patch tokens come back as
-    (N, C, h, w) maps with the CLS token as the global embedding. Layers are feature-info module
-    names (``blocks.2``, ``layer3``) or integer indices into ``model.feature_info``; on EfficientNet and
+    (N, C, h, w) maps with the class token of the deepest layer as the global embedding (ViTs without one, such as
+    SigLIP or the register-only ``*_reg*_gap`` models, and CNNs: the mean of the deepest map). Layers are feature-info
+    module names (``blocks.2``, ``layer3``) or integer indices into ``model.feature_info``; on EfficientNet and
     MobileNet families any block (``blocks.3``, a stage that ends inside a stride) can be taken as well.
 
     Args:
         name: timm model name.
-        layers: layer names or indices, any order; returned finest-first in the given order.
+        layers: layer names or indices, any order, each layer once; returned finest grid first, layers of one grid in
+            depth order (``layer_names`` names them in that order).
         weights: ``auto``, ``hub``, ``packaged`` or a local file.
         pretrained: False for random initialisation (the only way to get it).
         image_size: (H, W) input size; None = the model's pretrained config.
@@ -235,6 +238,7 @@ class FeatureExtractor:
         # plain ViTs (DINOv2, DeiT, EVA, BEiT) return prefix tokens (CLS, registers) beside their patch tokens;
         # hierarchical transformers (Swin, PVT) return maps as a CNN does
         self.is_vit = "return_prefix_tokens" in inspect.signature(self.model.forward_intermediates).parameters
+        self.has_class_token = self.is_vit and _has_class_token(self.model)
         self.indices, self.layer_names, self.extra_blocks = _layer_indices(self.model, list(layers))
         # a list, not an int: timm reads an int n as "the last n layers" and would keep every block
         extra = {"extra_blocks": True} if self.extra_blocks else {}
@@ -260,7 +264,7 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> Features:
         """Extract features of a batch of resized uint8 RGB images (N, H, W, 3) at ``image_size``."""
-        if images.ndim != 4 or images.shape[1:3] != self.image_size:
+        if images.ndim != 4 or images.shape[1:3] != self.image_size or images.shape[3] != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected (N, {self.image_size[0]}, {self.image_size[1]}, 3) uint8 images")
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std  # NHWC storage = channels_last for CNN kernels
@@ -275,9 +279,11 @@ class FeatureExtractor:
             out = self.model.forward_intermediates(
                 x, indices=self.indices, intermediates_only=True, return_prefix_tokens=True
             )
-            # a ViT without CLS or register tokens (SigLIP, the *_gap models) returns its maps alone, not pairs
+            # a ViT without CLS or register tokens (SigLIP, relpos) returns its maps alone, not pairs; one with
+            # registers but no class token (vit_*_reg4_gap_*, NaFlexViT gap) returns registers alone as its prefix
             maps, prefixes = zip(*(item if isinstance(item, tuple) else (item, None) for item in out))
-            embedding = prefixes[-1][:, 0] if prefixes[-1] is not None else maps[-1].mean((2, 3))
+            has_class = self.has_class_token and prefixes[-1] is not None
+            embedding = prefixes[-1][:, 0] if has_class else maps[-1].mean((2, 3))
         else:
             maps = cnn_layers(self.model, x, self.indices, self.extra_blocks)
             embedding = maps[-1].mean((2, 3))
@@ -567,20 +573,37 @@ def _layer_indices(model: TimmModel, layers: list[str]) -> tuple[list[int], list
     Feature-info layers index ``model.feature_info``. timm lists only the last block of each stride there;
     EfficientNet and MobileNet also return any block (``extra_blocks=True``, where index 0 is the stem and
     ``blocks.N`` is N + 1), so a layer such as lite0's ``blocks.3`` (80 channels, stride 16) switches every
-    layer to that numbering.
+    layer to that numbering. Indices and names come back in depth order, the order ``forward_intermediates`` returns
+    the maps in (it returns a layer given twice once: refused).
     """
     names = [info["module"] for info in model.feature_info]
     wanted = [_feature_name(names, str(layer)) for layer in layers]
     if not wanted:
         raise ConfigError("backbone.layers: at least one layer is required")
+    twice = [text for i, text in enumerate(wanted) if text in wanted[:i]]
+    if twice:
+        given = [str(layer) for layer, text in zip(layers, wanted) if text == twice[0]]
+        raise ConfigError(f"backbone.layers: layer '{twice[0]}' is given twice ({' and '.join(given)})")
     if all(text in names for text in wanted):
-        return [names.index(text) for text in wanted], wanted, False
-    blocks = _every_block(model)
-    unknown = [text for text in wanted if text not in blocks]
-    if unknown:
-        more = f", or any block {blocks[0]} ... {blocks[-1]}" if blocks else ""
-        raise ConfigError(f"backbone.layers: unknown layer '{unknown[0]}'; available: {', '.join(names)}{more}")
-    return [blocks.index(text) + 1 for text in wanted], wanted, True
+        indices, extra = [names.index(text) for text in wanted], False
+    else:
+        blocks = _every_block(model)
+        unknown = [text for text in wanted if text not in blocks]
+        if unknown:
+            more = f", or any block {blocks[0]} ... {blocks[-1]}" if blocks else ""
+            raise ConfigError(f"backbone.layers: unknown layer '{unknown[0]}'; available: {', '.join(names)}{more}")
+        indices, extra = [blocks.index(text) + 1 for text in wanted], True
+    order = sorted(range(len(wanted)), key=indices.__getitem__)
+    return [indices[i] for i in order], [wanted[i] for i in order], extra
+
+
+def _has_class_token(model: torch.nn.Module) -> bool:
+    """Whether a ViT's first prefix token is a class token (DINOv2, CLIP, DeiT, EVA, BEiT), not a register: the
+    ``*_reg4_gap_*`` ViTs, EVA's ``*_reg1_gap_*`` and NaFlexViT's gap models have registers and no class token."""
+    flag = getattr(model, "has_class_token", None)
+    if isinstance(flag, bool):
+        return flag
+    return any(getattr(holder, "cls_token", None) is not None for holder in (model, getattr(model, "embeds", None)))
 
 
 def _feature_name(names: list[str], text: str) -> str:

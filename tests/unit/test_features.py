@@ -91,6 +91,53 @@ def test_vit_patch_tokens_come_back_as_maps_with_cls_embedding() -> None:
     assert out.embedding.shape == (3, 192)
 
 
+def test_a_vit_with_registers_and_no_class_token_embeds_its_patch_tokens_mean() -> None:
+    """The *_reg*_gap ViTs have register tokens and no class token: the first register was taken for the class
+    token as the embedding; a class token (vit_tiny's) stays the embedding."""
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    registers = FeatureExtractor(
+        "vit_dpwee_patch16_reg1_gap_256", ["blocks.1"], pretrained=False, image_size=(64, 64), device="cpu"
+    )
+    assert registers.model.num_prefix_tokens == 1  # the register
+    out = registers(images)
+    torch.testing.assert_close(out.embedding, out.layers[-1].mean((2, 3)))
+    with_class = FeatureExtractor(
+        "vit_tiny_patch16_224", ["blocks.1"], pretrained=False, image_size=(64, 64), device="cpu"
+    )
+    out = with_class(images)
+    assert not torch.allclose(out.embedding, out.layers[-1].mean((2, 3)))
+
+
+def test_layer_names_follow_the_returned_maps_and_a_layer_given_twice_is_refused() -> None:
+    """Layers of one grid came back in depth order while ``layer_names`` kept the given order (an export's manifest
+    named them so); ``blocks.2`` and its index ``2`` gave one map for two names."""
+    lite = FeatureExtractor("tf_efficientnet_lite0", ["blocks.4", "blocks.3", "1"], image_size=(64, 64), device="cpu")
+    assert lite.layer_names == ["blocks.1", "blocks.3", "blocks.4"] and lite.channels == [24, 80, 112]
+    vit = FeatureExtractor(
+        "vit_tiny_patch16_224", ["blocks.3", "blocks.1"], pretrained=False, image_size=(64, 64), device="cpu"
+    )
+    assert vit.layer_names == ["blocks.1", "blocks.3"]
+    blank = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        tokens = vit.model.forward_intermediates(
+            (torch.from_numpy(blank).permute(0, 3, 1, 2).float() - vit.mean) / vit.std,
+            indices=[1],
+            intermediates_only=True,
+        )
+    torch.testing.assert_close(vit(blank).layers[0], tokens[0])
+    with pytest.raises(ConfigError, match=r"backbone.layers: layer 'blocks.2' is given twice \(blocks.2 and 2\)"):
+        FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "2"], image_size=(64, 64), device="cpu")
+    with pytest.raises(ConfigError, match="layer 'blocks.3' is given twice"):
+        FeatureExtractor("tf_efficientnet_lite0", ["blocks.3", "blocks.3"], image_size=(64, 64), device="cpu")
+
+
+def test_images_other_than_uint8_rgb_are_refused() -> None:
+    lite = FeatureExtractor("tf_efficientnet_lite0", ["blocks.1"], image_size=(64, 64), device="cpu")
+    for images in (np.full((1, 64, 64, 3), 0.5), np.zeros((1, 64, 64, 4), dtype=np.uint8)):
+        with pytest.raises(ValueError, match=r"expected \(N, 64, 64, 3\) uint8 images"):
+            lite(images)
+
+
 def test_unknown_layer_and_model_raise_config_errors() -> None:
     with pytest.raises(ConfigError, match="unknown layer 'layer9'; available: blocks.0"):
         FeatureExtractor("tf_efficientnet_lite0", ["layer9"], device="cpu")
