@@ -109,10 +109,12 @@ class BackboneConfig:
             raise ConfigError(
                 f"backbone.image_size: each side must be in [{_MIN_SIDE}, {_MAX_SIDE}], got {list(self.image_size)}"
             )
-        if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
-            raise ConfigError(f"backbone.mean: values must be finite, got {list(self.mean)}")
-        if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
-            raise ConfigError(f"backbone.std: values must be finite and > 0, got {list(self.std)}")
+        # pixels on the 0-1 scale, as timm's configs give them: a 0-255 mean ([123.7, 116.3, 103.5]) was kept
+        # and every input normalised to about -500
+        if self.mean is not None and not all(math.isfinite(v) and 0 <= v <= 1 for v in self.mean):
+            raise ConfigError(f"backbone.mean: values must be in [0, 1] (a 0-1 pixel scale), got {list(self.mean)}")
+        if self.std is not None and not all(math.isfinite(v) and 0 < v <= 1 for v in self.std):
+            raise ConfigError(f"backbone.std: values must be in (0, 1] (a 0-1 pixel scale), got {list(self.std)}")
         if self.weights not in _WEIGHT_SOURCES:
             suffix = Path(self.weights).suffix.lower()
             if suffix not in _WEIGHT_SUFFIXES:
@@ -376,7 +378,10 @@ def _check_fields(config: object, prefix: str) -> None:
         object.__setattr__(config, name, _coerce(hint, getattr(config, name), prefix + name))
 
 
-def _coerce(hint: Any, value: Any, path: str) -> Any:
+def _coerce(hint: Any, value: Any, path: str, words: bool = False) -> Any:
+    """``value`` as type ``hint``, or a ConfigError naming ``path``. A string field refuses null and true/false (YAML's
+    ``null``, ``yes``, ``off``: ``layers: null`` became the layer 'None'); ``words``: a string alternative of a union
+    (``bit_depth: int | str``), which takes any scalar as text for its section's own check to name."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # NumPy numbers and arrays from code
         value = value.tolist()
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
@@ -389,15 +394,16 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         for candidate in inner[:-1]:  # e.g. ``bool | str``: true/false, else a word such as auto
             try:
-                return _coerce(candidate, value, path)
+                return _coerce(candidate, value, path, words=True)
             except ConfigError:
                 continue
-        return _coerce(inner[-1], value, path)
+        return _coerce(inner[-1], value, path, words=True)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            value = [value] if args[-1] is Ellipsis else value
+            value = [value] if args[-1] is Ellipsis and value is not None else value
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+            count = "" if args[-1] is Ellipsis else f" of {len(args)} values"
+            raise ConfigError(f"{path}: expected a list{count}, got {'null' if value is None else repr(value)}")
         if args[-1] is not Ellipsis and len(value) != len(args):
             raise ConfigError(f"{path}: expected {len(args)} values, got {value!r}")
         item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
@@ -419,8 +425,9 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
-        if isinstance(value, (dict, list, tuple)):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        if isinstance(value, (dict, list, tuple)) or (not words and (value is None or isinstance(value, bool))):
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+            raise ConfigError(f"{path}: expected a string, got {shown}")
         return str(value)
     return value
 

@@ -178,3 +178,32 @@ def test_a_null_section_takes_its_keys_one_by_one() -> None:
     assert apply_overrides(base, ["preprocess.tile.size=512", "preprocess.tile=null"]).preprocess.tile is None
     with pytest.raises(ConfigError, match="preprocess.tile.sise: unknown config key; did you mean 'size'"):
         apply_overrides(base, ["preprocess.tile.sise=512"])
+
+
+def test_a_string_key_refuses_null_and_booleans() -> None:
+    """`backbone.layers: null` became the layer 'None' and `name: off` the model 'False', refused only when the
+    backbone was built, naming a value the user never wrote; a union's word (bit_depth, standardize) keeps its check."""
+    base = load_config("patchcore")
+    for override, message in [
+        ("backbone.layers=null", "backbone.layers: expected a list, got null"),
+        ("backbone.layers=[blocks.2, yes]", "backbone.layers[1]: expected a string, got true"),
+        ("backbone.name=off", "backbone.name: expected a string, got false"),
+        ("scorer.name=null", "scorer.name: expected a string, got null"),
+        ("device=null", "device: expected a string, got null"),
+        ("preprocess.bit_depth=true", "preprocess.bit_depth: expected an integer in [8, 16] or auto, got 'True'"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            apply_overrides(base, [override])
+        assert str(info.value) == message
+    assert apply_overrides(base, ["backbone.layers=[2, blocks.3]"]).backbone.layers == ("2", "blocks.3")  # indices
+    assert apply_overrides(base, ["backbone.layers=blocks.3"]).backbone.layers == ("blocks.3",)
+
+
+def test_mean_and_std_on_the_0_255_scale_are_refused() -> None:
+    base = load_config("padim")
+    with pytest.raises(ConfigError, match=r"^backbone.mean: values must be in \[0, 1\]"):
+        apply_overrides(base, ["backbone.mean=[123.675, 116.28, 103.53]"])
+    with pytest.raises(ConfigError, match=r"^backbone.std: values must be in \(0, 1\]"):
+        apply_overrides(base, ["backbone.std=[58.395, 57.12, 57.375]"])
+    kept = apply_overrides(base, ["backbone.mean=[0, 0.5, 1]", "backbone.std=[1, 0.5, 0.01]"]).backbone
+    assert kept.mean == (0.0, 0.5, 1.0) and kept.std == (1.0, 0.5, 0.01)
