@@ -288,6 +288,25 @@ def test_6_impossible_output_paths_fail_before_the_fit(where: str, synthetic_roo
     assert "features" not in result.output  # refused before any image was read
 
 
+@pytest.mark.parametrize("where", ["file", "file/sub", "/proc/anomaly-x"])
+def test_6_evaluate_discovery_out_that_cannot_be_a_folder_is_one_error_line(where: str, tmp_path: Path) -> None:
+    from anomaly.tables import write_clusters
+
+    root = tmp_path / "cat"
+    _png(root / "test" / "good" / "000.png")
+    _png(root / "test" / "crack" / "000.png")
+    _png(root / "ground_truth" / "crack" / "000_mask.png", value=255)
+    (tmp_path / "types").mkdir()
+    rows = [{"path": str(root / "test" / "crack" / "000.png"), "cluster": "0", "confidence": "1", "n_regions": "1"}]
+    write_clusters(tmp_path / "types" / "clusters.csv", rows)
+    (tmp_path / "file").write_text("x")
+    out = where if where.startswith("/") else tmp_path / where
+    result = _run("evaluate", "--discovery", tmp_path / "types", "--root", root, "--out", out)
+    _one_error_line(result, str(out))
+    assert (tmp_path / "file").read_text() == "x"
+    assert "nmi=" not in result.output  # refused before the metrics are computed (a path below a file at least)
+
+
 def test_6_non_utf8_yaml_is_a_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"backbone:\n  name: \xff\xfe\n")
