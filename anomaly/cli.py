@@ -405,6 +405,9 @@ def evaluate(
     if discovery is not None:
         from anomaly.discovery.evaluate import evaluate_discovery
 
+        if eval_size is not None:  # refused, not ignored: clusters have no pixel metrics to size
+            raise DataError("--eval-size applies to --scores (pixel metrics); --discovery computes NMI, ARI and F1")
+
         found = evaluate_discovery(discovery, root, out)
         typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in found.items()))
         return

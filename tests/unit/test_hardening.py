@@ -307,6 +307,10 @@ def test_6_evaluate_discovery_out_that_cannot_be_a_folder_is_one_error_line(wher
     assert "nmi=" not in result.output  # refused before the metrics are computed (a path below a file at least)
 
 
+def test_evaluate_discovery_refuses_eval_size_rather_than_ignoring_it(tmp_path: Path) -> None:
+    _one_error_line(_run("evaluate", "--discovery", tmp_path, "--root", tmp_path, "--eval-size", "256"), "--eval-size")
+
+
 def test_6_non_utf8_yaml_is_a_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"backbone:\n  name: \xff\xfe\n")
