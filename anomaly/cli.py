@@ -507,11 +507,13 @@ def demo(
 
     data = out / "data" / "widget"
     check_output_dir(out / "scores", "scores.csv")  # an --out that cannot take the outputs, before the data is drawn
+    detector = Detector(_config(config, None, None))
+    if not detector.zero_shot:  # nor the model (a folder of the user's there), before the data is drawn and fitted
+        check_output_dir(out / "model", "meta.json")
     if not data.is_dir():  # drawn in a temp folder: an interrupted demo leaves no half-drawn data to be reused
         with staged_dir(out / "data", "widget", output=False) as drawing:
             make_synthetic_category(drawing, "widget", n_train=40, n_test_good=10, n_test_defect=20, size=256)
     _note("synthetic MVTec-layout data in %s", data)
-    detector = Detector(_config(config, None, None))
     if not detector.zero_shot:
         detector.fit(data).save(out / "model")  # a category root: fitted on its train/good only (it logs the threshold)
     tests = image_paths([data / "test"])

@@ -685,6 +685,23 @@ def test_demo_refuses_an_unwritable_out_in_one_line(tmp_path: Path) -> None:
     assert blocker.read_text() == "x"
 
 
+def test_demo_refuses_a_users_model_folder_before_drawing_and_fitting(tmp_path: Path, monkeypatch) -> None:
+    """OUT/model holding the user's files: one error line before the data is drawn, not after the fit."""
+    import anomaly.data.synthetic as synthetic
+
+    def drawn(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the data was drawn before OUT/model was checked")
+
+    monkeypatch.setattr(synthetic, "make_synthetic_category", drawn)
+    (tmp_path / "demo" / "model").mkdir(parents=True)
+    (tmp_path / "demo" / "model" / "mine.txt").write_text("x")
+    result = _run("demo", "--out", tmp_path / "demo")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: ") and "model" in result.output
+    assert not (tmp_path / "demo" / "data").exists()
+    assert (tmp_path / "demo" / "model" / "mine.txt").read_text() == "x"
+
+
 def test_an_interrupted_demo_leaves_no_half_drawn_data(tmp_path: Path, monkeypatch) -> None:
     """The demo reuses OUT/data/widget when it exists: one killed while drawing it left a partial set that every
     later run fitted and scored as if complete."""
