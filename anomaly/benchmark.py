@@ -334,6 +334,9 @@ def _check_out(out_dir: Path) -> None:
             raise DataError(
                 f"--out {out_dir}: {name} exists and was not written by `anomaly benchmark`; choose another"
             )
+    if out_dir.is_dir() and not ours and not _only_category_folders(out_dir):  # as `score --out` decides
+        what = "another kind of anomaly output" if (out_dir / OUTPUT_MARKER).exists() else "not an anomaly output"
+        raise DataError(f"--out {out_dir}: folder exists and is {what} (no {_TABLES_MARKER}); choose another")
     try:  # before the first category's fit, not after it
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -342,6 +345,17 @@ def _check_out(out_dir: Path) -> None:
         (out_dir / _TABLES_MARKER).touch()
     except OSError as exc:
         raise DataError(f"--out {out_dir}: cannot write here ({exc.strerror or exc})") from None
+
+
+def _only_category_folders(out_dir: Path) -> bool:
+    """Whether an unmarked folder is empty or holds only category folders of a benchmark (an earlier version's run
+    killed before its first table): anything else is the user's, and a benchmark does not write among it."""
+    for entry in out_dir.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            return False
+        if not {p.name for p in entry.iterdir() if not p.name.startswith(".")} <= _CATEGORY_ENTRIES:
+            return False
+    return True
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from anomaly import DataError, Detector
+from anomaly._fs import OUTPUT_MARKER
 from anomaly.cli import app
 from anomaly.config import ConfigError, apply_overrides, load_config
 from anomaly.model_dir import signed
@@ -189,6 +190,24 @@ def test_2_benchmark_keeps_other_categories_and_refuses_foreign_tables(synthetic
     args = ["benchmark", "--dataset", "mvtec", "--root", synthetic_root.parent, "--out", out, *SMALL]
     _one_error_line(_run(*args, "--category", "widget"), "results.md")
     assert (out / "results.md").read_text() == "my own table"
+
+
+def test_2_benchmark_refuses_an_out_folder_of_someone_elses_files(synthetic_root: Path, tmp_path: Path) -> None:
+    """As `score --out` does: a folder holding the user's files (photos, notes) or another kind of output is refused
+    in one line, before any fit, and left as it was (the benchmark wrote its tables and categories among them)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sorted((synthetic_root / "test" / "good").iterdir())[0], photos / "000.png")
+    (photos / "notes.txt").write_text("mine")
+    args = ["benchmark", "--dataset", "mvtec", "--root", synthetic_root.parent, "--category", "widget", *SMALL]
+    _one_error_line(_run(*args, "--out", photos), "not an anomaly output")
+    assert sorted(p.name for p in photos.iterdir()) == ["000.png", "notes.txt"]
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    (scores / "scores.csv").write_text("path,score,is_anomalous\n")
+    (scores / OUTPUT_MARKER).write_text('{"owned": ["scores.csv"]}')
+    _one_error_line(_run(*args, "--out", scores), "another kind of anomaly output")
+    assert sorted(p.name for p in scores.iterdir()) == sorted([OUTPUT_MARKER, "scores.csv"])
 
 
 def test_3_outputs_inside_the_input_folder_never_become_inputs(model: Path, tmp_path: Path) -> None:
