@@ -551,6 +551,8 @@ def _read_visa_csv(csv_path: Path, category: str | None) -> tuple[list[tuple[int
             name = (row["object"] or "").strip()
             if not name:  # read as a category '': a run of its own, written into the benchmark's --out itself
                 raise DataError(f"{csv_path}, line {reader.line_num}: no object (category) named")
+            if name in (".", "..") or "/" in name or "\\" in name:  # a path: its outputs would land outside --out
+                raise DataError(f"{csv_path}, line {reader.line_num}: object {name!r} is not a category folder name")
             objects.add(name)
             if category is None or name == category:
                 rows.append((reader.line_num, {k: row[k] or "" for k in _VISA_COLUMNS}))

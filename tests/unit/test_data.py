@@ -781,6 +781,19 @@ def test_a_split_file_row_without_object_names_its_line(tmp_path: Path) -> None:
             load()
 
 
+def test_a_split_file_object_that_is_a_path_names_its_line(tmp_path: Path) -> None:
+    """An object '../evil' or '.' was a category whose benchmark outputs went to --out/../evil (outside --out) or
+    into --out itself."""
+    _visa_tree(tmp_path)
+    split = tmp_path / "split_csv" / "1cls.csv"
+    lines = split.read_text().splitlines()
+    for name in ("../evil", ".", "..", "a\\b"):
+        split.write_text("\n".join([*lines, f"{name},test,normal,candle/Data/Images/Normal/0004.JPG,"]) + "\n")
+        for load in (partial(find_categories, tmp_path, "visa"), partial(load_visa, tmp_path, "candle")):
+            with pytest.raises(DataError, match=rf"1cls.csv, line {len(lines) + 1}: object .* is not a category"):
+                load()
+
+
 def test_a_root_without_categories_says_where_they_are(synthetic_root: Path, tmp_path: Path) -> None:
     _visa_tree(tmp_path / "VisA")
     with pytest.raises(DataError, match=r"no mvtec category found in .*VisA \(it holds split_csv/1cls.csv: use"):
