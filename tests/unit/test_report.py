@@ -480,13 +480,16 @@ def test_thousand_images_load_fast_without_layout_shift(open_report: Any, tmp_pa
     build_s = time.perf_counter() - start
     opened = open_report(out)
     page = opened.page
+    # the thumbnails' shift as they load, read before the slider: on a loaded machine the slider's re-render comes
+    # more than 500 ms after its input, no longer counted as the user's own (CLS 0.57 in a CI run beside other jobs;
+    # under three busy loops 0.15 after the slider, 0.0004 before it)
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for_timeout(300)
+    cls = page.evaluate("window.__cls")
     start = time.perf_counter()
     _slide(page, 1.8)
     assert _shown(page, ["n-flagged"]) == {"n-flagged": _expected(_rows(scores), 1.8)["n-flagged"]}
     slide_s = time.perf_counter() - start
-    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
-    page.wait_for_timeout(300)
-    cls = page.evaluate("window.__cls")
     print(f"1000 images: build {build_s:.2f} s, interactive {opened.seconds:.3f} s, slider {slide_s:.3f} s, CLS {cls}")
     assert page.locator("#grid > li img").count() == 1000
     assert opened.seconds < 10  # 2 s on an idle machine; lenient for shared CI cores
