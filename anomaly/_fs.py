@@ -73,9 +73,8 @@ def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
     _recover(target)
     if target.is_symlink():  # renaming would replace the link, and leave the folder it names behind
         raise DataError(f"{target}: a symbolic link (to {os.readlink(target)}); give the folder itself")
+    refuse_non_folder(target)
     if target.exists():
-        if not target.is_dir():
-            raise DataError(f"{target}: exists and is not a folder; choose another output path")
         if any(target.iterdir()):
             if not (target / marker).exists():
                 other = (target / OUTPUT_MARKER).exists()  # another kind of anomaly output: a model, scores, a report
@@ -94,9 +93,6 @@ def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
                 )
         if not _writable(target):  # replaced by renames in its parent, the folder's own mode would never apply
             raise DataError(f"{target}: folder is not writable; choose another output folder")
-    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise DataError(f"{target}: {blocking} is a file, not a folder; choose another output path")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -105,6 +101,15 @@ def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
         raise DataError(f"{target}: cannot write here ({exc.strerror or exc})") from None
     tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; outputs are shared like any folder
     return tmp
+
+
+def refuse_non_folder(target: Path) -> None:
+    """DataError (one line naming the path) for an output folder that cannot be one: a file, or a path below one."""
+    if target.exists() and not target.is_dir():
+        raise DataError(f"{target}: exists and is not a folder; choose another output path")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"{target}: {blocking} is a file, not a folder; choose another output path")
 
 
 @contextlib.contextmanager

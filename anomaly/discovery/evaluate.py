@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from anomaly._fs import atomic_write_text
+from anomaly._fs import atomic_write_text, refuse_non_folder
 from anomaly.data.datasets import load_ground_truth
 from anomaly.errors import DataError
 from anomaly.metrics.clustering import clustering_metrics
@@ -32,7 +32,7 @@ def evaluate_discovery(
             defective image to score.
     """
     if out is not None:  # before the metrics are computed, as `evaluate --scores --out` checks its folder
-        _check_metrics_folder(Path(out))
+        refuse_non_folder(Path(out))
     csv_path = Path(clusters_dir) / "clusters.csv"
     rows = read_clusters(clusters_dir)
     data = load_ground_truth(category_root)
@@ -63,13 +63,3 @@ def evaluate_discovery(
             raise DataError(f"{out}: cannot write here ({exc.strerror or exc})") from None
         atomic_write_text(Path(out) / "discovery_metrics.json", json.dumps(metrics, indent=2))
     return metrics
-
-
-def _check_metrics_folder(folder: Path) -> None:
-    """DataError (one line naming the path) for an ``--out`` that cannot hold discovery_metrics.json: a file, or a
-    path below one."""
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"{folder}: exists and is not a folder; choose another output path")
-    blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise DataError(f"{folder}: {blocking} is a file, not a folder; choose another output path")
