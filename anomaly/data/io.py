@@ -62,7 +62,23 @@ _EXIF_ORIENTATION = 0x0112
 GLOB_CHARS = frozenset("*?[")
 SOFT_MASK_LEVELS = 8  # a mask of more levels is soft or lossy (NEU-Seg's class masks hold 3), binarised at > 0
 
-MAX_PIXELS = int(os.environ.get("ANOMALY_MAX_PIXELS", 150_000_000))
+
+def _max_pixels(text: str | None, default: int = 150_000_000) -> int:
+    """``ANOMALY_MAX_PIXELS`` as a pixel count: a whole number (``200000000``, ``200_000_000``) or one in float
+    notation (``2e8``, as the limit is usually thought of); unset or empty: ``default``. Anything else is a one-line
+    DataError naming the variable (it was a ValueError traceback when the package was imported)."""
+    if text is None or not text.strip():
+        return default
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value) or value < 1:
+        raise DataError(f"ANOMALY_MAX_PIXELS={text!r}: expected a positive number of pixels, e.g. 2e8")
+    return int(value)
+
+
+MAX_PIXELS = _max_pixels(os.environ.get("ANOMALY_MAX_PIXELS"))
 """Largest image (width x height) decoded; bigger ones (decompression bombs) are refused. Env: ANOMALY_MAX_PIXELS."""
 # PIL's own bomb check warns above 89 MP and refuses above twice that whatever ANOMALY_MAX_PIXELS says. The check here
 # (_check_header, from the header, with the size) is the one in force; PIL's is raised to it where it is higher, never

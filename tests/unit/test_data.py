@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -1037,3 +1040,22 @@ def test_a_benchmark_folder_inside_the_inputs_is_never_read_as_images(tmp_path: 
     shutil.copytree(parts, labelled / "good")
     shutil.move(labelled / "good" / "bench", labelled / "bench")
     assert training_paths([labelled]) == [labelled / "good" / p.name for p in good]
+
+
+def test_anomaly_max_pixels_takes_float_notation_and_a_bad_value_is_one_line(tmp_path: Path) -> None:
+    """ANOMALY_MAX_PIXELS=2e8 (the limit as it is thought of) was a ValueError traceback when anomaly.data.io was
+    imported, as was any other value int() refuses: every command crashed with exit code 1."""
+    image = _touch_image(tmp_path / "in" / "a.png")
+    code = "import anomaly.data.io as io; print(io.MAX_PIXELS)"
+    env = {**os.environ, "ANOMALY_MAX_PIXELS": "2e8"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["200000000"], proc.stderr
+    command = [sys.executable, "-m", "anomaly", "import", "--format", "mask-folders", "--images", str(image.parent),
+               "--annotations", str(image.parent), "--out", str(tmp_path / "out")]  # fmt: skip
+    for bad in ("200M", "0", "-5", "nan"):
+        env["ANOMALY_MAX_PIXELS"] = bad
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0] == f"error: ANOMALY_MAX_PIXELS={bad!r}: expected a positive number of pixels, e.g. 2e8"
+        assert not (tmp_path / "out").exists()
