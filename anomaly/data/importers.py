@@ -104,7 +104,7 @@ def import_labelme(
             ambiguously or whose size differs from the JSON's, a shape without area, an image file that cannot
             be opened (empty, or not an image), or no image at all.
     """
-    _check_options(normal_test_ratio, max_normal, link)
+    _check_options(normal_test_ratio, max_normal, link, seed)
     image_paths = _listed(images, "--images")
     json_files = sorted(p for p in _walk_dir(annotations, "--annotations") if p.suffix.lower() == ".json")
     if not json_files:
@@ -202,7 +202,7 @@ def import_mask_folders(
             its image's, a mask value missing from
             ``classes``, duplicate file names, or no image at all.
     """
-    _check_options(normal_test_ratio, max_normal, link)
+    _check_options(normal_test_ratio, max_normal, link, seed)
     image_paths, mask_paths = _listed(images, "--images"), _listed(masks, "--annotations")
     if Path(images).resolve() == Path(masks).resolve():  # masks beside their images: <stem>_mask, <stem>_label
         mask_paths = [p for p in mask_paths if p.stem.endswith(_MASK_SUFFIXES)]
@@ -463,8 +463,10 @@ def _write_category(
     return summary
 
 
-def _check_options(normal_test_ratio: float, max_normal: int | None, link: str) -> None:
+def _check_options(normal_test_ratio: float, max_normal: int | None, link: str, seed: int = 0) -> None:
     """The options, before any file is read."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:  # numpy's generators refuse it
+        raise DataError(f"--seed must be a whole number >= 0, got {seed!r}")
     if not 0 <= normal_test_ratio <= 1:
         raise DataError(f"--normal-test-ratio must be in [0, 1], got {normal_test_ratio}")
     if max_normal is not None and max_normal < 1:

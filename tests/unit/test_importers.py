@@ -196,6 +196,7 @@ def test_cli_import_writes_category(labelme_src: Path, tmp_path: Path) -> None:
         (["--format", "mask-folders", "--classes", "x=a"], "--classes: expected VALUE=NAME"),
         (["--format", "labelme", "--normal-test-ratio", "1.5"], "--normal-test-ratio must be in [0, 1]"),
         (["--format", "labelme", "--link", "move"], "--link must be symlink, hardlink or copy"),
+        (["--format", "labelme", "--seed", "-1"], "--seed must be a whole number >= 0, got -1"),  # was a traceback
         (["--format", "labelme", "--annotations", "/nonexistent"], "--annotations /nonexistent: folder not found"),
         (["--format", "labelme", "--out", "{occupied}"], "is not an anomaly output"),
     ],
