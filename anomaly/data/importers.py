@@ -379,8 +379,16 @@ def _shape_bitmap(shape: dict[str, Any], where: str) -> NDArray[np.bool_]:
     """The bitmap of a labelme ``mask`` shape: a base64 PNG covering the box from its first point."""
     try:
         with Image.open(io.BytesIO(base64.b64decode(str(shape.get("mask") or ""), validate=True))) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise DataError(f"{where}: its 'mask' of {image.width}x{image.height} px exceeds the "
+                                f"{MAX_PIXELS / 1e6:.3g} MP limit; set ANOMALY_MAX_PIXELS to allow it")  # fmt: skip
             return np.asarray(image.convert("L")) > 0
-    except (OSError, ValueError):  # binascii.Error is a ValueError
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(f"{where}: its 'mask' is far over the {MAX_PIXELS / 1e6:.3g} MP limit (a decompression "
+                        "bomb?); set ANOMALY_MAX_PIXELS to allow it") from None  # fmt: skip
+    except Exception:  # binascii.Error is a ValueError; Pillow raises SyntaxError, struct.error... on malformed data
         raise DataError(f"{where}: its 'mask' is not a base64-encoded image") from None
 
 
@@ -558,7 +566,12 @@ def _read_label_mask(path: Path) -> NDArray[np.integer[Any]]:
                                 "MP limit; set ANOMALY_MAX_PIXELS to allow it")  # fmt: skip
             values = np.asarray(ImageOps.exif_transpose(image))
             has_alpha = image.mode in ("RGBA", "LA")
-    except OSError as exc:
+    except DataError:
+        raise
+    except Image.DecompressionBombError:  # Pillow's own check, before the size is known here: far over the limit
+        raise DataError(f"{path}: a mask far over the {MAX_PIXELS / 1e6:.3g} MP limit (a decompression bomb?); set "
+                        "ANOMALY_MAX_PIXELS to allow it") from None  # fmt: skip
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error... on malformed files
         raise DataError(f"{path}: not a readable mask ({exc})") from None
     if not has_alpha:
         return values.max(axis=2) if values.ndim == 3 else values

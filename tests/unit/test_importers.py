@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -451,4 +455,47 @@ def test_an_unreadable_normal_image_is_refused_before_anything_is_written(
     assert result.exit_code == 2, result.output
     assert "z.jpg" in result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "cat").exists()
+
+
+def _truncated_ihdr_png() -> bytes:
+    """A PNG whose IHDR chunk is 5 bytes long (CRC intact): Pillow raises ValueError, not OSError, opening it."""
+    buffer = io.BytesIO()
+    Image.new("L", (W, H)).save(buffer, "PNG")
+    head = buffer.getvalue()[16:21]
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 5) + b"IHDR" + head + struct.pack(">I", zlib.crc32(b"IHDR" + head))
+
+
+@pytest.mark.parametrize("fmt", ["labelme", "mask-folders"])
+@pytest.mark.parametrize("bad", ["malformed", "bomb"])
+def test_a_malformed_or_huge_mask_is_one_error_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, bad: str
+) -> None:
+    """Pillow raises more than OSError on malformed files (ValueError, SyntaxError, struct.error) and
+    DecompressionBombError (an Exception) for images over twice its limit: both were tracebacks with exit code 1."""
+    for name in ("p.png", "q.png"):
+        _image(tmp_path / "img" / name)
+    (tmp_path / "ann").mkdir()
+    if bad == "bomb":  # Pillow's limit is twice max(ANOMALY_MAX_PIXELS, 89 MP): lowered here, not a 300 MP file
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # refused above 400 px: the 20 x 16 images pass
+        buffer = io.BytesIO()
+        Image.new("L", (40, 40), 255).save(buffer, "PNG")
+        data = buffer.getvalue()
+    else:
+        data = _truncated_ihdr_png()
+    if fmt == "labelme":
+        shape = {"label": "dent", "points": [[0, 0]], "shape_type": "mask", "mask": base64.b64encode(data).decode()}
+        _labelme(tmp_path / "ann" / "p.json", "p.png", [shape])
+        needle = f"{tmp_path / 'ann' / 'p.json'}: shape 1 (mask): its 'mask' "
+    else:
+        (tmp_path / "ann" / "p.png").write_bytes(data)
+        needle = f"{tmp_path / 'ann' / 'p.png'}: "
+    result = CliRunner().invoke(
+        app,
+        ["import", "--format", fmt, "--images", str(tmp_path / "img"), "--annotations", str(tmp_path / "ann"),
+         "--out", str(tmp_path / "cat")],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {needle}") and result.output.count("\n") == 1, result.output
+    assert ("decompression bomb" in result.output) == (bad == "bomb")
     assert not (tmp_path / "cat").exists()
