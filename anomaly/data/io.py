@@ -484,7 +484,16 @@ def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
     if mode in ("RGB", "L") and data[:3].tobytes() == b"\xff\xd8\xff":
         jpeg = _decode_jpeg(data, name, gray=mode == "L")
         return _decode_pil(data, name) if jpeg is None else _orient(jpeg, _pil_orientation(data))
-    if mode in ("RGBA", "LA") and data[:4].tobytes() in _TIFF_SIGNATURES:
+    tiff = data[:4].tobytes() in _TIFF_SIGNATURES
+    tags = _tiff_tags(io.BytesIO(data.tobytes())) if tiff else {}  # the copy is small next to the decode
+    bits = _sample_bits(tags)
+    if tags.get(284) == 2 and tags.get(277, 1) != 1 and bits > 8:  # PlanarConfiguration 2, SamplesPerPixel
+        # OpenCV reads the first plane as interleaved samples and Pillow reads 8 bits: colour noise, not an error
+        raise DataError(
+            f"cannot read image: {name} (a {bits}-bit TIFF with separate colour planes, PlanarConfiguration 2, which "
+            "the decoders here misread; save it with interleaved channels)"
+        )
+    if mode in ("RGBA", "LA") and tiff:
         return _decode_pil(data, name)  # OpenCV's TIFF reader multiplies the colours by alpha; PNGs drop alpha
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
     pixels: NDArray[Any] | None  # the file's own depth: uint8 or uint16
@@ -494,8 +503,7 @@ def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
         pixels = None
     if pixels is None:
         return _decode_pil(data, name)
-    if pixels.dtype == np.uint8 and data[:4].tobytes() in _TIFF_SIGNATURES:
-        bits = _tiff_bits(io.BytesIO(data.tobytes()))  # 8-bit TIFFs only: the copy is small next to the decode
+    if pixels.dtype == np.uint8 and tiff:
         if bits > 8:  # OpenCV reads a 16-bit gray + alpha TIFF as 8 bits of garbage, and Pillow cannot open it
             raise DataError(f"cannot read image: {name} (a {bits}-bit TIFF that decodes to 8 bits; save it without the "
                             "alpha channel)")  # fmt: skip
@@ -522,6 +530,19 @@ def _decode_jpeg(data: NDArray[np.uint8], name: str, gray: bool) -> NDArray[np.u
 
 def _tiff_bits(stream: BinaryIO) -> int:
     """The largest BitsPerSample of a TIFF's first image, read from its tags (8 when they cannot be read)."""
+    return _sample_bits(_tiff_tags(stream))
+
+
+def _sample_bits(tags: dict[int, Any]) -> int:
+    """The largest BitsPerSample of TIFF ``tags`` (8 when it cannot be read)."""
+    try:
+        return int(max(np.atleast_1d(tags.get(258, 8))))
+    except Exception:  # malformed tags: the decoder reports the file
+        return 8
+
+
+def _tiff_tags(stream: BinaryIO) -> dict[int, Any]:
+    """The tags of a TIFF's first image (empty when they cannot be read: the decoder reports the file)."""
     from PIL import TiffImagePlugin
 
     try:
@@ -529,9 +550,9 @@ def _tiff_bits(stream: BinaryIO) -> int:
         tags = TiffImagePlugin.ImageFileDirectory_v2(head if head[2:4] in (b"+\x00", b"\x00+") else head[:8])
         stream.seek(tags.next)
         tags.load(stream)
-        return int(max(np.atleast_1d(tags.get(258, 8))))
-    except Exception:  # malformed tags: the decoder reports the file
-        return 8
+        return dict(tags)
+    except Exception:  # malformed tags
+        return {}
 
 
 def _check_header(data: NDArray[np.uint8], name: str) -> str | None:

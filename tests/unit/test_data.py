@@ -229,6 +229,26 @@ def test_a_16_bit_gray_and_alpha_tiff_is_refused_not_read_as_8_bits(tmp_path: Pa
         assert read_pixels(tmp_path / "gray.tif").max() == 3000 and stored_bit_depth(tmp_path / "gray.tif") == 16
 
 
+def test_a_16_bit_tiff_of_separate_colour_planes_is_refused_not_read_as_colour_noise(tmp_path: Path) -> None:
+    """tifffile writes a (3, H, W) uint16 array as planar RGB by default; OpenCV read its first plane as interleaved
+    samples and Pillow as 8 bits: each pixel's colour came from three other pixels' red, with exit code 0."""
+    tifffile = pytest.importorskip("tifffile")
+    rgb = np.moveaxis(_quadrants(), 2, 0).astype(np.uint16) * 257
+    for name, pixels, options in (
+        ("rgb.tif", rgb, {}),
+        ("rgba.tif", np.concatenate([rgb, rgb[:1]]), {"photometric": "rgb", "extrasamples": ["unassalpha"]}),
+    ):
+        tifffile.imwrite(tmp_path / name, pixels, planarconfig="separate", **options)
+        with pytest.raises(DataError, match=rf"{name} \(a 16-bit TIFF with separate colour planes"):
+            read_image(tmp_path / name)
+    tifffile.imwrite(tmp_path / "interleaved.tif", np.moveaxis(rgb, 0, 2))  # the same pixels, interleaved: read
+    np.testing.assert_array_equal(read_image(tmp_path / "interleaved.tif"), _quadrants())
+    tifffile.imwrite(tmp_path / "rgb8.tif", np.moveaxis(_quadrants(), 2, 0), planarconfig="separate")  # 8 bits: read
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb8.tif"), _quadrants())
+    tifffile.imwrite(tmp_path / "gray.tif", rgb[0], planarconfig="separate")  # one sample: nothing to interleave
+    np.testing.assert_array_equal(read_pixels(tmp_path / "gray.tif"), rgb[0])
+
+
 @pytest.mark.parametrize(("orientation", "corner"), [(6, (0, 0, 255)), (8, (0, 255, 0)), (3, (255, 255, 255))])
 def test_exif_rotated_jpeg(tmp_path: Path, orientation: int, corner: tuple[int, int, int]) -> None:
     Image.fromarray(_quadrants()).save(tmp_path / "photo.jpg", exif=_exif(orientation), quality=95)
