@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,7 +17,7 @@ from typing import Any, Literal
 
 from anomaly._fs import BENCHMARK_MARKER, OUTPUT_MARKER
 from anomaly.data.datasets import is_category_root, labelled_split_dirs
-from anomaly.data.io import GLOB_CHARS, is_image_file, list_images
+from anomaly.data.io import GLOB_CHARS, glob_paths, is_image_file, list_images
 from anomaly.data.loader import ImageInput, is_stream, read_streams
 from anomaly.errors import DataError
 
@@ -156,7 +155,7 @@ def _glob_matches(item: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
     kept for :func:`list_images` to name."""
     if Path(item).exists() or GLOB_CHARS.isdisjoint(str(item)):
         return [item]
-    matches = sorted(glob.glob(str(item), recursive=True), key=lambda m: Path(m).parts)  # as folders are listed
+    matches = glob_paths(item)  # sorted as folders are listed, earlier outputs of anomaly left out
     for match in (Path(m) for m in matches if not Path(m).is_dir()):
         if found := _NOT_NORMAL & set(match.parts[-3:-1]):
             raise DataError(f"{item}: matches {match} in {found.pop()}/ (masks or anomalous images): a fit would "

@@ -35,6 +35,7 @@ __all__ = [
     "as_rgb8",
     "decode_bytes",
     "drawn_levels",
+    "glob_paths",
     "is_image_file",
     "list_images",
     "load_map",
@@ -415,13 +416,47 @@ def _expand(item: str | os.PathLike[str], skip_imports: bool) -> list[Path]:
         return _walk(path, skip_imports)
     if GLOB_CHARS.isdisjoint(str(item)):
         raise DataError(f"no such file or folder: {item}")
-    matches = sorted((Path(m) for m in glob.glob(str(item), recursive=True)), key=lambda p: p.parts)
+    matches = glob_paths(item, skip_imports=skip_imports)
     if not matches:
-        raise DataError(f"no file matches: {item}")
+        where = " outside earlier outputs of anomaly" if glob.glob(str(item), recursive=True) else ""
+        raise DataError(f"no file matches: {item}{where}")
     files: list[Path] = []
     for match in matches:
         files.extend(_walk(match, skip_imports) if match.is_dir() else [match])
     return files
+
+
+def glob_paths(pattern: str | os.PathLike[str], *, skip_imports: bool = False) -> list[Path]:
+    """The matches of a glob ``pattern`` (``**`` recursive), sorted by their parts, leaving out those inside an
+    earlier output of anomaly (and with ``skip_imports`` an earlier import) below the pattern's fixed folder, as a
+    folder's walk leaves them out: ``'data/*'`` or ``'data/**/*.png'`` does not read the overlays (PNGs) of scores
+    written into ``data/run1``, where ``data`` does not either. A pattern inside such a folder reads it."""
+    markers = (OUTPUT_MARKER, BENCHMARK_MARKER, *((IMPORT_MARKER,) if skip_imports else ()))
+    fixed = len(_glob_root(pattern).parts)
+    marked: dict[Path, bool] = {}
+
+    def inside_output(path: Path) -> bool:
+        stop = len(path.parts) if path.is_dir() else len(path.parts) - 1  # the folders below the fixed one
+        for end in range(fixed + 1, stop + 1):
+            folder = Path(*path.parts[:end])
+            if folder not in marked:
+                marked[folder] = any((folder / marker).is_file() for marker in markers)
+            if marked[folder]:
+                return True
+        return False
+
+    matches = sorted((Path(m) for m in glob.glob(os.fspath(pattern), recursive=True)), key=lambda p: p.parts)
+    kept = [m for m in matches if not inside_output(m)]
+    if len(kept) < len(matches):
+        log.info("%s: left out %d match(es) inside earlier outputs of anomaly", pattern, len(matches) - len(kept))
+    return kept
+
+
+def _glob_root(pattern: str | os.PathLike[str]) -> Path:
+    """The folder a glob pattern starts from: its leading parts without a glob character."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if not GLOB_CHARS.isdisjoint(part)), len(parts))
+    return Path(*parts[:fixed])
 
 
 def _walk(root: Path, skip_imports: bool = False) -> list[Path]:

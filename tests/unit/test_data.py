@@ -543,6 +543,26 @@ def test_a_fit_refuses_folders_holding_masks_or_anomalies(synthetic_root: Path, 
     assert len(training_paths([plain / "good"])) == len(list((synthetic_root / "train" / "good").iterdir()))
 
 
+def test_a_glob_leaves_out_earlier_outputs_as_a_folder_does(tmp_path: Path) -> None:
+    """`score 'data/*'` or `'data/**/*.png'` read the heatmap overlays (PNGs) of scores written into data/run1,
+    where `score data` left them out: they were scored, or joined a zero-shot pool, or were learnt by a fit."""
+    from anomaly.data.inputs import training_paths
+
+    images = [_touch_image(tmp_path / "data" / "parts" / f"{i}.png") for i in range(2)]
+    run = tmp_path / "data" / "run1"  # an earlier `anomaly score --maps --out data/run1`
+    _touch_image(run / "overlays" / "parts" / "0.png")
+    (run / OUTPUT_MARKER).write_text("{}")
+    data = tmp_path / "data"
+    assert list_images([data])[0] == images
+    for pattern in ("*", "**/*.png", "*/*.png", "**"):
+        assert list_images([str(data / pattern)])[0] == images, pattern
+        assert training_paths([str(data / pattern)]) == images, pattern
+    inside = [run / "overlays" / "parts" / "0.png"]  # a pattern inside the output reads it, as its folder does
+    assert list_images([str(run / "overlays" / "*" / "*.png")])[0] == inside == list_images([run / "overlays"])[0]
+    with pytest.raises(DataError, match=r"no file matches: .*run\* outside earlier outputs of anomaly$"):
+        list_images([str(data / "run*")])
+
+
 def test_a_fit_checks_what_a_glob_or_a_symlinked_folder_stands_for(synthetic_root: Path, tmp_path: Path) -> None:
     """A quoted glob or a symlinked sub-folder slipped past the checks: `fit 'data/wid*'` learnt the test split's
     defects and the masks as normal (a model that passed every broken bottle)."""
