@@ -18,7 +18,7 @@ from typing import Any, Literal
 from anomaly._fs import BENCHMARK_MARKER, OUTPUT_MARKER
 from anomaly.data.datasets import is_category_root, labelled_split_dirs
 from anomaly.data.io import GLOB_CHARS, glob_paths, is_image_file, list_images
-from anomaly.data.loader import ImageInput, is_stream, read_streams
+from anomaly.data.loader import ImageInput, is_encoded_array, is_stream, read_streams
 from anomaly.errors import DataError
 
 __all__ = [
@@ -47,12 +47,14 @@ def one_or_many(images: ImageInput | Sequence[ImageInput] | Iterator[ImageInput]
     """The images of a ``predict`` call as a list, and whether one image was passed alone (not in a list).
 
     Many: a list, tuple, set, range, generator or other iterator, a 1-D array or pandas Series of paths, and a 4-D
-    array or tensor (a stack of N images); one: a path, bytes (a memoryview too), a binary file object (read here,
-    once: :func:`anomaly.data.loader.read_streams`), a PIL image, a 2-D or 3-D array or tensor."""
+    array or tensor (a stack of N images); one: a path, bytes (a memoryview or a 1-D uint8 array too), a binary file
+    object (read here, once: :func:`anomaly.data.loader.read_streams`), a PIL image, a 2-D or 3-D array or tensor."""
     if is_stream(images):  # iterable by lines, but one encoded image
         return read_streams([images]), True
     if isinstance(images, (list, tuple)):
         return read_streams(images), False
+    if is_encoded_array(images):  # np.fromfile or cv2.imencode's output: one encoded image, not N inputs
+        return [images], True
     if getattr(images, "ndim", None) == 4:  # (N, H, W, C) array, (N, C, H, W) tensor
         return list(images), False  # type: ignore[arg-type]  # an array or tensor iterates over its first axis
     if (

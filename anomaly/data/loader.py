@@ -1,9 +1,9 @@
 """Image inputs -> decoded RGB -> batches of model-input views (the first stage of the data flow).
 
-An input is a path, encoded bytes (the API reads a binary file object into bytes), a PIL image or an RGB
-array (``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``; uint8, uint16 (scaled to 8 bits as 16-bit files are) or float
-in [0, 1]); torch tensors in (C, H, W) or (H, W, C) layout are accepted too. Arrays are taken as **RGB**, not
-OpenCV's BGR.
+An input is a path, encoded bytes (a 1-D uint8 array too; the API reads a binary file object into bytes), a PIL
+image or an RGB array (``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``; uint8, uint16 (scaled to 8 bits as 16-bit files
+are) or float in [0, 1]); torch tensors in (C, H, W) or (H, W, C) layout are accepted too. Arrays are taken as
+**RGB**, not OpenCV's BGR.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Union, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeGuard, Union, cast
 
 import cv2
 import numpy as np
@@ -36,6 +36,7 @@ __all__ = [
     "image_size",
     "input_error",
     "iter_batches",
+    "is_encoded_array",
     "is_stream",
     "raw_pixels",
     "read_streams",
@@ -146,6 +147,8 @@ def raw_pixels(item: ImageInput, header_first: bool = False) -> NDArray[Any] | N
         return None if header_first and stored_bit_depth(item) == 8 else read_pixels(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return read_pixels(bytes(item))
+    if is_encoded_array(item):
+        return read_pixels(item.tobytes())
     if isinstance(item, UnreadableInput):
         raise DataError(item.reason)
     array = _integers_as_16_bit(_in_memory_array(item))
@@ -156,6 +159,11 @@ def raw_pixels(item: ImageInput, header_first: bool = False) -> NDArray[Any] | N
     ):
         return array if array.ndim == 2 else array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3]
     return _array_rgb(array)  # refuses empty arrays and other shapes
+
+
+def is_encoded_array(item: object) -> TypeGuard[NDArray[np.uint8]]:
+    """A 1-D uint8 array: the bytes of an encoded file (``np.fromfile``, ``cv2.imencode``), never pixels."""
+    return isinstance(item, np.ndarray) and item.ndim == 1 and item.dtype == np.uint8
 
 
 def _in_memory_array(item: ImageInput) -> NDArray[Any]:

@@ -117,6 +117,19 @@ def test_predict_takes_the_collections_predict_stream_takes(fitted: Detector, sy
     assert streamed == [fitted.predict(encoded).image_score] == expected[:1]
 
 
+def test_predict_takes_a_1d_uint8_array_as_one_encoded_image(fitted: Detector, synthetic_root: Path) -> None:
+    """``np.fromfile(path, np.uint8)`` (or ``cv2.imencode``'s buffer) was taken as N inputs, each refused as "an
+    unsupported image input of type uint8": it is one encoded image, scored as its file is."""
+    _, good, _ = _split(synthetic_root)
+    expected = fitted.predict(str(good[0])).image_score
+    encoded = np.fromfile(good[0], np.uint8)
+    assert fitted.predict(encoded).image_score == pytest.approx(expected, rel=1e-6)
+    assert [r.image_score for r in fitted.predict([encoded, encoded[::1]])] == pytest.approx([expected] * 2, rel=1e-6)
+    assert [r.image_score for r, _ in fitted.predict_stream(encoded)] == pytest.approx([expected], rel=1e-6)
+    strided = np.repeat(encoded, 2)[::2]  # the same bytes, not contiguous
+    assert fitted.predict(strided).image_score == pytest.approx(expected, rel=1e-6)
+
+
 def _as_12_bit(paths: list[Path], folder: Path) -> list[Path]:
     """The same pixels as a 12-bit camera writes them into 16-bit PNGs (value x 16, at most 4080)."""
     folder.mkdir()
