@@ -310,6 +310,8 @@ def parse_classes(text: str) -> dict[int, str]:
         value, sep, name = item.partition("=")
         if not sep or not value.strip().isdigit() or not name.strip():
             raise DataError(f"--classes: expected VALUE=NAME[,VALUE=NAME...], got {text!r}")
+        if int(value) in classes:
+            raise DataError(f"--classes: value {int(value)} is given twice in {text!r}")
         classes[int(value)] = name.strip()
     return classes
 

@@ -198,6 +198,7 @@ def test_cli_import_writes_category(labelme_src: Path, tmp_path: Path) -> None:
         (["--format", "coco"], "--format must be labelme or mask-folders"),
         (["--format", "labelme", "--classes", "1=a"], "--classes applies to --format mask-folders only"),
         (["--format", "mask-folders", "--classes", "x=a"], "--classes: expected VALUE=NAME"),
+        (["--format", "mask-folders", "--classes", "1=a,01=b"], "--classes: value 1 is given twice"),
         (["--format", "labelme", "--normal-test-ratio", "1.5"], "--normal-test-ratio must be in [0, 1]"),
         (["--format", "labelme", "--link", "move"], "--link must be symlink, hardlink or copy"),
         (["--format", "labelme", "--seed", "-1"], "--seed must be a whole number >= 0, got -1"),  # was a traceback
