@@ -86,10 +86,14 @@ def _render_pictures(
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         futures = [pool.submit(render_item, it, out, f"{i:0{width}d}") for i, it in enumerate(content.items)]
         rendered = []
-        for done, future in enumerate(futures, 1):
-            rendered.append(future.result())
-            if progress is not None:
-                progress("report", done, total)
+        try:
+            for done, future in enumerate(futures, 1):
+                rendered.append(future.result())
+                if progress is not None:
+                    progress("report", done, total)
+        except BaseException:  # a damaged map, Ctrl-C, SIGTERM: the pictures not yet started are dropped, not all
+            pool.shutdown(cancel_futures=True)  # rendered before the error comes (minutes for thousands of images)
+            raise
     regenerated = sum(it.overlay is None and "overlay" in r.views for it, r in zip(content.items, rendered))
     if regenerated:
         log.info("%d overlay(s) regenerated from the maps (none in the scores folder)", regenerated)

@@ -380,6 +380,37 @@ def test_a_damaged_map_is_one_error_line_naming_it(tmp_path: Path) -> None:
         assert "allow_pickle" not in result.output and not (tmp_path / "report").exists()
 
 
+@pytest.mark.parametrize("stop", ["damaged map", "Ctrl-C"])
+def test_an_error_or_interrupt_stops_the_rendering_at_once(
+    stop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged map of the first image (or Ctrl-C, SIGTERM) came only once every other picture was rendered: the
+    pool's exit waited for all queued renders (a report of 5,000 images took minutes to fail or to stop)."""
+    import anomaly.report.build as build
+    from anomaly.errors import DataError
+
+    scores = _fabricate(tmp_path, 60)
+    rendered: list[str] = []
+
+    def render(item: Any, out: Path, key: str) -> Any:
+        if stop == "damaged map" and key == "00":
+            raise DataError(f"{item.path}: not a readable anomaly map")
+        time.sleep(0.02)
+        rendered.append(key)
+        return build.Rendered(f"thumbs/{key}.jpg", (1, 1))
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stop == "Ctrl-C" and done == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_WORKERS", 2)
+    monkeypatch.setattr(build, "render_item", render)
+    with pytest.raises(DataError if stop == "damaged map" else KeyboardInterrupt):
+        build_report(scores, tmp_path / "report", progress=progress)
+    assert len(rendered) <= 6, f"{len(rendered)} of 60 pictures rendered after the {stop}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "scores"]  # no report, no temp folder
+
+
 def test_maps_without_a_map_path_column_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A renamed map_path column read as 'scored without maps', silently, beside a maps/ folder."""
     scores = _fabricate(tmp_path, 3)
