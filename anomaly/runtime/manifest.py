@@ -43,7 +43,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and verify an export directory's manifest.
 
     Refused with DataError: a missing, unreadable or edited manifest, another format or version, a listed
-    file that is missing, modified or outside the folder. Unlisted files are never loaded.
+    file that is missing, modified or outside the folder, a network file that is not listed. Unlisted files are
+    never loaded.
     """
     root = Path(path)
     if not root.is_dir():
@@ -76,4 +77,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise DataError(f"{root / MANIFEST}: file {name!r} lies outside the export directory")
         if not file.is_file() or file_sha256(file) != digest:
             raise DataError(f"{file}: missing or modified since the export; export the model again")
+    network = manifest.get("network")
+    if isinstance(network, dict) and isinstance(network.get("file"), str):  # (absent: "incomplete export" at load)
+        graph = network["file"]  # and OpenVINO's weights, which it reads from beside model.xml
+        for name in (graph, str(Path(graph).with_suffix(".bin"))) if network.get("format") == "openvino" else (graph,):
+            if name not in files:  # a graph unlisted, or outside the folder, would be loaded unchecked
+                raise DataError(f"{root / MANIFEST}: network file {name!r} is not one of its checksummed files")
     return manifest  # files not listed (a user's notes) are never read: loaders take names from the list

@@ -278,6 +278,25 @@ def test_tampered_unlisted_or_escaping_exports_are_refused(patchcore_export: Pat
         ExportedDetector(copy)
 
 
+def test_a_network_file_outside_the_checksummed_list_is_refused(patchcore_export: Path, tmp_path: Path) -> None:
+    """The manifest's file list is checked, but the network was loaded from whatever ``network.file`` named: a graph
+    not listed, or outside the export directory (``../model.onnx``), was run unchecked."""
+    copy = _copy(patchcore_export, tmp_path)
+    (copy / "model.onnx").rename(tmp_path / "model.onnx")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["model.onnx"]
+    manifest["network"]["file"] = "../model.onnx"
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
+    with pytest.raises(DataError, match=r"manifest.json: network file '\.\./model\.onnx' is not one of its checksum"):
+        ExportedDetector(copy)
+
+    (tmp_path / "model.onnx").rename(copy / "unlisted.onnx")  # beside the listed files, but not one of them
+    manifest["network"]["file"] = "unlisted.onnx"
+    (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
+    with pytest.raises(DataError, match="network file 'unlisted.onnx' is not one of its checksummed files"):
+        ExportedDetector(copy)
+
+
 def test_state_files_are_read_exactly_without_holding_them_twice(tmp_path: Path) -> None:
     from safetensors.numpy import load_file, save_file
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 
 from anomaly import Detector
 from anomaly.config import apply_overrides, load_config
+from anomaly.errors import DataError
+from anomaly.model_dir import signed
 
 pytest.importorskip("onnxruntime")
 from anomaly.export import export_model  # noqa: E402
@@ -55,6 +58,12 @@ def test_openvino_export_matches_the_torch_detector(
     assert files == ["index.faiss", "manifest.json", "model.bin", "model.xml"]
     paths = sorted((synthetic_root / "test").glob("*/*.png"))
     assert_parity(Detector.load(patchcore_model).predict(paths), ExportedDetector(export).predict(paths))
+
+    manifest = json.loads((export / "manifest.json").read_text())  # OpenVINO reads model.bin from beside model.xml:
+    del manifest["files"]["model.bin"]  # unlisted, it was loaded unchecked
+    (export / "manifest.json").write_text(json.dumps(signed(manifest)))
+    with pytest.raises(DataError, match="network file 'model.bin' is not one of its checksummed files"):
+        ExportedDetector(export)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
