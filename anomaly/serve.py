@@ -98,8 +98,10 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
 
     @app.post("/predict")
     async def predict(request: Request, mask: str | None = None, map: str | None = None) -> JSONResponse:  # noqa: A002
-        if mask not in (None, "png") or map not in (None, "npy"):
-            return _error(400, "supported options: ?mask=png and ?map=npy")
+        unknown = sorted(set(request.query_params) - {"mask", "map"})  # a typo (?maps=npy) answered 200 without a map
+        if unknown or mask not in (None, "png") or map not in (None, "npy"):
+            what = f"unknown query parameter {unknown[0]!r}; " if unknown else ""
+            return _error(400, f"{what}supported options: ?mask=png and ?map=npy")
         if (mask or map) and not predictor.scorer.has_maps:
             return _error(400, f"the {predictor.scorer.name} scorer gives image scores only: no mask or map")
         try:

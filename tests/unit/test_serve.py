@@ -105,6 +105,19 @@ def test_bad_and_oversized_requests_are_refused_and_the_service_stays_healthy(
     assert client.post("/predict", content=images[0].read_bytes()).status_code == 200
 
 
+def test_an_unknown_or_misspelt_option_is_refused_not_ignored(client: TestClient, images: list[Path]) -> None:
+    """``?maps=npy`` (for ``?map=npy``) answered 200 without the map: the client found out only on reading it."""
+    png = images[0].read_bytes()
+    for query, name in (("maps=npy", "maps"), ("mask=png&Map=npy", "Map"), ("overlay=1", "overlay")):
+        response = client.post(f"/predict?{query}", content=png)
+        assert response.status_code == 400, response.text
+        assert response.json() == {
+            "error": f"unknown query parameter '{name}'; supported options: ?mask=png and ?map=npy"
+        }
+    both = client.post("/predict?mask=png&map=npy", content=png)
+    assert both.status_code == 200 and {"mask_png", "map_npy"} <= set(both.json())
+
+
 def test_every_refusal_is_an_error_object_and_media_types_ignore_case(client: TestClient, images: list[Path]) -> None:
     png = images[0].read_bytes()
     two = client.post("/predict", files=[("file", ("a.png", png)), ("file", ("b.png", png))])
