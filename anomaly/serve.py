@@ -235,7 +235,8 @@ class _Warnings(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        if record.name != __name__:  # the service's own lines are about other requests (one that failed meanwhile)
+            self.messages.append(record.getMessage())
 
     def __enter__(self) -> _Warnings:
         logger = logging.getLogger("anomaly")

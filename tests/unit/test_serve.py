@@ -105,6 +105,36 @@ def test_bad_and_oversized_requests_are_refused_and_the_service_stays_healthy(
     assert client.post("/predict", content=images[0].read_bytes()).status_code == 200
 
 
+def test_another_requests_failure_is_not_a_warning_of_this_prediction() -> None:
+    """The service logs a failed request at ERROR level on the "anomaly" logger: a prediction queued behind it and
+    running while it was logged answered the other request's "request to /predict failed" as one of its warnings."""
+    import logging
+    from types import SimpleNamespace
+
+    from anomaly.results import DetectionResult
+
+    class Predictor:
+        scorer = SimpleNamespace(name="stub", has_maps=False)
+
+        def predict(self, data: bytes, maps: bool) -> DetectionResult:
+            if data == b"fails":
+                time.sleep(0.3)  # the other request queues behind this one meanwhile
+                raise RuntimeError("a bug")
+            logging.getLogger("anomaly.data").warning("its own warning")
+            time.sleep(0.5)  # still running while the failure is logged
+            return DetectionResult(1.0, True, 0.5)
+
+    client = TestClient(create_app(Predictor()), raise_server_exceptions=False)
+    answers: dict[str, object] = {}
+    failing = threading.Thread(target=lambda: answers.update(failed=client.post("/predict", content=b"fails")))
+    failing.start()
+    time.sleep(0.1)
+    queued = client.post("/predict", content=b"queued")
+    failing.join()
+    assert answers["failed"].status_code == 500  # type: ignore[attr-defined]
+    assert queued.status_code == 200 and queued.json()["warnings"] == ["its own warning"], queued.text
+
+
 def test_an_unknown_or_misspelt_option_is_refused_not_ignored(client: TestClient, images: list[Path]) -> None:
     """``?maps=npy`` (for ``?map=npy``) answered 200 without the map: the client found out only on reading it."""
     png = images[0].read_bytes()
