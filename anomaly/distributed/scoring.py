@@ -112,8 +112,8 @@ def score(
         raise DataError("--ray needs a fitted model: zero-shot scoring compares all inputs as one pool in one process")
     paths = image_paths(inputs, exclude=[out])
     names = relative_names(paths)
-    if maps and not has_maps:
-        log.info("this model's scorer gives image scores only: no maps are written")
+    if maps and not has_maps:  # asked for: a warning, which --quiet keeps (as without --ray)
+        log.warning("this model's scorer gives image scores only: no maps are written")
     overlays = overlays and has_maps
     check_output_dir(out, "scores.csv")  # refuses an OUT_DIR that is not ours before any work
     with _only_run(out):

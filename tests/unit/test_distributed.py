@@ -571,3 +571,21 @@ def test_device_and_moved_weights_reach_the_workers(fault_file: Path, synthetic_
     _assert_same(outputs[1], outputs[0])
     refused = runner.invoke(app, ["score", "--model", str(model), "--out", str(tmp_path / "no"), "--ray", test])
     assert refused.exit_code == 2 and "backbone.weights" in refused.output  # the workers' load names the moved file
+
+
+def test_a_model_without_maps_says_so_under_quiet_as_without_ray(
+    fault_file: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """`score --ray --maps` with a scorer without maps logged its notice at INFO: `-q` dropped it, where the local
+    run keeps it as a warning."""
+    model = tmp_path / "gaussian"
+    small = ["--set", "backbone.image_size=[64,64]", "--set", "batch_size=4"]
+    fitted = runner.invoke(app, ["fit", "--config", "gaussian", "--out", str(model), *small, str(synthetic_root)])
+    assert fitted.exit_code == 0, fitted.output
+    test = str(synthetic_root / "test" / "good")
+    for name, extra in (("local", []), ("ray", ["--ray"])):
+        result = runner.invoke(app, ["-q", "score", "--model", str(model), "--out", str(tmp_path / name), "--maps",
+                                     *extra, test])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "no maps are written" in result.output, name
+        assert not list((tmp_path / name).glob("maps"))
