@@ -239,21 +239,54 @@ class ScoreWorker:
         self.options: WriteOptions = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Rows of the batch's images (bytes columns); a user error comes back as one row with ``error`` set."""
+        """Rows of the batch's images (bytes columns); a user error comes back as one row with ``error`` set. The
+        warnings the batch logged (inputs unlike the training images: gray, tiny, rotated) come back as data in the
+        first row's ``warnings`` (a JSON list): a worker's log lines reach the driver late, prefixed, or not at all
+        (a local instance shut down at the end of the run drops them)."""
         paths = [os.fsdecode(p) for p in batch["path"]]
         names = [Path(os.fsdecode(n)) for n in batch["name"]]
         wanted = self.options["maps"] or self.options["overlays"]
         rows = []
-        try:
-            if self.error:
-                raise DataError(self.error)
-            stream = self.detector.predict_stream(paths, maps=wanted, keep_images=self.options["overlays"])
-            for (result, image), name in zip(stream, names, strict=True):
-                rows.append({**write_result(self.staging, result, name, image, **self.options), "error": ""})
-                _inject_fault()
-        except AnomalyError as exc:  # data, not an exception: Ray passes the message on but not the type
-            rows = [{**dict.fromkeys(CSV_COLUMNS, ""), "error": str(exc)}]
-        return {col: np.array([os.fsencode(row[col]) for row in rows], dtype=object) for col in [*CSV_COLUMNS, "error"]}
+        with _CapturedWarnings() as said:
+            try:
+                if self.error:
+                    raise DataError(self.error)
+                stream = self.detector.predict_stream(paths, maps=wanted, keep_images=self.options["overlays"])
+                for (result, image), name in zip(stream, names, strict=True):
+                    rows.append({**write_result(self.staging, result, name, image, **self.options), "error": ""})
+                    _inject_fault()
+            except AnomalyError as exc:  # data, not an exception: Ray passes the message on but not the type
+                rows = [{**dict.fromkeys(CSV_COLUMNS, ""), "error": str(exc)}]
+        for i, row in enumerate(rows):
+            row["warnings"] = json.dumps(said.messages) if i == 0 and said.messages else ""
+        columns = [*CSV_COLUMNS, "error", "warnings"]
+        return {col: np.array([os.fsencode(row[col]) for row in rows], dtype=object) for col in columns}
+
+
+class _CapturedWarnings(logging.Handler):
+    """The messages of the ``anomaly`` loggers' warnings while it is entered, kept from the worker's own log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _CapturedWarnings:
+        logger = logging.getLogger("anomaly")
+        self._saved = logger.level, logger.propagate
+        if logger.getEffectiveLevel() > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+        logger.propagate = False  # said once, by the driver
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("anomaly")
+        logger.removeHandler(self)
+        logger.setLevel(self._saved[0])
+        logger.propagate = self._saved[1]
 
 
 def _inject_fault() -> None:
@@ -281,10 +314,15 @@ def _run(items: list[dict[str, bytes]], worker: dict[str, Any], address: str | N
         )  # Ray Data restarts an actor that dies and retries its batch (max_restarts/max_task_retries = -1)
         log.info("scoring %d images on %d Ray actors", len(items), size)
         journal = Path(worker["staging"]) / JOURNAL
+        said: set[str] = set()  # the workers' warnings, each said once
         try:
             with journal.open("a", newline="", **CSV_ENCODING) as fh:
                 writer = csv.writer(fh)
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    for message in (m for w in batch["warnings"] if w for m in json.loads(os.fsdecode(w))):
+                        if message not in said:
+                            said.add(message)
+                            log.warning("%s", message)
                     errors = [os.fsdecode(e) for e in batch["error"] if e]
                     if errors:
                         raise DataError(errors[0])

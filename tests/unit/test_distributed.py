@@ -589,3 +589,24 @@ def test_a_model_without_maps_says_so_under_quiet_as_without_ray(
         assert result.exit_code == 0, result.output
         assert "no maps are written" in result.output, name
         assert not list((tmp_path / name).glob("maps"))
+
+
+def test_the_workers_input_warnings_reach_the_user_once(
+    fault_file: Path, patchcore_model: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """An input unlike the training images (here a thumbnail) is named in a warning by `anomaly score`; with --ray
+    the warning was logged in the actor only, where a local instance's shutdown dropped it: the user never saw it."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted((synthetic_root / "test" / "good").glob("*.png"))[:3]
+    for image in good:
+        (folder / image.name).write_bytes(image.read_bytes())
+    Image.open(good[0]).resize((24, 24)).save(folder / "thumb.png")  # under a third of the 128 px training images
+    for name, extra in (("local", []), ("ray", ["--ray"])):
+        result = runner.invoke(app, ["score", "--model", str(patchcore_model), "--out", str(tmp_path / name),
+                                     *extra, str(folder)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        said = [line for line in result.output.splitlines() if line.startswith("warning: ") and "thumb.png" in line]
+        assert len(said) == 1 and "under a third" in said[0], (name, result.output)
