@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import threading
@@ -110,8 +111,15 @@ class StreamingDetector:
         self._config = None if reference is None else detector.config
 
     def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles (``copy.deepcopy``, multiprocessing) get their own lock, and the pool as it stands."""
-        state = self.__dict__.copy()
+        """Copies and pickles (``copy.deepcopy``, multiprocessing) get their own lock, and the pool as it stands: as
+        the last call left it, not half of a call another thread is making (its frames in the pool, not yet in the
+        pool's fingerprints or the threshold's window), which they wait for."""
+        with self._lock:  # a snapshot of what calls change in place: pickled after the lock is let go
+            state = self.__dict__.copy()
+            for key in ("_recent", "_unflagged", "_flags", "_pool_prints", "_pool_sizes"):
+                state[key] = copy.copy(state[key])
+            state["pool"] = copy.copy(self.pool)  # its tensors are replaced by add(), never written in place
+            state["detector"] = copy.copy(self.detector)  # a first call decides its input settings
         del state["_lock"]
         return state
 

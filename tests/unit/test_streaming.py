@@ -409,3 +409,44 @@ def test_after_the_start_up_a_call_is_decided_together(synthetic_root: Path, mon
         line.predict(call)
         decisions.append(len(calls) - before)
     assert decisions == [2, 18 + 1, 1]  # 18 frames reach the 20th score one by one, the last 2 of that call together
+
+
+def test_a_copy_taken_while_another_thread_scores_waits_for_its_call(
+    synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pickling a line (a checkpoint of the stream) from another thread read its state half-way through a call: the
+    frame was in the pool but not among the pool's fingerprints nor in the window, so the restored line did not know
+    that frame when it came again. A copy now waits for the call and takes the state it leaves."""
+    import pickle
+    import threading
+
+    from anomaly.scorers.musc import RollingPool
+
+    train = sorted((synthetic_root / "train" / "good").glob("*.png"))
+    line = StreamingDetector(_musc().fit(train[:2]), pool_size=8)
+    line.predict(train[2:4])
+    inside, release = threading.Event(), threading.Event()
+    add = RollingPool.add
+
+    def held_add(pool, layers):  # type: ignore[no-untyped-def]
+        add(pool, layers)
+        inside.set()
+        release.wait(10)
+
+    monkeypatch.setattr(RollingPool, "add", held_add)
+    scoring = threading.Thread(target=line.predict, args=([train[4]],))
+    scoring.start()
+    assert inside.wait(60)
+    saved: list[bytes] = []
+    saving = threading.Thread(target=lambda: saved.append(pickle.dumps(line)))
+    saving.start()
+    saving.join(1.0)
+    release.set()
+    scoring.join()
+    saving.join()
+    monkeypatch.setattr(RollingPool, "add", add)
+    twin = pickle.loads(saved[0])
+    assert len(twin.pool) == len(twin._pool_prints) == len(twin._pool_sizes) == 3
+    assert len(twin._recent) == len(twin._flags) == twin._n_scored == 3
+    again = twin.predict(train[4])  # the frame the copy holds, sent again: a repeat, left out of the window
+    assert np.isfinite(again.image_score) and len(twin._recent) == 3
