@@ -2,9 +2,10 @@
 
 Normal scores from a Gaussian, an exponential or a log-normal; by default none, 5, 25 or 50 % (``--shares``) of a
 pool of ``--size`` (default 200) are separable defects (beyond the normal 99.9 % quantile, spread exponentially).
-The realised share is measured on 4,000 fresh normal scores per pool.
+The realised share is measured on 4,000 fresh normal scores per pool. ``--window`` judges each pool as a production
+line's window of recent scores (``expect_defects=False``, as ``StreamingDetector`` does), not as a batch.
 
-    python benchmarks/pool_rule.py --pools 8 [--size 83] [--shares 0.75]
+    python benchmarks/pool_rule.py --pools 8 [--size 83] [--shares 0.75] [--window]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument(
         "--shares", type=float, nargs="+", default=[0.0, 0.05, 0.25, 0.5], help="anomalous shares of a pool"
     )
+    parser.add_argument("--window", action="store_true", help="judge pools as a stream's window of recent scores")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     families = {
@@ -42,7 +44,7 @@ def main() -> None:
                     q50, q999 = np.quantile(draw(100_000), [0.5, 0.999])
                     anomalous = q999 + rng.exponential(q999 - q50, n_anomalous)
                     pool = np.concatenate([draw(args.size - n_anomalous), anomalous])
-                    threshold = pool_threshold(pool, target).image
+                    threshold = pool_threshold(pool, target, expect_defects=not args.window).image
                     fps.append(np.mean(draw(4000) >= threshold))
                     if n_anomalous:
                         caught.append(np.mean(anomalous >= threshold))
