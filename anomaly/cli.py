@@ -49,12 +49,26 @@ EvalSizeOpt = Annotated[
 
 
 class _Terminated(BaseException):
-    """SIGTERM (``timeout``, ``kill``, ``docker stop``, systemd) raised in the main thread, so that the same
-    clean-up as for Ctrl-C runs: temp folders removed, nothing half-written."""
+    """SIGTERM (``timeout``, ``kill``, ``docker stop``, systemd) or SIGHUP (the terminal or SSH session closed)
+    raised in the main thread, so that the same clean-up as for Ctrl-C runs: temp folders removed, nothing
+    half-written. ``signum`` gives the exit code, 128 + the signal's number, as a shell reports a signal."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated
+    raise _Terminated(signum)
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM, and SIGHUP where the system has it, raise :class:`_Terminated`. A SIGHUP that is ignored (``nohup
+    anomaly fit ...``) stays ignored: such a run is meant to outlive its terminal."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signal.signal(hangup, _on_sigterm)
 
 
 def _user_errors(fn: F) -> F:
@@ -69,7 +83,11 @@ def _user_errors(fn: F) -> F:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         except (KeyboardInterrupt, _Terminated) as exc:  # outputs are written to temp folders and renamed
-            what, code = ("terminated", 143) if isinstance(exc, _Terminated) else ("interrupted", 130)
+            if isinstance(exc, _Terminated):
+                hangup = exc.signum == getattr(signal, "SIGHUP", None)
+                what, code = ("hung up" if hangup else "terminated"), 128 + exc.signum
+            else:
+                what, code = "interrupted", 130
             typer.echo(f"{what}: no half-written output was left; earlier outputs are as they were", err=True)
             raise typer.Exit(code) from None
 
@@ -829,7 +847,7 @@ def import_(
 def main() -> None:
     """Console-script entry point."""
     # (Idle OpenMP threads sleep: `import anomaly` set OMP_WAIT_POLICY=PASSIVE before torch loaded.)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _install_signal_handlers()
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:

@@ -462,11 +462,12 @@ def test_8_a_fit_killed_between_its_two_renames_is_read_and_cleaned_up(
     restore_interrupted(Path("."))  # a model in the current folder: nothing to restore, no error
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sighup"])
 def test_8_ctrl_c_is_one_line_and_leaves_the_earlier_output(
     how: str, model: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl-C and SIGTERM (timeout, kill, docker stop: it left a temp folder of maps behind) clean up alike."""
+    """Ctrl-C, SIGTERM (timeout, kill, docker stop: it left a temp folder of maps behind) and SIGHUP (the terminal
+    or SSH session closed: the process died of the signal, exit -1, its temp folder left) clean up alike."""
     import os
     import signal
 
@@ -476,23 +477,47 @@ def test_8_ctrl_c_is_one_line_and_leaves_the_earlier_output(
     images = synthetic_root / "test" / "good"
     assert _run("score", "--model", model, "--out", out, images).exit_code == 0
     before = (out / "scores.csv").read_bytes()
+    signum = {"sigterm": signal.SIGTERM, "sighup": getattr(signal, "SIGHUP", None)}.get(how)
+    if how == "sighup" and signum is None:
+        pytest.skip("no SIGHUP on this system")
 
     def interrupted(*args: object, **kwargs: object) -> None:
-        if how == "ctrl-c":
+        if signum is None:
             raise KeyboardInterrupt
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler `anomaly` installs raises in the main thread
+        os.kill(os.getpid(), signum)  # the handler `anomaly` installs raises in the main thread
 
     monkeypatch.setattr(Detector, "finish", interrupted)
-    previous = signal.signal(signal.SIGTERM, cli._on_sigterm)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
+    cli._install_signal_handlers()
     try:
         result = _run("score", "--model", model, "--out", out, synthetic_root / "test")
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    code, word = (130, "interrupted") if how == "ctrl-c" else (143, "terminated")
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    code, word = {"ctrl-c": (130, "interrupted"), "sigterm": (143, "terminated"), "sighup": (129, "hung up")}[how]
     assert result.exit_code == code and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith(f"{word}: ")]
     assert (out / "scores.csv").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scores.")]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP on this system")
+def test_8_a_hangup_that_nohup_ignores_stays_ignored() -> None:
+    import signal
+
+    from anomaly import cli
+
+    previous = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `nohup anomaly fit ...`: meant to outlive its terminal
+        cli._install_signal_handlers()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        cli._install_signal_handlers()
+        assert signal.getsignal(signal.SIGHUP) == cli._on_sigterm
+    finally:
+        signal.signal(signal.SIGHUP, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 def test_9_decompression_bombs_are_refused_by_name(model: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
