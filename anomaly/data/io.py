@@ -486,9 +486,16 @@ def _integer_pixels(pixels: NDArray[Any], name: str) -> NDArray[Any]:
     other float data (HDR, raw counts) and wider or signed integers (an int32 TIFF) whose values do not fit
     0..65535 are a one-line error naming the image."""
     if pixels.dtype.kind == "f":
-        finite = bool(np.isfinite(pixels).all())
-        low, high = (float(pixels.min(initial=0)), float(pixels.max(initial=0))) if finite else (np.nan, np.nan)
-        if not (finite and low >= 0 and high <= 1):
+        finite = np.isfinite(pixels)
+        if not finite.all():  # the range of the finite values would hide them; "nan..nan" named no value at all
+            kinds = [k for k, has in (("NaN", np.isnan(pixels).any()), ("inf", np.isinf(pixels).any())) if has]
+            raise DataError(
+                f"cannot read image: {name} ({pixels.dtype} with {' and '.join(kinds)} values at "
+                f"{int((~finite).sum())} pixel(s): float images are read in [0, 1] only; save it as 8 or 16 bits "
+                "unsigned)"
+            )
+        low, high = float(pixels.min(initial=0)), float(pixels.max(initial=0))
+        if not (low >= 0 and high <= 1):
             raise DataError(
                 f"cannot read image: {name} ({pixels.dtype} values {low:g}..{high:g}: float images are read in [0, 1] "
                 "only; save it as 8 or 16 bits unsigned)"

@@ -192,6 +192,21 @@ def test_float_tiffs_in_0_1_read_as_float_arrays_do_and_others_are_refused(tmp_p
         read_image(tmp_path / "counts.tif")
 
 
+def test_float_tiffs_with_nan_or_inf_name_those_values_not_a_range_of_nan(tmp_path: Path) -> None:
+    """One inf pixel among values in [0, 1] was reported as "float32 values nan..nan", which names no value the
+    file holds; the message says what is wrong: non-finite values, and how many."""
+    values = np.random.default_rng(0).random((48, 64)).astype(np.float32)
+    values[5, 5] = np.inf
+    Image.fromarray(values, mode="F").save(tmp_path / "inf.tif")
+    with pytest.raises(DataError, match=r"inf.tif \(float32 with inf values at 1 pixel\(s\)") as caught:
+        read_image(tmp_path / "inf.tif")
+    assert "nan..nan" not in str(caught.value)
+    values[6, 6] = np.nan
+    Image.fromarray(values, mode="F").save(tmp_path / "both.tif")
+    with pytest.raises(DataError, match=r"both.tif \(float32 with NaN and inf values at 2 pixel\(s\)"):
+        read_image(tmp_path / "both.tif")
+
+
 @pytest.mark.parametrize("alpha", [0, 128, 255])
 def test_rgba_drops_its_alpha_alike_in_png_and_tiff(alpha: int) -> None:
     """OpenCV's TIFF reader multiplied the colours by alpha: a transparent frame read black from a TIFF only."""
