@@ -77,6 +77,7 @@ MIN_REFERENCE_RULE = 4
 MIN_WINDOW = 20
 _MIN_COMPONENT = 0.1  # a score group (Otsu's lower one, a defect cluster) holds at least 10 % of a pool
 _MIN_NORMAL = 0.2  # the normal cluster at least 20 %: a mixture's left-tail component alone is not normal
+_MIN_WINDOW_NORMAL = 0.5  # a tight mode standing alone in a line's window of recent scores (mostly normal) holds half
 _COPY_MARGIN = 1e-4  # copies of one image score alike to float32 rounding (batching: 1e-6 relative), not closer
 _BOXCOX_LAMBDAS = tuple(np.linspace(-1.0, 2.0, 13))  # 0: log-normal, 1/4-1/2: gamma-like, 1: Gaussian
 _COMPONENTS = (1, 2, 3)  # normal images, and defects in one or two clusters when there are any
@@ -471,10 +472,11 @@ def _normal_cluster(
     in the scores themselves: a left-tail component that a transform stretched apart has none there, the few good
     images of a mostly defective pool do (4 good and 36 broken bottles: 1 of 36 flagged at an AUROC of 1).
 
-    A lowest component of ``_MIN_NORMAL`` or more also stands alone when the next one is :func:`_shifted_and_broad`
-    from it, valley or not: defects spread over a wide range overlap a tight normal mode without a dip between them
-    (MVTec AD transistor's 60 good and 40 defective images, zero-shot: 1 of 40 flagged; a line's window of 18 good
-    bottles, 5 gray ones and 2 defects: the merged modes' quantile lay above every score)."""
+    A lowest component of ``_MIN_NORMAL`` or more (``_MIN_WINDOW_NORMAL`` in a line's window, without
+    ``expect_defects``) also stands alone when the next one is :func:`_shifted_and_broad` from it, valley or not:
+    defects spread over a wide range overlap a tight normal mode without a dip between them (MVTec AD transistor's
+    60 good and 40 defective images, zero-shot: 1 of 40 flagged; a line's window of 18 good bottles, 5 gray ones
+    and 2 defects: the merged modes' quantile lay above every score)."""
     order = np.argsort(means)
     normal = [int(order[0])]
     for j in order[1:]:
@@ -482,7 +484,9 @@ def _normal_cluster(
         if share >= _MIN_COMPONENT and _valley_between(normal, int(j), means, sds, weights):
             if share >= _MIN_NORMAL or apart(share):
                 break
-        alone = len(normal) == 1 and share >= _MIN_NORMAL  # a tight mode may stand alone
+        # a tight mode may stand alone; in a line's window (mostly normal) only when it holds half the scores or more:
+        # the floor of 1 + exponential scores fits a tight component of 20-25 % (71 % of a window flagged)
+        alone = len(normal) == 1 and share >= (_MIN_NORMAL if expect_defects else _MIN_WINDOW_NORMAL)
         if alone and _shifted_and_broad(normal[0], int(j), means, sds):
             break
         normal.append(int(j))
