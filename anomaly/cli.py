@@ -59,6 +59,11 @@ class _Terminated(BaseException):
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    # Once: a closed terminal sends SIGHUP twice (the kernel, and the shell to its jobs), and a second signal
+    # raised inside the clean-up that the first one started would cut it short (a temp folder left behind).
+    for name in ("SIGTERM", "SIGHUP"):
+        if (number := getattr(signal, name, None)) is not None and signal.getsignal(number) is _on_sigterm:
+            signal.signal(number, signal.SIG_IGN)
     raise _Terminated(signum)
 
 

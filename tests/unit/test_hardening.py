@@ -890,3 +890,29 @@ def test_a_scores_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_is_read(tmp_
     with pytest.raises(DataError, match=r"expected columns path,score and at least one row \(found columns: "
                        r"path;score;is_anomalous; 2 row\(s\)\)"):  # fmt: skip
         read_scores(scores)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP on this system")
+def test_8_a_second_hangup_during_the_clean_up_does_not_cut_it_short() -> None:
+    """A closed terminal sends SIGHUP twice (the kernel, then the shell to its jobs): the second one, raised inside
+    the clean-up that the first started, interrupted it and left a temp folder behind."""
+    import os
+    import signal
+
+    from anomaly import cli
+
+    previous = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
+    cleaned = False
+    try:
+        cli._install_signal_handlers()
+        with pytest.raises(cli._Terminated) as caught:
+            try:
+                os.kill(os.getpid(), signal.SIGHUP)
+            finally:
+                os.kill(os.getpid(), signal.SIGHUP)  # the shell's SIGHUP, while the first unwinds
+                os.kill(os.getpid(), signal.SIGTERM)
+                cleaned = True
+        assert caught.value.signum == signal.SIGHUP and cleaned
+    finally:
+        signal.signal(signal.SIGHUP, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
