@@ -488,8 +488,10 @@ def test_8_ctrl_c_is_one_line_and_leaves_the_earlier_output(
 
     monkeypatch.setattr(Detector, "finish", interrupted)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
-    cli._install_signal_handlers()
     try:
+        if signum is not None:
+            signal.signal(signum, signal.SIG_DFL)  # under nohup (a CI runner) SIGHUP is ignored, and stays so
+        cli._install_signal_handlers()
         result = _run("score", "--model", model, "--out", out, synthetic_root / "test")
     finally:
         for s, handler in previous.items():
@@ -904,6 +906,7 @@ def test_8_a_second_hangup_during_the_clean_up_does_not_cut_it_short() -> None:
     previous = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
     cleaned = False
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # under nohup (a CI runner) SIGHUP is ignored, and stays so
         cli._install_signal_handlers()
         with pytest.raises(cli._Terminated) as caught:
             try:
