@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TypedDict
 
+from anomaly._fs import restore_interrupted
 from anomaly.errors import DataError
 
 __all__ = [
@@ -114,6 +115,7 @@ def _write(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
 def _read(path: Path, required: list[str], command: str) -> list[dict[str, str]]:
     if path.parent.is_file():  # the table itself given where its folder is asked for
         raise DataError(f"{path.parent}: a file; give the folder that holds it (the output folder of `{command}`)")
+    restore_interrupted(path.parent)  # a run killed between its two renames left the previous folder as .<name>.old
     if not path.is_file():
         raise DataError(f"{path}: not found (run `{command}` first)")
     try:

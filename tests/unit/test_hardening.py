@@ -919,3 +919,17 @@ def test_8_a_second_hangup_during_the_clean_up_does_not_cut_it_short() -> None:
     finally:
         signal.signal(signal.SIGHUP, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+
+
+def test_a_scores_folder_left_between_the_two_renames_is_read_back(tmp_path: Path) -> None:
+    """A score run killed between replace_dir's two renames leaves the previous scores as .<name>.old; `evaluate`,
+    `report` and `discover` answered "scores.csv: not found (run `anomaly score` first)" instead of restoring it."""
+    from anomaly._fs import staged_dir
+    from anomaly.tables import read_scores, write_scores
+
+    out = tmp_path / "scores"
+    with staged_dir(out, "scores.csv") as tmp:
+        write_scores(tmp / "scores.csv", [{"path": "a.png", "score": "1.0", "is_anomalous": "true"}])
+    out.rename(tmp_path / ".scores.old")  # killed after the first rename
+    assert [row["path"] for row in read_scores(out)] == ["a.png"]
+    assert (out / "scores.csv").is_file() and not (tmp_path / ".scores.old").exists()

@@ -22,7 +22,7 @@ FORBIDDEN: dict[str, list[str]] = {
     "anomaly._fs": ["anomaly.", "!anomaly.errors"],
     "anomaly._runtime": ["anomaly.", "!anomaly.errors"],
     "anomaly.config": ["anomaly.", "!anomaly.errors"],
-    "anomaly.tables": ["anomaly.", "!anomaly.errors", "torch"],
+    "anomaly.tables": ["anomaly.", "!anomaly.errors", "!anomaly._fs", "torch"],  # _fs: a reader restores a swap
     "anomaly.distances": ["anomaly.", "!anomaly.index", "torch"],
     "anomaly.results": ["anomaly.", "torch"],
     "anomaly.maps": ["anomaly.", "torch"],
