@@ -203,7 +203,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path`` and rename it over ``path``; nothing is left on failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    name = path.name if len(os.fsencode(path.name)) <= 180 else hashlib.sha256(os.fsencode(path.name)).hexdigest()
+    tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")  # a 255-byte name's stays below 255
     try:
         tmp.write_bytes(data)
         tmp.replace(path)

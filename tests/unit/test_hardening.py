@@ -933,3 +933,13 @@ def test_a_scores_folder_left_between_the_two_renames_is_read_back(tmp_path: Pat
     out.rename(tmp_path / ".scores.old")  # killed after the first rename
     assert [row["path"] for row in read_scores(out)] == ["a.png"]
     assert (out / "scores.csv").is_file() and not (tmp_path / ".scores.old").exists()
+
+
+def test_a_file_name_near_the_length_limit_is_written_atomically(tmp_path: Path) -> None:
+    """The temp file beside a map or overlay added a dot, the pid and the thread id to its name: an image named
+    with 230 or more bytes (the limit is 255) failed `score --maps` with "File name too long"."""
+    from anomaly._fs import atomic_write_bytes
+
+    path = tmp_path / ("\u00e9" * 125 + ".npy")  # 254 bytes in UTF-8
+    atomic_write_bytes(path, b"map")
+    assert path.read_bytes() == b"map" and os.listdir(tmp_path) == [path.name]
