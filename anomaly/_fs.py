@@ -187,8 +187,16 @@ def _swap(tmp: Path, target: Path, owned: Collection[str] | None = None) -> None
         users = [e for e in target.iterdir() if e.name not in ours | {OUTPUT_MARKER} and not (tmp / e.name).exists()]
         if users:  # the temp folder now holds the user's files: a run killed before the renames leaves it to the
             (tmp / _OWNER_FILE).unlink(missing_ok=True)  # user, not to the clean-up of dead runs' temp folders
-        for entry in users:
-            entry.rename(tmp / entry.name)
+        moved: list[Path] = []
+        try:
+            for entry in users:
+                entry.rename(tmp / entry.name)
+                moved.append(entry)
+        except OSError:  # one that cannot move (a read-only sub-folder, a mount): those moved go back, or the
+            for entry in moved:  # clean-up of the failed run's temp folder would delete them
+                with contextlib.suppress(OSError):
+                    (tmp / entry.name).rename(entry)
+            raise
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     target.rename(old)

@@ -943,3 +943,32 @@ def test_a_file_name_near_the_length_limit_is_written_atomically(tmp_path: Path)
     path = tmp_path / ("\u00e9" * 125 + ".npy")  # 254 bytes in UTF-8
     atomic_write_bytes(path, b"map")
     assert path.read_bytes() == b"map" and os.listdir(tmp_path) == [path.name]
+
+
+def test_a_user_file_that_cannot_move_leaves_the_others_in_the_old_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-run moves the user's files of the old output into the new one; when one of them could not move (a
+    read-only sub-folder: Linux needs write permission on a folder to move it elsewhere), the run failed and its
+    clean-up deleted the temp folder with the user's files that had moved before."""
+    from anomaly import _fs
+
+    target = tmp_path / "out"
+    with _fs.staged_dir(target, "scores.csv") as tmp:
+        (tmp / "scores.csv").write_text("path,score\na.png,1\n")
+    (target / "a_notes.txt").write_text("mine")
+    (target / "b_locked").mkdir()
+    rename = Path.rename
+
+    def refused(self: Path, dest: Path) -> Path:
+        if self.name == "b_locked":
+            raise PermissionError(13, "Permission denied")
+        return rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", refused)
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(listing(self))))  # the notes move first
+    with pytest.raises(DataError, match="Permission denied"), _fs.staged_dir(target, "scores.csv") as tmp:
+        (tmp / "scores.csv").write_text("path,score\na.png,2\n")
+    assert (target / "a_notes.txt").read_text() == "mine" and (target / "b_locked").is_dir()
+    assert (target / "scores.csv").read_text() == "path,score\na.png,1\n"
