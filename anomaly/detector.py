@@ -314,7 +314,7 @@ class Detector:
     def fit(self, images: Sequence[ImageInput] | ImageInput, progress: StageProgress | None = None) -> Detector:
         """Learn from normal images (files, folders, a category root, arrays); zero-shot: store references.
 
-        Trained scorers are cross-fitted: the images are split into folds (:meth:`folds`) and
+        Trained scorers are cross-fitted: the images are split into ``threshold.folds`` folds and
         every image is scored by a model that never saw its fold, so the threshold comes from honest
         out-of-sample scores of normal images (see :mod:`anomaly.thresholds`).
         """
@@ -496,9 +496,8 @@ class Detector:
 
     def folds(self, n: int) -> NDArray[np.int64]:
         """The seeded fold of each of ``n`` training images (``threshold.folds`` folds; one per image for a scorer
-        that declares ``leave_one_out``, whose fold models must be fitted on about as many images as its model, unless
-        the images are tiled: its closed form takes one row per image, and a refit per image costs n fits)."""
-        if self.scorer.leave_one_out and self.config.preprocess.tile is None:
+        that declares ``leave_one_out``, whose fold models must be fitted on about as many images as its model)."""
+        if self.scorer.leave_one_out:
             return np.arange(n, dtype=np.int64)
         k = min(self.config.threshold.folds, n)
         order = np.random.default_rng(self.config.seed).permutation(n)
