@@ -495,10 +495,7 @@ class Detector:
         return n
 
     def folds(self, n: int) -> NDArray[np.int64]:
-        """The seeded fold of each of ``n`` training images (``threshold.folds`` folds; one per image for a scorer
-        that declares ``leave_one_out``, whose fold models must be fitted on about as many images as its model)."""
-        if self.scorer.leave_one_out:
-            return np.arange(n, dtype=np.int64)
+        """The seeded fold of each of ``n`` training images (``threshold.folds`` folds)."""
         k = min(self.config.threshold.folds, n)
         order = np.random.default_rng(self.config.seed).permutation(n)
         folds = np.empty(n, dtype=np.int64)

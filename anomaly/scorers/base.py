@@ -91,7 +91,6 @@ class Scorer(ABC):
     augment_references: bool = False
     augment_queries: bool = False
     min_fold_images: ClassVar[int] = 1  # images each cross-fit fold model (fitted on the other folds) needs
-    leave_one_out: ClassVar[bool] = False  # cross-fitted one image per fold (each scored by a model of all others)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor keywords, as stored in configs and saved models (scikit-learn's convention; ``deep``

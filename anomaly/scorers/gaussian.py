@@ -111,11 +111,6 @@ class PadimScorer(Scorer):
     """
 
     name = "padim"
-    # Its exact leave-one-out costs about one fit (below); and it needs it: a per-position covariance of
-    # ``n_features`` dimensions from about as many images scores new images far higher when fitted on 9/10 of them
-    # (out-of-sample Mahalanobis distances grow like 1 / (m - d)), so 10-fold scores set thresholds that flagged
-    # 0 of 297 normal ELPV cells and 4 of 228 KolektorSDD frames at a 5 % target (120 training images).
-    leave_one_out = True
 
     def __init__(self, *, n_features: int = 100, ridge: float = 0.01, chunk: int = 512, random_state: int = 0) -> None:
         check_int("n_features", n_features, 1)
@@ -208,15 +203,9 @@ class PadimScorer(Scorer):
         n_pos = h * w
         eye = torch.eye(len(self.channels_), dtype=torch.float64)
         dist = torch.empty(n_pos, n, dtype=torch.float64)
-        fold_ids, sizes = np.unique(folds, return_counts=True)
-        singletons = n >= 3 and bool(np.all(sizes == 1))
+        fold_ids = np.unique(folds)
         for positions in self._chunks(layers):
             part = self._embed_chunk(layers, parts, positions).double()
-            if singletons:  # leave-one-out in closed form: one Cholesky factor per position serves every image
-                dist[positions] = self._leave_one_out(part, eye)
-                if progress is not None:
-                    progress(positions.stop, n_pos)
-                continue
             total, outer = part.sum(1), part.transpose(1, 2) @ part
             for fold in fold_ids:
                 held = torch.from_numpy(np.flatnonzero(folds == fold))
@@ -231,18 +220,6 @@ class PadimScorer(Scorer):
                 progress(positions.stop, n_pos)
         patch = dist.T.reshape(n, h, w).float().numpy()
         return ScoreOutput(patch_maps=patch, image_scores=patch.reshape(n, -1).max(1).astype(np.float64))
-
-    def _leave_one_out(self, part: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
-        """(p, N) Mahalanobis distance of every image to its position's Gaussian fitted without it, exactly as
-        refitting would give it (the same mean, unbiased covariance and ridge), by Sherman-Morrison: with ``D`` the
-        rows centred on the mean of all ``n``, ``A = D'D / (n - 2) + ridge I`` and ``q = d' A^-1 d``, image ``d``'s
-        squared distance without it is ``(n / (n - 1))^2 q / (1 - c q)``, ``c = n / ((n - 1)(n - 2))``."""
-        n = part.shape[1]
-        centred = part - part.mean(1, keepdim=True)
-        chol = torch.linalg.cholesky(centred.transpose(1, 2) @ centred / (n - 2) + self.ridge * eye)
-        q = torch.linalg.solve_triangular(chol, centred.transpose(1, 2), upper=False).square().sum(1)
-        c = n / ((n - 1) * (n - 2))
-        return ((n / (n - 1)) ** 2 * q / (1 - c * q)).clamp_min(0).sqrt()
 
     def score(
         self,
