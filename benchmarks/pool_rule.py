@@ -5,7 +5,9 @@ pool of ``--size`` (default 200) are separable defects (beyond the normal 99.9 %
 The realised share is measured on 4,000 fresh normal scores per pool. ``--window`` judges each pool as a production
 line's window of recent scores (``expect_defects=False``, as ``StreamingDetector`` does), not as a batch.
 
-    python benchmarks/pool_rule.py --pools 8 [--size 83] [--shares 0.75] [--window]
+``--offset`` adds a floor to the normal scores (``1`` makes the exponential ones ``1.01 + Exp(1)``).
+
+    python benchmarks/pool_rule.py --pools 8 [--size 83] [--shares 0.75] [--window] [--offset 1]
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ def main() -> None:
         "--shares", type=float, nargs="+", default=[0.0, 0.05, 0.25, 0.5], help="anomalous shares of a pool"
     )
     parser.add_argument("--window", action="store_true", help="judge pools as a stream's window of recent scores")
+    parser.add_argument("--offset", type=float, default=0.0, help="a floor added to every normal score")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     families = {
-        "gaussian": lambda n: rng.normal(10, 1, n),
-        "exponential": lambda n: rng.exponential(1, n) + 0.01,
-        "lognormal": lambda n: rng.lognormal(0, 0.5, n),
+        "gaussian": lambda n: rng.normal(10, 1, n) + args.offset,
+        "exponential": lambda n: rng.exponential(1, n) + 0.01 + args.offset,
+        "lognormal": lambda n: rng.lognormal(0, 0.5, n) + args.offset,
     }
     print("| target | normal scores | anomalous | realised FP share (mean / worst pool) | defects flagged |")
     print("|---|---|---|---|---|")
