@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from anomaly.errors import DataError
+
 __all__ = [
     "SCALES",
     "Binarization",
@@ -164,10 +166,13 @@ def find_regions(
 
     Returns:
         All regions (``Region.image`` indexes ``maps``) and one :class:`Binarization` per map.
+
+    Raises:
+        DataError: a map is not (H, W) or holds a value that is not finite.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    small = [_working(np.asarray(m, dtype=np.float32)) for m in maps]
+    small = [_working(_checked(np.asarray(m, dtype=np.float32), i)) for i, m in enumerate(maps)]
     if not small:
         return [], []
     lo, hi = sweep_range(small)
@@ -210,6 +215,16 @@ def _choose(
 
 def _half_max(work: NDArray[np.float32]) -> Binarization:
     return Binarization(float(0.5 * (np.median(work) + work.max())), "half_max")
+
+
+def _checked(amap: NDArray[np.float32], index: int) -> NDArray[np.float32]:
+    """``amap`` if it is an (H, W) map of finite values, else DataError naming its index (a NaN pixel would leave the
+    map without a region, a third axis would not unpack)."""
+    if amap.ndim != 2 or min(amap.shape) == 0:
+        raise DataError(f"discover: map {index} must be (H, W), got shape {amap.shape}")
+    if not np.isfinite(amap).all():
+        raise DataError(f"discover: map {index} holds NaN or infinite values")
+    return amap
 
 
 def _working(amap: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -63,6 +63,17 @@ def test_flat_map_falls_back_to_pixel_threshold_then_half_max() -> None:
     assert choices[0].method == "half_max" and regions  # the map never reaches its pixel threshold
 
 
+@pytest.mark.parametrize("scale", ["per_image", "shared"])
+def test_find_regions_refuses_a_non_finite_or_non_2d_map(scale: str) -> None:
+    good = _blobs([(30, 30)])
+    spotted = good.copy()
+    spotted[5, 5] = np.nan  # a map from another tool: one NaN pixel left the map without any region (IndexError)
+    with pytest.raises(DataError, match="map 1 holds NaN or infinite"):
+        find_regions([good, spotted], scale=scale)
+    with pytest.raises(DataError, match="map 0 must be"):
+        find_regions([good[None]], scale=scale)
+
+
 def test_per_image_scale_binarises_each_map_against_its_own_level() -> None:
     # A pool-relative map: the same blob on a raised floor and at a smaller height. Per image, each map
     # is cut half way between its own median (the floor) and its peak, so both blobs get the same region.
