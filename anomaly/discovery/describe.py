@@ -67,7 +67,7 @@ class RegionDescriber:
         weights, pretrained: where the backbone's weights come from (as ``backbone.weights`` /
             ``backbone.pretrained`` of a detector config).
         mean, std: input statistics (None: the model's own).
-        input_size: side of the square crop fed to the backbone.
+        input_size: side of the square crop fed to the backbone (a ViT's is rounded to whole patches).
         padding: context around a region's box, as a fraction of its longest side (per side).
         min_side: smallest crop side as a fraction of the image's longest side.
         min_pixels: smallest crop side in image pixels (small images: a crop of a few dozen pixels,
@@ -106,7 +106,8 @@ class RegionDescriber:
             std=std,
             device=device,
         )
-        self.input_size = input_size
+        # a ViT snaps the size to whole patches (256 -> 252 for patch 14): crops are cut at the size it runs at
+        self.input_size = self.extractor.image_size[0]
         self.padding = padding
         self.min_side = min_side
         self.min_pixels = min_pixels

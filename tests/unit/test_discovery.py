@@ -347,6 +347,17 @@ def test_discover_cli_user_errors(scores_dir: Path, tmp_path: Path) -> None:
     assert "exactly one of" in _error(["evaluate", "--root", str(tmp_path)])
 
 
+def test_discover_describes_with_a_patch_14_vit(scores_dir: Path, tmp_path: Path) -> None:
+    """A patch-14 ViT (DINOv2: `--config musc_dinov2`) runs at 252 px, its whole patches; crops were cut at 256 px
+    and the extractor refused them with a traceback (exit 1)."""
+    vit = ["--set", "backbone.name=vit_small_patch14_dinov2", "--set", "backbone.pretrained=false"]
+    result = runner.invoke(
+        app, ["discover", "--scores", str(scores_dir), "--out", str(tmp_path / "o"), "--k", "3", *vit]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader((tmp_path / "o" / "clusters.csv").open()))) == 6
+
+
 def test_discover_takes_set_as_fit_does(scores_dir: Path, tmp_path: Path) -> None:
     """Offline, a backbone without weights was refused with the advice '--set backbone.weights=FILE', which
     `anomaly discover` did not take."""
