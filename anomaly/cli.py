@@ -622,7 +622,7 @@ def discover(
         typer.Option(
             "--set",
             help="Override a key of the describer's backbone: backbone.KEY=VALUE (repeatable; name, weights, "
-            "pretrained; layers, mean and std of a model without blocks.4 and blocks.6).",
+            "pretrained; layers, mean and std of a ViT or of a CNN without blocks.4 and blocks.6).",
         ),
     ] = None,
 ) -> None:

@@ -118,25 +118,28 @@ class RegionDescriber:
     def from_backbone(cls, config: BackboneConfig, **kwargs: Any) -> RegionDescriber:
         """A describer on a detector config's backbone: its model and weights.
 
-        When the model has the describer's own layers (``DEFAULT_LAYERS``: every EfficientNet), regions are
+        When a CNN has the describer's own layers (``DEFAULT_LAYERS``: every EfficientNet), regions are
         described with the describer's measured settings, those layers and ImageNet statistics (chosen for
         discovery, which is not detection: benchmarks/README.md section 8). Other models use the config's
-        layers and input statistics.
+        layers and input statistics; so does a ViT, whose ``blocks.4`` and ``blocks.6`` are early transformer
+        blocks, not a CNN's stride-16 and stride-32 stages.
         """
         try:
-            return cls(config.name, DEFAULT_LAYERS, weights=config.weights, pretrained=config.pretrained, **kwargs)
+            own = cls(config.name, DEFAULT_LAYERS, weights=config.weights, pretrained=config.pretrained, **kwargs)
+            if not own.extractor.is_vit:
+                return own
         except ConfigError as exc:
             if not str(exc).startswith("backbone.layers: unknown layer"):  # the model lacks blocks.4 / blocks.6
                 raise
-            return cls(
-                config.name,
-                config.layers,
-                weights=config.weights,
-                pretrained=config.pretrained,
-                mean=config.mean,
-                std=config.std,
-                **kwargs,
-            )
+        return cls(
+            config.name,
+            config.layers,
+            weights=config.weights,
+            pretrained=config.pretrained,
+            mean=config.mean,
+            std=config.std,
+            **kwargs,
+        )
 
     def crop(self, image: NDArray[np.uint8], region: Region) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
         """The region's context crop (S, S, 3) and its mask over the crop (S, S) in [0, 1]; S = ``input_size``."""

@@ -307,6 +307,11 @@ def test_describer_from_a_backbone_config() -> None:
     described = RegionDescriber.from_backbone(other, input_size=64)
     assert described.extractor.layer_names == list(other.layers)  # and the config's statistics
     assert described.extractor.mean.flatten().tolist() == pytest.approx([127.5] * 3)
+    # a ViT has blocks.4 and blocks.6 too, but as early transformer blocks: it keeps the config's layers
+    vit = load_config("musc_dinov2").backbone
+    vit = dataclasses.replace(vit, name="vit_small_patch14_dinov2", pretrained=False, layers=("blocks.9", "blocks.11"))
+    described = RegionDescriber.from_backbone(vit, input_size=56)
+    assert described.extractor.layer_names == ["blocks.9", "blocks.11"]
 
 
 def _error(args: list[str]) -> str:
