@@ -8,13 +8,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from anomaly._fs import staged_dir
-from anomaly.data.io import load_map, read_images
+from anomaly.data.io import as_rgb8, load_map, read_pixels, significant_bits
 from anomaly.discovery.pipeline import DiscoveryResult
 from anomaly.errors import DataError
 from anomaly.tables import find_scored_image, is_flagged, read_scores, score_number, write_clusters
@@ -133,12 +134,12 @@ def _contact_sheet(
     result: DiscoveryResult, members: NDArray[np.intp], paths: list[str], files: list[Path]
 ) -> NDArray[np.uint8]:
     """BGR grid of thumbnails of ``files``, each region outlined in red, its name (``paths``) and confidence below."""
-    images = read_images(files, bit_depth=None)  # 16-bit images at their depth: a 12-bit frame is not black
+    images = _thumbnails(files)
     rows = math.ceil(len(members) / SHEET_COLUMNS)
     cols = min(len(members), SHEET_COLUMNS)
     sheet = np.full((rows * (THUMB + 18), cols * THUMB, 3), 255, np.uint8)
     for slot, (index, image) in enumerate(zip(members, images)):
-        thumb = cv2.cvtColor(_fit(image), cv2.COLOR_RGB2BGR)
+        thumb = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
         for region in (r for r in result.regions if r.image == index):
             mask = cv2.resize(region.mask.view(np.uint8), thumb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -159,7 +160,20 @@ def _fit_label(label: str) -> str:
     return label
 
 
-def _fit(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+def _thumbnails(files: list[Path]) -> list[NDArray[np.uint8]]:
+    """RGB thumbnails of ``files``, each shrunk as soon as it is decoded (64 camera frames held at once took
+    gigabytes). 16-bit images share the depth the largest of them needs, as :func:`read_images` gives them: a
+    12-bit frame is not black, and a dark one stays darker than a bright one."""
+    thumbs, depths = [], []
+    for file in files:
+        pixels = read_pixels(file)
+        depths.append(significant_bits(pixels))
+        thumbs.append(_fit(pixels))  # cv2 shrinks uint16 as it does uint8
+    shared = max((bits for bits in depths if bits is not None), default=16)
+    return [as_rgb8(thumb, shared) for thumb in thumbs]
+
+
+def _fit(image: NDArray[Any]) -> NDArray[Any]:
     h, w = image.shape[:2]
     scale = THUMB / max(h, w)
     # cv2's stubs drop the dtype

@@ -503,3 +503,37 @@ def test_discover_reads_every_16_bit_image_at_one_depth(tmp_path: Path) -> None:
     amap[8:24, 8:24] = 1
     pipeline.discover(paths, k=2, maps=[amap] * len(paths), describer=Recorder())  # type: ignore[arg-type]
     assert seen == [1000 >> 4] * len(paths)
+
+
+def test_contact_sheet_decodes_one_frame_at_a_time(tmp_path: Path) -> None:
+    """The sheet decoded all its (up to 64) images before shrinking any: gigabytes for camera frames. 16-bit
+    frames still share one depth: a dark 12-bit frame stays darker than a bright one."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from anomaly.discovery.outputs import THUMB, _contact_sheet
+
+    ramp = np.linspace(0, 255, 1200, dtype=np.float32)
+    frame = np.dstack([np.add.outer(ramp, ramp) / 2] * 3).astype(np.uint8)  # 4.3 MB decoded
+    files = []
+    for i in range(12):
+        files.append(tmp_path / f"f{i}.png")
+        cv2.imwrite(str(files[-1]), frame)
+    result = SimpleNamespace(regions=[], confidence=np.ones(12))
+    tracemalloc.start()
+    try:
+        _contact_sheet(result, np.arange(12), [str(f) for f in files], files)  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * frame.nbytes, peak  # a decode takes about 3.4 frames; all 12 at once took 13
+    bright, dark = tmp_path / "bright.png", tmp_path / "dark.png"
+    cv2.imwrite(str(bright), np.full((40, 40), 3000, np.uint16))
+    cv2.imwrite(str(dark), np.full((40, 40), 1000, np.uint16))
+    sheet = _contact_sheet(
+        SimpleNamespace(regions=[], confidence=np.ones(2)),
+        np.arange(2),
+        ["b.png", "d.png"],
+        [bright, dark],  # type: ignore[arg-type]
+    )
+    assert sheet[5, 5].tolist() == [187] * 3 and sheet[5, THUMB + 5].tolist() == [62] * 3  # 3000 and 1000 >> 4
