@@ -73,8 +73,12 @@ def cluster_descriptors(
 
     Raises:
         DataError: ``k`` is below 1 or above the number of rows, or K must be estimated from fewer than 3 rows.
+        ValueError: ``k_max`` is below 2 (the eigengap compares K = 2.. ``k_max``).
     """
     from scipy.cluster.hierarchy import cut_tree, linkage
+
+    if k is None and k_max < 2:
+        raise ValueError(f"k_max must be 2 or more to estimate K, got {k_max} (give k instead)")
 
     x = np.asarray(descriptors, dtype=np.float64)
     n = len(x)

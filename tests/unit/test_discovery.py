@@ -537,3 +537,13 @@ def test_contact_sheet_decodes_one_frame_at_a_time(tmp_path: Path) -> None:
         [bright, dark],  # type: ignore[arg-type]
     )
     assert sheet[5, 5].tolist() == [187] * 3 and sheet[5, THUMB + 5].tolist() == [62] * 3  # 3000 and 1000 >> 4
+
+
+def test_estimating_k_needs_k_max_of_two() -> None:
+    """``k_max=1`` raised "max() arg is an empty sequence"."""
+    from anomaly.discovery.cluster import cluster_descriptors
+
+    x = np.random.default_rng(0).normal(size=(12, 4))
+    with pytest.raises(ValueError, match="k_max must be 2 or more to estimate K, got 1"):
+        cluster_descriptors(x, k_max=1)
+    assert cluster_descriptors(x, k=3, k_max=1).k == 3  # a given K needs no estimate
