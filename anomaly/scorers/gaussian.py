@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from anomaly.distances import mahalanobis
-from anomaly.errors import ConfigError
+from anomaly.errors import ConfigError, DataError
 from anomaly.scorers.base import Progress, ScoreOutput, Scorer, check_int, check_is_fitted, check_number
 from anomaly.scorers.registry import register_scorer
 
@@ -233,6 +233,11 @@ class PadimScorer(Scorer):
         check_is_fitted(self, "chol_")
         assert self.mean_ is not None and self.chol_ is not None
         n, _, h, w = layers[0].shape
+        if h * w != len(self.mean_):  # a model directory whose input size was edited: wrong positions, or a traceback
+            raise DataError(
+                f"the padim model holds Gaussians of {len(self.mean_)} positions, the feature grid of its fit, but "
+                f"these features give {h} x {w} = {h * w}: the model input size differs from the fit's; refit the model"
+            )
         parts = self._positions(layers)
         out = torch.empty(h * w, n)
         for sl in self._chunks(layers):

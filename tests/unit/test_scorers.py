@@ -785,3 +785,16 @@ def test_a_forget_whose_index_cannot_be_rebuilt_leaves_bank_and_index_as_they_we
     assert scorer.bank_ is not None and scorer.bank_image_ is not None and scorer.index_ is not None
     assert len(scorer.bank_) == len(scorer.bank_image_) == scorer.index_.ntotal == 2560
     np.testing.assert_array_equal(scorer.score(odd).image_scores, before.image_scores)
+
+
+def test_padim_refuses_features_of_another_grid_than_its_fit() -> None:
+    """One Gaussian per position of the fit's grid: a smaller grid (a model directory whose input size was edited)
+    was scored against the first positions' Gaussians without a word, a larger one failed with a bare RuntimeError."""
+    from anomaly.errors import DataError
+
+    scorer = get_scorer("padim", {"n_features": 8, "chunk": 16}).fit(_layers(6, 0))
+    assert scorer.score(_layers(2, 1)).patch_maps.shape == (2, 8, 8)
+    for size in (4, 16):
+        other = [torch.nn.functional.interpolate(x, scale_factor=size / 8) for x in _layers(2, 1)]
+        with pytest.raises(DataError, match=f"64 positions.*{size} x {size} = {size * size}"):
+            scorer.score(other)
