@@ -454,8 +454,8 @@ def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] 
     kwargs: dict[str, Any] = {}
     if source.kind == "hub":
         kwargs["pretrained"] = True
-    elif source.kind in ("hub-cache", "file") and _is_timm_checkpoint(name, Path(source.location)):
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": source.location})
+    elif source.kind in ("hub-cache", "file"):
+        kwargs.update(_timm_checkpoint(name, Path(source.location)) or {})
     try:
         if source.kind == "random":  # seeded, so that a saved model loads with the weights it was fitted with
             with torch.random.fork_rng(devices=[]):
@@ -466,6 +466,12 @@ def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] 
     except Exception as exc:  # noqa: BLE001 - any network/hub failure means "unavailable"
         # a constructor that refuses the input size (XCiT, hybrid ViTs: an assert) does so before any download,
         # and _model_at rounds the size and asks again: not a failed download
+        if kwargs and source.kind != "hub" and not isinstance(exc, AnomalyError):
+            # a timm checkpoint that timm cannot load (another architecture's; a ViT's with registers for one
+            # without): one line, unless the model refuses the size without weights too (_model_at's to handle)
+            _timm_model(name, image_size)
+            reason = _first_lines(exc)
+            raise WeightsUnavailableError(f"{source.location}: does not fit timm '{name}' ({reason})") from None
         if source.kind != "hub" or isinstance(exc, AssertionError):
             raise
         raise WeightsUnavailableError(
@@ -534,12 +540,44 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _is_timm_checkpoint(name: str, path: Path) -> bool:
+def _timm_checkpoint(name: str, path: Path) -> dict[str, Any] | None:
+    """The ``timm.create_model`` keywords that load the weights file ``path`` through timm (which adapts a ViT's
+    position embeddings to the input size), or None where the file does not hold timm's key names (then
+    :func:`_to_timm_keys` pairs its tensors in order).
+
+    A checkpoint that leaves out only the classifier (saved from a headless model, ``num_classes=0``) loads as well:
+    the model is built headless. One without BatchNorm's batch counters (torchvision's checkpoints) is None, for
+    :func:`_to_timm_keys` to load. Anything else missing or extra is left to timm's strict loading to refuse.
+    """
     import timm
 
-    keys = set(timm.create_model(name, pretrained=False).state_dict())
-    state = _read_state_dict(path)
-    return len(keys & set(state)) >= 0.9 * len(keys)
+    model = timm.create_model(name, pretrained=False)
+    every = set(model.state_dict())
+    counters = {key for key in every if key.endswith("num_batches_tracked")}
+    keys = every - counters
+    state = set(_read_state_dict(path))
+    if len(keys & state) < 0.9 * len(keys):
+        return None
+    found: dict[str, Any] = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    if not state <= every:  # keys of another model: timm's strict loading names them
+        return found
+    classifier = cast("TimmModel", model).pretrained_cfg.get("classifier") or ()
+    names = (classifier,) if isinstance(classifier, str) else classifier
+    head = {f"{c}.{p}" for c in names for p in ("weight", "bias")}
+    missing = keys - state
+    if counters - state and not missing:
+        return None
+    if missing and missing <= head:
+        found["num_classes"] = 0
+    return found
+
+
+def _first_lines(exc: BaseException) -> str:
+    """``exc`` as one line: its type, first line and first detail line (a state-dict load lists its keys there)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:2]
+    text = " ".join(lines)
+    text = text if len(text) <= 240 else text[:237] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _to_timm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, origin: str) -> dict[str, torch.Tensor]:
@@ -547,11 +585,15 @@ def _to_timm_keys(state: dict[str, torch.Tensor], model: torch.nn.Module, origin
 
     Known foreign naming (lukemelas EfficientNet, ``module.``-prefixed DataParallel) holds the same
     tensors in the same order as timm's modules, so keys are paired in order, every shape checked.
+    timm's names without BatchNorm's batch counters (torchvision's checkpoints) take the model's own.
     """
     target = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if set(state) == set(target):
         return state
+    counters = {key: value for key, value in target.items() if key.endswith("num_batches_tracked")}
+    if counters and set(state) | set(counters) == set(target):  # torchvision's: no BatchNorm counters (unused here)
+        return {**counters, **state}
     if len(state) != len(target):
         raise WeightsUnavailableError(
             f"{origin}: {len(state)} tensors cannot map onto {len(target)} of timm's '{type(model).__name__}'"

@@ -163,6 +163,36 @@ def test_local_safetensors_file_with_timm_keys_loads(tmp_path) -> None:
     torch.testing.assert_close(local(images).layers[0], reference(images).layers[0])
 
 
+def _resnet18_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return timm.create_model("resnet18", pretrained=False).state_dict()
+
+
+@pytest.mark.parametrize("left_out", ["fc.", "num_batches_tracked"])
+def test_a_timm_checkpoint_without_its_classifier_or_batchnorm_counters_loads(tmp_path, left_out: str) -> None:
+    # a checkpoint saved from a headless model (num_classes=0) or with torchvision's key names (no BatchNorm
+    # counters) holds every tensor the features use: it failed with a traceback, or as "102 tensors cannot map"
+    state = _resnet18_state()
+    torch.save(state, tmp_path / "full.pth")
+    torch.save({k: v for k, v in state.items() if left_out not in k}, tmp_path / "part.pth")
+    images = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    full, part = (
+        FeatureExtractor("resnet18", ["layer2"], weights=str(tmp_path / f), image_size=(64, 64), device="cpu")
+        for f in ("full.pth", "part.pth")
+    )
+    torch.testing.assert_close(part(images).layers[0], full(images).layers[0])
+
+
+def test_a_weights_file_of_another_architecture_is_one_error(tmp_path) -> None:
+    state = _resnet18_state()
+    torch.save({**state, "layer4.2.conv1.weight": torch.zeros(512, 512, 3, 3)}, tmp_path / "more.pth")  # resnet34's
+    torch.save({**state, "layer3.0.conv1.weight": torch.zeros(256, 64, 3, 3)}, tmp_path / "shape.pth")
+    torch.save({k: v for k, v in state.items() if "layer4.1.conv1" not in k}, tmp_path / "less.pth")
+    for name in ("more.pth", "shape.pth", "less.pth"):
+        with pytest.raises(WeightsUnavailableError, match=f"{name}: does not fit timm 'resnet18'"):
+            FeatureExtractor("resnet18", ["layer2"], weights=str(tmp_path / name), image_size=(64, 64), device="cpu")
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth", "tensor.pth"])
 def test_a_damaged_weights_file_is_one_error_naming_it(tmp_path, suffix: str) -> None:
     path = tmp_path / f"lite0{suffix}"
