@@ -355,7 +355,7 @@ def _fold_batchnorm(model: TimmModel, image_size: tuple[int, int]) -> None:
     # id() of a freed tensor is reused by later ones (MixNet's split convolutions are concatenated and freed), so
     # each entry keeps a weak reference that must still be the BN's very input
     produced_by: dict[int, tuple[torch.nn.Conv2d, weakref.ref[torch.Tensor]]] = {}
-    pairs: list[tuple[str, torch.nn.Conv2d, torch.nn.BatchNorm2d]] = []
+    pairs: list[tuple[str, torch.nn.Conv2d, torch.nn.BatchNorm2d, weakref.ref[torch.Tensor]]] = []
     names = {module: name for name, module in model.named_modules()}
 
     def on_conv(module: torch.nn.Module, _: object, output: torch.Tensor) -> None:
@@ -364,14 +364,18 @@ def _fold_batchnorm(model: TimmModel, image_size: tuple[int, int]) -> None:
     def on_bn(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         conv, produced = produced_by.get(id(inputs[0]), (None, None))
         if conv is not None and produced is not None and produced() is inputs[0] and conv.groups <= conv.out_channels:
-            pairs.append((names[module], conv, module))  # type: ignore[arg-type]
+            pairs.append((names[module], conv, module, produced))  # type: ignore[arg-type]
 
     hooks = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     hooks += [
         m.register_forward_pre_hook(on_bn) for m in model.modules() if type(m) in (torch.nn.BatchNorm2d, BatchNormAct2d)
     ]
-    _trace(model, image_size, hooks)
-    for name, conv, bn in pairs:
+    returned = _trace(model, image_size, hooks)
+    # a convolution whose own output is also a returned layer (GhostNet's stem, layer 0, feeds bn1 too) keeps its BN:
+    # folding would change that layer
+    for name, conv, bn, produced in pairs:
+        if any(layer is produced() for layer in returned):
+            continue
         assert bn.running_var is not None and bn.running_mean is not None  # eval-mode BNs of timm models track them
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
@@ -429,10 +433,13 @@ def _static_same_padding(model: TimmModel, image_size: tuple[int, int]) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
 
 
-def _trace(model: TimmModel, image_size: tuple[int, int], hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
-    """One forward pass of a zero image through ``model`` for its ``hooks`` to record, which are removed after."""
+def _trace(
+    model: TimmModel, image_size: tuple[int, int], hooks: list[torch.utils.hooks.RemovableHandle]
+) -> list[torch.Tensor]:
+    """One forward pass of a zero image through ``model`` for its ``hooks`` to record, which are removed after; the
+    layers it returns."""
     try:
-        model.forward_intermediates(torch.zeros(1, 3, *image_size), intermediates_only=True)
+        return list(model.forward_intermediates(torch.zeros(1, 3, *image_size), intermediates_only=True))
     finally:
         for hook in hooks:
             hook.remove()

@@ -274,6 +274,34 @@ def test_split_convolutions_are_not_folded_into_a_stranger(monkeypatch) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_a_convolution_whose_own_output_is_a_layer_keeps_its_batchnorm(monkeypatch) -> None:
+    """GhostNet returns its stem convolution's output as layer 0 and feeds the same tensor to bn1: folding bn1 into
+    the convolution changed that layer (1.07 relative with real BatchNorm statistics); the other layers still fold."""
+    import anomaly.features as features
+
+    build = features._timm_model
+
+    def with_statistics(*args, **kwargs):  # random weights keep BatchNorm at the identity, which hides a bad fold
+        model = build(*args, **kwargs)
+        generator = torch.Generator().manual_seed(0)
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.randn(n, generator=generator))
+            bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            bn.weight.data.copy_(torch.randn(n, generator=generator) + 1)
+            bn.bias.data.copy_(torch.randn(n, generator=generator))
+        return model
+
+    monkeypatch.setattr(features, "_timm_model", with_statistics)
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    folded = FeatureExtractor("ghostnet_100", [0, 2], pretrained=False, image_size=(64, 64), device="cpu")
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules()) == 1  # bn1 alone stays
+    monkeypatch.setattr(features, "_fold_batchnorm", lambda *args: None)
+    plain = FeatureExtractor("ghostnet_100", [0, 2], pretrained=False, image_size=(64, 64), device="cpu")
+    for a, b in zip(folded(images).layers, plain(images).layers):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_unreachable_hub_fails_at_once_with_the_options(monkeypatch) -> None:
     import anomaly.features as features
 
