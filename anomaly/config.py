@@ -122,6 +122,11 @@ class BackboneConfig:
                     f"backbone.weights: expected auto, packaged, hub or a {'/'.join(_WEIGHT_SUFFIXES)} file, "
                     f"got '{self.weights}'"
                 )
+            if not self.pretrained:  # random weights were used and the file ignored without a word
+                raise ConfigError(
+                    f"backbone.weights: {self.weights} is given with backbone.pretrained: false (random weights); "
+                    "drop one of them"
+                )
 
 
 @dataclass(frozen=True)

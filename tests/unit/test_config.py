@@ -207,3 +207,13 @@ def test_mean_and_std_on_the_0_255_scale_are_refused() -> None:
         apply_overrides(base, ["backbone.std=[58.395, 57.12, 57.375]"])
     kept = apply_overrides(base, ["backbone.mean=[0, 0.5, 1]", "backbone.std=[1, 0.5, 0.01]"]).backbone
     assert kept.mean == (0.0, 0.5, 1.0) and kept.std == (1.0, 0.5, 0.01)
+
+
+def test_a_weights_file_with_random_weights_is_refused(tmp_path: Path) -> None:
+    """`backbone.weights=FILE` with `backbone.pretrained=false` fitted random weights and ignored the file."""
+    base = load_config("patchcore")
+    with pytest.raises(
+        ConfigError, match=r"backbone.weights: .*w.safetensors is given with backbone.pretrained: false"
+    ):
+        apply_overrides(base, [f"backbone.weights={tmp_path / 'w.safetensors'}", "backbone.pretrained=false"])
+    assert not apply_overrides(base, ["backbone.pretrained=false"]).backbone.pretrained  # auto: random is fine
