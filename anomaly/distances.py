@@ -23,14 +23,15 @@ def knn_scores(
 ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
     """Patch maps (N, h, w): mean distance of each patch of ``queries`` (N, h, w, D) to its ``k`` nearest bank rows
     (squared for ``distance`` ``sql2``); image scores (N,): the map's max, or PatchCore's Eq. 7 with ``reweight``
-    (which needs ``bank``, the rows ``index`` holds)."""
+    (which needs ``bank``, the rows ``index`` holds). With one neighbour (``num_neighbors`` 1, or a bank of one row)
+    Eq. 7's weight is 0 for every image, so the image score is the map's max then, as in anomalib."""
     n_img, h, w, d = queries.shape
     per_image = queries.reshape(n_img, h * w, d)
     dist, ids = index.search_images(per_image, k)  # image peaks exact
     if distance == "sql2":
         dist = dist**2
     patch = dist.mean(1).reshape(n_img, h * w)
-    if reweight:
+    if reweight and min(num_neighbors, index.ntotal) > 1:
         if bank is None:
             raise ValueError("reweight needs the bank")
         image_scores = _reweight(index, bank, per_image, patch, dist, ids, distance, num_neighbors)

@@ -110,6 +110,17 @@ def test_memory_bank_eq7_reweighting_stays_below_the_plain_max() -> None:
     assert np.all(weighted <= plain) and np.all(weighted > 0)
 
 
+def test_memory_bank_eq7_with_one_neighbour_is_the_plain_max() -> None:
+    """Eq. 7's weight is 1 - exp(s*) / exp(s*) = 0 with one neighbour: every image scored 0 (ALGORITHMS.md 1.5)."""
+    train, odd = _layers(12, 0), _layers(3, 2, anomaly=True)
+    plain = get_scorer("memory_bank", {}).fit(train).score(odd).image_scores
+    one = get_scorer("memory_bank", {"reweight": True, "num_neighbors": 1}).fit(train).score(odd).image_scores
+    np.testing.assert_array_equal(one, plain)
+    tiny = get_scorer("memory_bank", {"reweight": True, "max_bank": 1}).fit(train)  # a bank of one row
+    np.testing.assert_array_equal(tiny.score(odd).image_scores, tiny.score(odd).patch_maps.max((1, 2)))
+    assert np.all(tiny.score(odd).image_scores > 0)
+
+
 def test_memory_bank_cross_fit_scores_each_fold_against_the_other_folds_only() -> None:
     train = _layers(6, 0)
     folds = np.array([0, 1, 2, 0, 1, 2])
