@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,7 +100,7 @@ class NNIndex:
             cpu.reset()
         else:
             cpu = self._trained(bank, seed)
-        with _faiss_threads():
+        with _faiss_threads(), _unbuildable(self.index_string):
             cpu.add(bank)
         self._attach(cpu)
         return self
@@ -120,9 +121,9 @@ class NNIndex:
                     f"got {len(bank)}: use fewer lists or 'Flat'"
                 )
             if ivf is not None:
-                ivf.cp.seed = seed
+                ivf.cp.seed = seed % 2**31  # a C int: a larger random_state overflowed (a traceback)
                 ivf.cp.niter = _KMEANS_ITERATIONS
-            with _faiss_threads():
+            with _faiss_threads(), _unbuildable(string):
                 cpu.train(bank)
         return cpu
 
@@ -330,6 +331,18 @@ def _faiss_threads() -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+@contextmanager
+def _unbuildable(string: str) -> Iterator[None]:
+    """ConfigError for a factory string FAISS parses but cannot train or fill with plain rows (``IDMap,Flat`` asks
+    for ids with every row): a traceback before."""
+    try:
+        yield
+    except RuntimeError as exc:
+        reason = re.search(r"\.(?:cpp|h):\d+: (.+)", str(exc))
+        detail = reason.group(1) if reason else str(exc).strip().splitlines()[-1]
+        raise ConfigError(f"scorer.params.index: FAISS cannot build '{string}' on the bank ({detail})") from None
 
 
 def _downcast_hnsw(index: Any) -> Any:

@@ -135,7 +135,7 @@ class MemoryBankScorer(Scorer):
         check_int("num_neighbors", self.num_neighbors, 1, 1024)
         check_int("patch_size", self.patch_size, 1, 15)
         check_int("grid_layer", self.grid_layer, 0, 15)
-        check_int("random_state", self.random_state, 0)
+        check_int("random_state", self.random_state, 0, 2**64 - 1)  # torch's generators take at most 64 bits
         if self.patch_size % 2 == 0:
             raise ConfigError(f"scorer.params.patch_size must be odd, got {self.patch_size}")
         if self.patch_kernel not in PATCH_KERNELS:

@@ -121,6 +121,18 @@ def test_memory_bank_eq7_with_one_neighbour_is_the_plain_max() -> None:
     assert np.all(tiny.score(odd).image_scores > 0)
 
 
+def test_memory_bank_index_and_seed_faiss_cannot_take_are_config_errors() -> None:
+    """An index string FAISS parses but cannot fill with plain rows, and a seed beyond FAISS's C int: tracebacks
+    (exit 1) before, not the one-line error of an invalid setting."""
+    train = _layers(6, 0)
+    with pytest.raises(ConfigError, match=r"scorer.params.index: FAISS cannot build 'IDMap,Flat'.*add_with_ids"):
+        get_scorer("memory_bank", {"index": "IDMap,Flat"}).fit(train)
+    big = get_scorer("memory_bank", {"index": "IVF2,Flat", "coreset_ratio": 1.0, "random_state": 2**40}).fit(train)
+    assert big.index_ is not None and big.index_.ntotal == 6 * 8 * 8
+    with pytest.raises(ConfigError, match="random_state"):
+        get_scorer("memory_bank", {"random_state": 2**64})
+
+
 def test_memory_bank_cross_fit_scores_each_fold_against_the_other_folds_only() -> None:
     train = _layers(6, 0)
     folds = np.array([0, 1, 2, 0, 1, 2])
