@@ -80,6 +80,7 @@ class NNIndex:
         self._exact: NNIndex | None = None  # exhaustive copy of an approximate index, built on first use
         self._resources: Any = None
         self._search_gpu: int | None = None  # the GPU the search runs on now (None: the CPU)
+        self._cpu_only = False  # FAISS could not copy this index to a GPU: not tried again on every search
 
     @property
     def ntotal(self) -> int:
@@ -263,7 +264,7 @@ class NNIndex:
         if ivf is not None:
             ivf.nprobe = self.nprobe or max(1, ivf.nlist // _PROBE_SHARE)
         self._stores_rows = _stores_rows(cpu)
-        self._cpu = cpu
+        self._cpu, self._cpu_only = cpu, False
         self._search, self._search_gpu = cpu, None
         self.place(self.gpu, force=True)
 
@@ -271,7 +272,8 @@ class NNIndex:
         """Search on CUDA device ``gpu`` (None: the CPU) as ``use_gpu`` allows; nothing to do when already there.
 
         ``auto`` follows the queries: a model run on the CPU keeps FAISS off the GPU, and one run on
-        ``cuda:1`` searches on GPU 1. HNSW has no GPU version and always searches on the CPU.
+        ``cuda:1`` searches on GPU 1. HNSW has no GPU version and always searches on the CPU; other types FAISS
+        cannot copy to a GPU search on the CPU with ``auto`` and raise BackendError with True.
         """
         import faiss
 
@@ -286,15 +288,28 @@ class NNIndex:
             target = gpu
         if "HNSW" in self.index_string or "HNSW" in type(faiss.downcast_index(self._cpu)).__name__:
             target = None  # ``auto`` builds HNSW above 200,000 rows too
+        if self._cpu_only:
+            target = None
         if target == self._search_gpu and not force:
             return self
         self._exact = None
+        if target is not None:
+            resources = faiss.StandardGpuResources()  # must outlive the GPU index
+            try:
+                search = faiss.index_cpu_to_gpu(resources, target, self._cpu)
+            except RuntimeError as exc:  # no GPU version of this type (PQ, SQ8, LSH, NSG, refine) or of its sizes
+                reason = str(exc).strip().splitlines()[-1]
+                if self.use_gpu is True:
+                    raise BackendError(
+                        f"scorer.params.use_gpu: true but FAISS cannot search '{self.index_string}' on a GPU ({reason})"
+                    ) from None
+                log.info("FAISS search on the CPU: no GPU version of index '%s' (%s)", self.index_string, reason)
+                target, self._cpu_only = None, True
+            else:
+                self._search, self._resources = search, resources
+                log.info("FAISS search on GPU %d", target)
         if target is None:
             self._search, self._resources = self._cpu, None
-        else:
-            self._resources = faiss.StandardGpuResources()  # must outlive the GPU index
-            self._search = faiss.index_cpu_to_gpu(self._resources, target, self._cpu)
-            log.info("FAISS search on GPU %d", target)
         self._search_gpu = target
         return self
 

@@ -687,6 +687,28 @@ def test_faiss_searches_on_the_gpu_the_queries_come_from(monkeypatch) -> None:  
     assert hnsw._search_gpu is None and fake.clones == [1, 0]
 
 
+def test_index_types_without_a_gpu_version_search_on_the_cpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A CUDA FAISS build copies Flat, IVF..,Flat/SQ/PQ to a GPU but not PQ, SQ8, LSH, NSG or refine indexes: with
+    ``use_gpu: auto`` such an index crashed the fit on a GPU machine (a traceback from index_cpu_to_gpu)."""
+    fake = _FakeGpuFaiss(monkeypatch)
+
+    def to_gpu(resources, device, index):  # type: ignore[no-untyped-def]
+        if not isinstance(faiss.downcast_index(index), faiss.IndexFlat):
+            raise RuntimeError("Error in ... at GpuCloner.cpp:180: This index type is not implemented on GPU.")
+        return fake._clone(resources, device, index)
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    bank = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    index = NNIndex("SQ8", gpu=1).build(bank)
+    assert index._search_gpu is None and index._search is index._cpu
+    np.testing.assert_array_equal(index.search(bank[:5])[1][:, 0], np.arange(5))
+    index.place(1)
+    assert index._search_gpu is None  # not tried again on every search
+    assert NNIndex("Flat", gpu=1).build(bank)._search_gpu == 1 and fake.clones == [1]
+    with pytest.raises(BackendError, match="cannot search 'SQ8' on a GPU"):
+        NNIndex("SQ8", use_gpu=True).build(bank)
+
+
 def test_a_memory_bank_run_on_the_cpu_keeps_faiss_off_the_gpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     fake = _FakeGpuFaiss(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch has a GPU; the model was put on the CPU
