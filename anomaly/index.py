@@ -179,16 +179,24 @@ class NNIndex:
         """:meth:`search` for the patches of images, (N, P, D) -> (N * P, k) distances and ids.
 
         With an approximate index that keeps its rows uncompressed (``IVF..,Flat``, ``HNSW..,Flat``), each
-        image's highest 1/16 of patches are searched again exhaustively, so an image's peak (its score) and
-        the map's peaks are exact distances; elsewhere a missed nearest row can only overestimate a distance.
+        image's highest 1/16 of patches are searched again exhaustively, and any other patch whose approximate
+        distance exceeds the exact ones found, so an image's peak (its score) and the map's peaks are exact distances;
+        elsewhere a missed nearest row can only overestimate a distance.
         """
         n_img, n_patch, d = queries.shape
         flat = queries.reshape(-1, d)
         dist, ids = self.search(flat, k)
         if self.approximate and self._stores_rows and len(flat):  # compressed rows (PQ) cannot be re-searched
             patch = dist.mean(1).reshape(n_img, n_patch)
-            top = (patch >= np.quantile(patch, 1 - 1 / _EXACT_SHARE_INV, axis=1, keepdims=True)).ravel()
-            dist[top], ids[top] = self.search_exact(flat[top], k)
+            top = patch >= np.quantile(patch, 1 - 1 / _EXACT_SHARE_INV, axis=1, keepdims=True)
+            dist[top.ravel()], ids[top.ravel()] = self.search_exact(flat[top.ravel()], k)
+            # an approximate distance only overestimates, so a patch outside the top whose approximate score is above
+            # its image's exact peak may be the true peak: searched exhaustively too (none on bottle or screw)
+            patch = dist.mean(1).reshape(n_img, n_patch)
+            peak = np.where(top, patch, -np.inf).max(1, keepdims=True)
+            more = (~top & (patch > peak)).ravel()
+            if more.any():
+                dist[more], ids[more] = self.search_exact(flat[more], k)
         return dist, ids
 
     @property

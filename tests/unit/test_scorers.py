@@ -655,6 +655,17 @@ def test_an_index_can_reuse_the_lists_of_another() -> None:
     np.testing.assert_array_equal(reused.search_exact(queries)[1], NNIndex("Flat").build(other).search(queries)[1])
 
 
+def test_approximate_index_image_peaks_are_exact() -> None:
+    """The top 1/16 of an image's patches re-searched exhaustively left a lower patch whose approximate (over-
+    estimated) distance exceeded them as the image's score: up to 7 % above the exact peak on random features."""
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((2000, 32)).astype(np.float32)
+    queries = rng.standard_normal((6, 64, 32)).astype(np.float32)
+    exact = NNIndex("Flat").build(bank).search_images(queries, 1)[0].reshape(6, 64).max(1)
+    ivf = NNIndex("IVF32,Flat", nprobe=1).build(bank)
+    np.testing.assert_allclose(ivf.search_images(queries, 1)[0].reshape(6, 64).max(1), exact, rtol=1e-6)
+
+
 class _FakeGpuFaiss:
     """Stands in for a CUDA FAISS build with two GPUs: records each clone, searches on the CPU index."""
 
