@@ -12,7 +12,7 @@ import math
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,9 @@ class NNIndex:
         self._resources: Any = None
         self._search_gpu: int | None = None  # the GPU the search runs on now (None: the CPU)
         self._cpu_only = False  # FAISS could not copy this index to a GPU: not tried again on every search
+        # FAISS's GPU indexes are not thread-safe, not even to search (their resources' scratch memory has one user
+        # at a time): searches on the GPU, and moving the search, take turns; CPU indexes search concurrently
+        self._gpu_lock = threading.Lock()
 
     @property
     def ntotal(self) -> int:
@@ -145,8 +148,9 @@ class NNIndex:
             raise BackendError("NNIndex.search called before build/deserialize")
         k = min(k, self.ntotal)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        with _faiss_threads():
-            sq, ids = self._search.search(queries, k)
+        search = self._search  # the index searched now, even if another thread moves the search meanwhile
+        with self._gpu_lock if search is not self._cpu else nullcontext(), _faiss_threads():
+            sq, ids = search.search(queries, k)
         lost = (ids < 0).any(1) & np.isfinite(queries).all(1)
         if lost.any() and self.approximate:
             sq[lost], ids[lost] = self._search_every_row(queries[lost], k)
@@ -300,6 +304,14 @@ class NNIndex:
             target = None
         if target == self._search_gpu and not force:
             return self
+        with self._gpu_lock:
+            self._move(target)
+        return self
+
+    def _move(self, target: int | None) -> None:
+        """:meth:`place`'s move of the search to GPU ``target`` (None: the CPU)."""
+        import faiss
+
         self._exact = None
         if target is not None:
             resources = faiss.StandardGpuResources()  # must outlive the GPU index
@@ -319,7 +331,18 @@ class NNIndex:
         if target is None:
             self._search, self._resources = self._cpu, None
         self._search_gpu = target
-        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy``) get the CPU index and their own lock; the search moves to a GPU
+        again on the next :meth:`place` (a GPU index cannot be pickled)."""
+        state = self.__dict__.copy()
+        del state["_gpu_lock"]
+        state.update(_search=self._cpu, _search_gpu=None, _resources=None, _exact=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._gpu_lock = threading.Lock()
 
 
 @contextmanager

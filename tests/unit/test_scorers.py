@@ -720,6 +720,42 @@ def test_index_types_without_a_gpu_version_search_on_the_cpu(monkeypatch) -> Non
         NNIndex("SQ8", use_gpu=True).build(bank)
 
 
+def test_gpu_searches_from_several_threads_take_turns(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """FAISS's GPU indexes are not thread-safe even to search, and ``predict`` may be called from several threads
+    (README): two searches ran on one GPU index at once. CPU searches stay concurrent."""
+    import copy
+    import pickle
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Guarded:
+        def __init__(self, index, inside: list[int]) -> None:  # type: ignore[no-untyped-def]
+            self.index, self.inside, self.lock = index, inside, threading.Lock()
+
+        def search(self, queries, k):  # type: ignore[no-untyped-def]
+            with self.lock:
+                self.inside[0] += 1
+                self.inside[1] = max(self.inside[1], self.inside[0])
+            time.sleep(0.02)
+            try:
+                return self.index.search(queries, k)
+            finally:
+                with self.lock:
+                    self.inside[0] -= 1
+
+    inside = [0, 0]  # searches running now, most at once
+    _FakeGpuFaiss(monkeypatch)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index: Guarded(faiss.clone_index(index), inside))
+    bank = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
+    index = NNIndex("Flat", gpu=0).build(bank)
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda i: index.search(bank[i : i + 1])[1][0, 0], range(8)))
+    assert found == list(range(8)) and inside[1] == 1
+    for twin in (copy.deepcopy(index), pickle.loads(pickle.dumps(index))):  # a GPU index does not pickle
+        assert twin._search is twin._cpu and twin.search(bank[3:4])[1][0, 0] == 3
+
+
 def test_a_memory_bank_run_on_the_cpu_keeps_faiss_off_the_gpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     fake = _FakeGpuFaiss(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch has a GPU; the model was put on the CPU
