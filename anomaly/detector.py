@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -42,6 +43,7 @@ from anomaly.data.io import significant_bits
 from anomaly.data.loader import (
     DecodedImage,
     ImageInput,
+    fingerprint,
     image_size,
     iter_batches,
     raw_pixels,
@@ -602,6 +604,7 @@ class Detector:
         check = self.input_check([d.size for d in ok])
         check.add_decoded(ok)
         check.warn(len(items))
+        _warn_copies(ok)
         reference, reference_views, reference_tiles = self._references_for(batches)
         n_ref = 0 if reference is None else len(reference)
         if len(ok) + n_ref < 2:
@@ -1237,3 +1240,17 @@ def _name(images: Sequence[DecodedImage] | None, index: int) -> str:
     """How a training image is named in logs: its path, else its position."""
     source = None if images is None else images[index].source
     return str(source) if source is not None else f"image {index}"
+
+
+def _warn_copies(pool: list[DecodedImage]) -> None:
+    """Name how many of a zero-shot pool's inputs have another input's pixels (a file copied under another name):
+    in mutual scoring each copy is the other's nearest image, so a defect they share scores as normal."""
+    counts = Counter(fingerprint(d.views) for d in pool)
+    copies = sum(n - 1 for n in counts.values())
+    if copies:
+        log.warning(
+            "%d of %d pool images repeat another one's pixels: in a zero-shot pool copies vouch for each other, so a "
+            "defect they share scores as normal; score one copy of each",
+            copies,
+            len(pool),
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import threading
 from collections import Counter, deque
@@ -15,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 
 from anomaly.data.inputs import OnError, check_on_error, one_or_many
-from anomaly.data.loader import DecodedImage, ImageInput
+from anomaly.data.loader import DecodedImage, ImageInput, fingerprint
 from anomaly.detector import Detector, FeatureSet, in_input_order
 from anomaly.errors import ConfigError, DataError
 from anomaly.results import DetectionResult
@@ -180,7 +179,7 @@ class StreamingDetector:
             out = self.pool.score(features.layers)
         peaks = self.detector.map_peaks(out, features.images)
         out = ScoreOutput(out.patch_maps, peaks)  # no RsCIN on a stream: the image score is the map peak
-        prints = [_fingerprint(d.views) for d in features.images]
+        prints = [fingerprint(d.views) for d in features.images]
         repeated = self._repeated(prints)
         if len(self.pool) or self.pool.reference is not None:
             # During start-up each frame is decided in turn, as if it came alone: decided together, a call's frames
@@ -264,7 +263,7 @@ class StreamingDetector:
             self._start(items, "confirm_normal")
             confirmed = self.detector.extract(items)
             self.pool.add(confirmed.layers)
-            self._pool_prints.extend(_fingerprint(d.views) for d in confirmed.images)
+            self._pool_prints.extend(fingerprint(d.views) for d in confirmed.images)
             self._pool_sizes.extend(d.size for d in confirmed.images)
             self._flags.clear()
             self._burst_reported = False
@@ -350,9 +349,3 @@ class StreamingDetector:
                 self.detector.config.threshold.target_fpr,
                 what,
             )
-
-
-def _fingerprint(views: NDArray[np.uint8] | None) -> str:
-    """A digest of a frame's model-input pixels: equal for a resent frame (features of one frame may differ in their
-    last bits between batches, the decoded pixels do not)."""
-    return hashlib.blake2b(b"" if views is None else views.tobytes(), digest_size=16).hexdigest()

@@ -8,6 +8,7 @@ are) or float in [0, 1]); torch tensors in (C, H, W) or (H, W, C) layout are acc
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections import deque
@@ -33,6 +34,7 @@ __all__ = [
     "ImageInput",
     "UnreadableInput",
     "decode_input",
+    "fingerprint",
     "image_size",
     "input_error",
     "iter_batches",
@@ -63,6 +65,12 @@ class UnreadableInput:
     it an error result like any unreadable image."""
 
     reason: str
+
+
+def fingerprint(views: NDArray[np.uint8] | None) -> str:
+    """A digest of an image's model-input pixels: equal for a resent frame or a copied file (features of one image
+    may differ in their last bits between batches, the decoded pixels do not)."""
+    return hashlib.blake2b(b"" if views is None else views.tobytes(), digest_size=16).hexdigest()
 
 
 def is_stream(item: object) -> bool:

@@ -818,3 +818,16 @@ def test_a_fit_that_fails_on_an_unreadable_image_leaves_the_fitted_model_as_it_w
     assert det.config == config and det.extractor is extractor
     after = det.predict(square[4:])
     assert [r.image_score for r in after] == [r.image_score for r in before]
+
+
+def test_a_zero_shot_pool_names_copies_of_its_images(caplog: pytest.LogCaptureFixture) -> None:
+    """Copies vouch for each other in mutual scoring: two copies of one defective image among good ones scored as
+    normal, without a word."""
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
+    caplog.set_level("WARNING", logger="anomaly")
+    Detector(_config("musc")).predict(pool)
+    assert not [r for r in caplog.records if "repeat another" in r.message]
+    Detector(_config("musc")).predict([*pool, pool[1].copy(), pool[1].copy()])
+    (line,) = [r.message for r in caplog.records if "repeat another" in r.message]
+    assert line.startswith("2 of 6 pool images repeat another one's pixels: in a zero-shot pool copies vouch")
