@@ -683,7 +683,8 @@ def discover(
         progress.close()
     write_discovery(out, result, selected.paths, selected.images)
     how = "given" if result.clusters.k_method == "given" else f"eigengap, confidence {result.clusters.k_confidence:.2f}"
-    found = f"{len(selected.paths)} images, {len(result.regions)} regions -> {result.k} types ({how})"
+    types = f"{result.k} type" + "s" * (result.k != 1)
+    found = f"{len(selected.paths)} images, {len(result.regions)} regions -> {types} ({how})"
     typer.echo(f"{found}; {out / 'clusters.csv'}")
 
 
