@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -43,7 +44,7 @@ DEFAULT_MAX_BYTES = 32 * 2**20
 _ROUTES = ("/predict", "/health", "/metrics")
 _CLIENT_CLOSED = 499  # the client went away before the answer (nginx's code): not a failure of the service
 _ENV_MODEL, _ENV_MAX_BYTES = "ANOMALY_SERVE_MODEL", "ANOMALY_SERVE_MAX_BYTES"  # for uvicorn's worker processes
-_ENV_DEVICE = "ANOMALY_SERVE_DEVICE"
+_ENV_DEVICE, _ENV_LOG_LEVEL = "ANOMALY_SERVE_DEVICE", "ANOMALY_SERVE_LOG_LEVEL"
 
 
 def load_predictor(model: str | os.PathLike[str], device: str | None = None) -> Any:
@@ -147,6 +148,7 @@ def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str 
 def app_from_env() -> FastAPI:
     """uvicorn factory for ``--workers`` > 1: each worker process loads the model named in the environment."""
     model = os.environ[_ENV_MODEL]
+    _log_like_the_cli(int(os.environ.get(_ENV_LOG_LEVEL) or logging.INFO))
     predictor = load_predictor(model, os.environ.get(_ENV_DEVICE) or None)
     return create_app(predictor, max_bytes=int(os.environ[_ENV_MAX_BYTES]), name=Path(model).name)
 
@@ -184,10 +186,35 @@ def run(
         _check_loads(model, device)  # fail fast, with one clear error, before the workers start
         os.environ[_ENV_MODEL], os.environ[_ENV_MAX_BYTES] = str(model), str(max_bytes)
         os.environ[_ENV_DEVICE] = device or ""
+        os.environ[_ENV_LOG_LEVEL] = str(logging.getLogger().getEffectiveLevel())  # -q / -v reach the workers
         uvicorn.run("anomaly.serve:app_from_env", factory=True, host=host, port=port, workers=workers)
     else:
         app = create_app(load_predictor(model, device), max_bytes=max_bytes, name=Path(model).name)
         uvicorn.run(app, host=host, port=port)
+
+
+def _log_like_the_cli(level: int) -> None:
+    """A worker process of ``--workers`` starts with no log handler (uvicorn configures only its own loggers): the
+    warnings of its predictions and its failed requests' errors reach stderr as the CLI writes them with one worker
+    (``warning: ...``, ``error: ...``), not only the client's JSON or nowhere."""
+    root = logging.getLogger()
+    if root.handlers:  # a process that set up its own logging keeps it
+        return
+    root.setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Lines("%(message)s"))
+    root.addHandler(handler)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # as the CLI: its loader logs every build it probes
+
+
+class _Lines(logging.Formatter):
+    """The CLI's log lines: warnings start with ``warning:``, logged errors with ``error:``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if record.levelno >= logging.WARNING:
+            line = f"{'error' if record.levelno >= logging.ERROR else 'warning'}: {line}"
+        return line
 
 
 def _check_loads(model: str | os.PathLike[str], device: str | None) -> None:

@@ -306,11 +306,16 @@ def test_serve_command_runs_uvicorn_on_a_port(patchcore_export: Path, images: li
                 time.sleep(0.1)
         response = httpx.post(f"{url}/predict", files={"file": ("x.png", images[0].read_bytes())})
         assert response.status_code == 200 and {"score", "is_anomalous", "threshold"} <= set(response.json())
+        twelve_bit = cv2.imencode(".png", cv2.imread(str(images[0])).astype(np.uint16) * 16)[1].tobytes()
+        warned = httpx.post(f"{url}/predict", files={"file": ("frame.png", twelve_bit)}).json()["warnings"]
+        assert warned
     finally:
         server.terminate()
         server.wait(timeout=30)
     stderr = server.stderr.read().decode() if server.stderr else ""
     assert server.returncode == 0 and "serve: stopped" in stderr and "half-written" not in stderr
+    # the log has the warning the client got, also from a worker process of --workers (it had no log handler)
+    assert f"warning: {warned[0]}" in stderr, stderr
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
