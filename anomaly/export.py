@@ -153,6 +153,8 @@ def _scorer_parts(
         return _PatchEmbeddings(scorer.patch_size, scorer.grid_layer, scorer.patch_kernel), ["embeddings"], state, files
     if scorer.name == "padim":
         state = {"mean": scorer.mean_.numpy(), "chol_inv": _inverse_factors(scorer.chol_)}
+        if scorer.grid_ is not None:  # the runtime refuses features of another grid shape with as many positions
+            state["grid"] = np.array(scorer.grid_, dtype=np.int64)
         return _PadimEmbedding(scorer.channels_), ["embedding"], state, {}
     if scorer.name == "gaussian":
         state = {f"mean.{i}": m for i, m in enumerate(scorer.means_)}

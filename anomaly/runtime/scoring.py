@@ -46,7 +46,8 @@ def load_scorer(root: Path, spec: dict[str, Any], listed: dict[str, Any], gpu: i
             raise DataError(f"{root}: incomplete export (manifest.json lists no index.faiss)")
         return _MemoryBank(params, root / "index.faiss", state.get("bank"), gpu)
     if name == "padim":
-        return _Padim(state["mean"], state["chol_inv"])
+        grid = state.get("grid")  # absent in exports written before it was kept: the grid's size alone is checked
+        return _Padim(state["mean"], state["chol_inv"], None if grid is None else (int(grid[0]), int(grid[1])))
     if name == "gaussian":
         n = sum(1 for key in state if key.startswith("mean."))
         return _Gaussian([state[f"mean.{i}"] for i in range(n)], [state[f"precision.{i}"] for i in range(n)])
@@ -77,13 +78,23 @@ class _Padim:
 
     has_maps = True
 
-    def __init__(self, mean: NDArray[np.float32], chol_inv: NDArray[np.float32]) -> None:
+    def __init__(
+        self, mean: NDArray[np.float32], chol_inv: NDArray[np.float32], grid: tuple[int, int] | None = None
+    ) -> None:
         self.mean = mean  # (P, d)
         self.chol_inv = chol_inv  # (P, d, d): L^-1, so that y = L^-1 (x - mu) and distance = |y|
+        self.grid = grid  # (h, w) of the fit: P Gaussians in another shape of grid would be read at other places
 
     def __call__(self, outputs: list[NDArray[np.float32]]) -> tuple[Maps, NDArray[np.float64]]:
         emb = outputs[0]  # (N, d, h, w) selected channels
         n, d, h, w = emb.shape
+        if h * w != len(self.mean) or (self.grid is not None and (h, w) != self.grid):
+            shape = "" if self.grid is None else f" ({self.grid[0]} x {self.grid[1]})"
+            fitted = f"{len(self.mean)} positions{shape}"
+            raise DataError(
+                f"the padim model holds Gaussians of {fitted}, the feature grid of its fit, but the network gives "
+                f"{h} x {w} = {h * w}: the input size differs from the fit's"
+            )
         centred = emb.reshape(n, d, h * w).transpose(2, 1, 0) - self.mean[:, :, None]  # (P, d, N)
         patch = np.sqrt(np.square(np.matmul(self.chol_inv, centred)).sum(1)).T.reshape(n, h, w)
         return patch.astype(np.float32), patch.reshape(n, -1).max(1).astype(np.float64)

@@ -124,6 +124,7 @@ class PadimScorer(Scorer):
         self.channels_: np.ndarray | None = None
         self.mean_: torch.Tensor | None = None
         self.chol_: torch.Tensor | None = None
+        self.grid_: tuple[int, int] | None = None  # (h, w) of the fit; None: a model saved before it was kept
 
     def channel_mismatch(self, channels: list[int]) -> str | None:
         """The saved channel subset indexes the layers' channels side by side."""
@@ -178,6 +179,7 @@ class PadimScorer(Scorer):
         n = layers[0].shape[0]
         eye = torch.eye(len(self.channels_), dtype=torch.float64)
         d, n_pos = len(self.channels_), layers[0].shape[-2] * layers[0].shape[-1]
+        self.grid_ = (int(layers[0].shape[-2]), int(layers[0].shape[-1]))
         # filled in place: chunks joined by torch.cat held the factors twice (a 1024 px fit: 2.6 GB more at its peak)
         self.mean_ = torch.empty(n_pos, d, dtype=torch.float32)
         self.chol_ = torch.empty(n_pos, d, d, dtype=torch.float32)
@@ -234,11 +236,10 @@ class PadimScorer(Scorer):
         check_is_fitted(self, "chol_")
         assert self.mean_ is not None and self.chol_ is not None
         n, _, h, w = layers[0].shape
-        if h * w != len(self.mean_):  # a model directory whose input size was edited: wrong positions, or a traceback
-            raise DataError(
-                f"the padim model holds Gaussians of {len(self.mean_)} positions, the feature grid of its fit, but "
-                f"these features give {h} x {w} = {h * w}: the model input size differs from the fit's; refit the model"
-            )
+        # a model directory whose input size was edited: wrong positions, or a traceback; a grid of as many positions
+        # in another shape (64 x 16 for 32 x 32) read every row's Gaussians at other places without a word
+        if h * w != len(self.mean_) or (self.grid_ is not None and (h, w) != self.grid_):
+            raise DataError(_grid_mismatch(len(self.mean_), self.grid_, h, w))
         parts = self._positions(layers)
         out = torch.empty(h * w, n)
         for sl in self._chunks(layers):
@@ -252,10 +253,25 @@ class PadimScorer(Scorer):
         """Channel subset, per-position means and Cholesky factors."""
         check_is_fitted(self, "chol_")
         assert self.mean_ is not None and self.chol_ is not None and self.channels_ is not None
-        return {"channels": self.channels_, "mean": self.mean_.numpy(), "chol": self.chol_.numpy()}
+        state = {"channels": self.channels_, "mean": self.mean_.numpy(), "chol": self.chol_.numpy()}
+        if self.grid_ is not None:
+            state["grid"] = np.array(self.grid_, dtype=np.int64)
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`state_dict` wrote."""
         self.channels_ = state["channels"]
         self.mean_ = torch.from_numpy(state["mean"])
         self.chol_ = torch.from_numpy(state["chol"])
+        grid = state.get("grid")  # absent in models saved before it was kept: their grid is checked by its size alone
+        self.grid_ = None if grid is None else (int(grid[0]), int(grid[1]))
+
+
+def _grid_mismatch(positions: int, grid: tuple[int, int] | None, h: int, w: int) -> str:
+    """The error for features of an ``h`` x ``w`` grid scored by PaDiM Gaussians of ``positions`` (``grid``) positions
+    (the export runtime words it alike)."""
+    fitted = f"{positions} positions" + ("" if grid is None else f" ({grid[0]} x {grid[1]})")
+    return (
+        f"the padim model holds Gaussians of {fitted}, the feature grid of its fit, but these features give "
+        f"{h} x {w} = {h * w}: the model input size differs from the fit's; refit the model"
+    )

@@ -97,3 +97,28 @@ def test_exported_state_is_readable_like_every_other_file(synthetic_root: Path, 
         os.umask(mask)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in export.iterdir()}
     assert "state.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
+def test_padim_refuses_a_grid_of_as_many_positions_in_another_shape(synthetic_root: Path, tmp_path: Path) -> None:
+    """PaDiM's Gaussians belong to the positions of its fit's grid: a model (or export) whose input size was edited to
+    one of as many feature positions (64 x 64 -> 32 x 128: 16 x 16 -> 8 x 32) read every Gaussian at another place
+    without a word (a training image scored 100x its threshold); the position count alone was checked."""
+    from typer.testing import CliRunner
+
+    from anomaly._fs import file_sha256
+    from anomaly.cli import app
+
+    cfg = apply_overrides(load_config("padim"), ["backbone.image_size=[64,64]", "batch_size=4", "threshold.folds=3"])
+    model = Detector(cfg).fit(sorted((synthetic_root / "train" / "good").glob("*.png"))).save(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["backbone"]["image_size"] = [32, 128]
+    (model / "config.json").write_text(json.dumps(config))
+    meta = json.loads((model / "meta.json").read_text())
+    meta["files"]["config.json"] = file_sha256(model / "config.json")
+    (model / "meta.json").write_text(json.dumps(signed(meta)))
+    image = str(next((synthetic_root / "test").glob("*/*.png")))
+    for target in (model, export_model(model, tmp_path / "export")):  # the export: a graph of the edited size
+        result = CliRunner().invoke(app, ["score", "--model", str(target), "--out", str(tmp_path / "out"), image])
+        assert result.exit_code == 2, result.output
+        assert "Gaussians of 256 positions (16 x 16)" in result.output and "8 x 32 = 256" in result.output
+        assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -890,6 +890,14 @@ def test_padim_refuses_features_of_another_grid_than_its_fit() -> None:
         other = [torch.nn.functional.interpolate(x, scale_factor=size / 8) for x in _layers(2, 1)]
         with pytest.raises(DataError, match=f"64 positions.*{size} x {size} = {size * size}"):
             scorer.score(other)
+    wide = [x.reshape(2, x.shape[1], x.shape[2] // 2, x.shape[3] * 2) for x in _layers(2, 1)]  # 4 x 16: 64 too
+    with pytest.raises(DataError, match="64 positions \\(8 x 8\\).*4 x 16 = 64"):
+        scorer.score(wide)
+    state = scorer.state_dict()
+    assert state["grid"].tolist() == [8, 8]
+    old = get_scorer("padim", {"n_features": 8, "chunk": 16})  # a model saved before the grid was kept
+    old.load_state_dict({key: value for key, value in state.items() if key != "grid"})
+    assert old.grid_ is None and old.score(_layers(2, 1)).patch_maps.shape == (2, 8, 8)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable peak")
