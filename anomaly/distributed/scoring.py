@@ -235,6 +235,9 @@ class ScoreWorker:
             self.detector = load_model(Path(model), device, weights)
         except AnomalyError as exc:  # reported with the first batch: an actor that fails to start is retried
             self.error = str(exc)
+            if (device or "").startswith("cuda:") and device not in ("cuda:0", "cuda:"):  # "torch sees 1 GPU" on a
+                # node of several: Ray hands each GPU actor its own GPU alone, which it knows as cuda:0
+                self.error += f" (on Ray each GPU actor sees only its own GPU, as cuda:0: --device cuda, not {device})"
         self.staging = Path(staging)
         self.options: WriteOptions = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
 

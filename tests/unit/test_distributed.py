@@ -573,6 +573,36 @@ def test_device_and_moved_weights_reach_the_workers(fault_file: Path, synthetic_
     assert refused.exit_code == 2 and "backbone.weights" in refused.output  # the workers' load names the moved file
 
 
+def test_a_device_reaches_the_workers_as_given_and_cuda_n_names_the_actors_view(
+    patchcore_model: Path, patchcore_export: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--device cuda:1` is handed to the actors as it is (not turned into cuda:0 or cpu); an actor, which Ray gives
+    one GPU that it sees as cuda:0, refuses it in one line that says so, where it said "torch sees 1 CUDA GPU(s)" on
+    a node of several. No GPU needed: the actor's view of one GPU is patched in."""
+    import anomaly.distributed.scoring as scoring
+    from anomaly.errors import DataError
+
+    handed: list[str | None] = []
+
+    def no_cluster(items: list[dict[str, bytes]], worker: dict[str, str], address: str | None, batch_size: int):  # type: ignore[no-untyped-def]
+        handed.append(worker["device"])
+        raise DataError("no cluster in this test")
+        yield
+
+    monkeypatch.setattr(scoring, "_run", no_cluster)
+    for device in ("cuda:1", "cuda", "cpu"):
+        with pytest.raises(DataError, match="no cluster"):
+            score(patchcore_model, [synthetic_root / "test"], tmp_path / device.replace(":", "_"), device=device)
+    assert handed == ["cuda:1", "cuda", "cpu"]
+
+    monkeypatch.setattr(scoring, "use_reserved_cpus", lambda: None)  # not in an actor
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for model in (patchcore_model, patchcore_export):
+        worker = scoring.ScoreWorker(str(model), str(tmp_path / "stage"), os.getcwd(), False, False, 512, "cuda:1")
+        assert "'cuda:1'" in worker.error and "as cuda:0: --device cuda, not cuda:1" in worker.error, worker.error
+
+
 def test_a_model_without_maps_says_so_under_quiet_as_without_ray(
     fault_file: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
