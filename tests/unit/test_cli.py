@@ -760,6 +760,28 @@ def test_peak_memory_is_measured_per_category_in_one_process() -> None:
     assert peak_rss_mb() < before - 300
 
 
+def test_peak_memory_where_the_peak_cannot_restart_is_the_risen_mark_or_a_said_nan(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without /proc/self/clear_refs the column was nan for every category without a word. The process's mark is
+    still a category's peak where it rose during that category; where it did not, nan comes with its reason."""
+    import math
+
+    from anomaly import benchmark
+
+    marks = iter([100.0, 250.0, 250.0, 250.0])  # first category: 100 -> 250 MiB; second: stays under 250
+    monkeypatch.setattr(benchmark, "reset_peak_rss", lambda: False)
+    monkeypatch.setattr(benchmark, "peak_rss_mb", lambda: next(marks))
+    assert benchmark._CategoryPeak().mb("first") == 250.0 and not caplog.records
+    with caplog.at_level("WARNING", logger="anomaly.benchmark"):
+        assert math.isnan(benchmark._CategoryPeak().mb("second"))
+    assert [r.getMessage().split(" (nan)")[0] for r in caplog.records] == ["second: peak_mem_mb not measured"]
+    assert "clear_refs" in caplog.records[0].getMessage()
+    monkeypatch.setattr(benchmark, "reset_peak_rss", lambda: True)  # Linux: restarted, whatever was before
+    monkeypatch.setattr(benchmark, "peak_rss_mb", lambda: 80.0)
+    assert benchmark._CategoryPeak().mb("third") == 80.0
+
+
 def test_benchmark_checks_every_category_first_and_a_rerun_keeps_its_table(tmp_path: Path) -> None:
     """An undefined AUPIMO (6 good images of 128 px: under AUPIMO's 100,000 normal pixels) read back from a
     finished category as an empty cell, so a re-run's mean left it out; a mistyped second category failed only
