@@ -259,7 +259,7 @@ def config_names() -> list[str]:
 def load_config(name_or_path: str | os.PathLike[str]) -> DetectorConfig:
     """Load a named config (``patchcore``) or a YAML file path, rejecting unknown keys."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml") and not path.is_file():
+    if path.suffix.lower() not in (".yaml", ".yml") and not path.is_file():  # my.YAML is a file too
         candidate = _config_dir() / f"{name_or_path}.yaml"
         if not candidate.is_file():
             hint = _did_you_mean(str(name_or_path), config_names())

@@ -485,6 +485,8 @@ def _create_model(name: str, source: WeightsSource, image_size: tuple[int, int] 
             f"backbone '{name}': hub download failed ({type(exc).__name__}); use a local file "
             f"(--set backbone.weights=PATH) or packaged weights"
         ) from None
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):  # timm's default_cfg is the same dict
+        model.pretrained_cfg.pop("state_dict", None)  # a copy of the tensors a model.SAFETENSORS was loaded from
     if not kwargs and source.kind != "random":
         state = _read_state_dict(Path(source.location))
         model.load_state_dict(_to_timm_keys(state, model, source.location))
@@ -531,7 +533,7 @@ def _timm_model(name: str, image_size: tuple[int, int] | None, **kwargs: Any) ->
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file; a damaged or foreign file is one DataError naming it."""
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):  # model.SAFETENSORS too: never through torch.load (pickle)
             from safetensors.torch import load_file
 
             return load_file(str(path))
@@ -545,6 +547,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DataError(f"{path}: not a weights file (holds a {type(state).__name__}, not named tensors)")
     return dict(state)
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix.lower() == ".safetensors"
 
 
 def _timm_checkpoint(name: str, path: Path) -> dict[str, Any] | None:
@@ -562,10 +568,16 @@ def _timm_checkpoint(name: str, path: Path) -> dict[str, Any] | None:
     every = set(model.state_dict())
     counters = {key for key in every if key.endswith("num_batches_tracked")}
     keys = every - counters
-    state = set(_read_state_dict(path))
+    tensors = _read_state_dict(path)
+    state = set(tensors)
     if len(keys & state) < 0.9 * len(keys):
         return None
-    found: dict[str, Any] = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    # timm tells a safetensors file by its lowercase suffix alone and reads any other through torch.load (pickle):
+    # a model.SAFETENSORS goes to timm as the tensors read here (taken off the model's pretrained_cfg once loaded)
+    given = (
+        {"file": str(path)} if path.suffix == ".safetensors" or not _is_safetensors(path) else {"state_dict": tensors}
+    )
+    found: dict[str, Any] = {"pretrained": True, "pretrained_cfg_overlay": given}
     if not state <= every:  # keys of another model: timm's strict loading names them
         return found
     classifier = cast("TimmModel", model).pretrained_cfg.get("classifier") or ()

@@ -46,6 +46,8 @@ def test_a_shipped_configs_file_name_points_at_its_name(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"not found: patchcore\.yaml \(a shipped config is named without its ext"):
         load_config("patchcore.yaml")
+    with pytest.raises(ConfigError, match=r"not found: patchcore\.YAML \(a shipped config"):  # not 'unknown config'
+        load_config("patchcore.YAML")
     with pytest.raises(ConfigError, match=r"not found: sub/patchcore\.yaml$"):  # a path: the user meant a file
         load_config("sub/patchcore.yaml")
 

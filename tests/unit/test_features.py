@@ -145,7 +145,10 @@ def test_unknown_layer_and_model_raise_config_errors() -> None:
         FeatureExtractor("no_such_net", ["1"], device="cpu")
 
 
-def test_local_safetensors_file_with_timm_keys_loads(tmp_path) -> None:
+@pytest.mark.parametrize("suffix", [".safetensors", ".SAFETENSORS", ".Safetensors"])
+def test_local_safetensors_file_with_timm_keys_loads(tmp_path, monkeypatch, suffix: str) -> None:
+    """An uppercase suffix (model.SAFETENSORS) is a safetensors file too: it was read through torch.load (pickle),
+    here and in timm, and refused as 'not a readable weights file'."""
     from safetensors.torch import save_file
 
     reference = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], image_size=(64, 64), device="cpu")
@@ -153,12 +156,17 @@ def test_local_safetensors_file_with_timm_keys_loads(tmp_path) -> None:
     from anomaly.features import _read_state_dict, _to_timm_keys
 
     state = _to_timm_keys(_read_state_dict(Path(reference.source.location)), full, "packaged")
-    path = tmp_path / "lite0.safetensors"
+    path = tmp_path / f"lite0{suffix}"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+    def no_pickle(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"torch.load{args}")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
     local = FeatureExtractor(
         "tf_efficientnet_lite0", ["blocks.2"], weights=str(path), image_size=(64, 64), device="cpu"
     )
-    assert local.source.kind == "file"
+    assert local.source.kind == "file" and "state_dict" not in local.model.pretrained_cfg
     images = np.full((1, 64, 64, 3), 127, dtype=np.uint8)
     torch.testing.assert_close(local(images).layers[0], reference(images).layers[0])
 
