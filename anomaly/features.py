@@ -36,7 +36,10 @@ __all__ = [
     "cnn_layers",
     "layer_table",
     "list_offline_backbones",
+    "model_skeleton",
     "resolve_weights",
+    "returns_tokens",
+    "takes_layers",
     "whole_patches",
 ]
 
@@ -221,23 +224,31 @@ class FeatureExtractor:
         self.name = name
         self.device = resolve_device(device)
         self.source = resolve_weights(name, weights, pretrained)
-        self.model, refused = _model_at(name, self.source, image_size)
-        snapped = whole_patches(self.model, image_size)
-        if snapped != image_size or refused:  # a ViT's patch embedding drops the pixels past its last whole patch
-            self.model, refused = _model_at(name, self.source, snapped)
+        # the size a ViT takes is read off its skeleton, so that the model and its weights are built once, at that
+        # size: a ViT-L took 9 s to initialise on a CPU, twice where 256 px rounds to 252
+        model, refused = None, None
+        probe = model_skeleton(name, image_size)
+        if probe is None:  # a constructor the meta device cannot run: the model itself is read
+            model, refused = _model_at(name, self.source, image_size)
+            probe = model
+        snapped = whole_patches(probe, image_size)
+        # a ViT's patch embedding drops the pixels past its last whole patch
+        if model is None or snapped != image_size or refused:
+            model, refused = _model_at(name, self.source, snapped)
             if refused:
-                own = list(self.model.pretrained_cfg["input_size"][1:])
+                own = list(model.pretrained_cfg["input_size"][1:])
                 raise ConfigError(
                     f"backbone.image_size: '{name}' cannot take {list(snapped or [])} ({refused}); its own is {own}"
                 )
             image_size = snapped
+        self.model = model
         cfg = self.model.pretrained_cfg
         self.image_size: tuple[int, int] = tuple(image_size or cfg["input_size"][1:])
         self.mean = torch.tensor(mean or cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std or cfg["std"], dtype=torch.float32).view(1, 3, 1, 1) * 255
         # plain ViTs (DINOv2, DeiT, EVA, BEiT) return prefix tokens (CLS, registers) beside their patch tokens;
         # hierarchical transformers (Swin, PVT) return maps as a CNN does
-        self.is_vit = "return_prefix_tokens" in inspect.signature(self.model.forward_intermediates).parameters
+        self.is_vit = returns_tokens(self.model)
         self.has_class_token = self.is_vit and _has_class_token(self.model)
         self.indices, self.layer_names, self.extra_blocks = _layer_indices(self.model, list(layers))
         # a list, not an int: timm reads an int n as "the last n layers" and would keep every block
@@ -445,6 +456,32 @@ def _trace(
             hook.remove()
 
 
+def model_skeleton(name: str, image_size: tuple[int, int] | None = None) -> TimmModel | None:
+    """Timm model ``name`` built as :class:`FeatureExtractor` builds it at ``image_size`` (its own size where its
+    constructor refuses that one), but on the meta device: its structure (layers, a ViT's patch stride) without the
+    time and memory its weights take. None where the constructor cannot run there (it reads a tensor's values)."""
+    try:
+        with torch.device("meta"):
+            return _model_at(name, WeightsSource("random", ""), image_size)[0]
+    except Exception:  # noqa: BLE001 - the caller reads the real model instead
+        return None
+
+
+def returns_tokens(model: torch.nn.Module) -> bool:
+    """Whether a timm model is a plain ViT (DINOv2, DeiT, EVA, BEiT): one whose intermediates are token maps that
+    come with prefix tokens (CLS, registers); hierarchical transformers (Swin, PVT) return maps as a CNN does."""
+    return "return_prefix_tokens" in inspect.signature(cast("TimmModel", model).forward_intermediates).parameters
+
+
+def takes_layers(model: torch.nn.Module, layers: Sequence[str]) -> bool:
+    """Whether ``backbone.layers`` ``layers`` name layers of timm model ``model`` (each once)."""
+    try:
+        _layer_indices(cast("TimmModel", model), list(layers))
+    except ConfigError:
+        return False
+    return True
+
+
 def _model_at(name: str, source: WeightsSource, image_size: tuple[int, int] | None) -> tuple[TimmModel, str | None]:
     """(the model at ``image_size``, None), or (the model at its own input size, why) where its constructor refuses
     that size (XCiT and hybrid ViTs assert that their patches divide it): the caller rounds the size and asks again."""
@@ -564,7 +601,9 @@ def _timm_checkpoint(name: str, path: Path) -> dict[str, Any] | None:
     """
     import timm
 
-    model = timm.create_model(name, pretrained=False)
+    model = model_skeleton(name)  # its key names alone
+    if model is None:
+        model = cast("TimmModel", timm.create_model(name, pretrained=False))
     every = set(model.state_dict())
     counters = {key for key in every if key.endswith("num_batches_tracked")}
     keys = every - counters

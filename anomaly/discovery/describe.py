@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from anomaly.config import BackboneConfig
 from anomaly.discovery.regions import Region
 from anomaly.errors import ConfigError
-from anomaly.features import FeatureExtractor
+from anomaly.features import FeatureExtractor, model_skeleton, returns_tokens, takes_layers
 
 __all__ = ["DEFAULT_BACKBONE", "DEFAULT_LAYERS", "RegionDescriber", "crop_box"]
 
@@ -124,13 +124,17 @@ class RegionDescriber:
         layers and input statistics; so does a ViT, whose ``blocks.4`` and ``blocks.6`` are early transformer
         blocks, not a CNN's stride-16 and stride-32 stages.
         """
-        try:
-            own = cls(config.name, DEFAULT_LAYERS, weights=config.weights, pretrained=config.pretrained, **kwargs)
-            if not own.extractor.is_vit:
-                return own
-        except ConfigError as exc:
-            if not str(exc).startswith("backbone.layers: unknown layer"):  # the model lacks blocks.4 / blocks.6
-                raise
+        skeleton = model_skeleton(config.name)  # the structure alone (no weights): the backbone is built once
+        if skeleton is None:  # a constructor the meta device cannot run: tried with the describer's layers
+            try:
+                own = cls(config.name, DEFAULT_LAYERS, weights=config.weights, pretrained=config.pretrained, **kwargs)
+                if not own.extractor.is_vit:
+                    return own
+            except ConfigError as exc:
+                if not str(exc).startswith("backbone.layers: unknown layer"):  # the model lacks blocks.4 / blocks.6
+                    raise
+        elif not returns_tokens(skeleton) and takes_layers(skeleton, DEFAULT_LAYERS):
+            return cls(config.name, DEFAULT_LAYERS, weights=config.weights, pretrained=config.pretrained, **kwargs)
         return cls(
             config.name,
             config.layers,

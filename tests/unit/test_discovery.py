@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from anomaly.cli import app
@@ -312,6 +313,36 @@ def test_describer_from_a_backbone_config() -> None:
     vit = dataclasses.replace(vit, name="vit_small_patch14_dinov2", pretrained=False, layers=("blocks.9", "blocks.11"))
     described = RegionDescriber.from_backbone(vit, input_size=56)
     assert described.extractor.layer_names == ["blocks.9", "blocks.11"]
+
+
+@pytest.mark.parametrize(
+    ("name", "layers", "input_size"),
+    [("vit_small_patch14_dinov2", ("blocks.9", "blocks.11"), 64), ("resnet18", ("layer2",), 64)],
+)
+def test_a_describer_builds_its_backbone_once(monkeypatch, name: str, layers: tuple[str, ...], input_size: int) -> None:  # type: ignore[no-untyped-def]
+    """A ViT describer (`--config musc_dinov2`) was built four times: once with the describer's layers to find it
+    was a ViT, and each time once at 64 px and again at its whole patches (56 px); a CNN without blocks.4 twice.
+    The structure is read on the meta device (no weights), the model built once."""
+    import timm
+
+    from anomaly.config import BackboneConfig
+    from anomaly.discovery.describe import RegionDescriber
+
+    built: list[str] = []
+    create = timm.create_model
+
+    def counted(*args: object, **kwargs: object) -> torch.nn.Module:
+        model = create(*args, **kwargs)  # type: ignore[arg-type]
+        if not next(model.parameters()).is_meta:
+            built.append(str(args[0]))
+        return model
+
+    monkeypatch.setattr(timm, "create_model", counted)
+    config = BackboneConfig(name=name, layers=layers, pretrained=False)
+    described = RegionDescriber.from_backbone(config, input_size=input_size)
+    assert described.extractor.layer_names == list(layers) and built == [name]
+    if name.startswith("vit"):
+        assert described.input_size == 70  # 64 px rounds to 5 whole patches of 14
 
 
 def _error(args: list[str]) -> str:
