@@ -117,6 +117,12 @@ class NNIndex:
             cpu = faiss.index_factory(bank.shape[1], string, faiss.METRIC_L2)
         except RuntimeError:
             raise ConfigError(f"scorer.params.index: invalid FAISS factory string '{string}'") from None
+        why = _not_l2(cpu)
+        if why is not None:  # a score is the L2 distance to the nearest bank row: LSH's sqrt(Hamming) was kept
+            raise ConfigError(
+                f"scorer.params.index: '{string}' does not search by L2 distance ({why}); use Flat, IVF..,Flat, "
+                "HNSW..,Flat or a PQ/SQ index"
+            )
         if not cpu.is_trained:
             ivf = faiss.extract_index_ivf(cpu) if "IVF" in string else None
             if ivf is not None and len(bank) < _MIN_POINTS_PER_CENTROID * ivf.nlist:
@@ -389,6 +395,34 @@ def _unbuildable(string: str) -> Iterator[None]:
         reason = re.search(r"\.(?:cpp|h):\d+: (.+)", str(exc))
         detail = reason.group(1) if reason else str(exc).strip().splitlines()[-1]
         raise ConfigError(f"scorer.params.index: FAISS cannot build '{string}' on the bank ({detail})") from None
+
+
+def _not_l2(index: Any) -> str | None:
+    """Why the distances a FAISS index returns are not L2 distances between the rows it was given, or None: IVF,
+    HNSW, PQ and SQ indexes and non-whitening projections (PCA, OPQ, random rotations) return L2 distances or
+    approximations of them; LSH and spectral hashing compare binary codes, L2norm, ITQ and whitening PCA measure
+    other vectors than the rows. A refined index returns its refinement's distances."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if index.metric_type != faiss.METRIC_L2:
+        return "its metric is not L2"
+    if isinstance(index, faiss.IndexRefine):
+        return _not_l2(index.refine_index)
+    if isinstance(index, (faiss.IndexLSH, faiss.IndexIVFSpectralHash)):
+        return "it compares binary codes: Hamming distances"
+    if isinstance(index, faiss.IndexPreTransform):
+        chain: Any = index.chain  # a SWIG vector (the stubs say a list)
+        for i in range(chain.size()):
+            transform = faiss.downcast_VectorTransform(chain.at(i))
+            if isinstance(transform, faiss.NormalizationTransform):
+                return "L2norm scales every row to length 1"
+            if isinstance(transform, faiss.ITQTransform):
+                return "ITQ normalises the rows"
+            if isinstance(transform, faiss.PCAMatrix) and transform.eigen_power != 0:
+                return "PCAW whitens the rows"
+        return _not_l2(index.index)
+    return None
 
 
 def _downcast_hnsw(index: Any) -> Any:

@@ -133,6 +133,27 @@ def test_memory_bank_index_and_seed_faiss_cannot_take_are_config_errors() -> Non
         get_scorer("memory_bank", {"random_state": 2**64})
 
 
+@pytest.mark.parametrize(
+    ("index", "why"),
+    [
+        ("LSH", "binary codes"),
+        ("ITQ,LSH", "ITQ"),
+        ("IVF2,ITQ,SH", "binary codes"),
+        ("L2norm,Flat", "L2norm"),
+        ("PCAW8,Flat", "whitens"),
+    ],
+)
+def test_an_index_whose_distances_are_not_l2_is_a_config_error(index: str, why: str) -> None:
+    """LSH was accepted and scored with the square roots of Hamming distances between binary codes (threshold 4.3 on
+    features whose nearest rows lie ~27 apart); L2norm and whitening PCA measure other vectors than the features."""
+    train = _layers(6, 0)
+    with pytest.raises(ConfigError, match=rf"^scorer.params.index: '{index}' does not search by L2 distance \(.*{why}"):
+        get_scorer("memory_bank", {"index": index, "coreset_ratio": 1.0}).fit(train)
+    kept = ("PCA8,Flat", "LSH,RFlat", "OPQ2,PQ2") if index == "LSH" else ()  # a projection, a refined search
+    for kept_index in kept:  # L2 distances or close to them: built
+        assert get_scorer("memory_bank", {"index": kept_index, "coreset_ratio": 1.0}).fit(train).index_ is not None
+
+
 def test_memory_bank_cross_fit_scores_each_fold_against_the_other_folds_only() -> None:
     train = _layers(6, 0)
     folds = np.array([0, 1, 2, 0, 1, 2])
