@@ -40,6 +40,7 @@ __all__ = [
     "list_images",
     "load_map",
     "mask_level_count",
+    "pil_pixels",
     "read_image",
     "read_image_size",
     "read_images",
@@ -144,6 +145,23 @@ def read_image(path: str | os.PathLike[str], bit_depth: int | None = 16) -> NDAr
         DataError: The file is missing, cannot be decoded or has more than :data:`MAX_PIXELS` pixels.
     """
     return decode_bytes(_read_bytes(Path(path)), _printable(Path(path)), bit_depth)
+
+
+def pil_pixels(image: Image.Image) -> NDArray[Any]:
+    """An in-memory PIL image's pixels as :func:`read_pixels` reads a file of it: EXIF-oriented (``Image.open`` leaves
+    a photo's orientation to the caller; a file of it was read upright and the PIL image on its side), 16-bit gray
+    and 32-bit integers at their depth, any other mode as RGB."""
+    try:
+        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # metadata is best effort: malformed EXIF leaves the pixels as stored
+        orientation = 1
+    if image.mode.startswith("I;16"):  # I;16, I;16B, I;16L: native-endian uint16
+        pixels = np.asarray(image).astype(np.uint16)
+    elif image.mode == "I":  # 32-bit integers (camera SDKs): read as files of them are
+        pixels = np.asarray(image)
+    else:
+        pixels = np.asarray(image.convert("RGB"))
+    return _orient(pixels, orientation)
 
 
 def read_pixels(source: str | os.PathLike[str] | bytes) -> NDArray[Any]:

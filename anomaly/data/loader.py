@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from anomaly.data.io import as_rgb8, read_image_size, read_pixels, significant_bits, stored_bit_depth
+from anomaly.data.io import as_rgb8, pil_pixels, read_image_size, read_pixels, significant_bits, stored_bit_depth
 from anomaly.data.views import Layout, ViewSpec, chroma, cut_views, standardize_intensity
 from anomaly.errors import DataError
 
@@ -186,11 +186,7 @@ def _in_memory_array(item: ImageInput) -> NDArray[Any]:
             array = np.moveaxis(array, 0, -1)
         return cast("NDArray[Any]", array)
     if hasattr(item, "mode") and hasattr(item, "convert"):  # PIL image
-        if item.mode.startswith("I;16"):  # I;16, I;16B, I;16L: native-endian uint16
-            return np.asarray(item).astype(np.uint16)
-        if item.mode == "I":  # 32-bit integers (camera SDKs): read as files of them are
-            return np.asarray(item)
-        return np.asarray(item.convert("RGB"))
+        return pil_pixels(cast("Image.Image", item))
     if isinstance(item, np.ndarray):
         return item
     raise DataError(

@@ -288,6 +288,19 @@ def test_exif_orientation_lossless_matches_pil(tmp_path: Path, suffix: str, orie
     assert read_image_size(path) == expected.shape[:2]  # every format and orientation, as decoded
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_an_opened_pil_image_reads_as_its_file(tmp_path: Path, orientation: int) -> None:
+    """``Image.open`` leaves the EXIF orientation unapplied: in-memory PIL images were read on their side (8- and
+    16-bit alike) where the file was read upright."""
+    from anomaly.data.loader import raw_pixels
+
+    deep = (np.arange(40 * 60, dtype=np.uint16).reshape(40, 60) * 7).astype(np.uint16)
+    for name, pixels in (("rgb.png", PIXELS), ("deep.png", deep)):
+        Image.fromarray(pixels).save(tmp_path / name, exif=_exif(orientation))
+        with Image.open(tmp_path / name) as opened:
+            np.testing.assert_array_equal(raw_pixels(opened), read_pixels(tmp_path / name))
+
+
 def test_unicode_path_and_uppercase_suffix(tmp_path: Path) -> None:
     path = tmp_path / "données 图像" / "IMG.PNG"
     path.parent.mkdir()

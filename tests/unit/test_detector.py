@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from anomaly import DataError, DetectionResult, Detector, NotFittedError
 from anomaly.config import apply_overrides, load_config
@@ -535,6 +535,26 @@ def test_too_few_images_for_a_held_out_threshold_fail_before_any_work(synthetic_
             Detector(_config()).fit(alone)
     with pytest.raises(DataError, match="unsupported image input of type NoneType"):
         Detector(_config()).fit(None)  # type: ignore[arg-type]
+
+
+def test_a_pil_image_is_scored_upright_as_its_file_is(tmp_path: Path) -> None:
+    """A photo opened with PIL carries its EXIF orientation unapplied: the file was scored upright (64 x 48) and the
+    same photo given as ``Image.open(path)`` on its side (48 x 64: another map, another score)."""
+    rng = np.random.default_rng(0)
+    det = Detector(_config()).fit([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(4)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    pixels[:8, :8] = 255
+    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=exif)
+    from_file = det.predict(tmp_path / "photo.png")
+    with Image.open(tmp_path / "photo.png") as opened:
+        given = [det.predict(opened), det.predict(ImageOps.exif_transpose(opened))]  # oriented by the caller: once
+    for result in given:
+        assert result.anomaly_map is not None and from_file.anomaly_map is not None
+        assert result.anomaly_map.shape == from_file.anomaly_map.shape == (64, 48)
+        np.testing.assert_array_equal(result.anomaly_map, from_file.anomaly_map)
+        assert result.image_score == from_file.image_score
 
 
 def test_16_bit_images_of_another_depth_than_the_model_are_named(caplog: pytest.LogCaptureFixture) -> None:
