@@ -148,13 +148,17 @@ def read_image(path: str | os.PathLike[str], bit_depth: int | None = 16) -> NDAr
 
 
 def pil_pixels(image: Image.Image) -> NDArray[Any]:
-    """An in-memory PIL image's pixels as :func:`read_pixels` reads a file of it: EXIF-oriented (``Image.open`` leaves
-    a photo's orientation to the caller; a file of it was read upright and the PIL image on its side), 16-bit gray
-    and 32-bit integers at their depth, any other mode as RGB."""
-    try:
-        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # metadata is best effort: malformed EXIF leaves the pixels as stored
-        orientation = 1
+    """An in-memory PIL image's pixels as :func:`read_pixels` reads a file of it: 16-bit gray and 32-bit integers at
+    their depth, any other mode as RGB; EXIF-oriented where the image is as its decoder gave it (``Image.open``
+    leaves a photo's orientation to the caller: a file was read upright and its PIL image on its side). An image
+    the caller derived (``rotate``, ``crop``, ``convert``: ``format`` None) is taken as its pixels stand, though it
+    keeps the tag: a photo turned upright by hand is not turned again."""
+    orientation = 1
+    if image.format is not None:
+        try:
+            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        except Exception:  # metadata is best effort: malformed EXIF leaves the pixels as stored
+            orientation = 1
     if image.mode.startswith("I;16"):  # I;16, I;16B, I;16L: native-endian uint16
         pixels = np.asarray(image).astype(np.uint16)
     elif image.mode == "I":  # 32-bit integers (camera SDKs): read as files of them are

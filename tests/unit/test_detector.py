@@ -549,7 +549,9 @@ def test_a_pil_image_is_scored_upright_as_its_file_is(tmp_path: Path) -> None:
     Image.fromarray(pixels).save(tmp_path / "photo.png", exif=exif)
     from_file = det.predict(tmp_path / "photo.png")
     with Image.open(tmp_path / "photo.png") as opened:
-        given = [det.predict(opened), det.predict(ImageOps.exif_transpose(opened))]  # oriented by the caller: once
+        by_hand = opened.transpose(Image.Transpose.ROTATE_270)  # upright, and still tagged: not turned again
+        assert by_hand.getexif().get(0x0112) == 6
+        given = [det.predict(opened), det.predict(ImageOps.exif_transpose(opened)), det.predict(by_hand)]
     for result in given:
         assert result.anomaly_map is not None and from_file.anomaly_map is not None
         assert result.anomaly_map.shape == from_file.anomaly_map.shape == (64, 48)
