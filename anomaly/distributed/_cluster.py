@@ -156,10 +156,11 @@ class Workers:
     num_gpus: int
 
 
-def workers(ray: ModuleType, cpus_per_actor: int = 1) -> Workers:
-    """One actor per GPU when the cluster has GPUs (with its share of the CPUs), else one per ``cpus_per_actor``."""
+def workers(ray: ModuleType, cpus_per_actor: int = 1, device: str | None = None) -> Workers:
+    """One actor per GPU when the cluster has GPUs (with its share of the CPUs), else one per ``cpus_per_actor``.
+    With ``device`` "cpu" the GPUs are left alone: each actor would hold one it never uses, and as few actors."""
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
-    if gpus:
+    if gpus and device != "cpu":
         return Workers(gpus, max(1, cpus // gpus), 1)
     return Workers(max(1, cpus // cpus_per_actor), cpus_per_actor, 0)

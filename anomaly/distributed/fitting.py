@@ -69,7 +69,7 @@ def fit(
     detector.resolve_auto(paths)  # the actors get the decided config
     folds = detector.folds(len(paths))  # the local fit's folds, so both fits agree
     with cluster(address) as ray:
-        plan = workers(ray)
+        plan = workers(ray, device=detector.config.device)
         actor = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=3, max_task_retries=3)(
             FitWorker
         )

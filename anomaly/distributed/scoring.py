@@ -305,7 +305,7 @@ def _inject_fault() -> None:
 def _run(items: list[dict[str, bytes]], worker: dict[str, Any], address: str | None, batch_size: int):  # type: ignore[no-untyped-def]
     """Yield rows as the actors finish batches, appending each batch to the journal first."""
     with cluster(address) as ray:
-        plan = workers(ray)
+        plan = workers(ray, device=worker["device"])
         size = max(1, min(plan.count, math.ceil(len(items) / batch_size)))
         dataset = ray.data.from_items(items).map_batches(
             ScoreWorker,

@@ -640,3 +640,17 @@ def test_the_workers_input_warnings_reach_the_user_once(
         assert result.exit_code == 0, result.output
         said = [line for line in result.output.splitlines() if line.startswith("warning: ") and "thumb.png" in line]
         assert len(said) == 1 and "under a third" in said[0], (name, result.output)
+
+
+def test_cpu_work_on_a_cluster_with_gpus_reserves_no_gpu() -> None:
+    """`--device cpu` on a cluster with GPUs started one actor per GPU, each holding a GPU it never used (two actors
+    on 16 CPUs and 2 GPUs): CPU work takes actors by the CPUs and leaves the GPUs to others."""
+    from types import SimpleNamespace
+
+    from anomaly.distributed._cluster import Workers, workers
+
+    ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 16.0, "GPU": 2.0})
+    assert workers(ray, device="cpu") == Workers(16, 1, 0)  # type: ignore[arg-type]
+    assert workers(ray, 4, device="cpu") == Workers(4, 4, 0)  # type: ignore[arg-type]
+    for device in (None, "auto", "cuda"):
+        assert workers(ray, device=device) == Workers(2, 8, 1)  # type: ignore[arg-type]
