@@ -487,3 +487,28 @@ def test_a_pool_threshold_does_not_depend_on_the_order_of_the_pool() -> None:
         pool_threshold(window[rng.permutation(len(window))], 0.01, expect_defects=False).image for _ in range(12)
     }
     assert len(thresholds) == 1
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_one_dimensional_mixture_is_scikit_learns(k: int) -> None:
+    """The pool rule's mixtures are fitted by hand for speed: they must be scikit-learn's GaussianMixture (its
+    k-means++ seeds, EM and stopping rule), parameters and likelihood, on skewed, two-mode and tied samples."""
+    from sklearn.mixture import GaussianMixture
+
+    from anomaly.thresholds import _gaussian_mixture
+
+    rng = np.random.default_rng(3)
+    samples = [
+        rng.lognormal(0, 0.5, 40),
+        np.r_[rng.normal(0, 1, 60), rng.normal(6, 2, 23)],
+        np.r_[rng.normal(0, 1, 150), np.full(50, 3.0)],
+    ]
+    for y in samples:
+        y = np.sort(y)
+        reg = 1e-6 * float(y.var()) + 1e-12
+        gmm = GaussianMixture(k, random_state=0, init_params="k-means++", reg_covar=reg).fit(y[:, None])
+        log_lik, means, sds, weights = _gaussian_mixture(y, k, reg)
+        assert log_lik == pytest.approx(gmm.score(y[:, None]), rel=1e-9)
+        np.testing.assert_allclose(means, gmm.means_.ravel(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sds, np.sqrt(gmm.covariances_.ravel()), rtol=1e-9)
+        np.testing.assert_allclose(weights, gmm.weights_, rtol=1e-9)
