@@ -171,7 +171,7 @@ def _response(result: DetectionResult, warnings: list[str], mask: bool, anomaly_
         assert result.anomaly_map is not None
         buffer = io.BytesIO()
         np.save(buffer, result.anomaly_map.astype(np.float32, copy=False))
-        body["map_npy"] = base64.b64encode(buffer.getvalue()).decode()
+        body["map_npy"] = base64.b64encode(buffer.getbuffer()).decode()  # getvalue() copied the map once more
     return JSONResponse(body)
 
 
