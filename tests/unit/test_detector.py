@@ -110,7 +110,7 @@ def test_predict_takes_the_collections_predict_stream_takes(fitted: Detector, sy
     expected = [r.image_score for r in fitted.predict(names)]
     for paths in (np.array(names), {n: 0 for n in names}.keys(), range(0)):
         results = fitted.predict(paths)
-        assert isinstance(results, list) and [r.image_score for r in results] == expected[: len(results)]
+        assert isinstance(results, list) and [r.image_score for r in results] == expected[: len(paths)]  # all, in order
     assert {r.image_score for r in fitted.predict(set(names))} == set(expected)
     encoded = memoryview(good[0].read_bytes())
     streamed = [r.image_score for r, _ in fitted.predict_stream(encoded)]
