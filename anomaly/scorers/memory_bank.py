@@ -221,21 +221,20 @@ class MemoryBankScorer(Scorer):
         )
         bank_picks = self.merge_candidates(candidates, plan.total)
         tick()
+
+        def held_out(fold: int, size: int) -> ScoreOutput:
+            # pick and search in one task, on as many threads as there are cores: the bank dies with the task (as
+            # many alive as threads), and no core waits for the slower pick of a pair or while the searches ran one
+            # after another between the pairs (bottle on two cores: the held-out stage 4.4 -> 3.5 s)
+            bank = self.held_out_bank(candidates, fold, bank_picks, size)
+            return self.score_against(bank, embedded(members[fold]).cpu().numpy(), self.index_)
+
+        outs = _on_cpu_threads(held_out, list(enumerate(plan.held_out)), layers[0].device, tick)
         maps = np.empty((n_img, h, w), dtype=np.float32)
         scores = np.empty(n_img, dtype=np.float64)
-        held_out = list(enumerate(plan.held_out))
-        step = _cpu_workers(layers[0].device, len(held_out))
-        for start in range(0, len(held_out), step):  # as many held-out banks alive as picked at once, not all
-            batch = held_out[start : start + step]
-            banks = _on_cpu_threads(
-                lambda fold, size: self.held_out_bank(candidates, fold, bank_picks, size), batch, layers[0].device
-            )
-            for (fold, _), bank in zip(batch, banks):
-                out = self.score_against(bank, embedded(members[fold]).cpu().numpy(), self.index_)
-                maps[members[fold]] = out.patch_maps
-                scores[members[fold]] = out.image_scores
-                tick()
-            del banks, bank  # before the next batch is picked
+        for fold, out in enumerate(outs):
+            maps[members[fold]] = out.patch_maps
+            scores[members[fold]] = out.image_scores
         return ScoreOutput(maps, scores)
 
     def embed(self, layers: list[torch.Tensor]) -> torch.Tensor:
