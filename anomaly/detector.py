@@ -45,6 +45,7 @@ from anomaly.data.loader import (
     ImageInput,
     fingerprint,
     image_size,
+    is_encoded_array,
     iter_batches,
     raw_pixels,
     support_views,
@@ -83,6 +84,9 @@ log = logging.getLogger(__name__)
 
 _REFERENCES_FILE = "references.safetensors"
 _SAMPLE = 32  # images that decide the ``auto`` settings of ``preprocess`` (decoding them: ~5 % of a fit)
+# the sample's decoded pixels kept for the extraction that follows (not decoded twice), up to this many bytes in all:
+# 32 bottle images (900 x 900 RGB) take 78 MB, held while the fit's memory is still below its cross-fit's peak
+_SAMPLE_KEEP_BYTES = 128 * 2**20
 _UPSCALE_WARNING = 4  # training images upscaled more than this to the model input are named in a fit warning
 # A few kept training images this many robust SDs above the others (outlier_z leaves out above 10) that lift the
 # threshold to this many times what the rest give are named: defects that the outlier rule did not take.
@@ -198,19 +202,29 @@ class Detector:
         decides again. Unreadable images are left out of the sample (the stage that reads them reports them).
         ``build_backbone``: build the backbone while the sample decodes (again if the input size changes).
         """
+        self._resolve_auto(images, build_backbone)
+
+    def _resolve_auto(self, images: Sequence[ImageInput], build_backbone: bool = False) -> dict[int, NDArray[Any]]:
+        """:meth:`resolve_auto`; returns the pixels of the sample's decoded files by position (``_SAMPLE_KEEP_BYTES``
+        of them at most), for the extraction that follows to take instead of decoding them again
+        (:func:`anomaly.data.loader.iter_batches`)."""
         resize, budget = self._input_setting
         if "auto" not in (resize, self._standardize_setting, self._bit_depth_setting) or not images:
             if build_backbone:
                 _ = self.extractor
-            return
+            return {}
         if resize == "auto":  # decided again from the configured input
             self.config = replace(self.config, backbone=replace(self.config.backbone, image_size=budget))
         lighting, depth = self._standardize_setting == "auto", self._bit_depth_setting == "auto"
+        positions = _sample_positions(len(images))
+        keep = _Keep(_SAMPLE_KEEP_BYTES)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
-            measuring = pool.map(lambda i: _measure(images[i], lighting, depth), _sample_positions(len(images)))
+            measuring = pool.map(lambda i: _measure(images[i], lighting, depth, keep), positions)
             if build_backbone:
                 _ = self.extractor
-            sample = [m for m in measuring if m is not None]
+            measured = list(measuring)
+        sample = [m for m in measured if m is not None]
+        decoded = {int(i): m.pixels for i, m in zip(positions, measured) if m is not None and m.pixels is not None}
         if resize == "auto":
             self._decide_input_size([m.size for m in sample])
         bits = self.config.preprocess.bit_depth
@@ -226,6 +240,7 @@ class Detector:
             on = drift > DRIFT_THRESHOLD
             log.info("preprocess.standardize: auto -> %s (lighting drift %.3f, limit %.2f)", on, drift, DRIFT_THRESHOLD)
             self.config = replace(self.config, preprocess=replace(self.config.preprocess, standardize=on))
+        return decoded
 
     def _decide_input_size(self, sizes: list[tuple[int, int]]) -> None:
         size = self.config.backbone.image_size or self.extractor.image_size  # None: the model's pretrained input
@@ -278,11 +293,16 @@ class Detector:
         return self._extract_all(images, False, True, None)
 
     def _extract_all(
-        self, images: Sequence[ImageInput], keep_images: bool, skip: bool, progress: StageProgress | None
+        self,
+        images: Sequence[ImageInput],
+        keep_images: bool,
+        skip: bool,
+        progress: StageProgress | None,
+        pixels: dict[int, NDArray[Any]] | None = None,
     ) -> tuple[FeatureSet | None, list[DecodedImage]]:
         decoded: list[DecodedImage] = []
         batches = []
-        for batch in self._progress_batches(images, keep_images, skip, "features", progress):
+        for batch in self._progress_batches(images, keep_images, skip, "features", progress, pixels):
             decoded += batch.items
             if batch.ok:
                 batches.append(self._extract_batch(batch.images, batch.ok))
@@ -334,10 +354,11 @@ class Detector:
         # training image) restores the settings the fitted model scores with, so it keeps scoring as before.
         before = (self.config, self._extractor)
         try:
-            self.resolve_auto(items, build_backbone=True)
+            pixels = self._resolve_auto(items, build_backbone=True)
             if self.zero_shot:
                 return self._store_references(items, progress)
-            features = self.extract(items, progress=progress)
+            features, _ = self._extract_all(items, False, False, progress, pixels)
+            assert features is not None  # without skipping, an unreadable input has raised
         except BaseException:
             self.config, self._extractor = before
             raise
@@ -590,11 +611,10 @@ class Detector:
         self, items: list[ImageInput], maps: bool, keep_images: bool, progress: StageProgress | None, skip: bool
     ) -> tuple[list[DecodedImage], list[DetectionResult], Threshold]:
         """The pool's decoded inputs, the results of the readable ones and the pool's decision."""
-        if self.reference_ is None:
-            self.resolve_auto(items)
+        pixels = self._resolve_auto(items) if self.reference_ is None else None
         mirror = self.scorer.augment_queries
         decoded, batches, mirrored = [], [], []
-        for batch in self._progress_batches(items, keep_images, skip, "features", progress):
+        for batch in self._progress_batches(items, keep_images, skip, "features", progress, pixels):
             decoded += batch.items
             if batch.ok:
                 batches.append(self._extract_batch(batch.images, batch.ok))
@@ -774,7 +794,13 @@ class Detector:
         return out.checked(len(layers[0]), self.scorer.name)
 
     def _progress_batches(
-        self, items: Sequence[ImageInput], keep: bool, skip: bool, stage: str, progress: StageProgress | None
+        self,
+        items: Sequence[ImageInput],
+        keep: bool,
+        skip: bool,
+        stage: str,
+        progress: StageProgress | None,
+        pixels: dict[int, NDArray[Any]] | None = None,
     ) -> Iterator[Any]:
         done = 0
         for batch in iter_batches(
@@ -784,6 +810,7 @@ class Detector:
             keep_images=keep,
             skip_errors=skip,
             spec=self.view_spec,
+            pixels=pixels,
         ):
             yield batch
             done += len(batch.items)
@@ -1060,11 +1087,13 @@ def _expand_training(images: Sequence[ImageInput] | ImageInput) -> list[ImageInp
 @dataclass(frozen=True)
 class _Measure:
     """What ``auto`` settings read from one image: its (H, W), the bits of its 16-bit values (None: 8-bit
-    image), and its bright level at its own depth (None: not measured)."""
+    image), and its bright level at its own depth (None: not measured); the pixels decoded to measure them, where
+    they are kept (:class:`_Keep`)."""
 
     size: tuple[int, int]
     bits: int | None = None
     level: float | None = None
+    pixels: NDArray[Any] | None = None
 
     def level_at(self, bit_depth: int) -> float:
         """The bright level of the image once scaled to 8 bits as ``bit_depth`` says (a percentile commutes with
@@ -1073,9 +1102,26 @@ class _Measure:
         return self.level if self.bits is None else min(255.0, self.level / 2 ** (bit_depth - 8))
 
 
-def _measure(item: ImageInput, lighting: bool, depth: bool) -> _Measure | None:
+class _Keep:
+    """A byte budget for decoded pixels, shared by the threads that decode the sample."""
+
+    def __init__(self, budget: int) -> None:
+        self._left = budget
+        self._lock = threading.Lock()
+
+    def take(self, pixels: NDArray[Any]) -> bool:
+        """Whether ``pixels`` fit in what is left of the budget (then counted against it)."""
+        with self._lock:
+            if pixels.nbytes > self._left:
+                return False
+            self._left -= pixels.nbytes
+            return True
+
+
+def _measure(item: ImageInput, lighting: bool, depth: bool, keep: _Keep | None = None) -> _Measure | None:
     """Measure an input for ``resize``, ``standardize`` (``lighting``) and ``bit_depth`` (``depth``): files are
-    decoded only when the lighting is measured or their header says 16 bits.
+    decoded only when the lighting is measured or their header says 16 bits. The pixels of a decoded file (or
+    encoded bytes) are kept with the measures while ``keep`` has room for them.
 
     None when the input cannot be read: the sample that decides ``auto`` skips it.
     """
@@ -1084,7 +1130,9 @@ def _measure(item: ImageInput, lighting: bool, depth: bool) -> _Measure | None:
         if pixels is None:
             return _Measure(image_size(item))
         level = bright_level(pixels) if lighting else None
-        return _Measure((pixels.shape[0], pixels.shape[1]), significant_bits(pixels), level)
+        encoded = isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)) or is_encoded_array(item)
+        kept = pixels if encoded and keep is not None and keep.take(pixels) else None
+        return _Measure((pixels.shape[0], pixels.shape[1]), significant_bits(pixels), level, kept)
     except DataError:
         return None
 

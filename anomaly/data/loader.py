@@ -137,10 +137,13 @@ def to_rgb(item: ImageInput, bit_depth: int = 16) -> tuple[NDArray[np.uint8], st
     return image, source
 
 
-def decode_rgb(item: ImageInput, bit_depth: int = 16) -> tuple[NDArray[np.uint8], str | None, int | None]:
+def decode_rgb(
+    item: ImageInput, bit_depth: int = 16, pixels: NDArray[Any] | None = None
+) -> tuple[NDArray[np.uint8], str | None, int | None]:
     """:func:`to_rgb`, and the bits the input's 16-bit values need (None for 8-bit data): an image of another
-    depth than ``bit_depth`` reads near-black or saturated (:class:`anomaly.data.input_checks.InputCheck`)."""
-    pixels = raw_pixels(item)
+    depth than ``bit_depth`` reads near-black or saturated (:class:`anomaly.data.input_checks.InputCheck`).
+    ``pixels``: the input's :func:`raw_pixels`, where they were read already."""
+    pixels = raw_pixels(item) if pixels is None else pixels
     assert pixels is not None  # not header_first: always decoded
     source = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
     return as_rgb8(pixels, bit_depth), source, significant_bits(pixels)
@@ -203,14 +206,19 @@ def image_size(item: ImageInput) -> tuple[int, int]:
 
 
 def decode_input(
-    item: ImageInput, size: tuple[int, int], keep: bool = False, spec: ViewSpec | None = None
+    item: ImageInput,
+    size: tuple[int, int],
+    keep: bool = False,
+    spec: ViewSpec | None = None,
+    pixels: NDArray[Any] | None = None,
 ) -> DecodedImage:
     """Decode one input and cut it into views of ``size`` (H, W) as ``spec`` says (default: stretched).
 
-    Resizing uses INTER_AREA when shrinking, else bilinear; see :mod:`anomaly.data.views`.
+    Resizing uses INTER_AREA when shrinking, else bilinear; see :mod:`anomaly.data.views`. ``pixels``: the input's
+    :func:`raw_pixels`, where they were read already (not read again).
     """
     spec = spec or ViewSpec()
-    image, source, bits = decode_rgb(item, spec.bit_depth)
+    image, source, bits = decode_rgb(item, spec.bit_depth, pixels)
     h, w = image.shape[:2]
     layout = spec.layout((h, w), size)
     views = cut_views(image, layout, size)
@@ -228,6 +236,7 @@ def iter_batches(
     keep_images: bool = False,
     skip_errors: bool = False,
     spec: ViewSpec | None = None,
+    pixels: dict[int, NDArray[Any]] | None = None,
 ) -> Iterator[ImageBatch]:
     """Decode + cut into views in a thread pool, ahead of the consumer; batches of ``batch_size`` views or more.
 
@@ -235,13 +244,15 @@ def iter_batches(
     views are decoded ahead: ``batch_size`` whole images as before, but one 6000 x 4000 frame in 256 px tiles (651
     views, 128 MB of them) at a time instead of 16 (4 frames took 2.5 GB where one took 1.7). With
     ``skip_errors`` an input that cannot be decoded is reported in its ``DecodedImage.error`` instead of raising,
-    so one bad file does not lose the rest of the batch.
+    so one bad file does not lose the rest of the batch. ``pixels``: the :func:`raw_pixels` of some of the inputs
+    by position, already read (the sample that decided the ``auto`` settings), each taken out of it when used.
     """
 
     def work(index: int) -> DecodedImage:
         item = items[index]
+        read = None if pixels is None else pixels.pop(index, None)
         try:
-            return decode_input(item, size, keep_images, spec)
+            return decode_input(item, size, keep_images, spec, read)
         except DataError as exc:
             error = input_error(exc, item, index, len(items))
             if not skip_errors:

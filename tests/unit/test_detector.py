@@ -44,6 +44,32 @@ def fitted(synthetic_root: Path) -> Detector:
     return det
 
 
+def test_fit_decodes_each_training_file_once(synthetic_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sample that decides ``standardize: auto`` decodes its images; the extraction took them from there
+    instead of decoding them again (bottle: 32 of 209 decodes, about 5 % of the extraction), and fits the same."""
+    import anomaly.data.loader as loader
+    import anomaly.detector as detector_module
+
+    train, _, _ = _split(synthetic_root)
+    counts: dict[str, int] = {}
+    read = loader.read_pixels
+
+    def counted(source):  # type: ignore[no-untyped-def]
+        counts[str(source)] = counts.get(str(source), 0) + 1
+        return read(source)
+
+    monkeypatch.setattr(loader, "read_pixels", counted)
+    kept = Detector(_config()).fit(train)
+    assert counts == {str(p): 1 for p in train}  # all 12 are in the sample: each read once all the same
+    monkeypatch.setattr(detector_module, "_SAMPLE_KEEP_BYTES", 0)  # nothing kept: the sample decodes them again
+    counts.clear()
+    again = Detector(_config()).fit(train)
+    assert counts == {str(p): 2 for p in train}
+    assert again.config == kept.config and again.threshold_ == kept.threshold_
+    np.testing.assert_array_equal(again.normal_scores_, kept.normal_scores_)
+    np.testing.assert_array_equal(again.scorer.bank_, kept.scorer.bank_)  # type: ignore[attr-defined]
+
+
 def test_fit_reports_how_many_image_pixels_one_patch_covers(
     fitted: Detector, synthetic_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -317,15 +343,16 @@ def test_reference_free_pools_from_two_threads_score_as_one_after_the_other(monk
     wide = [rng.integers(0, 255, (64, 192, 3), dtype=np.uint8) for _ in range(4)]
     det = Detector(_config("musc", "backbone.image_size=[64,64]"))
     alone = [[r.image_score for r in det.predict(pool)] for pool in (square, wide)]
-    decide, square_decided = Detector.resolve_auto, threading.Event()
+    decide, square_decided = Detector._resolve_auto, threading.Event()
 
-    def slow_decide(self, images, **kwargs):  # type: ignore[no-untyped-def]
-        decide(self, images, **kwargs)
+    def slow_decide(self, images, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decided = decide(self, images, *args, **kwargs)
         if len(images) and images[0].shape == (96, 96, 3):  # the square pool: let the wide one decide meanwhile
             square_decided.set()
             time.sleep(0.5)
+        return decided
 
-    monkeypatch.setattr(Detector, "resolve_auto", slow_decide)
+    monkeypatch.setattr(Detector, "_resolve_auto", slow_decide)
     with ThreadPoolExecutor(2) as threads:
         first = threads.submit(det.predict, square)
         square_decided.wait(30)
