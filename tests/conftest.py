@@ -103,3 +103,12 @@ def open_report(chromium: Any) -> Iterator[Callable[[Path], OpenedReport]]:
     yield _open
     for context in contexts:
         context.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Captured output may hold a file name's undecodable bytes (lone surrogates): pytest-xdist must send it as
+    UTF-8 from a worker, so they are written as escapes."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(key, text.encode("utf-8", "backslashreplace").decode()) for key, text in report.sections]

@@ -75,13 +75,13 @@ def test_fit_reports_how_many_image_pixels_one_patch_covers(
 ) -> None:
     assert fitted.patch_footprint_ == (8, 8)  # 128 px images at a 128 px input, stride-8 patches
     train, _, _ = _split(synthetic_root)
-    images = [np.kron(read_image(p), np.ones((3, 3, 1), dtype=np.uint8)) for p in train[:6]]  # 384 px
+    images = [np.kron(read_image(p), np.ones((2, 2, 1), dtype=np.uint8)) for p in train[:6]]  # 256 px
     whole = Detector(_config("patchcore", "threshold.folds=3")).fit(images)
-    assert whole.patch_footprint_ == (24, 24)  # 384 px seen at 128: a patch spans 3x its input pixels
+    assert whole.patch_footprint_ == (16, 16)  # 256 px seen at 128: a patch spans 2x its input pixels
     with caplog.at_level(logging.INFO, logger="anomaly"):
         tiled = Detector(_config("patchcore", "threshold.folds=3", "preprocess.tile={size: 64}")).fit(images)
     assert tiled.patch_footprint_ == (4, 4)  # 64 px tiles seen at 128 px: finer than the image's pixels
-    assert "fit: 6 images give 384 tiles (64-64 per image)" in caplog.text  # 8 x 8 tiles of 64 px over 384 px
+    assert "fit: 6 images give 150 tiles (25-25 per image)" in caplog.text  # 5 x 5 overlapping 64 px tiles
 
 
 def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthetic_root: Path) -> None:
