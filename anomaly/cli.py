@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from anomaly._fs import restore_interrupted
-from anomaly.errors import AnomalyError, DataError
+from anomaly.errors import AnomalyError, DataError, LogLines
 
 try:  # typer 0.2x carries its own copy of click
     from typer._click.exceptions import ClickException, UsageError
@@ -111,7 +111,7 @@ def _main(
     root.setLevel(level)
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(LogLines("%(message)s"))
         root.addHandler(handler)
     warnings.showwarning = _warning_line  # metric warnings as one log line, not a source excerpt
     from PIL import Image
@@ -138,16 +138,13 @@ def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__
 
 
 class _StderrHandler(logging.Handler):
-    """Log records as plain lines on the stderr of the moment (tests swap it), above any progress bar; warnings
-    start with ``warning:`` and logged errors with ``error:``, so they can be found in a log."""
+    """Log records as lines (formatted by :class:`~anomaly.errors.LogLines`) on the stderr of the moment (tests swap
+    it), above any progress bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
-        line = self.format(record)
-        if record.levelno >= logging.WARNING:
-            line = f"{'error' if record.levelno >= logging.ERROR else 'warning'}: {line}"
-        tqdm.write(line, file=sys.stderr)  # clears the bars, writes the line, redraws them
+        tqdm.write(self.format(record), file=sys.stderr)  # clears the bars, writes the line, redraws them
 
 
 def _note(message: str, *args: Any) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 __all__ = [
     "AnomalyError",
     "BackendError",
     "ConfigError",
     "DataError",
+    "LogLines",
     "NotFittedError",
     "ScorerError",
     "WeightsUnavailableError",
@@ -39,3 +42,14 @@ class ScorerError(AnomalyError, RuntimeError):
 
 class BackendError(AnomalyError, RuntimeError):
     """A requested backend (GPU, FAISS index type) is unavailable or misconfigured."""
+
+
+class LogLines(logging.Formatter):
+    """Log records as the CLI and the server print them: warnings start with ``warning:`` and logged errors with
+    ``error:``, so they can be found in a log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if record.levelno >= logging.WARNING:
+            line = f"{'error' if record.levelno >= logging.ERROR else 'warning'}: {line}"
+        return line

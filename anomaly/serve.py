@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from anomaly._fs import restore_interrupted
-from anomaly.errors import AnomalyError, DataError
+from anomaly.errors import AnomalyError, DataError, LogLines
 from anomaly.results import DetectionResult
 
 __all__ = ["DEFAULT_MAX_BYTES", "app_from_env", "create_app", "load_predictor"]
@@ -202,19 +202,9 @@ def _log_like_the_cli(level: int) -> None:
         return
     root.setLevel(level)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Lines("%(message)s"))
+    handler.setFormatter(LogLines("%(message)s"))
     root.addHandler(handler)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # as the CLI: its loader logs every build it probes
-
-
-class _Lines(logging.Formatter):
-    """The CLI's log lines: warnings start with ``warning:``, logged errors with ``error:``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        if record.levelno >= logging.WARNING:
-            line = f"{'error' if record.levelno >= logging.ERROR else 'warning'}: {line}"
-        return line
 
 
 def _check_loads(model: str | os.PathLike[str], device: str | None) -> None:
