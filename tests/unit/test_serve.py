@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
@@ -347,3 +348,26 @@ def test_workers_check_the_model_in_a_child_and_keep_its_error(patchcore_model: 
     with pytest.raises(DataError) as checked:
         _check_loads(tmp_path, None)
     assert str(checked.value) == str(expected.value)
+
+
+def test_a_large_maps_answer_holds_few_copies_of_it() -> None:
+    """The map's base64 text went through a str, json.dumps and an encoding (and np.save into a growing buffer):
+    5.5x the map at the peak for ?map=npy&mask=png. The answer still parses, and its map loads bit for bit."""
+    import tracemalloc
+
+    from anomaly.results import DetectionResult
+    from anomaly.serve import _response
+
+    amap = np.random.default_rng(0).random((1500, 2000), dtype=np.float32)
+    result = DetectionResult(0.5, True, 0.4, amap, pixel_threshold=0.6)
+    tracemalloc.start()
+    try:
+        answer = _response(result, ["cam_\u00e9.png: a warning"], mask=True, anomaly_map=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3.5 * amap.nbytes, peak / amap.nbytes  # the base64 text (1.33x) and the body (1.4x), the mask
+    body = json.loads(answer.body)
+    assert body["warnings"] == ["cam_\u00e9.png: a warning"] and body["is_anomalous"] is True
+    assert np.array_equal(np.load(io.BytesIO(base64.b64decode(body["map_npy"]))), amap)
+    assert answer.media_type == "application/json"
