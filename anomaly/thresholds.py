@@ -107,7 +107,7 @@ class Threshold:
     Attributes:
         image: an image is flagged when its score is >= this.
         pixel: a map pixel of a flagged image is in the mask when it is >= this (capped per image).
-        rule: ``conformal``, ``tail-gpd``, ``pool-mixture``, ``pool-small``, ``pool-small-split``,
+        rule: ``conformal``, ``tail-gpd``, ``above-all``, ``pool-mixture``, ``pool-small``, ``pool-small-split``,
             ``pool-references``, ``pool-small-references``, ``pool-small-copies``, ``pool-top`` or ``pool-degenerate``.
         target_fpr: the false-positive rate asked for.
         n_normal: normal scores the threshold was chosen from.
@@ -139,8 +139,9 @@ class Threshold:
         if self.fpr_interval is not None:
             lo, hi = self.fpr_interval
             text += f"; estimated FPR {self.estimated_fpr:.3g}, seen {lo:.3g}-{hi:.3g} at 95 %"
-        if self.rule == "tail-gpd":
+        if self.rule in ("tail-gpd", "above-all"):
             # under 10 scores (or all equal) nothing is extrapolated: the threshold lies above them all, 1 in n + 1
+            # (models saved before "above-all" existed called that "tail-gpd" too)
             how = "above every score" if self.estimated_fpr > self.target_fpr else "tail extrapolated"
             text += f"; finer than the 1/{self.n_normal + 1} the scores resolve: {how}"
         if self.n_excluded:
@@ -286,7 +287,7 @@ def _conformal(values: NDArray[np.float64], alpha: float) -> tuple[float, str, f
     if rank <= n:
         return _above(float(ordered[rank - 1])), "conformal", (n + 1 - rank) / (n + 1)
     if n < 10 or np.ptp(ordered) == 0:  # nothing to extrapolate from: flag above all seen, 1 in n + 1 new ones
-        return _above(float(ordered[-1])), "tail-gpd", 1 / (n + 1)
+        return _above(float(ordered[-1])), "above-all", 1 / (n + 1)
     return _gpd_tail(ordered, alpha), "tail-gpd", alpha
 
 
