@@ -557,8 +557,10 @@ def _decode(data: NDArray[np.uint8], name: str) -> NDArray[Any]:
             f"cannot read image: {name} (a {bits}-bit TIFF with separate colour planes, PlanarConfiguration 2, which "
             "the decoders here misread; save it with interleaved channels)"
         )
-    if mode in ("RGBA", "LA") and tiff:
-        return _decode_pil(data, name)  # OpenCV's TIFF reader multiplies the colours by alpha; PNGs drop alpha
+    if mode in ("RGBA", "LA") and tiff and bits <= 8:
+        # OpenCV's TIFF reader multiplies 8-bit colours by alpha (PNGs drop alpha). Pillow keeps a 16-bit RGBA TIFF's
+        # high bytes only (12-bit data read 0..15): OpenCV reads those colours as stored, at their own depth
+        return _decode_pil(data, name)
     webp = data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP"
     pixels: NDArray[Any] | None  # the file's own depth: uint8 or uint16
     try:

@@ -244,6 +244,20 @@ def test_a_16_bit_gray_and_alpha_tiff_is_refused_not_read_as_8_bits(tmp_path: Pa
         assert read_pixels(tmp_path / "gray.tif").max() == 3000 and stored_bit_depth(tmp_path / "gray.tif") == 16
 
 
+def test_a_16_bit_rgba_tiff_keeps_its_depth(tmp_path: Path) -> None:
+    """Pillow reads a 16-bit RGBA TIFF as its high bytes: a 12-bit camera's frame (0..4095) read 0..15, near-black
+    whatever bit depth the model was given."""
+    tifffile = pytest.importorskip("tifffile")
+    rgb = _quadrants().astype(np.uint16) * 16  # 12-bit data: 0..4080
+    for alpha in (4095, 65535, 0):
+        pixels = np.dstack([rgb, np.full(rgb.shape[:2], alpha, np.uint16)])
+        tifffile.imwrite(tmp_path / "rgba.tif", pixels, photometric="rgb", extrasamples=["unassalpha"])
+        read = read_pixels(tmp_path / "rgba.tif")
+        assert read.dtype == np.uint16 and stored_bit_depth(tmp_path / "rgba.tif") == 16
+        np.testing.assert_array_equal(read, rgb)
+        np.testing.assert_array_equal(read_image(tmp_path / "rgba.tif", bit_depth=12), _quadrants())
+
+
 def test_a_16_bit_tiff_of_separate_colour_planes_is_refused_not_read_as_colour_noise(tmp_path: Path) -> None:
     """tifffile writes a (3, H, W) uint16 array as planar RGB by default; OpenCV read its first plane as interleaved
     samples and Pillow as 8 bits: each pixel's colour came from three other pixels' red, with exit code 0."""
