@@ -534,20 +534,35 @@ def whole_patches(model: TimmModel, image_size: tuple[int, int] | None) -> tuple
     """``image_size`` rounded to the nearest multiple of a ViT's token stride, so that every input pixel falls in a
     token: at 256 px a patch-14 ViT saw 18 x 18 patches of 14 and never the last 4 rows and columns (a defect in
     that strip of the image scored as the clean image did), a CaiT at 250 px 15 x 15 of 16, and an XCiT refused it.
-    The stride is the patch embedding's (``feat_ratio``: a hybrid ViT's CNN stem times its patch, read at the size
-    the model was built at; such stems pad, so they see every pixel). Other models, and sizes already whole, as
-    given."""
+    The stride is the patch embedding's: a hybrid ViT's CNN stem's reduction times its patch (such stems pad, so
+    they see every pixel). Other models, and sizes already whole, as given."""
     embed = getattr(model, "patch_embed", None)
     if image_size is None or embed is None or not hasattr(model, "blocks"):
         return image_size  # CNNs; hierarchical transformers (Swin, PVT: stages, not blocks) pad or merge their own way
-    ratio = getattr(embed, "feat_ratio", None)
-    stride = ratio(as_scalar=False) if callable(ratio) else getattr(embed, "patch_size", None)  # (H, W)
+    stride = _stem_stride(embed)
+    if stride is None:
+        ratio = getattr(embed, "feat_ratio", None)
+        stride = ratio(as_scalar=False) if callable(ratio) else getattr(embed, "patch_size", None)  # (H, W)
     if isinstance(stride, int):
         stride = (stride, stride)
     if not isinstance(stride, tuple) or len(stride) != 2 or not all(isinstance(p, int) and p > 0 for p in stride):
         return image_size
     h, w = (max(p, round(side / p) * p) for side, p in zip(image_size, stride))
     return (h, w)
+
+
+def _stem_stride(embed: Any) -> tuple[int, int] | None:
+    """A hybrid ViT's token stride: its CNN stem's reduction (timm's ``feature_info``) times the patch size. The
+    embedding's own ``feat_ratio`` is the built size over the stem's output size, so a stem built at 70 px (3 x 3
+    outputs of a stride-32 stem, padded) reads 23, and 70 px was rounded to 69. None where there is no such stem."""
+    info = getattr(getattr(embed, "backbone", None), "feature_info", None)
+    patch = getattr(embed, "patch_size", None)
+    if not isinstance(info, list) or not info or not isinstance(patch, tuple) or len(patch) != 2:
+        return None
+    reduction = info[-1].get("reduction") if isinstance(info[-1], dict) else None
+    if not isinstance(reduction, int) or reduction <= 0:
+        return None
+    return (reduction * patch[0], reduction * patch[1])
 
 
 def _timm_model(name: str, image_size: tuple[int, int] | None, **kwargs: Any) -> TimmModel:
