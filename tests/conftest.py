@@ -106,9 +106,19 @@ def open_report(chromium: Any) -> Iterator[Callable[[Path], OpenedReport]]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """Captured output may hold a file name's undecodable bytes (lone surrogates): pytest-xdist must send it as
-    UTF-8 from a worker, so they are written as escapes."""
+def pytest_report_to_serializable(config: pytest.Config, report: Any) -> Iterator[None]:
+    """A report may hold a file name's undecodable bytes (lone surrogates), in its captured output or in a failure's
+    message: pytest-xdist must send it as UTF-8 from a worker (execnet refuses it: INTERNALERROR, the session ends
+    and the failure is not named), so they are written as escapes in what is sent, every string of it."""
     outcome = yield
-    report = outcome.get_result()
-    report.sections = [(key, text.encode("utf-8", "backslashreplace").decode()) for key, text in report.sections]
+    outcome.force_result(_utf8_escaped(outcome.get_result()))
+
+
+def _utf8_escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, dict):
+        return {_utf8_escaped(k): _utf8_escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_utf8_escaped(v) for v in value)
+    return value
