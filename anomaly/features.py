@@ -557,9 +557,15 @@ def _stem_stride(embed: Any) -> tuple[int, int] | None:
     outputs of a stride-32 stem, padded) reads 23, and 70 px was rounded to 69. None where there is no such stem."""
     info = getattr(getattr(embed, "backbone", None), "feature_info", None)
     patch = getattr(embed, "patch_size", None)
-    if not isinstance(info, list) or not info or not isinstance(patch, tuple) or len(patch) != 2:
+    if not isinstance(patch, tuple) or len(patch) != 2:
         return None
-    reduction = info[-1].get("reduction") if isinstance(info[-1], dict) else None
+    if callable(getattr(info, "reduction", None)):  # a features-only stem (FeatureListNet): timm's FeatureInfo
+        reductions = info.reduction()  # type: ignore[union-attr]
+        reduction = reductions[-1] if isinstance(reductions, list) and reductions else None
+    elif isinstance(info, list) and info and isinstance(info[-1], dict):  # a whole CNN's list of its stages
+        reduction = info[-1].get("reduction")
+    else:
+        return None
     if not isinstance(reduction, int) or reduction <= 0:
         return None
     return (reduction * patch[0], reduction * patch[1])

@@ -63,13 +63,20 @@ def test_transformers_whose_patches_do_not_divide_the_input_take_the_nearest_who
     assert tuple(out.layers[0].shape[-2:]) == grid
 
 
-def test_a_hybrid_vit_built_at_a_small_size_rounds_to_its_stems_stride() -> None:
+@pytest.mark.parametrize(
+    ("name", "size", "rounded"),
+    [
+        ("vit_small_r26_s32_224", (70, 70), (64, 64)),  # a whole ResNetV2 stem: its feature_info is a list
+        ("vit_small_resnet26d_224", (200, 100), (192, 96)),  # a features-only stem: timm's FeatureInfo
+    ],
+)
+def test_a_hybrid_vit_rounds_to_its_stems_stride(name: str, size: tuple[int, int], rounded: tuple[int, int]) -> None:
     """The patch embedding's ``feat_ratio`` is the built size over the stem's output: 70 px over 3 padded outputs of
-    a stride-32 stem read 23, and 70 px was rounded to 69."""
-    fx = FeatureExtractor("vit_small_r26_s32_224", ["blocks.1"], pretrained=False, image_size=(70, 70), device="cpu")
-    assert fx.image_size == (64, 64)
-    out = fx(np.zeros((1, 64, 64, 3), dtype=np.uint8))
-    assert tuple(out.layers[0].shape[-2:]) == (2, 2)
+    a stride-32 stem read 23, and 70 px was rounded to 69 (200 px to 195 on a ResNet-26d stem)."""
+    fx = FeatureExtractor(name, ["blocks.1"], pretrained=False, image_size=size, device="cpu")
+    assert fx.image_size == rounded
+    out = fx(np.zeros((1, *rounded, 3), dtype=np.uint8))
+    assert tuple(out.layers[0].shape[-2:]) == (rounded[0] // 32, rounded[1] // 32)
 
 
 @pytest.mark.parametrize(
