@@ -841,6 +841,7 @@ def test_benchmark_checks_every_category_first_and_a_rerun_keeps_its_table(tmp_p
     assert "fit took" not in blocked.output
     first = _run(*args, "--category", "tiny")
     assert first.exit_code == 0, first.output
+    assert "fit took" in first.output  # what a fit says: its absence above means no fit ran
     table = (tmp_path / "out" / "results.csv").read_text()
     assert "nan" in table.splitlines()[1]  # the undefined AUPIMO, and why
     assert "tiny: AUPIMO is nan:" in first.output

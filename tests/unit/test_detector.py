@@ -98,6 +98,7 @@ def test_predict_returns_typed_results_at_original_size(fitted: Detector, synthe
     anomalous = [r.image_score for r in batch[len(good) :]]
     assert min(anomalous) > max(normal)  # the painted defects are found
     assert not any(r.is_anomalous for r in batch[: len(good)])  # threshold from normal images only
+    assert all(r.is_anomalous for r in batch[len(good) :])  # and it does flag: the line above is no empty check
 
 
 def test_predict_stream_takes_one_image_given_alone_as_one_input(fitted: Detector, synthetic_root: Path) -> None:

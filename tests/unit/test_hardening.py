@@ -230,7 +230,10 @@ def test_4_a_pool_of_identical_images_flags_nothing(tmp_path: Path) -> None:
     result = _run("score", "--zero-shot", "--out", out, *SMALL, tmp_path / "a.png", tmp_path / "b.png")
     assert result.exit_code == 0, result.output
     with (out / "scores.csv").open() as fh:
-        assert [r["is_anomalous"] for r in csv.DictReader(fh)] == ["false", "false"]
+        rows = list(csv.DictReader(fh))
+    assert [r["is_anomalous"] for r in rows] == ["false", "false"]
+    for row in rows:  # not a threshold that flags nothing: it lies just above the shared score, a higher one is flagged
+        assert float(row["score"]) < float(row["threshold"]) <= float(row["score"]) * (1 + 1e-9), row
 
 
 @pytest.mark.parametrize(
@@ -307,7 +310,16 @@ def test_6_read_only_output_is_a_clear_error(
 
 
 @pytest.mark.parametrize("where", ["file/sub", "/proc/anomaly-x", "."])
-def test_6_impossible_output_paths_fail_before_the_fit(where: str, synthetic_root: Path, tmp_path: Path) -> None:
+def test_6_impossible_output_paths_fail_before_the_fit(
+    where: str, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reached: list[bool] = []  # ("features" not in the output checked nothing: a CLI fit never prints that word)
+
+    def fit_reached(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reached.append(True)
+        raise DataError("the fit was reached")
+
+    monkeypatch.setattr(Detector, "fit", fit_reached)
     (tmp_path / "file").write_text("x")
     out = where if where.startswith("/") else str(tmp_path / where) if where != "." else "."
     cwd = os.getcwd()
@@ -317,11 +329,16 @@ def test_6_impossible_output_paths_fail_before_the_fit(where: str, synthetic_roo
     finally:
         os.chdir(cwd)
     _one_error_line(result)
-    assert "features" not in result.output  # refused before any image was read
+    assert not reached  # refused before any image was read
+    control = _run("fit", "--out", tmp_path / "writable", *SMALL, synthetic_root)  # the spy does see a fit
+    assert reached and "the fit was reached" in control.output, control.output
 
 
 @pytest.mark.parametrize("where", ["file", "file/sub", "/proc/anomaly-x"])
-def test_6_evaluate_discovery_out_that_cannot_be_a_folder_is_one_error_line(where: str, tmp_path: Path) -> None:
+def test_6_evaluate_discovery_out_that_cannot_be_a_folder_is_one_error_line(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anomaly.discovery.evaluate as discovery_evaluate
     from anomaly.tables import write_clusters
 
     root = tmp_path / "cat"
@@ -333,10 +350,22 @@ def test_6_evaluate_discovery_out_that_cannot_be_a_folder_is_one_error_line(wher
     write_clusters(tmp_path / "types" / "clusters.csv", rows)
     (tmp_path / "file").write_text("x")
     out = where if where.startswith("/") else tmp_path / where
+    computed: list[bool] = []  # ("nmi=" not in the output checked nothing: it is printed only once the run succeeds)
+
+    def metrics(*args, **kwargs):  # type: ignore[no-untyped-def]
+        computed.append(True)
+        return clustering_metrics(*args, **kwargs)
+
+    clustering_metrics = discovery_evaluate.clustering_metrics
+    monkeypatch.setattr(discovery_evaluate, "clustering_metrics", metrics)
     result = _run("evaluate", "--discovery", tmp_path / "types", "--root", root, "--out", out)
     _one_error_line(result, str(out))
     assert (tmp_path / "file").read_text() == "x"
-    assert "nmi=" not in result.output  # refused before the metrics are computed (a path below a file at least)
+    if not where.startswith("/"):  # refused before the metrics are computed (a path below a file at least)
+        assert not computed
+    computed.clear()
+    control = _run("evaluate", "--discovery", tmp_path / "types", "--root", root, "--out", tmp_path / "writable")
+    assert control.exit_code == 0 and "nmi=" in control.output and computed, control.output  # the spy sees them
 
 
 def test_evaluate_discovery_refuses_eval_size_rather_than_ignoring_it(tmp_path: Path) -> None:

@@ -122,6 +122,8 @@ def test_resent_frames_stay_out_of_the_threshold_window(synthetic_root: Path, ca
     assert sum("repeat a frame the pool holds" in r.message for r in caplog.records) == 1
     fresh = line.predict(good[4:10])
     assert fresh[0].threshold > 0.1 and sum(r.is_anomalous for r in fresh) <= 1
+    bad = sorted(p for p in (synthetic_root / "test").glob("*/*.png") if p.parent.name != "good")[0]
+    assert line.predict(bad).is_anomalous  # the same line still flags a defect: the counts above are no empty check
 
 
 def test_references_judge_the_first_frames(synthetic_root: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -176,6 +178,8 @@ def test_a_line_without_references_warms_up_on_every_frame(synthetic_root: Path)
     line = StreamingDetector(_musc(), pool_size=16)
     line.predict(order[:2])
     assert sum(line.predict(image).is_anomalous for image in order[2:]) <= 3
+    bad = sorted(p for p in (synthetic_root / "test").glob("*/*.png") if p.parent.name != "good")[0]
+    assert line.predict(bad).is_anomalous  # and it flags a defect after them: the count above is no empty check
 
 
 def test_a_run_of_defects_at_the_start_stays_flagged(synthetic_root: Path) -> None:

@@ -65,8 +65,9 @@ def test_normal_scores_tied_at_the_conformal_quantile_are_not_flagged(n: int) ->
     decision = calibrate(np.zeros(n), 0.01)
     assert not decision.is_anomalous(0.0) and decision.fpr_interval is not None and decision.fpr_interval[0] == 0
     rng = np.random.default_rng(0)  # scores 0 or 1, one in ten normal images scoring 1: the 5 % target flags no 0
-    flagged = [calibrate((rng.random(200) < 0.1).astype(float), 0.05).is_anomalous(0.0) for _ in range(50)]
-    assert not any(flagged)
+    decisions = [calibrate((rng.random(200) < 0.1).astype(float), 0.05) for _ in range(50)]
+    assert not any(d.is_anomalous(0.0) for d in decisions)
+    assert decision.is_anomalous(1e-6) and all(d.is_anomalous(1.5) for d in decisions)  # above them all: flagged
 
 
 def test_targets_finer_than_the_data_resolves_are_extrapolated_above_every_score() -> None:
@@ -124,6 +125,7 @@ def test_zero_spread_pools_flag_nothing() -> None:
     for pool in (np.full(2, 0.3), np.full(200, 0.3)):
         decision = pool_threshold(pool, 0.01)
         assert not any(decision.is_anomalous(s) for s in pool)
+        assert decision.is_anomalous(0.31)  # a score above the pool's is flagged: not a threshold that flags nothing
 
 
 @pytest.mark.parametrize("copies", [4, 5])
