@@ -231,9 +231,15 @@ def fit(
         _note("%s holds a model: this fit replaces it when it ends (files you added there are kept)", out)
     if detector.zero_shot:
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
+    on_ray = ray or ray_address is not None
+    if on_ray and (detector.zero_shot or detector.config.preprocess.tile is not None):  # same model, one process
+        what = f"{detector.scorer.name}'s fit stores references" if detector.zero_shot else "a tiled model's fit does"
+        what += "" if detector.zero_shot else " not split its views over workers yet"
+        _note("--ray: %s; it runs in this process (the model is the same)", what)
+        on_ray = False
     progress = _Progress()
     try:
-        if ray or ray_address is not None:
+        if on_ray:
             from anomaly.distributed import fit as fit_on_ray
 
             detector = fit_on_ray(detector.config, paths, address=ray_address, progress=progress)
@@ -326,11 +332,14 @@ def score(
     if moved and model is not None and is_export_dir(model):
         raise DataError("--set backbone.weights applies to a model directory (an export holds its network)")
     inputs = [str(i) for i in scoring_inputs(inputs)]
-    if ray or ray_address is not None:
+    if (ray or ray_address is not None) and model is not None and not _is_zero_shot_model(model):
         weights = moved[-1] if moved else None
         options = {"maps": maps, "overlays": overlays, "overlay_size": overlay_size}
         _score_on_ray(model, inputs, out, ray_address, device=device, weights=weights, **options)
         return
+    if ray or ray_address is not None:  # the same outputs, scored in this process
+        _note("--ray: zero-shot scoring compares all inputs as one pool, which does not split over workers; it runs "
+              "in this process (the outputs are the same)")  # fmt: skip
     detector: Any = None
     if model is None:  # a config error is found before the inputs are searched
         from anomaly.detector import Detector
@@ -373,11 +382,16 @@ def score(
     _say_scored(writer.rows, out)
 
 
-def _score_on_ray(model: Path | None, inputs: list[str], out: Path, address: str | None, **options: Any) -> None:
+def _is_zero_shot_model(model: Path) -> bool:
+    """Whether ``model`` (a model or export directory) scores its inputs as one pool (MuSc's stored references)."""
+    from anomaly.distributed.scoring import model_info
+
+    return model_info(model)[1]
+
+
+def _score_on_ray(model: Path, inputs: list[str], out: Path, address: str | None, **options: Any) -> None:
     from anomaly.distributed import score as score_on_ray
 
-    if model is None:
-        raise DataError("--ray scores with a --model: zero-shot scoring compares all inputs as one pool in one process")
     progress = _Progress()
     try:
         rows = score_on_ray(model, inputs, out, address=address, progress=progress, **options)

@@ -34,7 +34,7 @@ from anomaly.outputs import WriteOptions, relative_names, write_result
 from anomaly.results import StageProgress
 from anomaly.tables import CSV_COLUMNS, CSV_ENCODING, read_scores, write_scores
 
-__all__ = ["FAULT_ENV", "load_model", "model_checksum", "score"]
+__all__ = ["FAULT_ENV", "load_model", "model_checksum", "model_info", "score"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_model(model: Path, device: str | None = None, weights: str | None = Non
     return Detector.load(model, device=device, weights=weights)
 
 
-def _model_info(model: Path) -> tuple[bool, bool]:
+def model_info(model: Path) -> tuple[bool, bool]:
     """(has maps, zero-shot) of a model or export directory, checked against its manifest; the driver
     loads no model (an export, which is small and torch-free, excepted)."""
     from anomaly.model_dir import read_meta, verified_files
@@ -107,7 +107,7 @@ def score(
     """
     require_ray()
     model, out = Path(model), Path(out)
-    has_maps, zero_shot = _model_info(model)
+    has_maps, zero_shot = model_info(model)
     if zero_shot:
         raise DataError("--ray needs a fitted model: zero-shot scoring compares all inputs as one pool in one process")
     paths = image_paths(inputs, exclude=[out])

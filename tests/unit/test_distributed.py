@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -148,12 +149,39 @@ def test_resume_scores_only_what_is_missing(
     assert moved == kept  # finished images were not scored again: the same files, renamed with their folder
 
 
-def test_zero_shot_is_refused_in_one_line(synthetic_root: Path, tmp_path: Path) -> None:
-    result = runner.invoke(
-        app, ["score", "--zero-shot", "--ray", "--out", str(tmp_path / "o"), str(synthetic_root / "test")]
+def test_zero_shot_with_ray_scores_its_pool_in_this_process(synthetic_root: Path, tmp_path: Path) -> None:
+    """The contract: ``--ray`` gives the same outputs as without it. A pool does not split over workers, so
+    ``score --zero-shot --ray``, ``fit --ray`` of a zero-shot config and ``score --ray`` of its model run in the
+    driver's process (they were refused, exit 2)."""
+    test = str(synthetic_root / "test")
+    common = ["--no-overlays", "--set", "backbone.image_size=[64,64]"]
+    zero_shot = ["score", "--zero-shot", *common, "--out"]
+    local = runner.invoke(app, [*zero_shot, str(tmp_path / "local"), test])
+    on_ray = runner.invoke(app, [*zero_shot, str(tmp_path / "ray"), "--ray", test])
+    assert local.exit_code == 0 and on_ray.exit_code == 0, on_ray.output
+    assert "--ray: zero-shot scoring compares all inputs as one pool" in on_ray.output
+    assert (tmp_path / "ray" / "scores.csv").read_text() == (tmp_path / "local" / "scores.csv").read_text().replace(
+        "local", "ray"
     )
-    assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1].startswith("error: --ray scores with a --model")
+    references = [str(p) for p in sorted((synthetic_root / "train" / "good").glob("*.png"))[:3]]
+    fitted = runner.invoke(app, ["fit", "--config", "musc", "--ray", "--out", str(tmp_path / "m"), *references])
+    assert fitted.exit_code == 0, fitted.output
+    assert "--ray: musc's fit stores references; it runs in this process" in fitted.output
+    for name, ray_flag in (("m_local", []), ("m_ray", ["--ray"])):
+        args = ["score", "--model", str(tmp_path / "m"), "--no-overlays", "--out", str(tmp_path / name), *ray_flag]
+        assert runner.invoke(app, [*args, test]).exit_code == 0
+    assert _rows(tmp_path / "m_ray") == _rows(tmp_path / "m_local")
+
+
+def test_a_tiled_fit_with_ray_runs_in_this_process(synthetic_root: Path, tmp_path: Path) -> None:
+    tiled = ["--set", "backbone.image_size=[64,64]", "--set", "preprocess.tile.size=96", "--set", "threshold.folds=2"]
+    train = str(synthetic_root / "train" / "good")
+    for name, ray_flag in (("local", []), ("ray", ["--ray"])):
+        result = runner.invoke(app, ["fit", *tiled, *ray_flag, "--out", str(tmp_path / name), train])
+        assert result.exit_code == 0, result.output
+    assert "--ray: a tiled model's fit does not split its views" in result.output
+    thresholds = [json.loads((tmp_path / n / "meta.json").read_text())["threshold"] for n in ("local", "ray")]
+    assert thresholds[0] == thresholds[1]
 
 
 def test_an_address_nothing_answers_at_is_one_line_not_minutes_of_retries(synthetic_root: Path, tmp_path: Path) -> None:
