@@ -123,10 +123,11 @@ def _read(path: Path, required: list[str], command: str) -> list[dict[str, str]]
         with path.open(newline="", encoding="utf-8-sig", errors=CSV_ENCODING["errors"]) as fh:
             reader = csv.DictReader(fh)
             rows = list(reader)
+            columns = reader.fieldnames or []  # read while the file is open: an empty file has no header to cache
     except (OSError, csv.Error) as exc:
         raise DataError(f"{path}: unreadable ({exc})") from None
     if not rows or not set(required) <= set(rows[0]):
-        found = ",".join(str(c) for c in reader.fieldnames or []) or "none"
+        found = ",".join(str(c) for c in columns) or "none"
         raise DataError(f"{path}: expected columns {','.join(required)} and at least one row (found columns: "
                         f"{found[:200]}; {len(rows)} row(s))")  # fmt: skip
     seen: set[str] = set()

@@ -545,6 +545,30 @@ def test_8_ctrl_c_is_one_line_and_leaves_the_earlier_output(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scores.")]
 
 
+def test_an_empty_scores_or_clusters_csv_is_one_error_line(tmp_path: Path) -> None:
+    """A scores.csv or clusters.csv emptied by hand (or cut short by a full disk) has no header: reading its column
+    names after the file was closed raised "I/O operation on closed file", a traceback with exit 1 from `evaluate`,
+    `discover` and `report`."""
+    scores, clusters = tmp_path / "scores", tmp_path / "clusters"
+    scores.mkdir()
+    clusters.mkdir()
+    (scores / "scores.csv").write_text("")
+    expected = r"expected columns path,score and at least one row \(found columns: none; 0 row\(s\)\)"
+    for args in (
+        ["evaluate", "--scores", scores, "--root", tmp_path],
+        ["discover", "--scores", scores, "--out", tmp_path / "d"],
+        ["report", "--scores", scores, "--out", tmp_path / "r"],
+    ):
+        _one_error_line(_run(*args), f"{scores / 'scores.csv'}: expected columns path,score")
+    from anomaly.tables import read_clusters, read_scores
+
+    with pytest.raises(DataError, match=expected):
+        read_scores(scores)
+    (clusters / "clusters.csv").write_text("")
+    with pytest.raises(DataError, match=r"clusters.csv: expected columns path,cluster .*found columns: none"):
+        read_clusters(clusters)
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP on this system")
 def test_8_a_hangup_that_nohup_ignores_stays_ignored() -> None:
     import signal
