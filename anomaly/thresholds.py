@@ -309,8 +309,12 @@ def _gpd_tail(ordered: NDArray[np.float64], alpha: float) -> float:
         shape, scale = 0.0, float(excess.mean())
     elif shape > 0.5:  # keep a heavy tail fitted to few points from exploding
         shape, scale = 0.5, float(genpareto.fit(excess, f0=0.5, floc=0)[2])
-    level = 1 - alpha * n / n_tail
-    return float(max(u + genpareto.ppf(level, shape, loc=0, scale=scale), _above(float(ordered[-1]))))
+    # The tail's exceedance probability itself, not 1 - it: below about 1e-17 the level rounded to 1, whose quantile
+    # is infinite (a target FPR of 1e-20 gave an infinite threshold that the model then refused to load).
+    quantile = float(u + genpareto.isf(alpha * n / n_tail, shape, loc=0, scale=scale))
+    if not math.isfinite(quantile):
+        raise DataError(f"cannot choose a threshold: target FPR {alpha:g} is too small for these scores")
+    return max(quantile, _above(float(ordered[-1])))
 
 
 def _clopper_pearson(k: int, n: int) -> tuple[float, float]:

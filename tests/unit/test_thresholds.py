@@ -77,6 +77,17 @@ def test_targets_finer_than_the_data_resolves_are_extrapolated_above_every_score
     assert "tail extrapolated" in decision.summary()
 
 
+@pytest.mark.parametrize("target", [1e-17, 1e-20, 1e-300, 5e-324])
+def test_a_target_finer_than_a_float_resolves_still_gives_a_finite_threshold(target: float) -> None:
+    """1 - target rounded to 1 below about 1e-17: the tail's quantile at 1 is infinite, and `anomaly threshold
+    --target-fpr 1e-20` wrote that into the model, which every later command then refused to load."""
+    scores = np.random.default_rng(0).normal(20, 2, 12)
+    decision = calibrate(scores, target)
+    assert decision.rule == "tail-gpd" and np.isfinite(decision.image) and decision.image > scores.max()
+    assert decision.image >= calibrate(scores, 1e-12).image  # finer targets never lower it
+    assert Threshold.from_dict(decision.to_dict()) == decision  # a model keeps it
+
+
 @pytest.mark.parametrize("n", [3, 9])
 def test_too_few_scores_to_extrapolate_state_the_rate_of_flagging_above_all_of_them(n: int) -> None:
     """Under 10 scores the threshold lies above every one: a new normal image scores higher 1 time in n + 1."""
