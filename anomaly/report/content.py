@@ -211,6 +211,7 @@ def _read_evaluation(folder: Path, items: list[Item]) -> Evaluation:
     if metrics is None:
         raise DataError(f"{folder / 'metrics.json'}: not found (run `anomaly evaluate --out {folder}`)")
     result = Evaluation(metrics=metrics, aupimo=_json(folder / "aupimo.json"), pimo=_json(folder / "pimo.json"))
+    _check_curves(folder, result)
     by_path = {it.path: it for it in items}
     for name, curves in (("pimo.json", result.pimo), ("aupimo.json", result.aupimo)):
         foreign = [p for p in (curves or {}).get("paths", []) if p not in by_path]
@@ -261,13 +262,65 @@ def _read_truth(folder: Path, rows: list[dict[str, str]], scores_dir: Path) -> _
     return _GroundTruth(category if isinstance(category, str) and category else None, by_path)
 
 
-def _json(path: Path) -> Any:
+def _json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (every file ``anomaly evaluate --out`` writes holds one); None without the file."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise DataError(f"{path}: expected a JSON object (as `anomaly evaluate --out` writes), got {kind}")
+    return data
+
+
+def _check_curves(folder: Path, evaluation: Evaluation) -> None:
+    """DataError naming the file where aupimo.json or pimo.json do not hold what the charts read: numbers in [0, 1]
+    (a per-image AUPIMO may be null: a normal image), paths as text, one TPR curve per path over the shared FPR."""
+
+    def fractions(value: Any, what: str, *, nulls: bool = False) -> list[float | None]:
+        if not isinstance(value, list):
+            raise ValueError(f"{what}: expected a list")
+        for v in value:
+            if v is None and nulls:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{what}: {v!r} is not a number in [0, 1]")
+        return value
+
+    def texts(value: Any, what: str) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{what}: expected a list of paths")
+        return value
+
+    name = "aupimo.json"
+    try:
+        if (aupimo := evaluation.aupimo) is not None:
+            paths = texts(aupimo.get("paths", []), "paths")
+            values = fractions(aupimo.get("per_image", []), "per_image", nulls=True)
+            if "paths" in aupimo and len(values) != len(paths):
+                raise ValueError(f"{len(values)} per_image values for {len(paths)} paths")
+            if any(v is not None for v in values):
+                fractions([aupimo.get("mean")], "mean")
+                bounds = aupimo.get("fpr_bounds")
+                if not isinstance(bounds, list) or len(fractions(bounds, "fpr_bounds")) != 2 or not 0 < bounds[0]:
+                    raise ValueError(f"fpr_bounds: expected two FPRs in (0, 1], got {bounds!r}")
+        name = "pimo.json"
+        if (pimo := evaluation.pimo) is not None:
+            paths = texts(pimo.get("paths", []), "paths")
+            fpr = fractions(pimo.get("shared_fpr", []), "shared_fpr")
+            curves = pimo.get("per_image_tpr", [])
+            if not isinstance(curves, list) or ("paths" in pimo and len(curves) != len(paths)):
+                raise ValueError(f"per_image_tpr: expected one curve for each of the {len(paths)} paths")
+            for curve in curves:
+                if len(fractions(curve, "per_image_tpr")) != len(fpr):
+                    raise ValueError(f"per_image_tpr: a curve of {len(curve)} points for {len(fpr)} shared FPRs")
+    except ValueError as exc:
+        raise DataError(f"{folder / name}: malformed ({exc})") from None
 
 
 def _read_clusters(folder: Path, items: list[Item]) -> None:

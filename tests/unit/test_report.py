@@ -197,6 +197,38 @@ def test_an_evaluation_of_other_scores_is_refused_or_named(tmp_path: Path, caplo
         build_report(scores, tmp_path / "report2", evaluation_dir=evaluation)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("metrics.json", b"\xff\xfe\x00", "metrics.json: not valid JSON"),
+        ("metrics.json", b'"hello"', "metrics.json: expected a JSON object"),
+        ("ground_truth.json", b"\xff\xfe", "ground_truth.json: not valid JSON"),
+        ("aupimo.json", b"[1, 2]", "aupimo.json: expected a JSON object"),
+        ("pimo.json", b"[1, 2]", "pimo.json: expected a JSON object"),
+        ("aupimo.json", json.dumps({"per_image": ["x"], "mean": 0.5, "fpr_bounds": [1e-5, 1e-4]}).encode(),
+         r"aupimo.json: malformed \(per_image: 'x' is not a number"),
+        ("pimo.json", json.dumps({"shared_fpr": "x", "per_image_tpr": [], "paths": []}).encode(),
+         r"pimo.json: malformed \(shared_fpr: expected a list"),
+    ],
+)  # fmt: skip
+def test_a_damaged_evaluation_file_is_one_error_line_naming_it(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    """An evaluation folder edited by hand or cut short: JSON that is not UTF-8, or not the object `evaluate` wrote,
+    or curves of text, ended `anomaly report` in a traceback (UnicodeDecodeError, AttributeError, TypeError)."""
+    scores = _fabricate(tmp_path, 6)
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"image_auroc": 0.97, "n_images": 6}))
+    (evaluation / name).write_bytes(content)
+    result = _run("report", "--scores", scores, "--evaluation", evaluation, "--out", tmp_path / "report")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(message, errors[0]), result.output
+    assert str(evaluation) in errors[0]
+
+
 def test_an_evaluation_of_the_same_images_scored_by_another_model_is_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
