@@ -7,6 +7,7 @@ and exit code 2; heavy imports happen inside the commands so ``anomaly --help`` 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import signal
@@ -881,4 +882,15 @@ def main() -> None:
     except typer.Abort:  # Ctrl-C while the arguments are parsed
         typer.echo("interrupted", err=True)
         code = 130
+    atexit.register(_ignore_late_signals)  # runs first of the exit hooks (last in, first out)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _ignore_late_signals() -> None:
+    """The command is over, its outputs in place and its exit code set: the interpreter's shutdown that follows
+    (torch's exit hooks, freeing its modules: a second after a fit) is not interrupted. Ctrl-C, SIGTERM or SIGHUP
+    there printed a traceback from an exit hook (exit 0) or, once Python had restored the default handlers,
+    killed the process by the signal (-2, -15) after it had said the model was written."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if (number := getattr(signal, name, None)) is not None:
+            signal.signal(number, signal.SIG_IGN)

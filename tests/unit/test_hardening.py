@@ -545,6 +545,24 @@ def test_8_ctrl_c_is_one_line_and_leaves_the_earlier_output(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scores.")]
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_interpreter_shuts_down_after_a_command_changes_nothing(signame: str) -> None:
+    """The command is done and its exit code set; the interpreter's shutdown takes a second after a fit (torch's
+    exit hooks). Ctrl-C or SIGTERM there printed a traceback from an exit hook, or killed the process by the signal
+    (-2, -15) once Python had restored the default handlers. An exit hook registered before the CLI runs runs after
+    its own ones: the signal is sent from there."""
+    code = (
+        "import atexit, os, signal, sys, time\n"
+        f"atexit.register(lambda: (os.kill(os.getpid(), signal.{signame}), time.sleep(0.2)))\n"
+        "from anomaly.cli import main\n"
+        "sys.argv = ['anomaly', 'score', '--help']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
+    assert "--model" in proc.stdout
+
+
 def test_an_empty_scores_or_clusters_csv_is_one_error_line(tmp_path: Path) -> None:
     """A scores.csv or clusters.csv emptied by hand (or cut short by a full disk) has no header: reading its column
     names after the file was closed raised "I/O operation on closed file", a traceback with exit 1 from `evaluate`,
