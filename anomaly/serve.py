@@ -50,7 +50,9 @@ _ENV_DEVICE, _ENV_LOG_LEVEL = "ANOMALY_SERVE_DEVICE", "ANOMALY_SERVE_LOG_LEVEL"
 
 def load_predictor(model: str | os.PathLike[str], device: str | None = None) -> Any:
     """An ExportedDetector for an export directory (no torch), else a torch Detector for a model directory;
-    ``device`` replaces the model's own (auto, cpu, cuda, cuda:N, mps)."""
+    ``device`` replaces the model's own (auto, cpu, cuda, cuda:N, mps). A zero-shot model (``anomaly fit --config
+    musc`` on a few good images) scores each request against its references, as ``anomaly score --model`` scores
+    one image."""
     from anomaly.runtime import ExportedDetector, is_export_dir
 
     path = Path(model)
@@ -61,10 +63,7 @@ def load_predictor(model: str | os.PathLike[str], device: str | None = None) -> 
         return ExportedDetector(path, device=device or "auto")
     from anomaly.detector import Detector
 
-    detector = Detector.load(path, device=device)
-    if detector.zero_shot:
-        raise DataError(f"{path}: {detector.scorer.name} is zero-shot (it scores pools of images), not servable")
-    return detector
+    return Detector.load(path, device=device)
 
 
 def create_app(predictor: Any, *, max_bytes: int = DEFAULT_MAX_BYTES, name: str = "") -> FastAPI:

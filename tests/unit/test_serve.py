@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from anomaly import Detector  # noqa: E402
 from anomaly.config import apply_overrides, load_config  # noqa: E402
 from anomaly.runtime import ExportedDetector  # noqa: E402
-from anomaly.serve import create_app  # noqa: E402
+from anomaly.serve import create_app, load_predictor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -271,6 +271,23 @@ def test_a_torch_model_directory_is_served_with_its_detector_scores(patchcore_mo
     body = client.post("/predict", files={"file": ("x.png", images[0].read_bytes())}).json()
     assert body["score"] == pytest.approx(detector.predict(images[0]).image_score, rel=1e-6)
     assert client.get("/health").json()["backend"] == "torch"
+
+
+def test_a_few_shot_musc_model_scores_each_request_against_its_references(
+    synthetic_root: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """The contract serves any MODEL_DIR; a `fit --config musc` one was refused (exit 2) though `score --model`
+    scores one image against its references, which is what a request gets."""
+    config = apply_overrides(load_config("musc"), ["backbone.image_size=[64,64]"])
+    references = sorted((synthetic_root / "train" / "good").glob("*.png"))[:4]
+    model = Detector(config).fit(references).save(tmp_path / "musc")
+    detector = load_predictor(model)
+    client = TestClient(create_app(detector), raise_server_exceptions=False)
+    for image in (images[0], images[-1]):  # a defective and a good one
+        body = client.post("/predict?mask=png", files={"file": ("x.png", image.read_bytes())}).json()
+        expected = Detector.load(model).predict(image)
+        assert (body["score"], body["is_anomalous"]) == (pytest.approx(expected.image_score), expected.is_anomalous)
+        assert body["threshold"] == pytest.approx(expected.threshold) and "mask_png" in body
 
 
 def test_a_scorer_without_maps_answers_no_pixel_threshold_and_refuses_a_mask(
