@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import socket
 import urllib.parse
@@ -565,10 +566,28 @@ def _stem_stride(embed: Any) -> tuple[int, int] | None:
     elif isinstance(info, list) and info and isinstance(info[-1], dict):  # a whole CNN's list of its stages
         reduction = info[-1].get("reduction")
     else:
-        return None
+        return _built_stride(embed, patch)
     if not isinstance(reduction, int) or reduction <= 0:
         return None
     return (reduction * patch[0], reduction * patch[1])
+
+
+def _built_stride(embed: Any, patch: tuple[int, int]) -> tuple[int, int] | None:
+    """The token stride of a hybrid ViT whose stem lists no stages (a bare stem: ``vit_tiny_r_s16_p8``'s conv and
+    pool, ViTamin's MbConv stages): the power of two nearest the built size over the stem's output size, times the
+    patch. The stem pads (output ``ceil(size / r)``) or drops its last pixels (``floor``): from 3 outputs on, that
+    ratio lies within a factor 4/3 of r. ``feat_ratio``'s ``size // output`` read 3 for a stride-4 stem at 253 px
+    (64 outputs), and 253 px went to 264, which the model refused (ViTamin's 16 read 15: 200 px went to 195). None
+    where the sizes are not known or the stem has under 3 outputs."""
+    size, out = getattr(embed, "img_size", None), getattr(embed, "feature_size", None)
+    try:
+        pairs = [(int(size[i]), int(out[i])) for i in (0, 1)]  # type: ignore[index]
+    except (TypeError, IndexError, ValueError):
+        return None
+    if not all(side > 0 and n >= 3 for side, n in pairs):
+        return None
+    h, w = (2 ** round(math.log2(side / n)) * p for (side, n), p in zip(pairs, patch))
+    return (h, w)
 
 
 def _timm_model(name: str, image_size: tuple[int, int] | None, **kwargs: Any) -> TimmModel:

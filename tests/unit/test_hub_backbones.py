@@ -64,19 +64,24 @@ def test_transformers_whose_patches_do_not_divide_the_input_take_the_nearest_who
 
 
 @pytest.mark.parametrize(
-    ("name", "size", "rounded"),
+    ("name", "size", "rounded", "stride"),
     [
-        ("vit_small_r26_s32_224", (70, 70), (64, 64)),  # a whole ResNetV2 stem: its feature_info is a list
-        ("vit_small_resnet26d_224", (200, 100), (192, 96)),  # a features-only stem: timm's FeatureInfo
+        ("vit_small_r26_s32_224", (70, 70), (64, 64), 32),  # a whole ResNetV2 stem: its feature_info is a list
+        ("vit_small_resnet26d_224", (200, 100), (192, 96), 32),  # a features-only stem: timm's FeatureInfo
+        # bare stems, no feature_info: feat_ratio read 24 (253 px went to 264, which the model refused) and 15
+        ("vit_tiny_r_s16_p8_224", (253, 125), (256, 128), 32),
+        ("vitamin_small_224", (200, 253), (192, 256), 16),
     ],
 )
-def test_a_hybrid_vit_rounds_to_its_stems_stride(name: str, size: tuple[int, int], rounded: tuple[int, int]) -> None:
+def test_a_hybrid_vit_rounds_to_its_stems_stride(
+    name: str, size: tuple[int, int], rounded: tuple[int, int], stride: int
+) -> None:
     """The patch embedding's ``feat_ratio`` is the built size over the stem's output: 70 px over 3 padded outputs of
     a stride-32 stem read 23, and 70 px was rounded to 69 (200 px to 195 on a ResNet-26d stem)."""
     fx = FeatureExtractor(name, ["blocks.1"], pretrained=False, image_size=size, device="cpu")
     assert fx.image_size == rounded
     out = fx(np.zeros((1, *rounded, 3), dtype=np.uint8))
-    assert tuple(out.layers[0].shape[-2:]) == (rounded[0] // 32, rounded[1] // 32)
+    assert tuple(out.layers[0].shape[-2:]) == (rounded[0] // stride, rounded[1] // stride)
 
 
 @pytest.mark.parametrize(
