@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,19 @@ def pytest_report_to_serializable(config: pytest.Config, report: Any) -> Iterato
     and the failure is not named), so they are written as escapes in what is sent, every string of it."""
     outcome = yield
     outcome.force_result(_utf8_escaped(outcome.get_result()))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_warning_recorded(warning_message: warnings.WarningMessage) -> None:
+    """A warning's text is sent from an xdist worker as well (not as a report): one naming an undecodable file ended
+    the session in an INTERNALERROR that named no test. Its message is escaped before pytest-xdist's hook sends it."""
+    text = str(warning_message.message)
+    escaped = _utf8_escaped(text)
+    if escaped != text:
+        try:
+            warning_message.message = warning_message.category(escaped)
+        except Exception:  # a category whose constructor takes other arguments: the text alone
+            warning_message.message = escaped
 
 
 def _utf8_escaped(value: Any) -> Any:

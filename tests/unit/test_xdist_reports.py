@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -29,3 +30,20 @@ def test_a_failure_naming_an_undecodable_file_reaches_the_controller(pytestconfi
     normal = pytest.TestReport("t.py::u", ("t.py", 1, "u"), {}, "passed", None, "call", output)
     data = pytestconfig.hook.pytest_report_to_serializable(config=pytestconfig, report=normal)
     assert pytestconfig.hook.pytest_report_from_serializable(config=pytestconfig, data=data).sections == normal.sections
+
+
+def test_a_warning_naming_an_undecodable_file_reaches_the_controller(pytestconfig: pytest.Config) -> None:
+    """A worker sends each warning apart from the reports: one naming a file with a lone surrogate ended the session
+    in an INTERNALERROR ("strings must be utf-8 encodable"), which named no test."""
+    execnet = pytest.importorskip("execnet")
+    remote = pytest.importorskip("xdist.remote")
+    name = os.fsdecode(b"cam\xff.png")
+    message = warnings.WarningMessage(UserWarning(f"odd {name}"), UserWarning, "t.py", 1)
+    conftest = next(p for p in pytestconfig.pluginmanager.get_plugins() if hasattr(p, "pytest_warning_recorded")
+                    and getattr(p, "__file__", "").endswith("conftest.py"))  # fmt: skip
+    conftest.pytest_warning_recorded(warning_message=message)
+    sent = execnet.loads(execnet.dumps(remote.serialize_warning_message(message)))  # raised DumpError
+    assert sent["message_str"] == "odd cam\\udcff.png" and sent["category_class_name"] == "UserWarning"
+    plain = warnings.WarningMessage(UserWarning("é"), UserWarning, "t.py", 1)
+    conftest.pytest_warning_recorded(warning_message=plain)
+    assert str(plain.message) == "é"  # anything else is sent as it was
