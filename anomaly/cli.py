@@ -8,8 +8,10 @@ and exit code 2; heavy imports happen inside the commands so ``anomaly --help`` 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -882,15 +884,24 @@ def main() -> None:
     except typer.Abort:  # Ctrl-C while the arguments are parsed
         typer.echo("interrupted", err=True)
         code = 130
-    atexit.register(_ignore_late_signals)  # runs first of the exit hooks (last in, first out)
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    atexit.register(_end_quietly_on_late_signals, code)  # runs first of the exit hooks (last in, first out)
+    sys.exit(code)
 
 
-def _ignore_late_signals() -> None:
-    """The command is over, its outputs in place and its exit code set: the interpreter's shutdown that follows
-    (torch's exit hooks, freeing its modules: a second after a fit) is not interrupted. Ctrl-C, SIGTERM or SIGHUP
-    there printed a traceback from an exit hook (exit 0) or, once Python had restored the default handlers,
-    killed the process by the signal (-2, -15) after it had said the model was written."""
+def _end_quietly_on_late_signals(code: int) -> None:
+    """The command is over, its outputs in place and its exit code set: a signal in the interpreter's shutdown
+    that follows (torch's exit hooks, freeing its modules: a second after a fit; ``ray.shutdown``) ends the process
+    at once with that code. Ctrl-C, SIGTERM or SIGHUP there printed a traceback from an exit hook (exit 0) or, once
+    Python had restored the default handlers, killed the process by the signal (-2, -15) after it had said the
+    model was written. Ignoring them instead would leave a hung exit hook to SIGKILL."""
+
+    def end(signum: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed or broken pipe: nothing more to say anyway
+                stream.flush()
+        os._exit(code)
+
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if (number := getattr(signal, name, None)) is not None:
-            signal.signal(number, signal.SIG_IGN)
+            signal.signal(number, end)
