@@ -386,10 +386,12 @@ def score(
 
 
 def _is_zero_shot_model(model: Path) -> bool:
-    """Whether ``model`` (a model or export directory) scores its inputs as one pool (MuSc's stored references)."""
+    """Whether ``model`` (a model directory) scores its inputs as one pool (MuSc's stored references); an export
+    never does (MuSc models are not exported), and is not loaded here a second time."""
     from anomaly.distributed.scoring import model_info
+    from anomaly.runtime import is_export_dir
 
-    return model_info(model)[1]
+    return not is_export_dir(model) and model_info(model)[1]
 
 
 def _score_on_ray(model: Path, inputs: list[str], out: Path, address: str | None, **options: Any) -> None:
