@@ -88,6 +88,17 @@ def test_a_target_finer_than_a_float_resolves_still_gives_a_finite_threshold(tar
     assert Threshold.from_dict(decision.to_dict()) == decision  # a model keeps it
 
 
+def test_a_tail_quantile_that_is_not_finite_is_one_error_not_a_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the tail's probability underflows (a subnormal target where a library set flush-to-zero reads 0), the
+    quantile is infinite: refused in one line rather than written into the model."""
+    from scipy.stats import genpareto
+
+    monkeypatch.setattr(genpareto, "isf", lambda *args, **kwargs: np.inf)
+    scores = np.random.default_rng(0).normal(20, 2, 12)
+    with pytest.raises(DataError, match=r"cannot choose a threshold: target FPR 1e-20 is too small"):
+        calibrate(scores, 1e-20)
+
+
 @pytest.mark.parametrize("n", [3, 9])
 def test_too_few_scores_to_extrapolate_state_the_rate_of_flagging_above_all_of_them(n: int) -> None:
     """Under 10 scores the threshold lies above every one: a new normal image scores higher 1 time in n + 1."""
