@@ -236,8 +236,11 @@ def fit(
         _note("%s is zero-shot: the images are stored as few-shot references", detector.scorer.name)
     on_ray = ray or ray_address is not None
     if on_ray and (detector.zero_shot or detector.config.preprocess.tile is not None):  # same model, one process
-        what = f"{detector.scorer.name}'s fit stores references" if detector.zero_shot else "a tiled model's fit does"
-        what += "" if detector.zero_shot else " not split its views over workers yet"
+        what = (
+            f"{detector.scorer.name}'s fit stores references"
+            if detector.zero_shot
+            else "a tiled model's fit does not split its views over workers yet"
+        )
         _note("--ray: %s; it runs in this process (the model is the same)", what)
         on_ray = False
     progress = _Progress()
