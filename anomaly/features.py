@@ -268,10 +268,27 @@ class FeatureExtractor:
             _ = self.channels  # the blank pass that saving and loading a model need anyway
 
     @functools.cached_property
-    def channels(self) -> list[int]:
-        """Channels of each returned layer, finest first (one forward pass of a blank image, on first use)."""
+    def _layer_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, H, W) of each returned layer, finest first (one forward pass of a blank image, on first use)."""
         blank = np.zeros((1, *self.image_size, 3), dtype=np.uint8)
-        return [int(layer.shape[1]) for layer in self(blank).layers]
+        return [(int(c), int(h), int(w)) for c, h, w in (layer.shape[1:] for layer in self(blank).layers)]
+
+    @property
+    def channels(self) -> list[int]:
+        """Channels of each returned layer, finest first."""
+        return [c for c, _, _ in self._layer_shapes]
+
+    @property
+    def grid(self) -> int:
+        """The input-pixel period that every returned layer's positions repeat with: the least common multiple of
+        their strides (32 for lite0's blocks 2, 4 and 6; 14 for a ViT with 14 px patches). 1 where a layer's grid
+        does not divide the input evenly, or its two axes' strides differ: there is no common period then."""
+        strides = set()
+        for _, h, w in self._layer_shapes:
+            if self.image_size[0] % h or self.image_size[1] % w or self.image_size[0] // h != self.image_size[1] // w:
+                return 1
+            strides.add(self.image_size[0] // h)
+        return math.lcm(*strides)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> Features:

@@ -76,7 +76,8 @@ def relative_names(paths: list[Path]) -> list[Path]:
 def overlay(image: NDArray[np.uint8], amap: NDArray[np.float32], threshold: float) -> NDArray[np.uint8]:
     """JET heatmap blended on the image (BGR, for cv2.imwrite); the threshold sits mid-scale."""
     lo, hi = 0.5 * threshold, 1.5 * threshold
-    scaled = np.clip((amap - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
+    # in float64: a threshold past float32's range (`--target-fpr 1e-300` gives about 1e149) made inf - inf there
+    scaled = np.clip((np.asarray(amap, np.float64) - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
     heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
     # cv2's stubs drop the dtype
     return cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.5, heat, 0.5, 0)  # type: ignore[return-value]

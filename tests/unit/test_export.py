@@ -391,6 +391,7 @@ def test_exports_and_the_service_keep_the_bit_depth_of_12_bit_training_images(
         ("bit_depth", "input.bit_depth must be 1-16"),
         ("resize", "input.resize must be stretch or keep_aspect"),
         ("tile", "preprocess.tile.overlap: must be in"),
+        ("grid", "input.tile.grid must be a positive whole number, got 0"),
         ("sigma", "blur_sigma must be a finite number >= 0"),
     ],
 )
@@ -416,6 +417,8 @@ def test_exports_changed_with_a_matching_manifest_are_refused_in_one_line(
         manifest["input"]["resize"] = "crop"
     elif change == "tile":
         manifest["input"]["tile"] = {"size": 64, "overlap": 1.5}
+    elif change == "grid":
+        manifest["input"]["tile"] = {"size": 64, "overlap": 0.25, "grid": 0}
     else:
         manifest["postprocess"]["blur_sigma"] = -1
     (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
@@ -545,7 +548,8 @@ def test_letterboxed_and_tiled_models_export_with_the_detectors_results(
     written = json.loads((export / "manifest.json").read_text())
     manifest = written["input"]
     letterboxed = views[0].startswith("preprocess.resize")
-    expected_views = ("keep_aspect", None) if letterboxed else ("stretch", {"size": 64, "overlap": 0.25})
+    tiles = {"size": 64, "overlap": 0.25, "grid": 16}  # lite0's blocks 2 and 4 repeat every 16 px
+    expected_views = ("keep_aspect", None) if letterboxed else ("stretch", tiles)
     assert (manifest["resize"], manifest["tile"]) == expected_views
     # format 2: a runtime from before views were exported refuses it ("written by a newer anomaly"), where it
     # read format 1 and scored whole stretched images against the tiled model's threshold

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,3 +27,18 @@ def test_maps_come_back_at_each_original_size() -> None:
     assert maps[0].max() == smoothed[0].max()  # the peak, hence the verdict, survives the resize
     row, col = np.unravel_index(maps[0].argmax(), maps[0].shape)
     assert abs(row - 4.5 / 8 * 90) <= 2 and abs(col - 4.5 / 8 * 70) <= 2  # the hot cell stays in place
+
+
+def test_an_overlay_takes_thresholds_past_float32s_range() -> None:
+    """`--target-fpr 1e-300` gives a threshold of about 1e149: the float32 map's arithmetic made inf - inf, numpy
+    warned "invalid value encountered in cast" and the overlay's colours were whatever NaN cast to."""
+    from anomaly.outputs import overlay
+
+    image = np.full((8, 8, 3), 128, np.uint8)
+    amap = np.linspace(0, 10, 64, dtype=np.float32).reshape(8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        far = overlay(image, amap, 1e149)
+    np.testing.assert_array_equal(far, overlay(image, np.zeros_like(amap), 1.0))  # every pixel at the cold end
+    near = overlay(image, amap, 5.0)  # the map spans the scale: cold at 0, hot at 10
+    assert not np.array_equal(near[0, 0], near[-1, -1])
