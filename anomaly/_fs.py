@@ -4,7 +4,8 @@ Guarantees, whatever is killed when:
 
 * the target is either the previous complete folder or the new complete one; a kill between the
   two renames of :func:`replace_dir` leaves ``.<name>.old``, which the next run (or read) renames back;
-* temp folders of dead runs (their owner process is gone) are removed by the next run;
+* temp folders of dead runs (their owner process is gone, or a minute old, empty and without an owner file: killed
+  between creating it and naming its owner) are removed by the next run;
 * files a user added to an earlier output folder are carried into the new one: every folder lists
   what it wrote in ``.anomaly-output.json``, anything else is the user's.
 """
@@ -22,6 +23,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ BENCHMARK_MARKER = ".anomaly-benchmark"
 """Marks the folder of an ``anomaly benchmark`` run (its tables; one folder of outputs and a PIMO plot per category):
 never read as inputs either."""
 _OWNER_FILE = ".anomaly-owner"
+_OWNERLESS_AGE_S = 60.0  # an empty temp folder without an owner file older than this is a killed run's
 
 
 def new_temp_dir(target: Path, marker: str, *, output: bool = True) -> Path:
@@ -318,7 +321,15 @@ def _recover(target: Path) -> None:
     host = socket.gethostname()
     for tmp in parent.glob(f".{target.name}.*"):
         owner = tmp / _OWNER_FILE
-        if tmp == old or not tmp.is_dir() or not owner.is_file():
+        if tmp == old or not tmp.is_dir():
+            continue
+        if not owner.is_file():  # killed between creating it and writing its owner: empty, named as mkdtemp names
+            # them. A minute's age spares a run between the two steps; rmdir spares a folder with files (the user's,
+            # moved in by _swap)
+            with contextlib.suppress(OSError):  # another run may remove or fill it meanwhile
+                old_enough = time.time() - tmp.stat().st_mtime >= _OWNERLESS_AGE_S
+                if old_enough and re.fullmatch(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}", tmp.name):
+                    tmp.rmdir()
             continue
         try:
             owner_host, pid = owner.read_text().split()

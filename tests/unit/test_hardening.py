@@ -448,9 +448,17 @@ def test_8_a_kill_between_the_two_renames_is_recovered_and_dead_temp_folders_rem
     alive = tmp_path / ".m.live"
     alive.mkdir()
     (alive / ".anomaly-owner").write_text(f"{os.uname().nodename} {os.getpid()}")
+    # no owner file: killed before writing it, a run about to, _swap's with the user's files, a user's own folder
+    ownerless, fresh, users, own = (tmp_path / f".m.{name}" for name in ("kill_ed1", "starting", "users123", "cache"))
+    for folder in (ownerless, fresh, users, own):
+        folder.mkdir()
+    (users / "notes.txt").write_text("mine")
+    for folder in (ownerless, users, own):
+        os.utime(folder, (time.time() - 3600, time.time() - 3600))
     tmp = new_temp_dir(target, "meta.json")
     assert (target / "meta.json").is_file() and not old.exists()  # the previous model is back
     assert not dead.exists() and alive.exists() and tmp.exists()
+    assert not ownerless.exists() and fresh.exists() and own.exists() and (users / "notes.txt").read_text() == "mine"
 
 
 def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
