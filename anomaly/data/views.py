@@ -23,6 +23,7 @@ __all__ = [
     "bright_level",
     "cut_views",
     "fitted_input_size",
+    "kept_grid",
     "gray_stats",
     "lighting_drift",
     "overlapping_views",
@@ -235,6 +236,12 @@ def lighting_drift(levels: list[float]) -> float:
     return float(np.log(np.maximum(np.asarray(levels, dtype=np.float64), 1.0)).std())
 
 
+def kept_grid(window: int, overlap: float, grid: int) -> int:
+    """The grid that tile starts keep to along an axis of ``window`` input pixels (see :func:`_starts`): ``grid``, or 1
+    where it is coarser than a quarter of the tile step."""
+    return grid if 1 <= 4 * grid <= max(1, int(window * (1 - overlap))) else 1
+
+
 def _starts(length: int, window: int, overlap: float, grid: int = 1) -> list[int]:
     """Window starts covering ``length``, evenly spread on multiples of ``grid``, neighbours overlapping by >=
     ``overlap`` of a window.
@@ -248,7 +255,7 @@ def _starts(length: int, window: int, overlap: float, grid: int = 1) -> list[int
     if length <= window:
         return [-((window - length) // 2)]
     stride = max(1, int(window * (1 - overlap)))
-    grid = grid if 1 <= 4 * grid <= stride else 1
+    grid = kept_grid(window, overlap, grid)
     units = -(-(length - window) // grid)  # the last start, in grid steps: at or just past length - window
     n = -(-units // (stride // grid)) + 1
     return [grid * round(i * units / (n - 1)) for i in range(n)]

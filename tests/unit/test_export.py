@@ -528,6 +528,32 @@ def test_a_cuda_device_onnx_runtime_cannot_start_is_refused_not_run_on_the_cpu(
 
 
 @pytest.mark.parametrize(
+    ("size", "tile", "version"),
+    [
+        ([256, 256], {"size": 300, "overlap": 0.25, "grid": 16}, 3),  # starts every 16 px: format 3
+        ([256, 384], {"size": 300, "overlap": 0.9, "grid": 16}, 2),  # a step of 25 px: 16 is not kept to
+        ([64, 64], {"size": 64, "overlap": 0.25, "grid": 16}, 2),  # a step of 48 px: nor here
+        ([256, 256], {"size": 300, "overlap": 0.25, "grid": 1}, 2),
+        ([256, 256], {"size": 300, "overlap": 0.25}, 2),  # written before the grid
+        ([256, 256], None, 1),
+    ],
+)
+def test_tiles_on_the_feature_grid_are_a_format_older_runtimes_refuse(
+    size: list[int], tile: dict[str, object] | None, version: int, tmp_path: Path
+) -> None:
+    """A runtime from before tile starts kept to the feature grid read format 2, ignored ``input.tile.grid`` and laid
+    the tiles out on any pixel: its maps differed from the Detector's by 5.5 where the threshold was 23 (700 x 900 px
+    images in 300 px tiles). Such exports are format 3 (it refuses them: "written by a newer anomaly"); tiles whose
+    grid is not kept to lie as before, format 2, which both read alike."""
+    from anomaly.runtime.manifest import read_manifest, write_manifest
+
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    model_input = {"size": size, "resize": "stretch", "tile": tile}
+    write_manifest(tmp_path, {"network": {"format": "onnx", "file": "model.onnx"}, "input": model_input})
+    assert read_manifest(tmp_path)["format_version"] == version
+
+
+@pytest.mark.parametrize(
     "views",
     [["preprocess.resize=keep_aspect"], ["preprocess.tile.size=64", "preprocess.tile.overlap=0.25"]],
     ids=["letterboxed", "tiled"],

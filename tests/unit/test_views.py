@@ -320,7 +320,9 @@ def test_tiled_model_round_trips_and_exports(tiled_detector, tmp_path) -> None: 
     runtime = ExportedDetector(export_model(tmp_path / "model", tmp_path / "export"))
     assert runtime.view_spec == tiled_detector.view_spec and runtime.view_spec.grid == 16  # lite0's blocks 2 and 4
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["format_version"] == 3  # a runtime from before the grid refuses it, where it laid tiles otherwise
     del manifest["input"]["tile"]["grid"]  # an export from before tiles kept to the feature grid: laid out as fitted
+    manifest["format_version"] = 2
     (tmp_path / "export" / "manifest.json").write_text(json.dumps(signed(manifest)))
     assert ExportedDetector(tmp_path / "export").view_spec.grid == 1
     exported = runtime.predict(image)
