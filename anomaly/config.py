@@ -100,6 +100,7 @@ class BackboneConfig:
     image_size: tuple[int, int] | None = None  # (H, W); None = the model's pretrained config
     mean: tuple[float, float, float] | None = None  # None = the model's pretrained config
     std: tuple[float, float, float] | None = None
+    final_norm: bool = False  # ViT tokens through the model's final norm (MuSc's DINOv2 taps); CNNs have none
 
     def __post_init__(self) -> None:
         _check_fields(self, "backbone.")

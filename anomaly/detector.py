@@ -165,6 +165,7 @@ class Detector:
                 mean=bb.mean,
                 std=bb.std,
                 device=self.config.device,
+                final_norm=bb.final_norm,
             )
         return self._extractor
 

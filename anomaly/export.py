@@ -96,13 +96,14 @@ class _Network(torch.nn.Module):
         super().__init__()
         self.model = extractor.model
         self.indices, self.extra_blocks = extractor.indices, extractor.extra_blocks
+        self.final_norm = extractor.final_norm  # a ViT's tokens after its final norm, as the extractor gives them
         self.head = head
         self.register_buffer("mean", extractor.mean.cpu())
         self.register_buffer("std", extractor.std.cpu())
 
     def forward(self, images: torch.Tensor) -> Any:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        maps = cnn_layers(self.model, x, self.indices, self.extra_blocks)
+        maps = cnn_layers(self.model, x, self.indices, self.extra_blocks, self.final_norm)
         return self.head(sorted(maps, key=lambda m: -m.shape[-1]))
 
 

@@ -207,6 +207,8 @@ class FeatureExtractor:
         image_size: (H, W) input size; None = the model's pretrained config.
         mean, std: input normalisation; None = the model's pretrained config.
         device: ``auto``, ``cpu`` or ``cuda``.
+        final_norm: a ViT's tokens (and class token) after the model's final norm, as MuSc taps DINOv2; by default
+            the blocks' outputs as they are, as MuSc taps CLIP.
     """
 
     def __init__(
@@ -220,6 +222,7 @@ class FeatureExtractor:
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         device: str = "auto",
+        final_norm: bool = False,
     ) -> None:
         check_backbone_name(name)
         self.name = name
@@ -251,6 +254,10 @@ class FeatureExtractor:
         # hierarchical transformers (Swin, PVT) return maps as a CNN does
         self.is_vit = returns_tokens(self.model)
         self.has_class_token = self.is_vit and _has_class_token(self.model)
+        takes_norm = "norm" in inspect.signature(self.model.forward_intermediates).parameters
+        if final_norm and not (self.is_vit and takes_norm):
+            raise ConfigError(f"backbone.final_norm: '{name}' returns feature maps, not ViT tokens; set it to false")
+        self.final_norm = final_norm
         self.indices, self.layer_names, self.extra_blocks = _layer_indices(self.model, list(layers))
         # a list, not an int: timm reads an int n as "the last n layers" and would keep every block
         extra = {"extra_blocks": True} if self.extra_blocks else {}
@@ -305,8 +312,9 @@ class FeatureExtractor:
     def _forward(self, x: torch.Tensor) -> Features:
         maps: Sequence[torch.Tensor]
         if self.is_vit:
+            norm = {"norm": True} if self.final_norm else {}
             out = self.model.forward_intermediates(
-                x, indices=self.indices, intermediates_only=True, return_prefix_tokens=True
+                x, indices=self.indices, intermediates_only=True, return_prefix_tokens=True, **norm
             )
             # a ViT without CLS or register tokens (SigLIP, relpos) returns its maps alone, not pairs; one with
             # registers but no class token (vit_*_reg4_gap_*, NaFlexViT gap) returns registers alone as its prefix
@@ -321,12 +329,16 @@ class FeatureExtractor:
         return Features(layers=layers, embedding=embedding.float())
 
 
-def cnn_layers(model: torch.nn.Module, x: torch.Tensor, indices: list[int], extra_blocks: bool) -> list[torch.Tensor]:
-    """The maps of a CNN's layers ``indices`` (see :func:`_layer_indices`) for a normalised batch ``x``."""
+def cnn_layers(
+    model: torch.nn.Module, x: torch.Tensor, indices: list[int], extra_blocks: bool, final_norm: bool = False
+) -> list[torch.Tensor]:
+    """The maps of a CNN's layers ``indices`` (see :func:`_layer_indices`) for a normalised batch ``x`` (a ViT's
+    token maps alike; ``final_norm``: after the model's final norm, see :class:`FeatureExtractor`)."""
     timm_model = cast("TimmModel", model)  # a timm model: nn.Module is all timm's annotations promise
-    if extra_blocks:
-        return timm_model.forward_intermediates(x, indices=indices, intermediates_only=True, extra_blocks=True)
-    return timm_model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    options = {"extra_blocks": True} if extra_blocks else {}
+    if final_norm:
+        options["norm"] = True
+    return timm_model.forward_intermediates(x, indices=indices, intermediates_only=True, **options)
 
 
 @contextmanager

@@ -75,6 +75,7 @@ class RegionDescriber:
         rotations: how many 90-degree rotations of each crop to average over (1 to 4).
         batch_size: crops per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
+        final_norm: a ViT's tokens after the model's final norm (``backbone.final_norm``).
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class RegionDescriber:
         rotations: int = 2,
         batch_size: int = 32,
         device: str = "auto",
+        final_norm: bool = False,
     ) -> None:
         if not 1 <= rotations <= 4:
             raise ValueError(f"rotations must be 1..4, got {rotations}")
@@ -105,6 +107,7 @@ class RegionDescriber:
             mean=mean,
             std=std,
             device=device,
+            final_norm=final_norm,
         )
         # a ViT snaps the size to whole patches (256 -> 252 for patch 14): crops are cut at the size it runs at
         self.input_size = self.extractor.image_size[0]
@@ -121,8 +124,8 @@ class RegionDescriber:
         When a CNN has the describer's own layers (``DEFAULT_LAYERS``: every EfficientNet), regions are
         described with the describer's measured settings, those layers and ImageNet statistics (chosen for
         discovery, which is not detection: benchmarks/README.md section 8). Other models use the config's
-        layers and input statistics; so does a ViT, whose ``blocks.4`` and ``blocks.6`` are early transformer
-        blocks, not a CNN's stride-16 and stride-32 stages.
+        layers, input statistics and ``final_norm``; so does a ViT, whose ``blocks.4`` and ``blocks.6`` are early
+        transformer blocks, not a CNN's stride-16 and stride-32 stages.
         """
         skeleton = model_skeleton(config.name)  # the structure alone (no weights): the backbone is built once
         if skeleton is None:  # a constructor the meta device cannot run: tried with the describer's layers
@@ -142,6 +145,7 @@ class RegionDescriber:
             pretrained=config.pretrained,
             mean=config.mean,
             std=config.std,
+            final_norm=config.final_norm,
             **kwargs,
         )
 

@@ -313,6 +313,7 @@ def test_describer_from_a_backbone_config() -> None:
     vit = dataclasses.replace(vit, name="vit_small_patch14_dinov2", pretrained=False, layers=("blocks.9", "blocks.11"))
     described = RegionDescriber.from_backbone(vit, input_size=56)
     assert described.extractor.layer_names == ["blocks.9", "blocks.11"]
+    assert described.extractor.final_norm  # the config's tokens, after the final norm as musc_dinov2 takes them
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import numpy as np
@@ -90,6 +91,27 @@ def test_vit_patch_tokens_come_back_as_maps_with_cls_embedding() -> None:
     assert len(vit.model.blocks) == 6  # blocks.6-11 never run
     assert [t.shape for t in out.layers] == [(3, 192, 4, 4), (3, 192, 4, 4)]
     assert out.embedding.shape == (3, 192)
+
+
+def test_final_norm_passes_a_vits_tokens_through_its_norm_and_is_refused_for_a_cnn() -> None:
+    """MuSc's code takes DINOv2's intermediate tokens after the model's final LayerNorm (ALGORITHMS.md 3.1);
+    ``musc_dinov2`` took them as the blocks left them."""
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    kwargs: dict[str, Any] = {"pretrained": False, "image_size": (64, 64), "device": "cpu"}
+    raw = FeatureExtractor("vit_tiny_patch16_224", ["blocks.1", "blocks.3"], **kwargs)
+    normed = FeatureExtractor("vit_tiny_patch16_224", ["blocks.1", "blocks.3"], final_norm=True, **kwargs)
+    normed.model.load_state_dict(raw.model.state_dict())
+    torch.nn.init.normal_(normed.model.norm.weight)  # a norm with weights of its own, not the identity's 1 and 0
+    torch.nn.init.normal_(normed.model.norm.bias)
+    got, plain = normed(images), raw(images)
+    with torch.inference_mode():
+        for layer, tokens in zip(got.layers, plain.layers):
+            n, c, h, w = tokens.shape
+            expected = normed.model.norm(tokens.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(n, c, h, w)
+            torch.testing.assert_close(layer, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.embedding, normed.model.norm(plain.embedding), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="backbone.final_norm: 'tf_efficientnet_lite0' returns feature maps"):
+        FeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], image_size=(64, 64), device="cpu", final_norm=True)
 
 
 def test_a_vit_with_registers_and_no_class_token_embeds_its_patch_tokens_mean() -> None:

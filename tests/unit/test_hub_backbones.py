@@ -133,6 +133,26 @@ def test_musc_dinov2_config_scores_a_pool() -> None:
     assert all(np.isfinite(r.image_score) for r in results)
 
 
+def test_a_model_on_final_norm_vit_tokens_exports_with_its_scores(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The export's network took a ViT's tokens without the final norm that ``backbone.final_norm`` gave the
+    Detector's: the exported map was 1.8 off (the score 7.86 against 9.33)."""
+    pytest.importorskip("onnxruntime")
+    from anomaly.export import export_model
+    from anomaly.runtime import ExportedDetector
+
+    config = apply_overrides(
+        load_config("patchcore"),
+        ["backbone.name=vit_tiny_patch16_224", "backbone.pretrained=false", "backbone.layers=[blocks.2,blocks.5]",
+         "backbone.image_size=[64,64]", "backbone.final_norm=true", "threshold.folds=2", "preprocess.resize=stretch"],
+    )  # fmt: skip
+    images = _images(7, (80, 80))
+    det = Detector(config).fit(images[:6])
+    exported = ExportedDetector(export_model(det.save(tmp_path / "model"), tmp_path / "export")).predict(images[6])
+    expected = det.predict(images[6])
+    assert exported.image_score == pytest.approx(expected.image_score, rel=1e-4)
+    assert np.abs(exported.anomaly_map - expected.anomaly_map).max() <= 1e-3
+
+
 def test_a_vit_sees_the_last_rows_and_columns_of_an_input_that_is_no_multiple_of_its_patch() -> None:
     """At 64 px a patch-14 ViT took 4 x 4 patches of 14 and dropped the last 8 rows and columns: a defect painted
     there scored exactly as the clean image did. The input is now the nearest whole number of patches (70 px)."""
