@@ -288,13 +288,18 @@ class FeatureExtractor:
     @property
     def grid(self) -> int:
         """The input-pixel period that every returned layer's positions repeat with: the least common multiple of
-        their strides (32 for lite0's blocks 2, 4 and 6; 14 for a ViT with 14 px patches). 1 where a layer's grid
-        does not divide the input evenly, or its two axes' strides differ: there is no common period then."""
+        their strides (32 for lite0's blocks 2, 4 and 6; 14 for a ViT with 14 px patches). 1 where the input is no
+        whole number of some layer's strides, or a layer's two axes' strides differ: there is no common period then.
+
+        A stride is read as input size / positions. A CNN's true stride is a power of two, and a quotient that is
+        not one is an input the last position overhangs (lite0's stride 32 at 240 px: 8 positions, 30 px apart
+        by the quotient); a ViT's input is a whole number of patches (:func:`whole_patches`)."""
         strides = set()
         for _, h, w in self._layer_shapes:
-            if self.image_size[0] % h or self.image_size[1] % w or self.image_size[0] // h != self.image_size[1] // w:
+            (sy, ry), (sx, rx) = divmod(self.image_size[0], h), divmod(self.image_size[1], w)
+            if ry or rx or sy != sx or not (self.is_vit or sy & (sy - 1) == 0):
                 return 1
-            strides.add(self.image_size[0] // h)
+            strides.add(sy)
         return math.lcm(*strides)
 
     @torch.inference_mode()

@@ -144,6 +144,8 @@ def test_layer_names_follow_the_returned_maps_and_a_layer_given_twice_is_refused
     assert vit.grid == 16  # the patch
     odd = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], image_size=(60, 60), device="cpu")
     assert odd.grid == 1  # 60 px on a stride-8 grid of 8 positions: no common period with the input's pixels
+    overhung = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.6"], image_size=(240, 240), device="cpu")
+    assert overhung.grid == 1  # stride 32 at 240 px: 8 positions, the quotient 30 no stride (it read 240)
     blank = np.zeros((1, 64, 64, 3), dtype=np.uint8)
     with torch.inference_mode():
         tokens = vit.model.forward_intermediates(
