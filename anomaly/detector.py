@@ -187,16 +187,8 @@ class Detector:
                     f"preprocess.{key}: auto is decided from the training images (fit) or a zero-shot pool; "
                     f"set {choice} to extract features before either"
                 )
-        if pre.tile is None:
-            return ViewSpec(pre.resize, standardize=bool(pre.standardize), bit_depth=int(pre.bit_depth))
-        return ViewSpec(
-            pre.resize,
-            pre.tile.size,
-            pre.tile.overlap,
-            standardize=bool(pre.standardize),
-            bit_depth=int(pre.bit_depth),
-            grid=self.extractor.grid,
-        )
+        tile = (False, 0.25) if pre.tile is None else (pre.tile.size, pre.tile.overlap)
+        return ViewSpec(pre.resize, *tile, standardize=bool(pre.standardize), bit_depth=int(pre.bit_depth))
 
     def resolve_auto(self, images: Sequence[ImageInput], *, build_backbone: bool = False) -> None:
         """Decide the ``auto`` settings of ``preprocess`` (in place) from up to 32 evenly spaced images.

@@ -240,7 +240,6 @@ def _check_network(network: _Network, folder: Path, spec: dict[str, Any], size: 
 
 def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
     bb, pre, source, profile = det.config.backbone, det.config.preprocess, det.extractor.source, det.input_profile()
-    grid = det.view_spec.grid
     assert det.decision_ is not None
     return {
         "anomaly_version": __version__,
@@ -257,8 +256,7 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
             "std": [round(v / 255, 6) for v in det.extractor.std.flatten().tolist()],
             "layout": "uint8 RGB (N, H, W, 3) views, cut as the Detector does; normalised inside the network",
             "resize": pre.resize,  # stretch | keep_aspect (the longer side fitted, the rest mirrored)
-            # grid: tile starts are multiples of it (the backbone's feature grid); older exports: any pixel
-            "tile": None if pre.tile is None else {"size": pre.tile.size, "overlap": pre.tile.overlap, "grid": grid},
+            "tile": None if pre.tile is None else {"size": pre.tile.size, "overlap": pre.tile.overlap},
             "standardize": bool(pre.standardize),  # per-image gray mean/std, before the network
             "bit_depth": int(pre.bit_depth),  # significant bits of 16-bit images
             "training_aspects": profile.aspects,  # width / height range of stretched training images

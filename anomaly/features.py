@@ -275,32 +275,10 @@ class FeatureExtractor:
             _ = self.channels  # the blank pass that saving and loading a model need anyway
 
     @functools.cached_property
-    def _layer_shapes(self) -> list[tuple[int, int, int]]:
-        """(C, H, W) of each returned layer, finest first (one forward pass of a blank image, on first use)."""
-        blank = np.zeros((1, *self.image_size, 3), dtype=np.uint8)
-        return [(int(c), int(h), int(w)) for c, h, w in (layer.shape[1:] for layer in self(blank).layers)]
-
-    @property
     def channels(self) -> list[int]:
-        """Channels of each returned layer, finest first."""
-        return [c for c, _, _ in self._layer_shapes]
-
-    @property
-    def grid(self) -> int:
-        """The input-pixel period that every returned layer's positions repeat with: the least common multiple of
-        their strides (32 for lite0's blocks 2, 4 and 6; 14 for a ViT with 14 px patches). 1 where the input is no
-        whole number of some layer's strides, or a layer's two axes' strides differ: there is no common period then.
-
-        A stride is read as input size / positions. A CNN's true stride is a power of two, and a quotient that is
-        not one is an input the last position overhangs (lite0's stride 32 at 240 px: 8 positions, 30 px apart
-        by the quotient); a ViT's input is a whole number of patches (:func:`whole_patches`)."""
-        strides = set()
-        for _, h, w in self._layer_shapes:
-            (sy, ry), (sx, rx) = divmod(self.image_size[0], h), divmod(self.image_size[1], w)
-            if ry or rx or sy != sx or not (self.is_vit or sy & (sy - 1) == 0):
-                return 1
-            strides.add(sy)
-        return math.lcm(*strides)
+        """Channels of each returned layer, finest first (one forward pass of a blank image, on first use)."""
+        blank = np.zeros((1, *self.image_size, 3), dtype=np.uint8)
+        return [int(layer.shape[1]) for layer in self(blank).layers]
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> Features:

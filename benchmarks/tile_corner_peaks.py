@@ -5,16 +5,14 @@ of real texture images as ``tile_seams.py`` builds them (default: KolektorSDD's 
 benchmarks/README.md section 6). A dark disk of ``--radius`` px is painted in the middle of several four-tile overlaps
 of A and on the same content in B, where it lies inside one tile. ``patchcore`` is fitted with
 ``preprocess.tile.size`` on eight 2000 x 1500 frames of the texture; the printed ratio is each disk's map peak in A
-over the same disk's in B (1: the overlap costs nothing). ``--starts any`` lays tiles out as before round 32 (starts on
-any pixel, not on the feature grid) for the comparison.
+over the same disk's in B (1: the overlap costs nothing; benchmarks/README.md section 6, round 32).
 
-    python benchmarks/tile_corner_peaks.py --out DIR [--source FOLDER] [--tile 512] [--starts grid|any]
+    python benchmarks/tile_corner_peaks.py --out DIR [--source FOLDER] [--tile 512]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import cv2
@@ -29,16 +27,10 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512, help="preprocess.tile.size")
     parser.add_argument("--shift", type=int, default=175, help="B = A shifted by this many px down and right")
     parser.add_argument("--radius", type=int, default=10, help="disk radius in frame pixels")
-    parser.add_argument("--starts", choices=["grid", "any"], default="grid", help="tile starts: feature grid or any px")
     args = parser.parse_args()
 
     from anomaly import Detector
     from anomaly.config import apply_overrides, load_config
-
-    class AnyPixel(Detector):  # the layout before round 32, for the comparison
-        @property
-        def view_spec(self):  # type: ignore[no-untyped-def]
-            return dataclasses.replace(super().view_spec, grid=1)
 
     files = sorted(p for p in args.source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
     rng = np.random.default_rng(0)
@@ -46,7 +38,7 @@ def main() -> None:
     wide = _frame(files[:8], 3000 + args.shift, 4000 + args.shift)
     a, b = wide[:3000, :4000].copy(), wide[args.shift :, args.shift :].copy()
     config = apply_overrides(load_config("patchcore"), [f"preprocess.tile.size={args.tile}"])
-    detector = (AnyPixel if args.starts == "any" else Detector)(config)
+    detector = Detector(config)
     detector.fit([np.repeat(x[..., None], 3, axis=2) for x in train])
     layout = detector.view_spec.layout(a.shape, detector.extractor.image_size)
     side, scale = detector.extractor.image_size[0], a.shape[0] / layout.frame[0]
@@ -70,7 +62,7 @@ def main() -> None:
         for y, x in sites
     ]
     print(
-        f"starts on {args.starts}: a disk where four tiles overlap / the same disk inside one tile "
+        "a disk where four tiles overlap / the same disk inside one tile "
         f"{np.mean(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} sites)"
     )
 

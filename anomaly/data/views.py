@@ -23,7 +23,6 @@ __all__ = [
     "bright_level",
     "cut_views",
     "fitted_input_size",
-    "kept_grid",
     "gray_stats",
     "lighting_drift",
     "overlapping_views",
@@ -69,10 +68,9 @@ class ViewSpec:
     overlap: float = 0.25
     standardize: bool = False  # views photometrically standardised with their image's statistics
     bit_depth: int = 16  # significant bits of 16-bit images (anomaly.data.io.to_8bit)
-    grid: int = 1  # tile starts are multiples of this many input pixels (the backbone's FeatureExtractor.grid)
 
     def layout(self, size: tuple[int, int], input_size: tuple[int, int]) -> Layout:
-        return plan_layout(size, input_size, self.resize, self.tile, self.overlap, self.grid)
+        return plan_layout(size, input_size, self.resize, self.tile, self.overlap)
 
 
 def plan_layout(
@@ -81,7 +79,6 @@ def plan_layout(
     resize: str = "stretch",
     tile: int | None | bool = False,
     overlap: float = 0.25,
-    grid: int = 1,
 ) -> Layout:
     """Layout of an image of ``size`` (H, W) for a model input of ``input_size``.
 
@@ -89,9 +86,7 @@ def plan_layout(
     fits its longer side and mirrors the rest. ``tile=N``: the image is scaled so that N original pixels
     span the input height and covered by input-size tiles overlapping by at least ``overlap``;
     ``tile=None``: the shorter side (relative to the input's aspect) spans the input, so an elongated
-    image is tiled along its length at the resolution of its short side. Tile starts are multiples of ``grid``
-    input pixels (the last tile may then reach up to ``grid - 1`` pixels past the frame, mirrored), so that
-    overlapping tiles place their feature positions on the same frame pixels.
+    image is tiled along its length at the resolution of its short side.
     """
     (h, w), (h_in, w_in) = size, input_size
     if tile is False:
@@ -102,7 +97,7 @@ def plan_layout(
         return Layout(frame, ((-((h_in - frame[0]) // 2), -((w_in - frame[1]) // 2)),))
     scale = h_in / tile if tile else max(h_in / h, w_in / w)
     frame = (max(1, round(h * scale)), max(1, round(w * scale)))
-    ys, xs = _starts(frame[0], h_in, overlap, grid), _starts(frame[1], w_in, overlap, grid)
+    ys, xs = _starts(frame[0], h_in, overlap), _starts(frame[1], w_in, overlap)
     return Layout(frame, tuple((y, x) for y in ys for x in xs))
 
 
@@ -236,26 +231,10 @@ def lighting_drift(levels: list[float]) -> float:
     return float(np.log(np.maximum(np.asarray(levels, dtype=np.float64), 1.0)).std())
 
 
-def kept_grid(window: int, overlap: float, grid: int) -> int:
-    """The grid that tile starts keep to along an axis of ``window`` input pixels (see :func:`_starts`): ``grid``, or 1
-    where it is coarser than a quarter of the tile step."""
-    return grid if 1 <= 4 * grid <= max(1, int(window * (1 - overlap))) else 1
-
-
-def _starts(length: int, window: int, overlap: float, grid: int = 1) -> list[int]:
-    """Window starts covering ``length``, evenly spread on multiples of ``grid``, neighbours overlapping by >=
-    ``overlap`` of a window.
-
-    On the grid, a defect where tiles overlap sits at the same phase of every tile's feature positions, so their
-    blended maps peak together: off the grid (each start rounded to a pixel) a disk where four tiles overlap
-    peaked 5-10 % lower than inside one tile (benchmarks/README.md section 6, rounds 31 and 32). A grid coarser
-    than a quarter of the tile step is not kept to (1): the step, a whole number of grid cells, would lose more
-    than a quarter and the tiles multiply (lite0's 32 px at 64 px tiles: 2.25x the tiles).
-    """
+def _starts(length: int, window: int, overlap: float) -> list[int]:
+    """Window starts covering ``length``, evenly spread, neighbours overlapping by >= ``overlap`` of a window."""
     if length <= window:
         return [-((window - length) // 2)]
     stride = max(1, int(window * (1 - overlap)))
-    grid = kept_grid(window, overlap, grid)
-    units = -(-(length - window) // grid)  # the last start, in grid steps: at or just past length - window
-    n = -(-units // (stride // grid)) + 1
-    return [grid * round(i * units / (n - 1)) for i in range(n)]
+    n = math.ceil((length - window) / stride) + 1
+    return [round(i * (length - window) / (n - 1)) for i in range(n)]

@@ -8,21 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from anomaly._fs import file_sha256
-from anomaly.data.views import kept_grid
 from anomaly.errors import DataError
 from anomaly.model_dir import signed
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "MANIFEST", "is_export_dir", "read_manifest", "write_manifest"]
 
 EXPORT_FORMAT = "anomaly-export"
-EXPORT_VERSION = 3
+EXPORT_VERSION = 2
 # Exports of whole stretched images are written as format 1, which every release reads alike; those that cut views
 # (``input.resize: keep_aspect``, ``input.tile``) as format 2, so that a runtime from before views could be exported
 # refuses them ("written by a newer anomaly") instead of scoring stretched images against a tiled model's threshold.
-# Tiles whose starts keep to the backbone's feature grid (``input.tile.grid``) as format 3: a runtime from before the
-# grid ignored the key and laid the tiles out on any pixel, and its maps differed from the Detector's (by 5.5 where
-# the threshold was 23, 700 x 900 px images in 300 px tiles).
-_STRETCHED_VERSION, _VIEWS_VERSION = 1, 2
+_STRETCHED_VERSION = 1
 MANIFEST = "manifest.json"
 
 
@@ -38,7 +34,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     }
     model_input = manifest.get("input", {})
     views = (model_input.get("resize", "stretch"), model_input.get("tile")) != ("stretch", None)
-    version = EXPORT_VERSION if _on_grid(model_input) else _VIEWS_VERSION if views else _STRETCHED_VERSION
+    version = EXPORT_VERSION if views else _STRETCHED_VERSION
     body = {"format": EXPORT_FORMAT, "format_version": version, **manifest, "files": files}
     (folder / MANIFEST).write_text(json.dumps(signed(body), indent=2))
 
@@ -67,10 +63,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
                         f"{EXPORT_VERSION}); upgrade anomaly or export the model again")  # fmt: skip
     if manifest != signed(manifest):  # a missing digest too: removing it must not skip the check
         raise DataError(f"{root / MANIFEST}: modified since the export; export the model again")
-    if version not in (_STRETCHED_VERSION, _VIEWS_VERSION, EXPORT_VERSION) or isinstance(version, bool):
+    if version not in (_STRETCHED_VERSION, EXPORT_VERSION) or isinstance(version, bool):
         raise DataError(
             f"{root}: export format {manifest.get('format_version')!r} is incompatible with this version "
-            f"(expects {_STRETCHED_VERSION} to {EXPORT_VERSION}); export the model again with `anomaly export`"
+            f"(expects {_STRETCHED_VERSION} or {EXPORT_VERSION}); export the model again with `anomaly export`"
         )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
@@ -88,12 +84,3 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             if name not in files:  # a graph unlisted, or outside the folder, would be loaded unchecked
                 raise DataError(f"{root / MANIFEST}: network file {name!r} is not one of its checksummed files")
     return manifest  # files not listed (a user's notes) are never read: loaders take names from the list
-
-
-def _on_grid(model_input: dict[str, Any]) -> bool:
-    """Whether the tiles of ``model_input`` (the manifest's ``input``) start on a grid coarser than a pixel along
-    either axis: laid out otherwise by a runtime that does not read ``input.tile.grid``."""
-    tile, size = model_input.get("tile"), model_input.get("size")
-    if not isinstance(tile, dict) or not isinstance(size, list):
-        return False
-    return any(kept_grid(int(side), tile["overlap"], tile.get("grid", 1)) > 1 for side in size)

@@ -213,10 +213,7 @@ def _view_spec(model_input: dict[str, Any], bit_depth: int) -> ViewSpec:
     if tile is None:
         return ViewSpec(resize, standardize=standardize, bit_depth=bit_depth)
     checked = TileConfig(size=tile["size"], overlap=tile["overlap"])  # the config's own limits (ConfigError)
-    grid = tile.get("grid", 1)  # exports written before tile starts kept to the feature grid: 1, any pixel
-    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
-        raise ValueError(f"input.tile.grid must be a positive whole number, got {grid!r}")
-    return ViewSpec(resize, checked.size, checked.overlap, standardize=standardize, bit_depth=bit_depth, grid=grid)
+    return ViewSpec(resize, checked.size, checked.overlap, standardize=standardize, bit_depth=bit_depth)
 
 
 def _loaded(directory: Path, spec: dict[str, Any], device: str) -> Any:

@@ -391,7 +391,6 @@ def test_exports_and_the_service_keep_the_bit_depth_of_12_bit_training_images(
         ("bit_depth", "input.bit_depth must be 1-16"),
         ("resize", "input.resize must be stretch or keep_aspect"),
         ("tile", "preprocess.tile.overlap: must be in"),
-        ("grid", "input.tile.grid must be a positive whole number, got 0"),
         ("sigma", "blur_sigma must be a finite number >= 0"),
     ],
 )
@@ -417,8 +416,6 @@ def test_exports_changed_with_a_matching_manifest_are_refused_in_one_line(
         manifest["input"]["resize"] = "crop"
     elif change == "tile":
         manifest["input"]["tile"] = {"size": 64, "overlap": 1.5}
-    elif change == "grid":
-        manifest["input"]["tile"] = {"size": 64, "overlap": 0.25, "grid": 0}
     else:
         manifest["postprocess"]["blur_sigma"] = -1
     (copy / "manifest.json").write_text(json.dumps(signed(manifest)))
@@ -528,32 +525,6 @@ def test_a_cuda_device_onnx_runtime_cannot_start_is_refused_not_run_on_the_cpu(
 
 
 @pytest.mark.parametrize(
-    ("size", "tile", "version"),
-    [
-        ([256, 256], {"size": 300, "overlap": 0.25, "grid": 16}, 3),  # starts every 16 px: format 3
-        ([256, 384], {"size": 300, "overlap": 0.9, "grid": 16}, 2),  # a step of 25 px: 16 is not kept to
-        ([64, 64], {"size": 64, "overlap": 0.25, "grid": 16}, 2),  # a step of 48 px: nor here
-        ([256, 256], {"size": 300, "overlap": 0.25, "grid": 1}, 2),
-        ([256, 256], {"size": 300, "overlap": 0.25}, 2),  # written before the grid
-        ([256, 256], None, 1),
-    ],
-)
-def test_tiles_on_the_feature_grid_are_a_format_older_runtimes_refuse(
-    size: list[int], tile: dict[str, object] | None, version: int, tmp_path: Path
-) -> None:
-    """A runtime from before tile starts kept to the feature grid read format 2, ignored ``input.tile.grid`` and laid
-    the tiles out on any pixel: its maps differed from the Detector's by 5.5 where the threshold was 23 (700 x 900 px
-    images in 300 px tiles). Such exports are format 3 (it refuses them: "written by a newer anomaly"); tiles whose
-    grid is not kept to lie as before, format 2, which both read alike."""
-    from anomaly.runtime.manifest import read_manifest, write_manifest
-
-    (tmp_path / "model.onnx").write_bytes(b"graph")
-    model_input = {"size": size, "resize": "stretch", "tile": tile}
-    write_manifest(tmp_path, {"network": {"format": "onnx", "file": "model.onnx"}, "input": model_input})
-    assert read_manifest(tmp_path)["format_version"] == version
-
-
-@pytest.mark.parametrize(
     "views",
     [["preprocess.resize=keep_aspect"], ["preprocess.tile.size=64", "preprocess.tile.overlap=0.25"]],
     ids=["letterboxed", "tiled"],
@@ -574,8 +545,7 @@ def test_letterboxed_and_tiled_models_export_with_the_detectors_results(
     written = json.loads((export / "manifest.json").read_text())
     manifest = written["input"]
     letterboxed = views[0].startswith("preprocess.resize")
-    tiles = {"size": 64, "overlap": 0.25, "grid": 16}  # lite0's blocks 2 and 4 repeat every 16 px
-    expected_views = ("keep_aspect", None) if letterboxed else ("stretch", tiles)
+    expected_views = ("keep_aspect", None) if letterboxed else ("stretch", {"size": 64, "overlap": 0.25})
     assert (manifest["resize"], manifest["tile"]) == expected_views
     # format 2: a runtime from before views were exported refuses it ("written by a newer anomaly"), where it
     # read format 1 and scored whole stretched images against the tiled model's threshold

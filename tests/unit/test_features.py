@@ -47,7 +47,6 @@ def test_cnn_layers_by_name_and_index_give_finest_first_maps() -> None:
     a, b = by_name(images), by_index(images)
     assert [t.shape for t in a.layers] == [(2, 40, 8, 8), (2, 112, 4, 4)]
     assert a.embedding.shape == (2, 112)
-    assert by_name.grid == 16  # strides 8 and 16: positions of both layers repeat every 16 input pixels
     for x, y in zip(a.layers, b.layers):
         torch.testing.assert_close(x, y)
     again = by_name(images)
@@ -136,16 +135,10 @@ def test_layer_names_follow_the_returned_maps_and_a_layer_given_twice_is_refused
     named them so); ``blocks.2`` and its index ``2`` gave one map for two names."""
     lite = FeatureExtractor("tf_efficientnet_lite0", ["blocks.4", "blocks.3", "1"], image_size=(64, 64), device="cpu")
     assert lite.layer_names == ["blocks.1", "blocks.3", "blocks.4"] and lite.channels == [24, 80, 112]
-    assert lite.grid == 16
     vit = FeatureExtractor(
         "vit_tiny_patch16_224", ["blocks.3", "blocks.1"], pretrained=False, image_size=(64, 64), device="cpu"
     )
     assert vit.layer_names == ["blocks.1", "blocks.3"]
-    assert vit.grid == 16  # the patch
-    odd = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], image_size=(60, 60), device="cpu")
-    assert odd.grid == 1  # 60 px on a stride-8 grid of 8 positions: no common period with the input's pixels
-    overhung = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.6"], image_size=(240, 240), device="cpu")
-    assert overhung.grid == 1  # stride 32 at 240 px: 8 positions, the quotient 30 no stride (it read 240)
     blank = np.zeros((1, 64, 64, 3), dtype=np.uint8)
     with torch.inference_mode():
         tokens = vit.model.forward_intermediates(
