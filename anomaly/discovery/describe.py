@@ -130,14 +130,28 @@ class RegionDescriber:
         skeleton = model_skeleton(config.name)  # the structure alone (no weights): the backbone is built once
         if skeleton is None:  # a constructor the meta device cannot run: tried with the describer's layers
             try:
-                own = cls(config.name, DEFAULT_LAYERS, weights=config.weights, pretrained=config.pretrained, **kwargs)
+                own = cls(
+                    config.name,
+                    DEFAULT_LAYERS,
+                    weights=config.weights,
+                    pretrained=config.pretrained,
+                    final_norm=config.final_norm,
+                    **kwargs,
+                )
                 if not own.extractor.is_vit:
                     return own
             except ConfigError as exc:
                 if not str(exc).startswith("backbone.layers: unknown layer"):  # the model lacks blocks.4 / blocks.6
                     raise
         elif not returns_tokens(skeleton) and takes_layers(skeleton, DEFAULT_LAYERS):
-            return cls(config.name, DEFAULT_LAYERS, weights=config.weights, pretrained=config.pretrained, **kwargs)
+            return cls(  # final_norm: refused for a CNN, not ignored
+                config.name,
+                DEFAULT_LAYERS,
+                weights=config.weights,
+                pretrained=config.pretrained,
+                final_norm=config.final_norm,
+                **kwargs,
+            )
         return cls(
             config.name,
             config.layers,

@@ -295,6 +295,7 @@ def test_discover_config_describes_with_its_backbone(scores_dir: Path, tmp_path:
 
 
 def test_describer_from_a_backbone_config() -> None:
+    from anomaly import ConfigError
     from anomaly.config import load_config
     from anomaly.discovery.describe import DEFAULT_LAYERS, RegionDescriber
 
@@ -314,6 +315,8 @@ def test_describer_from_a_backbone_config() -> None:
     described = RegionDescriber.from_backbone(vit, input_size=56)
     assert described.extractor.layer_names == ["blocks.9", "blocks.11"]
     assert described.extractor.final_norm  # the config's tokens, after the final norm as musc_dinov2 takes them
+    with pytest.raises(ConfigError, match="backbone.final_norm: 'tf_efficientnet_lite0' returns feature maps"):
+        RegionDescriber.from_backbone(dataclasses.replace(lite, final_norm=True), input_size=64)  # not ignored
 
 
 @pytest.mark.parametrize(
