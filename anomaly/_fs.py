@@ -7,7 +7,9 @@ Guarantees, whatever is killed when:
 * temp folders of dead runs (their owner process is gone, or a minute old, empty and without an owner file: killed
   between creating it and naming its owner) are removed by the next run;
 * files a user added to an earlier output folder are carried into the new one: every folder lists
-  what it wrote in ``.anomaly-output.json``, anything else is the user's.
+  what it wrote in ``.anomaly-output.json``, anything else is the user's. An error or Ctrl-C while they move puts
+  them back at once; a run killed then leaves them listed in its temp folder's owner file, and the next run puts
+  them back.
 """
 
 from __future__ import annotations
@@ -186,24 +188,29 @@ def _swap(tmp: Path, target: Path, owned: Collection[str] | None = None) -> None
         tmp.rename(target)
         return
     ours = _owned(target) if owned is None else set(owned)
-    if ours is not None:
-        users = [e for e in target.iterdir() if e.name not in ours | {OUTPUT_MARKER} and not (tmp / e.name).exists()]
-        if users:  # the temp folder now holds the user's files: a run killed before the renames leaves it to the
-            (tmp / _OWNER_FILE).unlink(missing_ok=True)  # user, not to the clean-up of dead runs' temp folders
-        moved: list[Path] = []
-        try:
-            for entry in users:
-                entry.rename(tmp / entry.name)
-                moved.append(entry)
-        except OSError:  # one that cannot move (a read-only sub-folder, a mount): those moved go back, or the
-            for entry in moved:  # clean-up of the failed run's temp folder would delete them
-                with contextlib.suppress(OSError):
-                    (tmp / entry.name).rename(entry)
-            raise
+    users = [] if ours is None else [e for e in target.iterdir() if e.name not in ours | {OUTPUT_MARKER}]
+    users = [e for e in users if not (tmp / e.name).exists()]
+    if users:  # a run killed from here on leaves them in the temp folder: its owner file lists them for the next
+        # run to put back (_recover), and the clean-up of dead runs' temp folders keeps a folder that holds them
+        owner = f"{socket.gethostname()} {os.getpid()}\n{json.dumps([e.name for e in users])}"
+        (tmp / _OWNER_FILE).write_text(owner)
     old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    target.rename(old)
-    tmp.rename(target)
+    moved: list[str] = []
+    try:
+        for entry in users:
+            entry.rename(tmp / entry.name)
+            moved.append(entry.name)
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+    except BaseException:  # an error or Ctrl-C midway: the previous folder and the user's files back in place, before
+        if not target.exists() and old.is_dir():  # the caller's clean-up removes the temp folder
+            with contextlib.suppress(OSError):
+                old.rename(target)
+        for name in moved:
+            with contextlib.suppress(OSError):
+                (tmp / name).rename(target / name)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -332,11 +339,25 @@ def _recover(target: Path) -> None:
                     tmp.rmdir()
             continue
         try:
-            owner_host, pid = owner.read_text().split()
-        except (OSError, ValueError):
+            first, _, listed = owner.read_text().partition("\n")
+            owner_host, pid = first.split()
+            users = [str(name) for name in json.loads(listed)] if listed else []
+        except (OSError, ValueError, TypeError):
             continue
         if owner_host == host and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+            if _put_back(tmp, target, users):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _put_back(tmp: Path, target: Path, users: list[str]) -> bool:
+    """Move the user's entries ``users`` that a killed swap left in ``tmp`` back into ``target``; True when none is
+    left in ``tmp`` (an entry the target holds again under that name stays, as does everything when it cannot go)."""
+    for name in users:
+        entry = tmp / name
+        if (entry.exists() or entry.is_symlink()) and target.is_dir() and not (target / name).exists():
+            with contextlib.suppress(OSError):
+                entry.rename(target / name)
+    return not any((tmp / name).exists() or (tmp / name).is_symlink() for name in users)
 
 
 def _writable(folder: Path) -> bool:

@@ -461,6 +461,61 @@ def test_8_a_kill_between_the_two_renames_is_recovered_and_dead_temp_folders_rem
     assert not ownerless.exists() and fresh.exists() and own.exists() and (users / "notes.txt").read_text() == "mine"
 
 
+def test_8_a_users_files_a_killed_swap_left_in_its_temp_folder_go_back(tmp_path: Path) -> None:
+    """A run killed while it moved the user's files into its new output folder left them in a hidden temp folder
+    that no later run touched (not lost, not found either): its owner file lists them, the next run puts them back."""
+    from anomaly._fs import new_temp_dir
+
+    target = tmp_path / "scores"
+    target.mkdir()
+    (target / "scores.csv").write_text("old")
+    (target / ".anomaly-output.json").write_text('{"owned": ["scores.csv"]}')
+    killed = tmp_path / ".scores.ab12cd34"
+    killed.mkdir()
+    (killed / "scores.csv").write_text("new")
+    (killed / "notes.txt").write_text("mine")  # moved there; photos/ not yet
+    (target / "photos").mkdir()
+    (killed / ".anomaly-owner").write_text(f"{os.uname().nodename} 999999\n" + json.dumps(["notes.txt", "photos"]))
+    new_temp_dir(target, "scores.csv")
+    assert (target / "notes.txt").read_text() == "mine" and (target / "photos").is_dir()
+    assert not killed.exists() and (target / "scores.csv").read_text() == "old"
+
+
+@pytest.mark.parametrize("stop_at", ["moving", "renaming"])
+def test_8_ctrl_c_while_the_users_files_move_puts_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: str
+) -> None:
+    """Ctrl-C between moving the user's files into the new folder and renaming it into place: the clean-up removed
+    the temp folder with the user's files in it."""
+    import pathlib
+
+    from anomaly._fs import staged_dir
+
+    target = tmp_path / "scores"
+    target.mkdir()
+    (target / "scores.csv").write_text("old")
+    (target / ".anomaly-output.json").write_text('{"owned": ["scores.csv"]}')
+    for name in ("a.txt", "b.txt"):
+        (target / name).write_text(name)
+    rename, moves = pathlib.Path.rename, []
+
+    def interrupted(self: Path, dest: Path) -> Path:  # type: ignore[no-untyped-def]
+        moves.append(self.parent == target and self.name.endswith(".txt"))
+        if (stop_at == "moving" and moves[-1] and sum(moves) == 2) or (
+            stop_at == "renaming" and str(dest).endswith(".old")
+        ):
+            raise KeyboardInterrupt  # once: after the first of the two files moved, or after both
+        return rename(self, dest)
+
+    with pytest.raises(KeyboardInterrupt), staged_dir(target, "scores.csv") as tmp:
+        (tmp / "scores.csv").write_text("new")
+        monkeypatch.setattr(pathlib.Path, "rename", interrupted)
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.iterdir()) == [".anomaly-output.json", "a.txt", "b.txt", "scores.csv"]
+    assert (target / "a.txt").read_text() == "a.txt" and (target / "scores.csv").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["scores"]  # no temp folder, no .old left
+
+
 def test_8_a_killed_fit_leaves_the_previous_model_usable(model: Path, synthetic_root: Path, tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(model, copy)
@@ -913,11 +968,11 @@ def test_every_image_gets_its_own_map_name_when_a_kept_suffix_meets_another_stem
     assert len(set(relative_names(chain))) == len(chain)
 
 
-def test_a_swap_killed_after_moving_the_users_files_leaves_them_to_the_user(
+def test_a_swap_interrupted_after_moving_the_users_files_puts_them_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The user's files move into the new folder before the two renames; a run killed in between left them in a
-    temp folder that the next run deleted as a dead run's."""
+    temp folder that the next run deleted as a dead run's. An interruption there now puts them back at once."""
     from anomaly import _fs
 
     target = tmp_path / "out"
@@ -940,7 +995,7 @@ def test_a_swap_killed_after_moving_the_users_files_leaves_them_to_the_user(
     with monkeypatch.context() as m:
         m.setattr(_fs, "_alive", lambda pid: False)  # the run is gone
         _fs.new_temp_dir(target, "result.json", output=False)  # the next run cleans up beside the target
-    assert (tmp / "notes.txt").read_text() == "mine"
+    assert (target / "notes.txt").read_text() == "mine" and not tmp.exists()
 
 
 def test_a_device_the_machine_lacks_is_one_error_line_not_a_traceback(
