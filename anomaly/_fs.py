@@ -332,7 +332,7 @@ def _recover(target: Path) -> None:
             continue
         if not owner.is_file():  # killed between creating it and writing its owner: empty, named as mkdtemp names
             # them. A minute's age spares a run between the two steps; rmdir spares a folder with files (the user's,
-            # moved in by _swap)
+            # which swaps before this version moved there without an owner file)
             with contextlib.suppress(OSError):  # another run may remove or fill it meanwhile
                 old_enough = time.time() - tmp.stat().st_mtime >= _OWNERLESS_AGE_S
                 if old_enough and re.fullmatch(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}", tmp.name):
