@@ -17,7 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tile_seams import _DEFAULT_SOURCE, _frame
+from tile_seams import _DEFAULT_SOURCE, _frame, texture_files, training_frames
 
 
 def main() -> None:
@@ -32,9 +32,8 @@ def main() -> None:
     from anomaly import Detector
     from anomaly.config import apply_overrides, load_config
 
-    files = sorted(p for p in args.source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
-    rng = np.random.default_rng(0)
-    train = [_frame([files[j] for j in rng.choice(len(files), 6, replace=False)], 1500, 2000) for _ in range(8)]
+    files = texture_files(args.source)
+    train = training_frames(files)
     wide = _frame(files[:8], 3000 + args.shift, 4000 + args.shift)
     a, b = wide[:3000, :4000].copy(), wide[args.shift :, args.shift :].copy()
     config = apply_overrides(load_config("patchcore"), [f"preprocess.tile.size={args.tile}"])

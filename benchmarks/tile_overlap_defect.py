@@ -20,7 +20,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tile_seams import _DEFAULT_SOURCE, _frame
+from tile_seams import _DEFAULT_SOURCE, _frame, texture_files
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     from anomaly import Detector
     from anomaly.config import apply_overrides, load_config
 
-    files = sorted(p for p in args.source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
+    files = texture_files(args.source)
     frame, clean = _frame(files[:8], 3000, 4000), _frame(files[8:16], 3000, 4000)
     tile = f"preprocess.tile={{size: {args.tile}}}"
     layout_of = Detector(

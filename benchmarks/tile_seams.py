@@ -41,6 +41,17 @@ def _frame(files: list[Path], height: int, width: int) -> NDArray[np.uint8]:
     return np.concatenate(columns, axis=1)[:, :width]
 
 
+def texture_files(source: Path) -> list[Path]:
+    """The image files of a texture folder, sorted."""
+    return sorted(p for p in source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
+
+
+def training_frames(files: list[Path]) -> list[NDArray[np.uint8]]:
+    """Eight 2000 x 1500 frames of six random textures each (seed 0): what the tiled configs are fitted on."""
+    rng = np.random.default_rng(0)
+    return [_frame([files[j] for j in rng.choice(len(files), 6, replace=False)], 1500, 2000) for _ in range(8)]
+
+
 def tile_borders(detector: object, shape: tuple[int, int]) -> list[int]:
     """The frame columns where a tile of ``detector`` starts or ends (its own layout of a frame of ``shape``)."""
     layout = detector.view_spec.layout(shape, detector.extractor.image_size)  # type: ignore[attr-defined]
@@ -74,9 +85,8 @@ def main() -> None:
     from anomaly import Detector
     from anomaly.config import apply_overrides, load_config
 
-    files = sorted(p for p in args.source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
-    rng = np.random.default_rng(0)
-    train = [_frame([files[j] for j in rng.choice(len(files), 6, replace=False)], 1500, 2000) for _ in range(8)]
+    files = texture_files(args.source)
+    train = training_frames(files)
     wide = _frame(files[:8], 3000, 4000 + args.shift)
     a, b = wide[:, :4000], wide[:, args.shift :]
     args.out.mkdir(parents=True, exist_ok=True)
