@@ -208,7 +208,7 @@ def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> 
     """Masks at the given shapes (nearest neighbour, see :func:`_keep_defect`); all-zero for normal images. Masks of
     another aspect than their map (a mask drawn on a crop, or for another image) are stretched to it and named in one
     warning."""
-    masks, skewed, empty, graded, kept = [], [], [], [], []
+    masks, skewed, empty, graded, inverted, kept = [], [], [], [], [], []
     for sample, shape in zip(samples, shapes):
         if sample.mask_path is None:
             masks.append(np.zeros(shape[:2], dtype=bool))
@@ -221,6 +221,8 @@ def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> 
             empty.append(str(sample.mask_path))
         elif mask_level_count(levels) > SOFT_MASK_LEVELS:
             graded.append(str(sample.mask_path))
+        if mask.any() and bool(mask[[0, -1], :].all() and mask[:, [0, -1]].all()):  # as `anomaly import` warns
+            inverted.append(str(sample.mask_path))
         resized, dropped = _keep_defect(mask, (shape[0], shape[1]))
         if dropped:
             kept.append(str(sample.mask_path))
@@ -229,6 +231,8 @@ def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> 
         (skewed, "have another aspect than their image and are stretched to it"),
         (empty, "of defective images are empty (no pixel above 0): their images count as normal pixels only"),
         (graded, "have many levels (soft edges, or lossy JPEG noise): every pixel above 0 counts as defect"),
+        (inverted, "mark their whole border as defect: inverted (a white background)? Every pixel above 0 counts as "
+                   "defect"),
         (kept, "lose every defect pixel at their image's size under nearest-neighbour sampling: they keep the pixels "
                "their defect covers"),
     ):  # fmt: skip

@@ -191,6 +191,11 @@ def test_evaluate_names_masks_of_another_aspect(model_dir: Path, synthetic_root:
     assert (
         result.exit_code == 0 and "1 ground-truth mask(s) have many levels (soft edges, or lossy JPEG" in result.output
     )
+    inverted = sorted((root / "ground_truth").glob("*/*.png"))[2]  # black defect on white, as PIPED's masks
+    cv2.imwrite(str(inverted), 255 - cv2.imread(str(inverted), cv2.IMREAD_GRAYSCALE))
+    result = _run("evaluate", "--scores", out, "--root", root)
+    assert result.exit_code == 0 and "1 ground-truth mask(s) mark their whole border as defect" in result.output
+    assert "whole border" not in _run("evaluate", "--scores", out, "--root", synthetic_root).output
     for drawn in (root / "ground_truth").glob("*/*.png"):  # masks whose defects did not survive an export
         cv2.imwrite(str(drawn), np.zeros((128, 128), np.uint8))
     result = _run("evaluate", "--scores", out, "--root", root, "--out", tmp_path / "ev")
