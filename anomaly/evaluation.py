@@ -18,6 +18,7 @@ from anomaly._fs import OUTPUT_MARKER, atomic_write_text, check_output_dir, file
 from anomaly.data.datasets import CategoryData, Sample, load_ground_truth
 from anomaly.data.io import (
     SOFT_MASK_LEVELS,
+    border_all_set,
     load_map,
     mask_level_count,
     read_image_size,
@@ -221,7 +222,7 @@ def ground_truth_masks(samples: list[Sample], shapes: list[tuple[int, ...]]) -> 
             empty.append(str(sample.mask_path))
         elif mask_level_count(levels) > SOFT_MASK_LEVELS:
             graded.append(str(sample.mask_path))
-        if mask.any() and bool(mask[[0, -1], :].all() and mask[:, [0, -1]].all()):  # as `anomaly import` warns
+        if border_all_set(mask):
             inverted.append(str(sample.mask_path))
         resized, dropped = _keep_defect(mask, (shape[0], shape[1]))
         if dropped:

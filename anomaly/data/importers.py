@@ -29,6 +29,7 @@ from anomaly._fs import IMPORT_MARKER, atomic_write_text, staged_dir
 from anomaly.data.io import (
     MAX_PIXELS,
     SOFT_MASK_LEVELS,
+    border_all_set,
     drawn_levels,
     list_images,
     mask_level_count,
@@ -241,7 +242,7 @@ def import_mask_folders(
         assert mask_path is not None  # values were read from it
         if classes is None and mask_level_count(values) > SOFT_MASK_LEVELS:
             graded.append(mask_path)
-        if _border_all_set(values):
+        if border_all_set(values):
             inverted.append(mask_path)
         size = _image_size(image)
         if (values.shape[1], values.shape[0]) != size:
@@ -545,11 +546,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
         raise DataError(f"{path}: not a labelme file (no 'shapes' list)")
     return doc
-
-
-def _border_all_set(values: NDArray[np.integer[Any]]) -> bool:
-    """Every pixel of the mask's outer row and column is non-zero (a defect rarely touches all four edges)."""
-    return bool(values[[0, -1], :].all() and values[:, [0, -1]].all())
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_PIXELS",
     "SOFT_MASK_LEVELS",
     "as_rgb8",
+    "border_all_set",
     "decode_bytes",
     "drawn_levels",
     "glob_paths",
@@ -347,6 +348,12 @@ def mask_level_count(levels: NDArray[Any]) -> int:
     if levels.dtype.kind == "u":
         return int(np.count_nonzero(np.bincount(levels.ravel())))
     return int(np.unique(levels).size)
+
+
+def border_all_set(mask: NDArray[Any]) -> bool:
+    """Every pixel of the mask's outer rows and columns is non-zero: a defect rarely touches all four edges, an
+    inverted mask (black defects on a white background) always does."""
+    return bool(mask[[0, -1], :].all() and mask[:, [0, -1]].all())
 
 
 def _alpha(data: NDArray[np.uint8]) -> NDArray[Any] | None:
