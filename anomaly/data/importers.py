@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageOps
 
-from anomaly._fs import IMPORT_MARKER, atomic_write_text, staged_dir
+from anomaly._fs import IMPORT_MARKER, atomic_write_text, file_sha256, staged_dir
 from anomaly.data.io import (
     MAX_PIXELS,
     SOFT_MASK_LEVELS,
@@ -439,8 +439,7 @@ def _write_category(
     rng = np.random.default_rng(seed)
     if max_normal is not None and len(normals) > max_normal:
         normals = [normals[i] for i in sorted(rng.choice(len(normals), max_normal, replace=False))]
-    n_test = round(len(normals) * normal_test_ratio)
-    held_out = set(rng.permutation(len(normals))[:n_test].tolist())
+    held_out = _held_out(normals, round(len(normals) * normal_test_ratio), rng.permutation(len(normals)).tolist())
     train = [p for i, p in enumerate(normals) if i not in held_out]
     test_good = [p for i, p in enumerate(normals) if i in held_out]
     for path in (*train, *test_good):  # defective images were measured against their masks already
@@ -472,6 +471,26 @@ def _write_category(
         }
         atomic_write_text(tmp / IMPORT_MARKER, json.dumps(manifest, indent=2))
     return summary
+
+
+def _held_out(normals: list[Path], n_test: int, order: list[int]) -> set[int]:
+    """Indices of the normal images for test/good: the first ``n_test`` of ``order``, byte-identical copies kept on
+    one side of the split (a copy in train/good would vouch for its twin in test/good), so a share with copies may
+    hold a few more."""
+    groups: dict[str, list[int]] = {}
+    for i, path in enumerate(normals):
+        groups.setdefault(file_sha256(path), []).append(i)
+    copies = sum(len(members) - 1 for members in groups.values())
+    if copies:
+        log.warning("%d normal image(s) are byte-identical copies of another: each set of copies stays on one side "
+                    "of the train/test split", copies)  # fmt: skip
+    group_of = {i: members for members in groups.values() for i in members}
+    held_out: set[int] = set()
+    for i in order:
+        if len(held_out) >= n_test:
+            break
+        held_out.update(group_of[i])
+    return held_out
 
 
 def _check_options(normal_test_ratio: float, max_normal: int | None, link: str, seed: int = 0) -> None:

@@ -24,8 +24,11 @@ W, H = 20, 16
 
 
 def _image(path: Path, size: tuple[int, int] = (W, H)) -> Path:
+    """A gray image whose first pixels spell its name's CRC: photos are never byte-identical copies of each other."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (90, 90, 90)).save(path)
+    image = Image.new("RGB", size, (90, 90, 90))
+    image.putpixel((0, 0), tuple(zlib.crc32(path.name.encode()).to_bytes(4, "big")[:3]))
+    image.save(path)
     return path
 
 
@@ -500,3 +503,30 @@ def test_a_malformed_or_huge_mask_is_one_error_line_naming_it(
     assert result.output.startswith(f"error: {needle}") and result.output.count("\n") == 1, result.output
     assert ("decompression bomb" in result.output) == (bad == "bomb")
     assert not (tmp_path / "cat").exists()
+
+
+def test_byte_identical_normal_images_stay_on_one_side_of_the_split(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PIPED ships identical normal images under different names: a copy in train/good made its twin in test/good
+    a memorised normal image. Copies now go to one side together (and a warning counts them)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(data / f"n{i}.png")
+    for copy in ("n0_copy.png", "n0_again.png"):
+        (data / copy).write_bytes((data / "n0.png").read_bytes())
+    caplog.set_level("WARNING", logger="anomaly")
+    _image(data / "d.png")  # one defective image, so that the mask folder holds a mask
+    mask = np.zeros((H, W), np.uint8)
+    mask[2:5, 2:6] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "d_mask.png")
+    for seed in range(8):
+        out = tmp_path / f"cat{seed}"
+        summary = import_mask_folders(data, tmp_path / "masks", out, normal_test_ratio=0.5, seed=seed)
+        sides = {side: {p.read_bytes() for p in (out / side / "good").iterdir()} for side in ("train", "test")}
+        assert not sides["train"] & sides["test"], seed
+        assert summary.n_train + summary.n_test_good == 12 and summary.n_test_good in (6, 7, 8)
+    assert "2 normal image(s) are byte-identical copies of another" in caplog.text
