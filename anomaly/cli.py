@@ -664,10 +664,10 @@ def discover(
     backbone = None if config is None and not overrides else _config(config or "patchcore", None, overrides).backbone
     set_keys = [(o, o.partition("=")[0].strip().removeprefix("backbone.")) for o in overrides or []]
     for given, key in set_keys:  # accepted by the config, but the describer would not use it: refused, not ignored
-        if key == "image_size":
+        if key in ("image_size", "layer_scales"):
             raise DataError(
                 f"--set {given}: the regions' describer sees every crop at its own square input, whatever the "
-                "backbone's image_size (discover takes backbone.name, weights and pretrained)"
+                f"backbone's {key} (discover takes backbone.name, weights and pretrained)"
             )
     selected = read_scored_images(scores, all_images)
     check_output_dir(out, "clusters.csv")  # before the regions are described

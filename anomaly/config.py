@@ -101,6 +101,7 @@ class BackboneConfig:
     mean: tuple[float, float, float] | None = None  # None = the model's pretrained config
     std: tuple[float, float, float] | None = None
     final_norm: bool = False  # ViT tokens through the model's final norm (MuSc's DINOv2 taps); CNNs have none
+    layer_scales: tuple[float, ...] | None = None  # per layer: the input shrunk by this factor first; None = all 1
 
     def __post_init__(self) -> None:
         _check_fields(self, "backbone.")
@@ -110,6 +111,13 @@ class BackboneConfig:
             raise ConfigError(
                 f"backbone.image_size: each side must be in [{_MIN_SIDE}, {_MAX_SIDE}], got {list(self.image_size)}"
             )
+        if self.layer_scales is not None:
+            if len(self.layer_scales) != len(self.layers):
+                raise ConfigError(
+                    f"backbone.layer_scales: one scale per layer ({len(self.layers)}), got {list(self.layer_scales)}"
+                )
+            if not all(0 < scale <= 1 for scale in self.layer_scales):
+                raise ConfigError(f"backbone.layer_scales: each scale must be in (0, 1], got {list(self.layer_scales)}")
         # pixels on the 0-1 scale, as timm's configs give them: a 0-255 mean ([123.7, 116.3, 103.5]) was kept
         # and every input normalised to about -500
         if self.mean is not None and not all(math.isfinite(v) and 0 <= v <= 1 for v in self.mean):

@@ -166,6 +166,7 @@ class Detector:
                 std=bb.std,
                 device=self.config.device,
                 final_norm=bb.final_norm,
+                layer_scales=bb.layer_scales,
             )
         return self._extractor
 

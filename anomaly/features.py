@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from anomaly._fs import file_sha256
 from anomaly._runtime import resolve_device
@@ -209,6 +210,9 @@ class FeatureExtractor:
         device: ``auto``, ``cpu`` or ``cuda``.
         final_norm: a ViT's tokens (and class token) after the model's final norm, as MuSc taps DINOv2; by default
             the blocks' outputs as they are, as MuSc taps CLIP.
+        layer_scales: one factor in (0, 1] per layer of ``layers`` (a CNN's): that layer is taken from the input
+            shrunk by it (sides rounded to multiples of 32), so a fine layer can see more pixels than the coarse
+            ones' context; None = every layer from the input as it is.
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class FeatureExtractor:
         std: tuple[float, float, float] | None = None,
         device: str = "auto",
         final_norm: bool = False,
+        layer_scales: Sequence[float] | None = None,
     ) -> None:
         check_backbone_name(name)
         self.name = name
@@ -259,18 +264,29 @@ class FeatureExtractor:
             raise ConfigError(f"backbone.final_norm: '{name}' returns feature maps, not ViT tokens; set it to false")
         self.final_norm = final_norm
         self.indices, self.layer_names, self.extra_blocks = _layer_indices(self.model, list(layers))
+        scales = [1.0] * len(layers) if layer_scales is None else [float(scale) for scale in layer_scales]
+        if len(scales) != len(layers) or not all(0 < scale <= 1 for scale in scales):
+            raise ConfigError(f"backbone.layer_scales: one factor in (0, 1] per layer, got {list(scales)}")
+        if self.is_vit and any(scale != 1 for scale in scales):
+            raise ConfigError(f"backbone.layer_scales: '{name}' returns ViT tokens of one input size; drop it")
+        names = [info["module"] for info in self.model.feature_info]
+        scale_of = {_feature_name(names, str(layer)): scale for layer, scale in zip(layers, scales)}
+        self.layer_scales = [scale_of[layer] for layer in self.layer_names]  # depth order, as ``indices``
         # a list, not an int: timm reads an int n as "the last n layers" and would keep every block
         extra = {"extra_blocks": True} if self.extra_blocks else {}
         self.model.prune_intermediate_layers([max(self.indices)], prune_head=not self.is_vit, **extra)
         self.model.eval().requires_grad_(False)
+        self.passes = input_passes(self.image_size, self.indices, self.layer_scales)
+        self.shrinks = pass_shrinks(self.image_size, self.passes)
         with _runs_at(name, self.model, self.image_size):  # the first passes: a size the model cannot run is one line
             if not self.is_vit:
                 _fold_batchnorm(self.model, self.image_size)
-                _static_same_padding(self.model, self.image_size)
+                _static_same_padding(self.model, [size for size, _ in self.passes])
             self.model.to(self.device)
             if not self.is_vit:
                 self.model.to(memory_format=torch.channels_last)
             self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+            self.shrinks = [None if m is None else (m[0].to(self.device), m[1].to(self.device)) for m in self.shrinks]
             torch.set_flush_denormal(True)  # tiny activations of real weights otherwise slow CPU kernels
             _ = self.channels  # the blank pass that saving and loading a model need anyway
 
@@ -305,7 +321,7 @@ class FeatureExtractor:
             has_class = self.has_class_token and prefixes[-1] is not None
             embedding = prefixes[-1][:, 0] if has_class else maps[-1].mean((2, 3))
         else:
-            maps = cnn_layers(self.model, x, self.indices, self.extra_blocks)
+            maps = scaled_layers(self.model, x, self.passes, self.shrinks, self.extra_blocks)
             embedding = maps[-1].mean((2, 3))
         order = sorted(range(len(maps)), key=lambda i: -maps[i].shape[-1])  # finest grid first
         layers = [maps[i].float().contiguous() for i in order]
@@ -322,6 +338,55 @@ def cnn_layers(
     if final_norm:
         options["norm"] = True
     return timm_model.forward_intermediates(x, indices=indices, intermediates_only=True, **options)
+
+
+InputPass = tuple[tuple[int, int], list[int]]  # an input size and the layer indices taken at it
+
+
+def input_passes(image_size: tuple[int, int], indices: list[int], scales: list[float]) -> list[InputPass]:
+    """The forward passes of :func:`scaled_layers`: the input as it is first, then each smaller size (the sides
+    times a layer's scale, rounded to multiples of 32 so that every stride-2 stage halves an even size and "SAME"
+    padding stays that of the full input), each with the layer indices taken at it in depth order."""
+    passes: dict[tuple[int, int], list[int]] = {image_size: []}
+    for index, scale in zip(indices, scales):
+        size = image_size if scale == 1 else tuple(max(32, round(side * scale / 32) * 32) for side in image_size)
+        passes.setdefault((size[0], size[1]), []).append(index)
+    return [(size, layer_indices) for size, layer_indices in passes.items() if layer_indices]
+
+
+def shrink_matrix(length: int, out: int) -> torch.Tensor:
+    """(out, length) weights of an antialiased bilinear resize along one axis (torch's own), so that shrinking an
+    image is two matrix products: one graph for the exports as well (ONNX and OpenVINO run MatMul everywhere, an
+    antialiased Resize not)."""
+    eye = torch.eye(length).view(1, 1, length, length)
+    return F.interpolate(eye, size=(out, length), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+
+
+Shrink = tuple[torch.Tensor, torch.Tensor] | None  # a pass's row and column resize matrices; None: the input as it is
+
+
+def pass_shrinks(image_size: tuple[int, int], passes: list[InputPass]) -> list[Shrink]:
+    """Per pass, the row and column matrices that shrink an ``image_size`` input to its size (None: as it is)."""
+    return [
+        None if size == image_size else (shrink_matrix(image_size[0], size[0]), shrink_matrix(image_size[1], size[1]))
+        for size, _ in passes
+    ]
+
+
+def scaled_layers(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    passes: list[InputPass],
+    shrinks: list[Shrink],
+    extra_blocks: bool,
+) -> list[torch.Tensor]:
+    """The maps of a CNN's layers in depth order, each from the input shrunk to its pass's size (:func:`input_passes`,
+    :func:`pass_shrinks`); a single pass at the input's own size is :func:`cnn_layers`."""
+    maps: dict[int, torch.Tensor] = {}
+    for (_, indices), shrink in zip(passes, shrinks):
+        shrunk = x if shrink is None else (shrink[0] @ x @ shrink[1].T).contiguous(memory_format=torch.channels_last)
+        maps.update(zip(indices, cnn_layers(model, shrunk, indices, extra_blocks)))
+    return [maps[index] for index in sorted(maps)]
 
 
 @contextmanager
@@ -411,34 +476,32 @@ def _fold_batchnorm(model: TimmModel, image_size: tuple[int, int]) -> None:
 
 
 @torch.no_grad()
-def _static_same_padding(model: TimmModel, image_size: tuple[int, int]) -> None:
-    """Replace timm's ``Conv2dSame`` (TensorFlow "SAME" padding) by plain convolutions for the fixed input size.
+def _static_same_padding(model: TimmModel, sizes: list[tuple[int, int]]) -> None:
+    """Replace timm's ``Conv2dSame`` (TensorFlow "SAME" padding) by plain convolutions for the fixed input sizes.
 
     ``Conv2dSame`` works out its padding from each input's shape and applies it with ``F.pad``, a copy of the whole
     activation on every call: a sixth of lite0's forward time on CPU. The input size is fixed here, so the padding
     is too. A symmetric one goes into the convolution; an asymmetric one (one more at the end, as for a stride-2
     3x3 on an even size) becomes the larger symmetric padding and a zero first tap of a kernel one longer, which
-    reads exactly the same pixels with the same weights (identical outputs). Hand-written because neither timm nor
+    reads exactly the same pixels with the same weights (identical outputs). A convolution whose padding differs
+    between the ``sizes`` the model runs at (:func:`input_passes`) keeps timm's. Hand-written because neither timm nor
     torch offers "SAME" padding for strided convolutions; dilated ones are left as they are.
     """
     from timm.layers import Conv2dSame
 
     targets = [m for m in model.modules() if isinstance(m, Conv2dSame) and m.dilation == (1, 1)]
-    sizes: dict[Conv2dSame, tuple[int, ...]] = {}
+    seen: dict[Conv2dSame, set[tuple[tuple[int, int], tuple[int, int]]]] = {}
 
     def on_input(module: Conv2dSame, inputs: tuple[torch.Tensor, ...]) -> None:
-        sizes[module] = tuple(inputs[0].shape[-2:])
+        seen.setdefault(module, set()).add(_same_padding(module, tuple(inputs[0].shape[-2:])))
 
-    hooks = [m.register_forward_pre_hook(on_input) for m in targets]
-    _trace(model, image_size, hooks)
+    for size in sizes:
+        _trace(model, size, [m.register_forward_pre_hook(on_input) for m in targets])
     names = {module: name for name, module in model.named_modules()}
-    for conv, size in sizes.items():
-        kernel, padding = [], []
-        for length, k, stride in zip(size, conv.kernel_size, conv.stride):
-            total = max((-(length // -stride) - 1) * stride + k - length, 0)  # TF: ceil(length / stride) outputs
-            before, after = total // 2, total - total // 2
-            kernel.append(k + after - before)
-            padding.append(after)
+    for conv, paddings in seen.items():
+        if len(paddings) > 1:
+            continue
+        (kernel, padding) = next(iter(paddings))
         plain = torch.nn.Conv2d(
             conv.in_channels,
             conv.out_channels,
@@ -455,6 +518,17 @@ def _static_same_padding(model: TimmModel, image_size: tuple[int, int]) -> None:
             plain.bias = torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         parent_name, _, child = names[conv].rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+
+
+def _same_padding(conv: torch.nn.Conv2d, size: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The kernel and symmetric padding of a plain convolution equal to ``conv`` under TF "SAME" padding at ``size``."""
+    kernel, padding = [], []
+    for length, k, stride in zip(size, conv.kernel_size, conv.stride):
+        total = max((-(length // -stride) - 1) * stride + k - length, 0)  # TF: ceil(length / stride) outputs
+        before, after = total // 2, total - total // 2
+        kernel.append(k + after - before)
+        padding.append(after)
+    return (kernel[0], kernel[1]), (padding[0], padding[1])
 
 
 def _trace(

@@ -2,9 +2,9 @@
 
 All four are whole processes (imports, weight loading and output writing included):
 
-* bare(train): decode the category's train/good images (cv2, in threads), resize to 256x256,
-  run the tf_efficientnet_lite0 forward pass (packaged weights, layers blocks.2/blocks.4, batch 16;
-  on ``--device``, by default ``auto`` as ``anomaly fit`` picks);
+* bare(train): decode the category's train/good images (cv2, in threads), resize to the config's
+  ``backbone.image_size``, run its backbone's forward pass (its layers, input statistics and
+  ``layer_scales``, batch 16; on ``--device``, by default ``auto`` as ``anomaly fit`` picks);
 * ours(fit):   ``anomaly fit --config patchcore --out TMP CATEGORY``;
 * bare(test):  the same as bare(train) on CATEGORY/test;
 * ours(score): ``anomaly score --model TMP --out TMP2 CATEGORY/test`` (default outputs: scores.csv
@@ -46,7 +46,7 @@ FIT_TARGET = 1.5
 SCORE_TARGET = 1.3
 
 
-def bare_worker(folder: str, batch_size: int, device: str) -> None:
+def bare_worker(folder: str, config_name: str, batch_size: int, device: str) -> None:
     """The floor itself: decode + resize + forward, nothing else (runs in its own process)."""
     t0 = time.perf_counter()
     from concurrent.futures import ThreadPoolExecutor
@@ -54,23 +54,27 @@ def bare_worker(folder: str, batch_size: int, device: str) -> None:
     import cv2
     import numpy as np
 
+    from anomaly.config import load_config
     from anomaly.features import FeatureExtractor
 
+    backbone = load_config(config_name).backbone  # the same backbone, input size and passes as `anomaly fit`
     extractor = FeatureExtractor(
-        "tf_efficientnet_lite0",
-        ["blocks.2", "blocks.4"],
+        backbone.name,
+        backbone.layers,
         weights="packaged",
-        image_size=(256, 256),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
+        image_size=backbone.image_size,
+        mean=backbone.mean,
+        std=backbone.std,
         device=device,
+        layer_scales=backbone.layer_scales,
     )
+    height, width = extractor.image_size
     t_ready = time.perf_counter()
     paths = images_under(Path(folder))
 
     def load(path: Path) -> np.ndarray:
         image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        return cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
     n_out = 0
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -98,7 +102,7 @@ def main() -> None:
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_worker:
-        bare_worker(args.bare_worker, args.batch_size, args.device)
+        bare_worker(args.bare_worker, args.config, args.batch_size, args.device)
         return
 
     os.environ.update(dict(item.split("=", 1) for item in args.env))
@@ -107,7 +111,8 @@ def main() -> None:
     print_machine(info)
     train, test = args.category / "train" / "good", args.category / "test"
     n_train, n_test = len(images_under(train)), len(images_under(test))
-    bare = [sys.executable, __file__, "--batch-size", str(args.batch_size), "--device", args.device, "--bare-worker"]
+    bare = [sys.executable, __file__, "--config", args.config, "--batch-size", str(args.batch_size)]
+    bare += ["--device", args.device, "--bare-worker"]
     cli = anomaly_cli()
     tmp = Path(tempfile.mkdtemp(prefix="anomaly-floor-"))
     runs: dict[str, list] = {"bare_train": [], "fit": [], "bare_test": [], "score": []}

@@ -219,3 +219,12 @@ def test_a_weights_file_with_random_weights_is_refused(tmp_path: Path) -> None:
     ):
         apply_overrides(base, [f"backbone.weights={tmp_path / 'w.safetensors'}", "backbone.pretrained=false"])
     assert not apply_overrides(base, ["backbone.pretrained=false"]).backbone.pretrained  # auto: random is fine
+
+
+def test_layer_scales_take_one_factor_in_0_1_per_layer() -> None:
+    config = load_config("patchcore")
+    assert apply_overrides(config, ["backbone.layer_scales=[1, 0.8]"]).backbone.layer_scales == (1.0, 0.8)
+    with pytest.raises(ConfigError, match=r"^backbone.layer_scales: one scale per layer \(2\), got \[0.8\]"):
+        apply_overrides(config, ["backbone.layer_scales=[0.8]"])
+    with pytest.raises(ConfigError, match=r"^backbone.layer_scales: each scale must be in \(0, 1\], got \[1.0, 0.0\]"):
+        apply_overrides(config, ["backbone.layer_scales=[1, 0]"])

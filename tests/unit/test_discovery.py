@@ -422,6 +422,8 @@ def test_discover_refuses_backbone_keys_its_describer_ignores(scores_dir: Path, 
         assert error.startswith(f"error: --set {given}: tf_efficientnet_lite0 has the describer's own layers"), error
     error = _error([*base, "--set", "backbone.image_size=[512,512]"])
     assert "its own square input" in error, error
+    error = _error([*base, "--set", "backbone.layer_scales=[1,0.8]"])
+    assert "its own square input, whatever the backbone's layer_scales" in error, error
     assert not (tmp_path / "o").exists()
 
 

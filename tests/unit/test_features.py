@@ -378,3 +378,34 @@ def test_offline_backbones_list_what_auto_takes_and_only_cache_entries_with_weig
     assert "tf_efficientnet_lite0.in1k" not in listed  # the same file as tf_efficientnet_lite0's, listed once
     assert listed["tf_efficientnet_lite0"].kind == "hub-cache" == resolve_weights("tf_efficientnet_lite0").kind
     assert listed["tf_efficientnet_lite0"].location == resolve_weights("tf_efficientnet_lite0").location
+
+
+def test_layer_scales_take_a_layer_from_the_input_shrunk_by_its_factor() -> None:
+    """``backbone.layer_scales``: blocks.4 from the 320 px input shrunk to 256 px (antialiased bilinear, as torch
+    resizes) while blocks.2 sees all 320 px; each map equals the same layer of a plain extractor at that size."""
+    images = np.random.default_rng(0).integers(0, 255, (2, 320, 320, 3), dtype=np.uint8)
+    kwargs: dict[str, Any] = {"image_size": (320, 320), "device": "cpu", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    scaled = FeatureExtractor("tf_efficientnet_lite0", ["blocks.4", "blocks.2"], layer_scales=[0.8, 1.0], **kwargs)
+    assert scaled.passes == [((320, 320), [2]), ((256, 256), [3])]
+    fine, coarse = scaled(images).layers
+    plain = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], **kwargs)
+    torch.testing.assert_close(fine, plain(images).layers[0])
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - 127.5) / 127.5
+    small = torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", antialias=True, align_corners=False)
+    with torch.inference_mode():
+        expected = plain.model.forward_intermediates(small, indices=[3], intermediates_only=True)[0]
+    assert coarse.shape == (2, 112, 16, 16)
+    torch.testing.assert_close(coarse, expected, rtol=1e-4, atol=1e-3)
+    any_block = FeatureExtractor("tf_efficientnet_lite0", ["blocks.3", "blocks.2"], layer_scales=[0.5, 1], **kwargs)
+    assert any_block.layer_names == ["blocks.2", "blocks.3"] and any_block.passes == [
+        ((320, 320), [3]),
+        ((160, 160), [4]),
+    ]
+    odd = FeatureExtractor(
+        "tf_efficientnet_lite0", ["blocks.2"], layer_scales=[0.3], **{**kwargs, "image_size": (70, 90)}
+    )
+    assert odd.passes == [((32, 32), [2])] and odd(images[:, :70, :90]).layers[0].shape == (2, 40, 4, 4)
+    with pytest.raises(ConfigError, match="backbone.layer_scales: one factor in"):
+        FeatureExtractor("tf_efficientnet_lite0", ["blocks.2"], layer_scales=[1.5], **kwargs)
+    with pytest.raises(ConfigError, match="backbone.layer_scales: 'vit_tiny_patch16_224' returns ViT tokens"):
+        FeatureExtractor("vit_tiny_patch16_224", ["blocks.1"], pretrained=False, layer_scales=[0.5], device="cpu")

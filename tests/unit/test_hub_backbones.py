@@ -153,6 +153,29 @@ def test_a_model_on_final_norm_vit_tokens_exports_with_its_scores(tmp_path) -> N
     assert np.abs(exported.anomaly_map - expected.anomaly_map).max() <= 1e-3
 
 
+def test_a_model_with_layer_scales_exports_with_its_scores(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``backbone.layer_scales``: the export's network shrinks the input for the coarse layer as the Detector does
+    (two matrix products in the graph), and a saved model loads with the same scales."""
+    pytest.importorskip("onnxruntime")
+    from anomaly.export import export_model
+    from anomaly.runtime import ExportedDetector
+
+    config = apply_overrides(
+        load_config("patchcore"),
+        ["backbone.image_size=[96,96]", "backbone.layer_scales=[1.0,0.67]", "threshold.folds=2",
+         "preprocess.resize=stretch"],
+    )  # fmt: skip
+    images = _images(7, (80, 80))
+    det = Detector(config).fit(images[:6])
+    assert [size for size, _ in det.extractor.passes] == [(96, 96), (64, 64)]
+    saved = det.save(tmp_path / "model")
+    assert Detector.load(saved).predict(images[6]).image_score == pytest.approx(det.predict(images[6]).image_score)
+    exported = ExportedDetector(export_model(saved, tmp_path / "export")).predict(images[6])
+    expected = det.predict(images[6])
+    assert exported.image_score == pytest.approx(expected.image_score, rel=1e-4)
+    assert np.abs(exported.anomaly_map - expected.anomaly_map).max() <= 1e-3
+
+
 def test_a_vit_sees_the_last_rows_and_columns_of_an_input_that_is_no_multiple_of_its_patch() -> None:
     """At 64 px a patch-14 ViT took 4 x 4 patches of 14 and dropped the last 8 rows and columns: a defect painted
     there scored exactly as the clean image did. The input is now the nearest whole number of patches (70 px)."""
