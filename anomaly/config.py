@@ -302,6 +302,7 @@ def from_dict(raw: dict[str, Any]) -> DetectorConfig:
 def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorConfig:
     """Apply ``dotted.key=value`` overrides (values parsed as YAML) with full validation."""
     raw = config.to_dict()
+    given = _given_backbone_keys(overrides)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -333,7 +334,29 @@ def apply_overrides(config: DetectorConfig, overrides: list[str]) -> DetectorCon
             _merge(node[parts[-1]], value)
         else:
             node[parts[-1]] = value
+    backbone = raw.get("backbone")
+    if isinstance(backbone, dict) and "layer_scales" not in given and backbone.get("layer_scales") is not None:
+        before = config.backbone
+        if backbone.get("name") != before.name or list(backbone.get("layers") or []) != list(before.layers):
+            backbone["layer_scales"] = None  # scales given for the config's own layers of its own model
     return from_dict(raw)
+
+
+def _given_backbone_keys(overrides: list[str]) -> set[str]:
+    """The ``backbone`` keys the overrides set, one by one (``backbone.layers=...``) or in a section
+    (``backbone={layers: ...}``)."""
+    keys: set[str] = set()
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key.strip().startswith("backbone."):
+            keys.add(key.strip().removeprefix("backbone.").split(".")[0])
+        elif key.strip() == "backbone":
+            try:
+                value = _load_yaml(text)
+            except (_DuplicateKeyError, yaml.YAMLError):
+                continue  # refused with its own message below
+            keys.update(value if isinstance(value, dict) else ())
+    return keys
 
 
 def _fill_optional_section(node: dict[str, Any], parts: list[str]) -> None:

@@ -228,3 +228,17 @@ def test_layer_scales_take_one_factor_in_0_1_per_layer() -> None:
         apply_overrides(config, ["backbone.layer_scales=[0.8]"])
     with pytest.raises(ConfigError, match=r"^backbone.layer_scales: each scale must be in \(0, 1\], got \[1.0, 0.0\]"):
         apply_overrides(config, ["backbone.layer_scales=[1, 0]"])
+
+
+def test_other_layers_or_another_model_drop_the_configs_layer_scales() -> None:
+    """Scales belong to the config's own layers of its own model: `--set backbone.layers=[blocks.2,blocks.3]` (or a
+    ViT by name) on a config with two scales was refused as "one scale per layer" / "ViT tokens"."""
+    base = apply_overrides(load_config("patchcore"), ["backbone.layer_scales=[1.0,0.8]"])
+    assert apply_overrides(base, ["backbone.layers=[blocks.2,blocks.3]"]).backbone.layer_scales is None
+    assert apply_overrides(base, ["backbone.layers=[blocks.1]"]).backbone.layer_scales is None
+    assert apply_overrides(base, ["backbone.name=vit_small_patch14_dinov2"]).backbone.layer_scales is None
+    assert apply_overrides(base, ["backbone={name: tf_efficientnet_lite1}"]).backbone.layer_scales is None
+    assert apply_overrides(base, ["backbone.layers=[blocks.2,blocks.4]"]).backbone.layer_scales == (1.0, 0.8)
+    assert apply_overrides(base, ["backbone.image_size=[64,64]"]).backbone.layer_scales == (1.0, 0.8)
+    kept = apply_overrides(base, ["backbone.layers=[blocks.1,blocks.4]", "backbone.layer_scales=[1,0.5]"])
+    assert kept.backbone.layer_scales == (1.0, 0.5)

@@ -782,6 +782,7 @@ def _resign_with_layers(path: Path, layers: list[str], saved_widths: bool = True
 
     config = json.loads((path / "config.json").read_text())
     config["backbone"]["layers"] = layers
+    config["backbone"]["layer_scales"] = None  # one per layer: the old layers' scales would be refused first
     (path / "config.json").write_text(json.dumps(config))
     meta = json.loads((path / "meta.json").read_text())
     meta["files"]["config.json"] = file_sha256(path / "config.json")
