@@ -25,7 +25,7 @@ from anomaly import __version__
 from anomaly._fs import save_tensors, staged_dir
 from anomaly.detector import Detector
 from anomaly.errors import BackendError, ConfigError, DataError
-from anomaly.features import FeatureExtractor, cnn_layers, scaled_layers
+from anomaly.features import FeatureExtractor, scaled_layers
 from anomaly.results import StageProgress
 from anomaly.runtime.manifest import MANIFEST, write_manifest
 from anomaly.runtime.network import load_network
@@ -95,7 +95,7 @@ class _Network(torch.nn.Module):
     def __init__(self, extractor: FeatureExtractor, head: torch.nn.Module) -> None:
         super().__init__()
         self.model = extractor.model
-        self.indices, self.extra_blocks = extractor.indices, extractor.extra_blocks
+        self.extra_blocks = extractor.extra_blocks
         self.final_norm = extractor.final_norm  # a ViT's tokens after its final norm, as the extractor gives them
         self.passes = extractor.passes  # a CNN's layers taken from a shrunk input (backbone.layer_scales)
         self.shrinks = [None if m is None else (m[0].cpu(), m[1].cpu()) for m in extractor.shrinks]
@@ -105,10 +105,7 @@ class _Network(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> Any:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        if len(self.passes) > 1:
-            maps = scaled_layers(self.model, x, self.passes, self.shrinks, self.extra_blocks)
-        else:
-            maps = cnn_layers(self.model, x, self.indices, self.extra_blocks, self.final_norm)
+        maps = scaled_layers(self.model, x, self.passes, self.shrinks, self.extra_blocks, self.final_norm)
         return self.head(sorted(maps, key=lambda m: -m.shape[-1]))
 
 

@@ -379,13 +379,14 @@ def scaled_layers(
     passes: list[InputPass],
     shrinks: list[Shrink],
     extra_blocks: bool,
+    final_norm: bool = False,
 ) -> list[torch.Tensor]:
     """The maps of a CNN's layers in depth order, each from the input shrunk to its pass's size (:func:`input_passes`,
-    :func:`pass_shrinks`); a single pass at the input's own size is :func:`cnn_layers`."""
+    :func:`pass_shrinks`); a single pass at the input's own size is :func:`cnn_layers` (a ViT's token maps alike)."""
     maps: dict[int, torch.Tensor] = {}
     for (_, indices), shrink in zip(passes, shrinks):
         shrunk = x if shrink is None else (shrink[0] @ x @ shrink[1].T).contiguous(memory_format=torch.channels_last)
-        maps.update(zip(indices, cnn_layers(model, shrunk, indices, extra_blocks)))
+        maps.update(zip(indices, cnn_layers(model, shrunk, indices, extra_blocks, final_norm)))
     return [maps[index] for index in sorted(maps)]
 
 

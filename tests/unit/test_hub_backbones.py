@@ -153,21 +153,23 @@ def test_a_model_on_final_norm_vit_tokens_exports_with_its_scores(tmp_path) -> N
     assert np.abs(exported.anomaly_map - expected.anomaly_map).max() <= 1e-3
 
 
-def test_a_model_with_layer_scales_exports_with_its_scores(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("scales", "passes"), [("[1.0,0.67]", [(96, 96), (64, 64)]), ("[0.5,0.5]", [(64, 64)])])
+def test_a_model_with_layer_scales_exports_with_its_scores(tmp_path, scales, passes) -> None:  # type: ignore[no-untyped-def]
     """``backbone.layer_scales``: the export's network shrinks the input for the coarse layer as the Detector does
-    (two matrix products in the graph), and a saved model loads with the same scales."""
+    (two matrix products in the graph), and a saved model loads with the same scales; with every layer shrunk (one
+    pass, not at the input's size) the export ran the unshrunk input."""
     pytest.importorskip("onnxruntime")
     from anomaly.export import export_model
     from anomaly.runtime import ExportedDetector
 
     config = apply_overrides(
         load_config("patchcore"),
-        ["backbone.image_size=[96,96]", "backbone.layer_scales=[1.0,0.67]", "threshold.folds=2",
+        ["backbone.image_size=[96,96]", f"backbone.layer_scales={scales}", "threshold.folds=2",
          "preprocess.resize=stretch"],
     )  # fmt: skip
     images = _images(7, (80, 80))
     det = Detector(config).fit(images[:6])
-    assert [size for size, _ in det.extractor.passes] == [(96, 96), (64, 64)]
+    assert [size for size, _ in det.extractor.passes] == passes
     saved = det.save(tmp_path / "model")
     assert Detector.load(saved).predict(images[6]).image_score == pytest.approx(det.predict(images[6]).image_score)
     exported = ExportedDetector(export_model(saved, tmp_path / "export")).predict(images[6])
