@@ -439,11 +439,11 @@ def _write_category(
     rng = np.random.default_rng(seed)
     if max_normal is not None and len(normals) > max_normal:
         normals = [normals[i] for i in sorted(rng.choice(len(normals), max_normal, replace=False))]
+    for path in normals:  # defective images were measured against their masks already
+        read_image_size(path)  # an empty, missing or non-image file: one error naming it, before anything is read whole
     held_out = _held_out(normals, round(len(normals) * normal_test_ratio), rng.permutation(len(normals)).tolist())
     train = [p for i, p in enumerate(normals) if i not in held_out]
     test_good = [p for i, p in enumerate(normals) if i in held_out]
-    for path in (*train, *test_good):  # defective images were measured against their masks already
-        read_image_size(path)  # an empty or non-image file: one error naming it, before anything is written
     folders = [(p, Path("train", "good")) for p in train] + [(p, Path("test", "good")) for p in test_good]
     folders += [(d.image, Path("test", d.defect_type)) for d in defects]
     name = _output_names(folders, images_root)

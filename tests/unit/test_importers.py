@@ -530,3 +530,19 @@ def test_byte_identical_normal_images_stay_on_one_side_of_the_split(
         assert not sides["train"] & sides["test"], seed
         assert summary.n_train + summary.n_test_good == 12 and summary.n_test_good in (6, 7, 8)
     assert "2 normal image(s) are byte-identical copies of another" in caplog.text
+
+
+def test_a_missing_normal_image_is_named_before_the_split_reads_it(tmp_path: Path) -> None:
+    """The split hashes every normal image to keep copies together: a dangling link among them was a traceback
+    (FileNotFoundError) instead of the one-line error naming it."""
+    data = tmp_path / "data"
+    for name in ("a.png", "b.png", "d.png"):
+        _image(data / name)
+    (data / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    mask = np.zeros((H, W), np.uint8)
+    mask[2:5, 2:6] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "d_mask.png")
+    with pytest.raises(DataError, match="gone.png"):
+        import_mask_folders(data, tmp_path / "masks", tmp_path / "cat")
+    assert not (tmp_path / "cat").exists()
