@@ -476,7 +476,7 @@ def _write_category(
 def _held_out(normals: list[Path], n_test: int, order: list[int]) -> set[int]:
     """Indices of the normal images for test/good: the first ``n_test`` of ``order``, byte-identical copies kept on
     one side of the split (a copy in train/good would vouch for its twin in test/good), so a share with copies may
-    hold a few more."""
+    hold a few more or fewer (a set of copies goes in only where it brings the count nearer ``n_test``)."""
     groups: dict[str, list[int]] = {}
     for i, path in enumerate(normals):
         groups.setdefault(file_sha256(path), []).append(i)
@@ -487,9 +487,13 @@ def _held_out(normals: list[Path], n_test: int, order: list[int]) -> set[int]:
     group_of = {i: members for members in groups.values() for i in members}
     held_out: set[int] = set()
     for i in order:
-        if len(held_out) >= n_test:
+        short = n_test - len(held_out)
+        if short <= 0:
             break
-        held_out.update(group_of[i])
+        # a set of copies goes in when that brings the share nearer n_test: one set larger than it (9 copies
+        # of 10 normal images, a 0.2 share) put every normal image in test/good, none left to fit on
+        if i not in held_out and len(group_of[i]) - short <= short:
+            held_out.update(group_of[i])
     return held_out
 
 

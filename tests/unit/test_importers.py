@@ -546,3 +546,26 @@ def test_a_missing_normal_image_is_named_before_the_split_reads_it(tmp_path: Pat
     with pytest.raises(DataError, match="gone.png"):
         import_mask_folders(data, tmp_path / "masks", tmp_path / "cat")
     assert not (tmp_path / "cat").exists()
+
+
+def test_a_large_set_of_copies_does_not_empty_train_good(tmp_path: Path) -> None:
+    """Nine copies of one normal image and one other, a 0.2 share: the copies went to test/good whole whenever the
+    split's order met them first (9 or 10 of 10 held out, train/good 1 or 0 images). A set of copies now goes in
+    only where it brings the held-out count nearer the share."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(data / "n0.png")
+    for i in range(1, 9):
+        (data / f"n{i}.png").write_bytes((data / "n0.png").read_bytes())
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(data / "n9.png")
+    _image(data / "d.png")
+    mask = np.zeros((H, W), np.uint8)
+    mask[2:5, 2:6] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "d_mask.png")
+    for seed in range(4):
+        summary = import_mask_folders(
+            data, tmp_path / "masks", tmp_path / f"cat{seed}", normal_test_ratio=0.2, seed=seed
+        )
+        assert (summary.n_train, summary.n_test_good) == (9, 1), seed
