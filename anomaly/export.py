@@ -249,6 +249,7 @@ def _manifest(det: Detector, network: dict[str, Any]) -> dict[str, Any]:
         "backbone": {
             "name": bb.name,
             "layers": list(det.extractor.layer_names),
+            "layer_scales": list(det.extractor.layer_scales),  # each layer from the input shrunk by it (in the graph)
             "weights": {"kind": source.kind, "location": source.location, "sha256": source.sha256},
         },
         "network": network,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -172,7 +174,10 @@ def test_a_model_with_layer_scales_exports_with_its_scores(tmp_path, scales, pas
     assert [size for size, _ in det.extractor.passes] == passes
     saved = det.save(tmp_path / "model")
     assert Detector.load(saved).predict(images[6]).image_score == pytest.approx(det.predict(images[6]).image_score)
-    exported = ExportedDetector(export_model(saved, tmp_path / "export")).predict(images[6])
+    folder = export_model(saved, tmp_path / "export")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["backbone"]["layer_scales"] == json.loads(scales)  # what the graph shrinks, readable by users
+    exported = ExportedDetector(folder).predict(images[6])
     expected = det.predict(images[6])
     assert exported.image_score == pytest.approx(expected.image_score, rel=1e-4)
     assert np.abs(exported.anomaly_map - expected.anomaly_map).max() <= 1e-3
