@@ -55,6 +55,7 @@ from anomaly.data.views import (
     Layout,
     ViewSpec,
     bright_level,
+    copied_views,
     fitted_input_size,
     lighting_drift,
     overlapping_views,
@@ -626,9 +627,9 @@ class Detector:
         check = self.input_check([d.size for d in ok])
         check.add_decoded(ok)
         check.warn(len(items))
-        _warn_copies(ok)
         reference, reference_views, reference_tiles = self._references_for(batches)
         n_ref = 0 if reference is None else len(reference)
+        _warn_copies(ok, n_ref)
         if len(ok) + n_ref < 2:
             bad = [d for d in decoded if d.error is not None]
             skipped = f"; {len(bad)} unreadable skipped, first: {bad[0].error}" if bad else ""
@@ -784,16 +785,30 @@ class Detector:
         if self.scorer.uses_embeddings and self.config.preprocess.tile is None:
             embedding = torch.nn.functional.normalize(torch.cat([p.embedding.to(device) for p in parts]), dim=1)
         if isinstance(self.scorer, MuScScorer):
-            exclude = None
-            if self.config.preprocess.tile is not None:  # a frame's overlapping tiles share pixels: never compared
-                members = [d.layout for p in parts for d in p.images]
-                if reference_tiles is not None and len(reference_tiles) == n_ref:  # a reference's rows: one each
-                    members = _reference_layouts(reference_tiles) + members[n_ref:]
-                exclude = overlapping_views(members, self.extractor.image_size)
+            exclude = self._pool_exclusions([d for p in parts for d in p.images], n_ref, reference_tiles)
             out = self.scorer.score(layers, embeddings=embedding, progress=progress, shared=n_ref, exclude=exclude)
         else:
             out = self.scorer.score(layers, embeddings=embedding, progress=progress)
         return out.checked(len(layers[0]), self.scorer.name)
+
+    def _pool_exclusions(
+        self, members: list[DecodedImage], n_ref: int, reference_tiles: NDArray[np.int64] | None
+    ) -> list[NDArray[np.int64]] | None:
+        """Per row of a zero-shot pool (``members``' views, the ``n_ref`` reference rows first), the rows it is not
+        compared with: a frame's overlapping tiles, which share its pixels, and the views of the pool's copies of it
+        (a file copied under another name), which would vouch for its defects; None when no row has any. Copies are
+        compared after all when the pool holds nothing else (every input the same image, no references)."""
+        layouts = [d.layout for d in members]
+        prints: list[str | None] = [None if d.views is None else fingerprint(d.views) for d in members]
+        if reference_tiles is not None and len(reference_tiles) == n_ref:  # a reference's rows: one each
+            layouts = _reference_layouts(reference_tiles) + layouts[n_ref:]
+            no_pixels: list[str | None] = [None] * (len(layouts) - len(members) + n_ref)  # references keep none
+            prints = no_pixels + prints[n_ref:]
+        exclude = overlapping_views(layouts, self.extractor.image_size)  # only a tiled frame's views overlap
+        with_copies = [np.union1d(a, b) for a, b in zip(exclude, copied_views(prints, layouts))]
+        if all(len(rows) < len(with_copies) - 1 for rows in with_copies):
+            exclude = with_copies
+        return exclude if any(len(rows) for rows in exclude) else None
 
     def _progress_batches(
         self,
@@ -1292,15 +1307,17 @@ def _name(images: Sequence[DecodedImage] | None, index: int) -> str:
     return str(source) if source is not None else f"image {index}"
 
 
-def _warn_copies(pool: list[DecodedImage]) -> None:
+def _warn_copies(pool: list[DecodedImage], n_ref: int) -> None:
     """Name how many of a zero-shot pool's inputs have another input's pixels (a file copied under another name):
-    in mutual scoring each copy is the other's nearest image, so a defect they share scores as normal."""
+    they are not compared with each other (:meth:`Detector._pool_exclusions`), but where they are all the pool has."""
     counts = Counter(fingerprint(d.views) for d in pool)
     copies = sum(n - 1 for n in counts.values())
-    if copies:
+    if copies and len(counts) == 1 and not n_ref:
+        log.warning("all %d pool images are copies of one image: compared with each other, as nothing else", len(pool))
+    elif copies:
         log.warning(
-            "%d of %d pool images repeat another one's pixels: in a zero-shot pool copies vouch for each other, so a "
-            "defect they share scores as normal; score one copy of each",
+            "%d of %d pool images repeat another one's pixels: copies are not compared with each other (a copy "
+            "would vouch for its twin's defects)",
             copies,
             len(pool),
         )

@@ -21,6 +21,7 @@ __all__ = [
     "Layout",
     "ViewSpec",
     "bright_level",
+    "copied_views",
     "cut_views",
     "fitted_input_size",
     "gray_stats",
@@ -114,6 +115,23 @@ def overlapping_views(layouts: list[Layout | None], input_size: tuple[int, int])
         np.fill_diagonal(shared, False)
         out += [start + np.flatnonzero(row) for row in shared]
         start += len(origins)
+    return out
+
+
+def copied_views(prints: list[str | None], layouts: list[Layout | None]) -> list[NDArray[np.int64]]:
+    """Per view of the images laid out by ``layouts`` (see :func:`overlapping_views`), the views of the other images
+    whose pixels are the same (equal ``prints``, their fingerprints; None: an image with no copy): a copy would
+    vouch for its twin's defects."""
+    counts = [len(layout.origins) if layout is not None else 1 for layout in layouts]
+    starts = np.cumsum([0, *counts])
+    rows_of: dict[str, list[int]] = {}
+    for i, key in enumerate(prints):
+        if key is not None:
+            rows_of.setdefault(key, []).extend(range(starts[i], starts[i + 1]))
+    out: list[NDArray[np.int64]] = []
+    for i, (key, count) in enumerate(zip(prints, counts)):
+        same = np.asarray(rows_of.get(key, []) if key is not None else [], dtype=np.int64)
+        out += [same[(same < starts[i]) | (same >= starts[i + 1])]] * count
     return out
 
 

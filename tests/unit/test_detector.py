@@ -872,13 +872,32 @@ def test_a_fit_that_fails_on_an_unreadable_image_leaves_the_fitted_model_as_it_w
 
 
 def test_a_zero_shot_pool_names_copies_of_its_images(caplog: pytest.LogCaptureFixture) -> None:
-    """Copies vouch for each other in mutual scoring: two copies of one defective image among good ones scored as
-    normal, without a word."""
+    """Copies in a pool are named, and a pool of nothing but copies says that it compares them all the same."""
     rng = np.random.default_rng(0)
     pool = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(4)]
     caplog.set_level("WARNING", logger="anomaly")
     Detector(_config("musc")).predict(pool)
-    assert not [r for r in caplog.records if "repeat another" in r.message]
+    assert not [r for r in caplog.records if "copies" in r.message]
     Detector(_config("musc")).predict([*pool, pool[1].copy(), pool[1].copy()])
-    (line,) = [r.message for r in caplog.records if "repeat another" in r.message]
-    assert line.startswith("2 of 6 pool images repeat another one's pixels: in a zero-shot pool copies vouch")
+    (line,) = [r.message for r in caplog.records if "copies" in r.message]
+    assert line.startswith("2 of 6 pool images repeat another one's pixels: copies are not compared with each other")
+    caplog.clear()
+    results = Detector(_config("musc")).predict([pool[0], pool[0].copy(), pool[0].copy()])
+    assert len(results) == 3 and all(np.isfinite(r.image_score) for r in results)
+    (line,) = [r.message for r in caplog.records if "copies" in r.message]
+    assert line == "all 3 pool images are copies of one image: compared with each other, as nothing else"
+
+
+def test_copies_of_a_defective_image_do_not_vouch_for_each_other() -> None:
+    """Two copies of one defective image (a file copied under another name) among good ones: each was the other's
+    nearest image in mutual scoring, so their defect scored 0.6x what one copy alone gets, 1.5x the good images. They
+    are now compared with the other images only, and score at least as that one copy does."""
+    rng = np.random.default_rng(0)
+    good = [np.clip(120 + rng.normal(0, 12, (96, 96, 3)), 0, 255).astype(np.uint8) for _ in range(8)]
+    defective = good[0].copy()
+    defective[30:54, 30:54] = 250
+    det = Detector(_config("musc", "scorer.params.rescore=null"))
+    alone = det.predict([*good[1:], defective])[-1].image_score
+    twice = det.predict([*good[1:], defective, defective.copy()])
+    assert min(r.image_score for r in twice[-2:]) >= 0.9 * alone
+    assert min(r.image_score for r in twice[-2:]) > 2 * max(r.image_score for r in twice[:-2])

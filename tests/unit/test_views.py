@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from anomaly.data.loader import decode_input
-from anomaly.data.views import ViewSpec, cut_views, overlapping_views, plan_layout
+from anomaly.data.views import ViewSpec, copied_views, cut_views, overlapping_views, plan_layout
 from anomaly.maps import stitch
 
 IN = (64, 64)
@@ -55,6 +55,15 @@ def test_overlapping_views_are_the_same_frames_tiles_that_share_pixels() -> None
     ]  # fmt: skip
     # view 0 and 7: untiled images; 1-6 the tiles, numbered across the images (each shares pixels with its
     # neighbours in its row and column and diagonally)
+
+
+def test_copied_views_are_every_view_of_the_other_copies() -> None:
+    tiled = plan_layout((200, 300), IN, tile=150, overlap=0.25)  # 6 views
+    found = copied_views(["a", "b", None, "a", "b", None], [None, tiled, None, None, tiled, None])
+    frame, its_copy = list(range(1, 7)), list(range(9, 15))
+    assert [list(x) for x in found] == [[8], *[its_copy] * 6, [], [0], *[frame] * 6, []]
+    # rows 0 and 8 one image and its copy, 1-6 and 9-14 a tiled frame and its copy; None (a reference's rows,
+    # which keep no pixels) has no copy, whatever else is None
 
 
 @pytest.mark.parametrize(
