@@ -220,7 +220,7 @@ def _test_samples(root: Path) -> list[Sample]:
     if not test:
         raise DataError(f"no test image in {test_dir}")
     if unmasked and any(s.mask_path is not None for s in test):  # masks for some defects but not all
-        raise _no_mask(root, unmasked[0])
+        raise _no_mask(root, unmasked)
     return test
 
 
@@ -232,9 +232,12 @@ def labelled_split_dirs(root: Path) -> tuple[Path, Path]:
     return root / "test", root / "ground_truth"
 
 
-def _no_mask(root: Path, image: Path) -> DataError:
+def _no_mask(root: Path, unmasked: list[Path]) -> DataError:
+    """The first defective image without a mask, and how many more have none (all are to be mended, not one a run)."""
+    image = unmasked[0]
     expected = labelled_split_dirs(root)[1] / image.parent.name / f"{image.stem}_mask.png"
-    return DataError(f"no mask for defective image {image} (expected {expected})")
+    more = f"; {len(unmasked) - 1} more defective image(s) have no mask" if len(unmasked) > 1 else ""
+    return DataError(f"no mask for defective image {image} (expected {expected}){more}")
 
 
 def load_visa(root: str | os.PathLike[str], category: str, *, require_train: bool = True) -> CategoryData:

@@ -709,7 +709,10 @@ def test_load_ground_truth_needs_only_the_test_split(synthetic_root: Path, tmp_p
         (s.image_path.name, s.label, s.mask_path is not None) for s in full.test
     ]
     (copy / "ground_truth" / "scratch" / "001_mask.png").unlink()  # some masks but not all: an error
-    with pytest.raises(DataError, match="no mask for defective image .*001.png"):
+    with pytest.raises(DataError, match=r"no mask for defective image .*001.png \(expected .*001_mask.png\)$"):
+        load_ground_truth(copy)
+    (copy / "ground_truth" / "blob" / "000_mask.png").unlink()  # every image without one is counted
+    with pytest.raises(DataError, match=r"blob/000.png \(expected .*\); 1 more defective image\(s\) have no mask$"):
         load_ground_truth(copy)
     shutil.rmtree(copy / "ground_truth")  # no mask at all: image labels alone
     unannotated = load_ground_truth(copy)
