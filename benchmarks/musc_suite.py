@@ -38,6 +38,9 @@ def pool_subset(test: list, per_class: int, seed: int) -> list:  # type: ignore[
     picked = []
     for label in (0, 1):
         group = [s for s in test if s.label == label]
+        if len(group) < per_class:
+            kind = "defective" if label else "normal"
+            print(f"only {len(group)} {kind} test images (--per-class {per_class}): the pool takes them all")
         picked += [group[i] for i in sorted(rng.permutation(len(group))[:per_class])]
     return picked
 
