@@ -806,7 +806,9 @@ class Detector:
             prints = no_pixels + prints[n_ref:]
         exclude = overlapping_views(layouts, self.extractor.image_size)  # only a tiled frame's views overlap
         with_copies = [np.union1d(a, b) for a, b in zip(exclude, copied_views(prints, layouts))]
-        if all(len(rows) < len(with_copies) - 1 for rows in with_copies):
+        # copies of one image and nothing else (references have no print): a tile of a copy still had its own frame's
+        # far tiles, so counting rows alone compared those instead of the copies, as ``_warn_copies`` says
+        if len(set(prints)) > 1 and all(len(rows) < len(with_copies) - 1 for rows in with_copies):
             exclude = with_copies
         return exclude if any(len(rows) for rows in exclude) else None
 

@@ -901,3 +901,14 @@ def test_copies_of_a_defective_image_do_not_vouch_for_each_other() -> None:
     twice = det.predict([*good[1:], defective, defective.copy()])
     assert min(r.image_score for r in twice[-2:]) >= 0.9 * alone
     assert min(r.image_score for r in twice[-2:]) > 2 * max(r.image_score for r in twice[:-2])
+
+
+def test_a_tiled_pool_of_nothing_but_copies_compares_the_copies() -> None:
+    """Two copies of one tiled frame and nothing else: the log says they are compared with each other, as nothing
+    else is there, but each tile was compared with its own frame's far tiles alone (rows were counted, not images)
+    and scored 0.75, where the same pool untiled, or tiled before copies were kept apart, scores about 0."""
+    rng = np.random.default_rng(0)
+    frame = np.clip(120 + rng.normal(0, 12, (96, 300, 3)), 0, 255).astype(np.uint8)
+    det = Detector(_config("musc", "preprocess.tile={size: 96}", "preprocess.resize=stretch"))
+    results = det.predict([frame, frame.copy()])
+    assert max(r.image_score for r in results) < 0.01
